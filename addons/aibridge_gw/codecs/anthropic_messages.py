@@ -1,0 +1,186 @@
+"""Anthropic Messages API (POST /v1/messages)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ..records import (
+    BadRequest,
+    RequestInfo,
+    ResponseSummary,
+    Thought,
+    TokenUsage,
+    ToolCall,
+    as_int,
+    json_text,
+)
+from ..sse import SSEEvent
+from .common import load_json_event, require_model, require_stream_flag, text_of
+
+TOOL_BLOCKS = ("tool_use", "server_tool_use")
+_SESSION_RE = re.compile(r"session_([0-9a-fA-F-]{36})")
+
+
+def parse_request(body: dict) -> RequestInfo:
+    model = require_model(body)
+    stream = require_stream_flag(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("messages: a list of message objects is required")
+    prompt = None
+    tool_results: list[str] = []
+    for msg in reversed(messages):
+        if msg.get("role") == "user":
+            content = msg.get("content")
+            prompt = text_of(content, ("text",))
+            if isinstance(content, list):
+                tool_results = [
+                    b["tool_use_id"]
+                    for b in content
+                    if isinstance(b, dict) and b.get("type") == "tool_result" and isinstance(b.get("tool_use_id"), str)
+                ]
+            break
+    return RequestInfo(model, stream, prompt, tool_results, _session_from_metadata(body.get("metadata")))
+
+
+def prepare_request(body: dict) -> dict | None:
+    return None
+
+
+def _session_from_metadata(meta) -> str | None:
+    """Claude Code puts its session in metadata.user_id: '..._session_<uuid>' or a JSON object."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("user_id"), str):
+        return None
+    uid = meta["user_id"]
+    if uid.startswith("{"):
+        try:
+            sid = json.loads(uid).get("session_id")
+            return sid if isinstance(sid, str) else None
+        except (ValueError, AttributeError):
+            return None
+    m = _SESSION_RE.search(uid)
+    return m.group(1) if m else None
+
+
+def _usage(u: dict, response_id: str | None, into: TokenUsage | None = None) -> TokenUsage:
+    """Anthropic reports cumulative counts: a later value replaces an earlier one, never adds to it."""
+    t = into or TokenUsage(response_id)
+    if u.get("input_tokens") is not None:
+        t.input_tokens = as_int(u.get("input_tokens"))
+    if u.get("output_tokens") is not None:
+        t.output_tokens = as_int(u.get("output_tokens"))
+    if u.get("cache_read_input_tokens") is not None:
+        t.cache_read_input_tokens = as_int(u.get("cache_read_input_tokens"))
+    if u.get("cache_creation_input_tokens") is not None:
+        t.cache_write_input_tokens = as_int(u.get("cache_creation_input_tokens"))
+    for k in ("service_tier", "cache_creation", "server_tool_use"):
+        if u.get(k) is not None:
+            t.metadata[k] = u[k]
+    return t
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+
+class _StreamState:
+    __slots__ = ("usage", "blocks")
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.blocks: dict[int, dict] = {}
+
+
+def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
+    obj = load_json_event(ev.data)
+    if obj is None:
+        return
+    if s.state is None:
+        s.state = _StreamState()
+    st: _StreamState = s.state
+    kind = obj.get("type") or ev.event
+    if kind == "message_start":
+        msg = obj.get("message") or {}
+        s.response_id = msg.get("id") or s.response_id
+        s.model = msg.get("model") or s.model
+        st.usage = _usage(msg.get("usage") or {}, s.response_id)
+        s.usages.append(st.usage)
+    elif kind == "content_block_start":
+        block = obj.get("content_block") or {}
+        idx = obj.get("index")
+        btype = block.get("type")
+        if btype in TOOL_BLOCKS:
+            st.blocks[idx] = {"type": "tool", "id": block.get("id"), "name": block.get("name") or "",
+                              "initial": block.get("input"), "parts": []}
+        elif btype == "thinking":
+            st.blocks[idx] = {"type": "thinking", "parts": [block.get("thinking") or ""]}
+    elif kind == "content_block_delta":
+        b = st.blocks.get(obj.get("index"))
+        delta = obj.get("delta") or {}
+        if b is None:
+            return
+        if b["type"] == "tool" and delta.get("type") == "input_json_delta":
+            b["parts"].append(delta.get("partial_json") or "")
+        elif b["type"] == "thinking" and delta.get("type") == "thinking_delta":
+            b["parts"].append(delta.get("thinking") or "")
+    elif kind == "content_block_stop":
+        b = st.blocks.pop(obj.get("index"), None)
+        if b is not None:
+            _close_block(b, s)
+    elif kind == "message_delta":
+        u = obj.get("usage")
+        if isinstance(u, dict):
+            if st.usage is None:
+                st.usage = TokenUsage(s.response_id)
+                s.usages.append(st.usage)
+            _usage(u, s.response_id, st.usage)
+    elif kind == "message_stop":
+        for idx in list(st.blocks):
+            _close_block(st.blocks.pop(idx), s)
+        s.complete = True
+    elif kind == "error":
+        err = obj.get("error") or {}
+        s.error = f"{err.get('type', 'error')}: {err.get('message', '')}".strip()
+
+
+def _close_block(b: dict, s: ResponseSummary) -> None:
+    if b["type"] == "tool":
+        raw = "".join(b["parts"])
+        if not raw:
+            raw = json_text(b["initial"] if b["initial"] is not None else {})
+        s.tool_calls.append(ToolCall(s.response_id, b["id"], b["name"], raw))
+    else:
+        text = "".join(b["parts"])
+        if text:
+            s.thoughts.append(Thought("thinking", text))
+
+
+# --- blocking -------------------------------------------------------------------------------------
+
+
+def summarize(body: dict) -> ResponseSummary:
+    s = ResponseSummary(response_id=body.get("id"), model=body.get("model"), complete=True)
+    if body.get("type") == "error":
+        err = body.get("error") or {}
+        s.error = f"{err.get('type', 'error')}: {err.get('message', '')}"
+        return s
+    if isinstance(body.get("usage"), dict):
+        s.usages.append(_usage(body["usage"], s.response_id))
+    for block in body.get("content") or []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") in TOOL_BLOCKS:
+            s.tool_calls.append(
+                ToolCall(s.response_id, block.get("id"), block.get("name") or "", json_text(block.get("input", {})))
+            )
+        elif block.get("type") == "thinking" and block.get("thinking"):
+            s.thoughts.append(Thought("thinking", block["thinking"]))
+    return s
+
+
+def finish_stream(s: ResponseSummary) -> None:
+    """A stream cut before message_stop still yields the tool calls and thinking seen so far."""
+    st: _StreamState | None = s.state
+    if st is not None:
+        for idx in list(st.blocks):
+            _close_block(st.blocks.pop(idx), s)

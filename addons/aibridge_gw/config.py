@@ -1,0 +1,148 @@
+"""Configuration: one YAML file shared by the gateway addon and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
+PROVIDER_TYPES = ("anthropic", "openai")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# The gateway serves these itself; no provider instance may take the prefix.
+RESERVED_PREFIXES = frozenset({"aibridge"})
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class ProviderInstance:
+    name: str
+    type: str
+    base_url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # without trailing slash, e.g. "/v1" or ""
+    key: str | None = field(repr=False)
+    key_source: str
+    hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    providers: tuple[ProviderInstance, ...]
+    duckdb_path: Path
+
+    def provider(self, name: str) -> ProviderInstance | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+
+def expand_env(value):
+    """Expand ${NAME} / ${NAME:-default} in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+        return _ENV_RE.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    return value
+
+
+def resolve_config_path(explicit: str | os.PathLike | None = None) -> Path:
+    """Explicit path, else $AIBRIDGE_CONFIG, else ./config/aibridge.yaml, else the project's default."""
+    for candidate in (explicit, os.environ.get("AIBRIDGE_CONFIG")):
+        if candidate:
+            return Path(candidate).expanduser()
+    if DEFAULT_CONFIG.exists():
+        return DEFAULT_CONFIG
+    return PROJECT_ROOT / DEFAULT_CONFIG
+
+
+def load_config(explicit: str | os.PathLike | None = None) -> Config:
+    path = resolve_config_path(explicit)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict, path: Path | None = None) -> Config:
+    raw = expand_env(raw)
+    providers = []
+    seen_hosts: dict[str, str] = {}
+    for i, item in enumerate(raw.get("providers") or []):
+        prov = _parse_provider(item, f"providers[{i}]")
+        if any(p.name == prov.name for p in providers):
+            raise ConfigError(f"providers[{i}]: duplicate provider name {prov.name!r}")
+        explicit = isinstance(item, dict) and item.get("hosts") is not None
+        kept = []
+        for h in prov.hosts:
+            if h in seen_hosts:
+                if explicit:
+                    raise ConfigError(
+                        f"providers[{i}].hosts: {h!r} is already intercepted by provider {seen_hosts[h]!r}"
+                    )
+                continue  # a default host shared with an earlier instance stays with that instance
+            seen_hosts[h] = prov.name
+            kept.append(h)
+        providers.append(dataclasses.replace(prov, hosts=tuple(kept)))
+    storage = raw.get("storage") or {}
+    if not isinstance(storage, dict):
+        raise ConfigError("storage: must be a mapping")
+    db = storage.get("duckdb") or "data/aibridge.duckdb"
+    return Config(path=path, providers=tuple(providers), duckdb_path=Path(db).expanduser())
+
+
+def _parse_provider(item, where: str) -> ProviderInstance:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    name = str(item.get("name") or "")
+    if not _NAME_RE.match(name) or name in RESERVED_PREFIXES:
+        raise ConfigError(f"{where}.name: {name!r} is not a valid instance name (lowercase letters, digits, - _)")
+    ptype = item.get("type")
+    if ptype not in PROVIDER_TYPES:
+        raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDER_TYPES)}, got {ptype!r}")
+    base_url = str(item.get("base_url") or "")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.base_url: {base_url!r} is not an http(s) URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if "key" in item and item["key"]:
+        key, source = str(item["key"]), "key"
+    elif item.get("key_env"):
+        key, source = os.environ.get(str(item["key_env"])) or None, f"${item['key_env']}"
+    else:
+        key, source = None, "none"
+    hosts = item.get("hosts")
+    if hosts is None:
+        hosts = [parts.hostname]
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        raise ConfigError(f"{where}.hosts: must be a list of host names")
+    return ProviderInstance(
+        name=name,
+        type=ptype,
+        base_url=base_url,
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port,
+        base_path=parts.path.rstrip("/"),
+        key=key,
+        key_source=source,
+        hosts=tuple(h.lower() for h in hosts),
+    )

@@ -1,0 +1,113 @@
+"""How the CLI reaches the database: through a running gateway (which owns the DuckDB file) or directly.
+
+A running gateway writes `<db>.gateway.json` (mode 0600) with its address and a random secret; the CLI
+posts operations to `/aibridge/control/v1/op` with that secret. Without a gateway the CLI opens the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from .store import ops
+from .store.schema import migrate
+
+CONTROL_PATH = "/aibridge/control/v1/op"
+
+
+def runtime_file(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".gateway.json")
+
+
+def write_runtime_file(db_path: Path, url: str) -> str:
+    secret = secrets.token_urlsafe(32)
+    path = runtime_file(db_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "url": url, "secret": secret}, f)
+    os.replace(tmp, path)
+    return secret
+
+
+def remove_runtime_file(db_path: Path, secret: str | None) -> None:
+    path = runtime_file(db_path)
+    try:
+        if secret is None or json.loads(path.read_text()).get("secret") == secret:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+class GatewayUnreachable(Exception):
+    pass
+
+
+def run_op(db_path: Path, name: str, args: dict[str, Any]) -> Any:
+    """Run an admin operation via the running gateway if there is one, else on the file directly."""
+    try:
+        return _remote(db_path, name, args)
+    except GatewayUnreachable:
+        return _local(db_path, name, args)
+
+
+def _remote(db_path: Path, name: str, args: dict) -> Any:
+    import httpx
+
+    try:
+        info = json.loads(runtime_file(db_path).read_text())
+    except (OSError, ValueError):
+        raise GatewayUnreachable() from None
+    try:
+        # trust_env=False: an HTTPS_PROXY meant for AI clients must not capture the CLI's own call.
+        r = httpx.post(
+            info["url"].rstrip("/") + CONTROL_PATH,
+            json={"op": name, "args": args},
+            headers={"authorization": f"Bearer {info['secret']}"},
+            timeout=60,
+            trust_env=False,
+        )
+    except httpx.TransportError:
+        raise GatewayUnreachable() from None
+    try:
+        payload = r.json()
+    except ValueError:
+        raise ops.OpError(f"gateway answered {r.status_code} without JSON") from None
+    if r.status_code != 200:
+        raise ops.OpError(payload.get("error", {}).get("message") or f"gateway answered {r.status_code}")
+    return payload["result"]
+
+
+def _local(db_path: Path, name: str, args: dict) -> Any:
+    fn, writes = ops.OPS[name]
+    read_only = not writes and db_path.exists()
+    if not read_only:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = duckdb.connect(str(db_path), read_only=read_only)
+    except duckdb.IOException as e:
+        if "lock" in str(e).lower():
+            raise ops.OpError(
+                f"{db_path} is locked by another process and no running gateway answered; "
+                "stop that process or start the gateway with this database"
+            ) from None
+        raise ops.OpError(str(e)) from None
+    try:
+        if not read_only:
+            migrate(conn)
+        conn.execute("BEGIN")
+        try:
+            result = fn(conn, **args)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return result
+    finally:
+        conn.close()

@@ -1,0 +1,68 @@
+"""What the gateway learns about one provider exchange, independent of the wire format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class TokenUsage:
+    provider_response_id: str | None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ToolCall:
+    provider_response_id: str | None
+    call_id: str | None
+    name: str
+    input: str  # JSON text (or raw text for custom tools) exactly as the model produced it
+
+
+@dataclass(slots=True)
+class Thought:
+    source: str  # thinking | reasoning_summary | commentary
+    content: str
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What a codec reads from a request body."""
+
+    model: str
+    stream: bool
+    prompt: str | None
+    tool_result_ids: list[str]
+    session_hint: str | None = None
+
+
+@dataclass
+class ResponseSummary:
+    """What a codec reads from a response, streamed or whole; filled in progressively."""
+
+    response_id: str | None = None
+    model: str | None = None
+    usages: list[TokenUsage] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    thoughts: list[Thought] = field(default_factory=list)
+    error: str | None = None  # provider-reported failure (error event, failed status)
+    complete: bool = False  # saw the API's terminal event / a whole body
+    state: Any = field(default=None, repr=False)  # a codec's private streaming state
+
+
+class BadRequest(Exception):
+    """The client's body is not the API's shape; answered with a provider-format 400."""
+
+
+def as_int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def json_text(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,1 @@
+"""DuckDB storage: numbered migrations, one writer thread, read cursors, admin operations."""

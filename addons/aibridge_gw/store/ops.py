@@ -1,0 +1,158 @@
+"""Admin operations (users, tokens, read-only SQL), run by the CLI on its own connection or by a running
+gateway on behalf of the CLI. Each takes a DuckDB connection and returns JSON-able data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import secrets
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import duckdb
+
+from ..auth import Actor, hash_token, mask, new_token
+
+ROLES = ("member", "admin")
+
+
+class OpError(Exception):
+    """A clear, user-facing failure (unknown user, bad SQL...)."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _user(conn, name: str) -> tuple:
+    row = conn.execute("SELECT id, name, role FROM aibridge_users WHERE name = ?", [name]).fetchone()
+    if row is None:
+        raise OpError(f"unknown user {name!r}")
+    return row
+
+
+def users_add(conn, name: str, role: str = "member") -> dict:
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise OpError("user name must be 1-200 characters")
+    if role not in ROLES:
+        raise OpError(f"role must be one of {', '.join(ROLES)}")
+    if conn.execute("SELECT 1 FROM aibridge_users WHERE name = ?", [name]).fetchone():
+        raise OpError(f"user {name!r} already exists")
+    uid = uuid.uuid4()
+    conn.execute("INSERT INTO aibridge_users VALUES (?, ?, ?, ?)", [uid, name, role, _now()])
+    return {"id": str(uid), "name": name, "role": role}
+
+
+def users_list(conn) -> dict:
+    return query(
+        conn,
+        "SELECT u.name, u.role, u.id, u.created_at, "
+        "count(t.id) FILTER (WHERE t.revoked_at IS NULL) AS active_tokens "
+        "FROM aibridge_users u LEFT JOIN aibridge_tokens t ON t.user_id = u.id "
+        "GROUP BY ALL ORDER BY u.name",
+    )
+
+
+def tokens_create(conn, user: str, name: str | None = None) -> dict:
+    uid, uname, _ = _user(conn, user)
+    token = new_token()
+    tid = secrets.token_hex(6)
+    conn.execute(
+        "INSERT INTO aibridge_tokens VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        [tid, uid, name, hash_token(token), mask(token), _now()],
+    )
+    return {"id": tid, "user": uname, "name": name, "hint": mask(token), "token": token}
+
+
+def tokens_list(conn, user: str | None = None) -> dict:
+    where, params = "", []
+    if user:
+        _user(conn, user)
+        where, params = "WHERE u.name = ?", [user]
+    return query(
+        conn,
+        "SELECT t.id, u.name AS user, t.name, t.hint, t.created_at, t.revoked_at, "
+        "CASE WHEN t.revoked_at IS NULL THEN 'active' ELSE 'revoked' END AS state "
+        f"FROM aibridge_tokens t JOIN aibridge_users u ON u.id = t.user_id {where} ORDER BY t.created_at",
+        params,
+    )
+
+
+def tokens_revoke(conn, id: str) -> dict:
+    row = conn.execute("SELECT revoked_at FROM aibridge_tokens WHERE id = ?", [id]).fetchone()
+    if row is None:
+        raise OpError(f"unknown token {id!r}")
+    if row[0] is not None:
+        return {"id": id, "revoked": True, "already": True}
+    conn.execute("UPDATE aibridge_tokens SET revoked_at = ? WHERE id = ?", [_now(), id])
+    return {"id": id, "revoked": True, "already": False}
+
+
+_READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def sql(conn, query_text: str, limit: int | None = None) -> dict:
+    """Run read-only SQL: only SELECT (incl. WITH, SHOW, DESCRIBE) and EXPLAIN statements pass."""
+    try:
+        statements = duckdb.extract_statements(query_text)
+    except duckdb.Error as e:
+        raise OpError(str(e).splitlines()[0]) from None
+    if not statements:
+        raise OpError("empty query")
+    for st in statements:
+        if st.type not in _READ_ONLY:
+            raise OpError(f"only read-only queries are allowed (got {st.type.name})")
+    result = None
+    for st in statements:
+        try:
+            result = query(conn, st.query, limit=limit)
+        except duckdb.Error as e:
+            raise OpError(str(e).strip().splitlines()[0]) from None
+    return result
+
+
+def query(conn, text: str, params: list | None = None, limit: int | None = None) -> dict:
+    cur = conn.execute(text, params or [])
+    columns = [d[0] for d in cur.description] if cur.description else []
+    rows = cur.fetchmany(limit) if limit else cur.fetchall()
+    return {"columns": columns, "rows": [[jsonable(v) for v in r] for r in rows]}
+
+
+def jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dt.datetime):
+        return v.isoformat()
+    if isinstance(v, (dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, (uuid.UUID, decimal.Decimal, dt.timedelta)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.hex()
+    return str(v)
+
+
+def load_directory(conn) -> dict[str, Actor]:
+    """Active tokens by hash, for the gateway's in-memory TokenDirectory."""
+    rows = conn.execute(
+        "SELECT t.token_hash, u.id, u.name, u.role, t.id, t.hint FROM aibridge_tokens t "
+        "JOIN aibridge_users u ON u.id = t.user_id WHERE t.revoked_at IS NULL"
+    ).fetchall()
+    return {r[0]: Actor(str(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
+
+
+# name -> (function, writes?)
+OPS: dict[str, tuple[Callable[..., Any], bool]] = {
+    "users.add": (users_add, True),
+    "users.list": (users_list, False),
+    "tokens.create": (tokens_create, True),
+    "tokens.list": (tokens_list, False),
+    "tokens.revoke": (tokens_revoke, True),
+    "sql": (sql, False),
+}

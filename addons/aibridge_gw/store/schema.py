@@ -1,0 +1,116 @@
+"""Numbered schema migrations, applied in order at start-up; never edit one that has shipped."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import duckdb
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "users, tokens and the audit tables",
+        """
+        CREATE TABLE aibridge_users (
+            id UUID PRIMARY KEY,
+            name VARCHAR NOT NULL UNIQUE,
+            role VARCHAR NOT NULL DEFAULT 'member',
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE aibridge_tokens (
+            id VARCHAR PRIMARY KEY,
+            user_id UUID NOT NULL,
+            name VARCHAR,
+            token_hash VARCHAR NOT NULL UNIQUE,
+            hint VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            revoked_at TIMESTAMPTZ
+        );
+        CREATE TABLE aibridge_interceptions (
+            id UUID PRIMARY KEY,
+            initiator_id UUID,
+            provider VARCHAR NOT NULL,
+            provider_name VARCHAR NOT NULL,
+            model VARCHAR,
+            client VARCHAR,
+            user_agent VARCHAR,
+            client_session_id VARCHAR,
+            thread_parent_id UUID,
+            thread_root_id UUID,
+            credential_kind VARCHAR NOT NULL,
+            credential_hint VARCHAR,
+            status VARCHAR NOT NULL,
+            started_at TIMESTAMPTZ NOT NULL,
+            ended_at TIMESTAMPTZ,
+            metadata JSON,
+            api VARCHAR,
+            stream BOOLEAN,
+            http_status INTEGER,
+            error VARCHAR
+        );
+        CREATE TABLE aibridge_token_usages (
+            id UUID PRIMARY KEY,
+            interception_id UUID NOT NULL,
+            provider_response_id VARCHAR,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_input_tokens BIGINT NOT NULL,
+            cache_write_input_tokens BIGINT NOT NULL,
+            metadata JSON,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE aibridge_user_prompts (
+            id UUID PRIMARY KEY,
+            interception_id UUID NOT NULL,
+            provider_response_id VARCHAR,
+            prompt VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE aibridge_tool_usages (
+            id UUID PRIMARY KEY,
+            interception_id UUID NOT NULL,
+            provider_response_id VARCHAR,
+            provider_tool_call_id VARCHAR,
+            tool VARCHAR NOT NULL,
+            server_url VARCHAR,
+            input VARCHAR,
+            injected BOOLEAN NOT NULL,
+            invocation_error VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE aibridge_model_thoughts (
+            id UUID PRIMARY KEY,
+            interception_id UUID NOT NULL,
+            source VARCHAR NOT NULL,
+            content VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
+]
+
+
+def migrate(conn: duckdb.DuckDBPyConnection) -> list[int]:
+    """Apply pending migrations, each in its own transaction; returns the versions applied."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS aibridge_schema_migrations "
+        "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
+    )
+    done = {r[0] for r in conn.execute("SELECT version FROM aibridge_schema_migrations").fetchall()}
+    applied = []
+    for version, description, sql in MIGRATIONS:
+        if version in done:
+            continue
+        conn.execute("BEGIN")
+        try:
+            conn.execute(sql)
+            conn.execute(
+                "INSERT INTO aibridge_schema_migrations VALUES (?, ?, ?)",
+                [version, description, dt.datetime.now(dt.UTC)],
+            )
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied

@@ -1,0 +1,240 @@
+"""The gateway's DuckDB owner: one writer thread applies record batches and admin operations in order.
+
+DuckDB allows one writing process per file, so the gateway keeps the file open and everything that writes
+(recording, token changes from the CLI) goes through this thread. The event loop only enqueues.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from .schema import migrate
+
+log = logging.getLogger(__name__)
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "aibridge_interceptions": (
+        "id", "initiator_id", "provider", "provider_name", "model", "client", "user_agent",
+        "client_session_id", "thread_parent_id", "thread_root_id", "credential_kind", "credential_hint",
+        "status", "started_at", "ended_at", "metadata", "api", "stream", "http_status", "error",
+    ),
+    "aibridge_token_usages": (
+        "id", "interception_id", "provider_response_id", "input_tokens", "output_tokens",
+        "cache_read_input_tokens", "cache_write_input_tokens", "metadata", "created_at",
+    ),
+    "aibridge_user_prompts": ("id", "interception_id", "provider_response_id", "prompt", "created_at"),
+    "aibridge_tool_usages": (
+        "id", "interception_id", "provider_response_id", "provider_tool_call_id", "tool", "server_url",
+        "input", "injected", "invocation_error", "created_at",
+    ),
+    "aibridge_model_thoughts": ("id", "interception_id", "source", "content", "created_at"),
+}
+# Columns an interception's end sets; the row was inserted when the request arrived.
+END_COLUMNS = ("status", "ended_at", "http_status", "error", "metadata")
+_END_INDEX = {c: COLUMNS["aibridge_interceptions"].index(c) for c in END_COLUMNS}
+ROWS_PER_STATEMENT = 400
+# Typed placeholders: a VALUES list of NULLs alone gives DuckDB nothing to infer a type from.
+_END_ROW = "(?::UUID, ?::VARCHAR, ?::TIMESTAMPTZ, ?::INTEGER, ?::VARCHAR, ?::JSON)"
+
+
+@dataclass(slots=True)
+class Insert:
+    table: str
+    row: tuple
+
+
+@dataclass(slots=True)
+class EndInterception:
+    id: str
+    values: tuple  # in END_COLUMNS order
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[duckdb.DuckDBPyConnection], Any]
+    future: cf.Future
+
+
+_STOP = object()
+
+
+class Store:
+    def __init__(self, path: Path, after_op: Callable[[duckdb.DuckDBPyConnection], None] | None = None):
+        self.path = Path(path)
+        self.after_op = after_op
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._thread: threading.Thread | None = None
+        self._readers = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="aibridge-read")
+        self.written = 0
+        self.failed = 0
+
+    # --- lifecycle (called from the addon's configure/done) ----------------------------------------
+
+    def open(self) -> duckdb.DuckDBPyConnection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = duckdb.connect(str(self.path))
+        migrate(self._conn)
+        self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
+        self._thread.start()
+        return self._conn
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush everything queued, then close the file. Safe to call twice."""
+        if self._thread is None:
+            return
+        self._q.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+        self._readers.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- producers (any thread, never blocks) ------------------------------------------------------
+
+    def submit(self, record: Insert | EndInterception) -> None:
+        self._q.put(record)
+
+    def call(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> cf.Future:
+        """Run fn(conn) on the writer thread in its own transaction, after everything queued before it."""
+        fut: cf.Future = cf.Future()
+        self._q.put(_Op(fn, fut))
+        return fut
+
+    def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> cf.Future:
+        """Run fn(cursor) on a reader thread; sees committed data."""
+        assert self._conn is not None
+        conn = self._conn
+
+        def work():
+            cur = conn.cursor()
+            try:
+                return fn(cur)
+            finally:
+                cur.close()
+
+        return self._readers.submit(work)
+
+    # --- the writer thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._q.get()
+            batch = []
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Op):
+                    self._write(batch)
+                    batch = []
+                    self._run_op(item)
+                else:
+                    batch.append(item)
+                if len(batch) >= 5000:
+                    break
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+            self._write(batch)
+
+    def _run_op(self, op: _Op) -> None:
+        if not op.future.set_running_or_notify_cancel():
+            return
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            result = op.fn(conn)
+            conn.execute("COMMIT")
+        except BaseException as e:
+            try:
+                conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            op.future.set_exception(e)
+            return
+        try:
+            if self.after_op:
+                self.after_op(conn)
+        except Exception:
+            log.exception("after-op hook failed")
+        op.future.set_result(result)
+
+    def _write(self, batch: list) -> None:
+        if not batch:
+            return
+        try:
+            self._apply(batch)
+            self.written += len(batch)
+        except Exception as e:
+            log.warning("batch of %d records failed (%s); retrying one by one", len(batch), e)
+            for rec in batch:
+                try:
+                    self._apply([rec])
+                    self.written += 1
+                except Exception as e1:
+                    self.failed += 1
+                    log.error("dropping record for %s: %s", getattr(rec, "table", "interception end"), e1)
+
+    def _apply(self, batch: list) -> None:
+        inserts: dict[str, list[tuple]] = {}
+        pending_rows: dict[str, list] = {}  # interception id -> its row, while still in this batch
+        ends: list[EndInterception] = []
+        for rec in batch:
+            if isinstance(rec, Insert):
+                row = list(rec.row) if rec.table == "aibridge_interceptions" else rec.row
+                inserts.setdefault(rec.table, []).append(row)
+                if rec.table == "aibridge_interceptions":
+                    pending_rows[row[0]] = row
+            else:
+                row = pending_rows.get(rec.id)
+                if row is not None:  # start and end in one batch: insert the finished row once
+                    for col, v in zip(END_COLUMNS, rec.values):
+                        row[_END_INDEX[col]] = v
+                else:
+                    ends.append(rec)
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            for table, rows in inserts.items():
+                cols = COLUMNS[table]
+                one = "(" + ",".join("?" * len(cols)) + ")"
+                for i in range(0, len(rows), ROWS_PER_STATEMENT):
+                    chunk = rows[i : i + ROWS_PER_STATEMENT]
+                    conn.execute(
+                        f"INSERT INTO {table} ({','.join(cols)}) VALUES {','.join([one] * len(chunk))} "
+                        "ON CONFLICT DO NOTHING",
+                        [v for r in chunk for v in r],
+                    )
+            for i in range(0, len(ends), ROWS_PER_STATEMENT):
+                chunk = ends[i : i + ROWS_PER_STATEMENT]
+                one = _END_ROW
+                sets = ", ".join(f"{c} = v.{c}" for c in END_COLUMNS)
+                conn.execute(
+                    f"UPDATE aibridge_interceptions SET {sets} FROM (VALUES {','.join([one] * len(chunk))}) "
+                    f"AS v(id, {', '.join(END_COLUMNS)}) WHERE aibridge_interceptions.id = v.id",
+                    [v for e in chunk for v in (e.id, *e.values)],
+                )
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until everything queued so far is written (tests and shutdown paths)."""
+        try:
+            self.call(lambda conn: None).result(timeout)
+            return True
+        except cf.TimeoutError:
+            return False

@@ -1,0 +1,132 @@
+"""A loopback stand-in for the providers, speaking their real wire formats (replayed from captures).
+
+Each request takes the next scripted reply; streamed replies are sent event by event with a delay, as
+chunked HTTP/1.1, so tests can see whether the gateway relays chunks as they arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .fixtures import Capture, http_section, sse_events
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    events: list[bytes] | None = None  # SSE events, sent one chunk each
+    delay: float = 0.0  # seconds between events
+
+    @classmethod
+    def json(cls, obj, status: int = 200) -> "Reply":
+        return cls(status, {"content-type": "application/json"}, json.dumps(obj).encode())
+
+    @classmethod
+    def sse(cls, events: list[bytes], delay: float = 0.0) -> "Reply":
+        return cls(200, {"content-type": "text/event-stream"}, events=events, delay=delay)
+
+    @classmethod
+    def from_capture(cls, cap: Capture, streaming: bool, suffix: str = "", delay: float = 0.0) -> "Reply":
+        section = cap.sections[("streaming" if streaming else "non-streaming") + suffix]
+        raw = http_section(section)
+        if raw is not None:
+            status, headers, body = raw
+            return cls(status, {"content-type": headers.get("content-type", "application/json")}, body)
+        if streaming:
+            return cls.sse(sse_events(section), delay)
+        return cls(200, {"content-type": "application/json"}, section.strip().encode())
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class MockUpstream:
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+        mock = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _handle(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else b""
+                with mock.lock:
+                    mock.seen.append(
+                        Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                    )
+                    reply = mock.replies.pop(0) if mock.replies else None
+                if reply is None:
+                    if self.path.rstrip("/").endswith("/models"):
+                        reply = Reply.json({"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
+                    else:
+                        reply = Reply.json({"error": {"message": "mock: no reply scripted"}}, 599)
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                if reply.events is None:
+                    self.send_header("content-length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                    return
+                self.send_header("transfer-encoding", "chunked")
+                self.send_header("cache-control", "no-cache")
+                self.end_headers()
+                self.wfile.flush()
+                try:
+                    for i, ev in enumerate(reply.events):
+                        if i and reply.delay:
+                            time.sleep(reply.delay)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MockUpstream":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def script(self, *replies: Reply) -> None:
+        with self.lock:
+            self.replies.extend(replies)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.replies.clear()
+            self.seen.clear()
