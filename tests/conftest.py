@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
@@ -8,6 +9,11 @@ from tests.support.gateway import Gateway
 from tests.support.mock_upstream import MockUpstream
 
 _users = itertools.count(1)
+
+# Tests talk to loopback servers only; a proxy from the environment must not capture SDK traffic.
+for _var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+    os.environ.pop(_var, None)
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
 
 @pytest.fixture(scope="session")

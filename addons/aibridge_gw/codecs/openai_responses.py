@@ -128,7 +128,8 @@ def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
         _response_status(obj.get("response") or {}, s)
         s.complete = True
     elif kind == "error":
-        s.error = f"{obj.get('code') or 'error'}: {obj.get('message', '')}"
+        err = obj["error"] if isinstance(obj.get("error"), dict) else obj  # both shapes are seen live
+        s.error = f"{err.get('code') or err.get('type') or 'error'}: {err.get('message', '')}"
 
 
 def finish_stream(s: ResponseSummary) -> None:

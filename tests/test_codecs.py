@@ -1,0 +1,211 @@
+"""Codecs read usage, tool calls, thoughts and errors exactly as the providers report them.
+
+Fed with the real captures in ../shared/fixtures/provider-traffic; streams are replayed in small uneven
+chunks, as they arrive over a network.
+"""
+
+import json
+
+import pytest
+
+from aibridge_gw.codecs import BY_API, StreamTap
+from aibridge_gw.records import BadRequest
+from tests.support.fixtures import capture
+
+A, C, R = BY_API["anthropic.messages"], BY_API["openai.chat"], BY_API["openai.responses"]
+
+
+def stream(codec, text: str, step: int = 37):
+    tap = StreamTap(codec)
+    raw = text.encode()
+    for i in range(0, len(raw), step):
+        assert tap(raw[i : i + step]) == raw[i : i + step]  # bytes pass through unchanged
+    tap(b"")
+    codec.finish_stream(tap.summary)
+    return tap.summary
+
+
+def blocking(codec, text: str):
+    return codec.summarize(json.loads(text))
+
+
+def usage(s):
+    return [(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens) for u in s.usages]
+
+
+def tools(s):
+    return [(t.name, t.call_id, json.loads(t.input) if t.input.startswith("{") else t.input) for t in s.tool_calls]
+
+
+def test_anthropic_stream_output_tokens_are_the_final_count_not_a_sum():
+    cap = capture("anthropic/simple.txtar")
+    s = stream(A, cap.sections["streaming"])
+    # message_start says output_tokens=1, message_delta says 240: the answer is 240, not 241.
+    assert usage(s) == [(18, 240, 0, 0)]
+    assert s.response_id == "msg_01Pvyf26bY17RcjmWfJsXGBn" and s.complete and s.error is None
+    assert [t.source for t in s.thoughts] == ["thinking"]
+    assert s.thoughts[0].content.startswith("This is a classic philosophical question")
+    assert usage(blocking(A, cap.sections["non-streaming"])) == [(18, 254, 0, 0)]
+
+
+def test_anthropic_cache_tokens_and_tool_calls():
+    cap = capture("anthropic/single_builtin_tool.txtar")
+    s = stream(A, cap.sections["streaming"])
+    assert usage(s) == [(2, 61, 13993, 22)]
+    assert tools(s) == [("Read", "toolu_01RX68weRSquLx6HUTj65iBo", {"file_path": "/tmp/blah/foo"})]
+    b = blocking(A, cap.sections["non-streaming"])
+    assert usage(b) == [(5, 84, 23490, 0)]
+    assert tools(b) == [("Read", "toolu_01AusGgY5aKFhzWrFBv9JfHq", {"file_path": "/tmp/blah/foo"})]
+
+
+def test_anthropic_parallel_tool_calls_and_multiple_thinking_blocks():
+    s = stream(A, capture("anthropic/single_builtin_tool_parallel.txtar").sections["streaming"])
+    assert [t[1] for t in tools(s)] == ["toolu_01ParallelFirst000000000", "toolu_01ParallelSecond00000000"]
+    assert [t[2] for t in tools(s)] == [{"file_path": "/tmp/blah/foo"}, {"file_path": "/tmp/blah/bar"}]
+    m = stream(A, capture("anthropic/multi_thinking_builtin_tool.txtar").sections["streaming"])
+    assert [t.source for t in m.thoughts] == ["thinking", "thinking"]
+
+
+def test_anthropic_mid_stream_error_keeps_usage_seen_so_far():
+    s = stream(A, capture("anthropic/stream_error.txtar").sections["streaming"])
+    assert not s.complete
+    assert s.error == "api_error: Overloaded"
+    assert usage(s) == [(18, 1, 0, 0)]
+
+
+def test_anthropic_request_prompt_session_and_tool_results():
+    info = A.parse_request(
+        {
+            "model": "claude-x",
+            "stream": True,
+            "metadata": {"user_id": "user_abc_account_def_session_0f6b5a2e-1111-4222-8333-444455556666"},
+            "messages": [
+                {"role": "user", "content": "first question"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "file body"},
+                    {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                    {"type": "text", "text": "and now summarise"},
+                ]},
+            ],
+        }
+    )
+    assert info.model == "claude-x" and info.stream is True
+    assert info.prompt == "and now summarise"
+    assert info.tool_result_ids == ["toolu_1"]
+    assert info.session_hint == "0f6b5a2e-1111-4222-8333-444455556666"
+    json_style = A.parse_request({"model": "m", "messages": [], "metadata": {"user_id": json.dumps({"session_id": "s-1"})}})
+    assert json_style.session_hint == "s-1"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"messages": []}, {"model": "m"}, {"model": "m", "messages": "hi"}, {"model": 5, "messages": []},
+     {"model": "m", "messages": [], "stream": "yes"}],
+)
+def test_anthropic_rejects_bodies_that_are_not_messages_requests(body):
+    with pytest.raises(BadRequest):
+        A.parse_request(body)
+
+
+def test_chat_usage_splits_cached_tokens_out_of_prompt_tokens():
+    cap = capture("openai/chatcompletions/single_injected_tool.txtar")
+    s = stream(C, cap.sections["streaming/tool-call"])
+    # prompt_tokens 5049 of which 4864 cached: 185 uncached input + 4864 cache read.
+    assert usage(s) == [(185, 60, 4864, 0)]
+
+
+def test_chat_stream_and_blocking_usage_and_tool_calls():
+    cap = capture("openai/chatcompletions/simple.txtar")
+    assert usage(stream(C, cap.sections["streaming"])) == [(19, 238, 0, 0)]
+    assert usage(blocking(C, cap.sections["non-streaming"])) == [(19, 200, 0, 0)]
+    cap = capture("openai/chatcompletions/single_builtin_tool.txtar")
+    s = stream(C, cap.sections["streaming"])
+    assert tools(s) == [("read_file", "call_HjeqP7YeRkoNj0de9e3U4X4B", {"path": "README.md"})]
+    assert s.complete and usage(s) == [(60, 15, 0, 0)]
+
+
+def test_chat_tool_call_with_nonzero_index():
+    s = stream(C, capture("openai/chatcompletions/streaming_injected_tool_nonzero_index.txtar").sections["streaming"])
+    assert [t.call_id for t in s.tool_calls] == ["toolu_vrtx_01DbFqUgk6aAtJ4nDBqzFWDF"]
+    assert usage(s) == [(510, 58, 25429, 0)]
+
+
+def test_chat_mid_stream_error_marks_failure():
+    s = stream(C, capture("openai/chatcompletions/stream_error.txtar").sections["streaming"])
+    assert not s.complete and s.error.startswith("server_error: The server had an error")
+
+
+def test_chat_streams_are_asked_to_include_usage():
+    body = {"model": "m", "messages": [], "stream": True}
+    assert C.prepare_request(body)["stream_options"] == {"include_usage": True}
+    assert C.prepare_request({**body, "stream_options": {"include_usage": True}}) is None
+    assert C.prepare_request({"model": "m", "messages": []}) is None
+
+
+def test_chat_request_prompt_and_trailing_tool_results():
+    info = C.parse_request(
+        {"model": "gpt", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "what is in README?"}]},
+            {"role": "assistant", "tool_calls": [{"id": "call_1"}, {"id": "call_2"}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "a"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "b"},
+        ]}
+    )
+    assert info.prompt == "what is in README?" and info.tool_result_ids == ["call_1", "call_2"]
+
+
+def test_responses_cached_input_tokens():
+    s = stream(R, capture("openai/responses/streaming/cached_input_tokens.txtar").sections["streaming"])
+    assert usage(s) == [(16909 - 15744, 54, 15744, 0)]
+    b = blocking(R, capture("openai/responses/blocking/cached_input_tokens.txtar").sections["non-streaming"])
+    assert usage(b) == [(129, 44, 11904, 0)]
+
+
+def test_responses_reasoning_summary_commentary_and_function_call():
+    for s in (
+        stream(R, capture("openai/responses/streaming/summary_and_commentary_builtin_tool.txtar").sections["streaming"]),
+        blocking(R, capture("openai/responses/blocking/summary_and_commentary_builtin_tool.txtar").sections["non-streaming"]),
+    ):
+        assert [(t.source, t.content) for t in s.thoughts] == [
+            ("reasoning_summary", "I need to add 3 and 5 to check primality."),
+            ("commentary", "Let me calculate the sum first using the add function."),
+        ]
+        assert tools(s) == [("add", "call_B9UjYX01Lvvv1XwjDsdmRW3f", {"a": 3, "b": 5})]
+        assert usage(s) == [(58, 35, 0, 0)]
+
+
+def test_responses_custom_tool_input_is_kept_raw():
+    s = stream(R, capture("openai/responses/streaming/custom_tool.txtar").sections["streaming"])
+    assert tools(s) == [("code_exec", "call_2gSnF58IEhXLwlbnqbm5XKMd", 'print("hello world")')]
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("stream_error", "ERR_SOMETHING: Something went wrong"),
+        ("stream_failure", "server_error: The model failed to generate a response."),
+        ("conversation", "invalid_request_error: Conversation with id"),
+    ],
+)
+def test_responses_stream_errors(name, expected):
+    s = stream(R, capture(f"openai/responses/streaming/{name}.txtar").sections["streaming"])
+    assert s.error.startswith(expected)
+
+
+def test_responses_malformed_event_is_skipped_without_breaking_the_rest():
+    s = stream(R, capture("openai/responses/streaming/wrong_response_format.txtar").sections["streaming"])
+    assert s.complete and usage(s) == [(11, 18, 0, 0)]
+
+
+def test_responses_request_prompt_and_tool_outputs():
+    info = R.parse_request(capture("openai/responses/streaming/codex_example.txtar").request)
+    assert info.model == "gpt-5-codex" and info.stream and info.prompt == "hello"
+    info = R.parse_request({"model": "m", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "add them"}]},
+        {"type": "function_call", "call_id": "call_9", "name": "add", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_9", "output": "8"},
+    ]})
+    assert info.prompt == "add them" and info.tool_result_ids == ["call_9"]
+    with pytest.raises(BadRequest):
+        R.parse_request({"model": "m"})
