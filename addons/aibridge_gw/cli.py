@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         db = config.duckdb_path
 
-        def op(name: str, **kw: Any) -> Any:
-            return run_op(db, name, kw)
+        def op(_op: str, **kw: Any) -> Any:
+            return run_op(db, _op, kw)
 
         if args.cmd == "users" and args.sub == "add":
             r = op("users.add", name=args.name, role="admin" if args.admin else "member")

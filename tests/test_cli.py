@@ -1,0 +1,79 @@
+"""The aibridge CLI, with the gateway running (through its control endpoint) and without (on the file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.support.gateway import BIN, Gateway
+
+
+def run_cli(config_path, *args):
+    env = {**os.environ, "AIBRIDGE_CONFIG": str(config_path)}
+    return subprocess.run([str(BIN / "aibridge"), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_users_and_tokens_through_the_running_gateway(gateway):
+    cli = gateway.cli
+    r = cli("users", "add", "carol")
+    assert r.returncode == 0 and "carol" in r.stdout
+    dup = cli("users", "add", "carol")
+    assert dup.returncode == 1 and dup.stderr.strip() == "aibridge: user 'carol' already exists"
+    r = cli("tokens", "create", "--user", "carol", "--name", "laptop")
+    assert r.returncode == 0
+    token = r.stdout.strip().splitlines()[-1]
+    assert token.startswith("aib_") and len(token) > 40
+    listing = json.loads(cli("tokens", "list", "--user", "carol", "--json").stdout)
+    assert [(t["user"], t["name"], t["state"]) for t in listing] == [("carol", "laptop", "active")]
+    assert token not in json.dumps(listing) and listing[0]["hint"] == f"{token[:4]}…{token[-4:]}"
+    # Only a hash is stored.
+    stored = json.loads(cli("sql", "SELECT token_hash FROM aibridge_tokens", "--json").stdout)
+    assert all(token not in row["token_hash"] for row in stored)
+    users = json.loads(cli("users", "list", "--json").stdout)
+    assert {"name": "carol", "role": "member"}.items() <= next(u for u in users if u["name"] == "carol").items()
+
+
+def test_unknown_user_is_a_one_line_error(gateway):
+    r = gateway.cli("tokens", "create", "--user", "nobody-here")
+    assert r.returncode == 1
+    assert r.stderr.strip() == "aibridge: unknown user 'nobody-here'"
+    assert r.stdout == ""
+
+
+def test_sql_is_read_only(gateway):
+    r = gateway.cli("sql", "DELETE FROM aibridge_users")
+    assert r.returncode == 1 and "read-only" in r.stderr
+    r = gateway.cli("sql", "SELECT 1 AS one; DROP TABLE aibridge_users")
+    assert r.returncode == 1
+    assert gateway.sql("SELECT count(*) AS n FROM aibridge_users")[0]["n"] >= 0
+    r = gateway.cli("sql", "SELECT 41 + 1 AS answer")
+    assert r.returncode == 0 and "answer" in r.stdout and "42" in r.stdout
+    bad = gateway.cli("sql", "SELECT * FROM no_such_table")
+    assert bad.returncode == 1 and "no_such_table" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_works_on_the_file_without_a_gateway_and_gateway_honours_it(tmp_path, upstream):
+    gw = Gateway(tmp_path / "offline", upstream.url)
+    assert not gw.db.exists()
+    assert run_cli(gw.config_path, "users", "add", "dave", "--admin").returncode == 0
+    r = run_cli(gw.config_path, "tokens", "create", "--user", "dave")
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip().splitlines()[-1]
+    out = json.loads(run_cli(gw.config_path, "users", "list", "--json").stdout)
+    assert [(u["name"], u["role"], u["active_tokens"]) for u in out] == [("dave", "admin", 1)]
+    gw.start()
+    try:
+        import httpx
+
+        r = httpx.get(gw.url + "/openai/v1/models", headers={"authorization": f"Bearer {token}"}, trust_env=False)
+        assert r.status_code == 200
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("args", [["users"], ["tokens", "revoke"], ["bogus"]])
+def test_usage_errors_exit_nonzero(gateway, args):
+    assert gateway.cli(*args).returncode != 0
