@@ -287,3 +287,23 @@ def test_unknown_prefix_is_404_and_not_proxied_to_itself(gateway, mock):
     r = httpx.get(gateway.url + "/nope/v1/models", trust_env=False)
     assert r.status_code == 404 and "/anthropic" in r.json()["error"]["message"]
     assert mock.seen == []
+
+
+def test_client_disconnect_mid_stream_ends_interception_failed_once(gateway, mock, user):
+    name, token = user
+    cap = capture("anthropic/simple.txtar")
+    mock.script(Reply.from_capture(cap, True, delay=0.1))
+    with httpx.stream(
+        "POST", gateway.url + "/anthropic/v1/messages", trust_env=False, timeout=10,
+        headers={"x-api-key": token, "anthropic-version": "2023-06-01"},
+        json={"model": "claude-sonnet-4-0", "max_tokens": 100, "stream": True, "messages": cap.request["messages"]},
+    ) as r:
+        it = r.iter_raw()
+        first = next(it)
+        assert b"message_start" in first
+    (ic,) = gateway.interceptions(name)
+    assert ic["status"] == "failed" and ic["error"]
+    # The usage the provider reported before the client left is kept.
+    assert usage_of(gateway, ic["id"]) == [(18, 1, 0, 0)]
+    time.sleep(0.5)
+    assert len(gateway.interceptions(name)) == 1

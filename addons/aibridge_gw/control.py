@@ -64,6 +64,8 @@ def _remote(db_path: Path, name: str, args: dict) -> Any:
         info = json.loads(runtime_file(db_path).read_text())
     except (OSError, ValueError):
         raise GatewayUnreachable() from None
+    if not _alive(info.get("pid")):  # left behind by a gateway that was killed
+        raise GatewayUnreachable()
     try:
         # trust_env=False: an HTTPS_PROXY meant for AI clients must not capture the CLI's own call.
         r = httpx.post(
@@ -82,6 +84,18 @@ def _remote(db_path: Path, name: str, args: dict) -> Any:
     if r.status_code != 200:
         raise ops.OpError(payload.get("error", {}).get("message") or f"gateway answered {r.status_code}")
     return payload["result"]
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _local(db_path: Path, name: str, args: dict) -> Any:
