@@ -25,7 +25,8 @@ def _table(result: dict, title: str | None = None) -> None:
         table.add_column(str(c), overflow="fold")
     for row in result["rows"]:
         table.add_row(*["" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for v in row])
-    Console().print(table)
+    # Piped output (scripts, less) gets room for whole values instead of 80-column wrapping.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
     n = len(result["rows"])
     print(f"({n} row{'s' if n != 1 else ''})")
 
