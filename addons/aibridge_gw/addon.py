@@ -1,4 +1,5 @@
-"""The mitmproxy addon: route → auth → relay + tap → record. Wire formats live in codecs/, rows in recording."""
+"""The mitmproxy addon: route → identify → relay + tap → record (→ capture). Wire formats live in codecs/,
+rows in recording.py; this class only connects mitmproxy's hooks to them."""
 
 from __future__ import annotations
 
@@ -9,25 +10,36 @@ import json
 import logging
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.net.http.url import hostport
 
-from .auth import CREDENTIAL_HEADERS, Actor, TokenDirectory, credential_from_headers, mask
+from .auth import (
+    CREDENTIAL_HEADERS,
+    GATEWAY_TOKEN_HEADERS,
+    Actor,
+    AuthRefused,
+    Identity,
+    TokenDirectory,
+    credential_from_headers,
+    identify,
+    mask,
+    proxy_token,
+)
+from .capture import FlowArchive
 from .clients import detect_client, detect_session
 from .codecs import BY_API, StreamTap
 from .config import Config, ConfigError, load_config
 from .control import CONTROL_PATH, remove_runtime_file, write_runtime_file
 from .errors import error_response
 from .records import BadRequest, ResponseSummary
-from .recording import Interception, Recorder
+from .recording import META_KEY, Interception, Recorder, at, conclude, is_sse
 from .routing import Route, Router
 from .store import ops
 from .store.writer import Store
 
 log = logging.getLogger("aibridge")
 
-# Gateway credentials a client may send besides the provider headers; never forwarded.
-GATEWAY_HEADERS = ("proxy-authorization", "x-aibridge-token", "x-coder-ai-governance-token")
+PROXY_AUTH_REQUIRED = {"proxy-authenticate": 'Basic realm="aibridge"'}
 
 
 class Gateway:
@@ -36,8 +48,10 @@ class Gateway:
         self.router: Router | None = None
         self.store: Store | None = None
         self.recorder: Recorder | None = None
+        self.archive: FlowArchive | None = None
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
+        self.proxy_actors: dict[str, Actor] = {}  # client connection id -> identity from CONNECT auth
         self._passthrough: set[str] = set()
         self._control_secret: str | None = None
         self.passthrough_total = 0
@@ -50,10 +64,19 @@ class Gateway:
             "aibridge_config", str, "",
             "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
         )
+        loader.add_option(
+            "aibridge_flows", str, "",
+            "Directory for forensic flow capture of intercepted AI flows (credentials redacted); "
+            "overrides capture.directory in the config.",
+        )
 
     def configure(self, updated: set[str]) -> None:
-        if self.config is not None and "aibridge_config" not in updated:
-            return
+        if self.config is None or "aibridge_config" in updated:
+            self._load_config()
+        if self.store is not None and ("aibridge_flows" in updated or self.archive is None):
+            self._setup_capture()
+
+    def _load_config(self) -> None:
         try:
             config = load_config(ctx.options.aibridge_config or None)
         except ConfigError as e:
@@ -63,27 +86,43 @@ class Gateway:
         self.config, self.router = config, Router(config)
         for p in config.providers:
             if not p.key:
-                log.warning("provider %s has no upstream key (%s is empty); its requests will fail", p.name, p.key_source)
+                log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
+                            p.name, p.key_source)
         if self.store is None:
-            self.store = Store(config.duckdb_path, after_op=self._reload_tokens)
+            store = Store(config.duckdb_path, after_op=self._reload_tokens)
             try:
-                self.store.open()
+                store.open()
             except Exception as e:
-                self.store = None
                 raise exceptions.OptionsError(f"aibridge: cannot open {config.duckdb_path}: {e}") from None
-            self.tokens.replace(self.store.read(ops.load_directory).result())
-            self.recorder = Recorder(self.store)
+            self.store = store
+            self.tokens.replace(store.read(ops.load_directory).result())
+            self.recorder = Recorder(store)
             log.info(
                 "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
                 len(config.providers), ", ".join(p.name for p in config.providers),
                 config.duckdb_path, len(self.tokens),
             )
 
+    def _setup_capture(self) -> None:
+        option = ctx.options.aibridge_flows
+        directory = Path(option).expanduser() if option else self.config.capture.directory
+        if self.archive is not None:
+            if directory and self.archive.directory.resolve() == directory.resolve():
+                return
+            self.archive.close()
+            self.archive = None
+        if directory:
+            cap = self.config.capture
+            self.archive = FlowArchive(directory, cap.max_bytes, cap.max_age_seconds).start()
+            # Keep streamed bodies on the flow so captured SSE responses can be analysed later.
+            ctx.options.update(store_streamed_bodies=True)
+            log.info("aibridge: capturing intercepted flows to %s", directory)
+
     def _reload_tokens(self, conn) -> None:
         self.tokens.replace(ops.load_directory(conn))
 
     def running(self) -> None:
-        if self.store is None:
+        if self.store is None or not ctx.options.server:
             return
         addrs = []
         try:
@@ -102,19 +141,45 @@ class Gateway:
     def done(self) -> None:
         """Graceful shutdown: every queued record reaches DuckDB before the file closes."""
         for ic in list(self.live.values()):
-            self._end(ic, ic.tap.summary if ic.tap else ResponseSummary(), None, "gateway shut down")
+            summary = ic.tap.summary if ic.tap else ResponseSummary()
+            self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
         self.live.clear()
+        if self.archive is not None:
+            self.archive.close()
+            self.archive = None
         if self.store is not None:
             remove_runtime_file(self.store.path, self._control_secret)
             self.store.close()
             log.info("aibridge: %d records written, %d failed", self.store.written, self.store.failed)
             self.store = None
 
-    # --- proxy mode: only AI hosts are decrypted ---------------------------------------------------
+    # --- proxy mode: tunnels, proxy credentials, which hosts are decrypted -------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """CONNECT: take the user's identity from proxy credentials; apply the egress policy."""
+        if self.router is None:
+            return
+        ai = self.router.is_ai_host(flow.request.host)
+        policy = self.config.proxy
+        if not ai and policy.egress == "ai-only":
+            flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
+            return
+        given = proxy_token(flow.request.headers.get("proxy-authorization"))
+        if given is not None:
+            actor = self.tokens.lookup(given)
+            if actor is None:
+                flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n", PROXY_AUTH_REQUIRED)
+                return
+            self.proxy_actors[flow.client_conn.id] = actor
+        elif ai and policy.require_auth:
+            flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.proxy_actors.pop(client.id, None)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if self.router is not None and not self.router.is_ai_host(data.client_hello.sni):
-            data.ignore_connection = True
+            data.ignore_connection = True  # never decrypt what is not an AI API
 
     # --- request -----------------------------------------------------------------------------------
 
@@ -125,7 +190,7 @@ class Gateway:
         return req.scheme == "http" and bool(sock) and req.port == sock[1]
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or self.router is None:
+        if flow.response is not None or self.router is None or not flow.live:
             return
         req = flow.request
         if self._addressed_to_us(flow):
@@ -142,38 +207,50 @@ class Gateway:
         elif self.router.is_ai_host(req.host):
             route = self.router.match_host(req.host, req.path)
         else:
+            if self.config.proxy.egress == "ai-only":
+                flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
             return  # proxied traffic to a non-AI host: not ours to touch
 
-        ptype = route.provider.type
-        actor = self.tokens.lookup(credential_from_headers(req.headers))
-        if actor is None:
-            self.rejected_total += 1
-            had = credential_from_headers(req.headers) is not None
+        ident = self._identify(flow, route)
+        if ident is None:
+            return
+        if ident.byok_credential is None and not route.provider.key:
             flow.response = error_response(
-                ptype, 401,
-                "aibridge: invalid or revoked gateway token" if had
-                else "aibridge: missing gateway token (send it as the API key)",
+                route.provider.type, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"
             )
             return
-        if not route.provider.key:
-            flow.response = error_response(
-                ptype, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"
-            )
-            return
-
         if route.api and req.method == "POST":
-            ic = self._begin(flow, route, actor)
+            ic = self._begin(flow, route, ident)
             if ic is None:
                 return
             await self.recorder.link_thread(ic)
             self.recorder.started(ic)
             self.live[flow.id] = ic
+            flow.metadata[META_KEY] = ic.to_metadata()
         else:
             self.passthrough_total += 1
             self._passthrough.add(flow.id)
-        self._to_upstream(flow, route)
+        self._to_upstream(flow, route, ident)
 
-    def _begin(self, flow: http.HTTPFlow, route: Route, actor: Actor) -> Interception | None:
+    def _identify(self, flow: http.HTTPFlow, route: Route) -> Identity | None:
+        req = flow.request
+        proxy_actor = self.proxy_actors.get(flow.client_conn.id)
+        if proxy_actor is None and req.headers.get("proxy-authorization"):  # plain-HTTP proxy requests
+            proxy_actor = self.tokens.lookup(proxy_token(req.headers["proxy-authorization"]))
+            if proxy_actor is None:
+                flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n", PROXY_AUTH_REQUIRED)
+                return None
+        if proxy_actor is None and self.config.proxy.require_auth and not self._addressed_to_us(flow):
+            flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
+            return None
+        try:
+            return identify(req.headers, proxy_actor, self.tokens, self.config.proxy.byok)
+        except AuthRefused as e:
+            self.rejected_total += 1
+            flow.response = error_response(route.provider.type, 401, str(e))
+            return None
+
+    def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> Interception | None:
         req = flow.request
         codec = BY_API[route.api]
         try:
@@ -188,32 +265,38 @@ class Gateway:
         changed = codec.prepare_request(body)
         if changed is not None:
             req.content = json.dumps(changed, ensure_ascii=False).encode()
+        byok = ident.byok_credential
         return Interception(
             id=flow.id,
-            actor=actor,
-            provider=route.provider,
+            user_id=ident.actor.user_id,
+            user_name=ident.actor.user_name,
+            provider_type=route.provider.type,
+            provider_name=route.provider.name,
             api=route.api,
-            codec=codec,
-            info=info,
             client=detect_client(req.headers),
             user_agent=req.headers.get("user-agent"),
             session_id=detect_session(req.headers, info.session_hint),
-            credential_kind="centralized",
-            credential_hint=mask(route.provider.key),
+            credential_kind="byok" if byok else "centralized",
+            credential_hint=mask(byok or route.provider.key),
             upstream_path=route.upstream_path.split("?")[0],
+            started_at=at(req.timestamp_start),
+            info=info,
         )
 
-    def _to_upstream(self, flow: http.HTTPFlow, route: Route) -> None:
+    def _to_upstream(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> None:
         req, prov = flow.request, route.provider
         req.scheme, req.host, req.port = prov.scheme, prov.host, prov.port
         req.host_header = hostport(prov.scheme, prov.host, prov.port)
         req.path = route.upstream_path
-        for h in CREDENTIAL_HEADERS + GATEWAY_HEADERS:
+        for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",):
             req.headers.pop(h, None)
-        if prov.type == "anthropic":
-            req.headers["x-api-key"] = prov.key
-        else:
-            req.headers["authorization"] = f"Bearer {prov.key}"
+        if ident.byok_credential is None:
+            for h in CREDENTIAL_HEADERS:
+                req.headers.pop(h, None)
+            if prov.type == "anthropic":
+                req.headers["x-api-key"] = prov.key
+            else:
+                req.headers["authorization"] = f"Bearer {prov.key}"
         if flow.id in self.live:
             # The stream tap parses bytes as they pass: ask for them uncompressed.
             req.headers["accept-encoding"] = "identity"
@@ -225,59 +308,34 @@ class Gateway:
             flow.response.stream = True
             return
         ic = self.live.get(flow.id)
-        if ic is None:
-            return
-        resp = flow.response
-        if 200 <= resp.status_code < 300 and "text/event-stream" in resp.headers.get("content-type", ""):
+        if ic is not None and 200 <= flow.response.status_code < 300 and is_sse(flow.response):
             ic.tap = StreamTap(ic.codec)
-            resp.stream = ic.tap
+            flow.response.stream = ic.tap
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._passthrough.discard(flow.id)
-        ic = self.live.pop(flow.id, None)
-        if ic is None:
-            return
-        resp = flow.response
-        if ic.tap is not None:
-            summary = ic.tap.summary
-            ic.codec.finish_stream(summary)
-            error = summary.error
-            if not error and not summary.complete:
-                error = f"stream ended before its final event{f' ({ic.tap.broken})' if ic.tap.broken else ''}"
-        else:
-            summary, error = self._summarize_body(ic, resp)
-        if resp.status_code >= 400:
-            error = f"HTTP {resp.status_code}: {error or 'upstream error'}"
-        self._end(ic, summary, resp.status_code, error)
-
-    def _summarize_body(self, ic: Interception, resp: http.Response) -> tuple[ResponseSummary, str | None]:
-        try:
-            body = json.loads(resp.content or b"")
-        except ValueError:
-            return ResponseSummary(), "response body is not JSON" if resp.status_code < 400 else None
-        if not isinstance(body, dict):
-            return ResponseSummary(), "response body is not a JSON object"
-        summary = ic.codec.summarize(body)
-        return summary, summary.error
+        self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if not flow.live:
+            if self.recorder is not None:  # mitmdump -nr <saved flows>: rebuild their audit rows
+                self.recorder.replay(flow)
+            return
         self._passthrough.discard(flow.id)
         ic = self.live.pop(flow.id, None)
         if ic is None:
             return
-        summary = ic.tap.summary if ic.tap else ResponseSummary()
-        if ic.tap:
-            ic.codec.finish_stream(summary)
-        status = flow.response.status_code if flow.response else None
-        self._end(ic, summary, status, flow.error.msg if flow.error else "connection error")
-
-    def _end(self, ic: Interception, summary: ResponseSummary, http_status: int | None, error: str | None) -> None:
-        status = self.recorder.ended(ic, summary, http_status, error)
+        summary, status_code, error, ended_at = conclude(ic, flow)
+        status = self.recorder.ended(ic, summary, status_code, error, ended_at)
+        if self.archive is not None:
+            self.archive.add(flow)
         if status:
             u = summary.usages
             log.info(
                 "interception %s user=%s provider=%s model=%s status=%s in=%d out=%d tools=%d%s",
-                ic.id, ic.actor.user_name, ic.provider.name, ic.info.model, status,
+                ic.id, ic.user_name, ic.provider_name, ic.info.model, status,
                 sum(x.input_tokens for x in u), sum(x.output_tokens for x in u), len(summary.tool_calls),
                 f" error={error!r}" if error else "",
             )

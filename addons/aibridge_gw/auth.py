@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import secrets
 from collections.abc import Mapping
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 TOKEN_PREFIX = "aib_"
 # Headers a client may carry its credential in; all are removed before the request goes upstream.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+# Headers that carry a gateway token beside the client's own provider credential (BYOK); never forwarded.
+GATEWAY_TOKEN_HEADERS = ("x-aibridge-token", "x-coder-ai-governance-token")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,3 +69,61 @@ class TokenDirectory:
 
     def __len__(self) -> int:
         return len(self._by_hash)
+
+
+def proxy_token(value: str | None) -> str | None:
+    """The gateway token in a Proxy-Authorization header: Basic user:token (the user part is ignored) or Bearer."""
+    if not value:
+        return None
+    scheme, _, rest = value.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return rest.strip() or None
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, sep, password = decoded.partition(":")
+        return (password if sep else user) or None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    actor: Actor
+    byok_credential: str | None  # the user's own provider credential, kept for the upstream
+
+
+class AuthRefused(Exception):
+    """No usable identity; the message is safe to show the client."""
+
+
+def identify(
+    headers: Mapping[str, str], proxy_actor: Actor | None, directory: TokenDirectory, byok: bool
+) -> Identity:
+    """Who is calling, and with which upstream credential.
+
+    Identity comes from proxy credentials, else an X-AIBridge-Token header, else the provider credential
+    itself. When identity came from elsewhere and the provider credential is not a gateway token, it is the
+    user's own key (BYOK) and is kept — unless the admin turned BYOK off.
+    """
+    credential = credential_from_headers(headers)
+    actor = proxy_actor
+    if actor is None:
+        header_token = next((headers[h].strip() for h in GATEWAY_TOKEN_HEADERS if headers.get(h)), None)
+        if header_token is not None:
+            actor = directory.lookup(header_token)
+            if actor is None:
+                raise AuthRefused("aibridge: invalid or revoked gateway token in X-AIBridge-Token")
+    if actor is None:
+        actor = directory.lookup(credential)
+        if actor is None:
+            raise AuthRefused(
+                "aibridge: invalid or revoked gateway token" if credential
+                else "aibridge: missing gateway token (send it as the API key)"
+            )
+        return Identity(actor, None)
+    if credential and byok and directory.lookup(credential) is None:
+        return Identity(actor, credential)
+    return Identity(actor, None)

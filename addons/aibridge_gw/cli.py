@@ -11,6 +11,9 @@ import json
 import sys
 from typing import Any
 
+from pathlib import Path
+
+from .certs import CA_P12, CLIENTS, DEFAULT_CONFDIR, bundle, ensure_ca, env_lines, gateway_url
 from .config import ConfigError, load_config
 from .control import run_op
 from .store.ops import OpError
@@ -51,6 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     tl.add_argument("--json", action="store_true")
     tokens.add_parser("revoke", help="revoke a token by id").add_argument("id")
 
+    rp = sub.add_parser("replay", help="rebuild audit rows from captured flow files (idempotent)")
+    rp.add_argument("files", nargs="+", help="mitmproxy flow files written by the capture option")
+    rp.add_argument("--db", help="DuckDB file to write (default: storage.duckdb from the config)")
+
+    ca = sub.add_parser("ca", help="the gateway CA for proxy mode").add_subparsers(dest="sub", required=True)
+    ca.add_parser("path", help="print the CA certificate's path").add_argument("--confdir")
+    ce = ca.add_parser("export", help="print the CA certificate (pem) or write it (p12)")
+    ce.add_argument("--format", choices=("pem", "p12", "bundle"), default="pem",
+                    help="pem: the CA; bundle: public CAs + the CA; p12: PKCS#12 (binary)")
+    ce.add_argument("--out", help="write to this file instead of stdout")
+    ce.add_argument("--confdir")
+
+    ev = sub.add_parser("env", help="print what a client must set to use the gateway, ready to paste")
+    ev.add_argument("client", choices=CLIENTS)
+    ev.add_argument("--mode", choices=("base-url", "proxy"), default="base-url")
+    ev.add_argument("--gateway", help="gateway URL (default: the running gateway's, else http://127.0.0.1:8080)")
+    ev.add_argument("--token", default="<your aibridge token>")
+    ev.add_argument("--user", default="user", help="user name to put in the proxy URL (informational)")
+    ev.add_argument("--confdir")
+
     sq = sub.add_parser("sql", help="run read-only SQL over the audit tables")
     sq.add_argument("query")
     sq.add_argument("--json", action="store_true", help="print rows as JSON objects")
@@ -77,12 +100,78 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "tokens" and args.sub == "revoke":
             r = op("tokens.revoke", id=args.id)
             print(f"token {r['id']} {'was already' if r['already'] else 'is now'} revoked")
+        elif args.cmd == "replay":
+            flows, recorded = replay_files(args.files, Path(args.db) if args.db else db)
+            print(f"replayed {flows} flow(s): {recorded} interception(s) recorded into {args.db or db}")
+        elif args.cmd == "ca":
+            confdir = Path(args.confdir) if args.confdir else DEFAULT_CONFDIR
+            if args.sub == "path":
+                print(ensure_ca(confdir))
+            else:
+                _export_ca(confdir, args.format, args.out)
+        elif args.cmd == "env":
+            confdir = Path(args.confdir) if args.confdir else DEFAULT_CONFDIR
+            if args.mode == "proxy":
+                ensure_ca(confdir)
+                bundle(confdir)
+            url = args.gateway or gateway_url(db)
+            print("\n".join(env_lines(args.client, args.mode, url, args.token, confdir, args.user)))
         elif args.cmd == "sql":
             _out(op("sql", query_text=args.query), args.json, None)
     except (OpError, ConfigError) as e:
         print(f"aibridge: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _export_ca(confdir: Path, fmt: str, out: str | None) -> None:
+    cert = ensure_ca(confdir)
+    if fmt == "p12":
+        data = (confdir / CA_P12).read_bytes()
+    elif fmt == "bundle":
+        data = bundle(confdir).read_bytes()
+    else:
+        data = cert.read_bytes()
+    if out:
+        Path(out).write_bytes(data)
+        print(f"wrote {out}", file=sys.stderr)
+    elif fmt == "p12":
+        if sys.stdout.isatty():
+            raise OpError("p12 is binary: use --out FILE or redirect stdout")
+        sys.stdout.buffer.write(data)
+    else:
+        sys.stdout.write(data.decode())
+
+
+def replay_files(files: list[str], db: Path) -> tuple[int, int]:
+    """Re-run recording over saved flows into db. Ids come from the flows, so a second run adds nothing."""
+    import duckdb
+    from mitmproxy import http, io
+    from mitmproxy.exceptions import FlowReadException
+
+    from .recording import Recorder
+    from .store.writer import Store
+
+    store = Store(db)
+    try:
+        store.open()
+    except duckdb.IOException as e:
+        raise OpError(f"cannot open {db}: {str(e).splitlines()[0]} (replay into a database no gateway is using)") from None
+    recorder = Recorder(store)
+    flows = recorded = 0
+    try:
+        for name in files:
+            try:
+                with open(name, "rb") as f:
+                    for flow in io.FlowReader(f).stream():
+                        if isinstance(flow, http.HTTPFlow):
+                            flows += 1
+                            recorded += recorder.replay(flow) is not None
+            except (OSError, FlowReadException) as e:
+                raise OpError(f"{name}: {e}") from None
+    finally:
+        store.close()
+    return flows, recorded
 
 
 def _out(result: dict, as_json: bool, title: str | None) -> None:

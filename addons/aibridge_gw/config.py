@@ -39,10 +39,30 @@ class ProviderInstance:
 
 
 @dataclass(frozen=True)
+class ProxyPolicy:
+    """Proxy-mode (HTTPS_PROXY) behaviour."""
+
+    require_auth: bool = False  # AI-host tunnels need proxy credentials (else 407)
+    egress: str = "all"  # "all": other hosts tunnelled untouched; "ai-only": refused
+    byok: bool = True  # keep a user's own provider key when their identity comes from elsewhere
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """Forensic flow capture (also settable with --set aibridge_flows=<dir>)."""
+
+    directory: Path | None = None
+    max_bytes: int = 100 * 1024 * 1024
+    max_age_seconds: int = 3600
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     providers: tuple[ProviderInstance, ...]
     duckdb_path: Path
+    proxy: ProxyPolicy = ProxyPolicy()
+    capture: CaptureSettings = CaptureSettings()
 
     def provider(self, name: str) -> ProviderInstance | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -106,7 +126,47 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
     if not isinstance(storage, dict):
         raise ConfigError("storage: must be a mapping")
     db = storage.get("duckdb") or "data/aibridge.duckdb"
-    return Config(path=path, providers=tuple(providers), duckdb_path=Path(db).expanduser())
+    return Config(
+        path=path,
+        providers=tuple(providers),
+        duckdb_path=Path(db).expanduser(),
+        proxy=_parse_proxy(raw.get("proxy") or {}),
+        capture=_parse_capture(raw.get("capture") or {}),
+    )
+
+
+def _bool(d: dict, key: str, default: bool, where: str) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}.{key}: must be true or false")
+    return v
+
+
+def _parse_proxy(d) -> ProxyPolicy:
+    if not isinstance(d, dict):
+        raise ConfigError("proxy: must be a mapping")
+    egress = d.get("egress", "all")
+    if egress not in ("all", "ai-only"):
+        raise ConfigError("proxy.egress: must be 'all' or 'ai-only'")
+    return ProxyPolicy(
+        require_auth=_bool(d, "require_auth", False, "proxy"), egress=egress, byok=_bool(d, "byok", True, "proxy")
+    )
+
+
+def _parse_capture(d) -> CaptureSettings:
+    if not isinstance(d, dict):
+        raise ConfigError("capture: must be a mapping")
+    try:
+        max_mb = float(d.get("max_mb", 100))
+        max_age = float(d.get("max_age_minutes", 60))
+    except (TypeError, ValueError):
+        raise ConfigError("capture.max_mb / capture.max_age_minutes: must be numbers") from None
+    directory = d.get("directory")
+    return CaptureSettings(
+        directory=Path(directory).expanduser() if directory else None,
+        max_bytes=int(max_mb * 1024 * 1024),
+        max_age_seconds=int(max_age * 60),
+    )
 
 
 def _parse_provider(item, where: str) -> ProviderInstance:

@@ -1,4 +1,9 @@
-"""Turns one intercepted exchange into audit rows and hands them to the store's writer queue."""
+"""Turns one intercepted exchange into audit rows and hands them to the store's writer queue.
+
+Live traffic and replayed flow files take the same path: the interception's facts travel with the flow
+(`flow.metadata["aibridge"]`), its outcome is derived from the flow by `conclude`, and every id and timestamp
+comes from the flow, so replaying a saved flow rebuilds exactly the rows the live run wrote.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,27 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import ModuleType
 
-from .auth import Actor
-from .codecs import StreamTap
-from .config import ProviderInstance
+from mitmproxy import http
+
+from .codecs import BY_API, StreamTap
 from .records import RequestInfo, ResponseSummary
 from .store.writer import EndInterception, Insert, Store
 
 log = logging.getLogger(__name__)
 
 COMPLETED, FAILED, IN_PROGRESS = "completed", "failed", "in_progress"
+META_KEY = "aibridge"
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def at(ts: float | None) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC) if ts else utcnow()
 
 
 def child_id(parent: str, kind: str, n: int) -> str:
@@ -36,22 +46,88 @@ class Interception:
     """One intercepted provider call, from request to its single end (completed or failed)."""
 
     id: str
-    actor: Actor
-    provider: ProviderInstance
+    user_id: str
+    user_name: str
+    provider_type: str
+    provider_name: str
     api: str
-    codec: ModuleType
-    info: RequestInfo
     client: str
     user_agent: str | None
     session_id: str | None
     credential_kind: str
     credential_hint: str | None
     upstream_path: str
-    started_at: dt.datetime = field(default_factory=utcnow)
+    started_at: dt.datetime
     parent_id: str | None = None
     root_id: str | None = None
-    tap: StreamTap | None = None
+    info: RequestInfo | None = field(default=None, repr=False)
+    tap: StreamTap | None = field(default=None, repr=False)
     ended: bool = False
+
+    @property
+    def codec(self) -> ModuleType:
+        return BY_API[self.api]
+
+    def to_metadata(self) -> dict:
+        d = asdict(self)
+        for k in ("info", "tap", "ended"):
+            d.pop(k)
+        d["started_at"] = self.started_at.timestamp()
+        return d
+
+    @classmethod
+    def from_metadata(cls, d: dict, info: RequestInfo) -> "Interception":
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        fields["started_at"] = at(d["started_at"])
+        return cls(**fields, info=info)
+
+
+def is_sse(resp: http.Response | None) -> bool:
+    return resp is not None and "text/event-stream" in resp.headers.get("content-type", "")
+
+
+def conclude(ic: Interception, flow: http.HTTPFlow) -> tuple[ResponseSummary, int | None, str | None, dt.datetime]:
+    """What the provider said and how the exchange ended: (summary, http status, error or None, ended at)."""
+    resp = flow.response
+    tap = ic.tap
+    if tap is None and is_sse(resp) and 200 <= resp.status_code < 300 and resp.raw_content:
+        tap = StreamTap(ic.codec)  # a saved flow: parse the stored stream as the live tap did
+        tap(resp.content)
+        tap(b"")
+    error: str | None = None
+    if tap is not None:
+        summary = tap.summary
+        ic.codec.finish_stream(summary)
+        error = summary.error
+        if not error and not summary.complete:
+            error = f"stream ended before its final event{f' ({tap.broken})' if tap.broken else ''}"
+    elif resp is not None and resp.raw_content is not None:
+        summary, error = _summarize_body(ic, resp)
+    else:
+        summary = ResponseSummary()
+    if flow.error is not None:
+        error = flow.error.msg
+    status = resp.status_code if resp is not None else None
+    if status is not None and status >= 400:
+        error = f"HTTP {status}: {error or 'upstream error'}"
+    if resp is not None and resp.timestamp_end:
+        ended = at(resp.timestamp_end)
+    elif flow.error is not None:
+        ended = at(flow.error.timestamp)
+    else:
+        ended = utcnow()
+    return summary, status, error, ended
+
+
+def _summarize_body(ic: Interception, resp: http.Response) -> tuple[ResponseSummary, str | None]:
+    try:
+        body = json.loads(resp.content or b"")
+    except ValueError:
+        return ResponseSummary(), ("response body is not JSON" if resp.status_code < 400 else None)
+    if not isinstance(body, dict):
+        return ResponseSummary(), "response body is not a JSON object"
+    summary = ic.codec.summarize(body)
+    return summary, summary.error
 
 
 class Recorder:
@@ -82,7 +158,7 @@ class Recorder:
             Insert(
                 "aibridge_interceptions",
                 (
-                    ic.id, ic.actor.user_id, ic.provider.type, ic.provider.name, ic.info.model, ic.client,
+                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model, ic.client,
                     ic.user_agent, ic.session_id, ic.parent_id, ic.root_id, ic.credential_kind,
                     ic.credential_hint, IN_PROGRESS, ic.started_at, None, None, ic.api, ic.info.stream,
                     None, None,
@@ -91,18 +167,18 @@ class Recorder:
         )
 
     def ended(
-        self, ic: Interception, summary: ResponseSummary, http_status: int | None, error: str | None
+        self, ic: Interception, summary: ResponseSummary, http_status: int | None, error: str | None,
+        ended_at: dt.datetime,
     ) -> str:
-        """Record the outcome once; later calls are ignored. Returns the final status."""
+        """Record the outcome once; later calls are ignored. Returns the final status ('' if already ended)."""
         if ic.ended:
             return ""
         ic.ended = True
-        now = utcnow()
         status = FAILED if error else COMPLETED
         rid = summary.response_id
         if ic.info.prompt:
             self.store.submit(
-                Insert("aibridge_user_prompts", (child_id(ic.id, "prompt", 0), ic.id, rid, ic.info.prompt, now))
+                Insert("aibridge_user_prompts", (child_id(ic.id, "prompt", 0), ic.id, rid, ic.info.prompt, ended_at))
             )
         for n, u in enumerate(summary.usages):
             self.store.submit(
@@ -111,7 +187,7 @@ class Recorder:
                     (
                         child_id(ic.id, "usage", n), ic.id, u.provider_response_id or rid, u.input_tokens,
                         u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens,
-                        json.dumps(u.metadata) if u.metadata else None, now,
+                        json.dumps(u.metadata) if u.metadata else None, ended_at,
                     ),
                 )
             )
@@ -122,7 +198,7 @@ class Recorder:
                     "aibridge_tool_usages",
                     (
                         child_id(ic.id, "tool", n), ic.id, call.provider_response_id or rid, call.call_id,
-                        call.name, None, call.input, False, None, now,
+                        call.name, None, call.input, False, None, ended_at,
                     ),
                 )
             )
@@ -130,13 +206,30 @@ class Recorder:
                 self._remember(call.call_id, (ic.id, root))
         for n, t in enumerate(summary.thoughts):
             self.store.submit(
-                Insert("aibridge_model_thoughts", (child_id(ic.id, "thought", n), ic.id, t.source, t.content, now))
+                Insert("aibridge_model_thoughts", (child_id(ic.id, "thought", n), ic.id, t.source, t.content, ended_at))
             )
         meta = {"upstream_path": ic.upstream_path, "response_id": rid, "response_model": summary.model}
-        self.store.submit(
-            EndInterception(ic.id, (status, now, http_status, error, json.dumps(meta)))
-        )
+        self.store.submit(EndInterception(ic.id, (status, ended_at, http_status, error, json.dumps(meta))))
         return status
+
+    def replay(self, flow: http.HTTPFlow) -> Interception | None:
+        """Re-run recording for a saved flow; a flow that was not an interception is skipped."""
+        meta = flow.metadata.get(META_KEY)
+        if not isinstance(meta, dict) or "api" not in meta or flow.request is None:
+            return None
+        ic_codec = BY_API.get(meta["api"])
+        if ic_codec is None:
+            return None
+        try:
+            info = ic_codec.parse_request(json.loads(flow.request.content or b""))
+        except Exception as e:
+            log.warning("flow %s: request not replayable: %s", flow.id, e)
+            return None
+        ic = Interception.from_metadata(meta, info)
+        self.store.submit(Insert("aibridge_users", (ic.user_id, ic.user_name, "member", ic.started_at)))
+        self.started(ic)
+        self.ended(ic, *conclude(ic, flow))
+        return ic
 
     def _remember(self, call_id: str, value: tuple[str, str]) -> None:
         self._calls[call_id] = value

@@ -29,13 +29,15 @@ def free_port() -> int:
 
 
 class Gateway:
-    def __init__(self, workdir: Path, upstream_url: str, extra: dict | None = None) -> None:
+    def __init__(self, workdir: Path, upstream_url: str, extra: dict | None = None,
+                 args: list[str] | None = None, providers: list[dict] | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = workdir / "audit.duckdb"
         self.config_path = workdir / "aibridge.yaml"
+        self.args = args or []
         cfg = {
-            "providers": [
+            "providers": providers or [
                 {"name": "anthropic", "type": "anthropic", "base_url": upstream_url + "/",
                  "key": UPSTREAM_ANTHROPIC_KEY},
                 {"name": "openai", "type": "openai", "base_url": upstream_url + "/v1/",
@@ -54,6 +56,11 @@ class Gateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ca(self) -> Path:
+        """The gateway's CA certificate (its confdir is per test)."""
+        return self.workdir / "certs" / "mitmproxy-ca-cert.pem"
+
     def start(self) -> "Gateway":
         self.port = free_port()
         env = {**os.environ, "AIBRIDGE_CONFIG": str(self.config_path)}
@@ -65,7 +72,7 @@ class Gateway:
                 str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "aibridge.py"),
                 "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
                 "--set", f"confdir={self.workdir / 'certs'}", "--set", "connection_strategy=lazy",
-                "--set", "flow_detail=0", "--set", f"aibridge_config={self.config_path}",
+                "--set", "flow_detail=0", "--set", f"aibridge_config={self.config_path}", *self.args,
             ],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
         )

@@ -55,7 +55,7 @@ class Seen:
 
 
 class MockUpstream:
-    def __init__(self) -> None:
+    def __init__(self, ssl_context=None) -> None:
         self.replies: list[Reply] = []
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
@@ -107,12 +107,16 @@ class MockUpstream:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if ssl_context is not None:
+            self.scheme = "https"
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> "MockUpstream":
         self.thread.start()

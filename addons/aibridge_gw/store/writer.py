@@ -22,6 +22,7 @@ from .schema import migrate
 log = logging.getLogger(__name__)
 
 COLUMNS: dict[str, tuple[str, ...]] = {
+    "aibridge_users": ("id", "name", "role", "created_at"),
     "aibridge_interceptions": (
         "id", "initiator_id", "provider", "provider_name", "model", "client", "user_agent",
         "client_session_id", "thread_parent_id", "thread_root_id", "credential_kind", "credential_hint",

@@ -1,0 +1,96 @@
+"""Forensic capture: intercepted AI flows written to rotating mitmproxy flow files, secrets redacted first.
+
+The copy is redacted on the event loop (cheap header edits) and serialized by a background thread, so disk
+I/O never stalls other flows. Files open in mitmproxy/mitmweb and feed `aibridge replay`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+from mitmproxy import http, io
+
+from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, mask
+
+log = logging.getLogger(__name__)
+
+REDACTED_HEADERS = CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "cookie")
+_STOP = object()
+
+
+def redacted_copy(flow: http.HTTPFlow) -> http.HTTPFlow:
+    """A copy of the flow whose credential headers are replaced by masked hints."""
+    copy = flow.copy()
+    for h in REDACTED_HEADERS:
+        for name in list(copy.request.headers.keys()):
+            if name.lower() == h:
+                value = copy.request.headers[name]
+                scheme, sep, secret = value.partition(" ")
+                if sep and scheme.lower() in ("bearer", "basic"):
+                    copy.request.headers[name] = f"{scheme} [redacted {mask(secret)}]"
+                else:
+                    copy.request.headers[name] = f"[redacted {mask(value)}]"
+    if copy.response is not None:
+        copy.response.headers.pop("set-cookie", None)
+    return copy
+
+
+class FlowArchive:
+    def __init__(self, directory: Path, max_bytes: int, max_age_seconds: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.max_age = max_age_seconds
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="aibridge-capture", daemon=True)
+        self._file = None
+        self._opened_at = 0.0
+        self.written = 0
+
+    def start(self) -> "FlowArchive":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def add(self, flow: http.HTTPFlow) -> None:
+        self._q.put(redacted_copy(flow))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(30)
+        self._close_file()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is _STOP:
+                return
+            try:
+                f = self._current()
+                io.FlowWriter(f).add(item)
+                f.flush()
+                self.written += 1
+            except Exception:
+                log.exception("flow capture failed")
+
+    def _current(self):
+        now = time.time()
+        if self._file is not None and (
+            self._file.tell() >= self.max_bytes or now - self._opened_at >= self.max_age
+        ):
+            self._close_file()
+        if self._file is None:
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            self._file = open(self.directory / f"aibridge-{stamp}.flows", "ab")
+            self._opened_at = now
+        return self._file
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,190 @@
+"""HTTPS_PROXY mode on the same listener: AI hosts intercepted and recorded like base-URL traffic, other hosts
+tunnelled untouched, identity from proxy credentials or the provider credential, BYOK."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.support.fixtures import capture
+from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY, Gateway
+from tests.support.mock_upstream import MockUpstream, Reply
+from tests.support.sdk import anthropic_call, chat_call, responses_call
+from tests.support.tls import client_context, make_server_cert, server_context
+
+USER_OWN_KEY = "sk-ant-users-own-key-0123456789XYZ"
+
+
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory):
+    ca, cert, key = make_server_cert(tmp_path_factory.mktemp("upstream-tls"), ["127.0.0.1"])
+    mock = MockUpstream(server_context(cert, key)).start()
+    mock.ca = ca
+    yield mock
+    mock.stop()
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory):
+    """A non-AI HTTPS site with its own certificate."""
+    ca, cert, key = make_server_cert(tmp_path_factory.mktemp("origin-tls"), ["localhost"])
+    mock = MockUpstream(server_context(cert, key)).start()
+    mock.ca = ca
+    yield mock
+    mock.stop()
+
+
+def proxy_gateway(workdir, tls_upstream, extra=None, args=()):
+    providers = [
+        {"name": "anthropic", "type": "anthropic", "base_url": tls_upstream.url + "/",
+         "key": UPSTREAM_ANTHROPIC_KEY, "hosts": ["api.anthropic.com"]},
+        {"name": "openai", "type": "openai", "base_url": tls_upstream.url + "/v1/",
+         "key": UPSTREAM_OPENAI_KEY, "hosts": ["api.openai.com"]},
+    ]
+    return Gateway(workdir, tls_upstream.url, extra=extra, providers=providers,
+                   args=["--set", f"ssl_verify_upstream_trusted_ca={tls_upstream.ca}", *args]).start()
+
+
+@pytest.fixture(scope="module")
+def pgw(tmp_path_factory, tls_upstream):
+    gw = proxy_gateway(tmp_path_factory.mktemp("proxy-gw"), tls_upstream)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def up(tls_upstream):
+    tls_upstream.reset()
+    yield tls_upstream
+    tls_upstream.reset()
+
+
+_n = iter(range(10_000))
+
+
+@pytest.fixture
+def puser(pgw):
+    name = f"puser{next(_n)}"
+    return name, pgw.new_user(name)
+
+
+def proxied_anthropic(gw, api_key, proxy_auth=None, **kw):
+    host = gw.url.split("://")[1]
+    proxy = f"http://{proxy_auth[0]}:{proxy_auth[1]}@{host}" if proxy_auth else gw.url
+    return anthropic.Anthropic(
+        base_url="https://api.anthropic.com", api_key=api_key, max_retries=0,
+        http_client=anthropic.DefaultHttpxClient(proxy=proxy, verify=client_context(gw.ca)), **kw,
+    )
+
+
+def proxied_openai(gw, api_key, proxy_auth=None):
+    host = gw.url.split("://")[1]
+    proxy = f"http://{proxy_auth[0]}:{proxy_auth[1]}@{host}" if proxy_auth else gw.url
+    return openai.OpenAI(
+        base_url="https://api.openai.com/v1", api_key=api_key, max_retries=0,
+        http_client=openai.DefaultHttpxClient(proxy=proxy, verify=client_context(gw.ca)),
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_proxied_anthropic_is_recorded_like_base_url_traffic(pgw, up, puser, stream):
+    name, token = puser
+    cap = capture("anthropic/single_builtin_tool.txtar")
+    up.script(Reply.from_capture(cap, stream))
+    anthropic_call(proxied_anthropic(pgw, token), cap.request, stream)
+    (ic,) = pgw.interceptions(name)
+    assert (ic["provider_name"], ic["status"], ic["credential_kind"]) == ("anthropic", "completed", "centralized")
+    usage = pgw.sql(f"SELECT input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens "
+                    f"FROM aibridge_token_usages WHERE interception_id = '{ic['id']}'")
+    assert list(usage[0].values()) == ([2, 61, 13993, 22] if stream else [5, 84, 23490, 0])
+    assert up.seen[0].path == "/v1/messages"
+    assert up.seen[0].headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
+    assert token not in json.dumps(up.seen[0].headers)
+
+
+def test_proxied_openai_both_apis_with_proxy_credentials(pgw, up, puser):
+    name, token = puser
+    chat = capture("openai/chatcompletions/simple.txtar")
+    resp = capture("openai/responses/streaming/cached_input_tokens.txtar")
+    up.script(Reply.from_capture(chat, True), Reply.from_capture(resp, True))
+    # Identity from the proxy URL; the API key is the same gateway token (centralized).
+    client = proxied_openai(pgw, token, proxy_auth=(name, token))
+    chat_call(client, chat.request, True)
+    responses_call(client, resp.request, True)
+    rows = pgw.interceptions(name, 2)
+    assert [(r["api"], r["credential_kind"]) for r in rows] == [("openai.chat", "centralized"),
+                                                                ("openai.responses", "centralized")]
+    assert [s.headers["authorization"] for s in up.seen] == [f"Bearer {UPSTREAM_OPENAI_KEY}"] * 2
+
+
+def test_byok_with_proxy_credentials_keeps_the_users_key(pgw, up, puser):
+    name, token = puser
+    cap = capture("anthropic/simple.txtar")
+    up.script(Reply.from_capture(cap, True))
+    anthropic_call(proxied_anthropic(pgw, USER_OWN_KEY, proxy_auth=(name, token)), cap.request, True)
+    (ic,) = pgw.interceptions(name)
+    assert ic["credential_kind"] == "byok" and ic["credential_hint"] == "sk-a…9XYZ"
+    seen = up.seen[0].headers
+    # The user's credential goes upstream exactly as the client sent it (this SDK sends it as a bearer).
+    assert USER_OWN_KEY in (seen.get("x-api-key"), seen.get("authorization", "").removeprefix("Bearer "))
+    assert UPSTREAM_ANTHROPIC_KEY not in json.dumps(seen)
+    assert "proxy-authorization" not in up.seen[0].headers
+
+
+def test_byok_in_base_url_mode_with_gateway_token_header(pgw, up, puser):
+    name, token = puser
+    cap = capture("anthropic/simple.txtar")
+    up.script(Reply.from_capture(cap, False))
+    client = anthropic.Anthropic(base_url=pgw.url + "/anthropic", max_retries=0, auth_token=USER_OWN_KEY,
+                                 api_key=None, default_headers={"X-Coder-AI-Governance-Token": token})
+    anthropic_call(client, cap.request, False)
+    (ic,) = pgw.interceptions(name)
+    assert ic["credential_kind"] == "byok"
+    seen = up.seen[0].headers
+    assert seen["authorization"] == f"Bearer {USER_OWN_KEY}" and "x-api-key" not in seen
+    assert "x-coder-ai-governance-token" not in seen and token not in json.dumps(seen)
+
+
+def test_no_identity_is_refused_before_the_upstream(pgw, up):
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        anthropic_call(proxied_anthropic(pgw, USER_OWN_KEY), capture("anthropic/simple.txtar").request, False)
+    assert e.value.body["error"]["type"] == "authentication_error"
+    with pytest.raises(anthropic.APIConnectionError) as e:  # wrong proxy password: refused at CONNECT
+        proxied_anthropic(pgw, "x", proxy_auth=("mallory", "aib_wrong")).models.list()
+    assert "407" in str(e.value.__cause__)
+    assert up.seen == []
+
+
+def test_non_ai_host_is_tunnelled_without_interception(pgw, origin):
+    origin.reset()
+    # Trusting only the origin's own CA: this succeeds only if the gateway did not present its certificate.
+    with httpx.Client(proxy=pgw.url, verify=client_context(origin.ca), trust_env=False) as c:
+        r = c.get(f"https://localhost:{origin.port}/v1/models")
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "mock-model"
+    assert origin.seen[0].path == "/v1/models"
+    # And the gateway CA does not validate it: nothing was re-signed.
+    with httpx.Client(proxy=pgw.url, verify=client_context(pgw.ca), trust_env=False) as c:
+        with pytest.raises(httpx.ConnectError):
+            c.get(f"https://localhost:{origin.port}/v1/models")
+
+
+def test_required_proxy_auth_and_ai_only_egress(tmp_path, tls_upstream, origin):
+    gw = proxy_gateway(tmp_path / "strict", tls_upstream, extra={"proxy": {"require_auth": True, "egress": "ai-only"}})
+    try:
+        token = gw.new_user("strict-user")
+        tls_upstream.reset()
+        with pytest.raises(anthropic.APIConnectionError) as e:
+            proxied_anthropic(gw, token).models.list()
+        assert "407" in str(e.value.__cause__)
+        assert [m.id for m in proxied_anthropic(gw, token, proxy_auth=("strict-user", token)).models.list().data] == ["mock-model"]
+        with httpx.Client(proxy=gw.url, verify=client_context(origin.ca), trust_env=False) as c:
+            with pytest.raises(httpx.ProxyError, match="403"):
+                c.get(f"https://localhost:{origin.port}/")
+    finally:
+        gw.stop()
+        tls_upstream.reset()
