@@ -188,3 +188,92 @@ def test_required_proxy_auth_and_ai_only_egress(tmp_path, tls_upstream, origin):
     finally:
         gw.stop()
         tls_upstream.reset()
+
+
+AUDIT_TABLES = ("aibridge_interceptions", "aibridge_token_usages", "aibridge_user_prompts",
+                "aibridge_tool_usages", "aibridge_model_thoughts")
+
+
+def dump_audit(db) -> dict[str, list]:
+    import duckdb
+
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in AUDIT_TABLES}
+    finally:
+        conn.close()
+
+
+def test_capture_is_redacted_and_replay_rebuilds_the_same_rows(tmp_path, tls_upstream):
+    import os
+    import subprocess
+
+    from tests.support.gateway import BIN, ROOT
+    from tests.support.sdk import anthropic_client, openai_client
+
+    flows_dir = tmp_path / "flows"
+    gw = proxy_gateway(tmp_path / "cap", tls_upstream, args=["--set", f"aibridge_flows={flows_dir}"])
+    tls_upstream.reset()
+    try:
+        token = gw.new_user("alice")
+        a_tool = capture("anthropic/single_builtin_tool.txtar")
+        tls_upstream.script(
+            Reply.from_capture(a_tool, True),
+            Reply.from_capture(capture("anthropic/simple.txtar"), False),
+            Reply.from_capture(capture("anthropic/simple.txtar"), False),
+            Reply.from_capture(capture("openai/chatcompletions/single_builtin_tool.txtar"), True),
+            Reply.from_capture(capture("openai/responses/blocking/summary_and_commentary_builtin_tool.txtar"), False),
+            Reply.from_capture(capture("anthropic/non_stream_error.txtar"), False),
+        )
+        events = anthropic_call(proxied_anthropic(gw, token), a_tool.request, True)  # proxy mode, centralized
+        tool_id = next(e.content_block.id for e in events if e.type == "content_block_start"
+                       and e.content_block.type == "tool_use")
+        follow = {"model": "claude-sonnet-4-0", "max_tokens": 50, "messages": a_tool.request["messages"] + [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Read", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": "x"}]}]}
+        anthropic_call(anthropic_client(gw, token), follow, False)  # base-URL mode, threaded
+        anthropic_call(proxied_anthropic(gw, USER_OWN_KEY, proxy_auth=("alice", token)),  # BYOK
+                       {"model": "claude-sonnet-4-0", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]},
+                       False)
+        chat_call(openai_client(gw, token), capture("openai/chatcompletions/single_builtin_tool.txtar").request, True)
+        responses_call(openai_client(gw, token),
+                       capture("openai/responses/blocking/summary_and_commentary_builtin_tool.txtar").request, False)
+        with pytest.raises(anthropic.BadRequestError):
+            anthropic_call(anthropic_client(gw, token), capture("anthropic/non_stream_error.txtar").request, False)
+        gw.interceptions("alice", 6)
+    finally:
+        gw.stop()
+        tls_upstream.reset()
+
+    files = sorted(flows_dir.glob("*.flows"))
+    assert files
+    raw = b"".join(f.read_bytes() for f in files)
+    basic = base64.b64encode(f"alice:{token}".encode())
+    for secret in (token.encode(), UPSTREAM_ANTHROPIC_KEY.encode(), UPSTREAM_OPENAI_KEY.encode(),
+                   USER_OWN_KEY.encode(), basic):
+        assert secret not in raw
+    assert b"message_stop" in raw  # streamed bodies are kept for later analysis
+
+    live = dump_audit(gw.db)
+    assert len(live["aibridge_interceptions"]) == 6
+    assert {r[10] for r in live["aibridge_interceptions"]} == {"centralized", "byok"}
+    assert any(r[8] is not None for r in live["aibridge_interceptions"])  # the threaded follow-up
+
+    rebuilt = tmp_path / "rebuilt.duckdb"
+    env = {**os.environ, "AIBRIDGE_CONFIG": str(gw.config_path)}
+    for _ in range(2):  # idempotent: a second replay changes nothing
+        r = subprocess.run([str(BIN / "aibridge"), "replay", *map(str, files), "--db", str(rebuilt)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "6 interception(s)" in r.stdout
+        assert dump_audit(rebuilt) == live
+
+    # mitmdump itself can replay saved flows through the addon into the configured database.
+    cfg = tmp_path / "replay.yaml"
+    cfg.write_text(f"providers: []\nstorage: {{duckdb: {tmp_path / 'mitm.duckdb'}}}\n")
+    r = subprocess.run([str(BIN / "mitmdump"), "-n", "-r", str(files[0]), "-s", str(ROOT / "addons" / "aibridge.py"),
+                        "--set", f"aibridge_config={cfg}", "--set", f"confdir={tmp_path / 'certs'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    if len(files) == 1:
+        assert dump_audit(tmp_path / "mitm.duckdb") == live
