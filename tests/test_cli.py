@@ -77,3 +77,40 @@ def test_cli_works_on_the_file_without_a_gateway_and_gateway_honours_it(tmp_path
 @pytest.mark.parametrize("args", [["users"], ["tokens", "revoke"], ["bogus"]])
 def test_usage_errors_exit_nonzero(gateway, args):
     assert gateway.cli(*args).returncode != 0
+
+
+def test_ca_path_and_export(tmp_path, gateway):
+    confdir = tmp_path / "certs"
+    r = gateway.cli("ca", "path", "--confdir", str(confdir))
+    assert r.returncode == 0
+    cert = confdir / "mitmproxy-ca-cert.pem"
+    assert r.stdout.strip() == str(cert) and cert.exists()
+    assert oct((confdir / "mitmproxy-ca.pem").stat().st_mode & 0o777) == "0o600"  # the private key
+    pem = gateway.cli("ca", "export", "--confdir", str(confdir))
+    assert pem.stdout == cert.read_text() and "PRIVATE KEY" not in pem.stdout
+    out = tmp_path / "ca.p12"
+    assert gateway.cli("ca", "export", "--format", "p12", "--out", str(out), "--confdir", str(confdir)).returncode == 0
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    p12 = pkcs12.load_pkcs12(out.read_bytes(), None)
+    assert p12.key is None and p12.additional_certs  # certificate only, no key
+    bundle = gateway.cli("ca", "export", "--format", "bundle", "--confdir", str(confdir)).stdout
+    assert bundle.count("BEGIN CERTIFICATE") > 10 and cert.read_text() in bundle
+
+
+@pytest.mark.parametrize(
+    "client,mode,expected",
+    [
+        ("claude-code", "base-url", ["ANTHROPIC_BASE_URL={gw}/anthropic", "ANTHROPIC_API_KEY=aib_T"]),
+        ("python", "base-url", ["OPENAI_BASE_URL={gw}/openai/v1", "ANTHROPIC_BASE_URL={gw}/anthropic"]),
+        ("codex", "base-url", ['base_url = "{gw}/openai/v1"', 'wire_api = "responses"']),
+        ("claude-code", "proxy", ["HTTPS_PROXY=http://bob:aib_T@{host}", "NODE_EXTRA_CA_CERTS={certs}/mitmproxy-ca-cert.pem"]),
+        ("codex", "proxy", ["HTTPS_PROXY=http://bob:aib_T@{host}", "SSL_CERT_FILE={certs}/aibridge-ca-bundle.pem"]),
+    ],
+)
+def test_env_prints_paste_ready_settings_for_the_running_gateway(tmp_path, gateway, client, mode, expected):
+    confdir = tmp_path / "certs"
+    r = gateway.cli("env", client, "--mode", mode, "--token", "aib_T", "--user", "bob", "--confdir", str(confdir))
+    assert r.returncode == 0, r.stderr
+    for line in expected:
+        assert line.format(gw=gateway.url, host=gateway.url.split("://")[1], certs=confdir) in r.stdout

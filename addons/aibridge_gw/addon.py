@@ -71,6 +71,11 @@ class Gateway:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if ctx.options.connection_strategy != "lazy":
+            # Eager connects to the CONNECT target before any hook runs; AI hosts are re-routed to their
+            # configured base_url, which only works when the upstream connection waits for the request.
+            log.info("aibridge: setting connection_strategy=lazy (required to route intercepted hosts)")
+            ctx.options.update(connection_strategy="lazy")
         if self.config is None or "aibridge_config" in updated:
             self._load_config()
         if self.store is not None and ("aibridge_flows" in updated or self.archive is None):
