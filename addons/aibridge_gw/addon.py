@@ -34,10 +34,16 @@ from .errors import error_response
 from .records import BadRequest, ResponseSummary
 from .recording import META_KEY, Interception, Recorder, at, conclude, is_sse
 from .routing import Route, Router
+from .mcp.adapters import ADAPTERS
+from .mcp.loop import LoopJob, LoopServer, upstream_headers
+from .mcp.registry import McpRegistry
 from .store import ops
 from .store.writer import Store
 
 log = logging.getLogger("aibridge")
+# Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
+for _noisy in ("httpx", "httpcore", "mcp"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 PROXY_AUTH_REQUIRED = {"proxy-authenticate": 'Basic realm="aibridge"'}
 
@@ -49,6 +55,9 @@ class Gateway:
         self.store: Store | None = None
         self.recorder: Recorder | None = None
         self.archive: FlowArchive | None = None
+        self.mcp: McpRegistry | None = None
+        self.loop: LoopServer | None = None
+        self.mcp_tokens: dict[tuple[str, str], str] = {}
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
         self.proxy_actors: dict[str, Actor] = {}  # client connection id -> identity from CONNECT auth
@@ -89,6 +98,12 @@ class Gateway:
         if self.store is not None and config.duckdb_path.resolve() != self.store.path.resolve():
             raise exceptions.OptionsError("aibridge: storage.duckdb cannot change while the gateway runs")
         self.config, self.router = config, Router(config)
+        self.mcp = (
+            McpRegistry(config.mcp_servers, config.mcp, lambda uid, srv: self.mcp_tokens.get((uid, srv)))
+            if config.mcp_servers else None
+        )
+        if self.loop is not None:
+            self.loop.registry = self.mcp
         for p in config.providers:
             if not p.key:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
@@ -126,9 +141,15 @@ class Gateway:
     def _reload_tokens(self, conn) -> None:
         self.tokens.replace(ops.load_directory(conn))
 
-    def running(self) -> None:
+    async def running(self) -> None:
         if self.store is None or not ctx.options.server:
             return
+        if self.mcp is not None and self.loop is None:
+            verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
+            if ctx.options.ssl_insecure:
+                verify = False
+            self.loop = LoopServer(self.mcp, verify)
+            await self.loop.start()
         addrs = []
         try:
             addrs = ctx.master.addons.get("proxyserver").listen_addrs()
@@ -149,6 +170,9 @@ class Gateway:
             summary = ic.tap.summary if ic.tap else ResponseSummary()
             self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
         self.live.clear()
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
         if self.archive is not None:
             self.archive.close()
             self.archive = None
@@ -224,11 +248,14 @@ class Gateway:
                 route.provider.type, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"
             )
             return
+        adapter = None
         if route.api and req.method == "POST":
-            ic = self._begin(flow, route, ident)
-            if ic is None:
+            begun = self._begin(flow, route, ident)
+            if begun is None:
                 return
+            ic, body = begun
             await self.recorder.link_thread(ic)
+            adapter = await self._injection(flow, ic, body)
             self.recorder.started(ic)
             self.live[flow.id] = ic
             flow.metadata[META_KEY] = ic.to_metadata()
@@ -236,6 +263,38 @@ class Gateway:
             self.passthrough_total += 1
             self._passthrough.add(flow.id)
         self._to_upstream(flow, route, ident)
+        if adapter is not None:
+            self._to_loop(flow, route, ident, adapter)
+
+    async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
+        """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
+        if self.mcp is None or self.loop is None:
+            return None
+        tools = await self.mcp.tools_for(ic.user_id)
+        if not tools:
+            return None
+        client_usage = bool((ic.info.raw_stream_options or {}).get("include_usage"))
+        adapter = ADAPTERS[ic.api](body, tools, ic.info.stream, max_tools=self.config.mcp.max_tools,
+                                   client_wants_usage=client_usage)
+        flow.request.content = json.dumps(adapter.inject(), ensure_ascii=False).encode()
+        if adapter.trimmed:
+            log.warning("interception %s: %d injected tool(s) left out to stay within %d tools",
+                        ic.id, adapter.trimmed, self.config.mcp.max_tools)
+        return adapter
+
+    def _to_loop(self, flow: http.HTTPFlow, route: Route, ident: Identity, adapter) -> None:
+        """Hand the flow to the in-process loop endpoint; mitmproxy relays what it produces."""
+        req = flow.request
+        job = LoopJob(
+            url=req.url, headers=upstream_headers(req.headers), adapter=adapter,
+            provider_type=route.provider.type, user_id=ident.actor.user_id,
+            max_rounds=self.config.mcp.max_rounds, metadata=flow.metadata[META_KEY],
+        )
+        path = self.loop.register(flow.id, job)
+        req.scheme, req.host, req.port = "http", "127.0.0.1", self.loop.port
+        req.host_header = f"127.0.0.1:{self.loop.port}"
+        req.path = path
+        self.live[flow.id].via_loop = True
 
     def _identify(self, flow: http.HTTPFlow, route: Route) -> Identity | None:
         req = flow.request
@@ -255,7 +314,7 @@ class Gateway:
             flow.response = error_response(route.provider.type, 401, str(e))
             return None
 
-    def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> Interception | None:
+    def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> tuple[Interception, dict] | None:
         req = flow.request
         codec = BY_API[route.api]
         try:
@@ -270,8 +329,9 @@ class Gateway:
         changed = codec.prepare_request(body)
         if changed is not None:
             req.content = json.dumps(changed, ensure_ascii=False).encode()
+            body = changed
         byok = ident.byok_credential
-        return Interception(
+        ic = Interception(
             id=flow.id,
             user_id=ident.actor.user_id,
             user_name=ident.actor.user_name,
@@ -287,6 +347,7 @@ class Gateway:
             started_at=at(req.timestamp_start),
             info=info,
         )
+        return ic, body
 
     def _to_upstream(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> None:
         req, prov = flow.request, route.provider
@@ -313,7 +374,7 @@ class Gateway:
             flow.response.stream = True
             return
         ic = self.live.get(flow.id)
-        if ic is not None and 200 <= flow.response.status_code < 300 and is_sse(flow.response):
+        if ic is not None and not ic.via_loop and 200 <= flow.response.status_code < 300 and is_sse(flow.response):
             ic.tap = StreamTap(ic.codec)
             flow.response.stream = ic.tap
 

@@ -57,12 +57,41 @@ class CaptureSettings:
 
 
 @dataclass(frozen=True)
+class McpServer:
+    """An admin-approved MCP server whose tools are injected as bmcp_<name>_<tool>."""
+
+    name: str
+    url: str
+    headers: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
+    per_user_token: bool = False
+    allow: re.Pattern | None = None
+    deny: re.Pattern | None = None
+
+    def permits(self, tool: str) -> bool:
+        """Neither regex: all; deny wins; only deny: all but denied."""
+        if self.deny is not None and self.deny.search(tool):
+            return False
+        return self.allow is None or bool(self.allow.search(tool))
+
+
+@dataclass(frozen=True)
+class McpSettings:
+    max_rounds: int = 10
+    tool_timeout_seconds: float = 30.0
+    list_timeout_seconds: float = 2.0
+    refresh_seconds: float = 300.0
+    max_tools: int = 128  # providers cap tools per request (OpenAI: 128); injected tools are trimmed to fit
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     providers: tuple[ProviderInstance, ...]
     duckdb_path: Path
     proxy: ProxyPolicy = ProxyPolicy()
     capture: CaptureSettings = CaptureSettings()
+    mcp_servers: tuple[McpServer, ...] = ()
+    mcp: McpSettings = McpSettings()
 
     def provider(self, name: str) -> ProviderInstance | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -132,7 +161,66 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         duckdb_path=Path(db).expanduser(),
         proxy=_parse_proxy(raw.get("proxy") or {}),
         capture=_parse_capture(raw.get("capture") or {}),
+        mcp_servers=_parse_mcp_servers(raw.get("mcp_servers") or []),
+        mcp=_parse_mcp_settings(raw.get("mcp") or {}),
     )
+
+
+def _regex(d: dict, key: str, where: str) -> re.Pattern | None:
+    v = d.get(key)
+    if v in (None, ""):
+        return None
+    try:
+        return re.compile(str(v))
+    except re.error as e:
+        raise ConfigError(f"{where}.{key}: invalid regex: {e}") from None
+
+
+def _parse_mcp_servers(items) -> tuple[McpServer, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("mcp_servers: must be a list")
+    out: list[McpServer] = []
+    for i, d in enumerate(items):
+        where = f"mcp_servers[{i}]"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        name = str(d.get("name") or "")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
+            raise ConfigError(f"{where}.name: {name!r} is not a valid server id (letters, digits, - _)")
+        if any(s.name == name for s in out):
+            raise ConfigError(f"{where}.name: duplicate server {name!r}")
+        url = str(d.get("url") or "")
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"{where}.url: {url!r} is not an http(s) URL")
+        headers = d.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise ConfigError(f"{where}.headers: must be a mapping")
+        out.append(
+            McpServer(
+                name=name, url=url, headers={str(k): str(v) for k, v in headers.items()},
+                per_user_token=_bool(d, "per_user_token", False, where),
+                allow=_regex(d, "tool_allow_regex", where), deny=_regex(d, "tool_deny_regex", where),
+            )
+        )
+    return tuple(out)
+
+
+def _parse_mcp_settings(d) -> McpSettings:
+    if not isinstance(d, dict):
+        raise ConfigError("mcp: must be a mapping")
+    try:
+        s = McpSettings(
+            max_rounds=int(d.get("max_rounds", 10)),
+            tool_timeout_seconds=float(d.get("tool_timeout_seconds", 30)),
+            list_timeout_seconds=float(d.get("list_timeout_seconds", 2)),
+            refresh_seconds=float(d.get("refresh_seconds", 300)),
+            max_tools=int(d.get("max_tools", 128)),
+        )
+    except (TypeError, ValueError):
+        raise ConfigError("mcp: max_rounds, max_tools and the *_seconds settings must be numbers") from None
+    if s.max_rounds < 1:
+        raise ConfigError("mcp.max_rounds: must be at least 1")
+    return s
 
 
 def _bool(d: dict, key: str, default: bool, where: str) -> bool:

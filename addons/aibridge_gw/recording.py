@@ -19,7 +19,7 @@ from types import ModuleType
 from mitmproxy import http
 
 from .codecs import BY_API, StreamTap
-from .records import RequestInfo, ResponseSummary
+from .records import RequestInfo, ResponseSummary, summary_from_dict
 from .store.writer import EndInterception, Insert, Store
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Interception:
     info: RequestInfo | None = field(default=None, repr=False)
     tap: StreamTap | None = field(default=None, repr=False)
     ended: bool = False
+    via_loop: bool = False
 
     @property
     def codec(self) -> ModuleType:
@@ -70,7 +71,7 @@ class Interception:
 
     def to_metadata(self) -> dict:
         d = asdict(self)
-        for k in ("info", "tap", "ended"):
+        for k in ("info", "tap", "ended", "via_loop"):
             d.pop(k)
         d["started_at"] = self.started_at.timestamp()
         return d
@@ -90,12 +91,19 @@ def conclude(ic: Interception, flow: http.HTTPFlow) -> tuple[ResponseSummary, in
     """What the provider said and how the exchange ended: (summary, http status, error or None, ended at)."""
     resp = flow.response
     tap = ic.tap
-    if tap is None and is_sse(resp) and 200 <= resp.status_code < 300 and resp.raw_content:
+    loop = (flow.metadata.get(META_KEY) or {}).get("loop")
+    error: str | None = None
+    if loop is not None:  # the injected-tool loop recorded every round itself
+        summary = summary_from_dict(loop)
+        error = summary.error
+        tap = None
+    elif tap is None and is_sse(resp) and 200 <= resp.status_code < 300 and resp.raw_content:
         tap = StreamTap(ic.codec)  # a saved flow: parse the stored stream as the live tap did
         tap(resp.content)
         tap(b"")
-    error: str | None = None
-    if tap is not None:
+    if loop is not None:
+        pass
+    elif tap is not None:
         summary = tap.summary
         ic.codec.finish_stream(summary)
         error = summary.error
@@ -198,7 +206,7 @@ class Recorder:
                     "aibridge_tool_usages",
                     (
                         child_id(ic.id, "tool", n), ic.id, call.provider_response_id or rid, call.call_id,
-                        call.name, None, call.input, False, None, ended_at,
+                        call.name, call.server_url, call.input, call.injected, call.error, ended_at,
                     ),
                 )
             )

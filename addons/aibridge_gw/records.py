@@ -23,6 +23,9 @@ class ToolCall:
     call_id: str | None
     name: str
     input: str  # JSON text (or raw text for custom tools) exactly as the model produced it
+    injected: bool = False  # a gateway-run MCP tool
+    server_url: str | None = None
+    error: str | None = None  # why an injected call failed or was not run
 
 
 @dataclass(slots=True)
@@ -40,6 +43,7 @@ class RequestInfo:
     prompt: str | None
     tool_result_ids: list[str]
     session_hint: str | None = None
+    raw_stream_options: dict | None = None  # as the client sent them (the gateway may add include_usage)
 
 
 @dataclass
@@ -66,3 +70,23 @@ def as_int(v: Any) -> int:
 
 def json_text(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+
+
+def summary_to_dict(s: ResponseSummary) -> dict:
+    """A summary as plain data, kept on the flow so replay can rebuild what the live run recorded."""
+    from dataclasses import asdict
+
+    d = {k: v for k, v in asdict(s).items() if k != "state"}
+    return d
+
+
+def summary_from_dict(d: dict) -> ResponseSummary:
+    return ResponseSummary(
+        response_id=d.get("response_id"),
+        model=d.get("model"),
+        usages=[TokenUsage(**u) for u in d.get("usages", [])],
+        tool_calls=[ToolCall(**t) for t in d.get("tool_calls", [])],
+        thoughts=[Thought(**t) for t in d.get("thoughts", [])],
+        error=d.get("error"),
+        complete=d.get("complete", False),
+    )

@@ -29,7 +29,7 @@ def parse_request(body: dict) -> RequestInfo:
         if isinstance(msg.get("tool_call_id"), str):
             tool_results.append(msg["tool_call_id"])
     tool_results.reverse()
-    return RequestInfo(model, stream, prompt, tool_results)
+    return RequestInfo(model, stream, prompt, tool_results, raw_stream_options=so)
 
 
 def prepare_request(body: dict) -> dict | None:

@@ -1,0 +1,232 @@
+"""The injected-tool loop. Flows whose request carries injected tools are routed by the addon to this
+loopback endpoint, served on mitmproxy's own event loop; mitmproxy relays its response to the client like any
+upstream's. Here the gateway calls the provider (httpx, async), runs injected MCP tools (async, with a
+timeout) and continues the conversation, while the client sees one response streaming as it is produced.
+Nothing here blocks the event loop: every wait is an await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+import httpx
+
+from ..errors import error_body
+from ..records import ResponseSummary, summary_to_dict
+from ..sse import SSEParser
+from .adapters import Adapter, ToolResult, injected_call_record
+from .registry import McpRegistry
+
+log = logging.getLogger("aibridge.mcp")
+
+_DROP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding",
+                 "proxy-connection", "te", "upgrade"}
+
+
+@dataclass
+class LoopJob:
+    url: str
+    headers: dict[str, str]
+    adapter: Adapter
+    provider_type: str
+    user_id: str
+    max_rounds: int
+    metadata: dict  # the flow's metadata["aibridge"]: the loop's summary is left here for recording
+    rounds: int = 0
+    summary: ResponseSummary = field(default_factory=ResponseSummary)
+
+
+class ClientGone(Exception):
+    pass
+
+
+class LoopServer:
+    def __init__(self, registry: McpRegistry, verify: bool | str = True) -> None:
+        self.registry = registry
+        self.jobs: dict[str, LoopJob] = {}
+        self.verify = verify
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._client: httpx.AsyncClient | None = None
+        self.active = 0
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            verify=self.verify, trust_env=False, http2=False,
+            timeout=httpx.Timeout(connect=15, read=600, write=60, pool=30),
+        )
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def register(self, key: str, job: LoopJob) -> str:
+        self.jobs[key] = job
+        return f"/aibridge-loop/{key}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.active += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            path = request_line.split(" ")[1]
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.decode("latin-1").partition(":")
+                if k.strip().lower() == "content-length":
+                    length = int(v.strip())
+            if length:
+                await reader.readexactly(length)  # the job already holds the body
+            job = self.jobs.pop(path.rsplit("/", 1)[-1], None)
+            if job is None:
+                await _respond(writer, 404, "application/json", b'{"error":{"message":"unknown loop job"}}')
+                return
+            await self._run(job, writer)
+        except (ClientGone, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("injected-tool loop failed")
+        finally:
+            self.active -= 1
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    async def _run(self, job: LoopJob, writer: asyncio.StreamWriter) -> None:
+        adapter = job.adapter
+        merged = job.summary
+        started = False
+        note: str | None = None
+
+        async def send(chunks: list[bytes]) -> None:
+            data = b"".join(chunks)
+            if not data:
+                return
+            try:
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await writer.drain()
+            except (ConnectionError, RuntimeError) as e:
+                raise ClientGone() from e
+
+        try:
+            for round_no in range(1, job.max_rounds + 1):
+                adapter.begin_round()
+                job.rounds = round_no
+                async with self._client.stream("POST", job.url, headers=job.headers, json=adapter.body) as resp:
+                    ctype = resp.headers.get("content-type", "")
+                    if resp.status_code >= 400 or (adapter.stream and "text/event-stream" not in ctype):
+                        body = await resp.aread()
+                        if not started:  # the provider's own error, unchanged, as without the loop
+                            merged.error = f"HTTP {resp.status_code}"
+                            await _respond(writer, resp.status_code, ctype or "application/json", body)
+                            return
+                        merged.error = f"round {round_no}: HTTP {resp.status_code}: {body[:200]!r}"
+                        await send([adapter.error_event(f"upstream error in tool round {round_no}: HTTP {resp.status_code}")])
+                        break
+                    if adapter.stream:
+                        if not started:
+                            await _start_chunked(writer, 200, "text/event-stream")
+                            started = True
+                        parser = SSEParser()
+                        async for chunk in resp.aiter_raw():
+                            out = []
+                            for ev in parser.feed(chunk):
+                                out += adapter.on_event(ev)
+                            await send(out)
+                        out = []
+                        for ev in parser.feed(b""):
+                            out += adapter.on_event(ev)
+                        await send(out)
+                    else:
+                        adapter.on_body(json.loads(await resp.aread()))
+                end = adapter.round_end()
+                merged.usages += end.summary.usages
+                merged.thoughts += end.summary.thoughts
+                merged.response_id = merged.response_id or end.summary.response_id
+                merged.model = merged.model or end.summary.model
+                merged.tool_calls += [t for t in end.summary.tool_calls if t.name not in adapter.tools]
+                if end.summary.error:
+                    merged.error = end.summary.error
+                    break
+                if not end.injected:
+                    break
+                rid = end.summary.response_id
+                if end.client_calls or round_no == job.max_rounds:
+                    why = ("not run: the same response also called client tools" if end.client_calls
+                           else f"not run: tool round limit ({job.max_rounds}) reached")
+                    merged.tool_calls += [injected_call_record(c, adapter.tools[c.name], rid, why) for c in end.injected]
+                    if not end.client_calls:
+                        note = f"\n\n[aibridge: stopped after {job.max_rounds} tool rounds]"
+                    break
+                results = await asyncio.gather(*(self._invoke(c, adapter, job) for c in end.injected))
+                merged.tool_calls += [
+                    injected_call_record(r.call, adapter.tools[r.call.name], rid, r.text if r.is_error else None)
+                    for r in results
+                ]
+                adapter.continuation(list(results))
+            merged.complete = merged.error is None
+            if adapter.stream:
+                if not started:
+                    await _start_chunked(writer, 200, "text/event-stream")
+                await send(adapter.finish_stream(note))
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            elif merged.error is None or not started:
+                await _respond(writer, 200, "application/json", adapter.finish_body(note))
+        except ClientGone:
+            merged.error = merged.error or "client disconnected"
+            raise
+        except Exception as e:
+            if not isinstance(e, httpx.HTTPError):
+                log.exception("injected-tool loop failed")
+            merged.error = f"tool round {job.rounds}: {type(e).__name__}: {e}"
+            message = f"aibridge: request failed in tool round {job.rounds}: {type(e).__name__}"
+            if started:
+                await send([adapter.error_event(message)])
+                writer.write(b"0\r\n\r\n")
+            else:
+                await _respond(writer, 502, "application/json",
+                               json.dumps(error_body(job.provider_type, 502, message)).encode())
+        finally:
+            job.metadata["loop"] = summary_to_dict(merged)
+            job.metadata["loop_rounds"] = job.rounds
+
+    async def _invoke(self, call, adapter: Adapter, job: LoopJob) -> ToolResult:
+        tool = adapter.tools[call.name]
+        try:
+            args = json.loads(call.arguments) if call.arguments.strip() else {}
+        except ValueError:
+            return ToolResult(call, f"arguments are not valid JSON: {call.arguments[:200]}", True)
+        text, is_error = await self.registry.call(tool, args, job.user_id)
+        if is_error:
+            log.warning("MCP tool %s failed: %s", call.name, text[:300])
+        return ToolResult(call, text, is_error)
+
+
+async def _start_chunked(writer: asyncio.StreamWriter, status: int, ctype: str) -> None:
+    writer.write(
+        f"HTTP/1.1 {status} OK\r\ncontent-type: {ctype}\r\ncache-control: no-cache\r\n"
+        "transfer-encoding: chunked\r\nconnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes) -> None:
+    writer.write(
+        f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n".encode() + body
+    )
+    await writer.drain()
+
+
+def upstream_headers(headers) -> dict[str, str]:
+    out = {k: v for k, v in headers.items() if k.lower() not in _DROP_HEADERS}
+    out["accept-encoding"] = "identity"
+    return out
+

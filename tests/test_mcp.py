@@ -1,0 +1,261 @@
+"""Central MCP tools: injected into requests, run by the gateway in an inner loop, invisible to the client,
+every round recorded. A real FastMCP server; the mock provider replays the injected-tool captures."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import pytest
+
+from aibridge_gw.config import McpServer
+from tests.support.fixtures import capture
+from tests.support.gateway import Gateway
+from tests.support.mcp_server import McpTestServer
+from tests.support.mock_upstream import Reply
+from tests.support.sdk import anthropic_call, anthropic_client, chat_call, openai_client, responses_call
+
+
+@pytest.fixture(scope="module")
+def mcp_server():
+    s = McpTestServer().start()
+    yield s
+    s.stop()
+
+
+def mcp_gateway(workdir, upstream, mcp_server, **mcp_settings):
+    return Gateway(workdir, upstream.url, extra={
+        "mcp_servers": [
+            {"name": "coder", "url": mcp_server.url, "tool_deny_regex": "^create_gist$"},
+            {"name": "down", "url": "http://127.0.0.1:9/mcp"},  # unreachable: its tools are left out
+        ],
+        "mcp": {"tool_timeout_seconds": 5, "list_timeout_seconds": 3, **mcp_settings},
+    }).start()
+
+
+@pytest.fixture(scope="module")
+def mgw(tmp_path_factory, upstream, mcp_server):
+    gw = mcp_gateway(tmp_path_factory.mktemp("mcp-gw"), upstream, mcp_server)
+    yield gw
+    gw.stop()
+
+
+_n = iter(range(10_000))
+
+
+@pytest.fixture
+def muser(mgw, mcp_server):
+    mcp_server.calls.clear()
+    name = f"m{next(_n)}"
+    return name, mgw.new_user(name)
+
+
+def db_rows(gw, table, iid, order="created_at, id"):
+    return gw.sql(f"SELECT * FROM {table} WHERE interception_id = '{iid}' ORDER BY {order}")
+
+
+def usages(gw, iid):
+    return sorted((u["input_tokens"], u["output_tokens"], u["cache_read_input_tokens"])
+                  for u in db_rows(gw, "aibridge_token_usages", iid))
+
+
+def assert_injected_tool_recorded(gw, iid, mcp_server, tool, args, error=None):
+    (t,) = [r for r in db_rows(gw, "aibridge_tool_usages", iid) if r["injected"]]
+    assert t["tool"] == tool and t["server_url"] == mcp_server.url
+    assert json.loads(t["input"]) == args
+    if error:
+        assert error in (t["invocation_error"] or "")
+    else:
+        assert t["invocation_error"] is None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_anthropic_injected_tool_loop(mgw, mock, muser, mcp_server, stream):
+    name, token = muser
+    cap = capture("anthropic/single_injected_tool.txtar")
+    mock.script(Reply.from_capture(cap, stream), Reply.from_capture(cap, stream, "/tool-call"))
+    result = anthropic_call(anthropic_client(mgw, token), cap.request, stream)
+
+    assert mcp_server.calls == [("coder_list_workspaces", {"owner": "admin"})]
+    first, second = (s.json() for s in mock.seen)
+    injected = {t["name"]: t for t in first["tools"]}
+    assert "bmcp_coder_coder_list_workspaces" in injected and "bmcp_coder_create_gist" not in injected
+    assert injected["bmcp_coder_coder_list_workspaces"]["input_schema"]["required"] == ["owner"]
+    tool_use = second["messages"][-2]["content"][-1]
+    assert tool_use["type"] == "tool_use" and tool_use["name"] == "bmcp_coder_coder_list_workspaces"
+    result_block = second["messages"][-1]["content"][0]
+    assert result_block["type"] == "tool_result" and result_block["tool_use_id"] == tool_use["id"]
+    assert "dd711d5c-83c6-4c08-a0af-b73055906e8c" in result_block["content"]
+
+    if stream:
+        assert all("bmcp_" not in e.model_dump_json() for e in result)
+        starts = [e for e in result if e.type == "content_block_start"]
+        assert [e.index for e in starts] == list(range(len(starts)))  # consistent indices across rounds
+        text = "".join(e.delta.text for e in result if e.type == "content_block_delta" and e.delta.type == "text_delta")
+        assert [e.type for e in result].count("message_start") == 1 and result[-1].type == "message_stop"
+        final = [e for e in result if e.type == "message_delta"]
+        assert len(final) == 1 and final[0].usage.output_tokens == 74 + 128
+    else:
+        assert "bmcp_" not in result.model_dump_json()
+        text = "".join(b.text for b in result.content if b.type == "text")
+        assert result.usage.output_tokens == 75 + 129 and result.stop_reason == "end_turn"
+    assert text.startswith("I'll list the workspaces") and "Here are the" in text  # both rounds' text
+
+    (ic,) = mgw.interceptions(name)
+    assert ic["status"] == "completed"
+    assert usages(mgw, ic["id"]) == ([(7545, 74, 0), (7763, 128, 0)] if stream else [(7545, 75, 0), (7763, 129, 0)])
+    assert_injected_tool_recorded(mgw, ic["id"], mcp_server, "bmcp_coder_coder_list_workspaces", {"owner": "admin"})
+    assert [p["prompt"] for p in db_rows(mgw, "aibridge_user_prompts", ic["id"])] == ["list coder workspace IDs for admin"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_openai_chat_injected_tool_loop(mgw, mock, muser, mcp_server, stream):
+    name, token = muser
+    cap = capture("openai/chatcompletions/single_injected_tool.txtar")
+    mock.script(Reply.from_capture(cap, stream), Reply.from_capture(cap, stream, "/tool-call"))
+    result = chat_call(openai_client(mgw, token), cap.request, stream)
+
+    assert mcp_server.calls == [("coder_list_workspaces", {"owner": "admin"})]
+    first, second = (s.json() for s in mock.seen)
+    assert any(t["function"]["name"] == "bmcp_coder_coder_list_workspaces" for t in first["tools"])
+    assistant, tool_msg = second["messages"][-2:]
+    assert assistant["tool_calls"][0]["function"]["name"] == "bmcp_coder_coder_list_workspaces"
+    assert tool_msg["role"] == "tool" and tool_msg["tool_call_id"] == assistant["tool_calls"][0]["id"]
+    assert "dd711d5c" in tool_msg["content"]
+
+    if stream:
+        assert all("bmcp_" not in c.model_dump_json() for c in result)
+        assert len({c.id for c in result}) == 1  # one completion id across rounds
+        text = "".join(c.choices[0].delta.content or "" for c in result if c.choices)
+        finishes = [c.choices[0].finish_reason for c in result if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["stop"]
+        assert all(c.usage is None for c in result)  # the client did not ask for usage
+    else:
+        assert "bmcp_" not in result.model_dump_json()
+        text = result.choices[0].message.content
+        assert result.choices[0].finish_reason == "stop" and result.usage.completion_tokens == 45 + 60
+    assert "workspace" in text.lower()
+
+    (ic,) = mgw.interceptions(name)
+    assert ic["status"] == "completed"
+    assert usages(mgw, ic["id"]) == [(185, 60, 4864), (4862, 45, 0)]
+    assert_injected_tool_recorded(mgw, ic["id"], mcp_server, "bmcp_coder_coder_list_workspaces", {"owner": "admin"})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_openai_responses_injected_tool_loop(mgw, mock, muser, mcp_server, stream):
+    name, token = muser
+    cap = capture(f"openai/responses/{'streaming' if stream else 'blocking'}/single_injected_tool.txtar")
+    mock.script(Reply.from_capture(cap, stream), Reply.from_capture(cap, stream, "/tool-call"))
+    result = responses_call(openai_client(mgw, token), cap.request, stream)
+
+    tool, args = (("coder_list_templates", {}) if stream else
+                  ("coder_template_version_parameters", {"template_version_id": "aa4e30e4-a086-4df6-a364-1343f1458104"}))
+    assert [c[0] for c in mcp_server.calls] == [tool]
+    second = mock.seen[1].json()
+    outputs = [i for i in second["input"] if i.get("type") == "function_call_output"]
+    assert len(outputs) == 1 and outputs[0]["output"]
+    if stream:
+        assert all("bmcp_" not in e.model_dump_json() for e in result)
+        assert [e.type for e in result].count("response.created") == 1 and result[-1].type == "response.completed"
+        seqs = [e.sequence_number for e in result]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        final = result[-1].response
+    else:
+        final = result
+    assert "bmcp_" not in final.model_dump_json() and final.output_text
+
+    (ic,) = mgw.interceptions(name)
+    assert ic["status"] == "completed"
+    assert len(usages(mgw, ic["id"])) == 2
+    (t,) = [r for r in db_rows(mgw, "aibridge_tool_usages", ic["id"]) if r["injected"]]
+    assert t["tool"] == f"bmcp_coder_{tool}" and t["server_url"] == mcp_server.url
+    if args:
+        assert json.loads(t["input"]) == args
+
+
+def test_failing_tool_is_an_error_result_and_recorded(mgw, mock, muser, mcp_server):
+    name, token = muser
+    cap = capture("openai/responses/streaming/single_injected_tool_error.txtar")
+    mock.script(Reply.from_capture(cap, True), Reply.from_capture(cap, True, "/tool-call"))
+    responses_call(openai_client(mgw, token), cap.request, True)
+    assert [c[0] for c in mcp_server.calls] == ["coder_create_workspace_build"]
+    output = [i for i in mock.seen[1].json()["input"] if i.get("type") == "function_call_output"][0]["output"]
+    assert "not found" in output
+    (ic,) = mgw.interceptions(name)
+    assert ic["status"] == "completed"
+    (t,) = [r for r in db_rows(mgw, "aibridge_tool_usages", ic["id"]) if r["injected"]]
+    assert "not found" in t["invocation_error"]
+
+
+def test_unreachable_server_is_left_out_and_clients_tools_untouched(mgw, mock, muser):
+    _, token = muser
+    cap = capture("openai/chatcompletions/single_builtin_tool.txtar")
+    mock.script(Reply.from_capture(cap, False))
+    result = chat_call(openai_client(mgw, token), cap.request, False)
+    # A client-defined tool call goes back to the client, never run by the gateway.
+    assert result.choices[0].message.tool_calls[0].function.name == "read_file"
+    names = [t["function"]["name"] for t in mock.seen[0].json()["tools"]]
+    assert names[0] == "read_file" and not any(n.startswith("bmcp_down_") for n in names)
+    assert any(n.startswith("bmcp_coder_") for n in names)
+    assert "MCP server down" in mgw.log()
+
+
+def _anthropic_tool_use(tool: str, args: dict, msg_id: str) -> Reply:
+    return Reply.json({
+        "id": msg_id, "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514",
+        "content": [{"type": "tool_use", "id": f"toolu_{msg_id}", "name": tool, "input": args}],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+    })
+
+
+def _anthropic_text(text: str, msg_id: str) -> Reply:
+    return Reply.json({
+        "id": msg_id, "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514",
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 2, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+    })
+
+
+def test_round_limit_stops_the_loop(tmp_path, upstream, mcp_server):
+    upstream.reset()
+    mcp_server.calls.clear()
+    gw = mcp_gateway(tmp_path / "limit", upstream, mcp_server, max_rounds=2)
+    try:
+        token = gw.new_user("looper")
+        upstream.script(*[_anthropic_tool_use("bmcp_coder_coder_list_templates", {}, f"msg_{i}") for i in range(3)])
+        msg = anthropic_call(anthropic_client(gw, token), {"model": "claude-sonnet-4-0", "max_tokens": 50,
+                                                          "messages": [{"role": "user", "content": "loop"}]}, False)
+        assert len(upstream.seen) == 2 and len(mcp_server.calls) == 1
+        assert "stopped after 2 tool rounds" in msg.content[-1].text and "bmcp_" not in msg.model_dump_json()
+        (ic,) = gw.interceptions("looper")
+        assert len(usages(gw, ic["id"])) == 2
+        tools = db_rows(gw, "aibridge_tool_usages", ic["id"])
+        errors = sorted(t["invocation_error"] or "" for t in tools)
+        assert errors[0] == "" and "limit" in errors[1]  # one ran, the last one was not run
+    finally:
+        gw.stop()
+        upstream.reset()
+
+
+def test_other_flows_keep_flowing_while_a_loop_waits_on_a_slow_tool(mgw, mock, muser, mcp_server):
+    name, token = muser
+    client = anthropic_client(mgw, token)
+    mock.script(_anthropic_tool_use("bmcp_coder_slow_tool", {"seconds": 3}, "msg_slow"))
+    with cf.ThreadPoolExecutor(6) as pool:
+        slow = pool.submit(anthropic_call, client, {"model": "claude-sonnet-4-0", "max_tokens": 50,
+                                                    "messages": [{"role": "user", "content": "slow"}]}, False)
+        deadline = time.time() + 10
+        while not mcp_server.calls and time.time() < deadline:
+            time.sleep(0.02)
+        assert mcp_server.calls == [("slow_tool", {"seconds": 3.0})]
+        mock.script(*[_anthropic_text(f"fast {i}", f"msg_fast{i}") for i in range(5)],
+                    _anthropic_text("slow done", "msg_slow2"))
+        fast = [pool.submit(anthropic_call, client, {"model": "claude-sonnet-4-0", "max_tokens": 10,
+                                                     "messages": [{"role": "user", "content": f"fast {i}"}]}, False)
+                for i in range(5)]
+        done, _ = cf.wait(fast, timeout=20)
+        assert len(done) == 5 and not slow.done()  # all answered while the slow tool still ran
+        assert slow.result(timeout=20).content[-1].text == "slow done"
