@@ -259,3 +259,136 @@ def test_other_flows_keep_flowing_while_a_loop_waits_on_a_slow_tool(mgw, mock, m
         done, _ = cf.wait(fast, timeout=20)
         assert len(done) == 5 and not slow.done()  # all answered while the slow tool still ran
         assert slow.result(timeout=20).content[-1].text == "slow done"
+
+
+@pytest.mark.parametrize(
+    "allow,deny,expected",
+    [
+        (None, None, {"a_gist", "create_gist", "list"}),
+        ("(.+_gist.*)", None, {"a_gist", "create_gist"}),
+        ("(.+_gist.*)", "(create_gist)", {"a_gist"}),  # deny wins
+        (None, "(create_gist)", {"a_gist", "list"}),  # only deny: all but denied
+    ],
+)
+def test_allow_and_deny_regexes(allow, deny, expected):
+    import re
+
+    server = McpServer("s", "http://x", allow=re.compile(allow) if allow else None,
+                       deny=re.compile(deny) if deny else None)
+    assert {t for t in ("a_gist", "create_gist", "list") if server.permits(t)} == expected
+
+
+def test_mixed_injected_and_client_calls_go_to_the_client(mgw, mock, muser, mcp_server):
+    """A response calling both kinds of tool ends the turn: the client's call is answered by the client, the
+    injected one is not run (recorded as such); the model can call it again in the next turn."""
+    name, token = muser
+    mock.script(Reply.json({
+        "id": "msg_mixed", "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514",
+        "content": [
+            {"type": "text", "text": "Doing both."},
+            {"type": "tool_use", "id": "toolu_inj", "name": "bmcp_coder_coder_list_templates", "input": {}},
+            {"type": "tool_use", "id": "toolu_cli", "name": "Read", "input": {"file_path": "/etc/hosts"}},
+        ],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 8, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+    }))
+    msg = anthropic_call(anthropic_client(mgw, token), {
+        "model": "claude-sonnet-4-0", "max_tokens": 50, "messages": [{"role": "user", "content": "both"}],
+        "tools": [{"name": "Read", "description": "read", "input_schema": {"type": "object"}}]}, False)
+    assert [b.type for b in msg.content] == ["text", "tool_use"] and msg.content[1].name == "Read"
+    assert msg.stop_reason == "tool_use" and len(mock.seen) == 1 and mcp_server.calls == []
+    (ic,) = mgw.interceptions(name)
+    tools = {t["tool"]: t for t in db_rows(mgw, "aibridge_tool_usages", ic["id"])}
+    assert tools["Read"]["injected"] is False
+    assert tools["bmcp_coder_coder_list_templates"]["injected"] is True
+    assert "client tools" in tools["bmcp_coder_coder_list_templates"]["invocation_error"]
+
+
+def test_per_user_token_servers_only_for_users_with_a_token(tmp_path, upstream, mcp_server):
+    from cryptography.fernet import Fernet
+
+    key = Fernet.generate_key().decode()
+    upstream.reset()
+    gw = Gateway(tmp_path / "peruser", upstream.url, env={"AIBRIDGE_SECRET_KEY": key}, extra={
+        "mcp_servers": [{"name": "gh", "url": mcp_server.url, "per_user_token": True}]}).start()
+    try:
+        with_token, without = gw.new_user("has-token"), gw.new_user("no-token")
+        r = gw.cli("mcp-token", "set", "--user", "has-token", "--server", "gh", input="ghp_secret_value_123\n",
+                   env={"AIBRIDGE_SECRET_KEY": key})
+        assert r.returncode == 0, r.stderr
+        refused = gw.cli("mcp-token", "set", "--user", "no-token", "--server", "nope", input="x\n")
+        assert refused.returncode == 1 and "unknown MCP server" in refused.stderr
+        stored = gw.sql("SELECT ciphertext, hint FROM aibridge_mcp_tokens")
+        assert len(stored) == 1 and "ghp_secret_value_123" not in stored[0]["ciphertext"]
+        for token in (with_token, without):
+            upstream.script(_anthropic_text("ok", "msg_t"))
+            anthropic_call(anthropic_client(gw, token), {"model": "claude-sonnet-4-0", "max_tokens": 5,
+                                                        "messages": [{"role": "user", "content": "hi"}]}, False)
+        tools_seen = [[t["name"] for t in s.json().get("tools", [])] for s in upstream.seen]
+        assert any(n.startswith("bmcp_gh_") for n in tools_seen[0]) and tools_seen[1] == []
+    finally:
+        gw.stop()
+        upstream.reset()
+
+
+def test_mcp_token_refused_without_an_encryption_key(tmp_path, upstream):
+    gw = Gateway(tmp_path / "nokey", upstream.url, extra={"mcp_servers": [{"name": "gh", "url": "http://127.0.0.1:9/mcp"}]})
+    import os
+    import subprocess
+
+    from tests.support.gateway import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "AIBRIDGE_SECRET_KEY"}
+    env["AIBRIDGE_CONFIG"] = str(gw.config_path)
+    subprocess.run([str(BIN / "aibridge"), "users", "add", "zed"], env=env, check=True, capture_output=True)
+    r = subprocess.run([str(BIN / "aibridge"), "mcp-token", "set", "--user", "zed", "--server", "gh"],
+                       input="tok\n", env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "refusing to store" in r.stderr
+
+
+def _anthropic_stream(msg_id: str, text: str, tool: tuple[str, dict] | None, out_tokens: int) -> Reply:
+    from tests.support.mock_upstream import Reply as R
+
+    def ev(name, obj):
+        return f"event: {name}\ndata: {json.dumps(obj)}\n\n".encode()
+
+    events = [
+        ev("message_start", {"type": "message_start", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514", "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ]
+    if tool:
+        events += [
+            ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "tool_use", "id": f"toolu_{msg_id}", "name": tool[0], "input": {}}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+                "type": "input_json_delta", "partial_json": json.dumps(tool[1])}}),
+            ev("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ]
+    events += [
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use" if tool else "end_turn",
+                                                               "stop_sequence": None}, "usage": {"output_tokens": out_tokens}}),
+        ev("message_stop", {"type": "message_stop"}),
+    ]
+    return R.sse(events)
+
+
+def test_loop_streams_first_round_text_before_the_tool_finishes(mgw, mock, muser, mcp_server):
+    name, token = muser
+    mock.script(_anthropic_stream("msg_r1", "Checking…", ("bmcp_coder_slow_tool", {"seconds": 2}), 7),
+                _anthropic_stream("msg_r2", "Done.", None, 3))
+    client = anthropic_client(mgw, token)
+    arrivals = []
+    t0 = time.monotonic()
+    for e in client.messages.create(model="claude-sonnet-4-0", max_tokens=50, stream=True,
+                                    messages=[{"role": "user", "content": "wait"}]):
+        if e.type == "content_block_delta":
+            arrivals.append((time.monotonic() - t0, e.delta.text))
+    assert [t for _, t in arrivals] == ["Checking…", "Done."]
+    assert arrivals[1][0] - arrivals[0][0] > 1.5  # round 1 text was not held back while the tool ran
+    (ic,) = mgw.interceptions(name)
+    assert usages(mgw, ic["id"]) == [(20, 3, 0), (20, 7, 0)]

@@ -116,6 +116,7 @@ class Gateway:
                 raise exceptions.OptionsError(f"aibridge: cannot open {config.duckdb_path}: {e}") from None
             self.store = store
             self.tokens.replace(store.read(ops.load_directory).result())
+            self.mcp_tokens = store.read(ops.load_mcp_tokens).result()
             self.recorder = Recorder(store)
             log.info(
                 "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
@@ -139,7 +140,9 @@ class Gateway:
             log.info("aibridge: capturing intercepted flows to %s", directory)
 
     def _reload_tokens(self, conn) -> None:
+        """After an admin operation: new or revoked tokens take effect for the next request."""
         self.tokens.replace(ops.load_directory(conn))
+        self.mcp_tokens = ops.load_mcp_tokens(conn)
 
     async def running(self) -> None:
         if self.store is None or not ctx.options.server:
@@ -374,7 +377,11 @@ class Gateway:
             flow.response.stream = True
             return
         ic = self.live.get(flow.id)
-        if ic is not None and not ic.via_loop and 200 <= flow.response.status_code < 300 and is_sse(flow.response):
+        if ic is None or not (200 <= flow.response.status_code < 300 and is_sse(flow.response)):
+            return
+        if ic.via_loop:
+            flow.response.stream = True  # the loop records every round itself; relay its events as they come
+        else:
             ic.tap = StreamTap(ic.codec)
             flow.response.stream = ic.tap
 

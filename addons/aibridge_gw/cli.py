@@ -54,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     tl.add_argument("--json", action="store_true")
     tokens.add_parser("revoke", help="revoke a token by id").add_argument("id")
 
+    mt = sub.add_parser("mcp-token", help="per-user credentials for per_user_token MCP servers").add_subparsers(
+        dest="sub", required=True)
+    ms = mt.add_parser("set", help="store a user's token for a server (read from stdin, encrypted at rest)")
+    ms.add_argument("--user", required=True)
+    ms.add_argument("--server", required=True)
+    md = mt.add_parser("delete", help="remove a user's token for a server")
+    md.add_argument("--user", required=True)
+    md.add_argument("--server", required=True)
+    ml = mt.add_parser("list", help="list stored MCP tokens (hints only)")
+    ml.add_argument("--user")
+    ml.add_argument("--json", action="store_true")
+
     rp = sub.add_parser("replay", help="rebuild audit rows from captured flow files (idempotent)")
     rp.add_argument("files", nargs="+", help="mitmproxy flow files written by the capture option")
     rp.add_argument("--db", help="DuckDB file to write (default: storage.duckdb from the config)")
@@ -100,6 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "tokens" and args.sub == "revoke":
             r = op("tokens.revoke", id=args.id)
             print(f"token {r['id']} {'was already' if r['already'] else 'is now'} revoked")
+        elif args.cmd == "mcp-token":
+            if args.sub in ("set", "delete") and not any(m.name == args.server for m in config.mcp_servers):
+                known = ", ".join(m.name for m in config.mcp_servers) or "none configured"
+                raise OpError(f"unknown MCP server {args.server!r} ({known})")
+            if args.sub == "set":
+                token = sys.stdin.readline().strip()
+                r = op("mcp_token.set", user=args.user, server=args.server, token=token)
+                print(f"stored MCP token for {r['user']} on {r['server']} ({r['hint']})")
+            elif args.sub == "delete":
+                op("mcp_token.delete", user=args.user, server=args.server)
+                print(f"deleted MCP token for {args.user} on {args.server}")
+            else:
+                _out(op("mcp_token.list", user=args.user), args.json, "MCP tokens")
         elif args.cmd == "replay":
             flows, recorded = replay_files(args.files, Path(args.db) if args.db else db)
             print(f"replayed {flows} flow(s): {recorded} interception(s) recorded into {args.db or db}")

@@ -30,7 +30,9 @@ def free_port() -> int:
 
 class Gateway:
     def __init__(self, workdir: Path, upstream_url: str, extra: dict | None = None,
-                 args: list[str] | None = None, providers: list[dict] | None = None) -> None:
+                 args: list[str] | None = None, providers: list[dict] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = workdir / "audit.duckdb"
@@ -63,7 +65,7 @@ class Gateway:
 
     def start(self) -> "Gateway":
         self.port = free_port()
-        env = {**os.environ, "AIBRIDGE_CONFIG": str(self.config_path)}
+        env = {**os.environ, "AIBRIDGE_CONFIG": str(self.config_path), **self.env}
         env.pop("HTTPS_PROXY", None)
         env.pop("HTTP_PROXY", None)
         self._log = open(self.log_path, "ab")
@@ -115,8 +117,8 @@ class Gateway:
         r = self.op("sql", query_text=query)
         return [dict(zip(r["columns"], row)) for row in r["rows"]]
 
-    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "AIBRIDGE_CONFIG": str(self.config_path)}
+    def cli(self, *args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "AIBRIDGE_CONFIG": str(self.config_path), **(env or {})}
         return subprocess.run(
             [str(BIN / "aibridge"), *args], capture_output=True, text=True, env=env, input=input, timeout=60,
             cwd=self.workdir,

@@ -147,6 +147,88 @@ def load_directory(conn) -> dict[str, Actor]:
     return {r[0]: Actor(str(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
 
 
+SECRET_KEY_ENV = "AIBRIDGE_SECRET_KEY"
+
+
+def _fernet():
+    """The key that encrypts per-user MCP tokens; without one, nothing is stored."""
+    import os
+
+    from cryptography.fernet import Fernet
+
+    key = os.environ.get(SECRET_KEY_ENV)
+    if not key:
+        return None
+    try:
+        return Fernet(key.encode())
+    except ValueError:
+        raise OpError(f"{SECRET_KEY_ENV} is not a valid Fernet key (32 url-safe base64-encoded bytes)") from None
+
+
+def mcp_token_set(conn, user: str, server: str, token: str) -> dict:
+    f = _fernet()
+    if f is None:
+        raise OpError(
+            f"refusing to store an MCP token unencrypted: set {SECRET_KEY_ENV} for the gateway and the CLI "
+            "(generate one with: python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+        )
+    token = (token or "").strip()
+    if not token:
+        raise OpError("empty token")
+    uid, uname, _ = _user(conn, user)
+    conn.execute(
+        "INSERT OR REPLACE INTO aibridge_mcp_tokens VALUES (?, ?, ?, ?, ?)",
+        [uid, server, f.encrypt(token.encode()).decode(), mask(token), _now()],
+    )
+    return {"user": uname, "server": server, "hint": mask(token)}
+
+
+def mcp_token_delete(conn, user: str, server: str) -> dict:
+    uid, uname, _ = _user(conn, user)
+    n = conn.execute("DELETE FROM aibridge_mcp_tokens WHERE user_id = ? AND server = ? RETURNING 1",
+                     [uid, server]).fetchall()
+    if not n:
+        raise OpError(f"user {uname!r} has no token for MCP server {server!r}")
+    return {"user": uname, "server": server, "deleted": True}
+
+
+def mcp_token_list(conn, user: str | None = None) -> dict:
+    where, params = "", []
+    if user:
+        _user(conn, user)
+        where, params = "WHERE u.name = ?", [user]
+    return query(
+        conn,
+        "SELECT u.name AS user, m.server, m.hint, m.updated_at FROM aibridge_mcp_tokens m "
+        f"JOIN aibridge_users u ON u.id = m.user_id {where} ORDER BY u.name, m.server",
+        params,
+    )
+
+
+def load_mcp_tokens(conn) -> dict[tuple[str, str], str]:
+    """(user id, server) -> decrypted token, for the gateway's MCP registry."""
+    import logging
+
+    from cryptography.fernet import InvalidToken
+
+    rows = conn.execute("SELECT user_id, server, ciphertext FROM aibridge_mcp_tokens").fetchall()
+    if not rows:
+        return {}
+    f = _fernet()
+    if f is None:
+        logging.getLogger("aibridge").warning("%d per-user MCP token(s) stored but %s is not set: not used",
+                                              len(rows), SECRET_KEY_ENV)
+        return {}
+    out = {}
+    for uid, server, ct in rows:
+        try:
+            out[(str(uid), server)] = f.decrypt(ct.encode()).decode()
+        except InvalidToken:
+            logging.getLogger("aibridge").warning("MCP token of user %s for %s cannot be decrypted with %s",
+                                                  uid, server, SECRET_KEY_ENV)
+    return out
+
+
 # name -> (function, writes?)
 OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "users.add": (users_add, True),
@@ -155,4 +237,7 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "tokens.list": (tokens_list, False),
     "tokens.revoke": (tokens_revoke, True),
     "sql": (sql, False),
+    "mcp_token.set": (mcp_token_set, True),
+    "mcp_token.delete": (mcp_token_delete, True),
+    "mcp_token.list": (mcp_token_list, False),
 }

@@ -87,6 +87,20 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        2,
+        "per-user MCP server credentials, encrypted at rest",
+        """
+        CREATE TABLE aibridge_mcp_tokens (
+            user_id UUID NOT NULL,
+            server VARCHAR NOT NULL,
+            ciphertext VARCHAR NOT NULL,
+            hint VARCHAR,
+            updated_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (user_id, server)
+        );
+        """,
+    ),
 ]
 
 
