@@ -34,7 +34,13 @@ from .errors import error_response
 from .records import BadRequest, ResponseSummary
 from .recording import META_KEY, Interception, Recorder, at, conclude, is_sse
 from .routing import Route, Router
+from .admin_api import PREFIX as API_PREFIX
+from .admin_api import AdminApi
+from .admin_api import error as api_error
+from .interception_log import InterceptionLog
 from .mcp.adapters import ADAPTERS
+from .metrics import Metrics
+from .pricing import PriceTable
 from .mcp.loop import LoopJob, LoopServer, upstream_headers
 from .mcp.registry import McpRegistry
 from .store import ops
@@ -58,6 +64,10 @@ class Gateway:
         self.mcp: McpRegistry | None = None
         self.loop: LoopServer | None = None
         self.mcp_tokens: dict[tuple[str, str], str] = {}
+        self.metrics: Metrics | None = None
+        self.api: AdminApi | None = None
+        self.json_log: InterceptionLog | None = None
+        self._retention: asyncio.Task | None = None
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
         self.proxy_actors: dict[str, Actor] = {}  # client connection id -> identity from CONNECT auth
@@ -104,6 +114,11 @@ class Gateway:
         )
         if self.loop is not None:
             self.loop.registry = self.mcp
+        if self.metrics is None:
+            self.metrics = Metrics(config.metrics_prefix)
+        if self.json_log is not None:
+            self.json_log.close()
+        self.json_log = InterceptionLog(config.interceptions_json_log) if config.interceptions_json_log else None
         for p in config.providers:
             if not p.key:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
@@ -123,6 +138,7 @@ class Gateway:
                 len(config.providers), ", ".join(p.name for p in config.providers),
                 config.duckdb_path, len(self.tokens),
             )
+        self.api = AdminApi(self.store, self.tokens, PriceTable.load(config.pricing_file))
 
     def _setup_capture(self) -> None:
         option = ctx.options.aibridge_flows
@@ -147,6 +163,8 @@ class Gateway:
     async def running(self) -> None:
         if self.store is None or not ctx.options.server:
             return
+        if self._retention is None:
+            self._retention = asyncio.create_task(self._prune_periodically())
         if self.mcp is not None and self.loop is None:
             verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
             if ctx.options.ssl_insecure:
@@ -167,8 +185,27 @@ class Gateway:
             host = f"[{host}]"
         self._control_secret = write_runtime_file(self.store.path, f"http://{host}:{port}")
 
+    async def _prune_periodically(self) -> None:
+        """Retention: delete records older than retention_days, at start-up and then hourly."""
+        while True:
+            days = self.config.retention_days
+            if days and self.store is not None:
+                try:
+                    result = await asyncio.wrap_future(self.store.call(functools.partial(ops.prune, days=days)))
+                    if result["deleted"]:
+                        log.info("aibridge: retention removed %d interception(s) older than %d days",
+                                 result["deleted"], days)
+                except Exception as e:
+                    log.warning("aibridge: retention job failed: %s", e)
+            await asyncio.sleep(3600)
+
     def done(self) -> None:
         """Graceful shutdown: every queued record reaches DuckDB before the file closes."""
+        if self._retention is not None:
+            self._retention.cancel()
+            self._retention = None
+        if self.json_log is not None:
+            self.json_log.close()
         for ic in list(self.live.values()):
             summary = ic.tap.summary if ic.tap else ResponseSummary()
             self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
@@ -262,9 +299,11 @@ class Gateway:
             self.recorder.started(ic)
             self.live[flow.id] = ic
             flow.metadata[META_KEY] = ic.to_metadata()
+            self.metrics.inflight.labels(ic.provider_name, ic.info.model, ic.upstream_path).inc()
         else:
             self.passthrough_total += 1
             self._passthrough.add(flow.id)
+            self.metrics.passthrough.labels(route.provider.name, route.upstream_path.split("?")[0], req.method).inc()
         self._to_upstream(flow, route, ident)
         if adapter is not None:
             self._to_loop(flow, route, ident, adapter)
@@ -405,6 +444,7 @@ class Gateway:
         if self.archive is not None:
             self.archive.add(flow)
         if status:
+            self._observe(ic, summary, status, status_code, error, ended_at)
             u = summary.usages
             log.info(
                 "interception %s user=%s provider=%s model=%s status=%s in=%d out=%d tools=%d%s",
@@ -413,13 +453,67 @@ class Gateway:
                 f" error={error!r}" if error else "",
             )
 
+    def _observe(self, ic: Interception, summary: ResponseSummary, status: str, status_code, error, ended_at) -> None:
+        """Metrics and the structured interception log for one finished interception."""
+        m = self.metrics
+        model = ic.info.model
+        m.inflight.labels(ic.provider_name, model, ic.upstream_path).dec()
+        m.interceptions.labels(ic.provider_name, model, status, ic.upstream_path, "POST", ic.user_id, ic.client).inc()
+        duration = (ended_at - ic.started_at).total_seconds()
+        m.duration.labels(ic.provider_name, model).observe(max(duration, 0.0))
+        if ic.info.prompt:
+            m.prompts.labels(ic.provider_name, model, ic.user_id, ic.client).inc()
+        totals = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0}
+        for u in summary.usages:
+            totals["input"] += u.input_tokens
+            totals["output"] += u.output_tokens
+            totals["cache_read"] += u.cache_read_input_tokens
+            totals["cache_write"] += u.cache_write_input_tokens
+        for kind, n in totals.items():
+            if n:
+                m.tokens.labels(ic.provider_name, model, kind, ic.user_id, ic.client).inc(n)
+        injected = [t for t in summary.tool_calls if t.injected]
+        for t in injected:
+            m.injected_tools.labels(ic.provider_name, model, t.name, "error" if t.error else "ok").inc()
+        for t in summary.tool_calls:
+            if not t.injected:
+                m.client_tools.labels(ic.provider_name, model, t.name).inc()
+        if self.json_log is not None:
+            self.json_log.write({
+                "msg": "interception log", "interception_id": ic.id, "user": ic.user_name, "user_id": ic.user_id,
+                "client": ic.client, "session_id": ic.session_id, "provider": ic.provider_type,
+                "provider_name": ic.provider_name, "model": model, "response_model": summary.model,
+                "status": status, "http_status": status_code, "error": error,
+                "started_at": ic.started_at.isoformat(), "ended_at": ended_at.isoformat(),
+                "duration_ms": round(duration * 1000, 1), "credential_kind": ic.credential_kind,
+                "input_tokens": totals["input"], "output_tokens": totals["output"],
+                "cache_read_input_tokens": totals["cache_read"], "cache_write_input_tokens": totals["cache_write"],
+                "tool_calls": len(summary.tool_calls) - len(injected), "injected_tool_calls": len(injected),
+                "thread_parent_id": ic.parent_id, "thread_root_id": ic.root_id,
+            })
+
     # --- the gateway's own endpoints ---------------------------------------------------------------
 
     async def _control(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         path = req.path.split("?")[0]
         if path == "/aibridge/healthz":
-            flow.response = _json(200, {"status": "ok", "inflight": len(self.live)})
+            healthy = self.store is not None
+            flow.response = _json(200 if healthy else 503, {
+                "status": "ok" if healthy else "unavailable", "inflight": len(self.live),
+                "records_written": self.store.written if self.store else 0,
+                "records_failed": self.store.failed if self.store else 0,
+            })
+            return
+        if path == "/aibridge/metrics":
+            flow.response = http.Response.make(200, self.metrics.render(), {"content-type": self.metrics.content_type})
+            return
+        if path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
+            try:
+                flow.response = await self.api.handle(flow)
+            except Exception as e:
+                log.exception("admin API failed")
+                flow.response = api_error(500, f"{type(e).__name__}: {e}")
             return
         if path != CONTROL_PATH or req.method != "POST":
             flow.response = error_response(None, 404, f"unknown endpoint {path}")

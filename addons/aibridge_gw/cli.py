@@ -44,6 +44,28 @@ def main(argv: list[str] | None = None) -> int:
     ua.add_argument("name")
     ua.add_argument("--admin", action="store_true", help="give the user the admin role")
     users.add_parser("list", help="list users").add_argument("--json", action="store_true")
+    sr = users.add_parser("set-role", help="make a user an admin or a member")
+    sr.add_argument("name")
+    sr.add_argument("role", choices=("admin", "member"))
+
+    us = sub.add_parser("usage", help="tokens and cost, grouped")
+    us.add_argument("--by", choices=("user", "model", "client", "provider", "day"), default="user")
+    us.add_argument("--since", default="30d", help="an age (7d, 24h) or an ISO date; default 30d")
+    us.add_argument("--json", action="store_true")
+    se = sub.add_parser("sessions", help="recent sessions: interceptions grouped by client session or thread")
+    se.add_argument("--user")
+    se.add_argument("--limit", type=int, default=50)
+    se.add_argument("--json", action="store_true")
+    pr = sub.add_parser("prompts", help="recent user prompts")
+    pr.add_argument("--user")
+    pr.add_argument("--search", help="case-insensitive text to look for")
+    pr.add_argument("--limit", type=int, default=50)
+    pr.add_argument("--json", action="store_true")
+    ex = sub.add_parser("export", help="write the audit tables to parquet or csv files")
+    ex.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    ex.add_argument("--out", required=True, help="directory to write into")
+    pn = sub.add_parser("prune", help="delete records older than the retention period")
+    pn.add_argument("--days", type=int, help="default: retention_days from the config (60)")
 
     tokens = sub.add_parser("tokens", help="manage gateway tokens").add_subparsers(dest="sub", required=True)
     tc = tokens.add_parser("create", help="create a token; it is printed once, as the last line")
@@ -103,6 +125,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"added user {r['name']} ({r['role']}), id {r['id']}")
         elif args.cmd == "users" and args.sub == "list":
             _out(op("users.list"), args.json, "users")
+        elif args.cmd == "users" and args.sub == "set-role":
+            r = op("users.set_role", name=args.name, role=args.role)
+            print(f"{r['name']} is now {r['role']}")
+        elif args.cmd in ("usage", "sessions", "prompts"):
+            pricing = str(config.pricing_file) if config.pricing_file else None
+            if args.cmd == "usage":
+                r = op("report", kind="usage", group_by=args.by, since=args.since, pricing_file=pricing)
+                cols = [args.by, "interceptions", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                        "cache_write_input_tokens", "cost"] + (["active_users"] if args.by == "day" else [])
+                title = f"usage by {args.by} since {args.since} (prices of {r.get('prices_taken') or 'n/a'}, USD)"
+            elif args.cmd == "sessions":
+                r = op("report", kind="sessions", user=args.user, limit=args.limit, pricing_file=pricing)
+                cols = ["session", "user", "client", "first_at", "last_at", "interceptions", "prompts",
+                        "tool_calls", "input_tokens", "output_tokens", "cost"]
+                title = "sessions"
+            else:
+                r = op("report", kind="prompts", user=args.user, search=args.search, limit=args.limit)
+                cols = ["created_at", "user", "client", "model", "prompt"]
+                title = "prompts"
+            if args.json:
+                print(json.dumps(r["data"], indent=2))
+            else:
+                _table({"columns": cols, "rows": [[d.get(c) for c in cols] for d in r["data"]]}, title)
+        elif args.cmd == "export":
+            r = op("export", fmt=args.format, out=args.out)
+            print("\n".join(r["files"]))
+        elif args.cmd == "prune":
+            days = args.days if args.days is not None else config.retention_days
+            r = op("prune", days=days)
+            print(f"deleted {r['deleted']} interception(s) older than {days} days" if days else
+                  "retention is 0 (keep forever): nothing deleted")
         elif args.cmd == "tokens" and args.sub == "create":
             r = op("tokens.create", user=args.user, name=args.name)
             print(f"created token {r['id']} for {r['user']} ({r['hint']}); it is shown only now:", file=sys.stderr)

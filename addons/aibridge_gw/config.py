@@ -92,6 +92,10 @@ class Config:
     capture: CaptureSettings = CaptureSettings()
     mcp_servers: tuple[McpServer, ...] = ()
     mcp: McpSettings = McpSettings()
+    retention_days: int = 60  # 0 keeps records forever
+    pricing_file: Path | None = None
+    metrics_prefix: str = "aibridge_"
+    interceptions_json_log: str | None = None  # path, or "-" for stdout: one JSON line per interception
 
     def provider(self, name: str) -> ProviderInstance | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -163,7 +167,18 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         capture=_parse_capture(raw.get("capture") or {}),
         mcp_servers=_parse_mcp_servers(raw.get("mcp_servers") or []),
         mcp=_parse_mcp_settings(raw.get("mcp") or {}),
+        retention_days=_int(raw, "retention_days", 60),
+        pricing_file=Path(raw["pricing"]).expanduser() if raw.get("pricing") else None,
+        metrics_prefix=str((raw.get("metrics") or {}).get("prefix", "aibridge_")),
+        interceptions_json_log=(raw.get("logging") or {}).get("interceptions_json") or None,
     )
+
+
+def _int(d: dict, key: str, default: int) -> int:
+    v = d.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"{key}: must be a non-negative integer")
+    return v
 
 
 def _regex(d: dict, key: str, where: str) -> re.Pattern | None:

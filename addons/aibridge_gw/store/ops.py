@@ -229,6 +229,68 @@ def load_mcp_tokens(conn) -> dict[tuple[str, str], str]:
     return out
 
 
+AUDIT_CHILD_TABLES = ("aibridge_token_usages", "aibridge_user_prompts", "aibridge_tool_usages",
+                      "aibridge_model_thoughts")
+
+
+def prune(conn, days: int) -> dict:
+    """Delete interceptions (and their rows) that started more than `days` days ago; 0 keeps everything."""
+    if days <= 0:
+        return {"deleted": 0, "days": days}
+    cutoff = _now() - dt.timedelta(days=days)
+    old = "SELECT id FROM aibridge_interceptions WHERE started_at < ?"
+    for table in AUDIT_CHILD_TABLES:
+        conn.execute(f"DELETE FROM {table} WHERE interception_id IN ({old})", [cutoff])
+    n = conn.execute(f"DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
+    return {"deleted": len(n), "days": days, "cutoff": cutoff.isoformat()}
+
+
+def users_set_role(conn, name: str, role: str) -> dict:
+    if role not in ROLES:
+        raise OpError(f"role must be one of {', '.join(ROLES)}")
+    uid, uname, _ = _user(conn, name)
+    conn.execute("UPDATE aibridge_users SET role = ? WHERE id = ?", [role, uid])
+    return {"name": uname, "role": role}
+
+
+def report(conn, kind: str, **kw) -> dict:
+    """CLI reports: the same queries the admin API serves, seen by an administrator."""
+    from .. import reports
+    from ..pricing import PriceTable
+
+    prices = PriceTable.load(kw.pop("pricing_file", None))
+    viewer = reports.Viewer.everyone()
+    try:
+        if kind == "usage":
+            return reports.usage(conn, viewer, kw.get("group_by", "user"), prices, kw.get("since"))
+        if kind == "sessions":
+            return reports.sessions(conn, viewer, prices, {"initiator": kw.get("user")} if kw.get("user") else {},
+                                    kw.get("limit", 50))
+        if kind == "prompts":
+            return reports.prompts(conn, viewer, kw.get("user"), kw.get("search"), kw.get("limit", 50))
+    except reports.BadParameter as e:
+        raise OpError(str(e)) from None
+    raise OpError(f"unknown report {kind!r}")
+
+
+def export(conn, fmt: str, out: str) -> dict:
+    """Write every aibridge table to OUT as parquet or csv files (never token hashes or MCP secrets)."""
+    import pathlib
+
+    if fmt not in ("parquet", "csv"):
+        raise OpError("format must be parquet or csv")
+    target = pathlib.Path(out).expanduser().resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users",)
+    for table in tables:
+        path = target / f"{table}.{fmt}"
+        opts = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT csv, HEADER true)"
+        conn.execute(f"COPY (SELECT * FROM {table}) TO '{str(path).replace(chr(39), chr(39) * 2)}' {opts}")
+        written.append(str(path))
+    return {"files": written}
+
+
 # name -> (function, writes?)
 OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "users.add": (users_add, True),
@@ -240,4 +302,8 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "mcp_token.set": (mcp_token_set, True),
     "mcp_token.delete": (mcp_token_delete, True),
     "mcp_token.list": (mcp_token_list, False),
+    "users.set_role": (users_set_role, True),
+    "prune": (prune, True),
+    "report": (report, False),
+    "export": (export, False),
 }

@@ -1,0 +1,83 @@
+"""The admin HTTP API under /aibridge/api/v1/: admins see everything, other users only their own data.
+
+Queries run on reader threads (never on the event loop); errors are JSON with a message, bad filters are
+400s naming the parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import parse_qsl, urlsplit
+
+from mitmproxy import http
+
+from .auth import TokenDirectory, credential_from_headers
+from .pricing import PriceTable
+from .reports import BadParameter, Viewer, distinct, interception_detail, list_interceptions, parse_limit, sessions, usage
+from .store.writer import Store
+
+PREFIX = "/aibridge/api/v1/"
+FILTERS = ("initiator", "provider", "model", "client", "started_after", "started_before", "session")
+
+
+def json_response(status: int, obj) -> http.Response:
+    return http.Response.make(status, json.dumps(obj).encode(), {"content-type": "application/json",
+                                                                  "cache-control": "no-store"})
+
+
+def error(status: int, message: str, parameter: str | None = None) -> http.Response:
+    body = {"error": {"message": message}}
+    if parameter:
+        body["error"]["parameter"] = parameter
+    return json_response(status, body)
+
+
+class AdminApi:
+    def __init__(self, store: Store, tokens: TokenDirectory, prices: PriceTable) -> None:
+        self.store, self.tokens, self.prices = store, tokens, prices
+
+    async def handle(self, flow: http.HTTPFlow) -> http.Response:
+        req = flow.request
+        actor = self.tokens.lookup(credential_from_headers(req.headers))
+        if actor is None:
+            return error(401, "a valid aibridge token is required (Authorization: Bearer <token>)")
+        if req.method != "GET":
+            return error(405, f"{req.method} is not supported")
+        viewer = Viewer.everyone() if actor.role == "admin" else Viewer(actor.user_id)
+        parts = urlsplit(req.path)
+        route = parts.path[len(PREFIX):].strip("/")
+        q = dict(parse_qsl(parts.query))
+        try:
+            if route == "me":
+                return json_response(200, {"user": actor.user_name, "id": actor.user_id, "role": actor.role})
+            unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "prefix"}
+            if unknown:
+                name = sorted(unknown)[0]
+                raise BadParameter(name, "unknown parameter")
+            filters = {k: q[k] for k in FILTERS if q.get(k)}
+            if route == "interceptions":
+                limit = parse_limit(q.get("limit"))
+                result = await self._read(lambda c: list_interceptions(c, viewer, filters, self.prices, limit, q.get("cursor")))
+            elif route.startswith("interceptions/"):
+                iid = route.split("/", 1)[1]
+                result = await self._read(lambda c: interception_detail(c, viewer, iid, self.prices))
+                if result is None:
+                    return error(404, f"no interception {iid!r}")
+            elif route == "sessions":
+                limit = parse_limit(q.get("limit"))
+                result = await self._read(lambda c: sessions(c, viewer, self.prices, filters, limit))
+            elif route == "usage":
+                group_by = q.get("group_by", "user")
+                result = await self._read(lambda c: usage(c, viewer, group_by, self.prices, q.get("since"), filters))
+            elif route in ("clients", "models"):
+                column = route[:-1]
+                result = await self._read(lambda c: distinct(c, viewer, column, q.get("prefix")))
+            else:
+                return error(404, f"unknown endpoint {parts.path}")
+        except BadParameter as e:
+            return error(400, str(e), e.name)
+        return json_response(200, result)
+
+    async def _read(self, fn):
+        return await asyncio.wrap_future(self.store.read(fn))

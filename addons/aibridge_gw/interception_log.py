@@ -1,0 +1,38 @@
+"""One JSON line per finished interception ("interception log"), for SIEM export.
+
+Lines go through a queue to a logging thread, so a slow disk never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import sys
+from pathlib import Path
+
+
+class InterceptionLog:
+    def __init__(self, target: str) -> None:
+        if target == "-":
+            handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        else:
+            Path(target).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(Path(target).expanduser(), encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        self._listener = logging.handlers.QueueListener(q, handler)
+        self._logger = logging.getLogger(f"aibridge.interceptions.{id(self)}")
+        self._logger.propagate = False
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(logging.handlers.QueueHandler(q))
+        self._listener.start()
+
+    def write(self, record: dict) -> None:
+        self._logger.info(json.dumps(record, ensure_ascii=False, default=str))
+
+    def close(self) -> None:
+        self._listener.stop()
+        for h in list(self._logger.handlers):
+            self._logger.removeHandler(h)
