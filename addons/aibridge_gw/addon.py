@@ -51,6 +51,7 @@ log = logging.getLogger("aibridge")
 for _noisy in ("httpx", "httpcore", "mcp"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
+DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 PROXY_AUTH_REQUIRED = {"proxy-authenticate": 'Basic realm="aibridge"'}
 
 
@@ -263,7 +264,7 @@ class Gateway:
             return
         req = flow.request
         if self._addressed_to_us(flow):
-            if req.path.startswith("/aibridge/"):
+            if req.path.startswith("/aibridge/") or req.path.split("?")[0] == "/aibridge":
                 await self._control(flow)
                 return
             route = self.router.match_prefix(req.path)
@@ -503,6 +504,12 @@ class Gateway:
                 "status": "ok" if healthy else "unavailable", "inflight": len(self.live),
                 "records_written": self.store.written if self.store else 0,
                 "records_failed": self.store.failed if self.store else 0,
+            })
+            return
+        if path in ("/aibridge", "/aibridge/", "/aibridge/dashboard"):
+            flow.response = http.Response.make(200, DASHBOARD.read_bytes(), {
+                "content-type": "text/html; charset=utf-8", "cache-control": "no-cache",
+                "content-security-policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
             })
             return
         if path == "/aibridge/metrics":

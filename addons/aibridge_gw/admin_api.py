@@ -14,7 +14,17 @@ from mitmproxy import http
 
 from .auth import TokenDirectory, credential_from_headers
 from .pricing import PriceTable
-from .reports import BadParameter, Viewer, distinct, interception_detail, list_interceptions, parse_limit, sessions, usage
+from .reports import (
+    BadParameter,
+    Viewer,
+    distinct,
+    interception_detail,
+    list_interceptions,
+    parse_limit,
+    sessions,
+    timeseries,
+    usage,
+)
 from .store.writer import Store
 
 PREFIX = "/aibridge/api/v1/"
@@ -51,7 +61,7 @@ class AdminApi:
         try:
             if route == "me":
                 return json_response(200, {"user": actor.user_name, "id": actor.user_id, "role": actor.role})
-            unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "prefix"}
+            unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "prefix", "stack"}
             if unknown:
                 name = sorted(unknown)[0]
                 raise BadParameter(name, "unknown parameter")
@@ -70,6 +80,9 @@ class AdminApi:
             elif route == "usage":
                 group_by = q.get("group_by", "user")
                 result = await self._read(lambda c: usage(c, viewer, group_by, self.prices, q.get("since"), filters))
+            elif route == "usage/timeseries":
+                stack = q.get("stack", "model")
+                result = await self._read(lambda c: timeseries(c, viewer, stack, self.prices, q.get("since", "30d")))
             elif route in ("clients", "models"):
                 column = route[:-1]
                 result = await self._read(lambda c: distinct(c, viewer, column, q.get("prefix")))

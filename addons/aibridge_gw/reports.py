@@ -287,3 +287,26 @@ def prompts(conn, viewer: Viewer, user: str | None = None, search: str | None = 
         f"LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id{where} ORDER BY p.created_at DESC LIMIT ?",
         params + [limit])
     return {"data": _rows(cur)}
+
+
+def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str | None = "30d") -> dict:
+    """Per day and per model (or client): tokens and cost, for stacked charts."""
+    if stack not in ("model", "client", "user", "provider"):
+        raise BadParameter("stack", "one of model, client, user, provider")
+    where, params = _where(viewer, {"started_after": since} if since else {})
+    cur = conn.execute(
+        f"SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, {GROUPS[stack]} AS key, "
+        f"{BILLED_MODEL} AS billed_model, count(*) AS interceptions, "
+        + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS)
+        + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
+        "LEFT JOIN (SELECT interception_id, " + ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
+        + " FROM aibridge_token_usages GROUP BY 1) u ON u.interception_id = i.id"
+        f"{where} GROUP BY ALL",
+        params,
+    )
+    groups: dict[Any, dict] = {}
+    for row in _rows(cur):
+        _fold_costs(groups, (row["day"], row["key"]), row, prices, ("interceptions",))
+    data = [{"day": k[0], stack: k[1], **_finish_cost(g)} for k, g in groups.items()]
+    data.sort(key=lambda d: (str(d["day"]), str(d[stack])))
+    return {"stack": stack, "since": since, "data": data}

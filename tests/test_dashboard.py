@@ -1,0 +1,94 @@
+"""The dashboard in a real headless Chromium (Debian's package, driven by Playwright): numbers shown equal
+the database's, and an admin can drill from a session down to its prompts and tool calls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aibridge_gw.pricing import PriceTable
+from tests.test_admin import agw  # noqa: F401  (the seeded gateway)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+SHOTS = Path(os.environ.get("AIBRIDGE_SCREENSHOTS", "/tmp/aibridge-screenshots"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"],
+        )
+        yield b
+        b.close()
+
+
+def signed_in(browser, agw, user="root"):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1300, "height": 1100})
+    page.goto(agw.url + "/aibridge/")
+    page.fill("#tok", agw.tokens[user])
+    page.click("#go")
+    page.wait_for_selector("body[data-ready='1']")
+    return page
+
+
+def ready(page):
+    page.wait_for_selector("body[data-ready='1']")
+
+
+def test_overview_shows_the_databases_spend_per_user_and_model(browser, agw):  # noqa: F811
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = signed_in(browser, agw)
+    rows = agw.sql(
+        "SELECT u.name, count(DISTINCT i.id) AS n, sum(t.input_tokens) AS inp, sum(t.output_tokens) AS outp, "
+        "any_value(coalesce(i.metadata->>'response_model', i.model)) AS model "
+        "FROM aibridge_interceptions i JOIN aibridge_users u ON u.id = i.initiator_id "
+        "JOIN aibridge_token_usages t ON t.interception_id = i.id WHERE u.name = 'ann' GROUP BY u.name")
+    (ann,) = rows
+    price = PriceTable.load().resolve(ann["model"])
+    cost = sum(price.cost(18, out, 0, 0) for out in (240, 254))
+    cells = page.locator("#leaderboard tr[data-key='ann'] td").all_inner_texts()
+    assert cells == ["ann", str(ann["n"]), str(ann["inp"]), str(ann["outp"]), "0", f"${cost:.4f}"]
+    unpriced = page.locator("#by-model tr[data-key='gpt-5.4-2026-03-05'] td.cost").inner_text()
+    assert unpriced == "unpriced"
+    assert page.locator("svg[aria-label^='Tokens per day'] rect").count() >= 1
+    assert page.locator("svg[aria-label^='Adoption'] rect").count() >= 1
+    page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)
+
+
+def test_drill_from_session_to_prompt_and_tool_calls(browser, agw):  # noqa: F811
+    page = signed_in(browser, agw)
+    page.click("text=Sessions")
+    ready(page)
+    page.click("tr[data-session='sess-ann-1']")
+    ready(page)
+    assert page.locator("#interceptions tr.click").count() == 2
+    page.locator("#interceptions tr.click").first.click()
+    ready(page)
+    assert "how many angels can dance" in page.locator("pre.prompt").inner_text()
+    page.screenshot(path=str(SHOTS / "session-detail.png"), full_page=True)
+    # An interception with a tool call and thoughts, reached through the filters.
+    page.goto(agw.url + "/aibridge/#/interceptions")
+    ready(page)
+    page.select_option("#f-model", "gpt-5.4-2026-03-05")
+    page.click("#apply")
+    ready(page)
+    page.locator("#interceptions tr.click").first.click()
+    ready(page)
+    assert page.locator("#tools td.tool").all_inner_texts() == ["add"]
+    assert "Let me calculate the sum" in page.content()
+    page.screenshot(path=str(SHOTS / "interception-detail.png"), full_page=True)
+
+
+def test_members_see_only_their_own_data(browser, agw):  # noqa: F811
+    page = signed_in(browser, agw, "ben")
+    users = page.locator("#leaderboard tr[data-key] td:first-child").all_inner_texts()
+    assert users == ["ben"]
