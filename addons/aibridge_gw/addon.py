@@ -25,6 +25,7 @@ from .auth import (
     mask,
     proxy_token,
 )
+from .budgets import Budgets, Limits
 from .capture import FlowArchive
 from .clients import detect_client, detect_session
 from .codecs import BY_API, StreamTap
@@ -69,6 +70,7 @@ class Gateway:
         self.api: AdminApi | None = None
         self.json_log: InterceptionLog | None = None
         self._retention: asyncio.Task | None = None
+        self.budgets: Budgets | None = None
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
         self.proxy_actors: dict[str, Actor] = {}  # client connection id -> identity from CONNECT auth
@@ -139,7 +141,15 @@ class Gateway:
                 len(config.providers), ", ".join(p.name for p in config.providers),
                 config.duckdb_path, len(self.tokens),
             )
-        self.api = AdminApi(self.store, self.tokens, PriceTable.load(config.pricing_file))
+        prices = PriceTable.load(config.pricing_file)
+        self.api = AdminApi(self.store, self.tokens, prices)
+        b = config.budgets or {}
+        budgets = Budgets(b.get("default") or Limits(), b.get("users") or {}, prices)
+        if budgets.active:
+            self.store.read(budgets.load).result()  # counters survive restarts: rebuilt from the records
+            self.budgets = budgets
+        else:
+            self.budgets = None
 
     def _setup_capture(self) -> None:
         option = ctx.options.aibridge_flows
@@ -296,6 +306,14 @@ class Gateway:
                 return
             ic, body = begun
             await self.recorder.link_thread(ic)
+            if self.budgets is not None:
+                refusal = self.budgets.check(ic.user_id, ic.user_name)
+                if refusal is not None:
+                    self.recorder.rejected(ic, 429, refusal.message)
+                    flow.response = error_response(route.provider.type, 429, refusal.message,
+                                                   {"retry-after": str(refusal.retry_after)})
+                    log.info("interception %s user=%s rejected: %s", ic.id, ic.user_name, refusal.message)
+                    return
             adapter = await self._injection(flow, ic, body)
             self.recorder.started(ic)
             self.live[flow.id] = ic
@@ -445,6 +463,8 @@ class Gateway:
         if self.archive is not None:
             self.archive.add(flow)
         if status:
+            if self.budgets is not None:
+                self.budgets.record(ic.user_id, ic.started_at, summary.model or ic.info.model, summary.usages)
             self._observe(ic, summary, status, status_code, error, ended_at)
             u = summary.usages
             log.info(

@@ -144,10 +144,24 @@ def main(argv: list[str] | None = None) -> int:
                 r = op("report", kind="prompts", user=args.user, search=args.search, limit=args.limit)
                 cols = ["created_at", "user", "client", "model", "prompt"]
                 title = "prompts"
+            budgets = None
+            if args.cmd == "usage" and args.by == "user" and _budgets_spec(config):
+                budgets = op("report", kind="budgets", budgets=_budgets_spec(config), pricing_file=pricing)
+                remaining = {b["user"]: b for b in budgets["data"]}
+                for d in r["data"]:
+                    b = remaining.get(d["user"], {})
+                    d["tokens_remaining_today"] = b.get("tokens_remaining")
+                    d["usd_remaining_month"] = b.get("usd_remaining")
+                cols += ["tokens_remaining_today", "usd_remaining_month"]
             if args.json:
                 print(json.dumps(r["data"], indent=2))
             else:
                 _table({"columns": cols, "rows": [[d.get(c) for c in cols] for d in r["data"]]}, title)
+                if budgets:
+                    bcols = ["user", "tokens_today", "tokens_per_day", "tokens_remaining", "usd_month", "usd_per_month",
+                             "usd_remaining", "requests_per_minute"]
+                    _table({"columns": bcols, "rows": [[b.get(c) for c in bcols] for b in budgets["data"]]},
+                           "budgets (today UTC, this month UTC)")
         elif args.cmd == "export":
             r = op("export", fmt=args.format, out=args.out)
             print("\n".join(r["files"]))
@@ -200,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aibridge: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _budgets_spec(config) -> dict | None:
+    """The configured budgets as plain data (they travel to a running gateway with the report request)."""
+    from dataclasses import asdict
+
+    b = config.budgets or {}
+    default, users = b.get("default"), b.get("users") or {}
+    if not (default and default.any) and not any(l.any for l in users.values()):
+        return None
+    return {"default": asdict(default) if default else {}, "users": {k: asdict(v) for k, v in users.items()}}
 
 
 def _export_ca(confdir: Path, fmt: str, out: str | None) -> None:

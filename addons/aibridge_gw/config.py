@@ -96,6 +96,7 @@ class Config:
     pricing_file: Path | None = None
     metrics_prefix: str = "aibridge_"
     interceptions_json_log: str | None = None  # path, or "-" for stdout: one JSON line per interception
+    budgets: dict = field(default_factory=dict, hash=False, compare=False)  # {"default": Limits, "users": {name: Limits}}
 
     def provider(self, name: str) -> ProviderInstance | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -171,7 +172,22 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         pricing_file=Path(raw["pricing"]).expanduser() if raw.get("pricing") else None,
         metrics_prefix=str((raw.get("metrics") or {}).get("prefix", "aibridge_")),
         interceptions_json_log=(raw.get("logging") or {}).get("interceptions_json") or None,
+        budgets=_parse_budgets(raw.get("budgets") or {}),
     )
+
+
+def _parse_budgets(d) -> dict:
+    from .budgets import parse_limits
+
+    if not isinstance(d, dict):
+        raise ConfigError("budgets: must be a mapping")
+    users = d.get("users") or {}
+    if not isinstance(users, dict):
+        raise ConfigError("budgets.users: must map user names to limits")
+    return {
+        "default": parse_limits(d.get("default"), "budgets.default"),
+        "users": {str(k): parse_limits(v, f"budgets.users.{k}") for k, v in users.items()},
+    }
 
 
 def _int(d: dict, key: str, default: int) -> int:

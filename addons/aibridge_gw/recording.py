@@ -220,6 +220,22 @@ class Recorder:
         self.store.submit(EndInterception(ic.id, (status, ended_at, http_status, error, json.dumps(meta))))
         return status
 
+    def rejected(self, ic: Interception, http_status: int, message: str) -> None:
+        """A request refused by the gateway (budget, rate limit): one row, never forwarded."""
+        ic.ended = True
+        now = utcnow()
+        self.store.submit(
+            Insert(
+                "aibridge_interceptions",
+                (
+                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model, ic.client,
+                    ic.user_agent, ic.session_id, ic.parent_id, ic.root_id, ic.credential_kind,
+                    ic.credential_hint, "rejected", ic.started_at, now, None, ic.api, ic.info.stream,
+                    http_status, message,
+                ),
+            )
+        )
+
     def replay(self, flow: http.HTTPFlow) -> Interception | None:
         """Re-run recording for a saved flow; a flow that was not an interception is skipped."""
         meta = flow.metadata.get(META_KEY)

@@ -268,6 +268,15 @@ def report(conn, kind: str, **kw) -> dict:
                                     kw.get("limit", 50))
         if kind == "prompts":
             return reports.prompts(conn, viewer, kw.get("user"), kw.get("search"), kw.get("limit", 50))
+        if kind == "budgets":
+            from ..budgets import Budgets, Limits
+
+            spec = kw.get("budgets") or {}
+            b = Budgets(Limits(**spec.get("default", {})),
+                        {k: Limits(**v) for k, v in (spec.get("users") or {}).items()}, prices)
+            b.load(conn)
+            users = conn.execute("SELECT CAST(id AS VARCHAR), name FROM aibridge_users ORDER BY name").fetchall()
+            return {"data": [{"user": name, **b.status(uid, name)} for uid, name in users]}
     except reports.BadParameter as e:
         raise OpError(str(e)) from None
     raise OpError(f"unknown report {kind!r}")

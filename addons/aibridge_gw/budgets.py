@@ -1,0 +1,154 @@
+"""Per-user budgets and rate limits: requests per minute, tokens per day (UTC), USD per month (UTC).
+
+Counters live in memory for the hot path and are rebuilt from the audit database at start-up, so a restart
+does not reset anyone's budget. Over a limit a request gets a 429 in the provider's format with retry-after.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from .pricing import PriceTable
+from .records import TokenUsage
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    usd_per_month: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_day, self.usd_per_month))
+
+
+def parse_limits(d: dict | None, where: str) -> Limits:
+    from .config import ConfigError
+
+    d = d or {}
+    unknown = set(d) - {"requests_per_minute", "tokens_per_day", "usd_per_month"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown limit {sorted(unknown)[0]!r}")
+    try:
+        return Limits(
+            int(d["requests_per_minute"]) if d.get("requests_per_minute") is not None else None,
+            int(d["tokens_per_day"]) if d.get("tokens_per_day") is not None else None,
+            float(d["usd_per_month"]) if d.get("usd_per_month") is not None else None,
+        )
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: limits must be numbers") from None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    message: str
+    retry_after: int  # seconds
+
+
+def _day(t: dt.datetime) -> dt.date:
+    return t.astimezone(dt.UTC).date()
+
+
+def _month(t: dt.datetime) -> tuple[int, int]:
+    t = t.astimezone(dt.UTC)
+    return (t.year, t.month)
+
+
+class Budgets:
+    def __init__(self, default: Limits, per_user: dict[str, Limits], prices: PriceTable) -> None:
+        self.default = default
+        self.per_user = per_user
+        self.prices = prices
+        self._requests: dict[str, deque] = defaultdict(deque)  # user id -> monotonic times, last minute
+        self._tokens: dict[tuple[str, dt.date], int] = defaultdict(int)
+        self._usd: dict[tuple[str, tuple[int, int]], float] = defaultdict(float)
+
+    @property
+    def active(self) -> bool:
+        return self.default.any or any(l.any for l in self.per_user.values())
+
+    def limits_for(self, user_name: str) -> Limits:
+        return self.per_user.get(user_name, self.default)
+
+    def load(self, conn) -> None:
+        """Rebuild counters from what the database recorded (this minute, today, this month)."""
+        now = dt.datetime.now(dt.UTC)
+        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        rows = conn.execute(
+            "SELECT CAST(i.initiator_id AS VARCHAR), i.started_at, coalesce(i.metadata->>'response_model', i.model), "
+            "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
+            "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
+            "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
+            "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY ALL",
+            [min(month_start, now - dt.timedelta(minutes=1))],
+        ).fetchall()
+        mono_now, wall_now = time.monotonic(), now.timestamp()
+        for uid, started, model, inp, out, cr, cw in rows:
+            if started >= now - dt.timedelta(minutes=1):
+                self._requests[uid].append(mono_now - (wall_now - started.timestamp()))
+            self._add(uid, started, model, [TokenUsage(None, inp, out, cr, cw)])
+        for q in self._requests.values():
+            q_sorted = sorted(q)
+            q.clear()
+            q.extend(q_sorted)
+
+    def check(self, user_id: str, user_name: str) -> Refusal | None:
+        """Called before a request is forwarded; counts it against the per-minute limit when admitted."""
+        limits = self.limits_for(user_name)
+        if not limits.any:
+            return None
+        now = dt.datetime.now(dt.UTC)
+        if limits.tokens_per_day is not None:
+            used = self._tokens[(user_id, _day(now))]
+            if used >= limits.tokens_per_day:
+                tomorrow = dt.datetime.combine(_day(now) + dt.timedelta(days=1), dt.time(), dt.UTC)
+                return Refusal(f"aibridge: daily token budget of {limits.tokens_per_day} used ({used})",
+                               math.ceil((tomorrow - now).total_seconds()))
+        if limits.usd_per_month is not None:
+            spent = self._usd[(user_id, _month(now))]
+            if spent >= limits.usd_per_month:
+                y, m = _month(now)
+                nxt = dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)
+                return Refusal(f"aibridge: monthly budget of ${limits.usd_per_month:.2f} used (${spent:.2f})",
+                               math.ceil((nxt - now).total_seconds()))
+        if limits.requests_per_minute is not None:
+            q = self._requests[user_id]
+            t = time.monotonic()
+            while q and q[0] <= t - 60:
+                q.popleft()
+            if len(q) >= limits.requests_per_minute:
+                return Refusal(f"aibridge: rate limit of {limits.requests_per_minute} requests per minute reached",
+                               max(1, math.ceil(q[0] + 60 - t)))
+            q.append(t)
+        return None
+
+    def record(self, user_id: str, started: dt.datetime, model: str | None, usages: list[TokenUsage]) -> None:
+        self._add(user_id, started, model, usages)
+
+    def _add(self, user_id: str, started: dt.datetime, model: str | None, usages: list[TokenUsage]) -> None:
+        inp = sum(u.input_tokens for u in usages)
+        out = sum(u.output_tokens for u in usages)
+        cr = sum(u.cache_read_input_tokens for u in usages)
+        cw = sum(u.cache_write_input_tokens for u in usages)
+        self._tokens[(user_id, _day(started))] += inp + out + cr + cw
+        cost = self.prices.cost(model, inp, out, cr, cw)
+        if cost:
+            self._usd[(user_id, _month(started))] += cost
+
+    def status(self, user_id: str, user_name: str) -> dict:
+        now = dt.datetime.now(dt.UTC)
+        limits = self.limits_for(user_name)
+        tokens = self._tokens[(user_id, _day(now))]
+        usd = self._usd[(user_id, _month(now))]
+        return {
+            "tokens_today": tokens, "tokens_per_day": limits.tokens_per_day,
+            "tokens_remaining": None if limits.tokens_per_day is None else max(limits.tokens_per_day - tokens, 0),
+            "usd_month": round(usd, 6), "usd_per_month": limits.usd_per_month,
+            "usd_remaining": None if limits.usd_per_month is None else round(max(limits.usd_per_month - usd, 0), 6),
+            "requests_per_minute": limits.requests_per_minute,
+        }
