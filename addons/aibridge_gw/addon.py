@@ -31,7 +31,8 @@ from .clients import detect_client, detect_session
 from .codecs import BY_API, StreamTap
 from .config import Config, ConfigError, load_config
 from .control import CONTROL_PATH, remove_runtime_file, write_runtime_file
-from .errors import error_response
+from .breaker import CircuitBreakers, is_failure
+from .errors import error_response, install_json_error_pages
 from .records import BadRequest, ResponseSummary
 from .recording import META_KEY, Interception, Recorder, at, conclude, is_sse
 from .routing import Route, Router
@@ -71,6 +72,8 @@ class Gateway:
         self.json_log: InterceptionLog | None = None
         self._retention: asyncio.Task | None = None
         self.budgets: Budgets | None = None
+        self.breakers: CircuitBreakers | None = None
+        self._breaker_keys: dict[str, tuple] = {}
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
         self.proxy_actors: dict[str, Actor] = {}  # client connection id -> identity from CONNECT auth
@@ -82,6 +85,7 @@ class Gateway:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def load(self, loader) -> None:
+        install_json_error_pages()
         loader.add_option(
             "aibridge_config", str, "",
             "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
@@ -119,6 +123,8 @@ class Gateway:
             self.loop.registry = self.mcp
         if self.metrics is None:
             self.metrics = Metrics(config.metrics_prefix)
+        self.breakers = CircuitBreakers(config.breaker_failures, config.breaker_open_seconds,
+                                        config.breaker_half_open_requests, self._breaker_changed)
         if self.json_log is not None:
             self.json_log.close()
         self.json_log = InterceptionLog(config.interceptions_json_log) if config.interceptions_json_log else None
@@ -165,6 +171,12 @@ class Gateway:
             # Keep streamed bodies on the flow so captured SSE responses can be analysed later.
             ctx.options.update(store_streamed_bodies=True)
             log.info("aibridge: capturing intercepted flows to %s", directory)
+
+    def _breaker_changed(self, key: tuple, state: int, tripped: bool) -> None:
+        self.metrics.breaker_state.labels(*key).set(state)
+        if tripped:
+            self.metrics.breaker_trips.labels(*key).inc()
+            log.warning("circuit breaker opened for %s %s %s", *key)
 
     def _reload_tokens(self, conn) -> None:
         """After an admin operation: new or revoked tokens take effect for the next request."""
@@ -263,6 +275,22 @@ class Gateway:
 
     # --- request -----------------------------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse oversized bodies before reading them."""
+        if self.router is None or not flow.live:
+            return
+        length = flow.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.config.max_request_body_bytes:
+            flow.response = error_response(
+                self._provider_type(flow), 413,
+                f"aibridge: request body of {int(length)} bytes exceeds the {self.config.max_request_body_bytes} byte limit")
+
+    def _provider_type(self, flow: http.HTTPFlow) -> str | None:
+        req = flow.request
+        route = self.router.match_prefix(req.path) if self._addressed_to_us(flow) else (
+            self.router.match_host(req.host, req.path) if self.router.is_ai_host(req.host) else None)
+        return route.provider.type if route else None
+
     def _addressed_to_us(self, flow: http.HTTPFlow) -> bool:
         """Origin-form requests to the listener itself (base-URL mode), as opposed to proxied ones."""
         sock = flow.client_conn.sockname
@@ -294,6 +322,9 @@ class Gateway:
         ident = self._identify(flow, route)
         if ident is None:
             return
+        if len(req.raw_content or b"") > self.config.max_request_body_bytes:  # chunked uploads: no length header
+            flow.response = error_response(route.provider.type, 413, "aibridge: request body too large")
+            return
         if ident.byok_credential is None and not route.provider.key:
             flow.response = error_response(
                 route.provider.type, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"
@@ -305,6 +336,13 @@ class Gateway:
             if begun is None:
                 return
             ic, body = begun
+            key = (route.provider.name, ic.upstream_path, ic.info.model)
+            wait = self.breakers.allow(key)
+            if wait is not None:
+                msg = f"aibridge: {route.provider.name} {ic.upstream_path} {ic.info.model} is failing; circuit open"
+                flow.response = error_response(route.provider.type, 503, msg, {"retry-after": str(wait)})
+                return
+            self._breaker_keys[flow.id] = key
             await self.recorder.link_thread(ic)
             if self.budgets is not None:
                 refusal = self.budgets.check(ic.user_id, ic.user_name)
@@ -455,10 +493,13 @@ class Gateway:
                 self.recorder.replay(flow)
             return
         self._passthrough.discard(flow.id)
+        key = self._breaker_keys.pop(flow.id, None)
         ic = self.live.pop(flow.id, None)
         if ic is None:
             return
         summary, status_code, error, ended_at = conclude(ic, flow)
+        if key is not None and not _client_gone(flow):
+            self.breakers.record(key, not is_failure(status_code, flow.response is None))
         status = self.recorder.ended(ic, summary, status_code, error, ended_at)
         if self.archive is not None:
             self.archive.add(flow)
@@ -567,6 +608,12 @@ class Gateway:
             flow.response = error_response(None, 500, f"{type(e).__name__}: {e}")
             return
         flow.response = _json(200, {"result": result})
+
+
+def _client_gone(flow: http.HTTPFlow) -> bool:
+    """A client that hung up says nothing about the provider's health."""
+    msg = (flow.error.msg if flow.error else "").lower()
+    return flow.response is not None and ("client" in msg or "killed" in msg)
 
 
 def _json(status: int, obj) -> http.Response:

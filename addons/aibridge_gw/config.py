@@ -96,6 +96,10 @@ class Config:
     pricing_file: Path | None = None
     metrics_prefix: str = "aibridge_"
     interceptions_json_log: str | None = None  # path, or "-" for stdout: one JSON line per interception
+    breaker_failures: int = 5
+    breaker_open_seconds: float = 30.0
+    breaker_half_open_requests: int = 3
+    max_request_body_bytes: int = 32 * 1024 * 1024
     budgets: dict = field(default_factory=dict, hash=False, compare=False)  # {"default": Limits, "users": {name: Limits}}
 
     def provider(self, name: str) -> ProviderInstance | None:
@@ -173,7 +177,22 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         metrics_prefix=str((raw.get("metrics") or {}).get("prefix", "aibridge_")),
         interceptions_json_log=(raw.get("logging") or {}).get("interceptions_json") or None,
         budgets=_parse_budgets(raw.get("budgets") or {}),
+        **_parse_breaker(raw.get("circuit_breaker") or {}),
+        max_request_body_bytes=int(float((raw.get("limits") or {}).get("max_request_body_mb", 32)) * 1024 * 1024),
     )
+
+
+def _parse_breaker(d) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError("circuit_breaker: must be a mapping")
+    try:
+        return {
+            "breaker_failures": int(d.get("failures", 5)),
+            "breaker_open_seconds": float(d.get("open_seconds", 30)),
+            "breaker_half_open_requests": int(d.get("half_open_requests", 3)),
+        }
+    except (TypeError, ValueError):
+        raise ConfigError("circuit_breaker: failures, open_seconds and half_open_requests must be numbers") from None
 
 
 def _parse_budgets(d) -> dict:

@@ -28,6 +28,11 @@ class Metrics:
                               ["provider", "model", "type", "initiator_id", "client"], registry=r)
         self.injected_tools = Counter(f"{p}injected_tool_invocations_total", "Injected MCP tool calls run by the gateway.",
                                       ["provider", "model", "name", "status"], registry=r)
+        self.breaker_state = Gauge(f"{p}circuit_breaker_state",
+                                   "Circuit breaker state (0 closed, 1 open, 2 half-open).",
+                                   ["provider", "endpoint", "model"], registry=r)
+        self.breaker_trips = Counter(f"{p}circuit_breaker_trips_total", "Times a circuit breaker opened.",
+                                     ["provider", "endpoint", "model"], registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
                                     ["provider", "model", "name"], registry=r)
 

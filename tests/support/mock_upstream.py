@@ -22,6 +22,7 @@ class Reply:
     body: bytes = b""
     events: list[bytes] | None = None  # SSE events, sent one chunk each
     delay: float = 0.0  # seconds between events
+    cut_after: int | None = None  # die (close the connection mid-stream) after this many events
 
     @classmethod
     def json(cls, obj, status: int = 200) -> "Reply":
@@ -94,6 +95,10 @@ class MockUpstream:
                 self.wfile.flush()
                 try:
                     for i, ev in enumerate(reply.events):
+                        if reply.cut_after is not None and i >= reply.cut_after:
+                            self.close_connection = True
+                            self.connection.shutdown(2)
+                            return
                         if i and reply.delay:
                             time.sleep(reply.delay)
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
