@@ -73,6 +73,8 @@ class Gateway:
         self._retention: asyncio.Task | None = None
         self.budgets: Budgets | None = None
         self.breakers: CircuitBreakers | None = None
+        self.loop_lag_max = 0.0  # longest event-loop stall seen (seconds), for operators and scripts/bench
+        self._lag_watch: asyncio.Task | None = None
         self._breaker_keys: dict[str, tuple] = {}
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
@@ -188,6 +190,8 @@ class Gateway:
             return
         if self._retention is None:
             self._retention = asyncio.create_task(self._prune_periodically())
+        if self._lag_watch is None:
+            self._lag_watch = asyncio.create_task(self._watch_event_loop())
         if self.mcp is not None and self.loop is None:
             verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
             if ctx.options.ssl_insecure:
@@ -208,6 +212,17 @@ class Gateway:
             host = f"[{host}]"
         self._control_secret = write_runtime_file(self.store.path, f"http://{host}:{port}")
 
+    async def _watch_event_loop(self, interval: float = 0.02) -> None:
+        """How late a short sleep wakes up is how long something held the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(interval)
+            lag = loop.time() - start - interval
+            if lag > self.loop_lag_max:
+                self.loop_lag_max = lag
+                self.metrics.loop_lag_max.set(lag)
+
     async def _prune_periodically(self) -> None:
         """Retention: delete records older than retention_days, at start-up and then hourly."""
         while True:
@@ -224,9 +239,10 @@ class Gateway:
 
     def done(self) -> None:
         """Graceful shutdown: every queued record reaches DuckDB before the file closes."""
-        if self._retention is not None:
-            self._retention.cancel()
-            self._retention = None
+        for task in (self._retention, self._lag_watch):
+            if task is not None:
+                task.cancel()
+        self._retention = self._lag_watch = None
         if self.json_log is not None:
             self.json_log.close()
         for ic in list(self.live.values()):
@@ -565,7 +581,10 @@ class Gateway:
                 "status": "ok" if healthy else "unavailable", "inflight": len(self.live),
                 "records_written": self.store.written if self.store else 0,
                 "records_failed": self.store.failed if self.store else 0,
+                "event_loop_lag_max_ms": round(self.loop_lag_max * 1000, 2),
             })
+            if "reset_lag=1" in req.path:
+                self.loop_lag_max = 0.0
             return
         if path in ("/aibridge", "/aibridge/", "/aibridge/dashboard"):
             flow.response = http.Response.make(200, DASHBOARD.read_bytes(), {

@@ -33,6 +33,7 @@ class Metrics:
                                    ["provider", "endpoint", "model"], registry=r)
         self.breaker_trips = Counter(f"{p}circuit_breaker_trips_total", "Times a circuit breaker opened.",
                                      ["provider", "endpoint", "model"], registry=r)
+        self.loop_lag_max = Gauge(f"{p}event_loop_lag_max_seconds", "Longest event-loop stall seen.", registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
                                     ["provider", "model", "name"], registry=r)
 

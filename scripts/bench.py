@@ -1,0 +1,415 @@
+"""aibridge benchmark suite: one table of ratios measured in the same run on this machine.
+
+    scripts/bench [--quick] [--out docs/benchmarks.md]
+
+Everything runs on loopback: a fast asyncio mock provider (its own process), bare mitmdump (no addons, regular
+mode, used as an HTTP proxy), and the gateway (auth + recording on, base-URL mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+CHAT = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "gpt-4.1-2025-04-14",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6,
+              "prompt_tokens_details": {"cached_tokens": 0}},
+}).encode()
+
+
+# --- the mock provider ------------------------------------------------------------------------------
+
+async def mock_main(port_file: str, delay: float, chunks: int, gap: float) -> None:
+    """HTTP/1.1 keep-alive server: /v1/chat/completions answers JSON, or SSE when "stream": true."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length) if length else b""
+                if delay:
+                    await asyncio.sleep(delay)
+                if b'"stream": true' in body or b'"stream":true' in body:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for i in range(chunks):
+                        ev = ('data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4.1","choices":[{"index":0,'
+                              f'"delta":{{"content":"t{i} {time.time():.6f}"}},"finish_reason":null}}]}}\n\n').encode()
+                        writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                        await writer.drain()
+                        await asyncio.sleep(gap)
+                    tail = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4.1","choices":[],'
+                            b'"usage":{"prompt_tokens":5,"completion_tokens":20,"total_tokens":25}}\n\ndata: [DONE]\n\n')
+                    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(CHAT), CHAT))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
+    Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
+    async with server:
+        await server.serve_forever()
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def start_mock(work: Path, delay: float = 0.0, chunks: int = 20, gap: float = 0.025) -> tuple[subprocess.Popen, int]:
+    port_file = work / f"mock-{delay}.port"
+    p = subprocess.Popen([sys.executable, __file__, "mock", str(port_file), str(delay), str(chunks), str(gap)])
+    deadline = time.time() + 20
+    while not port_file.exists() or not port_file.read_text():
+        if time.time() > deadline:
+            raise RuntimeError("mock did not start")
+        time.sleep(0.05)
+    return p, int(port_file.read_text())
+
+
+def start_mitmdump(work: Path, name: str, extra: list[str], env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    log = open(work / f"{name}.log", "wb")
+    p = subprocess.Popen([str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                          "--set", f"confdir={work / 'certs'}", "--set", "flow_detail=0",
+                          "--set", "termlog_verbosity=warn", *extra],
+                         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    wait_port(port)
+    return p, port
+
+
+def start_gateway(work: Path, mock_port: int, name: str = "gateway") -> tuple[subprocess.Popen, int, str, Path]:
+    db = work / f"{name}.duckdb"
+    cfg = work / f"{name}.yaml"
+    cfg.write_text(json.dumps({
+        "providers": [{"name": "openai", "type": "openai", "base_url": f"http://127.0.0.1:{mock_port}/v1/",
+                       "key": "sk-bench-upstream"}],
+        "storage": {"duckdb": str(db)}, "retention_days": 0,
+    }))
+    env = {"AIBRIDGE_CONFIG": str(cfg)}
+    run = lambda *a: subprocess.run([str(BIN / "aibridge"), *a], env={**os.environ, **env}, check=True,
+                                    capture_output=True, text=True).stdout
+    run("users", "add", "bench")
+    token = run("tokens", "create", "--user", "bench").strip().splitlines()[-1]
+    p, port = start_mitmdump(work, name, ["-s", str(ROOT / "addons" / "aibridge.py"),
+                                          "--set", f"aibridge_config={cfg}"], env)
+    for _ in range(100):  # ready when the control endpoint answers
+        try:
+            import httpx
+            if httpx.get(f"http://127.0.0.1:{port}/aibridge/healthz", trust_env=False).status_code == 200:
+                break
+        except Exception:
+            time.sleep(0.1)
+    return p, port, token, cfg
+
+
+def stop(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# --- load ---------------------------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+class Target:
+    def __init__(self, name: str, url: str, proxy: str | None = None, token: str | None = None) -> None:
+        self.name, self.url, self.proxy, self.token = name, url, proxy, token
+
+    def client(self, conns: int):
+        import httpx
+
+        return httpx.AsyncClient(proxy=self.proxy, trust_env=False, timeout=60,
+                                 limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
+                                 headers={"authorization": f"Bearer {self.token or 'sk-direct'}"})
+
+
+BODY = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "ping"}]}
+
+
+async def closed_loop(target: Target, concurrency: int, seconds: float) -> dict:
+    """`concurrency` clients each sending small blocking requests back to back."""
+    lat: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    async with target.client(concurrency) as c:
+        async def worker():
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                try:
+                    r = await c.post(target.url, json=BODY)
+                    if r.status_code == 200:
+                        lat.append(time.perf_counter() - t)
+                    else:
+                        errors += 1
+                except Exception:
+                    errors += 1
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"rps": len(lat) / elapsed, "p50": pct(lat, .5) * 1000, "p99": pct(lat, .99) * 1000, "errors": errors}
+
+
+async def streams(target: Target, n: int) -> dict:
+    """n concurrent SSE streams: time to first chunk, gaps between chunks (sent 25 ms apart)."""
+    ttfb, gaps, errors, coalesced, received = [], [], 0, 0, 0
+    async with target.client(n) as c:
+        async def one():
+            nonlocal errors, coalesced, received
+            t0 = time.perf_counter()
+            last = None
+            try:
+                async with c.stream("POST", target.url, json={**BODY, "stream": True}) as r:
+                    if r.status_code != 200:
+                        errors += 1
+                        return
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {") or '"content"' not in line:
+                            continue
+                        now = time.perf_counter()
+                        received += 1
+                        if last is None:
+                            ttfb.append(now - t0)
+                        else:
+                            gaps.append(now - last)
+                            if now - last < 0.005:
+                                coalesced += 1
+                        last = now
+            except Exception:
+                errors += 1
+        await asyncio.gather(*(one() for _ in range(n)))
+    return {"ttfb_p50": pct(ttfb, .5) * 1000, "gap_p50": pct(gaps, .5) * 1000, "gap_p99": pct(gaps, .99) * 1000,
+            "coalesced": coalesced, "chunks": received, "errors": errors}
+
+
+async def burst(target: Target, total: int, concurrency: int) -> dict:
+    ok = errors = 0
+    sem = asyncio.Semaphore(concurrency)
+    async with target.client(concurrency) as c:
+        async def one():
+            nonlocal ok, errors
+            async with sem:
+                try:
+                    r = await c.post(target.url, json=BODY)
+                    ok += r.status_code == 200
+                    errors += r.status_code != 200
+                except Exception:
+                    errors += 1
+        t = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(total)))
+        elapsed = time.perf_counter() - t
+    return {"ok": ok, "errors": errors, "seconds": elapsed}
+
+
+async def open_loop(target: Target, rate: float, seconds: float, upstream_delay: float) -> dict:
+    """Requests offered at a fixed rate regardless of answers (virtual users = rate x upstream delay)."""
+    lat: list[float] = []
+    errors = 0
+    total = int(rate * seconds)
+    async with target.client(int(rate * (upstream_delay + 2)) + 50) as c:
+        async def one(at: float):
+            nonlocal errors
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            t = time.perf_counter()
+            try:
+                r = await c.post(target.url, json=BODY, timeout=30)
+                if r.status_code == 200:
+                    lat.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+            except Exception:
+                errors += 1
+        start = time.perf_counter() + 0.5
+        await asyncio.gather(*(one(start + i / rate) for i in range(total)))
+        elapsed = time.perf_counter() - start
+    over = [x - upstream_delay for x in lat]
+    return {"offered": total, "served_rps": len(lat) / elapsed, "success": len(lat) / total * 100,
+            "p50_over": pct(over, .5) * 1000, "p99_over": pct(over, .99) * 1000, "errors": errors}
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short durations (smoke run)")
+    ap.add_argument("--out", help="write the results as markdown to this file")
+    args = ap.parse_args()
+    dur = 2.0 if args.quick else 5.0
+    big_seconds = 10.0 if args.quick else 60.0
+    burst_n = 2000 if args.quick else 10_000
+    work = Path(tempfile.mkdtemp(prefix="aibridge-bench-"))
+    procs: list[subprocess.Popen] = []
+    rows: list[tuple[str, str, str, str]] = []  # section, metric, value, target
+    try:
+        import httpx
+
+        mock, mport = start_mock(work)
+        procs.append(mock)
+        bare, bport = start_mitmdump(work, "bare", [])
+        procs.append(bare)
+        gw, gport, token, cfg = start_gateway(work, mport)
+        procs.append(gw)
+        direct = Target("direct", f"http://127.0.0.1:{mport}/v1/chat/completions")
+        proxied = Target("bare mitmdump", f"http://127.0.0.1:{mport}/v1/chat/completions", proxy=f"http://127.0.0.1:{bport}")
+        gateway = Target("gateway", f"http://127.0.0.1:{gport}/openai/v1/chat/completions", token=token)
+
+        print(f"aibridge bench on {platform.node()} ({os.cpu_count()} cores), work dir {work}", flush=True)
+        blocking = {}
+        for c in (1, 8, 32):
+            for t in (direct, proxied, gateway):
+                blocking[(t.name, c)] = r = asyncio.run(closed_loop(t, c, dur))
+                print(f"  blocking c={c:<3} {t.name:<14} {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                      f"p99 {r['p99']:6.2f} ms  errors {r['errors']}", flush=True)
+        for c in (1, 8, 32):
+            b, g = blocking[("bare mitmdump", c)], blocking[("gateway", c)]
+            rows.append(("blocking", f"c={c}: req/s gateway / bare mitmdump", f"{g['rps'] / b['rps']:.2f}x "
+                         f"({g['rps']:.0f} / {b['rps']:.0f}; direct {blocking[('direct', c)]['rps']:.0f})", ">= 0.85x"))
+            rows.append(("blocking", f"c={c}: added p50 latency vs bare mitmdump",
+                         f"{g['p50'] - b['p50']:+.2f} ms (p99 {g['p99'] - b['p99']:+.2f} ms)", "<= 3 ms"))
+
+        for n in (1, 200):
+            sd, sg = asyncio.run(streams(direct, n)), asyncio.run(streams(gateway, n))
+            print(f"  streams n={n}: direct {sd}\n                 gateway {sg}", flush=True)
+            rows.append(("streaming", f"{n} stream(s): added TTFB p50", f"{sg['ttfb_p50'] - sd['ttfb_p50']:+.2f} ms", "<= 5 ms"))
+            rows.append(("streaming", f"{n} stream(s): chunk gap p50 / p99 (sent every 25 ms)",
+                         f"{sg['gap_p50']:.1f} / {sg['gap_p99']:.1f} ms", "no coalescing"))
+            rows.append(("streaming", f"{n} stream(s): coalesced chunks, errors",
+                         f"{sg['coalesced']} of {sg['chunks']}, {sg['errors']} errors", "0, 0"))
+
+        base = httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz?reset_lag=1", trust_env=False).json()
+        def recorded() -> int:
+            out = subprocess.run([str(BIN / "aibridge"), "sql", "SELECT count(*) AS n FROM aibridge_interceptions "
+                                  "WHERE status = 'completed'", "--json"], env={**os.environ, "AIBRIDGE_CONFIG": str(cfg)},
+                                 capture_output=True, text=True, check=True).stdout
+            return json.loads(out)[0]["n"]
+
+        before = recorded()
+        b = asyncio.run(burst(gateway, burst_n, 64))
+        n = before
+        for _ in range(300):  # records reach DuckDB asynchronously: wait until they all have
+            n = recorded()
+            if n - before >= b["ok"]:
+                break
+            time.sleep(0.2)
+        lag = httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz", trust_env=False).json()["event_loop_lag_max_ms"]
+        print(f"  burst: {b}, recorded {n - before}, loop lag max {lag} ms (before: {base['event_loop_lag_max_ms']})", flush=True)
+        rows.append(("recording", f"{burst_n} request burst: recorded in DuckDB / answered 200",
+                     f"{n - before} / {b['ok']} ({b['errors']} errors, {b['ok'] / b['seconds']:.0f} req/s)", "equal, 0 lost"))
+        rows.append(("recording", "longest event-loop stall during the burst", f"{lag:.1f} ms", "<= 20 ms"))
+        stop(gw)
+        procs.remove(gw)
+
+        stop(bare)
+        procs.remove(bare)
+        slow, sport = start_mock(work, delay=1.5)
+        procs.append(slow)
+        results = {}
+        for name in ("direct", "bare mitmdump", "gateway"):
+            proc = None
+            if name == "direct":
+                target = Target(name, f"http://127.0.0.1:{sport}/v1/chat/completions")
+            elif name == "bare mitmdump":
+                proc, p2 = start_mitmdump(work, "bare-slow", [])
+                target = Target(name, f"http://127.0.0.1:{sport}/v1/chat/completions", proxy=f"http://127.0.0.1:{p2}")
+            else:
+                proc, p2, token2, _ = start_gateway(work, sport, "gateway-slow")
+                target = Target(name, f"http://127.0.0.1:{p2}/openai/v1/chat/completions", token=token2)
+            r = asyncio.run(open_loop(target, 500, big_seconds, 1.5))
+            r["rss"] = peak_rss_mb(proc.pid) if proc else 0.0
+            if proc:
+                stop(proc)
+            results[name] = r
+            print(f"  500 req/s x {big_seconds:.0f} s, upstream 1.5 s, {name}: {r}", flush=True)
+        d, b, g = results["direct"], results["bare mitmdump"], results["gateway"]
+        sec = "500 req/s, 1.5 s upstream"
+        rows.append((sec, f"served req/s, gateway ({g['offered']} offered over {big_seconds:.0f} s)",
+                     f"{g['served_rps']:.1f} (bare mitmdump {b['served_rps']:.1f}, direct {d['served_rps']:.1f})",
+                     ">= 424 (Bifrost 424, LiteLLM 44.8)"))
+        rows.append((sec, "success rate, gateway", f"{g['success']:.1f}% (bare {b['success']:.1f}%, direct {d['success']:.1f}%)",
+                     "100% (LiteLLM 88.8%)"))
+        rows.append((sec, "overhead p50 / p99, gateway", f"{g['p50_over']:.1f} / {g['p99_over']:.1f} ms "
+                     f"(bare {b['p50_over']:.1f} / {b['p99_over']:.1f}, direct {d['p50_over']:.1f} / {d['p99_over']:.1f})",
+                     "p50 <= 3 ms (Bifrost ~1 ms, LiteLLM 40 ms)"))
+        rows.append((sec, "peak RSS, gateway", f"{g['rss']:.0f} MB (bare mitmdump {b['rss']:.0f} MB)",
+                     "(Bifrost 120 MB, LiteLLM 372 MB)"))
+    finally:
+        for p in procs:
+            stop(p)
+
+    width = max(len(r[1]) for r in rows)
+    print("\n| section | measure | result | target |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:<{width}} | {r[2]} | {r[3]} |")
+    if args.out:
+        cmd = "scripts/bench" + (" --quick" if args.quick else "")
+        Path(args.out).write_text(
+            f"# Benchmarks\n\nMeasured with `{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores "
+            f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, everything on "
+            "loopback: the load generator, the mock provider, bare mitmdump and the gateway share the machine.\n\n"
+            "| section | measure | result | target |\n|---|---|---|---|\n"
+            + "".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |\n" for r in rows))
+        print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "mock":
+        try:
+            asyncio.run(mock_main(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+        except KeyboardInterrupt:
+            pass
+    else:
+        main()
