@@ -58,6 +58,7 @@ class Seen:
 class MockUpstream:
     def __init__(self, ssl_context=None) -> None:
         self.replies: list[Reply] = []
+        self.default: Reply | None = None  # answers when nothing is scripted
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         mock = self
@@ -75,7 +76,7 @@ class MockUpstream:
                     mock.seen.append(
                         Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                     )
-                    reply = mock.replies.pop(0) if mock.replies else None
+                    reply = mock.replies.pop(0) if mock.replies else mock.default
                 if reply is None:
                     if self.path.rstrip("/").endswith("/models"):
                         reply = Reply.json({"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
@@ -137,5 +138,6 @@ class MockUpstream:
 
     def reset(self) -> None:
         with self.lock:
+            self.default = None
             self.replies.clear()
             self.seen.clear()

@@ -2,12 +2,19 @@
 
 DuckDB allows one writing process per file, so the gateway keeps the file open and everything that writes
 (recording, token changes from the CLI) goes through this thread. The event loop only enqueues.
+
+Durability: each batch is appended to an on-disk spool and fsynced before it is applied to DuckDB, and the
+spool is emptied once DuckDB has committed it. A gateway killed in between replays the spool at start-up;
+records carry their own ids, so a replayed batch never yields a row twice.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
+import pickle
+import struct
 import queue
 import threading
 import time
@@ -43,7 +50,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 # Columns an interception's end sets; the row was inserted when the request arrived.
 END_COLUMNS = ("status", "ended_at", "http_status", "error", "metadata")
 _END_INDEX = {c: COLUMNS["aibridge_interceptions"].index(c) for c in END_COLUMNS}
-ROWS_PER_STATEMENT = 400
+ROWS_PER_STATEMENT = 64  # small statements: DuckDB binds parameters holding the GIL, stalling the loop
 # Typed placeholders: a VALUES list of NULLs alone gives DuckDB nothing to infer a type from.
 _END_ROW = "(?::UUID, ?::VARCHAR, ?::TIMESTAMPTZ, ?::INTEGER, ?::VARCHAR, ?::JSON)"
 
@@ -70,8 +77,11 @@ _STOP = object()
 
 
 class Store:
-    def __init__(self, path: Path, after_op: Callable[[duckdb.DuckDBPyConnection], None] | None = None):
+    def __init__(self, path: Path, after_op: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+                 spool: bool = True):
         self.path = Path(path)
+        self.spool_path = self.path.with_name(self.path.name + ".spool") if spool else None
+        self._spool = None
         self.after_op = after_op
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._conn: duckdb.DuckDBPyConnection | None = None
@@ -86,6 +96,9 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = duckdb.connect(str(self.path))
         migrate(self._conn)
+        if self.spool_path is not None:
+            self._replay_spool()
+            self._spool = open(self.spool_path, "ab")
         self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
         self._thread.start()
         return self._conn
@@ -98,6 +111,9 @@ class Store:
         self._thread.join(timeout)
         self._thread = None
         self._readers.shutdown(wait=True)
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -176,9 +192,51 @@ class Store:
             log.exception("after-op hook failed")
         op.future.set_result(result)
 
-    def _write(self, batch: list) -> None:
+    # --- the spool ----------------------------------------------------------------------------------
+
+    def _spool_append(self, batch: list) -> None:
+        if self._spool is None:
+            return
+        data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        self._spool.write(struct.pack(">I", len(data)) + data)
+        self._spool.flush()
+        os.fsync(self._spool.fileno())
+
+    def _spool_clear(self) -> None:
+        if self._spool is not None:
+            self._spool.truncate(0)
+            self._spool.seek(0)
+
+    def _replay_spool(self) -> None:
+        """Apply batches a previous run spooled but may not have committed (a crash, kill -9)."""
+        try:
+            data = self.spool_path.read_bytes()
+        except FileNotFoundError:
+            return
+        pos, batches = 0, []
+        while pos + 4 <= len(data):
+            (n,) = struct.unpack(">I", data[pos : pos + 4])
+            if pos + 4 + n > len(data):
+                break  # a frame cut short by the crash: it was never acknowledged
+            try:
+                batches.append(pickle.loads(data[pos + 4 : pos + 4 + n]))
+            except Exception:
+                break
+            pos += 4 + n
+        for batch in batches:
+            self._write(batch, spool=False)
+        if batches:
+            log.info("replayed %d spooled batch(es) (%d records)", len(batches), sum(map(len, batches)))
+        self.spool_path.write_bytes(b"")
+
+    def _write(self, batch: list, spool: bool = True) -> None:
         if not batch:
             return
+        if spool:
+            try:
+                self._spool_append(batch)
+            except OSError as e:
+                log.error("spool write failed (%s); writing to DuckDB only", e)
         try:
             self._apply(batch)
             self.written += len(batch)
@@ -191,6 +249,8 @@ class Store:
                 except Exception as e1:
                     self.failed += 1
                     log.error("dropping record for %s: %s", getattr(rec, "table", "interception end"), e1)
+        if spool:
+            self._spool_clear()  # committed (or rejected for good): no longer needed for recovery
 
     def _apply(self, batch: list) -> None:
         inserts: dict[str, list[tuple]] = {}

@@ -1,0 +1,94 @@
+"""Records survive a crash: kill -9 under load, restart, and every interception whose response finished at
+least a second before the kill is in the database exactly once."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import threading
+import time
+
+from tests.support.fixtures import capture
+from tests.support.gateway import Gateway
+from tests.support.mock_upstream import Reply
+from tests.support.sdk import chat_call, openai_client
+
+
+def test_kill_9_under_load_loses_no_finished_interception(tmp_path, upstream):
+    upstream.reset()
+    cap = capture("openai/chatcompletions/simple.txtar")
+    upstream.default = Reply.from_capture(cap, False)
+    gw = Gateway(tmp_path / "durable", upstream.url).start()
+    token = gw.new_user("durable")
+    counter = itertools.count()
+    finished: list[tuple[str, float]] = []
+    stop = threading.Event()
+
+    def worker():
+        client = openai_client(gw, token)
+        while not stop.is_set():
+            model = f"dur-{next(counter)}"
+            try:
+                chat_call(client, {**cap.request, "model": model}, False)
+                finished.append((model, time.monotonic()))
+            except Exception:
+                return  # the gateway is gone
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    gw.proc.send_signal(signal.SIGKILL)
+    gw.stop(signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert len(finished) > 50
+
+    gw.start()  # replays the spool
+    try:
+        rows = gw.sql("SELECT model, count(*) AS n FROM aibridge_interceptions WHERE model LIKE 'dur-%' GROUP BY model")
+        counts = {r["model"]: r["n"] for r in rows}
+        safe = [m for m, t in finished if t <= killed_at - 1.0]
+        assert safe and all(counts.get(m) == 1 for m in safe), [m for m in safe if counts.get(m) != 1][:5]
+        assert all(n == 1 for n in counts.values())
+        completed = gw.sql("SELECT count(*) AS n FROM aibridge_interceptions i JOIN aibridge_token_usages t "
+                           "ON t.interception_id = i.id WHERE i.model IN (" + ",".join(f"'{m}'" for m in safe) + ")")
+        assert completed[0]["n"] == len(safe)  # usage rows too, once each
+    finally:
+        gw.stop()
+        upstream.reset()
+
+
+def test_spooled_batch_not_yet_in_duckdb_is_replayed_once_at_start_up(tmp_path):
+    """A crash after the spool fsync but before the DuckDB commit: the next start applies the batch once."""
+    import datetime as dt
+    import pickle
+    import struct
+
+    from aibridge_gw.store.writer import EndInterception, Insert, Store
+
+    db = tmp_path / "spool.duckdb"
+    first = Store(db)
+    first.open()  # create the schema, then simulate the crash below
+    first.close()
+    now = dt.datetime.now(dt.UTC)
+    iid = "11111111-2222-4333-8444-555555555555"
+    batch = [
+        Insert("aibridge_interceptions", (iid, None, "openai", "openai", "gpt-4.1", "Unknown", None, None, None,
+                                          None, "centralized", None, "in_progress", now, None, None, "openai.chat",
+                                          False, None, None)),
+        EndInterception(iid, ("completed", now, 200, None, "{}")),
+    ]
+    frame = pickle.dumps(batch)
+    torn = pickle.dumps([batch[0]])
+    spool = db.with_name(db.name + ".spool")
+    spool.write_bytes(struct.pack(">I", len(frame)) + frame + struct.pack(">I", len(torn)) + torn[:10])
+    for _ in range(2):  # a second start finds an empty spool and changes nothing
+        store = Store(db)
+        store.open()
+        rows = store.read(lambda c: c.execute("SELECT CAST(id AS VARCHAR), status, http_status FROM aibridge_interceptions").fetchall()).result()
+        store.close()
+        assert rows == [(iid, "completed", 200)]
+        assert spool.read_bytes() == b""
