@@ -27,7 +27,8 @@ def fgw(tmp_path_factory, upstream):
         {"name": "deadant", "type": "anthropic", "base_url": dead + "/", "key": UPSTREAM_ANTHROPIC_KEY},
         {"name": "deadoai", "type": "openai", "base_url": dead + "/v1/", "key": UPSTREAM_OPENAI_KEY},
     ], extra={"circuit_breaker": {"failures": 2, "open_seconds": 1, "half_open_requests": 1},
-              "limits": {"max_request_body_mb": 1}}).start()
+              "limits": {"max_request_body_mb": 1},
+              "timeouts": {"connect_seconds": 2, "response_seconds": 1.5, "stream_idle_seconds": 1}}).start()
     gw.token = gw.new_user("faulty")
     yield gw
     gw.stop()
@@ -35,6 +36,12 @@ def fgw(tmp_path_factory, upstream):
 
 def hi(model="claude-sonnet-4-0"):
     return {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def ended(gw, model):
+    """The finished interception for `model` (each test uses its own model name), once it is recorded."""
+    return gw.wait_for(f"SELECT * FROM aibridge_interceptions WHERE model = '{model}' AND status <> 'in_progress'",
+                       lambda rows: len(rows) == 1)[0]
 
 
 def latest(gw, n=1):
@@ -85,23 +92,127 @@ def test_overloaded_529_reaches_the_client_unchanged(fgw, mock):
     with pytest.raises(anthropic.APIStatusError) as e:
         anthropic_client(fgw, fgw.token).messages.create(**hi(model="claude-busy"))
     assert e.value.status_code == 529 and e.value.body["error"]["type"] == "overloaded_error"
-    assert latest(fgw)[0]["http_status"] == 529
+    assert ended(fgw, "claude-busy")["http_status"] == 529
 
 
-def test_stream_that_dies_midway_ends_failed_with_usage_seen(fgw, mock):
+def test_stream_that_dies_midway_ends_with_the_api_error_event_and_usage_seen(fgw, mock):
     reply = Reply.from_capture(capture("anthropic/simple.txtar"), True)
     reply.cut_after = 5
     mock.script(reply)
-    # mitmproxy closes the client's connection when the provider's dies: the SDK sees a truncated stream.
-    with pytest.raises(Exception, match="incomplete|closed|Connection"):
-        anthropic_call(anthropic_client(fgw, fgw.token), {**hi(model="claude-dies")}, True)
-    row = latest(fgw)[0]
-    assert row["model"] == "claude-dies" and row["status"] == "failed"
+    client = anthropic_client(fgw, fgw.token)
+    events = []
+    with pytest.raises(anthropic.APIStatusError) as e:
+        for ev in client.messages.create(stream=True, **hi(model="claude-dies")):
+            events.append(ev.type)
+    assert events[0] == "message_start" and "message_stop" not in events
+    assert "aibridge" in e.value.message and e.value.body["error"]["type"] == "api_error"
+    row = ended(fgw, "claude-dies")
+    assert row["status"] == "failed" and row["error"]
     usage = fgw.sql(f"SELECT input_tokens, output_tokens FROM aibridge_token_usages WHERE interception_id = '{row['id']}'")
     assert usage == [{"input_tokens": 18, "output_tokens": 1}]
-    # The gateway keeps serving.
-    mock.script(Reply.from_capture(capture("openai/chatcompletions/simple.txtar"), True))
-    assert chat_call(openai_client(fgw, fgw.token), capture("openai/chatcompletions/simple.txtar").request, True)
+    # The same client (and connection pool) keeps working: the gateway ended the stream, not the connection.
+    mock.script(Reply.from_capture(capture("anthropic/simple.txtar"), True))
+    assert anthropic_call(client, {**hi(model="claude-after")}, True)[-1].type == "message_stop"
+
+
+def test_chat_stream_that_dies_midway_raises_an_api_error_in_the_openai_sdk(fgw, mock):
+    cap = capture("openai/chatcompletions/simple.txtar")
+    reply = Reply.from_capture(cap, True)
+    reply.cut_after = 3
+    mock.script(reply)
+    seen = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in openai_client(fgw, fgw.token).chat.completions.create(
+                model="gpt-dies", messages=[{"role": "user", "content": "hi"}], stream=True):
+            seen.append(chunk)
+    assert len(seen) == 3 and "aibridge" in e.value.message
+    assert ended(fgw, "gpt-dies")["status"] == "failed"
+
+
+def test_responses_stream_that_dies_midway_ends_with_error_and_response_failed(fgw, mock):
+    cap = capture("openai/responses/streaming/simple.txtar")
+    reply = Reply.from_capture(cap, True)
+    reply.cut_after = 4
+    mock.script(reply)
+    events = list(openai_client(fgw, fgw.token).responses.create(model="gpt-resp-dies", input="hi", stream=True))
+    assert [ev.type for ev in events[-2:]] == ["error", "response.failed"]
+    seqs = [ev.sequence_number for ev in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # the gateway's events continue the numbering
+    assert "aibridge" in events[-2].message and events[-1].response.status == "failed"
+    row = ended(fgw, "gpt-resp-dies")
+    assert row["status"] == "failed"
+
+
+def test_stream_that_ends_without_its_final_event_gets_an_error_event(fgw, mock):
+    events = Reply.from_capture(capture("anthropic/simple.txtar"), True).events
+    mock.script(Reply.sse(events[:4]))  # a clean end of the HTTP body, but no message_stop
+    with pytest.raises(anthropic.APIStatusError, match="final event"):
+        anthropic_call(anthropic_client(fgw, fgw.token), hi(model="claude-short"), True)
+    row = ended(fgw, "claude-short")
+    assert row["status"] == "failed"
+
+
+def test_silent_stream_is_ended_after_the_idle_timeout(fgw, mock):
+    reply = Reply.from_capture(capture("anthropic/simple.txtar"), True)
+    reply.stall_after = 3
+    mock.script(reply)
+    t = time.monotonic()
+    with pytest.raises(anthropic.APIStatusError, match="silent for more than 1 s"):
+        anthropic_call(anthropic_client(fgw, fgw.token), hi(model="claude-silent"), True)
+    assert time.monotonic() - t < 10
+    row = ended(fgw, "claude-silent")
+    assert row["status"] == "failed" and "silent" in row["error"]
+    deadline = time.time() + 5
+    while mock.aborted == 0 and time.time() < deadline:  # the provider connection was closed, not left open
+        time.sleep(0.05)
+    assert mock.aborted == 1
+
+
+def test_provider_that_never_answers_times_out_with_504_in_provider_format(fgw, mock):
+    mock.script(Reply(**{**Reply.json({"object": "chat.completion"}).__dict__, "hang": 4}))
+    t = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as e:
+        openai_client(fgw, fgw.token).chat.completions.create(model="gpt-hangs", messages=[{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t < 4
+    assert e.value.status_code == 504 and "did not answer within 1.5 s" in e.value.message
+    assert e.value.body["type"] == "server_error"  # OpenAI's error shape: {"error": {...}}
+    row = ended(fgw, "gpt-hangs")
+    assert row["status"] == "failed" and "did not answer" in row["error"]
+
+
+@pytest.mark.parametrize("n,body", list(enumerate([b"<html>502 Bad Gateway</html>", b"[1, 2]", b'{"truncated": '])))
+def test_blocking_200_that_is_not_json_becomes_a_502_in_provider_format(fgw, mock, n, body):
+    mock.script(Reply(200, {"content-type": "application/json"}, body))
+    with pytest.raises(anthropic.InternalServerError) as e:
+        anthropic_client(fgw, fgw.token).messages.create(**hi(model=f"claude-garbled-{n}"))
+    assert e.value.status_code == 502 and e.value.body["error"]["type"] == "api_error"
+    row = ended(fgw, f"claude-garbled-{n}")
+    assert row["status"] == "failed" and row["http_status"] == 200
+
+
+def test_client_disconnect_mid_stream_cancels_upstream_and_leaks_nothing(fgw, mock):
+    health = lambda: httpx.get(fgw.url + "/aibridge/healthz", trust_env=False).json()
+    before = health()
+    reply = Reply.from_capture(capture("anthropic/simple.txtar"), True, delay=0.2)
+    mock.script(reply)
+    with httpx.Client(trust_env=False, timeout=10) as c:
+        with c.stream("POST", fgw.url + "/anthropic/v1/messages", json={**hi(model="claude-leaves"), "stream": True},
+                      headers={"x-api-key": fgw.token}) as r:
+            chunks = r.iter_raw()
+            next(chunks), next(chunks)
+            assert health()["inflight"] == 1
+    # The client is gone: the provider's connection is closed too, and the interception ends.
+    deadline = time.time() + 10
+    while time.time() < deadline and not (mock.aborted == 1 and mock.active == 0 and health()["inflight"] == 0):
+        time.sleep(0.1)
+    assert mock.aborted == 1 and mock.active == 0
+    after = health()
+    assert after["inflight"] == 0
+    assert after["connections"] <= before["connections"] and after["tasks"] <= before["tasks"]
+    row = ended(fgw, "claude-leaves")
+    assert row["status"] == "failed"
+    usage = fgw.sql(f"SELECT input_tokens FROM aibridge_token_usages WHERE interception_id = '{row['id']}'")
+    assert usage == [{"input_tokens": 18}]
 
 
 def test_oversized_body_is_413_in_provider_format(fgw, mock):
@@ -123,8 +234,8 @@ def test_gzip_request_body_is_parsed_and_forwarded(fgw, mock):
     seen = mock.seen[0]
     raw = gzip.decompress(seen.body) if seen.headers.get("content-encoding") == "gzip" else seen.body
     assert json.loads(raw)["model"] == "gpt-gzip"
-    row = latest(fgw)[0]
-    assert row["model"] == "gpt-gzip" and row["status"] == "completed"
+    row = ended(fgw, "gpt-gzip")
+    assert row["status"] == "completed"
 
 
 @pytest.mark.parametrize("body", [b"\xff\xfe{\"model\": 1}", b'{"model": "m", "messages": [1, 2]}',
@@ -145,4 +256,4 @@ def test_many_messages_and_tools_are_handled(fgw, mock):
     r = httpx.post(fgw.url + "/anthropic/v1/messages", json=body, trust_env=False, timeout=30,
                    headers={"x-api-key": fgw.token})
     assert r.status_code == 200
-    assert latest(fgw)[0]["model"] == "claude-many"
+    assert ended(fgw, "claude-many")["status"] == "completed"

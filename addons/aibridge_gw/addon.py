@@ -8,9 +8,11 @@ import functools
 import hmac
 import json
 import logging
+import time
 from pathlib import Path
 
 from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy.log import LegacyLogEvents
 from mitmproxy.net.http.url import hostport
 
 from .auth import (
@@ -33,8 +35,10 @@ from .config import Config, ConfigError, load_config
 from .control import CONTROL_PATH, remove_runtime_file, write_runtime_file
 from .breaker import CircuitBreakers, is_failure
 from .errors import error_response, install_json_error_pages
+from . import upstream_faults
+from .upstream_faults import ClientEnding, UpstreamWatch
 from .records import BadRequest, ResponseSummary
-from .recording import META_KEY, Interception, Recorder, at, conclude, is_sse
+from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, Recorder, at, conclude, is_sse
 from .routing import Route, Router
 from .admin_api import PREFIX as API_PREFIX
 from .admin_api import AdminApi
@@ -49,6 +53,10 @@ from .store import ops
 from .store.writer import Store
 
 log = logging.getLogger("aibridge")
+# One line per interception. Wired to the terminal handlers directly (see `running`): through the root logger
+# every record also becomes mitmproxy's deprecated `add_log` hook, a cross-thread call and a dispatch to every
+# addon — too much to pay on each request.
+interception_log = logging.getLogger("aibridge.interceptions")
 # Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
 for _noisy in ("httpx", "httpcore", "mcp"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -75,6 +83,8 @@ class Gateway:
         self.breakers: CircuitBreakers | None = None
         self.loop_lag_max = 0.0  # longest event-loop stall seen (seconds), for operators and scripts/bench
         self._lag_watch: asyncio.Task | None = None
+        self._upstream_watch: asyncio.Task | None = None
+        self.watch: UpstreamWatch | None = None
         self._breaker_keys: dict[str, tuple] = {}
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
@@ -88,6 +98,7 @@ class Gateway:
 
     def load(self, loader) -> None:
         install_json_error_pages()
+        upstream_faults.install(self._client_ending)
         loader.add_option(
             "aibridge_config", str, "",
             "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
@@ -125,6 +136,10 @@ class Gateway:
             self.loop.registry = self.mcp
         if self.metrics is None:
             self.metrics = Metrics(config.metrics_prefix)
+        if self.watch is None:
+            self.watch = UpstreamWatch(config.timeouts)
+        else:
+            self.watch.timeouts = config.timeouts
         self.breakers = CircuitBreakers(config.breaker_failures, config.breaker_open_seconds,
                                         config.breaker_half_open_requests, self._breaker_changed)
         if self.json_log is not None:
@@ -175,9 +190,9 @@ class Gateway:
             log.info("aibridge: capturing intercepted flows to %s", directory)
 
     def _breaker_changed(self, key: tuple, state: int, tripped: bool) -> None:
-        self.metrics.breaker_state.labels(*key).set(state)
+        self.metrics.child(self.metrics.breaker_state, *key).set(state)
         if tripped:
-            self.metrics.breaker_trips.labels(*key).inc()
+            self.metrics.child(self.metrics.breaker_trips, *key).inc()
             log.warning("circuit breaker opened for %s %s %s", *key)
 
     def _reload_tokens(self, conn) -> None:
@@ -192,6 +207,11 @@ class Gateway:
             self._retention = asyncio.create_task(self._prune_periodically())
         if self._lag_watch is None:
             self._lag_watch = asyncio.create_task(self._watch_event_loop())
+        if self._upstream_watch is None:
+            self._upstream_watch = asyncio.create_task(self._watch_upstreams())
+        direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
+        if direct:
+            interception_log.handlers, interception_log.propagate = direct, False
         if self.mcp is not None and self.loop is None:
             verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
             if ctx.options.ssl_insecure:
@@ -223,6 +243,28 @@ class Gateway:
                 self.loop_lag_max = lag
                 self.metrics.loop_lag_max.set(lag)
 
+    async def _watch_upstreams(self) -> None:
+        """Timeouts for provider connections (mitmproxy itself only times out idle client connections)."""
+        while True:
+            await asyncio.sleep(self.watch.interval())
+            if self.live:
+                self.watch.check([(ic.flow, ic.forwarded_at, ic.tap) for ic in self.live.values()
+                                  if ic.flow is not None and not ic.via_loop])
+
+    def _client_ending(self, flow: http.HTTPFlow, message: str) -> ClientEnding | None:
+        """The provider failed this exchange: what its client should get (None: mitmproxy's default)."""
+        ic = self.live.get(flow.id)
+        if ic is None:
+            return None
+        reason = self.watch.reasons.get(flow.id) if self.watch else None
+        text = reason or f"the provider's connection failed: {message}"
+        resp = flow.response
+        if resp is not None and resp.stream:  # the client has the headers: end its stream the API's way
+            if not isinstance(ic.tap, StreamTap):
+                return None
+            return ClientEnding(text, stream_tail=ic.tap.upstream_failed(text))
+        return ClientEnding(text, response=error_response(ic.provider_type, 504 if reason else 502, f"aibridge: {text}"))
+
     async def _prune_periodically(self) -> None:
         """Retention: delete records older than retention_days, at start-up and then hourly."""
         while True:
@@ -239,10 +281,10 @@ class Gateway:
 
     def done(self) -> None:
         """Graceful shutdown: every queued record reaches DuckDB before the file closes."""
-        for task in (self._retention, self._lag_watch):
+        for task in (self._retention, self._lag_watch, self._upstream_watch):
             if task is not None:
                 task.cancel()
-        self._retention = self._lag_watch = None
+        self._retention = self._lag_watch = self._upstream_watch = None
         if self.json_log is not None:
             self.json_log.close()
         for ic in list(self.live.values()):
@@ -335,7 +377,8 @@ class Gateway:
                 flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
             return  # proxied traffic to a non-AI host: not ours to touch
 
-        ident = self._identify(flow, route)
+        hv = header_view(req.headers)
+        ident = self._identify(flow, route, hv)
         if ident is None:
             return
         if len(req.raw_content or b"") > self.config.max_request_body_bytes:  # chunked uploads: no length header
@@ -348,7 +391,7 @@ class Gateway:
             return
         adapter = None
         if route.api and req.method == "POST":
-            begun = self._begin(flow, route, ident)
+            begun = self._begin(flow, route, ident, hv)
             if begun is None:
                 return
             ic, body = begun
@@ -372,14 +415,17 @@ class Gateway:
             self.recorder.started(ic)
             self.live[flow.id] = ic
             flow.metadata[META_KEY] = ic.to_metadata()
-            self.metrics.inflight.labels(ic.provider_name, ic.info.model, ic.upstream_path).inc()
+            self.metrics.child(self.metrics.inflight, ic.provider_name, ic.info.model, ic.upstream_path).inc()
         else:
             self.passthrough_total += 1
             self._passthrough.add(flow.id)
-            self.metrics.passthrough.labels(route.provider.name, route.upstream_path.split("?")[0], req.method).inc()
+            self.metrics.child(self.metrics.passthrough, route.provider.name, route.upstream_path.split("?")[0], req.method).inc()
         self._to_upstream(flow, route, ident)
         if adapter is not None:
             self._to_loop(flow, route, ident, adapter)
+        ic = self.live.get(flow.id)
+        if ic is not None:
+            ic.flow, ic.forwarded_at = flow, time.time()
 
     async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
         """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
@@ -411,11 +457,10 @@ class Gateway:
         req.path = path
         self.live[flow.id].via_loop = True
 
-    def _identify(self, flow: http.HTTPFlow, route: Route) -> Identity | None:
-        req = flow.request
+    def _identify(self, flow: http.HTTPFlow, route: Route, hv: dict[str, str]) -> Identity | None:
         proxy_actor = self.proxy_actors.get(flow.client_conn.id)
-        if proxy_actor is None and req.headers.get("proxy-authorization"):  # plain-HTTP proxy requests
-            proxy_actor = self.tokens.lookup(proxy_token(req.headers["proxy-authorization"]))
+        if proxy_actor is None and hv.get("proxy-authorization"):  # plain-HTTP proxy requests
+            proxy_actor = self.tokens.lookup(proxy_token(hv["proxy-authorization"]))
             if proxy_actor is None:
                 flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n", PROXY_AUTH_REQUIRED)
                 return None
@@ -423,13 +468,14 @@ class Gateway:
             flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
             return None
         try:
-            return identify(req.headers, proxy_actor, self.tokens, self.config.proxy.byok)
+            return identify(hv, proxy_actor, self.tokens, self.config.proxy.byok)
         except AuthRefused as e:
             self.rejected_total += 1
             flow.response = error_response(route.provider.type, 401, str(e))
             return None
 
-    def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> tuple[Interception, dict] | None:
+    def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity, hv: dict[str, str]
+               ) -> tuple[Interception, dict] | None:
         req = flow.request
         codec = BY_API[route.api]
         try:
@@ -453,9 +499,9 @@ class Gateway:
             provider_type=route.provider.type,
             provider_name=route.provider.name,
             api=route.api,
-            client=detect_client(req.headers),
-            user_agent=req.headers.get("user-agent"),
-            session_id=detect_session(req.headers, info.session_hint),
+            client=detect_client(hv),
+            user_agent=hv.get("user-agent"),
+            session_id=detect_session(hv, info.session_hint),
             credential_kind="byok" if byok else "centralized",
             credential_hint=mask(byok or route.provider.key),
             upstream_path=route.upstream_path.split("?")[0],
@@ -469,18 +515,15 @@ class Gateway:
         req.scheme, req.host, req.port = prov.scheme, prov.host, prov.port
         req.host_header = hostport(prov.scheme, prov.host, prov.port)
         req.path = route.upstream_path
-        for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",):
-            req.headers.pop(h, None)
+        # One pass over the raw header fields (mitmproxy's Headers API is per-call costly on this hot path).
+        live = flow.id in self.live
+        drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
+        fields = [f for f in req.headers.fields if f[0].lower() not in drop and not (live and f[0].lower() == b"accept-encoding")]
         if ident.byok_credential is None:
-            for h in CREDENTIAL_HEADERS:
-                req.headers.pop(h, None)
-            if prov.type == "anthropic":
-                req.headers["x-api-key"] = prov.key
-            else:
-                req.headers["authorization"] = f"Bearer {prov.key}"
-        if flow.id in self.live:
-            # The stream tap parses bytes as they pass: ask for them uncompressed.
-            req.headers["accept-encoding"] = "identity"
+            fields.append(prov.auth_header)
+        if live:
+            fields.append((b"accept-encoding", b"identity"))  # the stream tap parses bytes as they pass
+        req.headers.fields = tuple(fields)
 
     # --- response ----------------------------------------------------------------------------------
 
@@ -498,21 +541,29 @@ class Gateway:
             flow.response.stream = ic.tap
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+        ic, error = self._finish(flow)
+        if error in (NOT_JSON, NOT_OBJECT) and flow.live and 200 <= flow.response.status_code < 300:
+            # An SDK cannot parse this; say what happened in the provider's format (the record keeps the truth).
+            flow.response = error_response(ic.provider_type, 502,
+                                           f"aibridge: the provider's {error}")
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
 
-    def _finish(self, flow: http.HTTPFlow) -> None:
+    def _finish(self, flow: http.HTTPFlow) -> tuple[Interception | None, str | None]:
+        """Record how the exchange ended; returns the interception (None if not ours) and its error."""
         if not flow.live:
             if self.recorder is not None:  # mitmdump -nr <saved flows>: rebuild their audit rows
                 self.recorder.replay(flow)
-            return
+            return None, None
         self._passthrough.discard(flow.id)
         key = self._breaker_keys.pop(flow.id, None)
         ic = self.live.pop(flow.id, None)
         if ic is None:
-            return
+            return None, None
+        ic.flow = None
+        if self.watch is not None:
+            self.watch.reasons.pop(flow.id, None)
         summary, status_code, error, ended_at = conclude(ic, flow)
         if key is not None and not _client_gone(flow):
             self.breakers.record(key, not is_failure(status_code, flow.response is None))
@@ -524,23 +575,24 @@ class Gateway:
                 self.budgets.record(ic.user_id, ic.started_at, summary.model or ic.info.model, summary.usages)
             self._observe(ic, summary, status, status_code, error, ended_at)
             u = summary.usages
-            log.info(
+            interception_log.info(
                 "interception %s user=%s provider=%s model=%s status=%s in=%d out=%d tools=%d%s",
                 ic.id, ic.user_name, ic.provider_name, ic.info.model, status,
                 sum(x.input_tokens for x in u), sum(x.output_tokens for x in u), len(summary.tool_calls),
                 f" error={error!r}" if error else "",
             )
+        return ic, error
 
     def _observe(self, ic: Interception, summary: ResponseSummary, status: str, status_code, error, ended_at) -> None:
         """Metrics and the structured interception log for one finished interception."""
         m = self.metrics
         model = ic.info.model
-        m.inflight.labels(ic.provider_name, model, ic.upstream_path).dec()
-        m.interceptions.labels(ic.provider_name, model, status, ic.upstream_path, "POST", ic.user_id, ic.client).inc()
+        m.child(m.inflight, ic.provider_name, model, ic.upstream_path).dec()
+        m.child(m.interceptions, ic.provider_name, model, status, ic.upstream_path, "POST", ic.user_id, ic.client).inc()
         duration = (ended_at - ic.started_at).total_seconds()
-        m.duration.labels(ic.provider_name, model).observe(max(duration, 0.0))
+        m.child(m.duration, ic.provider_name, model).observe(max(duration, 0.0))
         if ic.info.prompt:
-            m.prompts.labels(ic.provider_name, model, ic.user_id, ic.client).inc()
+            m.child(m.prompts, ic.provider_name, model, ic.user_id, ic.client).inc()
         totals = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0}
         for u in summary.usages:
             totals["input"] += u.input_tokens
@@ -549,13 +601,13 @@ class Gateway:
             totals["cache_write"] += u.cache_write_input_tokens
         for kind, n in totals.items():
             if n:
-                m.tokens.labels(ic.provider_name, model, kind, ic.user_id, ic.client).inc(n)
+                m.child(m.tokens, ic.provider_name, model, kind, ic.user_id, ic.client).inc(n)
         injected = [t for t in summary.tool_calls if t.injected]
         for t in injected:
-            m.injected_tools.labels(ic.provider_name, model, t.name, "error" if t.error else "ok").inc()
+            m.child(m.injected_tools, ic.provider_name, model, t.name, "error" if t.error else "ok").inc()
         for t in summary.tool_calls:
             if not t.injected:
-                m.client_tools.labels(ic.provider_name, model, t.name).inc()
+                m.child(m.client_tools, ic.provider_name, model, t.name).inc()
         if self.json_log is not None:
             self.json_log.write({
                 "msg": "interception log", "interception_id": ic.id, "user": ic.user_name, "user_id": ic.user_id,
@@ -582,6 +634,8 @@ class Gateway:
                 "records_written": self.store.written if self.store else 0,
                 "records_failed": self.store.failed if self.store else 0,
                 "event_loop_lag_max_ms": round(self.loop_lag_max * 1000, 2),
+                "connections": len(getattr(ctx.master.addons.get("proxyserver"), "connections", ())),
+                "tasks": len(asyncio.all_tasks()),
             })
             if "reset_lag=1" in req.path:
                 self.loop_lag_max = 0.0
@@ -627,6 +681,20 @@ class Gateway:
             flow.response = error_response(None, 500, f"{type(e).__name__}: {e}")
             return
         flow.response = _json(200, {"result": result})
+
+
+_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",))
+_DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+def header_view(headers: http.Headers) -> dict[str, str]:
+    """The request's headers as a plain dict with lower-case names (repeated ones joined, as Headers does)."""
+    out: dict[str, str] = {}
+    for k, v in headers.fields:
+        name = k.decode("latin-1").lower()
+        value = v.decode("utf-8", "surrogateescape")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
 
 
 def _client_gone(flow: http.HTTPFlow) -> bool:

@@ -37,6 +37,13 @@ class ProviderInstance:
     key_source: str
     hosts: tuple[str, ...]
 
+    @property
+    def auth_header(self) -> tuple[bytes, bytes]:
+        """The upstream credential as a raw header field, in this provider type's scheme."""
+        if self.type == "anthropic":
+            return b"x-api-key", (self.key or "").encode()
+        return b"authorization", f"Bearer {self.key or ''}".encode()
+
 
 @dataclass(frozen=True)
 class ProxyPolicy:
@@ -84,6 +91,13 @@ class McpSettings:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    connect: float = 10.0  # TCP connect to the provider
+    response: float = 600.0  # request sent → response headers, and for blocking calls → whole body
+    stream_idle: float = 300.0  # longest silence between two chunks of a stream
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     providers: tuple[ProviderInstance, ...]
@@ -100,6 +114,7 @@ class Config:
     breaker_open_seconds: float = 30.0
     breaker_half_open_requests: int = 3
     max_request_body_bytes: int = 32 * 1024 * 1024
+    timeouts: Timeouts = Timeouts()
     budgets: dict = field(default_factory=dict, hash=False, compare=False)  # {"default": Limits, "users": {name: Limits}}
 
     def provider(self, name: str) -> ProviderInstance | None:
@@ -179,7 +194,27 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         budgets=_parse_budgets(raw.get("budgets") or {}),
         **_parse_breaker(raw.get("circuit_breaker") or {}),
         max_request_body_bytes=int(float((raw.get("limits") or {}).get("max_request_body_mb", 32)) * 1024 * 1024),
+        timeouts=_parse_timeouts(raw.get("timeouts") or {}),
     )
+
+
+def _parse_timeouts(d) -> Timeouts:
+    if not isinstance(d, dict):
+        raise ConfigError("timeouts: must be a mapping")
+    names = {"connect_seconds": "connect", "response_seconds": "response", "stream_idle_seconds": "stream_idle"}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ConfigError(f"timeouts: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(names)}")
+    values = {}
+    for key, attr in names.items():
+        if key in d:
+            try:
+                values[attr] = float(d[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"timeouts.{key}: must be a number of seconds") from None
+            if values[attr] <= 0:
+                raise ConfigError(f"timeouts.{key}: must be positive")
+    return Timeouts(**values)
 
 
 def _parse_breaker(d) -> dict:

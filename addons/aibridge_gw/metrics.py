@@ -11,6 +11,7 @@ class Metrics:
 
     def __init__(self, prefix: str = "aibridge_") -> None:
         r = self.registry = CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         p = prefix
         self.interceptions = Counter(f"{p}interceptions_total", "Intercepted requests by outcome.",
                                      ["provider", "model", "status", "route", "method", "initiator_id", "client"],
@@ -36,6 +37,14 @@ class Metrics:
         self.loop_lag_max = Gauge(f"{p}event_loop_lag_max_seconds", "Longest event-loop stall seen.", registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
                                     ["provider", "model", "name"], registry=r)
+
+    def child(self, metric, *labels):
+        """metric.labels(*labels), memoised: labels() validates and locks on every call, and this is per request."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,7 +13,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import ModuleType
 
 from mitmproxy import http
@@ -64,15 +64,16 @@ class Interception:
     tap: StreamTap | None = field(default=None, repr=False)
     ended: bool = False
     via_loop: bool = False
+    flow: http.HTTPFlow | None = field(default=None, repr=False)  # while live, for the upstream timeouts
+    forwarded_at: float = 0.0  # when the request went upstream (epoch seconds)
 
     @property
     def codec(self) -> ModuleType:
         return BY_API[self.api]
 
     def to_metadata(self) -> dict:
-        d = asdict(self)
-        for k in ("info", "tap", "ended", "via_loop"):
-            d.pop(k)
+        """The facts a saved flow needs to be recorded again (plain values; JSON- and tnetstring-safe)."""
+        d = {k: getattr(self, k) for k in _METADATA_FIELDS}
         d["started_at"] = self.started_at.timestamp()
         return d
 
@@ -81,6 +82,11 @@ class Interception:
         fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         fields["started_at"] = at(d["started_at"])
         return cls(**fields, info=info)
+
+
+_METADATA_FIELDS = tuple(f for f in Interception.__dataclass_fields__
+                        if f not in ("info", "tap", "ended", "via_loop", "flow", "forwarded_at"))
+NOT_JSON, NOT_OBJECT = "response body is not JSON", "response body is not a JSON object"
 
 
 def is_sse(resp: http.Response | None) -> bool:
@@ -131,9 +137,9 @@ def _summarize_body(ic: Interception, resp: http.Response) -> tuple[ResponseSumm
     try:
         body = json.loads(resp.content or b"")
     except ValueError:
-        return ResponseSummary(), ("response body is not JSON" if resp.status_code < 400 else None)
+        return ResponseSummary(), (NOT_JSON if resp.status_code < 400 else None)
     if not isinstance(body, dict):
-        return ResponseSummary(), "response body is not a JSON object"
+        return ResponseSummary(), NOT_OBJECT
     summary = ic.codec.summarize(body)
     return summary, summary.error
 

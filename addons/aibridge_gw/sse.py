@@ -28,6 +28,16 @@ class SSEParser:
         self._saw_cr = False  # last chunk ended in CR: a leading LF in the next one belongs to it
         self.overflowed = False
 
+    @property
+    def pending_line(self) -> bool:
+        """Bytes of an unfinished line are buffered (the client has them too)."""
+        return bool(self._buf)
+
+    @property
+    def pending_event(self) -> bool:
+        """Fields of an event whose terminating blank line has not come yet."""
+        return bool(self._data or self._event)
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Parse a chunk; b"" marks the end of the stream and flushes a trailing event."""
         if self.overflowed:

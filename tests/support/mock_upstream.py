@@ -23,6 +23,8 @@ class Reply:
     events: list[bytes] | None = None  # SSE events, sent one chunk each
     delay: float = 0.0  # seconds between events
     cut_after: int | None = None  # die (close the connection mid-stream) after this many events
+    stall_after: int | None = None  # go silent after this many events, holding the connection until it is closed
+    hang: float = 0.0  # seconds to wait before answering at all
 
     @classmethod
     def json(cls, obj, status: int = 200) -> "Reply":
@@ -61,6 +63,8 @@ class MockUpstream:
         self.default: Reply | None = None  # answers when nothing is scripted
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
+        self.active = 0  # requests being answered right now
+        self.aborted = 0  # streamed replies the other side stopped reading (connection closed under us)
         mock = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,6 +74,15 @@ class MockUpstream:
                 pass
 
             def _handle(self):
+                with mock.lock:
+                    mock.active += 1
+                try:
+                    self._answer()
+                finally:
+                    with mock.lock:
+                        mock.active -= 1
+
+            def _answer(self):
                 n = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(n) if n else b""
                 with mock.lock:
@@ -82,13 +95,18 @@ class MockUpstream:
                         reply = Reply.json({"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
                     else:
                         reply = Reply.json({"error": {"message": "mock: no reply scripted"}}, 599)
+                if reply.hang:
+                    time.sleep(reply.hang)
                 self.send_response(reply.status)
                 for k, v in reply.headers.items():
                     self.send_header(k, v)
                 if reply.events is None:
                     self.send_header("content-length", str(len(reply.body)))
                     self.end_headers()
-                    self.wfile.write(reply.body)
+                    try:
+                        self.wfile.write(reply.body)
+                    except (BrokenPipeError, ConnectionResetError):  # the gateway gave up on us (timeouts)
+                        self.close_connection = True
                     return
                 self.send_header("transfer-encoding", "chunked")
                 self.send_header("cache-control", "no-cache")
@@ -100,6 +118,13 @@ class MockUpstream:
                             self.close_connection = True
                             self.connection.shutdown(2)
                             return
+                        if reply.stall_after is not None and i >= reply.stall_after:
+                            self.connection.settimeout(30)
+                            self.connection.recv(1)  # returns when the gateway closes the connection
+                            self.close_connection = True
+                            with mock.lock:
+                                mock.aborted += 1
+                            return
                         if i and reply.delay:
                             time.sleep(reply.delay)
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
@@ -107,7 +132,9 @@ class MockUpstream:
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    self.close_connection = True
+                    with mock.lock:
+                        mock.aborted += 1
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
@@ -141,3 +168,4 @@ class MockUpstream:
             self.default = None
             self.replies.clear()
             self.seen.clear()
+            self.aborted = 0

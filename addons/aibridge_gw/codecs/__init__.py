@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from types import ModuleType
 
 from ..records import ResponseSummary
@@ -27,10 +28,12 @@ BY_API: dict[str, ModuleType] = {
 class StreamTap:
     """A ``flow.response.stream`` callable: passes every chunk on unchanged and parses it on the way.
 
-    Runs on mitmproxy's event loop, so it only parses; a parse failure stops parsing, never the stream.
+    Runs on mitmproxy's event loop, so it only parses; a parse failure stops parsing, never the stream. When the
+    stream ends without the API's final event (or with output that could not be parsed), it appends the API's
+    own error event so SDKs raise an error instead of returning a silently truncated answer.
     """
 
-    __slots__ = ("codec", "parser", "summary", "broken", "bytes_seen")
+    __slots__ = ("codec", "parser", "summary", "broken", "bytes_seen", "last_activity", "closed")
 
     def __init__(self, codec: ModuleType) -> None:
         self.codec = codec
@@ -38,8 +41,13 @@ class StreamTap:
         self.summary = ResponseSummary()
         self.broken: str | None = None
         self.bytes_seen = 0
+        self.last_activity = time.monotonic()  # for the stream idle timeout
+        self.closed = False  # the client got the end of the stream (normal or gateway-made)
 
     def __call__(self, chunk: bytes) -> bytes:
+        self.last_activity = time.monotonic()
+        if not chunk:
+            return self._end()
         self.bytes_seen += len(chunk)
         if self.broken is None:
             try:
@@ -49,3 +57,28 @@ class StreamTap:
                 self.broken = f"{type(e).__name__}: {e}"
                 log.warning("stream parse stopped: %s", self.broken)
         return chunk
+
+    def _end(self) -> bytes:
+        if self.closed:
+            return b""
+        self.closed = True
+        if self.broken is None:
+            try:
+                for ev in self.parser.feed(b""):
+                    self.codec.on_event(ev, self.summary)
+            except Exception as e:
+                self.broken = f"{type(e).__name__}: {e}"
+        s = self.summary
+        if s.error or (s.complete and self.broken is None):
+            return b""
+        why = f"unparseable event ({self.broken})" if self.broken else "the stream ended before its final event"
+        return self.codec.stream_error_event(f"aibridge: upstream {why}", s)
+
+    def upstream_failed(self, message: str) -> bytes:
+        """The provider's connection died (or timed out) mid-stream: the error event that ends the client's."""
+        if self.closed:
+            return b""
+        self.closed = True
+        p = self.parser
+        lead = b"\n\n" if p.pending_line else (b"\n" if p.pending_event else b"")
+        return lead + self.codec.stream_error_event(f"aibridge: {message}", self.summary)

@@ -16,7 +16,7 @@ from ..records import (
     json_text,
 )
 from ..sse import SSEEvent
-from .common import load_json_event, require_model, require_stream_flag, text_of
+from .common import load_json_event, require_model, require_stream_flag, sse_bytes, text_of
 
 TOOL_BLOCKS = ("tool_use", "server_tool_use")
 _SESSION_RE = re.compile(r"session_([0-9a-fA-F-]{36})")
@@ -184,3 +184,9 @@ def finish_stream(s: ResponseSummary) -> None:
     if st is not None:
         for idx in list(st.blocks):
             _close_block(st.blocks.pop(idx), s)
+
+
+def stream_error_event(message: str, s: ResponseSummary) -> bytes:
+    """What the API sends when a stream fails after it started (the SDKs raise it as an APIError)."""
+    kind = "overloaded_error" if "overloaded" in message.lower() else "api_error"
+    return sse_bytes({"type": "error", "error": {"type": kind, "message": message}}, "error")

@@ -51,3 +51,9 @@ def load_json_event(data: str):
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def sse_bytes(obj: dict, event: str | None = None) -> bytes:
+    """One SSE event as the providers frame it."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()

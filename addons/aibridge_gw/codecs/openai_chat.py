@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..records import BadRequest, RequestInfo, ResponseSummary, Thought, TokenUsage, ToolCall, as_int
 from ..sse import SSEEvent
-from .common import load_json_event, require_model, require_stream_flag, text_of
+from .common import load_json_event, require_model, require_stream_flag, sse_bytes, text_of
 
 
 def parse_request(body: dict) -> RequestInfo:
@@ -141,3 +141,8 @@ def summarize(body: dict) -> ResponseSummary:
     if isinstance(body.get("usage"), dict):
         s.usages.append(_usage(body["usage"], s.response_id))
     return s
+
+
+def stream_error_event(message: str, s: ResponseSummary) -> bytes:
+    """Chat Completions reports a failure mid-stream as a data line holding an `error` object."""
+    return sse_bytes({"error": {"message": message, "type": "server_error", "param": None, "code": None}})

@@ -13,7 +13,7 @@ from ..records import (
     json_text,
 )
 from ..sse import SSEEvent
-from .common import load_json_event, require_model, require_stream_flag, text_of
+from .common import load_json_event, require_model, require_stream_flag, sse_bytes, text_of
 
 # Output items that are tool calls run by the provider itself; recorded under their type.
 _BUILTIN_CALLS = (
@@ -117,6 +117,9 @@ def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
     if obj is None:
         return
     kind = obj.get("type") or ev.event
+    seq = obj.get("sequence_number")
+    if isinstance(seq, int):
+        s.state = seq  # the last sequence number, so an event the gateway adds continues the count
     if kind in ("response.created", "response.in_progress"):
         resp = obj.get("response") or {}
         s.response_id = resp.get("id") or s.response_id
@@ -148,3 +151,15 @@ def summarize(body: dict) -> ResponseSummary:
             _output_item(item, s)
     _response_status(body, s)
     return s
+
+
+def stream_error_event(message: str, s: ResponseSummary) -> bytes:
+    """An `error` event, then `response.failed`: the SDK raises on the first, Codex ends its turn on the second."""
+    seq = (s.state if isinstance(s.state, int) else 0) + 1
+    err = {"type": "error", "code": "server_error", "message": message, "param": None, "sequence_number": seq}
+    failed = {
+        "type": "response.failed", "sequence_number": seq + 1,
+        "response": {"id": s.response_id, "object": "response", "status": "failed", "model": s.model,
+                     "error": {"code": "server_error", "message": message}, "output": [], "usage": None},
+    }
+    return sse_bytes(err, "error") + sse_bytes(failed, "response.failed")

@@ -50,9 +50,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 # Columns an interception's end sets; the row was inserted when the request arrived.
 END_COLUMNS = ("status", "ended_at", "http_status", "error", "metadata")
 _END_INDEX = {c: COLUMNS["aibridge_interceptions"].index(c) for c in END_COLUMNS}
-ROWS_PER_STATEMENT = 64  # small statements: DuckDB binds parameters holding the GIL, stalling the loop
-# Typed placeholders: a VALUES list of NULLs alone gives DuckDB nothing to infer a type from.
-_END_ROW = "(?::UUID, ?::VARCHAR, ?::TIMESTAMPTZ, ?::INTEGER, ?::VARCHAR, ?::JSON)"
+BATCH_WINDOW = 0.1  # seconds records may wait in memory before their batch is spooled and committed
+MAX_BATCH = 2000  # records per transaction (binding them holds the GIL; keep each bind short)
 
 
 @dataclass(slots=True)
@@ -96,6 +95,12 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = duckdb.connect(str(self.path))
         migrate(self._conn)
+        # Column types, for typed list parameters (a list of NULLs alone gives DuckDB no type to infer).
+        self._types: dict[str, dict[str, str]] = {}
+        for table, column, dtype in self._conn.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_name LIKE 'aibridge_%'"
+        ).fetchall():
+            self._types.setdefault(table, {})[column] = dtype
         if self.spool_path is not None:
             self._replay_spool()
             self._spool = open(self.spool_path, "ab")
@@ -149,9 +154,10 @@ class Store:
         stop = False
         while not stop:
             item = self._q.get()
-            # Under load, let records gather briefly: one commit per ~10 ms instead of one per record.
-            if self._q.qsize() < 64:
-                time.sleep(0.01)
+            # Let records gather: DuckDB is columnar, and a commit costs about the same for 1 row as for 100,
+            # so one commit per window instead of one per record. The spool keeps the window crash-safe.
+            if self._q.qsize() < MAX_BATCH:
+                time.sleep(BATCH_WINDOW)
             batch = []
             while True:
                 if item is _STOP:
@@ -162,7 +168,7 @@ class Store:
                     self._run_op(item)
                 else:
                     batch.append(item)
-                if len(batch) >= 5000:
+                if len(batch) >= MAX_BATCH:
                     break
                 try:
                     item = self._q.get_nowait()
@@ -238,13 +244,16 @@ class Store:
             except OSError as e:
                 log.error("spool write failed (%s); writing to DuckDB only", e)
         try:
-            self._apply(batch)
+            try:
+                self._apply(batch)
+            except duckdb.ConstraintException:
+                self._apply(batch, tolerant=True)  # rows of a replayed spool or flow that are there already
             self.written += len(batch)
         except Exception as e:
             log.warning("batch of %d records failed (%s); retrying one by one", len(batch), e)
             for rec in batch:
                 try:
-                    self._apply([rec])
+                    self._apply([rec], tolerant=True)
                     self.written += 1
                 except Exception as e1:
                     self.failed += 1
@@ -252,7 +261,10 @@ class Store:
         if spool:
             self._spool_clear()  # committed (or rejected for good): no longer needed for recovery
 
-    def _apply(self, batch: list) -> None:
+    def _apply(self, batch: list, tolerant: bool = False) -> None:
+        """One transaction, one statement per table (columns passed as lists and unnested: DuckDB's cost is per
+        statement and per bound parameter, not per row). `tolerant` skips rows whose id exists already — the
+        retry for a spool or flow replayed after its rows were committed; live batches never need it."""
         inserts: dict[str, list[tuple]] = {}
         pending_rows: dict[str, list] = {}  # interception id -> its row, while still in this batch
         ends: list[EndInterception] = []
@@ -273,23 +285,23 @@ class Store:
         conn.execute("BEGIN")
         try:
             for table, rows in inserts.items():
+                if tolerant and len({r[0] for r in rows}) < len(rows):
+                    rows = list({r[0]: r for r in rows}.values())  # a replay may repeat a record
                 cols = COLUMNS[table]
-                one = "(" + ",".join("?" * len(cols)) + ")"
-                for i in range(0, len(rows), ROWS_PER_STATEMENT):
-                    chunk = rows[i : i + ROWS_PER_STATEMENT]
-                    conn.execute(
-                        f"INSERT INTO {table} ({','.join(cols)}) VALUES {','.join([one] * len(chunk))} "
-                        "ON CONFLICT DO NOTHING",
-                        [v for r in chunk for v in r],
-                    )
-            for i in range(0, len(ends), ROWS_PER_STATEMENT):
-                chunk = ends[i : i + ROWS_PER_STATEMENT]
-                one = _END_ROW
+                types = self._types[table]
+                sel = ", ".join(f"unnest(${n + 1}::{types[c]}[])" for n, c in enumerate(cols))
+                conn.execute(
+                    f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel}" + (" ON CONFLICT DO NOTHING" if tolerant else ""),
+                    [list(col) for col in zip(*rows)],
+                )
+            if ends:
+                types = self._types["aibridge_interceptions"]
+                cols = ("id",) + END_COLUMNS
+                sel = ", ".join(f"unnest(${n + 1}::{types[c]}[]) AS {c}" for n, c in enumerate(cols))
                 sets = ", ".join(f"{c} = v.{c}" for c in END_COLUMNS)
                 conn.execute(
-                    f"UPDATE aibridge_interceptions SET {sets} FROM (VALUES {','.join([one] * len(chunk))}) "
-                    f"AS v(id, {', '.join(END_COLUMNS)}) WHERE aibridge_interceptions.id = v.id",
-                    [v for e in chunk for v in (e.id, *e.values)],
+                    f"UPDATE aibridge_interceptions SET {sets} FROM (SELECT {sel}) AS v WHERE aibridge_interceptions.id = v.id",
+                    [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])],
                 )
             conn.execute("COMMIT")
         except Exception:

@@ -1,0 +1,145 @@
+"""How an exchange ends for the client when the provider fails it: refused, reset, died mid-stream, timed out.
+
+mitmproxy answers such failures itself, inside its HTTP layer and after the `error` hook: with an HTML page
+before the response started, and by closing the client's connection after. Neither is something an SDK can
+read. `install` wraps that one step (`HttpStream.handle_protocol_error`) so that, for flows the gateway
+intercepts, the client instead gets the provider's own JSON error (before the response started) or the API's
+error event followed by a clean end of the stream (after) — and keeps its connection. Everything else about
+the failure (hooks, connection teardown, flow state) stays mitmproxy's.
+
+`UpstreamWatch` enforces timeouts mitmproxy lacks (it only closes idle *client* connections): connect,
+time to response headers and body, and silence within a stream. It aborts the upstream connection, which
+enters the same path with the timeout as the error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mitmproxy import ctx, http
+from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers.http import (
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    SendHttp,
+)
+
+from .config import Timeouts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientEnding:
+    """What the client gets instead of mitmproxy's answer to an upstream failure."""
+
+    message: str  # becomes flow.error.msg, so the audit record carries it
+    response: http.Response | None = None  # the response has not started: send this whole
+    stream_tail: bytes = b""  # the response is streaming: send these bytes, then end the stream
+
+
+Decide = Callable[[http.HTTPFlow, str], "ClientEnding | None"]
+_decide: list[Decide] = []
+
+
+def install(decide: Decide) -> None:
+    """Route upstream failures of intercepted flows through `decide` (idempotent; the last gateway wins)."""
+    _decide[:] = [decide]
+    original = http_layer.HttpStream.handle_protocol_error
+    if getattr(original, "aibridge", False):
+        return
+
+    def handle_protocol_error(self, event):
+        ending = None
+        if isinstance(event, ResponseProtocolError) and _decide and self.flow.live:
+            try:
+                ending = _decide[0](self.flow, event.message)
+            except Exception:  # never make a failure worse
+                log.exception("aibridge: deciding how to end a failed upstream exchange failed")
+            if ending is not None:
+                event = ResponseProtocolError(event.stream_id, ending.message, event.code)
+        gen = original(self, event)
+        try:
+            cmd = next(gen)
+            while True:
+                if (ending is not None and isinstance(cmd, SendHttp) and cmd.connection is self.context.client
+                        and isinstance(cmd.event, ResponseProtocolError)):
+                    for ev in _events(self.stream_id, ending):
+                        yield SendHttp(ev, self.context.client)
+                    cmd = gen.send(None)
+                    continue
+                cmd = gen.send((yield cmd))
+        except StopIteration:
+            return
+
+    handle_protocol_error.aibridge = True
+    http_layer.HttpStream.handle_protocol_error = handle_protocol_error
+
+
+def _events(stream_id: int, ending: ClientEnding) -> list:
+    if ending.response is not None:
+        body = ending.response.content or b""
+        return [ResponseHeaders(stream_id, ending.response, False), ResponseData(stream_id, body),
+                ResponseEndOfMessage(stream_id)]
+    return [ResponseData(stream_id, ending.stream_tail), ResponseEndOfMessage(stream_id)]
+
+
+class UpstreamWatch:
+    """Aborts upstream connections that exceed the timeouts; checked a few times per second from one task."""
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+        self.reasons: dict[str, str] = {}  # flow id -> why the gateway aborted it
+
+    def interval(self) -> float:
+        t = self.timeouts
+        return max(0.05, min(0.5, t.connect / 4, t.response / 4, t.stream_idle / 4))
+
+    def check(self, flows: list[tuple[http.HTTPFlow, float, object]]) -> None:
+        """flows: (flow, time the request was forwarded, stream tap or None)."""
+        now = time.time()
+        t = self.timeouts
+        for flow, forwarded_at, tap in flows:
+            if flow.id in self.reasons or not forwarded_at:
+                continue
+            resp = flow.response
+            if resp is None:
+                pending = _pending_connect(flow, now - t.connect)
+                if pending is not None:
+                    self._abort(flow, pending, f"could not connect to the provider within {t.connect:g} s")
+                elif now - forwarded_at > t.response and flow.server_conn.timestamp_tcp_setup:
+                    self._abort(flow, flow.server_conn, f"the provider did not answer within {t.response:g} s")
+            elif tap is not None:
+                if not tap.closed and now - max(tap.last_activity, resp.timestamp_start or 0) > t.stream_idle:
+                    self._abort(flow, flow.server_conn, f"the provider's stream was silent for more than {t.stream_idle:g} s")
+            elif not resp.stream and resp.timestamp_end is None and now - forwarded_at > t.response:
+                self._abort(flow, flow.server_conn, f"the provider did not finish its response within {t.response:g} s")
+
+    def _abort(self, flow: http.HTTPFlow, conn, reason: str) -> None:
+        io = _transports(flow).get(conn)
+        if io is None or io.handler is None:
+            return
+        self.reasons[flow.id] = reason
+        log.warning("aibridge: aborting upstream of %s: %s", flow.id, reason)
+        io.handler.cancel(reason)
+
+
+def _transports(flow: http.HTTPFlow) -> dict:
+    server = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(flow.client_conn.id) if server is not None else None
+    return handler.transports if handler is not None else {}
+
+
+def _pending_connect(flow: http.HTTPFlow, started_before: float):
+    """The upstream connection this flow is waiting for, if it has been connecting since before the bound."""
+    addr = (flow.request.host, flow.request.port)
+    for conn in _transports(flow):
+        if (getattr(conn, "address", None) == addr and conn is not flow.client_conn and conn.timestamp_start
+                and not conn.timestamp_tcp_setup and conn.timestamp_start < started_before):
+            return conn
+    return None
