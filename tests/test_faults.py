@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import time
 
 import anthropic
@@ -19,13 +20,39 @@ from tests.support.sdk import anthropic_call, anthropic_client, chat_call, opena
 
 
 @pytest.fixture(scope="module")
-def fgw(tmp_path_factory, upstream):
+def blackhole():
+    """A port that never completes a TCP handshake: a listener whose accept queue is full drops new SYNs."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
+    addr = sock.getsockname()
+    fillers = []
+    for _ in range(8):
+        c = socket.socket()
+        c.settimeout(0.5)
+        try:
+            c.connect(addr)
+        except (TimeoutError, OSError):
+            c.close()
+            break
+        fillers.append(c)
+    else:
+        pytest.skip("this kernel accepts connections beyond the listen backlog")
+    yield f"http://127.0.0.1:{addr[1]}"
+    for c in fillers:
+        c.close()
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def fgw(tmp_path_factory, upstream, blackhole):
     dead = f"http://127.0.0.1:{free_port()}"
     gw = Gateway(tmp_path_factory.mktemp("faults"), upstream.url, providers=[
         {"name": "anthropic", "type": "anthropic", "base_url": upstream.url + "/", "key": UPSTREAM_ANTHROPIC_KEY},
         {"name": "openai", "type": "openai", "base_url": upstream.url + "/v1/", "key": UPSTREAM_OPENAI_KEY},
         {"name": "deadant", "type": "anthropic", "base_url": dead + "/", "key": UPSTREAM_ANTHROPIC_KEY},
         {"name": "deadoai", "type": "openai", "base_url": dead + "/v1/", "key": UPSTREAM_OPENAI_KEY},
+        {"name": "blackhole", "type": "anthropic", "base_url": blackhole + "/", "key": UPSTREAM_ANTHROPIC_KEY},
     ], extra={"circuit_breaker": {"failures": 2, "open_seconds": 1, "half_open_requests": 1},
               "limits": {"max_request_body_mb": 1},
               "timeouts": {"connect_seconds": 2, "response_seconds": 1.5, "stream_idle_seconds": 1}}).start()
@@ -178,6 +205,17 @@ def test_provider_that_never_answers_times_out_with_504_in_provider_format(fgw, 
     assert e.value.body["type"] == "server_error"  # OpenAI's error shape: {"error": {...}}
     row = ended(fgw, "gpt-hangs")
     assert row["status"] == "failed" and "did not answer" in row["error"]
+
+
+def test_provider_that_cannot_be_reached_times_out_connecting_with_504(fgw, mock):
+    client = anthropic.Anthropic(base_url=fgw.url + "/blackhole", api_key=fgw.token, max_retries=0)
+    t = time.monotonic()
+    with pytest.raises(anthropic.InternalServerError) as e:
+        client.messages.create(**hi(model="claude-blackhole"))
+    assert time.monotonic() - t < 10  # the kernel alone would keep retrying the SYN for minutes
+    assert e.value.status_code == 504 and "could not connect to the provider within 2 s" in e.value.message
+    row = ended(fgw, "claude-blackhole")
+    assert row["status"] == "failed" and "could not connect" in row["error"]
 
 
 @pytest.mark.parametrize("n,body", list(enumerate([b"<html>502 Bad Gateway</html>", b"[1, 2]", b'{"truncated": '])))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aibridge_gw.codecs import BY_API, StreamTap
 from aibridge_gw.records import BadRequest, RequestInfo
+from aibridge_gw.recording import child_id
 from aibridge_gw.sse import SSEParser
 
 json_values = st.recursive(
@@ -75,3 +77,9 @@ def test_stream_taps_pass_bytes_through_and_never_raise(lines, api, junk):
     tap(b"")
     codec.finish_stream(tap.summary)
     json.dumps([u.input_tokens for u in tap.summary.usages])
+
+
+@given(st.uuids(), st.sampled_from(["prompt", "usage", "tool", "thought"]), st.integers(0, 10_000))
+def test_child_ids_are_uuid5_of_the_interception_id(parent, kind, n):
+    """Replaying a flow saved by any version must rewrite the same row ids: they are uuid5, however computed."""
+    assert child_id(str(parent), kind, n) == str(uuid.uuid5(parent, f"{kind}:{n}"))

@@ -57,6 +57,10 @@ log = logging.getLogger("aibridge")
 # every record also becomes mitmproxy's deprecated `add_log` hook, a cross-thread call and a dispatch to every
 # addon — too much to pay on each request.
 interception_log = logging.getLogger("aibridge.interceptions")
+# The optimisations the logging HOWTO documents: no caller-frame walk, thread or process lookup per record
+# (mitmproxy's formatters print none of them).
+logging._srcfile = None
+logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 # Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
 for _noisy in ("httpx", "httpcore", "mcp"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)

@@ -101,27 +101,35 @@ class UpstreamWatch:
         return max(0.05, min(0.5, t.connect / 4, t.response / 4, t.stream_idle / 4))
 
     def check(self, flows: list[tuple[http.HTTPFlow, float, object]]) -> None:
-        """flows: (flow, time the request was forwarded, stream tap or None)."""
+        """flows: (flow, time the request was forwarded, stream tap or None). Cheap for flows within bounds."""
         now = time.time()
         t = self.timeouts
+        server = ctx.master.addons.get("proxyserver")
+        connections = getattr(server, "connections", {})
         for flow, forwarded_at, tap in flows:
             if flow.id in self.reasons or not forwarded_at:
                 continue
+            age = now - forwarded_at
             resp = flow.response
             if resp is None:
-                pending = _pending_connect(flow, now - t.connect)
+                if age <= t.connect and age <= t.response:
+                    continue
+                transports = _transports(connections, flow)
+                pending = _pending_connect(transports, flow, now - t.connect) if age > t.connect else None
                 if pending is not None:
-                    self._abort(flow, pending, f"could not connect to the provider within {t.connect:g} s")
-                elif now - forwarded_at > t.response and flow.server_conn.timestamp_tcp_setup:
-                    self._abort(flow, flow.server_conn, f"the provider did not answer within {t.response:g} s")
+                    self._abort(flow, transports, pending, f"could not connect to the provider within {t.connect:g} s")
+                elif age > t.response and flow.server_conn.timestamp_tcp_setup:
+                    self._abort(flow, transports, flow.server_conn, f"the provider did not answer within {t.response:g} s")
             elif tap is not None:
                 if not tap.closed and now - max(tap.last_activity, resp.timestamp_start or 0) > t.stream_idle:
-                    self._abort(flow, flow.server_conn, f"the provider's stream was silent for more than {t.stream_idle:g} s")
-            elif not resp.stream and resp.timestamp_end is None and now - forwarded_at > t.response:
-                self._abort(flow, flow.server_conn, f"the provider did not finish its response within {t.response:g} s")
+                    self._abort(flow, _transports(connections, flow), flow.server_conn,
+                                f"the provider's stream was silent for more than {t.stream_idle:g} s")
+            elif not resp.stream and resp.timestamp_end is None and age > t.response:
+                self._abort(flow, _transports(connections, flow), flow.server_conn,
+                            f"the provider did not finish its response within {t.response:g} s")
 
-    def _abort(self, flow: http.HTTPFlow, conn, reason: str) -> None:
-        io = _transports(flow).get(conn)
+    def _abort(self, flow: http.HTTPFlow, transports: dict, conn, reason: str) -> None:
+        io = transports.get(conn)
         if io is None or io.handler is None:
             return
         self.reasons[flow.id] = reason
@@ -129,16 +137,16 @@ class UpstreamWatch:
         io.handler.cancel(reason)
 
 
-def _transports(flow: http.HTTPFlow) -> dict:
-    server = ctx.master.addons.get("proxyserver")
-    handler = server.connections.get(flow.client_conn.id) if server is not None else None
+def _transports(connections: dict, flow: http.HTTPFlow) -> dict:
+    """mitmproxy's open connections for this flow's client connection (the handler owns their tasks)."""
+    handler = connections.get(flow.client_conn.id)
     return handler.transports if handler is not None else {}
 
 
-def _pending_connect(flow: http.HTTPFlow, started_before: float):
+def _pending_connect(transports: dict, flow: http.HTTPFlow, started_before: float):
     """The upstream connection this flow is waiting for, if it has been connecting since before the bound."""
     addr = (flow.request.host, flow.request.port)
-    for conn in _transports(flow):
+    for conn in transports:
         if (getattr(conn, "address", None) == addr and conn is not flow.client_conn and conn.timestamp_start
                 and not conn.timestamp_tcp_setup and conn.timestamp_start < started_before):
             return conn
