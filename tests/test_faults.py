@@ -90,6 +90,19 @@ def test_unreachable_provider_gives_a_parseable_error_in_both_sdks(fgw, mock):
     assert all(r["status"] == "failed" and r["error"] for r in rows[:2])
 
 
+def test_connection_reset_before_headers_is_a_502_in_each_providers_format(fgw, mock):
+    mock.script(Reply(reset=True), Reply(reset=True))
+    with pytest.raises(anthropic.InternalServerError) as e:
+        anthropic_client(fgw, fgw.token).messages.create(**hi(model="claude-reset"))
+    assert e.value.status_code == 502 and e.value.body["type"] == "error" and e.value.body["error"]["type"] == "api_error"
+    with pytest.raises(openai.InternalServerError) as e:
+        openai_client(fgw, fgw.token).chat.completions.create(model="gpt-reset", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 502 and e.value.body["type"] == "server_error" and "aibridge" in e.value.message
+    for model in ("claude-reset", "gpt-reset"):
+        row = ended(fgw, model)
+        assert row["status"] == "failed" and row["http_status"] is None and row["error"]
+
+
 def test_circuit_opens_after_consecutive_failures_and_closes_after_a_good_trial(fgw, mock):
     client = anthropic_client(fgw, fgw.token)
     fail = Reply.json({"type": "error", "error": {"type": "api_error", "message": "boom"}}, 500)

@@ -216,6 +216,10 @@ class Gateway:
             self._lag_watch = asyncio.create_task(self._watch_event_loop())
         if self._upstream_watch is None:
             self._upstream_watch = asyncio.create_task(self._watch_upstreams())
+        # Everything loaded so far (mitmproxy, DuckDB, the MCP SDK, config) lives as long as the process: move
+        # it out of the collector's reach, so full collections under load scan only per-request objects.
+        gc.collect()
+        gc.freeze()
         direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
         if direct:
             interception_log.handlers, interception_log.propagate = direct, False

@@ -7,6 +7,8 @@ chunked HTTP/1.1, so tests can see whether the gateway relays chunks as they arr
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ class Reply:
     cut_after: int | None = None  # die (close the connection mid-stream) after this many events
     stall_after: int | None = None  # go silent after this many events, holding the connection until it is closed
     hang: float = 0.0  # seconds to wait before answering at all
+    reset: bool = False  # read the request, then drop the connection without a byte of response
 
     @classmethod
     def json(cls, obj, status: int = 200) -> "Reply":
@@ -95,6 +98,11 @@ class MockUpstream:
                         reply = Reply.json({"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
                     else:
                         reply = Reply.json({"error": {"message": "mock: no reply scripted"}}, 599)
+                if reply.reset:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()  # linger 0: an RST, as a crashing provider or middlebox sends
+                    self.close_connection = True
+                    return
                 if reply.hang:
                     time.sleep(reply.hang)
                 self.send_response(reply.status)
