@@ -141,6 +141,62 @@ def start_gateway(work: Path, mock_port: int, name: str = "gateway") -> tuple[su
     return p, port, token, cfg
 
 
+def litellm_executable() -> Path:
+    """LiteLLM's proxy in its own venv (.bench/litellm, or $AIBRIDGE_BENCH_LITELLM): installed on first use."""
+    given = os.environ.get("AIBRIDGE_BENCH_LITELLM")
+    if given:
+        return Path(given)
+    venv = ROOT / ".bench" / "litellm"
+    exe = venv / "bin" / "litellm"
+    if not exe.exists():
+        print(f"  installing litellm[proxy] into {venv} (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    return exe
+
+
+def start_litellm(work: Path, mock_port: int) -> tuple[subprocess.Popen, int]:
+    """LiteLLM's proxy in front of the same mock, one worker, a master key, no database (its lightest setup)."""
+    cfg = work / "litellm.yaml"
+    cfg.write_text(json.dumps({
+        "model_list": [{"model_name": "gpt-4.1", "litellm_params": {
+            "model": "openai/gpt-4.1", "api_base": f"http://127.0.0.1:{mock_port}/v1", "api_key": "sk-bench-upstream"}}],
+        "general_settings": {"master_key": "sk-bench-litellm"},
+    }))
+    port = free_port()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "NO_PROXY": "*"}
+    log = open(work / "litellm.log", "wb")
+    p = subprocess.Popen([str(litellm_executable()), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)],
+                         stdout=log, stderr=subprocess.STDOUT, env=env)
+    import httpx
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"litellm exited; see {work / 'litellm.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/liveliness", trust_env=False).status_code == 200:
+                return p, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("litellm did not become ready")
+
+
+def tree_peak_rss_mb(pid: int) -> float:
+    """Peak RSS of a process and its descendants (servers that fork workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += peak_rss_mb(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return total
+
+
 def stop(p: subprocess.Popen) -> None:
     p.send_signal(signal.SIGINT)
     try:
@@ -330,6 +386,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short durations (smoke run)")
     ap.add_argument("--out", help="write the results as markdown to this file")
+    ap.add_argument("--peer", choices=["litellm"], help="also run the 500 req/s scenario through this peer gateway "
+                    "(LiteLLM's proxy, installed into .bench/litellm on first use)")
     args = ap.parse_args()
     dur = 2.0 if args.quick else 5.0
     big_seconds = 10.0 if args.quick else 60.0
@@ -419,18 +477,21 @@ def main() -> None:
         slow, sport = start_mock(work, delay=1.5)
         procs.append(slow)
         results = {}
-        for name in ("direct", "bare mitmdump", "gateway"):
+        for name in ("direct", "bare mitmdump", "gateway") + ((args.peer,) if args.peer else ()):
             proc = None
             if name == "direct":
                 target = Target(name, f"http://127.0.0.1:{sport}/v1/chat/completions")
             elif name == "bare mitmdump":
                 proc, p2 = start_mitmdump(work, "bare-slow", [])
                 target = Target(name, f"http://127.0.0.1:{sport}/v1/chat/completions", proxy=f"http://127.0.0.1:{p2}")
+            elif name == "litellm":
+                proc, p2 = start_litellm(work, sport)
+                target = Target(name, f"http://127.0.0.1:{p2}/v1/chat/completions", token="sk-bench-litellm")
             else:
                 proc, p2, token2, _ = start_gateway(work, sport, "gateway-slow")
                 target = Target(name, f"http://127.0.0.1:{p2}/openai/v1/chat/completions", token=token2)
             r = asyncio.run(open_loop(target, 500, big_seconds, 1.5))
-            r["rss"] = peak_rss_mb(proc.pid) if proc else 0.0
+            r["rss"] = tree_peak_rss_mb(proc.pid) if proc else 0.0
             if proc:
                 stop(proc)
             results[name] = r
@@ -447,6 +508,11 @@ def main() -> None:
                      "p50 <= 3 ms (Bifrost ~1 ms, LiteLLM 40 ms)"))
         rows.append((sec, "peak RSS, gateway", f"{g['rss']:.0f} MB (bare mitmdump {b['rss']:.0f} MB)",
                      "(Bifrost 120 MB, LiteLLM 372 MB)"))
+        if args.peer:
+            q = results[args.peer]
+            rows.append((sec, f"{args.peer} (same machine, same run): served req/s, success, overhead p50 / p99, "
+                         "peak RSS", f"{q['served_rps']:.1f} req/s, {q['success']:.1f}%, {q['p50_over']:.1f} / "
+                         f"{q['p99_over']:.1f} ms, {q['rss']:.0f} MB", "(for comparison)"))
     finally:
         for p in procs:
             stop(p)
@@ -456,13 +522,20 @@ def main() -> None:
     for r in rows:
         print(f"| {r[0]} | {r[1]:<{width}} | {r[2]} | {r[3]} |")
     if args.out:
-        cmd = "scripts/bench" + (" --quick" if args.quick else "")
-        Path(args.out).write_text(
-            f"# Benchmarks\n\nMeasured with `{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores "
-            f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, everything on "
-            "loopback: the load generator, the mock provider, bare mitmdump and the gateway share the machine.\n\n"
-            "| section | measure | result | target |\n|---|---|---|---|\n"
-            + "".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |\n" for r in rows))
+        cmd = "scripts/bench" + (" --quick" if args.quick else "") + (f" --peer {args.peer}" if args.peer else "")
+        table = (f"Measured with `{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores "
+                 f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, everything on "
+                 "loopback: the load generator, the mock provider, bare mitmdump and the gateway share the machine.\n\n"
+                 "| section | measure | result | target |\n|---|---|---|---|\n"
+                 + "".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |\n" for r in rows))
+        out = Path(args.out)
+        old = out.read_text() if out.exists() else ""
+        begin, end = "<!-- bench:begin -->\n", "<!-- bench:end -->"
+        if begin in old and end in old:  # keep the hand-written analysis around the generated table
+            head, rest = old.split(begin, 1)
+            out.write_text(head + begin + table + rest[rest.index(end):])
+        else:
+            out.write_text(f"# Benchmarks\n\n{begin}{table}{end}\n")
         print(f"\nwritten to {args.out}")
 
 
