@@ -277,3 +277,26 @@ def test_capture_is_redacted_and_replay_rebuilds_the_same_rows(tmp_path, tls_ups
     assert r.returncode == 0, r.stdout + r.stderr
     if len(files) == 1:
         assert dump_audit(tmp_path / "mitm.duckdb") == live
+
+
+def test_http2_client_gets_the_error_event_when_the_provider_dies_mid_stream(pgw, up, puser):
+    """Clients that negotiate HTTP/2 with the proxy (reqwest-based CLIs do) get the same clean ending as HTTP/1."""
+    name, token = puser
+    reply = Reply.from_capture(capture("anthropic/simple.txtar"), True)
+    reply.cut_after = 5
+    up.script(reply)
+    client = anthropic.Anthropic(
+        base_url="https://api.anthropic.com", api_key=token, max_retries=0,
+        http_client=anthropic.DefaultHttpxClient(proxy=pgw.url, verify=client_context(pgw.ca), http2=True),
+    )
+    raw = client.messages.with_raw_response.create(
+        model="claude-h2", max_tokens=10, messages=[{"role": "user", "content": "hi"}], stream=True)
+    assert raw.http_response.http_version == "HTTP/2"
+    seen = []
+    with pytest.raises(anthropic.APIStatusError) as e:
+        for ev in raw.parse():
+            seen.append(ev.type)
+    assert seen[0] == "message_start" and "message_stop" not in seen
+    assert "aibridge" in e.value.message and e.value.body["error"]["type"] == "api_error"
+    (ic,) = pgw.interceptions(name)
+    assert ic["status"] == "failed"
