@@ -533,19 +533,33 @@ class Gateway:
         return ic, body
 
     def _to_upstream(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> None:
+        """Point the request at the provider and swap credentials, in one pass over the raw request data:
+        mitmproxy's property setters and Headers API re-derive Host/authority and re-scan headers per call."""
         req, prov = flow.request, route.provider
-        req.scheme, req.host, req.port = prov.scheme, prov.host, prov.port
-        req.host_header = hostport(prov.scheme, prov.host, prov.port)
-        req.path = route.upstream_path
-        # One pass over the raw header fields (mitmproxy's Headers API is per-call costly on this hot path).
+        host = hostport(prov.scheme, prov.host, prov.port).encode()
+        d = req.data
+        d.scheme, d.host, d.port = prov.scheme.encode(), prov.host, prov.port
+        d.path = route.upstream_path.encode("utf-8", "surrogateescape")
+        h2 = req.is_http2 or req.is_http3
+        if h2 or d.authority:
+            d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
         live = flow.id in self.live
         drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
-        fields = [f for f in req.headers.fields if f[0].lower() not in drop and not (live and f[0].lower() == b"accept-encoding")]
+        fields, had_host = [], False
+        for f in d.headers.fields:
+            name = f[0].lower()
+            if name == b"host":
+                fields.append((f[0], host))
+                had_host = True
+            elif name not in drop and not (live and name == b"accept-encoding"):
+                fields.append(f)
+        if not had_host and not h2:
+            fields.insert(0, (b"host", host))
         if ident.byok_credential is None:
             fields.append(prov.auth_header)
         if live:
             fields.append((b"accept-encoding", b"identity"))  # the stream tap parses bytes as they pass
-        req.headers.fields = tuple(fields)
+        d.headers.fields = tuple(fields)
 
     # --- response ----------------------------------------------------------------------------------
 
