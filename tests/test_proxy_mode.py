@@ -160,6 +160,28 @@ def test_no_identity_is_refused_before_the_upstream(pgw, up):
     assert up.seen == []
 
 
+@pytest.mark.parametrize("mode", ["base-url", "proxy"])
+def test_responses_over_websocket_is_refused_with_426_so_clients_fall_back_to_http(pgw, up, puser, mode):
+    """Codex CLI tries Responses over a WebSocket first; relayed, those calls would bypass the audit record."""
+    import websockets.exceptions
+    from websockets.sync.client import connect
+
+    name, token = puser
+    host = pgw.url.split("://")[1]
+    headers = {"Authorization": f"Bearer {token}"}
+    if mode == "base-url":
+        kw = dict(uri=f"ws://{host}/openai/v1/responses", proxy=None)
+    else:
+        kw = dict(uri="wss://api.openai.com/v1/responses", proxy=f"http://{name}:{token}@{host}",
+                  ssl=client_context(pgw.ca))
+    with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+        connect(additional_headers=headers, open_timeout=10, **kw)
+    refusal = e.value.response
+    assert refusal.status_code == 426
+    assert json.loads(refusal.body)["error"]["code"] == "websocket_not_supported"
+    assert up.seen == []  # never relayed
+
+
 def test_non_ai_host_is_tunnelled_without_interception(pgw, origin):
     origin.reset()
     # Trusting only the origin's own CA: this succeeds only if the gateway did not present its certificate.

@@ -22,6 +22,7 @@ _OPENAI_TYPES = {
     403: ("permission_error", None),
     404: ("invalid_request_error", "not_found"),
     413: ("invalid_request_error", "request_too_large"),
+    426: ("invalid_request_error", "websocket_not_supported"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
 }
 
