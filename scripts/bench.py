@@ -411,6 +411,8 @@ def main() -> None:
         print(f"aibridge bench on {platform.node()} ({os.cpu_count()} cores), work dir {work}", flush=True)
         blocking = {}
         pids = {"bare mitmdump": bare.pid, "gateway": gw.pid}
+        for t in (direct, proxied, gateway):  # warm-up, not measured: first connections, lazy imports, caches
+            asyncio.run(closed_loop(t, 8, 1.0))
         for c in (1, 8, 32):
             for t in (direct, proxied, gateway):
                 before = cpu_seconds(pids[t.name]) if t.name in pids else 0.0
