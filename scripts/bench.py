@@ -456,19 +456,24 @@ def main() -> None:
                                  capture_output=True, text=True, check=True).stdout
             return json.loads(out)[0]["n"]
 
+        def recorded_since(before: int, expected: int) -> int:
+            """Records reach DuckDB asynchronously: wait (up to a minute) until `expected` more have."""
+            n = before
+            for _ in range(300):
+                n = recorded()
+                if n - before >= expected:
+                    break
+                time.sleep(0.2)
+            return n - before
+
         before = recorded()
         b = asyncio.run(burst(gateway, burst_n, 64))
-        n = before
-        for _ in range(300):  # records reach DuckDB asynchronously: wait until they all have
-            n = recorded()
-            if n - before >= b["ok"]:
-                break
-            time.sleep(0.2)
+        got = recorded_since(before, b["ok"])
         health = httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz", trust_env=False).json()
         lag, gc_pause = health["event_loop_lag_max_ms"], health.get("gc_pause_max_ms", float("nan"))
-        print(f"  burst: {b}, recorded {n - before}, loop lag max {lag} ms (before: {base['event_loop_lag_max_ms']})", flush=True)
+        print(f"  burst: {b}, recorded {got}, loop lag max {lag} ms (before: {base['event_loop_lag_max_ms']})", flush=True)
         rows.append(("recording", f"{burst_n} request burst: recorded in DuckDB / answered 200",
-                     f"{n - before} / {b['ok']} ({b['errors']} errors, {b['ok'] / b['seconds']:.0f} req/s)", "equal, 0 lost"))
+                     f"{got} / {b['ok']} ({b['errors']} errors, {b['ok'] / b['seconds']:.0f} req/s)", "equal, 0 lost"))
         rows.append(("recording", "longest event-loop stall during the burst", f"{lag:.1f} ms (longest GC pause "
                      f"{gc_pause:.1f} ms)", "<= 20 ms"))
         # The burst saturates the loop, so its stalls mix queueing with blocking. Below saturation, a stall can only
@@ -477,17 +482,13 @@ def main() -> None:
         httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz?reset_lag=1", trust_env=False)
         before = recorded()
         st = asyncio.run(open_loop(gateway, steady_rate, big_seconds / 2, 0.0))
-        for _ in range(300):
-            n = recorded()
-            if n - before >= st["offered"] - st["errors"]:
-                break
-            time.sleep(0.2)
+        got = recorded_since(before, st["offered"] - st["errors"])
         health = httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz", trust_env=False).json()
-        print(f"  steady {steady_rate} req/s: {st}, recorded {n - before}, loop lag max "
+        print(f"  steady {steady_rate} req/s: {st}, recorded {got}, loop lag max "
               f"{health['event_loop_lag_max_ms']} ms", flush=True)
         rows.append(("recording", f"longest event-loop stall at a steady {steady_rate} req/s (below saturation)",
                      f"{health['event_loop_lag_max_ms']:.1f} ms (longest GC pause {health.get('gc_pause_max_ms', float('nan')):.1f} ms; "
-                     f"{n - before} / {st['offered']} recorded, p50 {st['p50_over']:.1f} ms)", "<= 20 ms"))
+                     f"{got} / {st['offered']} recorded, p50 {st['p50_over']:.1f} ms)", "<= 20 ms"))
         stop(gw)
         procs.remove(gw)
 

@@ -399,7 +399,8 @@ class Gateway:
                 flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
             return  # proxied traffic to a non-AI host: not ours to touch
 
-        if route.api and req.headers.get("upgrade", "").lower() == "websocket":
+        hv = header_view(req.headers)
+        if route.api and hv.get("upgrade", "").lower() == "websocket":
             # Codex CLI tries the Responses API over a WebSocket first. Relaying it would carry model calls the
             # recording, budgets and MCP injection never see; 426 is the one answer Codex takes as "use HTTP"
             # at once (any other refusal costs five retries first).
@@ -407,7 +408,6 @@ class Gateway:
                 route.provider.type, 426,
                 "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
             return
-        hv = header_view(req.headers)
         ident = self._identify(flow, route, hv)
         if ident is None:
             return

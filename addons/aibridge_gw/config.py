@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ class ProviderInstance:
     key_source: str
     hosts: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
         """The upstream credential as a raw header field, in this provider type's scheme."""
         if self.type == "anthropic":

@@ -95,18 +95,31 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = duckdb.connect(str(self.path))
         migrate(self._conn)
-        # Column types, for typed list parameters (a list of NULLs alone gives DuckDB no type to infer).
-        self._types: dict[str, dict[str, str]] = {}
-        for table, column, dtype in self._conn.execute(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_name LIKE 'aibridge_%'"
-        ).fetchall():
-            self._types.setdefault(table, {})[column] = dtype
+        self._prepare_statements()
         if self.spool_path is not None:
             self._replay_spool()
             self._spool = open(self.spool_path, "ab")
         self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
         self._thread.start()
         return self._conn
+
+    def _prepare_statements(self) -> None:
+        """The batch statements, built once: each column is bound as one typed list and unnested (a list of NULLs
+        alone gives DuckDB no type to infer, hence the casts from the schema's own column types)."""
+        types: dict[str, dict[str, str]] = {}
+        for table, column, dtype in self._conn.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_name LIKE 'aibridge_%'"
+        ).fetchall():
+            types.setdefault(table, {})[column] = dtype
+        self._insert_sql: dict[str, str] = {}
+        for table, cols in COLUMNS.items():
+            sel = ", ".join(f"unnest(${n + 1}::{types[table][c]}[])" for n, c in enumerate(cols))
+            self._insert_sql[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel}"
+        cols = ("id",) + END_COLUMNS
+        sel = ", ".join(f"unnest(${n + 1}::{types['aibridge_interceptions'][c]}[]) AS {c}" for n, c in enumerate(cols))
+        sets = ", ".join(f"{c} = v.{c}" for c in END_COLUMNS)
+        self._end_sql = (f"UPDATE aibridge_interceptions SET {sets} FROM (SELECT {sel}) AS v "
+                         "WHERE aibridge_interceptions.id = v.id")
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush everything queued, then close the file. Safe to call twice."""
@@ -287,22 +300,11 @@ class Store:
             for table, rows in inserts.items():
                 if tolerant and len({r[0] for r in rows}) < len(rows):
                     rows = list({r[0]: r for r in rows}.values())  # a replay may repeat a record
-                cols = COLUMNS[table]
-                types = self._types[table]
-                sel = ", ".join(f"unnest(${n + 1}::{types[c]}[])" for n, c in enumerate(cols))
-                conn.execute(
-                    f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel}" + (" ON CONFLICT DO NOTHING" if tolerant else ""),
-                    [list(col) for col in zip(*rows)],
-                )
+                sql = self._insert_sql[table] + (" ON CONFLICT DO NOTHING" if tolerant else "")
+                conn.execute(sql, [list(col) for col in zip(*rows)])
             if ends:
-                types = self._types["aibridge_interceptions"]
-                cols = ("id",) + END_COLUMNS
-                sel = ", ".join(f"unnest(${n + 1}::{types[c]}[]) AS {c}" for n, c in enumerate(cols))
-                sets = ", ".join(f"{c} = v.{c}" for c in END_COLUMNS)
-                conn.execute(
-                    f"UPDATE aibridge_interceptions SET {sets} FROM (SELECT {sel}) AS v WHERE aibridge_interceptions.id = v.id",
-                    [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])],
-                )
+                conn.execute(self._end_sql,
+                             [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])])
             conn.execute("COMMIT")
         except Exception:
             conn.execute("ROLLBACK")
