@@ -152,7 +152,8 @@ def test_chat_request_prompt_and_trailing_tool_results():
             {"role": "tool", "tool_call_id": "call_2", "content": "b"},
         ]}
     )
-    assert info.prompt == "what is in README?" and info.tool_result_ids == ["call_1", "call_2"]
+    # A tool round continues the turn: its prompt was recorded with the request that started it.
+    assert info.prompt is None and info.tool_result_ids == ["call_1", "call_2"]
 
 
 def test_responses_cached_input_tokens():
@@ -206,6 +207,6 @@ def test_responses_request_prompt_and_tool_outputs():
         {"type": "function_call", "call_id": "call_9", "name": "add", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_9", "output": "8"},
     ]})
-    assert info.prompt == "add them" and info.tool_result_ids == ["call_9"]
+    assert info.prompt is None and info.tool_result_ids == ["call_9"]  # a tool round: no new prompt
     with pytest.raises(BadRequest):
         R.parse_request({"model": "m"})

@@ -62,12 +62,13 @@ def test_kill_9_under_load_loses_no_finished_interception(tmp_path, upstream):
 
 
 def test_spooled_batch_not_yet_in_duckdb_is_replayed_once_at_start_up(tmp_path):
-    """A crash after the spool fsync but before the DuckDB commit: the next start applies the batch once."""
+    """A crash after the spool fsync but before the DuckDB commit: the next start applies the batch once.
+    The spool is data only (JSON lines, never pickle), private to the gateway's user, and a line torn by the
+    crash is skipped."""
     import datetime as dt
-    import pickle
-    import struct
+    import stat
 
-    from aibridge_gw.store.writer import EndInterception, Insert, Store
+    from aibridge_gw.store.writer import EndInterception, Insert, Store, encode_batch
 
     db = tmp_path / "spool.duckdb"
     first = Store(db)
@@ -81,10 +82,11 @@ def test_spooled_batch_not_yet_in_duckdb_is_replayed_once_at_start_up(tmp_path):
                                           False, None, None)),
         EndInterception(iid, ("completed", now, 200, None, "{}")),
     ]
-    frame = pickle.dumps(batch)
-    torn = pickle.dumps([batch[0]])
+    frame = encode_batch(batch)
+    assert frame.startswith(b"[") and b"pickle" not in frame
+    torn = encode_batch([batch[0]])
     spool = db.with_name(db.name + ".spool")
-    spool.write_bytes(struct.pack(">I", len(frame)) + frame + struct.pack(">I", len(torn)) + torn[:10])
+    spool.write_bytes(frame + b"\n" + torn[:10])
     for _ in range(2):  # a second start finds an empty spool and changes nothing
         store = Store(db)
         store.open()
@@ -92,3 +94,4 @@ def test_spooled_batch_not_yet_in_duckdb_is_replayed_once_at_start_up(tmp_path):
         store.close()
         assert rows == [(iid, "completed", 200)]
         assert spool.read_bytes() == b""
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o600 and stat.S_IMODE(db.stat().st_mode) == 0o600

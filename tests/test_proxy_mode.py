@@ -52,7 +52,9 @@ def proxy_gateway(workdir, tls_upstream, extra=None, args=()):
 
 @pytest.fixture(scope="module")
 def pgw(tmp_path_factory, tls_upstream):
-    gw = proxy_gateway(tmp_path_factory.mktemp("proxy-gw"), tls_upstream)
+    # The test "internet" lives on loopback, which the egress policy refuses unless allowlisted.
+    gw = proxy_gateway(tmp_path_factory.mktemp("proxy-gw"), tls_upstream,
+                       extra={"proxy": {"allow_addresses": ["localhost"]}})
     yield gw
     gw.stop()
 
@@ -182,15 +184,17 @@ def test_responses_over_websocket_is_refused_with_426_so_clients_fall_back_to_ht
     assert up.seen == []  # never relayed
 
 
-def test_non_ai_host_is_tunnelled_without_interception(pgw, origin):
+def test_non_ai_host_is_tunnelled_without_interception(pgw, origin, puser):
     origin.reset()
+    name, token = puser
+    proxy = pgw.url.replace("://", f"://{name}:{token}@")  # non-AI egress needs proxy credentials by default
     # Trusting only the origin's own CA: this succeeds only if the gateway did not present its certificate.
-    with httpx.Client(proxy=pgw.url, verify=client_context(origin.ca), trust_env=False) as c:
+    with httpx.Client(proxy=proxy, verify=client_context(origin.ca), trust_env=False) as c:
         r = c.get(f"https://localhost:{origin.port}/v1/models")
     assert r.status_code == 200 and r.json()["data"][0]["id"] == "mock-model"
     assert origin.seen[0].path == "/v1/models"
     # And the gateway CA does not validate it: nothing was re-signed.
-    with httpx.Client(proxy=pgw.url, verify=client_context(pgw.ca), trust_env=False) as c:
+    with httpx.Client(proxy=proxy, verify=client_context(pgw.ca), trust_env=False) as c:
         with pytest.raises(httpx.ConnectError):
             c.get(f"https://localhost:{origin.port}/v1/models")
 

@@ -7,8 +7,10 @@ import asyncio
 import functools
 import gc
 import hmac
+import ipaddress
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -28,10 +30,14 @@ from .auth import (
     mask,
     proxy_token,
 )
+from . import bodies
 from .budgets import Budgets, Limits
 from .capture import FlowArchive
 from .clients import detect_client, detect_session
-from .codecs import BY_API, StreamTap
+from .codecs import BY_API, MODEL_APIS, StreamTap
+from .egress import EgressPolicy, local_addresses
+from .logsafe import printable
+from .throttle import AuthThrottle
 from .config import Config, ConfigError, load_config
 from .control import CONTROL_PATH, remove_runtime_file, write_runtime_file
 from .breaker import CircuitBreakers, is_failure
@@ -39,8 +45,8 @@ from .errors import error_response, install_json_error_pages
 from . import upstream_faults
 from .upstream_faults import ClientEnding, UpstreamWatch
 from .records import BadRequest, ResponseSummary
-from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, Recorder, at, conclude, is_sse
-from .routing import Route, Router
+from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, Recorder, at, conclude, is_json, is_sse
+from .routing import BadPath, Route, Router
 from .admin_api import PREFIX as API_PREFIX
 from .admin_api import AdminApi
 from .admin_api import error as api_error
@@ -67,7 +73,18 @@ for _noisy in ("httpx", "httpcore", "mcp"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
+DASHBOARD_JS = Path(__file__).parent / "dashboard" / "dashboard.js"
+DASHBOARD_HEADERS = {
+    "cache-control": "no-cache",
+    "content-security-policy": ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self' "
+                                "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+                                "form-action 'none'"),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 PROXY_AUTH_REQUIRED = {"proxy-authenticate": 'Basic realm="aibridge"'}
+OFF_LOOP_BYTES = 256 * 1024  # request bodies larger than this are decoded and parsed on a worker thread
 
 
 class Gateway:
@@ -96,6 +113,10 @@ class Gateway:
         self.tokens = TokenDirectory()
         self.live: dict[str, Interception] = {}
         self.proxy_actors: dict[str, Actor] = {}  # client connection id -> identity from CONNECT auth
+        self._tunnels: set[str] = set()  # client connections that went through CONNECT
+        self.egress: EgressPolicy | None = None
+        self.throttle: AuthThrottle | None = None
+        self._trusted_upstreams: set[tuple[str, int]] = set()  # provider and loop addresses: not egress-checked
         self._passthrough: set[str] = set()
         self._control_secret: str | None = None
         self.passthrough_total = 0
@@ -104,6 +125,8 @@ class Gateway:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def load(self, loader) -> None:
+        # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
+        os.umask(0o077)
         install_json_error_pages()
         upstream_faults.install(self._client_ending)
         loader.add_option(
@@ -135,6 +158,15 @@ class Gateway:
         if self.store is not None and config.duckdb_path.resolve() != self.store.path.resolve():
             raise exceptions.OptionsError("aibridge: storage.duckdb cannot change while the gateway runs")
         self.config, self.router = config, Router(config)
+        self.throttle = AuthThrottle(config.auth_failures_per_minute)
+        self._trusted_upstreams = {(p.host, p.port) for p in config.providers}
+        self.egress = EgressPolicy(config.proxy.allow_addresses,
+                                   local_addresses(ctx.options.listen_host) if hasattr(ctx.options, "listen_host") else ())
+        for note in config.public_host_notes:
+            log.info("aibridge: %s", note)
+        if config.proxy.open_relay:
+            log.warning("aibridge: running as an OPEN RELAY (proxy.require_auth: false, proxy.egress: all): anyone "
+                        "who can reach this listener can use it as a proxy to any non-AI host")
         self.mcp = (
             McpRegistry(config.mcp_servers, config.mcp, lambda uid, srv: self.mcp_tokens.get((uid, srv)))
             if config.mcp_servers else None
@@ -157,7 +189,7 @@ class Gateway:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         if self.store is None:
-            store = Store(config.duckdb_path, after_op=self._reload_tokens)
+            store = Store(config.duckdb_path, after_op=self._reload_tokens, close_stale=True)
             try:
                 store.open()
             except Exception as e:
@@ -229,12 +261,16 @@ class Gateway:
                 verify = False
             self.loop = LoopServer(self.mcp, verify)
             await self.loop.start()
+            self._trusted_upstreams.add(("127.0.0.1", self.loop.port))
         addrs = []
         try:
             addrs = ctx.master.addons.get("proxyserver").listen_addrs()
         except Exception:
             pass
         host, port = (addrs[0][0], addrs[0][1]) if addrs else (ctx.options.listen_host, ctx.options.listen_port)
+        for a in local_addresses(host.strip("[]")):
+            if _is_ip(a):
+                self.egress.own.add(ipaddress.ip_address(a.split("%")[0]))
         if host in ("", "0.0.0.0"):
             host = "127.0.0.1"
         elif host == "::":
@@ -325,29 +361,59 @@ class Gateway:
             log.info("aibridge: %d records written, %d failed", self.store.written, self.store.failed)
             self.store = None
 
-    # --- proxy mode: tunnels, proxy credentials, which hosts are decrypted -------------------------
+    # --- proxy mode: tunnels, proxy credentials, egress policy, which hosts are decrypted ----------
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
         """CONNECT: take the user's identity from proxy credentials; apply the egress policy."""
         if self.router is None:
             return
-        ai = self.router.is_ai_host(flow.request.host)
+        self._tunnels.add(flow.client_conn.id)
+        host, port = flow.request.host, flow.request.port
+        ai = self.router.is_ai_host(host)
         policy = self.config.proxy
         if not ai and policy.egress == "ai-only":
             flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
             return
         given = proxy_token(flow.request.headers.get("proxy-authorization"))
+        actor = None
         if given is not None:
-            actor = self.tokens.lookup(given)
+            actor = self._check_token(flow, given)
             if actor is None:
-                flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n", PROXY_AUTH_REQUIRED)
+                if flow.response is None:
+                    flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n",
+                                                       PROXY_AUTH_REQUIRED)
                 return
             self.proxy_actors[flow.client_conn.id] = actor
-        elif ai and policy.require_auth:
-            flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
+        if actor is None and (policy.require_auth is True or (not ai and policy.require_auth is None)):
+            what = "proxy credentials required" if ai else "proxy credentials required to reach non-AI hosts"
+            flow.response = http.Response.make(407, f"aibridge: {what}\n".encode(), PROXY_AUTH_REQUIRED)
+            return
+        if not ai:
+            why, _ = await self.egress.check(host, port)
+            if why:
+                log.warning("aibridge: refused CONNECT to %s:%s: %s", printable(host), port, printable(why))
+                flow.response = http.Response.make(403, f"aibridge: egress refused: {why}\n".encode())
+
+    async def server_connect(self, data) -> None:
+        """Last line of the egress policy: every upstream connection the gateway did not choose itself goes to
+        an address checked here, pinned so a DNS answer cannot change between the check and the connect."""
+        if self.egress is None or data.server.address is None:
+            return
+        host, port = data.server.address[0], data.server.address[1]
+        if (host, port) in self._trusted_upstreams or self.router.is_ai_host(host):
+            return
+        why, ip = await self.egress.check(host, port)
+        if why:
+            log.warning("aibridge: refused upstream connection to %s:%s: %s", printable(host), port, printable(why))
+            data.server.error = f"aibridge: egress refused: {why}"
+        elif ip is not None and ip != host:
+            if data.server.sni is None and data.server.tls:
+                data.server.sni = host
+            data.server.address = (ip, port)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.proxy_actors.pop(client.id, None)
+        self._tunnels.discard(client.id)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if self.router is not None and not self.router.is_ai_host(data.client_hello.sni):
@@ -367,12 +433,26 @@ class Gateway:
 
     def _provider_type(self, flow: http.HTTPFlow) -> str | None:
         req = flow.request
-        route = self.router.match_prefix(req.path) if self._addressed_to_us(flow) else (
-            self.router.match_host(req.host, req.path) if self.router.is_ai_host(req.host) else None)
+        try:
+            if self._is_ours(flow):
+                route = self.router.match_prefix(req.path, req.method)
+            elif self.router.is_ai_host(req.host):
+                route = self.router.match_host(req.host, req.path, req.method)
+            else:
+                route = None
+        except BadPath:
+            prov = self.router.by_prefix.get(req.path.lstrip("/").split("/")[0]) or self.router.by_host.get(
+                (req.host or "").lower())
+            return prov.type if prov else None
         return route.provider.type if route else None
 
-    def _addressed_to_us(self, flow: http.HTTPFlow) -> bool:
-        """Origin-form requests to the listener itself (base-URL mode), as opposed to proxied ones."""
+    def _is_ours(self, flow: http.HTTPFlow) -> bool:
+        """Requests for the gateway itself (base-URL mode and its own endpoints), whatever their Host header says:
+        a path under one of its prefixes, or a request to its listener. Never inside a CONNECT tunnel."""
+        if flow.client_conn.id in self._tunnels:
+            return False
+        if self.router.is_prefixed(flow.request.path):
+            return True
         sock = flow.client_conn.sockname
         req = flow.request
         return req.scheme == "http" and bool(sock) and req.port == sock[1]
@@ -380,27 +460,60 @@ class Gateway:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or self.router is None or not flow.live:
             return
+        try:
+            await self._request(flow)
+        except Exception as e:  # a hostile request must get an answer, never a traceback in a hook
+            deep = isinstance(e, RecursionError)
+            if not deep:
+                log.exception("aibridge: handling a request failed")
+            self._abandon(flow)
+            try:
+                ptype = self._provider_type(flow)
+            except Exception:
+                ptype = None
+            flow.response = error_response(
+                ptype, 400 if deep else 500,
+                "aibridge: the request body is nested too deeply" if deep else "aibridge: internal error")
+
+    def _abandon(self, flow: http.HTTPFlow) -> None:
+        """Forget a flow the pipeline gave up on; an interception already started ends failed."""
+        self._passthrough.discard(flow.id)
+        self._breaker_keys.pop(flow.id, None)
+        ic = self.live.pop(flow.id, None)
+        if ic is not None:
+            self.recorder.ended(ic, ResponseSummary(), None, "aibridge: internal error", at(None))
+            self.metrics.child(self.metrics.inflight, ic.provider_name, self.metrics.model_label(ic.info.model),
+                               ic.route).dec()
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        if self._addressed_to_us(flow):
+        if self._is_ours(flow):
             if req.path.startswith("/aibridge/") or req.path.split("?")[0] == "/aibridge":
                 await self._control(flow)
                 return
-            route = self.router.match_prefix(req.path)
+            try:
+                route = self.router.match_prefix(req.path, req.method)
+            except BadPath as e:
+                flow.response = error_response(self._provider_type(flow), 400, f"aibridge: bad request path: {e}")
+                return
             if route is None:
                 flow.response = error_response(
-                    None, 404, f"no provider is served at {req.path.split('?')[0]!r}; use /<provider>/… "
+                    None, 404, f"no provider is served at {printable(req.path.split('?')[0])!r}; use /<provider>/… "
                     f"(configured: {', '.join('/' + p.name for p in self.config.providers)})",
                 )
                 return
         elif self.router.is_ai_host(req.host):
-            route = self.router.match_host(req.host, req.path)
+            try:
+                route = self.router.match_host(req.host, req.path, req.method)
+            except BadPath as e:
+                flow.response = error_response(self._provider_type(flow), 400, f"aibridge: bad request path: {e}")
+                return
         else:
-            if self.config.proxy.egress == "ai-only":
-                flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
-            return  # proxied traffic to a non-AI host: not ours to touch
+            await self._egress(flow)
+            return  # proxied traffic to a non-AI host: relayed untouched, or refused by policy
 
         hv = header_view(req.headers)
-        if route.api and hv.get("upgrade", "").lower() == "websocket":
+        if hv.get("upgrade", "").lower() == "websocket" and self._as_post(flow, route).api:
             # Codex CLI tries the Responses API over a WebSocket first. Relaying it would carry model calls the
             # recording, budgets and MCP injection never see; 426 is the one answer Codex takes as "use HTTP"
             # at once (any other refusal costs five retries first).
@@ -414,21 +527,28 @@ class Gateway:
         if len(req.raw_content or b"") > self.config.max_request_body_bytes:  # chunked uploads: no length header
             flow.response = error_response(route.provider.type, 413, "aibridge: request body too large")
             return
+        if route.api is None and not route.known and ident.byok_credential is None:
+            # Nobody reviewed this endpoint: it may spend money unrecorded, so the central key never goes there.
+            flow.response = error_response(
+                route.provider.type, 404,
+                f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
+                f"gateway relays (provider {route.provider.name!r})")
+            return
         if ident.byok_credential is None and not route.provider.key:
             flow.response = error_response(
                 route.provider.type, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"
             )
             return
         adapter = None
-        if route.api and req.method == "POST":
-            begun = self._begin(flow, route, ident, hv)
+        if route.api:
+            begun = await self._begin(flow, route, ident, hv)
             if begun is None:
                 return
             ic, body = begun
-            key = (route.provider.name, ic.upstream_path, ic.info.model)
+            key = (route.provider.name, route.label, self.metrics.model_label(ic.info.model))
             wait = self.breakers.allow(key)
             if wait is not None:
-                msg = f"aibridge: {route.provider.name} {ic.upstream_path} {ic.info.model} is failing; circuit open"
+                msg = f"aibridge: {route.provider.name} {route.label} {key[2]} is failing; circuit open"
                 flow.response = error_response(route.provider.type, 503, msg, {"retry-after": str(wait)})
                 return
             self._breaker_keys[flow.id] = key
@@ -441,21 +561,81 @@ class Gateway:
                                                    {"retry-after": str(refusal.retry_after)})
                     log.info("interception %s user=%s rejected: %s", ic.id, ic.user_name, refusal.message)
                     return
-            adapter = await self._injection(flow, ic, body)
+            if body is not None and ic.api in MODEL_APIS:
+                adapter = await self._injection(flow, ic, body)
             self.recorder.started(ic)
             self.live[flow.id] = ic
             flow.metadata[META_KEY] = ic.to_metadata()
-            self.metrics.child(self.metrics.inflight, ic.provider_name, ic.info.model, ic.upstream_path).inc()
+            self.metrics.child(self.metrics.inflight, ic.provider_name, self.metrics.model_label(ic.info.model),
+                               ic.route).inc()
         else:
             self.passthrough_total += 1
             self._passthrough.add(flow.id)
-            self.metrics.child(self.metrics.passthrough, route.provider.name, route.upstream_path.split("?")[0], req.method).inc()
+            self.metrics.child(self.metrics.passthrough, route.provider.name, route.label, req.method).inc()
+            if not route.known:
+                log.info("aibridge: relaying %s %s unrecorded with the user's own credential (user %s)",
+                         req.method, printable(route.upstream_path.split("?")[0]), ident.actor.user_name)
         self._to_upstream(flow, route, ident)
         if adapter is not None:
             self._to_loop(flow, route, ident, adapter)
         ic = self.live.get(flow.id)
         if ic is not None:
             ic.flow, ic.forwarded_at = flow, time.time()
+
+    def _as_post(self, flow: http.HTTPFlow, route: Route) -> Route:
+        """The route a POST to the same path would take (a WebSocket upgrade is a GET to a model endpoint)."""
+        req = flow.request
+        try:
+            if route.provider.name in self.router.by_prefix and self._is_ours(flow):
+                return self.router.match_prefix(req.path, "POST") or route
+            return self.router.match_host(req.host, req.path, "POST") or route
+        except BadPath:
+            return route
+
+    async def _egress(self, flow: http.HTTPFlow) -> None:
+        """A proxied request to a non-AI host: allowed only with proxy credentials (unless the admin chose an
+        open relay) and never to the gateway's own machine; the gateway's credentials never travel on."""
+        policy = self.config.proxy
+        req = flow.request
+        if policy.egress == "ai-only":
+            flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
+            return
+        actor = self.proxy_actors.get(flow.client_conn.id)
+        given = proxy_token(req.headers.get("proxy-authorization"))
+        if actor is None and given is not None:
+            actor = self._check_token(flow, given)
+            if actor is None:
+                if flow.response is None:
+                    flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n",
+                                                       PROXY_AUTH_REQUIRED)
+                return
+        if actor is None and policy.require_auth is not False:
+            flow.response = http.Response.make(
+                407, b"aibridge: proxy credentials required to reach non-AI hosts\n", PROXY_AUTH_REQUIRED)
+            return
+        req.headers.pop("proxy-authorization", None)
+        if flow.client_conn.id not in self._tunnels:
+            why, _ = await self.egress.check(req.host, req.port)
+            if why:
+                log.warning("aibridge: refused proxy request to %s:%s: %s", printable(req.host), req.port,
+                            printable(why))
+                flow.response = http.Response.make(403, f"aibridge: egress refused: {why}\n".encode())
+
+    def _check_token(self, flow: http.HTTPFlow, token: str | None) -> Actor | None:
+        """A gateway token check, throttled per client address: too many failures and the address gets 429."""
+        address = (flow.client_conn.peername or ("?",))[0]
+        wait = self.throttle.retry_after(address)
+        if wait is not None:
+            self.rejected_total += 1
+            flow.response = error_response(
+                self._provider_type(flow), 429,
+                f"aibridge: too many failed token checks from {address}; retry in {wait} s",
+                {"retry-after": str(wait)})
+            return None
+        actor = self.tokens.lookup(token)
+        if actor is None:
+            self.throttle.failed(address)
+        return actor
 
     async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
         """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
@@ -490,37 +670,71 @@ class Gateway:
     def _identify(self, flow: http.HTTPFlow, route: Route, hv: dict[str, str]) -> Identity | None:
         proxy_actor = self.proxy_actors.get(flow.client_conn.id)
         if proxy_actor is None and hv.get("proxy-authorization"):  # plain-HTTP proxy requests
-            proxy_actor = self.tokens.lookup(proxy_token(hv["proxy-authorization"]))
+            proxy_actor = self._check_token(flow, proxy_token(hv["proxy-authorization"]))
             if proxy_actor is None:
-                flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n", PROXY_AUTH_REQUIRED)
+                if flow.response is None:
+                    flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n",
+                                                       PROXY_AUTH_REQUIRED)
                 return None
-        if proxy_actor is None and self.config.proxy.require_auth and not self._addressed_to_us(flow):
+        if proxy_actor is None and self.config.proxy.require_auth is True and not self._is_ours(flow):
             flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
+            return None
+        address = (flow.client_conn.peername or ("?",))[0]
+        wait = self.throttle.retry_after(address)
+        if wait is not None:
+            self.rejected_total += 1
+            flow.response = error_response(
+                route.provider.type, 429, f"aibridge: too many failed token checks from {address}; retry in {wait} s",
+                {"retry-after": str(wait)})
             return None
         try:
             return identify(hv, proxy_actor, self.tokens, self.config.proxy.byok)
         except AuthRefused as e:
             self.rejected_total += 1
+            self.throttle.failed(address)
             flow.response = error_response(route.provider.type, 401, str(e))
             return None
 
-    def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity, hv: dict[str, str]
-               ) -> tuple[Interception, dict] | None:
+    async def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity, hv: dict[str, str]
+                     ) -> tuple[Interception, dict | None] | None:
+        """Read the request (decoded with a cap, off the event loop when large) and open its interception."""
         req = flow.request
         codec = BY_API[route.api]
+        limit = self.config.max_request_body_bytes
+        raw = req.raw_content or b""
+        encoding = hv.get("content-encoding", "")
+        ctype = hv.get("content-type", "").lower()
+        multipart = ctype.startswith("multipart/form-data")
+
+        def read():
+            data = bodies.decode(raw, encoding, limit) if encoding else raw
+            if multipart:
+                return data, bodies.form_fields(hv.get("content-type", ""), data)
+            if not data.strip() and route.api not in MODEL_APIS:
+                return data, {}
+            return data, bodies.parse_json(data)
+
         try:
-            body = json.loads(req.content or b"")
+            data, body = await asyncio.to_thread(read) if len(raw) > OFF_LOOP_BYTES else read()
             if not isinstance(body, dict):
                 raise BadRequest("request body must be a JSON object")
             info = codec.parse_request(body)
-        except (ValueError, BadRequest) as e:
-            msg = str(e) if isinstance(e, BadRequest) else f"request body is not valid JSON: {e}"
-            flow.response = error_response(route.provider.type, 400, f"aibridge: {msg}")
+        except bodies.BodyTooLarge as e:
+            flow.response = error_response(route.provider.type, 413, f"aibridge: {e}")
             return None
-        changed = codec.prepare_request(body)
-        if changed is not None:
-            req.content = json.dumps(changed, ensure_ascii=False).encode()
-            body = changed
+        except (bodies.BadBody, BadRequest) as e:
+            flow.response = error_response(route.provider.type, 400, f"aibridge: {e}")
+            return None
+        if encoding:  # forward what was parsed: the provider sees exactly the body the gateway recorded
+            req.headers.pop("content-encoding", None)
+            req.content = data
+        if multipart:
+            body = None  # forwarded as sent; only its fields were read
+        else:
+            changed = codec.prepare_request(body)
+            if changed is not None:
+                req.content = json.dumps(changed, ensure_ascii=False).encode()
+                body = changed
         byok = ident.byok_credential
         ic = Interception(
             id=flow.id,
@@ -536,6 +750,7 @@ class Gateway:
             credential_hint=mask(byok or route.provider.key),
             upstream_path=route.upstream_path.split("?")[0],
             started_at=at(req.timestamp_start),
+            route=route.label,
             info=info,
         )
         return ic, body
@@ -576,7 +791,11 @@ class Gateway:
             flow.response.stream = True
             return
         ic = self.live.get(flow.id)
-        if ic is None or not (200 <= flow.response.status_code < 300 and is_sse(flow.response)):
+        if ic is None:
+            return
+        if not (200 <= flow.response.status_code < 300 and is_sse(flow.response)):
+            if ic.api not in MODEL_APIS and not is_json(flow.response):
+                flow.response.stream = True  # audio, images as bytes: relayed as they come, nothing to read
             return
         if ic.via_loop:
             flow.response.stream = True  # the loop records every round itself; relay its events as they come
@@ -586,7 +805,8 @@ class Gateway:
 
     def response(self, flow: http.HTTPFlow) -> None:
         ic, error = self._finish(flow)
-        if error in (NOT_JSON, NOT_OBJECT) and flow.live and 200 <= flow.response.status_code < 300:
+        if (error in (NOT_JSON, NOT_OBJECT) and flow.live and 200 <= flow.response.status_code < 300
+                and ic.api in MODEL_APIS):
             # An SDK cannot parse this; say what happened in the provider's format (the record keeps the truth).
             flow.response = error_response(ic.provider_type, 502,
                                            f"aibridge: the provider's {error}")
@@ -620,19 +840,19 @@ class Gateway:
             self._observe(ic, summary, status, status_code, error, ended_at)
             u = summary.usages
             interception_log.info(
-                "interception %s user=%s provider=%s model=%s status=%s in=%d out=%d tools=%d%s",
-                ic.id, ic.user_name, ic.provider_name, ic.info.model, status,
-                sum(x.input_tokens for x in u), sum(x.output_tokens for x in u), len(summary.tool_calls),
-                f" error={error!r}" if error else "",
+                "interception %s user=%s provider=%s api=%s model=%s client=%s status=%s in=%d out=%d tools=%d%s",
+                ic.id, printable(ic.user_name), ic.provider_name, ic.api, printable(ic.info.model),
+                printable(ic.client), status, sum(x.input_tokens for x in u), sum(x.output_tokens for x in u),
+                len(summary.tool_calls), f" error={printable(error, 500)}" if error else "",
             )
         return ic, error
 
     def _observe(self, ic: Interception, summary: ResponseSummary, status: str, status_code, error, ended_at) -> None:
         """Metrics and the structured interception log for one finished interception."""
         m = self.metrics
-        model = ic.info.model
-        m.child(m.inflight, ic.provider_name, model, ic.upstream_path).dec()
-        m.child(m.interceptions, ic.provider_name, model, status, ic.upstream_path, "POST", ic.user_id, ic.client).inc()
+        model = m.model_label(ic.info.model)
+        m.child(m.inflight, ic.provider_name, model, ic.route).dec()
+        m.child(m.interceptions, ic.provider_name, model, status, ic.route, "POST", ic.user_id, ic.client).inc()
         duration = (ended_at - ic.started_at).total_seconds()
         m.child(m.duration, ic.provider_name, model).observe(max(duration, 0.0))
         if ic.info.prompt:
@@ -648,15 +868,16 @@ class Gateway:
                 m.child(m.tokens, ic.provider_name, model, kind, ic.user_id, ic.client).inc(n)
         injected = [t for t in summary.tool_calls if t.injected]
         for t in injected:
-            m.child(m.injected_tools, ic.provider_name, model, t.name, "error" if t.error else "ok").inc()
+            m.child(m.injected_tools, ic.provider_name, model, m.tool_label(t.name), "error" if t.error else "ok").inc()
         for t in summary.tool_calls:
             if not t.injected:
-                m.child(m.client_tools, ic.provider_name, model, t.name).inc()
+                m.child(m.client_tools, ic.provider_name, model, m.tool_label(t.name)).inc()
         if self.json_log is not None:
             self.json_log.write({
                 "msg": "interception log", "interception_id": ic.id, "user": ic.user_name, "user_id": ic.user_id,
                 "client": ic.client, "session_id": ic.session_id, "provider": ic.provider_type,
-                "provider_name": ic.provider_name, "model": model, "response_model": summary.model,
+                "provider_name": ic.provider_name, "api": ic.api, "model": ic.info.model,
+                "response_model": summary.model,
                 "status": status, "http_status": status_code, "error": error,
                 "started_at": ic.started_at.isoformat(), "ended_at": ended_at.isoformat(),
                 "duration_ms": round(duration * 1000, 1), "credential_kind": ic.credential_kind,
@@ -668,15 +889,33 @@ class Gateway:
 
     # --- the gateway's own endpoints ---------------------------------------------------------------
 
+    async def _flushed(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until records queued so far are committed, so a query sees finished interceptions."""
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.store.flush()), timeout)
+        except (asyncio.TimeoutError, Exception) as e:
+            log.warning("aibridge: records not flushed before a query (%s); it may miss the newest", type(e).__name__)
+
     async def _control(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         path = req.path.split("?")[0]
         if path == "/aibridge/healthz":
+            if "reset" in req.path.partition("?")[2]:
+                # Counters are evidence (stalls, dead letters): only an admin may zero them.
+                actor = self._check_token(flow, credential_from_headers(req.headers))
+                if flow.response is not None:
+                    return
+                if actor is None or actor.role != "admin":
+                    flow.response = api_error(403 if actor else 401, "resetting health counters needs an admin token")
+                    return
             healthy = self.store is not None
+            dead = self.store.dead_lettered if self.store else 0
+            self.metrics.dead_letters.set(dead)
             flow.response = _json(200 if healthy else 503, {
                 "status": "ok" if healthy else "unavailable", "inflight": len(self.live),
                 "records_written": self.store.written if self.store else 0,
-                "records_failed": self.store.failed if self.store else 0,
+                "records_failed": dead, "records_dead_lettered": dead,
+                "stale_interceptions_closed": self.store.stale_closed if self.store else 0,
                 "event_loop_lag_max_ms": round(self.loop_lag_max * 1000, 2),
                 "gc_pause_max_ms": round(self.gc_pause_max * 1000, 2),
                 "connections": len(getattr(ctx.master.addons.get("proxyserver"), "connections", ())),
@@ -687,14 +926,33 @@ class Gateway:
             return
         if path in ("/aibridge", "/aibridge/", "/aibridge/dashboard"):
             flow.response = http.Response.make(200, DASHBOARD.read_bytes(), {
-                "content-type": "text/html; charset=utf-8", "cache-control": "no-cache",
-                "content-security-policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
-            })
+                "content-type": "text/html; charset=utf-8", **DASHBOARD_HEADERS})
+            return
+        if path == "/aibridge/dashboard.js":
+            flow.response = http.Response.make(200, DASHBOARD_JS.read_bytes(), {
+                "content-type": "text/javascript; charset=utf-8", **DASHBOARD_HEADERS})
             return
         if path == "/aibridge/metrics":
+            if self.config.metrics_token is not None:
+                given = credential_from_headers(req.headers) or ""
+                if not hmac.compare_digest(given.encode(), self.config.metrics_token.encode()):
+                    flow.response = http.Response.make(401, b"aibridge: metrics need a bearer token\n",
+                                                       {"www-authenticate": 'Bearer realm="aibridge-metrics"'})
+                    return
+            self.metrics.dead_letters.set(self.store.dead_lettered if self.store else 0)
             flow.response = http.Response.make(200, self.metrics.render(), {"content-type": self.metrics.content_type})
             return
         if path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
+            address = (flow.client_conn.peername or ("?",))[0]
+            wait = self.throttle.retry_after(address)
+            if wait is not None:
+                flow.response = api_error(429, f"too many failed token checks from {address}; retry in {wait} s")
+                flow.response.headers["retry-after"] = str(wait)
+                return
+            if self.tokens.lookup(credential_from_headers(req.headers)) is None:
+                self.throttle.failed(address)
+            else:
+                await self._flushed()  # read your writes: what finished before this query is in its answer
             try:
                 flow.response = await self.api.handle(flow)
             except Exception as e:
@@ -715,6 +973,8 @@ class Gateway:
         except (ValueError, KeyError, TypeError) as e:
             flow.response = error_response(None, 400, f"bad control request: {e}")
             return
+        if not writes:
+            await self._flushed()
         fut = self.store.call(call) if writes else self.store.read(call)
         try:
             result = await asyncio.wrap_future(fut)
@@ -740,6 +1000,14 @@ def header_view(headers: http.Headers) -> dict[str, str]:
         value = v.decode("utf-8", "surrogateescape")
         out[name] = f"{out[name]}, {value}" if name in out else value
     return out
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.split("%")[0])
+        return True
+    except ValueError:
+        return False
 
 
 def _client_gone(flow: http.HTTPFlow) -> bool:

@@ -16,27 +16,36 @@ from pathlib import Path
 from mitmproxy import http, io
 
 from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, mask
+from .store.writer import private_file
 
 log = logging.getLogger(__name__)
 
-REDACTED_HEADERS = CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "cookie")
+REDACTED_HEADERS = frozenset(
+    h.encode() for h in CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "cookie"))
 _STOP = object()
 
 
+def _redact(value: bytes) -> bytes:
+    text = value.decode("utf-8", "surrogateescape")
+    scheme, sep, secret = text.partition(" ")
+    if sep and scheme.lower() in ("bearer", "basic"):
+        out = f"{scheme} [redacted {mask(secret)}]"
+    else:
+        out = f"[redacted {mask(text)}]"
+    return out.encode("utf-8", "surrogateescape")
+
+
 def redacted_copy(flow: http.HTTPFlow) -> http.HTTPFlow:
-    """A copy of the flow whose credential headers are replaced by masked hints."""
+    """A copy of the flow whose credential headers are replaced by masked hints (one pass over the headers)."""
     copy = flow.copy()
-    for h in REDACTED_HEADERS:
-        for name in list(copy.request.headers.keys()):
-            if name.lower() == h:
-                value = copy.request.headers[name]
-                scheme, sep, secret = value.partition(" ")
-                if sep and scheme.lower() in ("bearer", "basic"):
-                    copy.request.headers[name] = f"{scheme} [redacted {mask(secret)}]"
-                else:
-                    copy.request.headers[name] = f"[redacted {mask(value)}]"
+    fields = copy.request.headers.fields
+    if any(name.lower() in REDACTED_HEADERS for name, _ in fields):
+        copy.request.headers.fields = tuple(
+            (name, _redact(value)) if name.lower() in REDACTED_HEADERS else (name, value) for name, value in fields)
     if copy.response is not None:
-        copy.response.headers.pop("set-cookie", None)
+        rf = copy.response.headers.fields
+        if any(name.lower() == b"set-cookie" for name, _ in rf):
+            copy.response.headers.fields = tuple((n, v) for n, v in rf if n.lower() != b"set-cookie")
     return copy
 
 
@@ -52,7 +61,7 @@ class FlowArchive:
         self.written = 0
 
     def start(self) -> "FlowArchive":
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._thread.start()
         return self
 
@@ -86,7 +95,7 @@ class FlowArchive:
             self._close_file()
         if self._file is None:
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            self._file = open(self.directory / f"aibridge-{stamp}.flows", "ab")
+            self._file = private_file(self.directory / f"aibridge-{stamp}.flows", "ab")
             self._opened_at = now
         return self._file
 

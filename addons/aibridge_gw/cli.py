@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     sq.add_argument("--json", action="store_true", help="print rows as JSON objects")
 
     args = ap.parse_args(argv)
+    os.umask(0o077)  # a database, export or CA file the CLI creates is readable by its owner only
     try:
         config = load_config(args.config)
         db = config.duckdb_path

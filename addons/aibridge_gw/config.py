@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
 PROVIDER_TYPES = ("anthropic", "openai")
+# Each provider type's public API hosts: intercepted in proxy mode by default, so a client calling the provider
+# directly cannot tunnel past the audit when an instance's base_url points elsewhere (a broker, a test server).
+PUBLIC_HOSTS = {"anthropic": ("api.anthropic.com",), "openai": ("api.openai.com",)}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # The gateway serves these itself; no provider instance may take the prefix.
@@ -37,6 +41,7 @@ class ProviderInstance:
     key: str | None = field(repr=False)
     key_source: str
     hosts: tuple[str, ...]
+    passthrough_paths: tuple[str, ...] = ()  # extra read-only endpoints an admin allows (relayed unrecorded)
 
     @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
@@ -50,9 +55,19 @@ class ProviderInstance:
 class ProxyPolicy:
     """Proxy-mode (HTTPS_PROXY) behaviour."""
 
-    require_auth: bool = False  # AI-host tunnels need proxy credentials (else 407)
+    # None (default): non-AI egress needs proxy credentials, AI hosts take the gateway token as the API key too.
+    # True: every proxied request needs proxy credentials (407). False: nothing does (with egress "all": an open
+    # relay, an explicit choice that is logged at start-up).
+    require_auth: bool | None = None
     egress: str = "all"  # "all": other hosts tunnelled untouched; "ai-only": refused
     byok: bool = True  # keep a user's own provider key when their identity comes from elsewhere
+    # Loopback, link-local (cloud metadata), unspecified and the gateway's own addresses are refused as egress
+    # targets unless listed here (IP addresses, CIDR ranges or host names).
+    allow_addresses: tuple[str, ...] = ()
+
+    @property
+    def open_relay(self) -> bool:
+        return self.require_auth is False and self.egress == "all"
 
 
 @dataclass(frozen=True)
@@ -116,10 +131,11 @@ class Config:
     breaker_half_open_requests: int = 3
     max_request_body_bytes: int = 32 * 1024 * 1024
     timeouts: Timeouts = Timeouts()
+    metrics_token: str | None = field(default=None, repr=False)  # /aibridge/metrics needs this bearer token if set
+    auth_failures_per_minute: int = 30  # failed token checks per client address before 429
+    public_host_notes: tuple[str, ...] = ()  # start-up log lines: which instance takes each public host
     budgets: dict = field(default_factory=dict, hash=False, compare=False)  # {"default": Limits, "users": {name: Limits}}
 
-    def provider(self, name: str) -> ProviderInstance | None:
-        return next((p for p in self.providers if p.name == name), None)
 
 
 def expand_env(value):
@@ -158,17 +174,28 @@ def load_config(explicit: str | os.PathLike | None = None) -> Config:
 
 def parse_config(raw: dict, path: Path | None = None) -> Config:
     raw = expand_env(raw)
+    base = path.parent if path is not None else Path.cwd()
+
+    def local(p) -> Path:
+        """Relative paths in the config are relative to the config file, so the CLI and the gateway open the
+        same files from any working directory."""
+        p = Path(str(p)).expanduser()
+        return p if p.is_absolute() else (base / p)
+
     providers = []
     seen_hosts: dict[str, str] = {}
+    opted_out: set[str] = set()
     for i, item in enumerate(raw.get("providers") or []):
         prov = _parse_provider(item, f"providers[{i}]")
         if any(p.name == prov.name for p in providers):
             raise ConfigError(f"providers[{i}]: duplicate provider name {prov.name!r}")
         explicit = isinstance(item, dict) and item.get("hosts") is not None
+        if explicit and not item["hosts"]:
+            opted_out.add(prov.name)
         kept = []
-        for h in prov.hosts:
+        for n, h in enumerate(prov.hosts):
             if h in seen_hosts:
-                if explicit:
+                if explicit and n > 0:
                     raise ConfigError(
                         f"providers[{i}].hosts: {h!r} is already intercepted by provider {seen_hosts[h]!r}"
                     )
@@ -176,26 +203,57 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
             seen_hosts[h] = prov.name
             kept.append(h)
         providers.append(dataclasses.replace(prov, hosts=tuple(kept)))
+    notes = []
+    for ptype, public in PUBLIC_HOSTS.items():
+        for host in public:
+            if host in seen_hosts:
+                continue
+            candidates = [p for p in providers if p.type == ptype and p.name not in opted_out]
+            if not candidates:
+                continue
+            target = candidates[0]
+            seen_hosts[host] = target.name
+            providers[providers.index(target)] = dataclasses.replace(target, hosts=target.hosts + (host,))
+            notes.append(f"proxy mode: {host} is intercepted and routed to provider {target.name!r} "
+                         f"({target.base_url}); set hosts: [] on it to opt out")
     storage = raw.get("storage") or {}
     if not isinstance(storage, dict):
         raise ConfigError("storage: must be a mapping")
     db = storage.get("duckdb") or "data/aibridge.duckdb"
+    metrics = raw.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ConfigError("metrics: must be a mapping")
+    limits = raw.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise ConfigError("limits: must be a mapping")
+    json_log = (raw.get("logging") or {}).get("interceptions_json") or None
+    try:
+        max_body = int(float(limits.get("max_request_body_mb", 32)) * 1024 * 1024)
+        auth_failures = int(limits.get("auth_failures_per_minute", 30))
+    except (TypeError, ValueError):
+        raise ConfigError("limits: max_request_body_mb and auth_failures_per_minute must be numbers") from None
+    capture = _parse_capture(raw.get("capture") or {})
+    if capture.directory is not None:
+        capture = dataclasses.replace(capture, directory=local(capture.directory))
     return Config(
         path=path,
         providers=tuple(providers),
-        duckdb_path=Path(db).expanduser(),
+        duckdb_path=local(db),
         proxy=_parse_proxy(raw.get("proxy") or {}),
-        capture=_parse_capture(raw.get("capture") or {}),
+        capture=capture,
         mcp_servers=_parse_mcp_servers(raw.get("mcp_servers") or []),
         mcp=_parse_mcp_settings(raw.get("mcp") or {}),
         retention_days=_int(raw, "retention_days", 60),
-        pricing_file=Path(raw["pricing"]).expanduser() if raw.get("pricing") else None,
-        metrics_prefix=str((raw.get("metrics") or {}).get("prefix", "aibridge_")),
-        interceptions_json_log=(raw.get("logging") or {}).get("interceptions_json") or None,
+        pricing_file=local(raw["pricing"]) if raw.get("pricing") else None,
+        metrics_prefix=str(metrics.get("prefix", "aibridge_")),
+        metrics_token=str(metrics["token"]) if metrics.get("token") else None,
+        interceptions_json_log=json_log if json_log in (None, "-") else str(local(json_log)),
         budgets=_parse_budgets(raw.get("budgets") or {}),
         **_parse_breaker(raw.get("circuit_breaker") or {}),
-        max_request_body_bytes=int(float((raw.get("limits") or {}).get("max_request_body_mb", 32)) * 1024 * 1024),
+        max_request_body_bytes=max_body,
+        auth_failures_per_minute=auth_failures,
         timeouts=_parse_timeouts(raw.get("timeouts") or {}),
+        public_host_notes=tuple(notes),
     )
 
 
@@ -322,9 +380,23 @@ def _parse_proxy(d) -> ProxyPolicy:
     egress = d.get("egress", "all")
     if egress not in ("all", "ai-only"):
         raise ConfigError("proxy.egress: must be 'all' or 'ai-only'")
-    return ProxyPolicy(
-        require_auth=_bool(d, "require_auth", False, "proxy"), egress=egress, byok=_bool(d, "byok", True, "proxy")
-    )
+    require = d.get("require_auth")
+    if require is not None and not isinstance(require, bool):
+        raise ConfigError("proxy.require_auth: must be true or false")
+    allow = d.get("allow_addresses") or []
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        raise ConfigError("proxy.allow_addresses: must be a list of IP addresses, CIDR ranges or host names")
+    for a in allow:
+        if "/" in a:
+            try:
+                ipaddress.ip_network(a, strict=False)
+            except ValueError:
+                raise ConfigError(f"proxy.allow_addresses: {a!r} is not a valid CIDR range") from None
+    unknown = set(d) - {"require_auth", "egress", "byok", "allow_addresses"}
+    if unknown:
+        raise ConfigError(f"proxy: unknown key(s) {', '.join(sorted(unknown))}")
+    return ProxyPolicy(require_auth=require, egress=egress, byok=_bool(d, "byok", True, "proxy"),
+                       allow_addresses=tuple(a.lower() for a in allow))
 
 
 def _parse_capture(d) -> CaptureSettings:
@@ -364,10 +436,13 @@ def _parse_provider(item, where: str) -> ProviderInstance:
     else:
         key, source = None, "none"
     hosts = item.get("hosts")
-    if hosts is None:
-        hosts = [parts.hostname]
-    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+    if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)):
         raise ConfigError(f"{where}.hosts: must be a list of host names")
+    # The base_url host, plus any listed; `hosts: []` opts out of interception entirely.
+    hosts = [] if hosts == [] else [parts.hostname, *[h for h in (hosts or []) if h.lower() != parts.hostname]]
+    passthrough = item.get("passthrough_paths") or []
+    if not isinstance(passthrough, list) or not all(isinstance(x, str) and x.startswith("/") for x in passthrough):
+        raise ConfigError(f"{where}.passthrough_paths: must be a list of paths starting with /")
     return ProviderInstance(
         name=name,
         type=ptype,
@@ -379,4 +454,5 @@ def _parse_provider(item, where: str) -> ProviderInstance:
         key=key,
         key_source=source,
         hosts=tuple(h.lower() for h in hosts),
+        passthrough_paths=tuple(p.rstrip("/") or "/" for p in passthrough),
     )

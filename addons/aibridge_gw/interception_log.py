@@ -12,14 +12,18 @@ import queue
 import sys
 from pathlib import Path
 
+from .store.writer import private_file
+
 
 class InterceptionLog:
     def __init__(self, target: str) -> None:
         if target == "-":
             handler: logging.Handler = logging.StreamHandler(sys.stdout)
         else:
-            Path(target).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(Path(target).expanduser(), encoding="utf-8")
+            path = Path(target).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(path, "ab").close()  # created 0600 before the handler appends to it
+            handler = logging.FileHandler(path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(message)s"))
         q: queue.SimpleQueue = queue.SimpleQueue()
         self._listener = logging.handlers.QueueListener(q, handler)

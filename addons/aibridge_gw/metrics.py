@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+MAX_LABELS = 200  # distinct model (and tool) names that get their own series
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,99}$")
 
 
 class Metrics:
@@ -12,6 +18,8 @@ class Metrics:
     def __init__(self, prefix: str = "aibridge_") -> None:
         r = self.registry = CollectorRegistry()
         self._children: dict[tuple, object] = {}
+        self._models: set[str] = set()
+        self._tools: set[str] = set()
         p = prefix
         self.interceptions = Counter(f"{p}interceptions_total", "Intercepted requests by outcome.",
                                      ["provider", "model", "status", "route", "method", "initiator_id", "client"],
@@ -35,8 +43,28 @@ class Metrics:
         self.breaker_trips = Counter(f"{p}circuit_breaker_trips_total", "Times a circuit breaker opened.",
                                      ["provider", "endpoint", "model"], registry=r)
         self.loop_lag_max = Gauge(f"{p}event_loop_lag_max_seconds", "Longest event-loop stall seen.", registry=r)
+        self.dead_letters = Gauge(f"{p}records_dead_lettered", "Audit records the store could not take, kept in "
+                                  "the dead-letter file.", registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
                                     ["provider", "model", "name"], registry=r)
+
+    def model_label(self, model: str | None) -> str:
+        """Client-chosen model strings as a bounded label set: the first MAX_LABELS well-formed names, else other."""
+        return self._bounded(self._models, model)
+
+    def tool_label(self, name: str | None) -> str:
+        return self._bounded(self._tools, name)
+
+    @staticmethod
+    def _bounded(seen: set[str], value: str | None) -> str:
+        if not value:
+            return ""
+        if value in seen:
+            return value
+        if len(seen) >= MAX_LABELS or not _LABEL_RE.match(value):
+            return "other"
+        seen.add(value)
+        return value
 
     def child(self, metric, *labels):
         """metric.labels(*labels), memoised: labels() validates and locks on every call, and this is per request."""

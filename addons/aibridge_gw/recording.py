@@ -66,6 +66,7 @@ class Interception:
     credential_hint: str | None
     upstream_path: str
     started_at: dt.datetime
+    route: str = ""  # the endpoint as a bounded label (metrics)
     parent_id: str | None = None
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
@@ -101,6 +102,10 @@ def is_sse(resp: http.Response | None) -> bool:
     return resp is not None and "text/event-stream" in resp.headers.get("content-type", "")
 
 
+def is_json(resp: http.Response | None) -> bool:
+    return resp is not None and "json" in resp.headers.get("content-type", "").lower()
+
+
 def conclude(ic: Interception, flow: http.HTTPFlow) -> tuple[ResponseSummary, int | None, str | None, dt.datetime]:
     """What the provider said and how the exchange ended: (summary, http status, error or None, ended at)."""
     resp = flow.response
@@ -127,7 +132,9 @@ def conclude(ic: Interception, flow: http.HTTPFlow) -> tuple[ResponseSummary, in
         summary, error = _summarize_body(ic, resp)
     else:
         summary = ResponseSummary()
-    if flow.error is not None:
+    if flow.error is not None and not (summary.complete and not summary.error and (tap is not None or loop is not None)):
+        # The final event reached the client: a client that hangs up right after it (llm, aider), or a
+        # provider that drops the connection before the chunk terminator, leaves a complete exchange.
         error = flow.error.msg
     status = resp.status_code if resp is not None else None
     if status is not None and status >= 400:
@@ -142,9 +149,11 @@ def conclude(ic: Interception, flow: http.HTTPFlow) -> tuple[ResponseSummary, in
 
 
 def _summarize_body(ic: Interception, resp: http.Response) -> tuple[ResponseSummary, str | None]:
+    if getattr(ic.codec, "ENDS_AT_EOF", False) and not is_json(resp):
+        return ResponseSummary(complete=True), None  # audio, text transcripts, images as bytes: nothing to read
     try:
         body = json.loads(resp.content or b"")
-    except ValueError:
+    except (ValueError, RecursionError):
         return ResponseSummary(), (NOT_JSON if resp.status_code < 400 else None)
     if not isinstance(body, dict):
         return ResponseSummary(), NOT_OBJECT
@@ -180,7 +189,7 @@ class Recorder:
             Insert(
                 "aibridge_interceptions",
                 (
-                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model, ic.client,
+                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model or None, ic.client,
                     ic.user_agent, ic.session_id, ic.parent_id, ic.root_id, ic.credential_kind,
                     ic.credential_hint, IN_PROGRESS, ic.started_at, None, None, ic.api, ic.info.stream,
                     None, None,
@@ -242,7 +251,7 @@ class Recorder:
             Insert(
                 "aibridge_interceptions",
                 (
-                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model, ic.client,
+                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model or None, ic.client,
                     ic.user_agent, ic.session_id, ic.parent_id, ic.root_id, ic.credential_kind,
                     ic.credential_hint, "rejected", ic.started_at, now, None, ic.api, ic.info.stream,
                     http_status, message,

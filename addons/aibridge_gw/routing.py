@@ -1,24 +1,139 @@
-"""Which provider instance and which API a request is for: by path prefix (base-URL mode) or host (proxy mode)."""
+"""Which provider instance, endpoint and API a request is for: by path prefix (base-URL mode) or host (proxy mode).
+
+Routing works on the canonical path only (percent-escapes decoded once, dot segments and empty segments
+resolved), and the canonical path is what goes upstream: what the gateway routed is exactly what the provider
+sees, so `chat%2fcompletions`, `v1/../v1/chat/completions` or `//chat` cannot reach a model endpoint unrecorded.
+
+Every endpoint the gateway relays is listed here. An endpoint that can spend money is recorded as an
+interception (`api`); a read-only one is relayed unrecorded; anything else is refused with a 404 in the
+provider's format — the central key never goes to a path nobody reviewed.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 from .config import Config, ProviderInstance
 
-# (provider type, normalized endpoint) -> API handled by a codec; everything else is passthrough.
-INTERCEPTED = {
-    ("anthropic", "/v1/messages"): "anthropic.messages",
-    ("openai", "/chat/completions"): "openai.chat",
-    ("openai", "/responses"): "openai.responses",
+_SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar without percent-escapes
+
+
+class BadPath(Exception):
+    """The request target cannot be made canonical (bad escapes, control characters, backslashes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint a provider type serves through the gateway."""
+
+    methods: frozenset[str]
+    pattern: re.Pattern
+    label: str  # the route as a bounded metric label, e.g. "/v1/models/{id}"
+    api: str | None  # recorded under this api name; None: read-only passthrough, not recorded
+
+
+def _ep(methods: str, template: str, api: str | None = None) -> Endpoint:
+    regex = re.escape(template).replace(re.escape("{id}"), "[^/]+")
+    return Endpoint(frozenset(methods.split()), re.compile(f"^{regex}$"), template, api)
+
+
+# Endpoint paths are relative to the instance's base_url for OpenAI-type instances (which end in /v1) and
+# absolute for Anthropic (whose base_url has no /v1).
+ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
+    "anthropic": (
+        _ep("POST", "/v1/messages", "anthropic.messages"),
+        _ep("POST", "/v1/complete", "anthropic.complete"),
+        _ep("POST", "/v1/messages/batches", "anthropic.message_batches"),
+        _ep("POST", "/v1/messages/count_tokens"),
+        _ep("GET", "/v1/models"),
+        _ep("GET", "/v1/models/{id}"),
+        _ep("GET", "/v1/messages/batches/{id}"),
+        _ep("GET", "/v1/messages/batches/{id}/results"),
+        _ep("POST", "/v1/messages/batches/{id}/cancel"),
+        _ep("GET", "/v1/files/{id}"),
+        _ep("GET", "/v1/files/{id}/content"),
+        _ep("POST", "/v1/files"),
+        _ep("DELETE", "/v1/files/{id}"),
+        # Claude Code reads its managed settings from the API host (proxy mode).
+        _ep("GET", "/api/claude_code/settings"),
+        _ep("GET", "/api/claude_code/policy_limits"),
+    ),
+    "openai": (
+        _ep("POST", "/chat/completions", "openai.chat"),
+        _ep("POST", "/responses", "openai.responses"),
+        _ep("POST", "/responses/compact", "openai.responses.compact"),
+        _ep("POST", "/completions", "openai.completions"),
+        _ep("POST", "/embeddings", "openai.embeddings"),
+        _ep("POST", "/moderations", "openai.moderations"),
+        _ep("POST", "/images/generations", "openai.images"),
+        _ep("POST", "/images/edits", "openai.images"),
+        _ep("POST", "/images/variations", "openai.images"),
+        _ep("POST", "/audio/speech", "openai.audio.speech"),
+        _ep("POST", "/audio/transcriptions", "openai.audio.transcriptions"),
+        _ep("POST", "/audio/translations", "openai.audio.translations"),
+        _ep("POST", "/batches", "openai.batches"),
+        _ep("POST", "/fine_tuning/jobs", "openai.fine_tuning"),
+        _ep("POST", "/realtime/sessions", "openai.realtime"),
+        _ep("POST", "/realtime/transcription_sessions", "openai.realtime"),
+        _ep("POST", "/realtime/client_secrets", "openai.realtime"),
+        _ep("POST", "/videos", "openai.videos"),
+        _ep("POST", "/containers", "openai.containers"),
+        _ep("POST", "/vector_stores/{id}/search", "openai.vector_stores.search"),
+        _ep("POST", "/evals/{id}/runs", "openai.evals"),
+        _ep("GET", "/models"),
+        _ep("GET", "/models/{id}"),
+        _ep("POST", "/responses/input_tokens"),
+        _ep("GET", "/responses/{id}"),
+        _ep("GET", "/responses/{id}/input_items"),
+        _ep("POST", "/responses/{id}/cancel"),
+        _ep("GET", "/chat/completions/{id}"),
+        _ep("GET", "/batches/{id}"),
+        _ep("POST", "/batches/{id}/cancel"),
+        _ep("GET", "/files/{id}"),
+        _ep("GET", "/files/{id}/content"),
+        _ep("POST", "/files"),
+        _ep("GET", "/fine_tuning/jobs/{id}"),
+        _ep("POST", "/fine_tuning/jobs/{id}/cancel"),
+    ),
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     provider: ProviderInstance
-    upstream_path: str  # path (with query) to request from the provider's base_url host
-    api: str | None  # codec name when intercepted, None for passthrough
+    upstream_path: str  # canonical path (with query) to request from the provider's base_url host
+    api: str | None  # recorded api name; None for passthrough (known read-only, or unknown with BYOK only)
+    label: str  # bounded route label for metrics
+    known: bool = True  # False: no listed endpoint matched (relayed only with the user's own credential)
+
+
+def canonical_path(target: str) -> tuple[list[str], str]:
+    """(path segments, query with its '?') of a request target, decoded once and with dot segments resolved."""
+    path, sep, query = target.partition("?")
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise BadPath("the path is not valid UTF-8 after percent-decoding") from None
+    if "%" in decoded:
+        raise BadPath("the path is percent-encoded more than once")
+    if "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in decoded):
+        raise BadPath("the path contains control characters or backslashes")
+    segments: list[str] = []
+    for seg in decoded.split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(seg)
+    return segments, sep + query
+
+
+def encode_path(segments: list[str]) -> str:
+    return "/" + "/".join(quote(s, safe=_SEGMENT_SAFE) for s in segments)
 
 
 class Router:
@@ -27,30 +142,41 @@ class Router:
         self.by_host = {h: p for p in config.providers for h in p.hosts}
 
     def is_ai_host(self, host: str | None) -> bool:
-        return bool(host) and host.lower() in self.by_host
+        return bool(host) and host.lower().rstrip(".") in self.by_host
 
-    def match_prefix(self, path: str) -> Route | None:
-        """Base-URL mode: /<instance>/<rest>."""
-        seg, _, rest = path.lstrip("/").partition("/")
-        name = seg.split("?", 1)[0]
-        prov = self.by_prefix.get(name)
+    def is_prefixed(self, target: str) -> bool:
+        """The request names one of the gateway's own prefixes: base-URL traffic, whatever its Host header."""
+        try:
+            segments, _ = canonical_path(target)
+        except BadPath:
+            return False
+        return bool(segments) and (segments[0] in self.by_prefix or segments[0] == "aibridge")
+
+    def match_prefix(self, target: str, method: str = "POST") -> Route | None:
+        """Base-URL mode: /<instance>/<rest>. Raises BadPath."""
+        segments, query = canonical_path(target)
+        prov = self.by_prefix.get(segments[0]) if segments else None
         if prov is None:
             return None
-        if "?" in seg:  # "/anthropic?x" — no rest path
-            rest = "?" + seg.split("?", 1)[1]
-        return self._route(prov, "/" + rest if not rest.startswith("?") else rest)
+        return self._route(prov, segments[1:], query, method)
 
-    def match_host(self, host: str, path: str) -> Route | None:
-        """Proxy mode: the request went to the provider's own host."""
-        prov = self.by_host.get(host.lower())
-        return self._route(prov, path) if prov else None
+    def match_host(self, host: str, target: str, method: str = "POST") -> Route | None:
+        """Proxy mode: the request went to the provider's own host. Raises BadPath."""
+        prov = self.by_host.get(host.lower().rstrip("."))
+        if prov is None:
+            return None
+        segments, query = canonical_path(target)
+        return self._route(prov, segments, query, method)
 
-    def _route(self, prov: ProviderInstance, path: str) -> Route:
-        endpoint, sep, query = path.partition("?")
-        endpoint = "/" + endpoint.lstrip("/")
-        if prov.type == "openai" and (endpoint == "/v1" or endpoint.startswith("/v1/")):
-            # OpenAI-type base URLs already end in /v1; clients may or may not repeat it.
-            endpoint = endpoint[3:] or "/"
-        api = INTERCEPTED.get((prov.type, endpoint.rstrip("/") or "/"))
-        upstream = prov.base_path + endpoint
-        return Route(prov, upstream + (sep + query if sep else ""), api)
+    def _route(self, prov: ProviderInstance, segments: list[str], query: str, method: str) -> Route:
+        if prov.type == "openai" and segments[:1] == ["v1"]:
+            segments = segments[1:]  # OpenAI-type base URLs already end in /v1; clients may or may not repeat it
+        endpoint = encode_path(segments)
+        upstream = prov.base_path + endpoint + query
+        for ep in ENDPOINTS.get(prov.type, ()):
+            if method in ep.methods and ep.pattern.match(endpoint):
+                return Route(prov, upstream, ep.api, ep.label)
+        for prefix in prov.passthrough_paths:
+            if endpoint == prefix or endpoint.startswith(prefix.rstrip("/") + "/"):
+                return Route(prov, upstream, None, prefix)
+        return Route(prov, upstream, None, "other", known=False)

@@ -15,6 +15,7 @@ from types import ModuleType
 from ..records import ResponseSummary
 from ..sse import SSEParser
 from . import anthropic_messages, openai_chat, openai_responses
+from .spend import CODECS as SPEND_CODECS
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,10 @@ BY_API: dict[str, ModuleType] = {
     "anthropic.messages": anthropic_messages,
     "openai.chat": openai_chat,
     "openai.responses": openai_responses,
+    **SPEND_CODECS,
 }
+# The chat APIs: the MCP loop can inject tools into these, and their requests carry the user's prompt.
+MODEL_APIS = frozenset({"anthropic.messages", "openai.chat", "openai.responses"})
 
 
 class StreamTap:
@@ -69,6 +73,8 @@ class StreamTap:
             except Exception as e:
                 self.broken = f"{type(e).__name__}: {e}"
         s = self.summary
+        if getattr(self.codec, "ENDS_AT_EOF", False) and not s.error:
+            s.complete = True  # no final event in these APIs: a stream that ends normally is complete
         if s.error or (s.complete and self.broken is None):
             return b""
         why = f"unparseable event ({self.broken})" if self.broken else "the stream ended before its final event"
@@ -79,6 +85,8 @@ class StreamTap:
         if self.closed:
             return b""
         self.closed = True
+        if self.summary.complete and not self.summary.error:
+            return b""  # the client has the final event: only the chunk terminator was missing
         p = self.parser
         lead = b"\n\n" if p.pending_line else (b"\n" if p.pending_event else b"")
         return lead + self.codec.stream_error_event(f"aibridge: {message}", self.summary)

@@ -40,6 +40,14 @@ def parse_request(body: dict) -> RequestInfo:
                     for b in content
                     if isinstance(b, dict) and b.get("type") == "tool_result" and isinstance(b.get("tool_use_id"), str)
                 ]
+                last_result = max((n for n, b in enumerate(content)
+                                   if isinstance(b, dict) and b.get("type") == "tool_result"), default=None)
+                if last_result is not None:
+                    # A tool round continues the turn (its prompt was recorded with its start) unless the user
+                    # wrote something after the results; reminders a client appends are not the user's words.
+                    after = [b for b in content[last_result + 1:] if isinstance(b, dict) and b.get("type") == "text"
+                             and isinstance(b.get("text"), str) and not b["text"].lstrip().startswith("<system-reminder>")]
+                    prompt = text_of(after, ("text",))
             break
     return RequestInfo(model, stream, prompt, tool_results, _session_from_metadata(body.get("metadata")))
 

@@ -18,6 +18,8 @@ def parse_request(body: dict) -> RequestInfo:
         raise BadRequest("stream_options: must be an object")
     prompt = None
     for msg in reversed(messages):
+        if msg.get("role") == "tool":
+            break  # a tool round continues the turn: the user's prompt was recorded with its start
         if msg.get("role") == "user":
             prompt = text_of(msg.get("content"), ("text",))
             break

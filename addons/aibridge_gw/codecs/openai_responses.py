@@ -41,6 +41,8 @@ def parse_request(body: dict) -> RequestInfo:
         if not all(isinstance(i, dict) for i in inp):
             raise BadRequest("input: items must be objects")
         for item in reversed(inp):
+            if str(item.get("type", "")).endswith("_call_output"):
+                break  # a tool round continues the turn: the user's prompt was recorded with its start
             if item.get("role") == "user" and item.get("type", "message") == "message":
                 prompt = text_of(item.get("content"), ("input_text", "text"))
                 break

@@ -3,21 +3,25 @@
 DuckDB allows one writing process per file, so the gateway keeps the file open and everything that writes
 (recording, token changes from the CLI) goes through this thread. The event loop only enqueues.
 
-Durability: each batch is appended to an on-disk spool and fsynced before it is applied to DuckDB, and the
-spool is emptied once DuckDB has committed it. A gateway killed in between replays the spool at start-up;
-records carry their own ids, so a replayed batch never yields a row twice.
+Durability: each batch is appended to an on-disk spool (JSON lines, data only) and fsynced before it is
+applied to DuckDB, and the spool is emptied once DuckDB has committed it. A gateway killed in between replays
+the spool at start-up; records carry their own ids, so a replayed batch never yields a row twice.
+
+No record is dropped: text DuckDB cannot hold (lone surrogates from hostile JSON, undecodable header bytes)
+is stored escaped; a batch that still fails is split in halves until the record at fault is found, and that
+one record goes to a dead-letter file (`<db>.deadletter.jsonl`) and is counted.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import datetime as dt
+import json
 import logging
 import os
-import pickle
-import struct
 import queue
+import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,33 +79,113 @@ class _Op:
 _STOP = object()
 
 
+def private_file(path: Path, mode: str = "ab"):
+    """Open a file that only this user may read (audit data, credentials' hints)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC), 0o600)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode otherwise
+    return os.fdopen(fd, mode)
+
+
+def restrict(path: Path) -> None:
+    try:
+        os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _escape_surrogate(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}"
+
+
+def clean_text(v: str) -> str:
+    """Text DuckDB can store: lone surrogates (hostile JSON, header bytes decoded with surrogateescape) are
+    written as visible escapes (\\xff for an undecodable byte, \\ud800 for a lone surrogate)."""
+    if v.isascii():
+        return v
+    try:
+        v.encode("utf-8")
+        return v
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(_escape_surrogate, v)
+
+
+def _scrub(obj):
+    if isinstance(obj, str):
+        return clean_text(obj)
+    if isinstance(obj, list):
+        return [_scrub(x) for x in obj]
+    if isinstance(obj, dict):
+        return {clean_text(k) if isinstance(k, str) else k: _scrub(v) for k, v in obj.items()}
+    return obj
+
+
+def clean_json(text: str) -> str:
+    """JSON text DuckDB accepts: \\ud800-style escapes of lone surrogates become escaped text."""
+    text = clean_text(text)
+    if not _JSON_SURROGATE_ESCAPE.search(text):
+        return text
+    try:
+        return json.dumps(_scrub(json.loads(text)), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return json.dumps({"unparseable": clean_text(text)})
+
+
 class Store:
     def __init__(self, path: Path, after_op: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
-                 spool: bool = True):
+                 spool: bool = True, close_stale: bool = False):
         self.path = Path(path)
         self.spool_path = self.path.with_name(self.path.name + ".spool") if spool else None
+        self.dead_letter_path = self.path.with_name(self.path.name + ".deadletter.jsonl")
         self._spool = None
         self.after_op = after_op
+        self.close_stale = close_stale  # the gateway, at start-up: rows left in_progress by a crash end failed
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()  # cuts the batch window short when someone waits for the writes
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._thread: threading.Thread | None = None
         self._readers = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="aibridge-read")
         self.written = 0
-        self.failed = 0
+        self.dead_lettered = 0  # records the store could not take, kept in the dead-letter file
+        self.stale_closed = 0
+
+    @property
+    def failed(self) -> int:
+        return self.dead_lettered
 
     # --- lifecycle (called from the addon's configure/done) ----------------------------------------
 
     def open(self) -> duckdb.DuckDBPyConnection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = duckdb.connect(str(self.path))
+        for f in (self.path, self.path.with_name(self.path.name + ".wal")):
+            restrict(f)
         migrate(self._conn)
         self._prepare_statements()
         if self.spool_path is not None:
             self._replay_spool()
-            self._spool = open(self.spool_path, "ab")
+            self._spool = private_file(self.spool_path, "ab")
+        if self.close_stale:
+            self.stale_closed = self._close_stale()
         self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
         self._thread.start()
         return self._conn
+
+    def _close_stale(self) -> int:
+        """Interceptions a killed gateway left in_progress can never finish now: end them failed."""
+        n = self._conn.execute(
+            "UPDATE aibridge_interceptions SET status = 'failed', error = 'gateway stopped', "
+            "ended_at = coalesce(ended_at, now()) WHERE status = 'in_progress'"
+        ).fetchone()
+        count = int(n[0]) if n else 0
+        if count:
+            log.warning("closed %d interception(s) left in progress by a previous run as failed (gateway stopped)",
+                        count)
+        return count
 
     def _prepare_statements(self) -> None:
         """The batch statements, built once: each column is bound as one typed list and unnested (a list of NULLs
@@ -145,7 +229,12 @@ class Store:
         """Run fn(conn) on the writer thread in its own transaction, after everything queued before it."""
         fut: cf.Future = cf.Future()
         self._q.put(_Op(fn, fut))
+        self._wake.set()
         return fut
+
+    def flush(self) -> cf.Future:
+        """Resolves once everything queued before the call is committed (read-your-writes for queries)."""
+        return self.call(_noop)
 
     def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> cf.Future:
         """Run fn(cursor) on a reader thread; sees committed data."""
@@ -169,8 +258,9 @@ class Store:
             item = self._q.get()
             # Let records gather: DuckDB is columnar, and a commit costs about the same for 1 row as for 100,
             # so one commit per window instead of one per record. The spool keeps the window crash-safe.
-            if self._q.qsize() < MAX_BATCH:
-                time.sleep(BATCH_WINDOW)
+            if self._q.qsize() < MAX_BATCH and not isinstance(item, _Op):
+                self._wake.wait(BATCH_WINDOW)
+            self._wake.clear()
             batch = []
             while True:
                 if item is _STOP:
@@ -216,8 +306,7 @@ class Store:
     def _spool_append(self, batch: list) -> None:
         if self._spool is None:
             return
-        data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
-        self._spool.write(struct.pack(">I", len(data)) + data)
+        self._spool.write(encode_batch(batch) + b"\n")
         self._spool.flush()
         os.fsync(self._spool.fileno())
 
@@ -232,21 +321,21 @@ class Store:
             data = self.spool_path.read_bytes()
         except FileNotFoundError:
             return
-        pos, batches = 0, []
-        while pos + 4 <= len(data):
-            (n,) = struct.unpack(">I", data[pos : pos + 4])
-            if pos + 4 + n > len(data):
-                break  # a frame cut short by the crash: it was never acknowledged
+        batches = []
+        for line in data.split(b"\n"):
+            if not line:
+                continue
             try:
-                batches.append(pickle.loads(data[pos + 4 : pos + 4 + n]))
-            except Exception:
-                break
-            pos += 4 + n
+                batches.append(decode_batch(line))
+            except (ValueError, KeyError, TypeError, IndexError):
+                # a line cut short by the crash was never acknowledged; anything else is not ours to trust
+                log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(line))
         for batch in batches:
             self._write(batch, spool=False)
         if batches:
             log.info("replayed %d spooled batch(es) (%d records)", len(batches), sum(map(len, batches)))
-        self.spool_path.write_bytes(b"")
+        with private_file(self.spool_path, "wb"):
+            pass
 
     def _write(self, batch: list, spool: bool = True) -> None:
         if not batch:
@@ -256,23 +345,39 @@ class Store:
                 self._spool_append(batch)
             except OSError as e:
                 log.error("spool write failed (%s); writing to DuckDB only", e)
+        self._store(batch)
+        if spool:
+            self._spool_clear()  # committed (or dead-lettered): no longer needed for recovery
+
+    def _store(self, batch: list) -> None:
+        """Commit a batch; on failure, split it until the record at fault is alone, and dead-letter only that one."""
         try:
             try:
                 self._apply(batch)
             except duckdb.ConstraintException:
                 self._apply(batch, tolerant=True)  # rows of a replayed spool or flow that are there already
             self.written += len(batch)
+            return
         except Exception as e:
-            log.warning("batch of %d records failed (%s); retrying one by one", len(batch), e)
-            for rec in batch:
-                try:
-                    self._apply([rec], tolerant=True)
-                    self.written += 1
-                except Exception as e1:
-                    self.failed += 1
-                    log.error("dropping record for %s: %s", getattr(rec, "table", "interception end"), e1)
-        if spool:
-            self._spool_clear()  # committed (or rejected for good): no longer needed for recovery
+            if len(batch) == 1:
+                self._dead_letter(batch[0], e)
+                return
+            log.warning("batch of %d records failed (%s); splitting it to find the record at fault", len(batch), e)
+        half = len(batch) // 2
+        self._store(batch[:half])
+        self._store(batch[half:])
+
+    def _dead_letter(self, rec, error: Exception) -> None:
+        self.dead_lettered += 1
+        what = getattr(rec, "table", "interception end")
+        log.error("record for %s could not be stored (%s); kept in %s", what, str(error).splitlines()[0],
+                  self.dead_letter_path)
+        try:
+            with private_file(self.dead_letter_path, "ab") as f:
+                entry = {"at": dt.datetime.now(dt.UTC).isoformat(), "error": str(error), "record": _encode(rec)}
+                f.write(json.dumps(entry, default=str).encode() + b"\n")
+        except OSError as e:
+            log.error("dead-letter write failed: %s", e)
 
     def _apply(self, batch: list, tolerant: bool = False) -> None:
         """One transaction, one statement per table (columns passed as lists and unnested: DuckDB's cost is per
@@ -283,17 +388,18 @@ class Store:
         ends: list[EndInterception] = []
         for rec in batch:
             if isinstance(rec, Insert):
-                row = list(rec.row) if rec.table == "aibridge_interceptions" else rec.row
+                row = _clean_row(rec.table, rec.row)
                 inserts.setdefault(rec.table, []).append(row)
                 if rec.table == "aibridge_interceptions":
                     pending_rows[row[0]] = row
             else:
+                values = _clean_values(END_COLUMNS, rec.values)
                 row = pending_rows.get(rec.id)
                 if row is not None:  # start and end in one batch: insert the finished row once
-                    for col, v in zip(END_COLUMNS, rec.values):
+                    for col, v in zip(END_COLUMNS, values):
                         row[_END_INDEX[col]] = v
                 else:
-                    ends.append(rec)
+                    ends.append(EndInterception(rec.id, values))
         conn = self._conn
         conn.execute("BEGIN")
         try:
@@ -310,10 +416,56 @@ class Store:
             conn.execute("ROLLBACK")
             raise
 
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until everything queued so far is written (tests and shutdown paths)."""
-        try:
-            self.call(lambda conn: None).result(timeout)
-            return True
-        except cf.TimeoutError:
-            return False
+
+
+def _noop(conn) -> None:
+    return None
+
+
+JSON_COLUMNS = frozenset({"metadata"})
+
+
+def _clean_values(cols: tuple[str, ...], values) -> list:
+    out = list(values)
+    for n, v in enumerate(out):
+        if isinstance(v, str):
+            out[n] = clean_json(v) if cols[n] in JSON_COLUMNS else clean_text(v)
+    return out
+
+
+def _clean_row(table: str, row: tuple) -> list:
+    return _clean_values(COLUMNS[table], row)
+
+
+# --- the spool's data-only format: one JSON array per batch, one line each ------------------------------
+
+
+def _value(v):
+    return {"$t": v.isoformat()} if isinstance(v, dt.datetime) else v
+
+
+def _unvalue(v):
+    return dt.datetime.fromisoformat(v["$t"]) if isinstance(v, dict) else v
+
+
+def _encode(rec) -> list:
+    if isinstance(rec, Insert):
+        return ["i", rec.table, [_value(v) for v in rec.row]]
+    return ["e", rec.id, [_value(v) for v in rec.values]]
+
+
+def encode_batch(batch: list) -> bytes:
+    return json.dumps([_encode(r) for r in batch], separators=(",", ":")).encode()
+
+
+def decode_batch(line: bytes) -> list:
+    out = []
+    for kind, key, values in json.loads(line):
+        vals = tuple(_unvalue(v) for v in values)
+        if kind == "i":
+            if key not in COLUMNS:
+                raise KeyError(key)
+            out.append(Insert(key, vals))
+        else:
+            out.append(EndInterception(key, vals))
+    return out

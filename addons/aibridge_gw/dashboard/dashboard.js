@@ -1,0 +1,189 @@
+"use strict";
+const API = "/aibridge/api/v1/";
+const COLORS = ["#3d5afe","#00a389","#ff8f00","#d81b60","#8e24aa","#546e7a","#43a047","#f4511e","#1e88e5","#6d4c41"];
+const $ = (s, el=document) => el.querySelector(s);
+const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
+const num = n => (n ?? 0).toLocaleString("en-US");
+const usd = d => d.cost === "unpriced" || d.priced === false && d.cost_usd == null ? "unpriced"
+               : "$" + (d.cost_usd ?? 0).toFixed(4) + (d.unpriced_models && d.unpriced_models.length ? " +unpriced" : "");
+const when = t => t ? t.replace("T", " ").slice(0, 19) : "";
+// The token lives in sessionStorage: gone with the tab, never shared with other tabs or written to disk.
+let token = sessionStorage.getItem("aibridge_token") || "";
+localStorage.removeItem("aibridge_token");  // left there by older versions
+let me = null;
+
+async function api(path, params={}) {
+  const q = new URLSearchParams(Object.entries(params).filter(([, v]) => v !== "" && v != null));
+  const r = await fetch(API + path + (q.toString() ? "?" + q : ""), {headers: {Authorization: "Bearer " + token}});
+  const body = await r.json();
+  if (r.status === 401) { logout(); throw new Error("not signed in"); }
+  if (!r.ok) throw new Error(body.error?.message || r.statusText);
+  return body;
+}
+function logout() { sessionStorage.removeItem("aibridge_token"); token = ""; me = null; render(); }
+
+function loginView(msg) {
+  $("#app").innerHTML = `<div id="login" class="panel"><h2>aibridge dashboard</h2>
+    <p class="muted">Sign in with your aibridge token (admins see everyone; others see their own usage).</p>
+    <input id="tok" type="password" placeholder="aib_…" autocomplete="off"><button id="go">Sign in</button>
+    <div class="err">${esc(msg || "")}</div></div>`;
+  const go = async () => { token = $("#tok").value.trim(); sessionStorage.setItem("aibridge_token", token); render(); };
+  $("#go").onclick = go; $("#tok").onkeydown = e => { if (e.key === "Enter") go(); };
+}
+
+function shell(active) {
+  const tabs = [["overview","Overview"],["interceptions","Interceptions"],["sessions","Sessions"]];
+  $("#app").innerHTML = `<header><b>aibridge</b><nav>${tabs.map(([k, t]) =>
+      `<a href="#/${k}" class="${k === active ? "on" : ""}">${t}</a>`).join("")}</nav>
+    <span class="who">${esc(me.user)} (${esc(me.role)}) · <a href="#" id="out">sign out</a></span></header><main id="main">Loading…</main>`;
+  $("#out").onclick = e => { e.preventDefault(); logout(); };
+  return $("#main");
+}
+
+// A stacked bar chart as SVG: rows [{x, key, value}], one bar per x, one colour per key.
+function stackedBars(rows, title, fmt) {
+  const xs = [...new Set(rows.map(r => r.x))].sort(), keys = [...new Set(rows.map(r => r.key))];
+  const W = 600, H = 220, P = 34, bw = Math.max(6, Math.min(40, (W - 2 * P) / Math.max(xs.length, 1) - 6));
+  const totals = xs.map(x => rows.filter(r => r.x === x).reduce((a, r) => a + r.value, 0));
+  const max = Math.max(1e-9, ...totals);
+  let bars = "";
+  xs.forEach((x, i) => {
+    let y = H - P;
+    const cx = P + i * ((W - 2 * P) / xs.length) + 3;
+    keys.forEach((k, j) => {
+      const v = rows.filter(r => r.x === x && r.key === k).reduce((a, r) => a + r.value, 0);
+      if (!v) return;
+      const h = (H - 2 * P) * v / max; y -= h;
+      bars += `<rect x="${cx}" y="${y}" width="${bw}" height="${h}" fill="${COLORS[j % COLORS.length]}"><title>${esc(x)} ${esc(k)}: ${fmt(v)}</title></rect>`;
+    });
+    bars += `<text x="${cx + bw / 2}" y="${H - P + 14}" font-size="10" text-anchor="middle" fill="#6b7385">${esc(String(x).slice(5))}</text>`;
+  });
+  return `<div class="panel"><h2>${esc(title)}</h2>
+    <svg viewBox="0 0 ${W} ${H}" width="100%" role="img" aria-label="${esc(title)}">
+      <line x1="${P}" y1="${H - P}" x2="${W - P}" y2="${H - P}" stroke="#e3e6ee"/>
+      <text x="${P}" y="${P - 10}" font-size="10" fill="#6b7385">max ${fmt(max)}</text>${bars}</svg>
+    <div class="legend">${keys.map((k, j) => `<span><i style="background:${COLORS[j % COLORS.length]}"></i>${esc(k)}</span>`).join("")}</div></div>`;
+}
+
+async function overview(main) {
+  const stack = sessionStorage.getItem("stack") || "model";
+  const [users, models, days, ts] = await Promise.all([
+    api("usage", {group_by: "user", since: "30d"}), api("usage", {group_by: "model", since: "30d"}),
+    api("usage", {group_by: "day", since: "30d"}), api("usage/timeseries", {stack, since: "30d"})]);
+  const tot = users.data.reduce((a, d) => ({i: a.i + d.interceptions, inp: a.inp + d.input_tokens + d.cache_read_input_tokens + d.cache_write_input_tokens,
+                                           out: a.out + d.output_tokens, c: a.c + d.cost_usd}), {i: 0, inp: 0, out: 0, c: 0});
+  const table = (rows, key) => `<table><tr><th>${key}</th><th class="n">calls</th><th class="n">input</th><th class="n">output</th><th class="n">cache read</th><th class="n">cost</th></tr>
+    ${rows.map(d => `<tr data-key="${esc(d[key])}"><td>${esc(d[key])}</td><td class="n">${num(d.interceptions)}</td><td class="n">${num(d.input_tokens)}</td>
+      <td class="n">${num(d.output_tokens)}</td><td class="n">${num(d.cache_read_input_tokens)}</td><td class="n cost">${usd(d)}</td></tr>`).join("")}</table>`;
+  main.innerHTML = `<div class="cards">
+      <div class="card"><div class="k">Spend, 30 days</div><div class="v" id="total-cost">$${tot.c.toFixed(2)}</div></div>
+      <div class="card"><div class="k">Interceptions</div><div class="v">${num(tot.i)}</div></div>
+      <div class="card"><div class="k">Input tokens</div><div class="v">${num(tot.inp)}</div></div>
+      <div class="card"><div class="k">Output tokens</div><div class="v">${num(tot.out)}</div></div>
+      <div class="card"><div class="k">Active users today</div><div class="v">${num(days.data.at(-1)?.active_users)}</div></div></div>
+    <div class="filters">Stack charts by <select id="stack">${["model","client","user","provider"].map(s => `<option ${s === stack ? "selected" : ""}>${s}</option>`).join("")}</select>
+      <span class="muted">prices of ${esc(users.prices_taken || "n/a")}; unpriced models are marked, never counted as $0</span></div>
+    <div class="grid2">${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.input_tokens + d.output_tokens + d.cache_read_input_tokens + d.cache_write_input_tokens})), "Tokens per day by " + stack, num)}
+      ${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.cost_usd})), "Cost per day by " + stack, v => "$" + v.toFixed(2))}</div>
+    <div class="grid2">${stackedBars(days.data.map(d => ({x: d.day, key: "active users", value: d.active_users})), "Adoption: active users per day", num)}
+      <div class="panel"><h2>Top users</h2><div id="leaderboard">${table(users.data, "user")}</div></div></div>
+    <div class="panel"><h2>Spend by model</h2><div id="by-model">${table(models.data, "model")}</div></div>`;
+  $("#stack").onchange = e => { sessionStorage.setItem("stack", e.target.value); render(); };
+}
+
+function interceptionRows(rows) {
+  return `<table id="interceptions"><tr><th>started</th><th>user</th><th>client</th><th>model</th><th>status</th>
+    <th class="n">input</th><th class="n">output</th><th class="n">tools</th><th class="n">cost</th></tr>
+    ${rows.map(i => `<tr class="click" data-id="${i.id}"><td>${when(i.started_at)}</td><td>${esc(i.user)}</td><td>${esc(i.client)}</td>
+      <td>${esc(i.model)}</td><td class="${i.status === "failed" ? "failed" : ""}">${esc(i.status)}</td><td class="n">${num(i.input_tokens)}</td>
+      <td class="n">${num(i.output_tokens)}</td><td class="n">${num(i.tool_calls)}</td><td class="n">${usd(i)}</td></tr>`).join("")}</table>`;
+}
+function wireRows(el) { el.querySelectorAll("tr.click[data-id]").forEach(tr => tr.onclick = () => go("#/interceptions/" + tr.dataset.id)); }
+
+async function interceptions(main) {
+  const f = JSON.parse(sessionStorage.getItem("filters") || "{}");
+  const [clients, models] = await Promise.all([api("clients"), api("models")]);
+  const opt = (list, v) => `<option value="">any</option>` + list.data.map(c => `<option ${c.value === v ? "selected" : ""}>${esc(c.value)}</option>`).join("");
+  main.innerHTML = `<div class="filters">
+      <input id="f-initiator" placeholder="user" value="${esc(f.initiator || "")}">
+      <input id="f-provider" placeholder="provider" value="${esc(f.provider || "")}">
+      <select id="f-model">${opt(models, f.model)}</select><select id="f-client">${opt(clients, f.client)}</select>
+      <input id="f-started_after" placeholder="since (7d or 2026-01-01)" value="${esc(f.started_after || "")}">
+      <button id="apply">Filter</button></div><div id="rows">Loading…</div><button id="more" hidden>More</button>`;
+  let cursor = null, all = [];
+  const load = async () => {
+    const page = await api("interceptions", {...f, limit: 50, cursor});
+    all = all.concat(page.data); cursor = page.next_cursor;
+    $("#rows").innerHTML = interceptionRows(all); wireRows($("#rows")); $("#more").hidden = !cursor;
+  };
+  $("#apply").onclick = () => {
+    for (const k of ["initiator","provider","model","client","started_after"]) f[k] = $("#f-" + k).value.trim();
+    sessionStorage.setItem("filters", JSON.stringify(f)); render();
+  };
+  $("#more").onclick = load;
+  await load();
+}
+
+async function detail(main, id) {
+  const d = await api("interceptions/" + encodeURIComponent(id));
+  const usage = d.token_usages.map(u => `<tr><td>${esc(u.provider_response_id)}</td><td class="n">${num(u.input_tokens)}</td><td class="n">${num(u.output_tokens)}</td>
+      <td class="n">${num(u.cache_read_input_tokens)}</td><td class="n">${num(u.cache_write_input_tokens)}</td></tr>`).join("");
+  main.innerHTML = `<p><a href="#/interceptions">← interceptions</a>${d.session ? ` · <a href="#/sessions/${encodeURIComponent(d.session)}">session</a>` : ""}</p>
+    <div class="panel"><h2>${esc(d.model)} · ${esc(d.user)} · ${esc(d.client)} · <span class="${d.status === "failed" ? "failed" : ""}">${esc(d.status)}</span></h2>
+      <p class="muted">${when(d.started_at)} → ${when(d.ended_at)} · ${esc(d.provider_name)} (${esc(d.api)}${d.stream ? ", streaming" : ""}) ·
+        ${esc(d.credential_kind)} ${esc(d.credential_hint)} · cost <span id="detail-cost">${usd(d)}</span>${d.error ? ` · <span class="failed">${esc(d.error)}</span>` : ""}</p></div>
+    <div class="panel"><h2>Prompt</h2>${d.prompts.map(p => `<pre class="prompt">${esc(p.prompt)}</pre>`).join("") || '<p class="muted">none (tool results only)</p>'}</div>
+    <div class="panel"><h2>Tool calls</h2><table id="tools"><tr><th>tool</th><th>injected</th><th>input</th><th>error</th></tr>
+      ${d.tool_usages.map(t => `<tr><td class="tool">${esc(t.tool)}</td><td>${t.injected ? "yes (" + esc(t.server_url) + ")" : "no"}</td>
+        <td><pre>${esc(t.input)}</pre></td><td class="failed">${esc(t.invocation_error)}</td></tr>`).join("")}</table></div>
+    <div class="panel"><h2>Thoughts</h2>${d.thoughts.map(t => `<p class="muted">${esc(t.source)}</p><pre>${esc(t.content)}</pre>`).join("") || '<p class="muted">none</p>'}</div>
+    <div class="panel"><h2>Token usage</h2><table><tr><th>response</th><th class="n">input</th><th class="n">output</th><th class="n">cache read</th><th class="n">cache write</th></tr>${usage}</table></div>`;
+}
+
+async function sessionsView(main, session) {
+  if (session) {
+    const page = await api("interceptions", {session, limit: 500});
+    main.innerHTML = `<p><a href="#/sessions">← sessions</a></p><div class="panel"><h2>Session ${esc(session)}</h2>${interceptionRows(page.data.slice().reverse())}</div>`;
+    wireRows(main);
+    return;
+  }
+  const s = await api("sessions", {limit: 200});
+  main.innerHTML = `<table id="sessions"><tr><th>last activity</th><th>user</th><th>client</th><th>session</th><th class="n">calls</th><th class="n">prompts</th>
+      <th class="n">tool calls</th><th class="n">input</th><th class="n">output</th><th class="n">cost</th></tr>
+    ${s.data.map(x => `<tr class="click" data-session="${esc(x.session)}"><td>${when(x.last_at)}</td><td>${esc(x.user)}</td><td>${esc(x.client)}</td>
+      <td class="muted">${esc(x.session.slice(0, 36))}</td><td class="n">${x.interceptions}</td><td class="n">${x.prompts}</td><td class="n">${x.tool_calls}</td>
+      <td class="n">${num(x.input_tokens)}</td><td class="n">${num(x.output_tokens)}</td><td class="n">${usd(x)}</td></tr>`).join("")}</table>`;
+  main.querySelectorAll("tr.click").forEach(tr => tr.onclick = () => go("#/sessions/" + encodeURIComponent(tr.dataset.session)));
+}
+
+// body[data-ready] is "1" once a view has its data (tests and scripts wait on it). It is cleared the moment a
+// navigation starts, not when the browser later fires hashchange, so nobody reads the previous view as the next.
+function go(hash) { if (hash !== location.hash) { document.body.dataset.ready = ""; location.hash = hash; } }
+document.addEventListener("click", e => {
+  const a = e.target.closest && e.target.closest('a[href^="#"]');
+  if (a && a.getAttribute("href") !== location.hash) document.body.dataset.ready = "";
+}, true);
+async function render() {
+  document.body.dataset.ready = "";
+  if (!token) return loginView();
+  try { me = me || await api("me"); } catch (e) { return loginView(e.message); }
+  let view, arg;
+  try {
+    [, view, arg] = (location.hash || "#/overview").split("/").map(decodeURIComponent);
+  } catch (e) {
+    shell("").innerHTML = `<p class="err">This address is malformed (${esc(e.message)}). <a href="#/overview">Go to the overview</a>.</p>`;
+    document.body.dataset.ready = "1";
+    return;
+  }
+  const main = shell(view || "overview");
+  try {
+    if (view === "interceptions" && arg) await detail(main, arg);
+    else if (view === "interceptions") await interceptions(main);
+    else if (view === "sessions") await sessionsView(main, arg);
+    else if (!view || view === "overview") await overview(main);
+    else throw new Error(`There is no page "${view}". Go to the overview.`);
+    document.body.dataset.ready = "1";
+  } catch (e) { main.innerHTML = `<p class="err">${esc(e.message)}</p>`; document.body.dataset.ready = "1"; }
+}
+window.addEventListener("hashchange", render);
+render();
