@@ -622,20 +622,26 @@ class Gateway:
                 flow.response = http.Response.make(403, f"aibridge: egress refused: {why}\n".encode())
 
     def _check_token(self, flow: http.HTTPFlow, token: str | None) -> Actor | None:
-        """A gateway token check, throttled per client address: too many failures and the address gets 429."""
-        address = (flow.client_conn.peername or ("?",))[0]
-        wait = self.throttle.retry_after(address)
-        if wait is not None:
-            self.rejected_total += 1
-            flow.response = error_response(
-                self._provider_type(flow), 429,
-                f"aibridge: too many failed token checks from {address}; retry in {wait} s",
-                {"retry-after": str(wait)})
-            return None
+        """A gateway token check. A failure counts against the client's address; past the limit, failures are
+        answered 429 (set on the flow) instead of 401/407."""
         actor = self.tokens.lookup(token)
         if actor is None:
-            self.throttle.failed(address)
+            self._auth_failed(flow, self._provider_type(flow))
         return actor
+
+    def _auth_failed(self, flow: http.HTTPFlow, provider_type: str | None) -> bool:
+        """Count a failed token check; True (and a 429 on the flow) once the address is over its limit. Valid
+        tokens from the same address keep working: one broken client behind a NAT never locks out the office."""
+        address = (flow.client_conn.peername or ("?",))[0]
+        self.rejected_total += 1
+        self.throttle.failed(address)
+        wait = self.throttle.retry_after(address)
+        if wait is None:
+            return False
+        flow.response = error_response(
+            provider_type, 429, f"aibridge: too many failed token checks from {address}; retry in {wait} s",
+            {"retry-after": str(wait)})
+        return True
 
     async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
         """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
@@ -679,20 +685,11 @@ class Gateway:
         if proxy_actor is None and self.config.proxy.require_auth is True and not self._is_ours(flow):
             flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
             return None
-        address = (flow.client_conn.peername or ("?",))[0]
-        wait = self.throttle.retry_after(address)
-        if wait is not None:
-            self.rejected_total += 1
-            flow.response = error_response(
-                route.provider.type, 429, f"aibridge: too many failed token checks from {address}; retry in {wait} s",
-                {"retry-after": str(wait)})
-            return None
         try:
             return identify(hv, proxy_actor, self.tokens, self.config.proxy.byok)
         except AuthRefused as e:
-            self.rejected_total += 1
-            self.throttle.failed(address)
-            flow.response = error_response(route.provider.type, 401, str(e))
+            if not self._auth_failed(flow, route.provider.type):
+                flow.response = error_response(route.provider.type, 401, str(e))
             return None
 
     async def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity, hv: dict[str, str]
@@ -943,14 +940,9 @@ class Gateway:
             flow.response = http.Response.make(200, self.metrics.render(), {"content-type": self.metrics.content_type})
             return
         if path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
-            address = (flow.client_conn.peername or ("?",))[0]
-            wait = self.throttle.retry_after(address)
-            if wait is not None:
-                flow.response = api_error(429, f"too many failed token checks from {address}; retry in {wait} s")
-                flow.response.headers["retry-after"] = str(wait)
-                return
             if self.tokens.lookup(credential_from_headers(req.headers)) is None:
-                self.throttle.failed(address)
+                if self._auth_failed(flow, None):
+                    return
             else:
                 await self._flushed()  # read your writes: what finished before this query is in its answer
             try:

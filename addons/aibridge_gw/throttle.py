@@ -28,7 +28,7 @@ class AuthThrottle:
         now = time.monotonic()
         while times and now - times[0] > WINDOW:
             times.pop(0)
-        if len(times) < self.per_minute:
+        if len(times) <= self.per_minute:
             return None
         return max(1, int(WINDOW - (now - times[0])) + 1)
 
@@ -43,8 +43,8 @@ class AuthThrottle:
         else:
             self._failures.move_to_end(address)
         times.append(time.monotonic())
-        if len(times) > self.per_minute:
-            del times[: len(times) - self.per_minute]
+        if len(times) > self.per_minute + 1:
+            del times[: len(times) - self.per_minute - 1]
 
     def succeeded(self, address: str) -> None:
         self._failures.pop(address, None)

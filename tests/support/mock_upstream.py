@@ -28,6 +28,7 @@ class Reply:
     stall_after: int | None = None  # go silent after this many events, holding the connection until it is closed
     hang: float = 0.0  # seconds to wait before answering at all
     reset: bool = False  # read the request, then drop the connection without a byte of response
+    tail_delay: float = 0.0  # seconds between the last event and the chunk terminator (the end of the body)
 
     @classmethod
     def json(cls, obj, status: int = 200) -> "Reply":
@@ -137,6 +138,8 @@ class MockUpstream:
                             time.sleep(reply.delay)
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                         self.wfile.flush()
+                    if reply.tail_delay:
+                        time.sleep(reply.tail_delay)
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
