@@ -722,13 +722,22 @@ class Gateway:
         except (bodies.BadBody, BadRequest) as e:
             flow.response = error_response(route.provider.type, 400, f"aibridge: {e}")
             return None
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:  # a field of the wrong type
+            flow.response = error_response(route.provider.type, 400,
+                                           f"aibridge: the request body has an unexpected shape ({type(e).__name__})")
+            return None
         if encoding:  # forward what was parsed: the provider sees exactly the body the gateway recorded
             req.headers.pop("content-encoding", None)
             req.content = data
         if multipart:
             body = None  # forwarded as sent; only its fields were read
         else:
-            changed = codec.prepare_request(body)
+            try:
+                changed = codec.prepare_request(body)
+            except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+                flow.response = error_response(
+                    route.provider.type, 400, f"aibridge: the request body has an unexpected shape ({type(e).__name__})")
+                return None
             if changed is not None:
                 req.content = json.dumps(changed, ensure_ascii=False).encode()
                 body = changed

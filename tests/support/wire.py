@@ -104,10 +104,10 @@ def stream_reply(api: str, delay: float = 0.0, **kw) -> Reply:
 
 
 def raw_request(port: int, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"",
-                read_until: bytes | None = None, timeout: float = 15.0, host: bytes = b"127.0.0.1") -> bytes:
+                read_until: bytes | None = None, timeout: float = 15.0, host: bytes | None = None) -> bytes:
     """Send one HTTP/1.1 request with exactly these bytes; return what came back. With read_until, hang up the
     moment those bytes have arrived (as llm and aider do after the final event)."""
-    head = [f"{method} {path} HTTP/1.1".encode(), b"host: " + host]
+    head = [f"{method} {path} HTTP/1.1".encode(), b"host: " + (host or f"127.0.0.1:{port}".encode())]
     head += [k + b": " + v for k, v in headers]
     head += [b"content-length: " + str(len(body)).encode(), b"connection: close"]
     data = b"\r\n".join(head) + b"\r\n\r\n" + body

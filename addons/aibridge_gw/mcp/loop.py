@@ -175,8 +175,11 @@ class LoopServer:
                 if not started:
                     await _start_chunked(writer, 200, "text/event-stream")
                 await send(adapter.finish_stream(note))
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
+                try:
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                except (ConnectionError, RuntimeError):
+                    pass  # the client has the final event and hung up: only the chunk terminator was lost
             elif merged.error is None or not started:
                 await _respond(writer, 200, "application/json", adapter.finish_body(note))
         except ClientGone:
