@@ -92,3 +92,21 @@ def test_members_see_only_their_own_data(browser, agw):  # noqa: F811
     page = signed_in(browser, agw, "ben")
     users = page.locator("#leaderboard tr[data-key] td:first-child").all_inner_texts()
     assert users == ["ben"]
+
+
+def test_malformed_hash_shows_an_error_and_the_token_stays_out_of_local_storage(browser, agw):  # noqa: F811
+    page = signed_in(browser, agw)
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(agw.url + "/aibridge/#/interceptions")
+    ready(page)
+    page.evaluate("document.body.dataset.ready = ''; location.hash = '#/interceptions/%E0%A4%A'")  # bad escape
+    ready(page)
+    assert "malformed" in page.locator("#main .err").inner_text()
+    assert page.locator("#main table").count() == 0  # not the previous view
+    page.evaluate("document.body.dataset.ready = ''; location.hash = '#/no-such-page'")
+    ready(page)
+    assert "no page" in page.locator("#main .err").inner_text()
+    assert page.evaluate("localStorage.getItem('aibridge_token')") is None
+    assert page.evaluate("sessionStorage.getItem('aibridge_token')") == agw.tokens["root"]
+    assert not [e for e in errors if "Content Security Policy" in e]  # the CSP blocks nothing the page needs
