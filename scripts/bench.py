@@ -127,7 +127,7 @@ def start_gateway(work: Path, mock_port: int, name: str = "gateway") -> tuple[su
     env = {"AIBRIDGE_CONFIG": str(cfg)}
     run = lambda *a: subprocess.run([str(BIN / "aibridge"), *a], env={**os.environ, **env}, check=True,
                                     capture_output=True, text=True).stdout
-    run("users", "add", "bench")
+    run("users", "add", "bench", "--admin")  # an admin: resetting the health counters needs one
     token = run("tokens", "create", "--user", "bench").strip().splitlines()[-1]
     p, port = start_mitmdump(work, name, ["-s", str(ROOT / "addons" / "aibridge.py"),
                                           "--set", f"aibridge_config={cfg}"], env)
@@ -449,7 +449,8 @@ def main() -> None:
 
         stop(bare_s)
         procs.remove(bare_s)
-        base = httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz?reset_lag=1", trust_env=False).json()
+        base = httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz?reset_lag=1", trust_env=False,
+                         headers={"authorization": f"Bearer {token}"}).json()
         def recorded() -> int:
             out = subprocess.run([str(BIN / "aibridge"), "sql", "SELECT count(*) AS n FROM aibridge_interceptions "
                                   "WHERE status = 'completed'", "--json"], env={**os.environ, "AIBRIDGE_CONFIG": str(cfg)},
@@ -479,7 +480,8 @@ def main() -> None:
         # The burst saturates the loop, so its stalls mix queueing with blocking. Below saturation, a stall can only
         # come from one piece of work holding the loop (or the GIL), which is what "a stall from recording" means.
         steady_rate = 100 if args.quick else 200
-        httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz?reset_lag=1", trust_env=False)
+        httpx.get(f"http://127.0.0.1:{gport}/aibridge/healthz?reset_lag=1", trust_env=False,
+                         headers={"authorization": f"Bearer {token}"})
         before = recorded()
         st = asyncio.run(open_loop(gateway, steady_rate, big_seconds / 2, 0.0))
         got = recorded_since(before, st["offered"] - st["errors"])

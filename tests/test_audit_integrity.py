@@ -278,18 +278,20 @@ def test_a_record_the_store_cannot_take_is_dead_lettered_alone(tmp_path, monkeyp
 def test_interceptions_left_in_progress_by_kill_9_end_failed_at_the_next_start(tmp_path, upstream):
     upstream.reset()
     gw = Gateway(tmp_path / "crash", upstream.url).start()
-    token = gw.new_user("crash")
-    stalled = stream_reply("chat")
-    stalled.stall_after = 2  # the provider goes silent mid-stream: the interception is in progress at the kill
-    upstream.script(stalled)
     client = httpx.Client(trust_env=False, timeout=30)
-    stream = client.stream("POST", gw.url + PATHS["chat"], json=request_body("chat"),
-                           headers={"authorization": f"Bearer {token}"})
-    resp = stream.__enter__()  # the client stays connected, reading, while the gateway dies
-    assert resp.status_code == 200
-    gw.wait_for("SELECT * FROM aibridge_interceptions WHERE status = 'in_progress'", timeout=10)
-    gw.stop(signal.SIGKILL)
-    client.close()
+    try:
+        token = gw.new_user("crash")
+        stalled = stream_reply("chat")
+        stalled.stall_after = 2  # the provider goes silent mid-stream: the interception is in progress at the kill
+        upstream.script(stalled)
+        stream = client.stream("POST", gw.url + PATHS["chat"], json=request_body("chat"),
+                               headers={"authorization": f"Bearer {token}"})
+        resp = stream.__enter__()  # the client stays connected, reading, while the gateway dies
+        assert resp.status_code == 200
+        gw.wait_for("SELECT * FROM aibridge_interceptions WHERE status = 'in_progress'", timeout=10)
+    finally:
+        gw.stop(signal.SIGKILL)
+        client.close()
     gw.start()
     try:
         (row,) = gw.sql("SELECT status, error, ended_at FROM aibridge_interceptions")
@@ -315,3 +317,13 @@ def test_queries_right_after_a_response_see_that_interception(gateway, mock, use
         cli = gateway.sql(f"SELECT count(*) AS n FROM aibridge_interceptions WHERE initiator_id = '{uid}' "
                           "AND status = 'completed'")
         assert cli[0]["n"] == n + 1
+
+
+def test_json_interception_log_keeps_lines_with_undecodable_client_text(tmp_path):
+    from aibridge_gw.interception_log import InterceptionLog
+
+    log = InterceptionLog(str(tmp_path / "i.jsonl"))
+    log.write({"msg": "interception log", "model": "gpt-4.1\ud800", "session_id": b"abc\xff".decode("utf-8", "surrogateescape")})
+    log.close()
+    (line,) = (tmp_path / "i.jsonl").read_text().splitlines()
+    assert json.loads(line)["model"] == "gpt-4.1\\ud800" and json.loads(line)["session_id"] == "abc\\xff"

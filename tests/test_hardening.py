@@ -67,9 +67,12 @@ def test_non_canonical_paths_are_routed_by_their_canonical_form_and_recorded(gat
 ])
 def test_paths_that_match_no_endpoint_never_reach_the_provider(gateway, mock, user, path, status):
     name, token = user
-    got = raw_request(gateway.port, "POST", path, [(b"authorization", b"Bearer " + token.encode()),
-                                                   (b"content-type", b"application/json")], json.dumps(CHAT).encode())
-    assert status_of(got) == status
+    for host in (None, b"gw.example.com:80"):  # also behind a port mapping
+        got = raw_request(gateway.port, "POST", path, [(b"authorization", b"Bearer " + token.encode()),
+                                                       (b"content-type", b"application/json")],
+                          json.dumps(CHAT).encode(), host=host)
+        assert status_of(got) == status
+        assert b'"error"' in got.partition(b"\r\n\r\n")[2]  # the provider's JSON error shape
     assert mock.seen == []
 
 
@@ -87,6 +90,29 @@ def test_host_header_never_redirects_a_base_url_request(gateway, mock, user, ups
     # An unknown path on the listener is the gateway's own 404, whatever the Host header says.
     got = raw_request(gateway.port, "GET", "/", [], host=b"gw.internal:1")
     assert status_of(got) in (404, 407)
+
+
+def test_origin_form_requests_are_the_gateways_own_even_with_proxy_credentials(gateway, mock, user):
+    """Only an absolute-form request line makes a proxy request; the Host header of an origin-form one is never
+    a destination (mitmproxy fills it in as the host, hence the request-form mark this checks end to end)."""
+    name, token = user
+    creds = base64.b64encode(f"{name}:{token}".encode())
+    got = raw_request(gateway.port, "GET", "/not-a-provider/x", [(b"proxy-authorization", b"Basic " + creds)],
+                      host=b"example.com:80")
+    assert status_of(got) == 404 and b"no provider is served" in got
+    assert mock.seen == []
+
+
+def test_request_form_mark_is_installed_where_mitmproxy_reads_http1_requests():
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1
+
+    from aibridge_gw.patches import ABSOLUTE, ORIGIN, install_request_form_marker, request_form
+
+    install_request_form_marker()
+    assert _http1.http1 is http1 and getattr(http1.read_request_head, "aibridge", False)
+    assert request_form(http1.read_request_head([b"GET /a HTTP/1.1\r\n", b"Host: y:5\r\n"])) == ORIGIN
+    assert request_form(http1.read_request_head([b"GET http://x/a HTTP/1.1\r\n", b"Host: y\r\n"])) == ABSOLUTE
 
 
 # --- egress policy ----------------------------------------------------------------------------------------

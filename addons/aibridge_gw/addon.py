@@ -46,6 +46,7 @@ from . import upstream_faults
 from .upstream_faults import ClientEnding, UpstreamWatch
 from .records import BadRequest, ResponseSummary
 from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, Recorder, at, conclude, is_json, is_sse
+from .patches import ABSOLUTE, ORIGIN, install_request_form_marker, request_form
 from .routing import BadPath, Route, Router
 from .admin_api import PREFIX as API_PREFIX
 from .admin_api import AdminApi
@@ -128,6 +129,7 @@ class Gateway:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
         os.umask(0o077)
         install_json_error_pages()
+        install_request_form_marker()
         upstream_faults.install(self._client_ending)
         loader.add_option(
             "aibridge_config", str, "",
@@ -447,15 +449,20 @@ class Gateway:
         return route.provider.type if route else None
 
     def _is_ours(self, flow: http.HTTPFlow) -> bool:
-        """Requests for the gateway itself (base-URL mode and its own endpoints), whatever their Host header says:
-        a path under one of its prefixes, or a request to its listener. Never inside a CONNECT tunnel."""
+        """Requests for the gateway itself (base-URL mode and its own endpoints), whatever their Host header says.
+        An origin-form request on the listener always is; an absolute-form one (a plain-HTTP proxy request) only
+        when it names the listener's port and one of the gateway's paths. Never a request inside a CONNECT tunnel."""
         if flow.client_conn.id in self._tunnels:
             return False
-        if self.router.is_prefixed(flow.request.path):
+        req = flow.request
+        form = request_form(req)
+        if form == ORIGIN:
             return True
         sock = flow.client_conn.sockname
-        req = flow.request
-        return req.scheme == "http" and bool(sock) and req.port == sock[1]
+        to_listener = req.scheme == "http" and bool(sock) and req.port == sock[1]
+        if form == ABSOLUTE:
+            return to_listener and self.router.is_prefixed(req.path)
+        return self.router.is_prefixed(req.path) or to_listener  # HTTP/2: no request line to tell by
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or self.router is None or not flow.live:

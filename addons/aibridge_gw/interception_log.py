@@ -12,7 +12,7 @@ import queue
 import sys
 from pathlib import Path
 
-from .store.writer import private_file
+from .store.writer import private_file, scrub
 
 
 class InterceptionLog:
@@ -34,7 +34,8 @@ class InterceptionLog:
         self._listener.start()
 
     def write(self, record: dict) -> None:
-        self._logger.info(json.dumps(record, ensure_ascii=False, default=str))
+        # Client-supplied text may hold lone surrogates (undecodable header bytes): written escaped, never lost.
+        self._logger.info(json.dumps(scrub(record), ensure_ascii=False, default=str))
 
     def close(self) -> None:
         self._listener.stop()

@@ -148,8 +148,8 @@ class Router:
         """The request names one of the gateway's own prefixes: base-URL traffic, whatever its Host header."""
         try:
             segments, _ = canonical_path(target)
-        except BadPath:
-            return False
+        except BadPath:  # still the gateway's own (it answers 400), judged by the first segment as sent
+            segments = [unquote(target.lstrip("/").split("/", 1)[0].split("?", 1)[0], errors="replace")]
         return bool(segments) and (segments[0] in self.by_prefix or segments[0] == "aibridge")
 
     def match_prefix(self, target: str, method: str = "POST") -> Route | None:

@@ -114,13 +114,13 @@ def clean_text(v: str) -> str:
         return _SURROGATE.sub(_escape_surrogate, v)
 
 
-def _scrub(obj):
+def scrub(obj):
     if isinstance(obj, str):
         return clean_text(obj)
     if isinstance(obj, list):
-        return [_scrub(x) for x in obj]
+        return [scrub(x) for x in obj]
     if isinstance(obj, dict):
-        return {clean_text(k) if isinstance(k, str) else k: _scrub(v) for k, v in obj.items()}
+        return {clean_text(k) if isinstance(k, str) else k: scrub(v) for k, v in obj.items()}
     return obj
 
 
@@ -130,7 +130,7 @@ def clean_json(text: str) -> str:
     if not _JSON_SURROGATE_ESCAPE.search(text):
         return text
     try:
-        return json.dumps(_scrub(json.loads(text)), ensure_ascii=False)
+        return json.dumps(scrub(json.loads(text)), ensure_ascii=False)
     except (ValueError, RecursionError):
         return json.dumps({"unparseable": clean_text(text)})
 
@@ -295,7 +295,7 @@ class Store:
             op.future.set_exception(e)
             return
         try:
-            if self.after_op:
+            if self.after_op and op.fn is not _noop:  # a flush barrier changes nothing to reload
                 self.after_op(conn)
         except Exception:
             log.exception("after-op hook failed")
