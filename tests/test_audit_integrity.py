@@ -6,9 +6,7 @@ from __future__ import annotations
 import io
 import json
 import signal
-import time
 
-import anthropic
 import httpx
 import openai
 import pytest
@@ -20,8 +18,8 @@ from tests.support.wire import (
     FINAL_MARKERS,
     PATHS,
     anthropic_message,
+    api_request,
     chat_completion,
-    raw_request,
     request_body,
     status_of,
     stream_reply,
@@ -52,9 +50,7 @@ def test_stream_is_completed_when_the_client_hangs_up_right_after_the_final_even
     """llm and aider close the connection as soon as they read the final event, before the chunk terminator."""
     name, token = user
     mock.script(stream_reply(api, tail_delay=1.5))
-    got = raw_request(gateway.port, "POST", PATHS[api],
-                      [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json")],
-                      json.dumps(request_body(api)).encode(), read_until=FINAL_MARKERS[api])
+    got = api_request(gateway.port, PATHS[api], token, request_body(api), read_until=FINAL_MARKERS[api])
     assert FINAL_MARKERS[api] in got
     ic = one(gateway, name)
     assert ic["status"] == "completed" and ic["error"] is None
@@ -65,9 +61,7 @@ def test_stream_is_completed_when_the_client_hangs_up_right_after_the_final_even
 def test_stream_cut_by_the_client_before_its_final_event_is_failed(gateway, mock, user, api):
     name, token = user
     mock.script(stream_reply(api, delay=0.4))
-    raw_request(gateway.port, "POST", PATHS[api],
-                [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json")],
-                json.dumps(request_body(api)).encode(), read_until=b"data:")
+    api_request(gateway.port, PATHS[api], token, request_body(api), read_until=b"data:")
     ic = one(gateway, name)
     assert ic["status"] == "failed" and "client" in ic["error"].lower()
 
@@ -112,9 +106,8 @@ def test_tool_rounds_record_no_new_prompt(gateway, mock, user, api):
     round_body = {**TOOL_ROUNDS[api], "stream": False}
     for _ in range(4):
         mock.script(Reply.json(anthropic_message() if api == "anthropic" else chat_completion()))
-    headers = [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json")]
     for body in (first, round_body, round_body, round_body):
-        assert status_of(raw_request(gateway.port, "POST", PATHS[api], headers, json.dumps(body).encode())) == 200
+        assert status_of(api_request(gateway.port, PATHS[api], token, body)) == 200
     gateway.interceptions(name, 4)
     assert prompts(gateway, name) == ["list the files"]
     uid = gateway.sql(f"SELECT CAST(id AS VARCHAR) AS id FROM aibridge_users WHERE name = '{name}'")[0]["id"]
@@ -231,9 +224,8 @@ def test_lone_surrogates_and_undecodable_header_bytes_are_stored_escaped_never_d
     name, token = user
     mock.script(Reply.json(chat_completion(model="gpt-4.1")))
     body = b'{"model": "gpt-4.1\\ud800", "messages": [{"role": "user", "content": "hi \\udfff there"}]}'
-    got = raw_request(gateway.port, "POST", "/openai/v1/chat/completions",
-                      [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json"),
-                       (b"x-session-id", b"abc\xff"), (b"user-agent", b"ua\xff")], body)
+    got = api_request(gateway.port, "/openai/v1/chat/completions", token, body,
+                      [(b"x-session-id", b"abc\xff"), (b"user-agent", b"ua\xff")])
     assert status_of(got) == 200
     ic = one(gateway, name)
     assert ic["model"] == "gpt-4.1\\ud800"

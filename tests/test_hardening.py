@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import socket
 import stat
 import subprocess
-import time
 import zlib
 
 import brotli
@@ -23,7 +21,7 @@ from tests.support.gateway import BIN, UPSTREAM_OPENAI_KEY, Gateway
 from tests.support.mock_upstream import Reply
 from tests.support.sdk import openai_client
 from tests.support.tls import client_context
-from tests.support.wire import anthropic_message, chat_completion, raw_request, status_of
+from tests.support.wire import api_request, chat_completion, raw_request, status_of
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -50,8 +48,7 @@ def count(gateway, name: str, api: str | None = None) -> int:
 def test_non_canonical_paths_are_routed_by_their_canonical_form_and_recorded(gateway, mock, user, path):
     name, token = user
     mock.script(Reply.json(chat_completion()))
-    got = raw_request(gateway.port, "POST", path, [(b"authorization", b"Bearer " + token.encode()),
-                                                   (b"content-type", b"application/json")], json.dumps(CHAT).encode())
+    got = api_request(gateway.port, path, token, CHAT)
     assert status_of(got) == 200
     assert [s.path for s in mock.seen] == ["/v1/chat/completions"]  # the provider sees what was routed
     gateway.interceptions(name)
@@ -68,9 +65,7 @@ def test_non_canonical_paths_are_routed_by_their_canonical_form_and_recorded(gat
 def test_paths_that_match_no_endpoint_never_reach_the_provider(gateway, mock, user, path, status):
     name, token = user
     for host in (None, b"gw.example.com:80"):  # also behind a port mapping
-        got = raw_request(gateway.port, "POST", path, [(b"authorization", b"Bearer " + token.encode()),
-                                                       (b"content-type", b"application/json")],
-                          json.dumps(CHAT).encode(), host=host)
+        got = api_request(gateway.port, path, token, CHAT, host=host)
         assert status_of(got) == status
         assert b'"error"' in got.partition(b"\r\n\r\n")[2]  # the provider's JSON error shape
     assert mock.seen == []
@@ -81,9 +76,7 @@ def test_host_header_never_redirects_a_base_url_request(gateway, mock, user, ups
     name, token = user
     for host in (b"gateway.example.com", b"127.0.0.1:1", b"gw:80", upstream.url.split("://")[1].encode()):
         mock.script(Reply.json(chat_completion()))
-        got = raw_request(gateway.port, "POST", "/openai/v1/chat/completions",
-                          [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json")],
-                          json.dumps(CHAT).encode(), host=host)
+        got = api_request(gateway.port, "/openai/v1/chat/completions", token, CHAT, host=host)
         assert status_of(got) == 200, host
         assert mock.seen[-1].headers["authorization"] == f"Bearer {UPSTREAM_OPENAI_KEY}"
     gateway.interceptions(name, 4)
@@ -240,9 +233,8 @@ def test_compression_bomb_is_refused_413_after_a_capped_decode(gateway, mock, us
     name, token = user
     bomb = _bomb(encoding, 200 * 1024 * 1024)  # 200 MB decoded against the 32 MB limit
     assert len(bomb) < 2 * 1024 * 1024
-    got = raw_request(gateway.port, "POST", "/openai/v1/chat/completions",
-                      [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json"),
-                       (b"content-encoding", encoding.encode())], bomb, timeout=60)
+    got = api_request(gateway.port, "/openai/v1/chat/completions", token, bomb,
+                      [(b"content-encoding", encoding.encode())], timeout=60)
     assert status_of(got) == 413
     assert json.loads(got.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
     assert mock.seen == []
@@ -254,9 +246,7 @@ def test_compressed_body_is_recorded_and_forwarded_as_parsed(gateway, mock, user
     name, token = user
     mock.script(Reply.json(chat_completion()))
     body = gzip.compress(json.dumps({**CHAT, "messages": [{"role": "user", "content": "zipped hello"}]}).encode())
-    got = raw_request(gateway.port, "POST", "/openai/v1/chat/completions",
-                      [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json"),
-                       (b"content-encoding", b"gzip")], body)
+    got = api_request(gateway.port, "/openai/v1/chat/completions", token, body, [(b"content-encoding", b"gzip")])
     assert status_of(got) == 200
     assert mock.seen[0].json()["messages"][0]["content"] == "zipped hello"
     assert "content-encoding" not in mock.seen[0].headers
@@ -272,8 +262,7 @@ def test_deeply_nested_json_is_a_400_in_the_providers_format(gateway, mock, user
     name, token = user
     depth = 100_000
     body = b'{"model": "m", "max_tokens": 5, "messages": ' + b"[" * depth + b"]" * depth + b"}"
-    got = raw_request(gateway.port, "POST", path, [(b"authorization", b"Bearer " + token.encode()),
-                                                   (b"content-type", b"application/json")], body)
+    got = api_request(gateway.port, path, token, body)
     assert status_of(got) == 400
     err = json.loads(got.partition(b"\r\n\r\n")[2])
     assert (err["type"] == "error" and err["error"]["type"] == "invalid_request_error") if shape == "anthropic" \

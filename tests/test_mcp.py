@@ -398,13 +398,11 @@ def test_loop_streams_first_round_text_before_the_tool_finishes(mgw, mock, muser
 def test_loop_stream_is_completed_when_the_client_hangs_up_after_the_final_event(mgw, mock, muser, api):
     """With central tools injected, the loop writes the stream: a client that reads the final event and hangs up
     at once (llm, aider) leaves a completed interception, not a failed one."""
-    from tests.support.wire import FINAL_MARKERS, PATHS, raw_request, request_body, stream_reply
+    from tests.support.wire import FINAL_MARKERS, PATHS, api_request, request_body, stream_reply
 
     name, token = muser
     mock.script(stream_reply(api, tail_delay=0.5))
-    got = raw_request(mgw.port, "POST", PATHS[api],
-                      [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json")],
-                      json.dumps(request_body(api)).encode(), read_until=FINAL_MARKERS[api])
+    got = api_request(mgw.port, PATHS[api], token, request_body(api), read_until=FINAL_MARKERS[api])
     assert FINAL_MARKERS[api] in got
     assert "bmcp_coder" in json.dumps(mock.seen[0].json())  # the loop ran this request
     (ic,) = mgw.interceptions(name)

@@ -376,15 +376,10 @@ class Gateway:
         if not ai and policy.egress == "ai-only":
             flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
             return
-        given = proxy_token(flow.request.headers.get("proxy-authorization"))
-        actor = None
-        if given is not None:
-            actor = self._check_token(flow, given)
-            if actor is None:
-                if flow.response is None:
-                    flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n",
-                                                       PROXY_AUTH_REQUIRED)
-                return
+        actor = self._proxy_actor(flow)
+        if flow.response is not None:
+            return
+        if actor is not None:
             self.proxy_actors[flow.client_conn.id] = actor
         if actor is None and (policy.require_auth is True or (not ai and policy.require_auth is None)):
             what = "proxy credentials required" if ai else "proxy credentials required to reach non-AI hosts"
@@ -607,15 +602,9 @@ class Gateway:
         if policy.egress == "ai-only":
             flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
             return
-        actor = self.proxy_actors.get(flow.client_conn.id)
-        given = proxy_token(req.headers.get("proxy-authorization"))
-        if actor is None and given is not None:
-            actor = self._check_token(flow, given)
-            if actor is None:
-                if flow.response is None:
-                    flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n",
-                                                       PROXY_AUTH_REQUIRED)
-                return
+        actor = self._proxy_actor(flow)
+        if flow.response is not None:
+            return
         if actor is None and policy.require_auth is not False:
             flow.response = http.Response.make(
                 407, b"aibridge: proxy credentials required to reach non-AI hosts\n", PROXY_AUTH_REQUIRED)
@@ -627,6 +616,18 @@ class Gateway:
                 log.warning("aibridge: refused proxy request to %s:%s: %s", printable(req.host), req.port,
                             printable(why))
                 flow.response = http.Response.make(403, f"aibridge: egress refused: {why}\n".encode())
+
+    def _proxy_actor(self, flow: http.HTTPFlow) -> Actor | None:
+        """The user named by proxy credentials (at CONNECT, or on this plain-HTTP request); None without any.
+        Invalid credentials leave a 407 (or, past the throttle, a 429) on the flow."""
+        actor = self.proxy_actors.get(flow.client_conn.id)
+        given = proxy_token(flow.request.headers.get("proxy-authorization")) if actor is None else None
+        if given is None:
+            return actor
+        actor = self._check_token(flow, given)
+        if actor is None and flow.response is None:
+            flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n", PROXY_AUTH_REQUIRED)
+        return actor
 
     def _check_token(self, flow: http.HTTPFlow, token: str | None) -> Actor | None:
         """A gateway token check. A failure counts against the client's address; past the limit, failures are
@@ -681,14 +682,9 @@ class Gateway:
         self.live[flow.id].via_loop = True
 
     def _identify(self, flow: http.HTTPFlow, route: Route, hv: dict[str, str]) -> Identity | None:
-        proxy_actor = self.proxy_actors.get(flow.client_conn.id)
-        if proxy_actor is None and hv.get("proxy-authorization"):  # plain-HTTP proxy requests
-            proxy_actor = self._check_token(flow, proxy_token(hv["proxy-authorization"]))
-            if proxy_actor is None:
-                if flow.response is None:
-                    flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n",
-                                                       PROXY_AUTH_REQUIRED)
-                return None
+        proxy_actor = self._proxy_actor(flow)
+        if flow.response is not None:
+            return None
         if proxy_actor is None and self.config.proxy.require_auth is True and not self._is_ours(flow):
             flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
             return None
@@ -719,7 +715,8 @@ class Gateway:
             return data, bodies.parse_json(data)
 
         try:
-            data, body = await asyncio.to_thread(read) if len(raw) > OFF_LOOP_BYTES else read()
+            # Decompression output is bounded by the limit, not the input: any encoded body goes to a thread.
+            data, body = await asyncio.to_thread(read) if encoding or len(raw) > OFF_LOOP_BYTES else read()
             if not isinstance(body, dict):
                 raise BadRequest("request body must be a JSON object")
             info = codec.parse_request(body)

@@ -128,6 +128,14 @@ def raw_request(port: int, method: str, path: str, headers: list[tuple[bytes, by
     return got
 
 
+def api_request(port: int, path: str, token: str, body: bytes | dict, extra: list[tuple[bytes, bytes]] = (),
+                **kw) -> bytes:
+    """POST a JSON body with the gateway token, as raw bytes (see raw_request)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json"), *extra]
+    return raw_request(port, "POST", path, headers, data, **kw)
+
+
 def status_of(raw: bytes) -> int:
     return int(raw.split(b" ", 2)[1])
 
