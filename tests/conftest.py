@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
 
 import pytest
 
-from tests.support.gateway import Gateway
+from tests.support.gateway import RUNNING, Gateway
 from tests.support.mock_upstream import MockUpstream
 
 _users = itertools.count(1)
@@ -14,6 +16,20 @@ _users = itertools.count(1)
 for _var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
     os.environ.pop(_var, None)
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_processes():
+    """Every gateway a test or fixture started is stopped by the end, even when its setup failed or skipped;
+    the suite fails if any had to be stopped here, or if any other child process outlives it."""
+    yield
+    leaked = [gw.workdir.name for gw in list(RUNNING)]
+    for gw in list(RUNNING):
+        gw.stop(signal.SIGKILL)
+    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(os.getpid())], capture_output=True,
+                              text=True).stdout.splitlines()
+    children = [c for c in children if " ps -o " not in c]
+    assert not leaked and not children, f"left running: gateways {leaked}, processes {children}"
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,13 @@ CLAUDE = {"User-Agent": "claude-cli/2.1.328 (external, sdk-cli)", "X-Claude-Code
 def agw(tmp_path_factory, upstream):
     work = tmp_path_factory.mktemp("admin-gw")
     gw = Gateway(work, upstream.url, extra={"logging": {"interceptions_json": str(work / "interceptions.jsonl")}}).start()
+    try:
+        yield from _seed(gw, upstream)
+    finally:  # also when seeding fails or skips (no captures): never leave the gateway running
+        gw.stop()
+
+
+def _seed(gw, upstream):
     gw.tokens = {}
     for name in ("root", "ann", "ben"):
         gw.tokens[name] = gw.new_user(name)
@@ -42,7 +49,6 @@ def agw(tmp_path_factory, upstream):
     gw.interceptions("ben", 2)
     upstream.reset()
     yield gw
-    gw.stop()
 
 
 def api(gw, path, token, **params):

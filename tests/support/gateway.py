@@ -22,6 +22,9 @@ sys.path.insert(0, str(ROOT / "addons"))
 from aibridge_gw.control import run_op  # noqa: E402
 
 
+RUNNING: set["Gateway"] = set()  # started and not stopped: the suite stops and reports any left at its end
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,6 +72,7 @@ class Gateway:
         env.pop("HTTPS_PROXY", None)
         env.pop("HTTP_PROXY", None)
         self._log = open(self.log_path, "ab")
+        RUNNING.add(self)
         self.proc = subprocess.Popen(
             [
                 str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "aibridge.py"),
@@ -93,6 +97,7 @@ class Gateway:
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        RUNNING.discard(self)
         if self.proc is None:
             return 0
         self.proc.send_signal(sig)
