@@ -415,3 +415,9 @@ def test_relative_storage_paths_resolve_against_the_config_file(tmp_path):
     assert (conf / "state" / "audit.duckdb").exists()
     assert not (elsewhere / "state").exists() and not (elsewhere / "data").exists()
     assert stat.S_IMODE((conf / "state" / "audit.duckdb").stat().st_mode) == 0o600
+    # A query against a database that does not exist says so instead of creating an empty one.
+    (conf / "other.yaml").write_text("providers: []\nstorage: {duckdb: nowhere/audit.duckdb}\n")
+    r = subprocess.run([str(BIN / "aibridge"), "--config", str(conf / "other.yaml"), "sql", "SELECT 1"],
+                       capture_output=True, text=True, cwd=elsewhere, timeout=60)
+    assert r.returncode == 1 and "no database at" in r.stderr
+    assert not (conf / "nowhere").exists()

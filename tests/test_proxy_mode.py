@@ -124,6 +124,24 @@ def test_proxied_openai_both_apis_with_proxy_credentials(pgw, up, puser):
     assert [s.headers["authorization"] for s in up.seen] == [f"Bearer {UPSTREAM_OPENAI_KEY}"] * 2
 
 
+def test_proxied_non_canonical_path_is_routed_canonically_and_recorded(pgw, up, puser):
+    name, token = puser
+    up.script(Reply.json({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4.1",
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                       "finish_reason": "stop"}],
+                          "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}))
+    with httpx.Client(proxy=pgw.url.replace("://", f"://{name}:{token}@"), verify=client_context(pgw.ca),
+                      trust_env=False) as c:
+        r = c.post("https://api.openai.com/v1/chat%2fcompletions",
+                   json={"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        r = c.post("https://api.openai.com/v1/organization/costs", json={})
+        assert r.status_code == 404  # not an endpoint the gateway relays: never with the central key
+    assert [s.path for s in up.seen] == ["/v1/chat/completions"]
+    (ic,) = pgw.interceptions(name)
+    assert ic["api"] == "openai.chat" and ic["status"] == "completed"
+
+
 def test_byok_with_proxy_credentials_keeps_the_users_key(pgw, up, puser):
     name, token = puser
     cap = capture("anthropic/simple.txtar")

@@ -100,7 +100,11 @@ def _alive(pid) -> bool:
 
 def _local(db_path: Path, name: str, args: dict) -> Any:
     fn, writes = ops.OPS[name]
-    read_only = not writes and db_path.exists()
+    if not writes and not db_path.exists():
+        # A query must not create an empty database somewhere unexpected (a wrong working directory or config).
+        raise ops.OpError(f"no database at {db_path}: check storage.duckdb in the config (relative paths are "
+                          "relative to the config file), or start the gateway once")
+    read_only = not writes
     if not read_only:
         db_path.parent.mkdir(parents=True, exist_ok=True)
     try:
