@@ -191,7 +191,9 @@ def test_prune_deletes_old_records_and_their_rows(tmp_path, upstream):
     env = {"AIBRIDGE_CONFIG": str(gw.config_path)}
     import os
 
-    subprocess.run([str(BIN / "aibridge"), "users", "list"], env={**os.environ, **env}, check=True, capture_output=True)
+    # creates the database and its schema
+    subprocess.run([str(BIN / "aibridge"), "users", "add", "pruner"], env={**os.environ, **env}, check=True,
+                   capture_output=True)
     con = duckdb.connect(str(gw.db))
     for age, iid in ((90, "00000000-0000-0000-0000-0000000000a1"), (1, "00000000-0000-0000-0000-0000000000b2")):
         con.execute("INSERT INTO aibridge_interceptions (id, provider, provider_name, credential_kind, status, started_at) "

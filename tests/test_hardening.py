@@ -96,18 +96,6 @@ def test_origin_form_requests_are_the_gateways_own_even_with_proxy_credentials(g
     assert mock.seen == []
 
 
-def test_request_form_mark_is_installed_where_mitmproxy_reads_http1_requests():
-    from mitmproxy.net.http import http1
-    from mitmproxy.proxy.layers.http import _http1
-
-    from aibridge_gw.patches import ABSOLUTE, ORIGIN, install_request_form_marker, request_form
-
-    install_request_form_marker()
-    assert _http1.http1 is http1 and getattr(http1.read_request_head, "aibridge", False)
-    assert request_form(http1.read_request_head([b"GET /a HTTP/1.1\r\n", b"Host: y:5\r\n"])) == ORIGIN
-    assert request_form(http1.read_request_head([b"GET http://x/a HTTP/1.1\r\n", b"Host: y\r\n"])) == ABSOLUTE
-
-
 # --- egress policy ----------------------------------------------------------------------------------------
 
 

@@ -41,12 +41,12 @@ from .throttle import AuthThrottle
 from .config import Config, ConfigError, load_config
 from .control import CONTROL_PATH, remove_runtime_file, write_runtime_file
 from .breaker import CircuitBreakers, is_failure
-from .errors import error_response, install_json_error_pages
-from . import upstream_faults
+from .errors import error_response
 from .upstream_faults import ClientEnding, UpstreamWatch
 from .records import BadRequest, ResponseSummary
 from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, Recorder, at, conclude, is_json, is_sse
-from .patches import ABSOLUTE, ORIGIN, install_request_form_marker, request_form
+from . import patches
+from .patches import ABSOLUTE, ORIGIN, request_form
 from .routing import BadPath, Route, Router
 from .admin_api import PREFIX as API_PREFIX
 from .admin_api import AdminApi
@@ -65,13 +65,18 @@ log = logging.getLogger("aibridge")
 # every record also becomes mitmproxy's deprecated `add_log` hook, a cross-thread call and a dispatch to every
 # addon — too much to pay on each request.
 interception_log = logging.getLogger("aibridge.interceptions")
-# The optimisations the logging HOWTO documents: no caller-frame walk, thread or process lookup per record
-# (mitmproxy's formatters print none of them).
-logging._srcfile = None
-logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-# Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
-for _noisy in ("httpx", "httpcore", "mcp"):
-    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+
+def tune_logging() -> None:
+    """Process-wide logging settings, applied when mitmproxy loads the addon (never at import: the CLI and
+    tests import this module too)."""
+    # The optimisations the logging HOWTO documents: no caller-frame walk, thread or process lookup per record
+    # (mitmproxy's formatters print none of them).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
+    for noisy in ("httpx", "httpcore", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 DASHBOARD_JS = Path(__file__).parent / "dashboard" / "dashboard.js"
@@ -120,17 +125,14 @@ class Gateway:
         self._trusted_upstreams: set[tuple[str, int]] = set()  # provider and loop addresses: not egress-checked
         self._passthrough: set[str] = set()
         self._control_secret: str | None = None
-        self.passthrough_total = 0
-        self.rejected_total = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
         os.umask(0o077)
-        install_json_error_pages()
-        install_request_form_marker()
-        upstream_faults.install(self._client_ending)
+        tune_logging()
+        patches.install(self._client_ending)
         loader.add_option(
             "aibridge_config", str, "",
             "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
@@ -571,7 +573,6 @@ class Gateway:
             self.metrics.child(self.metrics.inflight, ic.provider_name, self.metrics.model_label(ic.info.model),
                                ic.route).inc()
         else:
-            self.passthrough_total += 1
             self._passthrough.add(flow.id)
             self.metrics.child(self.metrics.passthrough, route.provider.name, route.label, req.method).inc()
             if not route.known:
@@ -641,7 +642,6 @@ class Gateway:
         """Count a failed token check; True (and a 429 on the flow) once the address is over its limit. Valid
         tokens from the same address keep working: one broken client behind a NAT never locks out the office."""
         address = (flow.client_conn.peername or ("?",))[0]
-        self.rejected_total += 1
         self.throttle.failed(address)
         wait = self.throttle.retry_after(address)
         if wait is None:

@@ -77,10 +77,6 @@ class CircuitBreakers:
         if self.on_change:
             self.on_change(key, state, tripped)
 
-    def state(self, key: tuple) -> int:
-        s = self._states.get(key)
-        return s.state if s else CLOSED
-
 
 def is_failure(status: int | None, connection_error: bool) -> bool:
     return connection_error or (status is not None and (status >= 500 or status in (429, 529)))

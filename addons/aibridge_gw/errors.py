@@ -42,23 +42,3 @@ def error_response(provider_type: str | None, status: int, message: str, headers
     if headers:
         h.update(headers)
     return http.Response.make(status, json.dumps(body).encode(), h)
-
-
-def install_json_error_pages() -> None:
-    """mitmproxy answers connection failures (upstream refused, reset before headers…) itself, before any addon
-    can: make that answer JSON that both SDK families read as an API error, instead of an HTML page."""
-    from mitmproxy.net.http import http1
-    from mitmproxy.proxy.layers.http import _http1
-
-    if getattr(_http1.make_error_response, "aibridge", False):
-        return
-
-    def make_error_response(status_code: int, message: str = "") -> bytes:
-        kind = "overloaded_error" if status_code == 529 else ("api_error" if status_code >= 500 else "invalid_request_error")
-        body = {"type": "error", "error": {"type": kind, "message": f"aibridge: {message}", "param": None, "code": None}}
-        resp = http.Response.make(status_code, json.dumps(body).encode(),
-                                  {"content-type": "application/json", "connection": "close"})
-        return http1.assemble_response(resp)
-
-    make_error_response.aibridge = True
-    _http1.make_error_response = make_error_response

@@ -1,18 +1,44 @@
-"""The gateway's one patch to how mitmproxy reads HTTP/1 requests, kept here so an upgrade that changes what it
-wraps fails its test loudly (tests/test_hardening.py checks the mark on live requests).
+"""Every patch the gateway makes to mitmproxy's internals, in one place. Each wraps one function of mitmproxy
+12.2 and marks it; `tests/test_patches.py` checks that the targets still exist with the shape assumed here and
+that each patch took, so a mitmproxy upgrade that moves them fails loudly instead of silently losing behaviour.
 
-Regular-mode mitmproxy accepts both origin-form requests (`POST /openai/v1/… ` — base-URL clients talking to the
-gateway itself) and absolute-form ones (`POST http://host/…` — plain-HTTP proxy requests), then fills an
-origin-form request's host from its `Host:` header and clears the target's authority, so the two look the same
-to addons. The `Host:` header must never decide where a request addressed to the gateway goes, so the request
-line's form is noted on the request as it is read.
+- HTTP/1 request reading (`http1.read_request_head`): the request line's form is noted, because mitmproxy fills an
+  origin-form request's host from its `Host:` header, and the `Host:` header must never decide where a request
+  addressed to the gateway goes.
+- Error pages (`_http1.make_error_response`): mitmproxy answers connection failures itself, before any addon can;
+  the answer is JSON both SDK families read as an API error instead of an HTML page.
+- Upstream failures (`HttpStream.handle_protocol_error`): for intercepted flows the client gets the provider's own
+  JSON error (before the response started) or the API's error event and a clean end of the stream (after) —
+  see upstream_faults.py.
 """
 
 from __future__ import annotations
 
-from mitmproxy import http
+import json
+import logging
+from collections.abc import Callable
 
+from mitmproxy import http
+from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers.http import (
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    SendHttp,
+)
+
+from .upstream_faults import ClientEnding
+
+log = logging.getLogger(__name__)
 ORIGIN, ABSOLUTE = "origin", "absolute"
+
+
+def install(decide: "Decide") -> None:
+    """All of them (idempotent)."""
+    install_request_form_marker()
+    install_json_error_pages()
+    install_client_endings(decide)
 
 
 def install_request_form_marker() -> None:
@@ -29,9 +55,79 @@ def install_request_form_marker() -> None:
         return request
 
     read_request_head.aibridge = True
+    read_request_head.aibridge_original = original
     http1.read_request_head = read_request_head
 
 
 def request_form(request: http.Request) -> str | None:
     """ORIGIN or ABSOLUTE for HTTP/1 requests read since the patch; None for HTTP/2 and HTTP/3."""
     return getattr(request, "aibridge_form", None)
+
+
+def install_json_error_pages() -> None:
+    """mitmproxy answers connection failures (upstream refused, reset before headers…) itself, before any addon
+    can: make that answer JSON that both SDK families read as an API error, instead of an HTML page."""
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1
+
+    original = _http1.make_error_response
+    if getattr(original, "aibridge", False):
+        return
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        kind = "overloaded_error" if status_code == 529 else ("api_error" if status_code >= 500 else "invalid_request_error")
+        body = {"type": "error", "error": {"type": kind, "message": f"aibridge: {message}", "param": None, "code": None}}
+        resp = http.Response.make(status_code, json.dumps(body).encode(),
+                                  {"content-type": "application/json", "connection": "close"})
+        return http1.assemble_response(resp)
+
+    make_error_response.aibridge = True
+    make_error_response.aibridge_original = original
+    _http1.make_error_response = make_error_response
+
+
+Decide = Callable[[http.HTTPFlow, str], "ClientEnding | None"]
+_decide: list[Decide] = []
+
+
+def install_client_endings(decide: Decide) -> None:
+    """Route upstream failures of intercepted flows through `decide` (idempotent; the last gateway wins)."""
+    _decide[:] = [decide]
+    original = http_layer.HttpStream.handle_protocol_error
+    if getattr(original, "aibridge", False):
+        return
+
+    def handle_protocol_error(self, event):
+        ending = None
+        if isinstance(event, ResponseProtocolError) and _decide and self.flow.live:
+            try:
+                ending = _decide[0](self.flow, event.message)
+            except Exception:  # never make a failure worse
+                log.exception("aibridge: deciding how to end a failed upstream exchange failed")
+            if ending is not None:
+                event = ResponseProtocolError(event.stream_id, ending.message, event.code)
+        gen = original(self, event)
+        try:
+            cmd = next(gen)
+            while True:
+                if (ending is not None and isinstance(cmd, SendHttp) and cmd.connection is self.context.client
+                        and isinstance(cmd.event, ResponseProtocolError)):
+                    for ev in _events(self.stream_id, ending):
+                        yield SendHttp(ev, self.context.client)
+                    cmd = gen.send(None)
+                    continue
+                cmd = gen.send((yield cmd))
+        except StopIteration:
+            return
+
+    handle_protocol_error.aibridge = True
+    handle_protocol_error.aibridge_original = original
+    http_layer.HttpStream.handle_protocol_error = handle_protocol_error
+
+
+def _events(stream_id: int, ending: ClientEnding) -> list:
+    if ending.response is not None:
+        body = ending.response.content or b""
+        return [ResponseHeaders(stream_id, ending.response, False), ResponseData(stream_id, body),
+                ResponseEndOfMessage(stream_id)]
+    return [ResponseData(stream_id, ending.stream_tail), ResponseEndOfMessage(stream_id)]

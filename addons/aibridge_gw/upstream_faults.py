@@ -2,7 +2,7 @@
 
 mitmproxy answers such failures itself, inside its HTTP layer and after the `error` hook: with an HTML page
 before the response started, and by closing the client's connection after. Neither is something an SDK can
-read. `install` wraps that one step (`HttpStream.handle_protocol_error`) so that, for flows the gateway
+read. `patches.install` wraps that one step (`HttpStream.handle_protocol_error`) so that, for flows the gateway
 intercepts, the client instead gets the provider's own JSON error (before the response started) or the API's
 error event followed by a clean end of the stream (after) — and keeps its connection. Everything else about
 the failure (hooks, connection teardown, flow state) stays mitmproxy's.
@@ -16,18 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers.http import (
-    ResponseData,
-    ResponseEndOfMessage,
-    ResponseHeaders,
-    ResponseProtocolError,
-    SendHttp,
-)
 
 from .config import Timeouts
 
@@ -41,52 +32,6 @@ class ClientEnding:
     message: str  # becomes flow.error.msg, so the audit record carries it
     response: http.Response | None = None  # the response has not started: send this whole
     stream_tail: bytes = b""  # the response is streaming: send these bytes, then end the stream
-
-
-Decide = Callable[[http.HTTPFlow, str], "ClientEnding | None"]
-_decide: list[Decide] = []
-
-
-def install(decide: Decide) -> None:
-    """Route upstream failures of intercepted flows through `decide` (idempotent; the last gateway wins)."""
-    _decide[:] = [decide]
-    original = http_layer.HttpStream.handle_protocol_error
-    if getattr(original, "aibridge", False):
-        return
-
-    def handle_protocol_error(self, event):
-        ending = None
-        if isinstance(event, ResponseProtocolError) and _decide and self.flow.live:
-            try:
-                ending = _decide[0](self.flow, event.message)
-            except Exception:  # never make a failure worse
-                log.exception("aibridge: deciding how to end a failed upstream exchange failed")
-            if ending is not None:
-                event = ResponseProtocolError(event.stream_id, ending.message, event.code)
-        gen = original(self, event)
-        try:
-            cmd = next(gen)
-            while True:
-                if (ending is not None and isinstance(cmd, SendHttp) and cmd.connection is self.context.client
-                        and isinstance(cmd.event, ResponseProtocolError)):
-                    for ev in _events(self.stream_id, ending):
-                        yield SendHttp(ev, self.context.client)
-                    cmd = gen.send(None)
-                    continue
-                cmd = gen.send((yield cmd))
-        except StopIteration:
-            return
-
-    handle_protocol_error.aibridge = True
-    http_layer.HttpStream.handle_protocol_error = handle_protocol_error
-
-
-def _events(stream_id: int, ending: ClientEnding) -> list:
-    if ending.response is not None:
-        body = ending.response.content or b""
-        return [ResponseHeaders(stream_id, ending.response, False), ResponseData(stream_id, body),
-                ResponseEndOfMessage(stream_id)]
-    return [ResponseData(stream_id, ending.stream_tail), ResponseEndOfMessage(stream_id)]
 
 
 class UpstreamWatch:

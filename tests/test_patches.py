@@ -1,0 +1,49 @@
+"""The gateway's patches to mitmproxy internals (aibridge_gw/patches.py): their targets still exist with the shape
+the patches assume, and each patch takes. A mitmproxy upgrade that moves them fails here, loudly."""
+
+from __future__ import annotations
+
+import inspect
+
+from mitmproxy.net.http import http1
+from mitmproxy.proxy.layers.http import HttpStream, _http1
+
+from aibridge_gw import patches
+
+
+def _original(fn):
+    return getattr(fn, "aibridge_original", fn)
+
+
+def test_patch_targets_have_the_shape_the_patches_assume():
+    assert _http1.http1 is http1  # the HTTP/1 layer reads request heads through this module attribute
+    assert list(inspect.signature(_original(http1.read_request_head)).parameters) == ["lines"]
+    assert list(inspect.signature(_original(_http1.make_error_response)).parameters) == ["status_code", "message"]
+    handle = _original(HttpStream.handle_protocol_error)
+    assert list(inspect.signature(handle).parameters) == ["self", "event"] and inspect.isgeneratorfunction(handle)
+
+
+def test_every_patch_takes_and_installing_twice_changes_nothing():
+    patches.install(lambda flow, message: None)
+    first = (http1.read_request_head, _http1.make_error_response, HttpStream.handle_protocol_error)
+    patches.install(lambda flow, message: None)
+    assert (http1.read_request_head, _http1.make_error_response, HttpStream.handle_protocol_error) == first
+    assert all(getattr(f, "aibridge", False) for f in first)
+
+
+def test_request_form_is_marked_as_mitmproxy_reads_the_request_line():
+    patches.install(lambda flow, message: None)
+    origin = http1.read_request_head([b"GET /a HTTP/1.1\r\n", b"Host: y:5\r\n"])
+    absolute = http1.read_request_head([b"GET http://x/a HTTP/1.1\r\n", b"Host: y\r\n"])
+    assert patches.request_form(origin) == patches.ORIGIN and patches.request_form(absolute) == patches.ABSOLUTE
+
+
+def test_error_pages_are_json_both_sdk_families_read():
+    import json
+
+    patches.install(lambda flow, message: None)
+    raw = _http1.make_error_response(502, "connection refused")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502") and b"application/json" in head
+    err = json.loads(body)
+    assert err["type"] == "error" and err["error"]["type"] == "api_error" and "connection refused" in err["error"]["message"]
