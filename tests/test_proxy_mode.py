@@ -344,3 +344,51 @@ def test_http2_client_gets_the_error_event_when_the_provider_dies_mid_stream(pgw
     assert "aibridge" in e.value.message and e.value.body["error"]["type"] == "api_error"
     (ic,) = pgw.interceptions(name)
     assert ic["status"] == "failed"
+
+
+def test_tunnel_to_a_bare_ip_with_an_ai_server_name_is_intercepted_and_recorded(tmp_path, tls_upstream):
+    """A client that CONNECTs to an IP address but asks TLS for api.openai.com is talking to the AI API: the
+    gateway decrypts it for that name, so it routes and records it by that name too, never relays it blind."""
+    import socket
+    import ssl
+
+    gw = proxy_gateway(tmp_path / "sni", tls_upstream, extra={"proxy": {"allow_addresses": ["127.0.0.0/8"]}})
+    try:
+        token = gw.new_user("sni")
+        tls_upstream.reset()
+        tls_upstream.script(Reply.json({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                                        "model": "gpt-4.1", "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": "hi"}}],
+                                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}))
+        creds = base64.b64encode(f"sni:{token}".encode()).decode()
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+            raw.sendall(f"CONNECT 127.0.0.3:443 HTTP/1.1\r\nHost: 127.0.0.3:443\r\n"
+                        f"Proxy-Authorization: Basic {creds}\r\n\r\n".encode())
+            assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+            ctx = ssl.create_default_context(cafile=str(gw.ca))
+            with ctx.wrap_socket(raw, server_hostname="api.openai.com") as tls:
+                body = json.dumps({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}).encode()
+                tls.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+                            b"Content-Type: application/json\r\nConnection: close\r\n"
+                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                got = b""
+                while chunk := tls.recv(65536):
+                    got += chunk
+        assert got.startswith(b"HTTP/1.1 200")
+        assert tls_upstream.seen[-1].headers["authorization"] == f"Bearer {UPSTREAM_OPENAI_KEY}"
+        (ic,) = gw.interceptions("sni")
+        assert ic["api"] == "openai.chat" and ic["status"] == "completed"
+    finally:
+        gw.stop()
+        tls_upstream.reset()
+
+
+def test_any_websocket_upgrade_to_an_ai_api_is_refused(pgw, up, puser):
+    """The Realtime API speaks only WebSocket: relayed, its model calls would have no audit row."""
+    name, token = puser
+    with httpx.Client(proxy=pgw.url.replace("://", f"://{name}:{token}@"), verify=client_context(pgw.ca),
+                      trust_env=False) as c:
+        r = c.get("https://api.openai.com/v1/realtime?model=gpt-realtime",
+                  headers={"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
+                           "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "authorization": "Bearer sk-users-own"})
+    assert r.status_code == 426 and up.seen == []

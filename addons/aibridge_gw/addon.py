@@ -435,8 +435,8 @@ class Gateway:
         try:
             if self._is_ours(flow):
                 route = self.router.match_prefix(req.path, req.method)
-            elif self.router.is_ai_host(req.host):
-                route = self.router.match_host(req.host, req.path, req.method)
+            elif self._ai_host(flow):
+                route = self.router.match_host(self._ai_host(flow), req.path, req.method)
             else:
                 route = None
         except BadPath:
@@ -506,9 +506,9 @@ class Gateway:
                     f"(configured: {', '.join('/' + p.name for p in self.config.providers)})",
                 )
                 return
-        elif self.router.is_ai_host(req.host):
+        elif self._ai_host(flow):
             try:
-                route = self.router.match_host(req.host, req.path, req.method)
+                route = self.router.match_host(self._ai_host(flow), req.path, req.method)
             except BadPath as e:
                 flow.response = error_response(self._provider_type(flow), 400, f"aibridge: bad request path: {e}")
                 return
@@ -517,10 +517,10 @@ class Gateway:
             return  # proxied traffic to a non-AI host: relayed untouched, or refused by policy
 
         hv = header_view(req.headers)
-        if hv.get("upgrade", "").lower() == "websocket" and self._as_post(flow, route).api:
-            # Codex CLI tries the Responses API over a WebSocket first. Relaying it would carry model calls the
-            # recording, budgets and MCP injection never see; 426 is the one answer Codex takes as "use HTTP"
-            # at once (any other refusal costs five retries first).
+        if hv.get("upgrade", "").lower() == "websocket":
+            # Codex CLI tries the Responses API over a WebSocket first, and the Realtime API speaks nothing else.
+            # Relayed, those model calls would bypass recording, budgets and MCP injection; 426 is the one answer
+            # Codex takes as "use HTTP" at once (any other refusal costs five retries first).
             flow.response = error_response(
                 route.provider.type, 426,
                 "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
@@ -585,15 +585,16 @@ class Gateway:
         if ic is not None:
             ic.flow, ic.forwarded_at = flow, time.time()
 
-    def _as_post(self, flow: http.HTTPFlow, route: Route) -> Route:
-        """The route a POST to the same path would take (a WebSocket upgrade is a GET to a model endpoint)."""
+    def _ai_host(self, flow: http.HTTPFlow) -> str | None:
+        """The AI host a proxied request is for: its target, or, inside a tunnel opened to a bare IP address, the
+        TLS server name the client asked for (the gateway decrypted the tunnel because of that name)."""
         req = flow.request
-        try:
-            if route.provider.name in self.router.by_prefix and self._is_ours(flow):
-                return self.router.match_prefix(req.path, "POST") or route
-            return self.router.match_host(req.host, req.path, "POST") or route
-        except BadPath:
-            return route
+        if self.router.is_ai_host(req.host):
+            return req.host
+        sni = flow.client_conn.sni
+        if sni and flow.client_conn.id in self._tunnels and self.router.is_ai_host(sni):
+            return sni
+        return None
 
     async def _egress(self, flow: http.HTTPFlow) -> None:
         """A proxied request to a non-AI host: allowed only with proxy credentials (unless the admin chose an
