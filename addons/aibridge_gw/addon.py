@@ -31,14 +31,14 @@ from .auth import (
     proxy_token,
 )
 from . import bodies
-from .budgets import Budgets, Limits
+from .budgets import Budgets
 from .capture import FlowArchive
 from .clients import detect_client, detect_session
 from .codecs import BY_API, MODEL_APIS, StreamTap
 from .egress import EgressPolicy, local_addresses
 from .logsafe import printable
 from .throttle import AuthThrottle
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, Limits, load_config
 from .control import CONTROL_PATH, remove_runtime_file, write_runtime_file
 from .breaker import CircuitBreakers, is_failure
 from .errors import error_response

@@ -138,6 +138,32 @@ class Config:
 
 
 
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    usd_per_month: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_day, self.usd_per_month))
+
+
+def parse_limits(d: dict | None, where: str) -> Limits:
+    d = d or {}
+    unknown = set(d) - {"requests_per_minute", "tokens_per_day", "usd_per_month"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown limit {sorted(unknown)[0]!r}")
+    try:
+        return Limits(
+            int(d["requests_per_minute"]) if d.get("requests_per_minute") is not None else None,
+            int(d["tokens_per_day"]) if d.get("tokens_per_day") is not None else None,
+            float(d["usd_per_month"]) if d.get("usd_per_month") is not None else None,
+        )
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: limits must be numbers") from None
+
+
 def expand_env(value):
     """Expand ${NAME} / ${NAME:-default} in every string of a parsed YAML tree."""
     if isinstance(value, str):
@@ -290,8 +316,6 @@ def _parse_breaker(d) -> dict:
 
 
 def _parse_budgets(d) -> dict:
-    from .budgets import parse_limits
-
     if not isinstance(d, dict):
         raise ConfigError("budgets: must be a mapping")
     users = d.get("users") or {}

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import decimal
 import json
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from .pricing import PriceTable
-from .store.ops import jsonable
 
 
 class BadParameter(ValueError):
@@ -310,3 +311,21 @@ def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str 
     data = [{"day": k[0], stack: k[1], **_finish_cost(g)} for k, g in groups.items()]
     data.sort(key=lambda d: (str(d["day"]), str(d[stack])))
     return {"stack": stack, "since": since, "data": data}
+
+
+def jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dt.datetime):
+        return v.isoformat()
+    if isinstance(v, (dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, (uuid.UUID, decimal.Decimal, dt.timedelta)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.hex()
+    return str(v)

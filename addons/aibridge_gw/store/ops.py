@@ -4,7 +4,6 @@ gateway on behalf of the CLI. Each takes a DuckDB connection and returns JSON-ab
 from __future__ import annotations
 
 import datetime as dt
-import decimal
 import secrets
 import uuid
 from collections.abc import Callable
@@ -12,7 +11,9 @@ from typing import Any
 
 import duckdb
 
+from .. import reports
 from ..auth import Actor, hash_token, mask, new_token
+from ..reports import jsonable
 
 ROLES = ("member", "admin")
 
@@ -120,24 +121,6 @@ def query(conn, text: str, params: list | None = None, limit: int | None = None)
     return {"columns": columns, "rows": [[jsonable(v) for v in r] for r in rows]}
 
 
-def jsonable(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, dt.datetime):
-        return v.isoformat()
-    if isinstance(v, (dt.date, dt.time)):
-        return v.isoformat()
-    if isinstance(v, (uuid.UUID, decimal.Decimal, dt.timedelta)):
-        return str(v)
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, bytes):
-        return v.hex()
-    return str(v)
-
-
 def load_directory(conn) -> dict[str, Actor]:
     """Active tokens by hash, for the gateway's in-memory TokenDirectory."""
     rows = conn.execute(
@@ -241,7 +224,7 @@ def prune(conn, days: int) -> dict:
     old = "SELECT id FROM aibridge_interceptions WHERE started_at < ?"
     for table in AUDIT_CHILD_TABLES:
         conn.execute(f"DELETE FROM {table} WHERE interception_id IN ({old})", [cutoff])
-    n = conn.execute(f"DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
+    n = conn.execute("DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
     return {"deleted": len(n), "days": days, "cutoff": cutoff.isoformat()}
 
 
@@ -255,7 +238,6 @@ def users_set_role(conn, name: str, role: str) -> dict:
 
 def report(conn, kind: str, **kw) -> dict:
     """CLI reports: the same queries the admin API serves, seen by an administrator."""
-    from .. import reports
     from ..pricing import PriceTable
 
     prices = PriceTable.load(kw.pop("pricing_file", None))
@@ -269,7 +251,8 @@ def report(conn, kind: str, **kw) -> dict:
         if kind == "prompts":
             return reports.prompts(conn, viewer, kw.get("user"), kw.get("search"), kw.get("limit", 50))
         if kind == "budgets":
-            from ..budgets import Budgets, Limits
+            from ..budgets import Budgets
+            from ..config import Limits
 
             spec = kw.get("budgets") or {}
             b = Budgets(Limits(**spec.get("default", {})),
