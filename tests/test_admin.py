@@ -121,10 +121,10 @@ def test_usage_and_cost_per_user_and_model(agw):
     root = agw.tokens["root"]
     prices = PriceTable.load()
     sonnet = prices.resolve("claude-sonnet-4-20250514")
-    expected_ann = sonnet.cost(18, 240, 0, 0) + sonnet.cost(18, 254, 0, 0)
+    expected_ann = sonnet.cost(21, 187, 0, 0) + sonnet.cost(21, 203, 0, 0)
     by_user = {d["user"]: d for d in api(agw, "usage", root, group_by="user").json()["data"]}
     assert by_user["ann"]["cost_usd"] == pytest.approx(expected_ann)
-    assert (by_user["ann"]["input_tokens"], by_user["ann"]["output_tokens"]) == (36, 494)
+    assert (by_user["ann"]["input_tokens"], by_user["ann"]["output_tokens"]) == (42, 390)
     assert by_user["ben"]["unpriced_models"] == ["gpt-5.4-2026-03-05"]
     by_model = {d["model"]: d for d in api(agw, "usage", root, group_by="model").json()["data"]}
     assert by_model["gpt-5.4-2026-03-05"]["cost"] == "unpriced"
@@ -139,7 +139,7 @@ def test_sessions_group_by_client_session(agw):
     data = api(agw, "sessions", agw.tokens["root"]).json()["data"]
     (ann,) = [s for s in data if s["session"] == "sess-ann-1"]
     assert (ann["user"], ann["client"], ann["interceptions"], ann["prompts"]) == ("ann", "Claude Code", 2, 2)
-    assert ann["output_tokens"] == 494
+    assert ann["output_tokens"] == 390
 
 
 def test_clients_and_models_for_filters(agw):
@@ -164,7 +164,7 @@ def test_structured_interception_log(agw):
     lines = [json.loads(l) for l in (agw.workdir / "interceptions.jsonl").read_text().splitlines()]
     ann = [l for l in lines if l["user"] == "ann"]
     assert len(ann) == 2 and all(l["msg"] == "interception log" for l in lines)
-    assert sorted(l["output_tokens"] for l in ann) == [240, 254]
+    assert sorted(l["output_tokens"] for l in ann) == [187, 203]
     assert {l["client"] for l in ann} == {"Claude Code"} and ann[0]["duration_ms"] >= 0
 
 

@@ -49,7 +49,7 @@ def test_daily_token_budget_in_anthropic_format_and_it_survives_a_restart(bgw, u
     token = bgw.new_user("heavy")
     cap = capture("anthropic/simple.txtar")
     upstream.script(Reply.from_capture(cap, False))
-    anthropic_call(anthropic_client(bgw, token), cap.request, False)  # 18 + 254 tokens: under 300
+    anthropic_call(anthropic_client(bgw, token), cap.request, False)  # 21 + 203 tokens: under 300
     upstream.script(Reply.from_capture(cap, False))
     anthropic_call(anthropic_client(bgw, token), cap.request, False)  # now over
     bgw.interceptions("heavy", 2)
@@ -68,7 +68,7 @@ def test_daily_token_budget_in_anthropic_format_and_it_survives_a_restart(bgw, u
 
 def test_monthly_usd_budget_uses_the_price_table(bgw, upstream):
     token = bgw.new_user("spender")
-    cap = capture("anthropic/simple.txtar")  # claude-sonnet-4: 18*3 + 254*15 per 1M = $0.003864
+    cap = capture("anthropic/simple.txtar")  # claude-sonnet-4: 21*3 + 203*15 per 1M = $0.003108
     for _ in range(2):
         upstream.script(Reply.from_capture(cap, False))
         anthropic_call(anthropic_client(bgw, token), cap.request, False)

@@ -40,12 +40,12 @@ def tools(s):
 def test_anthropic_stream_output_tokens_are_the_final_count_not_a_sum():
     cap = capture("anthropic/simple.txtar")
     s = stream(A, cap.sections["streaming"])
-    # message_start says output_tokens=1, message_delta says 240: the answer is 240, not 241.
-    assert usage(s) == [(18, 240, 0, 0)]
-    assert s.response_id == "msg_01Pvyf26bY17RcjmWfJsXGBn" and s.complete and s.error is None
+    # message_start says output_tokens=1, message_delta says 187: the answer is 187, not 188.
+    assert usage(s) == [(21, 187, 0, 0)]
+    assert s.response_id == "msg_01AibrSimple5Vq8Rm2Tx7Kd3" and s.complete and s.error is None
     assert [t.source for t in s.thoughts] == ["thinking"]
-    assert s.thoughts[0].content.startswith("This is a classic philosophical question")
-    assert usage(blocking(A, cap.sections["non-streaming"])) == [(18, 254, 0, 0)]
+    assert s.thoughts[0].content.startswith("The user asks what an AI gateway is for")
+    assert usage(blocking(A, cap.sections["non-streaming"])) == [(21, 203, 0, 0)]
 
 
 def test_anthropic_cache_tokens_and_tool_calls():

@@ -54,7 +54,7 @@ def test_overview_shows_the_databases_spend_per_user_and_model(browser, agw):  #
         "JOIN aibridge_token_usages t ON t.interception_id = i.id WHERE u.name = 'ann' GROUP BY u.name")
     (ann,) = rows
     price = PriceTable.load().resolve(ann["model"])
-    cost = sum(price.cost(18, out, 0, 0) for out in (240, 254))
+    cost = sum(price.cost(21, out, 0, 0) for out in (187, 203))
     cells = page.locator("#leaderboard tr[data-key='ann'] td").all_inner_texts()
     assert cells == ["ann", str(ann["n"]), str(ann["inp"]), str(ann["outp"]), "0", f"${cost:.4f}"]
     unpriced = page.locator("#by-model tr[data-key='gpt-5.4-2026-03-05'] td.cost").inner_text()
@@ -73,7 +73,7 @@ def test_drill_from_session_to_prompt_and_tool_calls(browser, agw):  # noqa: F81
     assert page.locator("#interceptions tr.click").count() == 2
     page.locator("#interceptions tr.click").first.click()
     ready(page)
-    assert "how many angels can dance" in page.locator("pre.prompt").inner_text()
+    assert "explain what an AI gateway does" in page.locator("pre.prompt").inner_text()
     page.screenshot(path=str(SHOTS / "session-detail.png"), full_page=True)
     # An interception with a tool call and thoughts, reached through the filters.
     page.goto(agw.url + "/aibridge/#/interceptions")

@@ -149,7 +149,7 @@ def test_stream_that_dies_midway_ends_with_the_api_error_event_and_usage_seen(fg
     row = ended(fgw, "claude-dies")
     assert row["status"] == "failed" and row["error"]
     usage = fgw.sql(f"SELECT input_tokens, output_tokens FROM aibridge_token_usages WHERE interception_id = '{row['id']}'")
-    assert usage == [{"input_tokens": 18, "output_tokens": 1}]
+    assert usage == [{"input_tokens": 21, "output_tokens": 1}]
     # The same client (and connection pool) keeps working: the gateway ended the stream, not the connection.
     mock.script(Reply.from_capture(capture("anthropic/simple.txtar"), True))
     assert anthropic_call(client, {**hi(model="claude-after")}, True)[-1].type == "message_stop"
@@ -263,7 +263,7 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_leaks_nothing(fgw, mo
     row = ended(fgw, "claude-leaves")
     assert row["status"] == "failed"
     usage = fgw.sql(f"SELECT input_tokens FROM aibridge_token_usages WHERE interception_id = '{row['id']}'")
-    assert usage == [{"input_tokens": 18}]
+    assert usage == [{"input_tokens": 21}]
 
 
 def test_oversized_body_is_413_in_provider_format(fgw, mock):

@@ -192,7 +192,7 @@ def test_claude_code_client_session_and_beta_query(gateway, mock, user):
     assert ic["user_agent"] == "claude-cli/2.1.328 (external, sdk-cli)"
     assert ic["client_session_id"] == "5b1f3e7a-0000-4000-8000-000000000001"
     assert mock.seen[0].path == "/v1/messages?beta=true"
-    assert usage_of(gateway, ic["id"]) == [(18, 240, 0, 0)]
+    assert usage_of(gateway, ic["id"]) == [(21, 187, 0, 0)]
 
 
 def test_codex_client_and_session_from_headers(gateway, mock, user):
@@ -304,6 +304,6 @@ def test_client_disconnect_mid_stream_ends_interception_failed_once(gateway, moc
     (ic,) = gateway.interceptions(name)
     assert ic["status"] == "failed" and ic["error"]
     # The usage the provider reported before the client left is kept.
-    assert usage_of(gateway, ic["id"]) == [(18, 1, 0, 0)]
+    assert usage_of(gateway, ic["id"]) == [(21, 1, 0, 0)]
     time.sleep(0.5)
     assert len(gateway.interceptions(name)) == 1

@@ -1,4 +1,6 @@
-"""Reads the captured provider traffic in ../shared/fixtures/provider-traffic (txtar files)."""
+"""Reads provider traffic fixtures (txtar files): the project's own in tests/fixtures/provider-traffic, written
+for these tests in the providers' real wire formats; for a scenario not written yet, the captured traffic in
+../shared/fixtures/provider-traffic (skipped when absent)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+OWN = ROOT / "tests" / "fixtures" / "provider-traffic"
 TRAFFIC = ROOT.parent / "shared" / "fixtures" / "provider-traffic"
 
 
@@ -42,8 +45,8 @@ class Capture:
 
 
 def capture(rel: str) -> Capture:
-    """A capture by relative path; skips the test when ../shared is absent."""
-    path = TRAFFIC / rel
+    """A fixture by relative path: the project's own, else ../shared's (the test skips when neither exists)."""
+    path = OWN / rel if (OWN / rel).exists() else TRAFFIC / rel
     if not path.exists():
         pytest.skip(f"provider-traffic fixture {rel} not available (../shared missing)")
     return Capture(rel, parse_txtar(path.read_text()))
