@@ -117,8 +117,8 @@ def test_chat_usage_splits_cached_tokens_out_of_prompt_tokens():
 
 def test_chat_stream_and_blocking_usage_and_tool_calls():
     cap = capture("openai/chatcompletions/simple.txtar")
-    assert usage(stream(C, cap.sections["streaming"])) == [(19, 238, 0, 0)]
-    assert usage(blocking(C, cap.sections["non-streaming"])) == [(19, 200, 0, 0)]
+    assert usage(stream(C, cap.sections["streaming"])) == [(14, 171, 0, 0)]
+    assert usage(blocking(C, cap.sections["non-streaming"])) == [(14, 146, 0, 0)]
     cap = capture("openai/chatcompletions/single_builtin_tool.txtar")
     s = stream(C, cap.sections["streaming"])
     assert tools(s) == [("read_file", "call_HjeqP7YeRkoNj0de9e3U4X4B", {"path": "README.md"})]
