@@ -51,11 +51,11 @@ def test_anthropic_stream_output_tokens_are_the_final_count_not_a_sum():
 def test_anthropic_cache_tokens_and_tool_calls():
     cap = capture("anthropic/single_builtin_tool.txtar")
     s = stream(A, cap.sections["streaming"])
-    assert usage(s) == [(2, 61, 13993, 22)]
-    assert tools(s) == [("Read", "toolu_01RX68weRSquLx6HUTj65iBo", {"file_path": "/tmp/blah/foo"})]
+    assert usage(s) == [(4, 58, 12873, 31)]
+    assert tools(s) == [("Read", "toolu_01AibrReadStream7Qx2Lm5", {"file_path": "/srv/app/config.yaml"})]
     b = blocking(A, cap.sections["non-streaming"])
-    assert usage(b) == [(5, 84, 23490, 0)]
-    assert tools(b) == [("Read", "toolu_01AusGgY5aKFhzWrFBv9JfHq", {"file_path": "/tmp/blah/foo"})]
+    assert usage(b) == [(6, 77, 21907, 0)]
+    assert tools(b) == [("Read", "toolu_01AibrReadBlock4Kp8Zc3", {"file_path": "/srv/app/config.yaml"})]
 
 
 def test_anthropic_parallel_tool_calls_and_multiple_thinking_blocks():

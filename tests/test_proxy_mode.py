@@ -103,7 +103,7 @@ def test_proxied_anthropic_is_recorded_like_base_url_traffic(pgw, up, puser, str
     assert (ic["provider_name"], ic["status"], ic["credential_kind"]) == ("anthropic", "completed", "centralized")
     usage = pgw.sql(f"SELECT input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens "
                     f"FROM aibridge_token_usages WHERE interception_id = '{ic['id']}'")
-    assert list(usage[0].values()) == ([2, 61, 13993, 22] if stream else [5, 84, 23490, 0])
+    assert list(usage[0].values()) == ([4, 58, 12873, 31] if stream else [6, 77, 21907, 0])
     assert up.seen[0].path == "/v1/messages"
     assert up.seen[0].headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
     assert token not in json.dumps(up.seen[0].headers)

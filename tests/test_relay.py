@@ -49,23 +49,23 @@ def test_anthropic_messages_relayed_and_recorded(gateway, mock, user, stream):
     if stream:
         assert result[0].type == "message_start" and result[-1].type == "message_stop"
     else:
-        assert result.usage.output_tokens == 84 and result.content[-1].type == "tool_use"
+        assert result.usage.output_tokens == 77 and result.content[-1].type == "tool_use"
 
     (ic,) = gateway.interceptions(name)
     assert ic["provider"] == "anthropic" and ic["provider_name"] == "anthropic"
     assert ic["model"] == "claude-sonnet-4-20250514" and ic["status"] == "completed" and ic["stream"] is stream
     assert ic["credential_kind"] == "centralized" and ic["credential_hint"] == "sk-a…CRET"
     assert ic["http_status"] == 200 and ic["api"] == "anthropic.messages"
-    assert usage_of(gateway, ic["id"]) == ([(2, 61, 13993, 22)] if stream else [(5, 84, 23490, 0)])
+    assert usage_of(gateway, ic["id"]) == ([(4, 58, 12873, 31)] if stream else [(6, 77, 21907, 0)])
     (prompt,) = rows(gateway, "aibridge_user_prompts", ic["id"])
-    assert prompt["prompt"] == "read the foo file"
+    assert prompt["prompt"] == "show me the config file"
     (tool,) = rows(gateway, "aibridge_tool_usages", ic["id"])
     assert tool["tool"] == "Read" and tool["injected"] is False and tool["server_url"] is None
-    assert json.loads(tool["input"]) == {"file_path": "/tmp/blah/foo"}
-    assert tool["provider_tool_call_id"] == ("toolu_01RX68weRSquLx6HUTj65iBo" if stream else "toolu_01AusGgY5aKFhzWrFBv9JfHq")
+    assert json.loads(tool["input"]) == {"file_path": "/srv/app/config.yaml"}
+    assert tool["provider_tool_call_id"] == ("toolu_01AibrReadStream7Qx2Lm5" if stream else "toolu_01AibrReadBlock4Kp8Zc3")
     thoughts = rows(gateway, "aibridge_model_thoughts", ic["id"])
     assert [t["source"] for t in thoughts] == ["thinking"]
-    assert thoughts[0]["content"].startswith("The user wants me to read a file")
+    assert thoughts[0]["content"].startswith("The user wants to see the config file")
     assert_only_provider_key_upstream(mock, token, "x-api-key", UPSTREAM_ANTHROPIC_KEY)
     assert mock.seen[0].path == "/v1/messages"
 
