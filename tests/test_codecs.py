@@ -121,8 +121,8 @@ def test_chat_stream_and_blocking_usage_and_tool_calls():
     assert usage(blocking(C, cap.sections["non-streaming"])) == [(14, 146, 0, 0)]
     cap = capture("openai/chatcompletions/single_builtin_tool.txtar")
     s = stream(C, cap.sections["streaming"])
-    assert tools(s) == [("read_file", "call_HjeqP7YeRkoNj0de9e3U4X4B", {"path": "README.md"})]
-    assert s.complete and usage(s) == [(60, 15, 0, 0)]
+    assert tools(s) == [("read_file", "call_AibrStreamRead9Tq2Wm", {"path": "setup.cfg"})]
+    assert s.complete and usage(s) == [(57, 16, 0, 0)]
 
 
 def test_chat_tool_call_with_nonzero_index():

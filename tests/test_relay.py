@@ -87,11 +87,11 @@ def test_openai_chat_relayed_and_recorded(gateway, mock, user, stream):
     (ic,) = gateway.interceptions(name)
     assert (ic["provider"], ic["model"], ic["status"], ic["api"]) == ("openai", "gpt-4.1", "completed", "openai.chat")
     assert ic["credential_hint"] == "sk-p…CRET"
-    assert usage_of(gateway, ic["id"]) == [(60, 15, 0, 0)]
+    assert usage_of(gateway, ic["id"]) == [(57, 16, 0, 0)]
     (tool,) = rows(gateway, "aibridge_tool_usages", ic["id"])
-    assert tool["tool"] == "read_file" and json.loads(tool["input"]) == {"path": "README.md"}
+    assert tool["tool"] == "read_file" and json.loads(tool["input"]) == {"path": "setup.cfg"}
     (prompt,) = rows(gateway, "aibridge_user_prompts", ic["id"])
-    assert prompt["prompt"] == "how large is the README.md file in my current path"
+    assert prompt["prompt"] == "how many lines does setup.cfg have"
     assert_only_provider_key_upstream(mock, token, "authorization", UPSTREAM_OPENAI_KEY)
     assert mock.seen[0].path == "/v1/chat/completions"
 
