@@ -70,7 +70,7 @@ def test_anthropic_mid_stream_error_keeps_usage_seen_so_far():
     s = stream(A, capture("anthropic/stream_error.txtar").sections["streaming"])
     assert not s.complete
     assert s.error == "api_error: Overloaded"
-    assert usage(s) == [(18, 1, 0, 0)]
+    assert usage(s) == [(15, 1, 0, 0)]
 
 
 def test_anthropic_request_prompt_session_and_tool_results():

@@ -173,7 +173,7 @@ def test_mid_stream_error_event_fails_interception_with_usage_so_far(gateway, mo
         anthropic_call(anthropic_client(gateway, token), cap.request, True)
     (ic,) = gateway.interceptions(name)
     assert ic["status"] == "failed" and "Overloaded" in ic["error"]
-    assert usage_of(gateway, ic["id"]) == [(18, 1, 0, 0)]
+    assert usage_of(gateway, ic["id"]) == [(15, 1, 0, 0)]
 
 
 def test_claude_code_client_session_and_beta_query(gateway, mock, user):
