@@ -110,8 +110,8 @@ def test_detail_has_usage_prompt_tools_and_thoughts(agw):
     root = agw.tokens["root"]
     (ic,) = [i for i in api(agw, "interceptions", root, model="gpt-5.4").json()["data"]]
     d = api(agw, f"interceptions/{ic['id']}", root).json()
-    assert [(u["input_tokens"], u["output_tokens"]) for u in d["token_usages"]] == [(58, 35)]
-    assert d["prompts"][0]["prompt"].startswith("Is 3 + 5 a prime number?")
+    assert [(u["input_tokens"], u["output_tokens"]) for u in d["token_usages"]] == [(61, 42)]
+    assert d["prompts"][0]["prompt"].startswith("Is 4 + 9 a prime number?")
     assert [t["tool"] for t in d["tool_usages"]] == ["add"]
     assert {t["source"] for t in d["thoughts"]} == {"reasoning_summary", "commentary"}
     assert d["cost_usd"] is None and d["priced"] is False  # gpt-5.4 is not in the price table

@@ -169,11 +169,11 @@ def test_responses_reasoning_summary_commentary_and_function_call():
         blocking(R, capture("openai/responses/blocking/summary_and_commentary_builtin_tool.txtar").sections["non-streaming"]),
     ):
         assert [(t.source, t.content) for t in s.thoughts] == [
-            ("reasoning_summary", "I need to add 3 and 5 to check primality."),
-            ("commentary", "Let me calculate the sum first using the add function."),
+            ("reasoning_summary", "I should add 4 and 9, then check whether the sum is prime."),
+            ("commentary", "I'll add the two numbers with the add tool first."),
         ]
-        assert tools(s) == [("add", "call_B9UjYX01Lvvv1XwjDsdmRW3f", {"a": 3, "b": 5})]
-        assert usage(s) == [(58, 35, 0, 0)]
+        assert tools(s) == [("add", "call_AibrAdd6Mv2Qr8Tz1Lk4Wp", {"a": 4, "b": 9})]
+        assert usage(s) == [(61, 42, 0, 0)]
 
 
 def test_responses_custom_tool_input_is_kept_raw():

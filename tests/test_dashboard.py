@@ -84,7 +84,7 @@ def test_drill_from_session_to_prompt_and_tool_calls(browser, agw):  # noqa: F81
     page.locator("#interceptions tr.click").first.click()
     ready(page)
     assert page.locator("#tools td.tool").all_inner_texts() == ["add"]
-    assert "Let me calculate the sum" in page.content()
+    assert "add the two numbers with the add tool" in page.content()
     page.screenshot(path=str(SHOTS / "interception-detail.png"), full_page=True)
 
 

@@ -110,15 +110,15 @@ def test_openai_responses_relayed_and_recorded(gateway, mock, user, stream):
 
     (ic,) = gateway.interceptions(name)
     assert (ic["model"], ic["status"], ic["api"]) == ("gpt-5.4", "completed", "openai.responses")
-    assert usage_of(gateway, ic["id"]) == [(58, 35, 0, 0)]
+    assert usage_of(gateway, ic["id"]) == [(61, 42, 0, 0)]
     (tool,) = rows(gateway, "aibridge_tool_usages", ic["id"])
-    assert (tool["tool"], tool["provider_tool_call_id"]) == ("add", "call_B9UjYX01Lvvv1XwjDsdmRW3f")
+    assert (tool["tool"], tool["provider_tool_call_id"]) == ("add", "call_AibrAdd6Mv2Qr8Tz1Lk4Wp")
     thoughts = gateway.sql(
         f"SELECT source, content FROM aibridge_model_thoughts WHERE interception_id = '{ic['id']}' ORDER BY id"
     )
     assert sorted((t["source"], t["content"]) for t in thoughts) == [
-        ("commentary", "Let me calculate the sum first using the add function."),
-        ("reasoning_summary", "I need to add 3 and 5 to check primality."),
+        ("commentary", "I'll add the two numbers with the add tool first."),
+        ("reasoning_summary", "I should add 4 and 9, then check whether the sum is prime."),
     ]
     assert mock.seen[0].path == "/v1/responses"
     assert_only_provider_key_upstream(mock, token, "authorization", UPSTREAM_OPENAI_KEY)
