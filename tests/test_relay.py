@@ -207,7 +207,7 @@ def test_codex_client_and_session_from_headers(gateway, mock, user):
     responses_call(client, cap.request, True)
     (ic,) = gateway.interceptions(name)
     assert (ic["client"], ic["client_session_id"], ic["model"]) == ("Codex", "019a-codex-session", "gpt-5-codex")
-    assert usage_of(gateway, ic["id"]) == [(4006, 13, 0, 0)]
+    assert usage_of(gateway, ic["id"]) == [(3920, 17, 0, 0)]
     (prompt,) = rows(gateway, "aibridge_user_prompts", ic["id"])
     assert prompt["prompt"] == "hello"
 
