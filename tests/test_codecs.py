@@ -60,8 +60,8 @@ def test_anthropic_cache_tokens_and_tool_calls():
 
 def test_anthropic_parallel_tool_calls_and_multiple_thinking_blocks():
     s = stream(A, capture("anthropic/single_builtin_tool_parallel.txtar").sections["streaming"])
-    assert [t[1] for t in tools(s)] == ["toolu_01ParallelFirst000000000", "toolu_01ParallelSecond00000000"]
-    assert [t[2] for t in tools(s)] == [{"file_path": "/tmp/blah/foo"}, {"file_path": "/tmp/blah/bar"}]
+    assert [t[1] for t in tools(s)] == ["toolu_01AibrParallelOne4Rt8", "toolu_01AibrParallelTwo7Jk2"]
+    assert [t[2] for t in tools(s)] == [{"file_path": "/srv/app/config.yaml"}, {"file_path": "/srv/app/config.prod.yaml"}]
     m = stream(A, capture("anthropic/multi_thinking_builtin_tool.txtar").sections["streaming"])
     assert [t.source for t in m.thoughts] == ["thinking", "thinking"]
 
