@@ -95,16 +95,16 @@ def test_anthropic_injected_tool_loop(mgw, mock, muser, mcp_server, stream):
         text = "".join(e.delta.text for e in result if e.type == "content_block_delta" and e.delta.type == "text_delta")
         assert [e.type for e in result].count("message_start") == 1 and result[-1].type == "message_stop"
         final = [e for e in result if e.type == "message_delta"]
-        assert len(final) == 1 and final[0].usage.output_tokens == 74 + 128
+        assert len(final) == 1 and final[0].usage.output_tokens == 68 + 117
     else:
         assert "bmcp_" not in result.model_dump_json()
         text = "".join(b.text for b in result.content if b.type == "text")
-        assert result.usage.output_tokens == 75 + 129 and result.stop_reason == "end_turn"
+        assert result.usage.output_tokens == 71 + 122 and result.stop_reason == "end_turn"
     assert text.startswith("I'll list the workspaces") and "Here are the" in text  # both rounds' text
 
     (ic,) = mgw.interceptions(name)
     assert ic["status"] == "completed"
-    assert usages(mgw, ic["id"]) == ([(7545, 74, 0), (7763, 128, 0)] if stream else [(7545, 75, 0), (7763, 129, 0)])
+    assert usages(mgw, ic["id"]) == ([(6120, 68, 0), (6352, 117, 0)] if stream else [(6120, 71, 0), (6352, 122, 0)])
     assert_injected_tool_recorded(mgw, ic["id"], mcp_server, "bmcp_coder_coder_list_workspaces", {"owner": "admin"})
     assert [p["prompt"] for p in db_rows(mgw, "aibridge_user_prompts", ic["id"])] == ["list coder workspace IDs for admin"]
 
@@ -134,12 +134,12 @@ def test_openai_chat_injected_tool_loop(mgw, mock, muser, mcp_server, stream):
     else:
         assert "bmcp_" not in result.model_dump_json()
         text = result.choices[0].message.content
-        assert result.choices[0].finish_reason == "stop" and result.usage.completion_tokens == 45 + 60
+        assert result.choices[0].finish_reason == "stop" and result.usage.completion_tokens == 39 + 52
     assert "workspace" in text.lower()
 
     (ic,) = mgw.interceptions(name)
     assert ic["status"] == "completed"
-    assert usages(mgw, ic["id"]) == [(185, 60, 4864), (4862, 45, 0)]
+    assert usages(mgw, ic["id"]) == [(275, 52, 4352), (4410, 39, 0)]
     assert_injected_tool_recorded(mgw, ic["id"], mcp_server, "bmcp_coder_coder_list_workspaces", {"owner": "admin"})
 
 
@@ -151,7 +151,7 @@ def test_openai_responses_injected_tool_loop(mgw, mock, muser, mcp_server, strea
     result = responses_call(openai_client(mgw, token), cap.request, stream)
 
     tool, args = (("coder_list_templates", {}) if stream else
-                  ("coder_template_version_parameters", {"template_version_id": "aa4e30e4-a086-4df6-a364-1343f1458104"}))
+                  ("coder_template_version_parameters", {"template_version_id": "5c2f1e0a-7b3d-4e9a-9f1c-2d8b6a4e0c17"}))
     assert [c[0] for c in mcp_server.calls] == [tool]
     second = mock.seen[1].json()
     outputs = [i for i in second["input"] if i.get("type") == "function_call_output"]
