@@ -10,7 +10,7 @@ import json
 import pytest
 
 from aibridge_gw.codecs import StreamTap, anthropic_messages, openai_chat, openai_responses
-from tests.support.fixtures import TRAFFIC, capture, http_section
+from tests.support.fixtures import TRAFFIC, Capture, http_section, parse_txtar
 
 CODECS = {"anthropic": anthropic_messages, "openai/chatcompletions": openai_chat, "openai/responses": openai_responses}
 ERROR_SCENARIOS = ("error", "failure", "conversation", "wrong_response_format")
@@ -27,7 +27,7 @@ def codec_for(rel: str):
 
 @pytest.mark.parametrize("rel", shared_captures())
 def test_shared_capture_parses_like_the_real_thing(rel):
-    cap = capture(rel)
+    cap = Capture(rel, parse_txtar((TRAFFIC / rel).read_text()))  # the real capture, not a project fixture
     codec = codec_for(rel)
     codec.parse_request(cap.request)
     expect_complete = not any(word in rel for word in ERROR_SCENARIOS)
