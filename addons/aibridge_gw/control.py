@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 
 from .store import ops
-from .store.schema import migrate
+from .store.schema import migrate, transaction
 
 CONTROL_PATH = "/aibridge/control/v1/op"
 
@@ -119,13 +119,7 @@ def _local(db_path: Path, name: str, args: dict) -> Any:
     try:
         if not read_only:
             migrate(conn)
-        conn.execute("BEGIN")
-        try:
-            result = fn(conn, **args)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return result
+        with transaction(conn):
+            return fn(conn, **args)
     finally:
         conn.close()

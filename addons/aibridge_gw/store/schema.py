@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import duckdb
 
@@ -104,6 +106,21 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 ]
 
 
+@contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One transaction: committed when the block ends, rolled back if it raises (the error propagates)."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:  # a connection that broke mid-transaction has nothing left to roll back
+            pass
+        raise
+    conn.execute("COMMIT")
+
+
 def migrate(conn: duckdb.DuckDBPyConnection) -> list[int]:
     """Apply pending migrations, each in its own transaction; returns the versions applied."""
     conn.execute(
@@ -115,16 +132,11 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> list[int]:
     for version, description, sql in MIGRATIONS:
         if version in done:
             continue
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn):
             conn.execute(sql)
             conn.execute(
                 "INSERT INTO aibridge_schema_migrations VALUES (?, ?, ?)",
                 [version, description, dt.datetime.now(dt.UTC)],
             )
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
         applied.append(version)
     return applied

@@ -29,7 +29,7 @@ from typing import Any
 
 import duckdb
 
-from .schema import migrate
+from .schema import migrate, transaction
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +284,9 @@ class Store:
             return
         conn = self._conn
         try:
-            conn.execute("BEGIN")
-            result = op.fn(conn)
-            conn.execute("COMMIT")
+            with transaction(conn):
+                result = op.fn(conn)
         except BaseException as e:
-            try:
-                conn.execute("ROLLBACK")
-            except Exception:
-                pass
             op.future.set_exception(e)
             return
         try:
@@ -401,8 +396,7 @@ class Store:
                 else:
                     ends.append(EndInterception(rec.id, values))
         conn = self._conn
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn):
             for table, rows in inserts.items():
                 if tolerant and len({r[0] for r in rows}) < len(rows):
                     rows = list({r[0]: r for r in rows}.values())  # a replay may repeat a record
@@ -411,10 +405,6 @@ class Store:
             if ends:
                 conn.execute(self._end_sql,
                              [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])])
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
 
 
 
