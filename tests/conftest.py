@@ -51,6 +51,24 @@ def gateway(upstream, tmp_path_factory):
 
 
 @pytest.fixture
+def own_gateway(tmp_path, upstream):
+    """start(name, **Gateway options): a gateway with a config of the test's own, on the shared stand-in; every one
+    started is stopped, and the stand-in reset, when the test ends."""
+    started: list[Gateway] = []
+
+    def start(name: str, **kw) -> Gateway:
+        upstream.reset()
+        gw = Gateway(tmp_path / name, upstream.url, **kw)
+        started.append(gw)
+        return gw.start()
+
+    yield start
+    for gw in started:
+        gw.stop()
+    upstream.reset()
+
+
+@pytest.fixture
 def mock(upstream):
     upstream.reset()
     yield upstream

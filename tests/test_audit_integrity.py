@@ -182,23 +182,17 @@ def test_anthropic_message_batches_are_recorded(gateway, mock, user):
     assert (ic["api"], ic["model"], ic["status"]) == ("anthropic.message_batches", "claude-haiku-4-5", "completed")
 
 
-def test_spend_endpoints_are_budget_checked(tmp_path, upstream):
-    upstream.reset()
-    gw = Gateway(tmp_path / "budget", upstream.url,
-                 extra={"budgets": {"default": {"requests_per_minute": 1}}}).start()
-    try:
-        token = gw.new_user("spender")
-        upstream.default = Reply.json({"object": "list", "model": "m",
-                                       "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
-                                       "usage": {"prompt_tokens": 1, "total_tokens": 1}})
-        client = openai_client(gw, token)
-        client.embeddings.create(model="text-embedding-3-small", input="a", encoding_format="float")
-        with pytest.raises(openai.RateLimitError):
-            client.embeddings.create(model="text-embedding-3-small", input="b", encoding_format="float")
-        assert len(upstream.seen) == 1
-    finally:
-        gw.stop()
-        upstream.reset()
+def test_spend_endpoints_are_budget_checked(own_gateway, upstream):
+    gw = own_gateway("budget", extra={"budgets": {"default": {"requests_per_minute": 1}}})
+    token = gw.new_user("spender")
+    upstream.default = Reply.json({"object": "list", "model": "m",
+                                   "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+                                   "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+    client = openai_client(gw, token)
+    client.embeddings.create(model="text-embedding-3-small", input="a", encoding_format="float")
+    with pytest.raises(openai.RateLimitError):
+        client.embeddings.create(model="text-embedding-3-small", input="b", encoding_format="float")
+    assert len(upstream.seen) == 1
 
 
 def test_read_only_endpoints_pass_and_unknown_ones_never_get_the_central_key(gateway, mock, user):

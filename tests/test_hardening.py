@@ -142,50 +142,34 @@ def test_egress_policy_refuses_own_loopback_link_local_and_unspecified_addresses
     assert asyncio.run(policy.check("metadata.internal", 80)) == (None, None)  # allowlisted by name
 
 
-def test_allowlisted_addresses_are_relayed_without_the_proxy_credentials(tmp_path, upstream):
-    upstream.reset()
-    gw = Gateway(tmp_path / "allow", upstream.url, extra={"proxy": {"allow_addresses": ["127.0.0.0/8"]}}).start()
-    try:
-        token = gw.new_user("allowed")
-        r = _proxy_get(gw, f"http://localhost:{upstream.port}/v1/models", ("allowed", token))
-        assert r.status_code == 200 and r.json()["data"][0]["id"] == "mock-model"
-        assert "proxy-authorization" not in upstream.seen[-1].headers  # the gateway token never travels on
-        assert token not in json.dumps(upstream.seen[-1].headers)
-    finally:
-        gw.stop()
-        upstream.reset()
+def test_allowlisted_addresses_are_relayed_without_the_proxy_credentials(own_gateway, upstream):
+    gw = own_gateway("allow", extra={"proxy": {"allow_addresses": ["127.0.0.0/8"]}})
+    token = gw.new_user("allowed")
+    r = _proxy_get(gw, f"http://localhost:{upstream.port}/v1/models", ("allowed", token))
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "mock-model"
+    assert "proxy-authorization" not in upstream.seen[-1].headers  # the gateway token never travels on
+    assert token not in json.dumps(upstream.seen[-1].headers)
 
 
-def test_open_relay_is_an_explicit_choice_that_is_logged(tmp_path, upstream):
-    upstream.reset()
-    gw = Gateway(tmp_path / "open", upstream.url,
-                 extra={"proxy": {"require_auth": False, "egress": "all", "allow_addresses": ["localhost"]}}).start()
-    try:
-        assert "OPEN RELAY" in gw.log()
-        assert _proxy_get(gw, f"http://localhost:{upstream.port}/v1/models").status_code == 200
-        assert _proxy_get(gw, "http://169.254.169.254/").status_code == 403  # still never the metadata service
-    finally:
-        gw.stop()
-        upstream.reset()
+def test_open_relay_is_an_explicit_choice_that_is_logged(own_gateway, upstream):
+    gw = own_gateway("open", extra={"proxy": {"require_auth": False, "egress": "all", "allow_addresses": ["localhost"]}})
+    assert "OPEN RELAY" in gw.log()
+    assert _proxy_get(gw, f"http://localhost:{upstream.port}/v1/models").status_code == 200
+    assert _proxy_get(gw, "http://169.254.169.254/").status_code == 403  # still never the metadata service
 
 
-def test_provider_public_hosts_are_intercepted_by_default(tmp_path, upstream):
+def test_provider_public_hosts_are_intercepted_by_default(own_gateway, upstream):
     """An instance whose base_url points at a broker or test server still owns api.openai.com in proxy mode."""
-    upstream.reset()
-    gw = Gateway(tmp_path / "public", upstream.url, args=["--set", "ssl_insecure=true"]).start()
-    try:
-        token = gw.new_user("pub")
-        assert "api.openai.com is intercepted and routed to provider 'openai'" in gw.log()
-        upstream.script(Reply.json(chat_completion()))
-        client = openai.OpenAI(api_key=token, max_retries=0, http_client=httpx.Client(
-            proxy=gw.url, verify=client_context(gw.ca), trust_env=False))
-        client.chat.completions.create(**CHAT)
-        assert upstream.seen[-1].path == "/v1/chat/completions"
-        assert upstream.seen[-1].headers["authorization"] == f"Bearer {UPSTREAM_OPENAI_KEY}"
-        gw.interceptions("pub")
-    finally:
-        gw.stop()
-        upstream.reset()
+    gw = own_gateway("public", args=["--set", "ssl_insecure=true"])
+    token = gw.new_user("pub")
+    assert "api.openai.com is intercepted and routed to provider 'openai'" in gw.log()
+    upstream.script(Reply.json(chat_completion()))
+    client = openai.OpenAI(api_key=token, max_retries=0, http_client=httpx.Client(
+        proxy=gw.url, verify=client_context(gw.ca), trust_env=False))
+    client.chat.completions.create(**CHAT)
+    assert upstream.seen[-1].path == "/v1/chat/completions"
+    assert upstream.seen[-1].headers["authorization"] == f"Bearer {UPSTREAM_OPENAI_KEY}"
+    gw.interceptions("pub")
 
 
 def test_hosts_empty_list_opts_out_of_interception():
@@ -263,27 +247,22 @@ def test_deeply_nested_json_is_a_400_in_the_providers_format(gateway, mock, user
 # --- token checks, metrics, logs ----------------------------------------------------------------------------
 
 
-def test_failed_token_checks_are_throttled_per_address_with_a_clear_429(tmp_path, upstream):
-    upstream.reset()
-    gw = Gateway(tmp_path / "throttle", upstream.url, extra={"limits": {"auth_failures_per_minute": 5}}).start()
-    try:
-        token = gw.new_user("valid")
-        codes = [httpx.post(gw.url + "/openai/v1/chat/completions", json=CHAT, trust_env=False,
-                            headers={"authorization": f"Bearer aib_wrong{n}"}).status_code for n in range(8)]
-        assert codes[:5] == [401] * 5 and codes[5:] == [429] * 3
-        r = httpx.post(gw.url + "/anthropic/v1/messages", json=CHAT, trust_env=False,
-                       headers={"x-api-key": "aib_wrong"})
-        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
-        assert r.json()["error"]["type"] == "rate_limit_error"
-        with pytest.raises(openai.RateLimitError):
-            openai_client(gw, "aib_wrong").models.list()
-        # a valid token from the same address still works: one broken client must not lock out a whole NAT
-        upstream.script(Reply.json(chat_completion()))
-        openai_client(gw, token).chat.completions.create(**CHAT)
-        assert len(upstream.seen) == 1
-    finally:
-        gw.stop()
-        upstream.reset()
+def test_failed_token_checks_are_throttled_per_address_with_a_clear_429(own_gateway, upstream):
+    gw = own_gateway("throttle", extra={"limits": {"auth_failures_per_minute": 5}})
+    token = gw.new_user("valid")
+    codes = [httpx.post(gw.url + "/openai/v1/chat/completions", json=CHAT, trust_env=False,
+                        headers={"authorization": f"Bearer aib_wrong{n}"}).status_code for n in range(8)]
+    assert codes[:5] == [401] * 5 and codes[5:] == [429] * 3
+    r = httpx.post(gw.url + "/anthropic/v1/messages", json=CHAT, trust_env=False,
+                   headers={"x-api-key": "aib_wrong"})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    with pytest.raises(openai.RateLimitError):
+        openai_client(gw, "aib_wrong").models.list()
+    # a valid token from the same address still works: one broken client must not lock out a whole NAT
+    upstream.script(Reply.json(chat_completion()))
+    openai_client(gw, token).chat.completions.create(**CHAT)
+    assert len(upstream.seen) == 1
 
 
 def test_metric_labels_stay_bounded_under_arbitrary_models_and_paths(gateway, mock, user):
