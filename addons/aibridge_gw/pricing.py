@@ -1,4 +1,4 @@
-"""Model prices (config/prices.yaml) and the cost of recorded tokens."""
+"""Model prices (the packaged prices.yaml, or the file `pricing:` names) and the cost of recorded tokens."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PROJECT_ROOT
-
-DEFAULT_PRICES = PROJECT_ROOT / "config" / "prices.yaml"
+DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")  # package data: works installed, not only in a checkout
 _DATE_SUFFIX = re.compile(r"-(\d{8}|\d{4}-\d{2}-\d{2}|latest)$")
 
 
