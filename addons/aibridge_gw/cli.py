@@ -10,12 +10,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from pathlib import Path
 
 from .certs import CA_P12, CLIENTS, DEFAULT_CONFDIR, bundle, ensure_ca, env_lines, gateway_url
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .control import run_op
 from .store.ops import OpError
 
@@ -35,7 +36,151 @@ def _table(result: dict, title: str | None = None) -> None:
     print(f"({n} row{'s' if n != 1 else ''})")
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Context:
+    """What every command gets besides its arguments: the config and a way to run store operations."""
+
+    config: Config
+
+    @property
+    def db(self) -> Path:
+        return self.config.duckdb_path
+
+    def op(self, _op: str, **kw: Any) -> Any:
+        return run_op(self.db, _op, kw)
+
+
+def _users_add(args, cx: Context) -> None:
+    r = cx.op("users.add", name=args.name, role="admin" if args.admin else "member")
+    print(f"added user {r['name']} ({r['role']}), id {r['id']}")
+
+
+def _users_list(args, cx: Context) -> None:
+    _out(cx.op("users.list"), args.json, "users")
+
+
+def _users_set_role(args, cx: Context) -> None:
+    r = cx.op("users.set_role", name=args.name, role=args.role)
+    print(f"{r['name']} is now {r['role']}")
+
+
+def _report(args, cx: Context) -> None:
+    """usage, sessions and prompts: a report from the store, as a table or JSON."""
+    config = cx.config
+    pricing = str(config.pricing_file) if config.pricing_file else None
+    if args.cmd == "usage":
+        r = cx.op("report", kind="usage", group_by=args.by, since=args.since, pricing_file=pricing)
+        cols = [args.by, "interceptions", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_write_input_tokens", "cost"] + (["active_users"] if args.by == "day" else [])
+        title = f"usage by {args.by} since {args.since} (prices of {r.get('prices_taken') or 'n/a'}, USD)"
+    elif args.cmd == "sessions":
+        r = cx.op("report", kind="sessions", user=args.user, limit=args.limit, pricing_file=pricing)
+        cols = ["session", "user", "client", "first_at", "last_at", "interceptions", "prompts",
+                "tool_calls", "input_tokens", "output_tokens", "cost"]
+        title = "sessions"
+    else:
+        r = cx.op("report", kind="prompts", user=args.user, search=args.search, limit=args.limit)
+        cols = ["created_at", "user", "client", "model", "prompt"]
+        title = "prompts"
+    budgets = None
+    if args.cmd == "usage" and args.by == "user" and _budgets_spec(config):
+        budgets = cx.op("report", kind="budgets", budgets=_budgets_spec(config), pricing_file=pricing)
+        remaining = {b["user"]: b for b in budgets["data"]}
+        for d in r["data"]:
+            b = remaining.get(d["user"], {})
+            d["tokens_remaining_today"] = b.get("tokens_remaining")
+            d["usd_remaining_month"] = b.get("usd_remaining")
+        cols += ["tokens_remaining_today", "usd_remaining_month"]
+    if args.json:
+        print(json.dumps(r["data"], indent=2))
+        return
+    _table({"columns": cols, "rows": [[d.get(c) for c in cols] for d in r["data"]]}, title)
+    if budgets:
+        bcols = ["user", "tokens_today", "tokens_per_day", "tokens_remaining", "usd_month", "usd_per_month",
+                 "usd_remaining", "requests_per_minute"]
+        _table({"columns": bcols, "rows": [[b.get(c) for c in bcols] for b in budgets["data"]]},
+               "budgets (today UTC, this month UTC)")
+
+
+def _export(args, cx: Context) -> None:
+    r = cx.op("export", fmt=args.format, out=args.out)
+    print("\n".join(r["files"]))
+
+
+def _prune(args, cx: Context) -> None:
+    days = args.days if args.days is not None else cx.config.retention_days
+    r = cx.op("prune", days=days)
+    print(f"deleted {r['deleted']} interception(s) older than {days} days" if days else
+          "retention is 0 (keep forever): nothing deleted")
+
+
+def _tokens_create(args, cx: Context) -> None:
+    r = cx.op("tokens.create", user=args.user, name=args.name)
+    print(f"created token {r['id']} for {r['user']} ({r['hint']}); it is shown only now:", file=sys.stderr)
+    print(r["token"])
+
+
+def _tokens_list(args, cx: Context) -> None:
+    _out(cx.op("tokens.list", user=args.user), args.json, "tokens")
+
+
+def _tokens_revoke(args, cx: Context) -> None:
+    r = cx.op("tokens.revoke", id=args.id)
+    print(f"token {r['id']} {'was already' if r['already'] else 'is now'} revoked")
+
+
+def _known_mcp_server(args, cx: Context) -> None:
+    servers = cx.config.mcp_servers
+    if not any(m.name == args.server for m in servers):
+        known = ", ".join(m.name for m in servers) or "none configured"
+        raise OpError(f"unknown MCP server {args.server!r} ({known})")
+
+
+def _mcp_token_set(args, cx: Context) -> None:
+    _known_mcp_server(args, cx)
+    token = sys.stdin.readline().strip()
+    r = cx.op("mcp_token.set", user=args.user, server=args.server, token=token)
+    print(f"stored MCP token for {r['user']} on {r['server']} ({r['hint']})")
+
+
+def _mcp_token_delete(args, cx: Context) -> None:
+    _known_mcp_server(args, cx)
+    cx.op("mcp_token.delete", user=args.user, server=args.server)
+    print(f"deleted MCP token for {args.user} on {args.server}")
+
+
+def _mcp_token_list(args, cx: Context) -> None:
+    _out(cx.op("mcp_token.list", user=args.user), args.json, "MCP tokens")
+
+
+def _replay(args, cx: Context) -> None:
+    flows, recorded = replay_files(args.files, Path(args.db) if args.db else cx.db)
+    print(f"replayed {flows} flow(s): {recorded} interception(s) recorded into {args.db or cx.db}")
+
+
+def _ca_path(args, cx: Context) -> None:
+    print(ensure_ca(Path(args.confdir) if args.confdir else DEFAULT_CONFDIR))
+
+
+def _ca_export(args, cx: Context) -> None:
+    _export_ca(Path(args.confdir) if args.confdir else DEFAULT_CONFDIR, args.format, args.out)
+
+
+def _env(args, cx: Context) -> None:
+    confdir = Path(args.confdir) if args.confdir else DEFAULT_CONFDIR
+    if args.mode == "proxy":
+        ensure_ca(confdir)
+        bundle(confdir)
+    url = args.gateway or gateway_url(cx.db)
+    print("\n".join(env_lines(args.client, args.mode, url, args.token, confdir, args.user)))
+
+
+def _sql(args, cx: Context) -> None:
+    _out(cx.op("sql", query_text=args.query), args.json, None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every command names its handler (`run`)."""
     ap = argparse.ArgumentParser(prog="aibridge", description="aibridge gateway administration")
     ap.add_argument("--config", help="config file (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -44,62 +189,82 @@ def main(argv: list[str] | None = None) -> int:
     ua = users.add_parser("add", help="add a user")
     ua.add_argument("name")
     ua.add_argument("--admin", action="store_true", help="give the user the admin role")
-    users.add_parser("list", help="list users").add_argument("--json", action="store_true")
+    ua.set_defaults(run=_users_add)
+    ul = users.add_parser("list", help="list users")
+    ul.add_argument("--json", action="store_true")
+    ul.set_defaults(run=_users_list)
     sr = users.add_parser("set-role", help="make a user an admin or a member")
     sr.add_argument("name")
     sr.add_argument("role", choices=("admin", "member"))
+    sr.set_defaults(run=_users_set_role)
 
     us = sub.add_parser("usage", help="tokens and cost, grouped")
     us.add_argument("--by", choices=("user", "model", "client", "provider", "day"), default="user")
     us.add_argument("--since", default="30d", help="an age (7d, 24h) or an ISO date; default 30d")
     us.add_argument("--json", action="store_true")
+    us.set_defaults(run=_report)
     se = sub.add_parser("sessions", help="recent sessions: interceptions grouped by client session or thread")
     se.add_argument("--user")
     se.add_argument("--limit", type=int, default=50)
     se.add_argument("--json", action="store_true")
+    se.set_defaults(run=_report)
     pr = sub.add_parser("prompts", help="recent user prompts")
     pr.add_argument("--user")
     pr.add_argument("--search", help="case-insensitive text to look for")
     pr.add_argument("--limit", type=int, default=50)
     pr.add_argument("--json", action="store_true")
+    pr.set_defaults(run=_report)
     ex = sub.add_parser("export", help="write the audit tables to parquet or csv files")
     ex.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     ex.add_argument("--out", required=True, help="directory to write into")
+    ex.set_defaults(run=_export)
     pn = sub.add_parser("prune", help="delete records older than the retention period")
     pn.add_argument("--days", type=int, help="default: retention_days from the config (60)")
+    pn.set_defaults(run=_prune)
 
     tokens = sub.add_parser("tokens", help="manage gateway tokens").add_subparsers(dest="sub", required=True)
     tc = tokens.add_parser("create", help="create a token; it is printed once, as the last line")
     tc.add_argument("--user", required=True)
     tc.add_argument("--name", help="a label for the token, e.g. the machine it is for")
+    tc.set_defaults(run=_tokens_create)
     tl = tokens.add_parser("list", help="list tokens (never the secrets)")
     tl.add_argument("--user")
     tl.add_argument("--json", action="store_true")
-    tokens.add_parser("revoke", help="revoke a token by id").add_argument("id")
+    tl.set_defaults(run=_tokens_list)
+    tr = tokens.add_parser("revoke", help="revoke a token by id")
+    tr.add_argument("id")
+    tr.set_defaults(run=_tokens_revoke)
 
     mt = sub.add_parser("mcp-token", help="per-user credentials for per_user_token MCP servers").add_subparsers(
         dest="sub", required=True)
     ms = mt.add_parser("set", help="store a user's token for a server (read from stdin, encrypted at rest)")
     ms.add_argument("--user", required=True)
     ms.add_argument("--server", required=True)
+    ms.set_defaults(run=_mcp_token_set)
     md = mt.add_parser("delete", help="remove a user's token for a server")
     md.add_argument("--user", required=True)
     md.add_argument("--server", required=True)
+    md.set_defaults(run=_mcp_token_delete)
     ml = mt.add_parser("list", help="list stored MCP tokens (hints only)")
     ml.add_argument("--user")
     ml.add_argument("--json", action="store_true")
+    ml.set_defaults(run=_mcp_token_list)
 
     rp = sub.add_parser("replay", help="rebuild audit rows from captured flow files (idempotent)")
     rp.add_argument("files", nargs="+", help="mitmproxy flow files written by the capture option")
     rp.add_argument("--db", help="DuckDB file to write (default: storage.duckdb from the config)")
+    rp.set_defaults(run=_replay)
 
     ca = sub.add_parser("ca", help="the gateway CA for proxy mode").add_subparsers(dest="sub", required=True)
-    ca.add_parser("path", help="print the CA certificate's path").add_argument("--confdir")
+    cp = ca.add_parser("path", help="print the CA certificate's path")
+    cp.add_argument("--confdir")
+    cp.set_defaults(run=_ca_path)
     ce = ca.add_parser("export", help="print the CA certificate (pem) or write it (p12)")
     ce.add_argument("--format", choices=("pem", "p12", "bundle"), default="pem",
                     help="pem: the CA; bundle: public CAs + the CA; p12: PKCS#12 (binary)")
     ce.add_argument("--out", help="write to this file instead of stdout")
     ce.add_argument("--confdir")
+    ce.set_defaults(run=_ca_export)
 
     ev = sub.add_parser("env", help="print what a client must set to use the gateway, ready to paste")
     ev.add_argument("client", choices=CLIENTS)
@@ -108,110 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--token", default="<your aibridge token>")
     ev.add_argument("--user", default="user", help="user name to put in the proxy URL (informational)")
     ev.add_argument("--confdir")
+    ev.set_defaults(run=_env)
 
     sq = sub.add_parser("sql", help="run read-only SQL over the audit tables")
     sq.add_argument("query")
     sq.add_argument("--json", action="store_true", help="print rows as JSON objects")
+    sq.set_defaults(run=_sql)
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     os.umask(0o077)  # a database, export or CA file the CLI creates is readable by its owner only
     try:
-        config = load_config(args.config)
-        db = config.duckdb_path
-
-        def op(_op: str, **kw: Any) -> Any:
-            return run_op(db, _op, kw)
-
-        if args.cmd == "users" and args.sub == "add":
-            r = op("users.add", name=args.name, role="admin" if args.admin else "member")
-            print(f"added user {r['name']} ({r['role']}), id {r['id']}")
-        elif args.cmd == "users" and args.sub == "list":
-            _out(op("users.list"), args.json, "users")
-        elif args.cmd == "users" and args.sub == "set-role":
-            r = op("users.set_role", name=args.name, role=args.role)
-            print(f"{r['name']} is now {r['role']}")
-        elif args.cmd in ("usage", "sessions", "prompts"):
-            pricing = str(config.pricing_file) if config.pricing_file else None
-            if args.cmd == "usage":
-                r = op("report", kind="usage", group_by=args.by, since=args.since, pricing_file=pricing)
-                cols = [args.by, "interceptions", "input_tokens", "output_tokens", "cache_read_input_tokens",
-                        "cache_write_input_tokens", "cost"] + (["active_users"] if args.by == "day" else [])
-                title = f"usage by {args.by} since {args.since} (prices of {r.get('prices_taken') or 'n/a'}, USD)"
-            elif args.cmd == "sessions":
-                r = op("report", kind="sessions", user=args.user, limit=args.limit, pricing_file=pricing)
-                cols = ["session", "user", "client", "first_at", "last_at", "interceptions", "prompts",
-                        "tool_calls", "input_tokens", "output_tokens", "cost"]
-                title = "sessions"
-            else:
-                r = op("report", kind="prompts", user=args.user, search=args.search, limit=args.limit)
-                cols = ["created_at", "user", "client", "model", "prompt"]
-                title = "prompts"
-            budgets = None
-            if args.cmd == "usage" and args.by == "user" and _budgets_spec(config):
-                budgets = op("report", kind="budgets", budgets=_budgets_spec(config), pricing_file=pricing)
-                remaining = {b["user"]: b for b in budgets["data"]}
-                for d in r["data"]:
-                    b = remaining.get(d["user"], {})
-                    d["tokens_remaining_today"] = b.get("tokens_remaining")
-                    d["usd_remaining_month"] = b.get("usd_remaining")
-                cols += ["tokens_remaining_today", "usd_remaining_month"]
-            if args.json:
-                print(json.dumps(r["data"], indent=2))
-            else:
-                _table({"columns": cols, "rows": [[d.get(c) for c in cols] for d in r["data"]]}, title)
-                if budgets:
-                    bcols = ["user", "tokens_today", "tokens_per_day", "tokens_remaining", "usd_month", "usd_per_month",
-                             "usd_remaining", "requests_per_minute"]
-                    _table({"columns": bcols, "rows": [[b.get(c) for c in bcols] for b in budgets["data"]]},
-                           "budgets (today UTC, this month UTC)")
-        elif args.cmd == "export":
-            r = op("export", fmt=args.format, out=args.out)
-            print("\n".join(r["files"]))
-        elif args.cmd == "prune":
-            days = args.days if args.days is not None else config.retention_days
-            r = op("prune", days=days)
-            print(f"deleted {r['deleted']} interception(s) older than {days} days" if days else
-                  "retention is 0 (keep forever): nothing deleted")
-        elif args.cmd == "tokens" and args.sub == "create":
-            r = op("tokens.create", user=args.user, name=args.name)
-            print(f"created token {r['id']} for {r['user']} ({r['hint']}); it is shown only now:", file=sys.stderr)
-            print(r["token"])
-        elif args.cmd == "tokens" and args.sub == "list":
-            _out(op("tokens.list", user=args.user), args.json, "tokens")
-        elif args.cmd == "tokens" and args.sub == "revoke":
-            r = op("tokens.revoke", id=args.id)
-            print(f"token {r['id']} {'was already' if r['already'] else 'is now'} revoked")
-        elif args.cmd == "mcp-token":
-            if args.sub in ("set", "delete") and not any(m.name == args.server for m in config.mcp_servers):
-                known = ", ".join(m.name for m in config.mcp_servers) or "none configured"
-                raise OpError(f"unknown MCP server {args.server!r} ({known})")
-            if args.sub == "set":
-                token = sys.stdin.readline().strip()
-                r = op("mcp_token.set", user=args.user, server=args.server, token=token)
-                print(f"stored MCP token for {r['user']} on {r['server']} ({r['hint']})")
-            elif args.sub == "delete":
-                op("mcp_token.delete", user=args.user, server=args.server)
-                print(f"deleted MCP token for {args.user} on {args.server}")
-            else:
-                _out(op("mcp_token.list", user=args.user), args.json, "MCP tokens")
-        elif args.cmd == "replay":
-            flows, recorded = replay_files(args.files, Path(args.db) if args.db else db)
-            print(f"replayed {flows} flow(s): {recorded} interception(s) recorded into {args.db or db}")
-        elif args.cmd == "ca":
-            confdir = Path(args.confdir) if args.confdir else DEFAULT_CONFDIR
-            if args.sub == "path":
-                print(ensure_ca(confdir))
-            else:
-                _export_ca(confdir, args.format, args.out)
-        elif args.cmd == "env":
-            confdir = Path(args.confdir) if args.confdir else DEFAULT_CONFDIR
-            if args.mode == "proxy":
-                ensure_ca(confdir)
-                bundle(confdir)
-            url = args.gateway or gateway_url(db)
-            print("\n".join(env_lines(args.client, args.mode, url, args.token, confdir, args.user)))
-        elif args.cmd == "sql":
-            _out(op("sql", query_text=args.query), args.json, None)
+        args.run(args, Context(load_config(args.config)))
     except (OpError, ConfigError) as e:
         print(f"aibridge: {e}", file=sys.stderr)
         return 1
