@@ -131,7 +131,7 @@ def test_egress_policy_refuses_own_loopback_link_local_and_unspecified_addresses
 
     from aibridge_gw.egress import EgressPolicy
 
-    policy = EgressPolicy(allow=["10.1.0.0/16", "metadata.internal"], own_addresses=["192.0.2.10"])
+    policy = EgressPolicy(allow=["10.1.0.0/16", "metadata.internal"], own_addresses={"192.0.2.10"})
     refused = {a: policy.refused(ipaddress.ip_address(a)) for a in
                ("127.0.0.1", "::1", "169.254.169.254", "fe80::1", "0.0.0.0", "192.0.2.10", "::ffff:127.0.0.1",
                 "10.1.2.3", "93.184.216.34")}

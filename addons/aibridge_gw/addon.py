@@ -7,7 +7,6 @@ import asyncio
 import functools
 import gc
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -122,7 +121,7 @@ class Gateway:
         self._tunnels: set[str] = set()  # client connections that went through CONNECT
         self.egress: EgressPolicy | None = None
         self.throttle: AuthThrottle | None = None
-        self._trusted_upstreams: set[tuple[str, int]] = set()  # provider and loop addresses: not egress-checked
+        self._own_addresses: set = set()  # the listener's addresses, found once it listens (egress never goes there)
         self._passthrough: set[str] = set()
         self._control_secret: str | None = None
 
@@ -163,9 +162,7 @@ class Gateway:
             raise exceptions.OptionsError("aibridge: storage.duckdb cannot change while the gateway runs")
         self.config, self.router = config, Router(config)
         self.throttle = AuthThrottle(config.auth_failures_per_minute)
-        self._trusted_upstreams = {(p.host, p.port) for p in config.providers}
-        self.egress = EgressPolicy(config.proxy.allow_addresses,
-                                   local_addresses(ctx.options.listen_host) if hasattr(ctx.options, "listen_host") else ())
+        self.egress = EgressPolicy(config.proxy.allow_addresses, self._own_addresses)
         for note in config.public_host_notes:
             log.info("aibridge: %s", note)
         if config.proxy.open_relay:
@@ -199,6 +196,7 @@ class Gateway:
             except Exception as e:
                 raise exceptions.OptionsError(f"aibridge: cannot open {config.duckdb_path}: {e}") from None
             self.store = store
+            self.metrics.dead_letters.set_function(lambda: self.store.dead_lettered if self.store else 0)
             self.tokens.replace(store.read(ops.load_directory).result())
             self.mcp_tokens = store.read(ops.load_mcp_tokens).result()
             self.recorder = Recorder(store)
@@ -265,16 +263,13 @@ class Gateway:
                 verify = False
             self.loop = LoopServer(self.mcp, verify)
             await self.loop.start()
-            self._trusted_upstreams.add(("127.0.0.1", self.loop.port))
         addrs = []
         try:
             addrs = ctx.master.addons.get("proxyserver").listen_addrs()
         except Exception:
             pass
         host, port = (addrs[0][0], addrs[0][1]) if addrs else (ctx.options.listen_host, ctx.options.listen_port)
-        for a in local_addresses(host.strip("[]")):
-            if _is_ip(a):
-                self.egress.own.add(ipaddress.ip_address(a.split("%")[0]))
+        self._own_addresses.update(local_addresses(host.strip("[]")))
         if host in ("", "0.0.0.0"):
             host = "127.0.0.1"
         elif host == "::":
@@ -372,26 +367,33 @@ class Gateway:
         if self.router is None:
             return
         self._tunnels.add(flow.client_conn.id)
-        host, port = flow.request.host, flow.request.port
-        ai = self.router.is_ai_host(host)
+        req = flow.request
+        actor = await self._admit_proxied(flow, req.host, req.port, self.router.is_ai_host(req.host))
+        if actor is not None and flow.response is None:
+            self.proxy_actors[flow.client_conn.id] = actor
+
+    async def _admit_proxied(self, flow: http.HTTPFlow, host: str, port: int, ai: bool,
+                             check_address: bool = True) -> Actor | None:
+        """The egress policy for a CONNECT or a plain-HTTP proxy request: non-AI hosts need proxy credentials
+        (unless the admin chose an open relay) and never resolve to the gateway's own machine. Returns the user
+        named by proxy credentials; a refusal is left on the flow."""
         policy = self.config.proxy
         if not ai and policy.egress == "ai-only":
             flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
-            return
+            return None
         actor = self._proxy_actor(flow)
         if flow.response is not None:
-            return
-        if actor is not None:
-            self.proxy_actors[flow.client_conn.id] = actor
+            return None
         if actor is None and (policy.require_auth is True or (not ai and policy.require_auth is None)):
             what = "proxy credentials required" if ai else "proxy credentials required to reach non-AI hosts"
             flow.response = http.Response.make(407, f"aibridge: {what}\n".encode(), PROXY_AUTH_REQUIRED)
-            return
-        if not ai:
+            return None
+        if not ai and check_address:
             why, _ = await self.egress.check(host, port)
             if why:
-                log.warning("aibridge: refused CONNECT to %s:%s: %s", printable(host), port, printable(why))
+                log.warning("aibridge: refused proxying to %s:%s: %s", printable(host), port, printable(why))
                 flow.response = http.Response.make(403, f"aibridge: egress refused: {why}\n".encode())
+        return actor
 
     async def server_connect(self, data) -> None:
         """Last line of the egress policy: every upstream connection the gateway did not choose itself goes to
@@ -399,7 +401,7 @@ class Gateway:
         if self.egress is None or data.server.address is None:
             return
         host, port = data.server.address[0], data.server.address[1]
-        if (host, port) in self._trusted_upstreams or self.router.is_ai_host(host):
+        if self._chosen_upstream(host, port) or self.router.is_ai_host(host):
             return
         why, ip = await self.egress.check(host, port)
         if why:
@@ -409,6 +411,12 @@ class Gateway:
             if data.server.sni is None and data.server.tls:
                 data.server.sni = host
             data.server.address = (ip, port)
+
+    def _chosen_upstream(self, host: str, port: int) -> bool:
+        """A provider's base_url or the injected-tool loop: addresses the gateway itself sends requests to."""
+        if self.loop is not None and (host, port) == ("127.0.0.1", self.loop.port):
+            return True
+        return any((p.host, p.port) == (host, port) for p in self.config.providers)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.proxy_actors.pop(client.id, None)
@@ -435,10 +443,9 @@ class Gateway:
         try:
             if self._is_ours(flow):
                 route = self.router.match_prefix(req.path, req.method)
-            elif self._ai_host(flow):
-                route = self.router.match_host(self._ai_host(flow), req.path, req.method)
             else:
-                route = None
+                host = self._ai_host(flow)
+                route = self.router.match_host(host, req.path, req.method) if host else None
         except BadPath:
             prov = self.router.by_prefix.get(req.path.lstrip("/").split("/")[0]) or self.router.by_host.get(
                 (req.host or "").lower())
@@ -506,9 +513,9 @@ class Gateway:
                     f"(configured: {', '.join('/' + p.name for p in self.config.providers)})",
                 )
                 return
-        elif self._ai_host(flow):
+        elif ai_host := self._ai_host(flow):
             try:
-                route = self.router.match_host(self._ai_host(flow), req.path, req.method)
+                route = self.router.match_host(ai_host, req.path, req.method)
             except BadPath as e:
                 flow.response = error_response(self._provider_type(flow), 400, f"aibridge: bad request path: {e}")
                 return
@@ -597,27 +604,12 @@ class Gateway:
         return None
 
     async def _egress(self, flow: http.HTTPFlow) -> None:
-        """A proxied request to a non-AI host: allowed only with proxy credentials (unless the admin chose an
-        open relay) and never to the gateway's own machine; the gateway's credentials never travel on."""
-        policy = self.config.proxy
+        """A proxied request to a non-AI host: relayed untouched if the policy admits it (a tunnel's address was
+        checked at CONNECT), but the gateway's credentials never travel on."""
         req = flow.request
-        if policy.egress == "ai-only":
-            flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
-            return
-        actor = self._proxy_actor(flow)
-        if flow.response is not None:
-            return
-        if actor is None and policy.require_auth is not False:
-            flow.response = http.Response.make(
-                407, b"aibridge: proxy credentials required to reach non-AI hosts\n", PROXY_AUTH_REQUIRED)
-            return
+        await self._admit_proxied(flow, req.host, req.port, ai=False,
+                                  check_address=flow.client_conn.id not in self._tunnels)
         req.headers.pop("proxy-authorization", None)
-        if flow.client_conn.id not in self._tunnels:
-            why, _ = await self.egress.check(req.host, req.port)
-            if why:
-                log.warning("aibridge: refused proxy request to %s:%s: %s", printable(req.host), req.port,
-                            printable(why))
-                flow.response = http.Response.make(403, f"aibridge: egress refused: {why}\n".encode())
 
     def _proxy_actor(self, flow: http.HTTPFlow) -> Actor | None:
         """The user named by proxy credentials (at CONNECT, or on this plain-HTTP request); None without any.
@@ -721,6 +713,7 @@ class Gateway:
             if not isinstance(body, dict):
                 raise BadRequest("request body must be a JSON object")
             info = codec.parse_request(body)
+            changed = None if multipart else codec.prepare_request(body)
         except bodies.BodyTooLarge as e:
             flow.response = error_response(route.provider.type, 413, f"aibridge: {e}")
             return None
@@ -736,16 +729,9 @@ class Gateway:
             req.content = data
         if multipart:
             body = None  # forwarded as sent; only its fields were read
-        else:
-            try:
-                changed = codec.prepare_request(body)
-            except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
-                flow.response = error_response(
-                    route.provider.type, 400, f"aibridge: the request body has an unexpected shape ({type(e).__name__})")
-                return None
-            if changed is not None:
-                req.content = json.dumps(changed, ensure_ascii=False).encode()
-                body = changed
+        elif changed is not None:
+            req.content = json.dumps(changed, ensure_ascii=False).encode()
+            body = changed
         byok = ident.byok_credential
         ic = Interception(
             id=flow.id,
@@ -921,7 +907,6 @@ class Gateway:
                     return
             healthy = self.store is not None
             dead = self.store.dead_lettered if self.store else 0
-            self.metrics.dead_letters.set(dead)
             flow.response = _json(200 if healthy else 503, {
                 "status": "ok" if healthy else "unavailable", "inflight": len(self.live),
                 "records_written": self.store.written if self.store else 0,
@@ -950,7 +935,6 @@ class Gateway:
                     flow.response = http.Response.make(401, b"aibridge: metrics need a bearer token\n",
                                                        {"www-authenticate": 'Bearer realm="aibridge-metrics"'})
                     return
-            self.metrics.dead_letters.set(self.store.dead_lettered if self.store else 0)
             flow.response = http.Response.make(200, self.metrics.render(), {"content-type": self.metrics.content_type})
             return
         if path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
@@ -1006,14 +990,6 @@ def header_view(headers: http.Headers) -> dict[str, str]:
         value = v.decode("utf-8", "surrogateescape")
         out[name] = f"{out[name]}, {value}" if name in out else value
     return out
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value.split("%")[0])
-        return True
-    except ValueError:
-        return False
 
 
 def _client_gone(flow: http.HTTPFlow) -> bool:

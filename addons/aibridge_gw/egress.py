@@ -17,7 +17,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class EgressPolicy:
-    def __init__(self, allow: Iterable[str] = (), own_addresses: Iterable[str] = ()) -> None:
+    def __init__(self, allow: Iterable[str] = (), own_addresses: set[str] | None = None) -> None:
         self.allow_nets = []
         self.allow_hosts = set()
         for a in allow:
@@ -25,12 +25,8 @@ class EgressPolicy:
                 self.allow_nets.append(ipaddress.ip_network(a, strict=False))
             except ValueError:
                 self.allow_hosts.add(a.lower().rstrip("."))
-        self.own: set[Address] = set()
-        for a in own_addresses:
-            try:
-                self.own.add(ipaddress.ip_address(a))
-            except ValueError:
-                pass
+        # Canonical address strings, shared with the gateway: it adds the listener's once the listener is up.
+        self.own = own_addresses if own_addresses is not None else set()
 
     def refused(self, ip: Address) -> str | None:
         """Why an address may not be a relay target (None: it may)."""
@@ -44,7 +40,7 @@ class EgressPolicy:
             return "a link-local address (cloud metadata)"
         if ip.is_unspecified or ip.is_multicast:
             return "an unspecified or multicast address"
-        if ip in self.own:
+        if str(ip) in self.own:
             return "the gateway's own address"
         return None
 
@@ -81,12 +77,18 @@ class EgressPolicy:
 
 
 def local_addresses(listen_host: str) -> set[str]:
-    """The addresses this gateway answers on: the listen address, or every local one for a wildcard listener."""
-    out = {listen_host} if listen_host and listen_host not in ("0.0.0.0", "::") else set()
-    if not out:
+    """The addresses this gateway answers on, as canonical strings: the listen address, or every local one for a
+    wildcard listener."""
+    names = [listen_host] if listen_host and listen_host not in ("0.0.0.0", "::") else []
+    if not names:
         try:
-            for info in socket.getaddrinfo(socket.gethostname(), None):
-                out.add(info[4][0].split("%")[0])
+            names = [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
         except OSError:
             pass
+    out = set()
+    for name in names:
+        try:
+            out.add(str(ipaddress.ip_address(name.split("%")[0])))
+        except ValueError:
+            continue  # a host name listener: its addresses are loopback or found by the wildcard case
     return out
