@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from aibridge_gw.codecs import BY_API, StreamTap
+from aibridge_gw.apis import WIRE_APIS as BY_API
+from aibridge_gw.tap import StreamTap
 from aibridge_gw.records import BadRequest
 from tests.support.fixtures import capture
 

@@ -9,10 +9,12 @@ import json
 
 import pytest
 
-from aibridge_gw.codecs import StreamTap, anthropic_messages, openai_chat, openai_responses
+from aibridge_gw.apis.anthropic import messages as anthropic_messages
+from aibridge_gw.apis.openai import chat as openai_chat, responses as openai_responses
+from aibridge_gw.tap import StreamTap
 from tests.support.fixtures import TRAFFIC, Capture, http_section, parse_txtar
 
-CODECS = {"anthropic": anthropic_messages, "openai/chatcompletions": openai_chat, "openai/responses": openai_responses}
+CODECS = {"anthropic": anthropic_messages.API, "openai/chatcompletions": openai_chat.API, "openai/responses": openai_responses.API}
 ERROR_SCENARIOS = ("error", "failure", "conversation", "wrong_response_format")
 
 

@@ -8,7 +8,8 @@ import uuid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aibridge_gw.codecs import BY_API, StreamTap
+from aibridge_gw.apis import WIRE_APIS as BY_API
+from aibridge_gw.tap import StreamTap
 from aibridge_gw.records import BadRequest, RequestInfo
 from aibridge_gw.recording import child_id
 from aibridge_gw.sse import SSEParser

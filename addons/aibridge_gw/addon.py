@@ -1,4 +1,4 @@
-"""The mitmproxy addon: route → identify → relay + tap → record (→ capture). Wire formats live in codecs/,
+"""The mitmproxy addon: route → identify → relay + tap → record (→ capture). Wire formats live in apis/,
 rows in recording.py; this class only connects mitmproxy's hooks to them."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from . import bodies
 from .budgets import Budgets
 from .capture import FlowArchive
 from .clients import detect_client, detect_session
-from .codecs import BY_API, MODEL_APIS, StreamTap
+from .apis import MODEL_APIS, WIRE_APIS
+from .tap import StreamTap
 from .egress import EgressPolicy, local_addresses
 from .logsafe import printable
 from .throttle import AuthThrottle
@@ -51,7 +52,6 @@ from .admin_api import PREFIX as API_PREFIX
 from .admin_api import AdminApi
 from .admin_api import error as api_error
 from .interception_log import InterceptionLog
-from .mcp.adapters import ADAPTERS
 from .metrics import Metrics
 from .pricing import PriceTable
 from .mcp.loop import LoopJob, LoopServer, upstream_headers
@@ -652,7 +652,7 @@ class Gateway:
         if not tools:
             return None
         client_usage = bool((ic.info.raw_stream_options or {}).get("include_usage"))
-        adapter = ADAPTERS[ic.api](body, tools, ic.info.stream, max_tools=self.config.mcp.max_tools,
+        adapter = ic.codec.adapter(body, tools, ic.info.stream, max_tools=self.config.mcp.max_tools,
                                    client_wants_usage=client_usage)
         flow.request.content = json.dumps(adapter.inject(), ensure_ascii=False).encode()
         if adapter.trimmed:
@@ -692,7 +692,7 @@ class Gateway:
                      ) -> tuple[Interception, dict | None] | None:
         """Read the request (decoded with a cap, off the event loop when large) and open its interception."""
         req = flow.request
-        codec = BY_API[route.api]
+        codec = WIRE_APIS[route.api]
         limit = self.config.max_request_body_bytes
         raw = req.raw_content or b""
         encoding = hv.get("content-encoding", "")

@@ -13,12 +13,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .apis import PROVIDERS
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
-PROVIDER_TYPES = ("anthropic", "openai")
-# Each provider type's public API hosts: intercepted in proxy mode by default, so a client calling the provider
-# directly cannot tunnel past the audit when an instance's base_url points elsewhere (a broker, a test server).
-PUBLIC_HOSTS = {"anthropic": ("api.anthropic.com",), "openai": ("api.openai.com",)}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # The gateway serves these itself; no provider instance may take the prefix.
@@ -46,9 +44,7 @@ class ProviderInstance:
     @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
         """The upstream credential as a raw header field, in this provider type's scheme."""
-        if self.type == "anthropic":
-            return b"x-api-key", (self.key or "").encode()
-        return b"authorization", f"Bearer {self.key or ''}".encode()
+        return PROVIDERS[self.type].auth_header(self.key or "")
 
 
 @dataclass(frozen=True)
@@ -230,8 +226,10 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
             kept.append(h)
         providers.append(dataclasses.replace(prov, hosts=tuple(kept)))
     notes = []
-    for ptype, public in PUBLIC_HOSTS.items():
-        for host in public:
+    # Each provider type's public API hosts are intercepted in proxy mode by default, so a client calling the
+    # provider directly cannot tunnel past the audit when an instance's base_url points elsewhere.
+    for ptype, provider in PROVIDERS.items():
+        for host in provider.public_hosts:
             if host in seen_hosts:
                 continue
             candidates = [p for p in providers if p.type == ptype and p.name not in opted_out]
@@ -446,8 +444,8 @@ def _parse_provider(item, where: str) -> ProviderInstance:
     if not _NAME_RE.match(name) or name in RESERVED_PREFIXES:
         raise ConfigError(f"{where}.name: {name!r} is not a valid instance name (lowercase letters, digits, - _)")
     ptype = item.get("type")
-    if ptype not in PROVIDER_TYPES:
-        raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDER_TYPES)}, got {ptype!r}")
+    if ptype not in PROVIDERS:
+        raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDERS)}, got {ptype!r}")
     base_url = str(item.get("base_url") or "")
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

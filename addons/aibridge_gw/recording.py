@@ -14,11 +14,12 @@ import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from types import ModuleType
 
 from mitmproxy import http
 
-from .codecs import BY_API, StreamTap
+from .apis import WIRE_APIS
+from .apis.base import WireApi
+from .tap import StreamTap
 from .records import RequestInfo, ResponseSummary, summary_from_dict
 from .store.writer import EndInterception, Insert, Store
 
@@ -77,8 +78,8 @@ class Interception:
     forwarded_at: float = 0.0  # when the request went upstream (epoch seconds)
 
     @property
-    def codec(self) -> ModuleType:
-        return BY_API[self.api]
+    def codec(self) -> WireApi:
+        return WIRE_APIS[self.api]
 
     def to_metadata(self) -> dict:
         """The facts a saved flow needs to be recorded again (plain values; JSON- and tnetstring-safe)."""
@@ -149,7 +150,7 @@ def conclude(ic: Interception, flow: http.HTTPFlow) -> tuple[ResponseSummary, in
 
 
 def _summarize_body(ic: Interception, resp: http.Response) -> tuple[ResponseSummary, str | None]:
-    if getattr(ic.codec, "ENDS_AT_EOF", False) and not is_json(resp):
+    if ic.codec.ends_at_eof and not is_json(resp):
         return ResponseSummary(complete=True), None  # audio, text transcripts, images as bytes: nothing to read
     try:
         body = json.loads(resp.content or b"")
@@ -264,7 +265,7 @@ class Recorder:
         meta = flow.metadata.get(META_KEY)
         if not isinstance(meta, dict) or "api" not in meta or flow.request is None:
             return None
-        ic_codec = BY_API.get(meta["api"])
+        ic_codec = WIRE_APIS.get(meta["api"])
         if ic_codec is None:
             return None
         try:

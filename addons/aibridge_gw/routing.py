@@ -4,17 +4,17 @@ Routing works on the canonical path only (percent-escapes decoded once, dot segm
 resolved), and the canonical path is what goes upstream: what the gateway routed is exactly what the provider
 sees, so `chat%2fcompletions`, `v1/../v1/chat/completions` or `//chat` cannot reach a model endpoint unrecorded.
 
-Every endpoint the gateway relays is listed here. An endpoint that can spend money is recorded as an
+Every endpoint the gateway relays is listed in its provider's module (`apis/<provider>`). An endpoint that can spend money is recorded as an
 interception (`api`); a read-only one is relayed unrecorded; anything else is refused with a 404 in the
 provider's format — the central key never goes to a path nobody reviewed.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
+from .apis import PROVIDERS
 from .config import Config, ProviderInstance
 
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar without percent-escapes
@@ -22,82 +22,6 @@ _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar without percent-escapes
 
 class BadPath(Exception):
     """The request target cannot be made canonical (bad escapes, control characters, backslashes)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One endpoint a provider type serves through the gateway."""
-
-    methods: frozenset[str]
-    pattern: re.Pattern
-    label: str  # the route as a bounded metric label, e.g. "/v1/models/{id}"
-    api: str | None  # recorded under this api name; None: read-only passthrough, not recorded
-
-
-def _ep(methods: str, template: str, api: str | None = None) -> Endpoint:
-    regex = re.escape(template).replace(re.escape("{id}"), "[^/]+")
-    return Endpoint(frozenset(methods.split()), re.compile(f"^{regex}$"), template, api)
-
-
-# Endpoint paths are relative to the instance's base_url for OpenAI-type instances (which end in /v1) and
-# absolute for Anthropic (whose base_url has no /v1).
-ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
-    "anthropic": (
-        _ep("POST", "/v1/messages", "anthropic.messages"),
-        _ep("POST", "/v1/complete", "anthropic.complete"),
-        _ep("POST", "/v1/messages/batches", "anthropic.message_batches"),
-        _ep("POST", "/v1/messages/count_tokens"),
-        _ep("GET", "/v1/models"),
-        _ep("GET", "/v1/models/{id}"),
-        _ep("GET", "/v1/messages/batches/{id}"),
-        _ep("GET", "/v1/messages/batches/{id}/results"),
-        _ep("POST", "/v1/messages/batches/{id}/cancel"),
-        _ep("GET", "/v1/files/{id}"),
-        _ep("GET", "/v1/files/{id}/content"),
-        _ep("POST", "/v1/files"),
-        _ep("DELETE", "/v1/files/{id}"),
-        # Claude Code reads its managed settings from the API host (proxy mode).
-        _ep("GET", "/api/claude_code/settings"),
-        _ep("GET", "/api/claude_code/policy_limits"),
-    ),
-    "openai": (
-        _ep("POST", "/chat/completions", "openai.chat"),
-        _ep("POST", "/responses", "openai.responses"),
-        _ep("POST", "/responses/compact", "openai.responses.compact"),
-        _ep("POST", "/completions", "openai.completions"),
-        _ep("POST", "/embeddings", "openai.embeddings"),
-        _ep("POST", "/moderations", "openai.moderations"),
-        _ep("POST", "/images/generations", "openai.images"),
-        _ep("POST", "/images/edits", "openai.images"),
-        _ep("POST", "/images/variations", "openai.images"),
-        _ep("POST", "/audio/speech", "openai.audio.speech"),
-        _ep("POST", "/audio/transcriptions", "openai.audio.transcriptions"),
-        _ep("POST", "/audio/translations", "openai.audio.translations"),
-        _ep("POST", "/batches", "openai.batches"),
-        _ep("POST", "/fine_tuning/jobs", "openai.fine_tuning"),
-        _ep("POST", "/realtime/sessions", "openai.realtime"),
-        _ep("POST", "/realtime/transcription_sessions", "openai.realtime"),
-        _ep("POST", "/realtime/client_secrets", "openai.realtime"),
-        _ep("POST", "/videos", "openai.videos"),
-        _ep("POST", "/containers", "openai.containers"),
-        _ep("POST", "/vector_stores/{id}/search", "openai.vector_stores.search"),
-        _ep("POST", "/evals/{id}/runs", "openai.evals"),
-        _ep("GET", "/models"),
-        _ep("GET", "/models/{id}"),
-        _ep("POST", "/responses/input_tokens"),
-        _ep("GET", "/responses/{id}"),
-        _ep("GET", "/responses/{id}/input_items"),
-        _ep("POST", "/responses/{id}/cancel"),
-        _ep("GET", "/chat/completions/{id}"),
-        _ep("GET", "/batches/{id}"),
-        _ep("POST", "/batches/{id}/cancel"),
-        _ep("GET", "/files/{id}"),
-        _ep("GET", "/files/{id}/content"),
-        _ep("POST", "/files"),
-        _ep("GET", "/fine_tuning/jobs/{id}"),
-        _ep("POST", "/fine_tuning/jobs/{id}/cancel"),
-    ),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +93,12 @@ class Router:
         return self._route(prov, segments, query, method)
 
     def _route(self, prov: ProviderInstance, segments: list[str], query: str, method: str) -> Route:
-        if prov.type == "openai" and segments[:1] == ["v1"]:
-            segments = segments[1:]  # OpenAI-type base URLs already end in /v1; clients may or may not repeat it
+        provider = PROVIDERS[prov.type]
+        if provider.version_in_base_url and segments[:1] == ["v1"]:
+            segments = segments[1:]  # the base URL already ends in /v1; clients may or may not repeat it
         endpoint = encode_path(segments)
         upstream = prov.base_path + endpoint + query
-        for ep in ENDPOINTS.get(prov.type, ()):
+        for ep in provider.endpoints:
             if method in ep.methods and ep.pattern.match(endpoint):
                 return Route(prov, upstream, ep.api, ep.label)
         for prefix in prov.passthrough_paths:

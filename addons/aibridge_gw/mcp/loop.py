@@ -16,7 +16,7 @@ import httpx
 from ..errors import error_body
 from ..records import ResponseSummary, summary_to_dict
 from ..sse import SSEParser
-from .adapters import Adapter, ToolResult, injected_call_record
+from .tools import Adapter, ToolResult, injected_call_record
 from .registry import McpRegistry
 
 log = logging.getLogger("aibridge.mcp")

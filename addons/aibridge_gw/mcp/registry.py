@@ -10,24 +10,16 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
 from ..config import McpServer, McpSettings
+from .tools import InjectedTool
 
 log = logging.getLogger("aibridge.mcp")
 
 PREFIX = "bmcp_"
-
-
-@dataclass(frozen=True)
-class InjectedTool:
-    name: str  # bmcp_<server>_<tool>, what the model sees
-    server: McpServer
-    tool: str  # the server's own tool name
-    description: str
-    input_schema: dict = field(hash=False, compare=False)
 
 
 @dataclass

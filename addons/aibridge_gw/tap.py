@@ -1,32 +1,15 @@
-"""Wire-format knowledge, one module per API. Each codec module provides:
-
-- ``parse_request(body) -> RequestInfo`` (raises ``BadRequest``)
-- ``prepare_request(body) -> dict | None``: the body to send upstream if the gateway must change it
-- ``on_event(event, summary)``: fold one SSE event into a ``ResponseSummary``
-- ``summarize(body) -> ResponseSummary`` for a blocking JSON response
-"""
+"""The stream tap: relays a provider's server-sent events unchanged and reads them on the way."""
 
 from __future__ import annotations
 
 import logging
 import time
-from types import ModuleType
 
-from ..records import ResponseSummary
-from ..sse import SSEParser
-from . import anthropic_messages, openai_chat, openai_responses
-from .spend import CODECS as SPEND_CODECS
+from .apis.base import WireApi
+from .records import ResponseSummary
+from .sse import SSEParser
 
 log = logging.getLogger(__name__)
-
-BY_API: dict[str, ModuleType] = {
-    "anthropic.messages": anthropic_messages,
-    "openai.chat": openai_chat,
-    "openai.responses": openai_responses,
-    **SPEND_CODECS,
-}
-# The chat APIs: the MCP loop can inject tools into these, and their requests carry the user's prompt.
-MODEL_APIS = frozenset({"anthropic.messages", "openai.chat", "openai.responses"})
 
 
 class StreamTap:
@@ -39,7 +22,7 @@ class StreamTap:
 
     __slots__ = ("codec", "parser", "summary", "broken", "bytes_seen", "last_activity", "closed")
 
-    def __init__(self, codec: ModuleType) -> None:
+    def __init__(self, codec: WireApi) -> None:
         self.codec = codec
         self.parser = SSEParser()
         self.summary = ResponseSummary()
@@ -73,7 +56,7 @@ class StreamTap:
             except Exception as e:
                 self.broken = f"{type(e).__name__}: {e}"
         s = self.summary
-        if getattr(self.codec, "ENDS_AT_EOF", False) and not s.error:
+        if self.codec.ends_at_eof and not s.error:
             s.complete = True  # no final event in these APIs: a stream that ends normally is complete
         if s.error or (s.complete and self.broken is None):
             return b""

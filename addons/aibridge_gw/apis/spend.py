@@ -2,7 +2,7 @@
 batches, realtime sessions, …. They are authenticated, budget-checked and recorded like model calls, with the
 usage their response reports; their bodies may be JSON, multipart forms or binary audio.
 
-One `SpendCodec` per api name, with the same functions as the chat codec modules.
+One `SpendCodec` (a WireApi) per api name; each provider module lists its own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from ..records import BadRequest, RequestInfo, ResponseSummary, TokenUsage, as_int
 from ..sse import SSEEvent
-from .common import load_json_event, require_stream_flag
+from .base import load_json_event, require_stream_flag
 
 
 def usage_from(u: dict, response_id: str | None) -> TokenUsage:
@@ -30,11 +30,13 @@ class SpendCodec:
     """Reads the model (and, for legacy completions, the prompt) from the request and the usage from the
     response; streams end at [DONE] or at the end of the body (these APIs have no common final event)."""
 
-    ENDS_AT_EOF = True
+    model_api = False
+    ends_at_eof = True
+    adapter = None
 
-    def __init__(self, api: str, model_required: bool = False, prompt_field: str | None = None,
+    def __init__(self, name: str, model_required: bool = False, prompt_field: str | None = None,
                  stream_usage: bool = False, batch_requests: bool = False) -> None:
-        self.api = api
+        self.name = name
         self.model_required = model_required
         self.prompt_field = prompt_field
         self.stream_usage = stream_usage  # ask for usage in streams (stream_options.include_usage)
@@ -108,26 +110,3 @@ def _fold(obj: dict, s: ResponseSummary) -> None:
     if isinstance(usage, dict):
         s.usages[:] = [usage_from(usage, s.response_id)]
 
-
-CODECS: dict[str, SpendCodec] = {
-    c.api: c
-    for c in (
-        SpendCodec("openai.completions", model_required=True, prompt_field="prompt", stream_usage=True),
-        SpendCodec("openai.responses.compact", model_required=True),
-        SpendCodec("openai.embeddings", model_required=True),
-        SpendCodec("openai.moderations"),
-        SpendCodec("openai.images"),
-        SpendCodec("openai.audio.speech", model_required=True),
-        SpendCodec("openai.audio.transcriptions"),
-        SpendCodec("openai.audio.translations"),
-        SpendCodec("openai.batches"),
-        SpendCodec("openai.fine_tuning"),
-        SpendCodec("openai.realtime"),
-        SpendCodec("openai.videos"),
-        SpendCodec("openai.containers"),
-        SpendCodec("openai.vector_stores.search"),
-        SpendCodec("openai.evals"),
-        SpendCodec("anthropic.complete", model_required=True, prompt_field="prompt"),
-        SpendCodec("anthropic.message_batches", batch_requests=True),
-    )
-}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from ..records import (
+from ...records import (
     BadRequest,
     RequestInfo,
     ResponseSummary,
@@ -15,8 +15,9 @@ from ..records import (
     as_int,
     json_text,
 )
-from ..sse import SSEEvent
-from .common import load_json_event, require_model, require_stream_flag, sse_bytes, text_of
+from ...sse import SSEEvent
+from ...mcp.tools import Adapter, ToolResult
+from ..base import WireFunctions, load_json_event, require_model, require_stream_flag, sse_bytes, text_of
 
 TOOL_BLOCKS = ("tool_use", "server_tool_use")
 _SESSION_RE = re.compile(r"session_([0-9a-fA-F-]{36})")
@@ -198,3 +199,153 @@ def stream_error_event(message: str, s: ResponseSummary) -> bytes:
     """What the API sends when a stream fails after it started (the SDKs raise it as an APIError)."""
     kind = "overloaded_error" if "overloaded" in message.lower() else "api_error"
     return sse_bytes({"type": "error", "error": {"type": kind, "message": message}}, "error")
+
+
+# --- the injected-tool loop -----------------------------------------------------------------------
+
+
+class AnthropicAdapter(Adapter):
+    """The injected-tool loop for anthropic.messages."""
+
+    def __post_init__(self) -> None:
+        self.first: dict | None = None  # the first round's message (id, model, usage)
+        self.next_index = 0
+        self.index_map: dict[int, int | None] = {}
+        self.blocks: dict[int, dict] = {}
+        self.round_blocks: list[dict] = []
+        self.client_blocks: list[dict] = []  # blocking: what the client sees, all rounds
+        self.stop_reason: str | None = None
+        self.stop_sequence = None
+        self.usage = {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+                      "cache_creation_input_tokens": 0}
+
+    def inject(self) -> dict:
+        own = self.body.get("tools") or []
+        extra = [{"name": t.name, "description": t.description, "input_schema": t.input_schema}
+                 for t in self._room(len(own))]
+        self.body = {**self.body, "tools": own + extra}
+        return self.body
+
+    def _add_usage(self) -> None:
+        for u in self.summary.usages:
+            self.usage["input_tokens"] += u.input_tokens
+            self.usage["output_tokens"] += u.output_tokens
+            self.usage["cache_read_input_tokens"] += u.cache_read_input_tokens
+            self.usage["cache_creation_input_tokens"] += u.cache_write_input_tokens
+
+    def on_event(self, ev: SSEEvent) -> list[bytes]:
+        self.fold(ev)
+        obj = load_json_event(ev.data)
+        if obj is None:
+            return []
+        kind = obj.get("type") or ev.event
+        if kind == "message_start":
+            self.index_map, self.blocks, self.round_blocks = {}, {}, []
+            if self.first is None:
+                self.first = obj.get("message") or {}
+                return [sse_bytes(obj, "message_start")]
+            return []
+        if kind == "content_block_start":
+            idx, block = obj.get("index"), dict(obj.get("content_block") or {})
+            self.blocks[idx] = block
+            if block.get("type") == "tool_use" and block.get("name") in self.tools:
+                self.index_map[idx] = None
+                return []
+            self.index_map[idx] = self.next_index
+            self.next_index += 1
+            return [sse_bytes({**obj, "index": self.index_map[idx]}, "content_block_start")]
+        if kind == "content_block_delta":
+            idx, delta = obj.get("index"), obj.get("delta") or {}
+            b = self.blocks.get(idx)
+            if b is not None:
+                dt = delta.get("type")
+                if dt == "text_delta":
+                    b["text"] = b.get("text", "") + delta.get("text", "")
+                elif dt == "thinking_delta":
+                    b["thinking"] = b.get("thinking", "") + delta.get("thinking", "")
+                elif dt == "signature_delta":
+                    b["signature"] = delta.get("signature")
+                elif dt == "input_json_delta":
+                    b["_json"] = b.get("_json", "") + delta.get("partial_json", "")
+                elif dt == "citations_delta":
+                    b.setdefault("citations", []).append(delta.get("citation"))
+            mapped = self.index_map.get(idx)
+            return [] if mapped is None else [sse_bytes({**obj, "index": mapped}, "content_block_delta")]
+        if kind == "content_block_stop":
+            idx = obj.get("index")
+            b = self.blocks.get(idx)
+            if b is not None:
+                if "_json" in b:
+                    raw = b.pop("_json")
+                    try:
+                        b["input"] = json.loads(raw) if raw else (b.get("input") or {})
+                    except ValueError:
+                        b["input"] = {}
+                self.round_blocks.append(b)
+            mapped = self.index_map.get(idx)
+            return [] if mapped is None else [sse_bytes({**obj, "index": mapped}, "content_block_stop")]
+        if kind == "message_delta":
+            delta = obj.get("delta") or {}
+            self.stop_reason = delta.get("stop_reason") or self.stop_reason
+            self.stop_sequence = delta.get("stop_sequence")
+            return []
+        if kind == "message_stop":
+            self._add_usage()
+            return []
+        if kind == "error":
+            return [sse_bytes(obj, "error")]
+        return [sse_bytes(obj, kind)]  # ping and anything new: pass on
+
+    def on_body(self, obj: dict) -> None:
+        self.fold_body(obj)
+        if self.first is None:
+            self.first = obj
+        self.round_blocks = list(obj.get("content") or [])
+        self.client_blocks += [b for b in self.round_blocks
+                               if not (b.get("type") == "tool_use" and b.get("name") in self.tools)]
+        self.stop_reason = obj.get("stop_reason")
+        self.stop_sequence = obj.get("stop_sequence")
+        self._add_usage()
+
+    def continuation(self, results: list[ToolResult]) -> dict:
+        assistant = [{k: v for k, v in b.items() if not k.startswith("_")} for b in self.round_blocks]
+        tool_results = [
+            {"type": "tool_result", "tool_use_id": r.call.call_id, "content": r.text, **({"is_error": True} if r.is_error else {})}
+            for r in results
+        ]
+        messages = list(self.body.get("messages") or [])
+        messages += [{"role": "assistant", "content": assistant}, {"role": "user", "content": tool_results}]
+        self.body = {**self.body, "messages": messages}
+        return self.body
+
+    def finish_stream(self, note: str | None) -> list[bytes]:
+        out = []
+        stop = self.stop_reason
+        if note:
+            i = self.next_index
+            out += [sse_bytes({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}, "content_block_start"),
+                    sse_bytes({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": note}}, "content_block_delta"),
+                    sse_bytes({"type": "content_block_stop", "index": i}, "content_block_stop")]
+            stop = "end_turn"
+        out.append(sse_bytes({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": self.stop_sequence},
+                        "usage": dict(self.usage)}, "message_delta"))
+        out.append(sse_bytes({"type": "message_stop"}, "message_stop"))
+        return out
+
+    def finish_body(self, note: str | None) -> bytes:
+        msg = dict(self.first or {})
+        content = list(self.client_blocks)
+        stop = self.stop_reason
+        if note:
+            content.append({"type": "text", "text": note})
+            stop = "end_turn"
+        msg.update(content=content, stop_reason=stop, stop_sequence=self.stop_sequence,
+                   usage={**(msg.get("usage") or {}), **self.usage})
+        return json.dumps(msg).encode()
+
+
+API = WireFunctions(
+    name="anthropic.messages", model_api=True, parse_request=parse_request, prepare_request=prepare_request,
+    on_event=on_event, finish_stream=finish_stream, summarize=summarize, stream_error_event=stream_error_event,
+    adapter=AnthropicAdapter,
+)

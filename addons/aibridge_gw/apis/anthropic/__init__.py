@@ -1,0 +1,62 @@
+"""Anthropic (`type: anthropic`): the Messages API and its neighbours, served at the instance's base URL
+(which has no /v1: endpoint paths here are absolute)."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from ..base import endpoint
+from ..spend import SpendCodec
+from . import messages
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    407: "authentication_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+class Anthropic:
+    type = "anthropic"
+    public_hosts = ("api.anthropic.com",)
+    version_in_base_url = False
+    apis = MappingProxyType({a.name: a for a in (
+        messages.API,
+        SpendCodec("anthropic.complete", model_required=True, prompt_field="prompt"),
+        SpendCodec("anthropic.message_batches", batch_requests=True),
+    )})
+    endpoints = (
+        endpoint("POST", "/v1/messages", "anthropic.messages"),
+        endpoint("POST", "/v1/complete", "anthropic.complete"),
+        endpoint("POST", "/v1/messages/batches", "anthropic.message_batches"),
+        endpoint("POST", "/v1/messages/count_tokens"),
+        endpoint("GET", "/v1/models"),
+        endpoint("GET", "/v1/models/{id}"),
+        endpoint("GET", "/v1/messages/batches/{id}"),
+        endpoint("GET", "/v1/messages/batches/{id}/results"),
+        endpoint("POST", "/v1/messages/batches/{id}/cancel"),
+        endpoint("GET", "/v1/files/{id}"),
+        endpoint("GET", "/v1/files/{id}/content"),
+        endpoint("POST", "/v1/files"),
+        endpoint("DELETE", "/v1/files/{id}"),
+        # Claude Code reads its managed settings from the API host (proxy mode).
+        endpoint("GET", "/api/claude_code/settings"),
+        endpoint("GET", "/api/claude_code/policy_limits"),
+    )
+
+    @staticmethod
+    def auth_header(key: str) -> tuple[bytes, bytes]:
+        return b"x-api-key", key.encode()
+
+    @staticmethod
+    def error_body(status: int, message: str) -> dict:
+        etype = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": etype, "message": message}}
+
+
+PROVIDER = Anthropic()

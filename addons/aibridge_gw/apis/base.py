@@ -1,0 +1,151 @@
+"""The interface every provider and wire-API module implements, and the helpers they share.
+
+A *wire API* (`anthropic.messages`, `openai.chat`, `openai.embeddings`, …) is one request/response format: how to
+read a request, prepare it for upstream, fold a response (blocking or streamed) into a `ResponseSummary`, end a
+broken stream the API's own way, and, for chat APIs, the adapter the injected-tool loop drives. A *provider*
+(`anthropic`, `openai`, …) is what a config `type:` names: its endpoints (each mapped to a wire API or marked
+read-only), its public hosts, how its key travels, and its error bodies. `apis/__init__.py` is the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+from ..mcp.tools import Adapter
+from ..records import BadRequest, RequestInfo, ResponseSummary
+from ..sse import SSEEvent
+
+
+class WireApi(Protocol):
+    """One request/response format, recorded under `name`."""
+
+    name: str
+    model_api: bool  # a chat API: carries the user's prompt, MCP tools can be injected (needs `adapter`)
+    ends_at_eof: bool  # a stream without a final event: complete when it ends normally
+    adapter: type[Adapter] | None  # the injected-tool loop's adapter for this API
+
+    def parse_request(self, body: dict) -> RequestInfo:
+        """Facts for the record (model, stream, prompt, tool results); raises BadRequest."""
+
+    def prepare_request(self, body: dict) -> dict | None:
+        """The body to send upstream when the gateway must change it (e.g. ask for stream usage), else None."""
+
+    def on_event(self, ev: SSEEvent, s: ResponseSummary) -> None:
+        """Fold one server-sent event into the summary."""
+
+    def finish_stream(self, s: ResponseSummary) -> None:
+        """A stream ended (maybe early): close what is still open (tool calls, thinking)."""
+
+    def summarize(self, body: dict) -> ResponseSummary:
+        """The summary of a blocking JSON response."""
+
+    def stream_error_event(self, message: str, s: ResponseSummary) -> bytes:
+        """The bytes that end a stream with an error the API's SDKs raise (b"" when the API has none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint a provider serves through the gateway."""
+
+    methods: frozenset[str]
+    pattern: re.Pattern
+    label: str  # the route as a bounded metric label, e.g. "/v1/models/{id}"
+    api: str | None  # recorded under this wire API; None: read-only passthrough, not recorded
+
+
+def endpoint(methods: str, template: str, api: str | None = None) -> Endpoint:
+    regex = re.escape(template).replace(re.escape("{id}"), "[^/]+")
+    return Endpoint(frozenset(methods.split()), re.compile(f"^{regex}$"), template, api)
+
+
+class Provider(Protocol):
+    """What a config `type:` names."""
+
+    type: str
+    public_hosts: tuple[str, ...]  # intercepted in proxy mode by default
+    endpoints: tuple[Endpoint, ...]  # relative to the instance's base_url path
+    apis: Mapping[str, WireApi]  # the wire APIs its endpoints record
+    version_in_base_url: bool  # base URLs end in /v1, which clients may repeat in the path
+
+    def auth_header(self, key: str) -> tuple[bytes, bytes]:
+        """The upstream credential as a raw header field."""
+
+    def error_body(self, status: int, message: str) -> dict:
+        """An error in the provider's own JSON shape, so SDKs raise the right exception."""
+
+
+@dataclass(frozen=True)
+class WireFunctions:
+    """A WireApi made of a module's functions (the chat API modules)."""
+
+    name: str
+    model_api: bool
+    parse_request: Callable[[dict], RequestInfo]
+    prepare_request: Callable[[dict], dict | None]
+    on_event: Callable[[SSEEvent, ResponseSummary], None]
+    finish_stream: Callable[[ResponseSummary], None]
+    summarize: Callable[[dict], ResponseSummary]
+    stream_error_event: Callable[[str, ResponseSummary], bytes]
+    adapter: type[Adapter] | None = None
+    ends_at_eof: bool = False
+
+    def __post_init__(self) -> None:
+        if self.adapter is not None:
+            self.adapter.codec = self  # the loop folds each round with its own API's codec
+
+
+# --- helpers the API modules share -----------------------------------------------------------------
+
+
+def require_model(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model: a non-empty string is required")
+    return model
+
+
+def require_stream_flag(body: dict) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise BadRequest("stream: must be a boolean")
+    return stream
+
+
+def text_of(content: Any, text_types: tuple[str, ...]) -> str | None:
+    """Text of a message's content: a string, or the text parts of a list of content blocks."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = [
+        b["text"]
+        for b in content
+        if isinstance(b, dict) and b.get("type") in text_types and isinstance(b.get("text"), str)
+    ]
+    if not texts:
+        return None
+    # Coding agents wrap context in <system-reminder> blocks around the user's words; prefer the words.
+    own = [t for t in texts if not t.lstrip().startswith("<system-reminder>")]
+    return "\n".join(own or texts)
+
+
+def load_json_event(data: str):
+    """Parse an SSE data payload; None when it is not a JSON object (keep-alives, [DONE], junk)."""
+    if not data or data[0] != "{":
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def sse_bytes(obj: dict, event: str | None = None) -> bytes:
+    """One SSE event as the providers frame it."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
