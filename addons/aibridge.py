@@ -1,5 +1,27 @@
-"""mitmdump entry point: `mitmdump -s addons/aibridge.py`. Builds the addon chain; nothing else."""
+"""mitmdump entry point: `mitmdump -s addons/aibridge.py`. Builds the addon chain; nothing else.
 
-from aibridge_gw.addon import Gateway
+Order matters: `Runtime` loads the config every other addon reads; `ProxyMode` and `ControlPlane` answer what
+is not a provider call before the `Pipeline` sees it; `Observation` and `Capture` read what the pipeline decided.
+"""
 
-addons = [Gateway()]
+from aibridge_gw.capture import Capture
+from aibridge_gw.control_plane import ControlPlane
+from aibridge_gw.housekeeping import Housekeeping
+from aibridge_gw.observation import Observation
+from aibridge_gw.pipeline import Pipeline
+from aibridge_gw.proxy_mode import ProxyMode
+from aibridge_gw.runtime import Runtime
+
+runtime = Runtime()
+proxy_mode = ProxyMode(runtime)
+housekeeping = Housekeeping(runtime)
+
+addons = [
+    runtime,  # config, store, shared services
+    proxy_mode,  # tunnels, proxy credentials, egress policy
+    ControlPlane(runtime, proxy_mode, housekeeping),  # /aibridge/*: health, dashboard, metrics, admin API
+    Pipeline(runtime, proxy_mode),  # route → identify → admit → inject → upstream; tap → record
+    Observation(runtime),  # metrics and interception logs
+    Capture(runtime),  # forensic flow capture
+    housekeeping,  # retention, upstream timeouts, stall counters
+]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .config import Limits
 from .pricing import PriceTable
-from .records import TokenUsage
+from .records import TokenTotals, TokenUsage
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,9 @@ class Budgets:
         self._add(user_id, started, model, usages)
 
     def _add(self, user_id: str, started: dt.datetime, model: str | None, usages: list[TokenUsage]) -> None:
-        inp = sum(u.input_tokens for u in usages)
-        out = sum(u.output_tokens for u in usages)
-        cr = sum(u.cache_read_input_tokens for u in usages)
-        cw = sum(u.cache_write_input_tokens for u in usages)
-        self._tokens[(user_id, _day(started))] += inp + out + cr + cw
-        cost = self.prices.cost(model, inp, out, cr, cw)
+        t = TokenTotals.of(usages)
+        self._tokens[(user_id, _day(started))] += t.all
+        cost = self.prices.cost(model, t.input, t.output, t.cache_read, t.cache_write)
         if cost:
             self._usd[(user_id, _month(started))] += cost
 

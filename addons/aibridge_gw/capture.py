@@ -1,4 +1,4 @@
-"""Forensic capture: intercepted AI flows written to rotating mitmproxy flow files, secrets redacted first.
+"""The `Capture` addon — forensic capture: intercepted AI flows written to rotating mitmproxy flow files, secrets redacted first.
 
 The copy is redacted on the event loop (cheap header edits) and serialized by a background thread, so disk
 I/O never stalls other flows. Files open in mitmproxy/mitmweb and feed `aibridge replay`.
@@ -13,9 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from mitmproxy import http, io
+from mitmproxy import ctx, http, io
 
 from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, mask
+from .flowstate import STATE_KEY, state_of
+from .runtime import Runtime
 from .store.writer import private_file
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ def _redact(value: bytes) -> bytes:
 def redacted_copy(flow: http.HTTPFlow) -> http.HTTPFlow:
     """A copy of the flow whose credential headers are replaced by masked hints (one pass over the headers)."""
     copy = flow.copy()
+    copy.metadata.pop(STATE_KEY, None)  # live handles, never saved
     fields = copy.request.headers.fields
     if any(name.lower() in REDACTED_HEADERS for name, _ in fields):
         copy.request.headers.fields = tuple(
@@ -103,3 +106,54 @@ class FlowArchive:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class Capture:
+    """Writes every recorded exchange (not passthrough, not the gateway's own endpoints) to the archive."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.archive: FlowArchive | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "aibridge_flows", str, "",
+            "Directory for forensic flow capture of intercepted AI flows (credentials redacted); "
+            "overrides capture.directory in the config.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if self.rt.config is None or self.rt.store is None:
+            return
+        option = ctx.options.aibridge_flows
+        directory = Path(option).expanduser() if option else self.rt.config.capture.directory
+        if self.archive is not None:
+            if directory and self.archive.directory.resolve() == directory.resolve():
+                return
+            self.archive.close()
+            self.archive = None
+        if directory:
+            cap = self.rt.config.capture
+            self.archive = FlowArchive(directory, cap.max_bytes, cap.max_age_seconds).start()
+            # Keep streamed bodies on the flow so captured SSE responses can be analysed later.
+            ctx.options.update(store_streamed_bodies=True)
+            log.info("aibridge: capturing intercepted flows to %s", directory)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def _ended(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if self.archive is None or state is None or state.interception is None or state.outcome is None:
+            return
+        if not state.captured:
+            state.captured = True
+            self.archive.add(flow)
+
+    def done(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
+            self.archive = None

@@ -71,11 +71,7 @@ class Interception:
     parent_id: str | None = None
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
-    tap: StreamTap | None = field(default=None, repr=False)
     ended: bool = False
-    via_loop: bool = False
-    flow: http.HTTPFlow | None = field(default=None, repr=False)  # while live, for the upstream timeouts
-    forwarded_at: float = 0.0  # when the request went upstream (epoch seconds)
 
     @property
     def codec(self) -> WireApi:
@@ -95,7 +91,7 @@ class Interception:
 
 
 _METADATA_FIELDS = tuple(f for f in Interception.__dataclass_fields__
-                        if f not in ("info", "tap", "ended", "via_loop", "flow", "forwarded_at"))
+                        if f not in ("info", "ended"))
 NOT_JSON, NOT_OBJECT = "response body is not JSON", "response body is not a JSON object"
 
 
@@ -107,10 +103,11 @@ def is_json(resp: http.Response | None) -> bool:
     return resp is not None and "json" in resp.headers.get("content-type", "").lower()
 
 
-def conclude(ic: Interception, flow: http.HTTPFlow) -> tuple[ResponseSummary, int | None, str | None, dt.datetime]:
-    """What the provider said and how the exchange ended: (summary, http status, error or None, ended at)."""
+def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None
+             ) -> tuple[ResponseSummary, int | None, str | None, dt.datetime]:
+    """What the provider said and how the exchange ended: (summary, http status, error or None, ended at).
+    `tap` is the live stream tap, if one read the response as it passed."""
     resp = flow.response
-    tap = ic.tap
     loop = (flow.metadata.get(META_KEY) or {}).get("loop")
     error: str | None = None
     if loop is not None:  # the injected-tool loop recorded every round itself

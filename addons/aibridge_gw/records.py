@@ -16,6 +16,38 @@ class TokenUsage:
     cache_write_input_tokens: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def cached_inside(cls, response_id: str | None, input_with_cached: int, cached: int, output: int,
+                      metadata: dict[str, Any]) -> "TokenUsage":
+        """For providers whose input count includes the cached tokens (OpenAI): split them out, so input +
+        cache_read is what the provider reported and nothing is counted (or priced) twice."""
+        return cls(response_id, input_tokens=max(input_with_cached - cached, 0), output_tokens=output,
+                   cache_read_input_tokens=cached, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTotals:
+    """The sum of a call's usages (one per upstream round)."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+
+    @classmethod
+    def of(cls, usages: "list[TokenUsage]") -> "TokenTotals":
+        i = o = r = w = 0
+        for u in usages:
+            i += u.input_tokens
+            o += u.output_tokens
+            r += u.cache_read_input_tokens
+            w += u.cache_write_input_tokens
+        return cls(i, o, r, w)
+
+    @property
+    def all(self) -> int:
+        return self.input + self.output + self.cache_read + self.cache_write
+
 
 @dataclass(slots=True)
 class ToolCall:

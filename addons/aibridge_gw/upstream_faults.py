@@ -39,20 +39,21 @@ class UpstreamWatch:
 
     def __init__(self, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
-        self.reasons: dict[str, str] = {}  # flow id -> why the gateway aborted it
 
     def interval(self) -> float:
         t = self.timeouts
         return max(0.05, min(0.5, t.connect / 4, t.response / 4, t.stream_idle / 4))
 
-    def check(self, flows: list[tuple[http.HTTPFlow, float, object]]) -> None:
-        """flows: (flow, time the request was forwarded, stream tap or None). Cheap for flows within bounds."""
+    def check(self, states: list) -> None:
+        """states: the `FlowState`s of exchanges in flight (flow, forwarded_at, tap; the reason for an abort is
+        left in `abort_reason`). Cheap for flows within bounds."""
         now = time.time()
         t = self.timeouts
         server = ctx.master.addons.get("proxyserver")
         connections = getattr(server, "connections", {})
-        for flow, forwarded_at, tap in flows:
-            if flow.id in self.reasons or not forwarded_at:
+        for state in states:
+            flow, forwarded_at, tap = state.flow, state.forwarded_at, state.tap
+            if state.abort_reason is not None or not forwarded_at:
                 continue
             age = now - forwarded_at
             resp = flow.response
@@ -62,23 +63,23 @@ class UpstreamWatch:
                 transports = _transports(connections, flow)
                 pending = _pending_connect(transports, flow, now - t.connect) if age > t.connect else None
                 if pending is not None:
-                    self._abort(flow, transports, pending, f"could not connect to the provider within {t.connect:g} s")
+                    self._abort(state, transports, pending, f"could not connect to the provider within {t.connect:g} s")
                 elif age > t.response and flow.server_conn.timestamp_tcp_setup:
-                    self._abort(flow, transports, flow.server_conn, f"the provider did not answer within {t.response:g} s")
+                    self._abort(state, transports, flow.server_conn, f"the provider did not answer within {t.response:g} s")
             elif tap is not None:
                 if not tap.closed and now - max(tap.last_activity, resp.timestamp_start or 0) > t.stream_idle:
-                    self._abort(flow, _transports(connections, flow), flow.server_conn,
+                    self._abort(state, _transports(connections, flow), flow.server_conn,
                                 f"the provider's stream was silent for more than {t.stream_idle:g} s")
             elif not resp.stream and resp.timestamp_end is None and age > t.response:
-                self._abort(flow, _transports(connections, flow), flow.server_conn,
+                self._abort(state, _transports(connections, flow), flow.server_conn,
                             f"the provider did not finish its response within {t.response:g} s")
 
-    def _abort(self, flow: http.HTTPFlow, transports: dict, conn, reason: str) -> None:
+    def _abort(self, state, transports: dict, conn, reason: str) -> None:
         io = transports.get(conn)
         if io is None or io.handler is None:
             return
-        self.reasons[flow.id] = reason
-        log.warning("aibridge: aborting upstream of %s: %s", flow.id, reason)
+        state.abort_reason = reason
+        log.warning("aibridge: aborting upstream of %s: %s", state.flow.id, reason)
         io.handler.cancel(reason)
 
 

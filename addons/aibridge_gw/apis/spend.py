@@ -22,8 +22,7 @@ def usage_from(u: dict, response_id: str | None) -> TokenUsage:
     output = as_int(u.get("completion_tokens")) or as_int(u.get("output_tokens"))
     meta = {k: v for k, v in u.items()
             if k not in ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens") and v is not None}
-    return TokenUsage(response_id, input_tokens=max(given - cached, 0), output_tokens=output,
-                      cache_read_input_tokens=cached, metadata=meta)
+    return TokenUsage.cached_inside(response_id, given, cached, output, meta)
 
 
 class SpendCodec:

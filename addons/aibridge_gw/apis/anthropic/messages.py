@@ -10,6 +10,7 @@ from ...records import (
     RequestInfo,
     ResponseSummary,
     Thought,
+    TokenTotals,
     TokenUsage,
     ToolCall,
     as_int,
@@ -227,11 +228,11 @@ class AnthropicAdapter(Adapter):
         return self.body
 
     def _add_usage(self) -> None:
-        for u in self.summary.usages:
-            self.usage["input_tokens"] += u.input_tokens
-            self.usage["output_tokens"] += u.output_tokens
-            self.usage["cache_read_input_tokens"] += u.cache_read_input_tokens
-            self.usage["cache_creation_input_tokens"] += u.cache_write_input_tokens
+        t = TokenTotals.of(self.summary.usages)
+        self.usage["input_tokens"] += t.input
+        self.usage["output_tokens"] += t.output
+        self.usage["cache_read_input_tokens"] += t.cache_read
+        self.usage["cache_creation_input_tokens"] += t.cache_write
 
     def on_event(self, ev: SSEEvent) -> list[bytes]:
         self.fold(ev)

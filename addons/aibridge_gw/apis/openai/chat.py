@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
-from ...records import BadRequest, RequestInfo, ResponseSummary, Thought, TokenUsage, ToolCall, as_int
+from ...records import BadRequest, RequestInfo, ResponseSummary, Thought, TokenTotals, TokenUsage, ToolCall, as_int
 from ...sse import SSEEvent
 from ...mcp.tools import Adapter, ToolResult
 from ..base import WireFunctions, load_json_event, require_model, require_stream_flag, sse_bytes, text_of
@@ -56,13 +56,8 @@ def _usage(u: dict, response_id: str | None) -> TokenUsage:
     for k in ("completion_tokens_details", "prompt_tokens_details", "total_tokens"):
         if u.get(k) is not None:
             meta[k] = u[k]
-    return TokenUsage(
-        response_id,
-        input_tokens=max(as_int(u.get("prompt_tokens")) - cached, 0),
-        output_tokens=as_int(u.get("completion_tokens")),
-        cache_read_input_tokens=cached,
-        metadata=meta,
-    )
+    return TokenUsage.cached_inside(response_id, as_int(u.get("prompt_tokens")), cached,
+                                    as_int(u.get("completion_tokens")), meta)
 
 
 class _StreamState:
@@ -184,10 +179,10 @@ class ChatAdapter(Adapter):
         self.call_map, self.round_text, self.round_calls = {}, [], {}
 
     def _add_usage(self) -> None:
-        for u in self.summary.usages:
-            self.prompt += u.input_tokens + u.cache_read_input_tokens
-            self.completion += u.output_tokens
-            self.cached += u.cache_read_input_tokens
+        t = TokenTotals.of(self.summary.usages)
+        self.prompt += t.input + t.cache_read
+        self.completion += t.output
+        self.cached += t.cache_read
 
     def on_event(self, ev: SSEEvent) -> list[bytes]:
         self.fold(ev)

@@ -73,13 +73,8 @@ def _usage(u: dict, response_id: str | None) -> TokenUsage:
     itd = u.get("input_tokens_details") or {}
     cached = as_int(itd.get("cached_tokens"))
     meta = {k: u[k] for k in ("input_tokens_details", "output_tokens_details", "total_tokens") if u.get(k) is not None}
-    return TokenUsage(
-        response_id,
-        input_tokens=max(as_int(u.get("input_tokens")) - cached, 0),
-        output_tokens=as_int(u.get("output_tokens")),
-        cache_read_input_tokens=cached,
-        metadata=meta,
-    )
+    return TokenUsage.cached_inside(response_id, as_int(u.get("input_tokens")), cached,
+                                    as_int(u.get("output_tokens")), meta)
 
 
 def _output_item(item: dict, s: ResponseSummary) -> None:

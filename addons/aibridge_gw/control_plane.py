@@ -1,0 +1,159 @@
+"""The `ControlPlane` addon: the gateway's own endpoints under /aibridge — health, dashboard, Prometheus
+metrics, the admin API and the CLI's control endpoint. Only requests addressed to the gateway itself (see
+`ProxyMode.is_ours`) get here; nothing under /aibridge is ever relayed."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+from pathlib import Path
+
+from mitmproxy import ctx, http
+
+from .admin_api import PREFIX as API_PREFIX
+from .admin_api import error as api_error
+from .auth import credential_from_headers
+from .control import CONTROL_PATH
+from .errors import error_response
+from .proxy_mode import ProxyMode
+from .runtime import Runtime
+from .store import ops
+
+log = logging.getLogger("aibridge")
+
+DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
+DASHBOARD_JS = Path(__file__).parent / "dashboard" / "dashboard.js"
+DASHBOARD_HEADERS = {
+    "cache-control": "no-cache",
+    "content-security-policy": ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self' "
+                                "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+                                "form-action 'none'"),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+class ControlPlane:
+    def __init__(self, runtime: Runtime, proxy: ProxyMode, health) -> None:
+        self.rt = runtime
+        self.proxy = proxy
+        self.health = health  # Housekeeping: event-loop and GC stall counters
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or self.rt.router is None or not flow.live:
+            return
+        path = flow.request.path
+        if not (path.startswith("/aibridge/") or path.split("?")[0] == "/aibridge") or not self.proxy.is_ours(flow):
+            return
+        try:
+            await self._answer(flow)
+        except Exception:
+            log.exception("aibridge: a control-plane request failed")
+            flow.response = error_response(None, 500, "aibridge: internal error")
+
+    async def _answer(self, flow: http.HTTPFlow) -> None:
+        req, rt = flow.request, self.rt
+        path = req.path.split("?")[0]
+        if path == "/aibridge/healthz":
+            self._health(flow)
+        elif path in ("/aibridge", "/aibridge/", "/aibridge/dashboard"):
+            flow.response = http.Response.make(200, DASHBOARD.read_bytes(), {
+                "content-type": "text/html; charset=utf-8", **DASHBOARD_HEADERS})
+        elif path == "/aibridge/dashboard.js":
+            flow.response = http.Response.make(200, DASHBOARD_JS.read_bytes(), {
+                "content-type": "text/javascript; charset=utf-8", **DASHBOARD_HEADERS})
+        elif path == "/aibridge/metrics":
+            if rt.config.metrics_token is not None:
+                given = credential_from_headers(req.headers) or ""
+                if not hmac.compare_digest(given.encode(), rt.config.metrics_token.encode()):
+                    flow.response = http.Response.make(401, b"aibridge: metrics need a bearer token\n",
+                                                       {"www-authenticate": 'Bearer realm="aibridge-metrics"'})
+                    return
+            flow.response = http.Response.make(200, rt.metrics.render(), {"content-type": rt.metrics.content_type})
+        elif path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
+            await self._admin_api(flow)
+        elif path == CONTROL_PATH and req.method == "POST":
+            await self._control_op(flow)
+        else:
+            flow.response = error_response(None, 404, f"unknown endpoint {path}")
+
+    def _health(self, flow: http.HTTPFlow) -> None:
+        req, rt = flow.request, self.rt
+        if "reset" in req.path.partition("?")[2]:
+            # Counters are evidence (stalls, dead letters): only an admin may zero them.
+            actor = rt.check_token(flow, credential_from_headers(req.headers), None)
+            if flow.response is not None:
+                return
+            if actor is None or actor.role != "admin":
+                flow.response = api_error(403 if actor else 401, "resetting health counters needs an admin token")
+                return
+        store = rt.store
+        dead = store.dead_lettered if store else 0
+        flow.response = _json(200 if store else 503, {
+            "status": "ok" if store else "unavailable", "inflight": len(rt.inflight),
+            "records_written": store.written if store else 0,
+            "records_failed": dead, "records_dead_lettered": dead,
+            "stale_interceptions_closed": store.stale_closed if store else 0,
+            "event_loop_lag_max_ms": round(self.health.loop_lag_max * 1000, 2),
+            "gc_pause_max_ms": round(self.health.gc_pause_max * 1000, 2),
+            "connections": len(getattr(ctx.master.addons.get("proxyserver"), "connections", ())),
+            "tasks": len(asyncio.all_tasks()),
+        })
+        if "reset_lag=1" in req.path:
+            self.health.loop_lag_max = self.health.gc_pause_max = 0.0
+
+    async def _admin_api(self, flow: http.HTTPFlow) -> None:
+        rt = self.rt
+        if rt.tokens.lookup(credential_from_headers(flow.request.headers)) is None:
+            if rt.auth_failed(flow, None):
+                return
+        else:
+            await self._flushed()  # read your writes: what finished before this query is in its answer
+        try:
+            flow.response = await rt.api.handle(flow)
+        except Exception as e:
+            log.exception("admin API failed")
+            flow.response = api_error(500, f"{type(e).__name__}: {e}")
+
+    async def _control_op(self, flow: http.HTTPFlow) -> None:
+        """The CLI's store operations, run by the gateway's own writer (DuckDB allows one writing process)."""
+        req, rt = flow.request, self.rt
+        given = credential_from_headers(req.headers) or ""
+        if not rt.control_secret or not hmac.compare_digest(given.encode(), rt.control_secret.encode()):
+            flow.response = error_response(None, 401, "control endpoint: bad or missing secret")
+            return
+        try:
+            payload = json.loads(req.content or b"")
+            fn, writes = ops.OPS[payload["op"]]
+            call = functools.partial(fn, **(payload.get("args") or {}))
+        except (ValueError, KeyError, TypeError) as e:
+            flow.response = error_response(None, 400, f"bad control request: {e}")
+            return
+        if not writes:
+            await self._flushed()
+        fut = rt.store.call(call) if writes else rt.store.read(call)
+        try:
+            result = await asyncio.wrap_future(fut)
+        except (ops.OpError, TypeError) as e:
+            flow.response = error_response(None, 400, str(e))
+            return
+        except Exception as e:
+            log.exception("control op failed")
+            flow.response = error_response(None, 500, f"{type(e).__name__}: {e}")
+            return
+        flow.response = _json(200, {"result": result})
+
+    async def _flushed(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until records queued so far are committed, so a query sees finished interceptions."""
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.rt.store.flush()), timeout)
+        except (asyncio.TimeoutError, Exception) as e:
+            log.warning("aibridge: records not flushed before a query (%s); it may miss the newest", type(e).__name__)
+
+
+def _json(status: int, obj) -> http.Response:
+    return http.Response.make(status, json.dumps(obj).encode(), {"content-type": "application/json"})

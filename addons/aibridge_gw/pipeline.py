@@ -1,0 +1,419 @@
+"""The `Pipeline` addon: one way through for every provider call.
+
+request:  route (which provider, endpoint and wire API) → identify (gateway token, proxy credentials or the
+          user's own key) → admit (body limits, circuit breaker, budget) → inject (central MCP tools) →
+          upstream (canonical path, swapped credentials) or the injected-tool loop
+response: tap (streams are read as they pass, never buffered) → record (one row per call, always ended)
+
+Everything it learns about a flow lives in one `FlowState` in `flow.metadata`; the wire formats are in `apis/`,
+the rows in `recording.py`. Observation and capture run after it and read what it decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from mitmproxy import http
+from mitmproxy.net.http.url import hostport
+
+from . import bodies, patches
+from .apis import MODEL_APIS, WIRE_APIS
+from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, AuthRefused, Identity, identify, mask
+from .breaker import is_failure
+from .clients import detect_client, detect_session
+from .errors import error_response
+from .flowstate import STATE_KEY, FlowState, Outcome, state_of
+from .logsafe import printable
+from .mcp.loop import LoopJob, upstream_headers
+from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
+from .records import BadRequest, ResponseSummary
+from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
+from .routing import BadPath, Route
+from .runtime import Runtime
+from .tap import StreamTap
+from .upstream_faults import ClientEnding
+
+log = logging.getLogger("aibridge")
+OFF_LOOP_BYTES = 256 * 1024  # request bodies larger than this are decoded and parsed on a worker thread
+
+
+class Pipeline:
+    def __init__(self, runtime: Runtime, proxy: ProxyMode) -> None:
+        self.rt = runtime
+        self.proxy = proxy
+
+    def load(self, loader) -> None:
+        patches.install(self._client_ending)
+
+    # --- request -----------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse oversized bodies before reading them."""
+        if self.rt.router is None or not flow.live:
+            return
+        limit = self.rt.config.max_request_body_bytes
+        length = flow.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            flow.response = error_response(
+                self.proxy.provider_type(flow), 413,
+                f"aibridge: request body of {int(length)} bytes exceeds the {limit} byte limit")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or self.rt.router is None or not flow.live:
+            return
+        try:
+            await self._request(flow)
+        except Exception as e:  # a hostile request must get an answer, never a traceback in a hook
+            deep = isinstance(e, RecursionError)
+            if not deep:
+                log.exception("aibridge: handling a request failed")
+            self._abandon(flow)
+            try:
+                ptype = self.proxy.provider_type(flow)
+            except Exception:
+                ptype = None
+            flow.response = error_response(
+                ptype, 400 if deep else 500,
+                "aibridge: the request body is nested too deeply" if deep else "aibridge: internal error")
+
+    def _abandon(self, flow: http.HTTPFlow) -> None:
+        """Forget a flow the pipeline gave up on; an interception already started ends failed."""
+        state = state_of(flow)
+        if state is None or state not in self.rt.inflight:
+            return
+        self.rt.inflight.discard(state)
+        error, ended_at = "aibridge: internal error", at(None)
+        status = self.rt.recorder.ended(state.interception, ResponseSummary(), None, error, ended_at)
+        state.outcome = Outcome(status, ResponseSummary(), None, error, ended_at)
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
+        route = self._route(flow)
+        if route is None:
+            return
+        req = flow.request
+        hv = header_view(req.headers)
+        if hv.get("upgrade", "").lower() == "websocket":
+            # Codex CLI tries the Responses API over a WebSocket first, and the Realtime API speaks nothing else.
+            # Relayed, those model calls would bypass recording, budgets and MCP injection; 426 is the one answer
+            # Codex takes as "use HTTP" at once (any other refusal costs five retries first).
+            flow.response = error_response(
+                route.provider.type, 426,
+                "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
+            return
+        ident = self._identify(flow, route, hv)
+        if ident is None or not self._admissible(flow, route, ident):
+            return
+        state = flow.metadata[STATE_KEY] = FlowState(flow, route)
+        adapter = None
+        if route.api:
+            begun = await self._begin(flow, route, ident, hv)
+            if begun is None:
+                return
+            ic, body = begun
+            state.interception = ic
+            if not await self._admit(flow, state):
+                return
+            if body is not None and ic.api in MODEL_APIS:
+                adapter = await self._injection(flow, ic, body)
+            self.rt.recorder.started(ic)
+            self.rt.inflight.add(state)
+            flow.metadata[META_KEY] = ic.to_metadata()
+        elif not route.known:
+            log.info("aibridge: relaying %s %s unrecorded with the user's own credential (user %s)",
+                     req.method, printable(route.upstream_path.split("?")[0]), ident.actor.user_name)
+        self._to_upstream(flow, state, ident)
+        if adapter is not None:
+            self._to_loop(flow, state, ident, adapter)
+        state.forwarded_at = time.time()
+
+    def _route(self, flow: http.HTTPFlow) -> Route | None:
+        """The provider endpoint this request is for; None (with an answer on the flow, unless it is not the
+        pipeline's: the gateway's own endpoints, or proxied traffic to other hosts) when there is none."""
+        req, router = flow.request, self.rt.router
+        try:
+            if self.proxy.is_ours(flow):
+                route = router.match_prefix(req.path, req.method)
+                if route is None:
+                    flow.response = error_response(
+                        None, 404, f"no provider is served at {printable(req.path.split('?')[0])!r}; use "
+                        f"/<provider>/… (configured: {', '.join('/' + p.name for p in self.rt.config.providers)})")
+                return route
+            ai_host = self.proxy.ai_host(flow)
+            return router.match_host(ai_host, req.path, req.method) if ai_host else None
+        except BadPath as e:
+            flow.response = error_response(self.proxy.provider_type(flow), 400, f"aibridge: bad request path: {e}")
+            return None
+
+    def _identify(self, flow: http.HTTPFlow, route: Route, hv: dict[str, str]) -> Identity | None:
+        proxy_actor = self.proxy.actor(flow)
+        if flow.response is not None:
+            return None
+        config = self.rt.config
+        if proxy_actor is None and config.proxy.require_auth is True and not self.proxy.is_ours(flow):
+            flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
+            return None
+        try:
+            return identify(hv, proxy_actor, self.rt.tokens, config.proxy.byok)
+        except AuthRefused as e:
+            if not self.rt.auth_failed(flow, route.provider.type):
+                flow.response = error_response(route.provider.type, 401, str(e))
+            return None
+
+    def _admissible(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> bool:
+        """Checks that need no body: size, a reviewed endpoint, a key to send."""
+        req = flow.request
+        if len(req.raw_content or b"") > self.rt.config.max_request_body_bytes:  # chunked: no length header
+            flow.response = error_response(route.provider.type, 413, "aibridge: request body too large")
+            return False
+        if route.api is None and not route.known and ident.byok_credential is None:
+            # Nobody reviewed this endpoint: it may spend money unrecorded, so the central key never goes there.
+            flow.response = error_response(
+                route.provider.type, 404,
+                f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
+                f"gateway relays (provider {route.provider.name!r})")
+            return False
+        if ident.byok_credential is None and not route.provider.key:
+            flow.response = error_response(
+                route.provider.type, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"
+            )
+            return False
+        return True
+
+    async def _admit(self, flow: http.HTTPFlow, state: FlowState) -> bool:
+        """The circuit breaker and the user's budget; a refusal is answered (and a budget refusal recorded)."""
+        rt, route, ic = self.rt, state.route, state.interception
+        key = (route.provider.name, route.label, rt.metrics.model_label(ic.info.model))
+        wait = rt.breakers.allow(key)
+        if wait is not None:
+            msg = f"aibridge: {route.provider.name} {route.label} {key[2]} is failing; circuit open"
+            flow.response = error_response(route.provider.type, 503, msg, {"retry-after": str(wait)})
+            return False
+        state.breaker_key = key
+        await rt.recorder.link_thread(ic)
+        if rt.budgets is not None:
+            refusal = rt.budgets.check(ic.user_id, ic.user_name)
+            if refusal is not None:
+                rt.recorder.rejected(ic, 429, refusal.message)
+                flow.response = error_response(route.provider.type, 429, refusal.message,
+                                               {"retry-after": str(refusal.retry_after)})
+                log.info("interception %s user=%s rejected: %s", ic.id, ic.user_name, refusal.message)
+                return False
+        return True
+
+    async def _begin(self, flow: http.HTTPFlow, route: Route, ident: Identity, hv: dict[str, str]
+                     ) -> tuple[Interception, dict | None] | None:
+        """Read the request (decoded with a cap, off the event loop when large) and open its interception."""
+        req = flow.request
+        codec = WIRE_APIS[route.api]
+        limit = self.rt.config.max_request_body_bytes
+        raw = req.raw_content or b""
+        encoding = hv.get("content-encoding", "")
+        ctype = hv.get("content-type", "").lower()
+        multipart = ctype.startswith("multipart/form-data")
+
+        def read():
+            data = bodies.decode(raw, encoding, limit) if encoding else raw
+            if multipart:
+                return data, bodies.form_fields(hv.get("content-type", ""), data)
+            if not data.strip() and not codec.model_api:
+                return data, {}
+            return data, bodies.parse_json(data)
+
+        try:
+            # Decompression output is bounded by the limit, not the input: any encoded body goes to a thread.
+            data, body = await asyncio.to_thread(read) if encoding or len(raw) > OFF_LOOP_BYTES else read()
+            if not isinstance(body, dict):
+                raise BadRequest("request body must be a JSON object")
+            info = codec.parse_request(body)
+            changed = None if multipart else codec.prepare_request(body)
+        except bodies.BodyTooLarge as e:
+            flow.response = error_response(route.provider.type, 413, f"aibridge: {e}")
+            return None
+        except (bodies.BadBody, BadRequest) as e:
+            flow.response = error_response(route.provider.type, 400, f"aibridge: {e}")
+            return None
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:  # a field of the wrong type
+            flow.response = error_response(route.provider.type, 400,
+                                           f"aibridge: the request body has an unexpected shape ({type(e).__name__})")
+            return None
+        if encoding:  # forward what was parsed: the provider sees exactly the body the gateway recorded
+            req.headers.pop("content-encoding", None)
+            req.content = data
+        if multipart:
+            body = None  # forwarded as sent; only its fields were read
+        elif changed is not None:
+            req.content = json.dumps(changed, ensure_ascii=False).encode()
+            body = changed
+        byok = ident.byok_credential
+        ic = Interception(
+            id=flow.id,
+            user_id=ident.actor.user_id,
+            user_name=ident.actor.user_name,
+            provider_type=route.provider.type,
+            provider_name=route.provider.name,
+            api=route.api,
+            client=detect_client(hv),
+            user_agent=hv.get("user-agent"),
+            session_id=detect_session(hv, info.session_hint),
+            credential_kind="byok" if byok else "centralized",
+            credential_hint=mask(byok or route.provider.key),
+            upstream_path=route.upstream_path.split("?")[0],
+            started_at=at(req.timestamp_start),
+            route=route.label,
+            info=info,
+        )
+        return ic, body
+
+    async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
+        """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
+        rt = self.rt
+        if rt.mcp is None or rt.loop is None:
+            return None
+        tools = await rt.mcp.tools_for(ic.user_id)
+        if not tools:
+            return None
+        client_usage = bool((ic.info.raw_stream_options or {}).get("include_usage"))
+        max_tools = rt.config.mcp.max_tools
+        adapter = ic.codec.adapter(body, tools, ic.info.stream, max_tools=max_tools, client_wants_usage=client_usage)
+        flow.request.content = json.dumps(adapter.inject(), ensure_ascii=False).encode()
+        if adapter.trimmed:
+            log.warning("interception %s: %d injected tool(s) left out to stay within %d tools",
+                        ic.id, adapter.trimmed, max_tools)
+        return adapter
+
+    def _to_upstream(self, flow: http.HTTPFlow, state: FlowState, ident: Identity) -> None:
+        """Point the request at the provider and swap credentials, in one pass over the raw request data:
+        mitmproxy's property setters and Headers API re-derive Host/authority and re-scan headers per call."""
+        route = state.route
+        req, prov = flow.request, route.provider
+        host = hostport(prov.scheme, prov.host, prov.port).encode()
+        d = req.data
+        d.scheme, d.host, d.port = prov.scheme.encode(), prov.host, prov.port
+        d.path = route.upstream_path.encode("utf-8", "surrogateescape")
+        h2 = req.is_http2 or req.is_http3
+        if h2 or d.authority:
+            d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
+        recorded = state.interception is not None
+        drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
+        fields, had_host = [], False
+        for f in d.headers.fields:
+            name = f[0].lower()
+            if name == b"host":
+                fields.append((f[0], host))
+                had_host = True
+            elif name not in drop and not (recorded and name == b"accept-encoding"):
+                fields.append(f)
+        if not had_host and not h2:
+            fields.insert(0, (b"host", host))
+        if ident.byok_credential is None:
+            fields.append(prov.auth_header)
+        if recorded:
+            fields.append((b"accept-encoding", b"identity"))  # the stream tap parses bytes as they pass
+        d.headers.fields = tuple(fields)
+
+    def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter) -> None:
+        """Hand the flow to the in-process loop endpoint; mitmproxy relays what it produces."""
+        req, loop = flow.request, self.rt.loop
+        job = LoopJob(
+            url=req.url, headers=upstream_headers(req.headers), adapter=adapter,
+            provider_type=state.route.provider.type, user_id=ident.actor.user_id,
+            max_rounds=self.rt.config.mcp.max_rounds, metadata=flow.metadata[META_KEY],
+        )
+        path = loop.register(flow.id, job)
+        req.scheme, req.host, req.port = "http", "127.0.0.1", loop.port
+        req.host_header = f"127.0.0.1:{loop.port}"
+        req.path = path
+        state.via_loop = True
+
+    # --- response ----------------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or not state.forwarded_at:
+            return
+        ic = state.interception
+        if ic is None:
+            flow.response.stream = True  # passthrough: relayed as it comes
+            return
+        if not (200 <= flow.response.status_code < 300 and is_sse(flow.response)):
+            if not ic.codec.model_api and not is_json(flow.response):
+                flow.response.stream = True  # audio, images as bytes: relayed as they come, nothing to read
+            return
+        if state.via_loop:
+            flow.response.stream = True  # the loop records every round itself; relay its events as they come
+        else:
+            state.tap = StreamTap(ic.codec)
+            flow.response.stream = state.tap
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = self._finish(flow)
+        if state is None:
+            return
+        error = state.outcome.error if state.outcome else None
+        if (error in (NOT_JSON, NOT_OBJECT) and flow.live and 200 <= flow.response.status_code < 300
+                and state.interception.codec.model_api):
+            # An SDK cannot parse this; say what happened in the provider's format (the record keeps the truth).
+            flow.response = error_response(state.interception.provider_type, 502,
+                                           f"aibridge: the provider's {error}")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> FlowState | None:
+        """Record how the exchange ended; returns the flow's state if it was a recorded interception."""
+        rt = self.rt
+        if not flow.live:
+            if rt.recorder is not None:  # mitmdump -nr <saved flows>: rebuild their audit rows
+                rt.recorder.replay(flow)
+            return None
+        state = state_of(flow)
+        if state is None or state not in rt.inflight:
+            return None
+        rt.inflight.discard(state)
+        ic = state.interception
+        summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
+        if state.breaker_key is not None and not _client_gone(flow):
+            rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
+        status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
+        state.outcome = Outcome(status, summary, status_code, error, ended_at)
+        if status and rt.budgets is not None:
+            rt.budgets.record(ic.user_id, ic.started_at, summary.model or ic.info.model, summary.usages)
+        return state
+
+    def _client_ending(self, flow: http.HTTPFlow, message: str) -> ClientEnding | None:
+        """The provider failed this exchange: what its client should get (None: mitmproxy's default)."""
+        state = state_of(flow)
+        if state is None or state not in self.rt.inflight:
+            return None
+        reason = state.abort_reason
+        text = reason or f"the provider's connection failed: {message}"
+        resp = flow.response
+        if resp is not None and resp.stream:  # the client has the headers: end its stream the API's way
+            if state.tap is None:
+                return None
+            return ClientEnding(text, stream_tail=state.tap.upstream_failed(text))
+        return ClientEnding(text, response=error_response(state.route.provider.type, 504 if reason else 502,
+                                                          f"aibridge: {text}"))
+
+
+_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",))
+_DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+def header_view(headers: http.Headers) -> dict[str, str]:
+    """The request's headers as a plain dict with lower-case names (repeated ones joined, as Headers does)."""
+    out: dict[str, str] = {}
+    for k, v in headers.fields:
+        name = k.decode("latin-1").lower()
+        value = v.decode("utf-8", "surrogateescape")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _client_gone(flow: http.HTTPFlow) -> bool:
+    """A client that hung up says nothing about the provider's health."""
+    msg = (flow.error.msg if flow.error else "").lower()
+    return flow.response is not None and ("client" in msg or "killed" in msg)

@@ -1,0 +1,152 @@
+"""The `ProxyMode` addon: proxy-mode (HTTPS_PROXY) policy. Which tunnels are opened and decrypted (only AI
+hosts), who a tunnel belongs to (proxy credentials), where non-AI traffic may go (the egress policy), and which
+requests are the gateway's own rather than proxied. The pipeline asks it the last two questions."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import connection, http, tls
+
+from .auth import Actor, proxy_token
+from .logsafe import printable
+from .patches import ABSOLUTE, ORIGIN, request_form
+from .routing import BadPath
+from .runtime import Runtime
+
+log = logging.getLogger("aibridge")
+PROXY_AUTH_REQUIRED = {"proxy-authenticate": 'Basic realm="aibridge"'}
+
+
+class ProxyMode:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.actors: dict[str, Actor] = {}  # client connection id -> identity from CONNECT auth
+        self.tunnels: set[str] = set()  # client connections that went through CONNECT
+
+    # --- hooks ---------------------------------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """CONNECT: take the user's identity from proxy credentials; apply the egress policy."""
+        if self.rt.router is None:
+            return
+        self.tunnels.add(flow.client_conn.id)
+        req = flow.request
+        actor = await self._admit(flow, req.host, req.port, self.rt.router.is_ai_host(req.host))
+        if actor is not None and flow.response is None:
+            self.actors[flow.client_conn.id] = actor
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if self.rt.router is not None and not self.rt.router.is_ai_host(data.client_hello.sni):
+            data.ignore_connection = True  # never decrypt what is not an AI API
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """A proxied request to a non-AI host: relayed untouched if the policy admits it (a tunnel's address was
+        checked at CONNECT), but the gateway's credentials never travel on."""
+        if flow.response is not None or self.rt.router is None or not flow.live:
+            return
+        if self.is_ours(flow) or self.ai_host(flow):
+            return  # the pipeline's
+        req = flow.request
+        await self._admit(flow, req.host, req.port, ai=False, check_address=flow.client_conn.id not in self.tunnels)
+        req.headers.pop("proxy-authorization", None)
+
+    async def server_connect(self, data) -> None:
+        """Last line of the egress policy: every upstream connection the gateway did not choose itself goes to
+        an address checked here, pinned so a DNS answer cannot change between the check and the connect."""
+        if self.rt.egress is None or data.server.address is None:
+            return
+        host, port = data.server.address[0], data.server.address[1]
+        if self.rt.chosen_upstream(host, port) or self.rt.router.is_ai_host(host):
+            return
+        why, ip = await self.rt.egress.check(host, port)
+        if why:
+            log.warning("aibridge: refused upstream connection to %s:%s: %s", printable(host), port, printable(why))
+            data.server.error = f"aibridge: egress refused: {why}"
+        elif ip is not None and ip != host:
+            if data.server.sni is None and data.server.tls:
+                data.server.sni = host
+            data.server.address = (ip, port)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.actors.pop(client.id, None)
+        self.tunnels.discard(client.id)
+
+    # --- questions the pipeline asks -----------------------------------------------------------------
+
+    def is_ours(self, flow: http.HTTPFlow) -> bool:
+        """Requests for the gateway itself (base-URL mode and its own endpoints), whatever their Host header says.
+        An origin-form request on the listener always is; an absolute-form one (a plain-HTTP proxy request) only
+        when it names the listener's port and one of the gateway's paths. Never a request inside a CONNECT tunnel."""
+        if flow.client_conn.id in self.tunnels:
+            return False
+        req = flow.request
+        form = request_form(req)
+        if form == ORIGIN:
+            return True
+        sock = flow.client_conn.sockname
+        to_listener = req.scheme == "http" and bool(sock) and req.port == sock[1]
+        if form == ABSOLUTE:
+            return to_listener and self.rt.router.is_prefixed(req.path)
+        return self.rt.router.is_prefixed(req.path) or to_listener  # HTTP/2: no request line to tell by
+
+    def ai_host(self, flow: http.HTTPFlow) -> str | None:
+        """The AI host a proxied request is for: its target, or, inside a tunnel opened to a bare IP address, the
+        TLS server name the client asked for (the gateway decrypted the tunnel because of that name)."""
+        router, req = self.rt.router, flow.request
+        if router.is_ai_host(req.host):
+            return req.host
+        sni = flow.client_conn.sni
+        if sni and flow.client_conn.id in self.tunnels and router.is_ai_host(sni):
+            return sni
+        return None
+
+    def provider_type(self, flow: http.HTTPFlow) -> str | None:
+        """The provider type whose error format answers this request (None: the gateway's own)."""
+        router, req = self.rt.router, flow.request
+        try:
+            if self.is_ours(flow):
+                route = router.match_prefix(req.path, req.method)
+            else:
+                host = self.ai_host(flow)
+                route = router.match_host(host, req.path, req.method) if host else None
+        except BadPath:
+            prov = router.by_prefix.get(req.path.lstrip("/").split("/")[0]) or router.by_host.get(
+                (req.host or "").lower())
+            return prov.type if prov else None
+        return route.provider.type if route else None
+
+    def actor(self, flow: http.HTTPFlow) -> Actor | None:
+        """The user named by proxy credentials (at CONNECT, or on this plain-HTTP request); None without any.
+        Invalid credentials leave a 407 (or, past the throttle, a 429) on the flow."""
+        actor = self.actors.get(flow.client_conn.id)
+        given = proxy_token(flow.request.headers.get("proxy-authorization")) if actor is None else None
+        if given is None:
+            return actor
+        actor = self.rt.check_token(flow, given, self.provider_type(flow))
+        if actor is None and flow.response is None:
+            flow.response = http.Response.make(407, b"aibridge: invalid proxy credentials\n", PROXY_AUTH_REQUIRED)
+        return actor
+
+    async def _admit(self, flow: http.HTTPFlow, host: str, port: int, ai: bool,
+                     check_address: bool = True) -> Actor | None:
+        """The egress policy for a CONNECT or a plain-HTTP proxy request: non-AI hosts need proxy credentials
+        (unless the admin chose an open relay) and never resolve to the gateway's own machine. Returns the user
+        named by proxy credentials; a refusal is left on the flow."""
+        policy = self.rt.config.proxy
+        if not ai and policy.egress == "ai-only":
+            flow.response = http.Response.make(403, b"aibridge: egress to non-AI hosts is disabled\n")
+            return None
+        actor = self.actor(flow)
+        if flow.response is not None:
+            return None
+        if actor is None and (policy.require_auth is True or (not ai and policy.require_auth is None)):
+            what = "proxy credentials required" if ai else "proxy credentials required to reach non-AI hosts"
+            flow.response = http.Response.make(407, f"aibridge: {what}\n".encode(), PROXY_AUTH_REQUIRED)
+            return None
+        if not ai and check_address:
+            why, _ = await self.rt.egress.check(host, port)
+            if why:
+                log.warning("aibridge: refused proxying to %s:%s: %s", printable(host), port, printable(why))
+                flow.response = http.Response.make(403, f"aibridge: egress refused: {why}\n".encode())
+        return actor

@@ -1,0 +1,242 @@
+"""The `Runtime` addon: reads the config and owns what the other addons share — the store and its writer, the
+token directory, budgets, circuit breakers, metrics, the MCP registry and tool loop, and the set of flows in
+flight. It is listed first, so every other addon's `configure` sees the config it loaded, and its `done` runs
+the shutdown that must happen in order (end in-flight records, then close the store)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.log import LegacyLogEvents
+
+from .admin_api import AdminApi
+from .auth import Actor, TokenDirectory
+from .breaker import CircuitBreakers
+from .budgets import Budgets
+from .config import Config, ConfigError, Limits, load_config
+from .control import remove_runtime_file, write_runtime_file
+from .egress import EgressPolicy, local_addresses
+from .errors import error_response
+from .flowstate import FlowState
+from .mcp.loop import LoopServer
+from .mcp.registry import McpRegistry
+from .metrics import Metrics
+from .pricing import PriceTable
+from .records import ResponseSummary
+from .recording import Recorder, at
+from .routing import Router
+from .store import ops
+from .store.writer import Store
+from .throttle import AuthThrottle
+from .upstream_faults import UpstreamWatch
+
+log = logging.getLogger("aibridge")
+# One line per interception. Wired to the terminal handlers directly (see `running`): through the root logger
+# every record also becomes mitmproxy's deprecated `add_log` hook, a cross-thread call and a dispatch to every
+# addon — too much to pay on each request.
+interception_log = logging.getLogger("aibridge.interceptions")
+
+
+def tune_logging() -> None:
+    """Process-wide logging settings, applied when mitmproxy loads the addon (never at import: the CLI and
+    tests import this module too)."""
+    # The optimisations the logging HOWTO documents: no caller-frame walk, thread or process lookup per record
+    # (mitmproxy's formatters print none of them).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
+    for noisy in ("httpx", "httpcore", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.config: Config | None = None
+        self.router: Router | None = None
+        self.store: Store | None = None
+        self.recorder: Recorder | None = None
+        self.tokens = TokenDirectory()
+        self.mcp_tokens: dict[tuple[str, str], str] = {}
+        self.mcp: McpRegistry | None = None
+        self.loop: LoopServer | None = None
+        self.metrics: Metrics | None = None
+        self.api: AdminApi | None = None
+        self.budgets: Budgets | None = None
+        self.breakers: CircuitBreakers | None = None
+        self.egress: EgressPolicy | None = None
+        self.throttle: AuthThrottle | None = None
+        self.watch: UpstreamWatch | None = None
+        self.own_addresses: set = set()  # the listener's addresses, found once it listens (egress never goes there)
+        self.control_secret: str | None = None
+        self.inflight: set[FlowState] = set()  # recorded exchanges between their request and their end
+
+    def load(self, loader) -> None:
+        # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
+        os.umask(0o077)
+        tune_logging()
+        loader.add_option(
+            "aibridge_config", str, "",
+            "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if ctx.options.connection_strategy != "lazy":
+            # Eager connects to the CONNECT target before any hook runs; AI hosts are re-routed to their
+            # configured base_url, which only works when the upstream connection waits for the request.
+            log.info("aibridge: setting connection_strategy=lazy (required to route intercepted hosts)")
+            ctx.options.update(connection_strategy="lazy")
+        if self.config is None or "aibridge_config" in updated:
+            self._load_config()
+
+    def _load_config(self) -> None:
+        try:
+            config = load_config(ctx.options.aibridge_config or None)
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"aibridge: {e}") from None
+        if self.store is not None and config.duckdb_path.resolve() != self.store.path.resolve():
+            raise exceptions.OptionsError("aibridge: storage.duckdb cannot change while the gateway runs")
+        self.config, self.router = config, Router(config)
+        self.throttle = AuthThrottle(config.auth_failures_per_minute)
+        self.egress = EgressPolicy(config.proxy.allow_addresses, self.own_addresses)
+        for note in config.public_host_notes:
+            log.info("aibridge: %s", note)
+        if config.proxy.open_relay:
+            log.warning("aibridge: running as an OPEN RELAY (proxy.require_auth: false, proxy.egress: all): anyone "
+                        "who can reach this listener can use it as a proxy to any non-AI host")
+        self.mcp = (
+            McpRegistry(config.mcp_servers, config.mcp, lambda uid, srv: self.mcp_tokens.get((uid, srv)))
+            if config.mcp_servers else None
+        )
+        if self.loop is not None:
+            self.loop.registry = self.mcp
+        if self.metrics is None:
+            self.metrics = Metrics(config.metrics_prefix)
+        if self.watch is None:
+            self.watch = UpstreamWatch(config.timeouts)
+        else:
+            self.watch.timeouts = config.timeouts
+        self.breakers = CircuitBreakers(config.breaker_failures, config.breaker_open_seconds,
+                                        config.breaker_half_open_requests, self._breaker_changed)
+        for p in config.providers:
+            if not p.key:
+                log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
+                            p.name, p.key_source)
+        if self.store is None:
+            self._open_store(config)
+        prices = PriceTable.load(config.pricing_file)
+        self.api = AdminApi(self.store, self.tokens, prices)
+        b = config.budgets or {}
+        budgets = Budgets(b.get("default") or Limits(), b.get("users") or {}, prices)
+        if budgets.active:
+            self.store.read(budgets.load).result()  # counters survive restarts: rebuilt from the records
+            self.budgets = budgets
+        else:
+            self.budgets = None
+
+    def _open_store(self, config: Config) -> None:
+        store = Store(config.duckdb_path, after_op=self._reload_tokens, close_stale=True)
+        try:
+            store.open()
+        except Exception as e:
+            raise exceptions.OptionsError(f"aibridge: cannot open {config.duckdb_path}: {e}") from None
+        self.store = store
+        self.metrics.dead_letters.set_function(lambda: self.store.dead_lettered if self.store else 0)
+        self.tokens.replace(store.read(ops.load_directory).result())
+        self.mcp_tokens = store.read(ops.load_mcp_tokens).result()
+        self.recorder = Recorder(store)
+        log.info(
+            "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
+            len(config.providers), ", ".join(p.name for p in config.providers),
+            config.duckdb_path, len(self.tokens),
+        )
+
+    def _breaker_changed(self, key: tuple, state: int, tripped: bool) -> None:
+        self.metrics.child(self.metrics.breaker_state, *key).set(state)
+        if tripped:
+            self.metrics.child(self.metrics.breaker_trips, *key).inc()
+            log.warning("circuit breaker opened for %s %s %s", *key)
+
+    def _reload_tokens(self, conn) -> None:
+        """After an admin operation: new or revoked tokens take effect for the next request."""
+        self.tokens.replace(ops.load_directory(conn))
+        self.mcp_tokens = ops.load_mcp_tokens(conn)
+
+    def chosen_upstream(self, host: str, port: int) -> bool:
+        """A provider's base_url or the injected-tool loop: addresses the gateway itself sends requests to."""
+        if self.loop is not None and (host, port) == ("127.0.0.1", self.loop.port):
+            return True
+        return any((p.host, p.port) == (host, port) for p in self.config.providers)
+
+    async def running(self) -> None:
+        if self.store is None or not ctx.options.server:
+            return
+        # Everything loaded so far (mitmproxy, DuckDB, the MCP SDK, config) lives as long as the process: move
+        # it out of the collector's reach, so full collections under load scan only per-request objects.
+        gc.collect()
+        gc.freeze()
+        direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
+        if direct:
+            interception_log.handlers, interception_log.propagate = direct, False
+        if self.mcp is not None and self.loop is None:
+            verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
+            if ctx.options.ssl_insecure:
+                verify = False
+            self.loop = LoopServer(self.mcp, verify)
+            await self.loop.start()
+        addrs = []
+        try:
+            addrs = ctx.master.addons.get("proxyserver").listen_addrs()
+        except Exception:
+            pass
+        host, port = (addrs[0][0], addrs[0][1]) if addrs else (ctx.options.listen_host, ctx.options.listen_port)
+        self.own_addresses.update(local_addresses(host.strip("[]")))
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        self.control_secret = write_runtime_file(self.store.path, f"http://{host}:{port}")
+
+    def done(self) -> None:
+        """Graceful shutdown: every exchange in flight is recorded as ended and every queued record reaches
+        DuckDB before the file closes."""
+        for state in list(self.inflight):
+            ic = state.interception
+            summary = state.tap.summary if state.tap else ResponseSummary()
+            self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
+        self.inflight.clear()
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        if self.store is not None:
+            remove_runtime_file(self.store.path, self.control_secret)
+            self.store.close()
+            log.info("aibridge: %d records written, %d failed", self.store.written, self.store.failed)
+            self.store = None
+
+    # --- gateway tokens, shared by every way in ------------------------------------------------------
+
+    def check_token(self, flow: http.HTTPFlow, token: str | None, provider_type: str | None) -> Actor | None:
+        """A gateway token check. A failure counts against the client's address; past the limit, failures are
+        answered 429 (set on the flow) instead of 401/407."""
+        actor = self.tokens.lookup(token)
+        if actor is None:
+            self.auth_failed(flow, provider_type)
+        return actor
+
+    def auth_failed(self, flow: http.HTTPFlow, provider_type: str | None) -> bool:
+        """Count a failed token check; True (and a 429 on the flow) once the address is over its limit. Valid
+        tokens from the same address keep working: one broken client behind a NAT never locks out the office."""
+        address = (flow.client_conn.peername or ("?",))[0]
+        self.throttle.failed(address)
+        wait = self.throttle.retry_after(address)
+        if wait is None:
+            return False
+        flow.response = error_response(
+            provider_type, 429, f"aibridge: too many failed token checks from {address}; retry in {wait} s",
+            {"retry-after": str(wait)})
+        return True
