@@ -1,0 +1,408 @@
+"""Fast unit tests, no sockets: identity, circuit breakers and budgets as plain objects, and the addon chain
+(runtime → proxy mode → control plane → pipeline → observation) driven hook by hook with mitmproxy's
+`taddons`/`tflow`, over a real DuckDB file. The end-to-end suites check the same behaviour through real sockets
+and SDKs; these pin each decision down where it is made."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import json
+
+import pytest
+import yaml
+from mitmproxy import http
+from mitmproxy.addons import proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from aibridge_gw import breaker as breaker_module
+from aibridge_gw.auth import Actor, AuthRefused, TokenDirectory, hash_token, identify, proxy_token
+from aibridge_gw.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, is_failure
+from aibridge_gw.budgets import Budgets
+from aibridge_gw.config import Limits
+from aibridge_gw.control_plane import ControlPlane
+from aibridge_gw.flowstate import state_of
+from aibridge_gw.housekeeping import Housekeeping
+from aibridge_gw.observation import Observation
+from aibridge_gw.patches import ORIGIN
+from aibridge_gw.pipeline import Pipeline
+from aibridge_gw.pricing import PriceTable
+from aibridge_gw.proxy_mode import ProxyMode
+from aibridge_gw.records import TokenUsage
+from aibridge_gw.runtime import Runtime
+from aibridge_gw.store import ops
+
+ALICE = Actor("11111111-1111-4111-8111-111111111111", "alice", "member", "t1", "gw_a…")
+TOKEN = "gw_alice-token"
+
+
+# --- identity ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def directory():
+    d = TokenDirectory()
+    d.replace({hash_token(TOKEN): ALICE})
+    return d
+
+
+def test_gateway_token_sent_as_the_api_key_identifies_the_user_and_uses_the_central_key(directory):
+    ident = identify({"x-api-key": TOKEN}, None, directory, byok=True)
+    assert ident.actor == ALICE and ident.byok_credential is None
+    assert identify({"authorization": f"Bearer {TOKEN}"}, None, directory, True).actor == ALICE
+
+
+def test_gateway_token_header_beside_the_users_own_key_is_byok(directory):
+    ident = identify({"x-aibridge-token": TOKEN, "x-api-key": "sk-ant-own"}, None, directory, byok=True)
+    assert ident.actor == ALICE and ident.byok_credential == "sk-ant-own"
+
+
+def test_byok_off_drops_the_users_own_key(directory):
+    ident = identify({"x-aibridge-token": TOKEN, "x-api-key": "sk-ant-own"}, None, directory, byok=False)
+    assert ident.byok_credential is None
+
+
+def test_proxy_credentials_identify_and_the_api_key_travels_as_byok(directory):
+    ident = identify({"authorization": "Bearer sk-own"}, ALICE, directory, byok=True)
+    assert ident.actor == ALICE and ident.byok_credential == "sk-own"
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({}, "missing gateway token"),
+    ({"x-api-key": "gw_wrong"}, "invalid or revoked gateway token"),
+    ({"x-aibridge-token": "gw_wrong", "x-api-key": TOKEN}, "X-AIBridge-Token"),
+])
+def test_no_valid_token_is_refused_with_a_reason(directory, headers, message):
+    with pytest.raises(AuthRefused, match=message):
+        identify(headers, None, directory, byok=True)
+
+
+@pytest.mark.parametrize("value, token", [
+    ("Basic dXNlcjpndy10b2tlbg==", "gw-token"),  # user:gw-token
+    ("Basic Z3ctdG9rZW4=", "gw-token"),  # just the token as the user name
+    ("Bearer gw-token", "gw-token"),
+    ("Basic %%%", None),
+    ("Digest abc", None),
+    ("", None),
+])
+def test_proxy_authorization_forms(value, token):
+    assert proxy_token(value) == token
+
+
+# --- circuit breakers -------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(breaker_module.time, "monotonic", c)
+    return c
+
+
+def test_breaker_opens_after_consecutive_failures_and_reports_the_wait(clock):
+    changes = []
+    b = CircuitBreakers(failures=3, open_seconds=30, half_open_requests=2, on_change=lambda *a: changes.append(a))
+    key = ("openai", "/chat/completions", "gpt")
+    for _ in range(2):
+        b.record(key, ok=False)
+    b.record(key, ok=True)  # a success resets the count
+    for _ in range(2):
+        b.record(key, ok=False)
+    assert b.allow(key) is None
+    b.record(key, ok=False)
+    assert changes == [(key, OPEN, True)]
+    assert b.allow(key) == 30
+    clock.now += 29.5
+    assert b.allow(key) == 1
+    assert b.allow(("openai", "/chat/completions", "other")) is None  # per model
+
+
+def test_breaker_half_open_lets_trials_through_then_closes_or_reopens(clock):
+    changes = []
+    b = CircuitBreakers(failures=1, open_seconds=10, half_open_requests=2, on_change=lambda *a: changes.append(a[1]))
+    key = ("anthropic", "/v1/messages", "claude")
+    b.record(key, ok=False)
+    clock.now += 10
+    assert b.allow(key) is None and b.allow(key) is None  # two trials
+    assert b.allow(key) == 1  # no third until the trials report
+    b.record(key, ok=True)
+    b.record(key, ok=True)
+    assert changes == [OPEN, HALF_OPEN, CLOSED]
+    b.record(key, ok=False)  # closed again: one failure (failures=1) opens it
+    clock.now += 10
+    assert b.allow(key) is None
+    b.record(key, ok=False)  # a failed trial reopens at once
+    assert changes[-1] == OPEN and b.allow(key) == 10
+
+
+@pytest.mark.parametrize("status, conn_error, failure", [
+    (200, False, False), (400, False, False), (404, False, False), (429, False, True), (500, False, True),
+    (529, False, True), (None, True, True), (None, False, False),
+])
+def test_what_counts_as_a_provider_failure(status, conn_error, failure):
+    assert is_failure(status, conn_error) is failure
+
+
+# --- budgets ----------------------------------------------------------------------------------------
+
+
+def test_requests_per_minute_admits_up_to_the_limit_then_refuses_with_retry_after():
+    b = Budgets(Limits(requests_per_minute=2), {}, PriceTable.load(None))
+    assert b.check("u", "alice") is None and b.check("u", "alice") is None
+    refusal = b.check("u", "alice")
+    assert refusal is not None and "2 requests per minute" in refusal.message and 1 <= refusal.retry_after <= 60
+    assert b.check("other", "bob") is None  # per user
+
+
+def test_daily_tokens_count_every_kind_of_token_and_per_user_limits_win():
+    b = Budgets(Limits(), {"heavy": Limits(tokens_per_day=100)}, PriceTable.load(None))
+    assert b.active and b.check("u", "light") is None
+    now = dt.datetime.now(dt.UTC)
+    b.record("h", now, "m", [TokenUsage(None, 40, 30, 20, 9)])  # 99
+    assert b.check("h", "heavy") is None
+    b.record("h", now, "m", [TokenUsage(None, 1)])
+    refusal = b.check("h", "heavy")
+    assert refusal is not None and "daily token budget of 100 used (100)" in refusal.message
+    b.record("h", now - dt.timedelta(days=1), "m", [TokenUsage(None, 10**6)])  # yesterday's spend is not today's
+    assert b.status("h", "heavy")["tokens_today"] == 100
+
+
+def test_monthly_spend_is_priced_from_the_price_table():
+    b = Budgets(Limits(usd_per_month=20), {}, PriceTable.load(None))
+    now = dt.datetime.now(dt.UTC)
+    b.record("u", now, "claude-opus-4-1-20250805", [TokenUsage(None, 1_000_000)])  # $15 at list price
+    assert b.status("u", "x")["usd_month"] == 15.0 and b.check("u", "x") is None
+    b.record("u", now, "unknown-model", [TokenUsage(None, 10**9)])  # unpriced: never counted as spend
+    assert b.check("u", "x") is None
+    b.record("u", now, "claude-opus-4-1", [TokenUsage(None, 0, 100_000)])  # + $7.50
+    assert "monthly budget of $20.00 used ($22.50)" in b.check("u", "x").message
+
+
+# --- the addon chain, hook by hook ------------------------------------------------------------------
+
+UPSTREAM_KEY = "sk-ant-central-key-123456"
+
+
+class Chain:
+    """The addons of addons/aibridge.py (without capture), loaded into a taddons context."""
+
+    def __init__(self, tctx, tmp_path):
+        self.tctx = tctx
+        self.rt = Runtime()
+        self.proxy = ProxyMode(self.rt)
+        self.health = Housekeeping(self.rt)
+        self.control = ControlPlane(self.rt, self.proxy, self.health)
+        self.pipeline = Pipeline(self.rt, self.proxy)
+        self.observation = Observation(self.rt)
+        self.addons = [self.rt, self.proxy, self.control, self.pipeline, self.observation]
+        tctx.master.addons.add(proxyserver.Proxyserver())  # declares connection_strategy; listens on nothing
+        for a in self.addons:
+            tctx.master.addons.add(a)
+        config = tmp_path / "aibridge.yaml"
+        config.write_text(yaml.safe_dump({
+            "providers": [
+                {"name": "anthropic", "type": "anthropic", "base_url": "https://127.0.0.9:8443/", "key": UPSTREAM_KEY},
+                {"name": "openai", "type": "openai", "base_url": "http://127.0.0.9:8081/v1", "key": "sk-openai-x"},
+            ],
+            "storage": {"duckdb": str(tmp_path / "audit.duckdb")},
+            "circuit_breaker": {"failures": 1, "open_seconds": 60},
+        }))
+        tctx.configure(self.rt, aibridge_config=str(config))
+        for a in self.addons[1:]:
+            if hasattr(a, "configure"):
+                a.configure(set())
+        self.rt.store.call(functools.partial(ops.users_add, name="alice")).result()
+        self.token = self.rt.store.call(functools.partial(ops.tokens_create, user="alice")).result()["token"]
+
+    async def request(self, flow):
+        for hook in ("requestheaders", "request"):
+            for a in self.addons:
+                fn = getattr(a, hook, None)
+                if fn is not None:
+                    r = fn(flow)
+                    if asyncio.iscoroutine(r):
+                        await r
+        return flow
+
+    def respond(self, flow, status=200, body=b"", headers=None):
+        flow.response = tutils.tresp(status_code=status, content=body,
+                                     headers=http.Headers(**(headers or {"content_type": "application/json"})))
+        for a in self.addons:
+            if hasattr(a, "responseheaders"):
+                a.responseheaders(flow)
+        for a in self.addons:
+            if hasattr(a, "response"):
+                a.response(flow)
+
+    def rows(self, query):
+        self.rt.store.flush().result()
+        return self.rt.store.read(lambda cur: cur.execute(query).fetchall()).result()
+
+    def close(self):
+        self.rt.done()
+
+
+def chain_test(fn):
+    """Run an async test body with a loaded chain; the store closes whatever happens."""
+
+    def run(tmp_path):
+        async def main():
+            with taddons.context() as tctx:
+                chain = Chain(tctx, tmp_path)
+                try:
+                    await fn(chain)
+                finally:
+                    chain.close()
+
+        asyncio.run(main())
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+MESSAGES = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi there"}]}
+
+
+def anthropic_flow(chain, path="/anthropic/v1/messages", body=None, headers=None, method="POST"):
+    h = {"content_type": "application/json", "x_api_key": chain.token, "accept_encoding": "gzip"}
+    h.update(headers or {})
+    req = tutils.treq(method=method.encode(), host="127.0.0.1", port=8080, path=path.encode(),
+                      headers=http.Headers(**h), content=json.dumps(body or MESSAGES).encode())
+    req.aibridge_form = ORIGIN  # as the patched HTTP/1 reader marks a request sent to the listener
+    return tflow.tflow(req=req)
+
+
+def error_of(flow):
+    return json.loads(flow.response.content)
+
+
+@chain_test
+async def test_a_model_call_is_routed_keys_swapped_and_its_interception_opened(chain):
+    flow = await chain.request(anthropic_flow(chain))
+    req = flow.request
+    assert flow.response is None
+    assert (req.scheme, req.host, req.port, req.path) == ("https", "127.0.0.9", 8443, "/v1/messages")
+    assert req.headers["x-api-key"] == UPSTREAM_KEY  # the gateway token never goes upstream
+    assert req.headers["host"] == "127.0.0.9:8443"
+    assert req.headers["accept-encoding"] == "identity"  # the tap reads plain bytes
+    state = state_of(flow)
+    ic = state.interception
+    assert ic.user_name == "alice" and ic.api == "anthropic.messages" and ic.info.prompt == "hi there"
+    assert state in chain.rt.inflight and state.forwarded_at > 0 and state.inflight
+    assert chain.rows("SELECT status, model FROM aibridge_interceptions") == [("in_progress", "claude-sonnet-4-5")]
+
+
+@chain_test
+async def test_the_response_is_recorded_once_with_its_usage_and_observed(chain):
+    flow = await chain.request(anthropic_flow(chain))
+    body = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "hello"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 12, "output_tokens": 3, "cache_read_input_tokens": 5}}
+    chain.respond(flow, body=json.dumps(body).encode())
+    chain.pipeline.error(flow)  # a late error hook changes nothing
+    assert chain.rows("SELECT status, http_status FROM aibridge_interceptions") == [("completed", 200)]
+    assert chain.rows("SELECT input_tokens, output_tokens, cache_read_input_tokens FROM aibridge_token_usages") == [
+        (12, 3, 5)]
+    assert chain.rows("SELECT prompt FROM aibridge_user_prompts") == [("hi there",)]
+    assert not chain.rt.inflight
+    metrics = chain.rt.metrics.render().decode()
+    tokens = {line.split('type="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.splitlines() if line.startswith("aibridge_tokens_total{")}
+    assert tokens == {"input": 12.0, "output": 3.0, "cache_read": 5.0}
+    assert any(line.startswith("aibridge_interceptions_total{") and 'status="completed"' in line
+               and line.endswith(" 1.0") for line in metrics.splitlines())
+    assert any(line.startswith("aibridge_interceptions_inflight{") and line.endswith(" 0.0")
+               for line in metrics.splitlines())
+
+
+@chain_test
+async def test_a_bad_token_gets_a_401_in_the_providers_format(chain):
+    flow = await chain.request(anthropic_flow(chain, headers={"x_api_key": "gw_nope"}))
+    assert flow.response.status_code == 401
+    assert error_of(flow)["error"]["type"] == "authentication_error"
+    assert state_of(flow) is None and chain.rows("SELECT count(*) FROM aibridge_interceptions") == [(0,)]
+
+
+@chain_test
+async def test_an_unreviewed_endpoint_is_refused_without_the_users_own_key(chain):
+    flow = await chain.request(anthropic_flow(chain, path="/anthropic/v1/organizations/usage"))
+    assert flow.response.status_code == 404 and error_of(flow)["error"]["type"] == "not_found_error"
+    assert flow.request.headers.get("x-api-key") == chain.token  # nothing was swapped in
+
+
+@chain_test
+async def test_a_read_only_endpoint_is_relayed_unrecorded_and_streamed(chain):
+    flow = await chain.request(anthropic_flow(chain, path="/anthropic/v1/models", method="GET"))
+    assert flow.response is None and flow.request.headers["x-api-key"] == UPSTREAM_KEY
+    assert state_of(flow).interception is None
+    chain.respond(flow, body=b'{"data": []}')
+    assert flow.response.stream is True
+    assert "aibridge_passthrough_total{" in chain.rt.metrics.render().decode()
+    assert chain.rows("SELECT count(*) FROM aibridge_interceptions") == [(0,)]
+
+
+@chain_test
+async def test_websocket_upgrades_get_426(chain):
+    flow = await chain.request(anthropic_flow(chain, headers={"upgrade": "websocket", "connection": "Upgrade"}))
+    assert flow.response.status_code == 426
+
+
+@chain_test
+async def test_a_declared_oversized_body_is_refused_before_it_is_read(chain):
+    flow = anthropic_flow(chain, headers={"content_length": str(64 * 1024 * 1024)})
+    chain.pipeline.requestheaders(flow)
+    assert flow.response.status_code == 413 and error_of(flow)["error"]["type"] == "request_too_large"
+
+
+@chain_test
+async def test_a_wrong_shaped_body_is_a_400_not_a_crash(chain):
+    flow = await chain.request(anthropic_flow(chain, body={"model": 7, "messages": "no"}))
+    assert flow.response.status_code == 400 and error_of(flow)["error"]["type"] == "invalid_request_error"
+
+
+@chain_test
+async def test_a_provider_failure_opens_the_breaker_and_the_next_call_gets_503(chain):
+    flow = await chain.request(anthropic_flow(chain))
+    chain.respond(flow, status=500, body=b'{"type":"error","error":{"type":"api_error","message":"boom"}}')
+    assert chain.rows("SELECT status, http_status FROM aibridge_interceptions") == [("failed", 500)]
+    flow = await chain.request(anthropic_flow(chain))
+    assert flow.response.status_code == 503 and "circuit open" in error_of(flow)["error"]["message"]
+    assert flow.response.headers["retry-after"].isdigit()
+
+
+@chain_test
+async def test_the_control_plane_answers_health_without_reaching_the_pipeline(chain):
+    req = tutils.treq(method=b"GET", host="127.0.0.1", port=8080, path=b"/aibridge/healthz", content=b"")
+    req.aibridge_form = ORIGIN
+    flow = await chain.request(tflow.tflow(req=req))
+    health = json.loads(flow.response.content)
+    assert flow.response.status_code == 200 and health["status"] == "ok" and health["inflight"] == 0
+    assert state_of(flow) is None
+
+
+@chain_test
+async def test_an_unknown_prefix_gets_a_404_naming_the_configured_ones(chain):
+    flow = await chain.request(anthropic_flow(chain, path="/nope/v1/messages"))
+    assert flow.response.status_code == 404 and "/anthropic, /openai" in error_of(flow)["error"]["message"]
+
+
+@chain_test
+async def test_shutdown_ends_what_is_in_flight(chain):
+    await chain.request(anthropic_flow(chain))
+    chain.rt.store.flush().result()
+    store = chain.rt.store
+    chain.rt.done()
+    import duckdb
+    con = duckdb.connect(str(store.path), read_only=True)
+    assert con.execute("SELECT status, error FROM aibridge_interceptions").fetchall() == [
+        ("failed", "gateway shut down")]
+    con.close()
