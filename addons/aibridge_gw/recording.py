@@ -21,7 +21,16 @@ from .apis import WIRE_APIS
 from .apis.base import WireApi
 from .tap import StreamTap
 from .records import RequestInfo, ResponseSummary, summary_from_dict
-from .store.writer import EndInterception, Insert, Store
+from .store.rows import (
+    INTERCEPTIONS,
+    MODEL_THOUGHTS,
+    TOKEN_USAGES,
+    TOOL_USAGES,
+    USER_PROMPTS,
+    USERS,
+    interception_end,
+)
+from .store.writer import Store
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +192,7 @@ class Recorder:
             ic.parent_id, ic.root_id = hit
 
     def started(self, ic: Interception) -> None:
-        self.store.submit(
-            Insert(
-                "aibridge_interceptions",
-                (
-                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model or None, ic.client,
-                    ic.user_agent, ic.session_id, ic.parent_id, ic.root_id, ic.credential_kind,
-                    ic.credential_hint, IN_PROGRESS, ic.started_at, None, None, ic.api, ic.info.stream,
-                    None, None,
-                ),
-            )
-        )
+        self.store.submit(_interception_row(ic, IN_PROGRESS))
 
     def ended(
         self, ic: Interception, summary: ResponseSummary, http_status: int | None, error: str | None,
@@ -205,57 +204,36 @@ class Recorder:
         ic.ended = True
         status = FAILED if error else COMPLETED
         rid = summary.response_id
+        submit = self.store.submit
         if ic.info.prompt:
-            self.store.submit(
-                Insert("aibridge_user_prompts", (child_id(ic.id, "prompt", 0), ic.id, rid, ic.info.prompt, ended_at))
-            )
+            submit(USER_PROMPTS.row(id=child_id(ic.id, "prompt", 0), interception_id=ic.id, provider_response_id=rid,
+                                    prompt=ic.info.prompt, created_at=ended_at))
         for n, u in enumerate(summary.usages):
-            self.store.submit(
-                Insert(
-                    "aibridge_token_usages",
-                    (
-                        child_id(ic.id, "usage", n), ic.id, u.provider_response_id or rid, u.input_tokens,
-                        u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens,
-                        json.dumps(u.metadata) if u.metadata else None, ended_at,
-                    ),
-                )
-            )
+            submit(TOKEN_USAGES.row(
+                id=child_id(ic.id, "usage", n), interception_id=ic.id, provider_response_id=u.provider_response_id or rid,
+                input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                cache_read_input_tokens=u.cache_read_input_tokens, cache_write_input_tokens=u.cache_write_input_tokens,
+                metadata=json.dumps(u.metadata) if u.metadata else None, created_at=ended_at))
         root = ic.root_id or ic.id
         for n, call in enumerate(summary.tool_calls):
-            self.store.submit(
-                Insert(
-                    "aibridge_tool_usages",
-                    (
-                        child_id(ic.id, "tool", n), ic.id, call.provider_response_id or rid, call.call_id,
-                        call.name, call.server_url, call.input, call.injected, call.error, ended_at,
-                    ),
-                )
-            )
+            submit(TOOL_USAGES.row(
+                id=child_id(ic.id, "tool", n), interception_id=ic.id, provider_response_id=call.provider_response_id or rid,
+                provider_tool_call_id=call.call_id, tool=call.name, server_url=call.server_url, input=call.input,
+                injected=call.injected, invocation_error=call.error, created_at=ended_at))
             if call.call_id:
                 self._remember(call.call_id, (ic.id, root))
         for n, t in enumerate(summary.thoughts):
-            self.store.submit(
-                Insert("aibridge_model_thoughts", (child_id(ic.id, "thought", n), ic.id, t.source, t.content, ended_at))
-            )
+            submit(MODEL_THOUGHTS.row(id=child_id(ic.id, "thought", n), interception_id=ic.id, source=t.source,
+                                      content=t.content, created_at=ended_at))
         meta = {"upstream_path": ic.upstream_path, "response_id": rid, "response_model": summary.model}
-        self.store.submit(EndInterception(ic.id, (status, ended_at, http_status, error, json.dumps(meta))))
+        submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status, error=error,
+                                metadata=json.dumps(meta)))
         return status
 
     def rejected(self, ic: Interception, http_status: int, message: str) -> None:
         """A request refused by the gateway (budget, rate limit): one row, never forwarded."""
         ic.ended = True
-        now = utcnow()
-        self.store.submit(
-            Insert(
-                "aibridge_interceptions",
-                (
-                    ic.id, ic.user_id, ic.provider_type, ic.provider_name, ic.info.model or None, ic.client,
-                    ic.user_agent, ic.session_id, ic.parent_id, ic.root_id, ic.credential_kind,
-                    ic.credential_hint, "rejected", ic.started_at, now, None, ic.api, ic.info.stream,
-                    http_status, message,
-                ),
-            )
-        )
+        self.store.submit(_interception_row(ic, "rejected", ended_at=utcnow(), http_status=http_status, error=message))
 
     def replay(self, flow: http.HTTPFlow) -> Interception | None:
         """Re-run recording for a saved flow; a flow that was not an interception is skipped."""
@@ -271,7 +249,7 @@ class Recorder:
             log.warning("flow %s: request not replayable: %s", flow.id, e)
             return None
         ic = Interception.from_metadata(meta, info)
-        self.store.submit(Insert("aibridge_users", (ic.user_id, ic.user_name, "member", ic.started_at)))
+        self.store.submit(USERS.row(id=ic.user_id, name=ic.user_name, role="member", created_at=ic.started_at))
         self.started(ic)
         self.ended(ic, *conclude(ic, flow))
         return ic
@@ -281,6 +259,16 @@ class Recorder:
         self._calls.move_to_end(call_id)
         if len(self._calls) > self.LINEAGE_MEMORY:
             self._calls.popitem(last=False)
+
+
+def _interception_row(ic: Interception, status: str, **end):
+    """The interception's row, as it starts (in progress) or as the gateway refused it (`end` columns)."""
+    return INTERCEPTIONS.row(
+        id=ic.id, initiator_id=ic.user_id, provider=ic.provider_type, provider_name=ic.provider_name,
+        model=ic.info.model or None, client=ic.client, user_agent=ic.user_agent, client_session_id=ic.session_id,
+        thread_parent_id=ic.parent_id, thread_root_id=ic.root_id, credential_kind=ic.credential_kind,
+        credential_hint=ic.credential_hint, status=status, started_at=ic.started_at, api=ic.api,
+        stream=ic.info.stream, **end)
 
 
 def _lookup_call(cur, call_id: str) -> tuple[str, str] | None:

@@ -29,45 +29,14 @@ from typing import Any
 
 import duckdb
 
+from .rows import COLUMNS, END_COLUMNS, JSON_COLUMNS, EndInterception, Insert
 from .schema import migrate, transaction
 
 log = logging.getLogger(__name__)
 
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "aibridge_users": ("id", "name", "role", "created_at"),
-    "aibridge_interceptions": (
-        "id", "initiator_id", "provider", "provider_name", "model", "client", "user_agent",
-        "client_session_id", "thread_parent_id", "thread_root_id", "credential_kind", "credential_hint",
-        "status", "started_at", "ended_at", "metadata", "api", "stream", "http_status", "error",
-    ),
-    "aibridge_token_usages": (
-        "id", "interception_id", "provider_response_id", "input_tokens", "output_tokens",
-        "cache_read_input_tokens", "cache_write_input_tokens", "metadata", "created_at",
-    ),
-    "aibridge_user_prompts": ("id", "interception_id", "provider_response_id", "prompt", "created_at"),
-    "aibridge_tool_usages": (
-        "id", "interception_id", "provider_response_id", "provider_tool_call_id", "tool", "server_url",
-        "input", "injected", "invocation_error", "created_at",
-    ),
-    "aibridge_model_thoughts": ("id", "interception_id", "source", "content", "created_at"),
-}
-# Columns an interception's end sets; the row was inserted when the request arrived.
-END_COLUMNS = ("status", "ended_at", "http_status", "error", "metadata")
 _END_INDEX = {c: COLUMNS["aibridge_interceptions"].index(c) for c in END_COLUMNS}
 BATCH_WINDOW = 0.1  # seconds records may wait in memory before their batch is spooled and committed
 MAX_BATCH = 2000  # records per transaction (binding them holds the GIL; keep each bind short)
-
-
-@dataclass(slots=True)
-class Insert:
-    table: str
-    row: tuple
-
-
-@dataclass(slots=True)
-class EndInterception:
-    id: str
-    values: tuple  # in END_COLUMNS order
 
 
 @dataclass(slots=True)
@@ -411,8 +380,6 @@ class Store:
 def _noop(conn) -> None:
     return None
 
-
-JSON_COLUMNS = frozenset({"metadata"})
 
 
 def _clean_values(cols: tuple[str, ...], values) -> list:

@@ -1,0 +1,64 @@
+"""The audit tables' row layout in one place: each table's columns beside the builder of its rows.
+
+Records travel to the writer (and its spool) as `Insert(table, row)` with the row in column order; building
+them here, by column name, keeps the order the schema's, whatever code records. A column the caller leaves out
+is NULL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Insert:
+    table: str
+    row: tuple
+
+
+@dataclass(slots=True)
+class EndInterception:
+    id: str
+    values: tuple  # in END_COLUMNS order
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[str, ...]
+
+    def row(self, **values) -> Insert:
+        unknown = values.keys() - set(self.columns)
+        if unknown:
+            raise KeyError(f"{self.name} has no column {sorted(unknown)[0]!r}")
+        return Insert(self.name, tuple(values.get(c) for c in self.columns))
+
+
+USERS = Table("aibridge_users", ("id", "name", "role", "created_at"))
+INTERCEPTIONS = Table("aibridge_interceptions", (
+    "id", "initiator_id", "provider", "provider_name", "model", "client", "user_agent",
+    "client_session_id", "thread_parent_id", "thread_root_id", "credential_kind", "credential_hint",
+    "status", "started_at", "ended_at", "metadata", "api", "stream", "http_status", "error",
+))
+TOKEN_USAGES = Table("aibridge_token_usages", (
+    "id", "interception_id", "provider_response_id", "input_tokens", "output_tokens",
+    "cache_read_input_tokens", "cache_write_input_tokens", "metadata", "created_at",
+))
+USER_PROMPTS = Table("aibridge_user_prompts", ("id", "interception_id", "provider_response_id", "prompt", "created_at"))
+TOOL_USAGES = Table("aibridge_tool_usages", (
+    "id", "interception_id", "provider_response_id", "provider_tool_call_id", "tool", "server_url",
+    "input", "injected", "invocation_error", "created_at",
+))
+MODEL_THOUGHTS = Table("aibridge_model_thoughts", ("id", "interception_id", "source", "content", "created_at"))
+
+TABLES = (USERS, INTERCEPTIONS, TOKEN_USAGES, USER_PROMPTS, TOOL_USAGES, MODEL_THOUGHTS)
+COLUMNS: dict[str, tuple[str, ...]] = {t.name: t.columns for t in TABLES}
+JSON_COLUMNS = frozenset({"metadata"})
+
+# Columns an interception's end sets; the row was inserted when the request arrived.
+END_COLUMNS = ("status", "ended_at", "http_status", "error", "metadata")
+
+
+def interception_end(id: str, *, status: str, ended_at, http_status: int | None, error: str | None,
+                     metadata: str | None) -> EndInterception:
+    return EndInterception(id, (status, ended_at, http_status, error, metadata))
