@@ -52,3 +52,34 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_package_works_installed_not_only_from_a_checkout():
+    """Every data file the code reads ships as package data, and no module finds files through the checkout."""
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["aibridge_gw"]
+    data = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+            and "__pycache__" not in p.parts]
+    assert data, "expected the dashboard and prices.yaml"
+    unshipped = [str(p.relative_to(PACKAGE)) for p in data
+                 if not any(p.relative_to(PACKAGE).match(pat) for pat in patterns)]
+    assert unshipped == []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "parents[2]" not in text and "PROJECT_ROOT" not in text, path
+
+
+def test_files_are_found_from_aibridge_home_when_nothing_names_them(tmp_path, monkeypatch):
+    from aibridge_gw.certs import default_confdir
+    from aibridge_gw.config import aibridge_home, resolve_config_path
+
+    monkeypatch.delenv("AIBRIDGE_CONFIG", raising=False)
+    monkeypatch.setenv("AIBRIDGE_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert aibridge_home() == tmp_path
+    assert resolve_config_path() == tmp_path / "config" / "aibridge.yaml"
+    assert default_confdir() == tmp_path / "certs"
+    monkeypatch.setenv("AIBRIDGE_CONFIG", str(tmp_path / "elsewhere.yaml"))
+    assert resolve_config_path() == tmp_path / "elsewhere.yaml"

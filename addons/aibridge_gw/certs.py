@@ -6,13 +6,17 @@ import json
 import shlex
 from pathlib import Path
 
-from .config import PROJECT_ROOT
+from .config import aibridge_home
 
-DEFAULT_CONFDIR = PROJECT_ROOT / "certs"
 CA_CERT = "mitmproxy-ca-cert.pem"
 CA_P12 = "mitmproxy-ca-cert.p12"
 BUNDLE = "aibridge-ca-bundle.pem"
 CLIENTS = ("claude-code", "codex", "python", "node", "system")
+
+
+def default_confdir() -> Path:
+    """The CA's directory when --confdir is not given: the one scripts/run passes to mitmproxy as its confdir."""
+    return aibridge_home() / "certs"
 
 
 def ensure_ca(confdir: Path) -> Path:

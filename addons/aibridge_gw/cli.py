@@ -15,7 +15,7 @@ from typing import Any
 
 from pathlib import Path
 
-from .certs import CA_P12, CLIENTS, DEFAULT_CONFDIR, bundle, ensure_ca, env_lines, gateway_url
+from .certs import CA_P12, CLIENTS, bundle, default_confdir, ensure_ca, env_lines, gateway_url
 from .config import Config, ConfigError, load_config
 from .control import run_op
 from .store.ops import OpError
@@ -159,15 +159,15 @@ def _replay(args, cx: Context) -> None:
 
 
 def _ca_path(args, cx: Context) -> None:
-    print(ensure_ca(Path(args.confdir) if args.confdir else DEFAULT_CONFDIR))
+    print(ensure_ca(Path(args.confdir) if args.confdir else default_confdir()))
 
 
 def _ca_export(args, cx: Context) -> None:
-    _export_ca(Path(args.confdir) if args.confdir else DEFAULT_CONFDIR, args.format, args.out)
+    _export_ca(Path(args.confdir) if args.confdir else default_confdir(), args.format, args.out)
 
 
 def _env(args, cx: Context) -> None:
-    confdir = Path(args.confdir) if args.confdir else DEFAULT_CONFDIR
+    confdir = Path(args.confdir) if args.confdir else default_confdir()
     if args.mode == "proxy":
         ensure_ca(confdir)
         bundle(confdir)

@@ -7,6 +7,7 @@ import functools
 import ipaddress
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,7 +16,6 @@ import yaml
 
 from .apis import PROVIDERS
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -171,14 +171,27 @@ def expand_env(value):
     return value
 
 
+def aibridge_home() -> Path:
+    """Where the gateway's files live when nothing names them: $AIBRIDGE_HOME, else the checkout whose `.venv`
+    runs this interpreter (scripts/run's layout), else the current directory. Never the package's own location:
+    installed, that is somewhere in site-packages."""
+    env = os.environ.get("AIBRIDGE_HOME")
+    if env:
+        return Path(env).expanduser()
+    prefix = Path(sys.prefix)
+    if prefix.name == ".venv" and (prefix.parent / DEFAULT_CONFIG).is_file():
+        return prefix.parent
+    return Path.cwd()
+
+
 def resolve_config_path(explicit: str | os.PathLike | None = None) -> Path:
-    """Explicit path, else $AIBRIDGE_CONFIG, else ./config/aibridge.yaml, else the project's default."""
+    """Explicit path, else $AIBRIDGE_CONFIG, else ./config/aibridge.yaml, else the one in aibridge_home()."""
     for candidate in (explicit, os.environ.get("AIBRIDGE_CONFIG")):
         if candidate:
             return Path(candidate).expanduser()
     if DEFAULT_CONFIG.exists():
         return DEFAULT_CONFIG
-    return PROJECT_ROOT / DEFAULT_CONFIG
+    return aibridge_home() / DEFAULT_CONFIG
 
 
 def load_config(explicit: str | os.PathLike | None = None) -> Config:
