@@ -67,7 +67,7 @@ def _users_set_role(args, cx: Context) -> None:
 def _report(args, cx: Context) -> None:
     """usage, sessions and prompts: a report from the store, as a table or JSON."""
     config = cx.config
-    pricing = str(config.pricing_file) if config.pricing_file else None
+    pricing = str(config.pricing) if config.pricing else None
     if args.cmd == "usage":
         r = cx.op("report", kind="usage", group_by=args.by, since=args.since, pricing_file=pricing)
         cols = [args.by, "interceptions", "input_tokens", "output_tokens", "cache_read_input_tokens",
@@ -297,11 +297,10 @@ def _budgets_spec(config) -> dict | None:
     """The configured budgets as plain data (they travel to a running gateway with the report request)."""
     from dataclasses import asdict
 
-    b = config.budgets or {}
-    default, users = b.get("default"), b.get("users") or {}
-    if not (default and default.any) and not any(l.any for l in users.values()):
+    default, users = config.budgets.default, config.budgets.users
+    if not default.any and not any(l.any for l in users.values()):
         return None
-    return {"default": asdict(default) if default else {}, "users": {k: asdict(v) for k, v in users.items()}}
+    return {"default": asdict(default), "users": {k: asdict(v) for k, v in users.items()}}
 
 
 def _export_ca(confdir: Path, fmt: str, out: str | None) -> None:

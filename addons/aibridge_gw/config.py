@@ -110,28 +110,32 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
-class Config:
-    path: Path | None
-    providers: tuple[ProviderInstance, ...]
-    duckdb_path: Path
-    proxy: ProxyPolicy = ProxyPolicy()
-    capture: CaptureSettings = CaptureSettings()
-    mcp_servers: tuple[McpServer, ...] = ()
-    mcp: McpSettings = McpSettings()
-    retention_days: int = 60  # 0 keeps records forever
-    pricing_file: Path | None = None
-    metrics_prefix: str = "aibridge_"
-    interceptions_json_log: str | None = None  # path, or "-" for stdout: one JSON line per interception
-    breaker_failures: int = 5
-    breaker_open_seconds: float = 30.0
-    breaker_half_open_requests: int = 3
-    max_request_body_bytes: int = 32 * 1024 * 1024
-    timeouts: Timeouts = Timeouts()
-    metrics_token: str | None = field(default=None, repr=False)  # /aibridge/metrics needs this bearer token if set
-    auth_failures_per_minute: int = 30  # failed token checks per client address before 429
-    public_host_notes: tuple[str, ...] = ()  # start-up log lines: which instance takes each public host
-    budgets: dict = field(default_factory=dict, hash=False, compare=False)  # {"default": Limits, "users": {name: Limits}}
+class StorageSettings:
+    duckdb: Path
 
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_request_body_bytes: int = 32 * 1024 * 1024  # limits.max_request_body_mb, after decompression
+    auth_failures_per_minute: int = 30  # failed token checks per client address before 429
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    prefix: str = "aibridge_"
+    token: str | None = field(default=None, repr=False)  # /aibridge/metrics needs this bearer token if set
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    interceptions_json: str | None = None  # path, or "-" for stdout: one JSON line per interception
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    failures: int = 5
+    open_seconds: float = 30.0
+    half_open_requests: int = 3
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,38 @@ class Limits:
     @property
     def any(self) -> bool:
         return any(v is not None for v in (self.requests_per_minute, self.tokens_per_day, self.usd_per_month))
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    default: Limits = Limits()
+    users: dict[str, Limits] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed config file; each attribute is the YAML section of the same name."""
+
+    path: Path | None
+    providers: tuple[ProviderInstance, ...]
+    storage: StorageSettings
+    proxy: ProxyPolicy = ProxyPolicy()
+    capture: CaptureSettings = CaptureSettings()
+    mcp_servers: tuple[McpServer, ...] = ()
+    mcp: McpSettings = McpSettings()
+    retention_days: int = 60  # 0 keeps records forever
+    pricing: Path | None = None  # a price table replacing the shipped one
+    metrics: MetricsSettings = MetricsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    circuit_breaker: BreakerSettings = BreakerSettings()
+    limits: LimitSettings = LimitSettings()
+    timeouts: Timeouts = Timeouts()
+    budgets: BudgetSettings = BudgetSettings()
+    public_host_notes: tuple[str, ...] = ()  # start-up log lines: which instance takes each public host
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.storage.duckdb
 
 
 def parse_limits(d: dict | None, where: str) -> Limits:
@@ -275,20 +311,19 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
     return Config(
         path=path,
         providers=tuple(providers),
-        duckdb_path=local(db),
+        storage=StorageSettings(local(db)),
         proxy=_parse_proxy(raw.get("proxy") or {}),
         capture=capture,
         mcp_servers=_parse_mcp_servers(raw.get("mcp_servers") or []),
         mcp=_parse_mcp_settings(raw.get("mcp") or {}),
         retention_days=_int(raw, "retention_days", 60),
-        pricing_file=local(raw["pricing"]) if raw.get("pricing") else None,
-        metrics_prefix=str(metrics.get("prefix", "aibridge_")),
-        metrics_token=str(metrics["token"]) if metrics.get("token") else None,
-        interceptions_json_log=json_log if json_log in (None, "-") else str(local(json_log)),
+        pricing=local(raw["pricing"]) if raw.get("pricing") else None,
+        metrics=MetricsSettings(str(metrics.get("prefix", "aibridge_")),
+                                str(metrics["token"]) if metrics.get("token") else None),
+        logging=LoggingSettings(json_log if json_log in (None, "-") else str(local(json_log))),
         budgets=_parse_budgets(raw.get("budgets") or {}),
-        **_parse_breaker(raw.get("circuit_breaker") or {}),
-        max_request_body_bytes=max_body,
-        auth_failures_per_minute=auth_failures,
+        circuit_breaker=_parse_breaker(raw.get("circuit_breaker") or {}),
+        limits=LimitSettings(max_body, auth_failures),
         timeouts=_parse_timeouts(raw.get("timeouts") or {}),
         public_host_notes=tuple(notes),
     )
@@ -313,29 +348,24 @@ def _parse_timeouts(d) -> Timeouts:
     return Timeouts(**values)
 
 
-def _parse_breaker(d) -> dict:
+def _parse_breaker(d) -> BreakerSettings:
     if not isinstance(d, dict):
         raise ConfigError("circuit_breaker: must be a mapping")
     try:
-        return {
-            "breaker_failures": int(d.get("failures", 5)),
-            "breaker_open_seconds": float(d.get("open_seconds", 30)),
-            "breaker_half_open_requests": int(d.get("half_open_requests", 3)),
-        }
+        return BreakerSettings(int(d.get("failures", 5)), float(d.get("open_seconds", 30)),
+                               int(d.get("half_open_requests", 3)))
     except (TypeError, ValueError):
         raise ConfigError("circuit_breaker: failures, open_seconds and half_open_requests must be numbers") from None
 
 
-def _parse_budgets(d) -> dict:
+def _parse_budgets(d) -> BudgetSettings:
     if not isinstance(d, dict):
         raise ConfigError("budgets: must be a mapping")
     users = d.get("users") or {}
     if not isinstance(users, dict):
         raise ConfigError("budgets.users: must map user names to limits")
-    return {
-        "default": parse_limits(d.get("default"), "budgets.default"),
-        "users": {str(k): parse_limits(v, f"budgets.users.{k}") for k, v in users.items()},
-    }
+    return BudgetSettings(parse_limits(d.get("default"), "budgets.default"),
+                          {str(k): parse_limits(v, f"budgets.users.{k}") for k, v in users.items()})
 
 
 def _int(d: dict, key: str, default: int) -> int:

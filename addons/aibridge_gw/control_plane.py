@@ -67,9 +67,9 @@ class ControlPlane:
             flow.response = http.Response.make(200, DASHBOARD_JS.read_bytes(), {
                 "content-type": "text/javascript; charset=utf-8", **DASHBOARD_HEADERS})
         elif path == "/aibridge/metrics":
-            if rt.config.metrics_token is not None:
+            if rt.config.metrics.token is not None:
                 given = credential_from_headers(req.headers) or ""
-                if not hmac.compare_digest(given.encode(), rt.config.metrics_token.encode()):
+                if not hmac.compare_digest(given.encode(), rt.config.metrics.token.encode()):
                     flow.response = http.Response.make(401, b"aibridge: metrics need a bearer token\n",
                                                        {"www-authenticate": 'Bearer realm="aibridge-metrics"'})
                     return

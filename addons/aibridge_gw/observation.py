@@ -24,7 +24,7 @@ class Observation:
         self._json_log_path: str | None = None
 
     def configure(self, updated: set[str]) -> None:
-        path = self.rt.config.interceptions_json_log if self.rt.config else None
+        path = self.rt.config.logging.interceptions_json if self.rt.config else None
         if path == self._json_log_path and (self.json_log is not None) == bool(path):
             return
         if self.json_log is not None:

@@ -54,7 +54,7 @@ class Pipeline:
         """Refuse oversized bodies before reading them."""
         if self.rt.router is None or not flow.live:
             return
-        limit = self.rt.config.max_request_body_bytes
+        limit = self.rt.config.limits.max_request_body_bytes
         length = flow.request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             flow.response = error_response(
@@ -165,7 +165,7 @@ class Pipeline:
     def _admissible(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> bool:
         """Checks that need no body: size, a reviewed endpoint, a key to send."""
         req = flow.request
-        if len(req.raw_content or b"") > self.rt.config.max_request_body_bytes:  # chunked: no length header
+        if len(req.raw_content or b"") > self.rt.config.limits.max_request_body_bytes:  # chunked: no length header
             flow.response = error_response(route.provider.type, 413, "aibridge: request body too large")
             return False
         if route.api is None and not route.known and ident.byok_credential is None:
@@ -208,7 +208,7 @@ class Pipeline:
         """Read the request (decoded with a cap, off the event loop when large) and open its interception."""
         req = flow.request
         codec = WIRE_APIS[route.api]
-        limit = self.rt.config.max_request_body_bytes
+        limit = self.rt.config.limits.max_request_body_bytes
         raw = req.raw_content or b""
         encoding = hv.get("content-encoding", "")
         ctype = hv.get("content-type", "").lower()

@@ -16,7 +16,7 @@ from .admin_api import AdminApi
 from .auth import Actor, TokenDirectory
 from .breaker import CircuitBreakers
 from .budgets import Budgets
-from .config import Config, ConfigError, Limits, load_config
+from .config import Config, ConfigError, load_config
 from .control import remove_runtime_file, write_runtime_file
 from .egress import EgressPolicy, local_addresses
 from .errors import error_response
@@ -99,7 +99,7 @@ class Runtime:
         if self.store is not None and config.duckdb_path.resolve() != self.store.path.resolve():
             raise exceptions.OptionsError("aibridge: storage.duckdb cannot change while the gateway runs")
         self.config, self.router = config, Router(config)
-        self.throttle = AuthThrottle(config.auth_failures_per_minute)
+        self.throttle = AuthThrottle(config.limits.auth_failures_per_minute)
         self.egress = EgressPolicy(config.proxy.allow_addresses, self.own_addresses)
         for note in config.public_host_notes:
             log.info("aibridge: %s", note)
@@ -113,23 +113,22 @@ class Runtime:
         if self.loop is not None:
             self.loop.registry = self.mcp
         if self.metrics is None:
-            self.metrics = Metrics(config.metrics_prefix)
+            self.metrics = Metrics(config.metrics.prefix)
         if self.watch is None:
             self.watch = UpstreamWatch(config.timeouts)
         else:
             self.watch.timeouts = config.timeouts
-        self.breakers = CircuitBreakers(config.breaker_failures, config.breaker_open_seconds,
-                                        config.breaker_half_open_requests, self._breaker_changed)
+        self.breakers = CircuitBreakers(config.circuit_breaker.failures, config.circuit_breaker.open_seconds,
+                                        config.circuit_breaker.half_open_requests, self._breaker_changed)
         for p in config.providers:
             if not p.key:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         if self.store is None:
             self._open_store(config)
-        prices = PriceTable.load(config.pricing_file)
+        prices = PriceTable.load(config.pricing)
         self.api = AdminApi(self.store, self.tokens, prices)
-        b = config.budgets or {}
-        budgets = Budgets(b.get("default") or Limits(), b.get("users") or {}, prices)
+        budgets = Budgets(config.budgets.default, config.budgets.users, prices)
         if budgets.active:
             self.store.read(budgets.load).result()  # counters survive restarts: rebuilt from the records
             self.budgets = budgets
