@@ -43,12 +43,16 @@ class ControlPlane:
         self.proxy = proxy
         self.health = health  # Housekeeping: event-loop and GC stall counters
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow):
+        """Sync, returning a coroutine only for /aibridge requests: this hook runs for every request."""
         if flow.response is not None or self.rt.router is None or not flow.live:
-            return
+            return None
         path = flow.request.path
         if not (path.startswith("/aibridge/") or path.split("?")[0] == "/aibridge") or not self.proxy.is_ours(flow):
-            return
+            return None
+        return self._request(flow)
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
         try:
             await self._answer(flow)
         except Exception:

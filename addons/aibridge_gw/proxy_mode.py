@@ -40,13 +40,17 @@ class ProxyMode:
         if self.rt.router is not None and not self.rt.router.is_ai_host(data.client_hello.sni):
             data.ignore_connection = True  # never decrypt what is not an AI API
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow):
         """A proxied request to a non-AI host: relayed untouched if the policy admits it (a tunnel's address was
-        checked at CONNECT), but the gateway's credentials never travel on."""
+        checked at CONNECT), but the gateway's credentials never travel on. (Sync, returning a coroutine only for
+        such requests: this hook runs for every request, and most are the pipeline's.)"""
         if flow.response is not None or self.rt.router is None or not flow.live:
-            return
+            return None
         if self.is_ours(flow) or self.ai_host(flow):
-            return  # the pipeline's
+            return None  # the pipeline's
+        return self._egress(flow)
+
+    async def _egress(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         await self._admit(flow, req.host, req.port, ai=False, check_address=flow.client_conn.id not in self.tunnels)
         req.headers.pop("proxy-authorization", None)

@@ -25,7 +25,7 @@ class TokenUsage:
                    cache_read_input_tokens=cached, metadata=metadata)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenTotals:
     """The sum of a call's usages (one per upstream round)."""
 

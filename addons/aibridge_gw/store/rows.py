@@ -22,16 +22,16 @@ class EndInterception:
     values: tuple  # in END_COLUMNS order
 
 
-@dataclass(frozen=True)
 class Table:
-    name: str
-    columns: tuple[str, ...]
+    __slots__ = ("name", "columns", "_names")
+
+    def __init__(self, name: str, columns: tuple[str, ...]) -> None:
+        self.name, self.columns, self._names = name, columns, frozenset(columns)
 
     def row(self, **values) -> Insert:
-        unknown = values.keys() - set(self.columns)
-        if unknown:
-            raise KeyError(f"{self.name} has no column {sorted(unknown)[0]!r}")
-        return Insert(self.name, tuple(values.get(c) for c in self.columns))
+        if not values.keys() <= self._names:
+            raise KeyError(f"{self.name} has no column {sorted(values.keys() - self._names)[0]!r}")
+        return Insert(self.name, tuple(map(values.get, self.columns)))
 
 
 USERS = Table("aibridge_users", ("id", "name", "role", "created_at"))

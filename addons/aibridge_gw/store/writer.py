@@ -339,7 +339,8 @@ class Store:
         try:
             with private_file(self.dead_letter_path, "ab") as f:
                 entry = {"at": dt.datetime.now(dt.UTC).isoformat(), "error": str(error), "record": _encode(rec)}
-                f.write(json.dumps(entry, default=str).encode() + b"\n")
+                f.write(json.dumps(entry, default=lambda v: _datetime(v) if isinstance(v, dt.datetime) else str(v))
+                        .encode() + b"\n")
         except OSError as e:
             log.error("dead-letter write failed: %s", e)
 
@@ -397,8 +398,11 @@ def _clean_row(table: str, row: tuple) -> list:
 # --- the spool's data-only format: one JSON array per batch, one line each ------------------------------
 
 
-def _value(v):
-    return {"$t": v.isoformat()} if isinstance(v, dt.datetime) else v
+def _datetime(v):
+    """json.dumps calls this only for what JSON cannot hold itself: the rows' timestamps."""
+    if isinstance(v, dt.datetime):
+        return {"$t": v.isoformat()}
+    raise TypeError(f"{type(v).__name__} is not a record value")
 
 
 def _unvalue(v):
@@ -407,12 +411,12 @@ def _unvalue(v):
 
 def _encode(rec) -> list:
     if isinstance(rec, Insert):
-        return ["i", rec.table, [_value(v) for v in rec.row]]
-    return ["e", rec.id, [_value(v) for v in rec.values]]
+        return ["i", rec.table, rec.row]
+    return ["e", rec.id, rec.values]
 
 
 def encode_batch(batch: list) -> bytes:
-    return json.dumps([_encode(r) for r in batch], separators=(",", ":")).encode()
+    return json.dumps([_encode(r) for r in batch], separators=(",", ":"), default=_datetime).encode()
 
 
 def decode_batch(line: bytes) -> list:
