@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import itertools
 import signal
+import subprocess
 import threading
 import time
+
+import duckdb
+import pytest
 
 from tests.support.fixtures import capture
 from tests.support.gateway import Gateway
@@ -95,3 +99,67 @@ def test_spooled_batch_not_yet_in_duckdb_is_replayed_once_at_start_up(tmp_path):
         assert rows == [(iid, "completed", 200)]
         assert spool.read_bytes() == b""
         assert stat.S_IMODE(spool.stat().st_mode) == 0o600 and stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def _store_processes(parent: int | None = None) -> list[tuple[int, int]]:
+    """(pid, ppid) of running store writer processes (optionally only the children of `parent`)."""
+    out = []
+    for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines():
+        pid, ppid, args = line.split(None, 2)
+        if "aibridge_gw.store.server" in args and (parent is None or int(ppid) == parent):
+            out.append((int(pid), int(ppid)))
+    return out
+
+
+def test_the_store_is_its_own_process_and_outlives_a_killed_gateway_only_to_commit(tmp_path, upstream):
+    """Recording's CPU is off the proxy's interpreter: a child process owns DuckDB. Killed with -9, the gateway
+    takes nothing queued with it: the child commits what it received, then exits by itself (no orphan)."""
+    upstream.reset()
+    cap = capture("openai/chatcompletions/simple.txtar")
+    upstream.default = Reply.from_capture(cap, False)
+    gw = Gateway(tmp_path / "proc", upstream.url).start()
+    token = gw.new_user("proc")
+    children = _store_processes(gw.proc.pid)
+    assert len(children) == 1, children
+    child = children[0][0]
+    client = openai_client(gw, token)
+    for n in range(20):
+        chat_call(client, {**cap.request, "model": f"proc-{n}"}, False)
+    gw.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(pid == child for pid, _ in _store_processes()):
+        time.sleep(0.05)
+    assert not any(pid == child for pid, _ in _store_processes()), "the store process outlived its gateway"
+    con = duckdb.connect(str(gw.db), read_only=True)  # the file is free: nobody holds it any more
+    try:
+        rows = con.execute("SELECT count(*) FROM aibridge_interceptions WHERE model LIKE 'proc-%' "
+                           "AND status = 'completed'").fetchone()
+    finally:
+        con.close()
+    assert rows[0] == 20
+    upstream.reset()
+
+
+def test_the_store_process_answers_named_operations_and_keeps_their_errors(tmp_path):
+    from aibridge_gw.reports import BadParameter
+    from aibridge_gw.store.ops import OpError
+    from aibridge_gw.store.process import WriterProcess
+
+    store = WriterProcess(tmp_path / "named.duckdb")
+    store.open()
+    try:
+        assert store.run("users.add", True, name="ann").result(10)["name"] == "ann"
+        with pytest.raises(OpError, match="already exists"):
+            store.run("users.add", True, name="ann").result(10)
+        with pytest.raises(TypeError):
+            store.run("users.add", True, nonsense=1).result(10)
+        with pytest.raises(BadParameter) as e:
+            store.run("admin_query", route="usage", viewer=None, filters={}, group_by="nope").result(10)
+        assert e.value.name == "group_by"
+        assert store.run("directory").result(10) == []
+        store.flush().result(10)
+    finally:
+        store.close()
+    assert store._proc.returncode == 0
+    with pytest.raises(RuntimeError, match="store process is gone"):
+        store.run("users.list").result(10)

@@ -220,8 +220,9 @@ class Chain:
         for a in self.addons[1:]:
             if hasattr(a, "configure"):
                 a.configure(set())
-        self.rt.store.call(functools.partial(ops.users_add, name="alice")).result()
-        self.token = self.rt.store.call(functools.partial(ops.tokens_create, user="alice")).result()["token"]
+        self.rt.store.run("users.add", True, name="alice").result()
+        self.token = self.rt.store.run("tokens.create", True, user="alice").result()["token"]
+        self.rt._apply_directory(self.rt.store.run("directory").result(), [])
 
     async def request(self, flow):
         for hook in ("requestheaders", "request"):
@@ -245,7 +246,7 @@ class Chain:
 
     def rows(self, query):
         self.rt.store.flush().result()
-        return self.rt.store.read(lambda cur: cur.execute(query).fetchall()).result()
+        return [tuple(r) for r in self.rt.store.run("sql", query_text=query).result()["rows"]]
 
     def close(self):
         self.rt.done()

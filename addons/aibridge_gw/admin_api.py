@@ -1,6 +1,6 @@
 """The admin HTTP API under /aibridge/api/v1/: admins see everything, other users only their own data.
 
-Queries run on reader threads (never on the event loop); errors are JSON with a message, bad filters are
+Queries run where the store is (the writer process, never on the event loop); errors are JSON with a message, bad filters are
 400s naming the parameter.
 """
 
@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from mitmproxy import http
 
 from .auth import TokenDirectory, credential_from_headers
 from .pricing import PriceTable
-from .reports import (
-    BadParameter,
-    Viewer,
-    distinct,
-    interception_detail,
-    list_interceptions,
-    parse_limit,
-    sessions,
-    timeseries,
-    usage,
-)
-from .store.writer import Store
+from .reports import BadParameter, Viewer, parse_limit
 
 PREFIX = "/aibridge/api/v1/"
 FILTERS = ("initiator", "provider", "model", "client", "started_after", "started_before", "session")
@@ -44,8 +34,9 @@ def error(status: int, message: str, parameter: str | None = None) -> http.Respo
 
 
 class AdminApi:
-    def __init__(self, store: Store, tokens: TokenDirectory, prices: PriceTable) -> None:
+    def __init__(self, store, tokens: TokenDirectory, prices: PriceTable, pricing: Path | None = None) -> None:
         self.store, self.tokens, self.prices = store, tokens, prices
+        self.pricing = str(pricing) if pricing else None  # the writer process loads the same price table
 
     async def handle(self, flow: http.HTTPFlow) -> http.Response:
         req = flow.request
@@ -67,30 +58,30 @@ class AdminApi:
                 raise BadParameter(name, "unknown parameter")
             filters = {k: q[k] for k in FILTERS if q.get(k)}
             if route == "interceptions":
-                limit = parse_limit(q.get("limit"))
-                result = await self._read(lambda c: list_interceptions(c, viewer, filters, self.prices, limit, q.get("cursor")))
+                result = await self._query("interceptions", viewer, filters, limit=parse_limit(q.get("limit")),
+                                           cursor=q.get("cursor"))
             elif route.startswith("interceptions/"):
                 iid = route.split("/", 1)[1]
-                result = await self._read(lambda c: interception_detail(c, viewer, iid, self.prices))
+                result = await self._query("interception", viewer, filters, id=iid)
                 if result is None:
                     return error(404, f"no interception {iid!r}")
             elif route == "sessions":
-                limit = parse_limit(q.get("limit"))
-                result = await self._read(lambda c: sessions(c, viewer, self.prices, filters, limit))
+                result = await self._query("sessions", viewer, filters, limit=parse_limit(q.get("limit")))
             elif route == "usage":
-                group_by = q.get("group_by", "user")
-                result = await self._read(lambda c: usage(c, viewer, group_by, self.prices, q.get("since"), filters))
+                result = await self._query("usage", viewer, filters, group_by=q.get("group_by", "user"),
+                                           since=q.get("since"))
             elif route == "usage/timeseries":
-                stack = q.get("stack", "model")
-                result = await self._read(lambda c: timeseries(c, viewer, stack, self.prices, q.get("since", "30d")))
+                result = await self._query("usage/timeseries", viewer, filters, stack=q.get("stack", "model"),
+                                           since=q.get("since", "30d"))
             elif route in ("clients", "models"):
-                column = route[:-1]
-                result = await self._read(lambda c: distinct(c, viewer, column, q.get("prefix")))
+                result = await self._query(route[:-1], viewer, filters, prefix=q.get("prefix"))
             else:
                 return error(404, f"unknown endpoint {parts.path}")
         except BadParameter as e:
             return error(400, str(e), e.name)
         return json_response(200, result)
 
-    async def _read(self, fn):
-        return await asyncio.wrap_future(self.store.read(fn))
+    async def _query(self, route: str, viewer: Viewer, filters: dict, **params):
+        """One report, run where the store is (in the writer process) with plain-value arguments."""
+        return await asyncio.wrap_future(self.store.run(
+            "admin_query", route=route, viewer=viewer.user_id, filters=filters, pricing=self.pricing, **params))

@@ -32,6 +32,23 @@ def _month(t: dt.datetime) -> tuple[int, int]:
     return (t.year, t.month)
 
 
+def usage_rows(conn) -> list[list]:
+    """What each user spent this month (and, for the rate limit, this minute): one row per interception, as
+    plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]."""
+    now = dt.datetime.now(dt.UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    rows = conn.execute(
+        "SELECT CAST(i.initiator_id AS VARCHAR), i.started_at, coalesce(i.metadata->>'response_model', i.model), "
+        "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
+        "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
+        "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
+        "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY ALL",
+        [min(month_start, now - dt.timedelta(minutes=1))],
+    ).fetchall()
+    return [[uid, started.isoformat(), model, int(inp), int(out), int(cr), int(cw)]
+            for uid, started, model, inp, out, cr, cw in rows]
+
+
 class Budgets:
     def __init__(self, default: Limits, per_user: dict[str, Limits], prices: PriceTable) -> None:
         self.default = default
@@ -50,18 +67,14 @@ class Budgets:
 
     def load(self, conn) -> None:
         """Rebuild counters from what the database recorded (this minute, today, this month)."""
+        self.load_rows(usage_rows(conn))
+
+    def load_rows(self, rows: list) -> None:
+        """Counters from `usage_rows` (which may come from the writer process, as plain values)."""
         now = dt.datetime.now(dt.UTC)
-        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        rows = conn.execute(
-            "SELECT CAST(i.initiator_id AS VARCHAR), i.started_at, coalesce(i.metadata->>'response_model', i.model), "
-            "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
-            "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
-            "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
-            "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY ALL",
-            [min(month_start, now - dt.timedelta(minutes=1))],
-        ).fetchall()
         mono_now, wall_now = time.monotonic(), now.timestamp()
         for uid, started, model, inp, out, cr, cw in rows:
+            started = dt.datetime.fromisoformat(started) if isinstance(started, str) else started
             if started >= now - dt.timedelta(minutes=1):
                 self._requests[uid].append(mono_now - (wall_now - started.timestamp()))
             self._add(uid, started, model, [TokenUsage(None, inp, out, cr, cw)])

@@ -5,7 +5,6 @@ metrics, the admin API and the CLI's control endpoint. Only requests addressed t
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -132,16 +131,19 @@ class ControlPlane:
             return
         try:
             payload = json.loads(req.content or b"")
-            fn, writes = ops.OPS[payload["op"]]
-            call = functools.partial(fn, **(payload.get("args") or {}))
+            name, args = payload["op"], payload.get("args") or {}
+            _, writes = ops.OPS[name]  # the CLI's operations only, never the gateway's own
+            if not isinstance(args, dict):
+                raise TypeError("args must be an object")
         except (ValueError, KeyError, TypeError) as e:
             flow.response = error_response(None, 400, f"bad control request: {e}")
             return
         if not writes:
             await self._flushed()
-        fut = rt.store.call(call) if writes else rt.store.read(call)
         try:
-            result = await asyncio.wrap_future(fut)
+            result = await asyncio.wrap_future(rt.store.run(name, writes, **args))
+            if writes:
+                await rt.reload_directory()
         except (ops.OpError, TypeError) as e:
             flow.response = error_response(None, 400, str(e))
             return

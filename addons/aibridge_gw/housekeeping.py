@@ -4,7 +4,6 @@ exchanges in flight, and the event-loop and garbage-collector stall counters tha
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import time
@@ -12,7 +11,6 @@ import time
 from mitmproxy import ctx
 
 from .runtime import Runtime
-from .store import ops
 
 log = logging.getLogger("aibridge")
 
@@ -44,7 +42,7 @@ class Housekeeping:
             days = self.rt.config.retention_days
             if days and self.rt.store is not None:
                 try:
-                    result = await asyncio.wrap_future(self.rt.store.call(functools.partial(ops.prune, days=days)))
+                    result = await asyncio.wrap_future(self.rt.store.run("prune", True, days=days))
                     if result["deleted"]:
                         log.info("aibridge: retention removed %d interception(s) older than %d days",
                                  result["deleted"], days)

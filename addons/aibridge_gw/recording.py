@@ -184,12 +184,12 @@ class Recorder:
         hit = self._calls.get(call_id)
         if hit is None:
             try:
-                hit = await asyncio.wrap_future(self.store.read(lambda cur: _lookup_call(cur, call_id)))
+                hit = await asyncio.wrap_future(self.store.run("tool_call_thread", call_id=call_id))
             except Exception as e:
                 log.warning("thread lookup failed: %s", e)
                 hit = None
         if hit:
-            ic.parent_id, ic.root_id = hit
+            ic.parent_id, ic.root_id = hit[0], hit[1]
 
     def started(self, ic: Interception) -> None:
         self.store.submit(_interception_row(ic, IN_PROGRESS))
@@ -269,13 +269,3 @@ def _interception_row(ic: Interception, status: str, **end):
         thread_parent_id=ic.parent_id, thread_root_id=ic.root_id, credential_kind=ic.credential_kind,
         credential_hint=ic.credential_hint, status=status, started_at=ic.started_at, api=ic.api,
         stream=ic.info.stream, **end)
-
-
-def _lookup_call(cur, call_id: str) -> tuple[str, str] | None:
-    row = cur.execute(
-        "SELECT i.id, coalesce(i.thread_root_id, i.id) FROM aibridge_tool_usages t "
-        "JOIN aibridge_interceptions i ON i.id = t.interception_id "
-        "WHERE t.provider_tool_call_id = ? ORDER BY t.created_at DESC LIMIT 1",
-        [call_id],
-    ).fetchone()
-    return (str(row[0]), str(row[1])) if row else None

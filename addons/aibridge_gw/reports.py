@@ -21,7 +21,7 @@ from .pricing import PriceTable
 class BadParameter(ValueError):
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"bad parameter {name!r}: {why}")
-        self.name = name
+        self.name, self.why = name, why
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ the shutdown that must happen in order (end in-flight records, then close the st
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -28,8 +29,7 @@ from .pricing import PriceTable
 from .records import ResponseSummary
 from .recording import Recorder, at
 from .routing import Router
-from .store import ops
-from .store.writer import Store
+from .store.process import WriterProcess
 from .throttle import AuthThrottle
 from .upstream_faults import UpstreamWatch
 
@@ -56,7 +56,7 @@ class Runtime:
     def __init__(self) -> None:
         self.config: Config | None = None
         self.router: Router | None = None
-        self.store: Store | None = None
+        self.store: WriterProcess | None = None
         self.recorder: Recorder | None = None
         self.tokens = TokenDirectory()
         self.mcp_tokens: dict[tuple[str, str], str] = {}
@@ -127,24 +127,23 @@ class Runtime:
         if self.store is None:
             self._open_store(config)
         prices = PriceTable.load(config.pricing)
-        self.api = AdminApi(self.store, self.tokens, prices)
+        self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
         budgets = Budgets(config.budgets.default, config.budgets.users, prices)
         if budgets.active:
-            self.store.read(budgets.load).result()  # counters survive restarts: rebuilt from the records
+            budgets.load_rows(self.store.run("budget_usage").result())  # counters survive restarts
             self.budgets = budgets
         else:
             self.budgets = None
 
     def _open_store(self, config: Config) -> None:
-        store = Store(config.duckdb_path, after_op=self._reload_tokens, close_stale=True)
+        store = WriterProcess(config.duckdb_path, close_stale=True)
         try:
             store.open()
         except Exception as e:
             raise exceptions.OptionsError(f"aibridge: cannot open {config.duckdb_path}: {e}") from None
         self.store = store
         self.metrics.dead_letters.set_function(lambda: self.store.dead_lettered if self.store else 0)
-        self.tokens.replace(store.read(ops.load_directory).result())
-        self.mcp_tokens = store.read(ops.load_mcp_tokens).result()
+        self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result())
         self.recorder = Recorder(store)
         log.info(
             "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
@@ -158,10 +157,15 @@ class Runtime:
             self.metrics.child(self.metrics.breaker_trips, *key).inc()
             log.warning("circuit breaker opened for %s %s %s", *key)
 
-    def _reload_tokens(self, conn) -> None:
+    async def reload_directory(self) -> None:
         """After an admin operation: new or revoked tokens take effect for the next request."""
-        self.tokens.replace(ops.load_directory(conn))
-        self.mcp_tokens = ops.load_mcp_tokens(conn)
+        directory, mcp_tokens = await asyncio.gather(asyncio.wrap_future(self.store.run("directory")),
+                                                     asyncio.wrap_future(self.store.run("mcp_tokens")))
+        self._apply_directory(directory, mcp_tokens)
+
+    def _apply_directory(self, directory: list, mcp_tokens: list) -> None:
+        self.tokens.replace({row[0]: Actor(*row[1:]) for row in directory})
+        self.mcp_tokens = {(uid, server): token for uid, server, token in mcp_tokens}
 
     def chosen_upstream(self, host: str, port: int) -> bool:
         """A provider's base_url or the injected-tool loop: addresses the gateway itself sends requests to."""

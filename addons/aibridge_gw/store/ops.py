@@ -7,12 +7,16 @@ import datetime as dt
 import secrets
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from .. import reports
 from ..auth import Actor, hash_token, mask, new_token
+from ..budgets import Budgets, usage_rows
+from ..config import Limits
+from ..pricing import PriceTable
 from ..reports import jsonable
 
 ROLES = ("member", "admin")
@@ -251,9 +255,6 @@ def report(conn, kind: str, **kw) -> dict:
         if kind == "prompts":
             return reports.prompts(conn, viewer, kw.get("user"), kw.get("search"), kw.get("limit", 50))
         if kind == "budgets":
-            from ..budgets import Budgets
-            from ..config import Limits
-
             spec = kw.get("budgets") or {}
             b = Budgets(Limits(**spec.get("default", {})),
                         {k: Limits(**v) for k, v in (spec.get("users") or {}).items()}, prices)
@@ -299,3 +300,70 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "report": (report, False),
     "export": (export, False),
 }
+
+
+# --- what the gateway itself reads, by name (its writer may be another process: plain values only) -----------
+
+
+def directory_rows(conn) -> list[list]:
+    """load_directory as plain values: [token hash, user id, name, role, token id, hint]."""
+    return [[h, a.user_id, a.user_name, a.role, a.token_id, a.token_hint] for h, a in load_directory(conn).items()]
+
+
+def mcp_token_rows(conn) -> list[list]:
+    """load_mcp_tokens as plain values: [user id, server, token]."""
+    return [[uid, server, token] for (uid, server), token in load_mcp_tokens(conn).items()]
+
+
+def tool_call_thread(conn, call_id: str) -> list | None:
+    """The interception that made a tool call, and its thread's root: [id, root id], or None."""
+    row = conn.execute(
+        "SELECT CAST(i.id AS VARCHAR), CAST(coalesce(i.thread_root_id, i.id) AS VARCHAR) FROM aibridge_tool_usages t "
+        "JOIN aibridge_interceptions i ON i.id = t.interception_id "
+        "WHERE t.provider_tool_call_id = ? ORDER BY t.created_at DESC LIMIT 1",
+        [call_id],
+    ).fetchone()
+    return list(row) if row else None
+
+
+_PRICES: dict[str | None, PriceTable] = {}
+
+
+def admin_query(conn, route: str, viewer: str | None, filters: dict, pricing: str | None = None, **params) -> Any:
+    """One admin API read (`route` as in /aibridge/api/v1/<route>); `viewer` is the user whose rows may be seen,
+    None for everything (an admin)."""
+    prices = _PRICES.get(pricing)
+    if prices is None:
+        prices = _PRICES[pricing] = PriceTable.load(Path(pricing) if pricing else None)
+    v = reports.Viewer.everyone() if viewer is None else reports.Viewer(viewer)
+    if route == "interceptions":
+        return reports.list_interceptions(conn, v, filters, prices, params["limit"], params.get("cursor"))
+    if route == "interception":
+        return reports.interception_detail(conn, v, params["id"], prices)
+    if route == "sessions":
+        return reports.sessions(conn, v, prices, filters, params["limit"])
+    if route == "usage":
+        return reports.usage(conn, v, params["group_by"], prices, params.get("since"), filters)
+    if route == "usage/timeseries":
+        return reports.timeseries(conn, v, params["stack"], prices, params.get("since"))
+    if route in ("client", "model"):
+        return reports.distinct(conn, v, route, params.get("prefix"))
+    raise OpError(f"unknown admin query {route!r}")
+
+
+def flush(conn) -> None:
+    """Nothing: a barrier that resolves once everything queued before it is committed."""
+    return None
+
+
+# The gateway's own reads and writes, beside the CLI's OPS. Never reachable through the control endpoint:
+# mcp_tokens carries decrypted credentials.
+GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
+    "directory": (directory_rows, False),
+    "mcp_tokens": (mcp_token_rows, False),
+    "budget_usage": (usage_rows, False),
+    "tool_call_thread": (tool_call_thread, False),
+    "admin_query": (admin_query, False),
+    "flush": (flush, True),
+}
+ALL_OPS = {**OPS, **GATEWAY_OPS}

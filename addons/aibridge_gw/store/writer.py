@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -106,12 +107,13 @@ def clean_json(text: str) -> str:
 
 class Store:
     def __init__(self, path: Path, after_op: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
-                 spool: bool = True, close_stale: bool = False):
+                 spool: bool = True, close_stale: bool = False, on_commit: Callable[[], None] | None = None):
         self.path = Path(path)
         self.spool_path = self.path.with_name(self.path.name + ".spool") if spool else None
         self.dead_letter_path = self.path.with_name(self.path.name + ".deadletter.jsonl")
         self._spool = None
         self.after_op = after_op
+        self.on_commit = on_commit  # after each batch is stored (the writer process reports its counters)
         self.close_stale = close_stale  # the gateway, at start-up: rows left in_progress by a crash end failed
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()  # cuts the batch window short when someone waits for the writes
@@ -204,6 +206,13 @@ class Store:
     def flush(self) -> cf.Future:
         """Resolves once everything queued before the call is committed (read-your-writes for queries)."""
         return self.call(_noop)
+
+    def run(self, op: str, writes: bool = False, **args) -> cf.Future:
+        """A named operation (`ops.ALL_OPS`): the interface this store shares with `WriterProcess`."""
+        from .ops import ALL_OPS  # ops imports the reports and the budgets; the writer needs them only here
+
+        fn = functools.partial(ALL_OPS[op][0], **args)
+        return self.call(fn) if writes else self.read(fn)
 
     def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> cf.Future:
         """Run fn(cursor) on a reader thread; sees committed data."""
@@ -312,6 +321,8 @@ class Store:
         self._store(batch)
         if spool:
             self._spool_clear()  # committed (or dead-lettered): no longer needed for recovery
+        if self.on_commit is not None:
+            self.on_commit()
 
     def _store(self, batch: list) -> None:
         """Commit a batch; on failure, split it until the record at fault is alone, and dead-letter only that one."""
@@ -420,8 +431,12 @@ def encode_batch(batch: list) -> bytes:
 
 
 def decode_batch(line: bytes) -> list:
+    return decode_records(json.loads(line))
+
+
+def decode_records(entries: list) -> list:
     out = []
-    for kind, key, values in json.loads(line):
+    for kind, key, values in entries:
         vals = tuple(_unvalue(v) for v in values)
         if kind == "i":
             if key not in COLUMNS:

@@ -1,0 +1,218 @@
+"""The gateway's store in a process of its own, so recording never competes with the proxy for the GIL.
+
+DuckDB allows one process per file, and turning Python rows into DuckDB values holds the GIL: in the proxy's
+process the writer thread took the interpreter away from the event loop on every batch. Here a child process
+(`store/server.py`) owns the file and runs the same `Store` (batching, spool, dead letters); the gateway only
+encodes records as JSON and writes them to a pipe. Reads and admin operations travel the same pipe by name
+(`ops.ALL_OPS`) with plain-value arguments and results — never pickle.
+
+Messages are JSON lines. To the child: {"t": "rec", "b": [records]} and {"t": "op", "id", "op", "a", "w"}.
+From it: {"t": "ready"}, {"t": "r", "id", "ok", ...} answers and {"t": "s", ...} counters after each batch.
+The child ignores SIGINT/SIGTERM and ends when its input closes: when the gateway shuts down, or dies — then it
+commits what it has received, so even `kill -9` of the gateway loses only records not yet sent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from .. import reports
+from .ops import OpError
+from .rows import EndInterception, Insert
+from .writer import _datetime, _encode
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+# Where this package was imported from (a checkout's addons/ or site-packages): the child imports the same code.
+PACKAGE_PARENT = str(Path(importlib.util.find_spec("aibridge_gw").origin).resolve().parent.parent)
+
+
+class _Op:
+    __slots__ = ("id", "line")
+
+    def __init__(self, id: int, line: bytes) -> None:
+        self.id, self.line = id, line
+
+
+class WriterProcess:
+    def __init__(self, path: Path, close_stale: bool = False, spool: bool = True) -> None:
+        self.path = Path(path)
+        self.close_stale = close_stale
+        self.spool = spool
+        self.written = 0
+        self.dead_lettered = 0
+        self.stale_closed = 0
+        self._proc: subprocess.Popen | None = None
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[int, cf.Future] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._sender: threading.Thread | None = None
+        self._receiver: threading.Thread | None = None
+        self._dead: str | None = None  # why the child is gone, once it is
+
+    @property
+    def failed(self) -> int:
+        return self.dead_lettered
+
+    def open(self, timeout: float = 60.0) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        args = [sys.executable, "-m", "aibridge_gw.store.server", str(self.path)]
+        args += ["--close-stale"] if self.close_stale else []
+        args += [] if self.spool else ["--no-spool"]
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        ready = cf.Future()
+        self._receiver = threading.Thread(target=self._receive, args=(ready,), name="aibridge-store-rx", daemon=True)
+        self._receiver.start()
+        try:
+            hello = ready.result(timeout)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait()
+            raise
+        self.stale_closed = hello.get("stale", 0)
+        self._sender = threading.Thread(target=self._send, name="aibridge-store-tx", daemon=True)
+        self._sender.start()
+
+    # --- producers (any thread, never block) ------------------------------------------------------------
+
+    def submit(self, record: Insert | EndInterception) -> None:
+        self._q.put(record)
+
+    def run(self, op: str, writes: bool = False, **args) -> cf.Future:
+        """Run the named operation in the writer process; writes are ordered after every record submitted
+        before, reads see what is committed."""
+        fut: cf.Future = cf.Future()
+        if self._dead is not None:
+            fut.set_exception(RuntimeError(f"the store process is gone: {self._dead}"))
+            return fut
+        n = next(self._ids)
+        with self._lock:
+            self._pending[n] = fut
+        line = json.dumps({"t": "op", "id": n, "op": op, "a": args, "w": writes}, default=_datetime).encode()
+        self._q.put(_Op(n, line))
+        return fut
+
+    def flush(self) -> cf.Future:
+        return self.run("flush", writes=True)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Send what is queued, let the child commit it and exit. Safe to call twice."""
+        if self._sender is None:
+            return
+        self._q.put(_STOP)
+        self._sender.join(timeout)
+        self._sender = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("the store process did not finish within %s s; killing it", timeout)
+                self._proc.kill()
+                self._proc.wait()
+        if self._receiver is not None:
+            self._receiver.join(5)
+
+    # --- the sender thread: records batched into one line, ops in order -------------------------------
+
+    def _send(self) -> None:
+        out = self._proc.stdin
+        stop = False
+        while not stop:
+            item = self._q.get()
+            records: list = []
+            lines: list[bytes] = []
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Op):
+                    if records:
+                        lines.append(_records_line(records))
+                        records = []
+                    lines.append(item.line)
+                else:
+                    records.append(_encode(item))
+                try:
+                    item = self._q.get_nowait() if not stop else None
+                except queue.Empty:
+                    break
+                if item is None:
+                    break
+            if records:
+                lines.append(_records_line(records))
+            try:
+                out.write(b"\n".join(lines) + b"\n")
+                out.flush()
+            except (OSError, ValueError) as e:
+                self._gone(f"its input closed ({e})")
+                log.error("aibridge: %d record line(s) could not reach the store process: %s", len(lines), e)
+        try:
+            out.close()
+        except OSError:
+            pass
+
+    # --- the receiver thread: answers and counters ----------------------------------------------------
+
+    def _receive(self, ready: cf.Future) -> None:
+        for line in self._proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.error("aibridge: unreadable line from the store process (%d bytes)", len(line))
+                continue
+            kind = msg.get("t")
+            if kind == "s":
+                self.written, self.dead_lettered = msg["w"], msg["d"]
+            elif kind == "r":
+                with self._lock:
+                    fut = self._pending.pop(msg["id"], None)
+                if fut is not None and fut.set_running_or_notify_cancel():
+                    if msg["ok"]:
+                        fut.set_result(msg.get("r"))
+                    else:
+                        fut.set_exception(_error(msg))
+            elif kind == "ready":
+                ready.set_result(msg)
+            elif kind == "error" and not ready.done():
+                ready.set_exception(RuntimeError(msg.get("m", "the store process failed to start")))
+        code = self._proc.wait()
+        if not ready.done():
+            ready.set_exception(RuntimeError(f"the store process exited ({code}) before it was ready"))
+        self._gone(f"it exited ({code})")
+
+    def _gone(self, why: str) -> None:
+        if self._dead is None:
+            self._dead = why
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError(f"the store process is gone: {why}"))
+
+
+def _records_line(records: list) -> bytes:
+    return b'{"t":"rec","b":' + json.dumps(records, separators=(",", ":"), default=_datetime).encode() + b"}"
+
+
+def _error(msg: dict) -> Exception:
+    """The operation's exception, as the in-process store would have raised it."""
+    kind, text = msg.get("e"), msg.get("m", "")
+    if kind == "OpError":
+        return OpError(text)
+    if kind == "TypeError":
+        return TypeError(text)
+    if kind == "BadParameter":
+        return reports.BadParameter(msg.get("name") or "?", msg.get("why") or text)
+    return RuntimeError(f"{kind}: {text}")
