@@ -4,12 +4,14 @@ least a second before the kill is in the database exactly once."""
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import threading
 import time
 
 import duckdb
+import httpx
 import pytest
 
 from tests.support.fixtures import capture
@@ -164,3 +166,22 @@ def test_the_store_process_answers_named_operations_and_keeps_their_errors(tmp_p
     assert store._proc.returncode == 0
     with pytest.raises(RuntimeError, match="store process is gone"):
         store.run("users.list").result(10)
+
+
+def test_health_says_unavailable_when_the_store_process_is_gone(tmp_path, upstream):
+    gw = Gateway(tmp_path / "gone", upstream.url).start()
+
+    def health() -> tuple[int, str]:
+        r = httpx.get(gw.url + "/aibridge/healthz", trust_env=False)
+        return r.status_code, r.json()["status"]
+
+    try:
+        assert health() == (200, "ok")
+        (child, _), = _store_processes(gw.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and health()[1] == "ok":
+            time.sleep(0.05)
+        assert health() == (503, "unavailable")
+    finally:
+        gw.stop()

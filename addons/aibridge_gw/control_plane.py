@@ -96,8 +96,9 @@ class ControlPlane:
                 return
         store = rt.store
         dead = store.dead_lettered if store else 0
-        flow.response = _json(200 if store else 503, {
-            "status": "ok" if store else "unavailable", "inflight": len(rt.inflight),
+        healthy = store is not None and store.alive  # the writer process is up: calls can be recorded
+        flow.response = _json(200 if healthy else 503, {
+            "status": "ok" if healthy else "unavailable", "inflight": len(rt.inflight),
             "records_written": store.written if store else 0,
             "records_failed": dead, "records_dead_lettered": dead,
             "stale_interceptions_closed": store.stale_closed if store else 0,

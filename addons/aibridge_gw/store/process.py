@@ -68,6 +68,11 @@ class WriterProcess:
     def failed(self) -> int:
         return self.dead_lettered
 
+    @property
+    def alive(self) -> bool:
+        """False once the writer process is gone: nothing can be recorded any more (healthz says so)."""
+        return self._dead is None
+
     def open(self, timeout: float = 60.0) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)

@@ -128,6 +128,10 @@ class Store:
     def failed(self) -> int:
         return self.dead_lettered
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     # --- lifecycle (called from the addon's configure/done) ----------------------------------------
 
     def open(self) -> duckdb.DuckDBPyConnection:
