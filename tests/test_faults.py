@@ -16,7 +16,7 @@ import pytest
 from tests.support.fixtures import capture
 from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY, Gateway, free_port
 from tests.support.mock_upstream import Reply
-from tests.support.sdk import anthropic_call, anthropic_client, chat_call, openai_client
+from tests.support.sdk import anthropic_call, anthropic_client, openai_client
 
 
 @pytest.fixture(scope="module")

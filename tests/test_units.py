@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import json
 
 import pytest
@@ -31,7 +30,6 @@ from aibridge_gw.pricing import PriceTable
 from aibridge_gw.proxy_mode import ProxyMode
 from aibridge_gw.records import TokenUsage
 from aibridge_gw.runtime import Runtime
-from aibridge_gw.store import ops
 
 ALICE = Actor("11111111-1111-4111-8111-111111111111", "alice", "member", "t1", "gw_a…")
 TOKEN = "gw_alice-token"

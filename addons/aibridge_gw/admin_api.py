@@ -16,6 +16,7 @@ from mitmproxy import http
 from .auth import TokenDirectory, credential_from_headers
 from .pricing import PriceTable
 from .reports import BadParameter, Viewer, parse_limit
+from .store.writer import StoreApi
 
 PREFIX = "/aibridge/api/v1/"
 FILTERS = ("initiator", "provider", "model", "client", "started_after", "started_before", "session")
@@ -34,7 +35,7 @@ def error(status: int, message: str, parameter: str | None = None) -> http.Respo
 
 
 class AdminApi:
-    def __init__(self, store, tokens: TokenDirectory, prices: PriceTable, pricing: Path | None = None) -> None:
+    def __init__(self, store: StoreApi, tokens: TokenDirectory, prices: PriceTable, pricing: Path | None = None) -> None:
         self.store, self.tokens, self.prices = store, tokens, prices
         self.pricing = str(pricing) if pricing else None  # the writer process loads the same price table
 

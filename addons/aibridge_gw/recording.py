@@ -30,7 +30,7 @@ from .store.rows import (
     USERS,
     interception_end,
 )
-from .store.writer import Store
+from .store.writer import StoreApi
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _summarize_body(ic: Interception, resp: http.Response) -> tuple[ResponseSumm
 class Recorder:
     LINEAGE_MEMORY = 100_000
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StoreApi) -> None:
         self.store = store
         # provider tool call id -> (interception id, thread root id), newest last
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 
@@ -103,6 +103,26 @@ def clean_json(text: str) -> str:
         return json.dumps(scrub(json.loads(text)), ensure_ascii=False)
     except (ValueError, RecursionError):
         return json.dumps({"unparseable": clean_text(text)})
+
+
+class StoreApi(Protocol):
+    """What the gateway needs of a store; `Store` (in this process) and `WriterProcess` (its own) provide it."""
+
+    path: Path
+    written: int
+    dead_lettered: int
+    stale_closed: int
+
+    @property
+    def alive(self) -> bool: ...
+
+    def submit(self, record: Insert | EndInterception) -> None: ...
+
+    def run(self, op: str, writes: bool = False, **args) -> cf.Future: ...
+
+    def flush(self) -> cf.Future: ...
+
+    def close(self) -> None: ...
 
 
 class Store:
