@@ -9,9 +9,13 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .apis import PROVIDERS
+
 TOKEN_PREFIX = "aib_"
-# Headers a client may carry its credential in; all are removed before the request goes upstream.
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+# Headers a client may carry its credential in (the common ones, then each provider's own); all are removed
+# before the request goes upstream.
+CREDENTIAL_HEADERS = tuple(dict.fromkeys(
+    ("authorization", "x-api-key", "api-key") + tuple(h for p in PROVIDERS.values() for h in p.credential_headers)))
 # Headers that carry a gateway token beside the client's own provider credential (BYOK); never forwarded.
 GATEWAY_TOKEN_HEADERS = ("x-aibridge-token", "x-coder-ai-governance-token")
 
@@ -47,7 +51,7 @@ def credential_from_headers(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer " and auth[7:].strip():
         return auth[7:].strip()
-    for h in ("x-api-key", "api-key"):
+    for h in CREDENTIAL_HEADERS[1:]:
         if headers.get(h):
             return headers[h].strip()
     return None

@@ -489,7 +489,7 @@ def _parse_provider(item, where: str) -> ProviderInstance:
     ptype = item.get("type")
     if ptype not in PROVIDERS:
         raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDERS)}, got {ptype!r}")
-    base_url = str(item.get("base_url") or "")
+    base_url = str(item.get("base_url") or PROVIDERS[ptype].default_base_url or "")
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.base_url: {base_url!r} is not an http(s) URL")

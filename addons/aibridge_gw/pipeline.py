@@ -12,15 +12,17 @@ the rows in `recording.py`. Observation and capture run after it and read what i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
+from urllib.parse import unquote_plus
 
 from mitmproxy import http
 from mitmproxy.net.http.url import hostport
 
 from . import bodies, patches
-from .apis import MODEL_APIS, WIRE_APIS
+from .apis import MODEL_APIS, PROVIDERS, WIRE_APIS
 from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, AuthRefused, Identity, identify, mask
 from .breaker import is_failure
 from .clients import detect_client, detect_session
@@ -103,6 +105,7 @@ class Pipeline:
                 route.provider.type, 426,
                 "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
             return
+        route, key_in_query = _credential_from_query(route, hv)
         ident = self._identify(flow, route, hv)
         if ident is None or not self._admissible(flow, route, ident):
             return
@@ -124,7 +127,7 @@ class Pipeline:
         elif not route.known:
             log.info("aibridge: relaying %s %s unrecorded with the user's own credential (user %s)",
                      req.method, printable(route.upstream_path.split("?")[0]), ident.actor.user_name)
-        self._to_upstream(flow, state, ident)
+        self._to_upstream(flow, state, ident, key_in_query)
         if adapter is not None:
             self._to_loop(flow, state, ident, adapter)
         state.forwarded_at = time.time()
@@ -227,7 +230,7 @@ class Pipeline:
             data, body = await asyncio.to_thread(read) if encoding or len(raw) > OFF_LOOP_BYTES else read()
             if not isinstance(body, dict):
                 raise BadRequest("request body must be a JSON object")
-            info = codec.parse_request(body)
+            info = codec.parse_request(body, route.upstream_path.split("?")[0])
             changed = None if multipart else codec.prepare_request(body)
         except bodies.BodyTooLarge as e:
             flow.response = error_response(route.provider.type, 413, f"aibridge: {e}")
@@ -284,9 +287,10 @@ class Pipeline:
                         ic.id, adapter.trimmed, max_tools)
         return adapter
 
-    def _to_upstream(self, flow: http.HTTPFlow, state: FlowState, ident: Identity) -> None:
+    def _to_upstream(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, key_in_query: bool = False) -> None:
         """Point the request at the provider and swap credentials, in one pass over the raw request data:
-        mitmproxy's property setters and Headers API re-derive Host/authority and re-scan headers per call."""
+        mitmproxy's property setters and Headers API re-derive Host/authority and re-scan headers per call.
+        A user's own key that came in the query (`key_in_query`) goes upstream as the provider's key header."""
         route = state.route
         req, prov = flow.request, route.provider
         host = hostport(prov.scheme, prov.host, prov.port).encode()
@@ -310,6 +314,8 @@ class Pipeline:
             fields.insert(0, (b"host", host))
         if ident.byok_credential is None:
             fields.append(prov.auth_header)
+        elif key_in_query:
+            fields.append(PROVIDERS[prov.type].auth_header(ident.byok_credential))
         if recorded:
             fields.append((b"accept-encoding", b"identity"))  # the stream tap parses bytes as they pass
         d.headers.fields = tuple(fields)
@@ -401,6 +407,30 @@ class Pipeline:
 
 _DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+def _credential_from_query(route: Route, hv: dict[str, str]) -> tuple[Route, bool]:
+    """A key sent as a query parameter (Gemini's `?key=`) never goes upstream in the URL: it is taken out of the
+    upstream path and read like the provider's key header. Returns the route without it, and whether it moved
+    into the header view (the client sent no key header)."""
+    name = PROVIDERS[route.provider.type].query_credential
+    path, sep, query = route.upstream_path.partition("?")
+    if not name or not sep:
+        return route, False
+    kept, given = [], None
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if unquote_plus(key) == name:
+            given = unquote_plus(value)
+        else:
+            kept.append(part)
+    if given is None:
+        return route, False
+    header = PROVIDERS[route.provider.type].credential_headers[0]
+    moved = not any(hv.get(h) for h in CREDENTIAL_HEADERS)
+    if moved:
+        hv[header] = given
+    return dataclasses.replace(route, upstream_path=path + ("?" + "&".join(kept) if kept else "")), moved
 
 
 def header_view(headers: http.Headers) -> dict[str, str]:

@@ -244,7 +244,7 @@ class Recorder:
         if ic_codec is None:
             return None
         try:
-            info = ic_codec.parse_request(json.loads(flow.request.content or b""))
+            info = ic_codec.parse_request(json.loads(flow.request.content or b""), meta.get("upstream_path") or "")
         except Exception as e:
             log.warning("flow %s: request not replayable: %s", flow.id, e)
             return None

@@ -27,8 +27,9 @@ class WireApi(Protocol):
     ends_at_eof: bool  # a stream without a final event: complete when it ends normally
     adapter: type[Adapter] | None  # the injected-tool loop's adapter for this API
 
-    def parse_request(self, body: dict) -> RequestInfo:
-        """Facts for the record (model, stream, prompt, tool results); raises BadRequest."""
+    def parse_request(self, body: dict, path: str = "") -> RequestInfo:
+        """Facts for the record (model, stream, prompt, tool results); raises BadRequest. `path` is the endpoint
+        path (APIs that name the model or the stream mode in the path read them there)."""
 
     def prepare_request(self, body: dict) -> dict | None:
         """The body to send upstream when the gateway must change it (e.g. ask for stream usage), else None."""
@@ -69,6 +70,9 @@ class Provider(Protocol):
     endpoints: tuple[Endpoint, ...]  # relative to the instance's base_url path
     apis: Mapping[str, WireApi]  # the wire APIs its endpoints record
     version_in_base_url: bool  # base URLs end in /v1, which clients may repeat in the path
+    default_base_url: str | None  # used when an instance sets none
+    credential_headers: tuple[str, ...]  # where its clients send a key, besides Authorization/X-Api-Key
+    query_credential: str | None  # a query parameter its clients may send the key in (moved to a header)
 
     def auth_header(self, key: str) -> tuple[bytes, bytes]:
         """The upstream credential as a raw header field."""
@@ -83,7 +87,7 @@ class WireFunctions:
 
     name: str
     model_api: bool
-    parse_request: Callable[[dict], RequestInfo]
+    parse_request: Callable[..., RequestInfo]
     prepare_request: Callable[[dict], dict | None]
     on_event: Callable[[SSEEvent, ResponseSummary], None]
     finish_stream: Callable[[ResponseSummary], None]

@@ -41,7 +41,7 @@ class SpendCodec:
         self.stream_usage = stream_usage  # ask for usage in streams (stream_options.include_usage)
         self.batch_requests = batch_requests  # Anthropic message batches: the model is in requests[].params
 
-    def parse_request(self, body: dict) -> RequestInfo:
+    def parse_request(self, body: dict, path: str = "") -> RequestInfo:
         model = body.get("model")
         if self.batch_requests:
             reqs = body.get("requests")

@@ -24,6 +24,9 @@ _ERROR_TYPES = {
 class Anthropic:
     type = "anthropic"
     public_hosts = ("api.anthropic.com",)
+    default_base_url = None
+    credential_headers = ()
+    query_credential = None
     version_in_base_url = False
     apis = MappingProxyType({a.name: a for a in (
         messages.API,

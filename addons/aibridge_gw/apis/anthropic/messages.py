@@ -24,7 +24,7 @@ TOOL_BLOCKS = ("tool_use", "server_tool_use")
 _SESSION_RE = re.compile(r"session_([0-9a-fA-F-]{36})")
 
 
-def parse_request(body: dict) -> RequestInfo:
+def parse_request(body: dict, path: str = "") -> RequestInfo:
     model = require_model(body)
     stream = require_stream_flag(body)
     messages = body.get("messages")

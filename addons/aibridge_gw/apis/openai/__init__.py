@@ -23,6 +23,9 @@ _ERROR_TYPES = {
 class OpenAI:
     type = "openai"
     public_hosts = ("api.openai.com",)
+    default_base_url = None
+    credential_headers = ()
+    query_credential = None
     version_in_base_url = True
     apis = MappingProxyType({a.name: a for a in (
         chat.API,

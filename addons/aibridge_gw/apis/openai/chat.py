@@ -11,7 +11,7 @@ from ...mcp.tools import Adapter, ToolResult
 from ..base import WireFunctions, load_json_event, require_model, require_stream_flag, sse_bytes, text_of
 
 
-def parse_request(body: dict) -> RequestInfo:
+def parse_request(body: dict, path: str = "") -> RequestInfo:
     model = require_model(body)
     stream = require_stream_flag(body)
     messages = body.get("messages")

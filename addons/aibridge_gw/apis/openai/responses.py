@@ -33,7 +33,7 @@ _BUILTIN_CALLS = (
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
-def parse_request(body: dict) -> RequestInfo:
+def parse_request(body: dict, path: str = "") -> RequestInfo:
     model = require_model(body)
     stream = require_stream_flag(body)
     inp = body.get("input")
