@@ -77,7 +77,7 @@ def test_no_secret_in_logs_or_database(tmp_path, upstream):
 
 def test_bad_config_stops_start_up_with_a_clear_message(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("providers:\n  - name: x\n    type: gemini\n    base_url: https://example.invalid/\n")
+    cfg.write_text("providers:\n  - name: x\n    type: palm\n    base_url: https://example.invalid/\n")
     mitmdump = os.path.join(os.path.dirname(os.sys.executable), "mitmdump")
     r = subprocess.run(
         [mitmdump, "-s", str(ROOT / "addons" / "aibridge.py"), "--listen-host", "127.0.0.1", "--listen-port", "0",
@@ -85,7 +85,7 @@ def test_bad_config_stops_start_up_with_a_clear_message(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode != 0
-    assert "providers[0].type: must be one of anthropic, openai" in r.stdout + r.stderr
+    assert "providers[0].type: must be one of anthropic, openai, gemini, got 'palm'" in r.stdout + r.stderr
 
 
 def test_scripts_run_passes_arguments_to_mitmdump():

@@ -275,6 +275,8 @@ class Pipeline:
         rt = self.rt
         if rt.mcp is None or rt.loop is None:
             return None
+        if ic.codec.adapter is None:
+            return None  # this API has no tool loop (yet): the request goes out as the client sent it
         tools = await rt.mcp.tools_for(ic.user_id)
         if not tools:
             return None

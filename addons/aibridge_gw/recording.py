@@ -162,7 +162,7 @@ def _summarize_body(ic: Interception, resp: http.Response) -> tuple[ResponseSumm
         body = json.loads(resp.content or b"")
     except (ValueError, RecursionError):
         return ResponseSummary(), (NOT_JSON if resp.status_code < 400 else None)
-    if not isinstance(body, dict):
+    if not (isinstance(body, dict) or (isinstance(body, list) and ic.codec.array_responses)):
         return ResponseSummary(), NOT_OBJECT
     summary = ic.codec.summarize(body)
     return summary, summary.error

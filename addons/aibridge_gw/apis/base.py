@@ -26,6 +26,7 @@ class WireApi(Protocol):
     model_api: bool  # a chat API: carries the user's prompt, MCP tools can be injected (needs `adapter`)
     ends_at_eof: bool  # a stream without a final event: complete when it ends normally
     adapter: type[Adapter] | None  # the injected-tool loop's adapter for this API
+    array_responses: bool  # a body may be a JSON array of responses (Gemini's streamGenerateContent without SSE)
 
     def parse_request(self, body: dict, path: str = "") -> RequestInfo:
         """Facts for the record (model, stream, prompt, tool results); raises BadRequest. `path` is the endpoint
@@ -95,6 +96,7 @@ class WireFunctions:
     stream_error_event: Callable[[str, ResponseSummary], bytes]
     adapter: type[Adapter] | None = None
     ends_at_eof: bool = False
+    array_responses: bool = False
 
     def __post_init__(self) -> None:
         if self.adapter is not None:

@@ -32,6 +32,7 @@ class SpendCodec:
     model_api = False
     ends_at_eof = True
     adapter = None
+    array_responses = False
 
     def __init__(self, name: str, model_required: bool = False, prompt_field: str | None = None,
                  stream_usage: bool = False, batch_requests: bool = False) -> None:
