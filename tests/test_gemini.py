@@ -151,3 +151,44 @@ def test_a_stream_without_sse_a_json_array_is_recorded(ggw, upstream):
     assert ic["status"] == "completed"
     usage, = ggw.sql(f"SELECT * FROM aibridge_token_usages WHERE interception_id = '{ic['id']}'")
     assert (usage["input_tokens"], usage["output_tokens"]) == (9, 35)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["blocking", "streaming"])
+def test_central_mcp_tools_run_in_the_loop_and_the_client_sees_one_answer(own_gateway, upstream, streaming):
+    from tests.support.mcp_server import McpTestServer
+
+    server = McpTestServer().start()
+    try:
+        gw = own_gateway("gemini-mcp", providers=[
+            {"name": "gemini", "type": "gemini", "base_url": upstream.url + "/", "key": UPSTREAM_GEMINI_KEY}],
+            extra={"mcp_servers": [{"name": "coder", "url": server.url}], "mcp": {"list_timeout_seconds": 5}})
+        token = gw.new_user("gemtools")
+        cap = capture("gemini/single_injected_tool.txtar")
+        upstream.script(Reply.from_capture(cap, streaming), Reply.from_capture(cap, streaming, "/tool-call"))
+        gc = client(gw, token)
+        if streaming:
+            chunks = list(gc.models.generate_content_stream(model=MODEL, contents=contents(cap)))
+            text = "".join(c.text or "" for c in chunks)
+            calls = [f for c in chunks for f in (c.function_calls or [])]
+            usage = chunks[-1].usage_metadata
+        else:
+            resp = gc.models.generate_content(model=MODEL, contents=contents(cap))
+            text, calls, usage = resp.text, resp.function_calls or [], resp.usage_metadata
+        assert text == "You have one workspace: dev (running)." and calls == []
+        assert (usage.prompt_token_count, usage.candidates_token_count) == (310 + 402, 18 + 25)
+        assert server.calls == [("coder_list_workspaces", {"owner": "admin"})]
+        first, second = (s.json() for s in upstream.seen[-2:])
+        decls = [d for t in first["tools"] for d in t.get("functionDeclarations", [])]
+        assert "bmcp_coder_coder_list_workspaces" in {d["name"] for d in decls}
+        assert all("parametersJsonSchema" in d for d in decls)
+        assert second["contents"][-2]["parts"][0]["functionCall"]["name"] == "bmcp_coder_coder_list_workspaces"
+        answer = second["contents"][-1]["parts"][0]["functionResponse"]
+        assert answer["name"] == "bmcp_coder_coder_list_workspaces" and "result" in answer["response"]
+        ic, = gw.interceptions("gemtools")
+        assert ic["status"] == "completed"
+        tool, = gw.sql(f"SELECT tool, input, injected, server_url FROM aibridge_tool_usages WHERE interception_id = '{ic['id']}'")
+        assert tool["injected"] and tool["server_url"] == server.url and json.loads(tool["input"]) == {"owner": "admin"}
+        rounds = gw.sql(f"SELECT input_tokens, output_tokens FROM aibridge_token_usages WHERE interception_id = '{ic['id']}' ORDER BY input_tokens")
+        assert [(r["input_tokens"], r["output_tokens"]) for r in rounds] == [(310, 18), (402, 25)]
+    finally:
+        server.stop()
