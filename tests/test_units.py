@@ -405,3 +405,15 @@ async def test_shutdown_ends_what_is_in_flight(chain):
     assert con.execute("SELECT status, error FROM aibridge_interceptions").fetchall() == [
         ("failed", "gateway shut down")]
     con.close()
+
+
+@pytest.mark.parametrize("headers, client", [
+    ({"user-agent": "GeminiCLI-tui/0.61.0/gemini-2.5-flash (linux; x64; terminal)"}, "Gemini CLI"),
+    ({"user-agent": "claude-cli/2.1.197 (external, cli)"}, "Claude Code"),
+    ({"originator": "codex_cli_rs", "user-agent": "codex_cli_rs/0.169.0"}, "Codex"),
+    ({"user-agent": "python-httpx/0.28"}, "Unknown"),
+])
+def test_clients_are_named_from_their_headers(headers, client):
+    from aibridge_gw.clients import detect_client
+
+    assert detect_client(headers) == client

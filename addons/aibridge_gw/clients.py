@@ -15,6 +15,7 @@ _SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Zed", ("zed/", "zed-editor", "zed ")),
     ("Crush", ("crush/", "charm-crush", "charmbracelet/crush")),
     ("Mux", ("mux/", "coder-mux", "mux-")),
+    ("Gemini CLI", ("geminicli", "gemini-cli")),  # "GeminiCLI-tui/0.61.0/gemini-2.5-flash (linux; x64; terminal)"
 )
 
 _SESSION_HEADERS = (
