@@ -178,6 +178,12 @@ class Pipeline:
                 f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
                 f"gateway relays (provider {route.provider.name!r})")
             return False
+        if ident.byok_credential is None and PROVIDERS[route.provider.type].own_credentials_only:
+            flow.response = error_response(
+                route.provider.type, 401,
+                f"aibridge: provider {route.provider.name!r} takes each user's own credential: send it as the API "
+                "key and the gateway token in X-AIBridge-Token (or as proxy credentials)")
+            return False
         if ident.byok_credential is None and not route.provider.key:
             flow.response = error_response(
                 route.provider.type, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"

@@ -14,6 +14,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.log import LegacyLogEvents
 
 from .admin_api import AdminApi
+from .apis import PROVIDERS
 from .auth import Actor, TokenDirectory
 from .breaker import CircuitBreakers
 from .budgets import Budgets
@@ -121,7 +122,7 @@ class Runtime:
         self.breakers = CircuitBreakers(config.circuit_breaker.failures, config.circuit_breaker.open_seconds,
                                         config.circuit_breaker.half_open_requests, self._breaker_changed)
         for p in config.providers:
-            if not p.key:
+            if not p.key and not PROVIDERS[p.type].own_credentials_only:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         if self.store is None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from . import anthropic, gemini, openai
+from . import anthropic, copilot, gemini, openai
 from .base import Provider, WireApi
 
 PROVIDERS: MappingProxyType[str, Provider] = MappingProxyType({p.type: p for p in (
     anthropic.PROVIDER,
     openai.PROVIDER,
     gemini.PROVIDER,
+    copilot.PROVIDER,
 )})
 
 # Every wire API any provider records, by name (names are unique across providers).

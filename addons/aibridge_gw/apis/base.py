@@ -74,6 +74,7 @@ class Provider(Protocol):
     default_base_url: str | None  # used when an instance sets none
     credential_headers: tuple[str, ...]  # where its clients send a key, besides Authorization/X-Api-Key
     query_credential: str | None  # a query parameter its clients may send the key in (moved to a header)
+    own_credentials_only: bool  # no central key exists: each user's own credential goes upstream (Copilot)
 
     def auth_header(self, key: str) -> tuple[bytes, bytes]:
         """The upstream credential as a raw header field."""

@@ -26,6 +26,7 @@ class Anthropic:
     public_hosts = ("api.anthropic.com",)
     default_base_url = None
     credential_headers = ()
+    own_credentials_only = False
     query_credential = None
     version_in_base_url = False
     apis = MappingProxyType({a.name: a for a in (

@@ -14,6 +14,7 @@ class Gemini:
     public_hosts = ("generativelanguage.googleapis.com",)
     default_base_url = "https://generativelanguage.googleapis.com/"
     credential_headers = ("x-goog-api-key",)
+    own_credentials_only = False
     query_credential = "key"
     version_in_base_url = False
     apis = MappingProxyType({generate.API.name: generate.API})

@@ -25,6 +25,7 @@ class OpenAI:
     public_hosts = ("api.openai.com",)
     default_base_url = None
     credential_headers = ()
+    own_credentials_only = False
     query_credential = None
     version_in_base_url = True
     apis = MappingProxyType({a.name: a for a in (
