@@ -114,6 +114,14 @@ def require_model(body: dict) -> str:
     return model
 
 
+def require_objects(body: dict, key: str, what: str = "message") -> list[dict]:
+    """body[key] as a list of JSON objects (the conversation), or BadRequest."""
+    items = body.get(key)
+    if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
+        raise BadRequest(f"{key}: a list of {what} objects is required")
+    return items
+
+
 def require_stream_flag(body: dict) -> bool:
     stream = body.get("stream", False)
     if stream is None:

@@ -6,7 +6,6 @@ import json
 import re
 
 from ...records import (
-    BadRequest,
     RequestInfo,
     ResponseSummary,
     Thought,
@@ -18,7 +17,15 @@ from ...records import (
 )
 from ...sse import SSEEvent
 from ...mcp.tools import Adapter, ToolResult
-from ..base import WireFunctions, load_json_event, require_model, require_stream_flag, sse_bytes, text_of
+from ..base import (
+    WireFunctions,
+    load_json_event,
+    require_model,
+    require_objects,
+    require_stream_flag,
+    sse_bytes,
+    text_of,
+)
 
 TOOL_BLOCKS = ("tool_use", "server_tool_use")
 _SESSION_RE = re.compile(r"session_([0-9a-fA-F-]{36})")
@@ -27,9 +34,7 @@ _SESSION_RE = re.compile(r"session_([0-9a-fA-F-]{36})")
 def parse_request(body: dict, path: str = "") -> RequestInfo:
     model = require_model(body)
     stream = require_stream_flag(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise BadRequest("messages: a list of message objects is required")
+    messages = require_objects(body, "messages")
     prompt = None
     tool_results: list[str] = []
     for msg in reversed(messages):

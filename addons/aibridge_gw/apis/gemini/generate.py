@@ -9,7 +9,7 @@ import re
 from ...mcp.tools import Adapter, ToolResult
 from ...records import BadRequest, RequestInfo, ResponseSummary, Thought, TokenUsage, ToolCall, as_int, json_text
 from ...sse import SSEEvent
-from ..base import WireFunctions, load_json_event, sse_bytes
+from ..base import WireFunctions, load_json_event, require_objects, sse_bytes
 
 _PATH = re.compile(r"/models/([^/:]+):(stream)?[gG]enerateContent$")
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -26,9 +26,7 @@ def error_body(status: int, message: str) -> dict:
 def parse_request(body: dict, path: str = "") -> RequestInfo:
     m = _PATH.search(path)
     model = m.group(1) if m else ""
-    contents = body.get("contents")
-    if not isinstance(contents, list) or not all(isinstance(c, dict) for c in contents):
-        raise BadRequest("contents: a list of content objects is required")
+    contents = require_objects(body, "contents", "content")
     prompt, tool_results = None, []
     for content in reversed(contents):
         if content.get("role", "user") != "user":

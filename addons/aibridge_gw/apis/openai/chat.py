@@ -8,15 +8,21 @@ import json
 from ...records import BadRequest, RequestInfo, ResponseSummary, Thought, TokenTotals, TokenUsage, ToolCall, as_int
 from ...sse import SSEEvent
 from ...mcp.tools import Adapter, ToolResult
-from ..base import WireFunctions, load_json_event, require_model, require_stream_flag, sse_bytes, text_of
+from ..base import (
+    WireFunctions,
+    load_json_event,
+    require_model,
+    require_objects,
+    require_stream_flag,
+    sse_bytes,
+    text_of,
+)
 
 
 def parse_request(body: dict, path: str = "") -> RequestInfo:
     model = require_model(body)
     stream = require_stream_flag(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise BadRequest("messages: a list of message objects is required")
+    messages = require_objects(body, "messages")
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise BadRequest("stream_options: must be an object")
