@@ -392,3 +392,36 @@ def test_any_websocket_upgrade_to_an_ai_api_is_refused(pgw, up, puser):
                   headers={"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
                            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "authorization": "Bearer sk-users-own"})
     assert r.status_code == 426 and up.seen == []
+
+
+def test_gemini_and_copilot_hosts_are_intercepted_and_recorded(tmp_path, tls_upstream):
+    """Their public API hosts are intercepted by default, like api.anthropic.com and api.openai.com."""
+    tls_upstream.reset()
+    gw = Gateway(tmp_path / "gc", tls_upstream.url, providers=[
+        {"name": "gemini", "type": "gemini", "base_url": tls_upstream.url + "/", "key": "AIza-upstream-gemini-key"},
+        {"name": "copilot", "type": "copilot", "base_url": tls_upstream.url},
+    ], args=["--set", f"ssl_verify_upstream_trusted_ca={tls_upstream.ca}"]).start()
+    try:
+        token = gw.new_user("gc")
+        host = gw.url.split("://")[1]
+        client = httpx.Client(proxy=f"http://gc:{token}@{host}", verify=client_context(gw.ca), trust_env=False)
+        gem = capture("gemini/simple.txtar")
+        tls_upstream.script(Reply.from_capture(gem, False))
+        r = client.post("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent",
+                        headers={"x-goog-api-key": token}, json=gem.request)
+        assert r.status_code == 200 and r.json()["responseId"] == "aibrGemSimple02"
+        assert tls_upstream.seen[-1].headers["x-goog-api-key"] == "AIza-upstream-gemini-key"
+        chat = capture("openai/chatcompletions/simple.txtar")
+        tls_upstream.script(Reply.from_capture(chat, False))
+        r = client.post("https://api.individual.githubcopilot.com/chat/completions",
+                        headers={"authorization": "Bearer ghu_users0wnGitHubT0ken0123456789",
+                                 "copilot-integration-id": "vscode-chat"}, json=chat.request)
+        assert r.status_code == 200
+        assert tls_upstream.seen[-1].headers["authorization"] == "Bearer ghu_users0wnGitHubT0ken0123456789"
+        rows = gw.interceptions("gc", 2)
+        assert sorted((i["provider"], i["api"], i["credential_kind"], i["status"]) for i in rows) == [
+            ("copilot", "openai.chat", "byok", "completed"),
+            ("gemini", "gemini.generate_content", "centralized", "completed")]
+    finally:
+        gw.stop()
+        tls_upstream.reset()
