@@ -168,7 +168,12 @@ def test_the_store_process_answers_named_operations_and_keeps_their_errors(tmp_p
         store.run("users.list").result(10)
 
 
-def test_health_says_unavailable_when_the_store_process_is_gone(tmp_path, upstream):
+def test_a_store_process_that_dies_is_restarted_and_recording_goes_on(tmp_path, upstream):
+    """A crashed or OOM-killed writer is replaced (it replays the spool the dead one left), and healthz is back
+    to ok once the replacement has the file open."""
+    upstream.reset()
+    cap = capture("openai/chatcompletions/simple.txtar")
+    upstream.default = Reply.from_capture(cap, False)
     gw = Gateway(tmp_path / "gone", upstream.url).start()
 
     def health() -> tuple[int, str]:
@@ -176,12 +181,20 @@ def test_health_says_unavailable_when_the_store_process_is_gone(tmp_path, upstre
         return r.status_code, r.json()["status"]
 
     try:
+        token = gw.new_user("phoenix")
         assert health() == (200, "ok")
         (child, _), = _store_processes(gw.proc.pid)
         os.kill(child, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and health()[1] == "ok":
-            time.sleep(0.05)
-        assert health() == (503, "unavailable")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if health() == (200, "ok") and [p for p, _ in _store_processes(gw.proc.pid)] not in ([], [child]):
+                break
+            time.sleep(0.02)
+        (replacement, _), = _store_processes(gw.proc.pid)
+        assert replacement != child and health() == (200, "ok")
+        chat_call(openai_client(gw, token), {**cap.request, "model": "after-restart"}, False)
+        ic, = gw.interceptions("phoenix")
+        assert (ic["model"], ic["status"]) == ("after-restart", "completed")
     finally:
         gw.stop()
+        upstream.reset()

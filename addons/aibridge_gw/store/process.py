@@ -24,6 +24,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .. import reports
@@ -62,6 +63,8 @@ class WriterProcess:
         self._sender: threading.Thread | None = None
         self._receiver: threading.Thread | None = None
         self._dead: str | None = None  # why the child is gone, once it is
+        self._closing = False
+        self._respawning = threading.Lock()
         self._wake = threading.Event()  # an operation is waiting: send now, not at the end of the window
 
     @property
@@ -74,24 +77,48 @@ class WriterProcess:
         return self._dead is None
 
     def open(self, timeout: float = 60.0) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        args = [sys.executable, "-m", "aibridge_gw.store.server", str(self.path)]
-        args += ["--close-stale"] if self.close_stale else []
-        args += [] if self.spool else ["--no-spool"]
-        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        ready = cf.Future()
-        self._receiver = threading.Thread(target=self._receive, args=(ready,), name="aibridge-store-rx", daemon=True)
-        self._receiver.start()
-        try:
-            hello = ready.result(timeout)
-        except Exception:
-            self._proc.kill()
-            self._proc.wait()
-            raise
+        hello = self._spawn(self.close_stale, timeout)
         self.stale_closed = hello.get("stale", 0)
         self._sender = threading.Thread(target=self._send, name="aibridge-store-tx", daemon=True)
         self._sender.start()
+
+    def _spawn(self, close_stale: bool, timeout: float = 60.0) -> dict:
+        """Start a writer process and wait until it has the file open (and has replayed any spool)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        args = [sys.executable, "-m", "aibridge_gw.store.server", str(self.path)]
+        args += ["--close-stale"] if close_stale else []
+        args += [] if self.spool else ["--no-spool"]
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        ready = cf.Future()
+        receiver = threading.Thread(target=self._receive, args=(proc, ready), name="aibridge-store-rx", daemon=True)
+        receiver.start()
+        try:
+            hello = ready.result(timeout)
+        except Exception:
+            proc.kill()
+            proc.wait()
+            raise
+        self._proc, self._receiver, self._dead = proc, receiver, None
+        return hello
+
+    def _respawn(self) -> bool:
+        """The writer died under the gateway (a crash, an OOM kill): start another. It replays the spool the dead
+        one left, so a batch it had spooled is not lost; records it had received but not spooled are."""
+        with self._respawning:  # the sender and the receiver may both notice
+            if self._closing:
+                return False
+            if self._proc is not None and self._proc.poll() is None and self._dead is None:
+                return True  # the other one restarted it already
+            for attempt in range(5):
+                try:
+                    self._spawn(close_stale=False)
+                    log.warning("aibridge: the store process was restarted")
+                    return True
+                except Exception as e:
+                    log.error("aibridge: restarting the store process failed (%s)", e)
+                    time.sleep(min(2 ** attempt * 0.2, 3))
+            return False
 
     # --- producers (any thread, never block) ------------------------------------------------------------
 
@@ -120,6 +147,7 @@ class WriterProcess:
         """Send what is queued, let the child commit it and exit. Safe to call twice."""
         if self._sender is None:
             return
+        self._closing = True
         self._q.put(_STOP)
         self._wake.set()
         self._sender.join(timeout)
@@ -137,7 +165,6 @@ class WriterProcess:
     # --- the sender thread: records batched into one line, ops in order -------------------------------
 
     def _send(self) -> None:
-        out = self._proc.stdin
         stop = False
         while not stop:
             item = self._q.get()
@@ -166,21 +193,30 @@ class WriterProcess:
                     break
             if records:
                 lines.append(_records_line(records))
-            try:
-                out.write(b"\n".join(lines) + b"\n")
-                out.flush()
-            except (OSError, ValueError) as e:
-                self._gone(f"its input closed ({e})")
-                log.error("aibridge: %d record line(s) could not reach the store process: %s", len(lines), e)
+            if not lines:
+                continue
+            data = b"\n".join(lines) + b"\n"
+            for attempt in (1, 2):  # once more to a restarted writer
+                proc = self._proc
+                try:
+                    proc.stdin.write(data)
+                    proc.stdin.flush()
+                    break
+                except (OSError, ValueError) as e:
+                    self._gone(f"its input closed ({e})", proc)
+                    if attempt == 2 or not self._respawn():
+                        log.error("aibridge: %d line(s) of records could not reach the store process: %s",
+                                  len(lines), e)
+                        break
         try:
-            out.close()
+            self._proc.stdin.close()
         except OSError:
             pass
 
     # --- the receiver thread: answers and counters ----------------------------------------------------
 
-    def _receive(self, ready: cf.Future) -> None:
-        for line in self._proc.stdout:
+    def _receive(self, proc: subprocess.Popen, ready: cf.Future) -> None:
+        for line in proc.stdout:
             try:
                 msg = json.loads(line)
             except ValueError:
@@ -201,12 +237,20 @@ class WriterProcess:
                 ready.set_result(msg)
             elif kind == "error" and not ready.done():
                 ready.set_exception(RuntimeError(msg.get("m", "the store process failed to start")))
-        code = self._proc.wait()
+        code = proc.wait()
         if not ready.done():
             ready.set_exception(RuntimeError(f"the store process exited ({code}) before it was ready"))
-        self._gone(f"it exited ({code})")
+            return
+        if proc is not self._proc:
+            return  # an earlier writer, already replaced
+        self._gone(f"it exited ({code})", proc)
+        if not self._closing:
+            log.error("aibridge: the store process exited unexpectedly (%s); restarting it", code)
+            self._respawn()
 
-    def _gone(self, why: str) -> None:
+    def _gone(self, why: str, proc: subprocess.Popen) -> None:
+        if proc is not self._proc:
+            return  # news of a writer already replaced
         if self._dead is None:
             self._dead = why
         with self._lock:
