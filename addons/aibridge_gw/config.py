@@ -10,11 +10,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from .apis import PROVIDERS
+from .apis.base import BadSettings
 
 DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -40,6 +42,8 @@ class ProviderInstance:
     key_source: str
     hosts: tuple[str, ...]
     passthrough_paths: tuple[str, ...] = ()  # extra read-only endpoints an admin allows (relayed unrecorded)
+    # How requests reach a provider that needs more than a key header (Bedrock's signing); see apis/base.Transport.
+    transport: Any = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
@@ -489,7 +493,14 @@ def _parse_provider(item, where: str) -> ProviderInstance:
     ptype = item.get("type")
     if ptype not in PROVIDERS:
         raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDERS)}, got {ptype!r}")
-    base_url = str(item.get("base_url") or PROVIDERS[ptype].default_base_url or "")
+    transport = None
+    if PROVIDERS[ptype].transport is not None:
+        try:
+            transport = PROVIDERS[ptype].transport(item, where)
+        except BadSettings as e:
+            raise ConfigError(str(e)) from None
+    base_url = str(item.get("base_url") or PROVIDERS[ptype].default_base_url
+                   or (transport.default_base_url if transport else ""))
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.base_url: {base_url!r} is not an http(s) URL")
@@ -520,4 +531,5 @@ def _parse_provider(item, where: str) -> ProviderInstance:
         key_source=source,
         hosts=tuple(h.lower() for h in hosts),
         passthrough_paths=tuple(p.rstrip("/") or "/" for p in passthrough),
+        transport=transport,
     )

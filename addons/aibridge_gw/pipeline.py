@@ -121,6 +121,8 @@ class Pipeline:
                 return
             if body is not None and ic.api in MODEL_APIS:
                 adapter = await self._injection(flow, ic, body)
+            if route.provider.transport is not None and not await self._transport(flow, state, ident, body, adapter, hv):
+                return
             self.rt.recorder.started(ic)
             self.rt.inflight.add(state)
             flow.metadata[META_KEY] = ic.to_metadata()
@@ -129,7 +131,7 @@ class Pipeline:
                      req.method, printable(route.upstream_path.split("?")[0]), ident.actor.user_name)
         self._to_upstream(flow, state, ident, key_in_query)
         if adapter is not None:
-            self._to_loop(flow, state, ident, adapter)
+            self._to_loop(flow, state, ident, adapter, hv)
         state.forwarded_at = time.time()
 
     def _route(self, flow: http.HTTPFlow) -> Route | None:
@@ -159,11 +161,15 @@ class Pipeline:
             flow.response = http.Response.make(407, b"aibridge: proxy credentials required\n", PROXY_AUTH_REQUIRED)
             return None
         try:
-            return identify(hv, proxy_actor, self.rt.tokens, config.proxy.byok)
+            ident = identify(hv, proxy_actor, self.rt.tokens, config.proxy.byok)
         except AuthRefused as e:
             if not self.rt.auth_failed(flow, route.provider.type):
                 flow.response = error_response(route.provider.type, 401, str(e))
             return None
+        transport = route.provider.transport
+        if transport is not None:  # a signed provider: the user's own signature, when kept, else the instance's
+            return Identity(ident.actor, transport.client_credential(hv))
+        return ident
 
     def _admissible(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> bool:
         """Checks that need no body: size, a reviewed endpoint, a key to send."""
@@ -184,7 +190,14 @@ class Pipeline:
                 f"aibridge: provider {route.provider.name!r} takes each user's own credential: send it as the API "
                 "key and the gateway token in X-AIBridge-Token (or as proxy credentials)")
             return False
-        if ident.byok_credential is None and not route.provider.key:
+        transport = route.provider.transport
+        if ident.byok_credential is None and transport is not None and transport.hint() is None:
+            flow.response = error_response(
+                route.provider.type, 401,
+                f"aibridge: provider {route.provider.name!r} sends each user's own signed request upstream; this "
+                "request carries no AWS signature")
+            return False
+        if ident.byok_credential is None and not route.provider.key and transport is None:
             flow.response = error_response(
                 route.provider.type, 500, f"aibridge: no upstream key configured for provider {route.provider.name!r}"
             )
@@ -268,13 +281,37 @@ class Pipeline:
             user_agent=hv.get("user-agent"),
             session_id=detect_session(hv, info.session_hint),
             credential_kind="byok" if byok else "centralized",
-            credential_hint=mask(byok or route.provider.key),
+            credential_hint=mask(byok or (route.provider.transport.hint() if route.provider.transport
+                                          else route.provider.key)),
             upstream_path=route.upstream_path.split("?")[0],
             started_at=at(req.timestamp_start),
             route=route.label,
             info=info,
         )
         return ic, body
+
+    async def _transport(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, body: dict | None,
+                         adapter, hv: dict[str, str]) -> bool:
+        """A provider reached through a transport (Bedrock): the upstream path and body it needs, and the model it
+        names, recorded as the model (the client's own choice kept beside it)."""
+        route, ic, req = state.route, state.interception, flow.request
+        transport = route.provider.transport
+        if ident.byok_credential is None:
+            try:
+                await transport.ready()
+            except Exception as e:
+                log.warning("provider %s: credentials unavailable: %s", route.provider.name, e)
+                flow.response = error_response(route.provider.type, 502,
+                                               f"aibridge: the provider's credentials could not be refreshed")
+                return False
+        out = transport.outbound(ic.api, route.provider.base_path, route.upstream_path,
+                                 adapter.body if adapter is not None else body, req.content, hv.get("anthropic-beta"))
+        if out.content is not req.content:
+            req.content = out.content
+        state.route = dataclasses.replace(route, upstream_path=out.path)
+        ic.upstream_path = out.path.split("?")[0]
+        ic.info.model, ic.requested_model = out.model, out.requested
+        return True
 
     async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
         """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
@@ -309,6 +346,8 @@ class Pipeline:
         if h2 or d.authority:
             d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
         recorded = state.interception is not None
+        # A request the client signed itself must reach the provider with its signed headers as they were.
+        recoded = recorded and not (prov.transport is not None and ident.byok_credential is not None)
         drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
         fields, had_host = [], False
         for f in d.headers.fields:
@@ -316,25 +355,35 @@ class Pipeline:
             if name == b"host":
                 fields.append((f[0], host))
                 had_host = True
-            elif name not in drop and not (recorded and name == b"accept-encoding"):
+            elif name not in drop and not (recoded and name == b"accept-encoding"):
                 fields.append(f)
         if not had_host and not h2:
             fields.insert(0, (b"host", host))
-        if ident.byok_credential is None:
+        transport = prov.transport
+        if transport is not None:
+            if ident.byok_credential is None:  # signed over exactly these bytes, after every change above
+                signed = transport.sign(f"{prov.scheme}://{host.decode()}{route.upstream_path}", host.decode(),
+                                        req.raw_content or b"", bool(recorded and state.interception.info.stream))
+                names = {k for k, _ in signed} | _TRANSPORT_DROP
+                fields = [f for f in fields if f[0].lower() not in names]
+                fields += [(k, v) for k, v in signed if not (h2 and k == b"host")]
+        elif ident.byok_credential is None:
             fields.append(prov.auth_header)
         elif key_in_query:
             fields.append(PROVIDERS[prov.type].auth_header(ident.byok_credential))
-        if recorded:
+        if recoded:
             fields.append((b"accept-encoding", b"identity"))  # the stream tap parses bytes as they pass
         d.headers.fields = tuple(fields)
 
-    def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter) -> None:
+    def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str]) -> None:
         """Hand the flow to the in-process loop endpoint; mitmproxy relays what it produces."""
-        req, loop = flow.request, self.rt.loop
+        req, loop, prov = flow.request, self.rt.loop, state.route.provider
         job = LoopJob(
             url=req.url, headers=upstream_headers(req.headers), adapter=adapter,
-            provider_type=state.route.provider.type, user_id=ident.actor.user_id,
+            provider_type=prov.type, user_id=ident.actor.user_id,
             max_rounds=self.rt.config.mcp.max_rounds, metadata=flow.metadata[META_KEY],
+            transport=prov.transport, api=state.interception.api, base_path=prov.base_path,
+            beta=hv.get("anthropic-beta"),
         )
         path = loop.register(flow.id, job)
         req.scheme, req.host, req.port = "http", "127.0.0.1", loop.port
@@ -352,26 +401,43 @@ class Pipeline:
         if ic is None:
             flow.response.stream = True  # passthrough: relayed as it comes
             return
-        if not (200 <= flow.response.status_code < 300 and is_sse(flow.response)):
-            if not ic.codec.model_api and not is_json(flow.response):
-                flow.response.stream = True  # audio, images as bytes: relayed as they come, nothing to read
+        resp = flow.response
+        transport = state.route.provider.transport
+        framed = transport is not None and transport.is_stream(resp.headers.get("content-type", ""))
+        if not (200 <= resp.status_code < 300 and (framed or is_sse(resp))):
+            if not ic.codec.model_api and not is_json(resp):
+                resp.stream = True  # audio, images as bytes: relayed as they come, nothing to read
             return
         if state.via_loop:
-            flow.response.stream = True  # the loop records every round itself; relay its events as they come
-        else:
-            state.tap = StreamTap(ic.codec)
-            flow.response.stream = state.tap
+            resp.stream = True  # the loop records every round itself; relay its events as they come
+            return
+        framing = transport.framing(ic.api) if framed else None
+        if framing is not None and framing.converts:  # the client reads server-sent events, not the provider's frames
+            resp.headers["content-type"] = framing.content_type
+            resp.headers.pop("content-length", None)
+        state.tap = StreamTap(ic.codec, framing)
+        resp.stream = state.tap
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = self._finish(flow)
         if state is None:
             return
         error = state.outcome.error if state.outcome else None
-        if (error in (NOT_JSON, NOT_OBJECT) and flow.live and 200 <= flow.response.status_code < 300
+        resp = flow.response
+        if (error in (NOT_JSON, NOT_OBJECT) and flow.live and 200 <= resp.status_code < 300
                 and state.interception.codec.model_api):
             # An SDK cannot parse this; say what happened in the provider's format (the record keeps the truth).
             flow.response = error_response(state.interception.provider_type, 502,
                                            f"aibridge: the provider's {error}")
+        transport = state.route.provider.transport
+        if (transport is not None and resp is not None and resp.status_code >= 400 and not state.via_loop
+                and "x-aibridge-error" not in resp.headers and not resp.stream):
+            # The provider's error in the shape the client's API has (Bedrock's `{"message"}` → Anthropic's).
+            shaped = transport.client_error(state.interception.api, resp.status_code,
+                                            resp.headers.get("x-amzn-errortype"), resp.content or b"")
+            if shaped is not None:
+                resp.status_code, resp.content = shaped
+                resp.headers["content-type"] = "application/json"
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -413,6 +479,10 @@ class Pipeline:
                                                           f"aibridge: {text}"))
 
 
+# Headers a Messages API client sends that a signed provider does not take (they move into the body) or that a
+# new signature replaces.
+_TRANSPORT_DROP = frozenset((b"anthropic-version", b"anthropic-beta", b"x-amz-date", b"x-amz-security-token",
+                             b"x-amz-content-sha256"))
 _DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
 

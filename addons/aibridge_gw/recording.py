@@ -77,6 +77,7 @@ class Interception:
     upstream_path: str
     started_at: dt.datetime
     route: str = ""  # the endpoint as a bounded label (metrics)
+    requested_model: str | None = None  # the client's model when the gateway sent another (Bedrock's mapping)
     parent_id: str | None = None
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
@@ -226,6 +227,8 @@ class Recorder:
             submit(MODEL_THOUGHTS.row(id=child_id(ic.id, "thought", n), interception_id=ic.id, source=t.source,
                                       content=t.content, created_at=ended_at))
         meta = {"upstream_path": ic.upstream_path, "response_id": rid, "response_model": summary.model}
+        if ic.requested_model:
+            meta["requested_model"] = ic.requested_model
         submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status, error=error,
                                 metadata=json.dumps(meta)))
         return status

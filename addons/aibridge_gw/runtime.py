@@ -15,6 +15,7 @@ from mitmproxy.log import LegacyLogEvents
 
 from .admin_api import AdminApi
 from .apis import PROVIDERS
+from .apis.base import BadSettings
 from .auth import Actor, TokenDirectory
 from .breaker import CircuitBreakers
 from .budgets import Budgets
@@ -122,7 +123,12 @@ class Runtime:
         self.breakers = CircuitBreakers(config.circuit_breaker.failures, config.circuit_breaker.open_seconds,
                                         config.circuit_breaker.half_open_requests, self._breaker_changed)
         for p in config.providers:
-            if not p.key and not PROVIDERS[p.type].own_credentials_only:
+            if p.transport is not None:
+                try:
+                    p.transport.start()  # no credentials at all: fail now, not on every request
+                except BadSettings as e:
+                    raise exceptions.OptionsError(f"aibridge: providers {p.name!r}: {e}") from None
+            elif not p.key and not PROVIDERS[p.type].own_credentials_only:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         if self.store is None:

@@ -65,6 +65,7 @@ class MockUpstream:
     def __init__(self, ssl_context=None) -> None:
         self.replies: list[Reply] = []
         self.default: Reply | None = None  # answers when nothing is scripted
+        self.check = None  # (Seen) -> Reply | None: a refusal answered before any scripted reply (e.g. a bad signature)
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         self.active = 0  # requests being answered right now
@@ -93,7 +94,8 @@ class MockUpstream:
                     mock.seen.append(
                         Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                     )
-                    reply = mock.replies.pop(0) if mock.replies else mock.default
+                    refusal = mock.check(mock.seen[-1]) if mock.check is not None else None
+                    reply = refusal or (mock.replies.pop(0) if mock.replies else mock.default)
                 if reply is None:
                     if self.path.rstrip("/").endswith("/models"):
                         reply = Reply.json({"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
@@ -177,6 +179,7 @@ class MockUpstream:
     def reset(self) -> None:
         with self.lock:
             self.default = None
+            self.check = None
             self.replies.clear()
             self.seen.clear()
             self.aborted = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from . import anthropic, copilot, gemini, openai
+from . import anthropic, bedrock, copilot, gemini, openai
 from .base import Provider, WireApi
 
 PROVIDERS: MappingProxyType[str, Provider] = MappingProxyType({p.type: p for p in (
@@ -13,6 +13,7 @@ PROVIDERS: MappingProxyType[str, Provider] = MappingProxyType({p.type: p for p i
     openai.PROVIDER,
     gemini.PROVIDER,
     copilot.PROVIDER,
+    bedrock.PROVIDER,
 )})
 
 # Every wire API any provider records, by name (names are unique across providers).

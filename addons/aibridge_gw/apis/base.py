@@ -19,6 +19,10 @@ from ..records import BadRequest, RequestInfo, ResponseSummary
 from ..sse import SSEEvent
 
 
+class BadSettings(Exception):
+    """A provider instance's own config keys are unusable (the config loader reports it as a ConfigError)."""
+
+
 class WireApi(Protocol):
     """One request/response format, recorded under `name`."""
 
@@ -75,12 +79,50 @@ class Provider(Protocol):
     credential_headers: tuple[str, ...]  # where its clients send a key, besides Authorization/X-Api-Key
     query_credential: str | None  # a query parameter its clients may send the key in (moved to a header)
     own_credentials_only: bool  # no central key exists: each user's own credential goes upstream (Copilot)
+    # Builds an instance's Transport from its config entry (raises BadSettings); None: requests go upstream
+    # with the key header swapped and nothing else changed.
+    transport: Callable[[dict, str], "Transport"] | None
 
     def auth_header(self, key: str) -> tuple[bytes, bytes]:
         """The upstream credential as a raw header field."""
 
     def error_body(self, status: int, message: str) -> dict:
         """An error in the provider's own JSON shape, so SDKs raise the right exception."""
+
+
+class Transport(Protocol):
+    """How one instance reaches a provider that needs more than a swapped key header (Bedrock: a new path and body,
+    a signature per request, a binary stream). Built once per instance from its config entry."""
+
+    default_base_url: str
+    keeps_client_signature: bool  # proxy mode: the user's own request signature goes upstream (BYOK)
+
+    def start(self) -> None:
+        """Find credentials (blocking, at start-up); raises BadSettings when there are none."""
+
+    async def ready(self) -> None:
+        """Make the credentials usable without blocking (refresh them on a thread when due)."""
+
+    def hint(self) -> str | None:
+        """The credential in use, for its masked hint in the record (None: there is none)."""
+
+    def client_credential(self, headers: Mapping[str, str]) -> str | None:
+        """The user's own credential to keep (BYOK), when this instance keeps clients' signatures."""
+
+    def outbound(self, api: str, base_path: str, path: str, body: dict | None, raw: bytes, beta: str | None):
+        """The upstream path and bytes (an object with path, content, model, requested)."""
+
+    def sign(self, url: str, host: str, content: bytes, stream: bool) -> list[tuple[bytes, bytes]]:
+        """Header fields that authenticate POST `url` carrying exactly `content`."""
+
+    def framing(self, api: str):
+        """The stream framing between the provider and the tap (see apis/bedrock/eventstream.py)."""
+
+    def is_stream(self, content_type: str) -> bool:
+        """The provider streams with this content type."""
+
+    def client_error(self, api: str, status: int, error_type: str | None, body: bytes) -> tuple[int, bytes] | None:
+        """The provider's error as the client's API shapes it; None: relay it unchanged."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
 import httpx
 
 from ..errors import error_body
@@ -34,6 +37,10 @@ class LoopJob:
     user_id: str
     max_rounds: int
     metadata: dict  # the flow's metadata["aibridge"]: the loop's summary is left here for recording
+    transport: Any = None  # a signed provider's transport (apis/base.Transport): each round is built and signed
+    api: str = ""
+    base_path: str = ""
+    beta: str | None = None  # the client's anthropic-beta header (the transport moves allowed flags into the body)
     rounds: int = 0
     summary: ResponseSummary = field(default_factory=ResponseSummary)
 
@@ -118,13 +125,21 @@ class LoopServer:
             for round_no in range(1, job.max_rounds + 1):
                 adapter.begin_round()
                 job.rounds = round_no
-                async with self._client.stream("POST", job.url, headers=job.headers, json=adapter.body) as resp:
+                url, headers, content = await _round_request(job)
+                async with self._client.stream("POST", url, headers=headers, content=content) as resp:
                     ctype = resp.headers.get("content-type", "")
-                    if resp.status_code >= 400 or (adapter.stream and "text/event-stream" not in ctype):
+                    framing = job.transport.framing(job.api) if job.transport is not None else None
+                    streamed = "text/event-stream" in ctype or (framing is not None and job.transport.is_stream(ctype))
+                    if resp.status_code >= 400 or (adapter.stream and not streamed):
                         body = await resp.aread()
-                        if not started:  # the provider's own error, unchanged, as without the loop
+                        if not started:  # the provider's own error, as without the loop
                             merged.error = f"HTTP {resp.status_code}"
-                            await _respond(writer, resp.status_code, ctype or "application/json", body)
+                            status = resp.status_code
+                            shaped = job.transport.client_error(job.api, status, resp.headers.get("x-amzn-errortype"),
+                                                                body) if job.transport is not None else None
+                            if shaped is not None:
+                                (status, body), ctype = shaped, "application/json"
+                            await _respond(writer, status, ctype or "application/json", body)
                             return
                         merged.error = f"round {round_no}: HTTP {resp.status_code}: {body[:200]!r}"
                         await send([adapter.error_event(f"upstream error in tool round {round_no}: HTTP {resp.status_code}")])
@@ -136,7 +151,7 @@ class LoopServer:
                         parser = SSEParser()
                         async for chunk in resp.aiter_raw():
                             out = []
-                            for ev in parser.feed(chunk):
+                            for ev in parser.feed(framing.decode(chunk) if framing is not None else chunk):
                                 out += adapter.on_event(ev)
                             await send(out)
                         out = []
@@ -210,6 +225,28 @@ class LoopServer:
         if is_error:
             log.warning("MCP tool %s failed: %s", call.name, text[:300])
         return ToolResult(call, text, is_error)
+
+
+async def _round_request(job: LoopJob) -> tuple[str, dict[str, str], bytes]:
+    """One round's upstream request: the adapter's body as JSON, or as a signed provider's transport builds it."""
+    t = job.transport
+    if t is None:
+        headers = job.headers
+        if not any(k.lower() == "content-type" for k in headers):
+            headers = {**headers, "content-type": "application/json"}
+        return job.url, headers, json.dumps(job.adapter.body, ensure_ascii=False).encode()
+    await t.ready()
+    parts = urlsplit(job.url)
+    out = t.outbound(job.api, job.base_path, parts.path, job.adapter.body, b"", job.beta)
+    url = f"{parts.scheme}://{parts.netloc}{out.path}"
+    signed = dict((k.decode(), v.decode()) for k, v in t.sign(url, parts.netloc, out.content, job.adapter.stream))
+    headers = {k: v for k, v in job.headers.items() if k.lower() not in signed and k.lower() not in _SIGNED_OLD}
+    headers.update(signed)
+    return url, headers, out.content
+
+
+_SIGNED_OLD = {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "content-type", "accept",
+               "host"}
 
 
 async def _start_chunked(writer: asyncio.StreamWriter, status: int, ctype: str) -> None:

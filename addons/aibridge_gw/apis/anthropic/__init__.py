@@ -27,6 +27,7 @@ class Anthropic:
     default_base_url = None
     credential_headers = ()
     own_credentials_only = False
+    transport = None
     query_credential = None
     version_in_base_url = False
     apis = MappingProxyType({a.name: a for a in (

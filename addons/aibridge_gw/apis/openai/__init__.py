@@ -26,6 +26,7 @@ class OpenAI:
     default_base_url = None
     credential_headers = ()
     own_credentials_only = False
+    transport = None
     query_credential = None
     version_in_base_url = True
     apis = MappingProxyType({a.name: a for a in (
