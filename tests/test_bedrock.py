@@ -4,6 +4,7 @@ request's SigV4 signature against a known secret and answers in Bedrock's format
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -11,16 +12,20 @@ import subprocess
 import time
 
 import anthropic
-import httpx
+import botocore.session
 import pytest
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
 
 from aibridge_gw.apis.bedrock.eventstream import CONTENT_TYPE
 from botocore.eventstream import EventStreamBuffer
 from tests.support.aws import ACCESS_KEY, REGION, SECRET_KEY, bedrock_error, event_stream, signature_check, signature_problem
 from tests.support.fixtures import capture, sse_events
 from aibridge_gw.config import ConfigError, parse_config
-from tests.support.gateway import BIN, ROOT, UPSTREAM_ANTHROPIC_KEY
-from tests.support.mock_upstream import Reply
+from tests.support.gateway import BIN, ROOT, UPSTREAM_ANTHROPIC_KEY, Gateway
+from tests.support.mcp_server import McpTestServer
+from tests.support.mock_upstream import MockUpstream, Reply
+from tests.support.tls import make_server_cert, server_context
 from tests.support.sdk import anthropic_call
 
 MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
@@ -254,3 +259,133 @@ def test_event_stream_framing_round_trips_through_botocores_parser():
     out = b"".join(framing.decode(data[i:i + 5]) for i in range(0, len(data), 5))
     assert out.startswith(b'event: ping\ndata: {"type":"ping"}\n\n')
     assert b'"type": "rate_limit_error"' in out and CONTENT_TYPE
+
+
+# --- central MCP tools through Bedrock --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_injected_tools_run_through_bedrock_with_every_round_signed(own_gateway, upstream, stream):
+    cap = capture("anthropic/single_injected_tool.txtar")
+    server = McpTestServer().start()
+    try:
+        gw = own_gateway("bedrock-mcp", providers=[bedrock_instance(upstream)], extra={
+            "mcp_servers": [{"name": "coder", "url": server.url}], "mcp": {"tool_timeout_seconds": 5}})
+        upstream.check = signature_check
+        if stream:
+            upstream.script(event_stream(sse_events(cap.sections["streaming"])),
+                            event_stream(sse_events(cap.sections["streaming/tool-call"])))
+        else:
+            upstream.script(Reply.from_capture(cap, False), Reply.from_capture(cap, False, "/tool-call"))
+        gw.token = gw.new_user("bmcp")
+        result = anthropic_call(client(gw), cap.request, stream)
+    finally:
+        server.stop()
+    assert server.calls == [("coder_list_workspaces", {"owner": "admin"})]
+    first, second = upstream.seen
+    op = "invoke-with-response-stream" if stream else "invoke"
+    assert first.path == second.path == f"/model/{QUOTED}/{op}"
+    assert signature_problem(first) is None and signature_problem(second) is None
+    assert "bmcp_coder_coder_list_workspaces" in {t["name"] for t in first.json()["tools"]}
+    assert second.json()["messages"][-1]["content"][0]["type"] == "tool_result"
+    assert "model" not in second.json() and second.json()["anthropic_version"] == "bedrock-2023-05-31"
+    if stream:
+        assert all("bmcp_" not in e.model_dump_json() for e in result) and result[-1].type == "message_stop"
+    else:
+        assert "bmcp_" not in result.model_dump_json() and result.stop_reason == "end_turn"
+    ic, = gw.interceptions("bmcp")
+    assert ic["status"] == "completed" and ic["model"] == MODEL
+    assert len(usages(gw, ic["id"])) == 2
+
+
+# --- proxy mode: AWS SDK clients calling bedrock-runtime.<region>.amazonaws.com themselves --------------
+
+
+@pytest.fixture(scope="module")
+def tls_bedrock(tmp_path_factory):
+    ca, cert, key = make_server_cert(tmp_path_factory.mktemp("bedrock-tls"), ["127.0.0.1"])
+    mock = MockUpstream(server_context(cert, key)).start()
+    mock.ca = ca
+    yield mock
+    mock.stop()
+
+
+def proxy_bedrock_gateway(workdir, tls_bedrock, **over) -> Gateway:
+    inst = {**bedrock_instance(tls_bedrock), "hosts": [f"bedrock-runtime.{REGION}.amazonaws.com"], **over}
+    return Gateway(workdir, tls_bedrock.url, providers=[inst],
+                   args=["--set", f"ssl_verify_upstream_trusted_ca={tls_bedrock.ca}"]).start()
+
+
+def aws_sdk_client(gw, token: str, access_key: str, secret: str):
+    """botocore's own bedrock-runtime client (what boto3 and the AWS CLI use), through the gateway as HTTPS proxy."""
+    host = gw.url.split("://")[1]
+    return botocore.session.get_session().create_client(
+        "bedrock-runtime", region_name=REGION, aws_access_key_id=access_key, aws_secret_access_key=secret,
+        verify=str(gw.ca), config=BotoConfig(proxies={"https": f"http://u:{token}@{host}"},
+                                             retries={"max_attempts": 1}))
+
+
+@pytest.mark.parametrize("mode", ["resign", "keep"])
+def test_aws_sdk_in_proxy_mode_is_recorded_and_resigned_or_kept(tmp_path, tls_bedrock, mode):
+    tls_bedrock.reset()
+    gw = proxy_bedrock_gateway(tmp_path / mode, tls_bedrock, client_signature=mode)
+    try:
+        token = gw.new_user("aws")
+        if mode == "keep":  # the user's own AWS keys sign the request, and that signature goes upstream
+            sdk = aws_sdk_client(gw, token, ACCESS_KEY, SECRET_KEY)
+        else:  # whatever the client signed with, the gateway signs again with the instance's keys
+            sdk = aws_sdk_client(gw, token, "AKIAUSERSDUMMYKEY000", "users-dummy-secret")
+        tls_bedrock.check = signature_check
+        events = sse_events(capture("anthropic/simple.txtar").sections["streaming"])
+        tls_bedrock.script(event_stream(events))
+        body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50,
+                "messages": [{"role": "user", "content": "say hello"}]}
+        out = sdk.invoke_model_with_response_stream(modelId=MODEL, body=json.dumps(body))
+        got = [json.loads(base64.b64decode(e["chunk"]["bytes"]) if isinstance(e["chunk"]["bytes"], str)
+                          else e["chunk"]["bytes"]) for e in out["body"]]
+        assert [g["type"] for g in got] == [json.loads(e.decode().split("data: ", 1)[1])["type"] for e in events]
+        seen = tls_bedrock.seen[-1]
+        assert seen.path == f"/model/{QUOTED}/invoke-with-response-stream"
+        assert signature_problem(seen) is None and token not in json.dumps(seen.headers)
+        assert "proxy-authorization" not in seen.headers
+        ic, = gw.interceptions("aws")
+        assert (ic["provider"], ic["api"], ic["model"], ic["status"]) == ("bedrock", "bedrock.invoke", MODEL, "completed")
+        assert ic["credential_kind"] == ("byok" if mode == "keep" else "centralized")
+        assert ic["credential_hint"] == "AKIA…MPLE"
+        assert usages(gw, ic["id"]) == [(21, 187, 0, 0)]
+        prompt, = gw.sql(f"SELECT prompt FROM aibridge_user_prompts WHERE interception_id = '{ic['id']}'")
+        assert prompt["prompt"] == "say hello"
+    finally:
+        gw.stop()
+        tls_bedrock.reset()
+
+
+def test_proxy_mode_without_proxy_credentials_is_refused(tmp_path, tls_bedrock):
+    tls_bedrock.reset()
+    gw = proxy_bedrock_gateway(tmp_path / "anon", tls_bedrock)
+    try:
+        host = gw.url.split("://")[1]
+        sdk = botocore.session.get_session().create_client(
+            "bedrock-runtime", region_name=REGION, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+            verify=str(gw.ca), config=BotoConfig(proxies={"https": f"http://{host}"}, retries={"max_attempts": 1}))
+        with pytest.raises(ClientError) as info:
+            sdk.invoke_model(modelId=MODEL, body=b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,'
+                                                 b'"messages":[{"role":"user","content":"hi"}]}')
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] in (401, 407)
+        assert tls_bedrock.seen == []
+    finally:
+        gw.stop()
+
+
+def test_other_bedrock_operations_are_refused_even_with_the_users_own_signature(tmp_path, tls_bedrock):
+    """Converse would be a model call the gateway cannot read: never relayed unrecorded."""
+    tls_bedrock.reset()
+    gw = proxy_bedrock_gateway(tmp_path / "converse", tls_bedrock, client_signature="keep")
+    try:
+        sdk = aws_sdk_client(gw, gw.new_user("conv"), ACCESS_KEY, SECRET_KEY)
+        with pytest.raises(ClientError) as info:
+            sdk.converse(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+        assert tls_bedrock.seen == []
+    finally:
+        gw.stop()

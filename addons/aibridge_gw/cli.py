@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .certs import CA_P12, CLIENTS, bundle, default_confdir, ensure_ca, env_lines, gateway_url
 from .config import Config, ConfigError, load_config
-from .control import run_op
+from .control import run_gateway_op, run_op
 from .store.ops import OpError
 
 
@@ -129,6 +129,15 @@ def _tokens_revoke(args, cx: Context) -> None:
     print(f"token {r['id']} {'was already' if r['already'] else 'is now'} revoked")
 
 
+def _keys_list(args, cx: Context) -> None:
+    _out(run_gateway_op(cx.db, "keys.list", {}), args.json, "upstream keys")
+
+
+def _keys_reset(args, cx: Context) -> None:
+    r = run_gateway_op(cx.db, "keys.reset", {"provider": args.provider} if args.provider else {})
+    print(f"{r['reset']} key(s) made usable again")
+
+
 def _known_mcp_server(args, cx: Context) -> None:
     servers = cx.config.mcp_servers
     if not any(m.name == args.server for m in servers):
@@ -234,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tokens.add_parser("revoke", help="revoke a token by id")
     tr.add_argument("id")
     tr.set_defaults(run=_tokens_revoke)
+
+    keys = sub.add_parser("keys", help="the running gateway's upstream key pools (keys: in a provider)"
+                          ).add_subparsers(dest="sub", required=True)
+    kl = keys.add_parser("list", help="each pooled key (masked) and whether it is ready, cooling down or disabled")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(run=_keys_list)
+    kr = keys.add_parser("reset", help="make disabled and cooling keys usable again (after fixing them)")
+    kr.add_argument("--provider", help="only this provider instance's pool")
+    kr.set_defaults(run=_keys_reset)
 
     mt = sub.add_parser("mcp-token", help="per-user credentials for per_user_token MCP servers").add_subparsers(
         dest="sub", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import logging
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ import yaml
 
 from .apis import PROVIDERS
 from .apis.base import BadSettings
+from .keypool import MAX_KEYS
 
 DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -38,12 +40,13 @@ class ProviderInstance:
     host: str
     port: int
     base_path: str  # without trailing slash, e.g. "/v1" or ""
-    key: str | None = field(repr=False)
+    key: str | None = field(repr=False)  # the first of `keys`
     key_source: str
     hosts: tuple[str, ...]
     passthrough_paths: tuple[str, ...] = ()  # extra read-only endpoints an admin allows (relayed unrecorded)
     # How requests reach a provider that needs more than a key header (Bedrock's signing); see apis/base.Transport.
     transport: Any = field(default=None, repr=False, compare=False)
+    keys: tuple[str, ...] = field(default=(), repr=False)  # a failover pool when more than one (see keypool.py)
 
     @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
@@ -511,6 +514,9 @@ def _parse_provider(item, where: str) -> ProviderInstance:
         key, source = os.environ.get(str(item["key_env"])) or None, f"${item['key_env']}"
     else:
         key, source = None, "none"
+    keys = _parse_keys(item, where, key, ptype)
+    if len(keys) > 1:
+        key, source = keys[0], f"keys ({len(keys)})"
     hosts = item.get("hosts")
     if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)):
         raise ConfigError(f"{where}.hosts: must be a list of host names")
@@ -532,4 +538,37 @@ def _parse_provider(item, where: str) -> ProviderInstance:
         hosts=tuple(h.lower() for h in hosts),
         passthrough_paths=tuple(p.rstrip("/") or "/" for p in passthrough),
         transport=transport,
+        keys=keys,
     )
+
+
+def _parse_keys(item: dict, where: str, key: str | None, ptype: str) -> tuple[str, ...]:
+    """`key`/`key_env` and the `keys:` list (literals, `{key: …}` or `{key_env: NAME}`), in order, once each."""
+    given = item.get("keys")
+    if given is None:
+        return (key,) if key else ()
+    provider = PROVIDERS[ptype]
+    if provider.own_credentials_only or provider.transport is not None:
+        raise ConfigError(f"{where}.keys: provider type {ptype!r} takes no upstream keys")
+    if not isinstance(given, list) or not given:
+        raise ConfigError(f"{where}.keys: must be a non-empty list of keys (or {{key_env: NAME}} entries)")
+    keys = [key] if key else []
+    for n, entry in enumerate(given):
+        at = f"{where}.keys[{n}]"
+        if isinstance(entry, dict) and set(entry) == {"key_env"}:
+            value = os.environ.get(str(entry["key_env"]))
+            if not value:  # like an unset key_env: left out, said at start-up (the CLI never needs the keys)
+                logging.getLogger("aibridge").warning("%s.key_env: $%s is not set; that key is left out of the pool",
+                                                      at, entry["key_env"])
+                continue
+            entry = value
+        elif isinstance(entry, dict) and set(entry) == {"key"}:
+            entry = entry["key"]
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"{at}: must be a key, {{key: …}} or {{key_env: NAME}}")
+        keys.append(entry.strip())
+    keys = list(dict.fromkeys(keys))
+    if len(keys) > MAX_KEYS:
+        raise ConfigError(f"{where}.keys: at most {MAX_KEYS} keys per instance (got {len(keys)})")
+    return tuple(keys)
+

@@ -57,6 +57,15 @@ def run_op(db_path: Path, name: str, args: dict[str, Any]) -> Any:
         return _local(db_path, name, args)
 
 
+def run_gateway_op(db_path: Path, name: str, args: dict[str, Any]) -> Any:
+    """An operation on the running gateway's own memory (key pools); there is nothing to do without one."""
+    try:
+        return _remote(db_path, name, args)
+    except GatewayUnreachable:
+        raise ops.OpError(f"no gateway is running with {db_path}; upstream key state lives in the gateway's memory "
+                          "(a restart starts every key afresh)") from None
+
+
 def _remote(db_path: Path, name: str, args: dict) -> Any:
     import httpx
 

@@ -133,9 +133,12 @@ class ControlPlane:
         try:
             payload = json.loads(req.content or b"")
             name, args = payload["op"], payload.get("args") or {}
-            _, writes = ops.OPS[name]  # the CLI's operations only, never the gateway's own
             if not isinstance(args, dict):
                 raise TypeError("args must be an object")
+            if name in self.memory_ops:
+                flow.response = _json(200, {"result": self.memory_ops[name](**args)})
+                return
+            _, writes = ops.OPS[name]  # the CLI's operations only, never the gateway's own
         except (ValueError, KeyError, TypeError) as e:
             flow.response = error_response(None, 400, f"bad control request: {e}")
             return
@@ -153,6 +156,22 @@ class ControlPlane:
             flow.response = error_response(None, 500, f"{type(e).__name__}: {e}")
             return
         flow.response = _json(200, {"result": result})
+
+    @property
+    def memory_ops(self) -> dict:
+        """Operations on the gateway's memory rather than the store (the CLI's `aibridge keys`)."""
+        return {"keys.list": self._keys_list, "keys.reset": self._keys_reset}
+
+    def _keys_list(self) -> dict:
+        rows = [k for pool in self.rt.pools.values() for k in pool.status()]
+        cols = ["provider", "key", "state", "retry_in", "reason"]
+        return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
+
+    def _keys_reset(self, provider: str | None = None) -> dict:
+        pools = self.rt.pools
+        if provider is not None and provider not in pools:
+            raise TypeError(f"provider {provider!r} has no key pool (pools: {', '.join(pools) or 'none'})")
+        return {"reset": sum(p.reset() for name, p in pools.items() if provider in (None, name))}
 
     async def _flushed(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until records queued so far are committed, so a query sees finished interceptions."""

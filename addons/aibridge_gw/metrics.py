@@ -45,6 +45,10 @@ class Metrics:
         self.loop_lag_max = Gauge(f"{p}event_loop_lag_max_seconds", "Longest event-loop stall seen.", registry=r)
         self.dead_letters = Gauge(f"{p}records_dead_lettered", "Audit records the store could not take, kept in "
                                   "the dead-letter file.", registry=r)
+        self.key_state = Gauge(f"{p}upstream_key_state", "Upstream keys of a failover pool (0 ready, 1 cooling "
+                               "down after a 429, 2 disabled after a 401/403).", ["provider", "key"], registry=r)
+        self.key_failovers = Counter(f"{p}upstream_key_failovers_total", "Requests sent again with another key of "
+                                     "the pool, by why the key was left.", ["provider", "reason"], registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
                                     ["provider", "model", "name"], registry=r)
 

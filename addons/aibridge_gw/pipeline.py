@@ -30,6 +30,7 @@ from .errors import error_response
 from .flowstate import STATE_KEY, FlowState, Outcome, state_of
 from .logsafe import printable
 from .mcp.loop import LoopJob, upstream_headers
+from .relay import RelayJob
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .records import BadRequest, ResponseSummary
 from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
@@ -129,9 +130,12 @@ class Pipeline:
         elif not route.known:
             log.info("aibridge: relaying %s %s unrecorded with the user's own credential (user %s)",
                      req.method, printable(route.upstream_path.split("?")[0]), ident.actor.user_name)
-        self._to_upstream(flow, state, ident, key_in_query)
+        pool = self.rt.pools.get(route.provider.name) if ident.byok_credential is None and self.rt.loop else None
+        self._to_upstream(flow, state, ident, key_in_query, pool is not None)
         if adapter is not None:
-            self._to_loop(flow, state, ident, adapter, hv)
+            self._to_loop(flow, state, ident, adapter, hv, pool)
+        elif pool is not None:
+            self._to_relay(flow, state, pool)
         state.forwarded_at = time.time()
 
     def _route(self, flow: http.HTTPFlow) -> Route | None:
@@ -177,8 +181,9 @@ class Pipeline:
         if len(req.raw_content or b"") > self.rt.config.limits.max_request_body_bytes:  # chunked: no length header
             flow.response = error_response(route.provider.type, 413, "aibridge: request body too large")
             return False
-        if route.api is None and not route.known and ident.byok_credential is None:
-            # Nobody reviewed this endpoint: it may spend money unrecorded, so the central key never goes there.
+        if route.api is None and not route.known and (ident.byok_credential is None or route.provider.transport):
+            # Nobody reviewed this endpoint: it may spend money unrecorded, so the central key never goes there
+            # (nor, for a signed provider, whose every model call the gateway can read, a user's own signature).
             flow.response = error_response(
                 route.provider.type, 404,
                 f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
@@ -332,10 +337,12 @@ class Pipeline:
                         ic.id, adapter.trimmed, max_tools)
         return adapter
 
-    def _to_upstream(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, key_in_query: bool = False) -> None:
+    def _to_upstream(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, key_in_query: bool = False,
+                     pooled: bool = False) -> None:
         """Point the request at the provider and swap credentials, in one pass over the raw request data:
         mitmproxy's property setters and Headers API re-derive Host/authority and re-scan headers per call.
-        A user's own key that came in the query (`key_in_query`) goes upstream as the provider's key header."""
+        A user's own key that came in the query (`key_in_query`) goes upstream as the provider's key header; a
+        `pooled` request gets its key from the relay, per attempt."""
         route = state.route
         req, prov = flow.request, route.provider
         host = hostport(prov.scheme, prov.host, prov.port).encode()
@@ -343,17 +350,19 @@ class Pipeline:
         d.scheme, d.host, d.port = prov.scheme.encode(), prov.host, prov.port
         d.path = route.upstream_path.encode("utf-8", "surrogateescape")
         h2 = req.is_http2 or req.is_http3
-        if h2 or d.authority:
-            d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
         recorded = state.interception is not None
-        # A request the client signed itself must reach the provider with its signed headers as they were.
-        recoded = recorded and not (prov.transport is not None and ident.byok_credential is not None)
+        # A request the client signed itself reaches the provider with its signed headers as they were (Host too:
+        # the connection still goes to the configured base_url, never to an address the client names).
+        client_signed = prov.transport is not None and ident.byok_credential is not None
+        recoded = recorded and not client_signed
+        if (h2 or d.authority) and not client_signed:
+            d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
         drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
         fields, had_host = [], False
         for f in d.headers.fields:
             name = f[0].lower()
             if name == b"host":
-                fields.append((f[0], host))
+                fields.append(f if client_signed else (f[0], host))
                 had_host = True
             elif name not in drop and not (recoded and name == b"accept-encoding"):
                 fields.append(f)
@@ -368,14 +377,16 @@ class Pipeline:
                 fields = [f for f in fields if f[0].lower() not in names]
                 fields += [(k, v) for k, v in signed if not (h2 and k == b"host")]
         elif ident.byok_credential is None:
-            fields.append(prov.auth_header)
+            if not pooled:
+                fields.append(prov.auth_header)
         elif key_in_query:
             fields.append(PROVIDERS[prov.type].auth_header(ident.byok_credential))
         if recoded:
             fields.append((b"accept-encoding", b"identity"))  # the stream tap parses bytes as they pass
         d.headers.fields = tuple(fields)
 
-    def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str]) -> None:
+    def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str],
+                 pool=None) -> None:
         """Hand the flow to the in-process loop endpoint; mitmproxy relays what it produces."""
         req, loop, prov = flow.request, self.rt.loop, state.route.provider
         job = LoopJob(
@@ -383,13 +394,27 @@ class Pipeline:
             provider_type=prov.type, user_id=ident.actor.user_id,
             max_rounds=self.rt.config.mcp.max_rounds, metadata=flow.metadata[META_KEY],
             transport=prov.transport, api=state.interception.api, base_path=prov.base_path,
-            beta=hv.get("anthropic-beta"),
+            beta=hv.get("anthropic-beta"), pool=pool, auth_header=PROVIDERS[prov.type].auth_header,
         )
         path = loop.register(flow.id, job)
         req.scheme, req.host, req.port = "http", "127.0.0.1", loop.port
         req.host_header = f"127.0.0.1:{loop.port}"
         req.path = path
         state.via_loop = True
+
+    def _to_relay(self, flow: http.HTTPFlow, state: FlowState, pool) -> None:
+        """Send the request through the gateway's own client, which tries the pool's keys in turn."""
+        req, loop, prov = flow.request, self.rt.loop, state.route.provider
+        job = RelayJob(
+            method=req.method, url=req.url, content=req.raw_content or b"", pool=pool,
+            headers=[f for f in req.headers.fields if f[0].lower() not in _RELAY_DROP],
+            auth_header=PROVIDERS[prov.type].auth_header, provider_type=prov.type,
+            metadata=flow.metadata[META_KEY] if state.interception is not None else {},
+        )
+        path = loop.register(flow.id, job)
+        req.scheme, req.host, req.port = "http", "127.0.0.1", loop.port
+        req.host_header = f"127.0.0.1:{loop.port}"
+        req.path = path
 
     # --- response ----------------------------------------------------------------------------------
 
@@ -455,6 +480,9 @@ class Pipeline:
         rt.inflight.discard(state)
         ic = state.interception
         summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
+        used = flow.metadata[META_KEY].get("key_hint")
+        if used:  # a failover pool: the key that answered, not the one first chosen
+            ic.credential_hint = used
         if state.breaker_key is not None and not _client_gone(flow):
             rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
         status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
@@ -483,6 +511,8 @@ class Pipeline:
 # new signature replaces.
 _TRANSPORT_DROP = frozenset((b"anthropic-version", b"anthropic-beta", b"x-amz-date", b"x-amz-security-token",
                              b"x-amz-content-sha256"))
+_RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+                         b"proxy-connection", b"te", b"upgrade"))
 _DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
 

@@ -230,7 +230,7 @@ class Recorder:
         if ic.requested_model:
             meta["requested_model"] = ic.requested_model
         submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status, error=error,
-                                metadata=json.dumps(meta)))
+                                metadata=json.dumps(meta), credential_hint=ic.credential_hint))
         return status
 
     def rejected(self, ic: Interception, http_status: int, message: str) -> None:

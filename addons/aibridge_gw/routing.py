@@ -56,8 +56,8 @@ def canonical_path(target: str) -> tuple[list[str], str]:
     return segments, sep + query
 
 
-def encode_path(segments: list[str]) -> str:
-    return "/" + "/".join(quote(s, safe=_SEGMENT_SAFE) for s in segments)
+def encode_path(segments: list[str], safe: str = _SEGMENT_SAFE) -> str:
+    return "/" + "/".join(quote(s, safe=safe) for s in segments)
 
 
 class Router:
@@ -96,7 +96,7 @@ class Router:
         provider = PROVIDERS[prov.type]
         if provider.version_in_base_url and segments[:1] == ["v1"]:
             segments = segments[1:]  # the base URL already ends in /v1; clients may or may not repeat it
-        endpoint = encode_path(segments)
+        endpoint = encode_path(segments, prov.transport.path_safe if prov.transport is not None else _SEGMENT_SAFE)
         upstream = prov.base_path + endpoint + query
         for ep in provider.endpoints:
             if method in ep.methods and ep.pattern.match(endpoint):

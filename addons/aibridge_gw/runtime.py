@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import os
+import time
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.log import LegacyLogEvents
@@ -16,7 +17,7 @@ from mitmproxy.log import LegacyLogEvents
 from .admin_api import AdminApi
 from .apis import PROVIDERS
 from .apis.base import BadSettings
-from .auth import Actor, TokenDirectory
+from .auth import Actor, TokenDirectory, mask
 from .breaker import CircuitBreakers
 from .budgets import Budgets
 from .config import Config, ConfigError, load_config
@@ -24,6 +25,7 @@ from .control import remove_runtime_file, write_runtime_file
 from .egress import EgressPolicy, local_addresses
 from .errors import error_response
 from .flowstate import FlowState
+from .keypool import KeyPool
 from .mcp.loop import LoopServer
 from .mcp.registry import McpRegistry
 from .metrics import Metrics
@@ -35,6 +37,7 @@ from .store.process import WriterProcess
 from .throttle import AuthThrottle
 from .upstream_faults import UpstreamWatch
 
+KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
 log = logging.getLogger("aibridge")
 # One line per interception. Wired to the terminal handlers directly (see `running`): through the root logger
 # every record also becomes mitmproxy's deprecated `add_log` hook, a cross-thread call and a dispatch to every
@@ -74,6 +77,7 @@ class Runtime:
         self.own_addresses: set = set()  # the listener's addresses, found once it listens (egress never goes there)
         self.control_secret: str | None = None
         self.inflight: set[FlowState] = set()  # recorded exchanges between their request and their end
+        self.pools: dict[str, KeyPool] = {}  # instance name -> its failover pool (instances with several keys)
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -131,6 +135,7 @@ class Runtime:
             elif not p.key and not PROVIDERS[p.type].own_credentials_only:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
+        self._build_pools(config)
         if self.store is None:
             self._open_store(config)
         prices = PriceTable.load(config.pricing)
@@ -141,6 +146,30 @@ class Runtime:
             self.budgets = budgets
         else:
             self.budgets = None
+
+    def _build_pools(self, config: Config) -> None:
+        """One KeyPool per instance with several keys; a reload keeps the state of keys it still lists."""
+        old = {(name, k.key): k for name, pool in self.pools.items() for k in pool.keys}
+        pools = {}
+        for p in config.providers:
+            if len(p.keys) < 2:
+                continue
+            pool = KeyPool(p.name, [(k, mask(k)) for k in p.keys], self._key_changed)
+            for n, k in enumerate(pool.keys):
+                prev = old.get((p.name, k.key))
+                if prev is not None:
+                    pool.keys[n] = prev
+                self.metrics.child(self.metrics.key_state, p.name, k.hint).set_function(
+                    lambda k=pool.keys[n]: KEY_STATES[k.state(time.monotonic())])
+            pools[p.name] = pool
+        self.pools = pools
+
+    def _key_changed(self, pool: KeyPool, key, reason: str) -> None:
+        if reason != "reset":
+            self.metrics.child(self.metrics.key_failovers, pool.provider, reason).inc()
+        log.warning("provider %s: upstream key %s %s", pool.provider, key.hint,
+                    {"rate_limited": "rate limited; cooling down", "refused": f"refused ({key.disabled}); disabled "
+                     "until restart or `aibridge keys reset`", "reset": "usable again (reset)"}[reason])
 
     def _open_store(self, config: Config) -> None:
         store = WriterProcess(config.duckdb_path, close_stale=True)
@@ -190,7 +219,7 @@ class Runtime:
         direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
         if direct:
             interception_log.handlers, interception_log.propagate = direct, False
-        if self.mcp is not None and self.loop is None:
+        if (self.mcp is not None or self.pools) and self.loop is None:
             verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
             if ctx.options.ssl_insecure:
                 verify = False

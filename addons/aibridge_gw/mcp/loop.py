@@ -8,6 +8,7 @@ Nothing here blocks the event loop: every wait is an await.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..errors import error_body
+from ..keypool import Exhausted
+from ..relay import RelayJob, response_head, send_with_failover
 from ..records import ResponseSummary, summary_to_dict
 from ..sse import SSEParser
 from .tools import Adapter, ToolResult, injected_call_record
@@ -41,6 +44,8 @@ class LoopJob:
     api: str = ""
     base_path: str = ""
     beta: str | None = None  # the client's anthropic-beta header (the transport moves allowed flags into the body)
+    pool: Any = None  # the instance's KeyPool: each round is sent with the next usable key on 429/401/403
+    auth_header: Any = None  # the provider's key header for a key (with a pool)
     rounds: int = 0
     summary: ResponseSummary = field(default_factory=ResponseSummary)
 
@@ -72,9 +77,52 @@ class LoopServer:
             self._server.close()
             self._server = None
 
-    def register(self, key: str, job: LoopJob) -> str:
+    def register(self, key: str, job: LoopJob | RelayJob) -> str:
         self.jobs[key] = job
         return f"/aibridge-loop/{key}"
+
+    async def _relay(self, job: RelayJob, writer: asyncio.StreamWriter) -> None:
+        """One request to a key-pool instance: sent with failover, the answer streamed back as it arrives."""
+        try:
+            got = await send_with_failover(self._client, job.pool, job.auth_header, job.method, job.url, job.headers,
+                                           job.content, job.metadata)
+        except httpx.HTTPError as e:
+            body = error_body(job.provider_type, 502, f"aibridge: the provider's connection failed: {type(e).__name__}")
+            await _respond(writer, 502, "application/json", json.dumps(body).encode())
+            return
+        if isinstance(got, Exhausted):
+            await _respond_exhausted(writer, job.provider_type, got)
+            return
+        try:
+            writer.write(response_head(got))
+            await writer.drain()
+            async for chunk in got.aiter_raw():
+                if chunk:
+                    writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            await got.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _upstream(self, job: LoopJob, url: str, headers: dict[str, str], content: bytes):
+        """One round's upstream response, sent with the pool's next usable key when the instance has a pool."""
+        if job.pool is None:
+            async with self._client.stream("POST", url, headers=headers, content=content) as resp:
+                yield resp
+            return
+        got = await send_with_failover(self._client, job.pool, job.auth_header, "POST", url, list(headers.items()),
+                                       content, job.metadata)
+        if isinstance(got, Exhausted):
+            body = json.dumps(error_body(job.provider_type, got.status, got.message)).encode()
+            extra = {"retry-after": str(got.retry_after)} if got.retry_after else {}
+            yield httpx.Response(got.status, headers={"content-type": "application/json", **extra}, content=body)
+            return
+        try:
+            yield got
+        finally:
+            await got.aclose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.active += 1
@@ -93,7 +141,10 @@ class LoopServer:
             if job is None:
                 await _respond(writer, 404, "application/json", b'{"error":{"message":"unknown loop job"}}')
                 return
-            await self._run(job, writer)
+            if isinstance(job, RelayJob):
+                await self._relay(job, writer)
+            else:
+                await self._run(job, writer)
         except (ClientGone, ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception:
@@ -126,7 +177,7 @@ class LoopServer:
                 adapter.begin_round()
                 job.rounds = round_no
                 url, headers, content = await _round_request(job)
-                async with self._client.stream("POST", url, headers=headers, content=content) as resp:
+                async with self._upstream(job, url, headers, content) as resp:
                     ctype = resp.headers.get("content-type", "")
                     framing = job.transport.framing(job.api) if job.transport is not None else None
                     streamed = "text/event-stream" in ctype or (framing is not None and job.transport.is_stream(ctype))
@@ -257,12 +308,18 @@ async def _start_chunked(writer: asyncio.StreamWriter, status: int, ctype: str) 
     await writer.drain()
 
 
-async def _respond(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes) -> None:
+async def _respond(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, extra: str = "") -> None:
     writer.write(
-        f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+        f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n{extra}"
         "connection: close\r\n\r\n".encode() + body
     )
     await writer.drain()
+
+
+async def _respond_exhausted(writer: asyncio.StreamWriter, provider_type: str, got: Exhausted) -> None:
+    body = json.dumps(error_body(provider_type, got.status, got.message)).encode()
+    extra = f"retry-after: {got.retry_after}\r\nx-aibridge-error: 1\r\n" if got.retry_after else "x-aibridge-error: 1\r\n"
+    await _respond(writer, got.status, "application/json", body, extra)
 
 
 def upstream_headers(headers) -> dict[str, str]:

@@ -56,9 +56,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {t.name: t.columns for t in TABLES}
 JSON_COLUMNS = frozenset({"metadata"})
 
 # Columns an interception's end sets; the row was inserted when the request arrived.
-END_COLUMNS = ("status", "ended_at", "http_status", "error", "metadata")
+# credential_hint: the key a failover pool actually used (None keeps the hint recorded at the start).
+END_COLUMNS = ("status", "ended_at", "http_status", "error", "metadata", "credential_hint")
+KEPT_UNLESS_SET = frozenset({"credential_hint"})
 
 
 def interception_end(id: str, *, status: str, ended_at, http_status: int | None, error: str | None,
-                     metadata: str | None) -> EndInterception:
-    return EndInterception(id, (status, ended_at, http_status, error, metadata))
+                     metadata: str | None, credential_hint: str | None = None) -> EndInterception:
+    return EndInterception(id, (status, ended_at, http_status, error, metadata, credential_hint))

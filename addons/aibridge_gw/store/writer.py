@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import duckdb
 
-from .rows import COLUMNS, END_COLUMNS, JSON_COLUMNS, EndInterception, Insert
+from .rows import COLUMNS, END_COLUMNS, JSON_COLUMNS, KEPT_UNLESS_SET, EndInterception, Insert
 from .schema import migrate, transaction
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,8 @@ class Store:
             self._insert_sql[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel}"
         cols = ("id",) + END_COLUMNS
         sel = ", ".join(f"unnest(${n + 1}::{types['aibridge_interceptions'][c]}[]) AS {c}" for n, c in enumerate(cols))
-        sets = ", ".join(f"{c} = v.{c}" for c in END_COLUMNS)
+        sets = ", ".join(f"{c} = COALESCE(v.{c}, aibridge_interceptions.{c})" if c in KEPT_UNLESS_SET
+                         else f"{c} = v.{c}" for c in END_COLUMNS)
         self._end_sql = (f"UPDATE aibridge_interceptions SET {sets} FROM (SELECT {sel}) AS v "
                          "WHERE aibridge_interceptions.id = v.id")
 
@@ -397,7 +398,8 @@ class Store:
                 row = pending_rows.get(rec.id)
                 if row is not None:  # start and end in one batch: insert the finished row once
                     for col, v in zip(END_COLUMNS, values):
-                        row[_END_INDEX[col]] = v
+                        if v is not None or col not in KEPT_UNLESS_SET:
+                            row[_END_INDEX[col]] = v
                 else:
                     ends.append(EndInterception(rec.id, values))
         conn = self._conn
@@ -466,6 +468,6 @@ def decode_records(entries: list) -> list:
             if key not in COLUMNS:
                 raise KeyError(key)
             out.append(Insert(key, vals))
-        else:
-            out.append(EndInterception(key, vals))
+        else:  # a spool from before a column was added to END_COLUMNS lacks its value
+            out.append(EndInterception(key, vals + (None,) * (len(END_COLUMNS) - len(vals))))
     return out

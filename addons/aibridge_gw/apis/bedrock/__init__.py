@@ -51,6 +51,7 @@ class Bedrock:
         endpoint("POST", "/v1/messages", "anthropic.messages"),
         endpoint("POST", "/model/{id}/invoke", "bedrock.invoke"),
         endpoint("POST", "/model/{id}/invoke-with-response-stream", "bedrock.invoke"),
+        endpoint("POST", "/model/{id}/count-tokens"),  # free; Claude Code asks before long prompts
     )
 
     @staticmethod

@@ -80,6 +80,8 @@ def _secret(item: dict, key: str, where: str) -> str | None:
 class BedrockTransport:
     """One Bedrock instance's settings and credentials (built from its config entry)."""
 
+    path_safe = "!$&'()*+,;=@-._~"  # RFC 3986 pchar without ':' (AWS SDKs send a model id's ':' as %3A)
+
     def __init__(self, item: dict, where: str) -> None:
         region = item.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if not isinstance(region, str) or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region):
