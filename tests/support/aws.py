@@ -39,11 +39,24 @@ def signature_problem(seen: Seen, secret: str = SECRET_KEY, access_key: str = AC
     if "host" not in names:
         return "host is not signed"
     headers = {n: seen.headers.get(n, "") for n in names}
-    req = AWSRequest(seen.method, f"http://{seen.headers['host']}{seen.path}", data=seen.body, headers=headers)
-    req.context["timestamp"] = amz_date
-    signer = SigV4Auth(Credentials(access_key, secret, seen.headers.get("x-amz-security-token")), "bedrock", region)
-    expected = signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req)
-    return None if hmac.compare_digest(expected, given) else "signature mismatch"
+    creds = Credentials(access_key, secret, seen.headers.get("x-amz-security-token"))
+    for signer_class in (SigV4Auth, _PathAsSent):
+        req = AWSRequest(seen.method, f"http://{seen.headers['host']}{seen.path}", data=seen.body, headers=headers)
+        req.context["timestamp"] = amz_date
+        signer = signer_class(creds, "bedrock", region)
+        expected = signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req)
+        if hmac.compare_digest(expected, given):
+            return None
+    return "signature mismatch"
+
+
+class _PathAsSent(SigV4Auth):
+    """The canonical path as sent, not encoded again. botocore (boto3, the AWS CLI) encodes the path a second time
+    as SigV4 specifies (a model id's `%3A` signed as `%253A`); Anthropic's Bedrock SDK for JS (Claude Code) signs
+    the decoded path encoded once (`%3A`). Bedrock accepts both, so the stand-in does too."""
+
+    def _normalize_url_path(self, path):
+        return path
 
 
 def signature_check(seen: Seen) -> Reply | None:
