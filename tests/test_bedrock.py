@@ -15,18 +15,19 @@ import anthropic
 import botocore.session
 import pytest
 from botocore.config import Config as BotoConfig
+from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import ClientError
 
-from aibridge_gw.apis.bedrock.eventstream import CONTENT_TYPE
-from botocore.eventstream import EventStreamBuffer
-from tests.support.aws import ACCESS_KEY, REGION, SECRET_KEY, bedrock_error, event_stream, signature_check, signature_problem
-from tests.support.fixtures import capture, sse_events
+from aibridge_gw.apis.bedrock.eventstream import ToSSE, chunk_frame, exception_frame
 from aibridge_gw.config import ConfigError, parse_config
+from tests.support.aws import (ACCESS_KEY, REGION, SECRET_KEY, bedrock_error, event_stream, signature_check,
+                               signature_problem)
+from tests.support.fixtures import capture, sse_events
 from tests.support.gateway import BIN, ROOT, UPSTREAM_ANTHROPIC_KEY, Gateway
 from tests.support.mcp_server import McpTestServer
-from tests.support.mock_upstream import MockUpstream, Reply
-from tests.support.tls import make_server_cert, server_context
+from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_call
+from tests.support.tls import tls_stand_in
 
 MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 FAST = "us.anthropic.claude-haiku-4-5-20251001-v1:0"
@@ -247,7 +248,6 @@ def test_no_credentials_anywhere_fails_at_start_up(tmp_path):
 
 
 def test_event_stream_framing_round_trips_through_botocores_parser():
-    from aibridge_gw.apis.bedrock.eventstream import ToSSE, chunk_frame, exception_frame
     data = chunk_frame({"type": "ping"}) + exception_frame("ThrottlingException", "slow")
     buf = EventStreamBuffer()
     buf.add_data(data)
@@ -258,7 +258,7 @@ def test_event_stream_framing_round_trips_through_botocores_parser():
     framing = ToSSE()
     out = b"".join(framing.decode(data[i:i + 5]) for i in range(0, len(data), 5))
     assert out.startswith(b'event: ping\ndata: {"type":"ping"}\n\n')
-    assert b'"type": "rate_limit_error"' in out and CONTENT_TYPE
+    assert out.endswith(b'"type": "rate_limit_error", "message": "ThrottlingException: slow"}}\n\n')
 
 
 # --- central MCP tools through Bedrock --------------------------------------------------------------
@@ -303,9 +303,7 @@ def test_injected_tools_run_through_bedrock_with_every_round_signed(own_gateway,
 
 @pytest.fixture(scope="module")
 def tls_bedrock(tmp_path_factory):
-    ca, cert, key = make_server_cert(tmp_path_factory.mktemp("bedrock-tls"), ["127.0.0.1"])
-    mock = MockUpstream(server_context(cert, key)).start()
-    mock.ca = ca
+    mock = tls_stand_in(tmp_path_factory.mktemp("bedrock-tls"), ["127.0.0.1"])
     yield mock
     mock.stop()
 

@@ -6,8 +6,8 @@ one recorded."""
 from __future__ import annotations
 
 import email.utils
-import re
 import json
+import re
 import time
 
 import anthropic

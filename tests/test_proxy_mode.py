@@ -13,18 +13,16 @@ import pytest
 
 from tests.support.fixtures import capture
 from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY, Gateway
-from tests.support.mock_upstream import MockUpstream, Reply
+from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_call, chat_call, responses_call
-from tests.support.tls import client_context, make_server_cert, server_context
+from tests.support.tls import client_context, tls_stand_in
 
 USER_OWN_KEY = "sk-ant-users-own-key-0123456789XYZ"
 
 
 @pytest.fixture(scope="module")
 def tls_upstream(tmp_path_factory):
-    ca, cert, key = make_server_cert(tmp_path_factory.mktemp("upstream-tls"), ["127.0.0.1"])
-    mock = MockUpstream(server_context(cert, key)).start()
-    mock.ca = ca
+    mock = tls_stand_in(tmp_path_factory.mktemp("upstream-tls"), ["127.0.0.1"])
     yield mock
     mock.stop()
 
@@ -32,9 +30,7 @@ def tls_upstream(tmp_path_factory):
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory):
     """A non-AI HTTPS site with its own certificate."""
-    ca, cert, key = make_server_cert(tmp_path_factory.mktemp("origin-tls"), ["localhost"])
-    mock = MockUpstream(server_context(cert, key)).start()
-    mock.ca = ca
+    mock = tls_stand_in(tmp_path_factory.mktemp("origin-tls"), ["localhost"])
     yield mock
     mock.stop()
 

@@ -307,7 +307,7 @@ class Pipeline:
             except Exception as e:
                 log.warning("provider %s: credentials unavailable: %s", route.provider.name, e)
                 flow.response = error_response(route.provider.type, 502,
-                                               f"aibridge: the provider's credentials could not be refreshed")
+                                               "aibridge: the provider's credentials could not be refreshed")
                 return False
         out = transport.outbound(ic.api, route.provider.base_path, route.upstream_path,
                                  adapter.body if adapter is not None else body, req.content, hv.get("anthropic-beta"))

@@ -60,3 +60,13 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 def client_context(cafile: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cafile))
+
+
+def tls_stand_in(directory: Path, names: list[str]):
+    """A started MockUpstream serving HTTPS with a certificate of its own CA (kept as `.ca`)."""
+    from .mock_upstream import MockUpstream
+
+    ca, cert, key = make_server_cert(directory, names)
+    mock = MockUpstream(server_context(cert, key)).start()
+    mock.ca = ca
+    return mock
