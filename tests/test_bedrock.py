@@ -387,3 +387,54 @@ def test_other_bedrock_operations_are_refused_even_with_the_users_own_signature(
         assert tls_bedrock.seen == []
     finally:
         gw.stop()
+
+
+def test_capture_redacts_and_replay_rebuilds_bedrock_rows(tmp_path, tls_bedrock):
+    """Both ways in: base-URL (the client got server-sent events) and native proxy mode (Bedrock's frames)."""
+    flows_dir = tmp_path / "flows"
+    inst = {**bedrock_instance(tls_bedrock), "hosts": [f"bedrock-runtime.{REGION}.amazonaws.com"],
+            "session_token": "FwoGZXIvYXdzSESSIONSECRET"}
+    tls_bedrock.reset()
+    gw = Gateway(tmp_path / "cap", tls_bedrock.url, providers=[inst],
+                 args=["--set", f"ssl_verify_upstream_trusted_ca={tls_bedrock.ca}", "--set",
+                       f"aibridge_flows={flows_dir}"]).start()
+    try:
+        gw.token = gw.new_user("rep")
+        events = sse_events(capture("anthropic/simple.txtar").sections["streaming"])
+        tls_bedrock.script(event_stream(events), event_stream(events))
+        for _ in client(gw).messages.create(model="claude-sonnet-4-5", max_tokens=50, stream=True,
+                                            messages=[{"role": "user", "content": "hi"}]):
+            pass
+        sdk = aws_sdk_client(gw, gw.token, "AKIAUSERSDUMMYKEY000", "users-dummy-secret")
+        out = sdk.invoke_model_with_response_stream(modelId=MODEL, body=json.dumps(
+            {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50, "messages": [{"role": "user", "content": "yo"}]}))
+        list(out["body"])
+        gw.interceptions("rep", 2)
+    finally:
+        gw.stop()
+        tls_bedrock.reset()
+    files = sorted(flows_dir.glob("*.flows"))
+    raw = b"".join(f.read_bytes() for f in files)
+    for secret in (gw.token, SECRET_KEY, "FwoGZXIvYXdzSESSIONSECRET", "users-dummy-secret"):
+        assert secret.encode() not in raw
+    cols = "CAST(id AS VARCHAR) AS id, api, model, status, stream, credential_kind"
+    live = gw.sql(f"SELECT {cols} FROM aibridge_interceptions ORDER BY id")
+    live_usage = gw.sql("SELECT CAST(interception_id AS VARCHAR) AS iid, input_tokens, output_tokens FROM aibridge_token_usages "
+                        "ORDER BY 1")
+    rebuilt = tmp_path / "rebuilt.duckdb"
+    r = subprocess.run([str(BIN / "aibridge"), "replay", *map(str, files), "--db", str(rebuilt)], capture_output=True,
+                       text=True, env={**os.environ, "AIBRIDGE_CONFIG": str(gw.config_path)}, timeout=120)
+    assert r.returncode == 0 and "2 interception(s)" in r.stdout, r.stdout + r.stderr
+    import duckdb
+    conn = duckdb.connect(str(rebuilt), read_only=True)
+    try:
+        cur = conn.execute(f"SELECT {cols} FROM aibridge_interceptions ORDER BY id")
+        names = [d[0] for d in cur.description]
+        assert [dict(zip(names, row)) for row in cur.fetchall()] == live
+        assert {r["api"] for r in live} == {"anthropic.messages", "bedrock.invoke"}
+        cur = conn.execute("SELECT CAST(interception_id AS VARCHAR) AS iid, input_tokens, output_tokens FROM aibridge_token_usages "
+                        "ORDER BY 1")
+        names = [d[0] for d in cur.description]
+        assert [dict(zip(names, row)) for row in cur.fetchall()] == live_usage != []
+    finally:
+        conn.close()

@@ -23,7 +23,8 @@ from .store.writer import private_file
 log = logging.getLogger(__name__)
 
 REDACTED_HEADERS = frozenset(
-    h.encode() for h in CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "cookie"))
+    h.encode() for h in CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "cookie",
+                                                                      "x-amz-security-token"))
 _STOP = object()
 
 

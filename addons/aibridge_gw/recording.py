@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from .apis import WIRE_APIS
+from .apis import PROVIDERS, WIRE_APIS
 from .apis.base import WireApi
 from .tap import StreamTap
 from .records import RequestInfo, ResponseSummary, summary_from_dict
@@ -91,6 +91,8 @@ class Interception:
         """The facts a saved flow needs to be recorded again (plain values; JSON- and tnetstring-safe)."""
         d = {k: getattr(self, k) for k in _METADATA_FIELDS}
         d["started_at"] = self.started_at.timestamp()
+        if self.info is not None:  # a body the gateway rewrote (Bedrock's) may name neither
+            d["model"], d["stream"] = self.info.model, self.info.stream
         return d
 
     @classmethod
@@ -124,10 +126,13 @@ def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None
         summary = summary_from_dict(loop)
         error = summary.error
         tap = None
-    elif tap is None and is_sse(resp) and 200 <= resp.status_code < 300 and resp.raw_content:
-        tap = StreamTap(ic.codec)  # a saved flow: parse the stored stream as the live tap did
-        tap(resp.content)
-        tap(b"")
+    elif tap is None and resp is not None and 200 <= resp.status_code < 300 and resp.raw_content:
+        transport = PROVIDERS[ic.provider_type].transport
+        framed = transport is not None and transport.is_stream(resp.headers.get("content-type", ""))
+        if framed or is_sse(resp):  # a saved flow: parse the stored stream as the live tap did
+            tap = StreamTap(ic.codec, transport.framing(ic.api) if framed else None)
+            tap(resp.content)
+            tap(b"")
     if loop is not None:
         pass
     elif tap is not None:
@@ -247,7 +252,10 @@ class Recorder:
         if ic_codec is None:
             return None
         try:
-            info = ic_codec.parse_request(json.loads(flow.request.content or b""), meta.get("upstream_path") or "")
+            body = json.loads(flow.request.content or b"")
+            if isinstance(body, dict) and "model" in meta and "model" not in body:  # sent rewritten (Bedrock)
+                body = {**body, "model": meta["model"], "stream": meta.get("stream", False)}
+            info = ic_codec.parse_request(body, meta.get("upstream_path") or "")
         except Exception as e:
             log.warning("flow %s: request not replayable: %s", flow.id, e)
             return None
