@@ -35,7 +35,7 @@ def test_chat_goes_upstream_with_the_users_github_token_and_is_attributed(cgw, u
     assert "x-aibridge-token" not in seen.headers
     ic, = cgw.interceptions("cop")
     assert (ic["provider"], ic["api"], ic["credential_kind"], ic["client"], ic["status"]) == (
-        "copilot", "openai.chat", "byok", "GitHub Copilot", "completed")
+        "copilot", "openai.chat", "byok", "GitHub Copilot (VS Code)", "completed")
     assert ic["credential_hint"] == "ghu_…cdef"
 
 

@@ -25,7 +25,7 @@ from . import bodies, patches
 from .apis import MODEL_APIS, PROVIDERS, WIRE_APIS
 from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, AuthRefused, Identity, identify, mask
 from .breaker import is_failure
-from .clients import detect_client, detect_session
+from .clients import client_metadata, detect_client, detect_session
 from .errors import error_response
 from .flowstate import STATE_KEY, FlowState, Outcome, state_of
 from .logsafe import printable
@@ -275,6 +275,7 @@ class Pipeline:
             req.content = json.dumps(changed, ensure_ascii=False).encode()
             body = changed
         byok = ident.byok_credential
+        client = detect_client(hv)
         ic = Interception(
             id=flow.id,
             user_id=ident.actor.user_id,
@@ -282,9 +283,10 @@ class Pipeline:
             provider_type=route.provider.type,
             provider_name=route.provider.name,
             api=route.api,
-            client=detect_client(hv),
+            client=client,
             user_agent=hv.get("user-agent"),
-            session_id=detect_session(hv, info.session_hint),
+            session_id=detect_session(client, hv, info.session_hint),
+            client_metadata=client_metadata(hv),
             credential_kind="byok" if byok else "centralized",
             credential_hint=mask(byok or (route.provider.transport.hint() if route.provider.transport
                                           else route.provider.key)),

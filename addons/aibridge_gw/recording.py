@@ -78,6 +78,7 @@ class Interception:
     started_at: dt.datetime
     route: str = ""  # the endpoint as a bounded label (metrics)
     requested_model: str | None = None  # the client's model when the gateway sent another (Bedrock's mapping)
+    client_metadata: dict = field(default_factory=dict)  # what the client says of its context (Coder Agents' ids)
     parent_id: str | None = None
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
@@ -234,6 +235,8 @@ class Recorder:
         meta = {"upstream_path": ic.upstream_path, "response_id": rid, "response_model": summary.model}
         if ic.requested_model:
             meta["requested_model"] = ic.requested_model
+        if ic.client_metadata:
+            meta["client"] = ic.client_metadata
         submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status, error=error,
                                 metadata=json.dumps(meta), credential_hint=ic.credential_hint))
         return status
