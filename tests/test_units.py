@@ -220,7 +220,7 @@ class Chain:
                 a.configure(set())
         self.rt.store.run("users.add", True, name="alice").result()
         self.token = self.rt.store.run("tokens.create", True, user="alice").result()["token"]
-        self.rt._apply_directory(self.rt.store.run("directory").result(), [])
+        self.rt._apply_directory(self.rt.store.run("directory").result(), [], self.rt.store.run("users").result())
 
     async def request(self, flow):
         for hook in ("requestheaders", "request"):

@@ -19,7 +19,7 @@ from .reports import BadParameter, Viewer, parse_limit
 from .store.writer import StoreApi
 
 PREFIX = "/aibridge/api/v1/"
-FILTERS = ("initiator", "provider", "model", "client", "started_after", "started_before", "session")
+FILTERS = ("initiator", "on_behalf_of", "provider", "model", "client", "started_after", "started_before", "session")
 
 
 def json_response(status: int, obj) -> http.Response:

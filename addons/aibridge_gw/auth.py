@@ -18,6 +18,8 @@ CREDENTIAL_HEADERS = tuple(dict.fromkeys(
     ("authorization", "x-api-key", "api-key") + tuple(h for p in PROVIDERS.values() for h in p.credential_headers)))
 # Headers that carry a gateway token beside the client's own provider credential (BYOK); never forwarded.
 GATEWAY_TOKEN_HEADERS = ("x-aibridge-token", "x-coder-ai-governance-token")
+# Who a service account (Coder Agents, a CI bot) acts for: by our user id or name. Ours is never forwarded.
+ON_BEHALF_HEADERS = ("x-aibridge-on-behalf-of", "x-coder-owner-id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,7 @@ class Actor:
     role: str
     token_id: str
     token_hint: str
+    service_account: bool = False  # may act for another user (X-Coder-Owner-Id, X-AIBridge-On-Behalf-Of)
 
 
 def new_token() -> str:
@@ -97,6 +100,7 @@ def proxy_token(value: str | None) -> str | None:
 class Identity:
     actor: Actor
     byok_credential: str | None  # the user's own provider credential, kept for the upstream
+    on_behalf_of: tuple[str, str] | None = None  # (id, name) of the person a service account acts for
 
 
 class AuthRefused(Exception):

@@ -38,7 +38,7 @@ def usage_rows(conn) -> list[list]:
     now = dt.datetime.now(dt.UTC)
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     rows = conn.execute(
-        "SELECT CAST(i.initiator_id AS VARCHAR), i.started_at, coalesce(i.metadata->>'response_model', i.model), "
+        "SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), i.started_at, coalesce(i.metadata->>'response_model', i.model), "
         "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
         "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
         "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "

@@ -51,8 +51,10 @@ class Context:
 
 
 def _users_add(args, cx: Context) -> None:
-    r = cx.op("users.add", name=args.name, role="admin" if args.admin else "member")
-    print(f"added user {r['name']} ({r['role']}), id {r['id']}")
+    r = cx.op("users.add", name=args.name, role="admin" if args.admin else "member",
+              service_account=args.service_account)
+    kind = f"{r['role']}, service account" if r.get("service_account") else r["role"]
+    print(f"added user {r['name']} ({kind}), id {r['id']}")
 
 
 def _users_list(args, cx: Context) -> None:
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     ua = users.add_parser("add", help="add a user")
     ua.add_argument("name")
     ua.add_argument("--admin", action="store_true", help="give the user the admin role")
+    ua.add_argument("--service-account", action="store_true",
+                    help="an agent platform's account (Coder Agents, a bot): may name the person it acts for in "
+                         "X-Coder-Owner-Id or X-AIBridge-On-Behalf-Of; their budget is charged")
     ua.set_defaults(run=_users_add)
     ul = users.add_parser("list", help="list users")
     ul.add_argument("--json", action="store_true")
@@ -208,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.set_defaults(run=_users_set_role)
 
     us = sub.add_parser("usage", help="tokens and cost, grouped")
-    us.add_argument("--by", choices=("user", "model", "client", "provider", "day"), default="user")
+    us.add_argument("--by", choices=("user", "person", "on_behalf_of", "model", "client", "provider", "day"),
+                    default="user", help="user: who called; person: whom it was for (acted-for, else the caller)")
     us.add_argument("--since", default="30d", help="an age (7d, 24h) or an ISO date; default 30d")
     us.add_argument("--json", action="store_true")
     us.set_defaults(run=_report)

@@ -23,7 +23,7 @@ from mitmproxy.net.http.url import hostport
 
 from . import bodies, patches
 from .apis import MODEL_APIS, PROVIDERS, WIRE_APIS
-from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, AuthRefused, Identity, identify, mask
+from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, ON_BEHALF_HEADERS, AuthRefused, Identity, identify, mask
 from .breaker import is_failure
 from .clients import client_metadata, detect_client, detect_session
 from .errors import error_response
@@ -172,8 +172,24 @@ class Pipeline:
             return None
         transport = route.provider.transport
         if transport is not None:  # a signed provider: the user's own signature, when kept, else the instance's
-            return Identity(ident.actor, transport.client_credential(hv))
-        return ident
+            ident = Identity(ident.actor, transport.client_credential(hv))
+        return self._acting_for(ident, hv)
+
+    def _acting_for(self, ident: Identity, hv: dict[str, str]) -> Identity:
+        """A service account may name the person it acts for; from anyone else the claim is ignored (and logged)."""
+        named = next(((h, hv[h].strip()) for h in ON_BEHALF_HEADERS if hv.get(h, "").strip()), None)
+        if named is None:
+            return ident
+        actor = ident.actor
+        if not actor.service_account:
+            log.info("aibridge: %s from user %s ignored: not a service account", named[0], actor.user_name)
+            return ident
+        person = self.rt.users.get(named[1])
+        if person is None:
+            log.warning("aibridge: service account %s acts for unknown user %s (%s); recorded as its own call",
+                        actor.user_name, printable(named[1][:80]), named[0])
+            return ident
+        return dataclasses.replace(ident, on_behalf_of=person)
 
     def _admissible(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> bool:
         """Checks that need no body: size, a reviewed endpoint, a key to send."""
@@ -221,12 +237,15 @@ class Pipeline:
         state.breaker_key = key
         await rt.recorder.link_thread(ic)
         if rt.budgets is not None:
-            refusal = rt.budgets.check(ic.user_id, ic.user_name)
+            refusal = rt.budgets.check(*ic.charged)
             if refusal is not None:
-                rt.recorder.rejected(ic, 429, refusal.message)
-                flow.response = error_response(route.provider.type, 429, refusal.message,
+                message = refusal.message
+                if ic.on_behalf_of_name:
+                    message += f" (the budget of {ic.on_behalf_of_name}, for whom {ic.user_name} acts)"
+                rt.recorder.rejected(ic, 429, message)
+                flow.response = error_response(route.provider.type, 429, message,
                                                {"retry-after": str(refusal.retry_after)})
-                log.info("interception %s user=%s rejected: %s", ic.id, ic.user_name, refusal.message)
+                log.info("interception %s user=%s rejected: %s", ic.id, ic.user_name, message)
                 return False
         return True
 
@@ -287,6 +306,8 @@ class Pipeline:
             user_agent=hv.get("user-agent"),
             session_id=detect_session(client, hv, info.session_hint),
             client_metadata=client_metadata(hv),
+            on_behalf_of_id=ident.on_behalf_of[0] if ident.on_behalf_of else None,
+            on_behalf_of_name=ident.on_behalf_of[1] if ident.on_behalf_of else None,
             credential_kind="byok" if byok else "centralized",
             credential_hint=mask(byok or (route.provider.transport.hint() if route.provider.transport
                                           else route.provider.key)),
@@ -490,7 +511,7 @@ class Pipeline:
         status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
         state.outcome = Outcome(status, summary, status_code, error, ended_at)
         if status and rt.budgets is not None:
-            rt.budgets.record(ic.user_id, ic.started_at, summary.model or ic.info.model, summary.usages)
+            rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
         return state
 
     def _client_ending(self, flow: http.HTTPFlow, message: str) -> ClientEnding | None:
@@ -515,7 +536,7 @@ _TRANSPORT_DROP = frozenset((b"anthropic-version", b"anthropic-beta", b"x-amz-da
                              b"x-amz-content-sha256"))
 _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
                          b"proxy-connection", b"te", b"upgrade"))
-_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization",))
+_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of"))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
 
 

@@ -79,10 +79,19 @@ class Interception:
     route: str = ""  # the endpoint as a bounded label (metrics)
     requested_model: str | None = None  # the client's model when the gateway sent another (Bedrock's mapping)
     client_metadata: dict = field(default_factory=dict)  # what the client says of its context (Coder Agents' ids)
+    on_behalf_of_id: str | None = None  # the person a service account made this call for
+    on_behalf_of_name: str | None = None
     parent_id: str | None = None
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
     ended: bool = False
+
+    @property
+    def charged(self) -> tuple[str, str]:
+        """(id, name) of whom budgets charge: the person acted for, else the caller."""
+        if self.on_behalf_of_id:
+            return self.on_behalf_of_id, self.on_behalf_of_name or ""
+        return self.user_id, self.user_name
 
     @property
     def codec(self) -> WireApi:
@@ -282,4 +291,4 @@ def _interception_row(ic: Interception, status: str, **end):
         model=ic.info.model or None, client=ic.client, user_agent=ic.user_agent, client_session_id=ic.session_id,
         thread_parent_id=ic.parent_id, thread_root_id=ic.root_id, credential_kind=ic.credential_kind,
         credential_hint=ic.credential_hint, status=status, started_at=ic.started_at, api=ic.api,
-        stream=ic.info.stream, **end)
+        stream=ic.info.stream, on_behalf_of_id=ic.on_behalf_of_id, on_behalf_of_name=ic.on_behalf_of_name, **end)

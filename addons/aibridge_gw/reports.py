@@ -46,7 +46,8 @@ _BASE = f"""
                  count(*) FILTER (WHERE injected) AS injected_tool_calls
           FROM aibridge_tool_usages GROUP BY interception_id),
     p AS (SELECT interception_id, count(*) AS prompts FROM aibridge_user_prompts GROUP BY interception_id)
-    SELECT i.id, i.started_at, i.ended_at, usr.name AS "user", i.initiator_id, i.provider, i.provider_name,
+    SELECT i.id, i.started_at, i.ended_at, usr.name AS "user", i.initiator_id, i.on_behalf_of_id,
+           i.on_behalf_of_name AS on_behalf_of, i.provider, i.provider_name,
            i.model, {BILLED_MODEL} AS billed_model, i.client, i.user_agent, i.client_session_id,
            i.thread_parent_id, i.thread_root_id, {SESSION_KEY} AS session, i.credential_kind,
            i.credential_hint, i.status, i.api, i.stream, i.http_status, i.error,
@@ -95,10 +96,10 @@ def parse_limit(value: str | None, default: int = 50, maximum: int = 500) -> int
 
 def _where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
     clauses, params = [], []
-    if viewer.user_id is not None:
-        clauses.append("i.initiator_id = ?")
-        params.append(viewer.user_id)
-    simple = {"initiator": 'usr.name', "client": "i.client"}
+    if viewer.user_id is not None:  # a member sees their own calls and those made on their behalf
+        clauses.append("(i.initiator_id = ? OR i.on_behalf_of_id = ?)")
+        params += [viewer.user_id] * 2
+    simple = {"initiator": 'usr.name', "client": "i.client", "on_behalf_of": "i.on_behalf_of_name"}
     for key, col in simple.items():
         if filters.get(key):
             clauses.append(f"{col} = ?")
@@ -197,6 +198,8 @@ def _finish_cost(g: dict) -> dict:
 
 GROUPS = {
     "user": 'usr.name',
+    "on_behalf_of": "i.on_behalf_of_name",  # the person a service account acted for (null: nobody)
+    "person": "coalesce(i.on_behalf_of_name, usr.name)",  # whom the call was for: acted-for, else the caller
     "model": BILLED_MODEL,
     "client": "i.client",
     "provider": "i.provider_name",
@@ -292,8 +295,8 @@ def prompts(conn, viewer: Viewer, user: str | None = None, search: str | None = 
 
 def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str | None = "30d") -> dict:
     """Per day and per model (or client): tokens and cost, for stacked charts."""
-    if stack not in ("model", "client", "user", "provider"):
-        raise BadParameter("stack", "one of model, client, user, provider")
+    if stack not in ("model", "client", "user", "person", "provider"):
+        raise BadParameter("stack", "one of model, client, user, person, provider")
     where, params = _where(viewer, {"started_after": since} if since else {})
     cur = conn.execute(
         f"SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, {GROUPS[stack]} AS key, "

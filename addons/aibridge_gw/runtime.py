@@ -77,7 +77,8 @@ class Runtime:
         self.own_addresses: set = set()  # the listener's addresses, found once it listens (egress never goes there)
         self.control_secret: str | None = None
         self.inflight: set[FlowState] = set()  # recorded exchanges between their request and their end
-        self.pools: dict[str, KeyPool] = {}  # instance name -> its failover pool (instances with several keys)
+        self.pools: dict[str, KeyPool] = {}
+        self.users: dict[str, tuple[str, str]] = {}  # user id and user name -> (id, name)  # instance name -> its failover pool (instances with several keys)
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -179,7 +180,8 @@ class Runtime:
             raise exceptions.OptionsError(f"aibridge: cannot open {config.duckdb_path}: {e}") from None
         self.store = store
         self.metrics.dead_letters.set_function(lambda: self.store.dead_lettered if self.store else 0)
-        self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result())
+        self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result(),
+                              store.run("users").result())
         self.recorder = Recorder(store)
         log.info(
             "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
@@ -195,12 +197,15 @@ class Runtime:
 
     async def reload_directory(self) -> None:
         """After an admin operation: new or revoked tokens take effect for the next request."""
-        directory, mcp_tokens = await asyncio.gather(asyncio.wrap_future(self.store.run("directory")),
-                                                     asyncio.wrap_future(self.store.run("mcp_tokens")))
-        self._apply_directory(directory, mcp_tokens)
+        directory, mcp_tokens, users = await asyncio.gather(
+            asyncio.wrap_future(self.store.run("directory")), asyncio.wrap_future(self.store.run("mcp_tokens")),
+            asyncio.wrap_future(self.store.run("users")))
+        self._apply_directory(directory, mcp_tokens, users)
 
-    def _apply_directory(self, directory: list, mcp_tokens: list) -> None:
+    def _apply_directory(self, directory: list, mcp_tokens: list, users: list) -> None:
         self.tokens.replace({row[0]: Actor(*row[1:]) for row in directory})
+        # Whom a service account may act for, by id or by name.
+        self.users = {key: (uid, name) for uid, name in users for key in (uid, name)}
         self.mcp_tokens = {(uid, server): token for uid, server, token in mcp_tokens}
 
     def chosen_upstream(self, host: str, port: int) -> bool:

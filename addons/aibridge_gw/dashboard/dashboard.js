@@ -67,8 +67,9 @@ function stackedBars(rows, title, fmt) {
 
 async function overview(main) {
   const stack = sessionStorage.getItem("stack") || "model";
+  const lead = sessionStorage.getItem("lead") || "user";  // who called, or whom it was for (service accounts)
   const [users, models, days, ts] = await Promise.all([
-    api("usage", {group_by: "user", since: "30d"}), api("usage", {group_by: "model", since: "30d"}),
+    api("usage", {group_by: lead, since: "30d"}), api("usage", {group_by: "model", since: "30d"}),
     api("usage", {group_by: "day", since: "30d"}), api("usage/timeseries", {stack, since: "30d"})]);
   const tot = users.data.reduce((a, d) => ({i: a.i + d.interceptions, inp: a.inp + d.input_tokens + d.cache_read_input_tokens + d.cache_write_input_tokens,
                                            out: a.out + d.output_tokens, c: a.c + d.cost_usd}), {i: 0, inp: 0, out: 0, c: 0});
@@ -81,20 +82,23 @@ async function overview(main) {
       <div class="card"><div class="k">Input tokens</div><div class="v">${num(tot.inp)}</div></div>
       <div class="card"><div class="k">Output tokens</div><div class="v">${num(tot.out)}</div></div>
       <div class="card"><div class="k">Active users today</div><div class="v">${num(days.data.at(-1)?.active_users)}</div></div></div>
-    <div class="filters">Stack charts by <select id="stack">${["model","client","user","provider"].map(s => `<option ${s === stack ? "selected" : ""}>${s}</option>`).join("")}</select>
+    <div class="filters">Stack charts by <select id="stack">${["model","client","user","person","provider"].map(s => `<option ${s === stack ? "selected" : ""}>${s}</option>`).join("")}</select>
       <span class="muted">prices of ${esc(users.prices_taken || "n/a")}; unpriced models are marked, never counted as $0</span></div>
     <div class="grid2">${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.input_tokens + d.output_tokens + d.cache_read_input_tokens + d.cache_write_input_tokens})), "Tokens per day by " + stack, num)}
       ${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.cost_usd})), "Cost per day by " + stack, v => "$" + v.toFixed(2))}</div>
     <div class="grid2">${stackedBars(days.data.map(d => ({x: d.day, key: "active users", value: d.active_users})), "Adoption: active users per day", num)}
-      <div class="panel"><h2>Top users</h2><div id="leaderboard">${table(users.data, "user")}</div></div></div>
+      <div class="panel"><h2>Top users <select id="lead">${[["user", "by caller"], ["person", "by person acted for"]].map(([v, t]) =>
+        `<option value="${v}" ${v === lead ? "selected" : ""}>${t}</option>`).join("")}</select></h2>
+        <div id="leaderboard">${table(users.data, lead)}</div></div></div>
     <div class="panel"><h2>Spend by model</h2><div id="by-model">${table(models.data, "model")}</div></div>`;
   $("#stack").onchange = e => { sessionStorage.setItem("stack", e.target.value); render(); };
+  $("#lead").onchange = e => { sessionStorage.setItem("lead", e.target.value); render(); };
 }
 
 function interceptionRows(rows) {
   return `<table id="interceptions"><tr><th>started</th><th>user</th><th>client</th><th>model</th><th>status</th>
     <th class="n">input</th><th class="n">output</th><th class="n">tools</th><th class="n">cost</th></tr>
-    ${rows.map(i => `<tr class="click" data-id="${i.id}"><td>${when(i.started_at)}</td><td>${esc(i.user)}</td><td>${esc(i.client)}</td>
+    ${rows.map(i => `<tr class="click" data-id="${i.id}"><td>${when(i.started_at)}</td><td>${esc(i.user)}${i.on_behalf_of ? ` <span class="muted">for ${esc(i.on_behalf_of)}</span>` : ""}</td><td>${esc(i.client)}</td>
       <td>${esc(i.model)}</td><td class="${i.status === "failed" ? "failed" : ""}">${esc(i.status)}</td><td class="n">${num(i.input_tokens)}</td>
       <td class="n">${num(i.output_tokens)}</td><td class="n">${num(i.tool_calls)}</td><td class="n">${usd(i)}</td></tr>`).join("")}</table>`;
 }
@@ -106,6 +110,7 @@ async function interceptions(main) {
   const opt = (list, v) => `<option value="">any</option>` + list.data.map(c => `<option ${c.value === v ? "selected" : ""}>${esc(c.value)}</option>`).join("");
   main.innerHTML = `<div class="filters">
       <input id="f-initiator" placeholder="user" value="${esc(f.initiator || "")}">
+      <input id="f-on_behalf_of" placeholder="on behalf of" value="${esc(f.on_behalf_of || "")}">
       <input id="f-provider" placeholder="provider" value="${esc(f.provider || "")}">
       <select id="f-model">${opt(models, f.model)}</select><select id="f-client">${opt(clients, f.client)}</select>
       <input id="f-started_after" placeholder="since (7d or 2026-01-01)" value="${esc(f.started_after || "")}">
@@ -117,7 +122,7 @@ async function interceptions(main) {
     $("#rows").innerHTML = interceptionRows(all); wireRows($("#rows")); $("#more").hidden = !cursor;
   };
   $("#apply").onclick = () => {
-    for (const k of ["initiator","provider","model","client","started_after"]) f[k] = $("#f-" + k).value.trim();
+    for (const k of ["initiator","on_behalf_of","provider","model","client","started_after"]) f[k] = $("#f-" + k).value.trim();
     sessionStorage.setItem("filters", JSON.stringify(f)); render();
   };
   $("#more").onclick = load;

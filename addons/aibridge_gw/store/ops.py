@@ -37,7 +37,7 @@ def _user(conn, name: str) -> tuple:
     return row
 
 
-def users_add(conn, name: str, role: str = "member") -> dict:
+def users_add(conn, name: str, role: str = "member", service_account: bool = False) -> dict:
     name = (name or "").strip()
     if not name or len(name) > 200:
         raise OpError("user name must be 1-200 characters")
@@ -46,14 +46,15 @@ def users_add(conn, name: str, role: str = "member") -> dict:
     if conn.execute("SELECT 1 FROM aibridge_users WHERE name = ?", [name]).fetchone():
         raise OpError(f"user {name!r} already exists")
     uid = uuid.uuid4()
-    conn.execute("INSERT INTO aibridge_users VALUES (?, ?, ?, ?)", [uid, name, role, _now()])
-    return {"id": str(uid), "name": name, "role": role}
+    conn.execute("INSERT INTO aibridge_users (id, name, role, created_at, service_account) VALUES (?, ?, ?, ?, ?)",
+                 [uid, name, role, _now(), bool(service_account)])
+    return {"id": str(uid), "name": name, "role": role, "service_account": bool(service_account)}
 
 
 def users_list(conn) -> dict:
     return query(
         conn,
-        "SELECT u.name, u.role, u.id, u.created_at, "
+        "SELECT u.name, u.role, u.service_account, u.id, u.created_at, "
         "count(t.id) FILTER (WHERE t.revoked_at IS NULL) AS active_tokens "
         "FROM aibridge_users u LEFT JOIN aibridge_tokens t ON t.user_id = u.id "
         "GROUP BY ALL ORDER BY u.name",
@@ -128,10 +129,10 @@ def query(conn, text: str, params: list | None = None, limit: int | None = None)
 def load_directory(conn) -> dict[str, Actor]:
     """Active tokens by hash, for the gateway's in-memory TokenDirectory."""
     rows = conn.execute(
-        "SELECT t.token_hash, u.id, u.name, u.role, t.id, t.hint FROM aibridge_tokens t "
-        "JOIN aibridge_users u ON u.id = t.user_id WHERE t.revoked_at IS NULL"
+        "SELECT t.token_hash, u.id, u.name, u.role, t.id, t.hint, coalesce(u.service_account, false) "
+        "FROM aibridge_tokens t JOIN aibridge_users u ON u.id = t.user_id WHERE t.revoked_at IS NULL"
     ).fetchall()
-    return {r[0]: Actor(str(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
+    return {r[0]: Actor(str(r[1]), r[2], r[3], r[4], r[5], bool(r[6])) for r in rows}
 
 
 SECRET_KEY_ENV = "AIBRIDGE_SECRET_KEY"
@@ -306,8 +307,14 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
 
 
 def directory_rows(conn) -> list[list]:
-    """load_directory as plain values: [token hash, user id, name, role, token id, hint]."""
-    return [[h, a.user_id, a.user_name, a.role, a.token_id, a.token_hint] for h, a in load_directory(conn).items()]
+    """load_directory as plain values: [token hash, user id, name, role, token id, hint, service account]."""
+    return [[h, a.user_id, a.user_name, a.role, a.token_id, a.token_hint, a.service_account]
+            for h, a in load_directory(conn).items()]
+
+
+def user_rows(conn) -> list[list]:
+    """Every user as [id, name]: whom a service account may act for."""
+    return [[str(i), n] for i, n in conn.execute("SELECT id, name FROM aibridge_users").fetchall()]
 
 
 def mcp_token_rows(conn) -> list[list]:
@@ -360,6 +367,7 @@ def flush(conn) -> None:
 # mcp_tokens carries decrypted credentials.
 GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "directory": (directory_rows, False),
+    "users": (user_rows, False),
     "mcp_tokens": (mcp_token_rows, False),
     "budget_usage": (usage_rows, False),
     "tool_call_thread": (tool_call_thread, False),

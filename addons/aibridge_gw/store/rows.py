@@ -39,6 +39,7 @@ INTERCEPTIONS = Table("aibridge_interceptions", (
     "id", "initiator_id", "provider", "provider_name", "model", "client", "user_agent",
     "client_session_id", "thread_parent_id", "thread_root_id", "credential_kind", "credential_hint",
     "status", "started_at", "ended_at", "metadata", "api", "stream", "http_status", "error",
+    "on_behalf_of_id", "on_behalf_of_name",
 ))
 TOKEN_USAGES = Table("aibridge_token_usages", (
     "id", "interception_id", "provider_response_id", "input_tokens", "output_tokens",

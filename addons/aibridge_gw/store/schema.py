@@ -103,6 +103,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "service accounts, and the person an interception was made for",
+        """
+        ALTER TABLE aibridge_users ADD COLUMN service_account BOOLEAN DEFAULT false;
+        ALTER TABLE aibridge_interceptions ADD COLUMN on_behalf_of_id UUID;
+        ALTER TABLE aibridge_interceptions ADD COLUMN on_behalf_of_name VARCHAR;
+        """,
+    ),
 ]
 
 
