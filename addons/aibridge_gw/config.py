@@ -67,6 +67,9 @@ class ProxyPolicy:
     # Loopback, link-local (cloud metadata), unspecified and the gateway's own addresses are refused as egress
     # targets unless listed here (IP addresses, CIDR ranges or host names).
     allow_addresses: tuple[str, ...] = ()
+    # Subscription logins (Claude Code's Claude account, Codex's ChatGPT account) with the user's own login:
+    # "allow" (recorded as credential_kind subscription) or "refuse" (403).
+    subscriptions: str = "allow"
 
     @property
     def open_relay(self) -> bool:
@@ -464,11 +467,14 @@ def _parse_proxy(d) -> ProxyPolicy:
                 ipaddress.ip_network(a, strict=False)
             except ValueError:
                 raise ConfigError(f"proxy.allow_addresses: {a!r} is not a valid CIDR range") from None
-    unknown = set(d) - {"require_auth", "egress", "byok", "allow_addresses"}
+    subscriptions = d.get("subscriptions", "allow")
+    if subscriptions not in ("allow", "refuse"):
+        raise ConfigError("proxy.subscriptions: must be 'allow' or 'refuse'")
+    unknown = set(d) - {"require_auth", "egress", "byok", "allow_addresses", "subscriptions"}
     if unknown:
         raise ConfigError(f"proxy: unknown key(s) {', '.join(sorted(unknown))}")
     return ProxyPolicy(require_auth=require, egress=egress, byok=_bool(d, "byok", True, "proxy"),
-                       allow_addresses=tuple(a.lower() for a in allow))
+                       allow_addresses=tuple(a.lower() for a in allow), subscriptions=subscriptions)
 
 
 def _parse_capture(d) -> CaptureSettings:

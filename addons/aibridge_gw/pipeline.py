@@ -205,6 +205,12 @@ class Pipeline:
                 f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
                 f"gateway relays (provider {route.provider.name!r})")
             return False
+        if credential_kind(route, ident) == "subscription" and self.rt.config.proxy.subscriptions == "refuse":
+            flow.response = error_response(
+                route.provider.type, 403,
+                "aibridge: subscription logins are not allowed through this gateway; use the gateway token as the "
+                "API key (or an API key of your own)")
+            return False
         if ident.byok_credential is None and PROVIDERS[route.provider.type].own_credentials_only:
             flow.response = error_response(
                 route.provider.type, 401,
@@ -308,7 +314,7 @@ class Pipeline:
             client_metadata=client_metadata(hv),
             on_behalf_of_id=ident.on_behalf_of[0] if ident.on_behalf_of else None,
             on_behalf_of_name=ident.on_behalf_of[1] if ident.on_behalf_of else None,
-            credential_kind="byok" if byok else "centralized",
+            credential_kind=credential_kind(route, ident),
             credential_hint=mask(byok or (route.provider.transport.hint() if route.provider.transport
                                           else route.provider.key)),
             upstream_path=route.upstream_path.split("?")[0],
@@ -562,6 +568,14 @@ def _credential_from_query(route: Route, hv: dict[str, str]) -> tuple[Route, boo
     if moved:
         hv[header] = given
     return dataclasses.replace(route, upstream_path=path + ("?" + "&".join(kept) if kept else "")), moved
+
+
+def credential_kind(route: Route, ident: Identity) -> str:
+    """centralized (the gateway's key), subscription (the user's own login to a paid plan) or byok (their key)."""
+    own = ident.byok_credential
+    if own is None:
+        return "centralized"
+    return "subscription" if own.startswith(PROVIDERS[route.provider.type].subscription_prefixes) else "byok"
 
 
 def header_view(headers: http.Headers) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from . import anthropic, bedrock, copilot, gemini, openai
+from . import anthropic, bedrock, chatgpt, copilot, gemini, openai
 from .base import Provider, WireApi
 
 PROVIDERS: MappingProxyType[str, Provider] = MappingProxyType({p.type: p for p in (
@@ -14,6 +14,7 @@ PROVIDERS: MappingProxyType[str, Provider] = MappingProxyType({p.type: p for p i
     gemini.PROVIDER,
     copilot.PROVIDER,
     bedrock.PROVIDER,
+    chatgpt.PROVIDER,
 )})
 
 # Every wire API any provider records, by name (names are unique across providers).

@@ -79,6 +79,9 @@ class Provider(Protocol):
     credential_headers: tuple[str, ...]  # where its clients send a key, besides Authorization/X-Api-Key
     query_credential: str | None  # a query parameter its clients may send the key in (moved to a header)
     own_credentials_only: bool  # no central key exists: each user's own credential goes upstream (Copilot)
+    # A user's own credential starting with one of these is a subscription login, not an API key (Claude's
+    # OAuth tokens); "" matches every credential (ChatGPT's backend takes nothing else).
+    subscription_prefixes: tuple[str, ...]
     # Builds an instance's Transport from its config entry (raises BadSettings); None: requests go upstream
     # with the key header swapped and nothing else changed.
     transport: Callable[[dict, str], "Transport"] | None

@@ -27,6 +27,7 @@ class Anthropic:
     default_base_url = None
     credential_headers = ()
     own_credentials_only = False
+    subscription_prefixes = ("sk-ant-oat",)  # Claude Code signed in with a Claude account
     transport = None
     query_credential = None
     version_in_base_url = False

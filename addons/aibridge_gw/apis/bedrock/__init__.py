@@ -45,6 +45,7 @@ class Bedrock:
     query_credential = None
     version_in_base_url = False
     own_credentials_only = False
+    subscription_prefixes = ()
     transport = BedrockTransport
     apis = MappingProxyType({a.name: a for a in (messages.API, INVOKE)})
     endpoints = (

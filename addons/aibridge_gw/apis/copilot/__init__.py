@@ -21,6 +21,7 @@ class Copilot:
     query_credential = None
     version_in_base_url = False
     own_credentials_only = True  # there is no central Copilot key: every call carries the user's GitHub token
+    subscription_prefixes = ()
     transport = None
     apis = MappingProxyType({a.name: a for a in (chat.API, responses.API, messages.API)})
     endpoints = (

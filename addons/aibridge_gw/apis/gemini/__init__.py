@@ -15,6 +15,7 @@ class Gemini:
     default_base_url = "https://generativelanguage.googleapis.com/"
     credential_headers = ("x-goog-api-key",)
     own_credentials_only = False
+    subscription_prefixes = ()
     transport = None
     query_credential = "key"
     version_in_base_url = False

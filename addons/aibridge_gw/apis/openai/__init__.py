@@ -26,6 +26,7 @@ class OpenAI:
     default_base_url = None
     credential_headers = ()
     own_credentials_only = False
+    subscription_prefixes = ()
     transport = None
     query_credential = None
     version_in_base_url = True
