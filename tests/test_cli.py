@@ -106,6 +106,19 @@ def test_ca_path_and_export(tmp_path, gateway):
         ("codex", "base-url", ['base_url = "{gw}/openai/v1"', 'wire_api = "responses"']),
         ("claude-code", "proxy", ["HTTPS_PROXY=http://bob:aib_T@{host}", "NODE_EXTRA_CA_CERTS={certs}/mitmproxy-ca-cert.pem"]),
         ("codex", "proxy", ["HTTPS_PROXY=http://bob:aib_T@{host}", "SSL_CERT_FILE={certs}/aibridge-ca-bundle.pem"]),
+        ("opencode", "base-url", ['"baseURL": "{gw}/anthropic/v1"', '"baseURL": "{gw}/openai/v1"']),
+        ("kilo", "base-url", ['"baseURL": "{gw}/anthropic/v1"']),
+        ("gemini-cli", "base-url", ["GOOGLE_GEMINI_BASE_URL={gw}/gemini", "GEMINI_API_KEY=aib_T"]),
+        ("gemini-cli", "proxy", ["NODE_EXTRA_CA_CERTS={certs}/mitmproxy-ca-cert.pem", "GEMINI_API_KEY=aib_T"]),
+        ("llm", "base-url", ["OPENAI_BASE_URL={gw}/openai/v1", "OPENAI_API_KEY=aib_T"]),
+        ("aider", "base-url", ["OPENAI_API_BASE={gw}/openai/v1", "ANTHROPIC_API_BASE={gw}/anthropic"]),
+        ("aider", "proxy", ["REQUESTS_CA_BUNDLE={certs}/aibridge-ca-bundle.pem", "OPENAI_API_KEY=aib_T"]),
+        ("crush", "base-url", ['"base_url": "{gw}/anthropic"', '"base_url": "{gw}/openai/v1"']),
+        ("goose", "base-url", ["ANTHROPIC_HOST={gw}/anthropic"]),
+        ("continue", "base-url", ["apiBase: {gw}/anthropic/v1/"]),
+        ("zed", "base-url", ['"api_url": "{gw}/anthropic"']),
+        ("cline", "base-url", ["{gw}/anthropic", "{gw}/openai/v1"]),
+        ("claude-code", "proxy", ["ANTHROPIC_API_KEY=aib_T"]),  # the gateway token as the key, also in proxy mode
     ],
 )
 def test_env_prints_paste_ready_settings_for_the_running_gateway(tmp_path, gateway, client, mode, expected):
@@ -114,3 +127,14 @@ def test_env_prints_paste_ready_settings_for_the_running_gateway(tmp_path, gatew
     assert r.returncode == 0, r.stderr
     for line in expected:
         assert line.format(gw=gateway.url, host=gateway.url.split("://")[1], certs=confdir) in r.stdout
+
+
+def test_every_guide_prints_shell_that_parses(tmp_path):
+    """Each client's guide, in both modes, is valid shell (config files as heredocs) and carries the token."""
+    from aibridge_gw.guides import GUIDES, env_lines
+
+    for client in GUIDES:
+        for mode in ("base-url", "proxy"):
+            text = "\n".join(env_lines(client, mode, "http://gw.test:8080", "aib_T", tmp_path))
+            assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, (client, mode)
+            assert "aib_T" in text or client in ("system",), (client, mode)

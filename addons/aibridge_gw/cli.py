@@ -15,7 +15,8 @@ from typing import Any
 
 from pathlib import Path
 
-from .certs import CA_P12, CLIENTS, bundle, default_confdir, ensure_ca, env_lines, gateway_url
+from .certs import CA_P12, bundle, default_confdir, ensure_ca, gateway_url
+from .guides import GUIDES, env_lines
 from .config import Config, ConfigError, load_config
 from .control import run_gateway_op, run_op
 from .store.ops import OpError
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.set_defaults(run=_ca_export)
 
     ev = sub.add_parser("env", help="print what a client must set to use the gateway, ready to paste")
-    ev.add_argument("client", choices=CLIENTS)
+    ev.add_argument("client", choices=list(GUIDES))
     ev.add_argument("--mode", choices=("base-url", "proxy"), default="base-url")
     ev.add_argument("--gateway", help="gateway URL (default: the running gateway's, else http://127.0.0.1:8080)")
     ev.add_argument("--token", default="<your aibridge token>")
