@@ -41,7 +41,7 @@ CLIENTS: tuple[Client, ...] = (
            sessions=("x-client-session-id",)),
     Client("Kilo Code", agents=("kilo-code/", "kilocode/", "kilo/"), originators=("kilo-code",),
            titles=("kilo code",), markers=("x-kilocode-taskid", "x-kilocode-version"),
-           sessions=("x-kilocode-taskid", "x-kilo-session")),
+           sessions=("x-kilocode-taskid", "x-session-id")),  # the extension's task; Kilo CLI (opencode's fork)
     Client("Roo Code", agents=("roo-code/", "roocode/"), originators=("roo-code",), titles=("roo code",)),
     Client("Cline", agents=("cline/",), titles=("cline",), sessions=("x-task-id",)),
     Client("Charm Crush", agents=("charm crush/", "charm-crush/", "crush/")),
@@ -60,8 +60,10 @@ CLIENTS: tuple[Client, ...] = (
     Client("Antigravity", agents=("antigravity/",)),
     Client("Sourcegraph Amp", agents=("amp/", "amp-cli/")),
     Client("Windsurf", agents=("windsurf/",)),
+    # aider and Simon Willison's llm send only the OpenAI SDK's headers (User-Agent `OpenAI/Python …`): they stay
+    # Unknown unless configured to send a title (e.g. extra_headers X-Title: aider).
     Client("aider", agents=("aider/",), titles=("aider",)),
-    Client("llm", agents=("llm/",)),
+    Client("llm", agents=("llm/",), titles=("llm",)),
 )
 _BY_NAME = {c.name: c for c in CLIENTS}
 # Sessions of clients we cannot name: the headers any of them uses for a conversation.

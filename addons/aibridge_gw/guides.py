@@ -96,9 +96,9 @@ def opencode(w: Where, mode: str) -> list[str]:
 
 
 def kilo(w: Where, mode: str) -> list[str]:
-    if mode == "base-url":  # Kilo CLI reads opencode's config format
-        return _exports(AIBRIDGE_TOKEN=w.token) + _json_file(
-            "kilo.json", _ai_sdk_config(w, "AIBRIDGE_TOKEN"))
+    if mode == "base-url":  # Kilo CLI reads opencode's format from kilo.json, but drops a file with {env:…} in it
+        return _exports(ANTHROPIC_API_KEY=w.token, OPENAI_API_KEY=w.token) + _json_file("kilo.json", {"provider": {
+            api: {"options": {"baseURL": w.url(f"/{api}/v1")}} for api in ("anthropic", "openai")}})
     return _proxy_env(w, "node") + _exports(ANTHROPIC_API_KEY=w.token, OPENAI_API_KEY=w.token)
 
 

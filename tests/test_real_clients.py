@@ -1,0 +1,202 @@
+"""Real coding clients, installed from npm and PyPI, run headless against the gateway and a loopback stand-in in
+both modes: the answer reaches the client, and the audit row names the client, its session, the exact usage and
+the prompt. Installs are cached (see support/clients.py); a client that cannot be installed here is skipped with
+the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+
+import pytest
+
+from aibridge_gw.certs import bundle
+from tests.support.clients import ANSWER, USAGE, answer, clean_env, npm_bin, pip_bin
+from tests.support.gateway import Gateway
+from tests.support.mock_upstream import Reply
+from tests.support.tls import tls_stand_in
+
+pytestmark = pytest.mark.timeout(600)
+UPSTREAM_KEY = "sk-upstream-real-clients-0123456789"
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    mock = tls_stand_in(tmp_path_factory.mktemp("clients-tls"), ["127.0.0.1"])
+    mock.check = answer
+    mock.default = Reply.json({"object": "list", "data": []})  # listings, settings: nothing to tell
+    yield mock
+    mock.stop()
+
+
+@pytest.fixture(scope="module")
+def cgw(tmp_path_factory, stand_in):
+    """One gateway for every client: base-URL prefixes and the public AI hosts in proxy mode, all answered by the
+    stand-in."""
+    url = stand_in.url
+    gw = Gateway(tmp_path_factory.mktemp("clients-gw"), url, providers=[
+        {"name": "anthropic", "type": "anthropic", "base_url": url + "/", "key": UPSTREAM_KEY,
+         "hosts": ["api.anthropic.com"]},
+        {"name": "openai", "type": "openai", "base_url": url + "/v1/", "key": UPSTREAM_KEY, "hosts": ["api.openai.com"]},
+        {"name": "gemini", "type": "gemini", "base_url": url + "/", "key": UPSTREAM_KEY},
+    ], args=["--set", f"ssl_verify_upstream_trusted_ca={stand_in.ca}"]).start()
+    yield gw
+    gw.stop()
+
+
+class Run:
+    """One client run: its own user (so its rows are its own), HOME and prompt."""
+
+    def __init__(self, gw: Gateway, tmp_path, name: str, mode: str) -> None:
+        self.gw, self.mode = gw, mode
+        self.user = f"{name}-{mode}-{uuid.uuid4().hex[:6]}"
+        self.token = gw.new_user(self.user)
+        self.home = tmp_path / "home"
+        self.work = tmp_path / "work"
+        self.work.mkdir()
+        self.prompt = f"Say hello to {self.user}"
+        host = gw.url.split("://")[1]
+        self.proxy = f"http://{self.user}:{self.token}@{host}"
+        self.ca = str(gw.ca)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        if self.mode == "proxy":
+            extra = {"HTTPS_PROXY": self.proxy, "https_proxy": self.proxy, "NODE_EXTRA_CA_CERTS": self.ca, **extra}
+        return clean_env(self.home, **extra)
+
+    def run(self, argv: list, env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+        # PWD too: some clients (opencode) take the project directory from it, not from the process's cwd.
+        try:
+            return subprocess.run([str(a) for a in argv], env={**env, "PWD": str(self.work)}, cwd=self.work,
+                                  capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace")[-1500:] + (e.stderr or b"").decode(errors="replace")[-1500:]
+            pytest.fail(f"{argv[0]} did not finish in {timeout} s:\n{out}")
+
+    def rows(self) -> list[dict]:
+        """Its recorded model calls (the one carrying its prompt first)."""
+        rows = self.gw.wait_for(
+            "SELECT i.*, p.prompt FROM aibridge_interceptions i JOIN aibridge_users u ON u.id = i.initiator_id "
+            f"LEFT JOIN aibridge_user_prompts p ON p.interception_id = i.id WHERE u.name = '{self.user}' "
+            "AND i.status <> 'in_progress' ORDER BY i.started_at")
+        return sorted(rows, key=lambda r: self.prompt not in (r["prompt"] or ""))
+
+    def assert_recorded(self, client: str, session: bool = True, api: str | None = None) -> dict:
+        row = self.rows()[0]
+        assert self.prompt in (row["prompt"] or ""), row
+        assert (row["client"], row["status"]) == (client, "completed"), row
+        if api:
+            assert row["api"] == api
+        if session:
+            assert row["client_session_id"], row
+        usage = self.gw.sql(f"SELECT input_tokens, output_tokens FROM aibridge_token_usages "
+                            f"WHERE interception_id = '{row['id']}'")
+        assert [(u["input_tokens"], u["output_tokens"]) for u in usage] == [USAGE]
+        return row
+
+
+MODES = ["base-url", "proxy"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opencode(cgw, tmp_path, mode):
+    exe = npm_bin("opencode-ai", "opencode")
+    run = Run(cgw, tmp_path, "opencode", mode)
+    if mode == "base-url":  # what `aibridge env opencode` prints
+        (run.work / "opencode.json").write_text(json.dumps({"provider": {"anthropic": {"options": {
+            "baseURL": cgw.url + "/anthropic/v1", "apiKey": "{env:AIBRIDGE_TOKEN}"}}}}))
+    env = run.env(AIBRIDGE_TOKEN=run.token, ANTHROPIC_API_KEY=run.token)
+    r = run.run([exe, "run", "-m", "anthropic/claude-sonnet-4-5", run.prompt], env)
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded("OpenCode")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kilo_cli(cgw, tmp_path, mode):
+    exe = npm_bin("@kilocode/cli@7.7.7", "kilo")
+    run = Run(cgw, tmp_path, "kilo", mode)
+    if mode == "base-url":  # Kilo CLI reads opencode's config format from kilo.json
+        (run.work / "kilo.json").write_text(json.dumps(
+            {"provider": {"anthropic": {"options": {"baseURL": cgw.url + "/anthropic/v1"}}}}))
+    r = run.run([exe, "run", "-m", "anthropic/claude-sonnet-4-5", run.prompt],
+                run.env(AIBRIDGE_TOKEN=run.token, ANTHROPIC_API_KEY=run.token))
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded("Kilo Code")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_claude_code(cgw, tmp_path, mode):
+    exe = npm_bin("@anthropic-ai/claude-code", "claude", postinstall="install.cjs")
+    run = Run(cgw, tmp_path, "claude", mode)
+    extra = {"ANTHROPIC_BASE_URL": cgw.url + "/anthropic"} if mode == "base-url" else {}
+    r = run.run([exe, "-p", run.prompt], run.env(ANTHROPIC_API_KEY=run.token, **extra))
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Claude Code")
+    assert row["user_agent"].startswith("claude-cli/")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_codex_cli(cgw, tmp_path, mode):
+    exe = npm_bin("@openai/codex", "codex")
+    run = Run(cgw, tmp_path, "codex", mode)
+    codex_home = run.home / ".codex"
+    codex_home.mkdir(parents=True)
+    base = cgw.url + "/openai/v1" if mode == "base-url" else "https://api.openai.com/v1"
+    (codex_home / "config.toml").write_text(
+        'model_provider = "aibridge"\nmodel = "gpt-5"\n\n[model_providers.aibridge]\nname = "aibridge"\n'
+        f'base_url = "{base}"\nenv_key = "AIBRIDGE_TOKEN"\nwire_api = "responses"\n')
+    env = run.env(AIBRIDGE_TOKEN=run.token, CODEX_HOME=str(codex_home))
+    if mode == "proxy":  # Codex (Rust) reads SSL_CERT_FILE, which replaces the trust store: the bundle
+        env["SSL_CERT_FILE"] = str(bundle(cgw.workdir / "certs"))
+    r = run.run([exe, "exec", "--skip-git-repo-check", run.prompt], env)
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded("Codex", api="openai.responses")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gemini_cli(cgw, tmp_path, mode):
+    exe = npm_bin("@google/gemini-cli", "gemini")
+    run = Run(cgw, tmp_path, "gemini", mode)
+    extra = {"GOOGLE_GEMINI_BASE_URL": cgw.url + "/gemini"} if mode == "base-url" else {}
+    settings = run.home / ".gemini" / "settings.json"  # headless: the API-key login, no first-run dialogs
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"security": {"auth": {"selectedType": "gemini-api-key"}},
+                                    "privacy": {"usageStatisticsEnabled": False}}))
+    r = run.run([exe, "-p", run.prompt, "-m", "gemini-2.5-flash"],
+                run.env(GEMINI_API_KEY=run.token, GEMINI_CLI_TRUST_WORKSPACE="true", **extra))
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded("Gemini CLI", session=False, api="gemini.generate_content")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aider(cgw, tmp_path, mode):
+    exe = pip_bin(("aider-chat",), "aider")
+    run = Run(cgw, tmp_path, "aider", mode)
+    env = run.env(OPENAI_API_KEY=run.token, AIDER_CHECK_UPDATE="false", AIDER_ANALYTICS="false")
+    if mode == "base-url":
+        env["OPENAI_API_BASE"] = cgw.url + "/openai/v1"
+    else:  # Python's requests/httpx: a bundle that replaces the trust store
+        env["SSL_CERT_FILE"] = env["REQUESTS_CA_BUNDLE"] = str(bundle(cgw.workdir / "certs"))
+    r = run.run([exe, "--model", "openai/gpt-4.1", "--message", run.prompt, "--no-git", "--yes-always",
+                 "--no-show-model-warnings", "--no-pretty", "--stream"], env)
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    # aider (through litellm) sends the OpenAI SDK's headers and nothing of its own: not told apart from any
+    # script using that SDK, so it stays Unknown, with its raw User-Agent kept.
+    row = run.assert_recorded("Unknown", session=False, api="openai.chat")
+    assert row["user_agent"].startswith("OpenAI/Python")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_llm(cgw, tmp_path, mode):
+    exe = pip_bin(("llm",), "llm")
+    run = Run(cgw, tmp_path, "llm", mode)
+    env = run.env(OPENAI_API_KEY=run.token, LLM_USER_PATH=str(run.home / "llm"))
+    if mode == "base-url":
+        env["OPENAI_BASE_URL"] = cgw.url + "/openai/v1"
+    else:
+        env["SSL_CERT_FILE"] = env["REQUESTS_CA_BUNDLE"] = str(bundle(cgw.workdir / "certs"))
+    r = run.run([exe, "-m", "gpt-4.1-mini", run.prompt], env)
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Unknown", session=False, api="openai.chat")  # like aider: the OpenAI SDK's headers
+    assert row["user_agent"].startswith("OpenAI/Python")
