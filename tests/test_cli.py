@@ -110,7 +110,7 @@ def test_ca_path_and_export(tmp_path, gateway):
         ("kilo", "base-url", ['"baseURL": "{gw}/anthropic/v1"']),
         ("gemini-cli", "base-url", ["GOOGLE_GEMINI_BASE_URL={gw}/gemini", "GEMINI_API_KEY=aib_T"]),
         ("gemini-cli", "proxy", ["NODE_EXTRA_CA_CERTS={certs}/mitmproxy-ca-cert.pem", "GEMINI_API_KEY=aib_T"]),
-        ("llm", "base-url", ["OPENAI_BASE_URL={gw}/openai/v1", "OPENAI_API_KEY=aib_T"]),
+        ("llm", "base-url", ["api_base: {gw}/openai/v1", "X-Title: llm", "OPENAI_API_KEY=aib_T"]),
         ("aider", "base-url", ["OPENAI_API_BASE={gw}/openai/v1", "ANTHROPIC_API_BASE={gw}/anthropic"]),
         ("aider", "proxy", ["REQUESTS_CA_BUNDLE={certs}/aibridge-ca-bundle.pem", "OPENAI_API_KEY=aib_T"]),
         ("crush", "base-url", ['"base_url": "{gw}/anthropic"', '"base_url": "{gw}/openai/v1"']),

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from aibridge_gw.certs import bundle
+from aibridge_gw.guides import AIDER_SETTINGS, llm_models
 from tests.support.clients import ANSWER, USAGE, answer, clean_env, npm_bin, pip_bin
 from tests.support.gateway import Gateway
 from tests.support.mock_upstream import Reply
@@ -86,6 +87,7 @@ class Run:
         row = self.rows()[0]
         assert self.prompt in (row["prompt"] or ""), row
         assert (row["client"], row["status"]) == (client, "completed"), row
+        assert row["credential_kind"] == "centralized", row  # the gateway token was the key, in both modes
         if api:
             assert row["api"] == api
         if session:
@@ -178,12 +180,12 @@ def test_aider(cgw, tmp_path, mode):
         env["OPENAI_API_BASE"] = cgw.url + "/openai/v1"
     else:  # Python's requests/httpx: a bundle that replaces the trust store
         env["SSL_CERT_FILE"] = env["REQUESTS_CA_BUNDLE"] = str(bundle(cgw.workdir / "certs"))
+    # aider (through litellm) sends only the OpenAI SDK's headers; the settings `aibridge env aider` writes name it.
+    (run.work / ".aider.model.settings.yml").write_text(AIDER_SETTINGS)
     r = run.run([exe, "--model", "openai/gpt-4.1", "--message", run.prompt, "--no-git", "--yes-always",
                  "--no-show-model-warnings", "--no-pretty", "--stream"], env)
     assert ANSWER in r.stdout, r.stdout + r.stderr
-    # aider (through litellm) sends the OpenAI SDK's headers and nothing of its own: not told apart from any
-    # script using that SDK, so it stays Unknown, with its raw User-Agent kept.
-    row = run.assert_recorded("Unknown", session=False, api="openai.chat")
+    row = run.assert_recorded("aider", session=False, api="openai.chat")
     assert row["user_agent"].startswith("OpenAI/Python")
 
 
@@ -191,12 +193,17 @@ def test_aider(cgw, tmp_path, mode):
 def test_llm(cgw, tmp_path, mode):
     exe = pip_bin(("llm",), "llm")
     run = Run(cgw, tmp_path, "llm", mode)
-    env = run.env(OPENAI_API_KEY=run.token, LLM_USER_PATH=str(run.home / "llm"))
-    if mode == "base-url":
-        env["OPENAI_BASE_URL"] = cgw.url + "/openai/v1"
-    else:
+    user_path = run.home / "llm"
+    user_path.mkdir(parents=True)
+    env = run.env(OPENAI_API_KEY=run.token, LLM_USER_PATH=str(user_path))
+    if mode == "proxy":
         env["SSL_CERT_FILE"] = env["REQUESTS_CA_BUNDLE"] = str(bundle(cgw.workdir / "certs"))
-    r = run.run([exe, "-m", "gpt-4.1-mini", run.prompt], env)
+    # llm too sends only the OpenAI SDK's headers: the models `aibridge env llm` defines add one that names it.
+    base = cgw.url + "/openai/v1" if mode == "base-url" else "https://api.openai.com/v1"
+    (user_path / "extra-openai-models.yaml").write_text(llm_models(base))
+    r = run.run([exe, "-m", "aibridge-gpt-4.1-mini", run.prompt], env)
     assert ANSWER in r.stdout, r.stdout + r.stderr
-    row = run.assert_recorded("Unknown", session=False, api="openai.chat")  # like aider: the OpenAI SDK's headers
+    row = run.assert_recorded("llm", session=False, api="openai.chat")
     assert row["user_agent"].startswith("OpenAI/Python")
+    plain = run.run([exe, "-m", "gpt-4.1-mini", "a plain model"], {**env, "OPENAI_BASE_URL": base})
+    assert ANSWER in plain.stdout  # its built-in models work too, recorded as Unknown (nothing names them)

@@ -60,8 +60,8 @@ CLIENTS: tuple[Client, ...] = (
     Client("Antigravity", agents=("antigravity/",)),
     Client("Sourcegraph Amp", agents=("amp/", "amp-cli/")),
     Client("Windsurf", agents=("windsurf/",)),
-    # aider and Simon Willison's llm send only the OpenAI SDK's headers (User-Agent `OpenAI/Python …`): they stay
-    # Unknown unless configured to send a title (e.g. extra_headers X-Title: aider).
+    # aider and Simon Willison's llm send only the OpenAI SDK's headers (User-Agent `OpenAI/Python …`): they are
+    # named by the X-Title that `aibridge env aider|llm` configures, and stay Unknown without it.
     Client("aider", agents=("aider/",), titles=("aider",)),
     Client("llm", agents=("llm/",), titles=("llm",)),
 )

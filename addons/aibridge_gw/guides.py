@@ -120,17 +120,30 @@ def goose(w: Where, mode: str) -> list[str]:
     return _proxy_env(w, "rust") + _exports(ANTHROPIC_API_KEY=w.token, OPENAI_API_KEY=w.token)
 
 
+# aider sends only the OpenAI SDK's headers: this names it (X-Title), for every model, so the record does too.
+AIDER_SETTINGS = "- name: aider/extra_params\n  extra_params:\n    extra_headers:\n      X-Title: aider"
+
+
 def aider(w: Where, mode: str) -> list[str]:
+    named = _file(".aider.model.settings.yml", AIDER_SETTINGS, " (names aider in the record)")
     if mode == "base-url":  # litellm underneath
         return _exports(ANTHROPIC_API_BASE=w.url("/anthropic"), ANTHROPIC_API_KEY=w.token,
-                        OPENAI_API_BASE=w.url("/openai/v1"), OPENAI_API_KEY=w.token)
-    return _proxy_env(w, "python") + _exports(ANTHROPIC_API_KEY=w.token, OPENAI_API_KEY=w.token)
+                        OPENAI_API_BASE=w.url("/openai/v1"), OPENAI_API_KEY=w.token) + named
+    return _proxy_env(w, "python") + _exports(ANTHROPIC_API_KEY=w.token, OPENAI_API_KEY=w.token) + named
+
+
+def llm_models(base: str) -> str:
+    """llm's extra-openai-models.yaml: OpenAI models through the gateway, with a header that names llm."""
+    return "\n".join(f"- model_id: aibridge-{m}\n  model_name: {m}\n  api_base: {base}\n  api_key_name: openai\n"
+                     "  headers:\n    X-Title: llm" for m in ("gpt-4.1", "gpt-4.1-mini", "gpt-5"))
 
 
 def llm(w: Where, mode: str) -> list[str]:
-    if mode == "base-url":  # its OpenAI models use the openai SDK, which reads OPENAI_BASE_URL
-        return _exports(OPENAI_BASE_URL=w.url("/openai/v1"), OPENAI_API_KEY=w.token)
-    return _proxy_env(w, "python") + _exports(OPENAI_API_KEY=w.token)
+    base = w.url("/openai/v1") if mode == "base-url" else "https://api.openai.com/v1"
+    lines = _exports(OPENAI_API_KEY=w.token) if mode == "base-url" else \
+        _proxy_env(w, "python") + _exports(OPENAI_API_KEY=w.token)
+    return lines + _file('${LLM_USER_PATH:-$HOME/.config/io.datasette.llm}/extra-openai-models.yaml',
+                         llm_models(base), "; then: llm -m aibridge-gpt-4.1 '…'")
 
 
 def gemini_cli(w: Where, mode: str) -> list[str]:
