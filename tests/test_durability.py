@@ -70,7 +70,7 @@ def test_kill_9_under_load_loses_no_finished_interception(tmp_path, upstream):
 def test_spooled_batch_not_yet_in_duckdb_is_replayed_once_at_start_up(tmp_path):
     """A crash after the spool fsync but before the DuckDB commit: the next start applies the batch once.
     The spool is data only (JSON lines, never pickle), private to the gateway's user, and a line torn by the
-    crash is skipped."""
+    crash is skipped. The batch has the row shapes of before migration 3 (an upgrade replays an older spool)."""
     import datetime as dt
     import stat
 

@@ -85,7 +85,8 @@ def test_bad_config_stops_start_up_with_a_clear_message(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode != 0
-    assert "providers[0].type: must be one of anthropic, openai, gemini, copilot, bedrock, got 'palm'" in r.stdout + r.stderr
+    assert "providers[0].type: must be one of anthropic, openai, gemini, copilot, bedrock, chatgpt, got 'palm'" in (
+        r.stdout + r.stderr)
 
 
 def test_scripts_run_passes_arguments_to_mitmdump():

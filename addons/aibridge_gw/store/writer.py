@@ -467,7 +467,8 @@ def decode_records(entries: list) -> list:
         if kind == "i":
             if key not in COLUMNS:
                 raise KeyError(key)
-            out.append(Insert(key, vals))
+            # A spool written before a migration appended columns lacks their values (NULL, like the migration).
+            out.append(Insert(key, vals + (None,) * (len(COLUMNS[key]) - len(vals))))
         else:  # a spool from before a column was added to END_COLUMNS lacks its value
             out.append(EndInterception(key, vals + (None,) * (len(END_COLUMNS) - len(vals))))
     return out
