@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -136,6 +137,23 @@ def test_claude_code(cgw, tmp_path, mode):
     assert ANSWER in r.stdout, r.stdout + r.stderr
     row = run.assert_recorded("Claude Code")
     assert row["user_agent"].startswith("claude-cli/")
+
+
+def test_claude_code_signed_in_with_a_claude_account(cgw, tmp_path):
+    """Proxy mode with the user's own subscription login: relayed with it, recorded as subscription."""
+    exe = npm_bin("@anthropic-ai/claude-code", "claude", postinstall="install.cjs")
+    run = Run(cgw, tmp_path, "claude-sub", "proxy")
+    login = "sk-ant-oat01-usersOwnClaudeLogin0123456789abcdefXYZ"
+    creds = run.home / ".claude" / ".credentials.json"
+    creds.parent.mkdir(parents=True)
+    creds.write_text(json.dumps({"claudeAiOauth": {
+        "accessToken": login, "refreshToken": "sk-ant-ort01-refresh", "expiresAt": int(time.time() * 1000) + 86_400_000,
+        "scopes": ["user:inference", "user:profile"], "subscriptionType": "max"}}))
+    r = run.run([exe, "-p", run.prompt], run.env())
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.rows()[0]
+    assert run.prompt in row["prompt"] and row["client"] == "Claude Code" and row["status"] == "completed"
+    assert (row["credential_kind"], row["credential_hint"]) == ("subscription", "sk-a…fXYZ")
 
 
 @pytest.mark.parametrize("mode", MODES)

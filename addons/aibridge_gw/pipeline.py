@@ -47,6 +47,7 @@ class Pipeline:
     def __init__(self, runtime: Runtime, proxy: ProxyMode) -> None:
         self.rt = runtime
         self.proxy = proxy
+        self._noted: set[tuple] = set()  # warnings already logged (see _note_once)
 
     def load(self, loader) -> None:
         patches.install(self._client_ending)
@@ -182,14 +183,24 @@ class Pipeline:
             return ident
         actor = ident.actor
         if not actor.service_account:
-            log.info("aibridge: %s from user %s ignored: not a service account", named[0], actor.user_name)
+            self._note_once((actor.user_id, named[0]), "aibridge: %s from user %s ignored: not a service account",
+                            named[0], actor.user_name)
             return ident
         person = self.rt.users.get(named[1])
         if person is None:
-            log.warning("aibridge: service account %s acts for unknown user %s (%s); recorded as its own call",
-                        actor.user_name, printable(named[1][:80]), named[0])
+            self._note_once((actor.user_id, named[1]), "aibridge: service account %s acts for unknown user %s (%s); "
+                            "recorded as its own call", actor.user_name, printable(named[1][:80]), named[0])
             return ident
         return dataclasses.replace(ident, on_behalf_of=person)
+
+    def _note_once(self, key: tuple, message: str, *args) -> None:
+        """A warning an agent platform would repeat on every call: logged once per caller and value."""
+        if key in self._noted:
+            return
+        if len(self._noted) > 10_000:
+            self._noted.clear()
+        self._noted.add(key)
+        log.warning(message, *args)
 
     def _admissible(self, flow: http.HTTPFlow, route: Route, ident: Identity) -> bool:
         """Checks that need no body: size, a reviewed endpoint, a key to send."""

@@ -53,6 +53,7 @@ class Anthropic:
         # Claude Code reads its managed settings from the API host (proxy mode).
         endpoint("GET", "/api/claude_code/settings"),
         endpoint("GET", "/api/claude_code/policy_limits"),
+        endpoint("GET", "/api/oauth/profile"),  # Claude Code signed in with a Claude account asks who it is
     )
 
     @staticmethod
