@@ -1,4 +1,8 @@
-"""Numbered schema migrations, applied in order at start-up; never edit one that has shipped."""
+"""Numbered schema migrations, applied in order at start-up; never edit one that has shipped.
+
+The same list builds DuckDB (the embedded default) and PostgreSQL (fleet mode): the SQL is kept to what both
+take (UUID, VARCHAR, TIMESTAMPTZ, JSON, BOOLEAN, BIGINT; ALTER TABLE … ADD COLUMN). A migration that needs
+a dialect of its own says so with a {"duckdb": …, "postgres": …} mapping instead of one string."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from contextlib import contextmanager
 
 import duckdb
 
-MIGRATIONS: list[tuple[int, str, str]] = [
+MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
     (
         1,
         "users, tokens and the audit tables",
@@ -130,6 +134,35 @@ def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConn
     conn.execute("COMMIT")
 
 
+def _sql(sql, dialect: str) -> str:
+    return sql[dialect] if isinstance(sql, dict) else sql
+
+
+# Held while migrating PostgreSQL, so that of several gateways starting together exactly one applies each version.
+PG_MIGRATION_LOCK = 0x41494252  # "AIBR"
+
+
+def migrate_postgres(conn) -> list[int]:
+    """Apply pending migrations to PostgreSQL (a psycopg connection), all in one transaction under an advisory
+    lock: processes starting at once wait for the first, then find nothing left to do."""
+    applied = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [PG_MIGRATION_LOCK])
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS aibridge_schema_migrations "
+            "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM aibridge_schema_migrations").fetchall()}
+        for version, description, sql in MIGRATIONS:
+            if version in done:
+                continue
+            conn.execute(_sql(sql, "postgres"))
+            conn.execute("INSERT INTO aibridge_schema_migrations VALUES (%s, %s, %s)",
+                         [version, description, dt.datetime.now(dt.UTC)])
+            applied.append(version)
+    return applied
+
+
 def migrate(conn: duckdb.DuckDBPyConnection) -> list[int]:
     """Apply pending migrations, each in its own transaction; returns the versions applied."""
     conn.execute(
@@ -142,7 +175,7 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> list[int]:
         if version in done:
             continue
         with transaction(conn):
-            conn.execute(sql)
+            conn.execute(_sql(sql, "duckdb"))
             conn.execute(
                 "INSERT INTO aibridge_schema_migrations VALUES (?, ?, ?)",
                 [version, description, dt.datetime.now(dt.UTC)],
