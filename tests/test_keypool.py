@@ -233,3 +233,19 @@ def test_key_and_keys_make_one_pool_in_order_and_an_unset_key_env_is_left_out(ca
         "k1", "k0", {"key_env": "AIBRIDGE_TEST_UNSET_VAR"}, {"key": "k2"}]}]}).providers
     assert prov.keys == ("k0", "k1", "k2") and prov.key == "k0"
     assert "keys[2].key_env: $AIBRIDGE_TEST_UNSET_VAR is not set; that key is left out" in caplog.text
+
+
+def test_injected_tool_loop_with_every_key_rate_limited_gives_429_with_retry_after(own_gateway, upstream):
+    server = McpTestServer().start()
+    try:
+        gw = own_gateway("pool-mcp-out", providers=[
+            {"name": "anthropic", "type": "anthropic", "base_url": upstream.url + "/", "keys": [K1, K2]}],
+            extra={"mcp_servers": [{"name": "coder", "url": server.url}], "mcp": {"tool_timeout_seconds": 5}})
+        upstream.check = by_key({K1: rate_limited("40"), K2: rate_limited("12")})
+        gw.token = gw.new_user("pmcp2")
+        with pytest.raises(anthropic.RateLimitError) as info:
+            ask(gw)
+    finally:
+        server.stop()
+    assert 11 <= int(info.value.response.headers["retry-after"]) <= 12
+    assert keys_used(upstream) == [K1, K2]

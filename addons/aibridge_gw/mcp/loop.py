@@ -102,6 +102,8 @@ class LoopServer:
                     await writer.drain()
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+        except httpx.HTTPError as e:  # the provider broke off: closing without the last chunk tells mitmproxy so
+            log.warning("provider %s: the answer broke off: %s", job.pool.provider, type(e).__name__)
         finally:
             await got.aclose()
 
@@ -190,7 +192,9 @@ class LoopServer:
                                                                 body) if job.transport is not None else None
                             if shaped is not None:
                                 (status, body), ctype = shaped, "application/json"
-                            await _respond(writer, status, ctype or "application/json", body)
+                            wait = resp.headers.get("retry-after", "")
+                            await _respond(writer, status, ctype or "application/json", body,
+                                           f"retry-after: {wait}\r\n" if wait.isdigit() else "")
                             return
                         merged.error = f"round {round_no}: HTTP {resp.status_code}: {body[:200]!r}"
                         await send([adapter.error_event(f"upstream error in tool round {round_no}: HTTP {resp.status_code}")])
