@@ -62,3 +62,78 @@ def test_gateways_starting_together_apply_each_migration_once(cluster):
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT version FROM aibridge_schema_migrations ORDER BY version").fetchall()
     assert [r[0] for r in rows] == everything
+
+
+def _interception(iid: str, now, status: str = "in_progress"):
+    from aibridge_gw.store.writer import Insert
+
+    return Insert("aibridge_interceptions", (iid, None, "anthropic", "anthropic", "claude-sonnet-4-0", "Claude Code",
+                                             "claude-cli/2.1", "sess-1", None, None, "centralized", "sk-a…CRET",
+                                             status, now, None, None, "anthropic.messages", True, None, None, None,
+                                             None))
+
+
+def test_the_writer_records_into_postgresql_once_even_when_a_spool_is_replayed(cluster, tmp_path):
+    """The same batching writer as DuckDB's: rows and ends in one statement per table, JSON and NULLs typed,
+    a start and end in one batch inserted finished, and a spool replayed after its batch was committed adds
+    nothing (ids come from flow ids)."""
+    import datetime as dt
+
+    from aibridge_gw.store.pg import PgStore
+    from aibridge_gw.store.rows import TOKEN_USAGES, interception_end
+    from aibridge_gw.store.writer import encode_batch
+
+    dsn = cluster.create_database("writer")
+    now = dt.datetime.now(dt.UTC)
+    ids = [f"11111111-2222-4333-8444-{n:012d}" for n in range(3)]
+    batch = [_interception(ids[0], now),
+             TOKEN_USAGES.row(id=ids[1], interception_id=ids[0], provider_response_id="msg_1", input_tokens=12,
+                              output_tokens=7, cache_read_input_tokens=3, cache_write_input_tokens=0,
+                              metadata='{"service_tier": "standard"}', created_at=now),
+             interception_end(ids[0], status="completed", ended_at=now, http_status=200, error=None,
+                              metadata='{"response_model": "claude-sonnet-4-20250514"}', credential_hint=None)]
+    store = PgStore(dsn, tmp_path / "gw" / "pg")
+    store.open()
+    for rec in batch:
+        store.submit(rec)
+    store.submit(_interception(ids[2], now))  # started; its end comes in a later batch
+    store.flush().result(timeout=30)
+    store.submit(interception_end(ids[2], status="failed", ended_at=now, http_status=529, error="HTTP 529: overloaded",
+                                  metadata="{}", credential_hint="sk-a…USED"))
+    store.flush().result(timeout=30)
+    store.close()
+    # A crash after the commit but before the spool was cleared: the next start replays the batch, adding nothing.
+    spool = tmp_path / "gw" / "pg.spool"
+    spool.write_bytes(encode_batch(batch) + b"\n")
+    again = PgStore(dsn, tmp_path / "gw" / "pg")
+    again.open()
+    again.close()
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT CAST(id AS VARCHAR), status, http_status, credential_hint, "
+                            "metadata->>'response_model' FROM aibridge_interceptions ORDER BY id").fetchall()
+        usage = conn.execute("SELECT input_tokens, output_tokens, cache_read_input_tokens, metadata->>'service_tier' "
+                             "FROM aibridge_token_usages").fetchall()
+    assert rows == [(ids[0], "completed", 200, "sk-a…CRET", "claude-sonnet-4-20250514"),
+                    (ids[2], "failed", 529, "sk-a…USED", None)]
+    assert usage == [(12, 7, 3, "standard")]
+    assert spool.read_bytes() == b""
+
+
+def test_the_operations_run_on_postgresql(cluster, tmp_path):
+    """Users, tokens and the gateway's token directory through the same operations as DuckDB (`?` placeholders)."""
+    from aibridge_gw.auth import hash_token
+    from aibridge_gw.store.pg import PgStore
+
+    store = PgStore(cluster.create_database("ops"), tmp_path / "ops")
+    store.open()
+    try:
+        store.run("users.add", True, name="alice").result(timeout=30)
+        store.run("users.add", True, name="agents", service_account=True).result(timeout=30)
+        token = store.run("tokens.create", True, user="alice", name="laptop").result(timeout=30)["token"]
+        directory = store.run("directory").result(timeout=30)
+        users = store.run("users").result(timeout=30)
+    finally:
+        store.close()
+    (row,) = directory
+    assert row[0] == hash_token(token) and row[2] == "alice" and row[6] is False
+    assert sorted(name for _, name in users) == ["agents", "alice"]

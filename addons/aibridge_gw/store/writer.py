@@ -126,6 +126,8 @@ class StoreApi(Protocol):
 
 
 class Store:
+    CONFLICT: type[Exception] = duckdb.ConstraintException  # a row whose id is there already
+
     def __init__(self, path: Path, after_op: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
                  spool: bool = True, close_stale: bool = False, on_commit: Callable[[], None] | None = None):
         self.path = Path(path)
@@ -354,7 +356,7 @@ class Store:
         try:
             try:
                 self._apply(batch)
-            except duckdb.ConstraintException:
+            except self.CONFLICT:
                 self._apply(batch, tolerant=True)  # rows of a replayed spool or flow that are there already
             self.written += len(batch)
             return
@@ -408,10 +410,13 @@ class Store:
                 if tolerant and len({r[0] for r in rows}) < len(rows):
                     rows = list({r[0]: r for r in rows}.values())  # a replay may repeat a record
                 sql = self._insert_sql[table] + (" ON CONFLICT DO NOTHING" if tolerant else "")
-                conn.execute(sql, [list(col) for col in zip(*rows)])
+                self._execute_batch(sql, [list(col) for col in zip(*rows)])
             if ends:
-                conn.execute(self._end_sql,
-                             [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])])
+                self._execute_batch(self._end_sql,
+                                    [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])])
+
+    def _execute_batch(self, sql: str, params: list) -> None:
+        self._conn.execute(sql, params)
 
 
 

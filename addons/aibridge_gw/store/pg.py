@@ -1,0 +1,108 @@
+"""The PostgreSQL store (fleet mode): the same writer as DuckDB's — records gathered into batches, spooled per
+process before they are committed, split to dead-letter only a record at fault — over psycopg 3. Each batch is
+one statement per table: every column bound as one typed array and unnested, as for DuckDB.
+
+The operations (`ops.py`) are written in the SQL both engines take, with `?` placeholders; `PgConnection` gives
+them a DuckDB-like connection (`execute(sql, params)` returning a cursor) over psycopg.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+
+from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET
+from .schema import migrate_postgres
+from .writer import Store, private_file
+
+# DuckDB's information_schema spellings of the column types -> PostgreSQL array casts.
+_PG_TYPES = {"uuid": "uuid", "character varying": "varchar", "timestamp with time zone": "timestamptz", "json": "json",
+             "boolean": "boolean", "bigint": "bigint", "integer": "integer"}
+_PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|%")
+
+
+def to_pyformat(sql: str) -> str:
+    """`?` placeholders (outside string literals) as psycopg's `%s`; a literal `%` doubled."""
+    return _PLACEHOLDER.sub(lambda m: "%s" if m.group() == "?" else ("%%" if m.group() == "%" else m.group()), sql)
+
+
+class PgConnection:
+    """What the operations use of a DuckDB connection, over a psycopg one."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, params=None):
+        return self.raw.execute(to_pyformat(sql), params) if params is not None else self.raw.execute(sql)
+
+    def cursor(self) -> "PgConnection":
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+class PgStore(Store):
+    """Store over PostgreSQL at `dsn`; the spool and dead-letter file live under `local` (per process)."""
+
+    CONFLICT = psycopg.errors.UniqueViolation
+
+    def __init__(self, dsn: str, local: Path, after_op: Callable[[Any], None] | None = None, spool: bool = True,
+                 on_commit: Callable[[], None] | None = None) -> None:
+        super().__init__(Path(local), after_op=after_op, spool=spool, close_stale=False, on_commit=on_commit)
+        self.dsn = dsn
+        self._local = threading.local()  # a connection per reader thread
+
+    def open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        migrate_postgres(conn)
+        self._conn = PgConnection(conn)
+        self._prepare_statements()
+        if self.spool_path is not None:
+            self._replay_spool()
+            self._spool = private_file(self.spool_path, "ab")
+        self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
+        self._thread.start()
+        return self._conn
+
+    def _prepare_statements(self) -> None:
+        types: dict[str, dict[str, str]] = {}
+        for table, column, dtype in self._conn.raw.execute(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_name LIKE 'aibridge_%'").fetchall():
+            types.setdefault(table, {})[column] = _PG_TYPES[dtype]
+        self._insert_sql = {}
+        for table, cols in COLUMNS.items():
+            arrays = ", ".join(f"%s::{types[table][c]}[]" for c in cols)
+            self._insert_sql[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM unnest({arrays})"
+        cols = ("id",) + END_COLUMNS
+        arrays = ", ".join(f"%s::{types['aibridge_interceptions'][c]}[]" for c in cols)
+        sets = ", ".join(f"{c} = COALESCE(v.{c}, aibridge_interceptions.{c})" if c in KEPT_UNLESS_SET
+                         else f"{c} = v.{c}" for c in END_COLUMNS)
+        self._end_sql = (f"UPDATE aibridge_interceptions SET {sets} FROM unnest({arrays}) AS v({', '.join(cols)}) "
+                         "WHERE aibridge_interceptions.id = v.id")
+
+    def _execute_batch(self, sql: str, params: list) -> None:
+        self._conn.raw.execute(sql, params)
+
+    def read(self, fn):
+        """Run fn(connection) on a reader thread, over that thread's own connection (sees committed data)."""
+
+        def work():
+            conn = getattr(self._local, "conn", None)
+            if conn is None or conn.raw.closed:
+                conn = self._local.conn = PgConnection(psycopg.connect(self.dsn, autocommit=True))
+            return fn(conn)
+
+        return self._readers.submit(work)
+
+    def close(self, timeout: float = 30.0) -> None:
+        conn = self._conn
+        super().close(timeout)
+        if conn is not None:
+            conn.raw.close()
