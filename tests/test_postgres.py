@@ -137,3 +137,57 @@ def test_the_operations_run_on_postgresql(cluster, tmp_path):
     (row,) = directory
     assert row[0] == hash_token(token) and row[2] == "alice" and row[6] is False
     assert sorted(name for _, name in users) == ["agents", "alice"]
+
+
+def test_two_gateways_on_one_postgresql_keep_one_audit_and_honour_one_revocation(cluster, tmp_path, mock):
+    """Two gateway processes, one PostgreSQL: every call recorded once, whichever gateway served it; a user
+    created and a token revoked with the CLI (which writes PostgreSQL directly) take effect on both."""
+    import time
+
+    import httpx
+
+    from tests.support.gateway import Gateway
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import anthropic_message
+
+    dsn = cluster.create_database("fleet")
+    storage = {"storage": {"duckdb": str(tmp_path / "local" / "spools.duckdb"), "postgres": dsn}}
+    gateways = [Gateway(tmp_path / name, mock.url, extra=storage) for name in ("a", "b")]
+    try:
+        for gw in gateways:
+            gw.start()
+        token = gateways[0].new_user("fleet")
+        mock.default = Reply.json(anthropic_message("from the fleet", (11, 5)))
+        body = {"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+        def call(gw) -> int:
+            return httpx.post(gw.url + "/anthropic/v1/messages", json=body, headers={"x-api-key": token},
+                              trust_env=False, timeout=30).status_code
+
+        deadline = time.monotonic() + 10
+        while any(call(gw) != 200 for gw in gateways):  # the token reaches both within a second or so
+            assert time.monotonic() < deadline, "a gateway never learned the new token"
+            time.sleep(0.2)
+        served = [call(gateways[n % 2]) for n in range(10)]
+        assert served == [200] * 10
+        with psycopg.connect(dsn) as conn:
+            deadline = time.monotonic() + 10
+            while True:
+                rows = conn.execute(
+                    "SELECT CAST(i.id AS VARCHAR), i.status, u.input_tokens, u.output_tokens FROM aibridge_interceptions i "
+                    "JOIN aibridge_token_usages u ON u.interception_id = i.id WHERE i.status = 'completed'").fetchall()
+                if len(rows) >= 12 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        assert len(rows) == len({r[0] for r in rows}) >= 12  # the probes and the ten, each once
+        assert {(r[2], r[3]) for r in rows} == {(11, 5)}
+
+        tid = gateways[1].op("tokens.list", user="fleet")["rows"][0][0]
+        gateways[1].op("tokens.revoke", id=tid)
+        deadline = time.monotonic() + 10
+        while any(call(gw) != 401 for gw in gateways):
+            assert time.monotonic() < deadline, "a gateway still takes the revoked token"
+            time.sleep(0.2)
+    finally:
+        for gw in gateways:
+            gw.stop()

@@ -48,7 +48,7 @@ class Context:
         return self.config.duckdb_path
 
     def op(self, _op: str, **kw: Any) -> Any:
-        return run_op(self.db, _op, kw)
+        return run_op(self.db, _op, kw, self.config.storage.postgres)
 
 
 def _users_add(args, cx: Context) -> None:

@@ -122,6 +122,9 @@ class Timeouts:
 @dataclass(frozen=True)
 class StorageSettings:
     duckdb: Path
+    # PostgreSQL (fleet mode): every gateway process records into it and reads users and tokens from it; the
+    # DuckDB path's directory then holds each process's spool. May carry a password: never logged.
+    postgres: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,13 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
     if not isinstance(storage, dict):
         raise ConfigError("storage: must be a mapping")
     db = storage.get("duckdb") or "data/aibridge.duckdb"
+    postgres = storage.get("postgres") or None
+    if postgres is not None and not (isinstance(postgres, str) and postgres.startswith(("postgresql://",
+                                                                                         "postgres://"))):
+        raise ConfigError("storage.postgres: must be a postgresql://user@host:port/database URL")
+    unknown = set(storage) - {"duckdb", "postgres"}
+    if unknown:
+        raise ConfigError(f"storage: unknown key(s) {', '.join(sorted(unknown))}")
     metrics = raw.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ConfigError("metrics: must be a mapping")
@@ -321,7 +331,7 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
     return Config(
         path=path,
         providers=tuple(providers),
-        storage=StorageSettings(local(db)),
+        storage=StorageSettings(local(db), postgres),
         proxy=_parse_proxy(raw.get("proxy") or {}),
         capture=capture,
         mcp_servers=_parse_mcp_servers(raw.get("mcp_servers") or []),

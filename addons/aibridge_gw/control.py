@@ -49,8 +49,11 @@ class GatewayUnreachable(Exception):
     pass
 
 
-def run_op(db_path: Path, name: str, args: dict[str, Any]) -> Any:
-    """Run an admin operation via the running gateway if there is one, else on the file directly."""
+def run_op(db_path: Path, name: str, args: dict[str, Any], postgres: str | None = None) -> Any:
+    """Run an admin operation via the running gateway if there is one, else on the file directly. With
+    PostgreSQL, which takes any number of writers, always directly: gateways pick changes up within a second."""
+    if postgres:
+        return _postgres(postgres, name, args)
     try:
         return _remote(db_path, name, args)
     except GatewayUnreachable:
@@ -93,6 +96,28 @@ def _remote(db_path: Path, name: str, args: dict) -> Any:
     if r.status_code != 200:
         raise ops.OpError(payload.get("error", {}).get("message") or f"gateway answered {r.status_code}")
     return payload["result"]
+
+
+def _postgres(dsn: str, name: str, args: dict) -> Any:
+    import psycopg
+
+    from .store.pg import PgConnection
+    from .store.schema import migrate_postgres
+
+    fn, writes = ops.OPS[name]
+    try:
+        conn = psycopg.connect(dsn, autocommit=True)
+    except psycopg.Error as e:
+        raise ops.OpError(f"cannot connect to PostgreSQL: {str(e).splitlines()[0]}") from None
+    try:
+        if writes:
+            migrate_postgres(conn)
+        with transaction(PgConnection(conn)) as c:
+            return fn(c, **args)
+    except psycopg.Error as e:
+        raise ops.OpError(str(e).splitlines()[0]) from None
+    finally:
+        conn.close()
 
 
 def _alive(pid) -> bool:

@@ -38,6 +38,22 @@ from .throttle import AuthThrottle
 from .upstream_faults import UpstreamWatch
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
+DIRECTORY_REFRESH_SECONDS = 1.0
+
+
+def store_target(config: Config | None) -> tuple:
+    return (config.duckdb_path.resolve(), config.storage.postgres) if config is not None else ()
+
+
+def describe_store(config: Config) -> str:
+    """Where the audit goes, for logs and errors (never a password)."""
+    pg = config.storage.postgres
+    if not pg:
+        return str(config.duckdb_path)
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg)
+    return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 log = logging.getLogger("aibridge")
 # One line per interception. Wired to the terminal handlers directly (see `running`): through the root logger
 # every record also becomes mitmproxy's deprecated `add_log` hook, a cross-thread call and a dispatch to every
@@ -78,7 +94,8 @@ class Runtime:
         self.control_secret: str | None = None
         self.inflight: set[FlowState] = set()  # recorded exchanges between their request and their end
         self.pools: dict[str, KeyPool] = {}
-        self.users: dict[str, tuple[str, str]] = {}  # user id and user name -> (id, name)  # instance name -> its failover pool (instances with several keys)
+        self.users: dict[str, tuple[str, str]] = {}  # user id and user name -> (id, name)
+        self._refresher: asyncio.Task | None = None  # fleet mode: reloads users and tokens others changed  # instance name -> its failover pool (instances with several keys)
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -103,8 +120,8 @@ class Runtime:
             config = load_config(ctx.options.aibridge_config or None)
         except ConfigError as e:
             raise exceptions.OptionsError(f"aibridge: {e}") from None
-        if self.store is not None and config.duckdb_path.resolve() != self.store.path.resolve():
-            raise exceptions.OptionsError("aibridge: storage.duckdb cannot change while the gateway runs")
+        if self.store is not None and store_target(config) != store_target(self.config):
+            raise exceptions.OptionsError("aibridge: storage cannot change while the gateway runs")
         self.config, self.router = config, Router(config)
         self.throttle = AuthThrottle(config.limits.auth_failures_per_minute)
         self.egress = EgressPolicy(config.proxy.allow_addresses, self.own_addresses)
@@ -173,11 +190,16 @@ class Runtime:
                      "until restart or `aibridge keys reset`", "reset": "usable again (reset)"}[reason])
 
     def _open_store(self, config: Config) -> None:
-        store = WriterProcess(config.duckdb_path, close_stale=True)
+        pg = config.storage.postgres
+        if pg:  # fleet mode: other gateways' in-progress rows are live, so none is closed as stale here
+            spool = config.duckdb_path.parent / f"postgres-{ctx.options.listen_host or 'any'}-{ctx.options.listen_port}"
+            store = WriterProcess(spool, postgres=pg)
+        else:
+            store = WriterProcess(config.duckdb_path, close_stale=True)
         try:
             store.open()
         except Exception as e:
-            raise exceptions.OptionsError(f"aibridge: cannot open {config.duckdb_path}: {e}") from None
+            raise exceptions.OptionsError(f"aibridge: cannot open {describe_store(config)}: {e}") from None
         self.store = store
         self.metrics.dead_letters.set_function(lambda: self.store.dead_lettered if self.store else 0)
         self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result(),
@@ -186,7 +208,7 @@ class Runtime:
         log.info(
             "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
             len(config.providers), ", ".join(p.name for p in config.providers),
-            config.duckdb_path, len(self.tokens),
+            describe_store(config), len(self.tokens),
         )
 
     def _breaker_changed(self, key: tuple, state: int, tripped: bool) -> None:
@@ -194,6 +216,16 @@ class Runtime:
         if tripped:
             self.metrics.child(self.metrics.breaker_trips, *key).inc()
             log.warning("circuit breaker opened for %s %s %s", *key)
+
+    async def _refresh_directory(self) -> None:
+        """Fleet mode: tokens created or revoked anywhere (the CLI writes PostgreSQL directly, other gateways too)
+        take effect here within a second."""
+        while self.store is not None:
+            await asyncio.sleep(DIRECTORY_REFRESH_SECONDS)
+            try:
+                await self.reload_directory()
+            except Exception as e:
+                log.warning("aibridge: reloading users and tokens failed: %s", e)
 
     async def reload_directory(self) -> None:
         """After an admin operation: new or revoked tokens take effect for the next request."""
@@ -224,6 +256,8 @@ class Runtime:
         direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
         if direct:
             interception_log.handlers, interception_log.propagate = direct, False
+        if self.config.storage.postgres and self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_directory())
         if (self.mcp is not None or self.pools) and self.loop is None:
             verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
             if ctx.options.ssl_insecure:
@@ -256,6 +290,9 @@ class Runtime:
         if self.loop is not None:
             self.loop.close()
             self.loop = None
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
         if self.store is not None:
             remove_runtime_file(self.store.path, self.control_secret)
             self.store.close()

@@ -41,6 +41,7 @@ class Gateway:
         self.db = workdir / "audit.duckdb"
         self.config_path = workdir / "aibridge.yaml"
         self.args = args or []
+        self.postgres = ((extra or {}).get("storage") or {}).get("postgres")  # fleet mode: operations go there
         cfg = {
             "providers": providers or [
                 {"name": "anthropic", "type": "anthropic", "base_url": upstream_url + "/",
@@ -88,7 +89,7 @@ class Gateway:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/aibridge/healthz", timeout=1, trust_env=False).status_code == 200 \
-                        and (self.db.with_name(self.db.name + ".gateway.json")).exists():
+                        and (self.postgres or self.db.with_name(self.db.name + ".gateway.json").exists()):
                     return self
             except httpx.HTTPError:
                 pass
@@ -116,7 +117,7 @@ class Gateway:
     # --- admin helpers -----------------------------------------------------------------------------
 
     def op(self, _op: str, **args):
-        return run_op(self.db, _op, args)
+        return run_op(self.db, _op, args, self.postgres)
 
     def sql(self, query: str) -> list[dict]:
         r = self.op("sql", query_text=query)

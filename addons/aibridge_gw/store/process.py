@@ -47,9 +47,12 @@ class _Op:
         self.id, self.line = id, line
 
 
+POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
+
 class WriterProcess:
-    def __init__(self, path: Path, close_stale: bool = False, spool: bool = True) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path, close_stale: bool = False, spool: bool = True, postgres: str | None = None) -> None:
+        self.path = Path(path)  # the DuckDB file, or with `postgres` the base name of this process's spool
+        self.postgres = postgres
         self.close_stale = close_stale
         self.spool = spool
         self.written = 0
@@ -86,6 +89,9 @@ class WriterProcess:
         """Start a writer process and wait until it has the file open (and has replayed any spool)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env.pop(POSTGRES_ENV, None)
+        if self.postgres:  # in the environment, not the arguments: a URL may carry a password (ps shows argv)
+            env[POSTGRES_ENV] = self.postgres
         args = [sys.executable, "-m", "aibridge_gw.store.server", str(self.path)]
         args += ["--close-stale"] if close_stale else []
         args += [] if self.spool else ["--no-spool"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import duckdb
 
 from .ops import ALL_OPS
+from .process import POSTGRES_ENV
 from .writer import Store, decode_records
 
 
@@ -36,8 +38,14 @@ def main(argv: list[str]) -> int:
             except (OSError, ValueError):
                 pass  # the gateway is gone; what it sent is still committed
 
-    store = Store(path, spool="--no-spool" not in argv, close_stale="--close-stale" in argv,
-                  on_commit=lambda: send({"t": "s", "w": store.written, "d": store.dead_lettered}))
+    on_commit = lambda: send({"t": "s", "w": store.written, "d": store.dead_lettered})  # noqa: E731
+    dsn = os.environ.get(POSTGRES_ENV)
+    if dsn:
+        from .pg import PgStore
+
+        store = PgStore(dsn, path, spool="--no-spool" not in argv, on_commit=on_commit)
+    else:
+        store = Store(path, spool="--no-spool" not in argv, close_stale="--close-stale" in argv, on_commit=on_commit)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -49,7 +57,7 @@ def main(argv: list[str]) -> int:
                 return 1
             time.sleep(0.1)
         except Exception as e:
-            send({"t": "error", "m": f"cannot open {path}: {e}"})
+            send({"t": "error", "m": f"cannot open {'PostgreSQL' if dsn else path}: {type(e).__name__}: {e}"})
             return 1
     send({"t": "ready", "stale": store.stale_closed})
 
