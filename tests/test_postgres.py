@@ -191,3 +191,48 @@ def test_two_gateways_on_one_postgresql_keep_one_audit_and_honour_one_revocation
     finally:
         for gw in gateways:
             gw.stop()
+
+
+def test_budgets_hold_across_the_fleet(cluster, tmp_path, mock):
+    """Requests per minute are counted in PostgreSQL by every gateway; tokens per day are what all of them
+    recorded (refreshed each second)."""
+    import datetime as dt
+    import time
+
+    import httpx
+
+    from tests.support.gateway import Gateway
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import anthropic_message
+
+    dsn = cluster.create_database("budgets")
+    extra = {"storage": {"duckdb": str(tmp_path / "local" / "spools.duckdb"), "postgres": dsn},
+             "budgets": {"users": {"capped": {"requests_per_minute": 3}, "heavy": {"tokens_per_day": 20}}}}
+    a, b = gateways = [Gateway(tmp_path / name, mock.url, extra=extra) for name in ("a", "b")]
+    try:
+        for gw in gateways:
+            gw.start()
+        probe, capped, heavy = (a.new_user(name) for name in ("probe", "capped", "heavy"))
+        mock.default = Reply.json(anthropic_message("ok", (11, 5)))  # 16 tokens a call
+        body = {"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+        def call(gw, token) -> int:
+            return httpx.post(gw.url + "/anthropic/v1/messages", json=body, headers={"x-api-key": token},
+                              trust_env=False, timeout=30).status_code
+
+        deadline = time.monotonic() + 10
+        while any(call(gw, probe) != 200 for gw in gateways):  # both have loaded the new users and tokens
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        while dt.datetime.now(dt.UTC).second > 45:  # all four calls within one minute window
+            time.sleep(1)
+        assert [call(a, capped), call(b, capped), call(a, capped), call(b, capped)] == [200, 200, 200, 429]
+
+        assert call(a, heavy) == 200  # 16 of 20 tokens
+        time.sleep(2.5)  # recorded, and every gateway's counters refreshed
+        assert call(b, heavy) == 200  # 16 < 20 on b too: it counts a's call
+        time.sleep(2.5)
+        assert call(a, heavy) == 429  # 32 ≥ 20: a counts b's call (its own alone would be 16)
+    finally:
+        for gw in gateways:
+            gw.stop()

@@ -49,9 +49,42 @@ def usage_rows(conn) -> list[list]:
             for uid, started, model, inp, out, cr, cw in rows]
 
 
+def usage_totals(conn) -> list[list]:
+    """This month's recorded usage per user, day and billed model: the fleet's counters (every gateway's calls),
+    as plain values in `usage_rows`' shape (the day stands for the start time)."""
+    now = dt.datetime.now(dt.UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    rows = conn.execute(
+        "SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), date_trunc('day', i.started_at), "
+        "coalesce(i.metadata->>'response_model', i.model), coalesce(sum(t.input_tokens), 0), "
+        "coalesce(sum(t.output_tokens), 0), coalesce(sum(t.cache_read_input_tokens), 0), "
+        "coalesce(sum(t.cache_write_input_tokens), 0) "
+        "FROM aibridge_interceptions i JOIN aibridge_token_usages t ON t.interception_id = i.id "
+        "WHERE i.started_at >= ? AND i.status <> 'rejected' GROUP BY 1, 2, 3", [month_start]).fetchall()
+    return [[uid, started.isoformat(), model, int(inp), int(out), int(cr), int(cw)]
+            for uid, started, model, inp, out, cr, cw in rows if uid]
+
+
+def count_request(conn, user_id: str, window_start: str) -> int:
+    """One more request for the user in this minute, counted in the database every gateway shares."""
+    row = conn.execute(
+        "INSERT INTO aibridge_request_counts (user_id, window_start, requests) VALUES (?, ?, 1) "
+        "ON CONFLICT (user_id, window_start) DO UPDATE SET requests = aibridge_request_counts.requests + 1 "
+        "RETURNING requests", [user_id, dt.datetime.fromisoformat(window_start)]).fetchone()
+    return int(row[0])
+
+
+def prune_request_counts(conn) -> None:
+    conn.execute("DELETE FROM aibridge_request_counts WHERE window_start < ?",
+                 [dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)])
+
+
 class Budgets:
-    def __init__(self, default: Limits, per_user: dict[str, Limits], prices: PriceTable) -> None:
+    def __init__(self, default: Limits, per_user: dict[str, Limits], prices: PriceTable, fleet: bool = False) -> None:
         self.default = default
+        # Fleet mode: requests per minute are counted in the shared database (see `count_request`), tokens and
+        # spend replaced each second by what every gateway recorded (see `replace_totals`).
+        self.fleet = fleet
         self.per_user = per_user
         self.prices = prices
         self._requests: dict[str, deque] = defaultdict(deque)  # user id -> monotonic times, last minute
@@ -102,7 +135,7 @@ class Budgets:
                 nxt = dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)
                 return Refusal(f"aibridge: monthly budget of ${limits.usd_per_month:.2f} used (${spent:.2f})",
                                math.ceil((nxt - now).total_seconds()))
-        if limits.requests_per_minute is not None:
+        if limits.requests_per_minute is not None and not self.fleet:
             q = self._requests[user_id]
             t = time.monotonic()
             while q and q[0] <= t - 60:
@@ -112,6 +145,21 @@ class Budgets:
                                max(1, math.ceil(q[0] + 60 - t)))
             q.append(t)
         return None
+
+    def replace_totals(self, rows: list) -> None:
+        """Fleet mode: the token and spend counters become what the shared database holds (`usage_totals`)."""
+        self._tokens.clear()
+        self._usd.clear()
+        for uid, started, model, inp, out, cr, cw in rows:
+            self._add(uid, dt.datetime.fromisoformat(started), model, [TokenUsage(None, inp, out, cr, cw)])
+
+    def fleet_refusal(self, count: int, limits: Limits) -> Refusal | None:
+        """The per-minute limit against the fleet's count for this minute (the request already counted)."""
+        if limits.requests_per_minute is None or count <= limits.requests_per_minute:
+            return None
+        now = dt.datetime.now(dt.UTC)
+        return Refusal(f"aibridge: rate limit of {limits.requests_per_minute} requests per minute reached",
+                       max(1, 60 - now.second))
 
     def record(self, user_id: str, started: dt.datetime, model: str | None, usages: list[TokenUsage]) -> None:
         self._add(user_id, started, model, usages)

@@ -255,6 +255,8 @@ class Pipeline:
         await rt.recorder.link_thread(ic)
         if rt.budgets is not None:
             refusal = rt.budgets.check(*ic.charged)
+            if refusal is None and rt.budgets.fleet:
+                refusal = await rt.fleet_rate_refusal(*ic.charged)
             if refusal is not None:
                 message = refusal.message
                 if ic.on_behalf_of_name:

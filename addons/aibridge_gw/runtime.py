@@ -6,6 +6,7 @@ the shutdown that must happen in order (end in-flight records, then close the st
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import logging
 import os
@@ -158,9 +159,13 @@ class Runtime:
             self._open_store(config)
         prices = PriceTable.load(config.pricing)
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
-        budgets = Budgets(config.budgets.default, config.budgets.users, prices)
+        fleet = bool(config.storage.postgres)
+        budgets = Budgets(config.budgets.default, config.budgets.users, prices, fleet=fleet)
         if budgets.active:
-            budgets.load_rows(self.store.run("budget_usage").result())  # counters survive restarts
+            if fleet:  # every gateway's usage, refreshed each second (see _refresh_directory)
+                budgets.replace_totals(self.store.run("budget_totals").result())
+            else:
+                budgets.load_rows(self.store.run("budget_usage").result())  # counters survive restarts
             self.budgets = budgets
         else:
             self.budgets = None
@@ -220,12 +225,28 @@ class Runtime:
     async def _refresh_directory(self) -> None:
         """Fleet mode: tokens created or revoked anywhere (the CLI writes PostgreSQL directly, other gateways too)
         take effect here within a second."""
+        rounds = 0
         while self.store is not None:
             await asyncio.sleep(DIRECTORY_REFRESH_SECONDS)
+            rounds += 1
             try:
                 await self.reload_directory()
+                if self.budgets is not None:
+                    self.budgets.replace_totals(await asyncio.wrap_future(self.store.run("budget_totals")))
+                if rounds % 600 == 0:  # every ten minutes: per-minute counts older than an hour go
+                    await asyncio.wrap_future(self.store.run("prune_request_counts"))
             except Exception as e:
-                log.warning("aibridge: reloading users and tokens failed: %s", e)
+                log.warning("aibridge: reloading users, tokens and budgets failed: %s", e)
+
+    async def fleet_rate_refusal(self, user_id: str, user_name: str):
+        """Fleet mode: count this request in the shared per-minute counter; the refusal if over the limit."""
+        limits = self.budgets.limits_for(user_name)
+        if limits.requests_per_minute is None:
+            return None
+        window = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+        count = await asyncio.wrap_future(self.store.run("count_request", user_id=user_id,
+                                                         window_start=window.isoformat()))
+        return self.budgets.fleet_refusal(count, limits)
 
     async def reload_directory(self) -> None:
         """After an admin operation: new or revoked tokens take effect for the next request."""

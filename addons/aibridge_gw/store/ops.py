@@ -14,7 +14,7 @@ import duckdb
 
 from .. import reports
 from ..auth import Actor, hash_token, mask, new_token
-from ..budgets import Budgets, usage_rows
+from ..budgets import Budgets, count_request, prune_request_counts, usage_rows, usage_totals
 from ..config import Limits
 from ..pricing import PriceTable
 from ..reports import jsonable
@@ -370,6 +370,9 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "users": (user_rows, False),
     "mcp_tokens": (mcp_token_rows, False),
     "budget_usage": (usage_rows, False),
+    "budget_totals": (usage_totals, False),
+    "count_request": (count_request, False),  # an upsert, run on the reader path: PostgreSQL only (fleet mode)
+    "prune_request_counts": (prune_request_counts, False),
     "tool_call_thread": (tool_call_thread, False),
     "admin_query": (admin_query, False),
     "flush": (flush, True),

@@ -116,6 +116,18 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         ALTER TABLE aibridge_interceptions ADD COLUMN on_behalf_of_name VARCHAR;
         """,
     ),
+    (
+        4,
+        "requests per user and minute, counted across every gateway (fleet mode)",
+        """
+        CREATE TABLE aibridge_request_counts (
+            user_id UUID NOT NULL,
+            window_start TIMESTAMPTZ NOT NULL,
+            requests BIGINT NOT NULL,
+            PRIMARY KEY (user_id, window_start)
+        );
+        """,
+    ),
 ]
 
 
