@@ -236,3 +236,51 @@ def test_budgets_hold_across_the_fleet(cluster, tmp_path, mock):
     finally:
         for gw in gateways:
             gw.stop()
+
+
+def test_a_killed_gateway_loses_nothing_the_other_served_and_the_other_keeps_serving(cluster, tmp_path, mock):
+    import signal
+    import time
+
+    import httpx
+
+    from tests.support.gateway import Gateway
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import anthropic_message
+
+    dsn = cluster.create_database("killed")
+    extra = {"storage": {"duckdb": str(tmp_path / "local" / "spools.duckdb"), "postgres": dsn}}
+    a, b = gateways = [Gateway(tmp_path / name, mock.url, extra=extra) for name in ("a", "b")]
+    try:
+        for gw in gateways:
+            gw.start()
+        token = a.new_user("survivor")
+        mock.default = Reply.json(anthropic_message("ok", (11, 5)))
+        body = {"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+        def call(gw, prompt: str = "probe") -> int:
+            sent = {**body, "messages": [{"role": "user", "content": prompt}]}
+            return httpx.post(gw.url + "/anthropic/v1/messages", json=sent, headers={"x-api-key": token},
+                              trust_env=False, timeout=30).status_code
+
+        deadline = time.monotonic() + 10
+        while any(call(gw) != 200 for gw in gateways):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert [call(b, f"before {n}") for n in range(3)] == [200] * 3
+        a.stop(signal.SIGKILL)
+        assert [call(b, f"after {n}") for n in range(3)] == [200] * 3  # the other keeps serving
+        expected = [f"after {n}" for n in range(3)] + [f"before {n}" for n in range(3)]
+        with psycopg.connect(dsn) as conn:
+            deadline = time.monotonic() + 10
+            while True:
+                prompts = sorted(r[0] for r in conn.execute(
+                    "SELECT p.prompt FROM aibridge_user_prompts p JOIN aibridge_interceptions i "
+                    "ON i.id = p.interception_id WHERE i.status = 'completed' AND p.prompt <> 'probe'").fetchall())
+                if prompts == expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        assert prompts == expected  # what b served, each once, whatever happened to a
+    finally:
+        for gw in gateways:
+            gw.stop()
