@@ -284,3 +284,44 @@ def test_a_killed_gateway_loses_nothing_the_other_served_and_the_other_keeps_ser
     finally:
         for gw in gateways:
             gw.stop()
+
+
+def test_reports_run_on_postgresql(cluster, tmp_path):
+    """The CLI's reports and the user list, over PostgreSQL, from what the writer recorded."""
+    import datetime as dt
+
+    from aibridge_gw.store.pg import PgStore
+    from aibridge_gw.store.rows import TOKEN_USAGES, USER_PROMPTS, interception_end
+    from aibridge_gw.store.writer import Insert
+
+    store = PgStore(cluster.create_database("reports"), tmp_path / "reports")
+    store.open()
+    try:
+        uid = store.run("users.add", True, name="rita").result(timeout=30)["id"]
+        now = dt.datetime.now(dt.UTC)
+        iid = "21111111-2222-4333-8444-555555555555"
+        row = list(_interception(iid, now).row)
+        row[1] = uid
+        store.submit(Insert("aibridge_interceptions", tuple(row)))
+        store.submit(TOKEN_USAGES.row(id="31111111-2222-4333-8444-555555555555", interception_id=iid,
+                                      provider_response_id="msg_1", input_tokens=1000, output_tokens=200,
+                                      cache_read_input_tokens=0, cache_write_input_tokens=0, metadata=None,
+                                      created_at=now))
+        store.submit(USER_PROMPTS.row(id="41111111-2222-4333-8444-555555555555", interception_id=iid,
+                                      provider_response_id="msg_1", prompt="audit me", created_at=now))
+        store.submit(interception_end(iid, status="completed", ended_at=now, http_status=200, error=None,
+                                      metadata="{}"))
+        store.flush().result(timeout=30)
+        by_user = store.run("report", kind="usage", group_by="user", since="7d").result(timeout=30)
+        by_day = store.run("report", kind="usage", group_by="day", since="7d").result(timeout=30)
+        sessions = store.run("report", kind="sessions").result(timeout=30)
+        prompts = store.run("report", kind="prompts", user="rita").result(timeout=30)
+        users = store.run("users.list").result(timeout=30)
+    finally:
+        store.close()
+    assert [(d["user"], d["interceptions"], d["input_tokens"], d["output_tokens"]) for d in by_user["data"]] == [
+        ("rita", 1, 1000, 200)]
+    assert by_day["data"][0]["active_users"] == 1
+    assert sessions["data"][0]["session"] == "sess-1"
+    assert [p["prompt"] for p in prompts["data"]] == ["audit me"]
+    assert [r[0] for r in users["rows"]] == ["rita"]

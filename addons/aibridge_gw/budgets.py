@@ -42,7 +42,7 @@ def usage_rows(conn) -> list[list]:
         "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
         "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
         "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
-        "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY ALL",
+        "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY 1, 2, 3",
         [min(month_start, now - dt.timedelta(minutes=1))],
     ).fetchall()
     return [[uid, started.isoformat(), model, int(inp), int(out), int(cr), int(cw)]

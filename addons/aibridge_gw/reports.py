@@ -222,7 +222,7 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
         + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
         "LEFT JOIN (SELECT interception_id, " + ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
         + " FROM aibridge_token_usages GROUP BY 1) u ON u.interception_id = i.id"
-        f"{where} GROUP BY ALL",
+        f"{where} GROUP BY 1, 2",
         params,
     )
     groups: dict[Any, dict] = {}
@@ -244,7 +244,7 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
 def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = None, limit: int = 50) -> dict:
     """Interceptions grouped by the client's session id, else by thread root."""
     where, params = _where(viewer, filters or {})
-    rows = _rows(conn.execute(f"SELECT * FROM ({_BASE}{where}) ORDER BY started_at", params))
+    rows = _rows(conn.execute(f"SELECT * FROM ({_BASE}{where}) AS base ORDER BY started_at", params))
     groups: dict[str, dict] = {}
     for r in rows:
         g = groups.get(r["session"])
@@ -272,7 +272,7 @@ def distinct(conn, viewer: Viewer, column: str, prefix: str | None = None) -> di
     col = {"client": "i.client", "model": BILLED_MODEL}[column]
     where, params = _where(viewer, {})
     if prefix:
-        where += (" AND " if where else " WHERE ") + f"starts_with({col}, ?)"
+        where += (" AND " if where else " WHERE ") + f"starts_with(CAST({col} AS VARCHAR), ?)"
         params.append(prefix)
     cur = conn.execute(
         f"SELECT {col} AS value, count(*) AS interceptions FROM aibridge_interceptions i "
@@ -305,7 +305,7 @@ def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str 
         + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
         "LEFT JOIN (SELECT interception_id, " + ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
         + " FROM aibridge_token_usages GROUP BY 1) u ON u.interception_id = i.id"
-        f"{where} GROUP BY ALL",
+        f"{where} GROUP BY 1, 2, 3",
         params,
     )
     groups: dict[Any, dict] = {}

@@ -57,7 +57,7 @@ def users_list(conn) -> dict:
         "SELECT u.name, u.role, u.service_account, u.id, u.created_at, "
         "count(t.id) FILTER (WHERE t.revoked_at IS NULL) AS active_tokens "
         "FROM aibridge_users u LEFT JOIN aibridge_tokens t ON t.user_id = u.id "
-        "GROUP BY ALL ORDER BY u.name",
+        "GROUP BY 1, 2, 3, 4, 5 ORDER BY u.name",
     )
 
 
