@@ -32,37 +32,36 @@ def _month(t: dt.datetime) -> tuple[int, int]:
     return (t.year, t.month)
 
 
-def usage_rows(conn) -> list[list]:
-    """What each user spent this month (and, for the rate limit, this minute): one row per interception, as
-    plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]."""
-    now = dt.datetime.now(dt.UTC)
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+def _spent(conn, started: str, since: dt.datetime) -> list[list]:
+    """Recorded usage since `since` per charged user, `started` (an expression of i.started_at) and billed model,
+    as plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]."""
     rows = conn.execute(
-        "SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), i.started_at, coalesce(i.metadata->>'response_model', i.model), "
+        f"SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), {started}, "
+        "coalesce(i.metadata->>'response_model', i.model), "
         "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
         "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
         "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
         "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY 1, 2, 3",
-        [min(month_start, now - dt.timedelta(minutes=1))],
+        [since],
     ).fetchall()
-    return [[uid, started.isoformat(), model, int(inp), int(out), int(cr), int(cw)]
-            for uid, started, model, inp, out, cr, cw in rows]
+    return [[uid, at.isoformat(), model, int(inp), int(out), int(cr), int(cw)]
+            for uid, at, model, inp, out, cr, cw in rows]
+
+
+def _month_start(now: dt.datetime) -> dt.datetime:
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def usage_rows(conn) -> list[list]:
+    """What each user spent this month (and, for the rate limit, this minute): one row per interception."""
+    now = dt.datetime.now(dt.UTC)
+    return _spent(conn, "i.started_at", min(_month_start(now), now - dt.timedelta(minutes=1)))
 
 
 def usage_totals(conn) -> list[list]:
-    """This month's recorded usage per user, day and billed model: the fleet's counters (every gateway's calls),
-    as plain values in `usage_rows`' shape (the day stands for the start time)."""
-    now = dt.datetime.now(dt.UTC)
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    rows = conn.execute(
-        "SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), date_trunc('day', i.started_at), "
-        "coalesce(i.metadata->>'response_model', i.model), coalesce(sum(t.input_tokens), 0), "
-        "coalesce(sum(t.output_tokens), 0), coalesce(sum(t.cache_read_input_tokens), 0), "
-        "coalesce(sum(t.cache_write_input_tokens), 0) "
-        "FROM aibridge_interceptions i JOIN aibridge_token_usages t ON t.interception_id = i.id "
-        "WHERE i.started_at >= ? AND i.status <> 'rejected' GROUP BY 1, 2, 3", [month_start]).fetchall()
-    return [[uid, started.isoformat(), model, int(inp), int(out), int(cr), int(cw)]
-            for uid, started, model, inp, out, cr, cw in rows if uid]
+    """This month's usage per user, day and billed model: the fleet's counters (every gateway's calls), in
+    `usage_rows`' shape with the day standing for the start time."""
+    return _spent(conn, "date_trunc('day', i.started_at)", _month_start(dt.datetime.now(dt.UTC)))
 
 
 def count_request(conn, user_id: str, window_start: str) -> int:
