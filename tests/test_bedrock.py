@@ -438,3 +438,31 @@ def test_capture_redacts_and_replay_rebuilds_bedrock_rows(tmp_path, tls_bedrock)
         assert [dict(zip(names, row)) for row in cur.fetchall()] == live_usage != []
     finally:
         conn.close()
+
+
+def test_bedrock_stream_is_complete_when_the_client_hangs_up_after_the_final_event(bgw, upstream):
+    """The client reads message_stop (converted from Bedrock's last frame) and hangs up before the body ends."""
+    from tests.support.wire import api_request, request_body
+
+    reply = event_stream(sse_events(capture("anthropic/simple.txtar").sections["streaming"]))
+    reply.tail_delay = 0.5
+    upstream.script(reply)
+    got = api_request(bgw.port, "/bedrock/v1/messages", bgw.token, request_body("anthropic"),
+                      read_until=b"message_stop")
+    assert b"event: message_stop" in got
+    ic, = bgw.interceptions("bed")
+    assert (ic["status"], ic["error"], ic["model"]) == ("completed", None, MODEL)
+    assert signature_problem(upstream.seen[-1]) is None
+
+
+def test_hostile_bedrock_requests_get_anthropic_format_errors_and_reach_nothing(bgw, upstream):
+    from tests.support.wire import api_request, body_of, status_of
+
+    for body in (b'{"model": 7, "max_tokens": 5, "messages": []}', b"\xff\xfe not json",
+                 b'{"model": "claude", "messages": "nope"}', b"[" * 100_000 + b"]" * 100_000):
+        raw = api_request(bgw.port, "/bedrock/v1/messages", bgw.token, body)
+        assert status_of(raw) == 400, raw[:300]
+        assert json.loads(body_of(raw))["error"]["type"] == "invalid_request_error"
+    raw = api_request(bgw.port, "/bedrock/model/x%2F..%2F..%2Fother/converse", bgw.token, b"{}")
+    assert status_of(raw) == 404
+    assert upstream.seen == []

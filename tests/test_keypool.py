@@ -249,3 +249,21 @@ def test_injected_tool_loop_with_every_key_rate_limited_gives_429_with_retry_aft
         server.stop()
     assert 11 <= int(info.value.response.headers["retry-after"]) <= 12
     assert keys_used(upstream) == [K1, K2]
+
+
+def test_pooled_stream_is_complete_when_the_client_hangs_up_after_the_final_event(pgw, upstream):
+    """Through the relay too: a client that reads message_stop and hangs up at once (llm, aider) leaves a completed
+    interception; a gzip request body is forwarded decoded; a foreign Host header changes nothing."""
+    import gzip
+
+    from tests.support.wire import api_request, request_body, stream_reply
+
+    upstream.check = by_key({K1: rate_limited()})
+    upstream.script(stream_reply("anthropic", tail_delay=0.5))
+    body = gzip.compress(json.dumps(request_body("anthropic")).encode())
+    got = api_request(pgw.port, "/anthropic/v1/messages", pgw.token, body, read_until=b"message_stop",
+                      extra=[(b"content-encoding", b"gzip")], host=b"evil.example:443")
+    assert b"message_stop" in got
+    assert keys_used(upstream) == [K1, K2] and upstream.seen[-1].json()["messages"][0]["content"] == "hi"
+    ic, = pgw.interceptions("pool")
+    assert (ic["status"], ic["error"], ic["credential_hint"]) == ("completed", None, "sk-a…BBBB")

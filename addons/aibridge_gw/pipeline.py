@@ -415,7 +415,7 @@ class Pipeline:
             if ident.byok_credential is None:  # signed over exactly these bytes, after every change above
                 signed = transport.sign(f"{prov.scheme}://{host.decode()}{route.upstream_path}", host.decode(),
                                         req.raw_content or b"", bool(recorded and state.interception.info.stream))
-                names = {k for k, _ in signed} | _TRANSPORT_DROP
+                names = {k for k, _ in signed} | transport.replaced_headers
                 fields = [f for f in fields if f[0].lower() not in names]
                 fields += [(k, v) for k, v in signed if not (h2 and k == b"host")]
         elif ident.byok_credential is None:
@@ -549,10 +549,6 @@ class Pipeline:
                                                           f"aibridge: {text}"))
 
 
-# Headers a Messages API client sends that a signed provider does not take (they move into the body) or that a
-# new signature replaces.
-_TRANSPORT_DROP = frozenset((b"anthropic-version", b"anthropic-beta", b"x-amz-date", b"x-amz-security-token",
-                             b"x-amz-content-sha256"))
 _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
                          b"proxy-connection", b"te", b"upgrade"))
 _DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of"))

@@ -36,7 +36,6 @@ async def send_with_failover(client: httpx.AsyncClient, pool: KeyPool, auth_head
                              headers, content: bytes, metadata: dict) -> httpx.Response | Exhausted:
     """Send with each usable key in turn until the provider answers something other than 429/401/403; returns
     the open (streaming) response, which the caller closes, or what to tell the client when no key is left."""
-    tried = 0
     while True:
         usable = pool.usable()
         if not usable:
@@ -47,10 +46,7 @@ async def send_with_failover(client: httpx.AsyncClient, pool: KeyPool, auth_head
         resp = await client.send(req, stream=True)
         metadata["key_hint"] = key.hint
         if not pool.failed(key, resp.status_code, resp.headers.get("retry-after")):
-            if tried:
-                metadata["key_failovers"] = tried
             return resp
-        tried += 1
         log.warning("provider %s: key %s answered %d; trying the next key", pool.provider, key.hint, resp.status_code)
         await resp.aclose()
 

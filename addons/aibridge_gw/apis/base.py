@@ -100,6 +100,8 @@ class Transport(Protocol):
     default_base_url: str
     keeps_client_signature: bool  # proxy mode: the user's own request signature goes upstream (BYOK)
     path_safe: str  # characters left unescaped in upstream path segments (Bedrock sends a model id's ':' as %3A)
+    # Client headers the provider does not take or a fresh signature replaces (besides those `sign` returns).
+    replaced_headers: frozenset[bytes]
 
     def start(self) -> None:
         """Find credentials (blocking, at start-up); raises BadSettings when there are none."""

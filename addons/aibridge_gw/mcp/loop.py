@@ -295,13 +295,10 @@ async def _round_request(job: LoopJob) -> tuple[str, dict[str, str], bytes]:
     out = t.outbound(job.api, job.base_path, parts.path, job.adapter.body, b"", job.beta)
     url = f"{parts.scheme}://{parts.netloc}{out.path}"
     signed = dict((k.decode(), v.decode()) for k, v in t.sign(url, parts.netloc, out.content, job.adapter.stream))
-    headers = {k: v for k, v in job.headers.items() if k.lower() not in signed and k.lower() not in _SIGNED_OLD}
+    replaced = {h.decode() for h in t.replaced_headers}
+    headers = {k: v for k, v in job.headers.items() if k.lower() not in signed and k.lower() not in replaced}
     headers.update(signed)
     return url, headers, out.content
-
-
-_SIGNED_OLD = {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "content-type", "accept",
-               "host"}
 
 
 async def _start_chunked(writer: asyncio.StreamWriter, status: int, ctype: str) -> None:

@@ -81,6 +81,9 @@ class BedrockTransport:
     """One Bedrock instance's settings and credentials (built from its config entry)."""
 
     path_safe = "!$&'()*+,;=@-._~"  # RFC 3986 pchar without ':' (AWS SDKs send a model id's ':' as %3A)
+    # The Messages API's version and betas move into the body; a client's own signing headers are replaced.
+    replaced_headers = frozenset((b"anthropic-version", b"anthropic-beta", b"authorization", b"x-amz-date",
+                                  b"x-amz-security-token", b"x-amz-content-sha256"))
 
     def __init__(self, item: dict, where: str) -> None:
         region = item.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
