@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -64,18 +65,25 @@ def usage_totals(conn) -> list[list]:
     return _spent(conn, "date_trunc('day', i.started_at)", _month_start(dt.datetime.now(dt.UTC)))
 
 
+# DuckDB's optimistic concurrency turns two concurrent upserts of one row into a conflict error; within the one
+# process that owns the file they simply take turns (PostgreSQL's row lock does the same across processes).
+_COUNTING = threading.Lock()
+
+
 def count_request(conn, user_id: str, window_start: str) -> int:
     """One more request for the user in this minute, counted in the database every gateway shares."""
-    row = conn.execute(
-        "INSERT INTO aibridge_request_counts (user_id, window_start, requests) VALUES (?, ?, 1) "
-        "ON CONFLICT (user_id, window_start) DO UPDATE SET requests = aibridge_request_counts.requests + 1 "
-        "RETURNING requests", [user_id, dt.datetime.fromisoformat(window_start)]).fetchone()
+    with _COUNTING:
+        row = conn.execute(
+            "INSERT INTO aibridge_request_counts (user_id, window_start, requests) VALUES (?, ?, 1) "
+            "ON CONFLICT (user_id, window_start) DO UPDATE SET requests = aibridge_request_counts.requests + 1 "
+            "RETURNING requests", [user_id, dt.datetime.fromisoformat(window_start)]).fetchone()
     return int(row[0])
 
 
 def prune_request_counts(conn) -> None:
-    conn.execute("DELETE FROM aibridge_request_counts WHERE window_start < ?",
-                 [dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)])
+    with _COUNTING:
+        conn.execute("DELETE FROM aibridge_request_counts WHERE window_start < ?",
+                     [dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)])
 
 
 class Budgets:

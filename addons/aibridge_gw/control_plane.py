@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 from pathlib import Path
 
 from mitmproxy import ctx, http
@@ -106,6 +107,7 @@ class ControlPlane:
             "gc_pause_max_ms": round(self.health.gc_pause_max * 1000, 2),
             "connections": len(getattr(ctx.master.addons.get("proxyserver"), "connections", ())),
             "tasks": len(asyncio.all_tasks()),
+            "worker": rt.worker, "pid": os.getpid(),  # which process answered (`scripts/run --workers N`)
         })
         if "reset_lag=1" in req.path:
             self.health.loop_lag_max = self.health.gc_pause_max = 0.0

@@ -37,6 +37,7 @@ from .routing import Router
 from .store.process import WriterProcess
 from .throttle import AuthThrottle
 from .upstream_faults import UpstreamWatch
+from .workers import control_secret, store_socket, worker_number
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
 DIRECTORY_REFRESH_SECONDS = 1.0
@@ -96,7 +97,8 @@ class Runtime:
         self.inflight: set[FlowState] = set()  # recorded exchanges between their request and their end
         self.pools: dict[str, KeyPool] = {}
         self.users: dict[str, tuple[str, str]] = {}  # user id and user name -> (id, name)
-        self._refresher: asyncio.Task | None = None  # fleet mode: reloads users and tokens others changed  # instance name -> its failover pool (instances with several keys)
+        self._refresher: asyncio.Task | None = None  # shared store: reloads users and tokens others changed
+        self.worker = worker_number()  # with `scripts/run --workers N`: this process's number
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -159,16 +161,21 @@ class Runtime:
             self._open_store(config)
         prices = PriceTable.load(config.pricing)
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
-        fleet = bool(config.storage.postgres)
-        budgets = Budgets(config.budgets.default, config.budgets.users, prices, fleet=fleet)
+        budgets = Budgets(config.budgets.default, config.budgets.users, prices, fleet=self.shared_store)
         if budgets.active:
-            if fleet:  # every gateway's usage, refreshed each second (see _refresh_directory)
+            if self.shared_store:  # every gateway's usage, refreshed each second (see _refresh_directory)
                 budgets.replace_totals(self.store.run("budget_totals").result())
             else:
                 budgets.load_rows(self.store.run("budget_usage").result())  # counters survive restarts
             self.budgets = budgets
         else:
             self.budgets = None
+
+    @property
+    def shared_store(self) -> bool:
+        """Other gateway processes record into the same store (PostgreSQL, or this machine's other workers):
+        budgets are counted there and the token directory is reloaded from it every second."""
+        return bool(self.config and self.config.storage.postgres) or self.worker is not None
 
     def _build_pools(self, config: Config) -> None:
         """One KeyPool per instance with several keys; a reload keeps the state of keys it still lists."""
@@ -197,8 +204,11 @@ class Runtime:
     def _open_store(self, config: Config) -> None:
         pg = config.storage.postgres
         if pg:  # fleet mode: other gateways' in-progress rows are live, so none is closed as stale here
-            spool = config.duckdb_path.parent / f"postgres-{ctx.options.listen_host or 'any'}-{ctx.options.listen_port}"
+            name = f"postgres-{ctx.options.listen_host or 'any'}-{ctx.options.listen_port}"
+            spool = config.duckdb_path.parent / (name + (f"-w{self.worker}" if self.worker else ""))
             store = WriterProcess(spool, postgres=pg)
+        elif store_socket():  # this machine's workers share one writer (the supervisor started it)
+            store = WriterProcess(config.duckdb_path, shared=store_socket())
         else:
             store = WriterProcess(config.duckdb_path, close_stale=True)
         try:
@@ -277,7 +287,7 @@ class Runtime:
         direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
         if direct:
             interception_log.handlers, interception_log.propagate = direct, False
-        if self.config.storage.postgres and self._refresher is None:
+        if self.shared_store and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_directory())
         if (self.mcp is not None or self.pools) and self.loop is None:
             verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
@@ -298,7 +308,10 @@ class Runtime:
             host = "::1"
         if ":" in host:
             host = f"[{host}]"
-        self.control_secret = write_runtime_file(self.store.path, f"http://{host}:{port}")
+        if self.worker is not None:  # the supervisor wrote the runtime file; every worker takes its secret
+            self.control_secret = control_secret()
+        else:
+            self.control_secret = write_runtime_file(self.store.path, f"http://{host}:{port}")
 
     def done(self) -> None:
         """Graceful shutdown: every exchange in flight is recorded as ended and every queued record reaches
@@ -315,7 +328,8 @@ class Runtime:
             self._refresher.cancel()
             self._refresher = None
         if self.store is not None:
-            remove_runtime_file(self.store.path, self.control_secret)
+            if self.worker is None:
+                remove_runtime_file(self.store.path, self.control_secret)
             self.store.close()
             log.info("aibridge: %d records written, %d failed", self.store.written, self.store.failed)
             self.store = None

@@ -34,8 +34,9 @@ def free_port() -> int:
 class Gateway:
     def __init__(self, workdir: Path, upstream_url: str, extra: dict | None = None,
                  args: list[str] | None = None, providers: list[dict] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, workers: int = 1) -> None:
         self.env = env or {}
+        self.workers = workers  # above 1: `scripts/run --workers N`'s supervisor, as scripts/run starts it
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = workdir / "audit.duckdb"
@@ -74,28 +75,44 @@ class Gateway:
         env.pop("HTTP_PROXY", None)
         self._log = open(self.log_path, "ab")
         RUNNING.add(self)
-        self.proc = subprocess.Popen(
-            [
-                str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "aibridge.py"),
-                "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-                "--set", f"confdir={self.workdir / 'certs'}", "--set", "connection_strategy=lazy",
-                "--set", "flow_detail=0", "--set", f"aibridge_config={self.config_path}", *self.args,
-            ],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
-        )
+        command = [
+            str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "aibridge.py"),
+            "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+            "--set", f"confdir={self.workdir / 'certs'}", "--set", "connection_strategy=lazy",
+            "--set", "flow_detail=0", "--set", f"aibridge_config={self.config_path}", *self.args,
+        ]
+        if self.workers > 1:
+            command = [sys.executable, "-m", "aibridge_gw.workers", str(self.workers), *command[1:]]
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/aibridge/healthz", timeout=1, trust_env=False).status_code == 200 \
-                        and (self.postgres or self.db.with_name(self.db.name + ".gateway.json").exists()):
+                        and (self.postgres or self.db.with_name(self.db.name + ".gateway.json").exists()) \
+                        and len(self.workers_answering()) >= self.workers:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         self.stop(signal.SIGKILL)
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
+
+    def workers_answering(self, connections: int = 12) -> dict[int, int]:
+        """Worker number -> pid of the workers that answered health checks on fresh connections (the kernel
+        spreads connections over the workers by their addresses)."""
+        if self.workers <= 1:
+            return {0: self.proc.pid}
+        seen = {}
+        for _ in range(connections):
+            try:
+                health = httpx.get(self.url + "/aibridge/healthz", timeout=2, trust_env=False).json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if health.get("worker"):
+                seen[health["worker"]] = health["pid"]
+        return seen
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         RUNNING.discard(self)

@@ -371,7 +371,7 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "mcp_tokens": (mcp_token_rows, False),
     "budget_usage": (usage_rows, False),
     "budget_totals": (usage_totals, False),
-    "count_request": (count_request, False),  # an upsert, run on the reader path: PostgreSQL only (fleet mode)
+    "count_request": (count_request, False),  # an upsert on the reader path: shared stores only
     "prune_request_counts": (prune_request_counts, False),
     "tool_call_thread": (tool_call_thread, False),
     "admin_query": (admin_query, False),

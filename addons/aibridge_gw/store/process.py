@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -49,10 +50,78 @@ class _Op:
 
 POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
 
+class _Connection:
+    """A connection to the writer every worker shares (`scripts/run --workers N`, store/server.py --listen),
+    shaped like the Popen of a writer of one's own: stdin, stdout, poll, wait, kill."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:  # the supervisor may be restarting the writer
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                break
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.sock = sock
+        self.stdin = _WriteEnd(sock)
+        self._rfile = sock.makefile("rb")
+        self._eof = threading.Event()
+        self.returncode = None
+
+    @property
+    def stdout(self):
+        try:
+            yield from self._rfile
+        except OSError:
+            pass
+        self.returncode = 0
+        self._eof.set()
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._eof.wait(timeout):
+            raise subprocess.TimeoutExpired("aibridge store", timeout)
+        return 0
+
+    def kill(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _WriteEnd:
+    """Closing it ends the sending half only: the writer then commits what came and closes its side."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.file = sock, sock.makefile("wb")
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        try:
+            self.file.flush()
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
 class WriterProcess:
-    def __init__(self, path: Path, close_stale: bool = False, spool: bool = True, postgres: str | None = None) -> None:
+    def __init__(self, path: Path, close_stale: bool = False, spool: bool = True, postgres: str | None = None,
+                 shared: str | None = None) -> None:
         self.path = Path(path)  # the DuckDB file, or with `postgres` the base name of this process's spool
         self.postgres = postgres
+        self.shared = shared  # the Unix socket of the writer all workers share, instead of a child of our own
         self.close_stale = close_stale
         self.spool = spool
         self.written = 0
@@ -86,16 +155,12 @@ class WriterProcess:
         self._sender.start()
 
     def _spawn(self, close_stale: bool, timeout: float = 60.0) -> dict:
-        """Start a writer process and wait until it has the file open (and has replayed any spool)."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        env.pop(POSTGRES_ENV, None)
-        if self.postgres:  # in the environment, not the arguments: a URL may carry a password (ps shows argv)
-            env[POSTGRES_ENV] = self.postgres
-        args = [sys.executable, "-m", "aibridge_gw.store.server", str(self.path)]
-        args += ["--close-stale"] if close_stale else []
-        args += [] if self.spool else ["--no-spool"]
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        """Start a writer process (or connect to the shared one) and wait until it has the file open (and has
+        replayed any spool)."""
+        if self.shared:
+            proc = _Connection(self.shared, timeout)
+        else:
+            proc = self._popen(close_stale)
         ready = cf.Future()
         receiver = threading.Thread(target=self._receive, args=(proc, ready), name="aibridge-store-rx", daemon=True)
         receiver.start()
@@ -107,6 +172,17 @@ class WriterProcess:
             raise
         self._proc, self._receiver, self._dead = proc, receiver, None
         return hello
+
+    def _popen(self, close_stale: bool) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env.pop(POSTGRES_ENV, None)
+        if self.postgres:  # in the environment, not the arguments: a URL may carry a password (ps shows argv)
+            env[POSTGRES_ENV] = self.postgres
+        args = [sys.executable, "-m", "aibridge_gw.store.server", str(self.path)]
+        args += ["--close-stale"] if close_stale else []
+        args += [] if self.spool else ["--no-spool"]
+        return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
     def _respawn(self) -> bool:
         """The writer died under the gateway (a crash, an OOM kill): start another. It replays the spool the dead

@@ -1,5 +1,9 @@
-"""The writer process (`python -m aibridge_gw.store.server DB`): owns the DuckDB file for a gateway. See
-`store/process.py` for the protocol; everything about storing (batches, spool, dead letters) is `Store`'s."""
+"""The writer process (`python -m aibridge_gw.store.server DB`): owns the DuckDB file. See `store/process.py`
+for the protocol; everything about storing (batches, spool, dead letters) is `Store`'s.
+
+Two ways to serve: one gateway over stdin/stdout (its own child), or — with `--listen SOCKET`, started by
+`scripts/run --workers N` — every worker of one machine over a Unix socket, because DuckDB takes one writing
+process per file. Then stdin belongs to the supervisor: the writer ends when that closes."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,27 +23,42 @@ from .ops import ALL_OPS
 from .process import POSTGRES_ENV
 from .writer import Store, decode_records
 
+CONNECTION_FLUSH_TIMEOUT = 30.0
+
+
+class _Peer:
+    """Where answers go: the one gateway's stdout, or one worker's connection."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+
+    def send(self, obj: dict) -> None:
+        data = json.dumps(obj, default=str).encode() + b"\n"
+        with self.lock:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):
+                pass  # that gateway is gone; what it sent is still committed
+
 
 def main(argv: list[str]) -> int:
-    # The gateway decides when its writer ends: it closes our input (also when it dies). A Ctrl-C or a SIGTERM
-    # sent to the whole process group must not cut off the records of its own shutdown.
+    # The gateway (or the supervisor) decides when its writer ends: it closes our input (also when it dies). A
+    # Ctrl-C or a SIGTERM sent to the whole process group must not cut off the records of its own shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="[store] %(message)s", stream=sys.stderr)
     path = Path(argv[0])
-    out = sys.stdout.buffer
-    lock = threading.Lock()
+    listen = argv[argv.index("--listen") + 1] if "--listen" in argv else None
+    own = _Peer(sys.stdout.buffer)
+    peers: set[_Peer] = set() if listen else {own}  # who hears the counters after each batch
 
-    def send(obj: dict) -> None:
-        data = json.dumps(obj, default=str).encode() + b"\n"
-        with lock:
-            try:
-                out.write(data)
-                out.flush()
-            except (OSError, ValueError):
-                pass  # the gateway is gone; what it sent is still committed
+    def on_commit() -> None:
+        counters = {"t": "s", "w": store.written, "d": store.dead_lettered}
+        for peer in list(peers):
+            peer.send(counters)
 
-    on_commit = lambda: send({"t": "s", "w": store.written, "d": store.dead_lettered})  # noqa: E731
     dsn = os.environ.get(POSTGRES_ENV)
     if dsn:
         from .pg import PgStore
@@ -53,31 +73,99 @@ def main(argv: list[str]) -> int:
             break
         except duckdb.IOException as e:  # a previous writer (of a gateway just killed) still finishing
             if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                send({"t": "error", "m": f"cannot open {path}: {e}"})
+                own.send({"t": "error", "m": f"cannot open {path}: {e}"})
                 return 1
             time.sleep(0.1)
         except Exception as e:
-            send({"t": "error", "m": f"cannot open {'PostgreSQL' if dsn else path}: {type(e).__name__}: {e}"})
+            own.send({"t": "error", "m": f"cannot open {'PostgreSQL' if dsn else path}: {type(e).__name__}: {e}"})
             return 1
-    send({"t": "ready", "stale": store.stale_closed})
+    if listen:
+        try:
+            server = _listen(listen)
+        except OSError as e:
+            own.send({"t": "error", "m": f"cannot listen on {listen}: {e}"})
+            store.close()
+            return 1
+        threading.Thread(target=_accept, args=(server, store, peers), name="aibridge-store-accept",
+                         daemon=True).start()
+    own.send({"t": "ready", "stale": store.stale_closed})
 
     for line in sys.stdin.buffer:
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            logging.error("unreadable message from the gateway (%d bytes)", len(line))
-            continue
-        if msg.get("t") == "rec":
-            try:
-                for rec in decode_records(msg["b"]):
-                    store.submit(rec)
-            except (KeyError, TypeError, ValueError) as e:
-                logging.error("records the store cannot read: %s", e)
-        elif msg.get("t") == "op":
-            _run(store, msg, send)
+        if not listen:
+            _handle(store, line, own)
     store.close()
-    send({"t": "s", "w": store.written, "d": store.dead_lettered})
+    on_commit()
+    if listen:
+        try:
+            os.unlink(listen)
+        except OSError:
+            pass
     return 0
+
+
+def _listen(path: str) -> socket.socket:
+    try:
+        os.unlink(path)  # left by a writer that was killed
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket is as private as the database: 0600
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old)
+    server.listen(64)
+    return server
+
+
+def _accept(server: socket.socket, store: Store, peers: set) -> None:
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        threading.Thread(target=_serve, args=(conn, store, peers), name="aibridge-store-conn", daemon=True).start()
+
+
+def _serve(conn: socket.socket, store: Store, peers: set) -> None:
+    """One worker: its records and operations, answered on its own connection. When it goes (shutdown, or
+    `kill -9`) everything it sent is committed before the connection closes, so its shutdown waits for that."""
+    peer = _Peer(conn.makefile("wb"))
+    peers.add(peer)
+    peer.send({"t": "ready", "stale": store.stale_closed})
+    try:
+        for line in conn.makefile("rb"):
+            _handle(store, line, peer)
+        try:
+            store.flush().result(CONNECTION_FLUSH_TIMEOUT)
+        except Exception as e:
+            logging.error("committing a departed worker's records failed: %s", e)
+        peer.send({"t": "s", "w": store.written, "d": store.dead_lettered})
+    except OSError:
+        pass
+    finally:
+        peers.discard(peer)
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
+
+
+def _handle(store: Store, line: bytes, peer: _Peer) -> None:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        logging.error("unreadable message from the gateway (%d bytes)", len(line))
+        return
+    if msg.get("t") == "rec":
+        try:
+            for rec in decode_records(msg["b"]):
+                store.submit(rec)
+        except (KeyError, TypeError, ValueError) as e:
+            logging.error("records the store cannot read: %s", e)
+    elif msg.get("t") == "op":
+        _run(store, msg, peer.send)
 
 
 def _run(store: Store, msg: dict, send) -> None:

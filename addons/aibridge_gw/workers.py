@@ -1,0 +1,293 @@
+"""`scripts/run --workers N`: N gateway processes behind one listening port, so one machine's traffic uses every
+core (one mitmdump is one event loop on one core).
+
+The supervisor (`python -m aibridge_gw.workers N MITMDUMP-ARGS…`) starts N mitmdump processes with the aibridge
+addon. Each binds the port with SO_REUSEPORT (patches.install_shared_listener, installed before mitmdump starts:
+mitmdump may load `-s` scripts only after it listens) and the kernel spreads new connections over them: CONNECT
+tunnels and TLS stay inside the worker that accepted them, nothing is proxied twice.
+
+- DuckDB takes one writing process per file, so the supervisor starts one writer (store/server.py --listen) and
+  every worker records through it over a Unix socket; the writer also closes rows a previous run left open.
+- With `storage.postgres` each worker has its own writer and spool; PostgreSQL takes them all.
+- Either way the store is shared, so workers run as a fleet does: requests per minute are counted in the store,
+  token and spend totals and the token directory are reloaded every second (runtime.Runtime.shared_store).
+- The CLI reaches "the gateway" through the runtime file the supervisor writes; any worker may answer, with the
+  one secret every worker was given.
+- A worker that dies (a crash, `kill -9`) is started again; the others keep serving meanwhile, and what it had
+  sent to the writer is committed. A writer that dies is started again; workers reconnect and resend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKER_ENV = "AIBRIDGE_WORKER"  # this worker's number, 1..N
+WORKERS_ENV = "AIBRIDGE_WORKERS"  # how many workers share the port
+STORE_SOCKET_ENV = "AIBRIDGE_STORE_SOCKET"  # the shared DuckDB writer's socket
+CONTROL_SECRET_ENV = "AIBRIDGE_CONTROL_SECRET"  # the CLI's secret, the same in every worker
+
+RESTART_WINDOW = 10.0  # a worker that dies this soon after it started, three times running, stops the supervisor
+STOP_TIMEOUT = 30.0
+
+log = logging.getLogger("aibridge.workers")
+
+
+def shared_listener() -> bool:
+    """True in a worker of `scripts/run --workers N`: the port is bound with SO_REUSEPORT."""
+    return int(os.environ.get(WORKERS_ENV) or 0) > 1
+
+
+def worker_number() -> int | None:
+    n = os.environ.get(WORKER_ENV)
+    return int(n) if n and shared_listener() else None
+
+
+def store_socket() -> str | None:
+    return os.environ.get(STORE_SOCKET_ENV) or None if shared_listener() else None
+
+
+def control_secret() -> str | None:
+    return os.environ.get(CONTROL_SECRET_ENV) or None if shared_listener() else None
+
+
+def _die_with_supervisor() -> None:
+    """In the child before exec (Linux): SIGTERM when the supervisor dies, even by `kill -9`, so no worker is
+    left serving without its writer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Refused(Exception):
+    """`--workers` cannot run as asked; the message says why and what to do."""
+
+
+def _option(args: list[str], names: tuple[str, ...]) -> str | None:
+    """The last value given for a mitmdump option (`--name V`, `--name=V`), as mitmdump's parser takes it."""
+    value = None
+    for n, arg in enumerate(args):
+        for name in names:
+            if arg == name and n + 1 < len(args):
+                value = args[n + 1]
+            elif arg.startswith(name + "=") and name.startswith("--"):
+                value = arg[len(name) + 1:]
+    return value
+
+
+def _set_option(args: list[str], key: str) -> str | None:
+    """The last `--set key=value`."""
+    value = None
+    for n, arg in enumerate(args):
+        if arg == "--set" and n + 1 < len(args) and args[n + 1].startswith(key + "="):
+            value = args[n + 1][len(key) + 1:]
+    return value
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on the port yet. Workers bind it with SO_REUSEPORT, which would silently share it
+    with another gateway's workers started the same way: refuse that instead."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class Supervisor:
+    def __init__(self, count: int, command: list[str]) -> None:
+        from .config import ConfigError, load_config
+
+        if count < 2:
+            raise Refused("--workers needs 2 or more (one worker is plain `scripts/run`)")
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise Refused("--workers needs SO_REUSEPORT (Linux, BSD, macOS); run several gateways behind a balancer "
+                          "instead (see deploy/)")
+        self.count = count
+        self.command = list(command)
+        self.host = _option(self.command, ("--listen-host",)) or ""
+        port = int(_option(self.command, ("--listen-port", "-p")) or 8080)
+        if port == 0:  # every worker must bind the same port: choose it here
+            with socket.socket() as s:
+                s.bind((self.host or "127.0.0.1", 0))
+                port = s.getsockname()[1]
+            self.command += ["--listen-port", str(port)]
+        self.port = port
+        if not _port_free(self.host, port):
+            raise Refused(f"port {port} is in use; stop what listens there or choose another --listen-port")
+        try:
+            self.config = load_config(_set_option(self.command, "aibridge_config") or None)
+        except ConfigError as e:
+            raise Refused(str(e)) from None
+        self.workers: dict[int, subprocess.Popen] = {}
+        self.started: dict[int, float] = {}
+        self.quick_deaths: dict[int, int] = {}
+        self.writer: subprocess.Popen | None = None
+        self.socket_dir: str | None = None
+        self.socket: str | None = None
+        self.secret: str | None = None
+        self.stopping = False
+
+    # --- the shared DuckDB writer -------------------------------------------------------------------
+
+    def start_writer(self, close_stale: bool) -> None:
+        path = self.config.duckdb_path.resolve()
+        args = [sys.executable, "-m", "aibridge_gw.store.server", str(path), "--listen", self.socket]
+        args += ["--close-stale"] if close_stale else []
+        env = dict(os.environ)
+        from .store.process import PACKAGE_PARENT, POSTGRES_ENV
+
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env.pop(POSTGRES_ENV, None)
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        import json
+
+        line = proc.stdout.readline()
+        try:
+            hello = json.loads(line)
+        except ValueError:
+            hello = {"t": "error", "m": f"the store process exited ({proc.wait()})"}
+        if hello.get("t") != "ready":
+            proc.kill()
+            proc.wait()
+            raise Refused(hello.get("m", "the store process failed to start"))
+        self.writer = proc
+
+    # --- workers --------------------------------------------------------------------------------------
+
+    def start_worker(self, n: int) -> None:
+        env = dict(os.environ)
+        env.update({WORKER_ENV: str(n), WORKERS_ENV: str(self.count), CONTROL_SECRET_ENV: self.secret})
+        if self.socket:
+            env[STORE_SOCKET_ENV] = self.socket
+        command = [sys.executable, "-m", "aibridge_gw.workers", "--worker", *self.command]
+        self.workers[n] = subprocess.Popen(command, env=env, preexec_fn=_die_with_supervisor)
+        self.started[n] = time.monotonic()
+
+    def run(self) -> int:
+        from .control import remove_runtime_file, write_runtime_file
+
+        old = os.umask(0o077)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._stop)
+        db = self.config.duckdb_path.resolve()
+        try:
+            # Every worker must present the same CA: create it once here, not in N workers racing to write it.
+            from .certs import ensure_ca
+
+            confdir = _set_option(self.command, "confdir") or "~/.mitmproxy"
+            ensure_ca(Path(os.path.expanduser(confdir)))
+            if not self.config.storage.postgres:
+                self.socket_dir = tempfile.mkdtemp(prefix="aibridge-")
+                self.socket = os.path.join(self.socket_dir, "store.sock")
+                self.start_writer(close_stale=True)
+            host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+            host = f"[{host}]" if ":" in host else host
+            self.secret = write_runtime_file(db, f"http://{host}:{self.port}")
+            for n in range(1, self.count + 1):
+                self.start_worker(n)
+            log.info("aibridge: %d workers on port %d (pids %s)%s", self.count, self.port,
+                     " ".join(str(p.pid) for p in self.workers.values()),
+                     ", one DuckDB writer for all" if self.socket else ", each recording into PostgreSQL")
+            return self._watch()
+        finally:
+            self._shutdown()
+            remove_runtime_file(db, self.secret)
+            if self.socket_dir:
+                try:
+                    os.unlink(self.socket)
+                except OSError:
+                    pass
+                os.rmdir(self.socket_dir)
+            os.umask(old)
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _watch(self) -> int:
+        while not self.stopping:
+            time.sleep(0.2)
+            if self.writer is not None and self.writer.poll() is not None and not self.stopping:
+                log.error("aibridge: the store process exited (%s); starting it again", self.writer.returncode)
+                try:
+                    self.start_writer(close_stale=False)  # rows in flight in the workers are live
+                except Refused as e:
+                    log.error("aibridge: the store process could not be started again: %s", e)
+                    return 1
+            for n, proc in list(self.workers.items()):
+                code = proc.poll()
+                if code is None or self.stopping:
+                    continue
+                quick = time.monotonic() - self.started[n] < RESTART_WINDOW
+                self.quick_deaths[n] = self.quick_deaths.get(n, 0) + 1 if quick else 0
+                if self.quick_deaths[n] >= 3:
+                    log.error("aibridge: worker %d keeps exiting (%s); stopping", n, code)
+                    return code or 1
+                log.error("aibridge: worker %d (pid %d) exited (%s); starting it again", n, proc.pid, code)
+                self.start_worker(n)
+        return 0
+
+    def _shutdown(self) -> None:
+        """Workers first (each ends its in-flight records and sends them), then the writer commits and exits."""
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in self.workers.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.writer is not None:
+            self.writer.stdin.close()
+            try:
+                self.writer.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.writer.kill()
+                self.writer.wait()
+
+
+def worker(args: list[str]) -> int:
+    """One worker: mitmdump itself, its listener patched to share the port."""
+    from mitmproxy.tools.main import mitmdump
+
+    from .patches import install_shared_listener
+
+    install_shared_listener()
+    return mitmdump(args) or 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--worker"]:
+        return worker(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if len(argv) < 1:
+        print("usage: python -m aibridge_gw.workers N [MITMDUMP-ARGS…]", file=sys.stderr)
+        return 2
+    try:
+        count = int(argv[0])
+    except ValueError:
+        print(f"aibridge: --workers takes a number, not {argv[0]!r}", file=sys.stderr)
+        return 2
+    try:
+        return Supervisor(count, argv[1:]).run()
+    except Refused as e:
+        print(f"aibridge: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,197 @@
+"""`scripts/run --workers N`: N real mitmdump workers on one port (SO_REUSEPORT), recording through one shared
+DuckDB writer (or each into PostgreSQL): every call recorded once whichever worker served it, one budget and one
+token directory for all, and a killed worker costs nothing the others served."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psycopg
+import pytest
+
+from tests.support.gateway import ROOT, Gateway
+from tests.support.mock_upstream import Reply
+from tests.support.wire import anthropic_message
+
+BODY = {"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _call(gw: Gateway, token: str, prompt: str = "hi") -> int:
+    body = {**BODY, "messages": [{"role": "user", "content": prompt}]}
+    # A new connection each time: the kernel picks a worker per connection.
+    return httpx.post(gw.url + "/anthropic/v1/messages", json=body, headers={"x-api-key": token},
+                      trust_env=False, timeout=30).status_code
+
+
+def _known_everywhere(gw: Gateway, token: str) -> None:
+    """A token made with the CLI reaches the worker that answered at once, the others within a second."""
+    deadline = time.monotonic() + 10
+    while [_call(gw, token, "probe") for _ in range(8)] != [200] * 8:
+        assert time.monotonic() < deadline, "a worker never learned the new token"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def workers(tmp_path, mock):
+    started: list[Gateway] = []
+
+    def start(**kw) -> Gateway:
+        gw = Gateway(tmp_path / f"w{len(started)}", mock.url, workers=2, **kw)
+        started.append(gw)
+        return gw.start()
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+def test_two_workers_share_one_port_and_one_duckdb_audit(workers, mock):
+    gw = workers()
+    assert len(set(gw.workers_answering().values())) == 2  # two processes answer on the one port
+    token = gw.new_user("many")  # through the runtime file the supervisor wrote: any worker may answer
+    mock.default = Reply.json(anthropic_message("from a worker", (11, 5)))
+    _known_everywhere(gw, token)
+    prompts = [f"call {n}" for n in range(24)]
+    assert [_call(gw, token, p) for p in prompts] == [200] * 24
+    rows = gw.wait_for(
+        "SELECT CAST(i.id AS VARCHAR) AS id, p.prompt, u.input_tokens, u.output_tokens FROM aibridge_interceptions i "
+        "JOIN aibridge_user_prompts p ON p.interception_id = i.id JOIN aibridge_token_usages u "
+        "ON u.interception_id = i.id WHERE i.status = 'completed' AND p.prompt <> 'probe'", lambda rows: len(rows) >= 24)
+    assert sorted(r["prompt"] for r in rows) == sorted(prompts)  # each call once
+    assert len({r["id"] for r in rows}) == 24
+    assert {(r["input_tokens"], r["output_tokens"]) for r in rows} == {(11, 5)}
+
+
+def test_a_token_revoked_with_the_cli_is_refused_by_every_worker(workers, mock):
+    gw = workers()
+    token = gw.new_user("revoked")
+    mock.default = Reply.json(anthropic_message("ok", (3, 2)))
+    _known_everywhere(gw, token)
+    tid = gw.op("tokens.list", user="revoked")["rows"][0][0]
+    gw.op("tokens.revoke", id=tid)
+    deadline = time.monotonic() + 10
+    while [_call(gw, token) for _ in range(8)] != [401] * 8:
+        assert time.monotonic() < deadline, "a worker still takes the revoked token"
+        time.sleep(0.2)
+
+
+def test_requests_per_minute_hold_across_workers(workers, mock):
+    gw = workers(extra={"budgets": {"users": {"capped": {"requests_per_minute": 5}}}})
+    probe, capped = gw.new_user("probe"), gw.new_user("capped")
+    mock.default = Reply.json(anthropic_message("ok", (3, 2)))
+    _known_everywhere(gw, probe)
+    time.sleep(1.5)  # every worker's next reload has `capped` too (probing with it would spend its budget)
+    assert len(gw.workers_answering()) == 2
+    while dt.datetime.now(dt.UTC).second > 45:  # every call within one minute window
+        time.sleep(1)
+    assert [_call(gw, capped) for _ in range(8)] == [200] * 5 + [429] * 3
+
+
+def test_a_killed_worker_is_restarted_and_loses_nothing_the_other_served(workers, mock):
+    gw = workers()
+    token = gw.new_user("survivor")
+    mock.default = Reply.json(anthropic_message("ok", (11, 5)))
+    _known_everywhere(gw, token)
+    before = [f"before {n}" for n in range(6)]
+    assert [_call(gw, token, p) for p in before] == [200] * 6
+    victim_number, victim = sorted(gw.workers_answering().items())[0]
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    # Until the supervisor restarts it, connections the kernel gives the dead worker's socket are refused or
+    # reset; the other worker serves every connection it accepts.
+    after, served = [], 0
+    deadline = time.monotonic() + 20
+    while served < 6:
+        assert time.monotonic() < deadline, "the surviving worker stopped serving"
+        prompt = f"after {len(after)}"
+        try:
+            if _call(gw, token, prompt) == 200:
+                after.append(prompt)
+                served += 1
+        except httpx.TransportError:
+            pass
+    deadline = time.monotonic() + 20
+    while True:  # the supervisor started the worker again, with a new pid
+        answering = gw.workers_answering()
+        if answering.get(victim_number) not in (None, victim) and len(answering) == 2:
+            break
+        assert time.monotonic() < deadline, f"worker {victim_number} was not restarted: {answering}"
+        time.sleep(0.2)
+    rows = gw.wait_for("SELECT p.prompt FROM aibridge_user_prompts p JOIN aibridge_interceptions i "
+                       "ON i.id = p.interception_id WHERE i.status = 'completed' AND p.prompt <> 'probe'",
+                       lambda rows: len(rows) >= len(before) + len(after))
+    assert sorted(r["prompt"] for r in rows) == sorted(before + after)
+    assert "worker 1" in gw.log() or "worker 2" in gw.log()
+
+
+def test_stopping_the_supervisor_commits_every_workers_records(workers, mock):
+    gw = workers()
+    token = gw.new_user("graceful")
+    mock.default = Reply.json(anthropic_message("ok", (11, 5)))
+    _known_everywhere(gw, token)
+    assert [_call(gw, token, f"c{n}") for n in range(10)] == [200] * 10
+    db = gw.db
+    assert gw.stop() == 0
+    assert not db.with_name(db.name + ".gateway.json").exists()
+    import duckdb
+
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        n = conn.execute("SELECT count(*) FROM aibridge_interceptions WHERE status = 'completed' "
+                         "AND id IN (SELECT interception_id FROM aibridge_user_prompts WHERE prompt LIKE 'c%')").fetchone()
+    finally:
+        conn.close()
+    assert n[0] == 10
+
+
+def test_workers_on_postgresql_keep_one_audit(workers, mock, tmp_path):
+    from tests.support.postgres import Cluster
+
+    cluster = Cluster().start()
+    try:
+        dsn = cluster.create_database("workers")
+        gw = workers(extra={"storage": {"duckdb": str(tmp_path / "spools" / "a.duckdb"), "postgres": dsn}})
+        token = gw.new_user("pgworkers")
+        mock.default = Reply.json(anthropic_message("ok", (7, 4)))
+        _known_everywhere(gw, token)
+        assert [_call(gw, token, f"pg {n}") for n in range(12)] == [200] * 12
+        deadline = time.monotonic() + 10
+        with psycopg.connect(dsn) as conn:
+            while True:
+                prompts = sorted(r[0] for r in conn.execute(
+                    "SELECT p.prompt FROM aibridge_user_prompts p JOIN aibridge_interceptions i "
+                    "ON i.id = p.interception_id WHERE i.status = 'completed' AND p.prompt LIKE 'pg %'").fetchall())
+                if len(prompts) >= 12 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        assert prompts == sorted(f"pg {n}" for n in range(12))
+        spools = sorted(p.name for p in (tmp_path / "spools").iterdir() if p.name.startswith("postgres-"))
+        assert any(s.endswith("-w1.spool") for s in spools) and any(s.endswith("-w2.spool") for s in spools), spools
+    finally:
+        cluster.stop()
+
+
+def test_workers_refuse_a_port_already_in_use(tmp_path, mock):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        gw = Gateway(tmp_path, mock.url)
+        r = subprocess.run([sys.executable, "-m", "aibridge_gw.workers", "2", "--listen-host",
+                            "127.0.0.1", "--listen-port", str(port), "--set", f"aibridge_config={gw.config_path}"],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and f"port {port} is in use" in r.stderr
+
+
+def test_scripts_run_refuses_a_bad_worker_count():
+    r = subprocess.run([str(ROOT / "scripts" / "run"), "--workers", "two"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--workers takes a number" in r.stderr
