@@ -127,6 +127,26 @@ def test_circuit_opens_after_consecutive_failures_and_closes_after_a_good_trial(
     assert 'aibridge_circuit_breaker_trips_total{endpoint="/v1/messages",model="claude-flaky",provider="anthropic"} 1.0' in metrics
 
 
+def test_clients_hanging_up_before_the_answer_do_not_open_the_circuit(fgw, mock):
+    """A load generator stopping, or a user pressing Esc, cancels requests still waiting for the provider: that
+    says nothing about the provider, and must not let one client open the circuit for everyone."""
+    slow = Reply.from_capture(capture("anthropic/simple.txtar"), False)
+    slow.hang = 1.0
+    mock.script(*[slow] * 4)
+    for _ in range(4):  # twice the breaker's threshold
+        with socket.create_connection(("127.0.0.1", fgw.port)) as s:
+            body = json.dumps(hi(model="claude-abandoned")).encode()
+            s.sendall(b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                      b"x-api-key: " + fgw.token.encode() + b"\r\ncontent-length: " + str(len(body)).encode()
+                      + b"\r\n\r\n" + body)
+            time.sleep(0.3)  # the request reached the provider; the client leaves before it answers
+    rows = fgw.wait_for("SELECT * FROM aibridge_interceptions WHERE model = 'claude-abandoned' "
+                        "AND status <> 'in_progress'", lambda rows: len(rows) == 4)
+    assert all(r["status"] == "failed" for r in rows)
+    mock.script(Reply.from_capture(capture("anthropic/simple.txtar"), False))
+    anthropic_client(fgw, fgw.token).messages.create(**hi(model="claude-abandoned"))  # not 503 "circuit open"
+
+
 def test_overloaded_529_reaches_the_client_unchanged(fgw, mock):
     mock.script(Reply.json({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, 529))
     with pytest.raises(anthropic.APIStatusError) as e:

@@ -598,6 +598,7 @@ def header_view(headers: http.Headers) -> dict[str, str]:
 
 
 def _client_gone(flow: http.HTTPFlow) -> bool:
-    """A client that hung up says nothing about the provider's health."""
+    """A client that hung up says nothing about the provider's health, before the answer (Esc in a coding tool, a
+    load generator stopping) or during it; counting it would let any one client open the circuit for everyone."""
     msg = (flow.error.msg if flow.error else "").lower()
-    return flow.response is not None and ("client" in msg or "killed" in msg)
+    return "client disconnected" in msg or (flow.response is not None and ("client" in msg or "killed" in msg))
