@@ -325,3 +325,136 @@ def test_reports_run_on_postgresql(cluster, tmp_path):
     assert sessions["data"][0]["session"] == "sess-1"
     assert [p["prompt"] for p in prompts["data"]] == ["audit me"]
     assert [r[0] for r in users["rows"]] == ["rita"]
+
+
+def _recorded_calls(gw, token: str, prompts: list[str]) -> None:
+    import httpx
+
+    for prompt in prompts:
+        body = {"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": prompt}]}
+        r = httpx.post(gw.url + "/anthropic/v1/messages", json=body, headers={"x-api-key": token}, trust_env=False,
+                       timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def test_every_admin_surface_works_on_postgresql(cluster, tmp_path, mock):
+    """`aibridge sql` (read-only, enforced by PostgreSQL), export (the same parquet and csv as DuckDB's), prune
+    and the admin API, over a gateway recording into PostgreSQL."""
+    import datetime as dt
+    import json
+    import time
+
+    import httpx
+
+    from tests.support.gateway import Gateway
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import anthropic_message
+
+    dsn = cluster.create_database("surfaces")
+    gw = Gateway(tmp_path / "gw", mock.url,
+                 extra={"storage": {"duckdb": str(tmp_path / "local" / "spools.duckdb"), "postgres": dsn}}).start()
+    try:
+        gw.op("users.add", name="boss", role="admin")
+        admin = gw.op("tokens.create", user="boss", name="t")["token"]
+        mock.default = Reply.json(anthropic_message("ok", (13, 8)))
+        deadline = time.monotonic() + 10
+        while httpx.get(gw.url + "/aibridge/api/v1/me", headers={"authorization": f"Bearer {admin}"},
+                        trust_env=False).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        _recorded_calls(gw, admin, ["first", "second", "50% of it; 'quoted'"])
+        gw.wait_for("SELECT * FROM aibridge_interceptions WHERE status = 'completed'", lambda rows: len(rows) == 3)
+
+        r = gw.cli("sql", "SELECT p.prompt, u.input_tokens FROM aibridge_user_prompts p JOIN aibridge_token_usages u "
+                   "ON u.interception_id = p.interception_id WHERE p.prompt LIKE '50%' ", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == [{"prompt": "50% of it; 'quoted'", "input_tokens": 13}]
+        for hostile in ("DELETE FROM aibridge_users", "WITH d AS (DELETE FROM aibridge_tokens RETURNING 1) SELECT * FROM d",
+                        "EXPLAIN ANALYZE DELETE FROM aibridge_interceptions", "UPDATE aibridge_users SET role = 'admin'",
+                        "SELECT 1; DELETE FROM aibridge_users"):
+            r = gw.cli("sql", hostile)
+            assert r.returncode == 1, hostile
+        assert gw.sql("SELECT count(*) AS n FROM aibridge_tokens")[0]["n"] == 1
+        assert gw.sql("SELECT count(*) AS n FROM aibridge_interceptions")[0]["n"] == 3
+
+        api = httpx.get(gw.url + "/aibridge/api/v1/usage?group_by=user", headers={"authorization": f"Bearer {admin}"},
+                        trust_env=False).json()
+        (row,) = api["data"]
+        assert (row["user"], row["interceptions"], row["input_tokens"], row["output_tokens"]) == ("boss", 3, 39, 24)
+        listed = httpx.get(gw.url + "/aibridge/api/v1/interceptions", headers={"authorization": f"Bearer {admin}"},
+                           trust_env=False).json()
+        assert len(listed["data"]) == 3
+
+        for fmt in ("parquet", "csv"):
+            out = tmp_path / f"export-{fmt}"
+            r = gw.cli("export", "--format", fmt, "--out", str(out))
+            assert r.returncode == 0, r.stderr
+            check = duckdb.connect()
+            read = "read_parquet" if fmt == "parquet" else "read_csv_auto"
+            rows = check.execute(f"SELECT status, stream, metadata FROM {read}('{out}/aibridge_interceptions.{fmt}')"
+                                 ).fetchall()
+            prompts = check.execute(f"SELECT prompt FROM {read}('{out}/aibridge_user_prompts.{fmt}') ORDER BY 1"
+                                    ).fetchall()
+            assert [r[0] for r in rows] == ["completed"] * 3 and {r[1] for r in rows} == {False}
+            assert all(json.loads(r[2])["upstream_path"] == "/v1/messages" for r in rows)
+            assert [p[0] for p in prompts] == ["50% of it; 'quoted'", "first", "second"]
+            assert not (out / "aibridge_tokens.parquet").exists()
+
+        with psycopg.connect(dsn) as conn:  # an interception from 100 days ago, with its prompt
+            conn.execute("UPDATE aibridge_interceptions SET started_at = %s WHERE id = (SELECT interception_id "
+                         "FROM aibridge_user_prompts WHERE prompt = 'first')",
+                         [dt.datetime.now(dt.UTC) - dt.timedelta(days=100)])
+        r = gw.cli("prune", "--days", "30")
+        assert r.returncode == 0 and "deleted 1" in r.stdout, r.stdout + r.stderr
+        assert sorted(x["prompt"] for x in gw.sql("SELECT prompt FROM aibridge_user_prompts")) == [
+            "50% of it; 'quoted'", "second"]
+    finally:
+        gw.stop()
+
+
+def test_migrate_store_copies_a_duckdb_audit_into_postgresql_once(cluster, tmp_path, mock):
+    """`aibridge migrate-store --to postgresql://…`: users, tokens and every audit row, exactly once however often
+    it runs; a gateway on PostgreSQL then takes the old tokens and reports the old usage."""
+    import json
+
+    from tests.support.gateway import Gateway
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import anthropic_message
+
+    duck_gw = Gateway(tmp_path / "duck", mock.url).start()
+    try:
+        token = duck_gw.new_user("veteran")
+        mock.default = Reply.json(anthropic_message("ok", (21, 9)))
+        _recorded_calls(duck_gw, token, ["old one", "old two"])
+        duck_gw.interceptions("veteran", 2)
+        dsn = cluster.create_database("migrated")
+        busy = duck_gw.cli("migrate-store", "--to", dsn)
+        assert busy.returncode == 1 and "in use" in busy.stderr  # not while a gateway writes it
+    finally:
+        duck_gw.stop()
+
+    first = duck_gw.cli("migrate-store", "--to", dsn, "--json")
+    assert first.returncode == 0, first.stderr
+    copied = {r["table"]: (r["rows"], r["copied"]) for r in json.loads(first.stdout.split("\n", 1)[1].rsplit("\n", 2)[0])}
+    assert copied["aibridge_users"] == (1, 1) and copied["aibridge_tokens"] == (1, 1)
+    assert copied["aibridge_interceptions"] == (2, 2) and copied["aibridge_user_prompts"] == (2, 2)
+    again = duck_gw.cli("migrate-store", "--to", dsn, "--json")
+    assert again.returncode == 0, again.stderr
+    assert all(r["copied"] == 0 for r in json.loads(again.stdout.split("\n", 1)[1].rsplit("\n", 2)[0]))
+
+    pg_gw = Gateway(tmp_path / "pg", mock.url,
+                    extra={"storage": {"duckdb": str(tmp_path / "pg" / "spool.duckdb"), "postgres": dsn}}).start()
+    try:
+        _recorded_calls(pg_gw, token, ["new one"])  # the migrated token works
+        rows = pg_gw.wait_for("SELECT p.prompt, u.input_tokens FROM aibridge_user_prompts p JOIN aibridge_token_usages u "
+                              "ON u.interception_id = p.interception_id ORDER BY p.prompt", lambda rows: len(rows) == 3)
+        assert [(r["prompt"], r["input_tokens"]) for r in rows] == [("new one", 21), ("old one", 21), ("old two", 21)]
+        usage = json.loads(pg_gw.cli("usage", "--json").stdout)
+        assert [(u["user"], u["interceptions"]) for u in usage] == [("veteran", 3)]
+    finally:
+        pg_gw.stop()
+
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a user of the same name, created separately in PostgreSQL
+        conn.execute("UPDATE aibridge_users SET id = gen_random_uuid() WHERE name = 'veteran'")
+    clash = duck_gw.cli("migrate-store", "--to", dsn)
+    assert clash.returncode == 1 and "veteran" in clash.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .certs import CA_P12, bundle, default_confdir, ensure_ca, gateway_url
 from .guides import GUIDES, env_lines
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, postgres_label
 from .control import run_gateway_op, run_op
 from .store.ops import OpError
 
@@ -108,6 +108,46 @@ def _report(args, cx: Context) -> None:
 def _export(args, cx: Context) -> None:
     r = cx.op("export", fmt=args.format, out=args.out)
     print("\n".join(r["files"]))
+
+
+def _migrate_store(args, cx: Context) -> None:
+    """DuckDB -> PostgreSQL, directly on both (a gateway writing the DuckDB file holds its lock: stop it first,
+    so the copy misses nothing it was writing)."""
+    import duckdb
+    import psycopg
+
+    from .store.copy import duckdb_to_postgres
+
+    source = Path(args.source).expanduser() if args.source else cx.db
+    target = args.to or cx.config.storage.postgres
+    if not target:
+        raise OpError("name the PostgreSQL database: --to postgresql://user@host:5432/db (or storage.postgres)")
+    if not target.startswith(("postgresql://", "postgres://")):
+        raise OpError("--to takes a postgresql:// URL")
+    if not source.exists():
+        raise OpError(f"no DuckDB store at {source}")
+    try:
+        duck = duckdb.connect(str(source))
+    except duckdb.IOException as e:
+        if "lock" in str(e).lower():
+            raise OpError(f"{source} is in use (a gateway is running on it); stop it, then migrate") from None
+        raise OpError(str(e)) from None
+    try:
+        pg = psycopg.connect(target, autocommit=True)
+    except psycopg.Error as e:
+        duck.close()
+        raise OpError(f"cannot connect to PostgreSQL: {str(e).strip().splitlines()[0]}") from None
+    try:
+        result = duckdb_to_postgres(duck, pg)
+    except psycopg.Error as e:
+        raise OpError(f"nothing was copied: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        pg.close()
+        duck.close()
+    print(f"copied {source} into {postgres_label(target)}")
+    _out({"columns": ["table", "rows", "copied"],
+          "rows": [[t, r["rows"], r["copied"]] for t, r in result.items()]}, args.json, None)
+    print("rows already there were kept; run it again at any time: it copies only what is missing")
 
 
 def _prune(args, cx: Context) -> None:
@@ -234,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     ex.add_argument("--out", required=True, help="directory to write into")
     ex.set_defaults(run=_export)
+    ms = sub.add_parser("migrate-store", help="copy the DuckDB audit, users and tokens into PostgreSQL (idempotent)")
+    ms.add_argument("--to", help="postgresql://user@host:5432/db (default: storage.postgres)")
+    ms.add_argument("--from", dest="source", help="the DuckDB file (default: storage.duckdb)")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(run=_migrate_store)
     pn = sub.add_parser("prune", help="delete records older than the retention period")
     pn.add_argument("--days", type=int, help="default: retention_days from the config (60)")
     pn.set_defaults(run=_prune)

@@ -220,6 +220,12 @@ def expand_env(value):
     return value
 
 
+def postgres_label(dsn: str) -> str:
+    """A PostgreSQL URL for messages and logs: host, port and database, never the password."""
+    parts = urlsplit(dsn)
+    return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
 def aibridge_home() -> Path:
     """Where the gateway's files live when nothing names them: $AIBRIDGE_HOME, else the checkout whose `.venv`
     runs this interpreter (scripts/run's layout), else the current directory. Never the package's own location:

@@ -21,7 +21,7 @@ from .apis.base import BadSettings
 from .auth import Actor, TokenDirectory, mask
 from .breaker import CircuitBreakers
 from .budgets import Budgets
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, postgres_label
 from .control import remove_runtime_file, write_runtime_file
 from .egress import EgressPolicy, local_addresses
 from .errors import error_response
@@ -49,13 +49,9 @@ def store_target(config: Config | None) -> tuple:
 
 def describe_store(config: Config) -> str:
     """Where the audit goes, for logs and errors (never a password)."""
-    pg = config.storage.postgres
-    if not pg:
-        return str(config.duckdb_path)
-    from urllib.parse import urlsplit
+    return postgres_label(config.storage.postgres) if config.storage.postgres else str(config.duckdb_path)
 
-    parts = urlsplit(pg)
-    return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
 log = logging.getLogger("aibridge")
 # One line per interception. Wired to the terminal handlers directly (see `running`): through the root logger
 # every record also becomes mitmproxy's deprecated `add_log` hook, a cross-thread call and a dispatch to every

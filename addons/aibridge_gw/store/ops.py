@@ -99,8 +99,14 @@ def tokens_revoke(conn, id: str) -> dict:
 _READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
+def postgres(conn) -> bool:
+    return getattr(conn, "dialect", "duckdb") == "postgres"
+
+
 def sql(conn, query_text: str, limit: int | None = None) -> dict:
     """Run read-only SQL: only SELECT (incl. WITH, SHOW, DESCRIBE) and EXPLAIN statements pass."""
+    if postgres(conn):
+        return _postgres_sql(conn.raw, query_text, limit)
     try:
         statements = duckdb.extract_statements(query_text)
     except duckdb.Error as e:
@@ -117,6 +123,32 @@ def sql(conn, query_text: str, limit: int | None = None) -> dict:
         except duckdb.Error as e:
             raise OpError(str(e).strip().splitlines()[0]) from None
     return result
+
+
+SQL_TIMEOUT = "120s"
+
+
+def _postgres_sql(raw, text: str, limit: int | None) -> dict:
+    """On PostgreSQL the server enforces read-only: the query runs in a READ ONLY transaction, which refuses a
+    data-modifying CTE, EXPLAIN ANALYZE of a DELETE or a function that writes; with a time limit."""
+    import psycopg
+
+    if not text.strip().rstrip(";").strip():
+        raise OpError("empty query")
+    try:
+        with raw.transaction():  # a savepoint when the CLI's transaction is open: read-only still applies
+            raw.execute("SET TRANSACTION READ ONLY")
+            raw.execute(f"SET LOCAL statement_timeout = '{SQL_TIMEOUT}'")
+            cur = raw.execute(text.strip().rstrip(";").replace("%", "%%"), ())  # `%` as psycopg escapes it
+            while cur.nextset():  # several statements: the last one's rows, as on DuckDB
+                pass
+            columns = [d.name for d in cur.description] if cur.description else []
+            rows = (cur.fetchmany(limit) if limit else cur.fetchall()) if cur.description else []
+    except psycopg.errors.ReadOnlySqlTransaction:
+        raise OpError("only read-only queries are allowed") from None
+    except psycopg.Error as e:
+        raise OpError(str(e).strip().splitlines()[0]) from None
+    return {"columns": columns, "rows": [[jsonable(v) for v in r] for r in rows]}
 
 
 def query(conn, text: str, params: list | None = None, limit: int | None = None) -> dict:
@@ -275,8 +307,26 @@ def export(conn, fmt: str, out: str) -> dict:
         raise OpError("format must be parquet or csv")
     target = pathlib.Path(out).expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
-    written = []
     tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users",)
+    if postgres(conn):  # through a DuckDB file of the same schema: the same files, types and formats
+        import tempfile
+
+        from .copy import postgres_to_duckdb
+        from .schema import migrate
+
+        with tempfile.TemporaryDirectory(prefix="aibridge-export-") as tmp:
+            duck = duckdb.connect(str(pathlib.Path(tmp) / "export.duckdb"))
+            try:
+                migrate(duck)
+                postgres_to_duckdb(conn.raw, duck, tables)
+                return _export_files(duck, fmt, target, tables)
+            finally:
+                duck.close()
+    return _export_files(conn, fmt, target, tables)
+
+
+def _export_files(conn, fmt: str, target, tables: tuple[str, ...]) -> dict:
+    written = []
     for table in tables:
         path = target / f"{table}.{fmt}"
         opts = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT csv, HEADER true)"

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET
 from .schema import migrate_postgres
-from .writer import Store, private_file
+from .writer import READERS, Store, private_file
 
 # DuckDB's information_schema spellings of the column types -> PostgreSQL array casts.
 _PG_TYPES = {"uuid": "uuid", "character varying": "varchar", "timestamp with time zone": "timestamptz", "json": "json",
@@ -30,8 +31,30 @@ def to_pyformat(sql: str) -> str:
     return _PLACEHOLDER.sub(lambda m: "%s" if m.group() == "?" else ("%%" if m.group() == "%" else m.group()), sql)
 
 
+def column_types(raw: psycopg.Connection) -> dict[str, dict[str, str]]:
+    """Table -> column -> PostgreSQL array element type, of every aibridge table (in column order)."""
+    types: dict[str, dict[str, str]] = {}
+    for table, column, dtype in raw.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_name LIKE 'aibridge_%' ORDER BY table_name, ordinal_position").fetchall():
+        types.setdefault(table, {})[column] = _PG_TYPES[dtype]
+    return types
+
+
+def insert_statements(raw: psycopg.Connection, tables: dict[str, tuple[str, ...]] = COLUMNS) -> dict[str, str]:
+    """Batch inserts for PostgreSQL: every column bound as one typed array and unnested."""
+    types = column_types(raw)
+    out = {}
+    for table, cols in tables.items():
+        arrays = ", ".join(f"%s::{types[table][c]}[]" for c in cols)
+        out[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM unnest({arrays})"
+    return out
+
+
 class PgConnection:
     """What the operations use of a DuckDB connection, over a psycopg one."""
+
+    dialect = "postgres"
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self.raw = conn
@@ -55,12 +78,15 @@ class PgStore(Store):
                  on_commit: Callable[[], None] | None = None) -> None:
         super().__init__(Path(local), after_op=after_op, spool=spool, close_stale=False, on_commit=on_commit)
         self.dsn = dsn
-        self._local = threading.local()  # a connection per reader thread
+        # Reads (the token directory each second, reports, admin API) on pooled connections, never the writer's.
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=READERS, kwargs={"autocommit": True}, open=False,
+                                    name="aibridge-read")
 
     def open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = psycopg.connect(self.dsn, autocommit=True)
         migrate_postgres(conn)
+        self._pool.open(wait=True, timeout=30)
         self._conn = PgConnection(conn)
         self._prepare_statements()
         if self.spool_path is not None:
@@ -71,15 +97,8 @@ class PgStore(Store):
         return self._conn
 
     def _prepare_statements(self) -> None:
-        types: dict[str, dict[str, str]] = {}
-        for table, column, dtype in self._conn.raw.execute(
-                "SELECT table_name, column_name, data_type FROM information_schema.columns "
-                "WHERE table_name LIKE 'aibridge_%'").fetchall():
-            types.setdefault(table, {})[column] = _PG_TYPES[dtype]
-        self._insert_sql = {}
-        for table, cols in COLUMNS.items():
-            arrays = ", ".join(f"%s::{types[table][c]}[]" for c in cols)
-            self._insert_sql[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM unnest({arrays})"
+        self._insert_sql = insert_statements(self._conn.raw)
+        types = column_types(self._conn.raw)
         cols = ("id",) + END_COLUMNS
         arrays = ", ".join(f"%s::{types['aibridge_interceptions'][c]}[]" for c in cols)
         sets = ", ".join(f"{c} = COALESCE(v.{c}, aibridge_interceptions.{c})" if c in KEPT_UNLESS_SET
@@ -91,18 +110,17 @@ class PgStore(Store):
         self._conn.raw.execute(sql, params)
 
     def read(self, fn):
-        """Run fn(connection) on a reader thread, over that thread's own connection (sees committed data)."""
+        """Run fn(connection) on a reader thread, over a pooled connection (sees committed data)."""
 
         def work():
-            conn = getattr(self._local, "conn", None)
-            if conn is None or conn.raw.closed:
-                conn = self._local.conn = PgConnection(psycopg.connect(self.dsn, autocommit=True))
-            return fn(conn)
+            with self._pool.connection() as conn:
+                return fn(PgConnection(conn))
 
         return self._readers.submit(work)
 
     def close(self, timeout: float = 30.0) -> None:
         conn = self._conn
         super().close(timeout)
+        self._pool.close()
         if conn is not None:
             conn.raw.close()

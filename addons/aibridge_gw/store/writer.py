@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _END_INDEX = {c: COLUMNS["aibridge_interceptions"].index(c) for c in END_COLUMNS}
 BATCH_WINDOW = 0.1  # seconds records may wait in memory before their batch is spooled and committed
+READERS = 2  # threads (and PostgreSQL connections) that run reads beside the writer
 MAX_BATCH = 2000  # records per transaction (binding them holds the GIL; keep each bind short)
 
 
@@ -141,7 +142,7 @@ class Store:
         self._wake = threading.Event()  # cuts the batch window short when someone waits for the writes
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._thread: threading.Thread | None = None
-        self._readers = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="aibridge-read")
+        self._readers = cf.ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="aibridge-read")
         self.written = 0
         self.dead_lettered = 0  # records the store could not take, kept in the dead-letter file
         self.stale_closed = 0
@@ -185,17 +186,8 @@ class Store:
         return count
 
     def _prepare_statements(self) -> None:
-        """The batch statements, built once: each column is bound as one typed list and unnested (a list of NULLs
-        alone gives DuckDB no type to infer, hence the casts from the schema's own column types)."""
-        types: dict[str, dict[str, str]] = {}
-        for table, column, dtype in self._conn.execute(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_name LIKE 'aibridge_%'"
-        ).fetchall():
-            types.setdefault(table, {})[column] = dtype
-        self._insert_sql: dict[str, str] = {}
-        for table, cols in COLUMNS.items():
-            sel = ", ".join(f"unnest(${n + 1}::{types[table][c]}[])" for n, c in enumerate(cols))
-            self._insert_sql[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel}"
+        self._insert_sql = insert_statements(self._conn)
+        types = column_types(self._conn)
         cols = ("id",) + END_COLUMNS
         sel = ", ".join(f"unnest(${n + 1}::{types['aibridge_interceptions'][c]}[]) AS {c}" for n, c in enumerate(cols))
         sets = ", ".join(f"{c} = COALESCE(v.{c}, aibridge_interceptions.{c})" if c in KEPT_UNLESS_SET
@@ -418,6 +410,27 @@ class Store:
     def _execute_batch(self, sql: str, params: list) -> None:
         self._conn.execute(sql, params)
 
+
+
+def column_types(conn) -> dict[str, dict[str, str]]:
+    """Table -> column -> DuckDB type, of every aibridge table (in column order)."""
+    types: dict[str, dict[str, str]] = {}
+    for table, column, dtype in conn.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_name LIKE 'aibridge_%' ORDER BY table_name, ordinal_position").fetchall():
+        types.setdefault(table, {})[column] = dtype
+    return types
+
+
+def insert_statements(conn, tables: dict[str, tuple[str, ...]] = COLUMNS) -> dict[str, str]:
+    """Batch inserts for DuckDB, built once: each column is bound as one typed list and unnested (a list of NULLs
+    alone gives DuckDB no type to infer, hence the casts from the schema's own column types)."""
+    types = column_types(conn)
+    out = {}
+    for table, cols in tables.items():
+        sel = ", ".join(f"unnest(${n + 1}::{types[table][c]}[])" for n, c in enumerate(cols))
+        out[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel}"
+    return out
 
 
 def _noop(conn) -> None:
