@@ -115,28 +115,45 @@ def start_mitmdump(work: Path, name: str, extra: list[str], env: dict | None = N
     return p, port
 
 
-def start_gateway(work: Path, mock_port: int, name: str = "gateway") -> tuple[subprocess.Popen, int, str, Path]:
+def start_gateway(work: Path, mock_port: int, name: str = "gateway", workers: int = 1,
+                  postgres: str | None = None) -> tuple[subprocess.Popen, int, str, Path]:
+    """The gateway as scripts/run starts it: one mitmdump, or with `workers` the supervisor and N workers."""
     db = work / f"{name}.duckdb"
     cfg = work / f"{name}.yaml"
+    storage = {"duckdb": str(db), **({"postgres": postgres} if postgres else {})}
     cfg.write_text(json.dumps({
         "providers": [{"name": "openai", "type": "openai", "base_url": f"http://127.0.0.1:{mock_port}/v1/",
                        "key": "sk-bench-upstream"}],
-        "storage": {"duckdb": str(db)}, "retention_days": 0,
+        "storage": storage, "retention_days": 0,
     }))
     env = {"AIBRIDGE_CONFIG": str(cfg)}
     run = lambda *a: subprocess.run([str(BIN / "aibridge"), *a], env={**os.environ, **env}, check=True,
                                     capture_output=True, text=True).stdout
     run("users", "add", "bench", "--admin")  # an admin: resetting the health counters needs one
     token = run("tokens", "create", "--user", "bench").strip().splitlines()[-1]
-    p, port = start_mitmdump(work, name, ["-s", str(ROOT / "addons" / "aibridge.py"),
-                                          "--set", f"aibridge_config={cfg}"], env)
-    for _ in range(100):  # ready when the control endpoint answers
+    args = ["-s", str(ROOT / "addons" / "aibridge.py"), "--set", f"aibridge_config={cfg}"]
+    if workers > 1:
+        port = free_port()
+        log = open(work / f"{name}.log", "wb")
+        p = subprocess.Popen([sys.executable, "-m", "aibridge_gw.workers", str(workers), "--listen-host", "127.0.0.1",
+                              "--listen-port", str(port), "--set", f"confdir={work / 'certs'}", "--set",
+                              "flow_detail=0", "--set", "termlog_verbosity=warn", *args],
+                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        wait_port(port)
+    else:
+        p, port = start_mitmdump(work, name, args, env)
+    import httpx
+
+    seen: set = set()
+    for _ in range(300):  # ready when every worker answers its health check
         try:
-            import httpx
-            if httpx.get(f"http://127.0.0.1:{port}/aibridge/healthz", trust_env=False).status_code == 200:
+            h = httpx.get(f"http://127.0.0.1:{port}/aibridge/healthz", trust_env=False).json()
+            seen.add(h.get("worker"))
+            if len(seen) >= workers:
                 break
         except Exception:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.05)
     return p, port, token, cfg
 
 
@@ -379,6 +396,197 @@ async def open_loop(target: Target, rate: float, seconds: float, upstream_delay:
             "p50_over": pct(over, .5) * 1000, "p99_over": pct(over, .99) * 1000, "errors": errors}
 
 
+# --- workers (scripts/run --workers N) and PostgreSQL -------------------------------------------------
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its descendants: a supervisor, its workers and the shared writer."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return total
+
+
+def wrk_load(target: Target, conns: int, seconds: float, work: Path) -> dict | None:
+    """Closed-loop load from wrk (Debian's `wrk`, C and epoll): a Python client would take more of the 2 cores
+    than the gateway workers it is meant to measure. None when wrk is not installed."""
+    import re
+    import shutil
+
+    if shutil.which("wrk") is None:
+        return None
+    script = work / "post.lua"
+    script.write_text(f"wrk.method = \"POST\"\nwrk.body = {json.dumps(json.dumps(BODY))}\n"
+                      "wrk.headers[\"Content-Type\"] = \"application/json\"\n"
+                      f"wrk.headers[\"Authorization\"] = \"Bearer {target.token or 'sk-direct'}\"\n")
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), target.url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
+    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "errors": errors}
+
+
+def load_with(target: Target, conns: int, seconds: float, work: Path) -> tuple[str, dict]:
+    r = wrk_load(target, conns, seconds, work)
+    if r is not None:
+        return "wrk", r
+    return "httpx", asyncio.run(closed_loop(target, conns, seconds))
+
+
+def postgres_cluster():
+    """A throw-away PostgreSQL (Debian's binaries, fsync on); None where there is none."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests.support.postgres import Cluster
+
+        return Cluster(durable=True).start()
+    except BaseException as e:  # the helper skips (a pytest exception) where no server is installed
+        print(f"  (no PostgreSQL here: {e})", flush=True)
+        return None
+
+
+def pg_write_capacity(dsn: str, work: Path, interceptions: int) -> dict:
+    """What one PostgreSQL here commits, through the gateway's own writer (PgStore: batches of up to 2000 records,
+    one unnest statement per table): each interception as the gateway records a call — its start, token usage,
+    prompt and end."""
+    import datetime as dt
+    import uuid
+
+    from aibridge_gw.store.pg import PgStore
+    from aibridge_gw.store.rows import INTERCEPTIONS, TOKEN_USAGES, USER_PROMPTS, interception_end
+
+    store = PgStore(dsn, work / "pg-capacity", spool=True)
+    store.open()
+    now = dt.datetime.now(dt.UTC)
+    user = str(uuid.uuid4())
+    records = []
+    for _ in range(interceptions):
+        iid = str(uuid.uuid4())
+        records += [
+            INTERCEPTIONS.row(id=iid, initiator_id=user, provider="openai", provider_name="openai", model="gpt-4.1",
+                              client="Unknown", credential_kind="centralized", credential_hint="sk-b…ench",
+                              status="in_progress", started_at=now, metadata="{}", api="openai.chat", stream=False),
+            TOKEN_USAGES.row(id=str(uuid.uuid4()), interception_id=iid, provider_response_id="chatcmpl-bench",
+                             input_tokens=5, output_tokens=1, cache_read_input_tokens=0, cache_write_input_tokens=0,
+                             metadata="{}", created_at=now),
+            USER_PROMPTS.row(id=str(uuid.uuid4()), interception_id=iid, provider_response_id="chatcmpl-bench",
+                             prompt="ping", created_at=now),
+            interception_end(iid, status="completed", ended_at=now, http_status=200, error=None, metadata="{}"),
+        ]
+    t = time.perf_counter()
+    for rec in records:
+        store.submit(rec)
+    store.flush().result(timeout=600)
+    elapsed = time.perf_counter() - t
+    store.close()
+    return {"interceptions_per_s": interceptions / elapsed, "records_per_s": len(records) / elapsed}
+
+
+def pg_completed(dsn: str) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM aibridge_interceptions WHERE status = 'completed'").fetchone()[0]
+
+
+def workers_section(work: Path, quick: bool, rows: list) -> None:
+    n = max(2, os.cpu_count() or 2)
+    dur = 3.0 if quick else 8.0
+    big_seconds = 10.0 if quick else 60.0
+    procs: list[subprocess.Popen] = []
+    cluster = None
+    try:
+        mock, mport = start_mock(work)
+        procs.append(mock)
+        small: dict[int, dict] = {}
+        generator = "httpx"
+        for count in (1, n):
+            proc, port, token, _ = start_gateway(work, mport, f"workers-{count}", workers=count)
+            procs.append(proc)
+            target = Target(f"{count} worker(s)", f"http://127.0.0.1:{port}/openai/v1/chat/completions", token=token)
+            load_with(target, 32, 1.0, work)  # warm-up
+            before = tree_cpu_seconds(proc.pid)
+            generator, r = load_with(target, 32, dur, work)
+            r["cpu_us"] = (tree_cpu_seconds(proc.pid) - before) * 1e6 / max(1.0, r["rps"] * dur)
+            small[count] = r
+            print(f"  small requests c=32 ({generator}), {count} worker(s): {r}", flush=True)
+            stop(proc)
+            procs.remove(proc)
+        one, many = small[1], small[n]
+        rows.append(("workers", f"small requests, c=32 ({generator}): req/s, {n} workers / 1",
+                     f"{many['rps'] / one['rps']:.2f}x ({many['rps']:.0f} / {one['rps']:.0f}; errors "
+                     f"{many['errors']} / {one['errors']})", ">= 1.5x"))
+        rows.append(("workers", f"small requests: gateway CPU per request (every process), {n} workers / 1",
+                     f"{many['cpu_us']:.0f} / {one['cpu_us']:.0f} µs", "(cores used = req/s x CPU per request)"))
+        rows.append(("workers", f"small requests: latency p50 / p99, {n} workers (1 worker)",
+                     f"{many['p50']:.1f} / {many['p99']:.1f} ms ({one['p50']:.1f} / {one['p99']:.1f})", ""))
+        stop(mock)
+        procs.remove(mock)
+
+        slow, sport = start_mock(work, delay=1.5)
+        procs.append(slow)
+        d = asyncio.run(open_loop(Target("direct", f"http://127.0.0.1:{sport}/v1/chat/completions"), 500, big_seconds,
+                                  1.5))
+        print(f"  500 req/s x {big_seconds:.0f} s, upstream 1.5 s, direct: {d}", flush=True)
+        stores = [("DuckDB", None)]
+        cluster = postgres_cluster()
+        if cluster is not None:
+            stores.append(("PostgreSQL", cluster.create_database("bench")))
+        sec = f"500 req/s, 1.5 s upstream, {n} workers"
+        for label, dsn in stores:
+            proc, port, token, cfg = start_gateway(work, sport, f"workers-slow-{label.lower()}", workers=n, postgres=dsn)
+            procs.append(proc)
+            target = Target(label, f"http://127.0.0.1:{port}/openai/v1/chat/completions", token=token)
+            before = pg_completed(dsn) if dsn else 0
+            r = asyncio.run(open_loop(target, 500, big_seconds, 1.5))
+            ended = time.perf_counter()
+            r["rss"] = tree_peak_rss_mb(proc.pid)
+            print(f"  500 req/s x {big_seconds:.0f} s, upstream 1.5 s, {n} workers on {label}: {r}", flush=True)
+            rows.append((sec, f"{label}: served req/s, success ({r['offered']} offered over {big_seconds:.0f} s)",
+                         f"{r['served_rps']:.1f} req/s, {r['success']:.1f}% (direct {d['served_rps']:.1f}, "
+                         f"{d['success']:.1f}%)", ">= 424 req/s, 100%"))
+            rows.append((sec, f"{label}: overhead p50 / p99 over direct",
+                         f"{r['p50_over'] - d['p50_over']:.1f} / {r['p99_over'] - d['p99_over']:.1f} ms "
+                         f"(peak RSS of every process {r['rss']:.0f} MB)", "p50 <= 3 ms"))
+            if dsn:
+                served = int(r["success"] * r["offered"] / 100 + 0.5)
+                got = pg_completed(dsn) - before
+                while got < served and time.perf_counter() - ended < 60:
+                    time.sleep(0.05)
+                    got = pg_completed(dsn) - before
+                lag = time.perf_counter() - ended
+                rows.append((sec, "PostgreSQL: calls recorded / answered, time until the last was committed",
+                             f"{got} / {served}, {lag * 1000:.0f} ms after the load ended "
+                             f"({got / (big_seconds + lag):.0f} interceptions/s written)", "equal"))
+            stop(proc)
+            procs.remove(proc)
+        if cluster is not None:
+            cap = pg_write_capacity(cluster.create_database("capacity"), work, 5000 if quick else 40000)
+            print(f"  PostgreSQL write capacity: {cap}", flush=True)
+            rows.append(("PostgreSQL", "write capacity of one server here (fsync on), the gateway's writer",
+                         f"{cap['interceptions_per_s']:.0f} interceptions/s ({cap['records_per_s']:.0f} records/s: "
+                         "start, usage, prompt, end)", "(bounds a fleet's calls/s per database)"))
+    finally:
+        for p in procs:
+            stop(p)
+        if cluster is not None:
+            cluster.stop()
+
+
 # --- the run ------------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -387,13 +595,26 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as markdown to this file")
     ap.add_argument("--peer", choices=["litellm"], help="also run the 500 req/s scenario through this peer gateway "
                     "(LiteLLM's proxy, installed into .bench/litellm on first use)")
+    ap.add_argument("--section", choices=["all", "single", "workers"], default="all",
+                    help="single: one gateway process against bare mitmdump; workers: scripts/run --workers N, "
+                         "the 500 req/s scenario on DuckDB and PostgreSQL, PostgreSQL's write rate")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "addons"))
     dur = 2.0 if args.quick else 5.0
     big_seconds = 10.0 if args.quick else 60.0
     burst_n = 2000 if args.quick else 10_000
     work = Path(tempfile.mkdtemp(prefix="aibridge-bench-"))
+    parts: dict[str, list[tuple[str, str, str, str]]] = {}  # part -> rows of (section, metric, value, target)
+    if args.section != "workers":
+        single_section(work, args, parts.setdefault("single", []), dur, big_seconds, burst_n)
+    if args.section != "single":
+        workers_section(work, args.quick, parts.setdefault("workers", []))
+    for part, rows in parts.items():
+        report(part, rows, args)
+
+
+def single_section(work: Path, args, rows: list, dur: float, big_seconds: float, burst_n: int) -> None:
     procs: list[subprocess.Popen] = []
-    rows: list[tuple[str, str, str, str]] = []  # section, metric, value, target
     try:
         import httpx
 
@@ -538,26 +759,34 @@ def main() -> None:
         for p in procs:
             stop(p)
 
+
+def report(part: str, rows: list, args) -> None:
+    """Print the part's table; with --out, replace that part's table in the file (between its markers), keeping
+    the hand-written analysis around it."""
     width = max(len(r[1]) for r in rows)
     print("\n| section | measure | result | target |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:<{width}} | {r[2]} | {r[3]} |")
-    if args.out:
-        cmd = "scripts/bench" + (" --quick" if args.quick else "") + (f" --peer {args.peer}" if args.peer else "")
-        table = (f"Measured with `{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores "
-                 f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, everything on "
-                 "loopback: the load generator, the mock provider, bare mitmdump and the gateway share the machine.\n\n"
-                 "| section | measure | result | target |\n|---|---|---|---|\n"
-                 + "".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |\n" for r in rows))
-        out = Path(args.out)
-        old = out.read_text() if out.exists() else ""
-        begin, end = "<!-- bench:begin -->\n", "<!-- bench:end -->"
-        if begin in old and end in old:  # keep the hand-written analysis around the generated table
-            head, rest = old.split(begin, 1)
-            out.write_text(head + begin + table + rest[rest.index(end):])
-        else:
-            out.write_text(f"# Benchmarks\n\n{begin}{table}{end}\n")
-        print(f"\nwritten to {args.out}")
+    if not args.out:
+        return
+    cmd = "scripts/bench" + (" --quick" if args.quick else "") + (f" --peer {args.peer}" if args.peer else "") \
+        + (f" --section {args.section}" if args.section != "all" else "")
+    who = ("the load generator, the mock provider, bare mitmdump and the gateway share the machine" if part == "single"
+           else "the load generator, the mock provider, the gateway's workers, its writer and PostgreSQL share the "
+                "machine")
+    table = (f"Measured with `{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores "
+             f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, everything on "
+             f"loopback: {who}.\n\n| section | measure | result | target |\n|---|---|---|---|\n"
+             + "".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |\n" for r in rows))
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- bench:{part}:begin -->\n", f"<!-- bench:{part}:end -->"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        out.write_text(head + begin + table + rest[rest.index(end):])
+    else:
+        out.write_text(old.rstrip("\n") + f"\n\n{begin}{table}{end}\n")
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

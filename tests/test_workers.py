@@ -195,3 +195,24 @@ def test_scripts_run_refuses_a_bad_worker_count():
     r = subprocess.run([str(ROOT / "scripts" / "run"), "--workers", "two"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--workers takes a number" in r.stderr
+
+
+def test_metrics_add_up_every_workers_counts_whichever_worker_is_scraped(workers, mock):
+    gw = workers()
+    token = gw.new_user("counted")
+    mock.default = Reply.json(anthropic_message("ok", (11, 5)))
+    _known_everywhere(gw, token)  # 8 calls with the prompt "probe"
+    assert [_call(gw, token, f"m{n}") for n in range(12)] == [200] * 12
+    rows = gw.wait_for("SELECT * FROM aibridge_interceptions WHERE status = 'completed'", lambda rows: len(rows) >= 20)
+    time.sleep(0.5)
+    completed = len(gw.sql("SELECT id FROM aibridge_interceptions WHERE status = 'completed'"))
+    import re
+
+    totals = set()
+    for _ in range(8):  # fresh connections: several workers answer
+        text = httpx.get(gw.url + "/aibridge/metrics", trust_env=False, timeout=10).text
+        found = re.findall(r'^aibridge_interceptions_total\{[^}]*status="completed"[^}]*\} ([\d.]+)$', text, re.M)
+        totals.add(sum(float(x) for x in found))
+        tokens = re.findall(r'^aibridge_tokens_total\{[^}]*type="input"[^}]*\} ([\d.]+)$', text, re.M)
+        assert sum(float(x) for x in tokens) == completed * 11
+    assert totals == {float(completed)}  # every call counted once, the same answer from every worker

@@ -66,6 +66,7 @@ CLIENTS: tuple[Client, ...] = (
     Client("llm", agents=("llm/",), titles=("llm",)),
 )
 _BY_NAME = {c.name: c for c in CLIENTS}
+_MARKERS = tuple(dict.fromkeys(m for c in CLIENTS for m in c.markers))  # every client-only header, looked up once
 # Sessions of clients we cannot name: the headers any of them uses for a conversation.
 _GENERIC_SESSIONS = ("x-session-id", "session_id", "session-id", "x-conversation-id", "conversation_id")
 # What Coder Agents says about the chat it serves (kept in the interception's metadata).
@@ -78,10 +79,11 @@ def detect_client(headers: Mapping[str, str]) -> str:
     originator = headers.get("originator", "").strip().lower()
     title = (headers.get("x-title") or headers.get("x-openrouter-title") or "").strip().lower()
     integration = headers.get("copilot-integration-id", "").strip().lower()
+    markers = {m for m in _MARKERS if headers.get(m)}
     for c in CLIENTS:
         if ((agent and agent.startswith(c.agents)) or (originator and originator.startswith(c.originators))
                 or (title and title in c.titles) or (integration and integration in c.integrations)
-                or any(headers.get(m) for m in c.markers)):
+                or (markers and not markers.isdisjoint(c.markers))):
             return c.name
     return UNKNOWN
 

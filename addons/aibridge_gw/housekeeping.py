@@ -26,8 +26,10 @@ class Housekeeping:
     async def running(self) -> None:
         if self.rt.store is None or not ctx.options.server or self._tasks:
             return
-        self._tasks = [asyncio.create_task(c) for c in (self._prune_periodically(), self._watch_event_loop(),
-                                                         self._watch_upstreams())]
+        jobs = [self._watch_event_loop(), self._watch_upstreams()]
+        if self.rt.worker in (None, 1):  # the workers of one machine share a store: one of them prunes it
+            jobs.append(self._prune_periodically())
+        self._tasks = [asyncio.create_task(c) for c in jobs]
 
     def done(self) -> None:
         if self._gc_timer in gc.callbacks:
@@ -62,10 +64,14 @@ class Housekeeping:
         if self._gc_timer not in gc.callbacks:
             gc.callbacks.append(self._gc_timer)
         loop = asyncio.get_running_loop()
+        ticks = 0
         while True:
             start = loop.time()
             await asyncio.sleep(interval)
             lag = loop.time() - start - interval
+            ticks += 1
+            if self.rt.metrics.multiprocess and ticks % 50 == 0:  # about every second
+                self.rt.metrics.refresh()
             if lag > self.loop_lag_max:
                 self.loop_lag_max = lag
                 self.rt.metrics.loop_lag_max.set(lag)

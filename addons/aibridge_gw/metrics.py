@@ -1,11 +1,20 @@
-"""Prometheus metrics with the names and labels of Coder's AI Bridge (prefix configurable, default aibridge_)."""
+"""Prometheus metrics with the names and labels of Coder's AI Bridge (prefix configurable, default aibridge_).
+
+With `scripts/run --workers N` any worker may answer a scrape, so every worker keeps its values in
+prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) and a scrape adds them
+up: counters and histograms summed over every worker that ever ran, gauges over the live ones (in flight: the
+sum; states and stalls: the worst)."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 MAX_LABELS = 200  # distinct model (and tool) names that get their own series
@@ -17,6 +26,8 @@ class Metrics:
 
     def __init__(self, prefix: str = "aibridge_") -> None:
         r = self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self._functions: list[tuple[object, Callable[[], float]]] = []  # gauges read when scraped
         self._children: dict[tuple, object] = {}
         self._models: set[str] = set()
         self._tools: set[str] = set()
@@ -25,7 +36,7 @@ class Metrics:
                                      ["provider", "model", "status", "route", "method", "initiator_id", "client"],
                                      registry=r)
         self.inflight = Gauge(f"{p}interceptions_inflight", "Intercepted requests in progress.",
-                              ["provider", "model", "route"], registry=r)
+                              ["provider", "model", "route"], registry=r, multiprocess_mode="livesum")
         self.duration = Histogram(f"{p}interceptions_duration_seconds", "Time from request to the end of the response.",
                                   ["provider", "model"], registry=r,
                                   buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600))
@@ -39,14 +50,16 @@ class Metrics:
                                       ["provider", "model", "name", "status"], registry=r)
         self.breaker_state = Gauge(f"{p}circuit_breaker_state",
                                    "Circuit breaker state (0 closed, 1 open, 2 half-open).",
-                                   ["provider", "endpoint", "model"], registry=r)
+                                   ["provider", "endpoint", "model"], registry=r, multiprocess_mode="livemax")
         self.breaker_trips = Counter(f"{p}circuit_breaker_trips_total", "Times a circuit breaker opened.",
                                      ["provider", "endpoint", "model"], registry=r)
-        self.loop_lag_max = Gauge(f"{p}event_loop_lag_max_seconds", "Longest event-loop stall seen.", registry=r)
+        self.loop_lag_max = Gauge(f"{p}event_loop_lag_max_seconds", "Longest event-loop stall seen.", registry=r,
+                                  multiprocess_mode="livemax")
         self.dead_letters = Gauge(f"{p}records_dead_lettered", "Audit records the store could not take, kept in "
-                                  "the dead-letter file.", registry=r)
+                                  "the dead-letter file.", registry=r, multiprocess_mode="livemax")
         self.key_state = Gauge(f"{p}upstream_key_state", "Upstream keys of a failover pool (0 ready, 1 cooling "
-                               "down after a 429, 2 disabled after a 401/403).", ["provider", "key"], registry=r)
+                               "down after a 429, 2 disabled after a 401/403).", ["provider", "key"], registry=r,
+                               multiprocess_mode="livemax")
         self.key_failovers = Counter(f"{p}upstream_key_failovers_total", "Requests sent again with another key of "
                                      "the pool, by why the key was left.", ["provider", "reason"], registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
@@ -78,5 +91,24 @@ class Metrics:
             c = self._children[key] = metric.labels(*labels)
         return c
 
+    def gauge_function(self, gauge, fn: Callable[[], float]) -> None:
+        """A gauge whose value is read when scraped (multiprocess files hold only set values: set it then)."""
+        if self.multiprocess:
+            self._functions.append((gauge, fn))
+        else:
+            gauge.set_function(fn)
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write the read-when-scraped gauges (each worker, every second, and before a scrape)."""
+        for gauge, fn in self._functions:
+            gauge.set(fn())
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        self.refresh()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)

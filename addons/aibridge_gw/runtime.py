@@ -185,8 +185,8 @@ class Runtime:
                 prev = old.get((p.name, k.key))
                 if prev is not None:
                     pool.keys[n] = prev
-                self.metrics.child(self.metrics.key_state, p.name, k.hint).set_function(
-                    lambda k=pool.keys[n]: KEY_STATES[k.state(time.monotonic())])
+                self.metrics.gauge_function(self.metrics.child(self.metrics.key_state, p.name, k.hint),
+                                            lambda k=pool.keys[n]: KEY_STATES[k.state(time.monotonic())])
             pools[p.name] = pool
         self.pools = pools
 
@@ -212,7 +212,7 @@ class Runtime:
         except Exception as e:
             raise exceptions.OptionsError(f"aibridge: cannot open {describe_store(config)}: {e}") from None
         self.store = store
-        self.metrics.dead_letters.set_function(lambda: self.store.dead_lettered if self.store else 0)
+        self.metrics.gauge_function(self.metrics.dead_letters, lambda: self.store.dead_lettered if self.store else 0)
         self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result(),
                               store.run("users").result())
         self.recorder = Recorder(store)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from prometheus_client import multiprocess
+
+from .metrics import MULTIPROCESS_ENV
 
 WORKER_ENV = "AIBRIDGE_WORKER"  # this worker's number, 1..N
 WORKERS_ENV = "AIBRIDGE_WORKERS"  # how many workers share the port
@@ -136,6 +141,7 @@ class Supervisor:
         self.quick_deaths: dict[int, int] = {}
         self.writer: subprocess.Popen | None = None
         self.socket_dir: str | None = None
+        self.metrics_dir: str | None = None
         self.socket: str | None = None
         self.secret: str | None = None
         self.stopping = False
@@ -169,7 +175,8 @@ class Supervisor:
 
     def start_worker(self, n: int) -> None:
         env = dict(os.environ)
-        env.update({WORKER_ENV: str(n), WORKERS_ENV: str(self.count), CONTROL_SECRET_ENV: self.secret})
+        env.update({WORKER_ENV: str(n), WORKERS_ENV: str(self.count), CONTROL_SECRET_ENV: self.secret,
+                    MULTIPROCESS_ENV: self.metrics_dir})
         if self.socket:
             env[STORE_SOCKET_ENV] = self.socket
         command = [sys.executable, "-m", "aibridge_gw.workers", "--worker", *self.command]
@@ -189,8 +196,10 @@ class Supervisor:
 
             confdir = _set_option(self.command, "confdir") or "~/.mitmproxy"
             ensure_ca(Path(os.path.expanduser(confdir)))
+            self.socket_dir = tempfile.mkdtemp(prefix="aibridge-")  # private (0700): the socket, the metrics
+            self.metrics_dir = os.path.join(self.socket_dir, "metrics")
+            os.mkdir(self.metrics_dir)
             if not self.config.storage.postgres:
-                self.socket_dir = tempfile.mkdtemp(prefix="aibridge-")
                 self.socket = os.path.join(self.socket_dir, "store.sock")
                 self.start_writer(close_stale=True)
             host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
@@ -206,11 +215,7 @@ class Supervisor:
             self._shutdown()
             remove_runtime_file(db, self.secret)
             if self.socket_dir:
-                try:
-                    os.unlink(self.socket)
-                except OSError:
-                    pass
-                os.rmdir(self.socket_dir)
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
             os.umask(old)
 
     def _stop(self, signum, frame) -> None:
@@ -236,6 +241,7 @@ class Supervisor:
                     log.error("aibridge: worker %d keeps exiting (%s); stopping", n, code)
                     return code or 1
                 log.error("aibridge: worker %d (pid %d) exited (%s); starting it again", n, proc.pid, code)
+                multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # its gauges go; its counts stay
                 self.start_worker(n)
         return 0
 

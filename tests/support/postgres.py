@@ -23,7 +23,8 @@ def _bin_dir() -> Path | None:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable  # fsync on (benchmarks of the write rate); tests run without it
         self.bin = _bin_dir()
         if self.bin is None:
             pytest.skip("no PostgreSQL server binaries here (apt-get install postgresql)")
@@ -48,7 +49,8 @@ class Cluster:
         if r.returncode != 0:
             self.remove()
             pytest.skip(f"initdb failed here: {r.stderr.strip()[-300:]}")
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        options += "" if self.durable else " -c fsync=off"
         r = self._run("pg_ctl", "-D", str(self.dir / "data"), "-o", options, "-l", str(self.dir / "log"), "-w",
                       "start")
         if r.returncode != 0:
