@@ -47,3 +47,20 @@ def test_error_pages_are_json_both_sdk_families_read():
     assert head.startswith(b"HTTP/1.1 502") and b"application/json" in head
     err = json.loads(body)
     assert err["type"] == "error" and err["error"]["type"] == "api_error" and "connection refused" in err["error"]["message"]
+
+
+def test_the_shared_listener_patch_wraps_mitmproxys_tcp_listen():
+    """`--workers N` binds the one port with SO_REUSEPORT through this patch; mitmproxy's listen must keep the
+    (self, host, port) shape and asyncio.start_server its reuse_port option."""
+    import asyncio
+
+    from mitmproxy.proxy.mode_servers import AsyncioServerInstance
+
+    original = _original(AsyncioServerInstance.listen)
+    assert list(inspect.signature(original).parameters) == ["self", "host", "port"]
+    assert inspect.iscoroutinefunction(original)
+    assert "reuse_port" in inspect.signature(asyncio.BaseEventLoop.create_server).parameters
+    patches.install_shared_listener()
+    first = AsyncioServerInstance.listen
+    patches.install_shared_listener()
+    assert AsyncioServerInstance.listen is first and first.aibridge
