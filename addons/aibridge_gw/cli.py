@@ -116,7 +116,7 @@ def _migrate_store(args, cx: Context) -> None:
     import duckdb
     import psycopg
 
-    from .store.copy import duckdb_to_postgres
+    from .store.copy import CopyRefused, duckdb_to_postgres
 
     source = Path(args.source).expanduser() if args.source else cx.db
     target = args.to or cx.config.storage.postgres
@@ -139,6 +139,8 @@ def _migrate_store(args, cx: Context) -> None:
         raise OpError(f"cannot connect to PostgreSQL: {str(e).strip().splitlines()[0]}") from None
     try:
         result = duckdb_to_postgres(duck, pg)
+    except CopyRefused as e:
+        raise OpError(str(e)) from None
     except psycopg.Error as e:
         raise OpError(f"nothing was copied: {str(e).strip().splitlines()[0]}") from None
     finally:

@@ -10,8 +10,9 @@ that each patch took, so a mitmproxy upgrade that moves them fails loudly instea
 - Upstream failures (`HttpStream.handle_protocol_error`): for intercepted flows the client gets the provider's own
   JSON error (before the response started) or the API's error event and a clean end of the stream (after) —
   see upstream_faults.py.
-- Listening (`ServerInstance.listen` of TCP modes): with `scripts/run --workers N` each worker binds the one port
-  with SO_REUSEPORT, so the kernel spreads connections over the workers (see workers.py).
+- Listening (`ServerInstance.listen` of TCP modes), in `scripts/run --workers N`'s workers only (workers.worker
+  installs it before mitmdump starts): each binds the one port with SO_REUSEPORT, so the kernel spreads
+  connections over the workers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ def install(decide: "Decide") -> None:
     install_request_form_marker()
     install_json_error_pages()
     install_client_endings(decide)
-    install_shared_listener()
 
 
 def install_request_form_marker() -> None:
@@ -137,21 +137,20 @@ def _events(stream_id: int, ending: ClientEnding) -> list:
 
 
 def install_shared_listener() -> None:
-    """With `scripts/run --workers N` (workers.WORKERS_ENV set), bind the listening port with SO_REUSEPORT: every
-    worker listens on the same port and the kernel spreads new connections over them. mitmproxy's own listen
-    binds without it; nothing else changes (one TCP server per mode, as mitmproxy starts it)."""
+    """For a worker of `scripts/run --workers N` only: bind the listening port with SO_REUSEPORT, so every worker
+    listens on the same port and the kernel spreads new connections over them. mitmproxy's own listen binds
+    without it; nothing else changes (one TCP server per mode, as mitmproxy starts it). Never installed in a
+    plain gateway: two of them must not silently share a port."""
     import asyncio
 
     from mitmproxy.proxy.mode_servers import AsyncioServerInstance
-
-    from .workers import shared_listener
 
     original = AsyncioServerInstance.listen
     if getattr(original, "aibridge", False):
         return
 
     async def listen(self, host: str, port: int):
-        if not shared_listener() or self.mode.transport_protocol != "tcp" or port == 0:
+        if self.mode.transport_protocol != "tcp" or port == 0:
             return await original(self, host, port)
         return [await asyncio.start_server(self.handle_stream, host or None, port, reuse_port=True)]
 

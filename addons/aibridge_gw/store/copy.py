@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .ops import OpError
+
+class CopyRefused(Exception):
+    """The copy would be wrong; nothing was copied. The message says what to do."""
+
 
 # Every table a store holds, in an order that keeps references valid; key columns for ON CONFLICT.
 # aibridge_request_counts is not copied: per-minute counters mean nothing an hour later.
@@ -38,17 +41,17 @@ def duckdb_to_postgres(duck, pg, progress: Callable[[str, int, int], None] | Non
     """Copy every table of the DuckDB connection `duck` into PostgreSQL (`pg`, a psycopg connection in autocommit
     mode), in one transaction: all of it or nothing. Rows already there are kept — PostgreSQL is where users and
     tokens live once a fleet runs — except an interception still in progress there, which takes DuckDB's ending."""
-    from .pg import insert_statements
     from .schema import migrate, migrate_postgres
+    from .statements import pg_insert_statements
 
     migrate(duck)  # an older DuckDB file gains the newer (empty) columns first, in memory of this transaction
     migrate_postgres(pg)
     clashes = _clashing_users(duck, pg)
     if clashes:
-        raise OpError("these user names exist in both stores with different ids: " + ", ".join(clashes)
+        raise CopyRefused("these user names exist in both stores with different ids: " + ", ".join(clashes)
                       + "; rename or remove them in PostgreSQL first (their calls would belong to the wrong user)")
     tables = {t: _columns(duck.execute, t) for t, _ in COPIED}
-    statements = insert_statements(pg, tables)
+    statements = pg_insert_statements(pg, tables)
     result = {}
     with pg.transaction():
         for table, key in COPIED:
@@ -83,7 +86,7 @@ def postgres_to_duckdb(pg, duck, tables: tuple[str, ...]) -> None:
     JSON comes over as its text, as DuckDB stores it."""
     from psycopg.types.string import TextLoader
 
-    from .writer import insert_statements
+    from .statements import insert_statements
 
     columns = {t: _columns(duck.execute, t) for t in tables}
     statements = insert_statements(duck, columns)

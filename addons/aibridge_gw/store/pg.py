@@ -18,37 +18,15 @@ from psycopg_pool import ConnectionPool
 
 from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET
 from .schema import migrate_postgres
+from .statements import pg_column_types, pg_insert_statements
 from .writer import READERS, Store, private_file
 
-# DuckDB's information_schema spellings of the column types -> PostgreSQL array casts.
-_PG_TYPES = {"uuid": "uuid", "character varying": "varchar", "timestamp with time zone": "timestamptz", "json": "json",
-             "boolean": "boolean", "bigint": "bigint", "integer": "integer"}
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|%")
 
 
 def to_pyformat(sql: str) -> str:
     """`?` placeholders (outside string literals) as psycopg's `%s`; a literal `%` doubled."""
     return _PLACEHOLDER.sub(lambda m: "%s" if m.group() == "?" else ("%%" if m.group() == "%" else m.group()), sql)
-
-
-def column_types(raw: psycopg.Connection) -> dict[str, dict[str, str]]:
-    """Table -> column -> PostgreSQL array element type, of every aibridge table (in column order)."""
-    types: dict[str, dict[str, str]] = {}
-    for table, column, dtype in raw.execute(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns "
-            "WHERE table_name LIKE 'aibridge_%' ORDER BY table_name, ordinal_position").fetchall():
-        types.setdefault(table, {})[column] = _PG_TYPES[dtype]
-    return types
-
-
-def insert_statements(raw: psycopg.Connection, tables: dict[str, tuple[str, ...]] = COLUMNS) -> dict[str, str]:
-    """Batch inserts for PostgreSQL: every column bound as one typed array and unnested."""
-    types = column_types(raw)
-    out = {}
-    for table, cols in tables.items():
-        arrays = ", ".join(f"%s::{types[table][c]}[]" for c in cols)
-        out[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM unnest({arrays})"
-    return out
 
 
 class PgConnection:
@@ -97,8 +75,8 @@ class PgStore(Store):
         return self._conn
 
     def _prepare_statements(self) -> None:
-        self._insert_sql = insert_statements(self._conn.raw)
-        types = column_types(self._conn.raw)
+        self._insert_sql = pg_insert_statements(self._conn.raw)
+        types = pg_column_types(self._conn.raw)
         cols = ("id",) + END_COLUMNS
         arrays = ", ".join(f"%s::{types['aibridge_interceptions'][c]}[]" for c in cols)
         sets = ", ".join(f"{c} = COALESCE(v.{c}, aibridge_interceptions.{c})" if c in KEPT_UNLESS_SET

@@ -32,6 +32,7 @@ import duckdb
 
 from .rows import COLUMNS, END_COLUMNS, JSON_COLUMNS, KEPT_UNLESS_SET, EndInterception, Insert
 from .schema import migrate, transaction
+from .statements import column_types, insert_statements
 
 log = logging.getLogger(__name__)
 
@@ -410,27 +411,6 @@ class Store:
     def _execute_batch(self, sql: str, params: list) -> None:
         self._conn.execute(sql, params)
 
-
-
-def column_types(conn) -> dict[str, dict[str, str]]:
-    """Table -> column -> DuckDB type, of every aibridge table (in column order)."""
-    types: dict[str, dict[str, str]] = {}
-    for table, column, dtype in conn.execute(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns "
-            "WHERE table_name LIKE 'aibridge_%' ORDER BY table_name, ordinal_position").fetchall():
-        types.setdefault(table, {})[column] = dtype
-    return types
-
-
-def insert_statements(conn, tables: dict[str, tuple[str, ...]] = COLUMNS) -> dict[str, str]:
-    """Batch inserts for DuckDB, built once: each column is bound as one typed list and unnested (a list of NULLs
-    alone gives DuckDB no type to infer, hence the casts from the schema's own column types)."""
-    types = column_types(conn)
-    out = {}
-    for table, cols in tables.items():
-        sel = ", ".join(f"unnest(${n + 1}::{types[table][c]}[])" for n, c in enumerate(cols))
-        out[table] = f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel}"
-    return out
 
 
 def _noop(conn) -> None:
