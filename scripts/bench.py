@@ -199,18 +199,32 @@ def start_litellm(work: Path, mock_port: int) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("litellm did not become ready")
 
 
-def tree_peak_rss_mb(pid: int) -> float:
-    """Peak RSS of a process and its descendants (servers that fork workers)."""
-    total, todo = 0.0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (servers that fork workers; the supervisor, its workers and writer)."""
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
+        found.append(p)
         try:
-            total += peak_rss_mb(p)
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             pass
+    return found
+
+
+def _tree_sum(pid: int, measure) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += measure(p)
+        except OSError:
+            pass
     return total
+
+
+def tree_peak_rss_mb(pid: int) -> float:
+    return _tree_sum(pid, peak_rss_mb)
 
 
 def stop(p: subprocess.Popen) -> None:
@@ -399,17 +413,7 @@ async def open_loop(target: Target, rate: float, seconds: float, upstream_delay:
 # --- workers (scripts/run --workers N) and PostgreSQL -------------------------------------------------
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its descendants: a supervisor, its workers and the shared writer."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            total += cpu_seconds(p)
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return total
+    return _tree_sum(pid, cpu_seconds)
 
 
 def wrk_load(target: Target, conns: int, seconds: float, work: Path) -> dict | None:
