@@ -211,3 +211,37 @@ def test_metrics_add_up_every_workers_counts_whichever_worker_is_scraped(workers
         tokens = re.findall(r'^aibridge_tokens_total\{[^}]*type="input"[^}]*\} ([\d.]+)$', text, re.M)
         assert sum(float(x) for x in tokens) == completed * 11
     assert totals == {float(completed)}  # every call counted once, the same answer from every worker
+
+
+def test_a_killed_shared_writer_is_restarted_and_the_workers_record_through_the_new_one(workers, mock):
+    """The one DuckDB writer dies (`kill -9`): the supervisor starts another, which replays the spool the dead one
+    left; workers reconnect and keep recording. What it had committed or spooled is kept."""
+    import os
+
+    gw = workers()
+    token = gw.new_user("rewritten")
+    mock.default = Reply.json(anthropic_message("ok", (11, 5)))
+    _known_everywhere(gw, token)
+    before = [f"before {n}" for n in range(6)]
+    assert [_call(gw, token, p) for p in before] == [200] * 6
+    gw.wait_for("SELECT * FROM aibridge_user_prompts WHERE prompt LIKE 'before%'", lambda rows: len(rows) == 6)
+    writer = int(subprocess.run(["pgrep", "-f", f"aibridge_gw.store.server {gw.db}"], capture_output=True,
+                                text=True).stdout.split()[0])
+    os.kill(writer, signal.SIGKILL)
+    after = [f"after {n}" for n in range(6)]
+    assert [_call(gw, token, p) for p in after] == [200] * 6  # serving never depended on the writer being up
+    from aibridge_gw.store.ops import OpError
+
+    deadline = time.monotonic() + 30
+    while True:  # queries answer again once the worker that takes them has reconnected
+        try:
+            gw.sql("SELECT 1")
+            break
+        except OpError:
+            assert time.monotonic() < deadline, gw.log()[-3000:]
+            time.sleep(0.2)
+    rows = gw.wait_for("SELECT p.prompt FROM aibridge_user_prompts p JOIN aibridge_interceptions i "
+                       "ON i.id = p.interception_id WHERE i.status = 'completed' AND p.prompt <> 'probe'",
+                       lambda rows: len(rows) >= 12, timeout=30)
+    assert sorted(r["prompt"] for r in rows) == sorted(before + after)
+    assert "the store process exited" in gw.log()
