@@ -458,3 +458,38 @@ def test_migrate_store_copies_a_duckdb_audit_into_postgresql_once(cluster, tmp_p
         conn.execute("UPDATE aibridge_users SET id = gen_random_uuid() WHERE name = 'veteran'")
     clash = duck_gw.cli("migrate-store", "--to", dsn)
     assert clash.returncode == 1 and "veteran" in clash.stderr
+
+
+def test_postgresql_urls_never_leak_their_password(tmp_path, mock):
+    """libpq quotes a URL it cannot parse whole: the config check, the CLI and the gateway's start-up say what is
+    wrong without the password."""
+    from tests.support.gateway import Gateway
+
+    secret = "pw-SHOULD-NOT-APPEAR"
+    malformed = f"postgresql://aibridge:{secret}@[db.internal/aibridge"
+    unreachable = f"postgresql://aibridge:{secret}@127.0.0.1:1/aibridge"
+    gw = Gateway(tmp_path / "malformed", mock.url, extra={"storage": {"duckdb": str(tmp_path / "m.duckdb"),
+                                                                      "postgres": malformed}})
+    r = gw.cli("users", "list")
+    assert r.returncode == 1 and "storage.postgres" in r.stderr and secret not in r.stderr + r.stdout
+    with pytest.raises(RuntimeError) as started:
+        gw.start()
+    gw.stop()
+    assert "storage.postgres" in str(started.value) and secret not in str(started.value)
+
+    gw = Gateway(tmp_path / "unreachable", mock.url, extra={"storage": {"duckdb": str(tmp_path / "u.duckdb"),
+                                                                        "postgres": unreachable}})
+    r = gw.cli("users", "list")
+    assert r.returncode == 1 and "127.0.0.1:1" in r.stderr and secret not in r.stderr + r.stdout
+    with pytest.raises(RuntimeError) as started:
+        gw.start()
+    gw.stop()
+    assert "PostgreSQL" in str(started.value) and secret not in str(started.value)
+
+    duck = Gateway(tmp_path / "source", mock.url)
+    duck.op("users.add", name="someone")
+    for url in (malformed, unreachable):
+        r = duck.cli("migrate-store", "--to", url)
+        assert r.returncode == 1 and secret not in r.stderr + r.stdout, r.stderr
+    holding = [p.name for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert holding == ["aibridge.yaml", "aibridge.yaml"]  # only the two configs that hold it: no log, no spool

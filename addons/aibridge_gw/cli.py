@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .certs import CA_P12, bundle, default_confdir, ensure_ca, gateway_url
 from .guides import GUIDES, env_lines
-from .config import Config, ConfigError, load_config, postgres_label
+from .config import Config, ConfigError, load_config, postgres_error, postgres_label
 from .control import run_gateway_op, run_op
 from .store.ops import OpError
 
@@ -136,13 +136,13 @@ def _migrate_store(args, cx: Context) -> None:
         pg = psycopg.connect(target, autocommit=True)
     except psycopg.Error as e:
         duck.close()
-        raise OpError(f"cannot connect to PostgreSQL: {str(e).strip().splitlines()[0]}") from None
+        raise OpError(f"cannot connect to {postgres_label(target)}: {postgres_error(e, target)}") from None
     try:
         result = duckdb_to_postgres(duck, pg)
     except CopyRefused as e:
         raise OpError(str(e)) from None
     except psycopg.Error as e:
-        raise OpError(f"nothing was copied: {str(e).strip().splitlines()[0]}") from None
+        raise OpError(f"nothing was copied: {postgres_error(e, target)}") from None
     finally:
         pg.close()
         duck.close()

@@ -222,8 +222,27 @@ def expand_env(value):
 
 def postgres_label(dsn: str) -> str:
     """A PostgreSQL URL for messages and logs: host, port and database, never the password."""
-    parts = urlsplit(dsn)
-    return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+    try:
+        parts = urlsplit(dsn)
+        return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+    except ValueError:  # a malformed URL: say nothing of it that could be a secret
+        return "PostgreSQL (a malformed URL)"
+
+
+def postgres_error(error: BaseException | str, dsn: str) -> str:
+    """A driver's error as text safe for logs and terminals: libpq quotes a URL it cannot parse whole, password
+    included, so the URL and its password are cut out."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        password = None
+    text = text.replace(dsn, postgres_label(dsn))
+    if password:
+        text = text.replace(password, "***")
+    if "@" in text and "://" in text:  # whatever else of a URL with credentials is left
+        text = re.sub(r"\b(postgres(?:ql)?://)[^@\s\"']*@", r"\1***@", text)
+    return text
 
 
 def aibridge_home() -> Path:
@@ -316,6 +335,13 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
     if postgres is not None and not (isinstance(postgres, str) and postgres.startswith(("postgresql://",
                                                                                          "postgres://"))):
         raise ConfigError("storage.postgres: must be a postgresql://user@host:port/database URL")
+    if postgres is not None:
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            conninfo_to_dict(postgres)
+        except Exception as e:  # malformed: refuse now, in words that never repeat the URL (it may hold a password)
+            raise ConfigError(f"storage.postgres: not a valid URL ({postgres_error(e, postgres)})") from None
     unknown = set(storage) - {"duckdb", "postgres"}
     if unknown:
         raise ConfigError(f"storage: unknown key(s) {', '.join(sorted(unknown))}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 
+from .config import postgres_error, postgres_label
 from .store import ops
 from .store.schema import migrate, transaction
 
@@ -108,14 +109,14 @@ def _postgres(dsn: str, name: str, args: dict) -> Any:
     try:
         conn = psycopg.connect(dsn, autocommit=True)
     except psycopg.Error as e:
-        raise ops.OpError(f"cannot connect to PostgreSQL: {str(e).splitlines()[0]}") from None
+        raise ops.OpError(f"cannot connect to {postgres_label(dsn)}: {postgres_error(e, dsn)}") from None
     try:
         if writes:
             migrate_postgres(conn)
         with transaction(PgConnection(conn)) as c:
             return fn(c, **args)
     except psycopg.Error as e:
-        raise ops.OpError(str(e).splitlines()[0]) from None
+        raise ops.OpError(postgres_error(e, dsn)) from None
     finally:
         conn.close()
 

@@ -77,7 +77,12 @@ def main(argv: list[str]) -> int:
                 return 1
             time.sleep(0.1)
         except Exception as e:
-            own.send({"t": "error", "m": f"cannot open {'PostgreSQL' if dsn else path}: {type(e).__name__}: {e}"})
+            if dsn:
+                from ..config import postgres_error
+
+                own.send({"t": "error", "m": f"cannot open PostgreSQL: {type(e).__name__}: {postgres_error(e, dsn)}"})
+            else:
+                own.send({"t": "error", "m": f"cannot open {path}: {type(e).__name__}: {e}"})
             return 1
     if listen:
         try:
