@@ -493,3 +493,40 @@ def test_postgresql_urls_never_leak_their_password(tmp_path, mock):
         assert r.returncode == 1 and secret not in r.stderr + r.stdout, r.stderr
     holding = [p.name for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert holding == ["aibridge.yaml", "aibridge.yaml"]  # only the two configs that hold it: no log, no spool
+
+
+def test_calls_a_dead_gateway_left_in_progress_for_hours_are_ended_by_the_fleet(cluster, tmp_path, mock):
+    """No gateway may close every in-progress row at start-up in a fleet (the others' are live); rows hours old
+    can only have been left by a gateway that died, and are ended failed. A recent one is left alone."""
+    import datetime as dt
+    import time
+
+    from tests.support.gateway import Gateway
+
+    dsn = cluster.create_database("abandoned")
+    with psycopg.connect(dsn) as conn:
+        migrate_postgres(conn)
+    now = dt.datetime.now(dt.UTC)
+    old, recent = "aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000002"
+    from aibridge_gw.store.pg import PgStore
+
+    store = PgStore(dsn, tmp_path / "seed")
+    store.open()
+    store.submit(_interception(old, now - dt.timedelta(hours=7)))
+    store.submit(_interception(recent, now - dt.timedelta(minutes=3)))
+    store.flush().result(timeout=30)
+    store.close()
+    gw = Gateway(tmp_path / "gw", mock.url,
+                 extra={"storage": {"duckdb": str(tmp_path / "gw" / "spool.duckdb"), "postgres": dsn}}).start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with psycopg.connect(dsn) as conn:
+                rows = dict(conn.execute("SELECT CAST(id AS VARCHAR), status || ': ' || coalesce(error, '') "
+                                         "FROM aibridge_interceptions").fetchall())
+            if rows[old] != "in_progress: " or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert rows == {old: "failed: gateway stopped (abandoned in progress)", recent: "in_progress: "}
+    finally:
+        gw.stop()

@@ -239,8 +239,12 @@ class Runtime:
                 await self.reload_directory()
                 if self.budgets is not None:
                     self.budgets.replace_totals(await asyncio.wrap_future(self.store.run("budget_totals")))
-                if rounds % 600 == 0:  # every ten minutes: per-minute counts older than an hour go
-                    await asyncio.wrap_future(self.store.run("prune_request_counts"))
+                if rounds % 600 == 1:  # at start, then every ten minutes
+                    await asyncio.wrap_future(self.store.run("prune_request_counts"))  # older than an hour
+                    closed = await asyncio.wrap_future(self.store.run("close_abandoned", True))
+                    if closed:
+                        log.warning("aibridge: ended %d interception(s) a stopped gateway left in progress for "
+                                    "hours as failed", closed)
             except Exception as e:
                 log.warning("aibridge: reloading users, tokens and budgets failed: %s", e)
 

@@ -413,6 +413,20 @@ def flush(conn) -> None:
     return None
 
 
+ABANDONED_AFTER = dt.timedelta(hours=6)
+
+
+def close_abandoned(conn) -> int:
+    """Shared stores: interceptions still in progress long after any call could last were left by a gateway that
+    died (`kill -9`, a lost machine); a restart cannot close them, because other gateways' rows are live. End them
+    failed. Should such a call still finish after all, its end overwrites this."""
+    rows = conn.execute(
+        "UPDATE aibridge_interceptions SET status = 'failed', error = 'gateway stopped (abandoned in progress)', "
+        "ended_at = ? WHERE status = 'in_progress' AND started_at < ? RETURNING 1",
+        [_now(), _now() - ABANDONED_AFTER]).fetchall()
+    return len(rows)
+
+
 # The gateway's own reads and writes, beside the CLI's OPS. Never reachable through the control endpoint:
 # mcp_tokens carries decrypted credentials.
 GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
@@ -423,6 +437,7 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "budget_totals": (usage_totals, False),
     "count_request": (count_request, False),  # an upsert on the reader path: shared stores only
     "prune_request_counts": (prune_request_counts, False),
+    "close_abandoned": (close_abandoned, True),
     "tool_call_thread": (tool_call_thread, False),
     "admin_query": (admin_query, False),
     "flush": (flush, True),
