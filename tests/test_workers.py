@@ -245,3 +245,39 @@ def test_a_killed_shared_writer_is_restarted_and_the_workers_record_through_the_
                        lambda rows: len(rows) >= 12, timeout=30)
     assert sorted(r["prompt"] for r in rows) == sorted(before + after)
     assert "the store process exited" in gw.log()
+
+
+def test_proxy_mode_through_workers_every_tunnel_is_intercepted_with_the_one_ca(tmp_path):
+    """HTTPS_PROXY through `--workers 2`: each CONNECT lands on some worker, which decrypts it with the CA the
+    supervisor created once before starting them, and records the call."""
+    import anthropic
+
+    from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY
+    from tests.support.tls import client_context, tls_stand_in
+
+    upstream = tls_stand_in(tmp_path / "upstream", ["127.0.0.1"])
+    providers = [{"name": "anthropic", "type": "anthropic", "base_url": upstream.url + "/",
+                  "key": UPSTREAM_ANTHROPIC_KEY, "hosts": ["api.anthropic.com"]}]
+    gw = Gateway(tmp_path / "gw", upstream.url, providers=providers, workers=2,
+                 extra={"proxy": {"allow_addresses": ["localhost"]}},
+                 args=["--set", f"ssl_verify_upstream_trusted_ca={upstream.ca}"])
+    try:
+        gw.start()
+        token = gw.new_user("tunnelled")
+        time.sleep(1.5)  # every worker has the new token
+        upstream.default = Reply.json(anthropic_message("decrypted", (9, 4)))
+        answers = []
+        for n in range(8):  # a new client, so a new tunnel, each time
+            client = anthropic.Anthropic(base_url="https://api.anthropic.com", api_key=token, max_retries=0,
+                                         http_client=anthropic.DefaultHttpxClient(proxy=gw.url,
+                                                                                  verify=client_context(gw.ca)))
+            msg = client.messages.create(model="claude-sonnet-4-0", max_tokens=5,
+                                         messages=[{"role": "user", "content": f"tunnel {n}"}])
+            answers.append(msg.content[0].text)
+        assert answers == ["decrypted"] * 8
+        rows = gw.wait_for("SELECT p.prompt FROM aibridge_user_prompts p JOIN aibridge_interceptions i "
+                           "ON i.id = p.interception_id WHERE i.status = 'completed'", lambda rows: len(rows) >= 8)
+        assert sorted(r["prompt"] for r in rows) == [f"tunnel {n}" for n in range(8)]
+    finally:
+        gw.stop()
+        upstream.stop()
