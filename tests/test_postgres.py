@@ -468,23 +468,16 @@ def test_postgresql_urls_never_leak_their_password(tmp_path, mock):
     secret = "pw-SHOULD-NOT-APPEAR"
     malformed = f"postgresql://aibridge:{secret}@[db.internal/aibridge"
     unreachable = f"postgresql://aibridge:{secret}@127.0.0.1:1/aibridge"
-    gw = Gateway(tmp_path / "malformed", mock.url, extra={"storage": {"duckdb": str(tmp_path / "m.duckdb"),
-                                                                      "postgres": malformed}})
-    r = gw.cli("users", "list")
-    assert r.returncode == 1 and "storage.postgres" in r.stderr and secret not in r.stderr + r.stdout
-    with pytest.raises(RuntimeError) as started:
-        gw.start()
-    gw.stop()
-    assert "storage.postgres" in str(started.value) and secret not in str(started.value)
-
-    gw = Gateway(tmp_path / "unreachable", mock.url, extra={"storage": {"duckdb": str(tmp_path / "u.duckdb"),
-                                                                        "postgres": unreachable}})
-    r = gw.cli("users", "list")
-    assert r.returncode == 1 and "127.0.0.1:1" in r.stderr and secret not in r.stderr + r.stdout
-    with pytest.raises(RuntimeError) as started:
-        gw.start()
-    gw.stop()
-    assert "PostgreSQL" in str(started.value) and secret not in str(started.value)
+    for name, url, named in (("malformed", malformed, "storage.postgres"), ("unreachable", unreachable, "127.0.0.1:1")):
+        gw = Gateway(tmp_path / name, mock.url, extra={"storage": {"duckdb": str(tmp_path / f"{name}.duckdb"),
+                                                                   "postgres": url}})
+        r = gw.cli("users", "list")
+        assert r.returncode == 1 and named in r.stderr and secret not in r.stderr + r.stdout
+        with pytest.raises(RuntimeError) as started:
+            gw.start()
+        gw.stop()
+        assert ("storage.postgres" if name == "malformed" else "PostgreSQL") in str(started.value)
+        assert secret not in str(started.value)
 
     duck = Gateway(tmp_path / "source", mock.url)
     duck.op("users.add", name="someone")

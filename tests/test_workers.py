@@ -28,6 +28,15 @@ def _call(gw: Gateway, token: str, prompt: str = "hi") -> int:
                       trust_env=False, timeout=30).status_code
 
 
+def _served_before(gw: Gateway, user: str) -> tuple[str, list[str]]:
+    """A new user's token known to every worker, and six calls made with it (their prompts)."""
+    token = gw.new_user(user)
+    _known_everywhere(gw, token)
+    before = [f"before {n}" for n in range(6)]
+    assert [_call(gw, token, p) for p in before] == [200] * 6
+    return token, before
+
+
 def _known_everywhere(gw: Gateway, token: str) -> None:
     """A token made with the CLI reaches the worker that answered at once, the others within a second."""
     deadline = time.monotonic() + 10
@@ -94,11 +103,8 @@ def test_requests_per_minute_hold_across_workers(workers, mock):
 
 def test_a_killed_worker_is_restarted_and_loses_nothing_the_other_served(workers, mock):
     gw = workers()
-    token = gw.new_user("survivor")
     mock.default = Reply.json(anthropic_message("ok", (11, 5)))
-    _known_everywhere(gw, token)
-    before = [f"before {n}" for n in range(6)]
-    assert [_call(gw, token, p) for p in before] == [200] * 6
+    token, before = _served_before(gw, "survivor")
     victim_number, victim = sorted(gw.workers_answering().items())[0]
     import os
 
@@ -219,11 +225,8 @@ def test_a_killed_shared_writer_is_restarted_and_the_workers_record_through_the_
     import os
 
     gw = workers()
-    token = gw.new_user("rewritten")
     mock.default = Reply.json(anthropic_message("ok", (11, 5)))
-    _known_everywhere(gw, token)
-    before = [f"before {n}" for n in range(6)]
-    assert [_call(gw, token, p) for p in before] == [200] * 6
+    token, before = _served_before(gw, "rewritten")
     gw.wait_for("SELECT * FROM aibridge_user_prompts WHERE prompt LIKE 'before%'", lambda rows: len(rows) == 6)
     writer = int(subprocess.run(["pgrep", "-f", f"aibridge_gw.store.server {gw.db}"], capture_output=True,
                                 text=True).stdout.split()[0])
