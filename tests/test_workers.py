@@ -102,13 +102,18 @@ def test_requests_per_minute_hold_across_workers(workers, mock):
 
 
 def test_a_killed_worker_is_restarted_and_loses_nothing_the_other_served(workers, mock):
+    """Not even what the killed worker itself answered a moment before: its journal goes to the writer again
+    when the supervisor restarts it."""
     gw = workers()
     mock.default = Reply.json(anthropic_message("ok", (11, 5)))
     token, before = _served_before(gw, "survivor")
     victim_number, victim = sorted(gw.workers_answering().items())[0]
     import os
 
+    last = [f"last {n}" for n in range(6)]
+    assert [_call(gw, token, p) for p in last] == [200] * 6  # some answered by the victim, just now
     os.kill(victim, signal.SIGKILL)
+    before += last
     # Until the supervisor restarts it, connections the kernel gives the dead worker's socket are refused or
     # reset; the other worker serves every connection it accepts.
     after, served = [], 0

@@ -199,14 +199,17 @@ class Runtime:
 
     def _open_store(self, config: Config) -> None:
         pg = config.storage.postgres
+        worker = f"-w{self.worker}" if self.worker else ""
         if pg:  # fleet mode: other gateways' in-progress rows are live, so none is closed as stale here
             name = f"postgres-{ctx.options.listen_host or 'any'}-{ctx.options.listen_port}"
-            spool = config.duckdb_path.parent / (name + (f"-w{self.worker}" if self.worker else ""))
-            store = WriterProcess(spool, postgres=pg)
+            spool = config.duckdb_path.parent / (name + worker)
+            store = WriterProcess(spool, postgres=pg, journal=spool.with_name(spool.name + ".journal"))
         elif store_socket():  # this machine's workers share one writer (the supervisor started it)
-            store = WriterProcess(config.duckdb_path, shared=store_socket())
+            db = config.duckdb_path
+            store = WriterProcess(db, shared=store_socket(), journal=db.with_name(f"{db.name}{worker}.journal"))
         else:
-            store = WriterProcess(config.duckdb_path, close_stale=True)
+            db = config.duckdb_path
+            store = WriterProcess(db, close_stale=True, journal=db.with_name(db.name + ".journal"))
         try:
             store.open()
         except Exception as e:

@@ -9,12 +9,21 @@ encodes records as JSON and writes them to a pipe. Reads and admin operations tr
 Messages are JSON lines. To the child: {"t": "rec", "b": [records]} and {"t": "op", "id", "op", "a", "w"}.
 From it: {"t": "ready"}, {"t": "r", "id", "ok", ...} answers and {"t": "s", ...} counters after each batch.
 The child ignores SIGINT/SIGTERM and ends when its input closes: when the gateway shuts down, or dies — then it
-commits what it has received, so even `kill -9` of the gateway loses only records not yet sent.
+commits what it has received.
+
+The journal closes the rest: every record is appended to this process's own journal file (one JSON line, one
+`write`, no fsync: it must outlive the process, not the machine) before it is queued, so before the provider sees
+the request it records. A gateway killed before its records reached the writer, or a writer killed before it
+committed what it had read, loses nothing: the next gateway (or the restarted writer's gateway) sends the journal
+again, and ids from flow ids make repeats harmless. Calls the dead process had started and never ended are ended
+failed ("gateway stopped"). About once a second the journal is rotated and the old part deleted once a flush
+confirms everything in it is committed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import datetime
 import importlib.util
 import itertools
 import json
@@ -30,7 +39,7 @@ from pathlib import Path
 
 from .. import reports
 from .ops import OpError
-from .rows import EndInterception, Insert
+from .rows import INTERCEPTIONS, EndInterception, Insert, interception_end
 from .writer import _datetime, _encode
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,7 @@ class _Op:
 
 
 POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
+JOURNAL_ROTATE_SECONDS = 1.0
 
 class _Connection:
     """A connection to the writer every worker shares (`scripts/run --workers N`, store/server.py --listen),
@@ -118,7 +128,7 @@ class _WriteEnd:
 
 class WriterProcess:
     def __init__(self, path: Path, close_stale: bool = False, spool: bool = True, postgres: str | None = None,
-                 shared: str | None = None) -> None:
+                 shared: str | None = None, journal: Path | None = None) -> None:
         self.path = Path(path)  # the DuckDB file, or with `postgres` the base name of this process's spool
         self.postgres = postgres
         self.shared = shared  # the Unix socket of the writer all workers share, instead of a child of our own
@@ -138,6 +148,13 @@ class WriterProcess:
         self._closing = False
         self._respawning = threading.Lock()
         self._wake = threading.Event()  # an operation is waiting: send now, not at the end of the window
+        self.journal = Path(journal) if journal is not None else None  # this process's write-ahead file
+        self._journal_fd: int | None = None
+        self._journal_lock = threading.Lock()  # one order for the journal and the queue
+        self._journal_rotated = 0.0
+        self._journal_flushing = False
+        self.recovered = 0  # records a previous process journaled, sent again at start
+        self._undelivered = False
 
     @property
     def failed(self) -> int:
@@ -151,8 +168,96 @@ class WriterProcess:
     def open(self, timeout: float = 60.0) -> None:
         hello = self._spawn(self.close_stale, timeout)
         self.stale_closed = hello.get("stale", 0)
+        if self.journal is not None:
+            self._open_journal()
         self._sender = threading.Thread(target=self._send, name="aibridge-store-tx", daemon=True)
         self._sender.start()
+
+    # --- the journal ------------------------------------------------------------------------------------
+
+    @property
+    def _journal_old(self) -> Path:
+        return self.journal.with_name(self.journal.name + ".old")
+
+    def _journal_lines(self) -> list[bytes]:
+        lines = []
+        for path in (self._journal_old, self.journal):
+            try:
+                lines += [line for line in path.read_bytes().split(b"\n") if line]
+            except FileNotFoundError:
+                pass
+        return lines
+
+    def _open_journal(self) -> None:
+        """Send again what a previous process journaled (most of it committed already: repeats add nothing), end
+        the calls it started and never ended, and go on appending to the same file."""
+        lines = self._journal_lines()
+        started: dict[str, object] = {}
+        ended: set[str] = set()
+        for line in lines:
+            try:
+                kind, a, b = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill: never acknowledged to anyone
+            if kind == "i" and a == "aibridge_interceptions":
+                started[b[0]] = b
+            elif kind == "e":
+                ended.add(a)
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        for line in lines:
+            self._q.put(line)
+        self.recovered = len(lines)
+        now = datetime.datetime.now(datetime.UTC)
+        meta = INTERCEPTIONS.columns.index("metadata")
+        for iid, row in started.items():
+            if iid not in ended and row[INTERCEPTIONS.columns.index("status")] == "in_progress":
+                self.submit(interception_end(iid, status="failed", ended_at=now, http_status=None,
+                                             error="gateway stopped", metadata=row[meta]))
+        if lines:
+            log.warning("aibridge: sent again %d record(s) a previous gateway process journaled (%d call(s) it "
+                        "left unfinished ended as failed)", len(lines), len(set(started) - ended))
+        self._journal_rotated = time.monotonic()
+
+    def _rotate_journal(self) -> None:
+        """About once a second: start a new journal part; once a flush confirms that everything queued so far is
+        committed, the old part goes. If that flush fails, the old part stays until one succeeds."""
+        if self._journal_fd is None or self._journal_flushing:
+            return
+        if time.monotonic() - self._journal_rotated < JOURNAL_ROTATE_SECONDS:
+            return
+        self._journal_rotated = time.monotonic()
+        with self._journal_lock:
+            if not self._journal_old.exists():
+                if os.fstat(self._journal_fd).st_size == 0:
+                    return
+                os.replace(self.journal, self._journal_old)
+                fd, self._journal_fd = self._journal_fd, os.open(
+                    self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.close(fd)
+            self._journal_flushing = True
+            fut = self.run("flush", writes=True)  # queued after every record of the old part
+
+        def flushed(f: cf.Future) -> None:
+            self._journal_flushing = False
+            if f.exception() is None:
+                try:
+                    self._journal_old.unlink()
+                except FileNotFoundError:
+                    pass
+
+        fut.add_done_callback(flushed)
+
+    def _resend_journal(self) -> None:
+        """After the writer was restarted: what the dead one read but had not committed is in the journal."""
+        if self._journal_fd is None:
+            return
+        with self._journal_lock:
+            lines = self._journal_lines()
+            for line in lines:
+                self._q.put(line)
+        if lines:
+            log.warning("aibridge: sent %d journaled record(s) again to the restarted store process", len(lines))
 
     def _spawn(self, close_stale: bool, timeout: float = 60.0) -> dict:
         """Start a writer process (or connect to the shared one) and wait until it has the file open (and has
@@ -196,6 +301,7 @@ class WriterProcess:
                 try:
                     self._spawn(close_stale=False)
                     log.warning("aibridge: the store process was restarted")
+                    self._resend_journal()
                     return True
                 except Exception as e:
                     log.error("aibridge: restarting the store process failed (%s)", e)
@@ -205,7 +311,16 @@ class WriterProcess:
     # --- producers (any thread, never block) ------------------------------------------------------------
 
     def submit(self, record: Insert | EndInterception) -> None:
-        self._q.put(record)
+        line = json.dumps(_encode(record), separators=(",", ":"), default=_datetime).encode()
+        if self._journal_fd is None:
+            self._q.put(line)
+            return
+        with self._journal_lock:
+            try:
+                os.write(self._journal_fd, line + b"\n")
+            except OSError as e:  # a full disk must not stop the gateway: the record still goes to the writer
+                log.error("aibridge: journal write failed (%s)", e)
+            self._q.put(line)
 
     def run(self, op: str, writes: bool = False, **args) -> cf.Future:
         """Run the named operation in the writer process; writes are ordered after every record submitted
@@ -234,15 +349,25 @@ class WriterProcess:
         self._wake.set()
         self._sender.join(timeout)
         self._sender = None
+        committed = False
         if self._proc is not None:
             try:
-                self._proc.wait(timeout)
+                committed = self._proc.wait(timeout) == 0 and not self._undelivered
             except subprocess.TimeoutExpired:
                 log.error("the store process did not finish within %s s; killing it", timeout)
                 self._proc.kill()
                 self._proc.wait()
         if self._receiver is not None:
             self._receiver.join(5)
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+            if committed:  # everything journaled is in the store: the next start has nothing to send again
+                for path in (self._journal_old, self.journal):
+                    try:
+                        path.unlink()
+                    except FileNotFoundError:
+                        pass
 
     # --- the sender thread: records batched into one line, ops in order -------------------------------
 
@@ -266,7 +391,7 @@ class WriterProcess:
                         records = []
                     lines.append(item.line)
                 else:
-                    records.append(_encode(item))
+                    records.append(item)
                 try:
                     item = self._q.get_nowait() if not stop else None
                 except queue.Empty:
@@ -289,7 +414,9 @@ class WriterProcess:
                     if attempt == 2 or not self._respawn():
                         log.error("aibridge: %d line(s) of records could not reach the store process: %s",
                                   len(lines), e)
+                        self._undelivered = True  # the journal keeps them for the next start
                         break
+            self._rotate_journal()
         try:
             self._proc.stdin.close()
         except OSError:
@@ -342,8 +469,8 @@ class WriterProcess:
                 fut.set_exception(RuntimeError(f"the store process is gone: {why}"))
 
 
-def _records_line(records: list) -> bytes:
-    return b'{"t":"rec","b":' + json.dumps(records, separators=(",", ":"), default=_datetime).encode() + b"}"
+def _records_line(records: list[bytes]) -> bytes:
+    return b'{"t":"rec","b":[' + b",".join(records) + b"]}"
 
 
 def _error(msg: dict) -> Exception:

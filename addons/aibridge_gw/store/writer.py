@@ -390,8 +390,10 @@ class Store:
                     pending_rows[row[0]] = row
             else:
                 values = _clean_values(END_COLUMNS, rec.values)
-                row = pending_rows.get(rec.id)
-                if row is not None:  # start and end in one batch: insert the finished row once
+                # Start and end in one batch: insert the finished row once. Not when replaying: the start may be
+                # in the store already (then the insert does nothing, and the end must still be applied).
+                row = pending_rows.get(rec.id) if not tolerant else None
+                if row is not None:
                     for col, v in zip(END_COLUMNS, values):
                         if v is not None or col not in KEPT_UNLESS_SET:
                             row[_END_INDEX[col]] = v
