@@ -289,3 +289,42 @@ def test_proxy_mode_through_workers_every_tunnel_is_intercepted_with_the_one_ca(
     finally:
         gw.stop()
         upstream.stop()
+
+
+def test_aibridge_keys_lists_and_resets_every_workers_key_pool(workers, mock):
+    """Key pools are per worker; `aibridge keys` reaches whichever worker answers and still shows and resets
+    every worker's keys."""
+    import json
+
+    bad, good = "sk-ant-pool-key-one-AAAA", "sk-ant-pool-key-two-BBBB"
+    gw = workers(providers=[{"name": "anthropic", "type": "anthropic", "base_url": mock.url + "/",
+                             "keys": [bad, good]}])
+    token = gw.new_user("pooled")
+    refused = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
+
+    def check(seen):
+        if seen.headers.get("x-api-key") == bad:
+            return Reply(401, {"content-type": "application/json"}, json.dumps(refused).encode())
+        return None
+
+    mock.check = check
+    mock.default = Reply.json(anthropic_message("ok", (3, 2)))
+    _known_everywhere(gw, token)  # eight calls, over both workers: each fails over from the bad key itself
+
+    def states() -> dict:
+        r = gw.cli("keys", "list", "--json")
+        assert r.returncode == 0, r.stderr
+        return {(row["worker"], row["key"]): row["state"] for row in json.loads(r.stdout)}
+
+    deadline = time.monotonic() + 10
+    while states() != {(1, "sk-a…AAAA"): "disabled", (1, "sk-a…BBBB"): "ready",
+                       (2, "sk-a…AAAA"): "disabled", (2, "sk-a…BBBB"): "ready"}:
+        assert time.monotonic() < deadline, states()
+        time.sleep(0.3)
+    mock.check = None
+    r = gw.cli("keys", "reset")
+    assert r.returncode == 0 and "every other worker" in r.stdout, r.stdout + r.stderr
+    deadline = time.monotonic() + 10
+    while set(states().values()) != {"ready"}:
+        assert time.monotonic() < deadline, states()
+        time.sleep(0.3)

@@ -180,7 +180,8 @@ def _keys_list(args, cx: Context) -> None:
 
 def _keys_reset(args, cx: Context) -> None:
     r = run_gateway_op(cx.db, "keys.reset", {"provider": args.provider} if args.provider else {})
-    print(f"{r['reset']} key(s) made usable again")
+    print(f"{r['reset']} key(s) made usable again" + (" in the worker that answered; every other worker resets "
+                                                       "its own within a second" if r.get("workers") else ""))
 
 
 def _known_mcp_server(args, cx: Context) -> None:

@@ -167,13 +167,18 @@ class ControlPlane:
     def _keys_list(self) -> dict:
         rows = [k for pool in self.rt.pools.values() for k in pool.status()]
         cols = ["provider", "key", "state", "retry_in", "reason"]
+        if self.rt.keyboard is not None:  # `--workers N`: each worker's pools (its own failovers)
+            rows, cols = self.rt.keyboard.everyone(rows), ["worker", *cols]
         return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
 
     def _keys_reset(self, provider: str | None = None) -> dict:
         pools = self.rt.pools
         if provider is not None and provider not in pools:
             raise TypeError(f"provider {provider!r} has no key pool (pools: {', '.join(pools) or 'none'})")
-        return {"reset": sum(p.reset() for name, p in pools.items() if provider in (None, name))}
+        if self.rt.keyboard is not None:  # the other workers apply it within a second
+            self.rt.keyboard.request_reset(provider)
+        return {"reset": sum(p.reset() for name, p in pools.items() if provider in (None, name)),
+                "workers": self.rt.keyboard is not None}
 
     async def _flushed(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until records queued so far are committed, so a query sees finished interceptions."""

@@ -37,7 +37,7 @@ from .routing import Router
 from .store.process import WriterProcess
 from .throttle import AuthThrottle
 from .upstream_faults import UpstreamWatch
-from .workers import control_secret, store_socket, worker_number
+from .workers import KeyBoard, control_secret, store_socket, worker_number, workers_dir
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
 DIRECTORY_REFRESH_SECONDS = 1.0
@@ -95,6 +95,8 @@ class Runtime:
         self.users: dict[str, tuple[str, str]] = {}  # user id and user name -> (id, name)
         self._refresher: asyncio.Task | None = None  # shared store: reloads users and tokens others changed
         self.worker = worker_number()  # with `scripts/run --workers N`: this process's number
+        # With workers: every worker's key pools, for `aibridge keys` whichever worker answers.
+        self.keyboard = KeyBoard(workers_dir(), self.worker) if self.worker and workers_dir() else None
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -239,6 +241,8 @@ class Runtime:
             await asyncio.sleep(DIRECTORY_REFRESH_SECONDS)
             rounds += 1
             try:
+                if self.keyboard is not None:
+                    self._share_keys()
                 await self.reload_directory()
                 if self.budgets is not None:
                     self.budgets.replace_totals(await asyncio.wrap_future(self.store.run("budget_totals")))
@@ -250,6 +254,14 @@ class Runtime:
                                     "hours as failed", closed)
             except Exception as e:
                 log.warning("aibridge: reloading users, tokens and budgets failed: %s", e)
+
+    def _share_keys(self) -> None:
+        """Workers: publish this worker's key pools, apply resets other workers were asked for."""
+        for provider in self.keyboard.pending_resets():
+            for name, pool in self.pools.items():
+                if provider in (None, name):
+                    pool.reset()
+        self.keyboard.publish([row for pool in self.pools.values() for row in pool.status()])
 
     async def fleet_rate_refusal(self, user_id: str, user_name: str):
         """Fleet mode: count this request in the shared per-minute counter; the refusal if over the limit."""

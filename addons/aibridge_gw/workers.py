@@ -38,6 +38,7 @@ WORKER_ENV = "AIBRIDGE_WORKER"  # this worker's number, 1..N
 WORKERS_ENV = "AIBRIDGE_WORKERS"  # how many workers share the port
 STORE_SOCKET_ENV = "AIBRIDGE_STORE_SOCKET"  # the shared DuckDB writer's socket
 CONTROL_SECRET_ENV = "AIBRIDGE_CONTROL_SECRET"  # the CLI's secret, the same in every worker
+WORKERS_DIR_ENV = "AIBRIDGE_WORKERS_DIR"  # the supervisor's private directory (0700), shared by its workers
 
 RESTART_WINDOW = 10.0  # a worker that dies this soon after it started, three times running, stops the supervisor
 STOP_TIMEOUT = 30.0
@@ -61,6 +62,75 @@ def store_socket() -> str | None:
 
 def control_secret() -> str | None:
     return os.environ.get(CONTROL_SECRET_ENV) or None if shared_listener() else None
+
+
+def workers_dir() -> Path | None:
+    d = os.environ.get(WORKERS_DIR_ENV)
+    return Path(d) if d and shared_listener() else None
+
+
+class KeyBoard:
+    """Upstream key pools live in each worker's memory (its own failovers); `aibridge keys` reaches whichever
+    worker answers, and must still see and reset every worker's keys. Each worker publishes its pools' state
+    about once a second to the supervisor's private directory, and a reset is appended there for every worker to
+    apply within a second."""
+
+    def __init__(self, directory: Path, worker: int) -> None:
+        self.dir, self.worker = directory, worker
+        self.resets = directory / "keys-resets.jsonl"
+        try:
+            self._seen = self.resets.stat().st_size  # only resets asked for from now on
+        except FileNotFoundError:
+            self._seen = 0
+
+    def publish(self, rows: list[dict]) -> None:
+        import json
+
+        tmp = self.dir / f".keys-w{self.worker}.json"
+        tmp.write_text(json.dumps(rows))
+        os.replace(tmp, self.dir / f"keys-w{self.worker}.json")
+
+    def everyone(self, own: list[dict]) -> list[dict]:
+        """Every worker's rows, this one's live, the others' as last published, each with its worker number."""
+        import json
+
+        rows = [{"worker": self.worker, **r} for r in own]
+        for path in sorted(self.dir.glob("keys-w*.json")):
+            n = int(path.stem.removeprefix("keys-w"))
+            if n != self.worker:
+                try:
+                    rows += [{"worker": n, **r} for r in json.loads(path.read_text())]
+                except (OSError, ValueError):
+                    pass
+        return sorted(rows, key=lambda r: (r["provider"], r["key"], r["worker"]))
+
+    def request_reset(self, provider: str | None) -> None:
+        import json
+
+        with open(self.resets, "a") as f:  # one short line per write: appends do not interleave
+            f.write(json.dumps({"provider": provider, "by": self.worker}) + "\n")
+
+    def pending_resets(self) -> list[str | None]:
+        """Resets other workers asked for since the last look (the provider, None for every pool)."""
+        import json
+
+        try:
+            with open(self.resets, "rb") as f:
+                f.seek(self._seen)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        complete = data[:data.rfind(b"\n") + 1]
+        self._seen += len(complete)
+        out = []
+        for line in complete.splitlines():
+            try:
+                req = json.loads(line)
+            except ValueError:
+                continue
+            if req.get("by") != self.worker:
+                out.append(req.get("provider"))
+        return out
 
 
 def _die_with_supervisor() -> None:
@@ -176,7 +246,7 @@ class Supervisor:
     def start_worker(self, n: int) -> None:
         env = dict(os.environ)
         env.update({WORKER_ENV: str(n), WORKERS_ENV: str(self.count), CONTROL_SECRET_ENV: self.secret,
-                    MULTIPROCESS_ENV: self.metrics_dir})
+                    MULTIPROCESS_ENV: self.metrics_dir, WORKERS_DIR_ENV: self.socket_dir})
         if self.socket:
             env[STORE_SOCKET_ENV] = self.socket
         command = [sys.executable, "-m", "aibridge_gw.workers", "--worker", *self.command]
