@@ -204,3 +204,30 @@ def test_a_store_process_that_dies_is_restarted_and_recording_goes_on(tmp_path, 
     finally:
         gw.stop()
         upstream.reset()
+
+
+def test_a_journal_line_cut_short_by_a_kill_spoils_nothing_else(tmp_path, upstream):
+    """A kill in the middle of a journal write leaves half a line: it is skipped, the whole lines before it are
+    sent again, and the next records start on a line of their own."""
+    upstream.reset()
+    cap = capture("openai/chatcompletions/simple.txtar")
+    upstream.default = Reply.from_capture(cap, False)
+    gw = Gateway(tmp_path / "cut", upstream.url).start()
+    token = gw.new_user("cut")
+    client = openai_client(gw, token)
+    chat_call(client, {**cap.request, "model": "cut-before"}, False)
+    journal = gw.db.with_name(gw.db.name + ".journal")
+    gw.stop(signal.SIGKILL)
+    whole = journal.read_bytes()
+    assert b"cut-before" in whole
+    journal.write_bytes(whole + b'["i","aibridge_interceptions",["half a li')
+    gw.start()
+    try:
+        chat_call(openai_client(gw, token), {**cap.request, "model": "cut-after"}, False)
+        rows = gw.wait_for("SELECT model, status FROM aibridge_interceptions WHERE model LIKE 'cut-%' ORDER BY model",
+                           lambda rows: len(rows) == 2 and all(r["status"] == "completed" for r in rows))
+        assert [r["model"] for r in rows] == ["cut-after", "cut-before"]
+        assert "skipped an unreadable line" in gw.log()
+    finally:
+        gw.stop()
+        upstream.reset()

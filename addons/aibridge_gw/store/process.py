@@ -180,12 +180,23 @@ class WriterProcess:
         return self.journal.with_name(self.journal.name + ".old")
 
     def _journal_lines(self) -> list[bytes]:
+        """The journal's records, old part first; a line a kill cut short is left out (it would spoil the whole
+        message it travelled in, and nobody was told it was recorded)."""
         lines = []
         for path in (self._journal_old, self.journal):
             try:
-                lines += [line for line in path.read_bytes().split(b"\n") if line]
+                data = path.read_bytes()
             except FileNotFoundError:
-                pass
+                continue
+            for line in data.split(b"\n"):
+                if not line:
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError:
+                    log.warning("aibridge: journal %s: skipped an unreadable line (%d bytes)", path, len(line))
+                    continue
+                lines.append(line)
         return lines
 
     def _open_journal(self) -> None:
@@ -195,16 +206,19 @@ class WriterProcess:
         started: dict[str, object] = {}
         ended: set[str] = set()
         for line in lines:
-            try:
-                kind, a, b = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by the kill: never acknowledged to anyone
+            kind, a, b = json.loads(line)
             if kind == "i" and a == "aibridge_interceptions":
                 started[b[0]] = b
             elif kind == "e":
                 ended.add(a)
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        size = os.fstat(self._journal_fd).st_size
+        if size:
+            with open(self.journal, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":  # a line cut short: what follows starts on a line of its own
+                    os.write(self._journal_fd, b"\n")
         for line in lines:
             self._q.put(line)
         self.recovered = len(lines)
