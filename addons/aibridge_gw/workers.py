@@ -19,6 +19,7 @@ tunnels and TLS stay inside the worker that accepted them, nothing is proxied tw
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -46,27 +47,27 @@ STOP_TIMEOUT = 30.0
 log = logging.getLogger("aibridge.workers")
 
 
-def shared_listener() -> bool:
-    """True in a worker of `scripts/run --workers N`: the port is bound with SO_REUSEPORT."""
+def in_worker() -> bool:
+    """True in a worker of `scripts/run --workers N` (the supervisor set its environment)."""
     return int(os.environ.get(WORKERS_ENV) or 0) > 1
 
 
 def worker_number() -> int | None:
     n = os.environ.get(WORKER_ENV)
-    return int(n) if n and shared_listener() else None
+    return int(n) if n and in_worker() else None
 
 
 def store_socket() -> str | None:
-    return os.environ.get(STORE_SOCKET_ENV) or None if shared_listener() else None
+    return (os.environ.get(STORE_SOCKET_ENV) or None) if in_worker() else None
 
 
 def control_secret() -> str | None:
-    return os.environ.get(CONTROL_SECRET_ENV) or None if shared_listener() else None
+    return (os.environ.get(CONTROL_SECRET_ENV) or None) if in_worker() else None
 
 
 def workers_dir() -> Path | None:
     d = os.environ.get(WORKERS_DIR_ENV)
-    return Path(d) if d and shared_listener() else None
+    return Path(d) if d and in_worker() else None
 
 
 class KeyBoard:
@@ -84,16 +85,12 @@ class KeyBoard:
             self._seen = 0
 
     def publish(self, rows: list[dict]) -> None:
-        import json
-
         tmp = self.dir / f".keys-w{self.worker}.json"
         tmp.write_text(json.dumps(rows))
         os.replace(tmp, self.dir / f"keys-w{self.worker}.json")
 
     def everyone(self, own: list[dict]) -> list[dict]:
         """Every worker's rows, this one's live, the others' as last published, each with its worker number."""
-        import json
-
         rows = [{"worker": self.worker, **r} for r in own]
         for path in sorted(self.dir.glob("keys-w*.json")):
             n = int(path.stem.removeprefix("keys-w"))
@@ -105,15 +102,11 @@ class KeyBoard:
         return sorted(rows, key=lambda r: (r["provider"], r["key"], r["worker"]))
 
     def request_reset(self, provider: str | None) -> None:
-        import json
-
         with open(self.resets, "a") as f:  # one short line per write: appends do not interleave
             f.write(json.dumps({"provider": provider, "by": self.worker}) + "\n")
 
     def pending_resets(self) -> list[str | None]:
         """Resets other workers asked for since the last look (the provider, None for every pool)."""
-        import json
-
         try:
             with open(self.resets, "rb") as f:
                 f.seek(self._seen)
@@ -219,17 +212,10 @@ class Supervisor:
     # --- the shared DuckDB writer -------------------------------------------------------------------
 
     def start_writer(self, close_stale: bool) -> None:
-        path = self.config.duckdb_path.resolve()
-        args = [sys.executable, "-m", "aibridge_gw.store.server", str(path), "--listen", self.socket]
-        args += ["--close-stale"] if close_stale else []
-        env = dict(os.environ)
-        from .store.process import PACKAGE_PARENT, POSTGRES_ENV
+        from .store.process import start_writer_process
 
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        env.pop(POSTGRES_ENV, None)
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        import json
-
+        flags = ["--listen", self.socket] + (["--close-stale"] if close_stale else [])
+        proc = start_writer_process(self.config.duckdb_path.resolve(), flags)
         line = proc.stdout.readline()
         try:
             hello = json.loads(line)

@@ -60,6 +60,17 @@ class _Op:
 POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
 JOURNAL_ROTATE_SECONDS = 1.0
 
+def start_writer_process(path: Path, flags: list[str], postgres: str | None = None) -> subprocess.Popen:
+    """`python -m aibridge_gw.store.server PATH FLAGS…`, importing this same code, its stdin and stdout piped."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env.pop(POSTGRES_ENV, None)
+    if postgres:  # in the environment, not the arguments: a URL may carry a password (ps shows argv)
+        env[POSTGRES_ENV] = postgres
+    args = [sys.executable, "-m", "aibridge_gw.store.server", str(path), *flags]
+    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+
 class _Connection:
     """A connection to the writer every worker shares (`scripts/run --workers N`, store/server.py --listen),
     shaped like the Popen of a writer of one's own: stdin, stdout, poll, wait, kill."""
@@ -293,15 +304,8 @@ class WriterProcess:
         return hello
 
     def _popen(self, close_stale: bool) -> subprocess.Popen:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        env.pop(POSTGRES_ENV, None)
-        if self.postgres:  # in the environment, not the arguments: a URL may carry a password (ps shows argv)
-            env[POSTGRES_ENV] = self.postgres
-        args = [sys.executable, "-m", "aibridge_gw.store.server", str(self.path)]
-        args += ["--close-stale"] if close_stale else []
-        args += [] if self.spool else ["--no-spool"]
-        return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        flags = (["--close-stale"] if close_stale else []) + ([] if self.spool else ["--no-spool"])
+        return start_writer_process(self.path, flags, self.postgres)
 
     def _respawn(self) -> bool:
         """The writer died under the gateway (a crash, an OOM kill): start another. It replays the spool the dead
