@@ -142,15 +142,22 @@ class Budgets:
                 nxt = dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)
                 return Refusal(f"aibridge: monthly budget of ${limits.usd_per_month:.2f} used (${spent:.2f})",
                                math.ceil((nxt - now).total_seconds()))
-        if limits.requests_per_minute is not None and not self.fleet:
-            q = self._requests[user_id]
-            t = time.monotonic()
-            while q and q[0] <= t - 60:
-                q.popleft()
-            if len(q) >= limits.requests_per_minute:
-                return Refusal(f"aibridge: rate limit of {limits.requests_per_minute} requests per minute reached",
-                               max(1, math.ceil(q[0] + 60 - t)))
-            q.append(t)
+        if not self.fleet:
+            return self.local_rate_refusal(user_id, limits)
+        return None
+
+    def local_rate_refusal(self, user_id: str, limits: Limits) -> Refusal | None:
+        """Requests per minute counted in this process (a single gateway; a fleet whose store is away)."""
+        if limits.requests_per_minute is None:
+            return None
+        q = self._requests[user_id]
+        t = time.monotonic()
+        while q and q[0] <= t - 60:
+            q.popleft()
+        if len(q) >= limits.requests_per_minute:
+            return Refusal(f"aibridge: rate limit of {limits.requests_per_minute} requests per minute reached",
+                           max(1, math.ceil(q[0] + 60 - t)))
+        q.append(t)
         return None
 
     def replace_totals(self, rows: list) -> None:

@@ -230,6 +230,19 @@ def _env(args, cx: Context) -> None:
     print("\n".join(env_lines(args.client, args.mode, url, args.token, confdir, args.user)))
 
 
+def _replay_deadletters(args, cx: Context) -> None:
+    from .store import deadletters
+
+    files = [Path(f) for f in args.file] or deadletters.files_for(cx.db, bool(cx.config.storage.postgres))
+    rows = []
+    for path in files:
+        r = deadletters.replay(path, lambda record: cx.op("store.apply_record", record=record))
+        rows.append([r["file"], r["entries"], r["applied"], r["kept"], r["errors"][0] if r["errors"] else ""])
+    _table({"columns": ["file", "entries", "applied", "kept", "first error"], "rows": rows}, "dead letters")
+    if any(row[3] for row in rows):
+        raise OpError("some dead letters are still refused; they stay in their file (see the first error)")
+
+
 def _sql(args, cx: Context) -> None:
     _out(cx.op("sql", query_text=args.query), args.json, None)
 
@@ -347,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--user", default="user", help="user name to put in the proxy URL (informational)")
     ev.add_argument("--confdir")
     ev.set_defaults(run=_env)
+
+    st = sub.add_parser("store", help="the audit store's own files").add_subparsers(dest="sub", required=True)
+    rd = st.add_parser("replay-deadletters", help="apply records the database refused again (after fixing the cause); "
+                       "applied ones leave the dead-letter file, a second run adds nothing")
+    rd.add_argument("--file", action="append", default=[], help="a dead-letter file (default: the configured store's)")
+    rd.set_defaults(run=_replay_deadletters)
 
     sq = sub.add_parser("sql", help="run read-only SQL over the audit tables")
     sq.add_argument("query")

@@ -125,6 +125,12 @@ class StorageSettings:
     # PostgreSQL (fleet mode): every gateway process records into it and reads users and tokens from it; the
     # DuckDB path's directory then holds each process's spool. May carry a password: never logged.
     postgres: str | None = field(default=None, repr=False)
+    # While the store cannot take records they are held (the spool, and memory up to this bound) and retried.
+    backlog_max_mb: int = 512
+    # serve: keep answering model calls and hold their records; refuse: answer them 503 once the store has been
+    # unwritable for refuse_after_seconds or the backlog passed its bound (no call may go unrecorded).
+    on_failure: str = "serve"
+    refuse_after_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -342,9 +348,21 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
             conninfo_to_dict(postgres)
         except Exception as e:  # malformed: refuse now, in words that never repeat the URL (it may hold a password)
             raise ConfigError(f"storage.postgres: not a valid URL ({postgres_error(e, postgres)})") from None
-    unknown = set(storage) - {"duckdb", "postgres"}
+    unknown = set(storage) - {"duckdb", "postgres", "backlog_max_mb", "on_failure", "refuse_after_seconds"}
     if unknown:
         raise ConfigError(f"storage: unknown key(s) {', '.join(sorted(unknown))}")
+    on_failure = storage.get("on_failure", "serve")
+    if on_failure not in ("serve", "refuse"):
+        raise ConfigError(f"storage.on_failure: must be serve or refuse, not {on_failure!r}")
+    try:
+        backlog_max_mb = int(storage.get("backlog_max_mb", 512))
+        refuse_after = float(storage.get("refuse_after_seconds", 10))
+    except (TypeError, ValueError):
+        raise ConfigError("storage: backlog_max_mb and refuse_after_seconds must be numbers") from None
+    if backlog_max_mb < 1:
+        raise ConfigError(f"storage.backlog_max_mb: must be 1 or more, not {backlog_max_mb}")
+    if refuse_after < 0:
+        raise ConfigError(f"storage.refuse_after_seconds: must be 0 or more, not {refuse_after}")
     metrics = raw.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ConfigError("metrics: must be a mapping")
@@ -363,7 +381,7 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
     return Config(
         path=path,
         providers=tuple(providers),
-        storage=StorageSettings(local(db), postgres),
+        storage=StorageSettings(local(db), postgres, backlog_max_mb, on_failure, refuse_after),
         proxy=_parse_proxy(raw.get("proxy") or {}),
         capture=capture,
         mcp_servers=_parse_mcp_servers(raw.get("mcp_servers") or []),

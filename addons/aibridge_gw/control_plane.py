@@ -64,6 +64,8 @@ class ControlPlane:
         path = req.path.split("?")[0]
         if path == "/aibridge/healthz":
             self._health(flow)
+        elif path == "/aibridge/readyz":
+            self._ready(flow)
         elif path in ("/aibridge", "/aibridge/", "/aibridge/dashboard"):
             flow.response = http.Response.make(200, DASHBOARD.read_bytes(), {
                 "content-type": "text/html; charset=utf-8", **DASHBOARD_HEADERS})
@@ -97,9 +99,18 @@ class ControlPlane:
                 return
         store = rt.store
         dead = store.dead_lettered if store else 0
-        healthy = store is not None and store.alive  # the writer process is up: calls can be recorded
-        flow.response = _json(200 if healthy else 503, {
-            "status": "ok" if healthy else "unavailable", "inflight": len(rt.inflight),
+        recording = rt.store_health()
+        # ok: everything records. degraded: calls are served and their records held (a balancer keeps this
+        # gateway). refusing (storage.on_failure: refuse) and unavailable (no store process): 503.
+        if recording["refusing"]:
+            status = "refusing"
+        elif store is None or not store.alive:
+            status = "unavailable"
+        else:
+            status = "degraded" if recording["reasons"] else "ok"
+        reasons = recording.pop("reasons")
+        flow.response = _json(503 if status in ("refusing", "unavailable") else 200, {
+            "status": status, "reasons": reasons, "store": recording, "inflight": len(rt.inflight),
             "records_written": store.written if store else 0,
             "records_failed": dead, "records_dead_lettered": dead,
             "stale_interceptions_closed": store.stale_closed if store else 0,
@@ -111,6 +122,23 @@ class ControlPlane:
         })
         if "reset_lag=1" in req.path:
             self.health.loop_lag_max = self.health.gc_pause_max = 0.0
+
+    def _ready(self, flow: http.HTTPFlow) -> None:
+        """For balancers: 200 once the config, the store and the CA are loaded and model calls are taken (not
+        while `storage.on_failure: refuse` refuses them)."""
+        rt = self.rt
+        missing = []
+        if rt.config is None or rt.router is None:
+            missing.append("config not loaded")
+        if rt.store is None or not rt.store.alive:
+            missing.append("store not open")
+        elif rt.store_health()["refusing"]:
+            missing.append("refusing model calls: the store cannot record them")
+        confdir = Path(os.path.expanduser(ctx.options.confdir))
+        if not (confdir / "mitmproxy-ca.pem").exists():
+            missing.append("CA not loaded")
+        flow.response = _json(503 if missing else 200, {"status": "not ready" if missing else "ready",
+                                                        "reasons": missing, "worker": rt.worker, "pid": os.getpid()})
 
     async def _admin_api(self, flow: http.HTTPFlow) -> None:
         rt = self.rt

@@ -28,6 +28,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
         self._functions: list[tuple[object, Callable[[], float]]] = []  # gauges read when scraped
+        self._before_render: list[Callable[[], None]] = []
         self._children: dict[tuple, object] = {}
         self._models: set[str] = set()
         self._tools: set[str] = set()
@@ -55,8 +56,12 @@ class Metrics:
                                      ["provider", "endpoint", "model"], registry=r)
         self.loop_lag_max = Gauge(f"{p}event_loop_lag_max_seconds", "Longest event-loop stall seen.", registry=r,
                                   multiprocess_mode="livemax")
-        self.dead_letters = Gauge(f"{p}records_dead_lettered", "Audit records the store could not take, kept in "
-                                  "the dead-letter file.", registry=r, multiprocess_mode="livemax")
+        self.store_up = Gauge(f"{p}store_up", "1 while the audit store takes records, 0 while they are held.",
+                              registry=r, multiprocess_mode="livemin")
+        self.records_backlog = Gauge(f"{p}records_backlog", "Audit records held while the store cannot take them.",
+                                     registry=r, multiprocess_mode="livemax")
+        self.dead_lettered_total = Counter(f"{p}records_dead_lettered", "Audit records the store rejected as data, "
+                                           "kept in the dead-letter file.", registry=r)
         self.key_state = Gauge(f"{p}upstream_key_state", "Upstream keys of a failover pool (0 ready, 1 cooling "
                                "down after a 429, 2 disabled after a 401/403).", ["provider", "key"], registry=r,
                                multiprocess_mode="livemax")
@@ -100,11 +105,19 @@ class Metrics:
 
     def refresh(self) -> None:
         """Multiprocess mode: write the read-when-scraped gauges (each worker, every second, and before a scrape)."""
+        for hook in self._before_render:
+            hook()
         for gauge, fn in self._functions:
             gauge.set(fn())
 
+    def before_render(self, fn: Callable[[], None]) -> None:
+        """fn runs before each scrape (counters that follow another process's totals)."""
+        self._before_render.append(fn)
+
     def render(self) -> bytes:
         if not self.multiprocess:
+            for hook in self._before_render:
+                hook()
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
 

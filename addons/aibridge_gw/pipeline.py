@@ -245,6 +245,12 @@ class Pipeline:
     async def _admit(self, flow: http.HTTPFlow, state: FlowState) -> bool:
         """The circuit breaker and the user's budget; a refusal is answered (and a budget refusal recorded)."""
         rt, route, ic = self.rt, state.route, state.interception
+        if rt.config.storage.on_failure == "refuse" and rt.store_health()["refusing"]:
+            # The operator chose: no model call the audit cannot hold. Refused, recorded (held, like every record).
+            message = "aibridge: the audit store cannot record calls right now; refusing them (storage.on_failure)"
+            rt.recorder.rejected(ic, 503, message)
+            flow.response = error_response(route.provider.type, 503, message, {"retry-after": "5"})
+            return False
         key = (route.provider.name, route.label, rt.metrics.model_label(ic.info.model))
         wait = rt.breakers.allow(key)
         if wait is not None:

@@ -35,6 +35,7 @@ from .store.writer import StoreApi
 log = logging.getLogger(__name__)
 
 COMPLETED, FAILED, IN_PROGRESS = "completed", "failed", "in_progress"
+LOOKUP_WAIT = 0.25  # seconds a request may wait on the store for its thread
 META_KEY = "aibridge"
 
 
@@ -193,22 +194,30 @@ class Recorder:
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     async def link_thread(self, ic: Interception) -> None:
-        """A request answering a tool call recorded earlier continues that interception's thread."""
+        """A request answering a tool call recorded earlier continues that interception's thread (looked up in the
+        store for LOOKUP_WAIT at most: a slow or absent store costs the thread link, never the request)."""
         if not ic.info.tool_result_ids:
             return
         call_id = ic.info.tool_result_ids[-1]
         hit = self._calls.get(call_id)
-        if hit is None:
+        if hit is None and self.store.state.get("up", True):
             try:
-                hit = await asyncio.wrap_future(self.store.run("tool_call_thread", call_id=call_id))
+                hit = await asyncio.wait_for(
+                    asyncio.wrap_future(self.store.run("tool_call_thread", call_id=call_id)), LOOKUP_WAIT)
             except Exception as e:
-                log.warning("thread lookup failed: %s", e)
+                log.debug("thread lookup failed: %s", e)
                 hit = None
         if hit:
             ic.parent_id, ic.root_id = hit[0], hit[1]
 
     def started(self, ic: Interception) -> None:
+        """The start record, with the prompt: a call a crash cuts off keeps what was asked (the response id is
+        not known yet; the interception's metadata gets it at the end)."""
         self.store.submit(_interception_row(ic, IN_PROGRESS))
+        if ic.info.prompt:
+            self.store.submit(USER_PROMPTS.row(id=child_id(ic.id, "prompt", 0), interception_id=ic.id,
+                                               provider_response_id=None, prompt=ic.info.prompt,
+                                               created_at=ic.started_at))
 
     def ended(
         self, ic: Interception, summary: ResponseSummary, http_status: int | None, error: str | None,
@@ -221,9 +230,6 @@ class Recorder:
         status = FAILED if error else COMPLETED
         rid = summary.response_id
         submit = self.store.submit
-        if ic.info.prompt:
-            submit(USER_PROMPTS.row(id=child_id(ic.id, "prompt", 0), interception_id=ic.id, provider_response_id=rid,
-                                    prompt=ic.info.prompt, created_at=ended_at))
         for n, u in enumerate(summary.usages):
             submit(TOKEN_USAGES.row(
                 id=child_id(ic.id, "usage", n), interception_id=ic.id, provider_response_id=u.provider_response_id or rid,

@@ -41,6 +41,8 @@ from .workers import KeyBoard, control_secret, store_socket, worker_number, work
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
 DIRECTORY_REFRESH_SECONDS = 1.0
+STORE_WAIT = 0.25  # seconds a request may wait on the store (budget counters, thread lookups) before going on
+
 
 
 def store_target(config: Config | None) -> tuple:
@@ -91,6 +93,8 @@ class Runtime:
         self.own_addresses: set = set()  # the listener's addresses, found once it listens (egress never goes there)
         self.control_secret: str | None = None
         self.inflight: set[FlowState] = set()  # recorded exchanges between their request and their end
+        self._budgets_degraded = False  # the store was too slow for the fleet's rate counter: counting locally
+        self._refusing = False  # storage.on_failure: refuse, and the store cannot record
         self.pools: dict[str, KeyPool] = {}
         self.users: dict[str, tuple[str, str]] = {}  # user id and user name -> (id, name)
         self._refresher: asyncio.Task | None = None  # shared store: reloads users and tokens others changed
@@ -205,19 +209,28 @@ class Runtime:
         if pg:  # fleet mode: other gateways' in-progress rows are live, so none is closed as stale here
             name = f"postgres-{ctx.options.listen_host or 'any'}-{ctx.options.listen_port}"
             spool = config.duckdb_path.parent / (name + worker)
-            store = WriterProcess(spool, postgres=pg, journal=spool.with_name(spool.name + ".journal"))
+            store = WriterProcess(spool, postgres=pg, journal=spool.with_name(spool.name + ".journal"),
+                                  backlog_max_mb=config.storage.backlog_max_mb)
         elif store_socket():  # this machine's workers share one writer (the supervisor started it)
             db = config.duckdb_path
             store = WriterProcess(db, shared=store_socket(), journal=db.with_name(f"{db.name}{worker}.journal"))
         else:
             db = config.duckdb_path
-            store = WriterProcess(db, close_stale=True, journal=db.with_name(db.name + ".journal"))
+            store = WriterProcess(db, close_stale=True, journal=db.with_name(db.name + ".journal"),
+                                  backlog_max_mb=config.storage.backlog_max_mb)
         try:
             store.open()
         except Exception as e:
             raise exceptions.OptionsError(f"aibridge: cannot open {describe_store(config)}: {e}") from None
         self.store = store
-        self.metrics.gauge_function(self.metrics.dead_letters, lambda: self.store.dead_lettered if self.store else 0)
+        self.metrics.gauge_function(self.metrics.store_up, lambda: 1 if self.store and self.store_health()["up"] else 0)
+        self.metrics.gauge_function(self.metrics.records_backlog,
+                                    lambda: int(self.store.state.get("backlog") or 0) if self.store else 0)
+        # The writer's dead-letter total, as a counter: counted by one process (a shared writer reports the same
+        # total to every worker), from what it had when this process started.
+        self._dead_seen = store.dead_lettered
+        if self.worker in (None, 1):
+            self.metrics.before_render(self._count_dead_letters)
         self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result(),
                               store.run("users").result())
         self.recorder = Recorder(store)
@@ -226,6 +239,11 @@ class Runtime:
             len(config.providers), ", ".join(p.name for p in config.providers),
             describe_store(config), len(self.tokens),
         )
+
+    def _count_dead_letters(self) -> None:
+        if self.store is not None and self.store.dead_lettered > self._dead_seen:
+            self.metrics.dead_lettered_total.inc(self.store.dead_lettered - self._dead_seen)
+            self._dead_seen = self.store.dead_lettered
 
     def _breaker_changed(self, key: tuple, state: int, tripped: bool) -> None:
         self.metrics.child(self.metrics.breaker_state, *key).set(state)
@@ -237,6 +255,7 @@ class Runtime:
         """Fleet mode: tokens created or revoked anywhere (the CLI writes PostgreSQL directly, other gateways too)
         take effect here within a second."""
         rounds = 0
+        failing: str | None = None
         while self.store is not None:
             await asyncio.sleep(DIRECTORY_REFRESH_SECONDS)
             rounds += 1
@@ -252,8 +271,15 @@ class Runtime:
                     if closed:
                         log.warning("aibridge: ended %d interception(s) a stopped gateway left in progress for "
                                     "hours as failed", closed)
-            except Exception as e:
-                log.warning("aibridge: reloading users, tokens and budgets failed: %s", e)
+                if failing:
+                    failing = None
+                    log.warning("aibridge: users, tokens and budgets are reloaded from the store again")
+            except Exception as e:  # the store is away: keep the last directory and totals; say so once
+                why = str(e).split(";")[0]
+                if failing != why:
+                    failing = why
+                    log.warning("aibridge: reloading users, tokens and budgets failed (%s); the last ones stay in "
+                                "force until the store is back", why)
 
     def _share_keys(self) -> None:
         """Workers: publish this worker's key pools, apply resets other workers were asked for."""
@@ -264,14 +290,70 @@ class Runtime:
         self.keyboard.publish([row for pool in self.pools.values() for row in pool.status()])
 
     async def fleet_rate_refusal(self, user_id: str, user_name: str):
-        """Fleet mode: count this request in the shared per-minute counter; the refusal if over the limit."""
+        """Fleet mode: count this request in the shared per-minute counter; the refusal if over the limit. A store
+        that is slow or away is waited on for STORE_WAIT at most: then this process counts on its own (logged
+        once per change), and no request waits for, or fails with, the database."""
         limits = self.budgets.limits_for(user_name)
         if limits.requests_per_minute is None:
             return None
         window = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
-        count = await asyncio.wrap_future(self.store.run("count_request", user_id=user_id,
-                                                         window_start=window.isoformat()))
-        return self.budgets.fleet_refusal(count, limits)
+        if self.store.state.get("up", True):
+            try:
+                count = await asyncio.wait_for(asyncio.wrap_future(self.store.run(
+                    "count_request", user_id=user_id, window_start=window.isoformat())), STORE_WAIT)
+                if self._budgets_degraded:
+                    self._budgets_degraded = False
+                    log.warning("aibridge: budgets are counted across the fleet again")
+                return self.budgets.fleet_refusal(count, limits)
+            except Exception as e:  # a timeout, or the store's failure
+                reason = type(e).__name__ if isinstance(e, asyncio.TimeoutError) else str(e).splitlines()[0][:200]
+            else:
+                reason = ""
+        else:
+            reason = self.store.state.get("reason") or "store unavailable"
+        if not self._budgets_degraded:
+            self._budgets_degraded = True
+            log.warning("aibridge: budgets degraded: the store is slow or away (%s); requests per minute are counted "
+                        "by this process alone and tokens and spend use the last totals until it is back", reason)
+        return self.budgets.local_rate_refusal(user_id, limits)
+
+    # --- the store's health ---------------------------------------------------------------------------
+
+    def store_health(self) -> dict:
+        """What /aibridge/healthz says of recording: whether the store takes records, why not, since when, what
+        is held, and whether model calls are refused for it (storage.on_failure: refuse)."""
+        store, cfg = self.store, self.config.storage
+        st = dict(store.state) if store is not None else {}
+        up = store is not None and store.alive and st.get("up", True)
+        reasons = []
+        if store is None or not store.alive:
+            reasons.append(f"store process gone ({store._dead if store is not None else 'not open'})")
+        since = st.get("since")
+        since_text = dt.datetime.fromtimestamp(since, dt.UTC).isoformat(timespec="seconds") if since else None
+        if st.get("reason") and not st.get("up", True):
+            reasons.append(f"{'store unreachable' if st['reason'] == 'store unreachable' else st['reason']}"
+                           f"{f' since {since_text}' if since_text else ''}")
+        backlog = int(st.get("backlog") or 0)
+        if backlog:
+            reasons.append(f"backlog {backlog} records")
+        if st.get("spool"):
+            reasons.append(f"spool not writable ({st['spool']})")
+        if store is not None and store.journal_trouble():
+            reasons.append(f"journal not writable ({store.journal_error})")
+        if st.get("lost"):
+            reasons.append(f"{st['lost']} records lost (store, spool and memory full)")
+        over_bound = int(st.get("backlog_bytes") or 0) >= cfg.backlog_max_mb * 1024 * 1024 * 0.95
+        down_for = time.time() - since if since and not st.get("up", True) else 0.0
+        refusing = cfg.on_failure == "refuse" and (
+            store is None or not store.alive or (not st.get("up", True) and down_for >= cfg.refuse_after_seconds)
+            or over_bound)
+        if refusing != self._refusing:
+            self._refusing = refusing
+            (log.error if refusing else log.warning)(
+                "aibridge: %s", "refusing model calls: the store cannot record them (storage.on_failure: refuse)"
+                if refusing else "model calls are served again: the store records them")
+        return {"up": up, "reason": st.get("reason") if not st.get("up", True) else None, "since": since_text,
+                "backlog": backlog, "refusing": refusing, "reasons": reasons}
 
     async def reload_directory(self) -> None:
         """After an admin operation: new or revoked tokens take effect for the next request."""

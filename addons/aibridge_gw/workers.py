@@ -215,7 +215,8 @@ class Supervisor:
         from .store.process import start_writer_process
 
         flags = ["--listen", self.socket] + (["--close-stale"] if close_stale else [])
-        proc = start_writer_process(self.config.duckdb_path.resolve(), flags)
+        proc = start_writer_process(self.config.duckdb_path.resolve(), flags,
+                                    backlog_max_mb=self.config.storage.backlog_max_mb)
         line = proc.stdout.readline()
         try:
             hello = json.loads(line)

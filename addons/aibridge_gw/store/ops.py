@@ -336,6 +336,28 @@ def _export_files(conn, fmt: str, target, tables: tuple[str, ...]) -> dict:
 
 
 # name -> (function, writes?)
+def apply_record(conn, record: list) -> dict:
+    """One audit record as the writer would apply it (`aibridge store replay-deadletters`): an insert that adds
+    nothing when its row is there already, or an interception's end. Its own transaction, so a record the database
+    still refuses fails alone."""
+    from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, Insert
+    from .writer import _clean_values, decode_records
+
+    try:
+        (rec,) = decode_records([record])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise OpError(f"not an audit record: {type(e).__name__}: {e}") from None
+    if isinstance(rec, Insert):
+        cols = COLUMNS[rec.table]
+        conn.execute(f"INSERT INTO {rec.table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                     "ON CONFLICT DO NOTHING", _clean_values(cols, rec.row))
+        return {"table": rec.table, "id": str(rec.row[0])}
+    sets = ", ".join(f"{c} = coalesce(?, {c})" if c in KEPT_UNLESS_SET else f"{c} = ?" for c in END_COLUMNS)
+    conn.execute(f"UPDATE aibridge_interceptions SET {sets} WHERE id = ?", [*_clean_values(END_COLUMNS, rec.values),
+                                                                          rec.id])
+    return {"table": "aibridge_interceptions", "id": rec.id}
+
+
 OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "users.add": (users_add, True),
     "users.list": (users_list, False),
@@ -350,6 +372,7 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "prune": (prune, True),
     "report": (report, False),
     "export": (export, False),
+    "store.apply_record": (apply_record, True),
 }
 
 

@@ -8,6 +8,7 @@ them a DuckDB-like connection (`execute(sql, params)` returning a cursor) over p
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import re
 import threading
 from pathlib import Path
@@ -19,7 +20,9 @@ from psycopg_pool import ConnectionPool
 from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET
 from .schema import migrate_postgres
 from .statements import pg_column_types, pg_insert_statements
-from .writer import READERS, Store, private_file
+from .writer import READERS, Store, StoreUnavailable, private_file
+
+CONNECT_TIMEOUT = 3  # seconds: a writer reconnecting to a database that is away must not stall for long
 
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|%")
 
@@ -53,16 +56,18 @@ class PgStore(Store):
     CONFLICT = psycopg.errors.UniqueViolation
 
     def __init__(self, dsn: str, local: Path, after_op: Callable[[Any], None] | None = None, spool: bool = True,
-                 on_commit: Callable[[], None] | None = None) -> None:
-        super().__init__(Path(local), after_op=after_op, spool=spool, close_stale=False, on_commit=on_commit)
+                 on_commit: Callable[[], None] | None = None, **kw) -> None:
+        super().__init__(Path(local), after_op=after_op, spool=spool, close_stale=False, on_commit=on_commit, **kw)
         self.dsn = dsn
-        # Reads (the token directory each second, reports, admin API) on pooled connections, never the writer's.
-        self._pool = ConnectionPool(dsn, min_size=1, max_size=READERS, kwargs={"autocommit": True}, open=False,
-                                    name="aibridge-read")
+        # Reads (the token directory each second, reports, admin API) on pooled connections, never the writer's;
+        # each checked before use, so a database that restarted costs no failed read.
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=READERS, kwargs={"autocommit": True,
+                                    "connect_timeout": CONNECT_TIMEOUT}, open=False, name="aibridge-read",
+                                    check=ConnectionPool.check_connection, timeout=10, reconnect_timeout=0)
 
     def open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = psycopg.connect(self.dsn, autocommit=True)
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         migrate_postgres(conn)
         self._pool.open(wait=True, timeout=30)
         self._conn = PgConnection(conn)
@@ -87,8 +92,64 @@ class PgStore(Store):
     def _execute_batch(self, sql: str, params: list) -> None:
         self._conn.raw.execute(sql, params)
 
+    # --- faults: a database that restarts, goes away or refuses writes is the store's fault, never the data's ---
+
+    def _transient(self, e: BaseException) -> bool:
+        if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError, OSError, StoreUnavailable)):
+            return True  # connection lost, server shutting down or starting, disk full (53100), timeouts
+        if isinstance(e, (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege)):
+            return True  # a replica promoted back, a role that lost its grants: the operator fixes it
+        return False
+
+    @staticmethod
+    def _classify(e: BaseException) -> str:
+        if isinstance(e, psycopg.errors.DiskFull):
+            return "disk full"
+        if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
+            return "store read-only"
+        if isinstance(e, psycopg.errors.InsufficientPrivilege):
+            return "permission denied"
+        if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return "store unreachable"
+        return Store._classify(e)
+
+    def _probe(self) -> str | None:
+        for attempt in (1, 2):
+            try:
+                self._conn.raw.execute("SELECT 1").fetchone()
+                return None
+            except Exception as e:
+                if attempt == 2:
+                    return self._classify(e)
+                self._recover()
+        return None
+
+    def _recover(self) -> None:
+        """A broken writer connection is replaced (each attempt bounded by CONNECT_TIMEOUT)."""
+        raw = self._conn.raw
+        if not (raw.closed or raw.broken):
+            try:
+                raw.execute("SELECT 1")
+                return
+            except Exception:
+                pass
+        try:
+            fresh = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        except Exception:
+            return  # still away: the next attempt comes after the backoff
+        try:
+            raw.close()
+        except Exception:
+            pass
+        self._conn = PgConnection(fresh)
+
     def read(self, fn):
-        """Run fn(connection) on a reader thread, over a pooled connection (sees committed data)."""
+        """Run fn(connection) on a reader thread, over a pooled connection (sees committed data). While the
+        database is away, reads fail at once: no caller (a budget check, the directory reload) waits on it."""
+        if not self.up:
+            fut: cf.Future = cf.Future()
+            fut.set_exception(StoreUnavailable(self.describe()))
+            return fut
 
         def work():
             with self._pool.connection() as conn:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime
+import errno
 import importlib.util
 import itertools
 import json
@@ -40,7 +41,7 @@ from pathlib import Path
 from .. import reports
 from .ops import OpError
 from .rows import INTERCEPTIONS, EndInterception, Insert, interception_end
-from .writer import _datetime, _encode
+from .writer import _datetime, _encode, has_room
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ _STOP = object()
 SEND_WINDOW = 0.05  # seconds records may wait in the gateway before they are sent (the child batches again)
 # Where this package was imported from (a checkout's addons/ or site-packages): the child imports the same code.
 PACKAGE_PARENT = str(Path(importlib.util.find_spec("aibridge_gw").origin).resolve().parent.parent)
+
+
+_STATUS = INTERCEPTIONS.columns.index("status")
 
 
 class _Op:
@@ -60,13 +64,16 @@ class _Op:
 POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
 JOURNAL_ROTATE_SECONDS = 1.0
 
-def start_writer_process(path: Path, flags: list[str], postgres: str | None = None) -> subprocess.Popen:
+def start_writer_process(path: Path, flags: list[str], postgres: str | None = None,
+                         backlog_max_mb: int | None = None) -> subprocess.Popen:
     """`python -m aibridge_gw.store.server PATH FLAGS…`, importing this same code, its stdin and stdout piped."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.pop(POSTGRES_ENV, None)
     if postgres:  # in the environment, not the arguments: a URL may carry a password (ps shows argv)
         env[POSTGRES_ENV] = postgres
+    if backlog_max_mb:
+        flags = [*flags, "--backlog-max-mb", str(int(backlog_max_mb))]
     args = [sys.executable, "-m", "aibridge_gw.store.server", str(path), *flags]
     return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
@@ -139,7 +146,7 @@ class _WriteEnd:
 
 class WriterProcess:
     def __init__(self, path: Path, close_stale: bool = False, spool: bool = True, postgres: str | None = None,
-                 shared: str | None = None, journal: Path | None = None) -> None:
+                 shared: str | None = None, journal: Path | None = None, backlog_max_mb: int | None = None) -> None:
         self.path = Path(path)  # the DuckDB file, or with `postgres` the base name of this process's spool
         self.postgres = postgres
         self.shared = shared  # the Unix socket of the writer all workers share, instead of a child of our own
@@ -166,6 +173,14 @@ class WriterProcess:
         self._journal_flushing = False
         self.recovered = 0  # records a previous process journaled, sent again at start
         self._undelivered = False
+        self.backlog_max_mb = backlog_max_mb
+        # The store's state as the writer last reported it (store/writer.py Store.state): up, reason, backlog…
+        self.state: dict = {"up": True, "reason": None, "since": None, "backlog": 0, "backlog_bytes": 0, "lost": 0,
+                            "spool": None}
+        self.journal_error: str | None = None  # the journal cannot be written (a full disk), while it cannot
+        # Start records of calls in flight, by interception id: a rotation copies them into the new part, so a
+        # killed process's unfinished calls are still found (and ended) by its next start.
+        self._open_starts: dict[str, bytes] = {}
 
     @property
     def failed(self) -> int:
@@ -256,9 +271,17 @@ class WriterProcess:
             if not self._journal_old.exists():
                 if os.fstat(self._journal_fd).st_size == 0:
                     return
+                try:
+                    fd = os.open(self.journal.with_name(self.journal.name + ".new"),
+                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+                    if self._open_starts:  # calls still in flight keep their start in the journal
+                        os.write(fd, b"\n".join(self._open_starts.values()) + b"\n")
+                except OSError as e:
+                    self._journal_failed(e)
+                    return
                 os.replace(self.journal, self._journal_old)
-                fd, self._journal_fd = self._journal_fd, os.open(
-                    self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.replace(self.journal.with_name(self.journal.name + ".new"), self.journal)
+                fd, self._journal_fd = self._journal_fd, fd
                 os.close(fd)
             self._journal_flushing = True
             fut = self.run("flush", writes=True)  # queued after every record of the old part
@@ -305,7 +328,7 @@ class WriterProcess:
 
     def _popen(self, close_stale: bool) -> subprocess.Popen:
         flags = (["--close-stale"] if close_stale else []) + ([] if self.spool else ["--no-spool"])
-        return start_writer_process(self.path, flags, self.postgres)
+        return start_writer_process(self.path, flags, self.postgres, self.backlog_max_mb)
 
     def _respawn(self) -> bool:
         """The writer died under the gateway (a crash, an OOM kill): start another. It replays the spool the dead
@@ -334,11 +357,33 @@ class WriterProcess:
             self._q.put(line)
             return
         with self._journal_lock:
+            if isinstance(record, EndInterception):
+                self._open_starts.pop(record.id, None)
+            elif record.table == "aibridge_interceptions" and record.row[_STATUS] == "in_progress":
+                self._open_starts[record.row[0]] = line
             try:
                 os.write(self._journal_fd, line + b"\n")
+                if self.journal_error is not None:
+                    self.journal_error = None
+                    log.warning("aibridge: the journal %s can be written again", self.journal)
             except OSError as e:  # a full disk must not stop the gateway: the record still goes to the writer
-                log.error("aibridge: journal write failed (%s)", e)
+                self._journal_failed(e)
             self._q.put(line)
+
+    def journal_trouble(self) -> str | None:
+        """Why the journal cannot be written, while it cannot (rechecked: a disk with room again clears it)."""
+        if self.journal_error is not None and self.journal is not None and has_room(self.journal.parent):
+            self.journal_error = None
+            log.warning("aibridge: the journal %s has room again", self.journal)
+        return self.journal_error
+
+    def _journal_failed(self, e: OSError) -> None:
+        """Logged once per change, not once per record."""
+        reason = "disk full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
+        if self.journal_error != reason:
+            self.journal_error = reason
+            log.error("aibridge: the journal %s cannot be written (%s); records still go to the store", self.journal,
+                      e)
 
     def run(self, op: str, writes: bool = False, **args) -> cf.Future:
         """Run the named operation in the writer process; writes are ordered after every record submitted
@@ -359,24 +404,28 @@ class WriterProcess:
         return self.run("flush", writes=True)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Send what is queued, let the child commit it and exit. Safe to call twice."""
+        """Send what is queued, let the child commit it and exit. Safe to call twice. The journal is deleted only
+        when a last flush confirms that everything in it is committed: a store that is away at shutdown leaves
+        it (and the writer's spool) for the next start to send again."""
         if self._sender is None:
             return
+        final = self.run("flush", writes=True) if self._dead is None else None
         self._closing = True
         self._q.put(_STOP)
         self._wake.set()
         self._sender.join(timeout)
         self._sender = None
-        committed = False
         if self._proc is not None:
             try:
-                committed = self._proc.wait(timeout) == 0 and not self._undelivered
+                self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.error("the store process did not finish within %s s; killing it", timeout)
                 self._proc.kill()
                 self._proc.wait()
         if self._receiver is not None:
             self._receiver.join(5)
+        committed = (final is not None and final.done() and not final.cancelled() and final.exception() is None
+                     and not self._undelivered)
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
@@ -386,6 +435,9 @@ class WriterProcess:
                         path.unlink()
                     except FileNotFoundError:
                         pass
+            else:
+                log.warning("aibridge: records not confirmed committed at shutdown; the journal %s keeps them for "
+                            "the next start", self.journal)
 
     # --- the sender thread: records batched into one line, ops in order -------------------------------
 
@@ -452,6 +504,8 @@ class WriterProcess:
             kind = msg.get("t")
             if kind == "s":
                 self.written, self.dead_lettered = msg["w"], msg["d"]
+                if isinstance(msg.get("st"), dict):
+                    self.state = msg["st"]
             elif kind == "r":
                 with self._lock:
                     fut = self._pending.pop(msg["id"], None)

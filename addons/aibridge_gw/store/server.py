@@ -55,17 +55,21 @@ def main(argv: list[str]) -> int:
     peers: set[_Peer] = set() if listen else {own}  # who hears the counters after each batch
 
     def on_commit() -> None:
-        counters = {"t": "s", "w": store.written, "d": store.dead_lettered}
+        counters = status_message(store)
         for peer in list(peers):
             peer.send(counters)
 
+    backlog = int(argv[argv.index("--backlog-max-mb") + 1]) if "--backlog-max-mb" in argv else None
+    kw = {"backlog_max_bytes": backlog * 1024 * 1024} if backlog else {}
     dsn = os.environ.get(POSTGRES_ENV)
     if dsn:
         from .pg import PgStore
 
-        store = PgStore(dsn, path, spool="--no-spool" not in argv, on_commit=on_commit)
+        store = PgStore(dsn, path, spool="--no-spool" not in argv, on_commit=on_commit, **kw)
     else:
-        store = Store(path, spool="--no-spool" not in argv, close_stale="--close-stale" in argv, on_commit=on_commit)
+        store = Store(path, spool="--no-spool" not in argv, close_stale="--close-stale" in argv, on_commit=on_commit,
+                      **kw)
+    store.on_state = on_commit
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -105,7 +109,15 @@ def main(argv: list[str]) -> int:
             os.unlink(listen)
         except OSError:
             pass
-    return 0
+    return 0 if store.backlog == 0 else HELD_AT_EXIT
+
+
+HELD_AT_EXIT = 3  # exit status: records the store could not take are held in the spool for the next start
+
+
+def status_message(store: Store) -> dict:
+    """Counters and the store's state, sent to every gateway after each batch and on each change."""
+    return {"t": "s", "w": store.written, "d": store.dead_lettered, "st": store.state}
 
 
 def _listen(path: str) -> socket.socket:
@@ -138,14 +150,15 @@ def _serve(conn: socket.socket, store: Store, peers: set) -> None:
     peer = _Peer(conn.makefile("wb"))
     peers.add(peer)
     peer.send({"t": "ready", "stale": store.stale_closed})
+    peer.send(status_message(store))
     try:
         for line in conn.makefile("rb"):
             _handle(store, line, peer)
         try:
             store.flush().result(CONNECTION_FLUSH_TIMEOUT)
-        except Exception as e:
-            logging.error("committing a departed worker's records failed: %s", e)
-        peer.send({"t": "s", "w": store.written, "d": store.dead_lettered})
+        except Exception as e:  # the store is away: they are held (spool, memory) and committed when it is back
+            logging.warning("a departed worker's records are not committed yet: %s", e)
+        peer.send(status_message(store))
     except OSError:
         pass
     finally:

@@ -9,13 +9,22 @@ the spool at start-up; records carry their own ids, so a replayed batch never yi
 
 No record is dropped: text DuckDB cannot hold (lone surrogates from hostile JSON, undecodable header bytes)
 is stored escaped; a batch that still fails is split in halves until the record at fault is found, and that
-one record goes to a dead-letter file (`<db>.deadletter.jsonl`) and is counted.
+one record goes to a dead-letter file (`<db>.deadletter.jsonl`) and is counted. Only the database's verdict on
+the data sends a record there (a constraint, a type) — never a fault of the store itself.
+
+Faults of the store (a database that restarts or is down, a full disk, a read-only file system, lost
+permissions) hold records instead: batches not yet committed wait in order — in the spool, and in memory up to
+`storage.backlog_max_mb` (beyond that, spooled batches wait on disk only and are read back in turn) — and are
+retried with backoff (at most `RETRY_MAX` seconds apart) until the store takes them. The writer thread never
+dies of an exception; its state (up or down, why, since when, what is held) is reported on every change, and
+the spool is emptied only once everything in it is committed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+import errno
 import functools
 import json
 import logging
@@ -23,6 +32,8 @@ import os
 import queue
 import re
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +41,7 @@ from typing import Any, Protocol
 
 import duckdb
 
+from . import deadletters
 from .rows import COLUMNS, END_COLUMNS, JSON_COLUMNS, KEPT_UNLESS_SET, EndInterception, Insert
 from .schema import migrate, transaction
 from .statements import column_types, insert_statements
@@ -40,6 +52,23 @@ _END_INDEX = {c: COLUMNS["aibridge_interceptions"].index(c) for c in END_COLUMNS
 BATCH_WINDOW = 0.1  # seconds records may wait in memory before their batch is spooled and committed
 READERS = 2  # threads (and PostgreSQL connections) that run reads beside the writer
 MAX_BATCH = 2000  # records per transaction (binding them holds the GIL; keep each bind short)
+RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # seconds between attempts to reach a store that failed: doubling, capped
+IDLE_PROBE = 1.0  # seconds: an idle writer checks its store this often, so health tells the truth within seconds
+BACKLOG_MAX_BYTES = 512 * 1024 * 1024  # storage.backlog_max_mb: records held in memory while the store is away
+LOW_DISK_BYTES = 64 * 1024  # free space below which a DuckDB directory counts as full
+
+
+def has_room(directory: Path) -> bool:
+    """Whether a directory's file system is writable and not (nearly) full."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= LOW_DISK_BYTES
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take records now (not the records' fault): they are held and retried."""
 
 
 @dataclass(slots=True)
@@ -114,6 +143,7 @@ class StoreApi(Protocol):
     written: int
     dead_lettered: int
     stale_closed: int
+    state: dict  # whether the store takes records, why not, since when, what is held (Store.state)
 
     @property
     def alive(self) -> bool: ...
@@ -131,10 +161,11 @@ class Store:
     CONFLICT: type[Exception] = duckdb.ConstraintException  # a row whose id is there already
 
     def __init__(self, path: Path, after_op: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
-                 spool: bool = True, close_stale: bool = False, on_commit: Callable[[], None] | None = None):
+                 spool: bool = True, close_stale: bool = False, on_commit: Callable[[], None] | None = None,
+                 backlog_max_bytes: int = BACKLOG_MAX_BYTES):
         self.path = Path(path)
         self.spool_path = self.path.with_name(self.path.name + ".spool") if spool else None
-        self.dead_letter_path = self.path.with_name(self.path.name + ".deadletter.jsonl")
+        self.dead_letter_path = self.path.with_name(self.path.name + deadletters.SUFFIX)
         self._spool = None
         self.after_op = after_op
         self.on_commit = on_commit  # after each batch is stored (the writer process reports its counters)
@@ -147,6 +178,22 @@ class Store:
         self.written = 0
         self.dead_lettered = 0  # records the store could not take, kept in the dead-letter file
         self.stale_closed = 0
+        # Held: batches not yet committed, oldest first. ("mem", batch, bytes, spooled) in memory; ("disk", start,
+        # end, records) a range of the spool read back when its turn comes (memory past backlog_max_bytes).
+        self._held: deque = deque()
+        self.backlog = 0  # records held
+        self.backlog_bytes = 0  # of which in memory (encoded size)
+        self.backlog_max_bytes = backlog_max_bytes
+        self.lost = 0  # records neither the store, the spool nor memory could take (all three full)
+        self.up = True
+        self.reason: str | None = None  # why the store cannot take records, while it cannot
+        self.since: float | None = None  # wall-clock time it went away
+        self._retry_at = 0.0
+        self._delay = 0.0
+        self._last_ok = time.monotonic()
+        self._spool_failing: str | None = None  # the spool could not be written (logged once per change)
+        self._unwritten_dead: list[dict] = []  # dead letters the disk could not take yet
+        self.on_state: Callable[[], None] | None = None  # after each change of up/reason (the server reports it)
 
     @property
     def failed(self) -> int:
@@ -253,63 +300,391 @@ class Store:
     def _run(self) -> None:
         stop = False
         while not stop:
-            item = self._q.get()
-            # Let records gather: DuckDB is columnar, and a commit costs about the same for 1 row as for 100,
-            # so one commit per window instead of one per record. The spool keeps the window crash-safe.
-            if self._q.qsize() < MAX_BATCH and not isinstance(item, _Op):
-                self._wake.wait(BATCH_WINDOW)
-            self._wake.clear()
-            batch = []
-            while True:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, _Op):
-                    self._write(batch)
-                    batch = []
-                    self._run_op(item)
-                else:
-                    batch.append(item)
-                if len(batch) >= MAX_BATCH:
-                    break
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-            self._write(batch)
+            try:
+                stop = self._round()
+            except Exception:  # nothing may end this thread: what failed is logged, the records stay held
+                log.exception("aibridge store: the writer hit an unexpected error; it goes on")
+                time.sleep(RETRY_FIRST)
+        try:
+            self._finish()
+        except Exception:
+            log.exception("aibridge store: finishing the writer failed")
+
+    def _round(self) -> bool:
+        """One batch window: gather records, hold them, commit what the store takes. True once told to stop."""
+        try:
+            item = self._q.get(timeout=self._wait_time())
+        except queue.Empty:
+            self._tick()
+            return False
+        # Let records gather: DuckDB is columnar, and a commit costs about the same for 1 row as for 100,
+        # so one commit per window instead of one per record. The spool keeps the window crash-safe.
+        if self._q.qsize() < MAX_BATCH and not isinstance(item, _Op) and item is not _STOP:
+            self._wake.wait(BATCH_WINDOW)
+        self._wake.clear()
+        batch: list = []
+        stop = False
+        while True:
+            if item is _STOP:
+                stop = True
+                break
+            if isinstance(item, _Op):
+                self._write(batch)
+                batch = []
+                self._run_op(item)
+            else:
+                batch.append(item)
+            if len(batch) >= MAX_BATCH:
+                break
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+        self._write(batch)
+        return stop
+
+    def _wait_time(self) -> float:
+        if self._held:
+            return max(0.01, min(IDLE_PROBE, self._retry_at - time.monotonic()))
+        return IDLE_PROBE
+
+    def _tick(self) -> None:
+        """Idle: retry what is held when its time comes; otherwise check the store now and then, so a store that
+        went away while nothing was recorded shows in health within seconds, not at the next call."""
+        if self._held:
+            self._drain()
+        elif time.monotonic() - self._last_ok >= IDLE_PROBE:
+            problem = self._probe()
+            if problem is None:
+                self._ok()
+            elif self.up or problem != self.reason:
+                self._down(problem)
+        if self._unwritten_dead:
+            self._write_dead_letters()
+        if self._spool_failing is not None and self.spool_path is not None and has_room(self.spool_path.parent):
+            self._spool_failing = None  # the next append tells for sure; health need not wait for traffic
+            log.warning("aibridge store: the spool %s has room again", self.spool_path)
+            self._state_changed()
 
     def _run_op(self, op: _Op) -> None:
         if not op.future.set_running_or_notify_cancel():
             return
+        if op.fn is _noop:  # a flush: resolves once everything before it is committed, fails while it is held
+            if self._held and not self._drain():
+                op.future.set_exception(StoreUnavailable(self.describe()))
+            else:
+                op.future.set_result(None)
+            return
+        if self._held:
+            self._drain()
         conn = self._conn
         try:
             with transaction(conn):
                 result = op.fn(conn)
         except BaseException as e:
+            if self._transient(e):
+                self._down(self._classify(e))
+                self._recover()
             op.future.set_exception(e)
             return
         try:
-            if self.after_op and op.fn is not _noop:  # a flush barrier changes nothing to reload
+            if self.after_op:
                 self.after_op(conn)
         except Exception:
             log.exception("after-op hook failed")
         op.future.set_result(result)
 
+    def _finish(self) -> None:
+        """Shutting down: one last attempt; what the store still cannot take stays in the spool for the next
+        start (and in the gateway's journal), never deleted."""
+        if self._held and not self._drain(now=True):
+            kept = self._spool_everything()
+            log.error("aibridge store: %d record(s) could not be committed before shutdown (%s); %s", self.backlog,
+                      self.reason, "kept in the spool for the next start" if kept else
+                      "the spool could not take them all: the gateway's journal sends them again at its next start")
+        if self._unwritten_dead:
+            self._write_dead_letters()
+
+    # --- the store's state ---------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"store unavailable: {self.reason or 'unknown'}; {self.backlog} record(s) held"
+
+    @property
+    def state(self) -> dict:
+        """What health reports: plain values."""
+        return {"up": self.up, "reason": self.reason, "since": self.since, "backlog": self.backlog,
+                "backlog_bytes": self.backlog_bytes, "lost": self.lost, "spool": self._spool_failing}
+
+    def _ok(self) -> None:
+        self._last_ok = time.monotonic()
+        self._delay = 0.0
+        if not self.up:
+            down_for = time.time() - (self.since or time.time())
+            self.up, self.reason, self.since = True, None, None
+            log.warning("aibridge store: the store takes records again (after %.1f s)%s", down_for,
+                        f"; committing {self.backlog} held record(s)" if self.backlog else "")
+            self._state_changed()
+
+    def _down(self, reason: str) -> None:
+        self._delay = min(RETRY_MAX, max(RETRY_FIRST, self._delay * 2))
+        self._retry_at = time.monotonic() + self._delay
+        if self.up or reason != self.reason:
+            if self.up:
+                self.since = time.time()
+            self.up, self.reason = False, reason
+            log.error("aibridge store: the store cannot take records (%s); holding them and retrying every %.0f s "
+                      "at most", reason, RETRY_MAX)
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state()
+            except Exception:
+                log.exception("aibridge store: reporting the store's state failed")
+
+    # What a store's faults look like; each engine says which of its errors are the store's, not the data's.
+    _FAULT_WORDS = re.compile(r"no space|could not write|read-only|permission denied|invalidated|i/o error|"
+                              r"input/output|disk|too many open files|out of memory", re.I)
+
+    def _transient(self, e: BaseException) -> bool:
+        """A fault of the store (hold and retry), not of the record (dead-letter)."""
+        if isinstance(e, (OSError, MemoryError, StoreUnavailable)):
+            return True
+        if isinstance(e, (duckdb.IOException, duckdb.FatalException, duckdb.OutOfMemoryException,
+                          duckdb.InterruptException, duckdb.TransactionException)):
+            return True
+        return bool(self._FAULT_WORDS.search(str(e)))
+
+    @staticmethod
+    def _classify(e: BaseException) -> str:
+        """The reason health gives, in the operator's words."""
+        text = str(e)
+        code = getattr(e, "errno", None)
+        low = text.lower()
+        if code == errno.ENOSPC or "no space" in low or "disk full" in low:
+            return "disk full"
+        if code == errno.EROFS or "read-only file system" in low:
+            return "read-only file system"
+        if code in (errno.EACCES, errno.EPERM) or "permission denied" in low:
+            return "permission denied"
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        return f"store error: {first[:200]}"
+
+    def _probe(self) -> str | None:
+        """None when the store can take records, else why not (DuckDB: the file system's free space)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as e:
+            return self._classify(e)
+        if st.f_flag & os.ST_RDONLY:
+            return "read-only file system"
+        if st.f_bavail * st.f_frsize < LOW_DISK_BYTES:
+            return "disk full"
+        if self._conn is None:
+            return "store error: not open"
+        try:
+            self._conn.execute("SELECT 1").fetchone()
+        except Exception as e:
+            return self._classify(e)
+        return None
+
+    def _recover(self) -> None:
+        """After a fault: DuckDB invalidates a database after some I/O failures; open it again."""
+        try:
+            self._conn.execute("SELECT 1").fetchone()
+            return
+        except Exception:
+            pass
+        try:
+            fresh = duckdb.connect(str(self.path))
+        except Exception as e:
+            log.debug("reopening %s failed: %s", self.path, e)
+            return
+        old, self._conn = self._conn, fresh
+        try:
+            old.close()
+        except Exception:
+            pass
+
+    # --- holding and committing ------------------------------------------------------------------------
+
+    def _write(self, batch: list, spool: bool = True) -> None:
+        """Take a batch: into the spool (crash safety), then held until the store commits it, in order."""
+        if not batch:
+            return
+        data = encode_batch(batch) if (spool and self._spool is not None) else None
+        size = len(data) if data is not None else 256 * len(batch)
+        where = self._spool_append(data) if data is not None else None
+        if where is not None and (self.backlog_bytes + size > self.backlog_max_bytes
+                                  or (self._held and self._held[-1][0] == "disk")):
+            # Memory is full (or batches already wait on disk): this one waits in the spool only, in turn.
+            last = self._held[-1] if self._held else None
+            if last is not None and last[0] == "disk" and last[2] == where[0]:
+                self._held[-1] = ("disk", last[1], where[1], last[3] + len(batch))
+            else:
+                self._held.append(("disk", where[0], where[1], len(batch)))
+        elif self.backlog_bytes + size > self.backlog_max_bytes and self._held:
+            self.lost += len(batch)
+            log.error("aibridge store: %d record(s) lost: the store, the spool and memory (storage.backlog_max_mb) "
+                      "are all full", len(batch))
+            self._state_changed()
+            return
+        else:
+            self._held.append(("mem", batch, size, where is not None))
+            self.backlog_bytes += size
+        self.backlog += len(batch)
+        self._drain()
+        if self.on_commit is not None:
+            self.on_commit()
+
+    def _drain(self, now: bool = False) -> bool:
+        """Commit held batches in order, as many records per transaction as MAX_BATCH allows. True once nothing
+        is held. While the store is failing, attempts wait for their backoff unless `now`."""
+        if not now and self._held and not self.up and time.monotonic() < self._retry_at:
+            return False
+        while self._held:
+            try:
+                batch, release = self._next_batch()
+                self._store(batch)
+            except Exception as e:  # StoreUnavailable, or a fault reading the spool back
+                self._down(e.args[0] if isinstance(e, StoreUnavailable) and e.args else self._classify(e))
+                return False
+            release()
+            self._ok()
+        self.backlog = self.backlog_bytes = 0
+        self._spool_clear()
+        return True
+
+    def _next_batch(self) -> tuple[list, Callable[[], None]]:
+        """The oldest held records, up to about MAX_BATCH (spooled ones read back from disk), and what to release
+        once they are committed."""
+        head = self._held[0]
+        if head[0] == "disk":
+            batch, upto = self._read_back(head[1], head[2])
+
+            def release() -> None:
+                if upto >= head[2]:
+                    self._held.popleft()
+                else:
+                    self._held[0] = ("disk", upto, head[2], head[3] - len(batch))
+                self.backlog -= len(batch)
+
+            return batch, release
+        batch, n = list(head[1]), 1
+        while n < len(self._held) and self._held[n][0] == "mem" and len(batch) + len(self._held[n][1]) <= MAX_BATCH:
+            batch.extend(self._held[n][1])
+            n += 1
+
+        def release() -> None:
+            for _ in range(n):
+                entry = self._held.popleft()
+                self.backlog -= len(entry[1])
+                self.backlog_bytes -= entry[2]
+
+        return batch, release
+
+    def _read_back(self, start: int, end: int) -> tuple[list, int]:
+        """Batches the spool holds from byte `start` (lines appended in order), about MAX_BATCH records' worth,
+        and where the next read starts."""
+        out: list = []
+        with open(self.spool_path, "rb") as f:
+            f.seek(start)
+            while f.tell() < end and len(out) < MAX_BATCH:
+                line = f.readline()
+                if not line:
+                    break
+                if line.strip():
+                    try:
+                        out.extend(decode_batch(line.rstrip(b"\n")))
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(line))
+            return out, max(f.tell(), start + 1) if out else end
+
+    def _store(self, batch: list) -> None:
+        """Commit a batch; on a data error, split it until the record at fault is alone, and dead-letter only that
+        one. A fault of the store raises StoreUnavailable: the batch is held and retried."""
+        try:
+            try:
+                self._apply(batch)
+            except self.CONFLICT:
+                self._apply(batch, tolerant=True)  # rows of a replayed spool or flow that are there already
+            self.written += len(batch)
+            return
+        except Exception as e:
+            if self._transient(e):
+                reason = self._classify(e)
+                self._recover()
+                raise StoreUnavailable(reason) from e
+            if len(batch) == 1:
+                problem = self._probe()  # blame the record only when the store itself is fine
+                if problem is not None:
+                    raise StoreUnavailable(problem) from e
+                self._dead_letter(batch[0], e)
+                return
+            log.warning("batch of %d records failed (%s); splitting it to find the record at fault", len(batch),
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+        half = len(batch) // 2
+        self._store(batch[:half])
+        self._store(batch[half:])
+
     # --- the spool ----------------------------------------------------------------------------------
 
-    def _spool_append(self, batch: list) -> None:
+    def _spool_append(self, data: bytes) -> tuple[int, int] | None:
+        """Append one batch and fsync; its byte range in the spool, or None when the disk would not take it."""
+        try:
+            start = self._spool.seek(0, os.SEEK_END)
+            self._spool.write(data + b"\n")
+            self._spool.flush()
+            os.fsync(self._spool.fileno())
+            end = self._spool.tell()
+        except (OSError, ValueError) as e:
+            self._spool_trouble(e)
+            return None
+        if self._spool_failing is not None:
+            log.warning("aibridge store: the spool %s can be written again", self.spool_path)
+            self._spool_failing = None
+            self._state_changed()
+        return start, end
+
+    def _spool_trouble(self, e: Exception) -> None:
+        try:  # a partial line must not spoil the next one: cut the file back to its last whole line
+            self._spool.seek(0, os.SEEK_END)
+        except (OSError, ValueError):
+            pass
+        reason = self._classify(e)
+        if self._spool_failing != reason:
+            self._spool_failing = reason
+            log.error("aibridge store: the spool %s cannot be written (%s); records wait in memory (up to %d MB)",
+                      self.spool_path, e, self.backlog_max_bytes // (1024 * 1024))
+            self._state_changed()
+
+    def _spool_everything(self) -> bool:
+        """At shutdown with records held: make sure each one is in the spool. True when all are."""
         if self._spool is None:
-            return
-        self._spool.write(encode_batch(batch) + b"\n")
-        self._spool.flush()
-        os.fsync(self._spool.fileno())
+            return False
+        ok = True
+        for n, entry in enumerate(self._held):
+            if entry[0] == "mem" and not entry[3]:
+                where = self._spool_append(encode_batch(entry[1]))
+                ok = ok and where is not None
+                if where is not None:
+                    self._held[n] = ("mem", entry[1], entry[2], True)
+        return ok
 
     def _spool_clear(self) -> None:
-        if self._spool is not None:
+        if self._spool is None:
+            return
+        try:
             self._spool.truncate(0)
             self._spool.seek(0)
+        except (OSError, ValueError) as e:  # committed records left in it are harmless: a replay adds nothing
+            self._spool_trouble(e)
 
     def _replay_spool(self) -> None:
-        """Apply batches a previous run spooled but may not have committed (a crash, kill -9)."""
+        """Apply batches a previous run spooled but may not have committed (a crash, kill -9, a store that was
+        away at shutdown). Whatever the store cannot take now stays held, and in the spool."""
         try:
             data = self.spool_path.read_bytes()
         except FileNotFoundError:
@@ -324,56 +699,38 @@ class Store:
                 # a line cut short by the crash was never acknowledged; anything else is not ours to trust
                 log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(line))
         for batch in batches:
-            self._write(batch, spool=False)
-        if batches:
+            self._held.append(("mem", batch, 256 * len(batch), True))
+            self.backlog += len(batch)
+            self.backlog_bytes += 256 * len(batch)
+        if batches and self._drain(now=True):
             log.info("replayed %d spooled batch(es) (%d records)", len(batches), sum(map(len, batches)))
+        elif batches:
+            log.error("aibridge store: %d spooled record(s) wait for the store (%s)", self.backlog, self.reason)
+            return  # the spool keeps them; new batches are appended after them
         with private_file(self.spool_path, "wb"):
             pass
 
-    def _write(self, batch: list, spool: bool = True) -> None:
-        if not batch:
-            return
-        if spool:
-            try:
-                self._spool_append(batch)
-            except OSError as e:
-                log.error("spool write failed (%s); writing to DuckDB only", e)
-        self._store(batch)
-        if spool:
-            self._spool_clear()  # committed (or dead-lettered): no longer needed for recovery
-        if self.on_commit is not None:
-            self.on_commit()
-
-    def _store(self, batch: list) -> None:
-        """Commit a batch; on failure, split it until the record at fault is alone, and dead-letter only that one."""
-        try:
-            try:
-                self._apply(batch)
-            except self.CONFLICT:
-                self._apply(batch, tolerant=True)  # rows of a replayed spool or flow that are there already
-            self.written += len(batch)
-            return
-        except Exception as e:
-            if len(batch) == 1:
-                self._dead_letter(batch[0], e)
-                return
-            log.warning("batch of %d records failed (%s); splitting it to find the record at fault", len(batch), e)
-        half = len(batch) // 2
-        self._store(batch[:half])
-        self._store(batch[half:])
+    # --- dead letters ----------------------------------------------------------------------------------
 
     def _dead_letter(self, rec, error: Exception) -> None:
         self.dead_lettered += 1
         what = getattr(rec, "table", "interception end")
         log.error("record for %s could not be stored (%s); kept in %s", what, str(error).splitlines()[0],
                   self.dead_letter_path)
+        self._unwritten_dead.append({"at": dt.datetime.now(dt.UTC).isoformat(), "error": str(error),
+                                     "record": _encode(rec)})
+        self._write_dead_letters()
+
+    def _write_dead_letters(self) -> None:
+        """Append waiting dead letters (a full disk keeps them in memory until it takes them)."""
+        entries, self._unwritten_dead = self._unwritten_dead, []
+        data = b"".join(json.dumps(e, default=lambda v: _datetime(v) if isinstance(v, dt.datetime) else str(v))
+                        .encode() + b"\n" for e in entries)
         try:
-            with private_file(self.dead_letter_path, "ab") as f:
-                entry = {"at": dt.datetime.now(dt.UTC).isoformat(), "error": str(error), "record": _encode(rec)}
-                f.write(json.dumps(entry, default=lambda v: _datetime(v) if isinstance(v, dt.datetime) else str(v))
-                        .encode() + b"\n")
+            deadletters.append(self.dead_letter_path, data)  # under the lock `replay-deadletters` rewrites with
         except OSError as e:
-            log.error("dead-letter write failed: %s", e)
+            self._unwritten_dead[:0] = entries
+            log.error("dead-letter write failed (%s); %d kept in memory for now", e, len(self._unwritten_dead))
 
     def _apply(self, batch: list, tolerant: bool = False) -> None:
         """One transaction, one statement per table (columns passed as lists and unnested: DuckDB's cost is per
