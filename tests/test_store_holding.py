@@ -205,3 +205,30 @@ def test_the_journal_keeps_the_start_of_every_call_in_flight_across_rotations(tm
     starts = {k[2][0] for k in kinds if k[0] == "i" and k[1] == "aibridge_interceptions"}
     assert open_call in starts and done_call not in starts
     wp.close()
+
+
+def test_health_readiness_and_metrics_report_the_store(gateway):
+    import httpx
+
+    health = httpx.get(gateway.url + "/aibridge/healthz", trust_env=False)
+    body = health.json()
+    assert health.status_code == 200 and body["status"] == "ok" and body["reasons"] == []
+    assert body["store"] == {"up": True, "reason": None, "since": None, "backlog": 0, "refusing": False}
+    assert {"inflight", "pid", "worker"} <= body.keys()
+    ready = httpx.get(gateway.url + "/aibridge/readyz", trust_env=False)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    metrics = httpx.get(gateway.url + "/aibridge/metrics", trust_env=False).text
+    assert "\naibridge_store_up 1.0" in metrics and "\naibridge_records_backlog 0.0" in metrics
+    assert "\naibridge_records_dead_lettered_total 0.0" in metrics
+
+
+def test_storage_failure_settings_are_checked(tmp_path):
+    from aibridge_gw.config import ConfigError, parse_config
+
+    ok = parse_config({"storage": {"on_failure": "refuse", "refuse_after_seconds": 2, "backlog_max_mb": 64}})
+    assert (ok.storage.on_failure, ok.storage.refuse_after_seconds, ok.storage.backlog_max_mb) == ("refuse", 2.0, 64)
+    assert parse_config({}).storage.on_failure == "serve"
+    for bad in ({"on_failure": "drop"}, {"backlog_max_mb": 0}, {"refuse_after_seconds": -1},
+                {"backlog_max_mb": "lots"}):
+        with pytest.raises(ConfigError):
+            parse_config({"storage": bad})
