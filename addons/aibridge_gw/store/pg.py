@@ -63,7 +63,7 @@ class PgStore(Store):
         # each checked before use, so a database that restarted costs no failed read.
         self._pool = ConnectionPool(dsn, min_size=1, max_size=READERS, kwargs={"autocommit": True,
                                     "connect_timeout": CONNECT_TIMEOUT}, open=False, name="aibridge-read",
-                                    check=ConnectionPool.check_connection, timeout=10, reconnect_timeout=0)
+                                    check=ConnectionPool.check_connection, timeout=10)
 
     def open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)

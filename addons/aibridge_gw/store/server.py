@@ -49,6 +49,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="[store] %(message)s", stream=sys.stderr)
+    # The read pool logs each failed reconnection; the store's own state changes say it once.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     path = Path(argv[0])
     listen = argv[argv.index("--listen") + 1] if "--listen" in argv else None
     own = _Peer(sys.stdout.buffer)
