@@ -372,7 +372,7 @@ class WriterProcess:
 
     def journal_trouble(self) -> str | None:
         """Why the journal cannot be written, while it cannot (rechecked: a disk with room again clears it)."""
-        if self.journal_error is not None and self.journal is not None and has_room(self.journal.parent):
+        if self.journal_error == "disk full" and self.journal is not None and has_room(self.journal.parent):
             self.journal_error = None
             log.warning("aibridge: the journal %s has room again", self.journal)
         return self.journal_error

@@ -361,7 +361,7 @@ class Store:
                 self._down(problem)
         if self._unwritten_dead:
             self._write_dead_letters()
-        if self._spool_failing is not None and self.spool_path is not None and has_room(self.spool_path.parent):
+        if self._spool_failing == "disk full" and self.spool_path is not None and has_room(self.spool_path.parent):
             self._spool_failing = None  # the next append tells for sure; health need not wait for traffic
             log.warning("aibridge store: the spool %s has room again", self.spool_path)
             self._state_changed()
@@ -514,7 +514,11 @@ class Store:
         """Take a batch: into the spool (crash safety), then held until the store commits it, in order."""
         if not batch:
             return
-        data = encode_batch(batch) if (spool and self._spool is not None) else None
+        try:
+            data = encode_batch(batch) if (spool and self._spool is not None) else None
+        except (TypeError, ValueError) as e:  # not JSON-able: cannot be spooled, still held and committed
+            log.error("aibridge store: a batch could not be spooled (%s)", e)
+            data = None
         size = len(data) if data is not None else 256 * len(batch)
         where = self._spool_append(data) if data is not None else None
         if where is not None and (self.backlog_bytes + size > self.backlog_max_bytes
