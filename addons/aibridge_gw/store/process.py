@@ -271,16 +271,23 @@ class WriterProcess:
             if not self._journal_old.exists():
                 if os.fstat(self._journal_fd).st_size == 0:
                     return
+                new = self.journal.with_name(self.journal.name + ".new")
+                fd = None
                 try:
-                    fd = os.open(self.journal.with_name(self.journal.name + ".new"),
-                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+                    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
                     if self._open_starts:  # calls still in flight keep their start in the journal
                         os.write(fd, b"\n".join(self._open_starts.values()) + b"\n")
-                except OSError as e:
+                    os.replace(self.journal, self._journal_old)
+                    os.replace(new, self.journal)
+                except OSError as e:  # a full disk: keep appending to the part we have
+                    if fd is not None:
+                        os.close(fd)
+                    try:
+                        new.unlink()
+                    except OSError:
+                        pass
                     self._journal_failed(e)
                     return
-                os.replace(self.journal, self._journal_old)
-                os.replace(self.journal.with_name(self.journal.name + ".new"), self.journal)
                 fd, self._journal_fd = self._journal_fd, fd
                 os.close(fd)
             self._journal_flushing = True
@@ -486,7 +493,10 @@ class WriterProcess:
                                   len(lines), e)
                         self._undelivered = True  # the journal keeps them for the next start
                         break
-            self._rotate_journal()
+            try:
+                self._rotate_journal()
+            except Exception:  # the sender must never die: the journal just grows until the next rotation
+                log.exception("aibridge: rotating the journal failed")
         try:
             self._proc.stdin.close()
         except OSError:
