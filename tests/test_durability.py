@@ -231,3 +231,45 @@ def test_a_journal_line_cut_short_by_a_kill_spoils_nothing_else(tmp_path, upstre
     finally:
         gw.stop()
         upstream.reset()
+
+
+def test_a_writer_killed_under_load_loses_no_answered_call(tmp_path, upstream):
+    """kill -9 of the store process while calls flow: the gateway starts another (it replays the dead one's spool)
+    and sends its journal again; every call whose client got its answer is recorded once, completed, with usage."""
+    upstream.reset()
+    cap = capture("openai/chatcompletions/simple.txtar")
+    upstream.default = Reply.from_capture(cap, False)
+    gw = Gateway(tmp_path / "writer-kill", upstream.url).start()
+    try:
+        token = gw.new_user("wk")
+        counter = itertools.count()
+        answered: list[str] = []
+        stop = threading.Event()
+
+        def worker():
+            client = openai_client(gw, token)
+            while not stop.is_set():
+                model = f"wk-{next(counter)}"
+                chat_call(client, {**cap.request, "model": model}, False)
+                answered.append(model)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        (child, _), = _store_processes(gw.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert len(answered) > 40 and all(not t.is_alive() for t in threads)
+        rows = gw.wait_for(
+            "SELECT i.model, count(DISTINCT i.id) AS n, count(t.id) AS u FROM aibridge_interceptions i JOIN "
+            "aibridge_token_usages t ON t.interception_id = i.id WHERE i.model LIKE 'wk-%' AND i.status = "
+            "'completed' GROUP BY i.model", lambda rows: len(rows) >= len(answered), timeout=20)
+        assert sorted(r["model"] for r in rows) == sorted(answered)
+        assert all(r["n"] == 1 and r["u"] == 1 for r in rows)
+    finally:
+        gw.stop()
+        upstream.reset()
