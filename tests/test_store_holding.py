@@ -232,3 +232,35 @@ def test_storage_failure_settings_are_checked(tmp_path):
                 {"backlog_max_mb": "lots"}):
         with pytest.raises(ConfigError):
             parse_config({"storage": bad})
+
+
+def test_a_journal_nobody_will_reopen_is_adopted_by_the_next_process_beside_it(tmp_path):
+    """A worker that is gone for good (the group restarted with fewer workers) left a journal: the next gateway
+    process of the same database sends its records and ends its unfinished calls; a live process's journal (its
+    lock held) and another database's are left alone."""
+    db = tmp_path / "adopt.duckdb"
+    uid, done, cut = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    lines = [json.dumps(writer._encode(r), separators=(",", ":"), default=writer._datetime) for r in (
+        USERS.row(id=uid, name="gone", role="member", created_at=dt.datetime.now(dt.UTC)),
+        _start(done, uid), _end(done), _start(cut, uid))]
+    orphan = tmp_path / "adopt.duckdb.w3.journal"
+    orphan.write_text("\n".join(lines) + "\n")
+    other_db = tmp_path / "other.duckdb.w2.journal"
+    other_db.write_text(lines[0] + "\n")
+    live = tmp_path / "adopt.duckdb.w2.journal"
+    live.write_text(lines[0] + "\n")
+    from aibridge_gw.store import claim
+
+    held = claim.hold(live)
+    wp = WriterProcess(db, journal=tmp_path / "adopt.duckdb.journal")
+    wp.open()
+    try:
+        wp.flush().result(10)
+        rows = wp.run("sql", query_text="SELECT id, status, error FROM aibridge_interceptions").result(10)["rows"]
+        assert {(str(r[0]), r[1], r[2]) for r in rows} == {(done, "completed", None), (cut, "failed", "gateway stopped")}
+        assert not orphan.exists() and other_db.exists() and live.exists()
+    finally:
+        wp.close()
+        import os
+
+        os.close(held)

@@ -9,19 +9,24 @@ them a DuckDB-like connection (`execute(sql, params)` returning a cursor) over p
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
+import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from . import claim
 from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET
 from .schema import migrate_postgres
 from .statements import pg_column_types, pg_insert_statements
 from .writer import READERS, Store, StoreUnavailable, private_file
 
+log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 3  # seconds: a writer reconnecting to a database that is away must not stall for long
 
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|%")
@@ -73,11 +78,30 @@ class PgStore(Store):
         self._conn = PgConnection(conn)
         self._prepare_statements()
         if self.spool_path is not None:
+            self._adopt_orphan_spools()
             self._replay_spool()
             self._spool = private_file(self.spool_path, "ab")
         self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
         self._thread.start()
         return self._conn
+
+    def _adopt_orphan_spools(self) -> None:
+        """Spools of this machine's PostgreSQL writers that are gone for good (another port, fewer workers): their
+        batches join ours, to be replayed and committed with it."""
+        deadline = time.monotonic() + 30
+        self._claim = claim.hold(self.spool_path)
+        while self._claim is None and time.monotonic() < deadline:  # the writer of a gateway just killed, finishing
+            time.sleep(0.1)
+            self._claim = claim.hold(self.spool_path)
+        for orphan in claim.orphans(self.spool_path, "postgres-*.spool"):
+            data = orphan.read_bytes()
+            if data.strip():
+                with private_file(self.spool_path, "ab") as f:
+                    f.write(data if data.endswith(b"\n") else data + b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                log.warning("aibridge store: adopted the spool %s of a writer that is gone", orphan.name)
+            claim.forget(orphan)
 
     def _prepare_statements(self) -> None:
         self._insert_sql = pg_insert_statements(self._conn.raw)
@@ -163,3 +187,6 @@ class PgStore(Store):
         self._pool.close()
         if conn is not None:
             conn.raw.close()
+        if getattr(self, "_claim", None) is not None:
+            os.close(self._claim)
+            self._claim = None

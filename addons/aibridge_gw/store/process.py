@@ -25,12 +25,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime
 import errno
+import glob
 import importlib.util
 import itertools
 import json
 import logging
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 from .. import reports
+from . import claim
 from .ops import OpError
 from .rows import INTERCEPTIONS, EndInterception, Insert, interception_end
 from .writer import _datetime, _encode, has_room
@@ -181,6 +184,7 @@ class WriterProcess:
         # Start records of calls in flight, by interception id: a rotation copies them into the new part, so a
         # killed process's unfinished calls are still found (and ended) by its next start.
         self._open_starts: dict[str, bytes] = {}
+        self._journal_claim: int | None = None  # the lock that says this journal's process is alive
 
     @property
     def failed(self) -> int:
@@ -206,29 +210,44 @@ class WriterProcess:
         return self.journal.with_name(self.journal.name + ".old")
 
     def _journal_lines(self) -> list[bytes]:
-        """The journal's records, old part first; a line a kill cut short is left out (it would spoil the whole
-        message it travelled in, and nobody was told it was recorded)."""
-        lines = []
-        for path in (self._journal_old, self.journal):
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            for line in data.split(b"\n"):
-                if not line:
-                    continue
-                try:
-                    json.loads(line)
-                except ValueError:
-                    log.warning("aibridge: journal %s: skipped an unreadable line (%d bytes)", path, len(line))
-                    continue
-                lines.append(line)
-        return lines
+        """The journal's records, old part first."""
+        return _read_journal(self._journal_old) + _read_journal(self.journal)
+
+    def _journal_append(self, lines: list[bytes]) -> None:
+        """Records another process journaled, added to ours before we go on (a line per record)."""
+        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            head = b""
+            if size:
+                with open(self.journal, "rb") as f:
+                    f.seek(size - 1)
+                    head = b"" if f.read(1) == b"\n" else b"\n"
+            os.write(fd, head + b"\n".join(lines) + b"\n")
+        finally:
+            os.close(fd)
 
     def _open_journal(self) -> None:
         """Send again what a previous process journaled (most of it committed already: repeats add nothing), end
         the calls it started and never ended, and go on appending to the same file."""
+        self._journal_claim = claim.hold(self.journal)  # None when an older process of ours still runs
         lines = self._journal_lines()
+        adopted: list[Path] = []
+        if self.journal.name.startswith("postgres-"):
+            patterns = ["postgres-*.journal"]
+        else:  # <db>.journal (one gateway) and <db>.w<N>.journal (workers) of the same database
+            base = re.sub(r"\.w\d+$", "", self.journal.name.removesuffix(".journal"))
+            patterns = [f"{glob.escape(base)}.journal", f"{glob.escape(base)}.w[0-9]*.journal"]
+        for orphan in (o for pattern in patterns for o in claim.orphans(self.journal, pattern)):
+            more = _read_journal(orphan.with_name(orphan.name + ".old")) + _read_journal(orphan)
+            if more:
+                self._journal_append(more)  # ours now: kept until committed, like our own
+                lines += more
+            claim.forget(orphan, orphan.with_name(orphan.name + ".old"))
+            adopted.append(orphan)
+        if adopted:
+            log.warning("aibridge: adopted the journal(s) of gateway processes that are gone: %s",
+                        ", ".join(p.name for p in adopted))
         started: dict[str, object] = {}
         ended: set[str] = set()
         for line in lines:
@@ -437,14 +456,13 @@ class WriterProcess:
             os.close(self._journal_fd)
             self._journal_fd = None
             if committed:  # everything journaled is in the store: the next start has nothing to send again
-                for path in (self._journal_old, self.journal):
-                    try:
-                        path.unlink()
-                    except FileNotFoundError:
-                        pass
+                claim.forget(self.journal, self._journal_old)
             else:
                 log.warning("aibridge: records not confirmed committed at shutdown; the journal %s keeps them for "
                             "the next start", self.journal)
+        if self._journal_claim is not None:
+            os.close(self._journal_claim)
+            self._journal_claim = None
 
     # --- the sender thread: records batched into one line, ops in order -------------------------------
 
@@ -549,6 +567,26 @@ class WriterProcess:
         for fut in pending.values():
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(RuntimeError(f"the store process is gone: {why}"))
+
+
+def _read_journal(path: Path) -> list[bytes]:
+    """A journal file's records; a line a kill cut short is left out (it would spoil the whole message it travelled
+    in, and nobody was told it was recorded)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = []
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            log.warning("aibridge: journal %s: skipped an unreadable line (%d bytes)", path, len(line))
+            continue
+        lines.append(line)
+    return lines
 
 
 def _records_line(records: list[bytes]) -> bytes:
