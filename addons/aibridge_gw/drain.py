@@ -94,8 +94,8 @@ class Drain:
             _close_after(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if self.draining:
-            _close_after(flow)  # a response an addon made skips `responseheaders`
+        if self.draining and not flow.response.stream:  # its headers are still to be sent (an addon's answer
+            _close_after(flow)                           # skips `responseheaders`); a stream's were sent
         self._ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -134,17 +134,17 @@ class Drain:
                     await asyncio.wait_for(self._hurry.wait(), min(POLL, max(0.0, deadline - loop.time())))
                 except TimeoutError:
                     pass
-            if self._close_idle():
-                left = [f for flows in self.live.values() for f in flows]
+            left = [f for flows in self.live.values() for f in flows]
+            if left:
                 log.warning("aibridge: %s; ending %d call(s) still in flight",
                             "ending at once" if self._hurry.is_set() else f"shutdown grace of {grace:g} s ran out",
                             len(left))
                 for flow in left:
                     self._end(flow)
-                until = loop.time() + ENDING
-                while self._close_idle() and loop.time() < until:
-                    await asyncio.sleep(POLL)
-                self._close_idle(everything=True)
+            until = loop.time() + ENDING
+            while self._close_idle() and loop.time() < until:  # the endings are sent, connections settle
+                await asyncio.sleep(POLL)
+            self._close_idle(everything=True)
             until = loop.time() + CLOSED_WAIT
             while (self._connections() or (self.rt.loop is not None and self.rt.loop.active)) and loop.time() < until:
                 await asyncio.sleep(POLL)
