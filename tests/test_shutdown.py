@@ -247,9 +247,10 @@ def test_a_request_on_a_kept_alive_connection_during_the_drain_gets_503_retry_af
     assert_clean_log(gw)
 
 
-def test_a_stopped_workers_group_starts_again_at_once_on_its_port_after_keepalive_traffic(tmp_path, mock):
+@pytest.mark.parametrize("workers", [2, 1], ids=["workers", "single"])
+def test_a_stopped_gateway_starts_again_at_once_on_its_port_after_keepalive_traffic(tmp_path, mock, workers):
     mock.default = Reply.json(anthropic_message("ok", (3, 2)))
-    gw = Gateway(tmp_path / "w", mock.url, workers=2, extra=SHORT).start()
+    gw = Gateway(tmp_path / "w", mock.url, workers=workers, extra=SHORT).start()
     try:
         token = gw.new_user("restart")
         port, stop = gw.port, threading.Event()
@@ -268,7 +269,7 @@ def test_a_stopped_workers_group_starts_again_at_once_on_its_port_after_keepaliv
         threads = [threading.Thread(target=traffic, args=(n,)) for n in range(len(served))]
         for t in threads:
             t.start()
-        time.sleep(1.5)
+        time.sleep(1)
         rc, _ = terminate(gw)
         stop.set()
         for t in threads:
@@ -281,8 +282,9 @@ def test_a_stopped_workers_group_starts_again_at_once_on_its_port_after_keepaliv
         t = time.monotonic()
         gw.start(port)
         assert time.monotonic() - t < 10 and gw.port == port
-        assert httpx.get(gw.url + "/aibridge/healthz", trust_env=False).status_code == 200
-        # And a port a live group listens on is still refused to a second group.
+        assert httpx.post(gw.url + "/anthropic/v1/messages", json=request_body("anthropic", stream=False),
+                          headers={"x-api-key": token}, trust_env=False, timeout=10).status_code == 200
+        # And a port a live gateway listens on is still refused to a `--workers` group.
         other = Gateway(tmp_path / "second", mock.url)
         r = subprocess.run([sys.executable, "-m", "aibridge_gw.workers", "2", "--listen-host", "127.0.0.1",
                             "--listen-port", str(port), "--set", f"aibridge_config={other.config_path}"],

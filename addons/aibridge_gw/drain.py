@@ -52,7 +52,7 @@ class Drain:
         self.http: set[str] = set()  # client connections that carried HTTP requests (and no WebSocket)
         self.draining = False
         self._task: asyncio.Task | None = None
-        self._hurry: asyncio.Event | None = None
+        self._hurry = False  # a second SIGINT: end what is in flight now
         self._closed: set[str] = set()  # connections this drain closed
 
     async def running(self) -> None:
@@ -67,11 +67,10 @@ class Drain:
 
     def begin(self, sig: int = signal.SIGTERM) -> None:
         if self._task is None:
-            self._hurry = asyncio.Event()
             self._task = asyncio.create_task(self._drain(signal.Signals(sig).name))
-        elif sig == signal.SIGINT and not self._hurry.is_set():
+        elif sig == signal.SIGINT and not self._hurry:
             log.warning("aibridge: SIGINT again: ending the calls in flight now")
-            self._hurry.set()
+            self._hurry = True
 
     # --- hooks: which connections have something in flight -------------------------------------------
 
@@ -129,15 +128,12 @@ class Drain:
             log.info("aibridge: %s: stopped listening; %s", name,
                      f"{calls} call(s) in flight may finish within {grace:g} s" if calls else "nothing in flight")
             deadline = started + grace
-            while self._close_idle() and loop.time() < deadline and not self._hurry.is_set():
-                try:
-                    await asyncio.wait_for(self._hurry.wait(), min(POLL, max(0.0, deadline - loop.time())))
-                except TimeoutError:
-                    pass
+            while self._close_idle() and loop.time() < deadline and not self._hurry:
+                await asyncio.sleep(min(POLL, max(0.0, deadline - loop.time())))
             left = [f for flows in self.live.values() for f in flows]
             if left:
                 log.warning("aibridge: %s; ending %d call(s) still in flight",
-                            "ending at once" if self._hurry.is_set() else f"shutdown grace of {grace:g} s ran out",
+                            "ending at once" if self._hurry else f"shutdown grace of {grace:g} s ran out",
                             len(left))
                 for flow in left:
                     self._end(flow)
