@@ -132,9 +132,10 @@ class Drain:
                 await asyncio.sleep(min(POLL, max(0.0, deadline - loop.time())))
             left = [f for flows in self.live.values() for f in flows]
             if left:
-                log.warning("aibridge: %s; ending %d call(s) still in flight",
-                            "ending at once" if self._hurry else f"shutdown grace of {grace:g} s ran out",
-                            len(left))
+                log.warning("aibridge: %sending %d call(s) still in flight",
+                            "" if self._hurry else f"shutdown grace of {grace:g} s ran out; ", len(left))
+                if self.rt.loop is not None:
+                    self.rt.loop.end_all(SHUT_DOWN)  # calls the injected-tool loop runs: it ends them itself
                 for flow in left:
                     self._end(flow)
             until = loop.time() + ENDING
@@ -195,6 +196,8 @@ class Drain:
         if handler is None:
             return
         state = state_of(flow)
+        if state is not None and state.via_loop and flow.response is not None:
+            return  # the tool loop is sending its ending (LoopServer.end_all)
         if state is not None and state.abort_reason is None:
             state.abort_reason = SHUT_DOWN
             state.abort_status = 503
