@@ -345,3 +345,20 @@ def test_sigterm_through_workers_lets_short_streams_finish_and_ends_long_ones(tm
                                                              **{m: "failed" for m in long}}
     assert all(got[m]["error"] == "gateway shut down" and got[m]["input_tokens"] == 21 for m in long)
     assert_clean_log(gw)
+
+
+def test_shutdown_grace_is_a_positive_number_of_seconds_and_the_supervisor_waits_it_plus_a_margin(tmp_path):
+    from aibridge_gw.config import ConfigError, load_config
+    from aibridge_gw.workers import STOP_MARGIN, Supervisor
+
+    def config(name: str, timeouts: dict | None) -> str:
+        return str(Gateway(tmp_path / name, "http://127.0.0.1:9", extra={"timeouts": timeouts} if timeouts else None
+                           ).config_path)
+
+    assert load_config(config("default", None)).timeouts.shutdown_grace == 60
+    for bad in (0, -1, "soon"):
+        with pytest.raises(ConfigError, match="shutdown_grace_seconds"):
+            load_config(config(f"bad{bad}", {"shutdown_grace_seconds": bad}))
+    path = config("short", {"shutdown_grace_seconds": 7.5})
+    supervisor = Supervisor(2, ["--listen-host", "127.0.0.1", "--listen-port", "0", "--set", f"aibridge_config={path}"])
+    assert supervisor.stop_timeout == 7.5 + STOP_MARGIN
