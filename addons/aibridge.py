@@ -1,11 +1,13 @@
 """mitmdump entry point: `mitmdump -s addons/aibridge.py`. Builds the addon chain; nothing else.
 
-Order matters: `Runtime` loads the config every other addon reads; `ProxyMode` and `ControlPlane` answer what
-is not a provider call before the `Pipeline` sees it; `Observation` and `Capture` read what the pipeline decided.
+Order matters: `Runtime` loads the config every other addon reads; `Drain` refuses new requests while the gateway
+stops; `ProxyMode` and `ControlPlane` answer what is not a provider call before the `Pipeline` sees it;
+`Observation` and `Capture` read what the pipeline decided.
 """
 
 from aibridge_gw.capture import Capture
 from aibridge_gw.control_plane import ControlPlane
+from aibridge_gw.drain import Drain
 from aibridge_gw.housekeeping import Housekeeping
 from aibridge_gw.observation import Observation
 from aibridge_gw.pipeline import Pipeline
@@ -19,6 +21,7 @@ housekeeping = Housekeeping(runtime)
 addons = [
     runtime,  # config, store, shared services
     proxy_mode,  # tunnels, proxy credentials, egress policy
+    Drain(runtime, proxy_mode),  # SIGTERM: stop listening, let calls in flight finish, then stop
     ControlPlane(runtime, proxy_mode, housekeeping),  # /aibridge/*: health, dashboard, metrics, admin API
     Pipeline(runtime, proxy_mode),  # route → identify → admit → inject → upstream; tap → record
     Observation(runtime),  # metrics and interception logs

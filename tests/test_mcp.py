@@ -408,3 +408,47 @@ def test_loop_stream_is_completed_when_the_client_hangs_up_after_the_final_event
     (ic,) = mgw.interceptions(name)
     assert ic["status"] == "completed" and ic["error"] is None
     assert usages(mgw, ic["id"]) == [(12, 7, 0)]
+
+
+def test_a_tool_loop_still_running_when_the_shutdown_grace_runs_out_ends_with_the_api_error_event(
+        tmp_path, upstream, mcp_server):
+    import signal
+    import threading
+
+    import anthropic
+
+    upstream.reset()
+    gw = Gateway(tmp_path / "gw", upstream.url, extra={
+        "mcp_servers": [{"name": "coder", "url": mcp_server.url}], "mcp": {"tool_timeout_seconds": 30},
+        "timeouts": {"shutdown_grace_seconds": 2}}).start()
+    try:
+        token = gw.new_user("loopstop")
+        upstream.script(_anthropic_stream("msg_r1", "Checking…", ("bmcp_coder_slow_tool", {"seconds": 8}), 7),
+                        _anthropic_stream("msg_r2", "Done.", None, 3))
+        events, errors = [], []
+
+        def call():
+            try:
+                for e in anthropic_client(gw, token).messages.create(
+                        model="claude-sonnet-4-0", max_tokens=50, stream=True,
+                        messages=[{"role": "user", "content": "wait"}]):
+                    events.append(e.type)
+            except Exception as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while "content_block_delta" not in events:  # round 1 streamed; the loop waits on the 8 s tool
+            assert time.monotonic() < deadline and not errors, errors
+            time.sleep(0.02)
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(10) == 0
+        thread.join(10)
+    finally:
+        gw.stop()
+        upstream.reset()
+    assert isinstance(errors[0], anthropic.APIStatusError) and "gateway shut down" in errors[0].message
+    (row,) = gw.sql("SELECT status, error FROM aibridge_interceptions")
+    assert row == {"status": "failed", "error": "gateway shut down"}
+    assert "Traceback" not in gw.log()

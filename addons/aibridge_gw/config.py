@@ -117,6 +117,8 @@ class Timeouts:
     connect: float = 10.0  # TCP connect to the provider
     response: float = 600.0  # request sent → response headers, and for blocking calls → whole body
     stream_idle: float = 300.0  # longest silence between two chunks of a stream
+    # SIGTERM: how long calls in flight may finish before they are ended (keep it below systemd's TimeoutStopSec)
+    shutdown_grace: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -402,7 +404,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
 def _parse_timeouts(d) -> Timeouts:
     if not isinstance(d, dict):
         raise ConfigError("timeouts: must be a mapping")
-    names = {"connect_seconds": "connect", "response_seconds": "response", "stream_idle_seconds": "stream_idle"}
+    names = {"connect_seconds": "connect", "response_seconds": "response", "stream_idle_seconds": "stream_idle",
+             "shutdown_grace_seconds": "shutdown_grace"}
     unknown = set(d) - set(names)
     if unknown:
         raise ConfigError(f"timeouts: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(names)}")

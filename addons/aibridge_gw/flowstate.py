@@ -41,7 +41,8 @@ class FlowState:
     via_loop: bool = False  # the injected-tool loop runs this exchange and records each round itself
     breaker_key: tuple | None = None  # (provider, route, model) whose circuit breaker this exchange counts for
     forwarded_at: float = 0.0  # when the request went upstream (epoch seconds; upstream timeouts start here)
-    abort_reason: str | None = None  # why the gateway aborted the upstream connection (a timeout)
+    abort_reason: str | None = None  # why the gateway aborted the upstream connection (a timeout, shutdown)
+    abort_status: int | None = None  # the status a blocking call aborted so is answered (default 504: a timeout)
     inflight: bool = False  # counted in the in-flight gauge
     captured: bool = False  # written to the flow archive
     outcome: Outcome | None = field(default=None)

@@ -551,8 +551,8 @@ class Pipeline:
             if state.tap is None:
                 return None
             return ClientEnding(text, stream_tail=state.tap.upstream_failed(text))
-        return ClientEnding(text, response=error_response(state.route.provider.type, 504 if reason else 502,
-                                                          f"aibridge: {text}"))
+        status = (state.abort_status or 504) if reason else 502
+        return ClientEnding(text, response=error_response(state.route.provider.type, status, f"aibridge: {text}"))
 
 
 _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",

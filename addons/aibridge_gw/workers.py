@@ -42,7 +42,8 @@ CONTROL_SECRET_ENV = "AIBRIDGE_CONTROL_SECRET"  # the CLI's secret, the same in 
 WORKERS_DIR_ENV = "AIBRIDGE_WORKERS_DIR"  # the supervisor's private directory (0700), shared by its workers
 
 RESTART_WINDOW = 10.0  # a worker that dies this soon after it started, three times running, stops the supervisor
-STOP_TIMEOUT = 30.0
+STOP_MARGIN = 15.0  # workers get timeouts.shutdown_grace_seconds plus this to exit after SIGTERM, then SIGKILL
+STOP_TIMEOUT = 30.0  # the writer's time to commit what it holds and exit
 
 log = logging.getLogger("aibridge.workers")
 
@@ -164,9 +165,12 @@ def _set_option(args: list[str], key: str) -> str | None:
 
 def _port_free(host: str, port: int) -> bool:
     """Whether nothing listens on the port yet. Workers bind it with SO_REUSEPORT, which would silently share it
-    with another gateway's workers started the same way: refuse that instead."""
+    with another gateway's workers started the same way: refuse that instead. SO_REUSEADDR (as every listener
+    asyncio makes has) lets the check pass over connections of a stopped gateway lingering in TIME-WAIT, so a
+    restart works at once; on Linux a live listener (plain, or a SO_REUSEPORT group) still refuses the bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -199,6 +203,8 @@ class Supervisor:
             self.config = load_config(_set_option(self.command, "aibridge_config") or None)
         except ConfigError as e:
             raise Refused(str(e)) from None
+        # SIGTERM lets each worker finish its calls in flight for the grace period (drain.py): wait that long.
+        self.stop_timeout = self.config.timeouts.shutdown_grace + STOP_MARGIN
         self.workers: dict[int, subprocess.Popen] = {}
         self.started: dict[int, float] = {}
         self.quick_deaths: dict[int, int] = {}
@@ -303,11 +309,12 @@ class Supervisor:
         return 0
 
     def _shutdown(self) -> None:
-        """Workers first (each ends its in-flight records and sends them), then the writer commits and exits."""
+        """Workers first (each drains: its calls in flight finish within the grace period, what is left is ended and
+        recorded), then the writer commits and exits."""
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        deadline = time.monotonic() + self.stop_timeout
         for proc in self.workers.values():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))

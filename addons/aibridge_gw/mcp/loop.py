@@ -63,6 +63,8 @@ class LoopServer:
         self._server: asyncio.Server | None = None
         self._client: httpx.AsyncClient | None = None
         self.active = 0
+        self._loops: set[asyncio.Task] = set()  # the tasks running tool loops (not plain relays)
+        self._ending: str | None = None  # shutdown: why every loop still running was ended
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(
@@ -76,6 +78,14 @@ class LoopServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+
+    def end_all(self, reason: str) -> int:
+        """Shutdown (drain.py): end every tool loop still running; each ends its client's answer the API's way
+        (a stream's error event, else a 503) and records `reason`. How many there were."""
+        self._ending = reason
+        for task in self._loops:
+            task.cancel(reason)
+        return len(self._loops)
 
     def register(self, key: str, job: LoopJob | RelayJob) -> str:
         self.jobs[key] = job
@@ -146,7 +156,12 @@ class LoopServer:
             if isinstance(job, RelayJob):
                 await self._relay(job, writer)
             else:
-                await self._run(job, writer)
+                task = asyncio.current_task()
+                self._loops.add(task)
+                try:
+                    await self._run(job, writer)
+                finally:
+                    self._loops.discard(task)
         except (ClientGone, ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception:
@@ -255,17 +270,23 @@ class LoopServer:
         except ClientGone:
             merged.error = merged.error or "client disconnected"
             raise
-        except Exception as e:
-            if not isinstance(e, httpx.HTTPError):
-                log.exception("injected-tool loop failed")
-            merged.error = f"tool round {job.rounds}: {type(e).__name__}: {e}"
-            message = f"aibridge: request failed in tool round {job.rounds}: {type(e).__name__}"
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                if self._ending is None:
+                    raise
+                asyncio.current_task().uncancel()  # ended by end_all: the client still gets its answer
+                merged.error, message, status = self._ending, f"aibridge: {self._ending}", 503
+            else:
+                if not isinstance(e, httpx.HTTPError):
+                    log.exception("injected-tool loop failed")
+                merged.error = f"tool round {job.rounds}: {type(e).__name__}: {e}"
+                message, status = f"aibridge: request failed in tool round {job.rounds}: {type(e).__name__}", 502
             if started:
                 await send([adapter.error_event(message)])
                 writer.write(b"0\r\n\r\n")
             else:
-                await _respond(writer, 502, "application/json",
-                               json.dumps(error_body(job.provider_type, 502, message)).encode())
+                await _respond(writer, status, "application/json",
+                               json.dumps(error_body(job.provider_type, status, message)).encode())
         finally:
             job.metadata["loop"] = summary_to_dict(merged)
             job.metadata["loop_rounds"] = job.rounds
