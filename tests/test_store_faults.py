@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from tests.support.wire import anthropic_message, anthropic_stream
 
 OUTAGE = 6.0  # seconds a fault lasts: longer than the 5 s healthz must take to notice it
 RECOVERY = 15.0  # seconds after the cause clears by which everything answered must be committed
+STOP_PATIENCE = 60.0  # seconds a gateway sent SIGTERM may take to stop by itself before it is killed
 # Log lines that speak of a storage failure (the gateway's and its store process's, which shares the log).
 FAILURE_LINES = (r"postgres|psycopg|connection|could not be stored|dead.?letter|store|spool|journal|refused|"
                  r"unreachable|terminating|operationalerror|no space|disk full")
@@ -134,6 +136,8 @@ def outage_findings(gw: Gateway, watch: Watcher, t_fault: float, t_clear: float,
         problems.append("/aibridge/metrics never showed aibridge_records_backlog > 0 during the fault")
     if any(p.code is None for p in during):
         problems.append(f"healthz stopped answering during the fault: {summary([p for p in during if p.code is None])}")
+    if any(p.code == 503 for p in during):  # 503 is for refusing model calls, which `serve` never does
+        problems.append(f"healthz answered 503 in serve mode: {summary([p for p in during if p.code == 503])}")
     return problems
 
 
@@ -319,18 +323,28 @@ def test_gateway_stopped_while_postgresql_is_down_records_everything_after_both_
     pg.stop_server("fast")
     time.sleep(4)
     traffic.stop()
-    t0 = time.monotonic()
-    rc = gw.stop(signal.SIGTERM)
+    offset, t0 = log_size(gw), time.monotonic()
+    port = gw.port
+    gw.proc.send_signal(signal.SIGTERM)
+    try:  # however long it takes to stop by itself: the scenario is a shutdown, not a kill
+        gw.proc.wait(STOP_PATIENCE)
+    except subprocess.TimeoutExpired:
+        pass
     stopping = time.monotonic() - t0
+    rc = gw.stop(signal.SIGKILL)
     pg.start_server()
-    gw.start()
+    gw.start(port)  # the same address: its spool and journal are named after it
     t_clear = time.monotonic()
     answered = traffic.answered
-    assert len(answered) >= 80, traffic.outcomes()
+    assert len(answered) >= 50, traffic.outcomes()  # the load was there
     problems, took = audit_findings(gw.sql, "sigterm", answered, t_clear)
     if rc == -signal.SIGKILL:  # then the scenario was kill -9, not a shutdown
         problems.append(f"the gateway did not stop on SIGTERM while PostgreSQL was down: killed after "
                         f"{stopping:.0f} s")
+    elif stopping > 15:  # what it holds stays in the journal and spool for the next start: nothing to wait for
+        problems.append(f"the gateway took {stopping:.0f} s to stop on SIGTERM with PostgreSQL down and no call in "
+                        f"flight (it waited on the database; 15 s at most); its log: "
+                        f"{log_lines(gw, offset, r'store|finish|kill')[-3:]}")
     assert not problems, (f"answered {len(answered)} calls; the gateway stopped with {rc} in {stopping:.1f} s "
                           f"while PostgreSQL was down, and was started again after it:\n" + "\n".join(problems))
 
@@ -409,8 +423,9 @@ def test_refuse_mode_answers_503_in_provider_format_while_postgresql_is_down_and
         else:
             bad = [c.body for c in refused if not (isinstance(c.body, dict) and c.body.get("type") == "error"
                    and isinstance((c.body.get("error") or {}).get("message"), str))]
-            if bad or any(c.error != "InternalServerError" for c in refused):
-                problems.append(f"503s not in Anthropic's error format: {bad[:1]} {sorted({c.error for c in refused})}")
+            if bad or not all(c.server_error for c in refused):
+                problems.append(f"503s not in Anthropic's error format (the SDK raised "
+                                f"{sorted({c.error for c in refused})}): {bad[:1]}")
         during = watch.between(t_fault, t_clear)
         refusing = [p for p in during if p.code == 503 and p.status == "refusing" and p.store.get("refusing") is True
                     and p.t <= t_fault + 5]
@@ -553,10 +568,11 @@ def test_kill_9_during_a_slow_stream_ends_it_failed_and_keeps_its_prompt(tmp_pat
     t.start()
     assert first.wait(15), "the stream never started"
     time.sleep(0.3)
+    port = gw.port
     gw.stop(signal.SIGKILL)
     t.join(30)
     assert outcome and outcome[0] != "finished", outcome  # the kill cut the stream off
-    gw.start()
+    gw.start(port)
     (row,) = gw.wait_for("SELECT CAST(id AS VARCHAR) AS id, status, error FROM aibridge_interceptions "
                          "WHERE model = 'slow-stream'", lambda rows: rows and rows[0]["status"] != "in_progress")
     prompts = gw.sql(f"SELECT prompt FROM aibridge_user_prompts WHERE interception_id = '{row['id']}'")

@@ -87,6 +87,7 @@ class Call:
     status: int | None  # 200 when the whole answer arrived; the HTTP status of an error answer
     error: str | None = None  # what the SDK raised
     body: object = None  # an error answer's parsed body (the SDK's `e.body`)
+    server_error: bool = False  # the SDK raised its InternalServerError (or a subclass: ServiceUnavailableError)
 
     @property
     def seconds(self) -> float:
@@ -169,7 +170,8 @@ class Traffic:
                 client.messages.create(**kw)
             return Call(model, which, started, time.monotonic(), 200)
         except anthropic.APIStatusError as e:
-            return Call(model, which, started, time.monotonic(), e.status_code, type(e).__name__, e.body)
+            return Call(model, which, started, time.monotonic(), e.status_code, type(e).__name__, e.body,
+                        isinstance(e, anthropic.InternalServerError))
         except Exception as e:  # a reset, a timeout, a stream cut off: the client did not get its answer
             return Call(model, which, started, time.monotonic(), None, type(e).__name__)
 
@@ -219,16 +221,21 @@ def metrics_of(text: str) -> dict[str, float]:
 
 
 def probe(gw, timeout: float = 2.0) -> Probe:
+    """healthz, then the metrics (a metrics request that fails leaves them empty; healthz's answer stands)."""
     try:
         r = httpx.get(gw.url + "/aibridge/healthz", timeout=timeout, trust_env=False)
-        try:
-            health = r.json()
-        except ValueError:
-            health = {"unparseable": r.text[:200]}
-        m = httpx.get(gw.url + "/aibridge/metrics", timeout=timeout, trust_env=False)
-        return Probe(time.monotonic(), r.status_code, health, metrics_of(m.text))
     except httpx.HTTPError as e:
         return Probe(time.monotonic(), None, None, {}, type(e).__name__)
+    t = time.monotonic()
+    try:
+        health = r.json()
+    except ValueError:
+        health = {"unparseable": r.text[:200]}
+    try:
+        metrics = metrics_of(httpx.get(gw.url + "/aibridge/metrics", timeout=timeout, trust_env=False).text)
+    except httpx.HTTPError:
+        metrics = {}
+    return Probe(t, r.status_code, health, metrics)
 
 
 class Watcher:
@@ -342,10 +349,17 @@ def describe_missing(missing: list[str], rows: dict[str, list[tuple]], limit: in
 
 
 def log_lines(gw, start: int, pattern: str) -> list[str]:
-    """Lines of the gateway's log after byte offset `start` that match `pattern` (case-insensitive)."""
+    """Log records of the gateway (and of its store process, which shares the log) written after byte offset
+    `start` that match `pattern` (case-insensitive); a record's continuation lines are not counted again."""
     data = gw.log_path.read_bytes()[start:].decode(errors="replace")
     rx = re.compile(pattern, re.I)
-    return [line for line in data.splitlines() if rx.search(line)]
+    return [line for line in data.splitlines() if line[:1] not in ("", " ", "\t") and rx.search(line)]
+
+
+def commonest(lines: list[str], n: int = 3) -> str:
+    """The most repeated shapes among log lines (times, numbers, ids and paths blanked), with their counts."""
+    shapes = Counter(re.sub(r"\d+", "N", re.sub(r"^\[[^]]*\]\s*", "", line))[:160] for line in lines)
+    return "; ".join(f"{k}x {shape!r}" for shape, k in shapes.most_common(n))
 
 
 def log_size(gw) -> int:

@@ -68,8 +68,9 @@ class Gateway:
         """The gateway's CA certificate (its confdir is per test)."""
         return self.workdir / "certs" / "mitmproxy-ca-cert.pem"
 
-    def start(self) -> "Gateway":
-        self.port = free_port()
+    def start(self, port: int | None = None) -> "Gateway":
+        """Start on `port` (a restart on the same port), else on a free one."""
+        self.port = port or free_port()
         env = {**os.environ, "AIBRIDGE_CONFIG": str(self.config_path), **self.env}
         env.pop("HTTPS_PROXY", None)
         env.pop("HTTP_PROXY", None)
