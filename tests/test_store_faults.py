@@ -198,7 +198,7 @@ def test_harness_without_a_fault_counts_every_call_and_a_stopped_postgresql_keep
     traffic.stop()
     answered = traffic.answered
     seen = [json.loads(r.body)["model"] for r in list(mock.seen) if b'"control-' in r.body]
-    assert 30 <= len(answered) <= 50 and traffic.outcomes() == {200: len(answered)}, traffic.outcomes()
+    assert 20 <= len(answered) <= 50 and traffic.outcomes() == {200: len(answered)}, traffic.outcomes()
     assert sorted(seen) == sorted(answered)
     missing, rows, _ = wait_recorded(gw.sql, "control", answered, 10)
     assert not missing and sorted(rows) == sorted(answered), describe_missing(missing, rows)
@@ -583,9 +583,10 @@ def test_kill_9_during_a_slow_stream_ends_it_failed_and_keeps_its_prompt(tmp_pat
 
 @pytest.mark.timeout(120)
 def test_kill_9_of_a_worker_with_streams_in_flight_ends_each_of_its_calls_failed(tmp_path, mock, started):
-    """`--workers 2`, streams of 2.5 s (the journal rotates every second, so their starts are in no journal part
-    any more), one worker killed with streams in flight: within 30 s none of its calls is left in_progress, and
-    every call whose client got its whole answer is recorded completed with its usage."""
+    """`--workers 2`, streams of 4 s started steadily (the journal rotates every second, so the starts of the older
+    ones are in no journal part any more), one worker killed with streams in flight after 5 s of traffic: within
+    30 s none of its calls is left in_progress, and every call whose client got its whole answer is recorded
+    completed with its usage."""
     blocking(mock)
     gw = Gateway(tmp_path / "gw", mock.url, workers=2)
     start(gw, started)
@@ -597,15 +598,16 @@ def test_kill_9_of_a_worker_with_streams_in_flight_ends_each_of_its_calls_failed
         assert time.monotonic() < deadline, "a worker never learned the new token"
         time.sleep(0.3)
     victim_number, victim = sorted(gw.workers_answering().items())[0]
-    mock.default = Reply.sse(anthropic_stream("ok", USAGE), delay=0.5)  # 2.5 s a stream
-    traffic = Traffic(gw, token, "worker", threads=12, rate=8, stream=True).start()
-    time.sleep(3.5)
+    mock.default = Reply.sse(anthropic_stream("ok", USAGE), delay=0.8)  # 4 s a stream
+    traffic = Traffic(gw, token, "worker", threads=16, rate=4, stream=True).start()  # about 16 in flight
+    time.sleep(5)
     os.kill(victim, signal.SIGKILL)
     t_kill = time.monotonic()
     time.sleep(1)
     traffic.stop()
     cut = [c for c in traffic.calls if c.status != 200 and c.started < t_kill]
-    assert cut, f"the killed worker had no stream in flight: {dict(traffic.outcomes())}"
+    assert [c for c in cut if t_kill - c.started >= 2], (  # its start is in no journal part any more
+        f"the killed worker had no stream in flight for 2 s: {[(c.model, t_kill - c.started) for c in cut]}")
     stuck, rows = None, {}
     while time.monotonic() < t_kill + 30:
         try:
