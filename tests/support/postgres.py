@@ -49,15 +49,48 @@ class Cluster:
         if r.returncode != 0:
             self.remove()
             pytest.skip(f"initdb failed here: {r.stderr.strip()[-300:]}")
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        options += "" if self.durable else " -c fsync=off"
-        r = self._run("pg_ctl", "-D", str(self.dir / "data"), "-o", options, "-l", str(self.dir / "log"), "-w",
-                      "start")
-        if r.returncode != 0:
-            log = (self.dir / "log").read_text() if (self.dir / "log").exists() else r.stderr
+        try:
+            self.start_server()
+        except RuntimeError:
             self.remove()
-            raise RuntimeError(f"PostgreSQL did not start: {log[-1000:]}")
+            raise
         return self
+
+    @property
+    def _options(self) -> str:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        return options + ("" if self.durable else " -c fsync=off")
+
+    def _log_tail(self, fallback: str) -> str:
+        log = self.dir / "log"
+        return (log.read_text(errors="replace") if log.exists() else fallback)[-1000:]
+
+    # The server alone, its data directory kept: an outage of the database the gateways record into.
+
+    def start_server(self) -> None:
+        """Start the server on the same port and data directory; returns once it accepts connections."""
+        r = self._run("pg_ctl", "-D", str(self.dir / "data"), "-o", self._options, "-l", str(self.dir / "log"),
+                      "-w", "start")
+        if r.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start: {self._log_tail(r.stderr)}")
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server (`fast`: disconnect every client and shut down cleanly, as an operator's restart does;
+        `immediate`: as a crash), keeping the data; returns once it is down (connections are refused)."""
+        r = self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
+        if r.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not stop: {r.stderr.strip()[-500:]}")
+
+    def restart(self, mode: str = "fast") -> None:
+        """`pg_ctl restart -m MODE`: every connection is cut, the data stays, the server is back on return."""
+        r = self._run("pg_ctl", "-D", str(self.dir / "data"), "-o", self._options, "-l", str(self.dir / "log"),
+                      "-m", mode, "-w", "restart")
+        if r.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not restart: {self._log_tail(r.stderr)}")
+
+    @property
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.dir / "data"), "status").returncode == 0
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
