@@ -180,6 +180,31 @@ def audit_findings(sql, prefix: str, answered: list[str], t_clear: float) -> lis
 
 # --- PostgreSQL goes away ---------------------------------------------------------------------------------------
 
+def pg_gateway_with_user(pg, tmp_path, mock, started, database: str, user: str) -> tuple[Gateway, str]:
+    """A gateway on a fresh database of the cluster, a blocking provider, and a user it already knows."""
+    dsn = pg.create_database(database)
+    blocking(mock)
+    gw = start(pg_gateway(tmp_path / "gw", mock, dsn), started)
+    token = gw.new_user(user)
+    known(gw, token)
+    return gw, token
+
+
+
+def outage_under(traffic: Traffic, pg, after: float = 2.0, stop: bool = True) -> tuple[float, float]:
+    """With traffic running: 1.5 s of it, PostgreSQL stopped for OUTAGE seconds and started again, `after` s more,
+    then (if `stop`) the traffic stops. (when the fault began, when it cleared), monotonic."""
+    time.sleep(1.5)
+    t_fault = time.monotonic()
+    pg.stop_server("fast")
+    time.sleep(OUTAGE)
+    pg.start_server()
+    t_clear = time.monotonic()
+    time.sleep(after)
+    if stop:
+        traffic.stop()
+    return t_fault, t_clear
+
 
 @pytest.mark.timeout(60)
 def test_harness_without_a_fault_counts_every_call_and_a_stopped_postgresql_keeps_its_data(pg, tmp_path, mock,
@@ -187,11 +212,7 @@ def test_harness_without_a_fault_counts_every_call_and_a_stopped_postgresql_keep
     """The control for the tests below (it passes on code without the issue's fix): with no fault the traffic's
     answered calls, the provider's requests and the audit's rows agree one for one; and PostgreSQL stopped and
     started again by the fixture still has them."""
-    dsn = pg.create_database("control")
-    blocking(mock)
-    gw = start(pg_gateway(tmp_path / "gw", mock, dsn), started)
-    token = gw.new_user("control")
-    known(gw, token)
+    gw, token = pg_gateway_with_user(pg, tmp_path, mock, started, "control", "control")
     traffic = Traffic(gw, token, "control", threads=4, rate=20).start()
     time.sleep(2)
     traffic.stop()
@@ -215,11 +236,7 @@ def test_harness_without_a_fault_counts_every_call_and_a_stopped_postgresql_keep
 def test_postgresql_restarted_while_idle_then_every_call_is_recorded(pg, tmp_path, mock, started):
     """`pg_ctl restart -m fast` cuts the writer's connection while nothing is being recorded: the next records
     must go to the restarted server over a new connection, not to the dead-letter file."""
-    dsn = pg.create_database("idle_restart")
-    blocking(mock)
-    gw = start(pg_gateway(tmp_path / "gw", mock, dsn), started)
-    token = gw.new_user("idle")
-    known(gw, token)
+    gw, token = pg_gateway_with_user(pg, tmp_path, mock, started, "idle_restart", "idle")
     pg.restart("fast")
     t_clear = time.monotonic()
     traffic = Traffic(gw, token, "idle")
@@ -241,21 +258,11 @@ def test_postgresql_down_under_load_every_answered_call_recorded_and_healthz_met
     its usage within 15 s of PostgreSQL's return; meanwhile healthz says 200 'degraded' / 'store unreachable' and
     the records held, the metrics say the store is down; after, 'ok' and up again; and the log has a line per
     change of state, not one per record."""
-    dsn = pg.create_database("outage")
-    blocking(mock)
-    gw = start(pg_gateway(tmp_path / "gw", mock, dsn), started)
-    token = gw.new_user("outage")
-    known(gw, token)
+    gw, token = pg_gateway_with_user(pg, tmp_path, mock, started, "outage", "outage")
     with Watcher(gw) as watch:
         traffic = Traffic(gw, token, "outage", threads=4, rate=20).start()
-        time.sleep(1.5)
-        offset, t_fault = log_size(gw), time.monotonic()
-        pg.stop_server("fast")
-        time.sleep(OUTAGE)
-        pg.start_server()
-        t_clear = time.monotonic()
-        time.sleep(2)
-        traffic.stop()
+        offset = log_size(gw)
+        t_fault, t_clear = outage_under(traffic, pg)
         answered = traffic.answered
         during = traffic.outcomes(t_fault, t_clear)
         assert sum(during.values()) >= 50 and len(answered) >= 100, (len(answered), during)  # the load was there
@@ -285,14 +292,7 @@ def test_two_gateways_on_one_postgresql_both_hold_and_record_everything_through_
     known(b, token)
     with Watcher(a) as watch_a, Watcher(b) as watch_b:
         traffic = Traffic([a, b], token, "fleet", threads=4, rate=20).start()
-        time.sleep(1.5)
-        t_fault = time.monotonic()
-        pg.stop_server("fast")
-        time.sleep(OUTAGE)
-        pg.start_server()
-        t_clear = time.monotonic()
-        time.sleep(2)
-        traffic.stop()
+        t_fault, t_clear = outage_under(traffic, pg)
         answered = traffic.answered
         during = traffic.outcomes(t_fault, t_clear)
         by_gateway = [sum(1 for c in traffic.calls if c.gateway == n and c.status == 200) for n in (0, 1)]
@@ -312,11 +312,7 @@ def test_gateway_stopped_while_postgresql_is_down_records_everything_after_both_
         pg, tmp_path, mock, started):
     """The journal and the spool go only once everything in them is committed, never because the gateway exited
     0: SIGTERM while PostgreSQL is down, start PostgreSQL, start the gateway again → every answered call is there."""
-    dsn = pg.create_database("stopped_in_outage")
-    blocking(mock)
-    gw = start(pg_gateway(tmp_path / "gw", mock, dsn), started)
-    token = gw.new_user("sigterm")
-    known(gw, token)
+    gw, token = pg_gateway_with_user(pg, tmp_path, mock, started, "stopped_in_outage", "sigterm")
     traffic = Traffic(gw, token, "sigterm", threads=4, rate=20).start()
     time.sleep(1.5)
     pg.stop_server("fast")
@@ -399,12 +395,7 @@ def test_refuse_mode_answers_503_in_provider_format_while_postgresql_is_down_and
     known(gw, token)
     with Watcher(gw) as watch:
         traffic = Traffic(gw, token, "refuse", threads=4, rate=10).start()
-        time.sleep(1.5)
-        t_fault = time.monotonic()
-        pg.stop_server("fast")
-        time.sleep(OUTAGE)
-        pg.start_server()
-        t_clear = time.monotonic()
+        t_fault, t_clear = outage_under(traffic, pg, after=0, stop=False)
         client = anthropic_client(gw, token, timeout=10)
         served_again = None
         while served_again is None and time.monotonic() < t_clear + RECOVERY:

@@ -51,6 +51,16 @@ class DiskFull:
         monkeypatch.setattr(Store, "_apply", failing)
 
 
+def _failing_store(path, monkeypatch, **kw) -> tuple[Store, "DiskFull", str]:
+    """An open store whose disk is full (until the fault is switched off), and a user id submitted to it."""
+    store = Store(path, **kw)
+    store.open()
+    fault = DiskFull(monkeypatch)
+    uid = str(uuid.uuid4())
+    store.submit(USERS.row(id=uid, name="u", role="member", created_at=dt.datetime.now(dt.UTC)))
+    return store, fault, uid
+
+
 def _wait(pred, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,11 +78,7 @@ def fast_retry(monkeypatch):
 
 
 def test_a_full_disk_holds_records_and_they_are_committed_in_order_when_it_clears(tmp_path, monkeypatch, fast_retry):
-    store = Store(tmp_path / "a.duckdb")
-    store.open()
-    fault = DiskFull(monkeypatch)
-    uid = str(uuid.uuid4())
-    store.submit(USERS.row(id=uid, name="u", role="member", created_at=dt.datetime.now(dt.UTC)))
+    store, fault, uid = _failing_store(tmp_path / "a.duckdb", monkeypatch)
     ids = [str(uuid.uuid4()) for _ in range(50)]
     for iid in ids:
         store.submit(_start(iid, uid))
@@ -96,11 +102,7 @@ def test_a_full_disk_holds_records_and_they_are_committed_in_order_when_it_clear
 def test_records_held_at_shutdown_stay_in_the_spool_and_the_next_start_commits_them(tmp_path, monkeypatch,
                                                                                      fast_retry):
     db = tmp_path / "b.duckdb"
-    store = Store(db)
-    store.open()
-    fault = DiskFull(monkeypatch)
-    uid = str(uuid.uuid4())
-    store.submit(USERS.row(id=uid, name="u", role="member", created_at=dt.datetime.now(dt.UTC)))
+    store, fault, uid = _failing_store(db, monkeypatch)
     iid = str(uuid.uuid4())
     store.submit(_start(iid, uid))
     store.submit(_end(iid))
@@ -115,11 +117,7 @@ def test_records_held_at_shutdown_stay_in_the_spool_and_the_next_start_commits_t
 
 
 def test_past_the_memory_bound_spooled_batches_wait_on_disk_and_keep_their_order(tmp_path, monkeypatch, fast_retry):
-    store = Store(tmp_path / "c.duckdb", backlog_max_bytes=2000)
-    store.open()
-    fault = DiskFull(monkeypatch)
-    uid = str(uuid.uuid4())
-    store.submit(USERS.row(id=uid, name="u", role="member", created_at=dt.datetime.now(dt.UTC)))
+    store, fault, uid = _failing_store(tmp_path / "c.duckdb", monkeypatch, backlog_max_bytes=2000)
     ids = [str(uuid.uuid4()) for _ in range(40)]
     for iid in ids:
         store.submit(_start(iid, uid))
