@@ -233,7 +233,7 @@ def _env(args, cx: Context) -> None:
 def _replay_deadletters(args, cx: Context) -> None:
     from .store import deadletters
 
-    files = [Path(f) for f in args.file] or deadletters.files_for(cx.db, bool(cx.config.storage.postgres))
+    files = [Path(f) for f in args.file] or deadletters.files_for(cx.db, cx.config.storage.postgres)
     rows = []
     for path in files:
         r = deadletters.replay(path, lambda record: cx.op("store.apply_record", record=record))

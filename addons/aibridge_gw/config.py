@@ -237,6 +237,19 @@ def postgres_label(dsn: str) -> str:
         return "PostgreSQL (a malformed URL)"
 
 
+def postgres_tag(dsn: str) -> str:
+    """A short name for one PostgreSQL database (host, port, database; never the user or password), in the names
+    of the files each gateway process keeps beside it: files of another database are never taken for its own."""
+    import hashlib
+
+    try:
+        parts = urlsplit(dsn)
+        key = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+    except ValueError:
+        key = "malformed"
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 def postgres_error(error: BaseException | str, dsn: str) -> str:
     """A driver's error as text safe for logs and terminals: libpq quotes a URL it cannot parse whole, password
     included, so the URL and its password are cut out."""

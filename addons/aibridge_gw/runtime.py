@@ -21,7 +21,7 @@ from .apis.base import BadSettings
 from .auth import Actor, TokenDirectory, mask
 from .breaker import CircuitBreakers
 from .budgets import Budgets
-from .config import Config, ConfigError, load_config, postgres_label
+from .config import Config, ConfigError, load_config, postgres_label, postgres_tag
 from .control import remove_runtime_file, write_runtime_file
 from .egress import EgressPolicy, local_addresses
 from .errors import error_response
@@ -207,7 +207,7 @@ class Runtime:
         pg = config.storage.postgres
         worker = f"-w{self.worker}" if self.worker else ""
         if pg:  # fleet mode: other gateways' in-progress rows are live, so none is closed as stale here
-            name = f"postgres-{ctx.options.listen_host or 'any'}-{ctx.options.listen_port}"
+            name = f"postgres-{postgres_tag(pg)}-{ctx.options.listen_host or 'any'}-{ctx.options.listen_port}"
             spool = config.duckdb_path.parent / (name + worker)
             store = WriterProcess(spool, postgres=pg, journal=spool.with_name(spool.name + ".journal"),
                                   backlog_max_mb=config.storage.backlog_max_mb)

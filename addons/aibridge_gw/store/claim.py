@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,26 @@ def hold(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def hold_or_own(path: Path, wait: float) -> tuple[Path, int]:
+    """The lock of `path`, waited for up to `wait` seconds (a process of the same name still finishing: a gateway
+    restarted while the old one drains); past that, a name of this process's own beside it, which the old one
+    will not touch and a later start adopts. (the path used, the lock's descriptor)"""
+    deadline = time.monotonic() + wait
+    while True:
+        fd = hold(path)
+        if fd is not None:
+            return path, fd
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    stem, dot, ext = path.name.rpartition(".")
+    own = path.with_name(f"{stem}.p{os.getpid()}.{ext}")
+    log.warning("aibridge: %s is still in use by another process; using %s", path.name, own.name)
+    fd = hold(own)
+    assert fd is not None  # the name carries this process's id
+    return own, fd
 
 
 def orphans(own: Path, pattern: str) -> Iterator[Path]:

@@ -18,11 +18,13 @@ from pathlib import Path
 SUFFIX = ".deadletter.jsonl"
 
 
-def files_for(duckdb_path: Path, postgres: bool) -> list[Path]:
-    """The dead-letter files a config's writers use: the DuckDB writer's, or every PostgreSQL writer's of this
-    machine (one per gateway process, beside its spool)."""
+def files_for(duckdb_path: Path, postgres: str | None) -> list[Path]:
+    """The dead-letter files a config's writers use: the DuckDB writer's, or every writer's of this machine for
+    that PostgreSQL database (one per gateway process, beside its spool)."""
     if postgres:
-        return sorted(duckdb_path.parent.glob("postgres-*" + SUFFIX))
+        from ..config import postgres_tag
+
+        return sorted(duckdb_path.parent.glob(f"postgres-{postgres_tag(postgres)}-*" + SUFFIX))
     return [duckdb_path.with_name(duckdb_path.name + SUFFIX)]
 
 

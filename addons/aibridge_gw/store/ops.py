@@ -353,8 +353,10 @@ def apply_record(conn, record: list) -> dict:
                      "ON CONFLICT DO NOTHING", _clean_values(cols, rec.row))
         return {"table": rec.table, "id": str(rec.row[0])}
     sets = ", ".join(f"{c} = coalesce(?, {c})" if c in KEPT_UNLESS_SET else f"{c} = ?" for c in END_COLUMNS)
-    conn.execute(f"UPDATE aibridge_interceptions SET {sets} WHERE id = ?", [*_clean_values(END_COLUMNS, rec.values),
-                                                                          rec.id])
+    found = conn.execute(f"UPDATE aibridge_interceptions SET {sets} WHERE id = ? RETURNING id",
+                         [*_clean_values(END_COLUMNS, rec.values), rec.id]).fetchall()
+    if not found:  # its start is not there (yet): the end stays a dead letter
+        raise OpError(f"interception {rec.id} has no row yet: replay its start first")
     return {"table": "aibridge_interceptions", "id": rec.id}
 
 

@@ -9,6 +9,7 @@ them a DuckDB-like connection (`execute(sql, params)` returning a cursor) over p
 from __future__ import annotations
 
 import concurrent.futures as cf
+import glob
 import logging
 import os
 import re
@@ -88,12 +89,11 @@ class PgStore(Store):
     def _adopt_orphan_spools(self) -> None:
         """Spools of this machine's PostgreSQL writers that are gone for good (another port, fewer workers): their
         batches join ours, to be replayed and committed with it."""
-        deadline = time.monotonic() + 30
-        self._claim = claim.hold(self.spool_path)
-        while self._claim is None and time.monotonic() < deadline:  # the writer of a gateway just killed, finishing
-            time.sleep(0.1)
-            self._claim = claim.hold(self.spool_path)
-        for orphan in claim.orphans(self.spool_path, "postgres-*.spool"):
+        # The writer of a gateway just killed may still be finishing with this spool: wait, then use a name of our
+        # own (adopted by a later start), never share it.
+        self.spool_path, self._claim = claim.hold_or_own(self.spool_path, 30)
+        tag = "-".join(self.spool_path.name.split("-")[:2])  # postgres-<database tag>
+        for orphan in claim.orphans(self.spool_path, f"{glob.escape(tag)}-*.spool"):
             data = orphan.read_bytes()
             if data.strip():
                 with private_file(self.spool_path, "ab") as f:
@@ -115,6 +115,9 @@ class PgStore(Store):
 
     def _execute_batch(self, sql: str, params: list) -> None:
         self._conn.raw.execute(sql, params)
+
+    def _execute_returning(self, sql: str, params: list) -> list:
+        return self._conn.raw.execute(sql, params).fetchall()
 
     # --- faults: a database that restarts, goes away or refuses writes is the store's fault, never the data's ---
 

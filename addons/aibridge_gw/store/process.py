@@ -66,6 +66,7 @@ class _Op:
 
 POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
 JOURNAL_ROTATE_SECONDS = 1.0
+JOURNAL_CLAIM_WAIT = 10.0  # seconds a new process waits for an old one of the same name to let go of its journal
 
 def start_writer_process(path: Path, flags: list[str], postgres: str | None = None,
                          backlog_max_mb: int | None = None) -> subprocess.Popen:
@@ -230,14 +231,16 @@ class WriterProcess:
     def _open_journal(self) -> None:
         """Send again what a previous process journaled (most of it committed already: repeats add nothing), end
         the calls it started and never ended, and go on appending to the same file."""
-        self._journal_claim = claim.hold(self.journal)  # None when an older process of ours still runs
+        if self.journal.name.startswith("postgres-"):  # postgres-<database tag>-<listen address>[-w<N>]
+            patterns = [f"{glob.escape('-'.join(self.journal.name.split('-')[:2]))}-*.journal"]
+        else:  # <db>.journal (one gateway), <db>.w<N>.journal (workers), .p<pid> names, of the same database
+            base = re.sub(r"\.w\d+$", "", self.journal.name.removesuffix(".journal"))
+            patterns = [f"{glob.escape(base)}.journal", f"{glob.escape(base)}.w[0-9]*.journal",
+                        f"{glob.escape(base)}.p[0-9]*.journal"]
+        # A process of the same name still finishing (a restart while the old one drains) keeps its journal.
+        self.journal, self._journal_claim = claim.hold_or_own(self.journal, JOURNAL_CLAIM_WAIT)
         lines = self._journal_lines()
         adopted: list[Path] = []
-        if self.journal.name.startswith("postgres-"):
-            patterns = ["postgres-*.journal"]
-        else:  # <db>.journal (one gateway) and <db>.w<N>.journal (workers) of the same database
-            base = re.sub(r"\.w\d+$", "", self.journal.name.removesuffix(".journal"))
-            patterns = [f"{glob.escape(base)}.journal", f"{glob.escape(base)}.w[0-9]*.journal"]
         for orphan in (o for pattern in patterns for o in claim.orphans(self.journal, pattern)):
             more = _read_journal(orphan.with_name(orphan.name + ".old")) + _read_journal(orphan)
             if more:
@@ -441,17 +444,21 @@ class WriterProcess:
         self._wake.set()
         self._sender.join(timeout)
         self._sender = None
+        code = None
         if self._proc is not None:
             try:
-                self._proc.wait(timeout)
+                code = self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.error("the store process did not finish within %s s; killing it", timeout)
                 self._proc.kill()
                 self._proc.wait()
         if self._receiver is not None:
             self._receiver.join(5)
+        # Committed: the last flush says so, the writer exited 0 (not "records held"), and it reported nothing
+        # held or lost since.
         committed = (final is not None and final.done() and not final.cancelled() and final.exception() is None
-                     and not self._undelivered)
+                     and not self._undelivered and code == 0 and not self.state.get("backlog")
+                     and not self.state.get("lost"))
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None

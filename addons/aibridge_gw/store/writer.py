@@ -185,6 +185,8 @@ class Store:
         self.backlog_bytes = 0  # of which in memory (encoded size)
         self.backlog_max_bytes = backlog_max_bytes
         self.lost = 0  # records neither the store, the spool nor memory could take (all three full)
+        self._lost_flushed = 0  # `lost` when a flush last failed for it (each loss fails one flush: the journal stays)
+        self._busy_since: float | None = None  # a commit is running since (the watchdog's view)
         self.up = True
         self.reason: str | None = None  # why the store cannot take records, while it cannot
         self.since: float | None = None  # wall-clock time it went away
@@ -278,6 +280,8 @@ class Store:
         """A named operation (`ops.ALL_OPS`): the interface this store shares with `WriterProcess`."""
         from .ops import ALL_OPS  # ops imports the reports and the budgets; the writer needs them only here
 
+        if op == "flush":  # the barrier itself: it must fail while records are held, never commit nothing
+            return self.flush()
         fn = functools.partial(ALL_OPS[op][0], **args)
         return self.call(fn) if writes else self.read(fn)
 
@@ -372,6 +376,10 @@ class Store:
         if op.fn is _noop:  # a flush: resolves once everything before it is committed, fails while it is held
             if self._held and not self._drain():
                 op.future.set_exception(StoreUnavailable(self.describe()))
+            elif self.lost > self._lost_flushed:  # some records reached neither the store nor the spool
+                self._lost_flushed = self.lost
+                op.future.set_exception(StoreUnavailable(f"{self.lost} record(s) lost (store, spool and memory "
+                                                         "full): the gateway's journal keeps its copy"))
             else:
                 op.future.set_result(None)
             return
@@ -548,17 +556,23 @@ class Store:
         is held. While the store is failing, attempts wait for their backoff unless `now`."""
         if not now and self._held and not self.up and time.monotonic() < self._retry_at:
             return False
+        released = False
         while self._held:
             try:
                 batch, release = self._next_batch()
                 self._store(batch)
             except Exception as e:  # StoreUnavailable, or a fault reading the spool back
                 self._down(e.args[0] if isinstance(e, StoreUnavailable) and e.args else self._classify(e))
+                if released:
+                    self._state_changed()
                 return False
             release()
+            released = True
             self._ok()
         self.backlog = self.backlog_bytes = 0
         self._spool_clear()
+        if released and not now:
+            self._state_changed()  # health sees the backlog gone even if no record follows
         return True
 
     def _next_batch(self) -> tuple[list, Callable[[], None]]:
@@ -567,13 +581,19 @@ class Store:
         head = self._held[0]
         if head[0] == "disk":
             batch, upto = self._read_back(head[1], head[2])
+            short = head[3] - len(batch) if upto >= head[2] else 0
 
             def release() -> None:
                 if upto >= head[2]:
                     self._held.popleft()
                 else:
                     self._held[0] = ("disk", upto, head[2], head[3] - len(batch))
-                self.backlog -= len(batch)
+                self.backlog -= len(batch) + max(short, 0)
+                if short > 0:  # the spool lost part of the range (truncated under us, a bad line): say so
+                    self.lost += short
+                    log.error("aibridge store: %d spooled record(s) could not be read back from %s", short,
+                              self.spool_path)
+                    self._state_changed()
 
             return batch, release
         batch, n = list(head[1]), 1
@@ -604,17 +624,21 @@ class Store:
                         out.extend(decode_batch(line.rstrip(b"\n")))
                     except (ValueError, KeyError, TypeError, IndexError):
                         log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(line))
-            return out, max(f.tell(), start + 1) if out else end
+            upto = f.tell() if out else end
+        return out, upto
 
     def _store(self, batch: list) -> None:
         """Commit a batch; on a data error, split it until the record at fault is alone, and dead-letter only that
         one. A fault of the store raises StoreUnavailable: the batch is held and retried."""
         try:
             try:
-                self._apply(batch)
+                orphans = self._apply(batch)
             except self.CONFLICT:
-                self._apply(batch, tolerant=True)  # rows of a replayed spool or flow that are there already
-            self.written += len(batch)
+                orphans = self._apply(batch, tolerant=True)  # rows of a replayed spool or flow already there
+            self.written += len(batch) - len(orphans)
+            for end in orphans:  # kept, never silently dropped: replayed once its start is back
+                self._dead_letter(end, LookupError("no interception row for this end (its start never reached the "
+                                                   "store)"))
             return
         except Exception as e:
             if self._transient(e):
@@ -636,14 +660,23 @@ class Store:
     # --- the spool ----------------------------------------------------------------------------------
 
     def _spool_append(self, data: bytes) -> tuple[int, int] | None:
-        """Append one batch and fsync; its byte range in the spool, or None when the disk would not take it."""
+        """Append one batch and fsync; its byte range in the spool, or None when the disk would not take it (then
+        the file is cut back to where it was: a partial line must not spoil the next batch)."""
+        fd = self._spool.fileno()
+        start = None
         try:
-            start = self._spool.seek(0, os.SEEK_END)
-            self._spool.write(data + b"\n")
-            self._spool.flush()
-            os.fsync(self._spool.fileno())
-            end = self._spool.tell()
+            start = os.lseek(fd, 0, os.SEEK_END)
+            view = memoryview(data + b"\n")
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            end = start + len(data) + 1
         except (OSError, ValueError) as e:
+            if start is not None:
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
             self._spool_trouble(e)
             return None
         if self._spool_failing is not None:
@@ -653,10 +686,6 @@ class Store:
         return start, end
 
     def _spool_trouble(self, e: Exception) -> None:
-        try:  # a partial line must not spoil the next one: cut the file back to its last whole line
-            self._spool.seek(0, os.SEEK_END)
-        except (OSError, ValueError):
-            pass
         reason = self._classify(e)
         if self._spool_failing != reason:
             self._spool_failing = reason
@@ -665,49 +694,83 @@ class Store:
             self._state_changed()
 
     def _spool_everything(self) -> bool:
-        """At shutdown with records held: make sure each one is in the spool. True when all are."""
+        """At shutdown with records held: the spool becomes exactly what is held, in held order (a batch that could
+        not be spooled when it came goes in its place, never after later ones: an end replayed before its start
+        would find no row). Written beside, fsynced, then renamed over. True when it is all there."""
         if self._spool is None:
             return False
-        ok = True
-        for n, entry in enumerate(self._held):
-            if entry[0] == "mem" and not entry[3]:
-                where = self._spool_append(encode_batch(entry[1]))
-                ok = ok and where is not None
-                if where is not None:
-                    self._held[n] = ("mem", entry[1], entry[2], True)
-        return ok
+        if all(entry[0] == "disk" or entry[3] for entry in self._held):
+            return True  # everything held is in the spool already, in order
+        tmp = self.spool_path.with_name(self.spool_path.name + ".new")
+        try:
+            with private_file(tmp, "wb") as out, open(self.spool_path, "rb") as old:
+                for entry in self._held:
+                    if entry[0] == "mem":
+                        out.write(encode_batch(entry[1]) + b"\n")
+                    else:
+                        old.seek(entry[1])
+                        out.write(old.read(entry[2] - entry[1]))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.spool_path)
+            return True
+        except (OSError, ValueError, TypeError) as e:
+            log.error("aibridge store: rewriting the spool at shutdown failed (%s)", e)
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            return False
 
     def _spool_clear(self) -> None:
         if self._spool is None:
             return
         try:
-            self._spool.truncate(0)
-            self._spool.seek(0)
+            os.ftruncate(self._spool.fileno(), 0)
         except (OSError, ValueError) as e:  # committed records left in it are harmless: a replay adds nothing
             self._spool_trouble(e)
 
     def _replay_spool(self) -> None:
         """Apply batches a previous run spooled but may not have committed (a crash, kill -9, a store that was
-        away at shutdown). Whatever the store cannot take now stays held, and in the spool."""
+        away at shutdown). Read line by line: memory holds up to the bound, the rest is held as ranges of the
+        spool and read back in turn. Whatever the store cannot take now stays held, and in the spool."""
         try:
-            data = self.spool_path.read_bytes()
+            f = open(self.spool_path, "rb")
         except FileNotFoundError:
             return
-        batches = []
-        for line in data.split(b"\n"):
-            if not line:
-                continue
-            try:
-                batches.append(decode_batch(line))
-            except (ValueError, KeyError, TypeError, IndexError):
-                # a line cut short by the crash was never acknowledged; anything else is not ours to trust
-                log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(line))
-        for batch in batches:
-            self._held.append(("mem", batch, 256 * len(batch), True))
-            self.backlog += len(batch)
-            self.backlog_bytes += 256 * len(batch)
+        batches = records = 0
+        with f:
+            while True:
+                start = f.tell()
+                line = f.readline()
+                if not line:
+                    break
+                body = line.rstrip(b"\n")
+                if not body:
+                    continue
+                try:
+                    if self._held and (self._held[-1][0] == "disk"
+                                       or self.backlog_bytes + len(body) > self.backlog_max_bytes):
+                        n = len(json.loads(body))  # past the bound: counted, left on disk
+                        last = self._held[-1]
+                        if last[0] == "disk" and last[2] == start:
+                            self._held[-1] = ("disk", last[1], f.tell(), last[3] + n)
+                        else:
+                            self._held.append(("disk", start, f.tell(), n))
+                    else:
+                        batch = decode_batch(body)
+                        n = len(batch)
+                        self._held.append(("mem", batch, len(body), True))
+                        self.backlog_bytes += len(body)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    # a line cut short by the crash was never acknowledged; anything else is not ours to trust
+                    log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(body))
+                    continue
+                self.backlog += n
+                batches += 1
+                records += n
         if batches and self._drain(now=True):
-            log.info("replayed %d spooled batch(es) (%d records)", len(batches), sum(map(len, batches)))
+            log.info("replayed %d spooled batch(es) (%d records)", batches, records)
         elif batches:
             log.error("aibridge store: %d spooled record(s) wait for the store (%s)", self.backlog, self.reason)
             return  # the spool keeps them; new batches are appended after them
@@ -736,10 +799,11 @@ class Store:
             self._unwritten_dead[:0] = entries
             log.error("dead-letter write failed (%s); %d kept in memory for now", e, len(self._unwritten_dead))
 
-    def _apply(self, batch: list, tolerant: bool = False) -> None:
+    def _apply(self, batch: list, tolerant: bool = False) -> list[EndInterception]:
         """One transaction, one statement per table (columns passed as lists and unnested: DuckDB's cost is per
         statement and per bound parameter, not per row). `tolerant` skips rows whose id exists already — the
-        retry for a spool or flow replayed after its rows were committed; live batches never need it."""
+        retry for a spool or flow replayed after its rows were committed; live batches never need it. Returns the
+        ends that found no interception row (their start never reached the store)."""
         inserts: dict[str, list[tuple]] = {}
         pending_rows: dict[str, list] = {}  # interception id -> its row, while still in this batch
         ends: list[EndInterception] = []
@@ -767,12 +831,18 @@ class Store:
                     rows = list({r[0]: r for r in rows}.values())  # a replay may repeat a record
                 sql = self._insert_sql[table] + (" ON CONFLICT DO NOTHING" if tolerant else "")
                 self._execute_batch(sql, [list(col) for col in zip(*rows)])
+            matched: set[str] = set()
             if ends:
-                self._execute_batch(self._end_sql,
-                                    [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])])
+                matched = {str(r[0]) for r in self._execute_returning(
+                    self._end_sql + " RETURNING aibridge_interceptions.id",
+                    [[e.id for e in ends], *([list(col) for col in zip(*(e.values for e in ends))])])}
+        return [e for e in ends if str(e.id) not in matched]
 
     def _execute_batch(self, sql: str, params: list) -> None:
         self._conn.execute(sql, params)
+
+    def _execute_returning(self, sql: str, params: list) -> list:
+        return self._conn.execute(sql, params).fetchall()
 
 
 
