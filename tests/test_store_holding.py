@@ -262,3 +262,44 @@ def test_a_journal_nobody_will_reopen_is_adopted_by_the_next_process_beside_it(t
         import os
 
         os.close(held)
+
+
+def test_the_flush_operation_fails_while_records_are_held_so_no_journal_goes_early(tmp_path, monkeypatch,
+                                                                                  fast_retry):
+    store, fault, uid = _failing_store(tmp_path / "f.duckdb", monkeypatch)
+    assert _wait(lambda: store.backlog == 1)
+    with pytest.raises(writer.StoreUnavailable):
+        store.run("flush", writes=True).result(5)  # the named operation the gateway's journal rotation sends
+    fault.on = False
+    assert _wait(lambda: store.backlog == 0)
+    store.run("flush", writes=True).result(5)
+    store.close()
+
+
+def test_an_end_whose_start_never_arrived_is_dead_lettered_not_dropped_and_replays_after_its_start(tmp_path):
+    store = Store(tmp_path / "g.duckdb")
+    store.open()
+    uid, iid = str(uuid.uuid4()), str(uuid.uuid4())
+    store.submit(USERS.row(id=uid, name="u", role="member", created_at=dt.datetime.now(dt.UTC)))
+    store.submit(_end(iid))
+    store.flush().result(5)
+    assert store.dead_lettered == 1 and store.written == 1
+    entry = json.loads(store.dead_letter_path.read_text())
+    assert "no interception row" in entry["error"]
+
+    def apply(record):
+        from aibridge_gw.store.ops import apply_record
+
+        store.call(lambda conn: apply_record(conn, record)).result(5)
+
+    assert deadletters.replay(store.dead_letter_path, apply)["kept"] == 1  # its start is still missing
+    store.submit(_start(iid, uid))
+    store.flush().result(5)
+    assert deadletters.replay(store.dead_letter_path, apply)["applied"] == 1
+    assert _count(store, f"SELECT count(*) FROM aibridge_interceptions WHERE id = '{iid}' AND status = 'completed'") == 1
+    store.close()
+
+
+def test_text_postgresql_cannot_hold_is_stored_escaped():
+    assert writer.clean_text("gpt-4o\x00") == "gpt-4o\\x00"
+    assert writer.clean_text("a\udcffb") == "a\\xffb" and writer.clean_text("plain") == "plain"

@@ -229,7 +229,7 @@ class Runtime:
         # The writer's dead-letter total, as a counter: counted by one process (a shared writer reports the same
         # total to every worker), from what it had when this process started.
         self._dead_seen = store.dead_lettered
-        if self.worker in (None, 1):
+        if self.worker in (None, 1) or config.storage.postgres:  # PostgreSQL: each worker has a writer of its own
             self.metrics.before_render(self._count_dead_letters)
         self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result(),
                               store.run("users").result())

@@ -29,6 +29,10 @@ from .writer import READERS, Store, StoreUnavailable, private_file
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 3  # seconds: a writer reconnecting to a database that is away must not stall for long
+# TCP keepalives and an unacknowledged-data timeout: a database host that vanished (no FIN, no RST) is noticed in
+# seconds by the kernel, not after its default retransmission timeout of about 15 minutes.
+LIVENESS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+            "tcp_user_timeout": 10000}
 
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|%")
 
@@ -73,7 +77,7 @@ class PgStore(Store):
 
     def open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT, **LIVENESS)
         migrate_postgres(conn)
         self._pool.open(wait=True, timeout=30)
         self._conn = PgConnection(conn)
@@ -82,8 +86,7 @@ class PgStore(Store):
             self._adopt_orphan_spools()
             self._replay_spool()
             self._spool = private_file(self.spool_path, "ab")
-        self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
-        self._thread.start()
+        self._start_threads()
         return self._conn
 
     def _adopt_orphan_spools(self) -> None:
@@ -151,6 +154,14 @@ class PgStore(Store):
                 self._recover()
         return None
 
+    def _abort_stalled(self) -> None:
+        """Shut the stuck connection's socket down: the commit waiting on it fails at once (and is retried)."""
+        import socket
+
+        fd = self._conn.raw.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
     def _recover(self) -> None:
         """A broken writer connection is replaced (each attempt bounded by CONNECT_TIMEOUT)."""
         raw = self._conn.raw
@@ -161,7 +172,7 @@ class PgStore(Store):
             except Exception:
                 pass
         try:
-            fresh = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+            fresh = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT, **LIVENESS)
         except Exception:
             return  # still away: the next attempt comes after the backoff
         try:

@@ -56,6 +56,7 @@ RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # seconds between attempts to reach a store 
 IDLE_PROBE = 1.0  # seconds: an idle writer checks its store this often, so health tells the truth within seconds
 BACKLOG_MAX_BYTES = 512 * 1024 * 1024  # storage.backlog_max_mb: records held in memory while the store is away
 LOW_DISK_BYTES = 64 * 1024  # free space below which a DuckDB directory counts as full
+STALL_SECONDS = 10.0  # a commit that has not returned after this long means the store stopped answering
 
 
 def has_room(directory: Path) -> bool:
@@ -105,7 +106,10 @@ def _escape_surrogate(m: re.Match) -> str:
 
 def clean_text(v: str) -> str:
     """Text DuckDB can store: lone surrogates (hostile JSON, header bytes decoded with surrogateescape) are
-    written as visible escapes (\\xff for an undecodable byte, \\ud800 for a lone surrogate)."""
+    written as visible escapes (\\xff for an undecodable byte, \\ud800 for a lone surrogate); a NUL, which
+    PostgreSQL's text refuses, as \\x00."""
+    if "\x00" in v:
+        v = v.replace("\x00", "\\x00")
     if v.isascii():
         return v
     try:
@@ -219,9 +223,35 @@ class Store:
             self._spool = private_file(self.spool_path, "ab")
         if self.close_stale:
             self.stale_closed = self._close_stale()
+        self._start_threads()
+        return self._conn
+
+    def _start_threads(self) -> None:
         self._thread = threading.Thread(target=self._run, name="aibridge-writer", daemon=True)
         self._thread.start()
-        return self._conn
+        threading.Thread(target=self._watch, name="aibridge-writer-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """A commit that hangs (a database that stopped answering without closing the connection) would leave
+        health saying `up` while records pile up: past STALL_SECONDS the store is reported down and the stuck
+        connection is cut, so the writer fails over to holding and retrying."""
+        while self._thread is not None:
+            time.sleep(1.0)
+            since = self._busy_since
+            if since is None or time.monotonic() - since < STALL_SECONDS:
+                continue
+            if self.up:
+                self.up, self.reason, self.since = False, "store not answering", time.time()
+                log.error("aibridge store: a commit has waited %.0f s for the store; holding records and cutting the "
+                          "connection", time.monotonic() - since)
+                self._state_changed()
+            try:
+                self._abort_stalled()
+            except Exception as e:
+                log.debug("cutting a stalled connection failed: %s", e)
+
+    def _abort_stalled(self) -> None:
+        """Cut a connection a commit hangs on (engines that can hang say how)."""
 
     def _close_stale(self) -> int:
         """Interceptions a killed gateway left in_progress can never finish now: end them failed."""
@@ -358,7 +388,11 @@ class Store:
         if self._held:
             self._drain()
         elif time.monotonic() - self._last_ok >= IDLE_PROBE:
-            problem = self._probe()
+            self._busy_since = time.monotonic()  # a probe can hang on a store that stopped answering, too
+            try:
+                problem = self._probe()
+            finally:
+                self._busy_since = None
             if problem is None:
                 self._ok()
             elif self.up or problem != self.reason:
@@ -421,7 +455,8 @@ class Store:
     @property
     def state(self) -> dict:
         """What health reports: plain values."""
-        return {"up": self.up, "reason": self.reason, "since": self.since, "backlog": self.backlog,
+        waiting = self._q.qsize() if not self.up else 0  # a stalled writer's queue is held too
+        return {"up": self.up, "reason": self.reason, "since": self.since, "backlog": self.backlog + waiting,
                 "backlog_bytes": self.backlog_bytes, "lost": self.lost, "spool": self._spool_failing}
 
     def _ok(self) -> None:
@@ -560,7 +595,11 @@ class Store:
         while self._held:
             try:
                 batch, release = self._next_batch()
-                self._store(batch)
+                self._busy_since = time.monotonic()
+                try:
+                    self._store(batch)
+                finally:
+                    self._busy_since = None
             except Exception as e:  # StoreUnavailable, or a fault reading the spool back
                 self._down(e.args[0] if isinstance(e, StoreUnavailable) and e.args else self._classify(e))
                 if released:
