@@ -12,7 +12,8 @@ import queue
 import sys
 from pathlib import Path
 
-from .store.writer import private_file, scrub
+from .store.codec import scrub
+from .store.writer import private_file
 
 
 class InterceptionLog:

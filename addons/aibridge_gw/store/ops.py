@@ -341,7 +341,7 @@ def apply_record(conn, record: list) -> dict:
     nothing when its row is there already, or an interception's end. Its own transaction, so a record the database
     still refuses fails alone."""
     from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, Insert
-    from .writer import _clean_values, decode_records
+    from .codec import _clean_values, decode_records
 
     try:
         (rec,) = decode_records([record])

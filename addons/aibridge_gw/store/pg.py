@@ -13,8 +13,6 @@ import glob
 import logging
 import os
 import re
-import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +20,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import claim
-from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET
+from .rows import END_COLUMNS, KEPT_UNLESS_SET
 from .schema import migrate_postgres
 from .statements import pg_column_types, pg_insert_statements
 from .writer import READERS, Store, StoreUnavailable, private_file

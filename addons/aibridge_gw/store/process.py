@@ -44,7 +44,8 @@ from .. import reports
 from . import claim
 from .ops import OpError
 from .rows import INTERCEPTIONS, EndInterception, Insert, interception_end
-from .writer import _datetime, _encode, has_room
+from .codec import _datetime, _encode
+from .writer import has_room
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import duckdb
 
 from .ops import ALL_OPS
 from .process import POSTGRES_ENV
-from .writer import Store, decode_records
+from .codec import decode_records
+from .writer import Store
 
 CONNECTION_FLUSH_TIMEOUT = 30.0
 
