@@ -182,7 +182,7 @@ class PgStore(Store):
     def read(self, fn):
         """Run fn(connection) on a reader thread, over a pooled connection (sees committed data). While the
         database is away, reads fail at once: no caller (a budget check, the directory reload) waits on it."""
-        if not self.up:
+        if not self.up and self.reason in ("store unreachable", "store not answering"):
             fut: cf.Future = cf.Future()
             fut.set_exception(StoreUnavailable(self.describe()))
             return fut

@@ -330,10 +330,11 @@ class WriterProcess:
         """After the writer was restarted: what the dead one read but had not committed is in the journal."""
         if self._journal_fd is None:
             return
-        with self._journal_lock:
-            lines = self._journal_lines()
-            for line in lines:
-                self._q.put(line)
+        # Read without the journal's lock: the event loop's submit() takes it, and a journal grown through an
+        # outage takes a while to read. A record appended meanwhile is queued anyway.
+        lines = self._journal_lines()
+        for line in lines:
+            self._q.put(line)
         if lines:
             log.warning("aibridge: sent %d journaled record(s) again to the restarted store process", len(lines))
 
@@ -391,12 +392,21 @@ class WriterProcess:
                 self._open_starts.pop(record.id, None)
             elif record.table == "aibridge_interceptions" and record.row[_STATUS] == "in_progress":
                 self._open_starts[record.row[0]] = line
+            start = None
             try:
-                os.write(self._journal_fd, line + b"\n")
+                start = os.lseek(self._journal_fd, 0, os.SEEK_END)
+                data = line + b"\n"
+                while data:  # short writes as a disk fills up
+                    data = data[os.write(self._journal_fd, data):]
                 if self.journal_error is not None:
                     self.journal_error = None
                     log.warning("aibridge: the journal %s can be written again", self.journal)
             except OSError as e:  # a full disk must not stop the gateway: the record still goes to the writer
+                if start is not None:  # no half line left to spoil the next record
+                    try:
+                        os.ftruncate(self._journal_fd, start)
+                    except OSError:
+                        pass
                 self._journal_failed(e)
             self._q.put(line)
 

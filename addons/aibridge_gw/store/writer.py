@@ -80,6 +80,10 @@ def has_room(directory: Path) -> bool:
     return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= LOW_DISK_BYTES
 
 
+_DATA_ERRORS = (duckdb.ConstraintException, duckdb.ConversionException, duckdb.InvalidInputException,
+                duckdb.TypeMismatchException, duckdb.OutOfRangeException, duckdb.BinderException)
+
+
 class StoreUnavailable(Exception):
     """The store cannot take records now (not the records' fault): they are held and retried."""
 
@@ -465,7 +469,9 @@ class Store:
         if isinstance(e, (duckdb.IOException, duckdb.FatalException, duckdb.OutOfMemoryException,
                           duckdb.InterruptException, duckdb.TransactionException)):
             return True
-        return bool(self._FAULT_WORDS.search(str(e)))
+        if isinstance(e, _DATA_ERRORS):  # the data's fault, whatever words its message quotes from the record
+            return False
+        return bool(self._FAULT_WORDS.search(str(e).splitlines()[0] if str(e) else ""))
 
     @staticmethod
     def _classify(e: BaseException) -> str:
