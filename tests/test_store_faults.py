@@ -628,3 +628,34 @@ def test_kill_9_of_a_worker_with_streams_in_flight_ends_each_of_its_calls_failed
     problems += [p for p in found if "in_progress" not in p]
     assert not problems, (f"{len(traffic.calls)} streams, {len(cut)} cut off by the kill, outcomes "
                           f"{dict(traffic.outcomes())}:\n" + "\n".join(problems))
+
+
+@pytest.mark.timeout(120)
+def test_a_writer_killed_while_postgresql_is_down_is_restarted_when_it_is_back_and_commits_everything(
+        pg, tmp_path, mock, started):
+    """kill -9 of the PostgreSQL writer while the database is down: no new writer can start until it is back, so
+    the gateway keeps trying (healthz 200 'degraded', readyz 200: calls are served and journaled), and once
+    PostgreSQL returns — with no further call to wake anything — the writer is back and every answered call is
+    recorded."""
+    gw, token = pg_gateway_with_user(pg, tmp_path, mock, started, "writer_gone", "gone")
+    traffic = Traffic(gw, token, "gone", threads=4, rate=20).start()
+    time.sleep(1.5)
+    pg.stop_server("fast")
+    time.sleep(1.5)
+    writers = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "aibridge_gw.store.server"],
+                             capture_output=True, text=True).stdout.split()
+    assert len(writers) == 1, writers
+    os.kill(int(writers[0]), signal.SIGKILL)
+    time.sleep(2)
+    traffic.stop()
+    health = httpx.get(gw.url + "/aibridge/healthz", trust_env=False)
+    ready = httpx.get(gw.url + "/aibridge/readyz", trust_env=False)
+    time.sleep(8)  # longer than the old give-up (five attempts in about 6 s)
+    pg.start_server()
+    t_clear = time.monotonic()
+    problems = audit_findings(gw.sql, "gone", traffic.answered, t_clear)
+    if (health.status_code, health.json()["status"]) != (200, "degraded"):
+        problems.append(f"healthz with the writer gone in serve mode: {health.status_code} {health.json()}")
+    if ready.status_code != 200:
+        problems.append(f"readyz with the writer gone in serve mode: {ready.status_code} {ready.json()}")
+    assert traffic.answered and not problems, "\n".join(problems)

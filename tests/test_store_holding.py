@@ -303,3 +303,35 @@ def test_an_end_whose_start_never_arrived_is_dead_lettered_not_dropped_and_repla
 def test_text_postgresql_cannot_hold_is_stored_escaped():
     assert writer.clean_text("gpt-4o\x00") == "gpt-4o\\x00"
     assert writer.clean_text("a\udcffb") == "a\\xffb" and writer.clean_text("plain") == "plain"
+
+
+def test_a_spool_deleted_under_the_writer_is_written_again_from_what_is_held(tmp_path, monkeypatch, fast_retry):
+    db = tmp_path / "spooldir" / "h.duckdb"
+    store, fault, uid = _failing_store(db, monkeypatch, backlog_max_bytes=400)
+    for n in range(6):
+        store.submit(_start(str(uuid.uuid4()), uid))
+        time.sleep(0.15)  # separate batches: some wait on disk only (past the memory bound)
+    assert _wait(lambda: store.backlog == 7) and any(e[0] == "disk" for e in store._held)
+    store.spool_path.unlink()
+    assert _wait(lambda: store.spool_path.exists() and store.spool_path.stat().st_size > 0)
+    store.close()  # still failing: what is held stays in the new spool
+    fault.on = False
+    again = Store(db)
+    again.open()
+    assert _count(again, "SELECT count(*) FROM aibridge_interceptions") == 6
+    again.close()
+
+
+def test_a_database_file_deleted_under_the_writer_holds_records_and_says_so(tmp_path, fast_retry):
+    db = tmp_path / "i.duckdb"
+    store = Store(db)
+    store.open()
+    db.unlink()
+    store.submit(USERS.row(id=str(uuid.uuid4()), name="u", role="member", created_at=dt.datetime.now(dt.UTC)))
+    assert _wait(lambda: not store.up and store.backlog == 1)
+    assert store.state["reason"] == "database file deleted or replaced"
+    with pytest.raises(writer.StoreUnavailable):
+        store.flush().result(5)  # so the gateway keeps its journal for the next start
+    store._held.clear()
+    store.backlog = 0
+    store.close()

@@ -104,9 +104,9 @@ class ControlPlane:
         # gateway). refusing (storage.on_failure: refuse) and unavailable (no store process): 503.
         if recording["refusing"]:
             status = "refusing"
-        elif store is None or not store.alive:
-            status = "unavailable"
-        else:
+        elif store is None or (not store.alive and store.journal_error):
+            status = "unavailable"  # nothing takes records: not even this process's journal
+        else:  # a writer being restarted while calls are served and journaled is degraded, not down
             status = "degraded" if recording["reasons"] else "ok"
         reasons = recording.pop("reasons")
         flow.response = _json(503 if status in ("refusing", "unavailable") else 200, {
@@ -125,12 +125,13 @@ class ControlPlane:
 
     def _ready(self, flow: http.HTTPFlow) -> None:
         """For balancers: 200 once the config, the store and the CA are loaded and model calls are taken (not
-        while `storage.on_failure: refuse` refuses them)."""
+        while `storage.on_failure: refuse` refuses them). A writer being restarted does not make a serving gateway
+        unready: its calls are journaled, and a balancer that took it out would leave it nothing to recover with."""
         rt = self.rt
         missing = []
         if rt.config is None or rt.router is None:
             missing.append("config not loaded")
-        if rt.store is None or not rt.store.alive:
+        if rt.store is None:
             missing.append("store not open")
         elif rt.store_health()["refusing"]:
             missing.append("refusing model calls: the store cannot record them")

@@ -344,9 +344,11 @@ class Runtime:
             reasons.append(f"{st['lost']} records lost (store, spool and memory full)")
         over_bound = int(st.get("backlog_bytes") or 0) >= cfg.backlog_max_mb * 1024 * 1024 * 0.95
         down_for = time.time() - since if since and not st.get("up", True) else 0.0
+        # Records kept only in memory (neither the spool nor the journal can be written) die with the process.
+        memory_only = bool(st.get("spool")) and store is not None and bool(store.journal_error)
         refusing = cfg.on_failure == "refuse" and (
             store is None or not store.alive or (not st.get("up", True) and down_for >= cfg.refuse_after_seconds)
-            or over_bound)
+            or over_bound or memory_only)
         if refusing != self._refusing:
             self._refusing = refusing
             (log.error if refusing else log.warning)(

@@ -23,7 +23,7 @@ from . import claim
 from .rows import END_COLUMNS, KEPT_UNLESS_SET
 from .schema import migrate_postgres
 from .statements import pg_column_types, pg_insert_statements
-from .writer import READERS, Store, StoreUnavailable, private_file
+from .writer import READERS, Store, StoreUnavailable, open_spool, private_file
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 3  # seconds: a writer reconnecting to a database that is away must not stall for long
@@ -71,7 +71,7 @@ class PgStore(Store):
         # each checked before use, so a database that restarted costs no failed read.
         self._pool = ConnectionPool(dsn, min_size=1, max_size=READERS, kwargs={"autocommit": True,
                                     "connect_timeout": CONNECT_TIMEOUT}, open=False, name="aibridge-read",
-                                    check=ConnectionPool.check_connection, timeout=10)
+                                    check=ConnectionPool.check_connection, timeout=2)
 
     def open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ class PgStore(Store):
         if self.spool_path is not None:
             self._adopt_orphan_spools()
             self._replay_spool()
-            self._spool = private_file(self.spool_path, "ab")
+            self._spool = open_spool(self.spool_path)
         self._start_threads()
         return self._conn
 
@@ -142,10 +142,15 @@ class PgStore(Store):
         return Store._classify(e)
 
     def _probe(self) -> str | None:
+        """Reachable, writable (not a standby, not read-only) and still allowed to insert the audit."""
         for attempt in (1, 2):
             try:
-                self._conn.raw.execute("SELECT 1").fetchone()
-                return None
+                standby, read_only, may_insert = self._conn.raw.execute(
+                    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', "
+                    "has_table_privilege('aibridge_interceptions', 'INSERT')").fetchone()
+                if standby or read_only:
+                    return "store read-only"
+                return None if may_insert else "permission denied"
             except Exception as e:
                 if attempt == 2:
                     return self._classify(e)
@@ -188,6 +193,8 @@ class PgStore(Store):
             return fut
 
         def work():
+            if not self.up and self.reason in ("store unreachable", "store not answering"):
+                raise StoreUnavailable(self.describe())  # it went away while this read waited its turn
             with self._pool.connection() as conn:
                 return fn(PgConnection(conn))
 

@@ -67,6 +67,7 @@ class _Op:
 
 POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
 JOURNAL_ROTATE_SECONDS = 1.0
+RESPAWN_MAX = 5  # seconds between attempts to start a writer again
 JOURNAL_CLAIM_WAIT = 10.0  # seconds a new process waits for an old one of the same name to let go of its journal
 
 def start_writer_process(path: Path, flags: list[str], postgres: str | None = None,
@@ -297,10 +298,15 @@ class WriterProcess:
                 new = self.journal.with_name(self.journal.name + ".new")
                 fd = None
                 try:
+                    if not self.journal.parent.exists():  # removed under us: recorded from now on again
+                        self.journal.parent.mkdir(parents=True, exist_ok=True)
+                        log.error("aibridge: the journal's directory %s was removed; made it again",
+                                  self.journal.parent)
                     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
                     if self._open_starts:  # calls still in flight keep their start in the journal
                         os.write(fd, b"\n".join(self._open_starts.values()) + b"\n")
-                    os.replace(self.journal, self._journal_old)
+                    if self.journal.exists():  # (a journal deleted under us has nothing left to keep)
+                        os.replace(self.journal, self._journal_old)
                     os.replace(new, self.journal)
                 except OSError as e:  # a full disk: keep appending to the part we have
                     if fd is not None:
@@ -369,15 +375,23 @@ class WriterProcess:
                 return False
             if self._proc is not None and self._proc.poll() is None and self._dead is None:
                 return True  # the other one restarted it already
-            for attempt in range(5):
+            # Until it works (a PostgreSQL writer cannot start while the database is away), at most 5 s apart;
+            # meanwhile records wait in the queue and the journal. Logged once, then once when it is back.
+            attempt, failing = 0, None
+            while not self._closing:
                 try:
                     self._spawn(close_stale=False)
                     log.warning("aibridge: the store process was restarted")
                     self._resend_journal()
                     return True
                 except Exception as e:
-                    log.error("aibridge: restarting the store process failed (%s)", e)
-                    time.sleep(min(2 ** attempt * 0.2, 3))
+                    if failing is None:
+                        log.error("aibridge: restarting the store process failed (%s); retrying every %d s at most",
+                                  e, RESPAWN_MAX)
+                    failing = str(e)
+                    self._dead = f"restarting: {failing}"
+                    time.sleep(min(2 ** attempt * 0.2, RESPAWN_MAX))
+                    attempt += 1
             return False
 
     # --- producers (any thread, never block) ------------------------------------------------------------

@@ -104,6 +104,15 @@ def private_file(path: Path, mode: str = "ab"):
     return os.fdopen(fd, mode)
 
 
+def open_spool(path: Path):
+    """The spool, for appending and for reading held ranges back (by descriptor: a spool deleted under the writer
+    can still be read, and written out again)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "r+b", buffering=0)
+
+
 def restrict(path: Path) -> None:
     try:
         os.chmod(path, 0o600)
@@ -162,6 +171,7 @@ class Store:
         self.lost = 0  # records neither the store, the spool nor memory could take (all three full)
         self._lost_flushed = 0  # `lost` when a flush last failed for it (each loss fails one flush: the journal stays)
         self._busy_since: float | None = None  # a commit is running since (the watchdog's view)
+        self._db_inode: tuple[int, int] | None = None  # the DuckDB file opened (a file deleted under us is noticed)
         self.up = True
         self.reason: str | None = None  # why the store cannot take records, while it cannot
         self.since: float | None = None  # wall-clock time it went away
@@ -187,11 +197,13 @@ class Store:
         self._conn = duckdb.connect(str(self.path))
         for f in (self.path, self.path.with_name(self.path.name + ".wal")):
             restrict(f)
+        st = os.stat(self.path)
+        self._db_inode = (st.st_dev, st.st_ino)
         migrate(self._conn)
         self._prepare_statements()
         if self.spool_path is not None:
             self._replay_spool()
-            self._spool = private_file(self.spool_path, "ab")
+            self._spool = open_spool(self.spool_path)
         if self.close_stale:
             self.stale_closed = self._close_stale()
         self._start_threads()
@@ -370,6 +382,11 @@ class Store:
                 self._down(problem)
         if self._unwritten_dead:
             self._write_dead_letters()
+        if self._spool_gone():
+            log.error("aibridge store: the spool %s was deleted under the writer; writing what is held to a new one",
+                      self.spool_path)
+            if not self._respool():
+                self._spool_trouble(FileNotFoundError(errno.ENOENT, "spool deleted", str(self.spool_path)))
         if self._spool_failing == "disk full" and self.spool_path is not None and has_room(self.spool_path.parent):
             self._spool_failing = None  # the next append tells for sure; health need not wait for traffic
             log.warning("aibridge store: the spool %s has room again", self.spool_path)
@@ -411,10 +428,15 @@ class Store:
         """Shutting down: one last attempt; what the store still cannot take stays in the spool for the next
         start (and in the gateway's journal), never deleted."""
         if self._held and not self._drain(now=True):
-            kept = self._spool_everything()
-            log.error("aibridge store: %d record(s) could not be committed before shutdown (%s); %s", self.backlog,
-                      self.reason, "kept in the spool for the next start" if kept else
-                      "the spool could not take them all: the gateway's journal sends them again at its next start")
+            if self._spool_everything():
+                log.error("aibridge store: %d record(s) could not be committed before shutdown (%s); kept in the "
+                          "spool %s for the next start", self.backlog, self.reason, self.spool_path)
+            else:
+                unspooled = sum(len(e[1]) for e in self._held if e[0] == "mem" and not e[3])
+                self.lost += unspooled
+                log.error("aibridge store: %d record(s) could not be committed before shutdown (%s), and %d of them "
+                          "could not be spooled either: lost unless a gateway's journal has them", self.backlog,
+                          self.reason, unspooled)
         if self._unwritten_dead:
             self._write_dead_letters()
 
@@ -459,7 +481,8 @@ class Store:
                 log.exception("aibridge store: reporting the store's state failed")
 
     # What a store's faults look like; each engine says which of its errors are the store's, not the data's.
-    _FAULT_WORDS = re.compile(r"no space|could not write|read-only|permission denied|invalidated|i/o error|"
+    _FAULT_WORDS = re.compile(r"no space|could not write|read-only|permission denied|not permitted|invalidated|"
+                              r"i/o error|"
                               r"input/output|disk|too many open files|out of memory", re.I)
 
     def _transient(self, e: BaseException) -> bool:
@@ -483,7 +506,7 @@ class Store:
             return "disk full"
         if code == errno.EROFS or "read-only file system" in low:
             return "read-only file system"
-        if code in (errno.EACCES, errno.EPERM) or "permission denied" in low:
+        if code in (errno.EACCES, errno.EPERM) or "permission denied" in low or "operation not permitted" in low:
             return "permission denied"
         first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         return f"store error: {first[:200]}"
@@ -500,11 +523,24 @@ class Store:
             return "disk full"
         if self._conn is None:
             return "store error: not open"
+        if self._file_replaced():
+            return "database file deleted or replaced"
         try:
             self._conn.execute("SELECT 1").fetchone()
         except Exception as e:
             return self._classify(e)
         return None
+
+    def _file_replaced(self) -> bool:
+        """The database file was deleted or replaced under the writer: commits would go to a file no one opens
+        again (the next start would begin an empty one). Records are held instead, and health says so."""
+        if self._db_inode is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._db_inode
 
     def _recover(self) -> None:
         """After a fault: DuckDB invalidates a database after some I/O failures; open it again."""
@@ -567,6 +603,8 @@ class Store:
         released = False
         while self._held:
             try:
+                if self._file_replaced():
+                    raise StoreUnavailable("database file deleted or replaced")
                 batch, release = self._next_batch()
                 self._busy_since = time.monotonic()
                 try:
@@ -624,20 +662,30 @@ class Store:
     def _read_back(self, start: int, end: int) -> tuple[list, int]:
         """Batches the spool holds from byte `start` (lines appended in order), about MAX_BATCH records' worth,
         and where the next read starts."""
+        fd = self._spool.fileno()
         out: list = []
-        with open(self.spool_path, "rb") as f:
-            f.seek(start)
-            while f.tell() < end and len(out) < MAX_BATCH:
-                line = f.readline()
-                if not line:
-                    break
-                if line.strip():
-                    try:
-                        out.extend(decode_batch(line.rstrip(b"\n")))
-                    except (ValueError, KeyError, TypeError, IndexError):
-                        log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(line))
-            upto = f.tell() if out else end
-        return out, upto
+        pos, buf = start, b""
+        while len(out) < MAX_BATCH:
+            if b"\n" not in buf:
+                if pos >= end:
+                    if not buf:
+                        break
+                    line, buf = buf, b""  # a last line without its newline
+                else:
+                    chunk = os.pread(fd, min(1 << 20, end - pos), pos)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    pos += len(chunk)
+                    continue
+            else:
+                line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                try:
+                    out.extend(decode_batch(line))
+                except (ValueError, KeyError, TypeError, IndexError):
+                    log.warning("spool %s: skipped an unreadable entry (%d bytes)", self.spool_path, len(line))
+        return out, (pos - len(buf)) if out else end
 
     def _store(self, batch: list) -> None:
         """Commit a batch; on a data error, split it until the record at fault is alone, and dead-letter only that
@@ -708,31 +756,56 @@ class Store:
     def _spool_everything(self) -> bool:
         """At shutdown with records held: the spool becomes exactly what is held, in held order (a batch that could
         not be spooled when it came goes in its place, never after later ones: an end replayed before its start
-        would find no row). Written beside, fsynced, then renamed over. True when it is all there."""
+        would find no row). True when it is all there."""
         if self._spool is None:
             return False
-        if all(entry[0] == "disk" or entry[3] for entry in self._held):
+        if not self._spool_gone() and all(entry[0] == "disk" or entry[3] for entry in self._held):
             return True  # everything held is in the spool already, in order
-        tmp = self.spool_path.with_name(self.spool_path.name + ".new")
+        return self._respool()
+
+    def _spool_gone(self) -> bool:
+        """The spool file was deleted (or its directory) under the writer: appends go to a file nobody will read."""
         try:
-            with private_file(tmp, "wb") as out, open(self.spool_path, "rb") as old:
+            return self._spool is not None and os.fstat(self._spool.fileno()).st_nlink == 0
+        except (OSError, ValueError):
+            return True
+
+    def _respool(self) -> bool:
+        """Write a new spool holding exactly what is held, in order (written beside, fsynced, renamed over; its
+        directory made again if it was removed), and go on with it. True when it worked."""
+        tmp = self.spool_path.with_name(self.spool_path.name + ".new")
+        old = self._spool.fileno()
+        held = []
+        try:
+            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open_spool(tmp)
+            try:
+                os.ftruncate(out.fileno(), 0)
                 for entry in self._held:
+                    at = out.seek(0, os.SEEK_END)
                     if entry[0] == "mem":
                         out.write(encode_batch(entry[1]) + b"\n")
+                        held.append(("mem", entry[1], entry[2], True))
                     else:
-                        old.seek(entry[1])
-                        out.write(old.read(entry[2] - entry[1]))
-                out.flush()
+                        data = os.pread(old, entry[2] - entry[1], entry[1])
+                        out.write(data)
+                        held.append(("disk", at, at + len(data), entry[3]))
                 os.fsync(out.fileno())
-            os.replace(tmp, self.spool_path)
-            return True
+                os.replace(tmp, self.spool_path)
+            except BaseException:
+                out.close()
+                raise
         except (OSError, ValueError, TypeError) as e:
-            log.error("aibridge store: rewriting the spool at shutdown failed (%s)", e)
+            log.error("aibridge store: writing the spool again failed (%s)", e)
             try:
                 tmp.unlink()
             except OSError:
                 pass
             return False
+        self._spool.close()
+        self._spool = out
+        self._held = deque(held)
+        return True
 
     def _spool_clear(self) -> None:
         if self._spool is None:
