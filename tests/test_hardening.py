@@ -388,3 +388,48 @@ def test_relative_storage_paths_resolve_against_the_config_file(tmp_path):
                        capture_output=True, text=True, cwd=elsewhere, timeout=60)
     assert r.returncode == 1 and "no database at" in r.stderr
     assert not (conf / "nowhere").exists()
+
+
+def test_a_flood_of_repeated_headers_gets_a_431_and_stalls_no_one(gateway, mock, user):
+    """120 000 repeats of one header with no token: refused 431 in the provider's format before any per-header
+    work, while the gateway keeps answering everyone else at once (joining the repeats stalled it 5 s)."""
+    import threading
+    import time
+
+    answered: list[float] = []
+    stop = threading.Event()
+
+    def others():
+        while not stop.is_set():
+            t = time.monotonic()
+            httpx.get(gateway.url + "/aibridge/healthz", trust_env=False, timeout=30)
+            answered.append(time.monotonic() - t)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=others)
+    watcher.start()
+    try:
+        got = raw_request(gateway.port, "POST", "/openai/v1/chat/completions", [(b"x-flood", b"a")] * 120_000,
+                          b"{}", timeout=30)
+    finally:
+        stop.set()
+        watcher.join()
+    assert status_of(got) == 431, got[:200]
+    body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+    assert isinstance(body["error"]["message"], str)  # OpenAI's error shape
+    assert answered and max(answered) < 1.0, max(answered)
+    assert not mock.seen
+
+
+def test_header_view_joins_repeats_in_linear_time():
+    import time
+
+    from aibridge_gw.pipeline import header_view
+    from mitmproxy import http
+
+    headers = http.Headers([(b"X-A", b"1"), (b"x-b", b"2"), (b"x-a", b"3")])
+    assert header_view(headers) == {"x-a": headers.get("x-a"), "x-b": "2"} == {"x-a": "1, 3", "x-b": "2"}
+    many = http.Headers([(b"x-r", b"v")] * 120_000)
+    t = time.perf_counter()
+    assert header_view(many)["x-r"].count("v") == 120_000
+    assert time.perf_counter() - t < 0.2  # linear: ~0.04 s here; joining as it went took ~0.5 s
