@@ -35,7 +35,7 @@ from .store.writer import StoreApi
 log = logging.getLogger(__name__)
 
 COMPLETED, FAILED, IN_PROGRESS = "completed", "failed", "in_progress"
-LOOKUP_WAIT = 0.25  # seconds a request may wait on the store for its thread
+STORE_WAIT = 0.25  # seconds a request may wait on the store (its thread lookup, the fleet's rate counter)
 META_KEY = "aibridge"
 
 
@@ -195,7 +195,7 @@ class Recorder:
 
     async def link_thread(self, ic: Interception) -> None:
         """A request answering a tool call recorded earlier continues that interception's thread (looked up in the
-        store for LOOKUP_WAIT at most: a slow or absent store costs the thread link, never the request)."""
+        store for STORE_WAIT at most: a slow or absent store costs the thread link, never the request)."""
         if not ic.info.tool_result_ids:
             return
         call_id = ic.info.tool_result_ids[-1]
@@ -203,7 +203,7 @@ class Recorder:
         if hit is None and self.store.state.get("up", True):
             try:
                 hit = await asyncio.wait_for(
-                    asyncio.wrap_future(self.store.run("tool_call_thread", call_id=call_id)), LOOKUP_WAIT)
+                    asyncio.wrap_future(self.store.run("tool_call_thread", call_id=call_id)), STORE_WAIT)
             except Exception as e:
                 log.debug("thread lookup failed: %s", e)
                 hit = None

@@ -32,7 +32,7 @@ from .mcp.registry import McpRegistry
 from .metrics import Metrics
 from .pricing import PriceTable
 from .records import ResponseSummary
-from .recording import Recorder, at
+from .recording import STORE_WAIT, Recorder, at
 from .routing import Router
 from .store.process import WriterProcess
 from .throttle import AuthThrottle
@@ -41,8 +41,6 @@ from .workers import KeyBoard, control_secret, store_socket, worker_number, work
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
 DIRECTORY_REFRESH_SECONDS = 1.0
-STORE_WAIT = 0.25  # seconds a request may wait on the store (budget counters, thread lookups) before going on
-
 
 
 def store_target(config: Config | None) -> tuple:

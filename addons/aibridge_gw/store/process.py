@@ -216,20 +216,6 @@ class WriterProcess:
         """The journal's records, old part first."""
         return _read_journal(self._journal_old) + _read_journal(self.journal)
 
-    def _journal_append(self, lines: list[bytes]) -> None:
-        """Records another process journaled, added to ours before we go on (a line per record)."""
-        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            head = b""
-            if size:
-                with open(self.journal, "rb") as f:
-                    f.seek(size - 1)
-                    head = b"" if f.read(1) == b"\n" else b"\n"
-            os.write(fd, head + b"\n".join(lines) + b"\n")
-        finally:
-            os.close(fd)
-
     def _open_journal(self) -> None:
         """Send again what a previous process journaled (most of it committed already: repeats add nothing), end
         the calls it started and never ended, and go on appending to the same file."""
@@ -242,11 +228,19 @@ class WriterProcess:
         # A process of the same name still finishing (a restart while the old one drains) keeps its journal.
         self.journal, self._journal_claim = claim.hold_or_own(self.journal, JOURNAL_CLAIM_WAIT)
         lines = self._journal_lines()
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        size = os.fstat(self._journal_fd).st_size
+        if size:
+            with open(self.journal, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":  # a line cut short: what follows starts on a line of its own
+                    os.write(self._journal_fd, b"\n")
         adopted: list[Path] = []
         for orphan in (o for pattern in patterns for o in claim.orphans(self.journal, pattern)):
             more = _read_journal(orphan.with_name(orphan.name + ".old")) + _read_journal(orphan)
-            if more:
-                self._journal_append(more)  # ours now: kept until committed, like our own
+            if more:  # ours now: kept until committed, like our own
+                os.write(self._journal_fd, b"\n".join(more) + b"\n")
                 lines += more
             claim.forget(orphan, orphan.with_name(orphan.name + ".old"))
             adopted.append(orphan)
@@ -261,21 +255,13 @@ class WriterProcess:
                 started[b[0]] = b
             elif kind == "e":
                 ended.add(a)
-        self.journal.parent.mkdir(parents=True, exist_ok=True)
-        self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        size = os.fstat(self._journal_fd).st_size
-        if size:
-            with open(self.journal, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":  # a line cut short: what follows starts on a line of its own
-                    os.write(self._journal_fd, b"\n")
         for line in lines:
             self._q.put(line)
         self.recovered = len(lines)
         now = datetime.datetime.now(datetime.UTC)
         meta = INTERCEPTIONS.columns.index("metadata")
         for iid, row in started.items():
-            if iid not in ended and row[INTERCEPTIONS.columns.index("status")] == "in_progress":
+            if iid not in ended and row[_STATUS] == "in_progress":
                 self.submit(interception_end(iid, status="failed", ended_at=now, http_status=None,
                                              error="gateway stopped", metadata=row[meta]))
         if lines:

@@ -573,14 +573,8 @@ class Store:
             data = None
         size = len(data) if data is not None else 256 * len(batch)
         where = self._spool_append(data) if data is not None else None
-        if where is not None and (self.backlog_bytes + size > self.backlog_max_bytes
-                                  or (self._held and self._held[-1][0] == "disk")):
-            # Memory is full (or batches already wait on disk): this one waits in the spool only, in turn.
-            last = self._held[-1] if self._held else None
-            if last is not None and last[0] == "disk" and last[2] == where[0]:
-                self._held[-1] = ("disk", last[1], where[1], last[3] + len(batch))
-            else:
-                self._held.append(("disk", where[0], where[1], len(batch)))
+        if where is not None and self._memory_full(size):
+            self._hold_on_disk(where[0], where[1], len(batch))
         elif self.backlog_bytes + size > self.backlog_max_bytes and self._held:
             self.lost += len(batch)
             log.error("aibridge store: %d record(s) lost: the store, the spool and memory (storage.backlog_max_mb) "
@@ -594,6 +588,19 @@ class Store:
         self._drain()
         if self.on_commit is not None:
             self.on_commit()
+
+    def _memory_full(self, size: int) -> bool:
+        """Whether a batch of `size` bytes must wait in the spool only: memory is at its bound, or batches already
+        wait on disk (it goes after them, in turn)."""
+        return self.backlog_bytes + size > self.backlog_max_bytes or bool(self._held and self._held[-1][0] == "disk")
+
+    def _hold_on_disk(self, start: int, end: int, records: int) -> None:
+        """Hold a spooled byte range; joined to the last range when it follows on."""
+        last = self._held[-1] if self._held else None
+        if last is not None and last[0] == "disk" and last[2] == start:
+            self._held[-1] = ("disk", last[1], end, last[3] + records)
+        else:
+            self._held.append(("disk", start, end, records))
 
     def _drain(self, now: bool = False) -> bool:
         """Commit held batches in order, as many records per transaction as MAX_BATCH allows. True once nothing
@@ -834,14 +841,9 @@ class Store:
                 if not body:
                     continue
                 try:
-                    if self._held and (self._held[-1][0] == "disk"
-                                       or self.backlog_bytes + len(body) > self.backlog_max_bytes):
+                    if self._held and self._memory_full(len(body)):
                         n = len(json.loads(body))  # past the bound: counted, left on disk
-                        last = self._held[-1]
-                        if last[0] == "disk" and last[2] == start:
-                            self._held[-1] = ("disk", last[1], f.tell(), last[3] + n)
-                        else:
-                            self._held.append(("disk", start, f.tell(), n))
+                        self._hold_on_disk(start, f.tell(), n)
                     else:
                         batch = decode_batch(body)
                         n = len(batch)
