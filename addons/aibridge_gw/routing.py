@@ -18,6 +18,9 @@ from .apis import PROVIDERS
 from .config import Config, ProviderInstance
 
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar without percent-escapes
+# Where a public API host is reached: HTTPS, and plain HTTP (a proxied http:// request, handled by the pipeline
+# like any other and sent to the instance's base_url, never to the host's port 80).
+WEB_PORTS = (443, 80)
 
 
 class BadPath(Exception):
@@ -64,9 +67,21 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.by_prefix = {p.name: p for p in config.providers}
         self.by_host = {h: p for p in config.providers for h in p.hosts}
+        # The ports an AI host is served on (see is_ai_endpoint): the web ports, and each base_url's own port.
+        self.ports = {h: set(WEB_PORTS) for h in self.by_host}
+        for p in config.providers:
+            if p.host in self.ports:
+                self.ports[p.host].add(p.port)
 
     def is_ai_host(self, host: str | None) -> bool:
         return bool(host) and host.lower().rstrip(".") in self.by_host
+
+    def is_ai_endpoint(self, host: str | None, port: int | None) -> bool:
+        """An AI API's address: an AI host on one of its provider ports (443, 80, the port of a base_url on that
+        host). Every request to it goes through the pipeline; the same host on any other port is an ordinary
+        egress target (proxy credentials, the address policy), never the gateway's to vouch for."""
+        ports = self.ports.get(host.lower().rstrip(".")) if host else None
+        return ports is not None and port in ports
 
     def is_prefixed(self, target: str) -> bool:
         """The request names one of the gateway's own prefixes: base-URL traffic, whatever its Host header."""
