@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import connection, http, tls
+from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import commands, events, layer, layers
 
 from .auth import Actor, hash_token, proxy_token
@@ -68,15 +68,24 @@ class ProxyMode:
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """Inside a tunnel to an AI endpoint only HTTP is spoken (TLS first, once): a layer that would relay
         anything else (raw TCP, UDP, DNS, a request mitmproxy could not parse as HTTP) is replaced by one that
-        closes the connection. Runs after mitmproxy's own NextLayer addon chose."""
-        chosen, ctx_ = nextlayer.layer, nextlayer.context
-        if chosen is None or self.rt.router is None or ctx_.server.address is None:
+        closes the connection."""
+        ctx_ = nextlayer.context
+        if self.rt.router is None or ctx_.server.address is None:
             return
         if not self._ai_target(ctx_.server.address, ctx_.client.sni):
             return
+        if nextlayer.layer is None:
+            # Script addons' hooks run before mitmproxy's own NextLayer addon: let it choose now (it leaves a
+            # choice made here alone when its own hook runs), then judge what it chose.
+            decide = ctx.master.addons.get("nextlayer")
+            if decide is not None:
+                decide.next_layer(nextlayer)
+        chosen = nextlayer.layer
+        if chosen is None:
+            return  # not enough bytes to tell yet: asked again with more
         if isinstance(chosen, layers.HttpLayer):
             return
-        if isinstance(chosen, (layers.ServerTLSLayer, layers.ClientTLSLayer)) and not ctx_.client.tls:
+        if isinstance(chosen, (layers.ServerTLSLayer, layers.ClientTLSLayer)) and not ctx_.client.tls_established:
             return  # the tunnel's own TLS, decrypted (tls_clienthello); what it carries is decided next
         host, port = ctx_.server.address[0], ctx_.server.address[1]
         peer = (ctx_.client.peername or ("?",))[0]
