@@ -295,3 +295,23 @@ def test_a_valid_gateway_token_never_goes_upstream_beside_the_users_own_key(tgw,
     seen = json.dumps(up.seen[0].headers)
     assert token not in seen and "users-own-key" not in seen
     assert up.seen[0].headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
+
+
+def test_a_switch_to_another_protocol_in_a_tunnel_to_an_ai_endpoint_is_never_relayed(tgw, up, tuser):
+    """After a 101 (other than a WebSocket), mitmproxy would relay raw bytes both ways: the gateway sends no
+    Upgrade upstream, and answers an upstream that switches anyway with 502 and a closed connection."""
+    name, token = tuser
+    up.script(Reply(101, {"upgrade": "raw-relay", "connection": "upgrade"}))
+    s, head = connect(tgw, "api.anthropic.com:443")
+    assert head.startswith(b"HTTP/1.1 200")
+    with client_context(tgw.ca).wrap_socket(s, server_hostname="api.anthropic.com") as t:
+        r = request(t, "GET", "/v1/models", "api.anthropic.com",
+                    {"x-api-key": token, "upgrade": "raw-relay", "connection": "upgrade"})
+        assert r.status == 502 and "switched protocols" in json.loads(r.body)["error"]["message"]
+        try:  # what would have been relayed raw: an unauthenticated request
+            t.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+        except OSError:
+            pass
+        assert closed_without_answer(t)
+    assert len(up.seen) == 1 and "upgrade" not in up.seen[0].headers
+    assert up.seen[0].headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY

@@ -567,7 +567,10 @@ class Pipeline:
 
 _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
                          b"proxy-connection", b"te", b"upgrade"))
-_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of"))
+# Never upstream: the gateway's own headers, and a protocol switch (h2c, …): after a 101, mitmproxy would relay raw
+# bytes between client and provider (WebSocket upgrades are refused before this).
+_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of",
+                                                                    "upgrade", "http2-settings"))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
 
 

@@ -131,6 +131,21 @@ class ProxyMode:
                 data.server.sni = host
             data.server.address = (ip, port)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A provider that switches protocols (101, other than a WebSocket) would have mitmproxy relay raw bytes
+        between the client and the provider from then on, unauthenticated and unrecorded: answered 502 instead,
+        and the connection closed. (The pipeline sends no Upgrade header upstream; this is for one that answers
+        101 all the same.)"""
+        resp = flow.response
+        if resp is None or resp.status_code != 101 or flow.websocket is not None or self.rt.router is None:
+            return
+        if not (self.is_ours(flow) or self.ai_host(flow)):
+            return  # egress to other hosts: the admitted client's own business
+        log.warning("aibridge: refused a switch to another protocol (101) from the upstream of %s %s",
+                    flow.request.method, printable(flow.request.path.split("?")[0][:200]))
+        flow.response = error_response(self.provider_type(flow), 502, "aibridge: the upstream switched protocols; "
+                                       "only HTTP is relayed to an AI API", {"connection": "close"})
+
     def client_disconnected(self, client: connection.Client) -> None:
         self.proxy_tokens.pop(client.id, None)
         self.tunnels.discard(client.id)
