@@ -24,6 +24,10 @@ from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_call
 from tests.support.tls import client_context, tls_stand_in
 
+from aibridge_gw.auth import TOKEN_PREFIX, Actor, AuthRefused, TokenDirectory, hash_token, identify  # noqa: E402
+from aibridge_gw.config import parse_config  # noqa: E402
+from aibridge_gw.routing import Router  # noqa: E402
+
 RAW_HOST = "127.0.0.2"  # the openai instance's base_url host: an AI host, served on RAW_HOST:<recorder port>
 
 
@@ -157,6 +161,37 @@ def request(s, method: str, path: str, host: str, headers: dict | None = None) -
 
 
 # --- an AI host is an AI endpoint only on its provider ports -------------------------------------------------
+
+
+def test_an_ai_endpoint_is_an_ai_host_on_a_provider_port():
+    router = Router(parse_config({"providers": [
+        {"name": "anthropic", "type": "anthropic", "base_url": "https://api.anthropic.com/", "key": "k",
+         "hosts": ["claude.corp.example"]},
+        {"name": "vllm", "type": "openai", "base_url": "http://vllm.internal:8000/v1/", "key": "k"}]}))
+    for host in ("api.anthropic.com", "API.Anthropic.com.", "claude.corp.example"):
+        assert router.is_ai_endpoint(host, 443) and router.is_ai_endpoint(host, 80)
+        assert not router.is_ai_endpoint(host, 22) and not router.is_ai_endpoint(host, 8443)
+    assert router.is_ai_endpoint("vllm.internal", 8000) and not router.is_ai_endpoint("vllm.internal", 5432)
+    assert not router.is_ai_endpoint("api.anthropic.com", 8000)  # another host's base_url port
+    assert not router.is_ai_endpoint("example.com", 443) and not router.is_ai_endpoint(None, 443)
+
+
+def test_identify_refuses_a_gateway_format_credential_that_does_not_validate():
+    alice = Actor("u1", "alice", "member", "t1", "aib_…")
+    good = TOKEN_PREFIX + "g" * 43
+    directory = TokenDirectory()
+    directory.replace({hash_token(good): alice})
+    bad = TOKEN_PREFIX + "b" * 43
+    for headers, proxy_actor in [({"x-api-key": bad}, alice), ({"authorization": f"Bearer {bad}"}, alice),
+                                 ({"x-aibridge-token": good, "x-api-key": bad}, None),
+                                 ({"authorization": "Bearer sk-own", "x-api-key": bad}, alice)]:
+        with pytest.raises(AuthRefused):
+            identify(headers, proxy_actor, directory, byok=True)
+    # A valid gateway token beside the user's own key: central, so the token is never relayed upstream.
+    assert identify({"authorization": "Bearer sk-own", "x-api-key": good}, alice, directory, True).byok_credential is None
+    assert identify({"authorization": "Bearer sk-own"}, alice, directory, True).byok_credential == "sk-own"
+    assert directory.lookup_hash(hash_token(good)) == alice and directory.lookup_hash(hash_token(bad)) is None
+
 
 
 def test_connect_to_an_ai_host_on_another_port_needs_proxy_credentials(tgw, service):
@@ -315,3 +350,35 @@ def test_a_switch_to_another_protocol_in_a_tunnel_to_an_ai_endpoint_is_never_rel
         assert closed_without_answer(t)
     assert len(up.seen) == 1 and "upgrade" not in up.seen[0].headers
     assert up.seen[0].headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
+
+
+def test_revoking_a_token_stops_open_tunnels_in_every_worker(tmp_path):
+    """`--workers 2`: the worker that ran the revocation drops the token at once, the other at its next
+    directory reload (each second); every open tunnel refuses its next request."""
+    upstream = tls_stand_in(tmp_path / "upstream", ["127.0.0.1"])
+    gw = Gateway(tmp_path / "gw", upstream.url, workers=2, providers=[
+        {"name": "anthropic", "type": "anthropic", "base_url": upstream.url + "/", "key": UPSTREAM_ANTHROPIC_KEY,
+         "hosts": ["api.anthropic.com"]}], args=["--set", f"ssl_verify_upstream_trusted_ca={upstream.ca}"])
+    tunnels = []
+    try:
+        gw.start()
+        token = gw.new_user("everywhere")
+        time.sleep(1.5)  # every worker knows the new token
+        for _ in range(12):  # the kernel spreads new connections over both workers
+            s, head = connect(gw, "api.anthropic.com:443", basic("everywhere", token))
+            assert head.startswith(b"HTTP/1.1 200")
+            t = client_context(gw.ca).wrap_socket(s, server_hostname="api.anthropic.com")
+            tunnels.append(t)
+            assert request(t, "GET", "/v1/models", "api.anthropic.com").status == 200
+        gw.op("tokens.revoke", id=gw.op("tokens.list", user="everywhere")["rows"][0][0])
+        revoked_at = time.monotonic()
+        pending = list(tunnels)
+        while pending:
+            pending = [t for t in pending if request(t, "GET", "/v1/models", "api.anthropic.com").status == 200]
+            assert time.monotonic() - revoked_at < 1.5, f"{len(pending)} open tunnel(s) still take the revoked token"
+            time.sleep(0.05)
+    finally:
+        for t in tunnels:
+            t.close()
+        gw.stop()
+        upstream.stop()
