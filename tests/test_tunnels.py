@@ -241,6 +241,21 @@ def test_raw_bytes_in_a_tunnel_to_an_ai_endpoint_are_closed_and_never_relayed(tg
     assert "not HTTP" in tgw.log()
 
 
+def test_tls_nested_in_a_decrypted_tunnel_to_an_ai_endpoint_is_closed(tgw, recorder):
+    recorder.connections, recorder.data = 0, b""
+    inner = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(),
+                                                  server_hostname="api.openai.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        inner.do_handshake()
+    s, head = connect(tgw, f"{RAW_HOST}:{recorder.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    with client_context(tgw.ca).wrap_socket(s, server_hostname="api.openai.com") as t:
+        t.sendall(out.read())  # a second ClientHello, inside the decrypted TLS
+        assert closed_without_answer(t)
+    time.sleep(0.3)
+    assert (recorder.connections, recorder.data) == (0, b"")
+
+
 def test_http_in_a_tunnel_to_an_ai_endpoint_still_works(tgw, up, tuser):
     name, token = tuser
     s, head = connect(tgw, "api.anthropic.com:443")

@@ -74,6 +74,8 @@ class ProxyMode:
             return
         if not self._ai_target(ctx_.server.address, ctx_.client.sni):
             return
+        # Read before any layer is built: mitmproxy's TLS layer for TLS nested in TLS resets the client's TLS state.
+        decrypted, depth = ctx_.client.tls_established, len(ctx_.layers)
         if nextlayer.layer is None:
             # Script addons' hooks run before mitmproxy's own NextLayer addon: let it choose now (it leaves a
             # choice made here alone when its own hook runs), then judge what it chose.
@@ -85,12 +87,13 @@ class ProxyMode:
             return  # not enough bytes to tell yet: asked again with more
         if isinstance(chosen, layers.HttpLayer):
             return
-        if isinstance(chosen, (layers.ServerTLSLayer, layers.ClientTLSLayer)) and not ctx_.client.tls_established:
+        if isinstance(chosen, (layers.ServerTLSLayer, layers.ClientTLSLayer)) and not decrypted:
             return  # the tunnel's own TLS, decrypted (tls_clienthello); what it carries is decided next
         host, port = ctx_.server.address[0], ctx_.server.address[1]
         peer = (ctx_.client.peername or ("?",))[0]
         log.warning("aibridge: closed a connection from %s in a tunnel to AI endpoint %s:%s: not HTTP (%s)",
                     printable(str(peer)), printable(str(host)), port, type(chosen).__name__)
+        del ctx_.layers[depth:]  # the layers built for the choice refused never run
         nextlayer.layer = Refused(ctx_)
 
     def _ai_target(self, address, sni: str | None) -> bool:
