@@ -18,15 +18,14 @@ import anthropic
 import httpx
 import pytest
 
+from aibridge_gw.auth import TOKEN_PREFIX, Actor, AuthRefused, TokenDirectory, hash_token, identify
+from aibridge_gw.config import parse_config
+from aibridge_gw.routing import Router
 from tests.support.fixtures import capture
 from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY, Gateway
 from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_call
 from tests.support.tls import client_context, tls_stand_in
-
-from aibridge_gw.auth import TOKEN_PREFIX, Actor, AuthRefused, TokenDirectory, hash_token, identify  # noqa: E402
-from aibridge_gw.config import parse_config  # noqa: E402
-from aibridge_gw.routing import Router  # noqa: E402
 
 RAW_HOST = "127.0.0.2"  # the openai instance's base_url host: an AI host, served on RAW_HOST:<recorder port>
 
@@ -188,7 +187,8 @@ def test_identify_refuses_a_gateway_format_credential_that_does_not_validate():
         with pytest.raises(AuthRefused):
             identify(headers, proxy_actor, directory, byok=True)
     # A valid gateway token beside the user's own key: central, so the token is never relayed upstream.
-    assert identify({"authorization": "Bearer sk-own", "x-api-key": good}, alice, directory, True).byok_credential is None
+    both = {"authorization": "Bearer sk-own", "x-api-key": good}
+    assert identify(both, alice, directory, True).byok_credential is None
     assert identify({"authorization": "Bearer sk-own"}, alice, directory, True).byok_credential == "sk-own"
     assert directory.lookup_hash(hash_token(good)) == alice and directory.lookup_hash(hash_token(bad)) is None
 
@@ -326,7 +326,8 @@ def test_a_revoked_gateway_token_beside_a_valid_x_aibridge_token_is_refused(tgw,
     tgw.op("tokens.revoke", id=next(row[0] for row in tgw.op("tokens.list", user=name)["rows"] if row[2] == "old"))
     r = httpx.post(tgw.url + "/anthropic/v1/messages", trust_env=False,
                    headers={"x-aibridge-token": token, "x-api-key": old},
-                   json={"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+                   json={"model": "claude-sonnet-4-0", "max_tokens": 5,
+                         "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert up.seen == []
 
