@@ -183,7 +183,8 @@ def test_identify_refuses_a_gateway_format_credential_that_does_not_validate():
     bad = TOKEN_PREFIX + "b" * 43
     for headers, proxy_actor in [({"x-api-key": bad}, alice), ({"authorization": f"Bearer {bad}"}, alice),
                                  ({"x-aibridge-token": good, "x-api-key": bad}, None),
-                                 ({"authorization": "Bearer sk-own", "x-api-key": bad}, alice)]:
+                                 ({"authorization": "Bearer sk-own", "x-api-key": bad}, alice),
+                                 ({"x-aibridge-token": bad, "x-api-key": "sk-ant-own"}, alice)]:
         with pytest.raises(AuthRefused):
             identify(headers, proxy_actor, directory, byok=True)
     # A valid gateway token beside the user's own key: central, so the token is never relayed upstream.

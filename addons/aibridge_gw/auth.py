@@ -138,13 +138,11 @@ def identify(
     ours = gateway_like(headers)
     if any(directory.lookup(token) is None for token in ours):
         raise AuthRefused("aibridge: invalid or revoked gateway token")
-    actor = proxy_actor
-    if actor is None:
-        header_token = next((headers[h].strip() for h in GATEWAY_TOKEN_HEADERS if headers.get(h)), None)
-        if header_token is not None:
-            actor = directory.lookup(header_token)
-            if actor is None:
-                raise AuthRefused("aibridge: invalid or revoked gateway token in X-AIBridge-Token")
+    header_token = next((headers[h].strip() for h in GATEWAY_TOKEN_HEADERS if headers.get(h)), None)
+    header_actor = directory.lookup(header_token) if header_token is not None else None
+    if header_token is not None and header_actor is None:  # refused even beside valid proxy credentials
+        raise AuthRefused("aibridge: invalid or revoked gateway token in X-AIBridge-Token")
+    actor = proxy_actor or header_actor
     if actor is None:
         actor = directory.lookup(credential)
         if actor is None:
