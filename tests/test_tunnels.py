@@ -349,15 +349,20 @@ def test_a_valid_gateway_token_never_goes_upstream_beside_the_users_own_key(tgw,
     assert up.seen[0].headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
 
 
-def test_a_switch_to_another_protocol_in_a_tunnel_to_an_ai_endpoint_is_never_relayed(tgw, up, tuser):
+@pytest.mark.parametrize("mode", ["proxy", "base-url"])
+def test_a_switch_to_another_protocol_from_an_ai_api_is_never_relayed(tgw, up, tuser, mode):
     """After a 101 (other than a WebSocket), mitmproxy would relay raw bytes both ways: the gateway sends no
     Upgrade upstream, and answers an upstream that switches anyway with 502 and a closed connection."""
     name, token = tuser
     up.script(Reply(101, {"upgrade": "raw-relay", "connection": "upgrade"}))
-    s, head = connect(tgw, "api.anthropic.com:443")
-    assert head.startswith(b"HTTP/1.1 200")
-    with client_context(tgw.ca).wrap_socket(s, server_hostname="api.anthropic.com") as t:
-        r = request(t, "GET", "/v1/models", "api.anthropic.com",
+    if mode == "proxy":
+        s, head = connect(tgw, "api.anthropic.com:443")
+        assert head.startswith(b"HTTP/1.1 200")
+        t, path = client_context(tgw.ca).wrap_socket(s, server_hostname="api.anthropic.com"), "/v1/models"
+    else:
+        t, path = socket.create_connection(("127.0.0.1", tgw.port), timeout=5), "/anthropic/v1/models"
+    with t:
+        r = request(t, "GET", path, "api.anthropic.com",
                     {"x-api-key": token, "upgrade": "raw-relay", "connection": "upgrade"})
         assert r.status == 502 and "switched protocols" in json.loads(r.body)["error"]["message"]
         try:  # what would have been relayed raw: an unauthenticated request

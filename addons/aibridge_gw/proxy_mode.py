@@ -13,6 +13,7 @@ from mitmproxy.proxy import commands, events, layer, layers
 
 from .auth import Actor, hash_token, proxy_token
 from .errors import error_response
+from .flowstate import state_of
 from .logsafe import printable
 from .patches import ABSOLUTE, ORIGIN, request_form
 from .routing import BadPath
@@ -142,7 +143,7 @@ class ProxyMode:
         resp = flow.response
         if resp is None or resp.status_code != 101 or flow.websocket is not None or self.rt.router is None:
             return
-        if not (self.is_ours(flow) or self.ai_host(flow)):
+        if state_of(flow) is None and not (self.is_ours(flow) or self.ai_host(flow)):
             return  # egress to other hosts: the admitted client's own business
         log.warning("aibridge: refused a switch to another protocol (101) from the upstream of %s %s",
                     flow.request.method, printable(flow.request.path.split("?")[0][:200]))
