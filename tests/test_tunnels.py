@@ -257,6 +257,18 @@ def test_tls_nested_in_a_decrypted_tunnel_to_an_ai_endpoint_is_closed(tgw, recor
     assert (recorder.connections, recorder.data) == (0, b"")
 
 
+def test_tls_to_an_ai_endpoint_under_another_server_name_is_decrypted_never_passed_through(tgw, recorder):
+    """The tunnel's target decides: a foreign server name cannot make the gateway relay TLS to an AI endpoint
+    untouched (unauthenticated, unrecorded)."""
+    recorder.connections, recorder.data = 0, b""
+    s, head = connect(tgw, f"{RAW_HOST}:{recorder.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    with client_context(tgw.ca).wrap_socket(s, server_hostname="example.com") as t:  # the gateway's certificate
+        r = request(t, "GET", "/v1/models", "example.com")
+    assert r.status == 401 and json.loads(r.body)["error"]["code"] == "invalid_api_key"
+    assert (recorder.connections, recorder.data) == (0, b"")
+
+
 def test_http_in_a_tunnel_to_an_ai_endpoint_still_works(tgw, up, tuser):
     name, token = tuser
     s, head = connect(tgw, "api.anthropic.com:443")
