@@ -49,11 +49,15 @@ class ProxyMode:
             return
         self.tunnels.add(flow.client_conn.id)
         req = flow.request
-        # An AI host on another port is no AI endpoint: an ordinary egress target (credentials, address policy).
-        actor = await self._admit(flow, req.host, req.port, self.rt.router.is_ai_endpoint(req.host, req.port))
-        given = proxy_token(req.headers.get("proxy-authorization"))
-        if actor is not None and flow.response is None and given is not None:
-            self.proxy_tokens.setdefault(flow.client_conn.id, hash_token(given))
+        try:
+            # An AI host on another port is no AI endpoint: an ordinary egress target (credentials, address policy).
+            actor = await self._admit(flow, req.host, req.port, self.rt.router.is_ai_endpoint(req.host, req.port))
+            given = proxy_token(req.headers.get("proxy-authorization"))
+            if actor is not None and flow.response is None and given is not None:
+                self.proxy_tokens.setdefault(flow.client_conn.id, hash_token(given))
+        except Exception:  # never a tunnel the policy did not admit
+            log.exception("aibridge: handling a CONNECT failed")
+            flow.response = http.Response.make(500, b"aibridge: internal error\n")
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Decrypt only a tunnel to an AI endpoint: its target, or the server name asked for on a provider port
@@ -70,9 +74,16 @@ class ProxyMode:
         """Inside a tunnel to an AI endpoint only HTTP is spoken (TLS first, once): a layer that would relay
         anything else (raw TCP, UDP, DNS, a request mitmproxy could not parse as HTTP) is replaced by one that
         closes the connection."""
-        ctx_ = nextlayer.context
-        if self.rt.router is None or ctx_.server.address is None:
+        if self.rt.router is None or nextlayer.context.server.address is None:
             return
+        try:
+            self._only_http(nextlayer)
+        except Exception:  # fail closed: mitmproxy's own choice, made after this hook, could be a raw relay
+            log.exception("aibridge: judging a tunnel's next layer failed; closing the connection")
+            nextlayer.layer = Refused(nextlayer.context)
+
+    def _only_http(self, nextlayer: layer.NextLayer) -> None:
+        ctx_ = nextlayer.context
         if not self._ai_target(ctx_.server.address, ctx_.client.sni):
             return
         # Read before any layer is built: mitmproxy's TLS layer for TLS nested in TLS resets the client's TLS state.
