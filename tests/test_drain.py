@@ -190,3 +190,55 @@ def test_an_sse_line_over_16_mib_is_skipped_and_the_final_usage_after_it_is_reco
     (row,) = ended(dgw, "hugeline")
     assert row["status"] == "completed" and row["error"] is None
     assert usage(dgw, row["id"]) == [(12, 7, False)]
+
+
+# --- bounds: drain off, graceful stop, configuration ------------------------------------------------------
+
+
+def test_with_the_drain_off_the_provider_connection_is_cut_at_once_and_the_usage_is_estimated(own_gateway, upstream):
+    gw = own_gateway("nodrain", extra={"timeouts": {"drain_after_disconnect_seconds": 0}})
+    token = gw.new_user("cut")
+    upstream.script(Reply.sse(anthropic_stream(usage=(18, 254)), delay=0.3))
+    api_request(gw.port, PATHS["anthropic"], token, request_body("anthropic"), read_until=b"content_block_stop")
+    (row,) = ended(gw, "cut")
+    assert row["status"] == "failed" and "client disconnected" in row["error"].lower()
+    assert usage(gw, row["id"]) == [(18, 1, True)]
+    deadline = time.time() + 5
+    while time.time() < deadline and upstream.aborted == 0:
+        time.sleep(0.05)
+    assert upstream.aborted == 1
+
+
+def test_a_graceful_stop_ends_a_stream_read_on_after_its_client_left(own_gateway, upstream):
+    """SIGTERM while the gateway reads on a stream whose client left (the provider stalls): the stream is a call in
+    flight like any other, ended when shutdown_grace_seconds runs out, recorded with its estimated usage, and the
+    gateway exits."""
+    gw = own_gateway("stop", extra={"timeouts": {"drain_after_disconnect_seconds": 60, "shutdown_grace_seconds": 1}})
+    token = gw.new_user("stopped")
+    upstream.script(Reply(**{**Reply.sse(anthropic_stream(usage=(18, 254)), delay=0.05).__dict__, "stall_after": 4}))
+    api_request(gw.port, PATHS["anthropic"], token, request_body("anthropic"), read_until=b"content_block_stop")
+    deadline = time.time() + 5
+    while time.time() < deadline and health(gw)["inflight"] != 1:
+        time.sleep(0.05)
+    assert health(gw)["inflight"] == 1  # still reading the provider's answer
+    began = time.time()
+    assert gw.stop() == 0
+    assert time.time() - began < 10
+    (row,) = ended(gw, "stopped")
+    assert row["status"] == "failed" and row["error"] == "gateway shut down"
+    assert usage(gw, row["id"]) == [(18, 1, True)]
+
+
+def test_drain_after_disconnect_is_zero_or_more_seconds_and_defaults_to_120(tmp_path):
+    from aibridge_gw.config import ConfigError, load_config
+
+    def config(name: str, timeouts: dict | None) -> str:
+        return str(Gateway(tmp_path / name, "http://127.0.0.1:9", extra={"timeouts": timeouts} if timeouts else None
+                           ).config_path)
+
+    assert load_config(config("default", None)).timeouts.drain_after_disconnect == 120
+    assert load_config(config("off", {"drain_after_disconnect_seconds": 0})).timeouts.drain_after_disconnect == 0
+    assert load_config(config("short", {"drain_after_disconnect_seconds": 2.5})).timeouts.drain_after_disconnect == 2.5
+    for n, bad in enumerate((-1, "soon", float("nan"), float("inf"))):
+        with pytest.raises(ConfigError, match="drain_after_disconnect_seconds"):
+            load_config(config(f"bad{n}", {"drain_after_disconnect_seconds": bad}))
