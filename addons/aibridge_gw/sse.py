@@ -86,7 +86,10 @@ class SSEParser:
                 end, nxt = lf, lf + 1
             else:
                 break
-            self._line(bytes(buf[start:end]), out)
+            if end - start > MAX_PENDING:  # whole in this chunk, but as long as one that is skipped across chunks
+                self._skip()
+            else:
+                self._line(bytes(buf[start:end]), out)
             start = nxt
         del buf[:start]
         self._check_length()
@@ -95,10 +98,14 @@ class SSEParser:
     def _check_length(self) -> None:
         if len(self._buf) > MAX_PENDING:
             self._buf.clear()
-            self._skipping = self._drop = True
-            self.skipped += 1
-            log.warning("aibridge: a server-sent event line longer than %d MiB was skipped (with its event); "
-                        "reading goes on with the next event", MAX_PENDING // (1024 * 1024))
+            self._skipping = True
+            self._skip()
+
+    def _skip(self) -> None:
+        self._drop = True
+        self.skipped += 1
+        log.warning("aibridge: a server-sent event line longer than %g MiB was skipped (with its event); "
+                    "reading goes on with the next event", MAX_PENDING / (1024 * 1024))
 
     def _line(self, raw: bytes, out: list[SSEEvent]) -> None:
         if not raw:
