@@ -537,6 +537,9 @@ class Pipeline:
             return None
         state = state_of(flow)
         if state is None or state not in rt.inflight:
+            if state is not None and state.drained is not None:  # ended elsewhere (abandoned): nothing to wait for
+                self.draining.discard(state)
+                state.drained.set()
             return None
         rt.inflight.discard(state)
         ic = state.interception
