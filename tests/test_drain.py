@@ -242,3 +242,17 @@ def test_drain_after_disconnect_is_zero_or_more_seconds_and_defaults_to_120(tmp_
     for n, bad in enumerate((-1, "soon", float("nan"), float("inf"))):
         with pytest.raises(ConfigError, match="drain_after_disconnect_seconds"):
             load_config(config(f"bad{n}", {"drain_after_disconnect_seconds": bad}))
+
+
+def test_reading_on_stops_past_the_byte_bound_with_usage_estimated(own_gateway, upstream):
+    """What is read after the client left is bounded by limits.max_request_body_mb too (10 KiB here)."""
+    gw = own_gateway("bytes", extra={"limits": {"max_request_body_mb": 10 / 1024}})
+    token = gw.new_user("bytes")
+    events = anthropic_stream(usage=(18, 254))
+    big = _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "y" * 20_000}},
+               "content_block_delta")
+    upstream.script(Reply.sse(events[:3] + [big] * 8 + events[3:], delay=0.3))
+    api_request(gw.port, PATHS["anthropic"], token, request_body("anthropic"), read_until=b"text_delta")
+    (row,) = ended(gw, "bytes")
+    assert row["status"] == "failed" and "bytes" in row["error"] and "estimated" in row["error"]
+    assert usage(gw, row["id"]) == [(18, 1, True)]
