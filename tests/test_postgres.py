@@ -523,3 +523,47 @@ def test_calls_a_dead_gateway_left_in_progress_for_hours_are_ended_by_the_fleet(
         assert rows == {old: "failed: gateway stopped (abandoned in progress)", recent: "in_progress: "}
     finally:
         gw.stop()
+
+
+def test_clamped_and_estimated_usages_are_recorded_in_postgresql_and_poison_no_fleet_budget(cluster, tmp_path, mock):
+    """#22 on PostgreSQL: a usage beyond BIGINT is recorded clamped and flagged (never dead-lettered) and the fleet's
+    token counters, rebuilt from the database every second, do not count it; a stream cut when its client left
+    (drain off) is recorded with usage_estimated."""
+    import json
+    import time
+
+    import httpx
+
+    from tests.support.gateway import Gateway
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import PATHS, anthropic_message, anthropic_stream, api_request, request_body
+
+    dsn = cluster.create_database("usage_values")
+    gw = Gateway(tmp_path / "gw", mock.url, extra={
+        "storage": {"duckdb": str(tmp_path / "local" / "spools.duckdb"), "postgres": dsn},
+        "timeouts": {"drain_after_disconnect_seconds": 0},
+        "budgets": {"users": {"capped": {"tokens_per_day": 1000}}}})
+    try:
+        gw.start()
+        token = gw.new_user("capped")
+        huge = anthropic_message()
+        huge["usage"]["input_tokens"] = 2**63 + 5
+        mock.script(Reply.json(huge), Reply.sse(anthropic_stream(usage=(18, 254)), delay=0.3))
+        body = {"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        post = lambda: httpx.post(gw.url + "/anthropic/v1/messages", json=body,  # noqa: E731
+                                  headers={"x-api-key": token}, trust_env=False, timeout=30).status_code
+        deadline = time.monotonic() + 10
+        while (status := post()) == 401 and time.monotonic() < deadline:  # the token reaches the fleet's directory
+            time.sleep(0.2)
+        assert status == 200
+        api_request(gw.port, PATHS["anthropic"], token, request_body("anthropic"), read_until=b"content_block_stop")
+        rows = gw.wait_for("SELECT input_tokens, output_tokens, usage_estimated, CAST(metadata AS VARCHAR) AS metadata "
+                           "FROM aibridge_token_usages ORDER BY input_tokens", lambda rows: len(rows) == 2)
+        assert [(r["input_tokens"], r["output_tokens"], r["usage_estimated"]) for r in rows] == [
+            (18, 1, True), (2**63 - 1, 7, False)]
+        assert json.loads(rows[1]["metadata"])["usage_clamped"] == ["input_tokens"]
+        time.sleep(2.5)  # the fleet's counters refreshed from the database
+        mock.script(Reply.json(anthropic_message()))
+        assert post() == 200
+    finally:
+        gw.stop()

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import ipaddress
 import logging
+import math
 import os
 import re
 import sys
@@ -119,6 +120,9 @@ class Timeouts:
     stream_idle: float = 300.0  # longest silence between two chunks of a stream
     # SIGTERM: how long calls in flight may finish before they are ended (keep it below systemd's TimeoutStopSec)
     shutdown_grace: float = 60.0
+    # A client that goes away mid-stream: the provider's answer is still read to its end for at most this long, so
+    # its final usage is recorded and charged (0: cut it at once; the row then says its usage is estimated)
+    drain_after_disconnect: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -418,7 +422,8 @@ def _parse_timeouts(d) -> Timeouts:
     if not isinstance(d, dict):
         raise ConfigError("timeouts: must be a mapping")
     names = {"connect_seconds": "connect", "response_seconds": "response", "stream_idle_seconds": "stream_idle",
-             "shutdown_grace_seconds": "shutdown_grace"}
+             "shutdown_grace_seconds": "shutdown_grace", "drain_after_disconnect_seconds": "drain_after_disconnect"}
+    may_be_zero = {"drain_after_disconnect_seconds"}
     unknown = set(d) - set(names)
     if unknown:
         raise ConfigError(f"timeouts: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(names)}")
@@ -429,7 +434,12 @@ def _parse_timeouts(d) -> Timeouts:
                 values[attr] = float(d[key])
             except (TypeError, ValueError):
                 raise ConfigError(f"timeouts.{key}: must be a number of seconds") from None
-            if values[attr] <= 0:
+            if not math.isfinite(values[attr]) and key in may_be_zero:
+                raise ConfigError(f"timeouts.{key}: must be a finite number of seconds")
+            if key in may_be_zero:
+                if values[attr] < 0:
+                    raise ConfigError(f"timeouts.{key}: must be 0 or more")
+            elif values[attr] <= 0:
                 raise ConfigError(f"timeouts.{key}: must be positive")
     return Timeouts(**values)
 

@@ -32,7 +32,7 @@ from .logsafe import printable
 from .mcp.loop import LoopJob, upstream_headers
 from .relay import RelayJob
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
-from .records import BadRequest, ResponseSummary
+from .records import BadRequest, ResponseSummary, summary_to_dict
 from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from .routing import BadPath, Route
 from .runtime import Runtime
@@ -43,6 +43,7 @@ log = logging.getLogger("aibridge")
 OFF_LOOP_BYTES = 256 * 1024  # request bodies larger than this are decoded and parsed on a worker thread
 MAX_HEADER_FIELDS = 256  # real clients send 10-40; more is refused 431 before any per-header work
 MAX_HEADER_BYTES = 64 * 1024
+DRAIN_SETTLE = 5.0  # seconds past a drain's deadline for its ending to be recorded before mitmproxy closes it
 
 
 class Pipeline:
@@ -50,9 +51,10 @@ class Pipeline:
         self.rt = runtime
         self.proxy = proxy
         self._noted: set[tuple] = set()  # warnings already logged (see _note_once)
+        self.draining: set[FlowState] = set()  # streams read on after their client went away
 
     def load(self, loader) -> None:
-        patches.install(self._client_ending)
+        patches.install(self._client_ending, self._client_left)
 
     # --- request -----------------------------------------------------------------------------------
 
@@ -459,6 +461,7 @@ class Pipeline:
         req.host_header = f"127.0.0.1:{loop.port}"
         req.path = path
         state.via_loop = True
+        state.loop_job = job
 
     def _to_relay(self, flow: http.HTTPFlow, state: FlowState, pool) -> None:
         """Send the request through the gateway's own client, which tries the pool's keys in turn."""
@@ -534,20 +537,82 @@ class Pipeline:
             return None
         state = state_of(flow)
         if state is None or state not in rt.inflight:
+            if state is not None and state.drained is not None:  # ended elsewhere (abandoned): nothing to wait for
+                self.draining.discard(state)
+                state.drained.set()
             return None
         rt.inflight.discard(state)
         ic = state.interception
-        summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
-        used = flow.metadata[META_KEY].get("key_hint")
-        if used:  # a failover pool: the key that answered, not the one first chosen
-            ic.credential_hint = used
-        if state.breaker_key is not None and not _client_gone(flow):
-            rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
-        status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
-        state.outcome = Outcome(status, summary, status_code, error, ended_at)
-        if status and rt.budgets is not None:
-            rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
+        if state.client_gone is not None:  # read on after the client left: the record says so
+            ic.client_gone = True
+            flow.metadata[META_KEY]["client_gone"] = True
+            job = state.loop_job
+            if job is not None and "loop" not in flow.metadata[META_KEY]:  # the loop was cut before it said
+                flow.metadata[META_KEY]["loop"] = summary_to_dict(job.summary)
+        try:
+            summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
+            used = flow.metadata[META_KEY].get("key_hint")
+            if used:  # a failover pool: the key that answered, not the one first chosen
+                ic.credential_hint = used
+            if state.breaker_key is not None and not _client_gone(flow) and state.client_gone is None:
+                rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
+            status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
+            state.outcome = Outcome(status, summary, status_code, error, ended_at)
+            if status and rt.budgets is not None:
+                rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
+        finally:
+            if state.drained is not None:
+                self.draining.discard(state)
+                state.drained.set()
         return state
+
+    def _client_left(self, flow: http.HTTPFlow, message: str) -> bool:
+        """The client went away while a recorded stream was flowing to it: read the provider's answer on (to its
+        end, for at most `timeouts.drain_after_disconnect_seconds` and `limits.max_request_body_mb` more bytes), so
+        the provider's final usage is recorded and charged. True: keep the stream (patches.install_client_endings).
+        """
+        state = state_of(flow)
+        rt = self.rt
+        if (state is None or state not in rt.inflight or state.interception is None or rt.config is None
+                or state.abort_reason is not None or state.client_gone is not None):
+            return False
+        if state.tap is None and not state.via_loop:
+            return False
+        seconds = rt.config.timeouts.drain_after_disconnect
+        if seconds <= 0 or (state.tap is not None and state.tap.closed):
+            return False
+        state.client_gone = message or "client disconnected"
+        state.drain_until = time.time() + seconds
+        state.drain_bytes = state.tap.bytes_seen if state.tap is not None else 0
+        state.drained = asyncio.Event()
+        if state.loop_job is not None:
+            state.loop_job.client_gone = True  # the loop ends after the round in progress: no new spend
+        self.draining.add(state)
+        log.info("interception %s: the client went away mid-stream; reading the provider's answer to its end "
+                 "(at most %g s)", state.interception.id, seconds)
+        return True
+
+    async def client_disconnected(self, client) -> None:
+        """mitmproxy closes a connection's provider connections once this hook returns: wait (without blocking the
+        event loop) for the streams read on after this client left to end and be recorded. The upstream watch
+        ends each at its deadline (housekeeping); should it not have, they are ended here."""
+        mine = [s for s in self.draining if s.flow.client_conn.id == client.id]
+        if not mine:
+            return
+        waits = lambda: asyncio.gather(*(s.drained.wait() for s in mine))  # noqa: E731
+        try:
+            await asyncio.wait_for(waits(), max(s.drain_until for s in mine) - time.time() + DRAIN_SETTLE)
+            return
+        except TimeoutError:
+            pass
+        for s in mine:
+            if not s.drained.is_set() and self.rt.watch is not None:
+                self.rt.watch.end_drain(s)
+        try:
+            await asyncio.wait_for(waits(), DRAIN_SETTLE)
+        except TimeoutError:
+            log.warning("aibridge: %d stream(s) read on after their client left did not end; closing them",
+                        sum(not s.drained.is_set() for s in mine))
 
     def _client_ending(self, flow: http.HTTPFlow, message: str) -> ClientEnding | None:
         """The provider failed this exchange: what its client should get (None: mitmproxy's default)."""

@@ -20,7 +20,7 @@ from mitmproxy import http
 from .apis import PROVIDERS, WIRE_APIS
 from .apis.base import WireApi
 from .tap import StreamTap
-from .records import RequestInfo, ResponseSummary, summary_from_dict
+from .records import BIGINT_MAX, CLAMPED, RequestInfo, ResponseSummary, summary_from_dict
 from .store.rows import (
     INTERCEPTIONS,
     MODEL_THOUGHTS,
@@ -86,6 +86,7 @@ class Interception:
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
     ended: bool = False
+    client_gone: bool = False  # the client went away before the end of the stream (the provider's answer was read on)
 
     @property
     def charged(self) -> tuple[str, str]:
@@ -152,6 +153,9 @@ def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None
         error = summary.error
         if not error and not summary.complete:
             error = f"stream ended before its final event{f' ({tap.broken})' if tap.broken else ''}"
+        if not summary.complete:  # its final usage never came: what the stream gave is the best figure there is
+            for u in summary.usages:
+                u.estimated = True
     elif resp is not None and resp.raw_content is not None:
         summary, error = _summarize_body(ic, resp)
     else:
@@ -231,11 +235,14 @@ class Recorder:
         rid = summary.response_id
         submit = self.store.submit
         for n, u in enumerate(summary.usages):
+            if u.bound():  # beyond the column type: recorded clamped and flagged, charged to no budget
+                log.warning("interception %s: usage beyond %d clamped (%s)", ic.id, BIGINT_MAX,
+                            ", ".join(u.metadata[CLAMPED]))
             submit(TOKEN_USAGES.row(
                 id=child_id(ic.id, "usage", n), interception_id=ic.id, provider_response_id=u.provider_response_id or rid,
                 input_tokens=u.input_tokens, output_tokens=u.output_tokens,
                 cache_read_input_tokens=u.cache_read_input_tokens, cache_write_input_tokens=u.cache_write_input_tokens,
-                metadata=json.dumps(u.metadata) if u.metadata else None, created_at=ended_at))
+                metadata=_usage_metadata(u.metadata), created_at=ended_at, usage_estimated=u.estimated))
         root = ic.root_id or ic.id
         for n, call in enumerate(summary.tool_calls):
             submit(TOOL_USAGES.row(
@@ -252,6 +259,8 @@ class Recorder:
             meta["requested_model"] = ic.requested_model
         if ic.client_metadata:
             meta["client"] = ic.client_metadata
+        if ic.client_gone:
+            meta["client_disconnected"] = True
         submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status, error=error,
                                 metadata=json.dumps(meta), credential_hint=ic.credential_hint))
         return status
@@ -288,6 +297,17 @@ class Recorder:
         self._calls.move_to_end(call_id)
         if len(self._calls) > self.LINEAGE_MEMORY:
             self._calls.popitem(last=False)
+
+
+def _usage_metadata(meta: dict) -> str | None:
+    """A usage's metadata as JSON text; never fails a record (a value JSON cannot hold is written as text)."""
+    if not meta:
+        return None
+    try:
+        return json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps({k: v if isinstance(v, (str, int, bool, type(None))) else repr(v)[:200]
+                           for k, v in meta.items()})
 
 
 def _interception_row(ic: Interception, status: str, **end):

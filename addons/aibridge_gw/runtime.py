@@ -147,6 +147,7 @@ class Runtime:
             self.watch = UpstreamWatch(config.timeouts)
         else:
             self.watch.timeouts = config.timeouts
+        self.watch.drain_bytes = config.limits.max_request_body_bytes
         self.breakers = CircuitBreakers(config.circuit_breaker.failures, config.circuit_breaker.open_seconds,
                                         config.circuit_breaker.half_open_requests, self._breaker_changed)
         for p in config.providers:

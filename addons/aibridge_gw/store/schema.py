@@ -128,6 +128,13 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         );
         """,
     ),
+    (
+        5,
+        "usage_estimated: a usage row that is the best figure a stream gave, not the provider's final usage",
+        """
+        ALTER TABLE aibridge_token_usages ADD COLUMN usage_estimated BOOLEAN DEFAULT false;
+        """,
+    ),
 ]
 
 
