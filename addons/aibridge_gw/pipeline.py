@@ -43,6 +43,7 @@ log = logging.getLogger("aibridge")
 OFF_LOOP_BYTES = 256 * 1024  # request bodies larger than this are decoded and parsed on a worker thread
 MAX_HEADER_FIELDS = 256  # real clients send 10-40; more is refused 431 before any per-header work
 MAX_HEADER_BYTES = 64 * 1024
+REALTIME_API = "openai.realtime"  # refused unless the instance sets allow_realtime
 
 
 class Pipeline:
@@ -225,6 +226,14 @@ class Pipeline:
                 route.provider.type, 404,
                 f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
                 f"gateway relays (provider {route.provider.name!r})")
+            return False
+        if route.api == REALTIME_API and not route.provider.allow_realtime:
+            # The session's ephemeral key is billed to the central key and used straight against the provider:
+            # nothing it spends would pass the gateway again.
+            flow.response = error_response(
+                route.provider.type, 403,
+                f"aibridge: realtime sessions are not allowed through provider {route.provider.name!r}: their "
+                "client secret is billed to the gateway's key and bypasses it (an admin may set allow_realtime: true)")
             return False
         if credential_kind(route, ident) == "subscription" and self.rt.config.proxy.subscriptions == "refuse":
             flow.response = error_response(
