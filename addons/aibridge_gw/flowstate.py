@@ -46,6 +46,8 @@ class FlowState:
     inflight: bool = False  # counted in the in-flight gauge
     captured: bool = False  # written to the flow archive
     outcome: Outcome | None = field(default=None)
+    watch: str | None = None  # a passthrough response read on the way (objects.WATCHED: a batch's status)
+    client_base: str | None = None  # the gateway's URL for this instance as the client reached it (base-URL mode)
 
     def __deepcopy__(self, memo) -> None:
         """Live handles stay with the live flow: a copy (capture, `-w`) carries only the recorded facts."""

@@ -30,10 +30,12 @@ from .errors import error_response
 from .flowstate import STATE_KEY, FlowState, Outcome, state_of
 from .logsafe import printable
 from .mcp.loop import LoopJob, upstream_headers
+from .objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from .relay import RelayJob
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .records import BadRequest, ResponseSummary
-from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
+from .apis.results import ResultsTap
+from .recording import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from .routing import BadPath, Route
 from .runtime import Runtime
 from .tap import StreamTap
@@ -51,6 +53,7 @@ class Pipeline:
         self.rt = runtime
         self.proxy = proxy
         self._noted: set[tuple] = set()  # warnings already logged (see _note_once)
+        self.objects = Objects(runtime)  # batches, their output files, background responses: who created them
 
     def load(self, loader) -> None:
         patches.install(self._client_ending)
@@ -123,6 +126,10 @@ class Pipeline:
         if ident is None or not self._admissible(flow, route, ident):
             return
         state = flow.metadata[STATE_KEY] = FlowState(flow, route)
+        if route.api is None:
+            state.watch = WATCHED.get((route.provider.type, route.label))
+            if state.watch is not None and self.proxy.is_ours(flow):
+                state.client_base = client_base(flow, route.provider.name)
         adapter = None
         if route.api:
             begun = await self._begin(flow, route, ident, hv)
@@ -278,7 +285,8 @@ class Pipeline:
             return False
         state.breaker_key = key
         await rt.recorder.link_thread(ic)
-        if rt.budgets is not None:
+        if rt.budgets is not None and not getattr(ic.codec, "retrieval", None):
+            # A retrieval spends nothing more: the work was paid for when it ran (and is charged to its creator).
             refusal = rt.budgets.check(*ic.charged)
             if refusal is None and rt.budgets.fleet:
                 refusal = await rt.fleet_rate_refusal(*ic.charged)
@@ -359,6 +367,8 @@ class Pipeline:
             started_at=at(req.timestamp_start),
             route=route.label,
             info=info,
+            facts=dict(info.facts or {}),
+            deferred=bool(getattr(codec, "retrieval", None)),
         )
         return ic, body
 
@@ -421,7 +431,8 @@ class Pipeline:
         # A request the client signed itself reaches the provider with its signed headers as they were (Host too:
         # the connection still goes to the configured base_url, never to an address the client names).
         client_signed = prov.transport is not None and ident.byok_credential is not None
-        recoded = recorded and not client_signed
+        recoded = (recorded or state.watch is not None) and not client_signed
+        results = recorded and getattr(state.interception.codec, "retrieval", None) == "results"
         if (h2 or d.authority) and not client_signed:
             d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
         drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
@@ -431,7 +442,8 @@ class Pipeline:
             if name == b"host":
                 fields.append(f if client_signed else (f[0], host))
                 had_host = True
-            elif name not in drop and not (recoded and name == b"accept-encoding"):
+            elif name not in drop and not (recoded and name == b"accept-encoding") and not (
+                    results and name in (b"range", b"if-range")):  # a results file is read, and metered, whole
                 fields.append(f)
         if not had_host and not h2:
             fields.insert(0, (b"host", host))
@@ -491,9 +503,22 @@ class Pipeline:
             return
         ic = state.interception
         if ic is None:
-            flow.response.stream = True  # passthrough: relayed as it comes
+            resp = flow.response
+            if state.watch is not None and 200 <= resp.status_code < 300 and is_json(resp):
+                length = resp.headers.get("content-length", "")
+                if length.isdigit() and int(length) <= WATCH_LIMIT:
+                    return  # a batch's status: small, read whole in `response`
+                if not length:
+                    resp.stream = _Held(lambda body: self.objects.watched_body(
+                        state.route.provider.name, state.watch, state.client_base, body))
+                    return
+            resp.stream = True  # passthrough: relayed as it comes
             return
         resp = flow.response
+        if getattr(ic.codec, "retrieval", None) == "results" and 200 <= resp.status_code < 300:
+            state.tap = ResultsTap(ic.codec)  # JSON Lines, maybe large: read line by line as they pass
+            resp.stream = state.tap
+            return
         transport = state.route.provider.transport
         framed = transport is not None and transport.is_stream(resp.headers.get("content-type", ""))
         if not (200 <= resp.status_code < 300 and (framed or is_sse(resp))):
@@ -510,8 +535,15 @@ class Pipeline:
         state.tap = StreamTap(ic.codec, framing)
         resp.stream = state.tap
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = self._finish(flow)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        watched = state_of(flow)
+        if (watched is not None and watched.watch is not None and watched.interception is None and flow.live
+                and flow.response is not None and not flow.response.stream and 200 <= flow.response.status_code < 300):
+            new = self.objects.watched_body(watched.route.provider.name, watched.watch, watched.client_base,
+                                            flow.response.content or b"")
+            if new is not None:
+                flow.response.content = new
+        state = await self._finish(flow)
         if state is None:
             return
         error = state.outcome.error if state.outcome else None
@@ -531,10 +563,10 @@ class Pipeline:
                 resp.status_code, resp.content = shaped
                 resp.headers["content-type"] = "application/json"
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._finish(flow)
 
-    def _finish(self, flow: http.HTTPFlow) -> FlowState | None:
+    async def _finish(self, flow: http.HTTPFlow) -> FlowState | None:
         """Record how the exchange ended; returns the flow's state if it was a recorded interception."""
         rt = self.rt
         if not flow.live:
@@ -552,10 +584,23 @@ class Pipeline:
             ic.credential_hint = used
         if state.breaker_key is not None and not _client_gone(flow):
             rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
+        retrieval = getattr(ic.codec, "retrieval", None)
+        if retrieval:  # whose usage this is (the object's creator), and whether it was metered before
+            if not await self.objects.settle(ic, summary, status_code, error):
+                rt.recorder.forget(ic)
+                state.outcome = Outcome(COMPLETED if not error else "failed", summary, status_code, error, ended_at)
+                return state
+            ic.info.model = summary.model or ic.info.model
         status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
         state.outcome = Outcome(status, summary, status_code, error, ended_at)
+        if status and ic.api in CREATED:
+            self.objects.created(ic, summary, status, ended_at)
         if status and rt.budgets is not None:
-            rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
+            if retrieval == "results":  # summed per model: each priced as its own
+                for u in summary.usages:
+                    rt.budgets.record(ic.charged[0], ic.started_at, u.metadata.get("model") or summary.model, [u])
+            else:
+                rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
         return state
 
     def _client_ending(self, flow: http.HTTPFlow, message: str) -> ClientEnding | None:
@@ -578,6 +623,33 @@ _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"con
                          b"proxy-connection", b"te", b"upgrade"))
 _DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of"))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+class _Held:
+    """A small passthrough body without a length, held (up to WATCH_LIMIT) so `done` may rewrite it at its end;
+    a longer one is relayed as it comes, untouched."""
+
+    __slots__ = ("done", "buf", "passing")
+
+    def __init__(self, done) -> None:
+        self.done, self.buf, self.passing = done, bytearray(), False
+
+    def __call__(self, chunk: bytes):
+        if self.passing:
+            return chunk
+        if not chunk:
+            body = bytes(self.buf)
+            try:
+                new = self.done(body)
+            except Exception:
+                log.exception("aibridge: reading a batch status failed")
+                new = None
+            return new if new is not None else body
+        self.buf += chunk
+        if len(self.buf) > WATCH_LIMIT:
+            self.passing, out, self.buf = True, bytes(self.buf), bytearray()
+            return out
+        return []
 
 
 def _credential_from_query(route: Route, hv: dict[str, str]) -> tuple[Route, bool]:
