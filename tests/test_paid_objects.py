@@ -185,3 +185,132 @@ def test_hostile_results_lines_are_survived_and_a_huge_line_is_still_metered(gat
     assert [(u["input_tokens"], u["output_tokens"]) for u in usage_of(gateway, ic["id"])] == [(1010, 2005)]
     mock.script(Reply.json(anthropic_batch(mock.url, "msgbatch_next", False)))
     assert client.messages.batches.retrieve("msgbatch_next").id == "msgbatch_next"  # still serving
+
+
+# --- OpenAI Batch API -------------------------------------------------------------------------------
+
+
+def openai_batch(bid: str, status: str, output: str | None = None, errors: str | None = None) -> dict:
+    return {"id": bid, "object": "batch", "endpoint": "/v1/chat/completions", "errors": None,
+            "input_file_id": "file-input", "completion_window": "24h", "status": status,
+            "output_file_id": output, "error_file_id": errors, "created_at": 1764892800,
+            "request_counts": {"total": 3, "completed": 2 if output else 0, "failed": 1 if errors else 0}}
+
+
+def openai_output_line(custom_id: str, usage: tuple[int, int], cached: int = 0, model: str = "gpt-4.1-mini") -> dict:
+    return {"id": f"batch_req_{custom_id}", "custom_id": custom_id, "error": None, "response": {
+        "status_code": 200, "request_id": f"req_{custom_id}", "body": {
+            "id": f"chatcmpl-{custom_id}", "object": "chat.completion", "created": 1764892900, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage),
+                      "prompt_tokens_details": {"cached_tokens": cached}}}}}
+
+
+OPENAI_OUTPUT = [openai_output_line("r1", (30, 10), cached=8), openai_output_line("r2", (25, 15)),
+                 openai_output_line("r3", (5, 5), model="gpt-4.1")]
+OPENAI_ERRORS = [{"id": "batch_req_r4", "custom_id": "r4", "response": {
+    "status_code": 400, "request_id": "req_r4", "body": {"error": {"message": "bad", "type": "invalid_request_error"}}},
+    "error": None}]
+
+
+def test_openai_batch_output_file_is_metered_once_to_the_batch_creator(own_gateway, upstream):
+    gw = own_gateway("openai-batch", extra=BATCH_BUDGETS)
+    alice, admin = gw.new_user("alice"), gw.new_user("ops")
+    client = openai_client(gw, alice)
+    upstream.script(Reply.json({"id": "file-input", "object": "file", "bytes": 10, "created_at": 1764892800,
+                                "filename": "in.jsonl", "purpose": "batch", "status": "processed"}),
+                    Reply.json(openai_batch("batch_01", "validating")),
+                    Reply.json(openai_batch("batch_01", "completed", "file-out", "file-err")))
+    client.files.create(file=("in.jsonl", b'{"custom_id":"r1"}\n'), purpose="batch")
+    batch = client.batches.create(input_file_id="file-input", endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    assert client.batches.retrieve(batch.id).output_file_id == "file-out"  # learned: file-out is batch_01's output
+    (created,) = gw.interceptions("alice")
+    assert created["api"] == "openai.batches"
+    assert json.loads(created["metadata"])["input_file_id"] == "file-input"
+
+    for _ in range(2):  # the admin downloads alice's output twice, and the error file
+        upstream.script(Reply(200, {"content-type": "application/octet-stream"}, jsonl(OPENAI_OUTPUT)))
+        assert openai_client(gw, admin).files.content("file-out").content == jsonl(OPENAI_OUTPUT)
+    upstream.script(Reply(200, {"content-type": "application/octet-stream"}, jsonl(OPENAI_ERRORS)))
+    openai_client(gw, admin).files.content("file-err")
+
+    first, second, errors = results_interceptions(gw, "openai.batches.results", 3)
+    assert first["initiator"] == second["initiator"] == errors["initiator"] == "alice"
+    assert json.loads(first["metadata"])["fetched_by"] == "ops"
+    by_model = {json.loads(u["metadata"])["model"]: (u["input_tokens"], u["cache_read_input_tokens"],
+                                                     u["output_tokens"]) for u in usage_of(gw, first["id"])}
+    assert by_model == {"gpt-4.1-mini": (47, 8, 25), "gpt-4.1": (5, 0, 5)}
+    assert usage_of(gw, second["id"]) == [] and usage_of(gw, errors["id"]) == []
+    assert json.loads(errors["metadata"])["results"] == {"errored": 1}
+    budgets = gw.op("report", kind="budgets", budgets=BATCH_BUDGETS["budgets"])["data"]
+    assert {b["user"]: b["tokens_today"] for b in budgets} == {"alice": 90, "ops": 0}
+    with pytest.raises(openai.RateLimitError):  # charged live too: 90 + one more call's worth goes over 100
+        upstream.script(Reply.json({"object": "list", "model": "m",
+                                    "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+                                    "usage": {"prompt_tokens": 20, "total_tokens": 20}}))
+        client.embeddings.create(model="text-embedding-3-small", input="a", encoding_format="float")
+        client.embeddings.create(model="text-embedding-3-small", input="b", encoding_format="float")
+
+
+# --- background responses -------------------------------------------------------------------------------
+
+
+def background_response(rid: str, status: str, usage: tuple[int, int] | None = None) -> dict:
+    return {"id": rid, "object": "response", "created_at": 1764892800, "status": status, "background": True,
+            "model": "gpt-5", "output": [] if usage is None else [
+                {"id": "msg_bg", "type": "message", "status": "completed", "role": "assistant",
+                 "content": [{"type": "output_text", "text": "done", "annotations": []}]}],
+            "usage": None if usage is None else {
+                "input_tokens": usage[0], "input_tokens_details": {"cached_tokens": 0}, "output_tokens": usage[1],
+                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": sum(usage)}}
+
+
+def test_background_response_usage_is_recorded_once_when_retrieved_finished(own_gateway, upstream):
+    gw = own_gateway("background")
+    alice, admin = gw.new_user("alice"), gw.new_user("ops")
+    client = openai_client(gw, alice)
+    upstream.script(Reply.json(background_response("resp_bg1", "queued")))
+    assert client.responses.create(model="gpt-5", input="write a long report", background=True).status == "queued"
+    (created,) = gw.interceptions("alice")
+    assert created["api"] == "openai.responses" and json.loads(created["metadata"])["background"] is True
+    assert usage_of(gw, created["id"]) == []
+
+    upstream.script(Reply.json(background_response("resp_bg1", "in_progress")),
+                    Reply.json(background_response("resp_bg1", "completed", (300, 120))),
+                    Reply.json(background_response("resp_bg1", "completed", (300, 120))))
+    assert client.responses.retrieve("resp_bg1").status == "in_progress"  # a poll: nothing to record yet
+    assert openai_client(gw, admin).responses.retrieve("resp_bg1").status == "completed"
+    assert client.responses.retrieve("resp_bg1").usage.output_tokens == 120  # read again: not charged again
+
+    (done,) = results_interceptions(gw, "openai.responses.retrieve", 1)
+    assert done["initiator"] == "alice" and json.loads(done["metadata"])["fetched_by"] == "ops"
+    assert [(u["input_tokens"], u["output_tokens"]) for u in usage_of(gw, done["id"])] == [(300, 120)]
+    assert len(gw.sql("SELECT id FROM aibridge_interceptions WHERE api = 'openai.responses.retrieve'")) == 1
+
+
+def test_background_response_streamed_on_retrieval_is_metered_from_its_final_event(own_gateway, upstream):
+    from tests.support.wire import responses_stream
+
+    gw = own_gateway("background-stream")
+    alice = gw.new_user("alice")
+    client = openai_client(gw, alice)
+    upstream.script(Reply.json(background_response("resp_test", "queued")),
+                    Reply.sse(responses_stream(usage=(12, 7))), Reply.sse(responses_stream(usage=(12, 7))))
+    client.responses.create(model="gpt-5", input="hi", background=True)
+    for _ in range(2):
+        events = list(client.responses.retrieve("resp_test", stream=True))
+        assert events[-1].type == "response.completed"
+    assert upstream.seen[-1].path == "/v1/responses/resp_test?stream=true"
+    (done,) = results_interceptions(gw, "openai.responses.retrieve", 1)
+    assert done["initiator"] == "alice"
+    assert [(u["input_tokens"], u["output_tokens"]) for u in usage_of(gw, done["id"])] == [(12, 7)]
+    assert len(gw.sql("SELECT id FROM aibridge_interceptions WHERE api = 'openai.responses.retrieve'")) == 1
+
+
+def test_retrieving_a_response_created_in_the_foreground_is_not_charged_again(gateway, mock, user):
+    name, token = user
+    mock.script(Reply.json(background_response("resp_fg", "completed", (5, 5))))
+    assert openai_client(gateway, token).responses.retrieve("resp_fg").status == "completed"
+    assert gateway.sql("SELECT i.id FROM aibridge_interceptions i JOIN aibridge_users u ON u.id = i.initiator_id "
+                       f"WHERE u.name = '{name}'") == []

@@ -124,17 +124,15 @@ class Objects:
         or not one this gateway saw created)."""
         codec = ic.codec
         ok = status_code is not None and 200 <= status_code < 300 and not error and summary.complete
-        if codec.retrieval == "response":
-            if not ok or not summary.usages:
-                return False
-        elif codec.retrieval == "results":
+        claim = ok and bool(summary.usages)
+        if codec.retrieval == "response" and not claim:
+            return False
+        if codec.retrieval == "results":
             if isinstance(summary.state, dict):
                 ic.facts.update(summary.state)
-            if not ok or not summary.usages:
-                if summary.usages:
-                    ic.facts["not_metered"] = "results read incompletely: a complete retrieval meters them"
+            if summary.usages and not claim:
+                ic.facts["not_metered"] = "results read incompletely: a complete retrieval meters them"
                 summary.usages.clear()
-                return True
         oid = object_id(ic.upstream_path, codec.kind)
         if not oid:
             summary.usages.clear()
@@ -150,14 +148,15 @@ class Objects:
                 raise RuntimeError("the audit store is unavailable")
             got = await asyncio.wait_for(asyncio.wrap_future(self.rt.store.run(
                 "claim_object", writes=True, id=object_key(ic.provider_name, codec.kind, oid[:200]),
-                interception_id=ic.id, at=_now().isoformat(), adopt=adopt)), CLAIM_WAIT)
+                interception_id=ic.id, at=_now().isoformat(), adopt=adopt, claim=claim)), CLAIM_WAIT)
         except Exception as e:  # never lose usage to a store that is away: charge the fetcher, and say so
             reason = str(e) or type(e).__name__
             log.warning("interception %s: could not tell whether %s %s was metered before (%s); recorded against "
                         "the fetching user", ic.id, codec.kind, oid[:80], reason)
             if codec.retrieval == "response":
                 return False
-            ic.facts["metering_unconfirmed"] = reason[:200]
+            if claim:
+                ic.facts["metering_unconfirmed"] = reason[:200]
             return True
         creator = got.get("creator")
         if codec.retrieval == "response" and (not got.get("known") or not got.get("claimed")):
@@ -168,9 +167,9 @@ class Objects:
                 ic.facts["fetched_by_id"] = ic.user_id
             ic.user_id, ic.user_name = creator[0], creator[1] or ""
             ic.on_behalf_of_id, ic.on_behalf_of_name = creator[2], creator[3]
-        else:
+        elif claim:
             ic.facts["creator_unknown"] = True
-        if not got.get("claimed"):
+        if claim and not got.get("claimed"):
             ic.facts["already_metered_by"] = got.get("metered_by")
             summary.usages.clear()
         return True

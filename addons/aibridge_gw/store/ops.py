@@ -413,19 +413,19 @@ _OBJECT = ("SELECT CAST(o.user_id AS VARCHAR), o.user_name, CAST(o.on_behalf_of_
            "WHERE o.id = CAST(? AS UUID)")
 
 
-def claim_object(conn, id: str, interception_id: str, at: str, adopt: dict | None = None) -> dict:
+def claim_object(conn, id: str, interception_id: str, at: str, adopt: dict | None = None, claim: bool = True) -> dict:
     """Meter a provider object's usage once: marks it metered by `interception_id` unless an interception did
     before (one UPDATE: two gateways fetching the same results at once cannot both win). Returns whether this
     call claimed it, whether the object was known, and its creator ([user id, name, on behalf of id, name]; a
     file's creator is its batch's). An unknown object is `adopt`ed (inserted as created and metered by the
-    fetching user, with `adopt`'s columns) when given, else left unknown."""
+    fetching user, with `adopt`'s columns) when given, else left unknown. `claim` False: only who created it."""
     when = dt.datetime.fromisoformat(at)
-    claimed = conn.execute(
+    claimed = claim and conn.execute(
         "UPDATE aibridge_provider_objects SET metered_at = ?, metered_by = CAST(? AS UUID) "
         "WHERE id = CAST(? AS UUID) AND metered_at IS NULL RETURNING id", [when, interception_id, id]).fetchall()
     row = conn.execute(_OBJECT, [id]).fetchone()
     if row is None:
-        if adopt is None:
+        if adopt is None or not claim:
             return {"known": False, "claimed": False, "creator": None}
         cols = ("id", "provider_name", "kind", "object_id", "user_id", "user_name", "on_behalf_of_id",
                 "on_behalf_of_name", "interception_id", "created_at", "metered_at", "metered_by")
