@@ -314,3 +314,22 @@ def test_retrieving_a_response_created_in_the_foreground_is_not_charged_again(ga
     assert openai_client(gateway, token).responses.retrieve("resp_fg").status == "completed"
     assert gateway.sql("SELECT i.id FROM aibridge_interceptions i JOIN aibridge_users u ON u.id = i.initiator_id "
                        f"WHERE u.name = '{name}'") == []
+
+
+# --- the endpoint table -------------------------------------------------------------------------------
+
+
+def test_the_endpoint_table_lists_every_endpoint_the_providers_serve_and_the_readme_links_it():
+    from aibridge_gw import endpoints_doc
+    from aibridge_gw.apis import PROVIDERS
+    from tests.support.gateway import ROOT
+
+    text = (ROOT / "docs" / "endpoints.md").read_text()
+    assert endpoints_doc.rewritten(text) == text, "regenerate: python -m aibridge_gw.endpoints_doc --write …"
+    for ptype, provider in PROVIDERS.items():
+        for ep in provider.endpoints:
+            path = ("/v1" if provider.version_in_base_url else "") + ep.label
+            for method in ep.methods:
+                assert f"| {ptype} | {method} | `{path}` |" in text
+    assert "| openai | POST | `/v1/realtime/client_secrets` | refused 403 |" in text
+    assert "(docs/endpoints.md)" in (ROOT / "README.md").read_text()
