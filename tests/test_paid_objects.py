@@ -187,6 +187,42 @@ def test_hostile_results_lines_are_survived_and_a_huge_line_is_still_metered(gat
     assert client.messages.batches.retrieve("msgbatch_next").id == "msgbatch_next"  # still serving
 
 
+
+def test_results_a_client_hangs_up_on_are_metered_as_far_as_it_read_and_not_again(gateway, mock, user):
+    """Hanging up before the last byte must not make results free; fetching them again then is not charged."""
+    import httpx
+
+    name, token = user
+    lines = [json.dumps(r).encode() + b"\n" for r in ANTHROPIC_RESULTS[:2]] + [
+        json.dumps(anthropic_result("late", (1000, 1000))).encode() + b"\n"]
+    mock.script(Reply(200, {"content-type": "application/binary"}, events=lines, delay=2.0))
+    url = f"{gateway.url}/anthropic/v1/messages/batches/msgbatch_cut/results"
+    with httpx.stream("GET", url, headers={"x-api-key": token}, timeout=10) as r:
+        got = []
+        for line in r.iter_lines():
+            got.append(json.loads(line)["custom_id"])
+            if len(got) == 2:
+                break  # hang up with two results read
+    (cut,) = gateway.interceptions(name)
+    assert cut["status"] == "failed" and json.loads(cut["metadata"])["partial_read"] is True
+    assert [(u["input_tokens"], u["output_tokens"]) for u in usage_of(gateway, cut["id"])] == [(90, 50)]
+    mock.script(Reply(200, {"content-type": "application/binary"}, b"".join(lines)))
+    assert httpx.get(url, headers={"x-api-key": token}, timeout=10).content == b"".join(lines)
+    again = gateway.interceptions(name, 2)[1]
+    assert usage_of(gateway, again["id"]) == [] and json.loads(again["metadata"])["already_metered_by"] == cut["id"]
+
+
+def test_a_batch_status_sent_chunked_still_points_results_at_the_gateway(gateway, mock, user):
+    name, token = user
+    status = json.dumps(anthropic_batch(mock.url, "msgbatch_chunked", True)).encode()
+    mock.script(Reply(200, {"content-type": "application/json"}, events=[status[:40], status[40:]]),
+                Reply(200, {"content-type": "application/binary"}, jsonl(ANTHROPIC_RESULTS)))
+    assert len(list(anthropic_client(gateway, token).messages.batches.results("msgbatch_chunked"))) == 3
+    assert mock.seen[-1].path == "/v1/messages/batches/msgbatch_chunked/results"
+    (ic,) = gateway.interceptions(name)
+    assert ic["api"] == "anthropic.message_batches.results"
+
+
 # --- OpenAI Batch API -------------------------------------------------------------------------------
 
 

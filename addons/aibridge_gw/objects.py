@@ -124,15 +124,18 @@ class Objects:
         or not one this gateway saw created)."""
         codec = ic.codec
         ok = status_code is not None and 200 <= status_code < 300 and not error and summary.complete
-        claim = ok and bool(summary.usages)
-        if codec.retrieval == "response" and not claim:
-            return False
-        if codec.retrieval == "results":
+        if codec.retrieval == "response":
+            claim = ok and bool(summary.usages)
+            if not claim:
+                return False
+        else:
+            # Every result that passed to the client is metered, even when the download was cut short: hanging up
+            # before the last byte must not make results free (a later complete fetch is then not charged again).
+            claim = status_code is not None and 200 <= status_code < 300 and bool(summary.usages)
             if isinstance(summary.state, dict):
                 ic.facts.update(summary.state)
-            if summary.usages and not claim:
-                ic.facts["not_metered"] = "results read incompletely: a complete retrieval meters them"
-                summary.usages.clear()
+            if claim and not ok:
+                ic.facts["partial_read"] = True
         oid = object_id(ic.upstream_path, codec.kind)
         if not oid:
             summary.usages.clear()

@@ -152,7 +152,7 @@ class ResultsTap:
     """A ``flow.response.stream`` callable for a results file: passes every chunk on unchanged and tallies its lines
     on the way (on the event loop: per chunk the work is one pass over its bytes and the lines it ends)."""
 
-    __slots__ = ("codec", "tally", "buf", "head", "tail", "summary", "broken", "bytes_seen", "last_activity", "closed")
+    __slots__ = ("codec", "tally", "buf", "head", "tail", "_summary", "broken", "bytes_seen", "last_activity", "closed")
 
     def __init__(self, codec: "ResultsCodec") -> None:
         self.codec = codec
@@ -160,11 +160,27 @@ class ResultsTap:
         self.buf = bytearray()  # the line being read (up to MAX_LINE)
         self.head: bytes | None = None  # a line past MAX_LINE: its first HEAD bytes, and its last TAIL bytes
         self.tail = bytearray()
-        self.summary = ResponseSummary()
+        self._summary = ResponseSummary()
         self.broken: str | None = None
         self.bytes_seen = 0
         self.last_activity = time.monotonic()
         self.closed = False
+
+    @property
+    def summary(self) -> ResponseSummary:
+        """What the lines read so far said (read once the exchange is over; a download cut short: the results the
+        client got, its last line too when it had all of it but the end of the body)."""
+        if not self.closed and self.broken is None:
+            self.closed = True
+            try:
+                self._line_done()
+            except Exception as e:
+                self.broken = f"{type(e).__name__}: {e}"
+        s = self._summary
+        s.usages[:] = self.tally.usages()
+        s.state = self.tally.facts()
+        s.model = s.usages[0].metadata["model"] if s.usages else None
+        return s
 
     def __call__(self, chunk: bytes) -> bytes:
         self.last_activity = time.monotonic()
@@ -222,12 +238,7 @@ class ResultsTap:
                 self._line_done()
             except Exception as e:
                 self.broken = f"{type(e).__name__}: {e}"
-        s = self.summary
-        s.complete = self.broken is None
-        s.usages[:] = self.tally.usages()
-        s.state = self.tally.facts()
-        if s.usages:
-            s.model = s.usages[0].metadata["model"]
+        self._summary.complete = self.broken is None
 
     def upstream_failed(self, message: str) -> bytes:
         """JSON Lines have no error event: the client sees its download end early (and reports it)."""
