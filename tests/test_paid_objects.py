@@ -369,3 +369,56 @@ def test_the_endpoint_table_lists_every_endpoint_the_providers_serve_and_the_rea
                 assert f"| {ptype} | {method} | `{path}` |" in text
     assert "| openai | POST | `/v1/realtime/client_secrets` | refused 403 |" in text
     assert "(docs/endpoints.md)" in (ROOT / "README.md").read_text()
+
+
+# --- the claim, on the store itself (DuckDB here; PostgreSQL in test_postgres.py) ----------------------------
+
+
+ALICE = "0a11ce00-0000-4000-8000-000000000001"
+
+
+def claim_scenario(stores) -> None:
+    """Creation rows, then claims from several stores (gateways) at once: each object is metered exactly once."""
+    import concurrent.futures as cf
+    import datetime as dt
+
+    from aibridge_gw.objects import object_key
+    from aibridge_gw.store.rows import PROVIDER_OBJECTS
+
+    now = dt.datetime.now(dt.UTC)
+    batch, file = object_key("openai", "openai_batch", "batch_1"), object_key("openai", "openai_file", "file-out")
+    stores[0].submit(PROVIDER_OBJECTS.row(id=batch, provider_name="openai", kind="openai_batch", object_id="batch_1",
+                                          user_id=ALICE, user_name="alice", created_at=now))
+    stores[0].submit(PROVIDER_OBJECTS.row(id=file, provider_name="openai", kind="openai_file", object_id="file-out",
+                                          parent_id=batch, created_at=now))
+    stores[0].flush().result(timeout=30)
+
+    def claim(n: int, key: str, adopt=None, claim=True) -> dict:
+        iid = f"11111111-2222-4333-8444-{n:012d}"
+        return stores[n % len(stores)].run("claim_object", True, id=key, interception_id=iid, at=now.isoformat(),
+                                           adopt=adopt, claim=claim).result(timeout=30)
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda n: claim(n, file), range(8)))
+    assert sum(g["claimed"] for g in got) == 1  # one wins, whichever gateway
+    assert all(g["creator"] == [ALICE, "alice", None, None] and g["known"] for g in got)  # the batch's creator
+    assert len({g["metered_by"] for g in got if not g["claimed"]}) == 1
+    assert claim(20, file, claim=False)["creator"][1] == "alice"  # a look-up only
+    unknown = object_key("openai", "openai_file", "file-elsewhere")
+    assert claim(21, unknown) == {"known": False, "claimed": False, "creator": None}  # no adopt: left unknown
+    adopt = {"provider_name": "openai", "kind": "openai_file", "object_id": "file-elsewhere", "user_id": ALICE,
+             "user_name": "bob", "on_behalf_of_id": None, "on_behalf_of_name": None}
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda n: claim(n, unknown, adopt), range(30, 38)))
+    assert sum(g["claimed"] for g in got) == 1
+
+
+def test_an_object_is_claimed_once_however_many_fetch_it_at_once(tmp_path):
+    from aibridge_gw.store.writer import Store
+
+    store = Store(tmp_path / "claims.duckdb")
+    store.open()
+    try:
+        claim_scenario([store])
+    finally:
+        store.close()
