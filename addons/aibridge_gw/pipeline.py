@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -535,7 +536,7 @@ class Pipeline:
         state.tap = StreamTap(ic.codec, framing)
         resp.stream = state.tap
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow):
         watched = state_of(flow)
         if (watched is not None and watched.watch is not None and watched.interception is None and flow.live
                 and flow.response is not None and not flow.response.stream and 200 <= flow.response.status_code < 300):
@@ -543,7 +544,16 @@ class Pipeline:
                                             flow.response.content or b"")
             if new is not None:
                 flow.response.content = new
-        state = await self._finish(flow)
+        done = self._finish(flow)
+        if inspect.isawaitable(done):  # a retrieval: settled with the store first (mitmproxy awaits it)
+            async def settled() -> None:
+                self._answered(flow, await done)
+            return settled()
+        self._answered(flow, done)
+        return None
+
+    def _answered(self, flow: http.HTTPFlow, state: FlowState | None) -> None:
+        """What the client gets, once the exchange is recorded."""
         if state is None:
             return
         error = state.outcome.error if state.outcome else None
@@ -563,11 +573,12 @@ class Pipeline:
                 resp.status_code, resp.content = shaped
                 resp.headers["content-type"] = "application/json"
 
-    async def error(self, flow: http.HTTPFlow) -> None:
-        await self._finish(flow)
+    def error(self, flow: http.HTTPFlow):
+        return self._finish(flow)  # an awaitable for a retrieval (mitmproxy awaits it)
 
-    async def _finish(self, flow: http.HTTPFlow) -> FlowState | None:
-        """Record how the exchange ended; returns the flow's state if it was a recorded interception."""
+    def _finish(self, flow: http.HTTPFlow):
+        """Record how the exchange ended; returns the flow's state if it was a recorded interception (a retrieval:
+        an awaitable of it, since whose usage it is comes from the store)."""
         rt = self.rt
         if not flow.live:
             if rt.recorder is not None:  # mitmdump -nr <saved flows>: rebuild their audit rows
@@ -584,13 +595,30 @@ class Pipeline:
             ic.credential_hint = used
         if state.breaker_key is not None and not _client_gone(flow):
             rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
+        if getattr(ic.codec, "retrieval", None):
+            return self._settle(state, summary, status_code, error, ended_at)
+        return self._record(state, summary, status_code, error, ended_at)
+
+    async def _settle(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
+                      ended_at) -> FlowState:
+        """A retrieval: whose usage this is (the object's creator), and whether it was metered before."""
+        ic = state.interception
+        try:
+            keep = await self.objects.settle(ic, summary, status_code, error)
+        except Exception:  # recorded as it stands (against the fetching user) rather than lost
+            log.exception("aibridge: attributing retrieval %s failed", ic.id)
+            keep = True
+        if not keep:
+            self.rt.recorder.forget(ic)
+            state.outcome = Outcome(COMPLETED if not error else "failed", summary, status_code, error, ended_at)
+            return state
+        ic.info.model = summary.model or ic.info.model
+        return self._record(state, summary, status_code, error, ended_at)
+
+    def _record(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
+                ended_at) -> FlowState:
+        rt, ic = self.rt, state.interception
         retrieval = getattr(ic.codec, "retrieval", None)
-        if retrieval:  # whose usage this is (the object's creator), and whether it was metered before
-            if not await self.objects.settle(ic, summary, status_code, error):
-                rt.recorder.forget(ic)
-                state.outcome = Outcome(COMPLETED if not error else "failed", summary, status_code, error, ended_at)
-                return state
-            ic.info.model = summary.model or ic.info.model
         status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
         state.outcome = Outcome(status, summary, status_code, error, ended_at)
         if status and ic.api in CREATED:
