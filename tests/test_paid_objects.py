@@ -422,3 +422,31 @@ def test_an_object_is_claimed_once_however_many_fetch_it_at_once(tmp_path):
         claim_scenario([store])
     finally:
         store.close()
+
+
+def test_the_results_tap_reads_the_same_whatever_the_chunking():
+    """Lines split anywhere across chunks, a line past the bound spanning many chunks, no final newline."""
+    import random
+
+    from aibridge_gw.apis.anthropic import PROVIDER
+    from aibridge_gw.apis.results import MAX_LINE, ResultsTap
+
+    huge = anthropic_result("huge", (7, 9))
+    huge["result"]["message"]["content"][0]["text"] = "y" * (MAX_LINE + 12345)
+    body = jsonl([anthropic_result(str(n), (n, 2 * n)) for n in range(1, 40)] + [huge])[:-1] + b"\n\n" + json.dumps(
+        anthropic_result("last", (100, 1), model="claude-opus-4-1")).encode()
+    codec = PROVIDER.apis["anthropic.message_batches.results"]
+    rng = random.Random(7)
+    for _ in range(5):
+        tap, at, relayed = ResultsTap(codec), 0, b""
+        while at < len(body):
+            n = rng.choice((1, 7, 100, 4096, 65536, 300_000))
+            relayed += tap(body[at:at + n])
+            at += n
+        tap(b"")
+        assert relayed == body
+        s = tap.summary
+        assert s.complete and s.state == {"results": {"succeeded": 41}, "long_lines": 1}
+        totals = {u.metadata["model"]: (u.input_tokens, u.output_tokens, u.metadata["results"]) for u in s.usages}
+        assert totals == {"claude-haiku-4-5-20251001": (sum(range(1, 40)) + 7, 2 * sum(range(1, 40)) + 9, 40),
+                          "claude-opus-4-1": (100, 1, 1)}

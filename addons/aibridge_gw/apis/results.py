@@ -85,6 +85,9 @@ class Tally:
         line = line.strip()
         if not line:
             return
+        if line[:1] != b"{":  # not a result (a CSV line, binary content, junk): not worth decoding
+            self.unreadable += 1
+            return
         try:
             obj = json.loads(line)
         except (ValueError, RecursionError):
