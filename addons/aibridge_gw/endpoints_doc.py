@@ -18,8 +18,8 @@ _NOTES = {
     "openai.batches": "input file and endpoint in the metadata; the batch's creator is remembered",
     "openai.responses": "with `background: true` the creator is remembered and the usage is recorded at retrieval",
     "anthropic.message_batches.results": "one interception per retrieval, usage summed per model",
-    "openai.batches.results": "a batch's output or error file: one interception per retrieval, usage summed per "
-                              "model",
+    "openai.batches.results": "every download is recorded; a batch's output file carries usage: one interception "
+                              "per retrieval, usage summed per model",
     "openai.responses.retrieve": "JSON or `?stream=true`",
 }
 _WATCH_NOTES = {
