@@ -281,6 +281,8 @@ def test_openai_batch_output_file_is_metered_once_to_the_batch_creator(own_gatew
     assert json.loads(errors["metadata"])["results"] == {"errored": 1}
     budgets = gw.op("report", kind="budgets", budgets=BATCH_BUDGETS["budgets"])["data"]
     assert {b["user"]: b["tokens_today"] for b in budgets} == {"alice": 90, "ops": 0}
+    # Each model at its own price (gpt-4.1-mini: 47 in, 8 cached, 25 out; gpt-4.1: 5 in, 5 out), also when rebuilt.
+    assert {b["user"]: b["usd_month"] for b in budgets} == {"alice": 0.00011, "ops": 0}
     with pytest.raises(openai.RateLimitError):  # charged live too: 90 + one more call's worth goes over 100
         upstream.script(Reply.json({"object": "list", "model": "m",
                                     "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
