@@ -452,3 +452,21 @@ def test_the_results_tap_reads_the_same_whatever_the_chunking():
         totals = {u.metadata["model"]: (u.input_tokens, u.output_tokens, u.metadata["results"]) for u in s.usages}
         assert totals == {"claude-haiku-4-5-20251001": (sum(range(1, 40)) + 7, 2 * sum(range(1, 40)) + 9, 40),
                           "claude-opus-4-1": (100, 1, 1)}
+
+
+def test_prune_forgets_provider_objects_older_than_the_audit_it_keeps(tmp_path):
+    import datetime as dt
+
+    import duckdb
+
+    from aibridge_gw.store import ops
+    from aibridge_gw.store.schema import migrate
+
+    conn = duckdb.connect(str(tmp_path / "prune.duckdb"))
+    migrate(conn)
+    now = dt.datetime.now(dt.UTC)
+    for n, age in enumerate((90, 1)):
+        conn.execute("INSERT INTO aibridge_provider_objects (id, provider_name, kind, object_id, created_at) "
+                     "VALUES (uuid(), 'anthropic', 'anthropic_batch', ?, ?)", [f"msgbatch_{n}", now - dt.timedelta(days=age)])
+    ops.prune(conn, 60)
+    assert conn.execute("SELECT object_id FROM aibridge_provider_objects").fetchall() == [("msgbatch_1",)]

@@ -262,6 +262,8 @@ def prune(conn, days: int) -> dict:
     for table in AUDIT_CHILD_TABLES:
         conn.execute(f"DELETE FROM {table} WHERE interception_id IN ({old})", [cutoff])
     n = conn.execute("DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
+    # Batches and background responses older than the audit kept (providers keep results for 29 days at most).
+    conn.execute("DELETE FROM aibridge_provider_objects WHERE created_at < ?", [cutoff])
     return {"deleted": len(n), "days": days, "cutoff": cutoff.isoformat()}
 
 
