@@ -470,3 +470,19 @@ def test_prune_forgets_provider_objects_older_than_the_audit_it_keeps(tmp_path):
                      "VALUES (uuid(), 'anthropic', 'anthropic_batch', ?, ?)", [f"msgbatch_{n}", now - dt.timedelta(days=age)])
     ops.prune(conn, 60)
     assert conn.execute("SELECT object_id FROM aibridge_provider_objects").fetchall() == [("msgbatch_1",)]
+
+
+def test_a_long_line_full_of_usage_keys_costs_little():
+    import time
+
+    from aibridge_gw.apis.anthropic import PROVIDER
+    from aibridge_gw.apis.results import MAX_LINE, ResultsTap
+
+    tap = ResultsTap(PROVIDER.apis["anthropic.message_batches.results"])
+    line = b'{"custom_id":"x","result":' + b'{"usage":{"a":[' * (MAX_LINE // 15) + b"\n"
+    started = time.monotonic()
+    for at in range(0, len(line), 65536):
+        tap(line[at:at + 65536])
+    tap(b"")
+    assert time.monotonic() - started < 1.0
+    assert tap.summary.state == {"results": {}, "unreadable_lines": 1}

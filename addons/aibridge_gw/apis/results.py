@@ -103,7 +103,7 @@ class Tally:
         """A line past MAX_LINE: the last `"usage": {…}` of its tail (the providers put the usage after the content,
         so the last one is the result's own), and the first model named in its head."""
         usage = None
-        for m in reversed(list(_USAGE_KEY.finditer(tail))):
+        for m in reversed(list(_USAGE_KEY.finditer(tail))[-3:]):  # a few tries: hostile tails repeat the key
             try:
                 obj, _ = _DECODER.raw_decode(tail[m.end() - 1:].decode("utf-8", "replace"))
             except (ValueError, RecursionError):
