@@ -282,8 +282,8 @@ class Recorder:
         if not isinstance(meta, dict) or "api" not in meta or flow.request is None:
             return None
         ic_codec = WIRE_APIS.get(meta["api"])
-        if ic_codec is None:
-            return None
+        if ic_codec is None or getattr(ic_codec, "retrieval", None):
+            return None  # a retrieval's attribution and metering came from the store when it ran: left as recorded
         try:
             body = json.loads(flow.request.content or b"")
             if isinstance(body, dict) and "model" in meta and "model" not in body:  # sent rewritten (Bedrock)
