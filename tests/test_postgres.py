@@ -567,3 +567,19 @@ def test_clamped_and_estimated_usages_are_recorded_in_postgresql_and_poison_no_f
         assert post() == 200
     finally:
         gw.stop()
+
+
+def test_provider_objects_are_claimed_once_across_gateways_on_postgresql(cluster, tmp_path):
+    """Two gateways fetching the same batch results at once: one UPDATE decides, so usage is metered once."""
+    from aibridge_gw.store.pg import PgStore
+    from tests.test_paid_objects import claim_scenario
+
+    dsn = cluster.create_database("claims")
+    stores = [PgStore(dsn, tmp_path / name / "pg") for name in ("a", "b")]
+    for store in stores:
+        store.open()
+    try:
+        claim_scenario(stores)
+    finally:
+        for store in stores:
+            store.close()

@@ -35,10 +35,11 @@ def _month(t: dt.datetime) -> tuple[int, int]:
 
 def _spent(conn, started: str, since: dt.datetime) -> list[list]:
     """Recorded usage since `since` per charged user, `started` (an expression of i.started_at) and billed model,
-    as plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]."""
+    as plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]. A usage row
+    that names its own model (a batch's results, summed per model) is billed at that model."""
     rows = conn.execute(
         f"SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), {started}, "
-        "coalesce(i.metadata->>'response_model', i.model), "
+        "coalesce(t.metadata->>'model', i.metadata->>'response_model', i.model), "
         "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
         "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
         "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "

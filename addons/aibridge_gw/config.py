@@ -48,6 +48,9 @@ class ProviderInstance:
     # How requests reach a provider that needs more than a key header (Bedrock's signing); see apis/base.Transport.
     transport: Any = field(default=None, repr=False, compare=False)
     keys: tuple[str, ...] = field(default=(), repr=False)  # a failover pool when more than one (see keypool.py)
+    # OpenAI's realtime session endpoints hand the client a provider credential billed to the central key that then
+    # bypasses the gateway: refused (403) unless the admin allows them here (then recorded like other spend).
+    allow_realtime: bool = False
 
     @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
@@ -617,6 +620,11 @@ def _parse_provider(item, where: str) -> ProviderInstance:
     passthrough = item.get("passthrough_paths") or []
     if not isinstance(passthrough, list) or not all(isinstance(x, str) and x.startswith("/") for x in passthrough):
         raise ConfigError(f"{where}.passthrough_paths: must be a list of paths starting with /")
+    allow_realtime = item.get("allow_realtime", False)
+    if not isinstance(allow_realtime, bool):
+        raise ConfigError(f"{where}.allow_realtime: must be true or false")
+    if allow_realtime and not any(e.api == "openai.realtime" for e in PROVIDERS[ptype].endpoints):
+        raise ConfigError(f"{where}.allow_realtime: provider type {ptype!r} has no realtime session endpoints")
     return ProviderInstance(
         name=name,
         type=ptype,
@@ -631,6 +639,7 @@ def _parse_provider(item, where: str) -> ProviderInstance:
         passthrough_paths=tuple(p.rstrip("/") or "/" for p in passthrough),
         transport=transport,
         keys=keys,
+        allow_realtime=allow_realtime,
     )
 
 

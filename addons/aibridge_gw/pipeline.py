@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -30,10 +31,12 @@ from .errors import error_response
 from .flowstate import STATE_KEY, FlowState, Outcome, state_of
 from .logsafe import printable
 from .mcp.loop import LoopJob, upstream_headers
+from .objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from .relay import RelayJob
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .records import BadRequest, ResponseSummary, summary_to_dict
-from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
+from .apis.results import ResultsTap
+from .recording import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from .routing import BadPath, Route
 from .runtime import Runtime
 from .tap import StreamTap
@@ -44,6 +47,7 @@ OFF_LOOP_BYTES = 256 * 1024  # request bodies larger than this are decoded and p
 MAX_HEADER_FIELDS = 256  # real clients send 10-40; more is refused 431 before any per-header work
 MAX_HEADER_BYTES = 64 * 1024
 DRAIN_SETTLE = 5.0  # seconds past a drain's deadline for its ending to be recorded before mitmproxy closes it
+REALTIME_API = "openai.realtime"  # refused unless the instance sets allow_realtime
 
 
 class Pipeline:
@@ -52,6 +56,7 @@ class Pipeline:
         self.proxy = proxy
         self._noted: set[tuple] = set()  # warnings already logged (see _note_once)
         self.draining: set[FlowState] = set()  # streams read on after their client went away
+        self.objects = Objects(runtime)  # batches, their output files, background responses: who created them
 
     def load(self, loader) -> None:
         patches.install(self._client_ending, self._client_left)
@@ -124,6 +129,10 @@ class Pipeline:
         if ident is None or not self._admissible(flow, route, ident):
             return
         state = flow.metadata[STATE_KEY] = FlowState(flow, route)
+        if route.api is None:
+            state.watch = WATCHED.get((route.provider.type, route.label))
+            if state.watch is not None and self.proxy.is_ours(flow):
+                state.client_base = client_base(flow, route.provider.name)
         adapter = None
         if route.api:
             begun = await self._begin(flow, route, ident, hv)
@@ -228,6 +237,14 @@ class Pipeline:
                 f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
                 f"gateway relays (provider {route.provider.name!r})")
             return False
+        if route.api == REALTIME_API and not route.provider.allow_realtime:
+            # The session's ephemeral key is billed to the central key and used straight against the provider:
+            # nothing it spends would pass the gateway again.
+            flow.response = error_response(
+                route.provider.type, 403,
+                f"aibridge: realtime sessions are not allowed through provider {route.provider.name!r}: their "
+                "client secret is billed to the gateway's key and bypasses it (an admin may set allow_realtime: true)")
+            return False
         if credential_kind(route, ident) == "subscription" and self.rt.config.proxy.subscriptions == "refuse":
             flow.response = error_response(
                 route.provider.type, 403,
@@ -271,7 +288,8 @@ class Pipeline:
             return False
         state.breaker_key = key
         await rt.recorder.link_thread(ic)
-        if rt.budgets is not None:
+        if rt.budgets is not None and not getattr(ic.codec, "retrieval", None):
+            # A retrieval spends nothing more: the work was paid for when it ran (and is charged to its creator).
             refusal = rt.budgets.check(*ic.charged)
             if refusal is None and rt.budgets.fleet:
                 refusal = await rt.fleet_rate_refusal(*ic.charged)
@@ -352,6 +370,8 @@ class Pipeline:
             started_at=at(req.timestamp_start),
             route=route.label,
             info=info,
+            facts=dict(info.facts or {}),
+            deferred=bool(getattr(codec, "retrieval", None)),
         )
         return ic, body
 
@@ -414,7 +434,8 @@ class Pipeline:
         # A request the client signed itself reaches the provider with its signed headers as they were (Host too:
         # the connection still goes to the configured base_url, never to an address the client names).
         client_signed = prov.transport is not None and ident.byok_credential is not None
-        recoded = recorded and not client_signed
+        recoded = (recorded or state.watch is not None) and not client_signed
+        results = recorded and getattr(state.interception.codec, "retrieval", None) == "results"
         if (h2 or d.authority) and not client_signed:
             d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
         drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
@@ -424,7 +445,8 @@ class Pipeline:
             if name == b"host":
                 fields.append(f if client_signed else (f[0], host))
                 had_host = True
-            elif name not in drop and not (recoded and name == b"accept-encoding"):
+            elif name not in drop and not (recoded and name == b"accept-encoding") and not (
+                    results and name in (b"range", b"if-range")):  # a results file is read, and metered, whole
                 fields.append(f)
         if not had_host and not h2:
             fields.insert(0, (b"host", host))
@@ -485,9 +507,22 @@ class Pipeline:
             return
         ic = state.interception
         if ic is None:
-            flow.response.stream = True  # passthrough: relayed as it comes
+            resp = flow.response
+            if state.watch is not None and 200 <= resp.status_code < 300 and is_json(resp):
+                length = resp.headers.get("content-length", "")
+                if length.isdigit() and int(length) <= WATCH_LIMIT:
+                    return  # a batch's status: small, read whole in `response`
+                if not length:
+                    resp.stream = _Held(lambda body: self.objects.watched_body(
+                        state.route.provider.name, state.watch, state.client_base, body))
+                    return
+            resp.stream = True  # passthrough: relayed as it comes
             return
         resp = flow.response
+        if getattr(ic.codec, "retrieval", None) == "results" and 200 <= resp.status_code < 300:
+            state.tap = ResultsTap(ic.codec)  # JSON Lines, maybe large: read line by line as they pass
+            resp.stream = state.tap
+            return
         transport = state.route.provider.transport
         framed = transport is not None and transport.is_stream(resp.headers.get("content-type", ""))
         if not (200 <= resp.status_code < 300 and (framed or is_sse(resp))):
@@ -504,8 +539,24 @@ class Pipeline:
         state.tap = StreamTap(ic.codec, framing)
         resp.stream = state.tap
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = self._finish(flow)
+    def response(self, flow: http.HTTPFlow):
+        watched = state_of(flow)
+        if (watched is not None and watched.watch is not None and watched.interception is None and flow.live
+                and flow.response is not None and not flow.response.stream and 200 <= flow.response.status_code < 300):
+            new = self.objects.watched_body(watched.route.provider.name, watched.watch, watched.client_base,
+                                            flow.response.content or b"")
+            if new is not None:
+                flow.response.content = new
+        done = self._finish(flow)
+        if inspect.isawaitable(done):  # a retrieval: settled with the store first (mitmproxy awaits it)
+            async def settled() -> None:
+                self._answered(flow, await done)
+            return settled()
+        self._answered(flow, done)
+        return None
+
+    def _answered(self, flow: http.HTTPFlow, state: FlowState | None) -> None:
+        """What the client gets, once the exchange is recorded."""
         if state is None:
             return
         error = state.outcome.error if state.outcome else None
@@ -525,11 +576,12 @@ class Pipeline:
                 resp.status_code, resp.content = shaped
                 resp.headers["content-type"] = "application/json"
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+    def error(self, flow: http.HTTPFlow):
+        return self._finish(flow)  # an awaitable for a retrieval (mitmproxy awaits it)
 
-    def _finish(self, flow: http.HTTPFlow) -> FlowState | None:
-        """Record how the exchange ended; returns the flow's state if it was a recorded interception."""
+    def _finish(self, flow: http.HTTPFlow):
+        """Record how the exchange ended; returns the flow's state if it was a recorded interception (a retrieval:
+        an awaitable of it, since whose usage it is comes from the store)."""
         rt = self.rt
         if not flow.live:
             if rt.recorder is not None:  # mitmdump -nr <saved flows>: rebuild their audit rows
@@ -549,6 +601,7 @@ class Pipeline:
             job = state.loop_job
             if job is not None and "loop" not in flow.metadata[META_KEY]:  # the loop was cut before it said
                 flow.metadata[META_KEY]["loop"] = summary_to_dict(job.summary)
+        settling = False
         try:
             summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
             used = flow.metadata[META_KEY].get("key_hint")
@@ -556,14 +609,57 @@ class Pipeline:
                 ic.credential_hint = used
             if state.breaker_key is not None and not _client_gone(flow) and state.client_gone is None:
                 rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
-            status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
-            state.outcome = Outcome(status, summary, status_code, error, ended_at)
-            if status and rt.budgets is not None:
-                rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
+            if getattr(ic.codec, "retrieval", None):
+                settling = True  # the awaitable releases a drain itself, once settled
+                return self._settle(state, summary, status_code, error, ended_at)
+            return self._record(state, summary, status_code, error, ended_at)
         finally:
-            if state.drained is not None:
-                self.draining.discard(state)
-                state.drained.set()
+            if not settling:
+                self._release(state)
+
+    def _release(self, state: FlowState) -> None:
+        """A stream read on after its client left is recorded: its client connection may close."""
+        if state.drained is not None:
+            self.draining.discard(state)
+            state.drained.set()
+
+    async def _settle(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
+                      ended_at) -> FlowState:
+        """A retrieval: whose usage this is (the object's creator), and whether it was metered before."""
+        try:
+            return await self._attribute(state, summary, status_code, error, ended_at)
+        finally:
+            self._release(state)
+
+    async def _attribute(self, state: FlowState, summary: ResponseSummary, status_code: int | None,
+                         error: str | None, ended_at) -> FlowState:
+        ic = state.interception
+        try:
+            keep = await self.objects.settle(ic, summary, status_code, error)
+        except Exception:  # recorded as it stands (against the fetching user) rather than lost
+            log.exception("aibridge: attributing retrieval %s failed", ic.id)
+            keep = True
+        if not keep:
+            self.rt.recorder.forget(ic)
+            state.outcome = Outcome(COMPLETED if not error else "failed", summary, status_code, error, ended_at)
+            return state
+        ic.info.model = summary.model or ic.info.model
+        return self._record(state, summary, status_code, error, ended_at)
+
+    def _record(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
+                ended_at) -> FlowState:
+        rt, ic = self.rt, state.interception
+        retrieval = getattr(ic.codec, "retrieval", None)
+        status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
+        state.outcome = Outcome(status, summary, status_code, error, ended_at)
+        if status and ic.api in CREATED:
+            self.objects.created(ic, summary, status, ended_at)
+        if status and rt.budgets is not None:
+            if retrieval == "results":  # summed per model: each priced as its own
+                for u in summary.usages:
+                    rt.budgets.record(ic.charged[0], ic.started_at, u.metadata.get("model") or summary.model, [u])
+            else:
+                rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
         return state
 
     def _client_left(self, flow: http.HTTPFlow, message: str) -> bool:
@@ -637,6 +733,33 @@ _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"con
 _DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of",
                                                                     "upgrade", "http2-settings"))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+class _Held:
+    """A small passthrough body without a length, held (up to WATCH_LIMIT) so `done` may rewrite it at its end;
+    a longer one is relayed as it comes, untouched."""
+
+    __slots__ = ("done", "buf", "passing")
+
+    def __init__(self, done) -> None:
+        self.done, self.buf, self.passing = done, bytearray(), False
+
+    def __call__(self, chunk: bytes):
+        if self.passing:
+            return chunk
+        if not chunk:
+            body = bytes(self.buf)
+            try:
+                new = self.done(body)
+            except Exception:
+                log.exception("aibridge: reading a batch status failed")
+                new = None
+            return new if new is not None else body
+        self.buf += chunk
+        if len(self.buf) > WATCH_LIMIT:
+            self.passing, out, self.buf = True, bytes(self.buf), bytearray()
+            return out
+        return []
 
 
 def _credential_from_query(route: Route, hv: dict[str, str]) -> tuple[Route, bool]:

@@ -85,6 +85,11 @@ class Interception:
     parent_id: str | None = None
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
+    # Recorded in the interception's metadata: what the request said beyond the columns (a batch's request count,
+    # `background`), and how a retrieval was attributed (objects.py).
+    facts: dict = field(default_factory=dict)
+    # The start row is written with the end: a retrieval's attribution (the object's creator) is known only then.
+    deferred: bool = False
     ended: bool = False
     client_gone: bool = False  # the client went away before the end of the stream (the provider's answer was read on)
 
@@ -217,6 +222,8 @@ class Recorder:
     def started(self, ic: Interception) -> None:
         """The start record, with the prompt: a call a crash cuts off keeps what was asked (the response id is
         not known yet; the interception's metadata gets it at the end)."""
+        if ic.deferred:
+            return
         self.store.submit(_interception_row(ic, IN_PROGRESS))
         if ic.info.prompt:
             self.store.submit(USER_PROMPTS.row(id=child_id(ic.id, "prompt", 0), interception_id=ic.id,
@@ -234,6 +241,8 @@ class Recorder:
         status = FAILED if error else COMPLETED
         rid = summary.response_id
         submit = self.store.submit
+        if ic.deferred:
+            submit(_interception_row(ic, IN_PROGRESS))
         for n, u in enumerate(summary.usages):
             if u.bound():  # beyond the column type: recorded clamped and flagged, charged to no budget
                 log.warning("interception %s: usage beyond %d clamped (%s)", ic.id, BIGINT_MAX,
@@ -261,9 +270,15 @@ class Recorder:
             meta["client"] = ic.client_metadata
         if ic.client_gone:
             meta["client_disconnected"] = True
+        if ic.facts:
+            meta.update(ic.facts)
         submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status, error=error,
                                 metadata=json.dumps(meta), credential_hint=ic.credential_hint))
         return status
+
+    def forget(self, ic: Interception) -> None:
+        """A deferred interception that is not to be recorded after all (a poll of a response not finished yet)."""
+        ic.ended = True
 
     def rejected(self, ic: Interception, http_status: int, message: str) -> None:
         """A request refused by the gateway (budget, rate limit): one row, never forwarded."""
@@ -276,8 +291,8 @@ class Recorder:
         if not isinstance(meta, dict) or "api" not in meta or flow.request is None:
             return None
         ic_codec = WIRE_APIS.get(meta["api"])
-        if ic_codec is None:
-            return None
+        if ic_codec is None or getattr(ic_codec, "retrieval", None):
+            return None  # a retrieval's attribution and metering came from the store when it ran: left as recorded
         try:
             body = json.loads(flow.request.content or b"")
             if isinstance(body, dict) and "model" in meta and "model" not in body:  # sent rewritten (Bedrock)

@@ -105,6 +105,7 @@ class RequestInfo:
     tool_result_ids: list[str]
     session_hint: str | None = None
     raw_stream_options: dict | None = None  # as the client sent them (the gateway may add include_usage)
+    facts: dict | None = None  # more the record keeps in its metadata (a batch's request count, `background`)
 
 
 @dataclass

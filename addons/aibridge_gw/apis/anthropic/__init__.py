@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..base import endpoint
+from ..results import ResultsCodec, anthropic_line, anthropic_usage
 from ..spend import SpendCodec
 from . import messages
 
@@ -35,6 +36,7 @@ class Anthropic:
         messages.API,
         SpendCodec("anthropic.complete", model_required=True, prompt_field="prompt"),
         SpendCodec("anthropic.message_batches", batch_requests=True),
+        ResultsCodec("anthropic.message_batches.results", "anthropic_batch", anthropic_line, anthropic_usage),
     )})
     endpoints = (
         endpoint("POST", "/v1/messages", "anthropic.messages"),
@@ -44,7 +46,7 @@ class Anthropic:
         endpoint("GET", "/v1/models"),
         endpoint("GET", "/v1/models/{id}"),
         endpoint("GET", "/v1/messages/batches/{id}"),
-        endpoint("GET", "/v1/messages/batches/{id}/results"),
+        endpoint("GET", "/v1/messages/batches/{id}/results", "anthropic.message_batches.results"),
         endpoint("POST", "/v1/messages/batches/{id}/cancel"),
         endpoint("GET", "/v1/files/{id}"),
         endpoint("GET", "/v1/files/{id}/content"),
