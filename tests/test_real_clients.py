@@ -6,9 +6,12 @@ the reason."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +228,85 @@ def test_llm(cgw, tmp_path, mode):
     assert row["user_agent"].startswith("OpenAI/Python")
     plain = run.run([exe, "-m", "gpt-4.1-mini", "a plain model"], {**env, "OPENAI_BASE_URL": base})
     assert ANSWER in plain.stdout  # its built-in models work too, recorded as Unknown (nothing names them)
+
+
+# --- as printed: `aibridge env <client>` pasted into a shell, then the client run as its guide says ----------------
+
+
+def as_printed(run: Run, client: str, path_to: str) -> dict[str, str]:
+    """What `aibridge env <client> [--mode proxy]` prints for the run's user, pasted into bash (stopping at the first
+    line that fails) in the run's work directory, with its HOME and the client's install on PATH as a user has it:
+    the environment it leaves (the files it writes stay in HOME)."""
+    args = ["env", client, "--token", run.token, "--user", run.user, "--confdir", str(run.gw.workdir / "certs")]
+    printed = run.gw.cli(*args, *(["--mode", "proxy"] if run.mode == "proxy" else []))
+    assert printed.returncode == 0, printed.stderr
+    env = clean_env(run.home, PATH=f"{path_to}:{os.environ['PATH']}", PWD=str(run.work))
+    r = subprocess.run(["bash", "-ec", printed.stdout + "\nenv -0"], env=env, cwd=run.work, capture_output=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"as printed:\n{printed.stdout}\nfailed: {r.stderr.decode(errors='replace')[-1500:]}"
+    return dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if "=" in item)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gemini_cli_as_printed(cgw, tmp_path, mode):
+    """Without the login method and the trust the guide sets, Gemini CLI exits 41, then 55."""
+    exe = npm_bin("@google/gemini-cli", "gemini")
+    run = Run(cgw, tmp_path, "gemini-printed", mode)
+    env = as_printed(run, "gemini-cli", str(exe.parent))
+    r = run.run([exe, "-p", run.prompt, "-m", "gemini-2.5-flash"], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded("Gemini CLI", session=False, api="gemini.generate_content")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_continue_cli_as_printed(cgw, tmp_path, mode):
+    """Continue's `cn` sends `node-fetch` as its user agent: the guide's config names it (X-Title)."""
+    exe = npm_bin("@continuedev/cli", "cn")
+    run = Run(cgw, tmp_path, "cn-printed", mode)
+    env = as_printed(run, "continue", str(exe.parent))
+    r = run.run([exe, "-p", run.prompt], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Continue", session=False, api="anthropic.messages")
+    assert row["user_agent"] == "node-fetch"
+
+
+def _stop_cline_hub(work) -> None:
+    """The Cline CLI leaves a hub daemon serving `work` behind each run: stop the ones this test started."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--cline-hub-daemon" in argv and str(work).encode() in argv:
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cline_cli_as_printed(cgw, tmp_path, mode):
+    """`cline auth openai -k … -b …` as printed, and the header that names Cline (it sends only the AI SDK's user
+    agent)."""
+    exe = npm_bin("cline", "cline")
+    run = Run(cgw, tmp_path, "cline-printed", mode)
+    try:
+        env = as_printed(run, "cline", str(exe.parent))
+        r = run.run([exe, run.prompt], env)
+    finally:
+        _stop_cline_hub(run.work)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Cline", session=False, api="openai.chat")
+    assert row["user_agent"].startswith("ai-sdk/openai-compatible/")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qwen_code_as_printed(cgw, tmp_path, mode):
+    """Qwen Code through OpenAI's API (its own default, DashScope, is not intercepted), named by its user agent."""
+    exe = npm_bin("@qwen-code/qwen-code", "qwen")
+    run = Run(cgw, tmp_path, "qwen-printed", mode)
+    env = as_printed(run, "qwen", str(exe.parent))
+    r = run.run([exe, "-p", run.prompt], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Qwen Code", session=False, api="openai.chat")
+    assert row["user_agent"].startswith("QwenCode/")
