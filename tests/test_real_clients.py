@@ -23,6 +23,7 @@ from tests.support.mock_upstream import Reply
 from tests.support.tls import tls_stand_in
 
 pytestmark = pytest.mark.timeout(600)
+ANSWERS_ADDON = Path(__file__).parent / "support" / "answers_log.py"  # what the gateway answered each call
 UPSTREAM_KEY = "sk-upstream-real-clients-0123456789"
 
 
@@ -40,12 +41,13 @@ def cgw(tmp_path_factory, stand_in):
     """One gateway for every client: base-URL prefixes and the public AI hosts in proxy mode, all answered by the
     stand-in."""
     url = stand_in.url
-    gw = Gateway(tmp_path_factory.mktemp("clients-gw"), url, providers=[
+    workdir = tmp_path_factory.mktemp("clients-gw")
+    gw = Gateway(workdir, url, env={"AIBRIDGE_TEST_ANSWERS": str(workdir / "answers.log")}, providers=[
         {"name": "anthropic", "type": "anthropic", "base_url": url + "/", "key": UPSTREAM_KEY,
          "hosts": ["api.anthropic.com"]},
         {"name": "openai", "type": "openai", "base_url": url + "/v1/", "key": UPSTREAM_KEY, "hosts": ["api.openai.com"]},
         {"name": "gemini", "type": "gemini", "base_url": url + "/", "key": UPSTREAM_KEY},
-    ], args=["--set", f"ssl_verify_upstream_trusted_ca={stand_in.ca}"]).start()
+    ], args=["--set", f"ssl_verify_upstream_trusted_ca={stand_in.ca}", "-s", str(ANSWERS_ADDON)]).start()
     yield gw
     gw.stop()
 
@@ -310,3 +312,31 @@ def test_qwen_code_as_printed(cgw, tmp_path, mode):
     assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
     row = run.assert_recorded("Qwen Code", session=False, api="openai.chat")
     assert row["user_agent"].startswith("QwenCode/")
+
+
+# What the gateway itself may send upstream under its central key for Claude Code: the model calls and the managed
+# settings (apis/anthropic); its telemetry, bootstrap and feature flags it answers itself (docs/clients-endpoints.md).
+CLAUDE_REVIEWED = ("/v1/messages", "/api/claude_code/settings", "/api/claude_code/policy_limits")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_claude_code_as_printed(cgw, stand_in, tmp_path, mode):
+    """As printed, with its non-essential traffic on (bootstrap, fast mode, MCP directory, telemetry, the connectivity
+    check): every call it makes gets an answer, none refused, and the central key reaches only reviewed endpoints."""
+    exe = npm_bin("@anthropic-ai/claude-code", "claude", postinstall="install.cjs")
+    run = Run(cgw, tmp_path, "claude-printed", mode)
+    env = as_printed(run, "claude-code", str(exe.parent))
+    env.pop("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC")  # the user's shell does not have it
+    answers = cgw.workdir / "answers.log"
+    mark, upstream_mark = answers.stat().st_size, len(stand_in.seen)
+    r = run.run([exe, "-p", run.prompt], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Claude Code")
+    assert row["user_agent"].startswith("claude-cli/")
+    with answers.open() as f:
+        f.seek(mark)
+        calls = [line.split() for line in f if " /aibridge/" not in line]
+    assert [c for c in calls if int(c[3]) >= 400] == [], calls  # nothing it asked was refused
+    assert len(calls) > 2, calls  # more than its model call: its service endpoints were exercised
+    central = {s.path.split("?")[0] for s in stand_in.seen[upstream_mark:] if s.headers.get("x-api-key") == UPSTREAM_KEY}
+    assert central and central <= set(CLAUDE_REVIEWED), central
