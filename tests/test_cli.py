@@ -168,3 +168,28 @@ def test_scripts_run_lets_the_user_set_the_options_it_defaults(tmp_path):
         if proc.poll() is None:
             proc.terminate()
             proc.wait(30)
+
+
+def test_guides_keep_the_users_own_settings(tmp_path):
+    """Pasted over existing settings, a guide merges what it needs into JSON settings and never overwrites a config
+    file (the heredoc stops: merge by hand)."""
+    from aibridge_gw.guides import env_lines
+
+    home = tmp_path / "home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(
+        {"ui": {"theme": "Dracula"}, "security": {"folderTrust": {"enabled": True}, "auth": {"selectedType": "x"}}}))
+    (home / ".continue").mkdir()
+    (home / ".continue" / "config.yaml").write_text("name: mine\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+
+    def paste(client: str) -> subprocess.CompletedProcess:
+        text = "\n".join(env_lines(client, "base-url", "http://gw.test:8080", "aib_T", tmp_path))
+        return subprocess.run(["bash", "-ec", text], env=env, cwd=tmp_path, capture_output=True, text=True)
+
+    assert paste("gemini-cli").returncode == 0
+    assert json.loads((home / ".gemini" / "settings.json").read_text()) == {
+        "ui": {"theme": "Dracula"}, "security": {"folderTrust": {"enabled": True}, "auth": {"selectedType": "gemini-api-key"}}}
+    r = paste("continue")
+    assert r.returncode != 0 and "cannot overwrite existing file" in r.stderr
+    assert (home / ".continue" / "config.yaml").read_text() == "name: mine\n"

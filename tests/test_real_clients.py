@@ -340,3 +340,30 @@ def test_claude_code_as_printed(cgw, stand_in, tmp_path, mode):
     assert len(calls) > 2, calls  # more than its model call: its service endpoints were exercised
     central = {s.path.split("?")[0] for s in stand_in.seen[upstream_mark:] if s.headers.get("x-api-key") == UPSTREAM_KEY}
     assert central and central <= set(CLAUDE_REVIEWED), central
+
+
+# The other terminal clients' guides, run as printed too: (install, argv after the guide, recorded as).
+PRINTED = {
+    "codex": (lambda: npm_bin("@openai/codex", "codex"), lambda p: ["exec", "--skip-git-repo-check", p], "Codex"),
+    "opencode": (lambda: npm_bin("opencode-ai", "opencode"),
+                 lambda p: ["run", "-m", "anthropic/claude-sonnet-4-5", p], "OpenCode"),
+    "kilo": (lambda: npm_bin("@kilocode/cli@7.7.7", "kilo"),
+             lambda p: ["run", "-m", "anthropic/claude-sonnet-4-5", p], "Kilo Code"),
+    "aider": (lambda: pip_bin(("aider-chat",), "aider"),
+              lambda p: ["--model", "openai/gpt-4.1", "--message", p, "--no-git", "--yes-always",
+                         "--no-show-model-warnings", "--no-pretty", "--stream", "--no-check-update",
+                         "--analytics-disable"], "aider"),
+    "llm": (lambda: pip_bin(("llm",), "llm"), lambda p: ["-m", "aibridge-gpt-4.1-mini", p], "llm"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("client", list(PRINTED))
+def test_terminal_client_as_printed(cgw, tmp_path, client, mode):
+    install, argv, name = PRINTED[client]
+    exe = install()
+    run = Run(cgw, tmp_path, f"{client}-printed", mode)
+    env = as_printed(run, client, str(exe.parent))
+    r = run.run([exe, *argv(run.prompt)], env)
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded(name, session=False)
