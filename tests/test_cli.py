@@ -142,8 +142,8 @@ def test_every_guide_prints_shell_that_parses(tmp_path):
 
 
 def test_scripts_run_lets_the_user_set_the_options_it_defaults(tmp_path):
-    """`scripts/run --set confdir=… --set connection_strategy=… --set flow_detail=…`: the user's values replace the
-    script's own defaults (mitmproxy refuses two values for one option) and the gateway starts with them."""
+    """`scripts/run --set confdir=… --set connection_strategy=… --set flow_detail=…`: the user's values replace
+    the script's own defaults (mitmproxy refuses two values for one option) and the gateway starts with them."""
     import httpx
 
     from tests.support.gateway import ROOT, free_port
@@ -189,7 +189,8 @@ def test_guides_keep_the_users_own_settings(tmp_path):
 
     assert paste("gemini-cli").returncode == 0
     assert json.loads((home / ".gemini" / "settings.json").read_text()) == {
-        "ui": {"theme": "Dracula"}, "security": {"folderTrust": {"enabled": True}, "auth": {"selectedType": "gemini-api-key"}}}
+        "ui": {"theme": "Dracula"},
+        "security": {"folderTrust": {"enabled": True}, "auth": {"selectedType": "gemini-api-key"}}}
     r = paste("continue")
     assert r.returncode != 0 and "cannot overwrite existing file" in r.stderr
     assert (home / ".continue" / "config.yaml").read_text() == "name: mine\n"

@@ -338,7 +338,8 @@ def test_claude_code_as_printed(cgw, stand_in, tmp_path, mode):
         calls = [line.split() for line in f if " /aibridge/" not in line]
     assert [c for c in calls if int(c[3]) >= 400] == [], calls  # nothing it asked was refused
     assert len(calls) > 2, calls  # more than its model call: its service endpoints were exercised
-    central = {s.path.split("?")[0] for s in stand_in.seen[upstream_mark:] if s.headers.get("x-api-key") == UPSTREAM_KEY}
+    central = {s.path.split("?")[0] for s in stand_in.seen[upstream_mark:]
+               if s.headers.get("x-api-key") == UPSTREAM_KEY}
     assert central and central <= set(CLAUDE_REVIEWED), central
 
 

@@ -169,7 +169,9 @@ GEMINI_SETTINGS = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
 def gemini_cli(w: Where, mode: str) -> list[str]:
     lines = _exports(GOOGLE_GEMINI_BASE_URL=w.url("/gemini"), GEMINI_API_KEY=w.token) if mode == "base-url" else \
         _proxy_env(w, "node") + _exports(GEMINI_API_KEY=w.token)
-    return lines + _exports(GEMINI_CLI_TRUST_WORKSPACE="true") + _json_merge(
+    return lines + _comment("headless runs (gemini -p) need the workspace trusted: this trusts every folder in this "
+                            "shell;\ninteractive runs can instead trust folders one by one when asked") + \
+        _exports(GEMINI_CLI_TRUST_WORKSPACE="true") + _json_merge(
         "$HOME/.gemini/settings.json", GEMINI_SETTINGS, "log in with the API key, the gateway token")
 
 

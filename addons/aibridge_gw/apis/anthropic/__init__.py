@@ -58,7 +58,8 @@ class Anthropic:
         # credential; on the central key the gateway answers them itself with what the client takes for "nothing
         # to tell" (its telemetry, and flags of the key's organisation rather than the user's, never go upstream).
         endpoint("GET", "/api/claude_cli/bootstrap", local={}),
-        endpoint("GET", "/api/claude_code_penguin_mode", local={"enabled": False, "disabled_reason": "org_level_disabled"}),
+        endpoint("GET", "/api/claude_code_penguin_mode",  # fast mode: not on the central key unless reviewed
+                 local={"enabled": False, "disabled_reason": "org_level_disabled"}),
         endpoint("GET", "/api/claude_code/organizations/metrics_enabled", local={"metrics_logging_enabled": False}),
         endpoint("POST", "/api/event_logging/v2/batch", local={}),
         endpoint("POST", "/api/eval/{id}", local={"features": {}}),  # GrowthBook remote evaluation
