@@ -24,6 +24,7 @@ from mitmproxy.net.http.url import hostport
 
 from . import bodies, patches
 from .apis import MODEL_APIS, PROVIDERS, WIRE_APIS
+from .apis.base import LocalAnswer
 from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, ON_BEHALF_HEADERS, AuthRefused, Identity, identify, mask
 from .breaker import is_failure
 from .clients import client_metadata, detect_client, detect_session
@@ -124,9 +125,19 @@ class Pipeline:
                 route.provider.type, 426,
                 "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
             return
+        if route.local is not None and route.local.anyone:  # a connectivity check: no key, nothing upstream
+            flow.response = _local_answer(route.local)
+            return
         route, key_in_query = _credential_from_query(route, hv)
         ident = self._identify(flow, route, hv)
-        if ident is None or not self._admissible(flow, route, ident):
+        if ident is None:
+            return
+        if route.local is not None and ident.byok_credential is None:
+            # A client's service endpoint (telemetry, feature flags) on the central key: the gateway answers it, the
+            # way the client takes "nothing to tell"; the user's own credential would have taken it upstream.
+            flow.response = _local_answer(route.local)
+            return
+        if not self._admissible(flow, route, ident):
             return
         state = flow.metadata[STATE_KEY] = FlowState(flow, route)
         if route.api is None:
@@ -784,6 +795,12 @@ def _credential_from_query(route: Route, hv: dict[str, str]) -> tuple[Route, boo
     if moved:
         hv[header] = given
     return dataclasses.replace(route, upstream_path=path + ("?" + "&".join(kept) if kept else "")), moved
+
+
+def _local_answer(local: LocalAnswer) -> http.Response:
+    """The gateway's own answer for a client's service endpoint (apis/base.py, LocalAnswer)."""
+    headers = {"content-type": "application/json"} if local.body else {}
+    return http.Response.make(200, local.body, headers)
 
 
 def credential_kind(route: Route, ident: Identity) -> str:

@@ -6,7 +6,8 @@ sees, so `chat%2fcompletions`, `v1/../v1/chat/completions` or `//chat` cannot re
 
 Every endpoint the gateway relays is listed in its provider's module (`apis/<provider>`). An endpoint that can spend money is recorded as an
 interception (`api`); a read-only one is relayed unrecorded; anything else is refused with a 404 in the
-provider's format — the central key never goes to a path nobody reviewed.
+provider's format — the central key never goes to a path nobody reviewed. A client's service endpoint (telemetry,
+feature flags) may instead be answered by the gateway itself on the central key (`endpoint(…, local=…)`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from .apis import PROVIDERS
+from .apis.base import LocalAnswer
 from .config import Config, ProviderInstance
 
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar without percent-escapes
@@ -34,6 +36,7 @@ class Route:
     api: str | None  # recorded api name; None for passthrough (known read-only, or unknown with BYOK only)
     label: str  # bounded route label for metrics
     known: bool = True  # False: no listed endpoint matched (relayed only with the user's own credential)
+    local: LocalAnswer | None = None  # the gateway answers it itself on the central key (see apis/base.py)
 
 
 def canonical_path(target: str) -> tuple[list[str], str]:
@@ -115,7 +118,7 @@ class Router:
         upstream = prov.base_path + endpoint + query
         for ep in provider.endpoints:
             if method in ep.methods and ep.pattern.match(endpoint):
-                return Route(prov, upstream, ep.api, ep.label)
+                return Route(prov, upstream, ep.api, ep.label, local=ep.local)
         for prefix in prov.passthrough_paths:
             if endpoint == prefix or endpoint.startswith(prefix.rstrip("/") + "/"):
                 return Route(prov, upstream, None, prefix)
