@@ -113,3 +113,9 @@ def test_config_check_and_schema_need_no_database_and_no_default_config(tmp_path
     assert r.returncode == 1 and "retention_day: unknown key" in r.stderr
     missing = _cli(tmp_path, "config", "check")
     assert missing.returncode == 1 and "config file not found" in missing.stderr
+
+
+def test_the_reference_in_the_docs_lists_every_key_as_the_models_define_it():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    block = doc.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->", 1)[0]
+    assert block == config_model.reference(), "docs/configuration.md is stale: regenerate its reference block"

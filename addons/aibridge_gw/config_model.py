@@ -164,9 +164,10 @@ class TimeoutsFile(Section):
 
 
 class LimitValues(Section):
-    requests_per_minute: int | None = Field(None, ge=0)
-    tokens_per_day: int | None = Field(None, ge=0)
-    usd_per_month: float | None = Field(None, ge=0)
+    requests_per_minute: int | None = Field(None, ge=0, description="model calls per minute (unset: no limit)")
+    tokens_per_day: int | None = Field(None, ge=0, description="tokens per UTC day, all kinds summed (unset: no limit)")
+    usd_per_month: float | None = Field(None, ge=0, description="spend per calendar month at list prices (unset: "
+                                                                 "no limit)")
 
 
 class BudgetsFile(Section):
@@ -333,3 +334,79 @@ def _walk(ann: Any, node: Any, loc: tuple) -> list[str]:
     if origin is dict and len(args) == 2:
         return _walk(args[1], node.get(loc[0]) if isinstance(node, dict) else None, loc[1:])
     return []
+
+
+def reference() -> str:
+    """Every key as markdown tables, one per section (docs/configuration.md embeds this; a test keeps it current)."""
+    out: list[str] = []
+
+    def rows(model: type[BaseModel], prefix: str) -> list:
+        nested = []
+        out.append("| key | type | default | meaning |\n|---|---|---|---|")
+        for name, f in model.model_fields.items():
+            sub = _section_model(f.annotation)
+            if sub is not None and name != "providers":
+                nested.append((sub, f"{prefix}{name}" + ("[]" if get_origin(f.annotation) is list else "")))
+                continue
+            kind = "list of instances (below)" if name == "providers" else _type_name(f.annotation)
+            out.append(f"| `{prefix}{name}` | {kind} | {_default_text(f)} | {f.description or ''} |")
+        out.append("")
+        return nested
+
+    def section(model: type[BaseModel], path: str) -> None:
+        out.append(f"### `{path}`\n" if path else "### Top level\n")
+        for sub, sub_path in rows(model, path + "." if path else ""):
+            section(sub, sub_path)
+
+    section(ConfigFile, "")
+    out.append("### `providers[]`\n")
+    out.append("Every instance takes these; `type` chooses the provider, and some types take keys of their own (below).\n")
+    out.append("| key | type | default | meaning |\n|---|---|---|---|")
+    out.append(f"| `type` | {' \\| '.join(PROVIDERS)} | required | provider type |")
+    for name, f in ProviderBase.model_fields.items():
+        out.append(f"| `{name}` | {_type_name(f.annotation)} | {_default_text(f)} | {f.description or ''} |")
+    out.append("")
+    for ptype, provider in PROVIDERS.items():
+        extra = getattr(provider, "settings_model", None)
+        if extra is not None:
+            out.append(f"#### `type: {ptype}`\n")
+            rows(extra, "")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _default_text(f) -> str:
+    if f.is_required():
+        return "required"
+    if f.default_factory is not None:
+        return {list: "`[]`", dict: "`{}`"}.get(f.default_factory, "")
+    if f.default is None:
+        return "unset"
+    if isinstance(f.default, bool):
+        return f"`{str(f.default).lower()}`"
+    return f"`{f.default}`"
+
+
+def _section_model(ann: Any):
+    origin, args = get_origin(ann), get_args(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if origin is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args and args[0] is not Any else "list"
+    if origin is dict:
+        return f"map of {_type_name(args[1])}" if len(args) == 2 else "map"
+    if args:  # Optional / Union
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "limits: " + ", ".join(ann.model_fields) if ann is LimitValues else "mapping"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(ann, getattr(ann, "__name__", str(ann)))

@@ -17,11 +17,11 @@ class BedrockSettings(BaseModel):
         "resign", description="resign: the gateway signs with the instance's credentials; keep: each user's own "
                               "AWS signature goes upstream")
     access_key: str | None = Field(None, description="AWS access key id (default: the AWS credential chain)")
-    access_key_env: str | None = None
-    access_key_secret: str | None = None
-    access_key_secret_env: str | None = None
-    session_token: str | None = None
-    session_token_env: str | None = None
+    access_key_env: str | None = Field(None, description="the environment variable holding access_key")
+    access_key_secret: str | None = Field(None, description="AWS secret access key (set with access_key)")
+    access_key_secret_env: str | None = Field(None, description="the environment variable holding access_key_secret")
+    session_token: str | None = Field(None, description="AWS session token of temporary credentials")
+    session_token_env: str | None = Field(None, description="the environment variable holding session_token")
 
     @field_validator("region")
     @classmethod
