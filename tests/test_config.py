@@ -96,6 +96,7 @@ def _cli(tmp_path, *args, config: str | None = None):
                           cwd=tmp_path)
 
 
+@pytest.mark.integration  # runs the CLI as a process
 def test_config_check_and_schema_need_no_database_and_no_default_config(tmp_path):
     schema = _cli(tmp_path, "config", "schema")
     assert schema.returncode == 0, schema.stderr
