@@ -52,7 +52,7 @@ def test_realtime_is_relayed_and_recorded_when_the_instance_allows_it(own_gatewa
 
 def test_allow_realtime_must_be_a_boolean(own_gateway, upstream):
     with pytest.raises(RuntimeError, match="allow_realtime"):
-        own_gateway("bad", providers=openai_providers(upstream.url, allow_realtime="yes"))
+        own_gateway("bad", providers=openai_providers(upstream.url, allow_realtime="sometimes"))
 
 
 # --- Anthropic message batches ------------------------------------------------------------------------

@@ -103,7 +103,11 @@ class Budgets:
 
     @property
     def active(self) -> bool:
-        return self.default.any or any(l.any for l in self.per_user.values())
+        return self.any_limits(self.default, self.per_user)
+
+    @staticmethod
+    def any_limits(default: Limits, per_user: dict[str, Limits]) -> bool:
+        return default.any or any(l.any for l in per_user.values())
 
     def limits_for(self, user_name: str) -> Limits:
         return self.per_user.get(user_name, self.default)
