@@ -85,7 +85,7 @@ def test_bad_config_stops_start_up_with_a_clear_message(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode != 0
-    assert "providers[0].type: must be one of anthropic, openai, gemini, copilot, bedrock, chatgpt, got 'palm'" in (
+    assert "providers[0].type: 'palm' is not a provider type (one of anthropic, openai, gemini, copilot, bedrock, chatgpt)" in (
         r.stdout + r.stderr)
 
 
