@@ -76,3 +76,131 @@ def test_sql_cannot_write_or_touch_files_through_a_running_gateway_or_on_the_fil
     _check_sql_is_contained(gw, tmp_path, via_gateway=True)
     gw.stop()
     _check_sql_is_contained(gw, tmp_path, via_gateway=False)
+
+
+# --- credentials in logs ----------------------------------------------------------------------------------------
+
+
+def _exchange(gw: Gateway, raw: bytes, close_early: bool = False, timeout: float = 5.0) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=timeout) as s:
+        s.sendall(raw)
+        if close_early:
+            return b""
+        s.shutdown(socket.SHUT_WR) if b"\r\n\r\n" not in raw else None
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+                if b"\r\n\r\n" in data and not close_early and b"content-length: 0" in data.lower():
+                    break
+        except TimeoutError:
+            pass
+        return data
+
+
+def _files_text(root) -> dict[str, str]:
+    """Every file the gateway wrote under its directory (logs, journal, spool, dead letters, captures), as text;
+    not its config (which names the upstream keys) nor its CA."""
+    out = {}
+    for path in root.rglob("*"):
+        if path.is_file() and path.name != "aibridge.yaml" and "certs" not in path.parts:
+            out[str(path)] = path.read_bytes().decode("latin-1")
+    return out
+
+
+def test_no_credential_reaches_the_log_journal_spool_or_audit(own_gateway, mock):
+    import base64
+
+    import duckdb
+
+    from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY
+
+    gw = own_gateway("nologs")
+    gw.op("users.add", name="root-admin", role="admin")
+    admin = gw.op("tokens.create", user="root-admin", name="t")["token"]
+    user = gw.new_user("logged")
+    unknown = "aib_UnknownTokenZZ9-" + "q" * 24
+    byok = "sk-proj-ByokKeyOfTheUser0123456789abcdef"
+    basic = base64.b64encode(f"logged:{user}".encode()).decode()
+    basic_admin = base64.b64encode(f"root-admin:{admin}".encode()).decode()
+    secrets = [admin, user, unknown, byok, basic, basic_admin, UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY]
+
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = (f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {admin}\r\n"
+            f"Proxy-Authorization: Basic {basic_admin}\r\nX-Api-Key: {user}\r\nX-AIBridge-Token: {user}\r\n")
+    # A client that hangs up before finishing its headers: mitmproxy logs what it had read.
+    _exchange(gw, head.encode(), close_early=True)
+    _exchange(gw, head.encode() + b"Content-Type: applic", close_early=True)
+    # ... before finishing its body.
+    _exchange(gw, head.encode() + f"Content-Length: {len(body) + 50}\r\n\r\n".encode() + body, close_early=True)
+    # Refused tokens, through each header and the query string.
+    for h in (f"Authorization: Bearer {unknown}", f"X-Api-Key: {unknown}", f"Api-Key: {unknown}"):
+        assert b" 401 " in _exchange(gw, f"GET /openai/v1/models HTTP/1.1\r\nHost: gw\r\n{h}\r\n"
+                                        "Connection: close\r\n\r\n".encode())
+    _exchange(gw, f"GET /openai/v1/models?key={unknown} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+    # Proxy credentials refused, and accepted for a target the egress policy refuses.
+    bad = base64.b64encode(f"mallory:{unknown}".encode()).decode()
+    _exchange(gw, f"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n"
+                  f"Proxy-Authorization: Basic {bad}\r\n\r\n".encode(), timeout=2)
+    _exchange(gw, f"GET http://127.0.0.1:9/x HTTP/1.1\r\nHost: 127.0.0.1:9\r\nProxy-Authorization: Basic {basic}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+    # An upstream error, a BYOK key with a gateway token, and a completed call.
+    mock.script(Reply.json({"error": {"message": f"bad key {UPSTREAM_OPENAI_KEY}"}}, status=401),
+                Reply.json(chat_completion()), Reply.json(chat_completion()))
+    for extra in (f"Authorization: Bearer {user}", f"Authorization: Bearer {byok}\r\nX-AIBridge-Token: {user}",
+                  f"Authorization: Bearer {admin}"):
+        _exchange(gw, (f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n{extra}\r\nContent-Type: "
+                       f"application/json\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    gw.interceptions("logged", 2)
+    gw.stop()
+
+    assert "Client closed connection before completing request headers" in gw.log()  # the case is exercised
+    for path, text in _files_text(gw.workdir).items():
+        for secret in secrets:
+            assert secret not in text, (path, secret)
+    con = duckdb.connect(str(gw.db), read_only=True)
+    try:
+        for (table,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall():
+            dump = repr(con.execute(f'SELECT * FROM "{table}"').fetchall())
+            for secret in secrets:
+                assert secret not in dump, (table, secret)
+    finally:
+        con.close()
+
+
+def test_log_records_are_redacted_whoever_formats_them():
+    """The record factory redacts messages, arguments and exception text, for every handler and formatter
+    (mitmproxy's own formats `exc_info` itself)."""
+    import logging
+
+    from mitmproxy.log import MitmFormatter
+
+    from aibridge_gw.logsafe import install_log_redaction, redact
+
+    before = logging.getLogRecordFactory()
+    install_log_redaction(("x-goog-api-key",))
+    try:
+        _check_redaction(logging.getLogRecordFactory(), MitmFormatter)
+    finally:
+        logging.setLogRecordFactory(before)
+    assert redact("postgresql://aibridge:hunter22@db/x") == "postgresql://aibridge:<redacted>@db/x"
+    assert redact("/gemini/v1beta/models/m:generateContent?key=abc&alt=sse").endswith("key=<redacted>&alt=sse")
+    assert redact("Authorization: Bearer sk-ant-api03-" + "x" * 40) == "Authorization: Bearer <redacted>"
+
+
+def _check_redaction(factory, MitmFormatter):
+    import logging
+    import sys
+
+    token = "aib_" + "T" * 43
+    head = b"GET / HTTP/1.1\r\nproxy-authorization: Basic dXNlcjpwYXNz\r\nx-goog-api-key: plainkey\r\n"
+    try:
+        raise ValueError(f"header {token}")
+    except ValueError:
+        record = factory("mitmproxy.test", logging.WARNING, __file__, 1, "read %r for %s", (head, token),
+                         sys.exc_info())
+    for text in (MitmFormatter(False).format(record), logging.Formatter().format(record)):
+        assert token not in text and "dXNlcjpwYXNz" not in text and "plainkey" not in text, text
+        assert "ValueError" in text and "Basic <redacted>" in text and "aib_…TTTT" in text

@@ -18,7 +18,7 @@ from mitmproxy.log import LegacyLogEvents
 from .admin_api import AdminApi
 from .apis import PROVIDERS
 from .apis.base import BadSettings
-from .auth import Actor, TokenDirectory, mask
+from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, Actor, TokenDirectory, mask
 from .breaker import CircuitBreakers
 from .budgets import Budgets
 from .config import Config, ConfigError, load_config, postgres_label, postgres_tag
@@ -27,6 +27,7 @@ from .egress import EgressPolicy, local_addresses
 from .errors import error_response
 from .flowstate import FlowState
 from .keypool import KeyPool
+from .logsafe import RedactingStream, install_log_redaction
 from .mcp.loop import LoopServer
 from .mcp.registry import McpRegistry
 from .metrics import Metrics
@@ -69,6 +70,19 @@ def tune_logging() -> None:
     # Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
     for noisy in ("httpx", "httpcore", "mcp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # No credential reaches a log line, whoever logs it: mitmproxy logs the raw head of a request a client
+    # abandoned (gateway tokens, proxy credentials), exceptions may quote headers.
+    install_log_redaction(CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS)
+
+
+def redact_flow_dumps() -> None:
+    """mitmproxy's flow dumper (`flow_detail` 1+) prints flows to stdout itself, not through logging: redact it."""
+    try:
+        dumper = ctx.master.addons.get("dumper")
+    except Exception:
+        return
+    if dumper is not None and not isinstance(dumper.outfp, RedactingStream):
+        dumper.outfp = RedactingStream(dumper.outfp)
 
 
 class Runtime:
@@ -104,6 +118,7 @@ class Runtime:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
         os.umask(0o077)
         tune_logging()
+        redact_flow_dumps()
         loader.add_option(
             "aibridge_config", str, "",
             "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
