@@ -119,6 +119,9 @@ class Timeouts:
     stream_idle: float = 300.0  # longest silence between two chunks of a stream
     # SIGTERM: how long calls in flight may finish before they are ended (keep it below systemd's TimeoutStopSec)
     shutdown_grace: float = 60.0
+    # A client connection that has sent no complete request head this long after it connected (or after its last
+    # response ended, between requests) is closed: slow or silent connections cannot pile up.
+    request_head: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class StorageSettings:
 class LimitSettings:
     max_request_body_bytes: int = 32 * 1024 * 1024  # limits.max_request_body_mb, after decompression
     auth_failures_per_minute: int = 30  # failed token checks per client address before 429
+    # Client connections from one address with nothing in flight; past it the oldest of them is closed.
+    max_idle_connections_per_address: int = 256
 
 
 @dataclass(frozen=True)
@@ -388,8 +393,12 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
     try:
         max_body = int(float(limits.get("max_request_body_mb", 32)) * 1024 * 1024)
         auth_failures = int(limits.get("auth_failures_per_minute", 30))
+        max_idle = int(limits.get("max_idle_connections_per_address", 256))
     except (TypeError, ValueError):
-        raise ConfigError("limits: max_request_body_mb and auth_failures_per_minute must be numbers") from None
+        raise ConfigError("limits: max_request_body_mb, auth_failures_per_minute and "
+                          "max_idle_connections_per_address must be numbers") from None
+    if max_idle < 1:
+        raise ConfigError(f"limits.max_idle_connections_per_address: must be 1 or more, not {max_idle}")
     capture = _parse_capture(raw.get("capture") or {})
     if capture.directory is not None:
         capture = dataclasses.replace(capture, directory=local(capture.directory))
@@ -408,7 +417,7 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         logging=LoggingSettings(json_log if json_log in (None, "-") else str(local(json_log))),
         budgets=_parse_budgets(raw.get("budgets") or {}),
         circuit_breaker=_parse_breaker(raw.get("circuit_breaker") or {}),
-        limits=LimitSettings(max_body, auth_failures),
+        limits=LimitSettings(max_body, auth_failures, max_idle),
         timeouts=_parse_timeouts(raw.get("timeouts") or {}),
         public_host_notes=tuple(notes),
     )
@@ -418,7 +427,7 @@ def _parse_timeouts(d) -> Timeouts:
     if not isinstance(d, dict):
         raise ConfigError("timeouts: must be a mapping")
     names = {"connect_seconds": "connect", "response_seconds": "response", "stream_idle_seconds": "stream_idle",
-             "shutdown_grace_seconds": "shutdown_grace"}
+             "shutdown_grace_seconds": "shutdown_grace", "request_head_seconds": "request_head"}
     unknown = set(d) - set(names)
     if unknown:
         raise ConfigError(f"timeouts: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(names)}")

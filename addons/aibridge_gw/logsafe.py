@@ -39,6 +39,10 @@ _SHAPED = re.compile(r"(?<![A-Za-z0-9])(?:aib_[A-Za-z0-9_-]{6,}|sk-[A-Za-z0-9_-]
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@'\"]*):([^@\s/'\"]+)@")
 # Credentials in query strings (Gemini's `key=`).
 _QUERY = re.compile(r"(?i)([?&](?:key|api[_-]?key|token|access_token|auth)=)[^&\s'\"#]+")
+# What every credential above has in it, somewhere: a line without any of these is passed over in one scan.
+# (Plain substring tests of the lowered text: several times faster than one case-insensitive alternation.)
+_MAYBE = ["aib_", "sk-", "aiza", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "://", "key", "token", "auth",
+          "cookie"]
 _SCHEME = re.compile(r"(?i)(?:bearer|basic|token|digest|aws4-hmac-sha256)\s+")
 _header_re: re.Pattern | None = None
 
@@ -67,6 +71,9 @@ def redact(text: str) -> str:
     """`text` with every credential the gateway can recognise replaced: credential header values, gateway tokens and
     provider keys by their shape, URL passwords and credential query parameters."""
     global _header_re
+    lowered = text.lower()
+    if not any(m in lowered for m in _MAYBE):
+        return text
     if _header_re is None:
         _header_re = _header_pattern(CREDENTIAL_HEADER_NAMES)
     text = _header_re.sub(_header_value, text)
@@ -104,6 +111,9 @@ def install_log_redaction(extra_headers=()) -> None:
     global _header_re
     names = tuple(dict.fromkeys(CREDENTIAL_HEADER_NAMES + tuple(h.lower() for h in extra_headers)))
     _header_re = _header_pattern(names)
+    for name in names:  # a provider's header named otherwise is looked for too
+        if not any(m in name for m in _MAYBE):
+            _MAYBE.append(name)
     current = logging.getLogRecordFactory()
     if getattr(current, "aibridge_redacts", False):
         return

@@ -10,9 +10,9 @@ that each patch took, so a mitmproxy upgrade that moves them fails loudly instea
 - Upstream failures (`HttpStream.handle_protocol_error`): for intercepted flows the client gets the provider's own
   JSON error (before the response started) or the API's error event and a clean end of the stream (after) —
   see upstream_faults.py.
-- Listening (`ServerInstance.listen` of TCP modes), in `scripts/run --workers N`'s workers only (workers.worker
-  installs it before mitmdump starts): each binds the one port with SO_REUSEPORT, so the kernel spreads
-  connections over the workers.
+- Listening (`ServerInstance.listen` of TCP modes): a deep listen backlog, so a burst of connections does not make
+  the kernel drop new ones; in `scripts/run --workers N`'s workers (workers.worker installs it before mitmdump
+  starts) also SO_REUSEPORT: each binds the one port, so the kernel spreads connections over the workers.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def install(decide: "Decide") -> None:
     install_request_form_marker()
     install_json_error_pages()
     install_client_endings(decide)
+    install_listener()
 
 
 def install_request_form_marker() -> None:
@@ -136,24 +137,62 @@ def _events(stream_id: int, ending: ClientEnding) -> list:
     return [ResponseData(stream_id, ending.stream_tail), ResponseEndOfMessage(stream_id)]
 
 
-def install_shared_listener() -> None:
-    """For a worker of `scripts/run --workers N` only: bind the listening port with SO_REUSEPORT, so every worker
-    listens on the same port and the kernel spreads new connections over them. mitmproxy's own listen binds
-    without it; nothing else changes (one TCP server per mode, as mitmproxy starts it). Never installed in a
-    plain gateway: two of them must not silently share a port."""
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+_listener = {"reuse_port": False}
+
+
+def install_listener(reuse_port: bool = False) -> None:
+    """mitmproxy listens with asyncio's default backlog of 100: a burst of connections (thousands of idle ones
+    opened at once) overflows it, and the kernel then drops new connections' SYNs, so a legitimate client waits for
+    its retransmits (1, 3, 7 s). Listen with a deep backlog instead; with `reuse_port` (a worker of `scripts/run
+    --workers N`), also with SO_REUSEPORT, so every worker listens on the same port and the kernel spreads new
+    connections over them. Idempotent; reuse_port, once asked for, stays."""
     import asyncio
 
     from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 
+    if reuse_port:
+        _listener["reuse_port"] = True
     original = AsyncioServerInstance.listen
     if getattr(original, "aibridge", False):
         return
 
     async def listen(self, host: str, port: int):
-        if self.mode.transport_protocol != "tcp" or port == 0:
+        if self.mode.transport_protocol != "tcp" or port == 0:  # port 0: mitmproxy picks one, then comes back here
             return await original(self, host, port)
-        return [await asyncio.start_server(self.handle_stream, host or None, port, reuse_port=True)]
+        return [await asyncio.start_server(self.handle_stream, host or None, port, backlog=LISTEN_BACKLOG,
+                                           reuse_port=_listener["reuse_port"] or None)]
 
     listen.aibridge = True
     listen.aibridge_original = original
     AsyncioServerInstance.listen = listen
+
+
+def deepen_listen_backlogs(proxyserver) -> int:
+    """The same deep backlog for sockets already listening: mitmdump loads its scripts in a task that races its first
+    listen, so the listen patch may come too late for it. Linux takes a second `listen()` on a listening socket as a
+    new backlog. Returns how many sockets were changed."""
+    import socket
+
+    changed = 0
+    for instance in list(getattr(proxyserver, "servers", ())):
+        for server in list(getattr(instance, "_servers", ())):
+            if getattr(server, "_backlog", LISTEN_BACKLOG) >= LISTEN_BACKLOG:
+                continue
+            for ts in list(getattr(server, "sockets", ()) or ()):
+                if ts.type != socket.SOCK_STREAM:
+                    continue
+                dup = ts.dup()  # the same listening socket, through a descriptor of our own
+                try:
+                    dup.listen(LISTEN_BACKLOG)
+                    changed += 1
+                finally:
+                    dup.close()
+            server._backlog = LISTEN_BACKLOG  # asyncio also accepts up to this many per wake-up
+    return changed
+
+
+def install_shared_listener() -> None:
+    """For a worker of `scripts/run --workers N` only (workers.worker installs it before mitmdump starts): bind the
+    listening port with SO_REUSEPORT. Never in a plain gateway: two of them must not silently share a port."""
+    install_listener(reuse_port=True)

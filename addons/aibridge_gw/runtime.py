@@ -75,6 +75,46 @@ def tune_logging() -> None:
     install_log_redaction(CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS)
 
 
+def raise_open_files_limit() -> None:
+    """Every client connection is a descriptor: take the whole hard limit the process is allowed (Python keeps the
+    soft one, often 1024), so thousands of connections do not make accepting new ones fail and pause."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as e:
+        log.debug("aibridge: could not raise the open files limit: %s", e)
+
+
+def quiet_legacy_log_events() -> None:
+    """mitmproxy turns every log record into a deprecated `add_log` hook call (a cross-thread call, then a dispatch
+    over every addon: about a third of the cost of accepting a connection, which logs two lines). None of the
+    gateway's or mitmproxy's addons implements it; while no loaded addon does, records skip it."""
+    def listeners() -> bool:
+        try:
+            from mitmproxy.addonmanager import traverse
+
+            return any(hasattr(a, "add_log") for a in traverse(ctx.master.addons.chain))
+        except Exception:
+            return True
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LegacyLogEvents) and not getattr(handler, "aibridge_quiet", False):
+            state = {"listeners": listeners(), "at": time.monotonic()}
+
+            def wanted(record, state=state) -> bool:
+                if time.monotonic() - state["at"] > 5.0:  # a script loaded later may implement it
+                    state["listeners"], state["at"] = listeners(), time.monotonic()
+                return state["listeners"]
+
+            handler.addFilter(wanted)
+            handler.aibridge_quiet = True
+
+
 def redact_flow_dumps() -> None:
     """mitmproxy's flow dumper (`flow_detail` 1+) prints flows to stdout itself, not through logging: redact it."""
     try:
@@ -119,6 +159,7 @@ class Runtime:
         os.umask(0o077)
         tune_logging()
         redact_flow_dumps()
+        raise_open_files_limit()
         loader.add_option(
             "aibridge_config", str, "",
             "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
@@ -396,6 +437,7 @@ class Runtime:
         # it out of the collector's reach, so full collections under load scan only per-request objects.
         gc.collect()
         gc.freeze()
+        quiet_legacy_log_events()
         direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
         if direct:
             interception_log.handlers, interception_log.propagate = direct, False

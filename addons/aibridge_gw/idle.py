@@ -1,0 +1,203 @@
+"""The `IdleConnections` addon: connections that carry nothing cannot pile up.
+
+A client connection is *idle* while it has nothing in flight: from the moment it connects until its first request
+head is complete, and between the end of one response and the next request head (keep-alive, HTTP/2 with no
+stream open). Two rules, both about idle connections only:
+
+- **Request head timeout** (`timeouts.request_head_seconds`, default 10): a connection idle that long is closed.
+  It catches connections that never send anything, a TLS handshake that never ends, a request head sent a byte at a
+  time (slowloris), and kept-alive connections nobody reuses (SDK pools reconnect; common servers close idle
+  keep-alive after 5–75 s).
+- **Per-address cap** (`limits.max_idle_connections_per_address`, default 256): when one client address holds
+  more idle connections than that, its oldest idle ones are closed. A connection with a request in flight (a
+  long blocking call, a stream) is never idle; neither is a tunnel (a CONNECT relayed without decryption, a
+  WebSocket), which mitmproxy's own `tcp_timeout` governs.
+
+Closing is what mitmproxy does to a connection its inactivity watchdog gives up on (`ConnectionHandler.on_timeout`:
+the connection's reader task is cancelled); nothing in mitmproxy is patched. Bookkeeping is O(1) per event and the
+once-a-second sweep looks only at connections whose time is up (idle connections are kept in the order they
+became idle), so thousands of idle connections cost nothing while they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+
+from mitmproxy import connection, ctx, http
+
+from . import patches
+from .runtime import Runtime
+
+log = logging.getLogger("aibridge")
+
+SWEEP_SECONDS = 1.0  # how often idle connections are checked against the request head timeout (at most)
+SUMMARY_SECONDS = 10.0  # closures are logged as one line per this long, not one per connection
+HEAD_TIMEOUT = "no request head within timeouts.request_head_seconds"
+OVER_CAP = "too many idle connections from this address (limits.max_idle_connections_per_address)"
+
+
+class _Conn:
+    __slots__ = ("address", "busy", "tunnel", "idle_since")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.busy = 0  # requests in flight (HTTP/2: streams)
+        self.tunnel = False  # relayed without requests (TCP passthrough, WebSocket): never idle
+        self.idle_since = time.monotonic()
+
+
+class IdleConnections:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.conns: dict[str, _Conn] = {}  # every open client connection by id
+        self.idle: OrderedDict[str, None] = OrderedDict()  # idle connections, longest idle first
+        self.by_address: dict[str, OrderedDict[str, None]] = {}  # the same, per client address
+        self.closed = {HEAD_TIMEOUT: 0, OVER_CAP: 0}  # since the gateway started
+        self._unlogged = {HEAD_TIMEOUT: 0, OVER_CAP: 0}
+        self._logged_at = 0.0
+        self._task: asyncio.Task | None = None
+
+    # --- settings (read on every use: a config reload applies at once) ------------------------------------
+
+    @property
+    def head_timeout(self) -> float:
+        return self.rt.config.timeouts.request_head if self.rt.config is not None else 10.0
+
+    @property
+    def cap(self) -> int:
+        return self.rt.config.limits.max_idle_connections_per_address if self.rt.config is not None else 256
+
+    # --- hooks ------------------------------------------------------------------------------------------
+
+    async def running(self) -> None:
+        if ctx.options.server and self._task is None:
+            self._task = asyncio.create_task(self._sweep())
+            try:  # a burst of connections must queue, not be dropped (see patches.install_listener)
+                patches.deepen_listen_backlogs(ctx.master.addons.get("proxyserver"))
+            except Exception as e:
+                log.warning("aibridge: could not deepen the listen backlog: %s", e)
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def client_connected(self, client: connection.Client) -> None:
+        address = client.peername[0] if client.peername else "?"
+        conn = self.conns[client.id] = _Conn(address)
+        self._now_idle(client.id, conn)
+        idle = self.by_address[address]
+        cap = self.cap
+        while len(idle) > cap:
+            oldest = next(iter(idle))
+            self._close(oldest, OVER_CAP)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        conn = self.conns.pop(client.id, None)
+        if conn is not None:
+            self._not_idle(client.id, conn)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        conn = self.conns.get(flow.client_conn.id)
+        if conn is not None:
+            conn.busy += 1
+            self._not_idle(flow.client_conn.id, conn)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        """A CONNECT was answered 2xx: the tunnel's first request head (or its TLS handshake, then the head) is
+        due within the timeout from now; a tunnel relayed without decryption becomes one at `tcp_start`."""
+        conn = self.conns.get(flow.client_conn.id)
+        if conn is not None and not conn.busy and not conn.tunnel:
+            self._now_idle(flow.client_conn.id, conn)
+
+    def tcp_start(self, flow) -> None:
+        self._tunnel(flow.client_conn.id)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self._tunnel(flow.client_conn.id)
+
+    # --- bookkeeping ------------------------------------------------------------------------------------
+
+    def _ended(self, flow: http.HTTPFlow) -> None:
+        conn = self.conns.get(flow.client_conn.id)
+        if conn is None or conn.busy == 0:  # a CONNECT, or a request whose head this addon never saw
+            return
+        conn.busy -= 1
+        if conn.busy == 0 and not conn.tunnel:
+            self._now_idle(flow.client_conn.id, conn)
+
+    def _tunnel(self, cid: str) -> None:
+        conn = self.conns.get(cid)
+        if conn is not None:
+            conn.tunnel = True
+            self._not_idle(cid, conn)
+
+    def _now_idle(self, cid: str, conn: _Conn) -> None:
+        conn.idle_since = time.monotonic()
+        self.idle[cid] = None
+        self.idle.move_to_end(cid)
+        per = self.by_address.get(conn.address)
+        if per is None:
+            per = self.by_address[conn.address] = OrderedDict()
+        per[cid] = None
+        per.move_to_end(cid)
+
+    def _not_idle(self, cid: str, conn: _Conn) -> None:
+        self.idle.pop(cid, None)
+        per = self.by_address.get(conn.address)
+        if per is not None:
+            per.pop(cid, None)
+            if not per:
+                del self.by_address[conn.address]
+
+    def _close(self, cid: str, why: str) -> None:
+        """Close one idle connection: mitmproxy's own way for an inactive one (cancel its reader task)."""
+        conn = self.conns.get(cid)
+        if conn is not None:
+            self._not_idle(cid, conn)  # it no longer counts, whether or not it takes a moment to go
+        try:
+            handler = ctx.master.addons.get("proxyserver").connections.get(cid)
+        except Exception:
+            handler = None
+        if handler is None:
+            return
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None and not io.handler.done() and not io.handler.cancelling():
+            io.handler.cancel(why)
+            self.closed[why] += 1
+            self._unlogged[why] += 1
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(SWEEP_SECONDS, self.head_timeout / 4))
+            try:
+                self._expire(time.monotonic())
+            except Exception:  # never let the sweep die: it is the timeout
+                log.exception("aibridge: checking idle connections failed")
+
+    def _expire(self, now: float) -> None:
+        deadline = now - self.head_timeout
+        while self.idle:
+            cid = next(iter(self.idle))
+            conn = self.conns.get(cid)
+            if conn is None:
+                self.idle.pop(cid, None)
+                continue
+            if conn.idle_since > deadline:
+                break
+            self._close(cid, HEAD_TIMEOUT)
+        if any(self._unlogged.values()) and now - self._logged_at >= SUMMARY_SECONDS:
+            self._logged_at = now
+            log.info("aibridge: closed %d connection(s) that sent no request head within %g s and %d idle "
+                     "connection(s) over the per-address cap of %d", self._unlogged[HEAD_TIMEOUT], self.head_timeout,
+                     self._unlogged[OVER_CAP], self.cap)
+            self._unlogged = {HEAD_TIMEOUT: 0, OVER_CAP: 0}
