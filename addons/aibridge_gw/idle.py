@@ -13,6 +13,13 @@ stream open). Two rules, both about idle connections only:
   long blocking call, a stream) is never idle; neither is a tunnel (a CONNECT relayed without decryption, a
   WebSocket), which mitmproxy's own `tcp_timeout` governs.
 
+**Front door.** Accepting a connection costs mitmproxy about half a millisecond (its handler, two hook dispatches
+over every addon): a burst of thousands from one address would keep everyone else waiting behind it. So every
+accepted connection first passes `admit` (patches.install_listener): an address under its cap goes straight in;
+an address already holding its cap of idle connections waits its turn in a queue of its own, and one waiting
+connection is let in per event-loop round, while connections from every other address go in at once. Waiting
+connections count against the cap (the oldest waiting one is closed first) and the head timeout applies to them.
+
 Closing is what mitmproxy does to a connection its inactivity watchdog gives up on (`ConnectionHandler.on_timeout`:
 the connection's reader task is cancelled); nothing in mitmproxy is patched. Bookkeeping is O(1) per event and the
 once-a-second sweep looks only at connections whose time is up (idle connections are kept in the order they
@@ -24,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from mitmproxy import connection, ctx, http
 
@@ -59,6 +66,9 @@ class IdleConnections:
         self._unlogged = {HEAD_TIMEOUT: 0, OVER_CAP: 0}
         self._logged_at = 0.0
         self._task: asyncio.Task | None = None
+        # Front door: per address, connections waiting for their turn: (accepted at, writer, future)
+        self.waiting: dict[str, deque] = {}
+        self._turns: asyncio.Task | None = None
 
     # --- settings (read on every use: a config reload applies at once) ------------------------------------
 
@@ -72,18 +82,73 @@ class IdleConnections:
 
     # --- hooks ------------------------------------------------------------------------------------------
 
+    def load(self, loader) -> None:
+        patches.set_front_door(self.admit)
+
     async def running(self) -> None:
         if ctx.options.server and self._task is None:
             self._task = asyncio.create_task(self._sweep())
-            try:  # a burst of connections must queue, not be dropped (see patches.install_listener)
-                patches.deepen_listen_backlogs(ctx.master.addons.get("proxyserver"))
+            try:  # a burst of connections must queue, not be dropped, and pass the front door
+                await patches.serve_through_front_door(ctx.master.addons.get("proxyserver"))
             except Exception as e:
-                log.warning("aibridge: could not deepen the listen backlog: %s", e)
+                log.warning("aibridge: could not serve the listening socket through the front door: %s", e)
 
     def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        patches.set_front_door(None)
+        for task in (self._task, self._turns):
+            if task is not None:
+                task.cancel()
+        self._task = self._turns = None
+        for queue in self.waiting.values():
+            for _, writer, fut in queue:
+                self._refuse(writer, fut)
+        self.waiting.clear()
+
+    # --- the front door -------------------------------------------------------------------------------
+
+    async def admit(self, instance, reader, writer) -> None:
+        """Hand an accepted connection to mitmproxy: at once, unless its address already holds its cap of idle
+        connections; then after the connections of every other address, one per event-loop round."""
+        peer = writer.get_extra_info("peername")
+        address = peer[0] if peer else "?"
+        queue = self.waiting.get(address)
+        if queue is None and len(self.by_address.get(address, ())) < self.cap:
+            return await instance.handle_stream(reader, writer)
+        if queue is None:
+            queue = self.waiting[address] = deque()
+        fut = asyncio.get_running_loop().create_future()
+        queue.append((time.monotonic(), writer, fut))
+        if len(queue) > self.cap:  # waiting counts against the cap too: the oldest waiting one goes
+            _, old_writer, old_fut = queue.popleft()
+            self._refuse(old_writer, old_fut, OVER_CAP)
+        if self._turns is None or self._turns.done():
+            self._turns = asyncio.create_task(self._take_turns())
+        if await fut:
+            await instance.handle_stream(reader, writer)
+
+    async def _take_turns(self) -> None:
+        """Let waiting connections in, one per event-loop round, taking addresses in turn."""
+        while self.waiting:
+            for address in list(self.waiting):
+                queue = self.waiting.get(address)
+                if queue:
+                    _, _, fut = queue.popleft()
+                    if not fut.done():
+                        fut.set_result(True)
+                if not queue:
+                    self.waiting.pop(address, None)
+                await asyncio.sleep(0)
+
+    def _refuse(self, writer, fut, why: str | None = None) -> None:
+        if not fut.done():
+            fut.set_result(False)
+        try:
+            writer.close()
+        except Exception:
+            pass
+        if why is not None:
+            self.closed[why] += 1
+            self._unlogged[why] += 1
 
     def client_connected(self, client: connection.Client) -> None:
         address = client.peername[0] if client.peername else "?"
@@ -186,6 +251,13 @@ class IdleConnections:
 
     def _expire(self, now: float) -> None:
         deadline = now - self.head_timeout
+        for address in list(self.waiting):
+            queue = self.waiting[address]
+            while queue and queue[0][0] <= deadline:
+                _, writer, fut = queue.popleft()
+                self._refuse(writer, fut, HEAD_TIMEOUT)
+            if not queue:
+                del self.waiting[address]
         while self.idle:
             cid = next(iter(self.idle))
             conn = self.conns.get(cid)

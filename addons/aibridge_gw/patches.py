@@ -11,7 +11,8 @@ that each patch took, so a mitmproxy upgrade that moves them fails loudly instea
   JSON error (before the response started) or the API's error event and a clean end of the stream (after) —
   see upstream_faults.py.
 - Listening (`ServerInstance.listen` of TCP modes): a deep listen backlog, so a burst of connections does not make
-  the kernel drop new ones; in `scripts/run --workers N`'s workers (workers.worker installs it before mitmdump
+  the kernel drop new ones, and a front door every accepted connection passes before mitmproxy's handler is made
+  (idle.py: an address flooding the gateway waits its turn behind the others); in `scripts/run --workers N`'s workers (workers.worker installs it before mitmdump
   starts) also SO_REUSEPORT: each binds the one port, so the kernel spreads connections over the workers.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import http
 from mitmproxy.proxy.layers import http as http_layer
@@ -139,14 +140,35 @@ def _events(stream_id: int, ending: ClientEnding) -> list:
 
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _listener = {"reuse_port": False}
+# Every accepted client connection passes here before mitmproxy's handler is made: (instance, reader, writer) ->
+# awaitable that hands the connection to `instance.handle_stream` (now, later or never). Set by the
+# IdleConnections addon; without it connections go straight to mitmproxy.
+FrontDoor = Callable[..., "Awaitable[None]"]
+_front_door: list = []
+
+
+def set_front_door(door: "FrontDoor | None") -> None:
+    _front_door[:] = [door] if door is not None else []
+
+
+def _serve(instance):
+    """The connection callback of a listening socket: the front door, else mitmproxy's own."""
+    async def accepted(reader, writer):
+        if _front_door:
+            await _front_door[0](instance, reader, writer)
+        else:
+            await instance.handle_stream(reader, writer)
+
+    accepted.aibridge = True
+    return accepted
 
 
 def install_listener(reuse_port: bool = False) -> None:
     """mitmproxy listens with asyncio's default backlog of 100: a burst of connections (thousands of idle ones
     opened at once) overflows it, and the kernel then drops new connections' SYNs, so a legitimate client waits for
-    its retransmits (1, 3, 7 s). Listen with a deep backlog instead; with `reuse_port` (a worker of `scripts/run
-    --workers N`), also with SO_REUSEPORT, so every worker listens on the same port and the kernel spreads new
-    connections over them. Idempotent; reuse_port, once asked for, stays."""
+    its retransmits (1, 3, 7 s). Listen with a deep backlog instead, through the front door (`set_front_door`); with
+    `reuse_port` (a worker of `scripts/run --workers N`), also with SO_REUSEPORT, so every worker listens on the
+    same port and the kernel spreads new connections over them. Idempotent; reuse_port, once asked for, stays."""
     import asyncio
 
     from mitmproxy.proxy.mode_servers import AsyncioServerInstance
@@ -160,36 +182,41 @@ def install_listener(reuse_port: bool = False) -> None:
     async def listen(self, host: str, port: int):
         if self.mode.transport_protocol != "tcp" or port == 0:  # port 0: mitmproxy picks one, then comes back here
             return await original(self, host, port)
-        return [await asyncio.start_server(self.handle_stream, host or None, port, backlog=LISTEN_BACKLOG,
-                                           reuse_port=_listener["reuse_port"] or None)]
+        server = await asyncio.start_server(_serve(self), host or None, port, backlog=LISTEN_BACKLOG,
+                                            reuse_port=_listener["reuse_port"] or None)
+        server.aibridge = True
+        return [server]
 
     listen.aibridge = True
     listen.aibridge_original = original
     AsyncioServerInstance.listen = listen
 
 
-def deepen_listen_backlogs(proxyserver) -> int:
-    """The same deep backlog for sockets already listening: mitmdump loads its scripts in a task that races its first
-    listen, so the listen patch may come too late for it. Linux takes a second `listen()` on a listening socket as a
-    new backlog. Returns how many sockets were changed."""
+async def serve_through_front_door(proxyserver) -> int:
+    """Sockets mitmproxy already listens on (mitmdump loads its scripts in a task that races its first listen, so the
+    listen patch may come too late for it) get what `install_listener` gives new ones: the deep backlog and the
+    front door. The listening socket itself stays (no connection is refused or lost): a new asyncio server serves a
+    second descriptor of it, then the old server lets go of its own. Returns how many were switched."""
+    import asyncio
     import socket
 
-    changed = 0
+    switched = 0
     for instance in list(getattr(proxyserver, "servers", ())):
-        for server in list(getattr(instance, "_servers", ())):
-            if getattr(server, "_backlog", LISTEN_BACKLOG) >= LISTEN_BACKLOG:
+        servers = getattr(instance, "_servers", None)
+        if not servers:
+            continue
+        for n, server in enumerate(list(servers)):
+            if not isinstance(server, asyncio.Server) or getattr(server, "aibridge", False):
                 continue
-            for ts in list(getattr(server, "sockets", ()) or ()):
-                if ts.type != socket.SOCK_STREAM:
-                    continue
-                dup = ts.dup()  # the same listening socket, through a descriptor of our own
-                try:
-                    dup.listen(LISTEN_BACKLOG)
-                    changed += 1
-                finally:
-                    dup.close()
-            server._backlog = LISTEN_BACKLOG  # asyncio also accepts up to this many per wake-up
-    return changed
+            sockets = [ts for ts in server.sockets if ts.type == socket.SOCK_STREAM]
+            if len(sockets) != 1:
+                continue
+            fresh = await asyncio.start_server(_serve(instance), sock=sockets[0].dup(), backlog=LISTEN_BACKLOG)
+            fresh.aibridge = True
+            servers[n] = fresh
+            server.close()  # its descriptor only: the socket lives on in fresh's
+            switched += 1
+    return switched
 
 
 def install_shared_listener() -> None:
