@@ -228,9 +228,10 @@ def _closed_by_peer(s, wait: float = 0.0) -> bool:
     import time
 
     deadline = time.monotonic() + wait
+    poller = select.poll()  # not select(): descriptors above 1024 here
+    poller.register(s, select.POLLIN)
     while True:
-        readable, _, _ = select.select([s], [], [], max(0.0, deadline - time.monotonic()))
-        if not readable:
+        if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
             return False
         try:
             if not s.recv(65536):
