@@ -297,6 +297,52 @@ def test_idle_connections_are_capped_per_address_and_timed_out_without_a_request
         s.close()
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["raw-tcp", "tls-passthrough"])
+def test_a_quiet_tunnel_is_not_an_idle_connection(own_gateway, tmp_path, tls):
+    """A CONNECT relayed without decryption (a non-AI host: TLS passed through, or raw TCP) carries no request the
+    gateway could see; silent longer than the request head timeout, it stays open."""
+    import base64
+    import socket
+    import ssl
+    import threading
+    import time
+
+    from tests.support.tls import client_context, make_server_cert, server_context
+
+    ca, cert, key = make_server_cert(tmp_path / "origin", ["localhost"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def echo() -> None:
+        conn, _ = listener.accept()
+        if tls:
+            conn = server_context(cert, key).wrap_socket(conn, server_side=True)
+        with conn:
+            while data := conn.recv(1024):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    gw = own_gateway("tunnel", extra={"timeouts": {"request_head_seconds": 1},
+                                      "proxy": {"allow_addresses": ["localhost"]}})
+    token = gw.new_user("tunneller")
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    credentials = base64.b64encode(f"tunneller:{token}".encode()).decode()
+    s.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n"
+              f"Proxy-Authorization: Basic {credentials}\r\n\r\n".encode())
+    assert s.recv(1024).startswith(b"HTTP/1.1 200")
+    if tls:
+        s = client_context(ca).wrap_socket(s, server_hostname="localhost")
+    try:
+        s.sendall(b"first")
+        assert s.recv(1024) == b"first"
+        time.sleep(2.5)
+        s.sendall(b"after a silence")
+        assert s.recv(1024) == b"after a silence"
+    finally:
+        s.close()
+        listener.close()
+
+
 def test_a_burst_of_idle_connections_does_not_keep_a_new_client_waiting(own_gateway):
     """2000 connections opened at once from one address (that send nothing) are queued, not dropped (mitmproxy
     listened with a backlog of 100: the kernel dropped the overflow and a new client waited for its SYN retransmit,

@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict, deque
 
 from mitmproxy import connection, ctx, http
+from mitmproxy.proxy import layers
 
 from . import patches
 from .runtime import Runtime
@@ -183,6 +184,16 @@ class IdleConnections:
         conn = self.conns.get(flow.client_conn.id)
         if conn is not None and not conn.busy and not conn.tunnel:
             self._now_idle(flow.client_conn.id, conn)
+
+    def next_layer(self, nextlayer) -> None:
+        """A connection relayed as raw TCP (or UDP) carries no requests this addon could see: a tunnel. (mitmproxy's
+        own next-layer addon, earlier in the chain, has decided by now; a passthrough it decides without hooks.)"""
+        if isinstance(nextlayer.layer, (layers.TCPLayer, layers.UDPLayer)):
+            self._tunnel(nextlayer.context.client.id)
+
+    def tls_clienthello(self, data) -> None:
+        if data.ignore_connection:  # not decrypted (proxy_mode: not an AI host): relayed as it is, a tunnel
+            self._tunnel(data.context.client.id)
 
     def tcp_start(self, flow) -> None:
         self._tunnel(flow.client_conn.id)
