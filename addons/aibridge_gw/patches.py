@@ -205,17 +205,19 @@ async def serve_through_front_door(proxyserver) -> int:
         servers = getattr(instance, "_servers", None)
         if not servers:
             continue
-        for n, server in enumerate(list(servers)):
-            if not isinstance(server, asyncio.Server) or getattr(server, "aibridge", False):
+        kept = []
+        for server in list(servers):
+            sockets = [ts for ts in getattr(server, "sockets", ()) or () if ts.type == socket.SOCK_STREAM]
+            if not isinstance(server, asyncio.Server) or getattr(server, "aibridge", False) or not sockets:
+                kept.append(server)
                 continue
-            sockets = [ts for ts in server.sockets if ts.type == socket.SOCK_STREAM]
-            if len(sockets) != 1:
-                continue
-            fresh = await asyncio.start_server(_serve(instance), sock=sockets[0].dup(), backlog=LISTEN_BACKLOG)
-            fresh.aibridge = True
-            servers[n] = fresh
-            server.close()  # its descriptor only: the socket lives on in fresh's
-            switched += 1
+            for ts in sockets:  # one for each address family when listening on every interface
+                fresh = await asyncio.start_server(_serve(instance), sock=ts.dup(), backlog=LISTEN_BACKLOG)
+                fresh.aibridge = True
+                kept.append(fresh)
+                switched += 1
+            server.close()  # its descriptors only: each socket lives on in its fresh server's
+        servers[:] = kept
     return switched
 
 
