@@ -180,7 +180,8 @@ class IdleConnections:
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         """A CONNECT was answered 2xx: the tunnel's first request head (or its TLS handshake, then the head) is
-        due within the timeout from now; a tunnel relayed without decryption becomes one at `tcp_start`."""
+        due within the timeout from now; a tunnel relayed without decryption is marked one when mitmproxy decides
+        so (`next_layer`, `tls_clienthello`, `tcp_start`)."""
         conn = self.conns.get(flow.client_conn.id)
         if conn is not None and not conn.busy and not conn.tunnel:
             self._now_idle(flow.client_conn.id, conn)
