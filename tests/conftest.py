@@ -16,6 +16,22 @@ _users = itertools.count(1)
 # not collected at all (the suite itself runs on tests/fixtures).
 collect_ignore = [] if TRAFFIC.exists() else ["test_conformance.py"]
 
+# The in-process tier (`scripts/test --fast`, `pytest -m fast`): units, codecs, routing, properties and the addon
+# chain through mitmproxy's taddons — no gateway process, provider stand-in, database server or real client.
+# Everything else is the `integration` tier. A test of a fast module that starts processes marks itself
+# `integration`.
+FAST_MODULES = frozenset({"test_units", "test_codecs", "test_routing", "test_properties", "test_sse", "test_patches",
+                          "test_structure", "test_config"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in FAST_MODULES and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.fast)
+        elif item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
 # Tests talk to loopback servers only; a proxy from the environment must not capture SDK traffic.
 for _var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
     os.environ.pop(_var, None)

@@ -58,12 +58,17 @@ def test_stream_is_completed_when_the_client_hangs_up_right_after_the_final_even
 
 
 @pytest.mark.parametrize("api", ["anthropic", "chat", "responses"])
-def test_stream_cut_by_the_client_before_its_final_event_is_failed(gateway, mock, user, api):
+def test_stream_left_by_the_client_before_its_final_event_is_read_to_its_end_and_recorded(gateway, mock, user, api):
+    """The client leaves at its first event: the provider's answer is still read to its end (within
+    timeouts.drain_after_disconnect_seconds), so the record has the provider's outcome and final usage, and says
+    the client left."""
     name, token = user
-    mock.script(stream_reply(api, delay=0.4))
+    mock.script(stream_reply(api, delay=0.2))
     api_request(gateway.port, PATHS[api], token, request_body(api), read_until=b"data:")
     ic = one(gateway, name)
-    assert ic["status"] == "failed" and "client" in ic["error"].lower()
+    assert ic["status"] == "completed" and ic["error"] is None
+    assert json.loads(ic["metadata"])["client_disconnected"] is True
+    assert usages(gateway, ic["id"]) == [(12, 7)]
 
 
 # --- tool rounds -------------------------------------------------------------------------------------

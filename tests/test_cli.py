@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -138,3 +139,58 @@ def test_every_guide_prints_shell_that_parses(tmp_path):
             text = "\n".join(env_lines(client, mode, "http://gw.test:8080", "aib_T", tmp_path))
             assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, (client, mode)
             assert "aib_T" in text or client in ("system",), (client, mode)
+
+
+def test_scripts_run_lets_the_user_set_the_options_it_defaults(tmp_path):
+    """`scripts/run --set confdir=… --set connection_strategy=… --set flow_detail=…`: the user's values replace
+    the script's own defaults (mitmproxy refuses two values for one option) and the gateway starts with them."""
+    import httpx
+
+    from tests.support.gateway import ROOT, free_port
+
+    gw = Gateway(tmp_path / "gw", "http://127.0.0.1:9")
+    port, confdir = free_port(), tmp_path / "my-certs"
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    proc = subprocess.Popen(
+        [str(ROOT / "scripts" / "run"), "--listen-port", str(port), "--set", f"confdir={confdir}",
+         "--set=connection_strategy=eager", "--set", "flow_detail=1", "--set", f"aibridge_config={gw.config_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline, up = time.time() + 60, False
+        while time.time() < deadline and proc.poll() is None and not up:
+            try:
+                up = httpx.get(f"http://127.0.0.1:{port}/aibridge/healthz", timeout=1, trust_env=False).is_success
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert up, proc.communicate(timeout=10)[0] if proc.poll() is not None else "not answering"
+        assert (confdir / "mitmproxy-ca-cert.pem").exists()  # the CA lives where the user said
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_guides_keep_the_users_own_settings(tmp_path):
+    """Pasted over existing settings, a guide merges what it needs into JSON settings and never overwrites a config
+    file (the heredoc stops: merge by hand)."""
+    from aibridge_gw.guides import env_lines
+
+    home = tmp_path / "home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(
+        {"ui": {"theme": "Dracula"}, "security": {"folderTrust": {"enabled": True}, "auth": {"selectedType": "x"}}}))
+    (home / ".continue").mkdir()
+    (home / ".continue" / "config.yaml").write_text("name: mine\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+
+    def paste(client: str) -> subprocess.CompletedProcess:
+        text = "\n".join(env_lines(client, "base-url", "http://gw.test:8080", "aib_T", tmp_path))
+        return subprocess.run(["bash", "-ec", text], env=env, cwd=tmp_path, capture_output=True, text=True)
+
+    assert paste("gemini-cli").returncode == 0
+    assert json.loads((home / ".gemini" / "settings.json").read_text()) == {
+        "ui": {"theme": "Dracula"},
+        "security": {"folderTrust": {"enabled": True}, "auth": {"selectedType": "gemini-api-key"}}}
+    r = paste("continue")
+    assert r.returncode != 0 and "cannot overwrite existing file" in r.stderr
+    assert (home / ".continue" / "config.yaml").read_text() == "name: mine\n"

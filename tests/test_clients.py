@@ -40,6 +40,15 @@ CASES = [
     ({"user-agent": "Zed/0.219.4+stable.119.abc123 (macos; aarch64)", "session_id": SID}, "Zed", None),
     ({"user-agent": "GeminiCLI-tui/0.61.0/gemini-2.5-flash (linux; x64; terminal)"}, "Gemini CLI", None),
     ({"user-agent": "QwenCode/0.2.1 (linux; x64)"}, "Qwen Code", None),
+    ({"user-agent": "QwenCode/0.15.10 (linux; x64)", "x-stainless-lang": "js"}, "Qwen Code", None),
+    # Continue's `cn` (Anthropic: `node-fetch`; OpenAI: its SDK's `…/JS`) and the Cline CLI (the AI SDK's agent, as
+    # any AI SDK program on bun sends it) say nothing of their own: named by the X-Title their guides configure.
+    ({"user-agent": "node-fetch", "x-title": "Continue"}, "Continue", None),
+    ({"user-agent": "ls/JS 5.23.2", "x-stainless-lang": "js", "x-title": "Continue"}, "Continue", None),
+    ({"user-agent": "node-fetch"}, UNKNOWN, None),
+    ({"user-agent": "ai-sdk/openai-compatible/3.0.37 ai-sdk/provider-utils/5.0.30 runtime/bun/1.3.13",
+      "x-title": "Cline"}, "Cline", None),
+    ({"user-agent": "ai-sdk/openai-compatible/3.0.37 ai-sdk/provider-utils/5.0.30 runtime/bun/1.3.13"}, UNKNOWN, None),
     ({"user-agent": "factory-cli/0.22.3"}, "Factory Droid", None),
     ({"user-agent": "Junie:SNAPSHOT"}, "Junie", None),
     ({"user-agent": "ccclaude-cli/calude-with-wrong-prefix"}, UNKNOWN, None),

@@ -211,3 +211,41 @@ def test_responses_request_prompt_and_tool_outputs():
     assert info.prompt is None and info.tool_result_ids == ["call_9"]  # a tool round: no new prompt
     with pytest.raises(BadRequest):
         R.parse_request({"model": "m"})
+
+
+def test_usage_counts_as_providers_send_them_integral_floats_and_values_beyond_the_column():
+    """1000.0 is 1000 tokens in every API (it was 0); 2^63+5 is kept until the recorder bounds it: clamped to
+    BIGINT's maximum and named in the usage's metadata; a fraction rounds; negative, NaN and booleans count 0."""
+    import datetime as dt
+
+    from aibridge_gw.budgets import Budgets
+    from aibridge_gw.config import Limits
+    from aibridge_gw.pricing import PriceTable
+    from aibridge_gw.records import BIGINT_MAX, as_int
+
+    big = 2**63 + 5
+    s = A.summarize({"id": "m", "model": "claude-sonnet-4-0", "content": [],
+                     "usage": {"input_tokens": 1000.0, "output_tokens": big, "cache_read_input_tokens": 3.0}})
+    assert usage(s) == [(1000, big, 3, 0)]
+    s = C.summarize({"id": "c", "model": "gpt-4.1", "choices": [],
+                     "usage": {"prompt_tokens": 1000.0, "completion_tokens": 7.0,
+                               "prompt_tokens_details": {"cached_tokens": 10.0}}})
+    assert usage(s) == [(990, 7, 10, 0)]
+    s = R.summarize({"id": "r", "model": "gpt-5", "status": "completed", "output": [],
+                     "usage": {"input_tokens": 1000.0, "output_tokens": float("inf")}})
+    assert usage(s)[0][:1] == (1000,) and usage(s)[0][1] > BIGINT_MAX
+    assert [as_int(v) for v in (12.6, -5, float("nan"), True, "7", None, -0.0)] == [13, 0, 0, 0, 0, 0, 0]
+
+    u = s.usages[0]
+    assert u.bound() and u.output_tokens == BIGINT_MAX and u.metadata["usage_clamped"] == ["output_tokens"]
+    assert u.bound() and u.metadata["usage_clamped"] == ["output_tokens"]  # idempotent
+
+    budgets = Budgets(Limits(tokens_per_day=100), {}, PriceTable({}))
+    now = dt.datetime.now(dt.UTC)
+    budgets.record("u1", now, "gpt-5", [u])  # clamped: charged to no budget
+    assert budgets.check("u1", "someone") is None
+    budgets.record("u1", now, "gpt-5", s.usages[:0] + A.summarize(
+        {"id": "m", "content": [], "usage": {"input_tokens": big, "output_tokens": 1}}).usages)  # not yet bounded
+    assert budgets.check("u1", "someone") is None
+    budgets.record("u1", now, "gpt-5", A.summarize({"id": "m", "content": [], "usage": {"input_tokens": 100.0}}).usages)
+    assert budgets.check("u1", "someone") is not None  # 100.0 tokens are charged as 100

@@ -279,7 +279,8 @@ def test_metric_labels_stay_bounded_under_arbitrary_models_and_paths(gateway, mo
     routes = {part.split('"')[1] for line in text.splitlines() for part in line.split("route=")[1:]}
     assert routes <= {"/v1/messages", "/chat/completions", "/responses", "/embeddings", "/completions",
                       "/models", "/models/{id}", "/v1/models", "/v1/models/{id}", "/audio/speech",
-                      "/audio/transcriptions", "/v1/messages/batches", "/v1/messages/count_tokens", "other"}
+                      "/audio/transcriptions", "/v1/messages/batches", "/v1/messages/count_tokens", "other",
+                      "/v1/messages/batches/{id}", "/v1/messages/batches/{id}/results", "/responses/{id}"}
     assert "/models/{id}" in routes and "model-3" not in text
     assert 'model="other"' in text and "yyyyyyyy" not in text
 

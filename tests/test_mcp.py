@@ -410,6 +410,29 @@ def test_loop_stream_is_completed_when_the_client_hangs_up_after_the_final_event
     assert usages(mgw, ic["id"]) == [(12, 7, 0)]
 
 
+def test_a_client_leaving_the_tool_loop_mid_stream_gets_its_round_recorded_and_no_new_round(mgw, mock, muser,
+                                                                                              mcp_server):
+    """The client leaves during round 1, whose model calls an injected tool: the round is read to its end and
+    recorded with its usage, but the tool is not run and no round 2 is sent (nobody would read it)."""
+    from tests.support.wire import api_request
+
+    name, token = muser
+    first = _anthropic_stream("msg_r1", "Checking…", ("bmcp_coder_slow_tool", {"seconds": 0}), 7)
+    first.delay = 0.2
+    mock.script(first, _anthropic_stream("msg_r2", "Done.", None, 3))
+    body = {"model": "claude-sonnet-4-0", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "wait"}]}
+    got = api_request(mgw.port, "/anthropic/v1/messages", token, body, read_until="Checking".encode())
+    assert b"Checking" in got and b"message_stop" not in got
+    (ic,) = mgw.interceptions(name)
+    assert ic["status"] == "completed" and ic["error"] is None
+    assert json.loads(ic["metadata"])["client_disconnected"] is True
+    assert usages(mgw, ic["id"]) == [(20, 7, 0)]
+    assert_injected_tool_recorded(mgw, ic["id"], mcp_server, "bmcp_coder_slow_tool", {"seconds": 0},
+                                  error="the client went away")
+    assert mcp_server.calls == [] and len(mock.seen) == 1
+
+
 def test_a_tool_loop_still_running_when_the_shutdown_grace_runs_out_ends_with_the_api_error_event(
         tmp_path, upstream, mcp_server):
     import signal

@@ -102,3 +102,35 @@ def test_the_listener_and_its_front_door_rely_on_what_mitmproxy_and_asyncio_prov
         inst._servers[0].close()
 
     asyncio.run(switch())
+
+
+def test_a_client_gone_mid_stream_keeps_the_stream_when_the_gateway_says_so():
+    """The drain's assumptions about HttpStream (its client and server states, RequestProtocolError) hold: with
+    `keep` saying yes, the client's disconnect is neither sent upstream nor made the flow's error and the flow stays
+    live; without it, mitmproxy's own handling runs (the flow ends with the error)."""
+    from mitmproxy import options
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.proxy.layers.http import ErrorCode, RequestProtocolError, SendHttp
+    from mitmproxy.test import tflow
+
+    def gone_mid_stream():
+        stream = HttpStream(Context(tflow.tclient_conn(), options.Options()), 1)
+        stream.flow = tflow.tflow(resp=True)
+        stream.flow.live = True
+        stream.client_state, stream.server_state = stream.state_done, stream.state_stream_response_body
+        return stream
+
+    event = RequestProtocolError(1, "Client disconnected.", ErrorCode.CLIENT_DISCONNECTED)
+    asked = []
+    patches.install(lambda flow, message: None, lambda flow, message: asked.append(message) or True)
+    kept = gone_mid_stream()
+    assert list(kept.handle_protocol_error(event)) == []
+    assert asked == ["Client disconnected."] and kept.flow.live and kept.flow.error is None
+    assert kept.server_state == kept.state_stream_response_body
+
+    patches.install(lambda flow, message: None, lambda flow, message: False)
+    cut = gone_mid_stream()
+    commands = list(cut.handle_protocol_error(event))
+    assert any(isinstance(c, SendHttp) and c.connection is cut.context.server for c in commands)
+    assert not cut.flow.live and cut.flow.error.msg == "Client disconnected."
+    patches.install(lambda flow, message: None)

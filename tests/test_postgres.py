@@ -548,3 +548,63 @@ def test_sql_on_postgresql_cannot_touch_the_servers_files(cluster, tmp_path):
     for table in ("aibridge_interceptions", "aibridge_token_usages", "aibridge_user_prompts", "aibridge_tool_usages",
                   "aibridge_model_thoughts", "aibridge_users", "aibridge_tokens"):
         assert gw.sql(f"SELECT count(*) AS n FROM {table}")[0]["n"] >= 0
+
+
+def test_clamped_and_estimated_usages_are_recorded_in_postgresql_and_poison_no_fleet_budget(cluster, tmp_path, mock):
+    """#22 on PostgreSQL: a usage beyond BIGINT is recorded clamped and flagged (never dead-lettered) and the fleet's
+    token counters, rebuilt from the database every second, do not count it; a stream cut when its client left
+    (drain off) is recorded with usage_estimated."""
+    import json
+    import time
+
+    import httpx
+
+    from tests.support.gateway import Gateway
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import PATHS, anthropic_message, anthropic_stream, api_request, request_body
+
+    dsn = cluster.create_database("usage_values")
+    gw = Gateway(tmp_path / "gw", mock.url, extra={
+        "storage": {"duckdb": str(tmp_path / "local" / "spools.duckdb"), "postgres": dsn},
+        "timeouts": {"drain_after_disconnect_seconds": 0},
+        "budgets": {"users": {"capped": {"tokens_per_day": 1000}}}})
+    try:
+        gw.start()
+        token = gw.new_user("capped")
+        huge = anthropic_message()
+        huge["usage"]["input_tokens"] = 2**63 + 5
+        mock.script(Reply.json(huge), Reply.sse(anthropic_stream(usage=(18, 254)), delay=0.3))
+        body = {"model": "claude-sonnet-4-0", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        post = lambda: httpx.post(gw.url + "/anthropic/v1/messages", json=body,  # noqa: E731
+                                  headers={"x-api-key": token}, trust_env=False, timeout=30).status_code
+        deadline = time.monotonic() + 10
+        while (status := post()) == 401 and time.monotonic() < deadline:  # the token reaches the fleet's directory
+            time.sleep(0.2)
+        assert status == 200
+        api_request(gw.port, PATHS["anthropic"], token, request_body("anthropic"), read_until=b"content_block_stop")
+        rows = gw.wait_for("SELECT input_tokens, output_tokens, usage_estimated, CAST(metadata AS VARCHAR) AS metadata "
+                           "FROM aibridge_token_usages ORDER BY input_tokens", lambda rows: len(rows) == 2)
+        assert [(r["input_tokens"], r["output_tokens"], r["usage_estimated"]) for r in rows] == [
+            (18, 1, True), (2**63 - 1, 7, False)]
+        assert json.loads(rows[1]["metadata"])["usage_clamped"] == ["input_tokens"]
+        time.sleep(2.5)  # the fleet's counters refreshed from the database
+        mock.script(Reply.json(anthropic_message()))
+        assert post() == 200
+    finally:
+        gw.stop()
+
+
+def test_provider_objects_are_claimed_once_across_gateways_on_postgresql(cluster, tmp_path):
+    """Two gateways fetching the same batch results at once: one UPDATE decides, so usage is metered once."""
+    from aibridge_gw.store.pg import PgStore
+    from tests.test_paid_objects import claim_scenario
+
+    dsn = cluster.create_database("claims")
+    stores = [PgStore(dsn, tmp_path / name / "pg") for name in ("a", "b")]
+    for store in stores:
+        store.open()
+    try:
+        claim_scenario(stores)
+    finally:
+        for store in stores:
+            store.close()

@@ -342,6 +342,74 @@ def test_http2_client_gets_the_error_event_when_the_provider_dies_mid_stream(pgw
     assert ic["status"] == "failed"
 
 
+def _h2_call_reset_after_first_event(gw, token: str, model: str) -> None:
+    """A raw HTTP/2 client through the proxy: sends one streamed call, resets its stream (RST_STREAM CANCEL) at the
+    first event and keeps the connection open until the call is recorded."""
+    import socket
+
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    sock.sendall(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    ctx = client_context(gw.ca)
+    ctx.set_alpn_protocols(["h2"])
+    tls = ctx.wrap_socket(sock, server_hostname="api.anthropic.com")
+    assert tls.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    body = json.dumps({"model": model, "max_tokens": 10, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    conn.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", "api.anthropic.com"),
+                          (":path", "/v1/messages"), ("x-api-key", token), ("anthropic-version", "2023-06-01"),
+                          ("content-type", "application/json"), ("content-length", str(len(body)))])
+    conn.send_data(1, body, end_stream=True)
+    tls.sendall(conn.data_to_send())
+    try:
+        got = b""
+        while b"message_start" not in got:
+            data = tls.recv(65536)
+            assert data, "connection closed before the first event"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.DataReceived):
+                    got += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            tls.sendall(conn.data_to_send())
+        conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        tls.sendall(conn.data_to_send())
+        assert b"message_stop" not in got
+        gw.wait_for(f"SELECT id FROM aibridge_interceptions WHERE model = '{model}' AND status <> 'in_progress'")
+    finally:
+        tls.close()
+
+
+@pytest.mark.parametrize("how", ["stream_reset", "connection_closed"])
+def test_http2_client_leaving_mid_stream_is_recorded_with_the_providers_final_usage(pgw, up, puser, how):
+    """An HTTP/2 client that cancels its stream (RST_STREAM, the connection kept open) or closes its connection
+    after the first event: the provider's answer is read to its end and recorded complete with its final usage."""
+    name, token = puser
+    model = f"claude-h2-{how}"
+    up.script(Reply.from_capture(capture("anthropic/simple.txtar"), True, delay=0.1))
+    if how == "stream_reset":
+        _h2_call_reset_after_first_event(pgw, token, model)
+    else:
+        with anthropic.DefaultHttpxClient(proxy=pgw.url, verify=client_context(pgw.ca), http2=True, timeout=10) as c:
+            with c.stream("POST", "https://api.anthropic.com/v1/messages",
+                          headers={"x-api-key": token, "anthropic-version": "2023-06-01"},
+                          json={"model": model, "max_tokens": 10, "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.http_version == "HTTP/2"
+                assert b"message_start" in next(r.iter_raw())
+    (ic,) = pgw.interceptions(name)
+    assert ic["status"] == "completed" and ic["error"] is None
+    assert json.loads(ic["metadata"])["client_disconnected"] is True
+    usage = pgw.sql(f"SELECT input_tokens, output_tokens, usage_estimated FROM aibridge_token_usages "
+                    f"WHERE interception_id = '{ic['id']}'")
+    assert usage == [{"input_tokens": 21, "output_tokens": 187, "usage_estimated": False}]
+
+
 def test_tunnel_to_a_bare_ip_with_an_ai_server_name_is_intercepted_and_recorded(tmp_path, tls_upstream):
     """A client that CONNECTs to an IP address but asks TLS for api.openai.com is talking to the AI API: the
     gateway decrypts it for that name, so it routes and records it by that name too, never relays it blind."""

@@ -6,9 +6,12 @@ the reason."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,7 @@ from tests.support.mock_upstream import Reply
 from tests.support.tls import tls_stand_in
 
 pytestmark = pytest.mark.timeout(600)
+ANSWERS_ADDON = Path(__file__).parent / "support" / "answers_log.py"  # what the gateway answered each call
 UPSTREAM_KEY = "sk-upstream-real-clients-0123456789"
 
 
@@ -37,12 +41,13 @@ def cgw(tmp_path_factory, stand_in):
     """One gateway for every client: base-URL prefixes and the public AI hosts in proxy mode, all answered by the
     stand-in."""
     url = stand_in.url
-    gw = Gateway(tmp_path_factory.mktemp("clients-gw"), url, providers=[
+    workdir = tmp_path_factory.mktemp("clients-gw")
+    gw = Gateway(workdir, url, env={"AIBRIDGE_TEST_ANSWERS": str(workdir / "answers.log")}, providers=[
         {"name": "anthropic", "type": "anthropic", "base_url": url + "/", "key": UPSTREAM_KEY,
          "hosts": ["api.anthropic.com"]},
         {"name": "openai", "type": "openai", "base_url": url + "/v1/", "key": UPSTREAM_KEY, "hosts": ["api.openai.com"]},
         {"name": "gemini", "type": "gemini", "base_url": url + "/", "key": UPSTREAM_KEY},
-    ], args=["--set", f"ssl_verify_upstream_trusted_ca={stand_in.ca}"]).start()
+    ], args=["--set", f"ssl_verify_upstream_trusted_ca={stand_in.ca}", "-s", str(ANSWERS_ADDON)]).start()
     yield gw
     gw.stop()
 
@@ -225,3 +230,141 @@ def test_llm(cgw, tmp_path, mode):
     assert row["user_agent"].startswith("OpenAI/Python")
     plain = run.run([exe, "-m", "gpt-4.1-mini", "a plain model"], {**env, "OPENAI_BASE_URL": base})
     assert ANSWER in plain.stdout  # its built-in models work too, recorded as Unknown (nothing names them)
+
+
+# --- as printed: `aibridge env <client>` pasted into a shell, then the client run as its guide says ----------------
+
+
+def as_printed(run: Run, client: str, path_to: str) -> dict[str, str]:
+    """What `aibridge env <client> [--mode proxy]` prints for the run's user, pasted into bash (stopping at the first
+    line that fails) in the run's work directory, with its HOME and the client's install on PATH as a user has it:
+    the environment it leaves (the files it writes stay in HOME)."""
+    args = ["env", client, "--token", run.token, "--user", run.user, "--confdir", str(run.gw.workdir / "certs")]
+    printed = run.gw.cli(*args, *(["--mode", "proxy"] if run.mode == "proxy" else []))
+    assert printed.returncode == 0, printed.stderr
+    env = clean_env(run.home, PATH=f"{path_to}:{os.environ['PATH']}", PWD=str(run.work))
+    r = subprocess.run(["bash", "-ec", printed.stdout + "\nenv -0"], env=env, cwd=run.work, capture_output=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"as printed:\n{printed.stdout}\nfailed: {r.stderr.decode(errors='replace')[-1500:]}"
+    return dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if "=" in item)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gemini_cli_as_printed(cgw, tmp_path, mode):
+    """Without the login method and the trust the guide sets, Gemini CLI exits 41, then 55."""
+    exe = npm_bin("@google/gemini-cli", "gemini")
+    run = Run(cgw, tmp_path, "gemini-printed", mode)
+    env = as_printed(run, "gemini-cli", str(exe.parent))
+    r = run.run([exe, "-p", run.prompt, "-m", "gemini-2.5-flash"], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded("Gemini CLI", session=False, api="gemini.generate_content")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_continue_cli_as_printed(cgw, tmp_path, mode):
+    """Continue's `cn` sends `node-fetch` as its user agent: the guide's config names it (X-Title)."""
+    exe = npm_bin("@continuedev/cli", "cn")
+    run = Run(cgw, tmp_path, "cn-printed", mode)
+    env = as_printed(run, "continue", str(exe.parent))
+    r = run.run([exe, "-p", run.prompt], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Continue", session=False, api="anthropic.messages")
+    assert row["user_agent"] == "node-fetch"
+
+
+def _stop_cline_hub(work) -> None:
+    """The Cline CLI leaves a hub daemon serving `work` behind each run: stop the ones this test started."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--cline-hub-daemon" in argv and str(work).encode() in argv:
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cline_cli_as_printed(cgw, tmp_path, mode):
+    """`cline auth openai -k … -b …` as printed, and the header that names Cline (it sends only the AI SDK's user
+    agent)."""
+    exe = npm_bin("cline", "cline")
+    run = Run(cgw, tmp_path, "cline-printed", mode)
+    try:
+        env = as_printed(run, "cline", str(exe.parent))
+        r = run.run([exe, run.prompt], env)
+    finally:
+        _stop_cline_hub(run.work)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Cline", session=False, api="openai.chat")
+    assert row["user_agent"].startswith("ai-sdk/openai-compatible/")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qwen_code_as_printed(cgw, tmp_path, mode):
+    """Qwen Code through OpenAI's API (its own default, DashScope, is not intercepted), named by its user agent."""
+    exe = npm_bin("@qwen-code/qwen-code", "qwen")
+    run = Run(cgw, tmp_path, "qwen-printed", mode)
+    env = as_printed(run, "qwen", str(exe.parent))
+    r = run.run([exe, "-p", run.prompt], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Qwen Code", session=False, api="openai.chat")
+    assert row["user_agent"].startswith("QwenCode/")
+
+
+# What the gateway itself may send upstream under its central key for Claude Code: the model calls and the managed
+# settings (apis/anthropic); its telemetry, bootstrap and feature flags it answers itself (docs/clients-endpoints.md).
+CLAUDE_REVIEWED = ("/v1/messages", "/api/claude_code/settings", "/api/claude_code/policy_limits")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_claude_code_as_printed(cgw, stand_in, tmp_path, mode):
+    """As printed, with its non-essential traffic on (bootstrap, fast mode, MCP directory, telemetry, the connectivity
+    check): every call it makes gets an answer, none refused, and the central key reaches only reviewed endpoints."""
+    exe = npm_bin("@anthropic-ai/claude-code", "claude", postinstall="install.cjs")
+    run = Run(cgw, tmp_path, "claude-printed", mode)
+    env = as_printed(run, "claude-code", str(exe.parent))
+    env.pop("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC")  # the user's shell does not have it
+    answers = cgw.workdir / "answers.log"
+    mark, upstream_mark = answers.stat().st_size, len(stand_in.seen)
+    r = run.run([exe, "-p", run.prompt], env)
+    assert r.returncode == 0 and ANSWER in r.stdout, r.stdout + r.stderr
+    row = run.assert_recorded("Claude Code")
+    assert row["user_agent"].startswith("claude-cli/")
+    with answers.open() as f:
+        f.seek(mark)
+        calls = [line.split() for line in f if " /aibridge/" not in line]
+    assert [c for c in calls if int(c[3]) >= 400] == [], calls  # nothing it asked was refused
+    assert len(calls) > 2, calls  # more than its model call: its service endpoints were exercised
+    central = {s.path.split("?")[0] for s in stand_in.seen[upstream_mark:]
+               if s.headers.get("x-api-key") == UPSTREAM_KEY}
+    assert central and central <= set(CLAUDE_REVIEWED), central
+
+
+# The other terminal clients' guides, run as printed too: (install, argv after the guide, recorded as).
+PRINTED = {
+    "codex": (lambda: npm_bin("@openai/codex", "codex"), lambda p: ["exec", "--skip-git-repo-check", p], "Codex"),
+    "opencode": (lambda: npm_bin("opencode-ai", "opencode"),
+                 lambda p: ["run", "-m", "anthropic/claude-sonnet-4-5", p], "OpenCode"),
+    "kilo": (lambda: npm_bin("@kilocode/cli@7.7.7", "kilo"),
+             lambda p: ["run", "-m", "anthropic/claude-sonnet-4-5", p], "Kilo Code"),
+    "aider": (lambda: pip_bin(("aider-chat",), "aider"),
+              lambda p: ["--model", "openai/gpt-4.1", "--message", p, "--no-git", "--yes-always",
+                         "--no-show-model-warnings", "--no-pretty", "--stream", "--no-check-update",
+                         "--analytics-disable"], "aider"),
+    "llm": (lambda: pip_bin(("llm",), "llm"), lambda p: ["-m", "aibridge-gpt-4.1-mini", p], "llm"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("client", list(PRINTED))
+def test_terminal_client_as_printed(cgw, tmp_path, client, mode):
+    install, argv, name = PRINTED[client]
+    exe = install()
+    run = Run(cgw, tmp_path, f"{client}-printed", mode)
+    env = as_printed(run, client, str(exe.parent))
+    r = run.run([exe, *argv(run.prompt)], env)
+    assert ANSWER in r.stdout, r.stdout + r.stderr
+    run.assert_recorded(name, session=False)

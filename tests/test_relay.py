@@ -289,7 +289,7 @@ def test_unknown_prefix_is_404_and_not_proxied_to_itself(gateway, mock):
     assert mock.seen == []
 
 
-def test_client_disconnect_mid_stream_ends_interception_failed_once(gateway, mock, user):
+def test_client_disconnect_mid_stream_is_recorded_once_with_the_providers_final_usage(gateway, mock, user):
     name, token = user
     cap = capture("anthropic/simple.txtar")
     mock.script(Reply.from_capture(cap, True, delay=0.1))
@@ -302,8 +302,9 @@ def test_client_disconnect_mid_stream_ends_interception_failed_once(gateway, moc
         first = next(it)
         assert b"message_start" in first
     (ic,) = gateway.interceptions(name)
-    assert ic["status"] == "failed" and ic["error"]
-    # The usage the provider reported before the client left is kept.
-    assert usage_of(gateway, ic["id"]) == [(21, 1, 0, 0)]
+    # The provider's answer is read to its end after the client left: its outcome and final usage are recorded.
+    assert ic["status"] == "completed" and ic["error"] is None
+    assert json.loads(ic["metadata"])["client_disconnected"] is True
+    assert usage_of(gateway, ic["id"]) == [(21, 187, 0, 0)]
     time.sleep(0.5)
     assert len(gateway.interceptions(name)) == 1

@@ -47,3 +47,33 @@ def test_utf8_split_inside_a_character_is_decoded_correctly():
     raw = "data: héllo ✓\n\n".encode()
     cut = raw.index("✓".encode()) + 1
     assert _events([raw[:cut], raw[cut:]]) == [("message", "héllo ✓", None)]
+
+
+def test_a_line_over_the_limit_is_skipped_with_its_event_and_parsing_resumes_with_the_next():
+    """A data line over MAX_PENDING is not buffered: its event is dropped, the events after it (the final usage)
+    still come, however the bytes are split; memory stays bounded by the limit."""
+    from aibridge_gw import sse
+
+    limit = 1024
+    huge = b"event: big\ndata: " + b"x" * (3 * limit) + b"\ndata: more\n\n"
+    stream = b"data: before\n\n" + huge + b"event: usage\ndata: {\"n\":1}\r\n\r\ndata: tail\n\n"
+    expected = [("message", "before", None), ("usage", '{"n":1}', None), ("message", "tail", None)]
+    original = sse.MAX_PENDING
+    sse.MAX_PENDING = limit
+    try:
+        assert _events([stream]) == expected
+        for step in (1, 7, 100, limit - 1, limit + 1, 5000):
+            p = SSEParser()
+            out = []
+            for i in range(0, len(stream), step):
+                out += p.feed(stream[i:i + step])
+                assert len(p._buf) <= limit + step
+            out += p.feed(b"")
+            assert [(e.event, e.data, e.id) for e in out] == expected, step
+            assert p.skipped == 1
+        # the long line ends with a CR split from its LF across chunks
+        cr = b"data: " + b"y" * (2 * limit) + b"\r"
+        assert _events([cr, b"\n\ndata: after\n\n"]) == [("message", "after", None)]
+    finally:
+        sse.MAX_PENDING = original
+

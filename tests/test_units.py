@@ -16,6 +16,7 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 from aibridge_gw import breaker as breaker_module
+from aibridge_gw.store.process import IN_THREAD_ENV
 from aibridge_gw.auth import Actor, AuthRefused, TokenDirectory, hash_token, identify, proxy_token
 from aibridge_gw.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, is_failure
 from aibridge_gw.budgets import Budgets
@@ -253,7 +254,10 @@ class Chain:
 def chain_test(fn):
     """Run an async test body with a loaded chain; the store closes whatever happens."""
 
-    def run(tmp_path):
+    def run(tmp_path, monkeypatch):
+        # The writer's own code in a thread of this process: a writer process per test would cost more than it.
+        monkeypatch.setenv(IN_THREAD_ENV, "1")
+
         async def main():
             with taddons.context() as tctx:
                 chain = Chain(tctx, tmp_path)

@@ -60,6 +60,18 @@ def credential_from_headers(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def gateway_like(headers: Mapping[str, str]) -> list[str]:
+    """Every credential the client sent in the gateway's own token format, in any credential header."""
+    found = []
+    for h in CREDENTIAL_HEADERS:
+        value = headers.get(h, "").strip()
+        if h == "authorization" and value[:7].lower() == "bearer ":
+            value = value[7:].strip()
+        if value.startswith(TOKEN_PREFIX):
+            found.append(value)
+    return found
+
+
 class TokenDirectory:
     """Hash -> Actor snapshot. Replaced whole on change, so lookups on the event loop never lock."""
 
@@ -73,6 +85,10 @@ class TokenDirectory:
         if not token:
             return None
         return self._by_hash.get(hash_token(token))
+
+    def lookup_hash(self, digest: str | None) -> Actor | None:
+        """By a token's hash (kept instead of the token for a connection's proxy credentials)."""
+        return self._by_hash.get(digest) if digest else None
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -114,16 +130,19 @@ def identify(
 
     Identity comes from proxy credentials, else an X-AIBridge-Token header, else the provider credential
     itself. When identity came from elsewhere and the provider credential is not a gateway token, it is the
-    user's own key (BYOK) and is kept — unless the admin turned BYOK off.
+    user's own key (BYOK) and is kept — unless the admin turned BYOK off. A credential in the gateway's own token
+    format that does not validate (revoked, unknown, of a deleted user) is refused, whoever the caller is: it is
+    never anyone's provider key, and sending it upstream would hand a gateway token to the provider.
     """
     credential = credential_from_headers(headers)
-    actor = proxy_actor
-    if actor is None:
-        header_token = next((headers[h].strip() for h in GATEWAY_TOKEN_HEADERS if headers.get(h)), None)
-        if header_token is not None:
-            actor = directory.lookup(header_token)
-            if actor is None:
-                raise AuthRefused("aibridge: invalid or revoked gateway token in X-AIBridge-Token")
+    ours = gateway_like(headers)
+    if any(directory.lookup(token) is None for token in ours):
+        raise AuthRefused("aibridge: invalid or revoked gateway token")
+    header_token = next((headers[h].strip() for h in GATEWAY_TOKEN_HEADERS if headers.get(h)), None)
+    header_actor = directory.lookup(header_token) if header_token is not None else None
+    if header_token is not None and header_actor is None:  # refused even beside valid proxy credentials
+        raise AuthRefused("aibridge: invalid or revoked gateway token in X-AIBridge-Token")
+    actor = proxy_actor or header_actor
     if actor is None:
         actor = directory.lookup(credential)
         if actor is None:
@@ -132,6 +151,6 @@ def identify(
                 else "aibridge: missing gateway token (send it as the API key)"
             )
         return Identity(actor, None)
-    if credential and byok and directory.lookup(credential) is None:
+    if credential and byok and not ours and directory.lookup(credential) is None:
         return Identity(actor, credential)
-    return Identity(actor, None)
+    return Identity(actor, None)  # a gateway token beside the user's own key: central, so it never goes upstream

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .config import Limits
 from .pricing import PriceTable
-from .records import TokenTotals, TokenUsage
+from .records import BIGINT_MAX, CLAMPED, TokenTotals, TokenUsage
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,16 @@ def _month(t: dt.datetime) -> tuple[int, int]:
 
 def _spent(conn, started: str, since: dt.datetime) -> list[list]:
     """Recorded usage since `since` per charged user, `started` (an expression of i.started_at) and billed model,
-    as plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]."""
+    as plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]. A usage row
+    that names its own model (a batch's results, summed per model) is billed at that model."""
     rows = conn.execute(
         f"SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), {started}, "
-        "coalesce(i.metadata->>'response_model', i.model), "
+        "coalesce(t.metadata->>'model', i.metadata->>'response_model', i.model), "
         "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
         "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
         "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
+        # A usage clamped to the column type (the provider sent more than it holds) is charged to no budget.
+        f"AND (t.metadata IS NULL OR t.metadata->>'{CLAMPED}' IS NULL) "
         "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY 1, 2, 3",
         [since],
     ).fetchall()
@@ -100,7 +103,11 @@ class Budgets:
 
     @property
     def active(self) -> bool:
-        return self.default.any or any(l.any for l in self.per_user.values())
+        return self.any_limits(self.default, self.per_user)
+
+    @staticmethod
+    def any_limits(default: Limits, per_user: dict[str, Limits]) -> bool:
+        return default.any or any(l.any for l in per_user.values())
 
     def limits_for(self, user_name: str) -> Limits:
         return self.per_user.get(user_name, self.default)
@@ -179,6 +186,11 @@ class Budgets:
         self._add(user_id, started, model, usages)
 
     def _add(self, user_id: str, started: dt.datetime, model: str | None, usages: list[TokenUsage]) -> None:
+        # A clamped usage (a count beyond what the store holds) is charged to no budget: one absurd figure from a
+        # provider must not refuse every later call of the user's.
+        usages = [u for u in usages if not (u.clamped or _beyond(u))]
+        if not usages:
+            return
         t = TokenTotals.of(usages)
         self._tokens[(user_id, _day(started))] += t.all
         cost = self.prices.cost(model, t.input, t.output, t.cache_read, t.cache_write)
@@ -197,3 +209,9 @@ class Budgets:
             "usd_remaining": None if limits.usd_per_month is None else round(max(limits.usd_per_month - usd, 0), 6),
             "requests_per_minute": limits.requests_per_minute,
         }
+
+
+def _beyond(u: TokenUsage) -> bool:
+    """A count no store holds (not yet clamped by the recorder): charged to no budget either."""
+    return any(not isinstance(v, int) or v < 0 or v > BIGINT_MAX
+               for v in (u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens))

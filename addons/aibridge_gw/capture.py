@@ -115,6 +115,7 @@ class Capture:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.archive: FlowArchive | None = None
+        runtime.on_reload.append(lambda: self.configure(set()))
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -128,13 +129,14 @@ class Capture:
             return
         option = ctx.options.aibridge_flows
         directory = Path(option).expanduser() if option else self.rt.config.capture.directory
+        cap = self.rt.config.capture
         if self.archive is not None:
-            if directory and self.archive.directory.resolve() == directory.resolve():
+            if (directory and self.archive.directory.resolve() == directory.resolve()
+                    and (self.archive.max_bytes, self.archive.max_age) == (cap.max_bytes, cap.max_age_seconds)):
                 return
             self.archive.close()
             self.archive = None
         if directory:
-            cap = self.rt.config.capture
             self.archive = FlowArchive(directory, cap.max_bytes, cap.max_age_seconds).start()
             # Keep streamed bodies on the flow so captured SSE responses can be analysed later.
             ctx.options.update(store_streamed_bodies=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .certs import CA_P12, bundle, default_confdir, ensure_ca, gateway_url
 from .guides import GUIDES, env_lines
-from .config import Config, ConfigError, load_config, postgres_error, postgres_label
+from .config import Config, ConfigError, load_config, postgres_error, postgres_label, resolve_config_path
 from .control import run_gateway_op, run_op
 from .store.ops import OpError
 
@@ -367,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--file", action="append", default=[], help="a dead-letter file (default: the configured store's)")
     rd.set_defaults(run=_replay_deadletters)
 
+    cf = sub.add_parser("config", help="check the configuration file; print its JSON Schema"
+                        ).add_subparsers(dest="sub", required=True)
+    cc = cf.add_parser("check", help="validate a config file (default: --config / $AIBRIDGE_CONFIG / "
+                                     "config/aibridge.yaml); exit 1 with every problem named")
+    cc.add_argument("file", nargs="?", help="the file to check (overrides --config)")
+    cc.set_defaults(run=_config_check, standalone=True)
+    cs = cf.add_parser("schema", help="the config file's JSON Schema, for editors (yaml-language-server)")
+    cs.add_argument("--out", help="write to this file instead of stdout")
+    cs.set_defaults(run=_config_schema, standalone=True)
+
     sq = sub.add_parser("sql", help="run read-only SQL over the audit tables")
     sq.add_argument("query")
     sq.add_argument("--json", action="store_true", help="print rows as JSON objects")
@@ -374,10 +384,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _config_check(args, config_path: str | None) -> None:
+    """Validate a config file as the gateway would load it (no database, no running gateway needed)."""
+    path = resolve_config_path(args.file or config_path)
+    config = load_config(path)
+    kinds = ", ".join(f"{p.name} ({p.type})" for p in config.providers) or "none"
+    print(f"{path}: ok; providers: {kinds}")
+
+
+def _config_schema(args, config_path: str | None) -> None:
+    from . import config_model
+
+    text = json.dumps(config_model.schema(), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.umask(0o077)  # a database, export or CA file the CLI creates is readable by its owner only
     try:
+        if getattr(args, "standalone", False):  # needs no loadable default config
+            args.run(args, args.config)
+            return 0
         args.run(args, Context(load_config(args.config)))
     except (OpError, ConfigError) as e:
         print(f"aibridge: {e}", file=sys.stderr)

@@ -43,6 +43,8 @@ CLIENTS: tuple[Client, ...] = (
            titles=("kilo code",), markers=("x-kilocode-taskid", "x-kilocode-version"),
            sessions=("x-kilocode-taskid", "x-session-id")),  # the extension's task; Kilo CLI (opencode's fork)
     Client("Roo Code", agents=("roo-code/", "roocode/"), originators=("roo-code",), titles=("roo code",)),
+    # The Cline CLI sends only the AI SDK's user agent (`ai-sdk/openai-compatible/… runtime/bun/…`, as any AI SDK
+    # program on bun does): it is named by the X-Title `aibridge env cline` adds to its provider settings.
     Client("Cline", agents=("cline/",), titles=("cline",), sessions=("x-task-id",)),
     Client("Charm Crush", agents=("charm crush/", "charm-crush/", "crush/")),
     Client("Cursor", agents=("cursor/",), markers=("x-cursor-client-version",)),
@@ -53,6 +55,7 @@ CLIENTS: tuple[Client, ...] = (
     Client("Qwen Code", agents=("qwencode", "qwen-code/")),
     Client("Factory Droid", agents=("factory-cli/", "droid/")),
     Client("Goose", agents=("goose/",)),
+    # Continue's `cn` sends `node-fetch` (Anthropic) or the OpenAI SDK's agent: named by its guide's X-Title.
     Client("Continue", agents=("continue/",), titles=("continue",)),
     Client("Junie", agents=("junie",)),
     Client("Kiro", agents=("kiro-ide/", "kiro/")),

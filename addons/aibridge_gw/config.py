@@ -16,12 +16,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from . import config_model
 from .apis import PROVIDERS
 from .apis.base import BadSettings
 from .keypool import MAX_KEYS
 
 DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # The gateway serves these itself; no provider instance may take the prefix.
 RESERVED_PREFIXES = frozenset({"aibridge"})
@@ -47,6 +47,9 @@ class ProviderInstance:
     # How requests reach a provider that needs more than a key header (Bedrock's signing); see apis/base.Transport.
     transport: Any = field(default=None, repr=False, compare=False)
     keys: tuple[str, ...] = field(default=(), repr=False)  # a failover pool when more than one (see keypool.py)
+    # OpenAI's realtime session endpoints hand the client a provider credential billed to the central key that then
+    # bypasses the gateway: refused (403) unless the admin allows them here (then recorded like other spend).
+    allow_realtime: bool = False
 
     @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
@@ -119,6 +122,9 @@ class Timeouts:
     stream_idle: float = 300.0  # longest silence between two chunks of a stream
     # SIGTERM: how long calls in flight may finish before they are ended (keep it below systemd's TimeoutStopSec)
     shutdown_grace: float = 60.0
+    # A client that goes away mid-stream: the provider's answer is still read to its end for at most this long, so
+    # its final usage is recorded and charged (0: cut it at once; the row then says its usage is estimated)
+    drain_after_disconnect: float = 120.0
     # A client connection that has sent no complete request head this long after it connected (or after its last
     # response ended, between requests) is closed: slow or silent connections cannot pile up.
     request_head: float = 10.0
@@ -207,21 +213,6 @@ class Config:
         return self.storage.duckdb
 
 
-def parse_limits(d: dict | None, where: str) -> Limits:
-    d = d or {}
-    unknown = set(d) - {"requests_per_minute", "tokens_per_day", "usd_per_month"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown limit {sorted(unknown)[0]!r}")
-    try:
-        return Limits(
-            int(d["requests_per_minute"]) if d.get("requests_per_minute") is not None else None,
-            int(d["tokens_per_day"]) if d.get("tokens_per_day") is not None else None,
-            float(d["usd_per_month"]) if d.get("usd_per_month") is not None else None,
-        )
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: limits must be numbers") from None
-
-
 def expand_env(value):
     """Expand ${NAME} / ${NAME:-default} in every string of a parsed YAML tree."""
     if isinstance(value, str):
@@ -308,7 +299,16 @@ def load_config(explicit: str | os.PathLike | None = None) -> Config:
 
 
 def parse_config(raw: dict, path: Path | None = None) -> Config:
+    """A parsed YAML tree as the runtime `Config`: validated by the typed models (config_model.py) first, so every
+    mistake is refused with its key path, then resolved (paths, environment, public hosts)."""
     raw = expand_env(raw)
+    try:
+        f = config_model.validate(raw)
+    except config_model.ConfigProblems as e:
+        where = f"{path}: " if path is not None else ""
+        if len(e.problems) == 1:
+            raise ConfigError(where + e.problems[0]) from None
+        raise ConfigError(f"{where}{len(e.problems)} problems:\n  " + "\n  ".join(e.problems)) from None
     base = path.parent if path is not None else Path.cwd()
 
     def local(p) -> Path:
@@ -317,15 +317,71 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         p = Path(str(p)).expanduser()
         return p if p.is_absolute() else (base / p)
 
-    providers = []
+    providers, notes = _providers(f.providers, raw.get("providers") or [])
+    st = f.storage
+    if st.postgres is not None:
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            conninfo_to_dict(st.postgres)
+        except Exception as e:  # malformed: refuse now, in words that never repeat the URL (it may hold a password)
+            raise ConfigError(f"storage.postgres: not a valid URL ({postgres_error(e, st.postgres)})") from None
+    for a in f.proxy.allow_addresses:
+        if "/" in a:
+            try:
+                ipaddress.ip_network(a, strict=False)
+            except ValueError:
+                raise ConfigError(f"proxy.allow_addresses: {a!r} is not a valid CIDR range") from None
+    json_log = f.logging.interceptions_json or None
+    t = f.timeouts
+    return Config(
+        path=path,
+        providers=tuple(providers),
+        storage=StorageSettings(local(st.duckdb), st.postgres, st.backlog_max_mb, st.on_failure,
+                                st.refuse_after_seconds),
+        proxy=ProxyPolicy(require_auth=f.proxy.require_auth, egress=f.proxy.egress, byok=f.proxy.byok,
+                          allow_addresses=tuple(a.lower() for a in f.proxy.allow_addresses),
+                          subscriptions=f.proxy.subscriptions),
+        capture=CaptureSettings(directory=local(f.capture.directory) if f.capture.directory else None,
+                                max_bytes=int(f.capture.max_mb * 1024 * 1024),
+                                max_age_seconds=int(f.capture.max_age_minutes * 60)),
+        mcp_servers=tuple(_mcp_server(s, f"mcp_servers[{i}]") for i, s in enumerate(f.mcp_servers)),
+        mcp=McpSettings(max_rounds=f.mcp.max_rounds, tool_timeout_seconds=f.mcp.tool_timeout_seconds,
+                        list_timeout_seconds=f.mcp.list_timeout_seconds, refresh_seconds=f.mcp.refresh_seconds,
+                        max_tools=f.mcp.max_tools),
+        retention_days=f.retention_days,
+        pricing=local(f.pricing) if f.pricing else None,
+        metrics=MetricsSettings(f.metrics.prefix, f.metrics.token or None),
+        logging=LoggingSettings(json_log if json_log in (None, "-") else str(local(json_log))),
+        budgets=BudgetSettings(_limits(f.budgets.default),
+                               {str(k): _limits(v) for k, v in f.budgets.users.items()}),
+        circuit_breaker=BreakerSettings(f.circuit_breaker.failures, f.circuit_breaker.open_seconds,
+                                        f.circuit_breaker.half_open_requests),
+        limits=LimitSettings(int(f.limits.max_request_body_mb * 1024 * 1024), f.limits.auth_failures_per_minute,
+                             f.limits.max_idle_connections_per_address),
+        timeouts=Timeouts(connect=t.connect_seconds, response=t.response_seconds, stream_idle=t.stream_idle_seconds,
+                          shutdown_grace=t.shutdown_grace_seconds,
+                          drain_after_disconnect=t.drain_after_disconnect_seconds,
+                          request_head=t.request_head_seconds),
+        public_host_notes=tuple(notes),
+    )
+
+
+def _limits(v: config_model.LimitValues) -> Limits:
+    return Limits(v.requests_per_minute, v.tokens_per_day, v.usd_per_month)
+
+
+def _providers(items: list, raw_items: list) -> tuple[list[ProviderInstance], list[str]]:
+    """The provider instances, each public API host given to the first instance of its type (unless opted out)."""
+    providers: list[ProviderInstance] = []
     seen_hosts: dict[str, str] = {}
     opted_out: set[str] = set()
-    for i, item in enumerate(raw.get("providers") or []):
-        prov = _parse_provider(item, f"providers[{i}]")
+    for i, item in enumerate(items):
+        prov = _parse_provider(item, raw_items[i], f"providers[{i}]")
         if any(p.name == prov.name for p in providers):
             raise ConfigError(f"providers[{i}]: duplicate provider name {prov.name!r}")
-        explicit = isinstance(item, dict) and item.get("hosts") is not None
-        if explicit and not item["hosts"]:
+        explicit = item.hosts is not None
+        if explicit and not item.hosts:
             opted_out.add(prov.name)
         kept = []
         for n, h in enumerate(prov.hosts):
@@ -353,271 +409,59 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
             providers[providers.index(target)] = dataclasses.replace(target, hosts=target.hosts + (host,))
             notes.append(f"proxy mode: {host} is intercepted and routed to provider {target.name!r} "
                          f"({target.base_url}); set hosts: [] on it to opt out")
-    storage = raw.get("storage") or {}
-    if not isinstance(storage, dict):
-        raise ConfigError("storage: must be a mapping")
-    db = storage.get("duckdb") or "data/aibridge.duckdb"
-    postgres = storage.get("postgres") or None
-    if postgres is not None and not (isinstance(postgres, str) and postgres.startswith(("postgresql://",
-                                                                                         "postgres://"))):
-        raise ConfigError("storage.postgres: must be a postgresql://user@host:port/database URL")
-    if postgres is not None:
-        try:
-            from psycopg.conninfo import conninfo_to_dict
-
-            conninfo_to_dict(postgres)
-        except Exception as e:  # malformed: refuse now, in words that never repeat the URL (it may hold a password)
-            raise ConfigError(f"storage.postgres: not a valid URL ({postgres_error(e, postgres)})") from None
-    unknown = set(storage) - {"duckdb", "postgres", "backlog_max_mb", "on_failure", "refuse_after_seconds"}
-    if unknown:
-        raise ConfigError(f"storage: unknown key(s) {', '.join(sorted(unknown))}")
-    on_failure = storage.get("on_failure", "serve")
-    if on_failure not in ("serve", "refuse"):
-        raise ConfigError(f"storage.on_failure: must be serve or refuse, not {on_failure!r}")
-    try:
-        backlog_max_mb = int(storage.get("backlog_max_mb", 512))
-        refuse_after = float(storage.get("refuse_after_seconds", 10))
-    except (TypeError, ValueError):
-        raise ConfigError("storage: backlog_max_mb and refuse_after_seconds must be numbers") from None
-    if backlog_max_mb < 1:
-        raise ConfigError(f"storage.backlog_max_mb: must be 1 or more, not {backlog_max_mb}")
-    if refuse_after < 0:
-        raise ConfigError(f"storage.refuse_after_seconds: must be 0 or more, not {refuse_after}")
-    metrics = raw.get("metrics") or {}
-    if not isinstance(metrics, dict):
-        raise ConfigError("metrics: must be a mapping")
-    limits = raw.get("limits") or {}
-    if not isinstance(limits, dict):
-        raise ConfigError("limits: must be a mapping")
-    json_log = (raw.get("logging") or {}).get("interceptions_json") or None
-    try:
-        max_body = int(float(limits.get("max_request_body_mb", 32)) * 1024 * 1024)
-        auth_failures = int(limits.get("auth_failures_per_minute", 30))
-        max_idle = int(limits.get("max_idle_connections_per_address", 256))
-    except (TypeError, ValueError):
-        raise ConfigError("limits: max_request_body_mb, auth_failures_per_minute and "
-                          "max_idle_connections_per_address must be numbers") from None
-    if max_idle < 1:
-        raise ConfigError(f"limits.max_idle_connections_per_address: must be 1 or more, not {max_idle}")
-    capture = _parse_capture(raw.get("capture") or {})
-    if capture.directory is not None:
-        capture = dataclasses.replace(capture, directory=local(capture.directory))
-    return Config(
-        path=path,
-        providers=tuple(providers),
-        storage=StorageSettings(local(db), postgres, backlog_max_mb, on_failure, refuse_after),
-        proxy=_parse_proxy(raw.get("proxy") or {}),
-        capture=capture,
-        mcp_servers=_parse_mcp_servers(raw.get("mcp_servers") or []),
-        mcp=_parse_mcp_settings(raw.get("mcp") or {}),
-        retention_days=_int(raw, "retention_days", 60),
-        pricing=local(raw["pricing"]) if raw.get("pricing") else None,
-        metrics=MetricsSettings(str(metrics.get("prefix", "aibridge_")),
-                                str(metrics["token"]) if metrics.get("token") else None),
-        logging=LoggingSettings(json_log if json_log in (None, "-") else str(local(json_log))),
-        budgets=_parse_budgets(raw.get("budgets") or {}),
-        circuit_breaker=_parse_breaker(raw.get("circuit_breaker") or {}),
-        limits=LimitSettings(max_body, auth_failures, max_idle),
-        timeouts=_parse_timeouts(raw.get("timeouts") or {}),
-        public_host_notes=tuple(notes),
-    )
+    return providers, notes
 
 
-def _parse_timeouts(d) -> Timeouts:
-    if not isinstance(d, dict):
-        raise ConfigError("timeouts: must be a mapping")
-    names = {"connect_seconds": "connect", "response_seconds": "response", "stream_idle_seconds": "stream_idle",
-             "shutdown_grace_seconds": "shutdown_grace", "request_head_seconds": "request_head"}
-    unknown = set(d) - set(names)
-    if unknown:
-        raise ConfigError(f"timeouts: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(names)}")
-    values = {}
-    for key, attr in names.items():
-        if key in d:
-            try:
-                values[attr] = float(d[key])
-            except (TypeError, ValueError):
-                raise ConfigError(f"timeouts.{key}: must be a number of seconds") from None
-            if values[attr] <= 0:
-                raise ConfigError(f"timeouts.{key}: must be positive")
-    return Timeouts(**values)
+def _mcp_server(d: config_model.McpServerFile, where: str) -> McpServer:
+    return McpServer(name=d.name, url=d.url, headers=dict(d.headers), per_user_token=d.per_user_token,
+                     allow=_regex(d.tool_allow_regex, "tool_allow_regex", where),
+                     deny=_regex(d.tool_deny_regex, "tool_deny_regex", where))
 
 
-def _parse_breaker(d) -> BreakerSettings:
-    if not isinstance(d, dict):
-        raise ConfigError("circuit_breaker: must be a mapping")
-    try:
-        return BreakerSettings(int(d.get("failures", 5)), float(d.get("open_seconds", 30)),
-                               int(d.get("half_open_requests", 3)))
-    except (TypeError, ValueError):
-        raise ConfigError("circuit_breaker: failures, open_seconds and half_open_requests must be numbers") from None
-
-
-def _parse_budgets(d) -> BudgetSettings:
-    if not isinstance(d, dict):
-        raise ConfigError("budgets: must be a mapping")
-    users = d.get("users") or {}
-    if not isinstance(users, dict):
-        raise ConfigError("budgets.users: must map user names to limits")
-    return BudgetSettings(parse_limits(d.get("default"), "budgets.default"),
-                          {str(k): parse_limits(v, f"budgets.users.{k}") for k, v in users.items()})
-
-
-def _int(d: dict, key: str, default: int) -> int:
-    v = d.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ConfigError(f"{key}: must be a non-negative integer")
-    return v
-
-
-def _regex(d: dict, key: str, where: str) -> re.Pattern | None:
-    v = d.get(key)
+def _regex(v: str | None, key: str, where: str) -> re.Pattern | None:
     if v in (None, ""):
         return None
     try:
-        return re.compile(str(v))
+        return re.compile(v)
     except re.error as e:
         raise ConfigError(f"{where}.{key}: invalid regex: {e}") from None
 
 
-def _parse_mcp_servers(items) -> tuple[McpServer, ...]:
-    if not isinstance(items, list):
-        raise ConfigError("mcp_servers: must be a list")
-    out: list[McpServer] = []
-    for i, d in enumerate(items):
-        where = f"mcp_servers[{i}]"
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where}: must be a mapping")
-        name = str(d.get("name") or "")
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
-            raise ConfigError(f"{where}.name: {name!r} is not a valid server id (letters, digits, - _)")
-        if any(s.name == name for s in out):
-            raise ConfigError(f"{where}.name: duplicate server {name!r}")
-        url = str(d.get("url") or "")
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigError(f"{where}.url: {url!r} is not an http(s) URL")
-        headers = d.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise ConfigError(f"{where}.headers: must be a mapping")
-        out.append(
-            McpServer(
-                name=name, url=url, headers={str(k): str(v) for k, v in headers.items()},
-                per_user_token=_bool(d, "per_user_token", False, where),
-                allow=_regex(d, "tool_allow_regex", where), deny=_regex(d, "tool_deny_regex", where),
-            )
-        )
-    return tuple(out)
-
-
-def _parse_mcp_settings(d) -> McpSettings:
-    if not isinstance(d, dict):
-        raise ConfigError("mcp: must be a mapping")
-    try:
-        s = McpSettings(
-            max_rounds=int(d.get("max_rounds", 10)),
-            tool_timeout_seconds=float(d.get("tool_timeout_seconds", 30)),
-            list_timeout_seconds=float(d.get("list_timeout_seconds", 2)),
-            refresh_seconds=float(d.get("refresh_seconds", 300)),
-            max_tools=int(d.get("max_tools", 128)),
-        )
-    except (TypeError, ValueError):
-        raise ConfigError("mcp: max_rounds, max_tools and the *_seconds settings must be numbers") from None
-    if s.max_rounds < 1:
-        raise ConfigError("mcp.max_rounds: must be at least 1")
-    return s
-
-
-def _bool(d: dict, key: str, default: bool, where: str) -> bool:
-    v = d.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{where}.{key}: must be true or false")
-    return v
-
-
-def _parse_proxy(d) -> ProxyPolicy:
-    if not isinstance(d, dict):
-        raise ConfigError("proxy: must be a mapping")
-    egress = d.get("egress", "all")
-    if egress not in ("all", "ai-only"):
-        raise ConfigError("proxy.egress: must be 'all' or 'ai-only'")
-    require = d.get("require_auth")
-    if require is not None and not isinstance(require, bool):
-        raise ConfigError("proxy.require_auth: must be true or false")
-    allow = d.get("allow_addresses") or []
-    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
-        raise ConfigError("proxy.allow_addresses: must be a list of IP addresses, CIDR ranges or host names")
-    for a in allow:
-        if "/" in a:
-            try:
-                ipaddress.ip_network(a, strict=False)
-            except ValueError:
-                raise ConfigError(f"proxy.allow_addresses: {a!r} is not a valid CIDR range") from None
-    subscriptions = d.get("subscriptions", "allow")
-    if subscriptions not in ("allow", "refuse"):
-        raise ConfigError("proxy.subscriptions: must be 'allow' or 'refuse'")
-    unknown = set(d) - {"require_auth", "egress", "byok", "allow_addresses", "subscriptions"}
-    if unknown:
-        raise ConfigError(f"proxy: unknown key(s) {', '.join(sorted(unknown))}")
-    return ProxyPolicy(require_auth=require, egress=egress, byok=_bool(d, "byok", True, "proxy"),
-                       allow_addresses=tuple(a.lower() for a in allow), subscriptions=subscriptions)
-
-
-def _parse_capture(d) -> CaptureSettings:
-    if not isinstance(d, dict):
-        raise ConfigError("capture: must be a mapping")
-    try:
-        max_mb = float(d.get("max_mb", 100))
-        max_age = float(d.get("max_age_minutes", 60))
-    except (TypeError, ValueError):
-        raise ConfigError("capture.max_mb / capture.max_age_minutes: must be numbers") from None
-    directory = d.get("directory")
-    return CaptureSettings(
-        directory=Path(directory).expanduser() if directory else None,
-        max_bytes=int(max_mb * 1024 * 1024),
-        max_age_seconds=int(max_age * 60),
-    )
-
-
-def _parse_provider(item, where: str) -> ProviderInstance:
-    if not isinstance(item, dict):
-        raise ConfigError(f"{where}: must be a mapping")
-    name = str(item.get("name") or "")
-    if not _NAME_RE.match(name) or name in RESERVED_PREFIXES:
-        raise ConfigError(f"{where}.name: {name!r} is not a valid instance name (lowercase letters, digits, - _)")
-    ptype = item.get("type")
-    if ptype not in PROVIDERS:
-        raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDERS)}, got {ptype!r}")
+def _parse_provider(item, raw: dict, where: str) -> ProviderInstance:
+    ptype = item.type
+    if item.name in RESERVED_PREFIXES:
+        raise ConfigError(f"{where}.name: {item.name!r} is reserved for the gateway's own endpoints")
     transport = None
     if PROVIDERS[ptype].transport is not None:
         try:
-            transport = PROVIDERS[ptype].transport(item, where)
+            transport = PROVIDERS[ptype].transport(raw, where)
         except BadSettings as e:
             raise ConfigError(str(e)) from None
-    base_url = str(item.get("base_url") or PROVIDERS[ptype].default_base_url
+    base_url = str(item.base_url or PROVIDERS[ptype].default_base_url
                    or (transport.default_base_url if transport else ""))
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.base_url: {base_url!r} is not an http(s) URL")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    if "key" in item and item["key"]:
-        key, source = str(item["key"]), "key"
-    elif item.get("key_env"):
-        key, source = os.environ.get(str(item["key_env"])) or None, f"${item['key_env']}"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"{where}.base_url: {base_url!r} has an invalid port") from None
+    if item.key:
+        key, source = item.key, "key"
+    elif item.key_env:
+        key, source = os.environ.get(item.key_env) or None, f"${item.key_env}"
     else:
         key, source = None, "none"
     keys = _parse_keys(item, where, key, ptype)
     if len(keys) > 1:
         key, source = keys[0], f"keys ({len(keys)})"
-    hosts = item.get("hosts")
-    if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)):
-        raise ConfigError(f"{where}.hosts: must be a list of host names")
+    if item.allow_realtime and not any(e.api == "openai.realtime" for e in PROVIDERS[ptype].endpoints):
+        raise ConfigError(f"{where}.allow_realtime: provider type {ptype!r} has no realtime session endpoints")
     # The base_url host, plus any listed; `hosts: []` opts out of interception entirely.
-    hosts = [] if hosts == [] else [parts.hostname, *[h for h in (hosts or []) if h.lower() != parts.hostname]]
-    passthrough = item.get("passthrough_paths") or []
-    if not isinstance(passthrough, list) or not all(isinstance(x, str) and x.startswith("/") for x in passthrough):
-        raise ConfigError(f"{where}.passthrough_paths: must be a list of paths starting with /")
+    hosts = [] if item.hosts == [] else [parts.hostname,
+                                         *[h for h in (item.hosts or []) if h.lower() != parts.hostname]]
     return ProviderInstance(
-        name=name,
+        name=item.name,
         type=ptype,
         base_url=base_url,
         scheme=parts.scheme,
@@ -627,39 +471,36 @@ def _parse_provider(item, where: str) -> ProviderInstance:
         key=key,
         key_source=source,
         hosts=tuple(h.lower() for h in hosts),
-        passthrough_paths=tuple(p.rstrip("/") or "/" for p in passthrough),
+        passthrough_paths=tuple(p.rstrip("/") or "/" for p in item.passthrough_paths),
         transport=transport,
         keys=keys,
+        allow_realtime=item.allow_realtime,
     )
 
 
-def _parse_keys(item: dict, where: str, key: str | None, ptype: str) -> tuple[str, ...]:
+def _parse_keys(item, where: str, key: str | None, ptype: str) -> tuple[str, ...]:
     """`key`/`key_env` and the `keys:` list (literals, `{key: …}` or `{key_env: NAME}`), in order, once each."""
-    given = item.get("keys")
+    given = item.keys
     if given is None:
         return (key,) if key else ()
     provider = PROVIDERS[ptype]
     if provider.own_credentials_only or provider.transport is not None:
         raise ConfigError(f"{where}.keys: provider type {ptype!r} takes no upstream keys")
-    if not isinstance(given, list) or not given:
-        raise ConfigError(f"{where}.keys: must be a non-empty list of keys (or {{key_env: NAME}} entries)")
     keys = [key] if key else []
     for n, entry in enumerate(given):
         at = f"{where}.keys[{n}]"
-        if isinstance(entry, dict) and set(entry) == {"key_env"}:
-            value = os.environ.get(str(entry["key_env"]))
-            if not value:  # like an unset key_env: left out, said at start-up (the CLI never needs the keys)
-                logging.getLogger("aibridge").warning("%s.key_env: $%s is not set; that key is left out of the pool",
-                                                      at, entry["key_env"])
-                continue
-            entry = value
-        elif isinstance(entry, dict) and set(entry) == {"key"}:
-            entry = entry["key"]
-        if not isinstance(entry, str) or not entry.strip():
-            raise ConfigError(f"{at}: must be a key, {{key: …}} or {{key_env: NAME}}")
+        if isinstance(entry, config_model.KeyEntry):
+            if entry.key_env is not None:
+                value = os.environ.get(entry.key_env)
+                if not value:  # like an unset key_env: left out, said at start-up (the CLI never needs the keys)
+                    logging.getLogger("aibridge").warning(
+                        "%s.key_env: $%s is not set; that key is left out of the pool", at, entry.key_env)
+                    continue
+                entry = value
+            else:
+                entry = entry.key
         keys.append(entry.strip())
     keys = list(dict.fromkeys(keys))
     if len(keys) > MAX_KEYS:
         raise ConfigError(f"{where}.keys: at most {MAX_KEYS} keys per instance (got {len(keys)})")
     return tuple(keys)
-

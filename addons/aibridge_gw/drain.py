@@ -104,7 +104,12 @@ class Drain:
         self.http.discard(flow.client_conn.id)  # messages, not requests, from now on: idle only when quiet
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self.live.pop(client.id, None)
+        flows = self.live.pop(client.id, None)
+        # A stream read on after its client left (Pipeline._client_left) is still in flight: the stop waits for it
+        # and ends it like any other call when the grace runs out.
+        reading = {f for f in flows or () if (s := state_of(f)) is not None and s.client_gone is not None and f.live}
+        if reading:
+            self.live[client.id] = reading
         self.http.discard(client.id)
         self._closed.discard(client.id)
 

@@ -8,6 +8,7 @@ travels with a copied or saved flow.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass, field
 
@@ -46,6 +47,15 @@ class FlowState:
     inflight: bool = False  # counted in the in-flight gauge
     captured: bool = False  # written to the flow archive
     outcome: Outcome | None = field(default=None)
+    # The client went away mid-stream and the provider's answer is read on (see Pipeline._client_left): why it
+    # went, until when (epoch seconds) and how many stream bytes had passed then; `drained` is set once recorded.
+    client_gone: str | None = None
+    drain_until: float = 0.0
+    drain_bytes: int = 0
+    drained: asyncio.Event | None = None
+    loop_job: object | None = None  # the injected-tool loop's job (LoopJob), told when the client goes
+    watch: str | None = None  # a passthrough response read on the way (objects.WATCHED: a batch's status)
+    client_base: str | None = None  # the gateway's URL for this instance as the client reached it (base-URL mode)
 
     def __deepcopy__(self, memo) -> None:
         """Live handles stay with the live flow: a copy (capture, `-w`) carries only the recorded facts."""

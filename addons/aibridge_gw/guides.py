@@ -50,15 +50,30 @@ def _comment(text: str) -> list[str]:
 
 
 def _file(path: str, text: str, note: str = "") -> list[str]:
-    """A heredoc that writes the file (merge by hand if you already have one)."""
-    head = _comment(f"writes {path}{note}; merge by hand if you already have one")
+    """A heredoc that writes the file; one already there is left alone (noclobber: merge it by hand)."""
+    head = _comment(f"writes {path}{note}; if you already have one, this stops: merge by hand")
     parent = str(Path(path).parent)  # double quotes: the path may name $CODEX_HOME
     mkdir = f'mkdir -p "{parent}" && ' if parent != "." else ""
-    return head + [f'{mkdir}cat > "{path}" <<\'EOF\'', text, "EOF"]
+    return head + [f'{mkdir}(set -C; cat > "{path}") <<\'EOF\'', text, "EOF"]
 
 
 def _json_file(path: str, obj: dict) -> list[str]:
     return _file(path, json.dumps(obj, indent=2))
+
+
+# Deep-merges a JSON object into a JSON file (made if missing) with node, which every node client brings along.
+_MERGE_JS = ('const fs=require("fs"),path=require("path"),[f,add]=process.argv.slice(1);let c={};'
+             'try{c=JSON.parse(fs.readFileSync(f,"utf8"))}catch(e){if(e.code!=="ENOENT")throw e}'
+             'const m=(a,b)=>{for(const[k,v]of Object.entries(b))a[k]=v&&typeof v==="object"&&!Array.isArray(v)'
+             '&&a[k]&&typeof a[k]==="object"&&!Array.isArray(a[k])?m(a[k],v):v;return a};'
+             'fs.mkdirSync(path.dirname(f),{recursive:true});'
+             'fs.writeFileSync(f,JSON.stringify(m(c,JSON.parse(add)),null,2)+"\\n")')
+
+
+def _json_merge(path: str, obj: dict, why: str) -> list[str]:
+    """A node one-liner that sets `obj`'s keys in the JSON file at `path` and keeps everything else in it."""
+    return _comment(f"sets in {path}: {json.dumps(obj)} ({why}); the rest of the file is kept") + [
+        f"node -e {q(_MERGE_JS)} \"{path}\" {q(json.dumps(obj))}"]
 
 
 # --- terminal clients: (base-URL lines, proxy lines) ------------------------------------------------
@@ -146,20 +161,37 @@ def llm(w: Where, mode: str) -> list[str]:
                          llm_models(base), "; then: llm -m aibridge-gpt-4.1 '…'")
 
 
+# Gemini CLI exits 41 without a login method chosen (the API key: the gateway token) and, headless, 55 in a
+# directory it was not told to trust.
+GEMINI_SETTINGS = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+
+
 def gemini_cli(w: Where, mode: str) -> list[str]:
-    if mode == "base-url":
-        return _exports(GOOGLE_GEMINI_BASE_URL=w.url("/gemini"), GEMINI_API_KEY=w.token)
-    return _proxy_env(w, "node") + _exports(GEMINI_API_KEY=w.token)
+    lines = _exports(GOOGLE_GEMINI_BASE_URL=w.url("/gemini"), GEMINI_API_KEY=w.token) if mode == "base-url" else \
+        _proxy_env(w, "node") + _exports(GEMINI_API_KEY=w.token)
+    return lines + _comment("headless runs (gemini -p) need the workspace trusted: this trusts every folder in this "
+                            "shell;\ninteractive runs can instead trust folders one by one when asked") + \
+        _exports(GEMINI_CLI_TRUST_WORKSPACE="true") + _json_merge(
+        "$HOME/.gemini/settings.json", GEMINI_SETTINGS, "log in with the API key, the gateway token")
+
+
+def continue_config(api_base: str | None, token: str) -> str:
+    """~/.continue/config.yaml (read by the `cn` CLI and the IDE extensions): a Claude model through the gateway,
+    with the header that names Continue (its requests carry only `node-fetch` or the OpenAI SDK's user agent)."""
+    base = f"\n    apiBase: {api_base}" if api_base else ""  # proxy mode: the provider's own host, intercepted
+    return ("name: aibridge\nversion: 0.0.1\nschema: v1\nmodels:\n  - name: Claude via aibridge\n"
+            f"    provider: anthropic\n    model: claude-sonnet-4-5{base}\n    apiKey: {json.dumps(token)}\n"
+            "    requestOptions:\n      headers:\n        X-Title: Continue")
 
 
 def continue_dev(w: Where, mode: str) -> list[str]:
-    model = {"name": "Claude via aibridge", "provider": "anthropic", "model": "claude-sonnet-4-5",
-             "apiKey": w.token}
+    config = _file("$HOME/.continue/config.yaml",
+                   continue_config(w.url("/anthropic/v1/") if mode == "base-url" else None, w.token),
+                   " (the cn CLI and the IDE extensions read it)")
     if mode == "base-url":
-        return _comment("in ~/.continue/config.yaml, under models:\n  - " + "\n    ".join(
-            f"{k}: {v}" for k, v in {**model, "apiBase": w.url("/anthropic/v1/")}.items()))
-    return _ide_proxy(w, "Continue runs inside VS Code or JetBrains") + _comment(
-        "and keep its model's apiKey the gateway token")
+        return config + _comment("then: cn -p '…' (or pick \"Claude via aibridge\" in the IDE)")
+    return _proxy_env(w, "node") + config + _comment("then: cn -p '…'") + _ide_proxy(
+        w, "in VS Code or JetBrains instead (the extension)")
 
 
 def python(w: Where, mode: str) -> list[str]:
@@ -201,7 +233,7 @@ def zed(w: Where, mode: str) -> list[str]:
         f"then Agent Panel → Settings → Anthropic / OpenAI: paste the gateway token as the API key: {w.token}")
 
 
-def cline(w: Where, mode: str, name: str = "Cline") -> list[str]:
+def _cline_extension(w: Where, mode: str, name: str) -> list[str]:
     if mode == "proxy":
         return _ide_proxy(w, "VS Code settings (http.proxy)") + _comment(f"{name}: API key = the gateway token")
     return _comment(f"{name} → Settings → API Provider: Anthropic, check \"Use custom base URL\": "
@@ -209,8 +241,33 @@ def cline(w: Where, mode: str, name: str = "Cline") -> list[str]:
                     f"or API Provider: OpenAI Compatible, Base URL {w.url('/openai/v1')}, API key the same")
 
 
+# The Cline CLI sends only the AI SDK's user agent (any AI SDK program on bun sends the same): this header, kept
+# in its provider settings, names it.
+CLINE_HEADERS = {"providers": {"openai-compatible": {"settings": {"headers": {"X-Title": "Cline"}}}}}
+
+
+def cline(w: Where, mode: str) -> list[str]:
+    """The Cline CLI (`npm i -g cline`): `cline auth` takes a base URL for OpenAI-compatible providers only (it
+    refuses one for anthropic), so the gateway's OpenAI API; then the extension's steps."""
+    base = w.url("/openai/v1") if mode == "base-url" else "https://api.openai.com/v1"
+    cli = _proxy_env(w, "node") if mode == "proxy" else []
+    cli += [f"cline auth openai -k {q(w.token)} -m gpt-4.1 -b {q(base)}"] + _json_merge(
+        "${CLINE_DIR:-$HOME/.cline}/data/settings/providers.json", CLINE_HEADERS, "names Cline in the record")
+    return _comment("the Cline CLI:") + cli + _comment("then: cline '…'\n\nthe VS Code extension:") + \
+        _cline_extension(w, mode, "Cline")
+
+
 def roo(w: Where, mode: str) -> list[str]:
-    return cline(w, mode, "Roo Code")
+    return _cline_extension(w, mode, "Roo Code")
+
+
+def qwen(w: Where, mode: str) -> list[str]:
+    """Qwen Code speaks OpenAI's chat API; its own default endpoint is DashScope, which the gateway does not
+    intercept (nor relay), so proxy mode too names OpenAI's host."""
+    base = w.url("/openai/v1") if mode == "base-url" else "https://api.openai.com/v1"
+    lines = _proxy_env(w, "node") if mode == "proxy" else []
+    return lines + _exports(OPENAI_BASE_URL=base, OPENAI_API_KEY=w.token, OPENAI_MODEL="gpt-4.1") + _comment(
+        "then: qwen --auth-type openai (or qwen -p '…')")
 
 
 def vscode(w: Where, mode: str) -> list[str]:
@@ -233,7 +290,7 @@ def jetbrains(w: Where, mode: str) -> list[str]:
 
 GUIDES: dict[str, Callable[[Where, str], list[str]]] = {
     "claude-code": claude_code, "codex": codex, "opencode": opencode, "kilo": kilo, "crush": crush,
-    "goose": goose, "aider": aider, "llm": llm, "gemini-cli": gemini_cli, "continue": continue_dev,
+    "goose": goose, "aider": aider, "llm": llm, "gemini-cli": gemini_cli, "qwen": qwen, "continue": continue_dev,
     "zed": zed, "cline": cline, "roo": roo, "vscode": vscode, "jetbrains": jetbrains,
     "python": python, "node": node, "system": system,
 }

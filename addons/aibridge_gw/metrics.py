@@ -67,6 +67,8 @@ class Metrics:
                                multiprocess_mode="livemax")
         self.key_failovers = Counter(f"{p}upstream_key_failovers_total", "Requests sent again with another key of "
                                      "the pool, by why the key was left.", ["provider", "reason"], registry=r)
+        self.reloads = Counter(f"{p}config_reloads_total", "Configuration reloads (SIGHUP), applied or refused.",
+                               ["result"], registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
                                     ["provider", "model", "name"], registry=r)
 

@@ -22,6 +22,7 @@ class Observation:
         self.rt = runtime
         self.json_log: InterceptionLog | None = None
         self._json_log_path: str | None = None
+        runtime.on_reload.append(lambda: self.configure(set()))
 
     def configure(self, updated: set[str]) -> None:
         path = self.rt.config.logging.interceptions_json if self.rt.config else None

@@ -9,11 +9,16 @@ that each patch took, so a mitmproxy upgrade that moves them fails loudly instea
   the answer is JSON both SDK families read as an API error instead of an HTML page.
 - Upstream failures (`HttpStream.handle_protocol_error`): for intercepted flows the client gets the provider's own
   JSON error (before the response started) or the API's error event and a clean end of the stream (after) —
-  see upstream_faults.py.
+  see upstream_faults.py. The same step sees a client that goes away mid-stream (HTTP/1: "Client disconnected.";
+  HTTP/2: its stream reset or its connection closed): for a recorded stream the gateway reads to its end (`keep`
+  says so), the error is neither sent upstream nor made the flow's, and the stream stays alive; what it sends to
+  the gone client mitmproxy drops (the connection is no longer among its transports; an HTTP/2 stream that is
+  closed takes no data).
 - Listening (`ServerInstance.listen` of TCP modes): a deep listen backlog, so a burst of connections does not make
   the kernel drop new ones, and a front door every accepted connection passes before mitmproxy's handler is made
-  (idle.py: an address flooding the gateway waits its turn behind the others); in `scripts/run --workers N`'s workers (workers.worker installs it before mitmdump
-  starts) also SO_REUSEPORT: each binds the one port, so the kernel spreads connections over the workers.
+  (idle.py: an address flooding the gateway waits its turn behind the others); in `scripts/run --workers N`'s
+  workers (workers.worker installs it before mitmdump starts) also SO_REUSEPORT: each binds the one port, so the
+  kernel spreads connections over the workers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from mitmproxy import http
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import (
+    RequestProtocolError,
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
@@ -38,11 +44,11 @@ log = logging.getLogger(__name__)
 ORIGIN, ABSOLUTE = "origin", "absolute"
 
 
-def install(decide: "Decide") -> None:
+def install(decide: "Decide", keep: "Keep | None" = None) -> None:
     """All of them (idempotent)."""
     install_request_form_marker()
     install_json_error_pages()
-    install_client_endings(decide)
+    install_client_endings(decide, keep)
     install_listener()
 
 
@@ -92,17 +98,31 @@ def install_json_error_pages() -> None:
 
 
 Decide = Callable[[http.HTTPFlow, str], "ClientEnding | None"]
+Keep = Callable[[http.HTTPFlow, str], bool]
 _decide: list[Decide] = []
+_keep: list[Keep] = []
 
 
-def install_client_endings(decide: Decide) -> None:
-    """Route upstream failures of intercepted flows through `decide` (idempotent; the last gateway wins)."""
+def install_client_endings(decide: Decide, keep: Keep | None = None) -> None:
+    """Route upstream failures of intercepted flows through `decide`, and clients gone mid-stream through `keep`
+    (idempotent; the last gateway wins)."""
     _decide[:] = [decide]
+    _keep[:] = [keep] if keep is not None else []
     original = http_layer.HttpStream.handle_protocol_error
     if getattr(original, "aibridge", False):
         return
 
     def handle_protocol_error(self, event):
+        if (isinstance(event, RequestProtocolError) and _keep and self.client_state == self.state_done
+                and self.server_state == self.state_stream_response_body and self.flow.live):
+            # The client went away while the response streams: keep reading it when the gateway says so.
+            try:
+                kept = _keep[0](self.flow, event.message)
+            except Exception:  # never make a failure worse
+                log.exception("aibridge: deciding whether to read a stream whose client left failed")
+                kept = False
+            if kept:
+                return
         ending = None
         if isinstance(event, ResponseProtocolError) and _decide and self.flow.live:
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from mitmproxy.net.http.url import hostport
 
 from . import bodies, patches
 from .apis import MODEL_APIS, PROVIDERS, WIRE_APIS
+from .apis.base import LocalAnswer
 from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, ON_BEHALF_HEADERS, AuthRefused, Identity, identify, mask
 from .breaker import is_failure
 from .clients import client_metadata, detect_client, detect_session
@@ -30,10 +32,12 @@ from .errors import error_response
 from .flowstate import STATE_KEY, FlowState, Outcome, state_of
 from .logsafe import printable
 from .mcp.loop import LoopJob, upstream_headers
+from .objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from .relay import RelayJob
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
-from .records import BadRequest, ResponseSummary
-from .recording import META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
+from .records import BadRequest, ResponseSummary, summary_to_dict
+from .apis.results import ResultsTap
+from .recording import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from .routing import BadPath, Route
 from .runtime import Runtime
 from .tap import StreamTap
@@ -43,6 +47,8 @@ log = logging.getLogger("aibridge")
 OFF_LOOP_BYTES = 256 * 1024  # request bodies larger than this are decoded and parsed on a worker thread
 MAX_HEADER_FIELDS = 256  # real clients send 10-40; more is refused 431 before any per-header work
 MAX_HEADER_BYTES = 64 * 1024
+DRAIN_SETTLE = 5.0  # seconds past a drain's deadline for its ending to be recorded before mitmproxy closes it
+REALTIME_API = "openai.realtime"  # refused unless the instance sets allow_realtime
 
 
 class Pipeline:
@@ -50,9 +56,11 @@ class Pipeline:
         self.rt = runtime
         self.proxy = proxy
         self._noted: set[tuple] = set()  # warnings already logged (see _note_once)
+        self.draining: set[FlowState] = set()  # streams read on after their client went away
+        self.objects = Objects(runtime)  # batches, their output files, background responses: who created them
 
     def load(self, loader) -> None:
-        patches.install(self._client_ending)
+        patches.install(self._client_ending, self._client_left)
 
     # --- request -----------------------------------------------------------------------------------
 
@@ -117,11 +125,25 @@ class Pipeline:
                 route.provider.type, 426,
                 "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
             return
+        if route.local is not None and route.local.anyone:  # a connectivity check: no key, nothing upstream
+            flow.response = _local_answer(route.local)
+            return
         route, key_in_query = _credential_from_query(route, hv)
         ident = self._identify(flow, route, hv)
-        if ident is None or not self._admissible(flow, route, ident):
+        if ident is None:
+            return
+        if route.local is not None and ident.byok_credential is None:
+            # A client's service endpoint (telemetry, feature flags) on the central key: the gateway answers it, the
+            # way the client takes "nothing to tell"; the user's own credential would have taken it upstream.
+            flow.response = _local_answer(route.local)
+            return
+        if not self._admissible(flow, route, ident):
             return
         state = flow.metadata[STATE_KEY] = FlowState(flow, route)
+        if route.api is None:
+            state.watch = WATCHED.get((route.provider.type, route.label))
+            if state.watch is not None and self.proxy.is_ours(flow):
+                state.client_base = client_base(flow, route.provider.name)
         adapter = None
         if route.api:
             begun = await self._begin(flow, route, ident, hv)
@@ -226,6 +248,14 @@ class Pipeline:
                 f"aibridge: {req.method} {printable(route.upstream_path.split('?')[0])} is not an endpoint this "
                 f"gateway relays (provider {route.provider.name!r})")
             return False
+        if route.api == REALTIME_API and not route.provider.allow_realtime:
+            # The session's ephemeral key is billed to the central key and used straight against the provider:
+            # nothing it spends would pass the gateway again.
+            flow.response = error_response(
+                route.provider.type, 403,
+                f"aibridge: realtime sessions are not allowed through provider {route.provider.name!r}: their "
+                "client secret is billed to the gateway's key and bypasses it (an admin may set allow_realtime: true)")
+            return False
         if credential_kind(route, ident) == "subscription" and self.rt.config.proxy.subscriptions == "refuse":
             flow.response = error_response(
                 route.provider.type, 403,
@@ -269,7 +299,8 @@ class Pipeline:
             return False
         state.breaker_key = key
         await rt.recorder.link_thread(ic)
-        if rt.budgets is not None:
+        if rt.budgets is not None and not getattr(ic.codec, "retrieval", None):
+            # A retrieval spends nothing more: the work was paid for when it ran (and is charged to its creator).
             refusal = rt.budgets.check(*ic.charged)
             if refusal is None and rt.budgets.fleet:
                 refusal = await rt.fleet_rate_refusal(*ic.charged)
@@ -350,6 +381,8 @@ class Pipeline:
             started_at=at(req.timestamp_start),
             route=route.label,
             info=info,
+            facts=dict(info.facts or {}),
+            deferred=bool(getattr(codec, "retrieval", None)),
         )
         return ic, body
 
@@ -412,7 +445,8 @@ class Pipeline:
         # A request the client signed itself reaches the provider with its signed headers as they were (Host too:
         # the connection still goes to the configured base_url, never to an address the client names).
         client_signed = prov.transport is not None and ident.byok_credential is not None
-        recoded = recorded and not client_signed
+        recoded = (recorded or state.watch is not None) and not client_signed
+        results = recorded and getattr(state.interception.codec, "retrieval", None) == "results"
         if (h2 or d.authority) and not client_signed:
             d.authority = host  # HTTP/2's :authority (and absolute-form HTTP/1 targets)
         drop = _DROP_CENTRAL if ident.byok_credential is None else _DROP_BYOK
@@ -422,7 +456,8 @@ class Pipeline:
             if name == b"host":
                 fields.append(f if client_signed else (f[0], host))
                 had_host = True
-            elif name not in drop and not (recoded and name == b"accept-encoding"):
+            elif name not in drop and not (recoded and name == b"accept-encoding") and not (
+                    results and name in (b"range", b"if-range")):  # a results file is read, and metered, whole
                 fields.append(f)
         if not had_host and not h2:
             fields.insert(0, (b"host", host))
@@ -459,6 +494,7 @@ class Pipeline:
         req.host_header = f"127.0.0.1:{loop.port}"
         req.path = path
         state.via_loop = True
+        state.loop_job = job
 
     def _to_relay(self, flow: http.HTTPFlow, state: FlowState, pool) -> None:
         """Send the request through the gateway's own client, which tries the pool's keys in turn."""
@@ -482,9 +518,22 @@ class Pipeline:
             return
         ic = state.interception
         if ic is None:
-            flow.response.stream = True  # passthrough: relayed as it comes
+            resp = flow.response
+            if state.watch is not None and 200 <= resp.status_code < 300 and is_json(resp):
+                length = resp.headers.get("content-length", "")
+                if length.isdigit() and int(length) <= WATCH_LIMIT:
+                    return  # a batch's status: small, read whole in `response`
+                if not length:
+                    resp.stream = _Held(lambda body: self.objects.watched_body(
+                        state.route.provider.name, state.watch, state.client_base, body))
+                    return
+            resp.stream = True  # passthrough: relayed as it comes
             return
         resp = flow.response
+        if getattr(ic.codec, "retrieval", None) == "results" and 200 <= resp.status_code < 300:
+            state.tap = ResultsTap(ic.codec)  # JSON Lines, maybe large: read line by line as they pass
+            resp.stream = state.tap
+            return
         transport = state.route.provider.transport
         framed = transport is not None and transport.is_stream(resp.headers.get("content-type", ""))
         if not (200 <= resp.status_code < 300 and (framed or is_sse(resp))):
@@ -501,8 +550,24 @@ class Pipeline:
         state.tap = StreamTap(ic.codec, framing)
         resp.stream = state.tap
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = self._finish(flow)
+    def response(self, flow: http.HTTPFlow):
+        watched = state_of(flow)
+        if (watched is not None and watched.watch is not None and watched.interception is None and flow.live
+                and flow.response is not None and not flow.response.stream and 200 <= flow.response.status_code < 300):
+            new = self.objects.watched_body(watched.route.provider.name, watched.watch, watched.client_base,
+                                            flow.response.content or b"")
+            if new is not None:
+                flow.response.content = new
+        done = self._finish(flow)
+        if inspect.isawaitable(done):  # a retrieval: settled with the store first (mitmproxy awaits it)
+            async def settled() -> None:
+                self._answered(flow, await done)
+            return settled()
+        self._answered(flow, done)
+        return None
+
+    def _answered(self, flow: http.HTTPFlow, state: FlowState | None) -> None:
+        """What the client gets, once the exchange is recorded."""
         if state is None:
             return
         error = state.outcome.error if state.outcome else None
@@ -522,11 +587,12 @@ class Pipeline:
                 resp.status_code, resp.content = shaped
                 resp.headers["content-type"] = "application/json"
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+    def error(self, flow: http.HTTPFlow):
+        return self._finish(flow)  # an awaitable for a retrieval (mitmproxy awaits it)
 
-    def _finish(self, flow: http.HTTPFlow) -> FlowState | None:
-        """Record how the exchange ended; returns the flow's state if it was a recorded interception."""
+    def _finish(self, flow: http.HTTPFlow):
+        """Record how the exchange ended; returns the flow's state if it was a recorded interception (a retrieval:
+        an awaitable of it, since whose usage it is comes from the store)."""
         rt = self.rt
         if not flow.live:
             if rt.recorder is not None:  # mitmdump -nr <saved flows>: rebuild their audit rows
@@ -534,20 +600,126 @@ class Pipeline:
             return None
         state = state_of(flow)
         if state is None or state not in rt.inflight:
+            if state is not None and state.drained is not None:  # ended elsewhere (abandoned): nothing to wait for
+                self.draining.discard(state)
+                state.drained.set()
             return None
         rt.inflight.discard(state)
         ic = state.interception
-        summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
-        used = flow.metadata[META_KEY].get("key_hint")
-        if used:  # a failover pool: the key that answered, not the one first chosen
-            ic.credential_hint = used
-        if state.breaker_key is not None and not _client_gone(flow):
-            rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
+        if state.client_gone is not None:  # read on after the client left: the record says so
+            ic.client_gone = True
+            flow.metadata[META_KEY]["client_gone"] = True
+            job = state.loop_job
+            if job is not None and "loop" not in flow.metadata[META_KEY]:  # the loop was cut before it said
+                flow.metadata[META_KEY]["loop"] = summary_to_dict(job.summary)
+        settling = False
+        try:
+            summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
+            used = flow.metadata[META_KEY].get("key_hint")
+            if used:  # a failover pool: the key that answered, not the one first chosen
+                ic.credential_hint = used
+            if state.breaker_key is not None and not _client_gone(flow) and state.client_gone is None:
+                rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
+            if getattr(ic.codec, "retrieval", None):
+                settling = True  # the awaitable releases a drain itself, once settled
+                return self._settle(state, summary, status_code, error, ended_at)
+            return self._record(state, summary, status_code, error, ended_at)
+        finally:
+            if not settling:
+                self._release(state)
+
+    def _release(self, state: FlowState) -> None:
+        """A stream read on after its client left is recorded: its client connection may close."""
+        if state.drained is not None:
+            self.draining.discard(state)
+            state.drained.set()
+
+    async def _settle(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
+                      ended_at) -> FlowState:
+        """A retrieval: whose usage this is (the object's creator), and whether it was metered before."""
+        try:
+            return await self._attribute(state, summary, status_code, error, ended_at)
+        finally:
+            self._release(state)
+
+    async def _attribute(self, state: FlowState, summary: ResponseSummary, status_code: int | None,
+                         error: str | None, ended_at) -> FlowState:
+        ic = state.interception
+        try:
+            keep = await self.objects.settle(ic, summary, status_code, error)
+        except Exception:  # recorded as it stands (against the fetching user) rather than lost
+            log.exception("aibridge: attributing retrieval %s failed", ic.id)
+            keep = True
+        if not keep:
+            self.rt.recorder.forget(ic)
+            state.outcome = Outcome(COMPLETED if not error else "failed", summary, status_code, error, ended_at)
+            return state
+        ic.info.model = summary.model or ic.info.model
+        return self._record(state, summary, status_code, error, ended_at)
+
+    def _record(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
+                ended_at) -> FlowState:
+        rt, ic = self.rt, state.interception
+        retrieval = getattr(ic.codec, "retrieval", None)
         status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
         state.outcome = Outcome(status, summary, status_code, error, ended_at)
+        if status and ic.api in CREATED:
+            self.objects.created(ic, summary, status, ended_at)
         if status and rt.budgets is not None:
-            rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
+            if retrieval == "results":  # summed per model: each priced as its own
+                for u in summary.usages:
+                    rt.budgets.record(ic.charged[0], ic.started_at, u.metadata.get("model") or summary.model, [u])
+            else:
+                rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
         return state
+
+    def _client_left(self, flow: http.HTTPFlow, message: str) -> bool:
+        """The client went away while a recorded stream was flowing to it: read the provider's answer on (to its
+        end, for at most `timeouts.drain_after_disconnect_seconds` and `limits.max_request_body_mb` more bytes), so
+        the provider's final usage is recorded and charged. True: keep the stream (patches.install_client_endings).
+        """
+        state = state_of(flow)
+        rt = self.rt
+        if (state is None or state not in rt.inflight or state.interception is None or rt.config is None
+                or state.abort_reason is not None or state.client_gone is not None):
+            return False
+        if state.tap is None and not state.via_loop:
+            return False
+        seconds = rt.config.timeouts.drain_after_disconnect
+        if seconds <= 0 or (state.tap is not None and state.tap.closed):
+            return False
+        state.client_gone = message or "client disconnected"
+        state.drain_until = time.time() + seconds
+        state.drain_bytes = state.tap.bytes_seen if state.tap is not None else 0
+        state.drained = asyncio.Event()
+        if state.loop_job is not None:
+            state.loop_job.client_gone = True  # the loop ends after the round in progress: no new spend
+        self.draining.add(state)
+        log.info("interception %s: the client went away mid-stream; reading the provider's answer to its end "
+                 "(at most %g s)", state.interception.id, seconds)
+        return True
+
+    async def client_disconnected(self, client) -> None:
+        """mitmproxy closes a connection's provider connections once this hook returns: wait (without blocking the
+        event loop) for the streams read on after this client left to end and be recorded. The upstream watch
+        ends each at its deadline (housekeeping); should it not have, they are ended here."""
+        mine = [s for s in self.draining if s.flow.client_conn.id == client.id]
+        if not mine:
+            return
+        waits = lambda: asyncio.gather(*(s.drained.wait() for s in mine))  # noqa: E731
+        try:
+            await asyncio.wait_for(waits(), max(s.drain_until for s in mine) - time.time() + DRAIN_SETTLE)
+            return
+        except TimeoutError:
+            pass
+        for s in mine:
+            if not s.drained.is_set() and self.rt.watch is not None:
+                self.rt.watch.end_drain(s)
+        try:
+            await asyncio.wait_for(waits(), DRAIN_SETTLE)
+        except TimeoutError:
+            log.warning("aibridge: %d stream(s) read on after their client left did not end; closing them",
+                        sum(not s.drained.is_set() for s in mine))
 
     def _client_ending(self, flow: http.HTTPFlow, message: str) -> ClientEnding | None:
         """The provider failed this exchange: what its client should get (None: mitmproxy's default)."""
@@ -567,8 +739,38 @@ class Pipeline:
 
 _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
                          b"proxy-connection", b"te", b"upgrade"))
-_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of"))
+# Never upstream: the gateway's own headers, and a protocol switch (h2c, …): after a 101, mitmproxy would relay raw
+# bytes between client and provider (WebSocket upgrades are refused before this).
+_DROP_BYOK = frozenset(h.encode() for h in GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "x-aibridge-on-behalf-of",
+                                                                    "upgrade", "http2-settings"))
 _DROP_CENTRAL = _DROP_BYOK | frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+class _Held:
+    """A small passthrough body without a length, held (up to WATCH_LIMIT) so `done` may rewrite it at its end;
+    a longer one is relayed as it comes, untouched."""
+
+    __slots__ = ("done", "buf", "passing")
+
+    def __init__(self, done) -> None:
+        self.done, self.buf, self.passing = done, bytearray(), False
+
+    def __call__(self, chunk: bytes):
+        if self.passing:
+            return chunk
+        if not chunk:
+            body = bytes(self.buf)
+            try:
+                new = self.done(body)
+            except Exception:
+                log.exception("aibridge: reading a batch status failed")
+                new = None
+            return new if new is not None else body
+        self.buf += chunk
+        if len(self.buf) > WATCH_LIMIT:
+            self.passing, out, self.buf = True, bytes(self.buf), bytearray()
+            return out
+        return []
 
 
 def _credential_from_query(route: Route, hv: dict[str, str]) -> tuple[Route, bool]:
@@ -593,6 +795,12 @@ def _credential_from_query(route: Route, hv: dict[str, str]) -> tuple[Route, boo
     if moved:
         hv[header] = given
     return dataclasses.replace(route, upstream_path=path + ("?" + "&".join(kept) if kept else "")), moved
+
+
+def _local_answer(local: LocalAnswer) -> http.Response:
+    """The gateway's own answer for a client's service endpoint (apis/base.py, LocalAnswer)."""
+    headers = {"content-type": "application/json"} if local.body else {}
+    return http.Response.make(200, local.body, headers)
 
 
 def credential_kind(route: Route, ident: Identity) -> str:

@@ -21,7 +21,7 @@ from .apis import PROVIDERS, WIRE_APIS
 from .apis.base import WireApi
 from .tap import StreamTap
 from .logsafe import redact
-from .records import RequestInfo, ResponseSummary, summary_from_dict
+from .records import BIGINT_MAX, CLAMPED, RequestInfo, ResponseSummary, summary_from_dict
 from .store.rows import (
     INTERCEPTIONS,
     MODEL_THOUGHTS,
@@ -86,7 +86,13 @@ class Interception:
     parent_id: str | None = None
     root_id: str | None = None
     info: RequestInfo | None = field(default=None, repr=False)
+    # Recorded in the interception's metadata: what the request said beyond the columns (a batch's request count,
+    # `background`), and how a retrieval was attributed (objects.py).
+    facts: dict = field(default_factory=dict)
+    # The start row is written with the end: a retrieval's attribution (the object's creator) is known only then.
+    deferred: bool = False
     ended: bool = False
+    client_gone: bool = False  # the client went away before the end of the stream (the provider's answer was read on)
 
     @property
     def charged(self) -> tuple[str, str]:
@@ -153,6 +159,9 @@ def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None
         error = summary.error
         if not error and not summary.complete:
             error = f"stream ended before its final event{f' ({tap.broken})' if tap.broken else ''}"
+        if not summary.complete:  # its final usage never came: what the stream gave is the best figure there is
+            for u in summary.usages:
+                u.estimated = True
     elif resp is not None and resp.raw_content is not None:
         summary, error = _summarize_body(ic, resp)
     else:
@@ -214,6 +223,8 @@ class Recorder:
     def started(self, ic: Interception) -> None:
         """The start record, with the prompt: a call a crash cuts off keeps what was asked (the response id is
         not known yet; the interception's metadata gets it at the end)."""
+        if ic.deferred:
+            return
         self.store.submit(_interception_row(ic, IN_PROGRESS))
         if ic.info.prompt:
             self.store.submit(USER_PROMPTS.row(id=child_id(ic.id, "prompt", 0), interception_id=ic.id,
@@ -231,12 +242,17 @@ class Recorder:
         status = FAILED if error else COMPLETED
         rid = summary.response_id
         submit = self.store.submit
+        if ic.deferred:
+            submit(_interception_row(ic, IN_PROGRESS))
         for n, u in enumerate(summary.usages):
+            if u.bound():  # beyond the column type: recorded clamped and flagged, charged to no budget
+                log.warning("interception %s: usage beyond %d clamped (%s)", ic.id, BIGINT_MAX,
+                            ", ".join(u.metadata[CLAMPED]))
             submit(TOKEN_USAGES.row(
                 id=child_id(ic.id, "usage", n), interception_id=ic.id, provider_response_id=u.provider_response_id or rid,
                 input_tokens=u.input_tokens, output_tokens=u.output_tokens,
                 cache_read_input_tokens=u.cache_read_input_tokens, cache_write_input_tokens=u.cache_write_input_tokens,
-                metadata=json.dumps(u.metadata) if u.metadata else None, created_at=ended_at))
+                metadata=_usage_metadata(u.metadata), created_at=ended_at, usage_estimated=u.estimated))
         root = ic.root_id or ic.id
         for n, call in enumerate(summary.tool_calls):
             submit(TOOL_USAGES.row(
@@ -253,12 +269,20 @@ class Recorder:
             meta["requested_model"] = ic.requested_model
         if ic.client_metadata:
             meta["client"] = ic.client_metadata
+        if ic.client_gone:
+            meta["client_disconnected"] = True
+        if ic.facts:
+            meta.update(ic.facts)
         # What the provider or the client said (an upstream error quoting the key it refused, a client's own
         # metadata) is recorded without credentials, as in the logs.
         submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status,
                                 error=redact(error) if error else error, metadata=redact(json.dumps(meta)),
                                 credential_hint=ic.credential_hint))
         return status
+
+    def forget(self, ic: Interception) -> None:
+        """A deferred interception that is not to be recorded after all (a poll of a response not finished yet)."""
+        ic.ended = True
 
     def rejected(self, ic: Interception, http_status: int, message: str) -> None:
         """A request refused by the gateway (budget, rate limit): one row, never forwarded."""
@@ -272,8 +296,8 @@ class Recorder:
         if not isinstance(meta, dict) or "api" not in meta or flow.request is None:
             return None
         ic_codec = WIRE_APIS.get(meta["api"])
-        if ic_codec is None:
-            return None
+        if ic_codec is None or getattr(ic_codec, "retrieval", None):
+            return None  # a retrieval's attribution and metering came from the store when it ran: left as recorded
         try:
             body = json.loads(flow.request.content or b"")
             if isinstance(body, dict) and "model" in meta and "model" not in body:  # sent rewritten (Bedrock)
@@ -293,6 +317,17 @@ class Recorder:
         self._calls.move_to_end(call_id)
         if len(self._calls) > self.LINEAGE_MEMORY:
             self._calls.popitem(last=False)
+
+
+def _usage_metadata(meta: dict) -> str | None:
+    """A usage's metadata as JSON text; never fails a record (a value JSON cannot hold is written as text)."""
+    if not meta:
+        return None
+    try:
+        return json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps({k: v if isinstance(v, (str, int, bool, type(None))) else repr(v)[:200]
+                           for k, v in meta.items()})
 
 
 def _interception_row(ic: Interception, status: str, **end):

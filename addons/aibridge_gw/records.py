@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+BIGINT_MAX = 2**63 - 1  # the token columns' type (BIGINT in DuckDB and PostgreSQL)
+TOKEN_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens")
+CLAMPED = "usage_clamped"  # usage metadata: the counts the provider sent beyond BIGINT_MAX, clamped to it
 
 
 @dataclass(slots=True)
@@ -15,6 +20,30 @@ class TokenUsage:
     cache_read_input_tokens: int = 0
     cache_write_input_tokens: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Not the provider's final figure: the stream ended (client gone past the drain, upstream cut) before it came,
+    # so this is the best the stream gave (Anthropic: message_start's input, the last message_delta's output).
+    estimated: bool = False
+
+    @property
+    def clamped(self) -> bool:
+        """A count was beyond what the store holds: recorded clamped, charged to no budget."""
+        return bool(self.metadata.get(CLAMPED))
+
+    def bound(self) -> bool:
+        """Make every count one the store holds (0..BIGINT_MAX); a count beyond BIGINT_MAX is clamped and named in
+        metadata["usage_clamped"]. Returns whether any was clamped (idempotent)."""
+        over = []
+        for name in TOKEN_COUNTS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                setattr(self, name, as_int(v))
+                v = getattr(self, name)
+            if v > BIGINT_MAX:
+                setattr(self, name, BIGINT_MAX)
+                over.append(name)
+        if over:
+            self.metadata[CLAMPED] = sorted(set(over) | set(self.metadata.get(CLAMPED) or ()))
+        return self.clamped
 
     @classmethod
     def cached_inside(cls, response_id: str | None, input_with_cached: int, cached: int, output: int,
@@ -76,6 +105,7 @@ class RequestInfo:
     tool_result_ids: list[str]
     session_hint: str | None = None
     raw_stream_options: dict | None = None  # as the client sent them (the gateway may add include_usage)
+    facts: dict | None = None  # more the record keeps in its metadata (a batch's request count, `background`)
 
 
 @dataclass
@@ -97,7 +127,20 @@ class BadRequest(Exception):
 
 
 def as_int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    """A token count as providers send it: an int, or a float with an integral value (1000.0); a fraction rounds to
+    the nearest count. Negative, NaN and anything else count 0; +inf and huge values stay above BIGINT_MAX, for
+    `TokenUsage.bound` to clamp and flag."""
+    if isinstance(v, bool):
+        return 0
+    if isinstance(v, int):
+        return v if v > 0 else 0
+    if isinstance(v, float):
+        if math.isnan(v) or v <= 0:
+            return 0
+        if math.isinf(v):
+            return BIGINT_MAX + 1
+        return int(v) if v.is_integer() else int(round(v))
+    return 0
 
 
 def json_text(v: Any) -> str:

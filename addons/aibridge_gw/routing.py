@@ -6,7 +6,8 @@ sees, so `chat%2fcompletions`, `v1/../v1/chat/completions` or `//chat` cannot re
 
 Every endpoint the gateway relays is listed in its provider's module (`apis/<provider>`). An endpoint that can spend money is recorded as an
 interception (`api`); a read-only one is relayed unrecorded; anything else is refused with a 404 in the
-provider's format — the central key never goes to a path nobody reviewed.
+provider's format — the central key never goes to a path nobody reviewed. A client's service endpoint (telemetry,
+feature flags) may instead be answered by the gateway itself on the central key (`endpoint(…, local=…)`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from .apis import PROVIDERS
+from .apis.base import LocalAnswer
 from .config import Config, ProviderInstance
 
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar without percent-escapes
+# Where a public API host is reached: HTTPS, and plain HTTP (a proxied http:// request, handled by the pipeline
+# like any other and sent to the instance's base_url, never to the host's port 80).
+WEB_PORTS = (443, 80)
 
 
 class BadPath(Exception):
@@ -31,6 +36,7 @@ class Route:
     api: str | None  # recorded api name; None for passthrough (known read-only, or unknown with BYOK only)
     label: str  # bounded route label for metrics
     known: bool = True  # False: no listed endpoint matched (relayed only with the user's own credential)
+    local: LocalAnswer | None = None  # the gateway answers it itself on the central key (see apis/base.py)
 
 
 def canonical_path(target: str) -> tuple[list[str], str]:
@@ -64,9 +70,21 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.by_prefix = {p.name: p for p in config.providers}
         self.by_host = {h: p for p in config.providers for h in p.hosts}
+        # The ports an AI host is served on (see is_ai_endpoint): the web ports, and each base_url's own port.
+        self.ports = {h: set(WEB_PORTS) for h in self.by_host}
+        for p in config.providers:
+            if p.host in self.ports:
+                self.ports[p.host].add(p.port)
 
     def is_ai_host(self, host: str | None) -> bool:
         return bool(host) and host.lower().rstrip(".") in self.by_host
+
+    def is_ai_endpoint(self, host: str | None, port: int | None) -> bool:
+        """An AI API's address: an AI host on one of its provider ports (443, 80, the port of a base_url on that
+        host). Every request to it goes through the pipeline; the same host on any other port is an ordinary
+        egress target (proxy credentials, the address policy), never the gateway's to vouch for."""
+        ports = self.ports.get(host.lower().rstrip(".")) if host else None
+        return ports is not None and port in ports
 
     def is_prefixed(self, target: str) -> bool:
         """The request names one of the gateway's own prefixes: base-URL traffic, whatever its Host header."""
@@ -100,7 +118,7 @@ class Router:
         upstream = prov.base_path + endpoint + query
         for ep in provider.endpoints:
             if method in ep.methods and ep.pattern.match(endpoint):
-                return Route(prov, upstream, ep.api, ep.label)
+                return Route(prov, upstream, ep.api, ep.label, local=ep.local)
         for prefix in prov.passthrough_paths:
             if endpoint == prefix or endpoint.startswith(prefix.rstrip("/") + "/"):
                 return Route(prov, upstream, None, prefix)

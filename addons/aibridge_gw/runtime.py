@@ -10,6 +10,7 @@ import datetime as dt
 import gc
 import logging
 import os
+import signal
 import time
 
 from mitmproxy import ctx, exceptions, http
@@ -41,7 +42,9 @@ from .upstream_faults import UpstreamWatch
 from .workers import KeyBoard, control_secret, store_socket, worker_number, workers_dir
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
-DIRECTORY_REFRESH_SECONDS = 1.0
+# Fleet mode: tokens revoked anywhere stop working here within this (and the time to read them), well inside the
+# second the audit promises; the budget totals, a heavier query, are read every other round.
+DIRECTORY_REFRESH_SECONDS = 0.5
 
 
 def store_target(config: Config | None) -> tuple:
@@ -153,6 +156,9 @@ class Runtime:
         self.worker = worker_number()  # with `scripts/run --workers N`: this process's number
         # With workers: every worker's key pools, for `aibridge keys` whichever worker answers.
         self.keyboard = KeyBoard(workers_dir(), self.worker) if self.worker and workers_dir() else None
+        self.on_reload: list = []  # addons whose settings come from the config: called after a reload
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set = set()
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -175,57 +181,138 @@ class Runtime:
             self._load_config()
 
     def _load_config(self) -> None:
+        """At start-up (and on `--set aibridge_config=…`): a config that cannot be used stops the gateway."""
         try:
             config = load_config(ctx.options.aibridge_config or None)
-        except ConfigError as e:
+            if self.store is not None:
+                self._check_reloadable(config)
+            self._start_transports(config)
+            prices = PriceTable.load(config.pricing)
+        except (ConfigError, BadSettings) as e:
             raise exceptions.OptionsError(f"aibridge: {e}") from None
-        if self.store is not None and store_target(config) != store_target(self.config):
-            raise exceptions.OptionsError("aibridge: storage cannot change while the gateway runs")
-        self.config, self.router = config, Router(config)
-        self.throttle = AuthThrottle(config.limits.auth_failures_per_minute)
-        self.egress = EgressPolicy(config.proxy.allow_addresses, self.own_addresses)
+        self._apply_config(config)
+        if self.store is None:
+            self._open_store(config)
+        self._apply_budgets(config, prices, self._budget_rows(config))
+
+    async def reload(self, why: str = "SIGHUP") -> bool:
+        """Read the config file again and apply it without dropping a connection: providers, MCP servers,
+        budgets, limits, timeouts and the proxy policy. A file that cannot be used is refused whole and the
+        running configuration kept (logged); nothing is half-applied. Runs on the event loop; file reads,
+        credential checks and the store's budget rows are awaited off it."""
+        path = ctx.options.aibridge_config or None
+        try:
+            config = await asyncio.to_thread(load_config, path)
+            self._check_reloadable(config)
+            await asyncio.to_thread(self._start_transports, config)
+            prices = await asyncio.to_thread(PriceTable.load, config.pricing)
+            rows = await self._budget_rows_async(config)
+        except (ConfigError, BadSettings, OSError, ValueError) as e:
+            self.metrics.reloads.labels("refused").inc()
+            log.error("aibridge: configuration reload (%s) refused; the running configuration stays: %s", why, e)
+            return False
+        except Exception as e:  # the store's budget rows: the running configuration stays too
+            self.metrics.reloads.labels("refused").inc()
+            log.error("aibridge: configuration reload (%s) failed; the running configuration stays: %s", why,
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return False
+        self._apply_config(config)
+        self._apply_budgets(config, prices, rows)
+        if (self.mcp is not None or self.pools) and self.loop is None and ctx.options.server:
+            await self._start_loop()
+        for listener in self.on_reload:
+            try:
+                listener()
+            except Exception:
+                log.exception("aibridge: applying the reloaded configuration failed in part")
+        self.metrics.reloads.labels("applied").inc()
+        log.info("aibridge: configuration reloaded (%s) from %s: %d provider(s) [%s]", why, config.path,
+                 len(config.providers), ", ".join(p.name for p in config.providers))
+        return True
+
+    def _check_reloadable(self, config: Config) -> None:
+        if store_target(config) != store_target(self.config):
+            raise ConfigError("storage.duckdb and storage.postgres cannot change while the gateway runs (restart it)")
+        if self.metrics is not None and config.metrics.prefix != self.config.metrics.prefix:
+            raise ConfigError("metrics.prefix cannot change while the gateway runs (restart it)")
+
+    @staticmethod
+    def _start_transports(config: Config) -> None:
+        """Providers with credentials of their own (Bedrock): none at all is refused now, not on every request."""
+        for p in config.providers:
+            if p.transport is not None:
+                try:
+                    p.transport.start()
+                except BadSettings as e:
+                    raise BadSettings(f"providers {p.name!r}: {e}") from None
+
+    def _apply_config(self, config: Config) -> None:
+        """Swap in a validated config: everything derived from it is built first, then assigned."""
+        old = self.config
+        router = Router(config)
+        throttle = self.throttle if (self.throttle is not None and old is not None and
+                                     old.limits.auth_failures_per_minute == config.limits.auth_failures_per_minute
+                                     ) else AuthThrottle(config.limits.auth_failures_per_minute)
+        egress = EgressPolicy(config.proxy.allow_addresses, self.own_addresses)
+        same_mcp = old is not None and (old.mcp_servers, old.mcp) == (config.mcp_servers, config.mcp)
+        mcp = self.mcp if same_mcp else (
+            McpRegistry(config.mcp_servers, config.mcp, lambda uid, srv: self.mcp_tokens.get((uid, srv)))
+            if config.mcp_servers else None)
+        same_breakers = old is not None and old.circuit_breaker == config.circuit_breaker
+        breakers = self.breakers if same_breakers and self.breakers is not None else CircuitBreakers(
+            config.circuit_breaker.failures, config.circuit_breaker.open_seconds,
+            config.circuit_breaker.half_open_requests, self._breaker_changed)
+        if self.metrics is None:
+            self.metrics = Metrics(config.metrics.prefix)
+        self.config, self.router, self.throttle, self.egress, self.mcp, self.breakers = (
+            config, router, throttle, egress, mcp, breakers)
         for note in config.public_host_notes:
             log.info("aibridge: %s", note)
         if config.proxy.open_relay:
             log.warning("aibridge: running as an OPEN RELAY (proxy.require_auth: false, proxy.egress: all): anyone "
                         "who can reach this listener can use it as a proxy to any non-AI host")
-        self.mcp = (
-            McpRegistry(config.mcp_servers, config.mcp, lambda uid, srv: self.mcp_tokens.get((uid, srv)))
-            if config.mcp_servers else None
-        )
         if self.loop is not None:
             self.loop.registry = self.mcp
-        if self.metrics is None:
-            self.metrics = Metrics(config.metrics.prefix)
         if self.watch is None:
             self.watch = UpstreamWatch(config.timeouts)
         else:
             self.watch.timeouts = config.timeouts
-        self.breakers = CircuitBreakers(config.circuit_breaker.failures, config.circuit_breaker.open_seconds,
-                                        config.circuit_breaker.half_open_requests, self._breaker_changed)
+        self.watch.drain_bytes = config.limits.max_request_body_bytes
         for p in config.providers:
-            if p.transport is not None:
-                try:
-                    p.transport.start()  # no credentials at all: fail now, not on every request
-                except BadSettings as e:
-                    raise exceptions.OptionsError(f"aibridge: providers {p.name!r}: {e}") from None
-            elif not p.key and not PROVIDERS[p.type].own_credentials_only:
+            if p.transport is None and not p.key and not PROVIDERS[p.type].own_credentials_only:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         self._build_pools(config)
-        if self.store is None:
-            self._open_store(config)
-        prices = PriceTable.load(config.pricing)
+
+    def _needs_budget_rows(self, config: Config) -> bool:
+        return self.budgets is None and Budgets.any_limits(config.budgets.default, config.budgets.users)
+
+    def _budget_rows(self, config: Config):
+        """What new budget counters start from (start-up: waited for; it runs before the listener opens)."""
+        if not self._needs_budget_rows(config):
+            return None
+        return self.store.run("budget_totals" if self.shared_store else "budget_usage").result()
+
+    async def _budget_rows_async(self, config: Config):
+        if not self._needs_budget_rows(config):
+            return None
+        op = "budget_totals" if self.shared_store else "budget_usage"
+        return await asyncio.wait_for(asyncio.wrap_future(self.store.run(op)), 10)
+
+    def _apply_budgets(self, config: Config, prices: PriceTable, rows) -> None:
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
-        budgets = Budgets(config.budgets.default, config.budgets.users, prices, fleet=self.shared_store)
-        if budgets.active:
-            if self.shared_store:  # every gateway's usage, refreshed each second (see _refresh_directory)
-                budgets.replace_totals(self.store.run("budget_totals").result())
-            else:
-                budgets.load_rows(self.store.run("budget_usage").result())  # counters survive restarts
-            self.budgets = budgets
-        else:
+        default, users = config.budgets.default, config.budgets.users
+        if not Budgets.any_limits(default, users):
             self.budgets = None
+        elif self.budgets is not None:  # a reload: the counters stay, the limits and prices change
+            self.budgets.default, self.budgets.per_user, self.budgets.prices = default, users, prices
+        else:
+            budgets = Budgets(default, users, prices, fleet=self.shared_store)
+            if self.shared_store:  # every gateway's usage, refreshed each second (see _refresh_directory)
+                budgets.replace_totals(rows)
+            else:
+                budgets.load_rows(rows)  # counters survive restarts
+            self.budgets = budgets
 
     @property
     def shared_store(self) -> bool:
@@ -307,7 +394,7 @@ class Runtime:
 
     async def _refresh_directory(self) -> None:
         """Fleet mode: tokens created or revoked anywhere (the CLI writes PostgreSQL directly, other gateways too)
-        take effect here within a second."""
+        take effect here within a second (DIRECTORY_REFRESH_SECONDS)."""
         rounds = 0
         failing: str | None = None
         while self.store is not None:
@@ -317,9 +404,9 @@ class Runtime:
                 if self.keyboard is not None:
                     self._share_keys()
                 await self.reload_directory()
-                if self.budgets is not None:
+                if self.budgets is not None and rounds % 2 == 1:
                     self.budgets.replace_totals(await asyncio.wrap_future(self.store.run("budget_totals")))
-                if rounds % 600 == 1:  # at start, then every ten minutes
+                if rounds % 1200 == 1:  # at start, then every ten minutes
                     await asyncio.wrap_future(self.store.run("prune_request_counts"))  # older than an hour
                     closed = await asyncio.wrap_future(self.store.run("close_abandoned", True))
                     if closed:
@@ -430,6 +517,29 @@ class Runtime:
             return True
         return any((p.host, p.port) == (host, port) for p in self.config.providers)
 
+    async def _start_loop(self) -> None:
+        """The in-process endpoint the injected-tool loop and the key-pool relay send requests through."""
+        verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
+        if ctx.options.ssl_insecure:
+            verify = False
+        self.loop = LoopServer(self.mcp, verify)
+        await self.loop.start()
+
+    def _listen_for_reload(self) -> None:
+        """SIGHUP reloads the configuration (systemd's ExecReload; the --workers supervisor forwards it)."""
+        try:
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: self._reloads.add(asyncio.ensure_future(self._reload_once("SIGHUP"))))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests): no signal
+            pass
+
+    async def _reload_once(self, why: str) -> None:
+        """One reload at a time: a second SIGHUP while one runs reloads again after it (the file may have changed
+        since the first read)."""
+        async with self._reload_lock:
+            await self.reload(why)
+        self._reloads.discard(asyncio.current_task())
+
     async def running(self) -> None:
         if self.store is None or not ctx.options.server:
             return
@@ -444,11 +554,8 @@ class Runtime:
         if self.shared_store and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_directory())
         if (self.mcp is not None or self.pools) and self.loop is None:
-            verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
-            if ctx.options.ssl_insecure:
-                verify = False
-            self.loop = LoopServer(self.mcp, verify)
-            await self.loop.start()
+            await self._start_loop()
+        self._listen_for_reload()
         addrs = []
         try:
             addrs = ctx.master.addons.get("proxyserver").listen_addrs()

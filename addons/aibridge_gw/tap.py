@@ -31,11 +31,11 @@ class StreamTap:
         self.summary = ResponseSummary()
         self.broken: str | None = None
         self.bytes_seen = 0
-        self.last_activity = time.monotonic()  # for the stream idle timeout
+        self.last_activity = time.time()  # for the stream idle timeout (epoch seconds, as the watch reads it)
         self.closed = False  # the client got the end of the stream (normal or gateway-made)
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
-        self.last_activity = time.monotonic()
+        self.last_activity = time.time()
         if not chunk:
             return self._end()
         self.bytes_seen += len(chunk)

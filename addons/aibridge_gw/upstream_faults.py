@@ -9,7 +9,8 @@ the failure (hooks, connection teardown, flow state) stays mitmproxy's.
 
 `UpstreamWatch` enforces timeouts mitmproxy lacks (it only closes idle *client* connections): connect,
 time to response headers and body, and silence within a stream. It aborts the upstream connection, which
-enters the same path with the timeout as the error message.
+enters the same path with the timeout as the error message. It also bounds a stream read on after its client
+went away (`timeouts.drain_after_disconnect_seconds`, and `limits.max_request_body_mb` more bytes).
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ class ClientEnding:
 class UpstreamWatch:
     """Aborts upstream connections that exceed the timeouts; checked a few times per second from one task."""
 
-    def __init__(self, timeouts: Timeouts) -> None:
+    def __init__(self, timeouts: Timeouts, drain_bytes: int = 32 * 1024 * 1024) -> None:
         self.timeouts = timeouts
+        self.drain_bytes = drain_bytes  # stream bytes read on at most after the client left
 
     def interval(self) -> float:
         t = self.timeouts
-        return max(0.05, min(0.5, t.connect / 4, t.response / 4, t.stream_idle / 4))
+        return max(0.05, min(0.5, t.connect / 4, t.response / 4, t.stream_idle / 4,
+                             (t.drain_after_disconnect or 2.0) / 4))
 
     def check(self, states: list) -> None:
         """states: the `FlowState`s of exchanges in flight (flow, forwarded_at, tap; the reason for an abort is
@@ -55,6 +58,12 @@ class UpstreamWatch:
             flow, forwarded_at, tap = state.flow, state.forwarded_at, state.tap
             if state.abort_reason is not None or not forwarded_at:
                 continue
+            if state.client_gone is not None:  # read on after the client left: within its bounds only
+                if now > state.drain_until or (tap is not None and tap.bytes_seen - state.drain_bytes > self.drain_bytes):
+                    self.end_drain(state, connections)
+                    continue
+                if state.via_loop:  # the loop keeps its own time
+                    continue
             age = now - forwarded_at
             resp = flow.response
             if resp is None:
@@ -73,6 +82,22 @@ class UpstreamWatch:
             elif not resp.stream and resp.timestamp_end is None and age > t.response:
                 self._abort(state, _transports(connections, flow), flow.server_conn,
                             f"the provider did not finish its response within {t.response:g} s")
+
+    def end_drain(self, state, connections: dict | None = None) -> None:
+        """Stop reading a stream whose client left: past its deadline or its byte bound. Its record ends failed with
+        the usage seen so far, marked estimated."""
+        if state.abort_reason is not None:
+            return
+        if connections is None:
+            connections = getattr(ctx.master.addons.get("proxyserver"), "connections", {})
+        t = self.timeouts
+        tap = state.tap
+        if tap is not None and tap.bytes_seen - state.drain_bytes > self.drain_bytes:
+            why = f"read on past {self.drain_bytes} bytes"
+        else:
+            why = f"not finished within {t.drain_after_disconnect:g} s"
+        self._abort(state, _transports(connections, state.flow), state.flow.server_conn,
+                    f"the client went away mid-stream and the provider's answer was {why}; usage estimated")
 
     def _abort(self, state, transports: dict, conn, reason: str) -> None:
         io = transports.get(conn)

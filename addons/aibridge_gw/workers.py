@@ -250,8 +250,9 @@ class Supervisor:
         from .control import remove_runtime_file, write_runtime_file
 
         old = os.umask(0o077)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
         db = self.config.duckdb_path.resolve()
         try:
             # Every worker must present the same CA: create it once here, not in N workers racing to write it.
@@ -283,6 +284,15 @@ class Supervisor:
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True
+
+    def _reload(self, signum, frame) -> None:
+        """SIGHUP: every worker reloads the configuration itself (each refuses a bad file and keeps its own)."""
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGHUP)
+                except OSError:
+                    pass
 
     def _watch(self) -> int:
         while not self.stopping:

@@ -53,6 +53,15 @@ class WireApi(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """What the gateway answers itself for a client's service endpoint (telemetry, feature flags, a connectivity
+    check) rather than send it upstream under the central key: the answer the client takes for "nothing to tell"."""
+
+    body: bytes  # JSON, or b"" (no content type)
+    anyone: bool  # answered before identification (a connectivity check carries no key), even to a user's own key
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One endpoint a provider serves through the gateway."""
 
@@ -60,11 +69,19 @@ class Endpoint:
     pattern: re.Pattern
     label: str  # the route as a bounded metric label, e.g. "/v1/models/{id}"
     api: str | None  # recorded under this wire API; None: read-only passthrough, not recorded
+    # Answered by the gateway on the central key; with the user's own credential relayed unrecorded, like a
+    # read-only endpoint (unless `anyone`).
+    local: LocalAnswer | None = None
 
 
-def endpoint(methods: str, template: str, api: str | None = None) -> Endpoint:
+def endpoint(methods: str, template: str, api: str | None = None, local: dict | None = None,
+             anyone: bool = False) -> Endpoint:
+    """`local`: the JSON the gateway answers itself on the central key ({} included); with `anyone`, an empty
+    answer for everyone, before identification."""
     regex = re.escape(template).replace(re.escape("{id}"), "[^/]+")
-    return Endpoint(frozenset(methods.split()), re.compile(f"^{regex}$"), template, api)
+    answer = LocalAnswer(b"" if local is None else json.dumps(local).encode(), anyone) \
+        if local is not None or anyone else None
+    return Endpoint(frozenset(methods.split()), re.compile(f"^{regex}$"), template, api, answer)
 
 
 class Provider(Protocol):

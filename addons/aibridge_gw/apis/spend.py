@@ -35,19 +35,22 @@ class SpendCodec:
     array_responses = False
 
     def __init__(self, name: str, model_required: bool = False, prompt_field: str | None = None,
-                 stream_usage: bool = False, batch_requests: bool = False) -> None:
+                 stream_usage: bool = False, batch_requests: bool = False, facts: tuple[str, ...] = ()) -> None:
         self.name = name
         self.model_required = model_required
         self.prompt_field = prompt_field
         self.stream_usage = stream_usage  # ask for usage in streams (stream_options.include_usage)
         self.batch_requests = batch_requests  # Anthropic message batches: the model is in requests[].params
+        self.facts = facts  # request fields kept in the record's metadata (plain strings)
 
     def parse_request(self, body: dict, path: str = "") -> RequestInfo:
         model = body.get("model")
+        facts = {k: body[k][:200] for k in self.facts if isinstance(body.get(k), str)}
         if self.batch_requests:
             reqs = body.get("requests")
             if not isinstance(reqs, list) or not reqs:
                 raise BadRequest("requests: a non-empty list is required")
+            facts["requests"] = len(reqs)
             models = {r.get("params", {}).get("model") for r in reqs
                       if isinstance(r, dict) and isinstance(r.get("params"), dict)}
             model = next((m for m in sorted(models, key=str) if isinstance(m, str)), None)
@@ -64,7 +67,8 @@ class SpendCodec:
             elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
                 prompt = "\n".join(p)
         so = body.get("stream_options")
-        return RequestInfo(model or "", stream, prompt, [], raw_stream_options=so if isinstance(so, dict) else None)
+        return RequestInfo(model or "", stream, prompt, [], raw_stream_options=so if isinstance(so, dict) else None,
+                           facts=facts or None)
 
     def prepare_request(self, body: dict) -> dict | None:
         if not (self.stream_usage and body.get("stream") is True):

@@ -48,6 +48,7 @@ class LoopJob:
     auth_header: Any = None  # the provider's key header for a key (with a pool)
     rounds: int = 0
     summary: ResponseSummary = field(default_factory=ResponseSummary)
+    client_gone: bool = False  # the client went away mid-stream: this round is read to its end, no new one starts
 
 
 class ClientGone(Exception):
@@ -242,11 +243,12 @@ class LoopServer:
                 if not end.injected:
                     break
                 rid = end.summary.response_id
-                if end.client_calls or round_no == job.max_rounds:
+                if end.client_calls or round_no == job.max_rounds or job.client_gone:
                     why = ("not run: the same response also called client tools" if end.client_calls
+                           else "not run: the client went away" if job.client_gone
                            else f"not run: tool round limit ({job.max_rounds}) reached")
                     merged.tool_calls += [injected_call_record(c, adapter.tools[c.name], rid, why) for c in end.injected]
-                    if not end.client_calls:
+                    if not end.client_calls and not job.client_gone:
                         note = f"\n\n[aibridge: stopped after {job.max_rounds} tool rounds]"
                     break
                 results = await asyncio.gather(*(self._invoke(c, adapter, job) for c in end.injected))

@@ -27,6 +27,7 @@ COPIED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aibridge_user_prompts", ("id",)),
     ("aibridge_tool_usages", ("id",)),
     ("aibridge_model_thoughts", ("id",)),
+    ("aibridge_provider_objects", ("id",)),
 )
 CHUNK = 5000
 

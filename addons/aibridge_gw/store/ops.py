@@ -311,6 +311,8 @@ def prune(conn, days: int) -> dict:
     for table in AUDIT_CHILD_TABLES:
         conn.execute(f"DELETE FROM {table} WHERE interception_id IN ({old})", [cutoff])
     n = conn.execute("DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
+    # Batches and background responses older than the audit kept (providers keep results for 29 days at most).
+    conn.execute("DELETE FROM aibridge_provider_objects WHERE created_at < ?", [cutoff])
     return {"deleted": len(n), "days": days, "cutoff": cutoff.isoformat()}
 
 
@@ -475,6 +477,43 @@ def tool_call_thread(conn, call_id: str) -> list | None:
     return list(row) if row else None
 
 
+_OBJECT = ("SELECT CAST(o.user_id AS VARCHAR), o.user_name, CAST(o.on_behalf_of_id AS VARCHAR), o.on_behalf_of_name, "
+           "CAST(o.metered_by AS VARCHAR), CAST(o.parent_id AS VARCHAR) FROM aibridge_provider_objects o "
+           "WHERE o.id = CAST(? AS UUID)")
+
+
+def claim_object(conn, id: str, interception_id: str, at: str, adopt: dict | None = None, claim: bool = True) -> dict:
+    """Meter a provider object's usage once: marks it metered by `interception_id` unless an interception did
+    before (one UPDATE: two gateways fetching the same results at once cannot both win). Returns whether this
+    call claimed it, whether the object was known, and its creator ([user id, name, on behalf of id, name]; a
+    file's creator is its batch's). An unknown object is `adopt`ed (inserted as created and metered by the
+    fetching user, with `adopt`'s columns) when given, else left unknown. `claim` False: only who created it."""
+    when = dt.datetime.fromisoformat(at)
+    claimed = claim and conn.execute(
+        "UPDATE aibridge_provider_objects SET metered_at = ?, metered_by = CAST(? AS UUID) "
+        "WHERE id = CAST(? AS UUID) AND metered_at IS NULL RETURNING id", [when, interception_id, id]).fetchall()
+    row = conn.execute(_OBJECT, [id]).fetchone()
+    if row is None:
+        if adopt is None or not claim:
+            return {"known": False, "claimed": False, "creator": None}
+        cols = ("id", "provider_name", "kind", "object_id", "user_id", "user_name", "on_behalf_of_id",
+                "on_behalf_of_name", "interception_id", "created_at", "metered_at", "metered_by")
+        values = {**adopt, "id": id, "interception_id": interception_id, "metered_by": interception_id,
+                  "created_at": when, "metered_at": when}
+        inserted = conn.execute(
+            f"INSERT INTO aibridge_provider_objects ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            "ON CONFLICT DO NOTHING RETURNING id", [values.get(c) for c in cols]).fetchall()
+        if inserted:
+            return {"known": False, "claimed": True, "creator": None}
+        row = conn.execute(_OBJECT, [id]).fetchone()  # adopted by a fetch that ran at the same time
+    creator = list(row[:4])
+    if creator[0] is None and row[5] is not None:  # an output file: its batch's creator
+        parent = conn.execute(_OBJECT, [row[5]]).fetchone()
+        creator = list(parent[:4]) if parent is not None else creator
+    return {"known": creator[0] is not None, "claimed": bool(claimed), "creator": creator if creator[0] else None,
+            "metered_by": row[4]}
+
+
 _PRICES: dict[str | None, PriceTable] = {}
 
 
@@ -531,6 +570,7 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "prune_request_counts": (prune_request_counts, False),
     "close_abandoned": (close_abandoned, True),
     "tool_call_thread": (tool_call_thread, False),
+    "claim_object": (claim_object, True),
     "admin_query": (admin_query, False),
     "flush": (flush, True),
 }

@@ -45,6 +45,7 @@ from . import claim
 from .ops import OpError
 from .rows import INTERCEPTIONS, EndInterception, Insert, interception_end
 from .codec import _datetime, _encode
+from .server import POSTGRES_ENV, serve
 from .writer import has_room
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,6 @@ class _Op:
         self.id, self.line = id, line
 
 
-POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
 JOURNAL_ROTATE_SECONDS = 1.0
 RESPAWN_MAX = 5  # seconds between attempts to start a writer again
 JOURNAL_CLAIM_WAIT = 10.0  # seconds a new process waits for an old one of the same name to let go of its journal
@@ -80,8 +80,62 @@ def start_writer_process(path: Path, flags: list[str], postgres: str | None = No
         env[POSTGRES_ENV] = postgres
     if backlog_max_mb:
         flags = [*flags, "--backlog-max-mb", str(int(backlog_max_mb))]
+    if os.environ.get(IN_THREAD_ENV) == "1":
+        return StoreThread(path, flags, postgres)
     args = [sys.executable, "-m", "aibridge_gw.store.server", str(path), *flags]
     return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+
+IN_THREAD_ENV = "AIBRIDGE_STORE_IN_THREAD"  # "1": the writer runs in a thread of this process (the fast test tier)
+
+
+class StoreThread:
+    """The writer's own code (store/server.py `serve`) in a thread of this process over two pipes, shaped like
+    the Popen of a writer process: stdin, stdout, poll, wait, kill. For the in-process test tier, where a
+    process start per test costs more than the test; never chosen by a gateway unless AIBRIDGE_STORE_IN_THREAD=1."""
+
+    def __init__(self, path: Path, flags: list[str], postgres: str | None) -> None:
+        to_writer_r, to_writer_w = os.pipe()
+        from_writer_r, from_writer_w = os.pipe()
+        self.stdin = os.fdopen(to_writer_w, "wb")
+        self.stdout = os.fdopen(from_writer_r, "rb")
+        self.returncode: int | None = None
+        self._done = threading.Event()
+        rfile, wfile = os.fdopen(to_writer_r, "rb"), os.fdopen(from_writer_w, "wb")
+
+        def run() -> None:
+            try:
+                self.returncode = serve(Path(path), flags, rfile, wfile, postgres)
+            except BaseException:
+                log.exception("aibridge: the in-thread store failed")
+                self.returncode = 1
+            finally:
+                for f in (rfile, wfile):
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+                self._done.set()
+
+        self.pid = None
+        threading.Thread(target=run, name="aibridge-store-thread", daemon=True).start()
+
+    def poll(self) -> int | None:
+        return self.returncode if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired("aibridge store thread", timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            self.stdin.close()
+        except OSError:
+            pass
+
+    def send_signal(self, sig) -> None:
+        self.kill()
 
 
 class _Connection:

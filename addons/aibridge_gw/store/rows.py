@@ -43,7 +43,7 @@ INTERCEPTIONS = Table("aibridge_interceptions", (
 ))
 TOKEN_USAGES = Table("aibridge_token_usages", (
     "id", "interception_id", "provider_response_id", "input_tokens", "output_tokens",
-    "cache_read_input_tokens", "cache_write_input_tokens", "metadata", "created_at",
+    "cache_read_input_tokens", "cache_write_input_tokens", "metadata", "created_at", "usage_estimated",
 ))
 USER_PROMPTS = Table("aibridge_user_prompts", ("id", "interception_id", "provider_response_id", "prompt", "created_at"))
 TOOL_USAGES = Table("aibridge_tool_usages", (
@@ -51,8 +51,14 @@ TOOL_USAGES = Table("aibridge_tool_usages", (
     "input", "injected", "invocation_error", "created_at",
 ))
 MODEL_THOUGHTS = Table("aibridge_model_thoughts", ("id", "interception_id", "source", "content", "created_at"))
+# A provider object paid work outlives its call in (a message batch, a Batch API output file, a background response):
+# who created it, and the interception that recorded its usage once (metered_at/metered_by; see objects.py).
+PROVIDER_OBJECTS = Table("aibridge_provider_objects", (
+    "id", "provider_name", "kind", "object_id", "parent_id", "user_id", "user_name", "on_behalf_of_id",
+    "on_behalf_of_name", "interception_id", "created_at", "metered_at", "metered_by",
+))
 
-TABLES = (USERS, INTERCEPTIONS, TOKEN_USAGES, USER_PROMPTS, TOOL_USAGES, MODEL_THOUGHTS)
+TABLES = (USERS, INTERCEPTIONS, TOKEN_USAGES, USER_PROMPTS, TOOL_USAGES, MODEL_THOUGHTS, PROVIDER_OBJECTS)
 COLUMNS: dict[str, tuple[str, ...]] = {t.name: t.columns for t in TABLES}
 JSON_COLUMNS = frozenset({"metadata"})
 

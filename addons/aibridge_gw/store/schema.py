@@ -128,6 +128,34 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         );
         """,
     ),
+    (
+        5,
+        "usage_estimated: a usage row that is the best figure a stream gave, not the provider's final usage",
+        """
+        ALTER TABLE aibridge_token_usages ADD COLUMN usage_estimated BOOLEAN DEFAULT false;
+        """,
+    ),
+    (
+        6,
+        "provider objects (batches, their output files, background responses) and who created them",
+        """
+        CREATE TABLE aibridge_provider_objects (
+            id UUID PRIMARY KEY,
+            provider_name VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            object_id VARCHAR NOT NULL,
+            parent_id UUID,
+            user_id UUID,
+            user_name VARCHAR,
+            on_behalf_of_id UUID,
+            on_behalf_of_name VARCHAR,
+            interception_id UUID,
+            created_at TIMESTAMPTZ NOT NULL,
+            metered_at TIMESTAMPTZ,
+            metered_by UUID
+        );
+        """,
+    ),
 ]
 
 

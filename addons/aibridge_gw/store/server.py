@@ -21,11 +21,11 @@ import duckdb
 
 from ..logsafe import install_log_redaction
 from .ops import ALL_OPS
-from .process import POSTGRES_ENV
 from .codec import decode_records
 from .writer import Store
 
 CONNECTION_FLUSH_TIMEOUT = 30.0
+POSTGRES_ENV = "AIBRIDGE_STORE_POSTGRES"  # the writer process records into PostgreSQL at this URL
 
 
 class _Peer:
@@ -54,9 +54,15 @@ def main(argv: list[str]) -> int:
     install_log_redaction()  # no credential in the writer's lines either (a database URL's password, …)
     # The read pool logs each failed reconnection; the store's own state changes say it once.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
-    path = Path(argv[0])
+    return serve(Path(argv[0]), argv[1:], sys.stdin.buffer, sys.stdout.buffer, os.environ.get(POSTGRES_ENV))
+
+
+def serve(path: Path, argv: list[str], rfile, wfile, dsn: str | None) -> int:
+    """The writer's whole life: open the store, answer what comes on `rfile` until it closes, commit, close.
+    Its own process's stdin/stdout (main), or a pair of pipes in a thread of the gateway (process.StoreThread,
+    the in-process test tier)."""
     listen = argv[argv.index("--listen") + 1] if "--listen" in argv else None
-    own = _Peer(sys.stdout.buffer)
+    own = _Peer(wfile)
     peers: set[_Peer] = set() if listen else {own}  # who hears the counters after each batch
 
     def on_commit() -> None:
@@ -66,7 +72,6 @@ def main(argv: list[str]) -> int:
 
     backlog = int(argv[argv.index("--backlog-max-mb") + 1]) if "--backlog-max-mb" in argv else None
     kw = {"backlog_max_bytes": backlog * 1024 * 1024} if backlog else {}
-    dsn = os.environ.get(POSTGRES_ENV)
     if dsn:
         from .pg import PgStore
 
@@ -104,7 +109,7 @@ def main(argv: list[str]) -> int:
                          daemon=True).start()
     own.send({"t": "ready", "stale": store.stale_closed})
 
-    for line in sys.stdin.buffer:
+    for line in rfile:
         if not listen:
             _handle(store, line, own)
     store.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..base import endpoint
+from ..results import ResultsCodec, anthropic_line, anthropic_usage
 from ..spend import SpendCodec
 from . import messages
 
@@ -35,6 +36,7 @@ class Anthropic:
         messages.API,
         SpendCodec("anthropic.complete", model_required=True, prompt_field="prompt"),
         SpendCodec("anthropic.message_batches", batch_requests=True),
+        ResultsCodec("anthropic.message_batches.results", "anthropic_batch", anthropic_line, anthropic_usage),
     )})
     endpoints = (
         endpoint("POST", "/v1/messages", "anthropic.messages"),
@@ -44,7 +46,7 @@ class Anthropic:
         endpoint("GET", "/v1/models"),
         endpoint("GET", "/v1/models/{id}"),
         endpoint("GET", "/v1/messages/batches/{id}"),
-        endpoint("GET", "/v1/messages/batches/{id}/results"),
+        endpoint("GET", "/v1/messages/batches/{id}/results", "anthropic.message_batches.results"),
         endpoint("POST", "/v1/messages/batches/{id}/cancel"),
         endpoint("GET", "/v1/files/{id}"),
         endpoint("GET", "/v1/files/{id}/content"),
@@ -54,6 +56,20 @@ class Anthropic:
         endpoint("GET", "/api/claude_code/settings"),
         endpoint("GET", "/api/claude_code/policy_limits"),
         endpoint("GET", "/api/oauth/profile"),  # Claude Code signed in with a Claude account asks who it is
+        # Claude Code's service endpoints (docs/clients-endpoints.md): relayed unrecorded with the user's own
+        # credential; on the central key the gateway answers them itself with what the client takes for "nothing
+        # to tell" (its telemetry, and flags of the key's organisation rather than the user's, never go upstream).
+        endpoint("GET", "/api/claude_cli/bootstrap", local={}),
+        endpoint("GET", "/api/claude_code_penguin_mode",  # fast mode: not on the central key unless reviewed
+                 local={"enabled": False, "disabled_reason": "org_level_disabled"}),
+        endpoint("GET", "/api/claude_code/organizations/metrics_enabled", local={"metrics_logging_enabled": False}),
+        endpoint("POST", "/api/event_logging/v2/batch", local={}),
+        endpoint("POST", "/api/eval/{id}", local={"features": {}}),  # GrowthBook remote evaluation
+        endpoint("GET", "/mcp-registry/v0/servers", local={"servers": [], "metadata": {}}),
+        endpoint("GET", "/api/directory/servers", local={"servers": []}),
+        endpoint("GET", "/api/directory/server-urls", local={}),
+        endpoint("HEAD", "/", anyone=True),  # connectivity checks (base-URL mode): no key, answered here
+        endpoint("HEAD GET", "/api/hello", anyone=True),
     )
 
     @staticmethod

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 from ...records import BadRequest, RequestInfo
 from ..anthropic import Anthropic, messages
 from ..base import WireFunctions, endpoint
+from .settings import BedrockSettings
 from .transport import BedrockTransport, invoke_target
 
 
@@ -47,6 +48,7 @@ class Bedrock:
     own_credentials_only = False
     subscription_prefixes = ()
     transport = BedrockTransport
+    settings_model = BedrockSettings  # its own config keys (region, model, credentials)
     apis = MappingProxyType({a.name: a for a in (messages.API, INVOKE)})
     endpoints = (
         endpoint("POST", "/v1/messages", "anthropic.messages"),

@@ -6,7 +6,8 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..base import endpoint
-from ..spend import SpendCodec
+from ..results import ResultsCodec, RetrieveCodec, openai_line
+from ..spend import SpendCodec, usage_from
 from . import chat, responses
 
 _ERROR_TYPES = {
@@ -41,13 +42,15 @@ class OpenAI:
         SpendCodec("openai.audio.speech", model_required=True),
         SpendCodec("openai.audio.transcriptions"),
         SpendCodec("openai.audio.translations"),
-        SpendCodec("openai.batches"),
+        SpendCodec("openai.batches", facts=("input_file_id", "endpoint", "completion_window")),
         SpendCodec("openai.fine_tuning"),
         SpendCodec("openai.realtime"),
         SpendCodec("openai.videos"),
         SpendCodec("openai.containers"),
         SpendCodec("openai.vector_stores.search"),
         SpendCodec("openai.evals"),
+        ResultsCodec("openai.batches.results", "openai_file", openai_line, usage_from),
+        RetrieveCodec("openai.responses.retrieve", responses.API),
     )})
     endpoints = (
         endpoint("POST", "/chat/completions", "openai.chat"),
@@ -74,14 +77,14 @@ class OpenAI:
         endpoint("GET", "/models"),
         endpoint("GET", "/models/{id}"),
         endpoint("POST", "/responses/input_tokens"),
-        endpoint("GET", "/responses/{id}"),
+        endpoint("GET", "/responses/{id}", "openai.responses.retrieve"),
         endpoint("GET", "/responses/{id}/input_items"),
         endpoint("POST", "/responses/{id}/cancel"),
         endpoint("GET", "/chat/completions/{id}"),
         endpoint("GET", "/batches/{id}"),
         endpoint("POST", "/batches/{id}/cancel"),
         endpoint("GET", "/files/{id}"),
-        endpoint("GET", "/files/{id}/content"),
+        endpoint("GET", "/files/{id}/content", "openai.batches.results"),
         endpoint("POST", "/files"),
         endpoint("GET", "/fine_tuning/jobs/{id}"),
         endpoint("POST", "/fine_tuning/jobs/{id}/cancel"),

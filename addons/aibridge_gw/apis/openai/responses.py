@@ -61,7 +61,9 @@ def parse_request(body: dict, path: str = "") -> RequestInfo:
         raise BadRequest("input: must be a string or a list of items")
     elif not body.get("previous_response_id") and not body.get("prompt") and not body.get("conversation"):
         raise BadRequest("input: required")
-    return RequestInfo(model, stream, prompt, tool_results)
+    # A background response runs on after this call; its usage is recorded when it is retrieved (objects.py).
+    return RequestInfo(model, stream, prompt, tool_results, facts={"background": True} if body.get("background") is True
+                       else None)
 
 
 def prepare_request(body: dict) -> dict | None:

@@ -1,0 +1,418 @@
+"""The configuration file as typed models: what `aibridge config check` validates and `aibridge config schema` prints.
+
+Every key the gateway reads is declared here once, with its type, default, range and a one-line description; an
+unknown key is refused with the closest valid one ("did you mean `retention_days`?"), a value out of range with
+its key path. `config.parse_config` turns a validated file into the runtime `Config` the addons read.
+
+Each provider type may add keys of its own (`settings_model` on its class in `apis/<provider>/`), validated only
+for instances of that type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from .apis import PROVIDERS
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+SERVER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class Section(BaseModel):
+    """A mapping in the file: unknown keys refused, values checked, nothing coerced beyond YAML's own types and
+    numbers written as strings (environment references expand to strings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+
+
+class KeyEntry(Section):
+    key: str | None = Field(None, description="an upstream key, literally")
+    key_env: str | None = Field(None, description="the environment variable holding an upstream key")
+
+
+class ProviderBase(Section):
+    name: str = Field(pattern=NAME_PATTERN, description="instance name; also the URL prefix /<name>")
+    base_url: str | None = Field(None, description="the provider's base URL (default: the type's public one)")
+    key: str | None = Field(None, description="the upstream key, literally (prefer key_env)")
+    key_env: str | None = Field(None, description="the environment variable holding the upstream key")
+    keys: list[Any] | None = Field(
+        None, description="a failover pool of upstream keys (literals, {key: …} or {key_env: NAME})")
+    hosts: list[str] | None = Field(
+        None, description="hosts intercepted in proxy mode (default: the base_url host; [] opts out)")
+    passthrough_paths: list[Annotated[str, Field(pattern=r"^/")]] = Field(
+        default_factory=list, description="extra read-only endpoints relayed unrecorded (paths starting with /)")
+    allow_realtime: bool = Field(
+        False, description="permit OpenAI's realtime session endpoints (they hand the client a credential billed to "
+                           "the central key that bypasses the gateway; recorded when permitted)")
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, v: list | None) -> list | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must be a non-empty list of keys (or {key_env: NAME} entries)")
+        out = []
+        for n, entry in enumerate(v):
+            if isinstance(entry, str) and entry.strip():
+                out.append(entry)
+            elif isinstance(entry, dict) and len(entry) == 1 and set(entry) <= {"key", "key_env"} \
+                    and isinstance(next(iter(entry.values())), str):
+                out.append(KeyEntry(**entry))
+            else:
+                raise ValueError(f"[{n}] must be a key, {{key: …}} or {{key_env: NAME}}")
+        return out
+
+
+def _provider_models() -> tuple:
+    """One model per provider type: the common keys plus the type's own (`settings_model`), tagged by `type`."""
+    models = []
+    for ptype, provider in PROVIDERS.items():
+        extra = getattr(provider, "settings_model", None)
+        bases = (ProviderBase,) if extra is None else (extra, ProviderBase)
+        models.append(create_model(
+            f"Provider_{ptype}", __base__=bases,
+            type=(Literal[ptype], Field(description=f"provider type {ptype}")),
+        ))
+    return tuple(models)
+
+
+ProviderFile = Annotated[Union[_provider_models()], Field(discriminator="type")]  # noqa: UP007
+
+
+class StorageFile(Section):
+    duckdb: str = Field("data/aibridge.duckdb", description="the DuckDB file (relative to the config file)")
+    postgres: str | None = Field(
+        None, pattern=r"^postgres(ql)?://",
+        description="PostgreSQL URL (fleet mode): every gateway records into it; may carry a password")
+    backlog_max_mb: int = Field(512, ge=1, description="records held in memory while the store is down, at most")
+    on_failure: Literal["serve", "refuse"] = Field(
+        "serve", description="serve: keep answering and hold records; refuse: 503 for model calls once the store "
+                             "has been unwritable for refuse_after_seconds")
+    refuse_after_seconds: float = Field(10.0, ge=0, description="see on_failure")
+
+
+class ProxyFile(Section):
+    require_auth: bool | None = Field(
+        None, description="unset: non-AI egress needs proxy credentials; true: every proxied request does; "
+                          "false: none does")
+    egress: Literal["all", "ai-only"] = Field("all", description="where proxied non-AI traffic may go")
+    byok: bool = Field(True, description="keep a user's own provider key when their identity comes from elsewhere")
+    allow_addresses: list[str] = Field(
+        default_factory=list, description="loopback/link-local/own addresses allowed as egress targets (IPs, CIDRs, "
+                                          "host names)")
+    subscriptions: Literal["allow", "refuse"] = Field(
+        "allow", description="subscription logins (Claude account, ChatGPT account) through the gateway")
+
+
+class CaptureFile(Section):
+    directory: str | None = Field(None, description="where captured flows are written (unset: no capture)")
+    max_mb: float = Field(100.0, gt=0, description="captured flows kept, at most")
+    max_age_minutes: float = Field(60.0, gt=0, description="captured flows kept this long")
+
+
+class McpServerFile(Section):
+    name: str = Field(pattern=SERVER_NAME_PATTERN, description="server id; tools appear as bmcp_<name>_<tool>")
+    url: str = Field(pattern=r"^https?://", description="the MCP server's streamable-HTTP URL")
+    headers: dict[str, str] = Field(default_factory=dict, description="headers sent to the server")
+    per_user_token: bool = Field(False, description="each user's own token (aibridge mcp-token set)")
+    tool_allow_regex: str | None = Field(None, description="only tools matching this are injected")
+    tool_deny_regex: str | None = Field(None, description="tools matching this are never injected")
+
+
+class McpFile(Section):
+    max_rounds: int = Field(10, ge=1, description="model rounds of the injected-tool loop per request")
+    tool_timeout_seconds: Seconds = Field(30.0, description="one tool call")
+    list_timeout_seconds: Seconds = Field(2.0, description="listing a server's tools")
+    refresh_seconds: Seconds = Field(300.0, description="how often tool lists are refreshed")
+    max_tools: int = Field(128, ge=1, description="tools per request, at most (injected tools are trimmed to fit)")
+
+
+class MetricsFile(Section):
+    prefix: str = Field("aibridge_", pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$", description="metric name prefix")
+    token: str | None = Field(None, description="bearer token /aibridge/metrics requires")
+
+
+class LoggingFile(Section):
+    interceptions_json: str | None = Field(None, description="one JSON line per interception: a path, or - for stdout")
+
+
+class BreakerFile(Section):
+    failures: int = Field(5, ge=1, description="consecutive provider failures that open the circuit")
+    open_seconds: Seconds = Field(30.0, description="how long an open circuit refuses")
+    half_open_requests: int = Field(3, ge=1, description="trial requests while half open")
+
+
+class LimitsFile(Section):
+    max_request_body_mb: float = Field(32.0, gt=0, description="request bodies, after decompression")
+    auth_failures_per_minute: int = Field(30, ge=1, description="failed token checks per client address before 429")
+    max_idle_connections_per_address: int = Field(
+        256, ge=1, description="client connections from one address with nothing in flight; beyond it, its oldest "
+                               "idle ones are closed")
+
+
+class TimeoutsFile(Section):
+    connect_seconds: Seconds = Field(10.0, description="TCP connect to the provider")
+    response_seconds: Seconds = Field(600.0, description="request sent → response headers (blocking calls: whole body)")
+    stream_idle_seconds: Seconds = Field(300.0, description="longest silence between two chunks of a stream")
+    shutdown_grace_seconds: Seconds = Field(60.0, description="SIGTERM: how long calls in flight may finish")
+    drain_after_disconnect_seconds: float = Field(
+        120.0, ge=0, allow_inf_nan=False,
+        description="a client gone mid-stream: the provider's answer is read to its end this long at most, so its "
+                    "usage is recorded (0: cut at once, usage estimated)")
+    request_head_seconds: Seconds = Field(
+        10.0, description="a client connection without a complete request head this long after connecting (or after "
+                          "its last response) is closed")
+
+
+class LimitValues(Section):
+    requests_per_minute: int | None = Field(None, ge=0, description="model calls per minute (unset: no limit)")
+    tokens_per_day: int | None = Field(None, ge=0, description="tokens per UTC day, all kinds summed (unset: no limit)")
+    usd_per_month: float | None = Field(None, ge=0, description="spend per calendar month at list prices (unset: "
+                                                                 "no limit)")
+
+
+class BudgetsFile(Section):
+    default: LimitValues = Field(default_factory=LimitValues, description="every user's limits")
+    users: dict[str, LimitValues] = Field(default_factory=dict, description="limits of named users")
+
+
+class ConfigFile(Section):
+    """aibridge's configuration file (config/aibridge.yaml)."""
+
+    providers: list[ProviderFile] = Field(default_factory=list, description="provider instances")
+    storage: StorageFile = Field(default_factory=StorageFile)
+    proxy: ProxyFile = Field(default_factory=ProxyFile)
+    capture: CaptureFile = Field(default_factory=CaptureFile)
+    mcp_servers: list[McpServerFile] = Field(default_factory=list, description="admin-approved MCP servers")
+    mcp: McpFile = Field(default_factory=McpFile)
+    retention_days: int = Field(60, ge=0, description="records older than this are pruned (0: kept forever)")
+    pricing: str | None = Field(None, description="a price table replacing the shipped one")
+    metrics: MetricsFile = Field(default_factory=MetricsFile)
+    logging: LoggingFile = Field(default_factory=LoggingFile)
+    circuit_breaker: BreakerFile = Field(default_factory=BreakerFile)
+    limits: LimitsFile = Field(default_factory=LimitsFile)
+    timeouts: TimeoutsFile = Field(default_factory=TimeoutsFile)
+    budgets: BudgetsFile = Field(default_factory=BudgetsFile)
+
+
+def validate(raw: dict) -> ConfigFile:
+    """The file as typed models; raises `ConfigProblems` naming every bad key."""
+    try:
+        return ConfigFile.model_validate(_drop_null_sections(raw))
+    except ValidationError as e:
+        raise ConfigProblems([describe(err, raw) for err in e.errors()]) from None
+
+
+def _drop_null_sections(raw: dict) -> dict:
+    sections = {name for name, f in ConfigFile.model_fields.items() if name not in ("retention_days", "pricing")}
+    return {k: v for k, v in raw.items() if not (k in sections and v is None)}
+
+
+class ConfigProblems(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def schema() -> dict:
+    """JSON Schema of the file, for editors (yaml-language-server: $schema=…)."""
+    s = ConfigFile.model_json_schema()
+    s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    s["title"] = "aibridge configuration"
+    return s
+
+
+def path_of(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def describe(err: dict, raw: dict) -> str:
+    """One validation error as a line that names the key path, the value and, for an unknown key, the closest
+    valid one."""
+    loc = _clean_loc(err["loc"], raw)
+    where = path_of(loc) or "the top level"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(loc[:-1], raw)
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        suggestion = f"; did you mean `{path_of(loc[:-1] + (hint[0],))}`?" if hint else (
+            f"; known keys here: {', '.join(sorted(known))}" if known else "")
+        return f"{where}: unknown key{suggestion}"
+    if kind == "union_tag_invalid":
+        return f"{where}.type: {value.get('type')!r} is not a provider type (one of {', '.join(PROVIDERS)})" \
+            if isinstance(value, dict) else f"{where}: {err['msg']}"
+    if kind == "union_tag_not_found":
+        return f"{where}.type: required (one of {', '.join(PROVIDERS)})"
+    if kind == "missing":
+        return f"{where}: required"
+    msg = err["msg"].rstrip(".")
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        if msg.startswith("["):  # an item of a list: its index belongs to the path
+            index, _, msg = msg.partition(" ")
+            where += index
+    shown = _shown(value, loc)
+    return f"{where}: {msg}" + (f" (got {shown})" if shown is not None and kind != "value_error" else "")
+
+
+_SECRET_KEYS = ("key", "token", "postgres", "headers", "access_key", "access_key_secret", "session_token", "keys")
+
+
+def _shown(value: Any, loc: tuple) -> str | None:
+    """The offending value for the message, unless it may be a secret (never echoed) or a whole section."""
+    if isinstance(value, (dict, list)):
+        return None
+    if any(isinstance(p, str) and p in _SECRET_KEYS for p in loc):
+        return "a value not shown: it may be a secret"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _clean_loc(loc: tuple, raw: dict) -> tuple:
+    """pydantic's location without its internal steps (the union member's tag, `function-after`, …)."""
+    out: list = []
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and part not in node and not _is_internal(part, node):
+            out.append(part)  # a missing key
+            node = None
+        elif node is None:
+            out.append(part)
+        # else: a union member's tag or a validator's name: not a key of the file
+    return tuple(out)
+
+
+def _is_internal(part: str, node: dict) -> bool:
+    """A step of pydantic's location that is not a key: a union member's tag or type name, a validator."""
+    return (part == node.get("type") or part in PROVIDERS or "[" in part or part[:1].isupper()
+            or part in ("str", "int", "float", "bool", "list", "dict", "none") or part.startswith("function-"))
+
+
+def _known_keys(loc: tuple, raw: dict) -> list[str]:
+    """The keys valid at a location of the file (walking the models alongside the data)."""
+    return _walk(ConfigFile, raw, loc)
+
+
+def _walk(ann: Any, node: Any, loc: tuple) -> list[str]:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return _walk(args[0], node, loc)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if not loc:
+            return list(ann.model_fields)
+        field = ann.model_fields.get(loc[0]) if isinstance(loc[0], str) else None
+        return _walk(field.annotation, node.get(loc[0]) if isinstance(node, dict) else None, loc[1:]) if field else []
+    if origin is not list and origin is not dict and args:  # a union: the provider type's model, else any member
+        if isinstance(node, dict) and "type" in node:
+            for member in args:
+                tf = getattr(member, "model_fields", {}).get("type")
+                if tf is not None and get_args(tf.annotation) == (node["type"],):
+                    return _walk(member, node, loc)
+        for member in args:
+            found = _walk(member, node, loc)
+            if found:
+                return found
+        return []
+    if not loc:
+        return []
+    if origin is list and isinstance(loc[0], int):
+        item = node[loc[0]] if isinstance(node, list) and loc[0] < len(node) else None
+        return _walk(args[0], item, loc[1:])
+    if origin is dict and len(args) == 2:
+        return _walk(args[1], node.get(loc[0]) if isinstance(node, dict) else None, loc[1:])
+    return []
+
+
+def reference() -> str:
+    """Every key as markdown tables, one per section (docs/configuration.md embeds this; a test keeps it current)."""
+    out: list[str] = []
+
+    def rows(model: type[BaseModel], prefix: str) -> list:
+        nested = []
+        out.append("| key | type | default | meaning |\n|---|---|---|---|")
+        for name, f in model.model_fields.items():
+            sub = _section_model(f.annotation)
+            if sub is not None and name != "providers":
+                nested.append((sub, f"{prefix}{name}" + ("[]" if get_origin(f.annotation) is list else "")))
+                continue
+            kind = "list of instances (below)" if name == "providers" else _type_name(f.annotation)
+            out.append(f"| `{prefix}{name}` | {kind} | {_default_text(f)} | {f.description or ''} |")
+        out.append("")
+        return nested
+
+    def section(model: type[BaseModel], path: str) -> None:
+        out.append(f"### `{path}`\n" if path else "### Top level\n")
+        for sub, sub_path in rows(model, path + "." if path else ""):
+            section(sub, sub_path)
+
+    section(ConfigFile, "")
+    out.append("### `providers[]`\n")
+    out.append("Every instance takes these; `type` chooses the provider, and some types take keys of their own (below).\n")
+    out.append("| key | type | default | meaning |\n|---|---|---|---|")
+    out.append(f"| `type` | {' \\| '.join(PROVIDERS)} | required | provider type |")
+    for name, f in ProviderBase.model_fields.items():
+        out.append(f"| `{name}` | {_type_name(f.annotation)} | {_default_text(f)} | {f.description or ''} |")
+    out.append("")
+    for ptype, provider in PROVIDERS.items():
+        extra = getattr(provider, "settings_model", None)
+        if extra is not None:
+            out.append(f"#### `type: {ptype}`\n")
+            rows(extra, "")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _default_text(f) -> str:
+    if f.is_required():
+        return "required"
+    if f.default_factory is not None:
+        return {list: "`[]`", dict: "`{}`"}.get(f.default_factory, "")
+    if f.default is None:
+        return "unset"
+    if isinstance(f.default, bool):
+        return f"`{str(f.default).lower()}`"
+    return f"`{f.default}`"
+
+
+def _section_model(ann: Any):
+    origin, args = get_origin(ann), get_args(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if origin is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args and args[0] is not Any else "list"
+    if origin is dict:
+        return f"map of {_type_name(args[1])}" if len(args) == 2 else "map"
+    if args:  # Optional / Union
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "limits: " + ", ".join(ann.model_fields) if ann is LimitValues else "mapping"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(ann, getattr(ann, "__name__", str(ann)))
