@@ -9,6 +9,7 @@ from aibridge_gw.capture import Capture
 from aibridge_gw.control_plane import ControlPlane
 from aibridge_gw.drain import Drain
 from aibridge_gw.housekeeping import Housekeeping
+from aibridge_gw.idle import IdleConnections
 from aibridge_gw.observation import Observation
 from aibridge_gw.pipeline import Pipeline
 from aibridge_gw.proxy_mode import ProxyMode
@@ -22,6 +23,7 @@ addons = [
     runtime,  # config, store, shared services
     proxy_mode,  # tunnels, proxy credentials, egress policy
     Drain(runtime, proxy_mode),  # SIGTERM: stop listening, let calls in flight finish, then stop
+    IdleConnections(runtime),  # request head timeout, idle connections per client address
     ControlPlane(runtime, proxy_mode, housekeeping),  # /aibridge/*: health, dashboard, metrics, admin API
     Pipeline(runtime, proxy_mode),  # route → identify → admit → inject → upstream; tap → record
     Observation(runtime),  # metrics and interception logs

@@ -66,6 +66,44 @@ def test_the_shared_listener_patch_wraps_mitmproxys_tcp_listen():
     assert AsyncioServerInstance.listen is first and first.aibridge
 
 
+def test_the_listener_and_its_front_door_rely_on_what_mitmproxy_and_asyncio_provide():
+    """The front door (patches.install_listener, serve_through_front_door) hands each accepted connection to
+    `ServerInstance.handle_stream(reader, writer)` and switches mitmproxy's own listening socket over by serving a
+    second descriptor of it (`asyncio.start_server(sock=…)`) in the instance's `_servers` list."""
+    import asyncio
+
+    from mitmproxy.proxy.mode_servers import AsyncioServerInstance, ServerInstance
+
+    assert list(inspect.signature(ServerInstance.handle_stream).parameters)[:3] == ["self", "reader", "writer"]
+    assert "_servers" in AsyncioServerInstance.__init__.__code__.co_names
+    assert {"sock", "backlog"} <= set(inspect.signature(asyncio.BaseEventLoop.create_server).parameters)
+    patches.install_listener()
+    assert AsyncioServerInstance.listen.aibridge
+
+    async def switch():
+        class Instance:
+            handled = []
+
+            async def handle_stream(self, reader, writer):
+                self.handled.append(writer.get_extra_info("peername"))
+                writer.close()
+
+        inst = Instance()
+        original = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        inst._servers = [original]
+        server_list = type("PS", (), {"servers": [inst]})()
+        assert await patches.serve_through_front_door(server_list) == 1
+        assert inst._servers[0] is not original and inst._servers[0].aibridge
+        port = inst._servers[0].sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.read()
+        writer.close()
+        assert len(inst.handled) == 1
+        inst._servers[0].close()
+
+    asyncio.run(switch())
+
+
 def test_a_client_gone_mid_stream_keeps_the_stream_when_the_gateway_says_so():
     """The drain's assumptions about HttpStream (its client and server states, RequestProtocolError) hold: with
     `keep` saying yes, the client's disconnect is neither sent upstream nor made the flow's error and the flow stays

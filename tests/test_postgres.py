@@ -525,6 +525,31 @@ def test_calls_a_dead_gateway_left_in_progress_for_hours_are_ended_by_the_fleet(
         gw.stop()
 
 
+def test_sql_on_postgresql_cannot_touch_the_servers_files(cluster, tmp_path):
+    """`aibridge sql` on PostgreSQL runs read-only and as a role that may not use the server's file functions,
+    even when the configured role is a superuser (as here); every audit table stays queryable by name."""
+    from aibridge_gw.store.ops import OpError
+    from tests.support.gateway import Gateway
+
+    dsn = cluster.create_database("nofiles")
+    gw = Gateway(tmp_path / "gw", "http://127.0.0.1:9", extra={"storage": {"duckdb": str(tmp_path / "s.duckdb"),
+                                                                            "postgres": dsn}})
+    gw.op("users.add", name="mallory")  # creates the schema
+    written = tmp_path / "written.txt"
+    for hostile in ("SELECT pg_read_file('/etc/hostname')", "SELECT pg_read_binary_file('/etc/hostname')",
+                    "SELECT * FROM pg_ls_dir('/')", "SELECT pg_stat_file('/etc/hostname')",
+                    "SELECT lo_export(lo_from_bytea(0, 'x'), '%s')" % written,
+                    f"COPY (SELECT 1) TO '{written}'", f"COPY (SELECT 1) TO PROGRAM 'touch {written}'",
+                    "EXPLAIN ANALYZE UPDATE aibridge_users SET role = 'admin'"):
+        with pytest.raises(OpError):
+            gw.op("sql", query_text=hostile)
+    assert not written.exists()
+    assert gw.sql("SELECT role FROM aibridge_users") == [{"role": "member"}]
+    for table in ("aibridge_interceptions", "aibridge_token_usages", "aibridge_user_prompts", "aibridge_tool_usages",
+                  "aibridge_model_thoughts", "aibridge_users", "aibridge_tokens"):
+        assert gw.sql(f"SELECT count(*) AS n FROM {table}")[0]["n"] >= 0
+
+
 def test_clamped_and_estimated_usages_are_recorded_in_postgresql_and_poison_no_fleet_budget(cluster, tmp_path, mock):
     """#22 on PostgreSQL: a usage beyond BIGINT is recorded clamped and flagged (never dead-lettered) and the fleet's
     token counters, rebuilt from the database every second, do not count it; a stream cut when its client left

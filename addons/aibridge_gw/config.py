@@ -125,6 +125,9 @@ class Timeouts:
     # A client that goes away mid-stream: the provider's answer is still read to its end for at most this long, so
     # its final usage is recorded and charged (0: cut it at once; the row then says its usage is estimated)
     drain_after_disconnect: float = 120.0
+    # A client connection that has sent no complete request head this long after it connected (or after its last
+    # response ended, between requests) is closed: slow or silent connections cannot pile up.
+    request_head: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,8 @@ class StorageSettings:
 class LimitSettings:
     max_request_body_bytes: int = 32 * 1024 * 1024  # limits.max_request_body_mb, after decompression
     auth_failures_per_minute: int = 30  # failed token checks per client address before 429
+    # Client connections from one address with nothing in flight; past it the oldest of them is closed.
+    max_idle_connections_per_address: int = 256
 
 
 @dataclass(frozen=True)
@@ -352,10 +357,12 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
                                {str(k): _limits(v) for k, v in f.budgets.users.items()}),
         circuit_breaker=BreakerSettings(f.circuit_breaker.failures, f.circuit_breaker.open_seconds,
                                         f.circuit_breaker.half_open_requests),
-        limits=LimitSettings(int(f.limits.max_request_body_mb * 1024 * 1024), f.limits.auth_failures_per_minute),
+        limits=LimitSettings(int(f.limits.max_request_body_mb * 1024 * 1024), f.limits.auth_failures_per_minute,
+                             f.limits.max_idle_connections_per_address),
         timeouts=Timeouts(connect=t.connect_seconds, response=t.response_seconds, stream_idle=t.stream_idle_seconds,
                           shutdown_grace=t.shutdown_grace_seconds,
-                          drain_after_disconnect=t.drain_after_disconnect_seconds),
+                          drain_after_disconnect=t.drain_after_disconnect_seconds,
+                          request_head=t.request_head_seconds),
         public_host_notes=tuple(notes),
     )
 

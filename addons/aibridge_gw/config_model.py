@@ -150,6 +150,9 @@ class BreakerFile(Section):
 class LimitsFile(Section):
     max_request_body_mb: float = Field(32.0, gt=0, description="request bodies, after decompression")
     auth_failures_per_minute: int = Field(30, ge=1, description="failed token checks per client address before 429")
+    max_idle_connections_per_address: int = Field(
+        256, ge=1, description="client connections from one address with nothing in flight; beyond it, its oldest "
+                               "idle ones are closed")
 
 
 class TimeoutsFile(Section):
@@ -161,6 +164,9 @@ class TimeoutsFile(Section):
         120.0, ge=0, allow_inf_nan=False,
         description="a client gone mid-stream: the provider's answer is read to its end this long at most, so its "
                     "usage is recorded (0: cut at once, usage estimated)")
+    request_head_seconds: Seconds = Field(
+        10.0, description="a client connection without a complete request head this long after connecting (or after "
+                          "its last response) is closed")
 
 
 class LimitValues(Section):

@@ -142,8 +142,12 @@ def _local(db_path: Path, name: str, args: dict) -> Any:
     read_only = not writes
     if not read_only:
         db_path.parent.mkdir(parents=True, exist_ok=True)
+    # User SQL gets an instance that cannot reach the file system and whose settings cannot change; it runs
+    # in a read-only transaction of its own (ops.sql). Every other operation runs the gateway's own SQL.
+    user_sql = name == "sql"
+    config = {"enable_external_access": False, "lock_configuration": True} if user_sql else {}
     try:
-        conn = duckdb.connect(str(db_path), read_only=read_only)
+        conn = duckdb.connect(str(db_path), read_only=read_only, config=config)
     except duckdb.IOException as e:
         if "lock" in str(e).lower():
             raise ops.OpError(
@@ -154,6 +158,8 @@ def _local(db_path: Path, name: str, args: dict) -> Any:
     try:
         if not read_only:
             migrate(conn)
+        if user_sql:
+            return fn(conn, **args)
         with transaction(conn):
             return fn(conn, **args)
     finally:

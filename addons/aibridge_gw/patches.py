@@ -14,16 +14,18 @@ that each patch took, so a mitmproxy upgrade that moves them fails loudly instea
   says so), the error is neither sent upstream nor made the flow's, and the stream stays alive; what it sends to
   the gone client mitmproxy drops (the connection is no longer among its transports; an HTTP/2 stream that is
   closed takes no data).
-- Listening (`ServerInstance.listen` of TCP modes), in `scripts/run --workers N`'s workers only (workers.worker
-  installs it before mitmdump starts): each binds the one port with SO_REUSEPORT, so the kernel spreads
-  connections over the workers.
+- Listening (`ServerInstance.listen` of TCP modes): a deep listen backlog, so a burst of connections does not make
+  the kernel drop new ones, and a front door every accepted connection passes before mitmproxy's handler is made
+  (idle.py: an address flooding the gateway waits its turn behind the others); in `scripts/run --workers N`'s
+  workers (workers.worker installs it before mitmdump starts) also SO_REUSEPORT: each binds the one port, so the
+  kernel spreads connections over the workers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import http
 from mitmproxy.proxy.layers import http as http_layer
@@ -47,6 +49,7 @@ def install(decide: "Decide", keep: "Keep | None" = None) -> None:
     install_request_form_marker()
     install_json_error_pages()
     install_client_endings(decide, keep)
+    install_listener()
 
 
 def install_request_form_marker() -> None:
@@ -155,24 +158,90 @@ def _events(stream_id: int, ending: ClientEnding) -> list:
     return [ResponseData(stream_id, ending.stream_tail), ResponseEndOfMessage(stream_id)]
 
 
-def install_shared_listener() -> None:
-    """For a worker of `scripts/run --workers N` only: bind the listening port with SO_REUSEPORT, so every worker
-    listens on the same port and the kernel spreads new connections over them. mitmproxy's own listen binds
-    without it; nothing else changes (one TCP server per mode, as mitmproxy starts it). Never installed in a
-    plain gateway: two of them must not silently share a port."""
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+_listener = {"reuse_port": False}
+# Every accepted client connection passes here before mitmproxy's handler is made: (instance, reader, writer) ->
+# awaitable that hands the connection to `instance.handle_stream` (now, later or never). Set by the
+# IdleConnections addon; without it connections go straight to mitmproxy.
+FrontDoor = Callable[..., "Awaitable[None]"]
+_front_door: list = []
+
+
+def set_front_door(door: "FrontDoor | None") -> None:
+    _front_door[:] = [door] if door is not None else []
+
+
+def _serve(instance):
+    """The connection callback of a listening socket: the front door, else mitmproxy's own."""
+    async def accepted(reader, writer):
+        if _front_door:
+            await _front_door[0](instance, reader, writer)
+        else:
+            await instance.handle_stream(reader, writer)
+
+    accepted.aibridge = True
+    return accepted
+
+
+def install_listener(reuse_port: bool = False) -> None:
+    """mitmproxy listens with asyncio's default backlog of 100: a burst of connections (thousands of idle ones
+    opened at once) overflows it, and the kernel then drops new connections' SYNs, so a legitimate client waits for
+    its retransmits (1, 3, 7 s). Listen with a deep backlog instead, through the front door (`set_front_door`); with
+    `reuse_port` (a worker of `scripts/run --workers N`), also with SO_REUSEPORT, so every worker listens on the
+    same port and the kernel spreads new connections over them. Idempotent; reuse_port, once asked for, stays."""
     import asyncio
 
     from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 
+    if reuse_port:
+        _listener["reuse_port"] = True
     original = AsyncioServerInstance.listen
     if getattr(original, "aibridge", False):
         return
 
     async def listen(self, host: str, port: int):
-        if self.mode.transport_protocol != "tcp" or port == 0:
+        if self.mode.transport_protocol != "tcp" or port == 0:  # port 0: mitmproxy picks one, then comes back here
             return await original(self, host, port)
-        return [await asyncio.start_server(self.handle_stream, host or None, port, reuse_port=True)]
+        server = await asyncio.start_server(_serve(self), host or None, port, backlog=LISTEN_BACKLOG,
+                                            reuse_port=_listener["reuse_port"] or None)
+        server.aibridge = True
+        return [server]
 
     listen.aibridge = True
     listen.aibridge_original = original
     AsyncioServerInstance.listen = listen
+
+
+async def serve_through_front_door(proxyserver) -> int:
+    """Sockets mitmproxy already listens on (mitmdump loads its scripts in a task that races its first listen, so the
+    listen patch may come too late for it) get what `install_listener` gives new ones: the deep backlog and the
+    front door. The listening socket itself stays (no connection is refused or lost): a new asyncio server serves a
+    second descriptor of it, then the old server lets go of its own. Returns how many were switched."""
+    import asyncio
+    import socket
+
+    switched = 0
+    for instance in list(getattr(proxyserver, "servers", ())):
+        servers = getattr(instance, "_servers", None)
+        if not servers:
+            continue
+        kept = []
+        for server in list(servers):
+            sockets = [ts for ts in getattr(server, "sockets", ()) or () if ts.type == socket.SOCK_STREAM]
+            if not isinstance(server, asyncio.Server) or getattr(server, "aibridge", False) or not sockets:
+                kept.append(server)
+                continue
+            for ts in sockets:  # one for each address family when listening on every interface
+                fresh = await asyncio.start_server(_serve(instance), sock=ts.dup(), backlog=LISTEN_BACKLOG)
+                fresh.aibridge = True
+                kept.append(fresh)
+                switched += 1
+            server.close()  # its descriptors only: each socket lives on in its fresh server's
+        servers[:] = kept
+    return switched
+
+
+def install_shared_listener() -> None:
+    """For a worker of `scripts/run --workers N` only (workers.worker installs it before mitmdump starts): bind the
+    listening port with SO_REUSEPORT. Never in a plain gateway: two of them must not silently share a port."""
+    install_listener(reuse_port=True)

@@ -20,6 +20,7 @@ from mitmproxy import http
 from .apis import PROVIDERS, WIRE_APIS
 from .apis.base import WireApi
 from .tap import StreamTap
+from .logsafe import redact
 from .records import BIGINT_MAX, CLAMPED, RequestInfo, ResponseSummary, summary_from_dict
 from .store.rows import (
     INTERCEPTIONS,
@@ -272,8 +273,11 @@ class Recorder:
             meta["client_disconnected"] = True
         if ic.facts:
             meta.update(ic.facts)
-        submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status, error=error,
-                                metadata=json.dumps(meta), credential_hint=ic.credential_hint))
+        # What the provider or the client said (an upstream error quoting the key it refused, a client's own
+        # metadata) is recorded without credentials, as in the logs.
+        submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status,
+                                error=redact(error) if error else error, metadata=redact(json.dumps(meta)),
+                                credential_hint=ic.credential_hint))
         return status
 
     def forget(self, ic: Interception) -> None:
@@ -283,7 +287,8 @@ class Recorder:
     def rejected(self, ic: Interception, http_status: int, message: str) -> None:
         """A request refused by the gateway (budget, rate limit): one row, never forwarded."""
         ic.ended = True
-        self.store.submit(_interception_row(ic, "rejected", ended_at=utcnow(), http_status=http_status, error=message))
+        self.store.submit(_interception_row(ic, "rejected", ended_at=utcnow(), http_status=http_status,
+                                            error=redact(message)))
 
     def replay(self, flow: http.HTTPFlow) -> Interception | None:
         """Re-run recording for a saved flow; a flow that was not an interception is skipped."""
@@ -329,7 +334,8 @@ def _interception_row(ic: Interception, status: str, **end):
     """The interception's row, as it starts (in progress) or as the gateway refused it (`end` columns)."""
     return INTERCEPTIONS.row(
         id=ic.id, initiator_id=ic.user_id, provider=ic.provider_type, provider_name=ic.provider_name,
-        model=ic.info.model or None, client=ic.client, user_agent=ic.user_agent, client_session_id=ic.session_id,
+        model=ic.info.model or None, client=ic.client, user_agent=redact(ic.user_agent) if ic.user_agent else None,
+        client_session_id=ic.session_id,
         thread_parent_id=ic.parent_id, thread_root_id=ic.root_id, credential_kind=ic.credential_kind,
         credential_hint=ic.credential_hint, status=status, started_at=ic.started_at, api=ic.api,
         stream=ic.info.stream, on_behalf_of_id=ic.on_behalf_of_id, on_behalf_of_name=ic.on_behalf_of_name, **end)

@@ -19,7 +19,7 @@ from mitmproxy.log import LegacyLogEvents
 from .admin_api import AdminApi
 from .apis import PROVIDERS
 from .apis.base import BadSettings
-from .auth import Actor, TokenDirectory, mask
+from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, Actor, TokenDirectory, mask
 from .breaker import CircuitBreakers
 from .budgets import Budgets
 from .config import Config, ConfigError, load_config, postgres_label, postgres_tag
@@ -28,6 +28,7 @@ from .egress import EgressPolicy, local_addresses
 from .errors import error_response
 from .flowstate import FlowState
 from .keypool import KeyPool
+from .logsafe import RedactingStream, install_log_redaction
 from .mcp.loop import LoopServer
 from .mcp.registry import McpRegistry
 from .metrics import Metrics
@@ -72,6 +73,59 @@ def tune_logging() -> None:
     # Libraries used by the MCP loop log every request at INFO; the gateway logs what matters itself.
     for noisy in ("httpx", "httpcore", "mcp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # No credential reaches a log line, whoever logs it: mitmproxy logs the raw head of a request a client
+    # abandoned (gateway tokens, proxy credentials), exceptions may quote headers.
+    install_log_redaction(CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS)
+
+
+def raise_open_files_limit() -> None:
+    """Every client connection is a descriptor: take the whole hard limit the process is allowed (Python keeps the
+    soft one, often 1024), so thousands of connections do not make accepting new ones fail and pause."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as e:
+        log.debug("aibridge: could not raise the open files limit: %s", e)
+
+
+def quiet_legacy_log_events() -> None:
+    """mitmproxy turns every log record into a deprecated `add_log` hook call (a cross-thread call, then a dispatch
+    over every addon: about a third of the cost of accepting a connection, which logs two lines). None of the
+    gateway's or mitmproxy's addons implements it; while no loaded addon does, records skip it."""
+    def listeners() -> bool:
+        try:
+            from mitmproxy.addonmanager import traverse
+
+            return any(hasattr(a, "add_log") for a in traverse(ctx.master.addons.chain))
+        except Exception:
+            return True
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LegacyLogEvents) and not getattr(handler, "aibridge_quiet", False):
+            state = {"listeners": listeners(), "at": time.monotonic()}
+
+            def wanted(record, state=state) -> bool:
+                if time.monotonic() - state["at"] > 5.0:  # a script loaded later may implement it
+                    state["listeners"], state["at"] = listeners(), time.monotonic()
+                return state["listeners"]
+
+            handler.addFilter(wanted)
+            handler.aibridge_quiet = True
+
+
+def redact_flow_dumps() -> None:
+    """mitmproxy's flow dumper (`flow_detail` 1+) prints flows to stdout itself, not through logging: redact it."""
+    try:
+        dumper = ctx.master.addons.get("dumper")
+    except Exception:
+        return
+    if dumper is not None and not isinstance(dumper.outfp, RedactingStream):
+        dumper.outfp = RedactingStream(dumper.outfp)
 
 
 class Runtime:
@@ -110,6 +164,8 @@ class Runtime:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
         os.umask(0o077)
         tune_logging()
+        redact_flow_dumps()
+        raise_open_files_limit()
         loader.add_option(
             "aibridge_config", str, "",
             "aibridge YAML config (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml).",
@@ -491,6 +547,7 @@ class Runtime:
         # it out of the collector's reach, so full collections under load scan only per-request objects.
         gc.collect()
         gc.freeze()
+        quiet_legacy_log_events()
         direct = [h for h in logging.getLogger().handlers if not isinstance(h, LegacyLogEvents)]
         if direct:
             interception_log.handlers, interception_log.propagate = direct, False

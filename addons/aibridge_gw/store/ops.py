@@ -13,6 +13,7 @@ from typing import Any
 import duckdb
 
 from .. import reports
+from .lockdown import locked, staging_directory
 from ..auth import Actor, hash_token, mask, new_token
 from ..budgets import Budgets, count_request, prune_request_counts, usage_rows, usage_totals
 from ..config import Limits
@@ -104,7 +105,13 @@ def postgres(conn) -> bool:
 
 
 def sql(conn, query_text: str, limit: int | None = None) -> dict:
-    """Run read-only SQL: only SELECT (incl. WITH, SHOW, DESCRIBE) and EXPLAIN statements pass."""
+    """Run read-only SQL: only SELECT (incl. WITH, SHOW, DESCRIBE) and EXPLAIN statements pass.
+
+    What holds on DuckDB does not rest on reading the text: the statements run in a READ ONLY transaction (DuckDB
+    refuses any write in it, `EXPLAIN ANALYZE DELETE …`, a data-modifying CTE or `nextval` included) that is
+    rolled back, on an instance without external access and with its configuration locked (see lockdown.py:
+    no `read_text`, `COPY … TO`, `ATTACH`, `INSTALL`, file scans; the gateway's writer locks its instance at open,
+    the CLI opens the file read-only and locked). The statement types are checked first, for a clear refusal."""
     if postgres(conn):
         return _postgres_sql(conn.raw, query_text, limit)
     try:
@@ -116,21 +123,60 @@ def sql(conn, query_text: str, limit: int | None = None) -> dict:
     for st in statements:
         if st.type not in _READ_ONLY:
             raise OpError(f"only read-only queries are allowed (got {st.type.name})")
+    if not locked(conn):  # never run user SQL where it could reach the file system
+        raise OpError("refusing to run SQL on a database instance that can reach the file system")
     result = None
-    for st in statements:
-        try:
+    conn.execute("BEGIN TRANSACTION READ ONLY")
+    try:
+        for st in statements:
             result = query(conn, st.query, limit=limit)
-        except duckdb.Error as e:
-            raise OpError(str(e).strip().splitlines()[0]) from None
+    except duckdb.TransactionException as e:
+        if "read-only" in str(e):
+            raise OpError("only read-only queries are allowed (the statement would write)") from None
+        raise OpError(str(e).strip().splitlines()[0]) from None
+    except duckdb.PermissionException:
+        raise OpError("only read-only queries are allowed (no file system access from SQL)") from None
+    except duckdb.Error as e:
+        raise OpError(str(e).strip().splitlines()[0]) from None
+    finally:
+        try:
+            conn.execute("ROLLBACK")
+        except duckdb.Error:  # an instance that broke mid-query has nothing to roll back
+            pass
     return result
 
 
 SQL_TIMEOUT = "120s"
 
 
+# Predefined roles that let a role read or write the server's files or run programs on it (besides superuser).
+PG_FILE_ROLES = ("pg_read_server_files", "pg_write_server_files", "pg_execute_server_program")
+
+
+def _pg_without_file_access(raw) -> None:
+    """Inside the query's transaction: make sure PostgreSQL's own privileges refuse the server's file functions
+    (`pg_read_file`, `pg_ls_dir`, `lo_export`, `COPY … TO '<file>'`/`PROGRAM`). A role without superuser and
+    without the predefined file roles cannot use them already; a role that has them runs the query as
+    `pg_read_all_data` (`SET LOCAL ROLE`, undone with the transaction), which may read every table and no file.
+    Without that role to step down to, the query is refused."""
+    files, can_read_all = raw.execute(
+        "SELECT r.rolsuper OR " + " OR ".join(f"pg_has_role(current_user, '{x}', 'MEMBER')" for x in PG_FILE_ROLES)
+        + ", CASE WHEN to_regrole('pg_read_all_data') IS NULL THEN false "
+        "ELSE pg_has_role(current_user, 'pg_read_all_data', 'MEMBER') END "
+        "FROM pg_roles r WHERE r.rolname = current_user").fetchone()
+    if not files:
+        return
+    if not can_read_all:
+        raise OpError("refusing to run SQL as a PostgreSQL role that can read or write the server's files "
+                      "(superuser or a member of " + ", ".join(PG_FILE_ROLES) + ") and cannot step down to "
+                      "pg_read_all_data: use a role without those privileges")
+    raw.execute("SET LOCAL ROLE pg_read_all_data")
+
+
 def _postgres_sql(raw, text: str, limit: int | None) -> dict:
     """On PostgreSQL the server enforces read-only: the query runs in a READ ONLY transaction, which refuses a
-    data-modifying CTE, EXPLAIN ANALYZE of a DELETE or a function that writes; with a time limit."""
+    data-modifying CTE, EXPLAIN ANALYZE of a DELETE or a function that writes; as a role that may not touch the
+    server's files (see _pg_without_file_access); with a time limit."""
     import psycopg
 
     if not text.strip().rstrip(";").strip():
@@ -139,6 +185,7 @@ def _postgres_sql(raw, text: str, limit: int | None) -> dict:
         with raw.transaction():  # a savepoint when the CLI's transaction is open: read-only still applies
             raw.execute("SET TRANSACTION READ ONLY")
             raw.execute(f"SET LOCAL statement_timeout = '{SQL_TIMEOUT}'")
+            _pg_without_file_access(raw)
             cur = raw.execute(text.strip().rstrip(";").replace("%", "%%"), ())  # `%` as psycopg escapes it
             while cur.nextset():  # several statements: the last one's rows, as on DuckDB
                 pass
@@ -146,6 +193,8 @@ def _postgres_sql(raw, text: str, limit: int | None) -> dict:
             rows = (cur.fetchmany(limit) if limit else cur.fetchall()) if cur.description else []
     except psycopg.errors.ReadOnlySqlTransaction:
         raise OpError("only read-only queries are allowed") from None
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise OpError(f"only read-only queries are allowed ({str(e).strip().splitlines()[0]})") from None
     except psycopg.Error as e:
         raise OpError(str(e).strip().splitlines()[0]) from None
     return {"columns": columns, "rows": [[jsonable(v) for v in r] for r in rows]}
@@ -328,12 +377,30 @@ def export(conn, fmt: str, out: str) -> dict:
 
 
 def _export_files(conn, fmt: str, target, tables: tuple[str, ...]) -> dict:
+    """COPY each table to a file. A locked-down instance (the gateway's: no file access for user SQL) may write
+    only into its staging directory: the files are written there, then moved to the target."""
+    import os
+    import shutil
+
+    staging = staging_directory(conn)
+    where = staging / secrets.token_hex(8) if staging is not None else target
+    if staging is not None:
+        where.mkdir(parents=True, exist_ok=True)
     written = []
-    for table in tables:
-        path = target / f"{table}.{fmt}"
-        opts = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT csv, HEADER true)"
-        conn.execute(f"COPY (SELECT * FROM {table}) TO '{str(path).replace(chr(39), chr(39) * 2)}' {opts}")
-        written.append(str(path))
+    try:
+        for table in tables:
+            path = where / f"{table}.{fmt}"
+            opts = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT csv, HEADER true)"
+            conn.execute(f"COPY (SELECT * FROM {table}) TO '{str(path).replace(chr(39), chr(39) * 2)}' {opts}")
+            if staging is not None:
+                final = target / path.name
+                shutil.move(str(path), str(final))
+                os.chmod(final, 0o600)
+                path = final
+            written.append(str(path))
+    finally:
+        if staging is not None:
+            shutil.rmtree(where, ignore_errors=True)
     return {"files": written}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import duckdb
 
+from ..logsafe import install_log_redaction
 from .ops import ALL_OPS
 from .codec import decode_records
 from .writer import Store
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="[store] %(message)s", stream=sys.stderr)
+    install_log_redaction()  # no credential in the writer's lines either (a database URL's password, …)
     # The read pool logs each failed reconnection; the store's own state changes say it once.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     return serve(Path(argv[0]), argv[1:], sys.stdin.buffer, sys.stdout.buffer, os.environ.get(POSTGRES_ENV))

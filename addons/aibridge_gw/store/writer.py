@@ -55,6 +55,7 @@ from .codec import (  # noqa: F401  (re-exported: the writer's callers and tests
     scrub,
 )
 from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, EndInterception, Insert
+from .lockdown import lock_down
 from .schema import migrate, transaction
 from .statements import column_types, insert_statements
 
@@ -200,6 +201,7 @@ class Store:
         st = os.stat(self.path)
         self._db_inode = (st.st_dev, st.st_ino)
         migrate(self._conn)
+        lock_down(self._conn, self.path)  # admin SQL runs on this instance: no file access, locked settings
         self._prepare_statements()
         if self.spool_path is not None:
             self._replay_spool()
@@ -553,6 +555,12 @@ class Store:
             fresh = duckdb.connect(str(self.path))
         except Exception as e:
             log.debug("reopening %s failed: %s", self.path, e)
+            return
+        try:
+            lock_down(fresh, self.path)
+        except Exception as e:  # never hand admin SQL an instance that can reach the file system
+            log.debug("locking down %s failed: %s", self.path, e)
+            fresh.close()
             return
         old, self._conn = self._conn, fresh
         try:
