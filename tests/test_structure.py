@@ -83,3 +83,23 @@ def test_files_are_found_from_aibridge_home_when_nothing_names_them(tmp_path, mo
     assert default_confdir() == tmp_path / "certs"
     monkeypatch.setenv("AIBRIDGE_CONFIG", str(tmp_path / "elsewhere.yaml"))
     assert resolve_config_path() == tmp_path / "elsewhere.yaml"
+
+
+# Header names only one provider speaks: they belong in that provider's package (apis/<provider>/), so a provider
+# with other auth or framing fits without the pipeline, the loop, capture or logs learning its names.
+PROVIDER_HEADERS = ("anthropic-beta", "anthropic-version", "x-amzn-errortype", "x-amz-security-token", "x-amz-date",
+                    "x-amz-content-sha256", "x-goog-api-key", "api-key", "openai-organization", "openai-project",
+                    "editor-plugin-version")
+
+
+def test_no_provider_header_is_named_outside_its_providers_package():
+    leaks = []
+    for path in PACKAGE.rglob("*.py"):
+        if "apis" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
+                text = node.value.decode("latin-1") if isinstance(node.value, bytes) else node.value
+                if text.lower() in PROVIDER_HEADERS:
+                    leaks.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {text!r}")
+    assert not leaks, "provider headers named outside apis/:\n" + "\n".join(leaks)

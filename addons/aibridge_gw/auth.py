@@ -15,9 +15,14 @@ TOKEN_PREFIX = "aib_"
 # Headers a client may carry its credential in (the common ones, then each provider's own); all are removed
 # before the request goes upstream.
 CREDENTIAL_HEADERS = tuple(dict.fromkeys(
-    ("authorization", "x-api-key", "api-key") + tuple(h for p in PROVIDERS.values() for h in p.credential_headers)))
+    ("authorization", "x-api-key") + tuple(h for p in PROVIDERS.values() for h in p.credential_headers)))
 # Headers that carry a gateway token beside the client's own provider credential (BYOK); never forwarded.
 GATEWAY_TOKEN_HEADERS = ("x-aibridge-token", "x-coder-ai-governance-token")
+# Every header whose value is a secret: redacted from logs and captured flows. Providers declare their own
+# (`credential_headers`, and `secret_headers` for secrets that are not the credential, such as AWS session tokens).
+SECRET_HEADERS = tuple(dict.fromkeys(
+    CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "cookie", "set-cookie")
+    + tuple(h for p in PROVIDERS.values() for h in getattr(p, "secret_headers", ()))))
 # Who a service account (Coder Agents, a CI bot) acts for: by our user id or name. Ours is never forwarded.
 ON_BEHALF_HEADERS = ("x-aibridge-on-behalf-of", "x-coder-owner-id")
 

@@ -15,16 +15,14 @@ from pathlib import Path
 
 from mitmproxy import ctx, http, io
 
-from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, mask
+from .auth import SECRET_HEADERS, mask
 from .flowstate import STATE_KEY, state_of
 from .runtime import Runtime
 from .store.writer import private_file
 
 log = logging.getLogger(__name__)
 
-REDACTED_HEADERS = frozenset(
-    h.encode() for h in CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS + ("proxy-authorization", "cookie",
-                                                                      "x-amz-security-token"))
+REDACTED_HEADERS = frozenset(h.encode() for h in SECRET_HEADERS)
 _STOP = object()
 
 

@@ -28,8 +28,8 @@ def printable(value, limit: int = 200) -> str:
 # x\r\n...'`, as mitmproxy logs a request head a client abandoned), `name: value` lines, dict and tuple reprs, JSON.
 # The gateway adds every provider's declared credential headers at load (`install_log_redaction`).
 CREDENTIAL_HEADER_NAMES = (
-    "proxy-authorization", "authorization", "x-api-key", "api-key", "x-goog-api-key", "x-aibridge-token",
-    "x-coder-ai-governance-token", "x-amz-security-token", "cookie", "set-cookie",
+    "proxy-authorization", "authorization", "x-api-key", "x-aibridge-token", "x-coder-ai-governance-token", "cookie",
+    "set-cookie",
 )
 # Credentials recognisable by their shape anywhere in a line: gateway tokens, provider keys (OpenAI and Anthropic
 # `sk-…`, Google `AIza…`, GitHub `gh?_…`/`github_pat_…`).

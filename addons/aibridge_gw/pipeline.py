@@ -401,7 +401,7 @@ class Pipeline:
                                                "aibridge: the provider's credentials could not be refreshed")
                 return False
         out = transport.outbound(ic.api, route.provider.base_path, route.upstream_path,
-                                 adapter.body if adapter is not None else body, req.content, hv.get("anthropic-beta"))
+                                 adapter.body if adapter is not None else body, req.content, hv)
         if out.content is not req.content:
             req.content = out.content
         state.route = dataclasses.replace(route, upstream_path=out.path)
@@ -487,7 +487,7 @@ class Pipeline:
             provider_type=prov.type, user_id=ident.actor.user_id,
             max_rounds=self.rt.config.mcp.max_rounds, metadata=flow.metadata[META_KEY],
             transport=prov.transport, api=state.interception.api, base_path=prov.base_path,
-            beta=hv.get("anthropic-beta"), pool=pool, auth_header=PROVIDERS[prov.type].auth_header,
+            request_headers=hv, pool=pool, auth_header=PROVIDERS[prov.type].auth_header,
         )
         path = loop.register(flow.id, job)
         req.scheme, req.host, req.port = "http", "127.0.0.1", loop.port
@@ -582,7 +582,7 @@ class Pipeline:
                 and "x-aibridge-error" not in resp.headers and not resp.stream):
             # The provider's error in the shape the client's API has (Bedrock's `{"message"}` → Anthropic's).
             shaped = transport.client_error(state.interception.api, resp.status_code,
-                                            resp.headers.get("x-amzn-errortype"), resp.content or b"")
+                                            resp.headers, resp.content or b"")
             if shaped is not None:
                 resp.status_code, resp.content = shaped
                 resp.headers["content-type"] = "application/json"

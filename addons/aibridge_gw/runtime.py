@@ -19,7 +19,7 @@ from mitmproxy.log import LegacyLogEvents
 from .admin_api import AdminApi
 from .apis import PROVIDERS
 from .apis.base import BadSettings
-from .auth import CREDENTIAL_HEADERS, GATEWAY_TOKEN_HEADERS, Actor, TokenDirectory, mask
+from .auth import SECRET_HEADERS, Actor, TokenDirectory, mask
 from .breaker import CircuitBreakers
 from .budgets import Budgets
 from .config import Config, ConfigError, load_config, postgres_label, postgres_tag
@@ -75,7 +75,7 @@ def tune_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # No credential reaches a log line, whoever logs it: mitmproxy logs the raw head of a request a client
     # abandoned (gateway tokens, proxy credentials), exceptions may quote headers.
-    install_log_redaction(CREDENTIAL_HEADERS + GATEWAY_TOKEN_HEADERS)
+    install_log_redaction(SECRET_HEADERS)
 
 
 def raise_open_files_limit() -> None:

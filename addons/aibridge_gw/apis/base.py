@@ -94,6 +94,7 @@ class Provider(Protocol):
     version_in_base_url: bool  # base URLs end in /v1, which clients may repeat in the path
     default_base_url: str | None  # used when an instance sets none
     credential_headers: tuple[str, ...]  # where its clients send a key, besides Authorization/X-Api-Key
+    # Optional `secret_headers: tuple[str, ...]`: other headers whose values are secrets (never logged or captured).
     query_credential: str | None  # a query parameter its clients may send the key in (moved to a header)
     own_credentials_only: bool  # no central key exists: each user's own credential goes upstream (Copilot)
     # A user's own credential starting with one of these is a subscription login, not an API key (Claude's
@@ -132,8 +133,10 @@ class Transport(Protocol):
     def client_credential(self, headers: Mapping[str, str]) -> str | None:
         """The user's own credential to keep (BYOK), when this instance keeps clients' signatures."""
 
-    def outbound(self, api: str, base_path: str, path: str, body: dict | None, raw: bytes, beta: str | None):
-        """The upstream path and bytes (an object with path, content, model, requested)."""
+    def outbound(self, api: str, base_path: str, path: str, body: dict | None, raw: bytes,
+                 headers: Mapping[str, str]):
+        """The upstream path and bytes (an object with path, content, model, requested), from the client's request:
+        its parsed body, raw bytes and headers (lower-case names; the transport reads the ones its provider needs)."""
 
     def sign(self, url: str, host: str, content: bytes, stream: bool) -> list[tuple[bytes, bytes]]:
         """Header fields that authenticate POST `url` carrying exactly `content`."""
@@ -144,8 +147,9 @@ class Transport(Protocol):
     def is_stream(self, content_type: str) -> bool:
         """The provider streams with this content type."""
 
-    def client_error(self, api: str, status: int, error_type: str | None, body: bytes) -> tuple[int, bytes] | None:
-        """The provider's error as the client's API shapes it; None: relay it unchanged."""
+    def client_error(self, api: str, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes] | None:
+        """The provider's error response (status, headers, body) as the client's API shapes it; None: relay it
+        unchanged."""
 
 
 @dataclass(frozen=True)

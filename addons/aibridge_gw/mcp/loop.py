@@ -43,7 +43,8 @@ class LoopJob:
     transport: Any = None  # a signed provider's transport (apis/base.Transport): each round is built and signed
     api: str = ""
     base_path: str = ""
-    beta: str | None = None  # the client's anthropic-beta header (the transport moves allowed flags into the body)
+    # The client's request headers (lower-case names): a transport reads what its provider needs from them.
+    request_headers: dict = field(default_factory=dict)
     pool: Any = None  # the instance's KeyPool: each round is sent with the next usable key on 429/401/403
     auth_header: Any = None  # the provider's key header for a key (with a pool)
     rounds: int = 0
@@ -204,7 +205,7 @@ class LoopServer:
                         if not started:  # the provider's own error, as without the loop
                             merged.error = f"HTTP {resp.status_code}"
                             status = resp.status_code
-                            shaped = job.transport.client_error(job.api, status, resp.headers.get("x-amzn-errortype"),
+                            shaped = job.transport.client_error(job.api, status, resp.headers,
                                                                 body) if job.transport is not None else None
                             if shaped is not None:
                                 (status, body), ctype = shaped, "application/json"
@@ -315,7 +316,7 @@ async def _round_request(job: LoopJob) -> tuple[str, dict[str, str], bytes]:
         return job.url, headers, json.dumps(job.adapter.body, ensure_ascii=False).encode()
     await t.ready()
     parts = urlsplit(job.url)
-    out = t.outbound(job.api, job.base_path, parts.path, job.adapter.body, b"", job.beta)
+    out = t.outbound(job.api, job.base_path, parts.path, job.adapter.body, b"", job.request_headers)
     url = f"{parts.scheme}://{parts.netloc}{out.path}"
     signed = dict((k.decode(), v.decode()) for k, v in t.sign(url, parts.netloc, out.content, job.adapter.stream))
     replaced = {h.decode() for h in t.replaced_headers}

@@ -43,6 +43,7 @@ class Bedrock:
     public_hosts = ()  # per region: an instance intercepts its own base_url host
     default_base_url = None  # from the region (see BedrockTransport)
     credential_headers = ()
+    secret_headers = ("x-amz-security-token",)  # a client's temporary AWS credentials (never logged or captured)
     query_credential = None
     version_in_base_url = False
     own_credentials_only = False

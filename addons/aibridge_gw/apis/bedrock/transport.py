@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -150,7 +151,7 @@ class BedrockTransport:
         return self.model or requested
 
     def outbound(self, api: str, base_path: str, path: str, body: dict | None, raw: bytes,
-                 beta: str | None) -> Outbound:
+                 headers: Mapping[str, str]) -> Outbound:
         """The upstream path and bytes for a request. Messages API requests (base-URL mode) become InvokeModel
         calls; native InvokeModel requests (proxy mode) go as they came."""
         if api != "anthropic.messages" or body is None:
@@ -160,7 +161,8 @@ class BedrockTransport:
         model = self.map_model(requested)
         out = {k: v for k, v in body.items() if k not in DROPPED_FIELDS}
         out["anthropic_version"] = ANTHROPIC_VERSION
-        betas = [b.strip() for b in (beta or "").split(",") if b.strip() in BETA_ALLOWLIST]
+        beta = headers.get("anthropic-beta") or ""
+        betas = [b.strip() for b in beta.split(",") if b.strip() in BETA_ALLOWLIST]
         given = out.pop("anthropic_beta", None)
         if isinstance(given, list):
             betas += [b for b in given if isinstance(b, str) and b in BETA_ALLOWLIST]
@@ -191,7 +193,7 @@ class BedrockTransport:
         return CONTENT_TYPE in content_type
 
     @staticmethod
-    def client_error(api: str, status: int, error_type: str | None, body: bytes) -> tuple[int, bytes] | None:
+    def client_error(api: str, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes] | None:
         """A Bedrock error as the Messages API client expects it (proxy-mode AWS SDK clients get it unchanged)."""
         if api != "anthropic.messages":
             return None
@@ -199,4 +201,5 @@ class BedrockTransport:
             message = json.loads(body).get("message") or ""
         except (ValueError, AttributeError):
             message = body[:500].decode("utf-8", "replace")
+        error_type = headers.get("x-amzn-errortype")
         return status, json.dumps(anthropic_error(exception_name(error_type), str(message))).encode()

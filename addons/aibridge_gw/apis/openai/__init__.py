@@ -25,7 +25,7 @@ class OpenAI:
     type = "openai"
     public_hosts = ("api.openai.com",)
     default_base_url = None
-    credential_headers = ()
+    credential_headers = ("api-key",)  # Azure OpenAI's key header
     own_credentials_only = False
     subscription_prefixes = ()
     transport = None
