@@ -103,3 +103,30 @@ def test_no_provider_header_is_named_outside_its_providers_package():
                 if text.lower() in PROVIDER_HEADERS:
                     leaks.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {text!r}")
     assert not leaks, "provider headers named outside apis/:\n" + "\n".join(leaks)
+
+
+def _slug(title: str) -> str:
+    import re
+
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_a_front_door_and_every_link_in_the_docs_resolves():
+    import re
+
+    root = PACKAGE.parents[1]
+    readme = root / "README.md"
+    assert len(readme.read_text().splitlines()) <= 200, "the README is the front door: topics go to docs/"
+    broken = []
+    for page in [readme, *sorted((root / "docs").glob("*.md")), root / "deploy" / "README.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"^[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and file.suffix == ".md" and anchor not in {
+                    _slug(line.lstrip("#")) for line in file.read_text().splitlines() if line.startswith("#")}:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
