@@ -421,3 +421,32 @@ def test_clients_are_named_from_their_headers(headers, client):
     from aibridge_gw.clients import detect_client
 
     assert detect_client(headers) == client
+
+
+def test_a_results_download_still_flowing_is_never_aborted_as_silent(monkeypatch):
+    """The watch measures a stream's silence in epoch seconds: a results file being read past stream_idle_seconds
+    (a large batch's results) is not cut while its chunks keep coming."""
+    import time
+    from types import SimpleNamespace
+
+    from aibridge_gw.apis.anthropic import PROVIDER
+    from aibridge_gw.apis.results import ResultsTap
+    from aibridge_gw.config import Timeouts
+    from aibridge_gw.tap import StreamTap
+    from aibridge_gw.upstream_faults import UpstreamWatch
+
+    watch = UpstreamWatch(Timeouts())
+    aborted = []
+    monkeypatch.setattr(watch, "_abort", lambda state, transports, conn, reason: aborted.append(reason))
+    began = time.time() - Timeouts().stream_idle - 60  # the download began long ago...
+    taps = [ResultsTap(PROVIDER.apis["anthropic.message_batches.results"]),
+            StreamTap(PROVIDER.apis["anthropic.messages"])]
+    with taddons.context():
+        for tap in taps:
+            tap(b"{}\n" if isinstance(tap, ResultsTap) else b"data: {}\n\n")  # ...and a chunk came just now
+            resp = SimpleNamespace(timestamp_start=began, stream=tap, timestamp_end=None)
+            flow = SimpleNamespace(response=resp, server_conn=None, client_conn=SimpleNamespace(id="c"))
+            state = SimpleNamespace(flow=flow, forwarded_at=began, tap=tap, abort_reason=None, client_gone=None,
+                                    via_loop=False)
+            watch.check([state])
+    assert aborted == []

@@ -166,7 +166,7 @@ class ResultsTap:
         self._summary = ResponseSummary()
         self.broken: str | None = None
         self.bytes_seen = 0
-        self.last_activity = time.monotonic()
+        self.last_activity = time.time()  # epoch seconds, as the watch reads it (tap.StreamTap)
         self.closed = False
 
     @property
@@ -186,7 +186,7 @@ class ResultsTap:
         return s
 
     def __call__(self, chunk: bytes) -> bytes:
-        self.last_activity = time.monotonic()
+        self.last_activity = time.time()  # epoch seconds, as the watch reads it (tap.StreamTap)
         if not chunk:
             self._end()
             return b""
