@@ -347,6 +347,27 @@ def test_background_response_streamed_on_retrieval_is_metered_from_its_final_eve
     assert len(gw.sql("SELECT id FROM aibridge_interceptions WHERE api = 'openai.responses.retrieve'")) == 1
 
 
+def test_a_background_stream_its_client_left_is_still_metered_when_retrieved(own_gateway, upstream):
+    """`background: true` with `stream: true`: the client hanging up (or the read being cut) does not stop the
+    response, which runs on and is billed; the creating row ends failed without usage, and the finished response,
+    retrieved later, is metered to its creator."""
+    from tests.support.wire import api_request, responses_stream
+
+    gw = own_gateway("background-gone", extra={"timeouts": {"drain_after_disconnect_seconds": 0}})
+    alice = gw.new_user("alice")
+    upstream.script(Reply.sse(responses_stream(usage=(12, 7)), delay=0.3))
+    api_request(gw.port, "/openai/v1/responses", alice,
+                {"model": "gpt-5", "input": "a long report", "stream": True, "background": True},
+                read_until=b"response.output_text.delta")
+    (created,) = results_interceptions(gw, "openai.responses", 1)
+    assert created["status"] == "failed" and usage_of(gw, created["id"]) == []
+    upstream.script(Reply.json(background_response("resp_test", "completed", (300, 120))))
+    assert openai_client(gw, alice).responses.retrieve("resp_test").status == "completed"
+    (done,) = results_interceptions(gw, "openai.responses.retrieve", 1)
+    assert done["initiator"] == "alice"
+    assert [(u["input_tokens"], u["output_tokens"]) for u in usage_of(gw, done["id"])] == [(300, 120)]
+
+
 def test_retrieving_a_response_created_in_the_foreground_is_not_charged_again(gateway, mock, user):
     name, token = user
     mock.script(Reply.json(background_response("resp_fg", "completed", (5, 5))))
