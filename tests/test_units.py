@@ -450,3 +450,42 @@ def test_a_results_download_still_flowing_is_never_aborted_as_silent(monkeypatch
                                     via_loop=False)
             watch.check([state])
     assert aborted == []
+
+
+def test_a_reload_that_changes_capture_settings_does_not_wait_for_the_old_archive_on_the_event_loop(
+        tmp_path, monkeypatch):
+    """The old archive's writer may have many flows queued to serialize (it joins for up to 30 s): a SIGHUP reload
+    runs on the event loop, which must not stop for it."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from aibridge_gw import capture
+    from aibridge_gw.config import CaptureSettings
+
+    released = threading.Event()
+    closed = threading.Event()
+
+    def slow_close(self) -> None:
+        released.wait(5)
+        closed.set()
+
+    monkeypatch.setattr(capture.FlowArchive, "close", slow_close)
+    rt = SimpleNamespace(config=SimpleNamespace(capture=CaptureSettings(directory=tmp_path / "a")), store=object(),
+                         on_reload=[])
+    addon = capture.Capture(rt)
+
+    async def reload() -> float:
+        rt.config = SimpleNamespace(capture=CaptureSettings(directory=tmp_path / "a", max_bytes=1024))
+        started = time.monotonic()
+        for listener in rt.on_reload:
+            listener()
+        return time.monotonic() - started
+
+    with taddons.context(proxyserver.Proxyserver(), addon) as tctx:
+        tctx.configure(addon)
+        first = addon.archive
+        took = asyncio.run(reload())
+        released.set()
+        assert took < 0.5 and addon.archive is not first and addon.archive.max_bytes == 1024
+        assert closed.wait(5)  # the old archive is still closed, off the loop
