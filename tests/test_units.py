@@ -489,3 +489,20 @@ def test_a_reload_that_changes_capture_settings_does_not_wait_for_the_old_archiv
         released.set()
         assert took < 0.5 and addon.archive is not first and addon.archive.max_bytes == 1024
         assert closed.wait(5)  # the old archive is still closed, off the loop
+
+
+def test_reloads_do_not_pile_up_read_when_scraped_gauges_in_multiprocess_mode(monkeypatch):
+    """`--workers N` (multiprocess metrics): each reload sets every pooled key's state gauge again; the newest
+    function replaces the old one instead of adding to what each refresh (every second) runs."""
+    from aibridge_gw import metrics as metrics_module
+
+    monkeypatch.setenv(metrics_module.MULTIPROCESS_ENV, "/nonexistent")
+    m = metrics_module.Metrics()
+    assert m.multiprocess
+    calls = []
+    gauge = m.child(m.key_state, "openai", "sk-…abcd")
+    for n in range(100):  # a hundred reloads
+        m.gauge_function(gauge, lambda n=n: calls.append(n) or 0)
+    monkeypatch.setattr(type(gauge), "set", lambda self, v: None)
+    m.refresh()
+    assert calls == [99]
