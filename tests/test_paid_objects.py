@@ -508,3 +508,19 @@ def test_a_long_line_full_of_usage_keys_costs_little():
     tap(b"")
     assert time.monotonic() - started < 1.0
     assert tap.summary.state == {"results": {}, "unreadable_lines": 1}
+
+
+def test_results_usage_values_are_read_as_every_usage_is():
+    """A result's counts as providers may send them: `1000.0` is 1000 (it counted 0), and a negative count is 0
+    rather than taking tokens off the other results of the same model."""
+    from aibridge_gw.apis.anthropic import PROVIDER
+    from aibridge_gw.apis.results import ResultsTap
+
+    lines = [anthropic_result("a", (10, 20)), anthropic_result("b", (10, 20)), anthropic_result("c", (10, 20))]
+    lines[1]["result"]["message"]["usage"].update(input_tokens=1000.0, output_tokens=5.0)
+    lines[2]["result"]["message"]["usage"].update(input_tokens=-1_000_000)
+    tap = ResultsTap(PROVIDER.apis["anthropic.message_batches.results"])
+    tap(jsonl(lines))
+    tap(b"")
+    (u,) = tap.summary.usages
+    assert (u.input_tokens, u.output_tokens) == (1010, 45)
