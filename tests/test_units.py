@@ -506,3 +506,27 @@ def test_reloads_do_not_pile_up_read_when_scraped_gauges_in_multiprocess_mode(mo
     monkeypatch.setattr(type(gauge), "set", lambda self, v: None)
     m.refresh()
     assert calls == [99]
+
+
+@chain_test
+async def test_a_reload_that_fails_unexpectedly_is_logged_and_leaves_no_task_behind(chain):
+    """SIGHUP's task is awaited by nobody: an error past validation is logged, not left for the garbage collector,
+    and the task is not kept in the set of reloads running."""
+    import logging
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    chain.rt._apply_budgets = broken
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("aibridge").addHandler(handler)
+    try:
+        task = asyncio.ensure_future(chain.rt._reload_once("test"))
+        chain.rt._reloads.add(task)
+        await task
+    finally:
+        logging.getLogger("aibridge").removeHandler(handler)
+    assert chain.rt._reloads == set()
+    assert any("reload (test) failed" in r.getMessage() for r in records)
