@@ -347,6 +347,27 @@ def test_background_response_streamed_on_retrieval_is_metered_from_its_final_eve
     assert len(gw.sql("SELECT id FROM aibridge_interceptions WHERE api = 'openai.responses.retrieve'")) == 1
 
 
+def test_a_background_stream_its_client_left_is_still_metered_when_retrieved(own_gateway, upstream):
+    """`background: true` with `stream: true`: the client hanging up (or the read being cut) does not stop the
+    response, which runs on and is billed; the creating row ends failed without usage, and the finished response,
+    retrieved later, is metered to its creator."""
+    from tests.support.wire import api_request, responses_stream
+
+    gw = own_gateway("background-gone", extra={"timeouts": {"drain_after_disconnect_seconds": 0}})
+    alice = gw.new_user("alice")
+    upstream.script(Reply.sse(responses_stream(usage=(12, 7)), delay=0.3))
+    api_request(gw.port, "/openai/v1/responses", alice,
+                {"model": "gpt-5", "input": "a long report", "stream": True, "background": True},
+                read_until=b"response.output_text.delta")
+    (created,) = results_interceptions(gw, "openai.responses", 1)
+    assert created["status"] == "failed" and usage_of(gw, created["id"]) == []
+    upstream.script(Reply.json(background_response("resp_test", "completed", (300, 120))))
+    assert openai_client(gw, alice).responses.retrieve("resp_test").status == "completed"
+    (done,) = results_interceptions(gw, "openai.responses.retrieve", 1)
+    assert done["initiator"] == "alice"
+    assert [(u["input_tokens"], u["output_tokens"]) for u in usage_of(gw, done["id"])] == [(300, 120)]
+
+
 def test_retrieving_a_response_created_in_the_foreground_is_not_charged_again(gateway, mock, user):
     name, token = user
     mock.script(Reply.json(background_response("resp_fg", "completed", (5, 5))))
@@ -487,3 +508,19 @@ def test_a_long_line_full_of_usage_keys_costs_little():
     tap(b"")
     assert time.monotonic() - started < 1.0
     assert tap.summary.state == {"results": {}, "unreadable_lines": 1}
+
+
+def test_results_usage_values_are_read_as_every_usage_is():
+    """A result's counts as providers may send them: `1000.0` is 1000 (it counted 0), and a negative count is 0
+    rather than taking tokens off the other results of the same model."""
+    from aibridge_gw.apis.anthropic import PROVIDER
+    from aibridge_gw.apis.results import ResultsTap
+
+    lines = [anthropic_result("a", (10, 20)), anthropic_result("b", (10, 20)), anthropic_result("c", (10, 20))]
+    lines[1]["result"]["message"]["usage"].update(input_tokens=1000.0, output_tokens=5.0)
+    lines[2]["result"]["message"]["usage"].update(input_tokens=-1_000_000)
+    tap = ResultsTap(PROVIDER.apis["anthropic.message_batches.results"])
+    tap(jsonl(lines))
+    tap(b"")
+    (u,) = tap.summary.usages
+    assert (u.input_tokens, u.output_tokens) == (1010, 45)

@@ -46,13 +46,18 @@ def raw_call(sock: socket.socket, port: int, token: str, path: str, body: bytes)
     """One HTTP/1.1 request on an open keep-alive connection; the status line of its answer."""
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.settimeout(30)
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"the gateway closed the connection (after {data!r})"  # never spin on a closed socket
+        data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(rest) < length:
-        rest += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, "the gateway closed the connection mid-body"
+        rest += chunk
     return head.split(b"\r\n")[0]
 
 
@@ -61,7 +66,10 @@ MESSAGE = b'{"model":"claude-x","max_tokens":5,"messages":[{"role":"user","conte
 
 
 def test_sighup_adds_a_provider_and_a_budget_without_dropping_connections_or_streams(own_gateway, mock):
-    gw = own_gateway("reload", providers=providers(mock.url, "anthropic"))
+    # The kept-alive connection waits through a stream and a reload: under load that may pass the default request
+    # head timeout (10 s), which would close it for a reason this test is not about.
+    gw = own_gateway("reload", providers=providers(mock.url, "anthropic"),
+                     extra={"timeouts": {"request_head_seconds": 120}})
     token = gw.new_user("rel")
     mock.check = by_model({
         "claude-slow": Reply.sse(slow_stream(20), delay=0.2),

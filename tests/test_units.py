@@ -421,3 +421,112 @@ def test_clients_are_named_from_their_headers(headers, client):
     from aibridge_gw.clients import detect_client
 
     assert detect_client(headers) == client
+
+
+def test_a_results_download_still_flowing_is_never_aborted_as_silent(monkeypatch):
+    """The watch measures a stream's silence in epoch seconds: a results file being read past stream_idle_seconds
+    (a large batch's results) is not cut while its chunks keep coming."""
+    import time
+    from types import SimpleNamespace
+
+    from aibridge_gw.apis.anthropic import PROVIDER
+    from aibridge_gw.apis.results import ResultsTap
+    from aibridge_gw.config import Timeouts
+    from aibridge_gw.tap import StreamTap
+    from aibridge_gw.upstream_faults import UpstreamWatch
+
+    watch = UpstreamWatch(Timeouts())
+    aborted = []
+    monkeypatch.setattr(watch, "_abort", lambda state, transports, conn, reason: aborted.append(reason))
+    began = time.time() - Timeouts().stream_idle - 60  # the download began long ago...
+    taps = [ResultsTap(PROVIDER.apis["anthropic.message_batches.results"]),
+            StreamTap(PROVIDER.apis["anthropic.messages"])]
+    with taddons.context():
+        for tap in taps:
+            tap(b"{}\n" if isinstance(tap, ResultsTap) else b"data: {}\n\n")  # ...and a chunk came just now
+            resp = SimpleNamespace(timestamp_start=began, stream=tap, timestamp_end=None)
+            flow = SimpleNamespace(response=resp, server_conn=None, client_conn=SimpleNamespace(id="c"))
+            state = SimpleNamespace(flow=flow, forwarded_at=began, tap=tap, abort_reason=None, client_gone=None,
+                                    via_loop=False)
+            watch.check([state])
+    assert aborted == []
+
+
+def test_a_reload_that_changes_capture_settings_does_not_wait_for_the_old_archive_on_the_event_loop(
+        tmp_path, monkeypatch):
+    """The old archive's writer may have many flows queued to serialize (it joins for up to 30 s): a SIGHUP reload
+    runs on the event loop, which must not stop for it."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from aibridge_gw import capture
+    from aibridge_gw.config import CaptureSettings
+
+    released = threading.Event()
+    closed = threading.Event()
+
+    def slow_close(self) -> None:
+        released.wait(5)
+        closed.set()
+
+    monkeypatch.setattr(capture.FlowArchive, "close", slow_close)
+    rt = SimpleNamespace(config=SimpleNamespace(capture=CaptureSettings(directory=tmp_path / "a")), store=object(),
+                         on_reload=[])
+    addon = capture.Capture(rt)
+
+    async def reload() -> float:
+        rt.config = SimpleNamespace(capture=CaptureSettings(directory=tmp_path / "a", max_bytes=1024))
+        started = time.monotonic()
+        for listener in rt.on_reload:
+            listener()
+        return time.monotonic() - started
+
+    with taddons.context(proxyserver.Proxyserver(), addon) as tctx:
+        tctx.configure(addon)
+        first = addon.archive
+        took = asyncio.run(reload())
+        released.set()
+        assert took < 0.5 and addon.archive is not first and addon.archive.max_bytes == 1024
+        assert closed.wait(5)  # the old archive is still closed, off the loop
+
+
+def test_reloads_do_not_pile_up_read_when_scraped_gauges_in_multiprocess_mode(monkeypatch):
+    """`--workers N` (multiprocess metrics): each reload sets every pooled key's state gauge again; the newest
+    function replaces the old one instead of adding to what each refresh (every second) runs."""
+    from aibridge_gw import metrics as metrics_module
+
+    monkeypatch.setenv(metrics_module.MULTIPROCESS_ENV, "/nonexistent")
+    m = metrics_module.Metrics()
+    assert m.multiprocess
+    calls = []
+    gauge = m.child(m.key_state, "openai", "sk-…abcd")
+    for n in range(100):  # a hundred reloads
+        m.gauge_function(gauge, lambda n=n: calls.append(n) or 0)
+    monkeypatch.setattr(type(gauge), "set", lambda self, v: None)
+    m.refresh()
+    assert calls == [99]
+
+
+@chain_test
+async def test_a_reload_that_fails_unexpectedly_is_logged_and_leaves_no_task_behind(chain):
+    """SIGHUP's task is awaited by nobody: an error past validation is logged, not left for the garbage collector,
+    and the task is not kept in the set of reloads running."""
+    import logging
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    chain.rt._apply_budgets = broken
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("aibridge").addHandler(handler)
+    try:
+        task = asyncio.ensure_future(chain.rt._reload_once("test"))
+        chain.rt._reloads.add(task)
+        await task
+    finally:
+        logging.getLogger("aibridge").removeHandler(handler)
+    assert chain.rt._reloads == set()
+    assert any("reload (test) failed" in r.getMessage() for r in records)

@@ -6,6 +6,7 @@ I/O never stalls other flows. Files open in mitmproxy/mitmweb and feed `aibridge
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import queue
@@ -107,6 +108,17 @@ class FlowArchive:
             self._file = None
 
 
+def _close_off_loop(archive: FlowArchive) -> None:
+    """Close an archive replaced while the gateway runs (a reload): its writer may still have flows queued to
+    serialize, so it is waited for in a thread of its own, never on the event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # start-up or an option set outside the loop: nothing to keep responsive
+        archive.close()
+        return
+    threading.Thread(target=archive.close, name="aibridge-capture-close", daemon=True).start()
+
+
 class Capture:
     """Writes every recorded exchange (not passthrough, not the gateway's own endpoints) to the archive."""
 
@@ -132,7 +144,7 @@ class Capture:
             if (directory and self.archive.directory.resolve() == directory.resolve()
                     and (self.archive.max_bytes, self.archive.max_age) == (cap.max_bytes, cap.max_age_seconds)):
                 return
-            self.archive.close()
+            _close_off_loop(self.archive)
             self.archive = None
         if directory:
             self.archive = FlowArchive(directory, cap.max_bytes, cap.max_age_seconds).start()

@@ -27,7 +27,8 @@ class Metrics:
     def __init__(self, prefix: str = "aibridge_") -> None:
         r = self.registry = CollectorRegistry()
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
-        self._functions: list[tuple[object, Callable[[], float]]] = []  # gauges read when scraped
+        # Gauges read when scraped, by gauge: a reload that sets a key's gauge again replaces its function.
+        self._functions: dict[int, tuple[object, Callable[[], float]]] = {}
         self._before_render: list[Callable[[], None]] = []
         self._children: dict[tuple, object] = {}
         self._models: set[str] = set()
@@ -101,7 +102,7 @@ class Metrics:
     def gauge_function(self, gauge, fn: Callable[[], float]) -> None:
         """A gauge whose value is read when scraped (multiprocess files hold only set values: set it then)."""
         if self.multiprocess:
-            self._functions.append((gauge, fn))
+            self._functions[id(gauge)] = (gauge, fn)
         else:
             gauge.set_function(fn)
 
@@ -109,7 +110,7 @@ class Metrics:
         """Multiprocess mode: write the read-when-scraped gauges (each worker, every second, and before a scrape)."""
         for hook in self._before_render:
             hook()
-        for gauge, fn in self._functions:
+        for gauge, fn in list(self._functions.values()):
             gauge.set(fn())
 
     def before_render(self, fn: Callable[[], None]) -> None:

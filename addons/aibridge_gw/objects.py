@@ -59,18 +59,25 @@ class Objects:
 
     # --- creation ---------------------------------------------------------------------------------------------
 
-    def created(self, ic: Interception, summary: ResponseSummary, status: str, ended_at) -> None:
+    def created(self, ic: Interception, summary: ResponseSummary, status: str, ended_at,
+                status_code: int | None = None) -> None:
         """The creating call ended: remember who created the object its response names."""
         kind = CREATED.get(ic.api)
         oid = summary.response_id
-        if kind is None or status != COMPLETED or not isinstance(oid, str) or not oid:
+        if kind is None or not isinstance(oid, str) or not oid:
             return
         metered = None
         if kind == "openai_response":
             if not ic.facts.get("background"):
                 return
-            if summary.usages:  # streamed to its end: its usage is recorded with its creation
+            if status != COMPLETED and not (status_code is not None and 200 <= status_code < 300):
+                return
+            # A background stream cut before its final event (the client left, the read was cut) is not the
+            # response's end: it runs on at the provider, billed, and is metered when retrieved.
+            if summary.complete and summary.usages:  # streamed to its end: its usage is recorded with its creation
                 metered = ended_at
+        elif status != COMPLETED:
+            return
         self.rt.store.submit(PROVIDER_OBJECTS.row(
             id=object_key(ic.provider_name, kind, oid[:200]), provider_name=ic.provider_name, kind=kind,
             object_id=oid[:200], user_id=ic.user_id, user_name=ic.user_name, on_behalf_of_id=ic.on_behalf_of_id,

@@ -664,7 +664,7 @@ class Pipeline:
         status = rt.recorder.ended(ic, summary, status_code, error, ended_at)
         state.outcome = Outcome(status, summary, status_code, error, ended_at)
         if status and ic.api in CREATED:
-            self.objects.created(ic, summary, status, ended_at)
+            self.objects.created(ic, summary, status, ended_at, status_code)
         if status and rt.budgets is not None:
             if retrieval == "results":  # summed per model: each priced as its own
                 for u in summary.usages:

@@ -536,9 +536,13 @@ class Runtime:
     async def _reload_once(self, why: str) -> None:
         """One reload at a time: a second SIGHUP while one runs reloads again after it (the file may have changed
         since the first read)."""
-        async with self._reload_lock:
-            await self.reload(why)
-        self._reloads.discard(asyncio.current_task())
+        try:
+            async with self._reload_lock:
+                await self.reload(why)
+        except Exception:  # a signal's task: nobody awaits it, so say it here (and keep the gateway serving)
+            log.exception("aibridge: configuration reload (%s) failed", why)
+        finally:
+            self._reloads.discard(asyncio.current_task())
 
     async def running(self) -> None:
         if self.store is None or not ctx.options.server:

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Callable
 
-from ..records import RequestInfo, ResponseSummary, TokenUsage
+from ..records import RequestInfo, ResponseSummary, TokenUsage, as_int
 from ..sse import SSEEvent
 from .spend import usage_from
 
@@ -34,13 +34,13 @@ LineReader = Callable[[dict], tuple[str, str | None, TokenUsage | None]]
 
 
 def anthropic_usage(u: dict, response_id: str | None) -> TokenUsage:
+    """A result's usage, its counts read as every usage is (records.as_int: `1000.0` is 1000, a negative count
+    is 0 and never offsets the other results summed with it)."""
     t = TokenUsage(response_id)
     for attr, key in (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
                       ("cache_read_input_tokens", "cache_read_input_tokens"),
                       ("cache_write_input_tokens", "cache_creation_input_tokens")):
-        v = u.get(key)
-        if isinstance(v, int) and not isinstance(v, bool):
-            setattr(t, attr, v)
+        setattr(t, attr, as_int(u.get(key)))
     return t
 
 
@@ -166,7 +166,7 @@ class ResultsTap:
         self._summary = ResponseSummary()
         self.broken: str | None = None
         self.bytes_seen = 0
-        self.last_activity = time.monotonic()
+        self.last_activity = time.time()  # epoch seconds, as the watch reads it (tap.StreamTap)
         self.closed = False
 
     @property
@@ -186,7 +186,7 @@ class ResultsTap:
         return s
 
     def __call__(self, chunk: bytes) -> bytes:
-        self.last_activity = time.monotonic()
+        self.last_activity = time.time()  # epoch seconds, as the watch reads it (tap.StreamTap)
         if not chunk:
             self._end()
             return b""
