@@ -213,6 +213,22 @@ def test_results_a_client_hangs_up_on_are_read_to_the_end_metered_whole_and_not_
     assert usage_of(gateway, again["id"]) == [] and json.loads(again["metadata"])["already_metered_by"] == cut["id"]
 
 
+def test_a_batch_status_in_an_encoding_nobody_knows_is_relayed_as_it_came(gateway, mock, user):
+    """The batch-status watch decodes the body to point results_url at the gateway: a body mitmproxy cannot decode
+    goes to the client unchanged, and nothing escapes the response hook."""
+    import httpx
+
+    name, token = user
+    body = json.dumps(anthropic_batch(mock.url, "msgbatch_odd", True)).encode()
+    before = gateway.log().count("Traceback")
+    mock.script(Reply(200, {"content-type": "application/json", "content-encoding": "x-aibridge-unknown"}, body))
+    r = httpx.get(f"{gateway.url}/anthropic/v1/messages/batches/msgbatch_odd", headers={"x-api-key": token},
+                  timeout=10)
+    assert r.status_code == 200 and r.headers["content-encoding"] == "x-aibridge-unknown"
+    assert r.content == body
+    assert gateway.log().count("Traceback") == before
+
+
 def test_a_batch_status_sent_chunked_still_points_results_at_the_gateway(gateway, mock, user):
     name, token = user
     status = json.dumps(anthropic_batch(mock.url, "msgbatch_chunked", True)).encode()

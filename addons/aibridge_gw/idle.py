@@ -187,8 +187,9 @@ class IdleConnections:
             self._now_idle(flow.client_conn.id, conn)
 
     def next_layer(self, nextlayer) -> None:
-        """A connection relayed as raw TCP (or UDP) carries no requests this addon could see: a tunnel. (mitmproxy's
-        own next-layer addon, earlier in the chain, has decided by now; a passthrough it decides without hooks.)"""
+        """A connection relayed as raw TCP (or UDP) carries no requests this addon could see: a tunnel. Script
+        addons' hooks run before mitmproxy's own next-layer addon decides, so a layer may not be chosen yet here;
+        `tcp_start` catches the raw tunnels this misses."""
         if isinstance(nextlayer.layer, (layers.TCPLayer, layers.UDPLayer)):
             self._tunnel(nextlayer.context.client.id)
 

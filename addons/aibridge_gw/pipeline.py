@@ -554,8 +554,11 @@ class Pipeline:
         watched = state_of(flow)
         if (watched is not None and watched.watch is not None and watched.interception is None and flow.live
                 and flow.response is not None and not flow.response.stream and 200 <= flow.response.status_code < 300):
-            new = self.objects.watched_body(watched.route.provider.name, watched.watch, watched.client_base,
-                                            flow.response.content or b"")
+            try:  # a body in an encoding mitmproxy cannot decode is relayed as it came
+                new = self.objects.watched_body(watched.route.provider.name, watched.watch, watched.client_base,
+                                                flow.response.content or b"")
+            except ValueError:
+                new = None
             if new is not None:
                 flow.response.content = new
         done = self._finish(flow)
