@@ -42,13 +42,6 @@ def dgw(tmp_path_factory, upstream):
     upstream.reset()
 
 
-@pytest.fixture
-def mock(upstream):
-    upstream.reset()
-    yield upstream
-    upstream.reset()
-
-
 def ended(gw: Gateway, name: str, n: int = 1) -> list[dict]:
     return gw.wait_for(
         "SELECT CAST(i.id AS VARCHAR) AS id, i.status, i.error, i.http_status, CAST(i.metadata AS VARCHAR) AS metadata "
