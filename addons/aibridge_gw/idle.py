@@ -29,6 +29,7 @@ became idle), so thousands of idle connections cost nothing while they wait.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -42,6 +43,10 @@ from .runtime import Runtime
 log = logging.getLogger("aibridge")
 
 SWEEP_SECONDS = 1.0  # how often idle connections are checked against the request head timeout (at most)
+# A connection counts against its address's idle cap only once it has been idle this long (at most a quarter of
+# the head timeout): a burst of legitimate connections, or keep-alive ones between two requests, is never taken for
+# idle ones and closed (behind a load balancer every client shares one address).
+IDLE_GRACE = 1.0
 SUMMARY_SECONDS = 10.0  # closures are logged as one line per this long, not one per connection
 HEAD_TIMEOUT = "no request head within timeouts.request_head_seconds"
 OVER_CAP = "too many idle connections from this address (limits.max_idle_connections_per_address)"
@@ -76,6 +81,10 @@ class IdleConnections:
     @property
     def head_timeout(self) -> float:
         return self.rt.config.timeouts.request_head if self.rt.config is not None else 10.0
+
+    @property
+    def grace(self) -> float:
+        return min(IDLE_GRACE, self.head_timeout / 4)
 
     @property
     def cap(self) -> int:
@@ -113,7 +122,7 @@ class IdleConnections:
         peer = writer.get_extra_info("peername")
         address = peer[0] if peer else "?"
         queue = self.waiting.get(address)
-        if queue is None and len(self.by_address.get(address, ())) < self.cap:
+        if queue is None and not self._at_cap(address, time.monotonic()):
             return await instance.handle_stream(reader, writer)
         if queue is None:
             queue = self.waiting[address] = deque()
@@ -155,11 +164,7 @@ class IdleConnections:
         address = client.peername[0] if client.peername else "?"
         conn = self.conns[client.id] = _Conn(address)
         self._now_idle(client.id, conn)
-        idle = self.by_address[address]
-        cap = self.cap
-        while len(idle) > cap:
-            oldest = next(iter(idle))
-            self._close(oldest, OVER_CAP)
+        self._trim(address, conn.idle_since)
 
     def client_disconnected(self, client: connection.Client) -> None:
         conn = self.conns.pop(client.id, None)
@@ -237,6 +242,29 @@ class IdleConnections:
             if not per:
                 del self.by_address[conn.address]
 
+    def _at_cap(self, address: str, now: float) -> bool:
+        """The address holds its cap of connections idle past the grace (the oldest idle first: the cap-th is)."""
+        per, cap = self.by_address.get(address), self.cap
+        if per is None or len(per) < cap:
+            return False
+        nth = next(itertools.islice(per, cap - 1, None), None)
+        conn = self.conns.get(nth) if nth is not None else None
+        return conn is not None and conn.idle_since <= now - self.grace
+
+    def _trim(self, address: str, now: float) -> None:
+        """Close the address's oldest idle connections past the grace while it holds more than its cap."""
+        per, cap, stale = self.by_address.get(address), self.cap, now - self.grace
+        while per and len(per) > cap:
+            oldest = next(iter(per))
+            conn = self.conns.get(oldest)
+            if conn is not None and conn.idle_since > stale:
+                break  # the rest are newer still: not idle long enough to count
+            if conn is None:
+                per.pop(oldest, None)
+                continue
+            self._close(oldest, OVER_CAP)
+            per = self.by_address.get(address)
+
     def _close(self, cid: str, why: str) -> None:
         """Close one idle connection: mitmproxy's own way for an inactive one (cancel its reader task)."""
         conn = self.conns.get(cid)
@@ -280,6 +308,9 @@ class IdleConnections:
             if conn.idle_since > deadline:
                 break
             self._close(cid, HEAD_TIMEOUT)
+        cap = self.cap
+        for address in [a for a, per in self.by_address.items() if len(per) > cap]:
+            self._trim(address, now)
         if any(self._unlogged.values()) and now - self._logged_at >= SUMMARY_SECONDS:
             self._logged_at = now
             log.info("aibridge: closed %d connection(s) that sent no request head within %g s and %d idle "
