@@ -182,6 +182,7 @@ def test_cli_reports_export_and_healthz(agw, tmp_path):
     n = duckdb.sql(f"SELECT count(*) FROM '{out / 'aibridge_interceptions.parquet'}'").fetchall()[0][0]
     assert n >= 4
     assert not (out / "aibridge_tokens.parquet").exists()  # token hashes are never exported
+    assert (out / "aibridge_provider_objects.parquet").exists()  # whom batches and background work belong to
     h = httpx.get(agw.url + "/aibridge/healthz", trust_env=False).json()
     assert h["status"] == "ok" and h["records_failed"] == 0
 

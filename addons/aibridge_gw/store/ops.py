@@ -358,7 +358,8 @@ def export(conn, fmt: str, out: str) -> dict:
         raise OpError("format must be parquet or csv")
     target = pathlib.Path(out).expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
-    tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users",)
+    # Provider objects (batches, their files, background responses) say whom paid work metered later belongs to.
+    tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users", "aibridge_provider_objects")
     if postgres(conn):  # through a DuckDB file of the same schema: the same files, types and formats
         import tempfile
 
