@@ -84,6 +84,24 @@ def own_gateway(tmp_path, upstream):
     upstream.reset()
 
 
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory):
+    """A provider stand-in over TLS on 127.0.0.1 (proxy mode decrypts and re-encrypts), one per test module."""
+    from tests.support.tls import tls_stand_in
+
+    stand_in = tls_stand_in(tmp_path_factory.mktemp("upstream-tls"), ["127.0.0.1"])
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture
+def up(tls_upstream):
+    """The module's TLS stand-in, reset before and after the test."""
+    tls_upstream.reset()
+    yield tls_upstream
+    tls_upstream.reset()
+
+
 @pytest.fixture
 def mock(upstream):
     upstream.reset()

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, Gateway
 from tests.support.mock_upstream import Reply
-from tests.support.tls import client_context, tls_stand_in
+from tests.support.tls import client_context
 
 LOGIN = "sk-ant-oat01-usersOwnClaudeLogin0123456789abcdefXYZ"  # a Claude subscription login (Claude Code's OAuth)
 
@@ -30,27 +30,19 @@ ANSWERED = [
 
 
 @pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    mock = tls_stand_in(tmp_path_factory.mktemp("service-tls"), ["127.0.0.1"])
-    yield mock
-    mock.stop()
-
-
-@pytest.fixture(scope="module")
-def sgw(tmp_path_factory, stand_in):
-    gw = Gateway(tmp_path_factory.mktemp("service-gw"), stand_in.url, providers=[
-        {"name": "anthropic", "type": "anthropic", "base_url": stand_in.url + "/", "key": UPSTREAM_ANTHROPIC_KEY,
-         "hosts": ["api.anthropic.com"]}], args=["--set", f"ssl_verify_upstream_trusted_ca={stand_in.ca}"]).start()
+def sgw(tmp_path_factory, tls_upstream):
+    gw = Gateway(tmp_path_factory.mktemp("service-gw"), tls_upstream.url, providers=[
+        {"name": "anthropic", "type": "anthropic", "base_url": tls_upstream.url + "/", "key": UPSTREAM_ANTHROPIC_KEY,
+         "hosts": ["api.anthropic.com"]}], args=["--set", f"ssl_verify_upstream_trusted_ca={tls_upstream.ca}"]).start()
     yield gw
     gw.stop()
 
 
 @pytest.fixture
-def up(stand_in):
-    stand_in.reset()
-    stand_in.default = Reply.json({"from": "anthropic"})
-    yield stand_in
-    stand_in.reset()
+def up(up):
+    """The module's stand-in (conftest), answering every request it gets as the provider would."""
+    up.default = Reply.json({"from": "anthropic"})
+    return up
 
 
 def proxied(gw: Gateway, user: str, token: str) -> httpx.Client:

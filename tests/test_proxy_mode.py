@@ -21,13 +21,6 @@ USER_OWN_KEY = "sk-ant-users-own-key-0123456789XYZ"
 
 
 @pytest.fixture(scope="module")
-def tls_upstream(tmp_path_factory):
-    mock = tls_stand_in(tmp_path_factory.mktemp("upstream-tls"), ["127.0.0.1"])
-    yield mock
-    mock.stop()
-
-
-@pytest.fixture(scope="module")
 def origin(tmp_path_factory):
     """A non-AI HTTPS site with its own certificate."""
     mock = tls_stand_in(tmp_path_factory.mktemp("origin-tls"), ["localhost"])
@@ -53,13 +46,6 @@ def pgw(tmp_path_factory, tls_upstream):
                        extra={"proxy": {"allow_addresses": ["localhost"]}})
     yield gw
     gw.stop()
-
-
-@pytest.fixture
-def up(tls_upstream):
-    tls_upstream.reset()
-    yield tls_upstream
-    tls_upstream.reset()
 
 
 _n = iter(range(10_000))

@@ -61,13 +61,6 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def tls_upstream(tmp_path_factory):
-    mock = tls_stand_in(tmp_path_factory.mktemp("tunnels-upstream"), ["127.0.0.1"])
-    yield mock
-    mock.stop()
-
-
-@pytest.fixture(scope="module")
 def recorder():
     rec = Recorder(RAW_HOST)
     yield rec
@@ -95,13 +88,6 @@ def tgw(tmp_path_factory, tls_upstream, recorder):
                  args=["--set", f"ssl_verify_upstream_trusted_ca={tls_upstream.ca}"]).start()
     yield gw
     gw.stop()
-
-
-@pytest.fixture
-def up(tls_upstream):
-    tls_upstream.reset()
-    yield tls_upstream
-    tls_upstream.reset()
 
 
 _n = iter(range(10_000))
