@@ -16,7 +16,7 @@ from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, Gateway
 from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_call
 from tests.support.tls import client_context
-from tests.test_proxy_mode import proxied_anthropic, tls_upstream  # noqa: F401  (module fixture)
+from tests.test_proxy_mode import proxied_anthropic
 
 CLAUDE_OAUTH = "sk-ant-oat01-usersOwnClaudeLogin0123456789abcdefXYZ"
 CHATGPT_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyIn0.chatgpt-login-signature-0123456789"

@@ -193,7 +193,8 @@ class Runtime:
         self._apply_config(config)
         if self.store is None:
             self._open_store(config)
-        self._apply_budgets(config, prices, self._budget_rows(config))
+        pending = self._budget_rows(config)  # start-up: waited for (the listener is not open yet)
+        self._apply_budgets(config, prices, pending.result() if pending is not None else None)
 
     async def reload(self, why: str = "SIGHUP") -> bool:
         """Read the config file again and apply it without dropping a connection: providers, MCP servers,
@@ -206,14 +207,11 @@ class Runtime:
             self._check_reloadable(config)
             await asyncio.to_thread(self._start_transports, config)
             prices = await asyncio.to_thread(PriceTable.load, config.pricing)
-            rows = await self._budget_rows_async(config)
-        except (ConfigError, BadSettings, OSError, ValueError) as e:
+            pending = self._budget_rows(config)
+            rows = await asyncio.wait_for(asyncio.wrap_future(pending), 10) if pending is not None else None
+        except Exception as e:  # an unusable file, credentials not found, the store's budget rows: refused whole
             self.metrics.reloads.labels("refused").inc()
-            log.error("aibridge: configuration reload (%s) refused; the running configuration stays: %s", why, e)
-            return False
-        except Exception as e:  # the store's budget rows: the running configuration stays too
-            self.metrics.reloads.labels("refused").inc()
-            log.error("aibridge: configuration reload (%s) failed; the running configuration stays: %s", why,
+            log.error("aibridge: configuration reload (%s) refused; the running configuration stays: %s", why,
                       str(e).splitlines()[0] if str(e) else type(e).__name__)
             return False
         self._apply_config(config)
@@ -288,16 +286,10 @@ class Runtime:
         return self.budgets is None and Budgets.any_limits(config.budgets.default, config.budgets.users)
 
     def _budget_rows(self, config: Config):
-        """What new budget counters start from (start-up: waited for; it runs before the listener opens)."""
+        """The store's answer (a future) of what new budget counters start from; None when none are needed."""
         if not self._needs_budget_rows(config):
             return None
-        return self.store.run("budget_totals" if self.shared_store else "budget_usage").result()
-
-    async def _budget_rows_async(self, config: Config):
-        if not self._needs_budget_rows(config):
-            return None
-        op = "budget_totals" if self.shared_store else "budget_usage"
-        return await asyncio.wait_for(asyncio.wrap_future(self.store.run(op)), 10)
+        return self.store.run("budget_totals" if self.shared_store else "budget_usage")
 
     def _apply_budgets(self, config: Config, prices: PriceTable, rows) -> None:
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
