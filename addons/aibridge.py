@@ -5,15 +5,15 @@ stops; `ProxyMode` and `ControlPlane` answer what is not a provider call before 
 `Observation` and `Capture` read what the pipeline decided.
 """
 
-from aibridge_gw.capture import Capture
-from aibridge_gw.control_plane import ControlPlane
-from aibridge_gw.drain import Drain
-from aibridge_gw.housekeeping import Housekeeping
-from aibridge_gw.idle import IdleConnections
-from aibridge_gw.observation import Observation
-from aibridge_gw.pipeline import Pipeline
-from aibridge_gw.proxy_mode import ProxyMode
-from aibridge_gw.runtime import Runtime
+from aibridge_gw.addons.capture import Capture
+from aibridge_gw.addons.control_plane import ControlPlane
+from aibridge_gw.addons.drain import Drain
+from aibridge_gw.addons.housekeeping import Housekeeping
+from aibridge_gw.addons.idle import IdleConnections
+from aibridge_gw.addons.observation import Observation
+from aibridge_gw.addons.pipeline import Pipeline
+from aibridge_gw.addons.proxy_mode import ProxyMode
+from aibridge_gw.addons.runtime import Runtime
 
 runtime = Runtime()
 proxy_mode = ProxyMode(runtime)

@@ -132,7 +132,7 @@ def test_env_prints_paste_ready_settings_for_the_running_gateway(tmp_path, gatew
 
 def test_every_guide_prints_shell_that_parses(tmp_path):
     """Each client's guide, in both modes, is valid shell (config files as heredocs) and carries the token."""
-    from aibridge_gw.guides import GUIDES, env_lines
+    from aibridge_gw.admin.guides import GUIDES, env_lines
 
     for client in GUIDES:
         for mode in ("base-url", "proxy"):
@@ -173,7 +173,7 @@ def test_scripts_run_lets_the_user_set_the_options_it_defaults(tmp_path):
 def test_guides_keep_the_users_own_settings(tmp_path):
     """Pasted over existing settings, a guide merges what it needs into JSON settings and never overwrites a config
     file (the heredoc stops: merge by hand)."""
-    from aibridge_gw.guides import env_lines
+    from aibridge_gw.admin.guides import env_lines
 
     home = tmp_path / "home"
     (home / ".gemini").mkdir(parents=True)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from aibridge_gw.clients import UNKNOWN, client_metadata, detect_client, detect_session
+from aibridge_gw.flow.clients import UNKNOWN, client_metadata, detect_client, detect_session
 
 SID = "0b6c7d1e-2f3a-4b5c-8d9e-0f1a2b3c4d5e"
 

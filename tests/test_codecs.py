@@ -7,10 +7,10 @@ chunks, as they arrive over a network.
 import json
 
 import pytest
-
 from aibridge_gw.apis import WIRE_APIS as BY_API
-from aibridge_gw.tap import StreamTap
-from aibridge_gw.records import BadRequest
+from aibridge_gw.flow.exchange import BadRequest
+from aibridge_gw.flow.tap import StreamTap
+
 from tests.support.fixtures import capture
 
 A, C, R = BY_API["anthropic.messages"], BY_API["openai.chat"], BY_API["openai.responses"]
@@ -218,10 +218,10 @@ def test_usage_counts_as_providers_send_them_integral_floats_and_values_beyond_t
     BIGINT's maximum and named in the usage's metadata; a fraction rounds; negative, NaN and booleans count 0."""
     import datetime as dt
 
-    from aibridge_gw.budgets import Budgets
     from aibridge_gw.config import Limits
+    from aibridge_gw.flow.exchange import BIGINT_MAX, as_int
+    from aibridge_gw.policy.budgets import Budgets
     from aibridge_gw.pricing import PriceTable
-    from aibridge_gw.records import BIGINT_MAX, as_int
 
     big = 2**63 + 5
     s = A.summarize({"id": "m", "model": "claude-sonnet-4-0", "content": [],

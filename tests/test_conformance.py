@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from aibridge_gw.apis.wire import anthropic_messages, openai_chat, openai_responses
+from aibridge_gw.flow.tap import StreamTap
 
-from aibridge_gw.apis.anthropic import messages as anthropic_messages
-from aibridge_gw.apis.openai import chat as openai_chat, responses as openai_responses
-from aibridge_gw.tap import StreamTap
 from tests.support.fixtures import TRAFFIC, Capture, http_section, parse_txtar
 
 CODECS = {"anthropic": anthropic_messages.API, "openai/chatcompletions": openai_chat.API, "openai/responses": openai_responses.API}

@@ -150,9 +150,9 @@ def test_the_store_is_its_own_process_and_outlives_a_killed_gateway_only_to_comm
 
 
 def test_the_store_process_answers_named_operations_and_keeps_their_errors(tmp_path):
-    from aibridge_gw.reports import BadParameter
     from aibridge_gw.store.ops import OpError
     from aibridge_gw.store.process import WriterProcess
+    from aibridge_gw.store.reports import BadParameter
 
     store = WriterProcess(tmp_path / "named.duckdb")
     store.open()

@@ -129,7 +129,7 @@ def test_egress_policy_refuses_own_loopback_link_local_and_unspecified_addresses
     import asyncio
     import ipaddress
 
-    from aibridge_gw.egress import EgressPolicy
+    from aibridge_gw.policy.egress import EgressPolicy
 
     policy = EgressPolicy(allow=["10.1.0.0/16", "metadata.internal"], own_addresses={"192.0.2.10"})
     refused = {a: policy.refused(ipaddress.ip_address(a)) for a in
@@ -298,10 +298,9 @@ def test_control_characters_from_clients_are_escaped_in_log_lines(gateway, mock,
 
 def test_capture_redaction_is_one_pass_over_the_headers(monkeypatch):
     """A request with thousands of headers used to be redacted header by header (quadratic)."""
+    from aibridge_gw.addons.capture import redacted_copy
     from mitmproxy import http
     from mitmproxy.test import tflow
-
-    from aibridge_gw.capture import redacted_copy
 
     flow = tflow.tflow(resp=True)
     flow.request.headers.fields = tuple((b"cookie", b"c%d" % n) for n in range(3000)) + (
@@ -425,7 +424,7 @@ def test_a_flood_of_repeated_headers_gets_a_431_and_stalls_no_one(gateway, mock,
 def test_header_view_joins_repeats_in_linear_time():
     import time
 
-    from aibridge_gw.pipeline import header_view
+    from aibridge_gw.addons.pipeline import header_view
     from mitmproxy import http
 
     headers = http.Headers([(b"X-A", b"1"), (b"x-b", b"2"), (b"x-a", b"3")])

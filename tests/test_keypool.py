@@ -14,9 +14,9 @@ import anthropic
 import httpx
 import openai
 import pytest
-
 from aibridge_gw.config import ConfigError, parse_config
-from aibridge_gw.keypool import KeyPool, cooldown_seconds
+from aibridge_gw.flow.keypool import KeyPool, cooldown_seconds
+
 from tests.support.fixtures import capture, sse_events
 from tests.support.mcp_server import McpTestServer
 from tests.support.mock_upstream import Reply

@@ -396,12 +396,13 @@ def test_retrieving_a_response_created_in_the_foreground_is_not_charged_again(ga
 
 
 def test_the_endpoint_table_lists_every_endpoint_the_providers_serve_and_the_readme_links_it():
-    from aibridge_gw import endpoints_doc
+    from aibridge_gw.admin import endpoints_doc
     from aibridge_gw.apis import PROVIDERS
+
     from tests.support.gateway import ROOT
 
     text = (ROOT / "docs" / "endpoints.md").read_text()
-    assert endpoints_doc.rewritten(text) == text, "regenerate: python -m aibridge_gw.endpoints_doc --write …"
+    assert endpoints_doc.rewritten(text) == text, "regenerate: python -m aibridge_gw.admin.endpoints_doc --write …"
     for ptype, provider in PROVIDERS.items():
         for ep in provider.endpoints:
             path = ("/v1" if provider.version_in_base_url else "") + ep.label
@@ -422,7 +423,7 @@ def claim_scenario(stores) -> None:
     import concurrent.futures as cf
     import datetime as dt
 
-    from aibridge_gw.objects import object_key
+    from aibridge_gw.flow.objects import object_key
     from aibridge_gw.store.rows import PROVIDER_OBJECTS
 
     now = dt.datetime.now(dt.UTC)
@@ -469,7 +470,7 @@ def test_the_results_tap_reads_the_same_whatever_the_chunking():
     import random
 
     from aibridge_gw.apis.anthropic import PROVIDER
-    from aibridge_gw.apis.results import MAX_LINE, ResultsTap
+    from aibridge_gw.apis.wire.results import MAX_LINE, ResultsTap
 
     huge = anthropic_result("huge", (7, 9))
     huge["result"]["message"]["content"][0]["text"] = "y" * (MAX_LINE + 12345)
@@ -496,7 +497,6 @@ def test_prune_forgets_provider_objects_older_than_the_audit_it_keeps(tmp_path):
     import datetime as dt
 
     import duckdb
-
     from aibridge_gw.store import ops
     from aibridge_gw.store.schema import migrate
 
@@ -514,7 +514,7 @@ def test_a_long_line_full_of_usage_keys_costs_little():
     import time
 
     from aibridge_gw.apis.anthropic import PROVIDER
-    from aibridge_gw.apis.results import MAX_LINE, ResultsTap
+    from aibridge_gw.apis.wire.results import MAX_LINE, ResultsTap
 
     tap = ResultsTap(PROVIDER.apis["anthropic.message_batches.results"])
     line = b'{"custom_id":"x","result":' + b'{"usage":{"a":[' * (MAX_LINE // 15) + b"\n"
@@ -530,7 +530,7 @@ def test_results_usage_values_are_read_as_every_usage_is():
     """A result's counts as providers may send them: `1000.0` is 1000 (it counted 0), and a negative count is 0
     rather than taking tokens off the other results of the same model."""
     from aibridge_gw.apis.anthropic import PROVIDER
-    from aibridge_gw.apis.results import ResultsTap
+    from aibridge_gw.apis.wire.results import ResultsTap
 
     lines = [anthropic_result("a", (10, 20)), anthropic_result("b", (10, 20)), anthropic_result("c", (10, 20))]
     lines[1]["result"]["message"]["usage"].update(input_tokens=1000.0, output_tokens=5.0)

@@ -1,14 +1,13 @@
-"""The gateway's patches to mitmproxy internals (aibridge_gw/patches.py): their targets still exist with the shape
+"""The gateway's patches to mitmproxy internals (aibridge_gw/addons/patches.py): their targets still exist with the shape
 the patches assume, and each patch takes. A mitmproxy upgrade that moves them fails here, loudly."""
 
 from __future__ import annotations
 
 import inspect
 
+from aibridge_gw.addons import patches
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import HttpStream, _http1
-
-from aibridge_gw import patches
 
 
 def _original(fn):

@@ -9,8 +9,8 @@ import concurrent.futures as cf
 import duckdb
 import psycopg
 import pytest
-
 from aibridge_gw.store.schema import MIGRATIONS, migrate, migrate_postgres
+
 from tests.support.postgres import Cluster
 
 
@@ -121,7 +121,7 @@ def test_the_writer_records_into_postgresql_once_even_when_a_spool_is_replayed(c
 
 def test_the_operations_run_on_postgresql(cluster, tmp_path):
     """Users, tokens and the gateway's token directory through the same operations as DuckDB (`?` placeholders)."""
-    from aibridge_gw.auth import hash_token
+    from aibridge_gw.policy.auth import hash_token
     from aibridge_gw.store.pg import PgStore
 
     store = PgStore(cluster.create_database("ops"), tmp_path / "ops")
@@ -529,6 +529,7 @@ def test_sql_on_postgresql_cannot_touch_the_servers_files(cluster, tmp_path):
     """`aibridge sql` on PostgreSQL runs read-only and as a role that may not use the server's file functions,
     even when the configured role is a superuser (as here); every audit table stays queryable by name."""
     from aibridge_gw.store.ops import OpError
+
     from tests.support.gateway import Gateway
 
     dsn = cluster.create_database("nofiles")
@@ -597,6 +598,7 @@ def test_clamped_and_estimated_usages_are_recorded_in_postgresql_and_poison_no_f
 def test_provider_objects_are_claimed_once_across_gateways_on_postgresql(cluster, tmp_path):
     """Two gateways fetching the same batch results at once: one UPDATE decides, so usage is metered once."""
     from aibridge_gw.store.pg import PgStore
+
     from tests.test_paid_objects import claim_scenario
 
     dsn = cluster.create_database("claims")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import uuid
 
+from aibridge_gw.apis import WIRE_APIS as BY_API
+from aibridge_gw.flow.exchange import BadRequest, RequestInfo
+from aibridge_gw.flow.recorder import child_id
+from aibridge_gw.flow.sse import SSEParser
+from aibridge_gw.flow.tap import StreamTap
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from aibridge_gw.apis import WIRE_APIS as BY_API
-from aibridge_gw.tap import StreamTap
-from aibridge_gw.records import BadRequest, RequestInfo
-from aibridge_gw.recording import child_id
-from aibridge_gw.sse import SSEParser
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
+from aibridge_gw.admin.guides import AIDER_SETTINGS, llm_models
 from aibridge_gw.certs import bundle
-from aibridge_gw.guides import AIDER_SETTINGS, llm_models
+
 from tests.support.clients import ANSWER, USAGE, answer, clean_env, npm_bin, pip_bin
 from tests.support.gateway import Gateway
 from tests.support.mock_upstream import Reply

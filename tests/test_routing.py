@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from aibridge_gw.config import parse_config
-from aibridge_gw.routing import BadPath, Router, canonical_path
+from aibridge_gw.flow.routing import BadPath, Router, canonical_path
 
 CONFIG = parse_config({"providers": [
     {"name": "anthropic", "type": "anthropic", "base_url": "https://api.anthropic.com/", "key": "k"},

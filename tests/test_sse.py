@@ -1,6 +1,6 @@
 """The incremental SSE parser yields the same events however the bytes are split."""
 
-from aibridge_gw.sse import SSEParser
+from aibridge_gw.flow.sse import SSEParser
 
 STREAM = (
     b"event: message_start\r\ndata: {\"a\":1}\r\n\r\n"
@@ -52,7 +52,7 @@ def test_utf8_split_inside_a_character_is_decoded_correctly():
 def test_a_line_over_the_limit_is_skipped_with_its_event_and_parsing_resumes_with_the_next():
     """A data line over MAX_PENDING is not buffered: its event is dropped, the events after it (the final usage)
     still come, however the bytes are split; memory stays bounded by the limit."""
-    from aibridge_gw import sse
+    from aibridge_gw.flow import sse
 
     limit = 1024
     huge = b"event: big\ndata: " + b"x" * (3 * limit) + b"\ndata: more\n\n"

@@ -17,10 +17,10 @@ import time
 import anthropic
 import httpx
 import pytest
-
-from aibridge_gw.auth import TOKEN_PREFIX, Actor, AuthRefused, TokenDirectory, hash_token, identify
 from aibridge_gw.config import parse_config
-from aibridge_gw.routing import Router
+from aibridge_gw.flow.routing import Router
+from aibridge_gw.policy.auth import TOKEN_PREFIX, Actor, AuthRefused, TokenDirectory, hash_token, identify
+
 from tests.support.fixtures import capture
 from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY, Gateway
 from tests.support.mock_upstream import Reply

@@ -11,26 +11,25 @@ import json
 
 import pytest
 import yaml
+from aibridge_gw.addons.control_plane import ControlPlane
+from aibridge_gw.addons.housekeeping import Housekeeping
+from aibridge_gw.addons.observation import Observation
+from aibridge_gw.addons.patches import ORIGIN
+from aibridge_gw.addons.pipeline import Pipeline
+from aibridge_gw.addons.proxy_mode import ProxyMode
+from aibridge_gw.addons.runtime import Runtime
+from aibridge_gw.config import Limits
+from aibridge_gw.flow.exchange import TokenUsage
+from aibridge_gw.flow.state import state_of
+from aibridge_gw.policy import breaker as breaker_module
+from aibridge_gw.policy.auth import Actor, AuthRefused, TokenDirectory, hash_token, identify, proxy_token
+from aibridge_gw.policy.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, is_failure
+from aibridge_gw.policy.budgets import Budgets
+from aibridge_gw.pricing import PriceTable
+from aibridge_gw.store.process import IN_THREAD_ENV
 from mitmproxy import http
 from mitmproxy.addons import proxyserver
 from mitmproxy.test import taddons, tflow, tutils
-
-from aibridge_gw import breaker as breaker_module
-from aibridge_gw.store.process import IN_THREAD_ENV
-from aibridge_gw.auth import Actor, AuthRefused, TokenDirectory, hash_token, identify, proxy_token
-from aibridge_gw.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, is_failure
-from aibridge_gw.budgets import Budgets
-from aibridge_gw.config import Limits
-from aibridge_gw.control_plane import ControlPlane
-from aibridge_gw.flowstate import state_of
-from aibridge_gw.housekeeping import Housekeeping
-from aibridge_gw.observation import Observation
-from aibridge_gw.patches import ORIGIN
-from aibridge_gw.pipeline import Pipeline
-from aibridge_gw.pricing import PriceTable
-from aibridge_gw.proxy_mode import ProxyMode
-from aibridge_gw.records import TokenUsage
-from aibridge_gw.runtime import Runtime
 
 ALICE = Actor("11111111-1111-4111-8111-111111111111", "alice", "member", "t1", "gw_a…")
 TOKEN = "gw_alice-token"
@@ -418,7 +417,7 @@ async def test_shutdown_ends_what_is_in_flight(chain):
     ({"user-agent": "python-httpx/0.28"}, "Unknown"),
 ])
 def test_clients_are_named_from_their_headers(headers, client):
-    from aibridge_gw.clients import detect_client
+    from aibridge_gw.flow.clients import detect_client
 
     assert detect_client(headers) == client
 
@@ -430,10 +429,10 @@ def test_a_results_download_still_flowing_is_never_aborted_as_silent(monkeypatch
     from types import SimpleNamespace
 
     from aibridge_gw.apis.anthropic import PROVIDER
-    from aibridge_gw.apis.results import ResultsTap
+    from aibridge_gw.apis.wire.results import ResultsTap
     from aibridge_gw.config import Timeouts
-    from aibridge_gw.tap import StreamTap
-    from aibridge_gw.upstream_faults import UpstreamWatch
+    from aibridge_gw.flow.tap import StreamTap
+    from aibridge_gw.flow.upstream_faults import UpstreamWatch
 
     watch = UpstreamWatch(Timeouts())
     aborted = []
@@ -460,7 +459,7 @@ def test_a_reload_that_changes_capture_settings_does_not_wait_for_the_old_archiv
     import time
     from types import SimpleNamespace
 
-    from aibridge_gw import capture
+    from aibridge_gw.addons import capture
     from aibridge_gw.config import CaptureSettings
 
     released = threading.Event()

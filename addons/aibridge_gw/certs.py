@@ -43,7 +43,7 @@ def bundle(confdir: Path) -> Path:
 
 
 def gateway_url(db_path: Path, default: str = "http://127.0.0.1:8080") -> str:
-    from .control import runtime_file
+    from .admin.gateway_client import runtime_file
 
     try:
         return json.loads(runtime_file(db_path).read_text())["url"]

@@ -19,7 +19,7 @@ import yaml
 from . import config_model
 from .apis import PROVIDERS
 from .apis.base import BadSettings
-from .keypool import MAX_KEYS
+from .flow.keypool import MAX_KEYS
 
 DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -12,8 +12,8 @@ import queue
 import sys
 from pathlib import Path
 
+from .files import private_file
 from .store.codec import scrub
-from .store.writer import private_file
 
 
 class InterceptionLog:

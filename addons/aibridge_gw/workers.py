@@ -247,7 +247,7 @@ class Supervisor:
         self.started[n] = time.monotonic()
 
     def run(self) -> int:
-        from .control import remove_runtime_file, write_runtime_file
+        from .admin.gateway_client import remove_runtime_file, write_runtime_file
 
         old = os.umask(0o077)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -344,7 +344,7 @@ def worker(args: list[str]) -> int:
     """One worker: mitmdump itself, its listener patched to share the port."""
     from mitmproxy.tools.main import mitmdump
 
-    from .patches import install_shared_listener
+    from .addons.patches import install_shared_listener
 
     install_shared_listener()
     return mitmdump(args) or 0

@@ -19,8 +19,7 @@ UPSTREAM_ANTHROPIC_KEY = "sk-ant-upstream-0123456789abcdefSECRET"
 UPSTREAM_OPENAI_KEY = "sk-proj-upstream-0123456789abcdefSECRET"
 
 sys.path.insert(0, str(ROOT / "addons"))
-from aibridge_gw.control import run_op  # noqa: E402
-
+from aibridge_gw.admin.gateway_client import run_op  # noqa: E402
 
 RUNNING: set["Gateway"] = set()  # started and not stopped: the suite stops and reports any left at its end
 

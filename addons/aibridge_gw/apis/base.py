@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
+from ..flow.exchange import BadRequest, RequestInfo, ResponseSummary
+from ..flow.sse import SSEEvent
 from ..mcp.tools import Adapter
-from ..records import BadRequest, RequestInfo, ResponseSummary
-from ..sse import SSEEvent
 
 
 class BadSettings(Exception):

@@ -17,13 +17,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ..errors import error_body
-from ..keypool import Exhausted
-from ..relay import RelayJob, response_head, send_with_failover
-from ..records import ResponseSummary, summary_to_dict
-from ..sse import SSEParser
-from .tools import Adapter, ToolResult, injected_call_record
+from ..flow.errors import error_body
+from ..flow.exchange import ResponseSummary, summary_to_dict
+from ..flow.keypool import Exhausted
+from ..flow.relay import RelayJob, response_head, send_with_failover
+from ..flow.sse import SSEParser
 from .registry import McpRegistry
+from .tools import Adapter, ToolResult, injected_call_record
 
 log = logging.getLogger("aibridge.mcp")
 

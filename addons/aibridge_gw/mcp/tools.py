@@ -9,11 +9,10 @@ a ResponseSummary by the API's codec, so recording sees every round.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import Any, ClassVar
 
-from ..records import ResponseSummary, ToolCall
-from ..sse import SSEEvent
+from ..flow.exchange import ResponseSummary, ToolCall
+from ..flow.sse import SSEEvent
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from typing import Any
 
 import duckdb
 
-from .. import reports
-from .lockdown import locked, staging_directory
-from ..auth import Actor, hash_token, mask, new_token
-from ..budgets import Budgets, count_request, prune_request_counts, usage_rows, usage_totals
 from ..config import Limits
+from ..policy.auth import Actor, hash_token, mask, new_token
+from ..policy.budgets import Budgets, count_request, prune_request_counts, usage_rows, usage_totals
 from ..pricing import PriceTable
-from ..reports import jsonable
+from . import reports
+from .lockdown import locked, staging_directory
+from .reports import jsonable
 
 ROLES = ("member", "admin")
 
@@ -410,8 +410,8 @@ def apply_record(conn, record: list) -> dict:
     """One audit record as the writer would apply it (`aibridge store replay-deadletters`): an insert that adds
     nothing when its row is there already, or an interception's end. Its own transaction, so a record the database
     still refuses fails alone."""
-    from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, Insert
     from .codec import _clean_values, decode_records
+    from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, Insert
 
     try:
         (rec,) = decode_records([record])

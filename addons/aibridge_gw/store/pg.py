@@ -19,11 +19,12 @@ from typing import Any, Callable
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from ..files import private_file
 from . import claim
 from .rows import END_COLUMNS, KEPT_UNLESS_SET
 from .schema import migrate_postgres
 from .statements import pg_column_types, pg_insert_statements
-from .writer import READERS, Store, StoreUnavailable, open_spool, private_file
+from .writer import READERS, Store, StoreUnavailable, open_spool
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 3  # seconds: a writer reconnecting to a database that is away must not stall for long

@@ -40,11 +40,10 @@ import threading
 import time
 from pathlib import Path
 
-from .. import reports
-from . import claim
+from . import claim, reports
+from .codec import _datetime, _encode
 from .ops import OpError
 from .rows import INTERCEPTIONS, EndInterception, Insert, interception_end
-from .codec import _datetime, _encode
 from .server import POSTGRES_ENV, serve
 from .writer import has_room
 

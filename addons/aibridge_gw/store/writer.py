@@ -41,8 +41,9 @@ from typing import Any, Protocol
 
 import duckdb
 
+from ..files import private_file
 from . import deadletters
-from .codec import (  # noqa: F401  (re-exported: the writer's callers and tests use them from here)
+from .codec import (
     _clean_row,
     _clean_values,
     _datetime,
@@ -54,8 +55,8 @@ from .codec import (  # noqa: F401  (re-exported: the writer's callers and tests
     encode_batch,
     scrub,
 )
-from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, EndInterception, Insert
 from .lockdown import lock_down
+from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, EndInterception, Insert
 from .schema import migrate, transaction
 from .statements import column_types, insert_statements
 
@@ -96,13 +97,6 @@ class _Op:
 
 
 _STOP = object()
-
-
-def private_file(path: Path, mode: str = "ab"):
-    """Open a file that only this user may read (audit data, credentials' hints)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC), 0o600)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode otherwise
-    return os.fdopen(fd, mode)
 
 
 def open_spool(path: Path):

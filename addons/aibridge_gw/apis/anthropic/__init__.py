@@ -6,9 +6,9 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..base import endpoint
-from ..results import ResultsCodec, anthropic_line, anthropic_usage
-from ..spend import SpendCodec
-from . import messages
+from ..wire import anthropic_messages as messages
+from ..wire.results import ResultsCodec, anthropic_line, anthropic_usage
+from ..wire.spend import SpendCodec
 
 _ERROR_TYPES = {
     400: "invalid_request_error",

@@ -12,9 +12,10 @@ from __future__ import annotations
 from types import MappingProxyType
 from urllib.parse import unquote
 
-from ...records import BadRequest, RequestInfo
-from ..anthropic import Anthropic, messages
+from ...flow.exchange import BadRequest, RequestInfo
+from ..anthropic import Anthropic
 from ..base import WireFunctions, endpoint
+from ..wire import anthropic_messages as messages
 from .settings import BedrockSettings
 from .transport import BedrockTransport, invoke_target
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..base import endpoint
-from ..openai import OpenAI, responses
+from ..openai import OpenAI
+from ..wire import openai_responses as responses
 
 
 class ChatGPT:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ..anthropic import messages
 from ..base import endpoint
-from ..openai import OpenAI, chat, responses
+from ..openai import OpenAI
+from ..wire import anthropic_messages as messages
+from ..wire import openai_chat as chat
+from ..wire import openai_responses as responses
 
 
 class Copilot:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..base import endpoint
-from . import generate
+from ..wire import gemini as generate
 
 
 class Gemini:

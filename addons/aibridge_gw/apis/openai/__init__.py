@@ -6,9 +6,10 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..base import endpoint
-from ..results import ResultsCodec, RetrieveCodec, openai_line
-from ..spend import SpendCodec, usage_from
-from . import chat, responses
+from ..wire import openai_chat as chat
+from ..wire import openai_responses as responses
+from ..wire.results import ResultsCodec, RetrieveCodec, openai_line
+from ..wire.spend import SpendCodec, usage_from
 
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),

@@ -1,0 +1,221 @@
+"""The `ControlPlane` addon: the gateway's own endpoints under /aibridge — health, dashboard, Prometheus
+metrics, the admin API and the CLI's control endpoint. Only requests addressed to the gateway itself (see
+`ProxyMode.is_ours`) get here; nothing under /aibridge is ever relayed."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+
+from mitmproxy import ctx, http
+
+from ..admin.api import PREFIX as API_PREFIX
+from ..admin.api import error as api_error
+from ..admin.gateway_client import CONTROL_PATH
+from ..flow.errors import error_response
+from ..policy.auth import credential_from_headers
+from ..store import ops
+from .proxy_mode import ProxyMode
+from .runtime import Runtime
+
+log = logging.getLogger("aibridge")
+
+DASHBOARD = Path(__file__).parents[1] / "dashboard" / "index.html"
+DASHBOARD_JS = Path(__file__).parents[1] / "dashboard" / "dashboard.js"
+DASHBOARD_HEADERS = {
+    "cache-control": "no-cache",
+    "content-security-policy": ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self' "
+                                "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+                                "form-action 'none'"),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+class ControlPlane:
+    def __init__(self, runtime: Runtime, proxy: ProxyMode, health) -> None:
+        self.rt = runtime
+        self.proxy = proxy
+        self.health = health  # Housekeeping: event-loop and GC stall counters
+
+    def request(self, flow: http.HTTPFlow):
+        """Sync, returning a coroutine only for /aibridge requests: this hook runs for every request."""
+        if flow.response is not None or self.rt.router is None or not flow.live:
+            return None
+        path = flow.request.path
+        if not (path.startswith("/aibridge/") or path.split("?")[0] == "/aibridge") or not self.proxy.is_ours(flow):
+            return None
+        return self._request(flow)
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._answer(flow)
+        except Exception:
+            log.exception("aibridge: a control-plane request failed")
+            flow.response = error_response(None, 500, "aibridge: internal error")
+
+    async def _answer(self, flow: http.HTTPFlow) -> None:
+        req, rt = flow.request, self.rt
+        path = req.path.split("?")[0]
+        if path == "/aibridge/healthz":
+            self._health(flow)
+        elif path == "/aibridge/readyz":
+            self._ready(flow)
+        elif path in ("/aibridge", "/aibridge/", "/aibridge/dashboard"):
+            flow.response = http.Response.make(200, DASHBOARD.read_bytes(), {
+                "content-type": "text/html; charset=utf-8", **DASHBOARD_HEADERS})
+        elif path == "/aibridge/dashboard.js":
+            flow.response = http.Response.make(200, DASHBOARD_JS.read_bytes(), {
+                "content-type": "text/javascript; charset=utf-8", **DASHBOARD_HEADERS})
+        elif path == "/aibridge/metrics":
+            if rt.config.metrics.token is not None:
+                given = credential_from_headers(req.headers) or ""
+                if not hmac.compare_digest(given.encode(), rt.config.metrics.token.encode()):
+                    flow.response = http.Response.make(401, b"aibridge: metrics need a bearer token\n",
+                                                       {"www-authenticate": 'Bearer realm="aibridge-metrics"'})
+                    return
+            flow.response = http.Response.make(200, rt.metrics.render(), {"content-type": rt.metrics.content_type})
+        elif path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
+            await self._admin_api(flow)
+        elif path == CONTROL_PATH and req.method == "POST":
+            await self._control_op(flow)
+        else:
+            flow.response = error_response(None, 404, f"unknown endpoint {path}")
+
+    def _health(self, flow: http.HTTPFlow) -> None:
+        req, rt = flow.request, self.rt
+        if "reset" in req.path.partition("?")[2]:
+            # Counters are evidence (stalls, dead letters): only an admin may zero them.
+            actor = rt.check_token(flow, credential_from_headers(req.headers), None)
+            if flow.response is not None:
+                return
+            if actor is None or actor.role != "admin":
+                flow.response = api_error(403 if actor else 401, "resetting health counters needs an admin token")
+                return
+        store = rt.store
+        dead = store.dead_lettered if store else 0
+        recording = rt.store_health()
+        # ok: everything records. degraded: calls are served and their records held (a balancer keeps this
+        # gateway). refusing (storage.on_failure: refuse) and unavailable (no store process): 503.
+        if recording["refusing"]:
+            status = "refusing"
+        elif store is None or (not store.alive and store.journal_error):
+            status = "unavailable"  # nothing takes records: not even this process's journal
+        else:  # a writer being restarted while calls are served and journaled is degraded, not down
+            status = "degraded" if recording["reasons"] else "ok"
+        reasons = recording.pop("reasons")
+        flow.response = _json(503 if status in ("refusing", "unavailable") else 200, {
+            "status": status, "reasons": reasons, "store": recording, "inflight": len(rt.inflight),
+            "records_written": store.written if store else 0,
+            "records_failed": dead, "records_dead_lettered": dead,
+            "stale_interceptions_closed": store.stale_closed if store else 0,
+            "event_loop_lag_max_ms": round(self.health.loop_lag_max * 1000, 2),
+            "gc_pause_max_ms": round(self.health.gc_pause_max * 1000, 2),
+            "connections": len(getattr(ctx.master.addons.get("proxyserver"), "connections", ())),
+            "tasks": len(asyncio.all_tasks()),
+            "worker": rt.worker, "pid": os.getpid(),  # which process answered (`scripts/run --workers N`)
+        })
+        if "reset_lag=1" in req.path:
+            self.health.loop_lag_max = self.health.gc_pause_max = 0.0
+
+    def _ready(self, flow: http.HTTPFlow) -> None:
+        """For balancers: 200 once the config, the store and the CA are loaded and model calls are taken (not
+        while `storage.on_failure: refuse` refuses them). A writer being restarted does not make a serving gateway
+        unready: its calls are journaled, and a balancer that took it out would leave it nothing to recover with."""
+        rt = self.rt
+        missing = []
+        if rt.config is None or rt.router is None:
+            missing.append("config not loaded")
+        if rt.store is None:
+            missing.append("store not open")
+        elif rt.store_health()["refusing"]:
+            missing.append("refusing model calls: the store cannot record them")
+        confdir = Path(os.path.expanduser(ctx.options.confdir))
+        if not (confdir / "mitmproxy-ca.pem").exists():
+            missing.append("CA not loaded")
+        flow.response = _json(503 if missing else 200, {"status": "not ready" if missing else "ready",
+                                                        "reasons": missing, "worker": rt.worker, "pid": os.getpid()})
+
+    async def _admin_api(self, flow: http.HTTPFlow) -> None:
+        rt = self.rt
+        if rt.tokens.lookup(credential_from_headers(flow.request.headers)) is None:
+            if rt.auth_failed(flow, None):
+                return
+        else:
+            await self._flushed()  # read your writes: what finished before this query is in its answer
+        try:
+            flow.response = await rt.api.handle(flow)
+        except Exception as e:
+            log.exception("admin API failed")
+            flow.response = api_error(500, f"{type(e).__name__}: {e}")
+
+    async def _control_op(self, flow: http.HTTPFlow) -> None:
+        """The CLI's store operations, run by the gateway's own writer (DuckDB allows one writing process)."""
+        req, rt = flow.request, self.rt
+        given = credential_from_headers(req.headers) or ""
+        if not rt.control_secret or not hmac.compare_digest(given.encode(), rt.control_secret.encode()):
+            flow.response = error_response(None, 401, "control endpoint: bad or missing secret")
+            return
+        try:
+            payload = json.loads(req.content or b"")
+            name, args = payload["op"], payload.get("args") or {}
+            if not isinstance(args, dict):
+                raise TypeError("args must be an object")
+            if name in self.memory_ops:
+                flow.response = _json(200, {"result": self.memory_ops[name](**args)})
+                return
+            _, writes = ops.OPS[name]  # the CLI's operations only, never the gateway's own
+        except (ValueError, KeyError, TypeError) as e:
+            flow.response = error_response(None, 400, f"bad control request: {e}")
+            return
+        if not writes:
+            await self._flushed()
+        try:
+            result = await asyncio.wrap_future(rt.store.run(name, writes, **args))
+            if writes:
+                await rt.reload_directory()
+        except (ops.OpError, TypeError) as e:
+            flow.response = error_response(None, 400, str(e))
+            return
+        except Exception as e:
+            log.exception("control op failed")
+            flow.response = error_response(None, 500, f"{type(e).__name__}: {e}")
+            return
+        flow.response = _json(200, {"result": result})
+
+    @property
+    def memory_ops(self) -> dict:
+        """Operations on the gateway's memory rather than the store (the CLI's `aibridge keys`)."""
+        return {"keys.list": self._keys_list, "keys.reset": self._keys_reset}
+
+    def _keys_list(self) -> dict:
+        rows = [k for pool in self.rt.pools.values() for k in pool.status()]
+        cols = ["provider", "key", "state", "retry_in", "reason"]
+        if self.rt.keyboard is not None:  # `--workers N`: each worker's pools (its own failovers)
+            rows, cols = self.rt.keyboard.everyone(rows), ["worker", *cols]
+        return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
+
+    def _keys_reset(self, provider: str | None = None) -> dict:
+        pools = self.rt.pools
+        if provider is not None and provider not in pools:
+            raise TypeError(f"provider {provider!r} has no key pool (pools: {', '.join(pools) or 'none'})")
+        if self.rt.keyboard is not None:  # the other workers apply it within a second
+            self.rt.keyboard.request_reset(provider)
+        return {"reset": sum(p.reset() for name, p in pools.items() if provider in (None, name)),
+                "workers": self.rt.keyboard is not None}
+
+    async def _flushed(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until records queued so far are committed, so a query sees finished interceptions."""
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.rt.store.flush()), timeout)
+        except (asyncio.TimeoutError, Exception) as e:
+            log.warning("aibridge: records not flushed before a query (%s); it may miss the newest", type(e).__name__)
+
+
+def _json(status: int, obj) -> http.Response:
+    return http.Response.make(status, json.dumps(obj).encode(), {"content-type": "application/json"})

@@ -1,0 +1,247 @@
+"""Every patch the gateway makes to mitmproxy's internals, in one place. Each wraps one function of mitmproxy
+12.2 and marks it; `tests/test_patches.py` checks that the targets still exist with the shape assumed here and
+that each patch took, so a mitmproxy upgrade that moves them fails loudly instead of silently losing behaviour.
+
+- HTTP/1 request reading (`http1.read_request_head`): the request line's form is noted, because mitmproxy fills an
+  origin-form request's host from its `Host:` header, and the `Host:` header must never decide where a request
+  addressed to the gateway goes.
+- Error pages (`_http1.make_error_response`): mitmproxy answers connection failures itself, before any addon can;
+  the answer is JSON both SDK families read as an API error instead of an HTML page.
+- Upstream failures (`HttpStream.handle_protocol_error`): for intercepted flows the client gets the provider's own
+  JSON error (before the response started) or the API's error event and a clean end of the stream (after) —
+  see upstream_faults.py. The same step sees a client that goes away mid-stream (HTTP/1: "Client disconnected.";
+  HTTP/2: its stream reset or its connection closed): for a recorded stream the gateway reads to its end (`keep`
+  says so), the error is neither sent upstream nor made the flow's, and the stream stays alive; what it sends to
+  the gone client mitmproxy drops (the connection is no longer among its transports; an HTTP/2 stream that is
+  closed takes no data).
+- Listening (`ServerInstance.listen` of TCP modes): a deep listen backlog, so a burst of connections does not make
+  the kernel drop new ones, and a front door every accepted connection passes before mitmproxy's handler is made
+  (idle.py: an address flooding the gateway waits its turn behind the others); in `scripts/run --workers N`'s
+  workers (workers.worker installs it before mitmdump starts) also SO_REUSEPORT: each binds the one port, so the
+  kernel spreads connections over the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from mitmproxy import http
+from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers.http import (
+    RequestProtocolError,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    SendHttp,
+)
+
+from ..flow.upstream_faults import ClientEnding
+
+log = logging.getLogger(__name__)
+ORIGIN, ABSOLUTE = "origin", "absolute"
+
+
+def install(decide: "Decide", keep: "Keep | None" = None) -> None:
+    """All of them (idempotent)."""
+    install_request_form_marker()
+    install_json_error_pages()
+    install_client_endings(decide, keep)
+    install_listener()
+
+
+def install_request_form_marker() -> None:
+    from mitmproxy.net.http import http1
+
+    original = http1.read_request_head
+    if getattr(original, "aibridge", False):
+        return
+
+    def read_request_head(lines):
+        request = original(lines)
+        if request.method != "CONNECT":
+            request.aibridge_form = ABSOLUTE if request.authority else ORIGIN
+        return request
+
+    read_request_head.aibridge = True
+    read_request_head.aibridge_original = original
+    http1.read_request_head = read_request_head
+
+
+def request_form(request: http.Request) -> str | None:
+    """ORIGIN or ABSOLUTE for HTTP/1 requests read since the patch; None for HTTP/2 and HTTP/3."""
+    return getattr(request, "aibridge_form", None)
+
+
+def install_json_error_pages() -> None:
+    """mitmproxy answers connection failures (upstream refused, reset before headers…) itself, before any addon
+    can: make that answer JSON that both SDK families read as an API error, instead of an HTML page."""
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1
+
+    original = _http1.make_error_response
+    if getattr(original, "aibridge", False):
+        return
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        kind = "overloaded_error" if status_code == 529 else ("api_error" if status_code >= 500 else "invalid_request_error")
+        body = {"type": "error", "error": {"type": kind, "message": f"aibridge: {message}", "param": None, "code": None}}
+        resp = http.Response.make(status_code, json.dumps(body).encode(),
+                                  {"content-type": "application/json", "connection": "close"})
+        return http1.assemble_response(resp)
+
+    make_error_response.aibridge = True
+    make_error_response.aibridge_original = original
+    _http1.make_error_response = make_error_response
+
+
+Decide = Callable[[http.HTTPFlow, str], "ClientEnding | None"]
+Keep = Callable[[http.HTTPFlow, str], bool]
+_decide: list[Decide] = []
+_keep: list[Keep] = []
+
+
+def install_client_endings(decide: Decide, keep: Keep | None = None) -> None:
+    """Route upstream failures of intercepted flows through `decide`, and clients gone mid-stream through `keep`
+    (idempotent; the last gateway wins)."""
+    _decide[:] = [decide]
+    _keep[:] = [keep] if keep is not None else []
+    original = http_layer.HttpStream.handle_protocol_error
+    if getattr(original, "aibridge", False):
+        return
+
+    def handle_protocol_error(self, event):
+        if (isinstance(event, RequestProtocolError) and _keep and self.client_state == self.state_done
+                and self.server_state == self.state_stream_response_body and self.flow.live):
+            # The client went away while the response streams: keep reading it when the gateway says so.
+            try:
+                kept = _keep[0](self.flow, event.message)
+            except Exception:  # never make a failure worse
+                log.exception("aibridge: deciding whether to read a stream whose client left failed")
+                kept = False
+            if kept:
+                return
+        ending = None
+        if isinstance(event, ResponseProtocolError) and _decide and self.flow.live:
+            try:
+                ending = _decide[0](self.flow, event.message)
+            except Exception:  # never make a failure worse
+                log.exception("aibridge: deciding how to end a failed upstream exchange failed")
+            if ending is not None:
+                event = ResponseProtocolError(event.stream_id, ending.message, event.code)
+        gen = original(self, event)
+        try:
+            cmd = next(gen)
+            while True:
+                if (ending is not None and isinstance(cmd, SendHttp) and cmd.connection is self.context.client
+                        and isinstance(cmd.event, ResponseProtocolError)):
+                    for ev in _events(self.stream_id, ending):
+                        yield SendHttp(ev, self.context.client)
+                    cmd = gen.send(None)
+                    continue
+                cmd = gen.send((yield cmd))
+        except StopIteration:
+            return
+
+    handle_protocol_error.aibridge = True
+    handle_protocol_error.aibridge_original = original
+    http_layer.HttpStream.handle_protocol_error = handle_protocol_error
+
+
+def _events(stream_id: int, ending: ClientEnding) -> list:
+    if ending.response is not None:
+        body = ending.response.content or b""
+        return [ResponseHeaders(stream_id, ending.response, False), ResponseData(stream_id, body),
+                ResponseEndOfMessage(stream_id)]
+    return [ResponseData(stream_id, ending.stream_tail), ResponseEndOfMessage(stream_id)]
+
+
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+_listener = {"reuse_port": False}
+# Every accepted client connection passes here before mitmproxy's handler is made: (instance, reader, writer) ->
+# awaitable that hands the connection to `instance.handle_stream` (now, later or never). Set by the
+# IdleConnections addon; without it connections go straight to mitmproxy.
+FrontDoor = Callable[..., "Awaitable[None]"]
+_front_door: list = []
+
+
+def set_front_door(door: "FrontDoor | None") -> None:
+    _front_door[:] = [door] if door is not None else []
+
+
+def _serve(instance):
+    """The connection callback of a listening socket: the front door, else mitmproxy's own."""
+    async def accepted(reader, writer):
+        if _front_door:
+            await _front_door[0](instance, reader, writer)
+        else:
+            await instance.handle_stream(reader, writer)
+
+    accepted.aibridge = True
+    return accepted
+
+
+def install_listener(reuse_port: bool = False) -> None:
+    """mitmproxy listens with asyncio's default backlog of 100: a burst of connections (thousands of idle ones
+    opened at once) overflows it, and the kernel then drops new connections' SYNs, so a legitimate client waits for
+    its retransmits (1, 3, 7 s). Listen with a deep backlog instead, through the front door (`set_front_door`); with
+    `reuse_port` (a worker of `scripts/run --workers N`), also with SO_REUSEPORT, so every worker listens on the
+    same port and the kernel spreads new connections over them. Idempotent; reuse_port, once asked for, stays."""
+    import asyncio
+
+    from mitmproxy.proxy.mode_servers import AsyncioServerInstance
+
+    if reuse_port:
+        _listener["reuse_port"] = True
+    original = AsyncioServerInstance.listen
+    if getattr(original, "aibridge", False):
+        return
+
+    async def listen(self, host: str, port: int):
+        if self.mode.transport_protocol != "tcp" or port == 0:  # port 0: mitmproxy picks one, then comes back here
+            return await original(self, host, port)
+        server = await asyncio.start_server(_serve(self), host or None, port, backlog=LISTEN_BACKLOG,
+                                            reuse_port=_listener["reuse_port"] or None)
+        server.aibridge = True
+        return [server]
+
+    listen.aibridge = True
+    listen.aibridge_original = original
+    AsyncioServerInstance.listen = listen
+
+
+async def serve_through_front_door(proxyserver) -> int:
+    """Sockets mitmproxy already listens on (mitmdump loads its scripts in a task that races its first listen, so the
+    listen patch may come too late for it) get what `install_listener` gives new ones: the deep backlog and the
+    front door. The listening socket itself stays (no connection is refused or lost): a new asyncio server serves a
+    second descriptor of it, then the old server lets go of its own. Returns how many were switched."""
+    import asyncio
+    import socket
+
+    switched = 0
+    for instance in list(getattr(proxyserver, "servers", ())):
+        servers = getattr(instance, "_servers", None)
+        if not servers:
+            continue
+        kept = []
+        for server in list(servers):
+            sockets = [ts for ts in getattr(server, "sockets", ()) or () if ts.type == socket.SOCK_STREAM]
+            if not isinstance(server, asyncio.Server) or getattr(server, "aibridge", False) or not sockets:
+                kept.append(server)
+                continue
+            for ts in sockets:  # one for each address family when listening on every interface
+                fresh = await asyncio.start_server(_serve(instance), sock=ts.dup(), backlog=LISTEN_BACKLOG)
+                fresh.aibridge = True
+                kept.append(fresh)
+                switched += 1
+            server.close()  # its descriptors only: each socket lives on in its fresh server's
+        servers[:] = kept
+    return switched
+
+
+def install_shared_listener() -> None:
+    """For a worker of `scripts/run --workers N` only (workers.worker installs it before mitmdump starts): bind the
+    listening port with SO_REUSEPORT. Never in a plain gateway: two of them must not silently share a port."""
+    install_listener(reuse_port=True)

@@ -1,0 +1,88 @@
+"""The admin HTTP API under /aibridge/api/v1/: admins see everything, other users only their own data.
+
+Queries run where the store is (the writer process, never on the event loop); errors are JSON with a message, bad filters are
+400s naming the parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from mitmproxy import http
+
+from ..policy.auth import TokenDirectory, credential_from_headers
+from ..pricing import PriceTable
+from ..store.reports import BadParameter, Viewer, parse_limit
+from ..store.writer import StoreApi
+
+PREFIX = "/aibridge/api/v1/"
+FILTERS = ("initiator", "on_behalf_of", "provider", "model", "client", "started_after", "started_before", "session")
+
+
+def json_response(status: int, obj) -> http.Response:
+    return http.Response.make(status, json.dumps(obj).encode(), {"content-type": "application/json",
+                                                                  "cache-control": "no-store"})
+
+
+def error(status: int, message: str, parameter: str | None = None) -> http.Response:
+    body = {"error": {"message": message}}
+    if parameter:
+        body["error"]["parameter"] = parameter
+    return json_response(status, body)
+
+
+class AdminApi:
+    def __init__(self, store: StoreApi, tokens: TokenDirectory, prices: PriceTable, pricing: Path | None = None) -> None:
+        self.store, self.tokens, self.prices = store, tokens, prices
+        self.pricing = str(pricing) if pricing else None  # the writer process loads the same price table
+
+    async def handle(self, flow: http.HTTPFlow) -> http.Response:
+        req = flow.request
+        actor = self.tokens.lookup(credential_from_headers(req.headers))
+        if actor is None:
+            return error(401, "a valid aibridge token is required (Authorization: Bearer <token>)")
+        if req.method != "GET":
+            return error(405, f"{req.method} is not supported")
+        viewer = Viewer.everyone() if actor.role == "admin" else Viewer(actor.user_id)
+        parts = urlsplit(req.path)
+        route = parts.path[len(PREFIX):].strip("/")
+        q = dict(parse_qsl(parts.query))
+        try:
+            if route == "me":
+                return json_response(200, {"user": actor.user_name, "id": actor.user_id, "role": actor.role})
+            unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "prefix", "stack"}
+            if unknown:
+                name = sorted(unknown)[0]
+                raise BadParameter(name, "unknown parameter")
+            filters = {k: q[k] for k in FILTERS if q.get(k)}
+            if route == "interceptions":
+                result = await self._query("interceptions", viewer, filters, limit=parse_limit(q.get("limit")),
+                                           cursor=q.get("cursor"))
+            elif route.startswith("interceptions/"):
+                iid = route.split("/", 1)[1]
+                result = await self._query("interception", viewer, filters, id=iid)
+                if result is None:
+                    return error(404, f"no interception {iid!r}")
+            elif route == "sessions":
+                result = await self._query("sessions", viewer, filters, limit=parse_limit(q.get("limit")))
+            elif route == "usage":
+                result = await self._query("usage", viewer, filters, group_by=q.get("group_by", "user"),
+                                           since=q.get("since"))
+            elif route == "usage/timeseries":
+                result = await self._query("usage/timeseries", viewer, filters, stack=q.get("stack", "model"),
+                                           since=q.get("since", "30d"))
+            elif route in ("clients", "models"):
+                result = await self._query(route[:-1], viewer, filters, prefix=q.get("prefix"))
+            else:
+                return error(404, f"unknown endpoint {parts.path}")
+        except BadParameter as e:
+            return error(400, str(e), e.name)
+        return json_response(200, result)
+
+    async def _query(self, route: str, viewer: Viewer, filters: dict, **params):
+        """One report, run where the store is (in the writer process) with plain-value arguments."""
+        return await asyncio.wrap_future(self.store.run(
+            "admin_query", route=route, viewer=viewer.user_id, filters=filters, pricing=self.pricing, **params))

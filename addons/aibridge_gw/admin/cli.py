@@ -1,0 +1,487 @@
+"""`aibridge` command line: users, tokens and read-only SQL over the audit tables.
+
+Works the same whether or not the gateway runs: a running gateway owns the DuckDB file and executes the
+operation for the CLI (see gateway_client.py), so token changes take effect at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..certs import CA_P12, bundle, default_confdir, ensure_ca, gateway_url
+from ..config import Config, ConfigError, load_config, postgres_error, postgres_label, resolve_config_path
+from ..store.ops import OpError
+from .gateway_client import run_gateway_op, run_op
+from .guides import GUIDES, env_lines
+
+
+def _table(result: dict, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for c in result["columns"]:
+        table.add_column(str(c), overflow="fold")
+    for row in result["rows"]:
+        table.add_row(*["" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for v in row])
+    # Piped output (scripts, less) gets room for whole values instead of 80-column wrapping.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    n = len(result["rows"])
+    print(f"({n} row{'s' if n != 1 else ''})")
+
+
+@dataclass
+class Context:
+    """What every command gets besides its arguments: the config and a way to run store operations."""
+
+    config: Config
+
+    @property
+    def db(self) -> Path:
+        return self.config.duckdb_path
+
+    def op(self, _op: str, **kw: Any) -> Any:
+        return run_op(self.db, _op, kw, self.config.storage.postgres)
+
+
+def _users_add(args, cx: Context) -> None:
+    r = cx.op("users.add", name=args.name, role="admin" if args.admin else "member",
+              service_account=args.service_account)
+    kind = f"{r['role']}, service account" if r.get("service_account") else r["role"]
+    print(f"added user {r['name']} ({kind}), id {r['id']}")
+
+
+def _users_list(args, cx: Context) -> None:
+    _out(cx.op("users.list"), args.json, "users")
+
+
+def _users_set_role(args, cx: Context) -> None:
+    r = cx.op("users.set_role", name=args.name, role=args.role)
+    print(f"{r['name']} is now {r['role']}")
+
+
+def _report(args, cx: Context) -> None:
+    """usage, sessions and prompts: a report from the store, as a table or JSON."""
+    config = cx.config
+    pricing = str(config.pricing) if config.pricing else None
+    if args.cmd == "usage":
+        r = cx.op("report", kind="usage", group_by=args.by, since=args.since, pricing_file=pricing)
+        cols = [args.by, "interceptions", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_write_input_tokens", "cost"] + (["active_users"] if args.by == "day" else [])
+        title = f"usage by {args.by} since {args.since} (prices of {r.get('prices_taken') or 'n/a'}, USD)"
+    elif args.cmd == "sessions":
+        r = cx.op("report", kind="sessions", user=args.user, limit=args.limit, pricing_file=pricing)
+        cols = ["session", "user", "client", "first_at", "last_at", "interceptions", "prompts",
+                "tool_calls", "input_tokens", "output_tokens", "cost"]
+        title = "sessions"
+    else:
+        r = cx.op("report", kind="prompts", user=args.user, search=args.search, limit=args.limit)
+        cols = ["created_at", "user", "client", "model", "prompt"]
+        title = "prompts"
+    budgets = None
+    if args.cmd == "usage" and args.by == "user" and _budgets_spec(config):
+        budgets = cx.op("report", kind="budgets", budgets=_budgets_spec(config), pricing_file=pricing)
+        remaining = {b["user"]: b for b in budgets["data"]}
+        for d in r["data"]:
+            b = remaining.get(d["user"], {})
+            d["tokens_remaining_today"] = b.get("tokens_remaining")
+            d["usd_remaining_month"] = b.get("usd_remaining")
+        cols += ["tokens_remaining_today", "usd_remaining_month"]
+    if args.json:
+        print(json.dumps(r["data"], indent=2))
+        return
+    _table({"columns": cols, "rows": [[d.get(c) for c in cols] for d in r["data"]]}, title)
+    if budgets:
+        bcols = ["user", "tokens_today", "tokens_per_day", "tokens_remaining", "usd_month", "usd_per_month",
+                 "usd_remaining", "requests_per_minute"]
+        _table({"columns": bcols, "rows": [[b.get(c) for c in bcols] for b in budgets["data"]]},
+               "budgets (today UTC, this month UTC)")
+
+
+def _export(args, cx: Context) -> None:
+    r = cx.op("export", fmt=args.format, out=args.out)
+    print("\n".join(r["files"]))
+
+
+def _migrate_store(args, cx: Context) -> None:
+    """DuckDB -> PostgreSQL, directly on both (a gateway writing the DuckDB file holds its lock: stop it first,
+    so the copy misses nothing it was writing)."""
+    import duckdb
+    import psycopg
+
+    from ..store.copy import CopyRefused, duckdb_to_postgres
+
+    source = Path(args.source).expanduser() if args.source else cx.db
+    target = args.to or cx.config.storage.postgres
+    if not target:
+        raise OpError("name the PostgreSQL database: --to postgresql://user@host:5432/db (or storage.postgres)")
+    if not target.startswith(("postgresql://", "postgres://")):
+        raise OpError("--to takes a postgresql:// URL")
+    if not source.exists():
+        raise OpError(f"no DuckDB store at {source}")
+    try:
+        duck = duckdb.connect(str(source))
+    except duckdb.IOException as e:
+        if "lock" in str(e).lower():
+            raise OpError(f"{source} is in use (a gateway is running on it); stop it, then migrate") from None
+        raise OpError(str(e)) from None
+    try:
+        pg = psycopg.connect(target, autocommit=True)
+    except psycopg.Error as e:
+        duck.close()
+        raise OpError(f"cannot connect to {postgres_label(target)}: {postgres_error(e, target)}") from None
+    try:
+        result = duckdb_to_postgres(duck, pg)
+    except CopyRefused as e:
+        raise OpError(str(e)) from None
+    except psycopg.Error as e:
+        raise OpError(f"nothing was copied: {postgres_error(e, target)}") from None
+    finally:
+        pg.close()
+        duck.close()
+    print(f"copied {source} into {postgres_label(target)}")
+    _out({"columns": ["table", "rows", "copied"],
+          "rows": [[t, r["rows"], r["copied"]] for t, r in result.items()]}, args.json, None)
+    print("rows already there were kept; run it again at any time: it copies only what is missing")
+
+
+def _prune(args, cx: Context) -> None:
+    days = args.days if args.days is not None else cx.config.retention_days
+    r = cx.op("prune", days=days)
+    print(f"deleted {r['deleted']} interception(s) older than {days} days" if days else
+          "retention is 0 (keep forever): nothing deleted")
+
+
+def _tokens_create(args, cx: Context) -> None:
+    r = cx.op("tokens.create", user=args.user, name=args.name)
+    print(f"created token {r['id']} for {r['user']} ({r['hint']}); it is shown only now:", file=sys.stderr)
+    print(r["token"])
+
+
+def _tokens_list(args, cx: Context) -> None:
+    _out(cx.op("tokens.list", user=args.user), args.json, "tokens")
+
+
+def _tokens_revoke(args, cx: Context) -> None:
+    r = cx.op("tokens.revoke", id=args.id)
+    print(f"token {r['id']} {'was already' if r['already'] else 'is now'} revoked")
+
+
+def _keys_list(args, cx: Context) -> None:
+    _out(run_gateway_op(cx.db, "keys.list", {}), args.json, "upstream keys")
+
+
+def _keys_reset(args, cx: Context) -> None:
+    r = run_gateway_op(cx.db, "keys.reset", {"provider": args.provider} if args.provider else {})
+    print(f"{r['reset']} key(s) made usable again" + (" in the worker that answered; every other worker resets "
+                                                       "its own within a second" if r.get("workers") else ""))
+
+
+def _known_mcp_server(args, cx: Context) -> None:
+    servers = cx.config.mcp_servers
+    if not any(m.name == args.server for m in servers):
+        known = ", ".join(m.name for m in servers) or "none configured"
+        raise OpError(f"unknown MCP server {args.server!r} ({known})")
+
+
+def _mcp_token_set(args, cx: Context) -> None:
+    _known_mcp_server(args, cx)
+    token = sys.stdin.readline().strip()
+    r = cx.op("mcp_token.set", user=args.user, server=args.server, token=token)
+    print(f"stored MCP token for {r['user']} on {r['server']} ({r['hint']})")
+
+
+def _mcp_token_delete(args, cx: Context) -> None:
+    _known_mcp_server(args, cx)
+    cx.op("mcp_token.delete", user=args.user, server=args.server)
+    print(f"deleted MCP token for {args.user} on {args.server}")
+
+
+def _mcp_token_list(args, cx: Context) -> None:
+    _out(cx.op("mcp_token.list", user=args.user), args.json, "MCP tokens")
+
+
+def _replay(args, cx: Context) -> None:
+    flows, recorded = replay_files(args.files, Path(args.db) if args.db else cx.db)
+    print(f"replayed {flows} flow(s): {recorded} interception(s) recorded into {args.db or cx.db}")
+
+
+def _ca_path(args, cx: Context) -> None:
+    print(ensure_ca(Path(args.confdir) if args.confdir else default_confdir()))
+
+
+def _ca_export(args, cx: Context) -> None:
+    _export_ca(Path(args.confdir) if args.confdir else default_confdir(), args.format, args.out)
+
+
+def _env(args, cx: Context) -> None:
+    confdir = Path(args.confdir) if args.confdir else default_confdir()
+    if args.mode == "proxy":
+        ensure_ca(confdir)
+        bundle(confdir)
+    url = args.gateway or gateway_url(cx.db)
+    print("\n".join(env_lines(args.client, args.mode, url, args.token, confdir, args.user)))
+
+
+def _replay_deadletters(args, cx: Context) -> None:
+    from ..store import deadletters
+
+    files = [Path(f) for f in args.file] or deadletters.files_for(cx.db, cx.config.storage.postgres)
+    rows = []
+    for path in files:
+        r = deadletters.replay(path, lambda record: cx.op("store.apply_record", record=record))
+        rows.append([r["file"], r["entries"], r["applied"], r["kept"], r["errors"][0] if r["errors"] else ""])
+    _table({"columns": ["file", "entries", "applied", "kept", "first error"], "rows": rows}, "dead letters")
+    if any(row[3] for row in rows):
+        raise OpError("some dead letters are still refused; they stay in their file (see the first error)")
+
+
+def _sql(args, cx: Context) -> None:
+    _out(cx.op("sql", query_text=args.query), args.json, None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every command names its handler (`run`)."""
+    ap = argparse.ArgumentParser(prog="aibridge", description="aibridge gateway administration")
+    ap.add_argument("--config", help="config file (default: $AIBRIDGE_CONFIG, else config/aibridge.yaml)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="sub", required=True)
+    ua = users.add_parser("add", help="add a user")
+    ua.add_argument("name")
+    ua.add_argument("--admin", action="store_true", help="give the user the admin role")
+    ua.add_argument("--service-account", action="store_true",
+                    help="an agent platform's account (Coder Agents, a bot): may name the person it acts for in "
+                         "X-Coder-Owner-Id or X-AIBridge-On-Behalf-Of; their budget is charged")
+    ua.set_defaults(run=_users_add)
+    ul = users.add_parser("list", help="list users")
+    ul.add_argument("--json", action="store_true")
+    ul.set_defaults(run=_users_list)
+    sr = users.add_parser("set-role", help="make a user an admin or a member")
+    sr.add_argument("name")
+    sr.add_argument("role", choices=("admin", "member"))
+    sr.set_defaults(run=_users_set_role)
+
+    us = sub.add_parser("usage", help="tokens and cost, grouped")
+    us.add_argument("--by", choices=("user", "person", "on_behalf_of", "model", "client", "provider", "day"),
+                    default="user", help="user: who called; person: whom it was for (acted-for, else the caller)")
+    us.add_argument("--since", default="30d", help="an age (7d, 24h) or an ISO date; default 30d")
+    us.add_argument("--json", action="store_true")
+    us.set_defaults(run=_report)
+    se = sub.add_parser("sessions", help="recent sessions: interceptions grouped by client session or thread")
+    se.add_argument("--user")
+    se.add_argument("--limit", type=int, default=50)
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(run=_report)
+    pr = sub.add_parser("prompts", help="recent user prompts")
+    pr.add_argument("--user")
+    pr.add_argument("--search", help="case-insensitive text to look for")
+    pr.add_argument("--limit", type=int, default=50)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(run=_report)
+    ex = sub.add_parser("export", help="write the audit tables to parquet or csv files")
+    ex.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    ex.add_argument("--out", required=True, help="directory to write into")
+    ex.set_defaults(run=_export)
+    ms = sub.add_parser("migrate-store", help="copy the DuckDB audit, users and tokens into PostgreSQL (idempotent)")
+    ms.add_argument("--to", help="postgresql://user@host:5432/db (default: storage.postgres)")
+    ms.add_argument("--from", dest="source", help="the DuckDB file (default: storage.duckdb)")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(run=_migrate_store)
+    pn = sub.add_parser("prune", help="delete records older than the retention period")
+    pn.add_argument("--days", type=int, help="default: retention_days from the config (60)")
+    pn.set_defaults(run=_prune)
+
+    tokens = sub.add_parser("tokens", help="manage gateway tokens").add_subparsers(dest="sub", required=True)
+    tc = tokens.add_parser("create", help="create a token; it is printed once, as the last line")
+    tc.add_argument("--user", required=True)
+    tc.add_argument("--name", help="a label for the token, e.g. the machine it is for")
+    tc.set_defaults(run=_tokens_create)
+    tl = tokens.add_parser("list", help="list tokens (never the secrets)")
+    tl.add_argument("--user")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(run=_tokens_list)
+    tr = tokens.add_parser("revoke", help="revoke a token by id")
+    tr.add_argument("id")
+    tr.set_defaults(run=_tokens_revoke)
+
+    keys = sub.add_parser("keys", help="the running gateway's upstream key pools (keys: in a provider)"
+                          ).add_subparsers(dest="sub", required=True)
+    kl = keys.add_parser("list", help="each pooled key (masked) and whether it is ready, cooling down or disabled")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(run=_keys_list)
+    kr = keys.add_parser("reset", help="make disabled and cooling keys usable again (after fixing them)")
+    kr.add_argument("--provider", help="only this provider instance's pool")
+    kr.set_defaults(run=_keys_reset)
+
+    mt = sub.add_parser("mcp-token", help="per-user credentials for per_user_token MCP servers").add_subparsers(
+        dest="sub", required=True)
+    ms = mt.add_parser("set", help="store a user's token for a server (read from stdin, encrypted at rest)")
+    ms.add_argument("--user", required=True)
+    ms.add_argument("--server", required=True)
+    ms.set_defaults(run=_mcp_token_set)
+    md = mt.add_parser("delete", help="remove a user's token for a server")
+    md.add_argument("--user", required=True)
+    md.add_argument("--server", required=True)
+    md.set_defaults(run=_mcp_token_delete)
+    ml = mt.add_parser("list", help="list stored MCP tokens (hints only)")
+    ml.add_argument("--user")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(run=_mcp_token_list)
+
+    rp = sub.add_parser("replay", help="rebuild audit rows from captured flow files (idempotent)")
+    rp.add_argument("files", nargs="+", help="mitmproxy flow files written by the capture option")
+    rp.add_argument("--db", help="DuckDB file to write (default: storage.duckdb from the config)")
+    rp.set_defaults(run=_replay)
+
+    ca = sub.add_parser("ca", help="the gateway CA for proxy mode").add_subparsers(dest="sub", required=True)
+    cp = ca.add_parser("path", help="print the CA certificate's path")
+    cp.add_argument("--confdir")
+    cp.set_defaults(run=_ca_path)
+    ce = ca.add_parser("export", help="print the CA certificate (pem) or write it (p12)")
+    ce.add_argument("--format", choices=("pem", "p12", "bundle"), default="pem",
+                    help="pem: the CA; bundle: public CAs + the CA; p12: PKCS#12 (binary)")
+    ce.add_argument("--out", help="write to this file instead of stdout")
+    ce.add_argument("--confdir")
+    ce.set_defaults(run=_ca_export)
+
+    ev = sub.add_parser("env", help="print what a client must set to use the gateway, ready to paste")
+    ev.add_argument("client", choices=list(GUIDES))
+    ev.add_argument("--mode", choices=("base-url", "proxy"), default="base-url")
+    ev.add_argument("--gateway", help="gateway URL (default: the running gateway's, else http://127.0.0.1:8080)")
+    ev.add_argument("--token", default="<your aibridge token>")
+    ev.add_argument("--user", default="user", help="user name to put in the proxy URL (informational)")
+    ev.add_argument("--confdir")
+    ev.set_defaults(run=_env)
+
+    st = sub.add_parser("store", help="the audit store's own files").add_subparsers(dest="sub", required=True)
+    rd = st.add_parser("replay-deadletters", help="apply records the database refused again (after fixing the cause); "
+                       "applied ones leave the dead-letter file, a second run adds nothing")
+    rd.add_argument("--file", action="append", default=[], help="a dead-letter file (default: the configured store's)")
+    rd.set_defaults(run=_replay_deadletters)
+
+    cf = sub.add_parser("config", help="check the configuration file; print its JSON Schema"
+                        ).add_subparsers(dest="sub", required=True)
+    cc = cf.add_parser("check", help="validate a config file (default: --config / $AIBRIDGE_CONFIG / "
+                                     "config/aibridge.yaml); exit 1 with every problem named")
+    cc.add_argument("file", nargs="?", help="the file to check (overrides --config)")
+    cc.set_defaults(run=_config_check, standalone=True)
+    cs = cf.add_parser("schema", help="the config file's JSON Schema, for editors (yaml-language-server)")
+    cs.add_argument("--out", help="write to this file instead of stdout")
+    cs.set_defaults(run=_config_schema, standalone=True)
+
+    sq = sub.add_parser("sql", help="run read-only SQL over the audit tables")
+    sq.add_argument("query")
+    sq.add_argument("--json", action="store_true", help="print rows as JSON objects")
+    sq.set_defaults(run=_sql)
+    return ap
+
+
+def _config_check(args, config_path: str | None) -> None:
+    """Validate a config file as the gateway would load it (no database, no running gateway needed)."""
+    path = resolve_config_path(args.file or config_path)
+    config = load_config(path)
+    kinds = ", ".join(f"{p.name} ({p.type})" for p in config.providers) or "none"
+    print(f"{path}: ok; providers: {kinds}")
+
+
+def _config_schema(args, config_path: str | None) -> None:
+    from .. import config_model
+
+    text = json.dumps(config_model.schema(), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.umask(0o077)  # a database, export or CA file the CLI creates is readable by its owner only
+    try:
+        if getattr(args, "standalone", False):  # needs no loadable default config
+            args.run(args, args.config)
+            return 0
+        args.run(args, Context(load_config(args.config)))
+    except (OpError, ConfigError) as e:
+        print(f"aibridge: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _budgets_spec(config) -> dict | None:
+    """The configured budgets as plain data (they travel to a running gateway with the report request)."""
+    from dataclasses import asdict
+
+    default, users = config.budgets.default, config.budgets.users
+    if not default.any and not any(l.any for l in users.values()):
+        return None
+    return {"default": asdict(default), "users": {k: asdict(v) for k, v in users.items()}}
+
+
+def _export_ca(confdir: Path, fmt: str, out: str | None) -> None:
+    cert = ensure_ca(confdir)
+    if fmt == "p12":
+        data = (confdir / CA_P12).read_bytes()
+    elif fmt == "bundle":
+        data = bundle(confdir).read_bytes()
+    else:
+        data = cert.read_bytes()
+    if out:
+        Path(out).write_bytes(data)
+        print(f"wrote {out}", file=sys.stderr)
+    elif fmt == "p12":
+        if sys.stdout.isatty():
+            raise OpError("p12 is binary: use --out FILE or redirect stdout")
+        sys.stdout.buffer.write(data)
+    else:
+        sys.stdout.write(data.decode())
+
+
+def replay_files(files: list[str], db: Path) -> tuple[int, int]:
+    """Re-run recording over saved flows into db. Ids come from the flows, so a second run adds nothing."""
+    import duckdb
+    from mitmproxy import http, io
+    from mitmproxy.exceptions import FlowReadException
+
+    from ..flow.recorder import Recorder
+    from ..store.writer import Store
+
+    store = Store(db)
+    try:
+        store.open()
+    except duckdb.IOException as e:
+        raise OpError(f"cannot open {db}: {str(e).splitlines()[0]} (replay into a database no gateway is using)") from None
+    recorder = Recorder(store)
+    flows = recorded = 0
+    try:
+        for name in files:
+            try:
+                with open(name, "rb") as f:
+                    for flow in io.FlowReader(f).stream():
+                        if isinstance(flow, http.HTTPFlow):
+                            flows += 1
+                            recorded += recorder.replay(flow) is not None
+            except (OSError, FlowReadException) as e:
+                raise OpError(f"{name}: {e}") from None
+    finally:
+        store.close()
+    return flows, recorded
+
+
+def _out(result: dict, as_json: bool, title: str | None) -> None:
+    if as_json:
+        cols = result["columns"]
+        print(json.dumps([dict(zip(cols, r)) for r in result["rows"]], indent=2))
+    else:
+        _table(result, title)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

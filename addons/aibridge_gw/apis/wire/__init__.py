@@ -1,0 +1,1 @@
+"""Wire APIs: one request/response format each, independent of which provider serves it."""

@@ -1,0 +1,66 @@
+"""The gateway's state for one flow, carried in `flow.metadata[STATE_KEY]` from routing to the record.
+
+Audit facts (the `Interception`: who, which provider, model and client, what the request said) are what gets
+recorded, and their plain-value form also travels with the flow under `recorder.META_KEY` so a saved flow can
+be recorded again. Everything else here is a live handle (stream tap, loop, breaker key, timers) and never
+travels with a copied or saved flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+
+from .exchange import ResponseSummary
+from .recorder import Interception
+from .routing import Route
+from .tap import StreamTap
+
+STATE_KEY = "aibridge.state"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a recorded exchange ended (what observation reports)."""
+
+    status: str  # completed | failed
+    summary: ResponseSummary
+    http_status: int | None
+    error: str | None
+    ended_at: dt.datetime
+
+
+@dataclass(eq=False, slots=True)
+class FlowState:
+    flow: http.HTTPFlow
+    route: Route
+    interception: Interception | None = None  # None: relayed unrecorded (read-only or BYOK passthrough)
+    tap: StreamTap | None = None  # parses a relayed stream as it passes
+    via_loop: bool = False  # the injected-tool loop runs this exchange and records each round itself
+    breaker_key: tuple | None = None  # (provider, route, model) whose circuit breaker this exchange counts for
+    forwarded_at: float = 0.0  # when the request went upstream (epoch seconds; upstream timeouts start here)
+    abort_reason: str | None = None  # why the gateway aborted the upstream connection (a timeout, shutdown)
+    abort_status: int | None = None  # the status a blocking call aborted so is answered (default 504: a timeout)
+    inflight: bool = False  # counted in the in-flight gauge
+    captured: bool = False  # written to the flow archive
+    outcome: Outcome | None = field(default=None)
+    # The client went away mid-stream and the provider's answer is read on (see Pipeline._client_left): why it
+    # went, until when (epoch seconds) and how many stream bytes had passed then; `drained` is set once recorded.
+    client_gone: str | None = None
+    drain_until: float = 0.0
+    drain_bytes: int = 0
+    drained: asyncio.Event | None = None
+    loop_job: object | None = None  # the injected-tool loop's job (LoopJob), told when the client goes
+    watch: str | None = None  # a passthrough response read on the way (objects.WATCHED: a batch's status)
+    client_base: str | None = None  # the gateway's URL for this instance as the client reached it (base-URL mode)
+
+    def __deepcopy__(self, memo) -> None:
+        """Live handles stay with the live flow: a copy (capture, `-w`) carries only the recorded facts."""
+        return None
+
+
+def state_of(flow: http.HTTPFlow) -> FlowState | None:
+    return flow.metadata.get(STATE_KEY)

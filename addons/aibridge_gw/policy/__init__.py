@@ -1,0 +1,1 @@
+"""Who may do what: gateway tokens, budgets, circuit breakers, throttles and egress rules."""

@@ -1,0 +1,217 @@
+"""Per-user budgets and rate limits: requests per minute, tokens per day (UTC), USD per month (UTC).
+
+Counters live in memory for the hot path and are rebuilt from the audit database at start-up, so a restart
+does not reset anyone's budget. Over a limit a request gets a 429 in the provider's format with retry-after.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from ..config import Limits
+from ..flow.exchange import BIGINT_MAX, CLAMPED, TokenTotals, TokenUsage
+from ..pricing import PriceTable
+
+
+@dataclass(frozen=True)
+class Refusal:
+    message: str
+    retry_after: int  # seconds
+
+
+def _day(t: dt.datetime) -> dt.date:
+    return t.astimezone(dt.UTC).date()
+
+
+def _month(t: dt.datetime) -> tuple[int, int]:
+    t = t.astimezone(dt.UTC)
+    return (t.year, t.month)
+
+
+def _spent(conn, started: str, since: dt.datetime) -> list[list]:
+    """Recorded usage since `since` per charged user, `started` (an expression of i.started_at) and billed model,
+    as plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]. A usage row
+    that names its own model (a batch's results, summed per model) is billed at that model."""
+    rows = conn.execute(
+        f"SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), {started}, "
+        "coalesce(t.metadata->>'model', i.metadata->>'response_model', i.model), "
+        "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
+        "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
+        "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
+        # A usage clamped to the column type (the provider sent more than it holds) is charged to no budget.
+        f"AND (t.metadata IS NULL OR t.metadata->>'{CLAMPED}' IS NULL) "
+        "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY 1, 2, 3",
+        [since],
+    ).fetchall()
+    return [[uid, at.isoformat(), model, int(inp), int(out), int(cr), int(cw)]
+            for uid, at, model, inp, out, cr, cw in rows]
+
+
+def _month_start(now: dt.datetime) -> dt.datetime:
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def usage_rows(conn) -> list[list]:
+    """What each user spent this month (and, for the rate limit, this minute): one row per interception."""
+    now = dt.datetime.now(dt.UTC)
+    return _spent(conn, "i.started_at", min(_month_start(now), now - dt.timedelta(minutes=1)))
+
+
+def usage_totals(conn) -> list[list]:
+    """This month's usage per user, day and billed model: the fleet's counters (every gateway's calls), in
+    `usage_rows`' shape with the day standing for the start time."""
+    return _spent(conn, "date_trunc('day', i.started_at)", _month_start(dt.datetime.now(dt.UTC)))
+
+
+# DuckDB's optimistic concurrency turns two concurrent upserts of one row into a conflict error; within the one
+# process that owns the file they simply take turns (PostgreSQL's row lock does the same across processes).
+_COUNTING = threading.Lock()
+
+
+def count_request(conn, user_id: str, window_start: str) -> int:
+    """One more request for the user in this minute, counted in the database every gateway shares."""
+    with _COUNTING:
+        row = conn.execute(
+            "INSERT INTO aibridge_request_counts (user_id, window_start, requests) VALUES (?, ?, 1) "
+            "ON CONFLICT (user_id, window_start) DO UPDATE SET requests = aibridge_request_counts.requests + 1 "
+            "RETURNING requests", [user_id, dt.datetime.fromisoformat(window_start)]).fetchone()
+    return int(row[0])
+
+
+def prune_request_counts(conn) -> None:
+    with _COUNTING:
+        conn.execute("DELETE FROM aibridge_request_counts WHERE window_start < ?",
+                     [dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)])
+
+
+class Budgets:
+    def __init__(self, default: Limits, per_user: dict[str, Limits], prices: PriceTable, fleet: bool = False) -> None:
+        self.default = default
+        # Fleet mode: requests per minute are counted in the shared database (see `count_request`), tokens and
+        # spend replaced each second by what every gateway recorded (see `replace_totals`).
+        self.fleet = fleet
+        self.per_user = per_user
+        self.prices = prices
+        self._requests: dict[str, deque] = defaultdict(deque)  # user id -> monotonic times, last minute
+        self._tokens: dict[tuple[str, dt.date], int] = defaultdict(int)
+        self._usd: dict[tuple[str, tuple[int, int]], float] = defaultdict(float)
+
+    @property
+    def active(self) -> bool:
+        return self.any_limits(self.default, self.per_user)
+
+    @staticmethod
+    def any_limits(default: Limits, per_user: dict[str, Limits]) -> bool:
+        return default.any or any(l.any for l in per_user.values())
+
+    def limits_for(self, user_name: str) -> Limits:
+        return self.per_user.get(user_name, self.default)
+
+    def load(self, conn) -> None:
+        """Rebuild counters from what the database recorded (this minute, today, this month)."""
+        self.load_rows(usage_rows(conn))
+
+    def load_rows(self, rows: list) -> None:
+        """Counters from `usage_rows` (which may come from the writer process, as plain values)."""
+        now = dt.datetime.now(dt.UTC)
+        mono_now, wall_now = time.monotonic(), now.timestamp()
+        for uid, started, model, inp, out, cr, cw in rows:
+            started = dt.datetime.fromisoformat(started) if isinstance(started, str) else started
+            if started >= now - dt.timedelta(minutes=1):
+                self._requests[uid].append(mono_now - (wall_now - started.timestamp()))
+            self._add(uid, started, model, [TokenUsage(None, inp, out, cr, cw)])
+        for q in self._requests.values():
+            q_sorted = sorted(q)
+            q.clear()
+            q.extend(q_sorted)
+
+    def check(self, user_id: str, user_name: str) -> Refusal | None:
+        """Called before a request is forwarded; counts it against the per-minute limit when admitted."""
+        limits = self.limits_for(user_name)
+        if not limits.any:
+            return None
+        now = dt.datetime.now(dt.UTC)
+        if limits.tokens_per_day is not None:
+            used = self._tokens[(user_id, _day(now))]
+            if used >= limits.tokens_per_day:
+                tomorrow = dt.datetime.combine(_day(now) + dt.timedelta(days=1), dt.time(), dt.UTC)
+                return Refusal(f"aibridge: daily token budget of {limits.tokens_per_day} used ({used})",
+                               math.ceil((tomorrow - now).total_seconds()))
+        if limits.usd_per_month is not None:
+            spent = self._usd[(user_id, _month(now))]
+            if spent >= limits.usd_per_month:
+                y, m = _month(now)
+                nxt = dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)
+                return Refusal(f"aibridge: monthly budget of ${limits.usd_per_month:.2f} used (${spent:.2f})",
+                               math.ceil((nxt - now).total_seconds()))
+        if not self.fleet:
+            return self.local_rate_refusal(user_id, limits)
+        return None
+
+    def local_rate_refusal(self, user_id: str, limits: Limits) -> Refusal | None:
+        """Requests per minute counted in this process (a single gateway; a fleet whose store is away)."""
+        if limits.requests_per_minute is None:
+            return None
+        q = self._requests[user_id]
+        t = time.monotonic()
+        while q and q[0] <= t - 60:
+            q.popleft()
+        if len(q) >= limits.requests_per_minute:
+            return Refusal(f"aibridge: rate limit of {limits.requests_per_minute} requests per minute reached",
+                           max(1, math.ceil(q[0] + 60 - t)))
+        q.append(t)
+        return None
+
+    def replace_totals(self, rows: list) -> None:
+        """Fleet mode: the token and spend counters become what the shared database holds (`usage_totals`)."""
+        self._tokens.clear()
+        self._usd.clear()
+        for uid, started, model, inp, out, cr, cw in rows:
+            self._add(uid, dt.datetime.fromisoformat(started), model, [TokenUsage(None, inp, out, cr, cw)])
+
+    def fleet_refusal(self, count: int, limits: Limits) -> Refusal | None:
+        """The per-minute limit against the fleet's count for this minute (the request already counted)."""
+        if limits.requests_per_minute is None or count <= limits.requests_per_minute:
+            return None
+        now = dt.datetime.now(dt.UTC)
+        return Refusal(f"aibridge: rate limit of {limits.requests_per_minute} requests per minute reached",
+                       max(1, 60 - now.second))
+
+    def record(self, user_id: str, started: dt.datetime, model: str | None, usages: list[TokenUsage]) -> None:
+        self._add(user_id, started, model, usages)
+
+    def _add(self, user_id: str, started: dt.datetime, model: str | None, usages: list[TokenUsage]) -> None:
+        # A clamped usage (a count beyond what the store holds) is charged to no budget: one absurd figure from a
+        # provider must not refuse every later call of the user's.
+        usages = [u for u in usages if not (u.clamped or _beyond(u))]
+        if not usages:
+            return
+        t = TokenTotals.of(usages)
+        self._tokens[(user_id, _day(started))] += t.all
+        cost = self.prices.cost(model, t.input, t.output, t.cache_read, t.cache_write)
+        if cost:
+            self._usd[(user_id, _month(started))] += cost
+
+    def status(self, user_id: str, user_name: str) -> dict:
+        now = dt.datetime.now(dt.UTC)
+        limits = self.limits_for(user_name)
+        tokens = self._tokens[(user_id, _day(now))]
+        usd = self._usd[(user_id, _month(now))]
+        return {
+            "tokens_today": tokens, "tokens_per_day": limits.tokens_per_day,
+            "tokens_remaining": None if limits.tokens_per_day is None else max(limits.tokens_per_day - tokens, 0),
+            "usd_month": round(usd, 6), "usd_per_month": limits.usd_per_month,
+            "usd_remaining": None if limits.usd_per_month is None else round(max(limits.usd_per_month - usd, 0), 6),
+            "requests_per_minute": limits.requests_per_minute,
+        }
+
+
+def _beyond(u: TokenUsage) -> bool:
+    """A count no store holds (not yet clamped by the recorder): charged to no budget either."""
+    return any(not isinstance(v, int) or v < 0 or v > BIGINT_MAX
+               for v in (u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens))

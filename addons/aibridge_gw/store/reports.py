@@ -1,0 +1,334 @@
+"""Read-side queries over the audit tables, shared by the admin API and the CLI reports.
+
+Every function takes a DuckDB connection (a read cursor), a `Viewer` (admins see everything, others only
+their own interceptions) and validated filters; bad input raises `BadParameter` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..pricing import PriceTable
+
+
+class BadParameter(ValueError):
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"bad parameter {name!r}: {why}")
+        self.name, self.why = name, why
+
+
+@dataclass(frozen=True)
+class Viewer:
+    user_id: str | None  # None: everything (admin, or the local CLI)
+    admin: bool = False
+
+    @classmethod
+    def everyone(cls) -> "Viewer":
+        return cls(None, True)
+
+
+BILLED_MODEL = "coalesce(i.metadata->>'response_model', i.model)"
+SESSION_KEY = "coalesce(i.client_session_id, CAST(coalesce(i.thread_root_id, i.id) AS VARCHAR))"
+_BASE = f"""
+    WITH u AS (
+        SELECT interception_id, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+               sum(cache_read_input_tokens) AS cache_read_input_tokens,
+               sum(cache_write_input_tokens) AS cache_write_input_tokens
+        FROM aibridge_token_usages GROUP BY interception_id),
+    t AS (SELECT interception_id, count(*) AS tool_calls,
+                 count(*) FILTER (WHERE injected) AS injected_tool_calls
+          FROM aibridge_tool_usages GROUP BY interception_id),
+    p AS (SELECT interception_id, count(*) AS prompts FROM aibridge_user_prompts GROUP BY interception_id)
+    SELECT i.id, i.started_at, i.ended_at, usr.name AS "user", i.initiator_id, i.on_behalf_of_id,
+           i.on_behalf_of_name AS on_behalf_of, i.provider, i.provider_name,
+           i.model, {BILLED_MODEL} AS billed_model, i.client, i.user_agent, i.client_session_id,
+           i.thread_parent_id, i.thread_root_id, {SESSION_KEY} AS session, i.credential_kind,
+           i.credential_hint, i.status, i.api, i.stream, i.http_status, i.error,
+           coalesce(u.input_tokens, 0) AS input_tokens, coalesce(u.output_tokens, 0) AS output_tokens,
+           coalesce(u.cache_read_input_tokens, 0) AS cache_read_input_tokens,
+           coalesce(u.cache_write_input_tokens, 0) AS cache_write_input_tokens,
+           coalesce(t.tool_calls, 0) AS tool_calls, coalesce(t.injected_tool_calls, 0) AS injected_tool_calls,
+           coalesce(p.prompts, 0) AS prompts
+    FROM aibridge_interceptions i
+    LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id
+    LEFT JOIN u ON u.interception_id = i.id
+    LEFT JOIN t ON t.interception_id = i.id
+    LEFT JOIN p ON p.interception_id = i.id
+"""
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens")
+
+
+def parse_time(name: str, value: str | None) -> dt.datetime | None:
+    """ISO timestamps/dates, or a relative age like 30m, 24h, 7d, 2w."""
+    if value in (None, ""):
+        return None
+    m = re.fullmatch(r"(\d+)\s*([mhdw])", value.strip())
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        delta = {"m": dt.timedelta(minutes=n), "h": dt.timedelta(hours=n), "d": dt.timedelta(days=n),
+                 "w": dt.timedelta(weeks=n)}[unit]
+        return dt.datetime.now(dt.UTC) - delta
+    try:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadParameter(name, "expected an ISO 8601 time (2026-01-31T12:00:00Z) or an age like 7d") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def parse_limit(value: str | None, default: int = 50, maximum: int = 500) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadParameter("limit", "expected an integer") from None
+    if not 1 <= n <= maximum:
+        raise BadParameter("limit", f"must be between 1 and {maximum}")
+    return n
+
+
+def _where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
+    clauses, params = [], []
+    if viewer.user_id is not None:  # a member sees their own calls and those made on their behalf
+        clauses.append("(i.initiator_id = ? OR i.on_behalf_of_id = ?)")
+        params += [viewer.user_id] * 2
+    simple = {"initiator": 'usr.name', "client": "i.client", "on_behalf_of": "i.on_behalf_of_name"}
+    for key, col in simple.items():
+        if filters.get(key):
+            clauses.append(f"{col} = ?")
+            params.append(filters[key])
+    if filters.get("provider"):
+        clauses.append("(i.provider = ? OR i.provider_name = ?)")
+        params += [filters["provider"]] * 2
+    if filters.get("model"):
+        clauses.append(f"(i.model = ? OR {BILLED_MODEL} = ?)")
+        params += [filters["model"]] * 2
+    if filters.get("session"):
+        clauses.append(f"({SESSION_KEY} = ? OR CAST(i.thread_root_id AS VARCHAR) = ?)")
+        params += [filters["session"]] * 2
+    for key, op in (("started_after", ">="), ("started_before", "<")):
+        t = parse_time(key, filters.get(key))
+        if t is not None:
+            clauses.append(f"i.started_at {op} ?")
+            params.append(t)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _rows(cur) -> list[dict]:
+    cols = [d[0] for d in cur.description]
+    return [{c: jsonable(v) for c, v in zip(cols, r)} for r in cur.fetchall()]
+
+
+def _with_cost(row: dict, prices: PriceTable) -> dict:
+    cost = prices.cost(row.get("billed_model"), *(int(row.get(k) or 0) for k in TOKEN_FIELDS))
+    row["cost_usd"] = None if cost is None else round(cost, 6)
+    row["priced"] = cost is not None
+    return row
+
+
+def _encode_cursor(row: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps([row["started_at"], row["id"]]).encode()).decode()
+
+
+def _decode_cursor(value: str) -> tuple[dt.datetime, str]:
+    try:
+        ts, iid = json.loads(base64.urlsafe_b64decode(value.encode()))
+        return dt.datetime.fromisoformat(ts), str(iid)
+    except Exception:
+        raise BadParameter("cursor", "not a cursor returned by this API") from None
+
+
+def list_interceptions(conn, viewer: Viewer, filters: dict, prices: PriceTable, limit: int = 50,
+                       cursor: str | None = None) -> dict:
+    """Newest first; the cursor is (started_at, id) of the last row, so pages stay stable under inserts."""
+    where, params = _where(viewer, filters)
+    if cursor:
+        ts, iid = _decode_cursor(cursor)
+        where += (" AND " if where else " WHERE ") + "(i.started_at < ? OR (i.started_at = ? AND CAST(i.id AS VARCHAR) < ?))"
+        params += [ts, ts, iid]
+    cur = conn.execute(f"{_BASE}{where} ORDER BY i.started_at DESC, CAST(i.id AS VARCHAR) DESC LIMIT ?", params + [limit + 1])
+    rows = [_with_cost(r, prices) for r in _rows(cur)]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"data": rows, "next_cursor": _encode_cursor(rows[-1]) if more and rows else None}
+
+
+def interception_detail(conn, viewer: Viewer, iid: str, prices: PriceTable) -> dict | None:
+    where, params = _where(viewer, {})
+    where += (" AND " if where else " WHERE ") + "CAST(i.id AS VARCHAR) = ?"
+    rows = _rows(conn.execute(f"{_BASE}{where}", params + [iid]))
+    if not rows:
+        return None
+    out = _with_cost(rows[0], prices)
+    for key, table, order in (
+        ("token_usages", "aibridge_token_usages", "created_at, id"),
+        ("prompts", "aibridge_user_prompts", "created_at, id"),
+        ("tool_usages", "aibridge_tool_usages", "created_at, id"),
+        ("thoughts", "aibridge_model_thoughts", "created_at, id"),
+    ):
+        out[key] = _rows(conn.execute(f"SELECT * FROM {table} WHERE CAST(interception_id AS VARCHAR) = ? ORDER BY {order}", [iid]))
+    return out
+
+
+def _fold_costs(groups: dict[Any, dict], key: Any, row: dict, prices: PriceTable, extra: tuple[str, ...] = ()) -> None:
+    g = groups.setdefault(key, {**{k: 0 for k in TOKEN_FIELDS + extra}, "cost_usd": 0.0, "unpriced_models": []})
+    for k in TOKEN_FIELDS + extra:
+        g[k] += int(row.get(k) or 0)
+    cost = prices.cost(row.get("billed_model"), *(int(row.get(k) or 0) for k in TOKEN_FIELDS))
+    if cost is None:
+        if row.get("billed_model") not in g["unpriced_models"] and any(int(row.get(k) or 0) for k in TOKEN_FIELDS):
+            g["unpriced_models"].append(row.get("billed_model"))
+    else:
+        g["cost_usd"] += cost
+
+
+def _finish_cost(g: dict) -> dict:
+    g["cost_usd"] = round(g["cost_usd"], 6)
+    g["cost"] = "unpriced" if g["unpriced_models"] and not g["cost_usd"] else (
+        f"{g['cost_usd']:.4f}" + (" (+unpriced)" if g["unpriced_models"] else ""))
+    return g
+
+
+GROUPS = {
+    "user": 'usr.name',
+    "on_behalf_of": "i.on_behalf_of_name",  # the person a service account acted for (null: nobody)
+    "person": "coalesce(i.on_behalf_of_name, usr.name)",  # whom the call was for: acted-for, else the caller
+    "model": BILLED_MODEL,
+    "client": "i.client",
+    "provider": "i.provider_name",
+    "day": "CAST(date_trunc('day', i.started_at) AS DATE)",
+}
+
+
+def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | None = None,
+          filters: dict | None = None) -> dict:
+    if group_by not in GROUPS:
+        raise BadParameter("group_by", f"one of {', '.join(GROUPS)}")
+    filters = dict(filters or {})
+    if since:
+        filters["started_after"] = since
+    where, params = _where(viewer, filters)
+    cur = conn.execute(
+        f"SELECT {GROUPS[group_by]} AS key, {BILLED_MODEL} AS billed_model, count(*) AS interceptions, "
+        "count(DISTINCT i.initiator_id) AS users, "
+        + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS)
+        + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
+        "LEFT JOIN (SELECT interception_id, " + ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
+        + " FROM aibridge_token_usages GROUP BY 1) u ON u.interception_id = i.id"
+        f"{where} GROUP BY 1, 2",
+        params,
+    )
+    groups: dict[Any, dict] = {}
+    for row in _rows(cur):
+        _fold_costs(groups, row["key"], row, prices, ("interceptions",))
+    data = [{group_by: k, **_finish_cost(g)} for k, g in groups.items()]
+    data.sort(key=lambda d: (-d["cost_usd"], -(d["input_tokens"] + d["output_tokens"]), str(d[group_by])))
+    if group_by == "day":
+        data.sort(key=lambda d: str(d["day"]))
+        active = _rows(conn.execute(
+            "SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, count(DISTINCT i.initiator_id) AS active_users "
+            f"FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id{where} GROUP BY 1", params))
+        by_day = {a["day"]: a["active_users"] for a in active}
+        for d in data:
+            d["active_users"] = by_day.get(d["day"], 0)
+    return {"group_by": group_by, "since": since, "prices_taken": prices.taken, "data": data}
+
+
+def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = None, limit: int = 50) -> dict:
+    """Interceptions grouped by the client's session id, else by thread root."""
+    where, params = _where(viewer, filters or {})
+    rows = _rows(conn.execute(f"SELECT * FROM ({_BASE}{where}) AS base ORDER BY started_at", params))
+    groups: dict[str, dict] = {}
+    for r in rows:
+        g = groups.get(r["session"])
+        if g is None:
+            g = groups[r["session"]] = {"session": r["session"], "user": r["user"], "client": r["client"],
+                                        "first_at": r["started_at"], "last_at": r["ended_at"] or r["started_at"],
+                                        "interceptions": 0, "prompts": 0, "tool_calls": 0, "models": [],
+                                        "_cost": {}}
+        g["interceptions"] += 1
+        g["prompts"] += r["prompts"]
+        g["tool_calls"] += r["tool_calls"]
+        g["last_at"] = max(g["last_at"], r["ended_at"] or r["started_at"])
+        if r["billed_model"] not in g["models"]:
+            g["models"].append(r["billed_model"])
+        _fold_costs(g["_cost"], 0, r, prices)
+    out = []
+    for g in groups.values():
+        cost = _finish_cost(g.pop("_cost")[0])
+        out.append({**g, **cost})
+    out.sort(key=lambda g: g["last_at"], reverse=True)
+    return {"data": out[:limit]}
+
+
+def distinct(conn, viewer: Viewer, column: str, prefix: str | None = None) -> dict:
+    col = {"client": "i.client", "model": BILLED_MODEL}[column]
+    where, params = _where(viewer, {})
+    if prefix:
+        where += (" AND " if where else " WHERE ") + f"starts_with(CAST({col} AS VARCHAR), ?)"
+        params.append(prefix)
+    cur = conn.execute(
+        f"SELECT {col} AS value, count(*) AS interceptions FROM aibridge_interceptions i "
+        f"LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id{where} GROUP BY 1 ORDER BY 2 DESC, 1", params)
+    return {"data": [r for r in _rows(cur) if r["value"] is not None]}
+
+
+def prompts(conn, viewer: Viewer, user: str | None = None, search: str | None = None, limit: int = 50) -> dict:
+    where, params = _where(viewer, {"initiator": user} if user else {})
+    if search:
+        where += (" AND " if where else " WHERE ") + "p.prompt ILIKE ?"
+        params.append(f"%{search}%")
+    cur = conn.execute(
+        "SELECT p.created_at, usr.name AS \"user\", i.client, i.model, p.prompt, i.id AS interception_id "
+        "FROM aibridge_user_prompts p JOIN aibridge_interceptions i ON i.id = p.interception_id "
+        f"LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id{where} ORDER BY p.created_at DESC LIMIT ?",
+        params + [limit])
+    return {"data": _rows(cur)}
+
+
+def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str | None = "30d") -> dict:
+    """Per day and per model (or client): tokens and cost, for stacked charts."""
+    if stack not in ("model", "client", "user", "person", "provider"):
+        raise BadParameter("stack", "one of model, client, user, person, provider")
+    where, params = _where(viewer, {"started_after": since} if since else {})
+    cur = conn.execute(
+        f"SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, {GROUPS[stack]} AS key, "
+        f"{BILLED_MODEL} AS billed_model, count(*) AS interceptions, "
+        + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS)
+        + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
+        "LEFT JOIN (SELECT interception_id, " + ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
+        + " FROM aibridge_token_usages GROUP BY 1) u ON u.interception_id = i.id"
+        f"{where} GROUP BY 1, 2, 3",
+        params,
+    )
+    groups: dict[Any, dict] = {}
+    for row in _rows(cur):
+        _fold_costs(groups, (row["day"], row["key"]), row, prices, ("interceptions",))
+    data = [{"day": k[0], stack: k[1], **_finish_cost(g)} for k, g in groups.items()]
+    data.sort(key=lambda d: (str(d["day"]), str(d[stack])))
+    return {"stack": stack, "since": since, "data": data}
+
+
+def jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dt.datetime):
+        return v.isoformat()
+    if isinstance(v, (dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, (uuid.UUID, decimal.Decimal, dt.timedelta)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.hex()
+    return str(v)
