@@ -543,16 +543,14 @@ class Pipeline:
             state.tap = ResultsTap(ic.codec)  # JSON Lines, maybe large: read line by line as they pass
             resp.stream = state.tap
             return
-        transport = state.route.provider.transport
-        framed = transport is not None and transport.is_stream(resp.headers.get("content-type", ""))
-        if not (200 <= resp.status_code < 300 and (framed or is_sse(resp))):
+        framing = PROVIDERS[state.route.provider.type].stream_framing(ic.api, resp.headers)
+        if not (200 <= resp.status_code < 300 and (framing is not None or is_sse(resp))):
             if not ic.codec.model_api and not is_json(resp):
                 resp.stream = True  # audio, images as bytes: relayed as they come, nothing to read
             return
         if state.via_loop:
             resp.stream = True  # the loop records every round itself; relay its events as they come
             return
-        framing = transport.framing(ic.api) if framed else None
         if framing is not None and framing.converts:  # the client reads server-sent events, not the provider's frames
             resp.headers["content-type"] = framing.content_type
             resp.headers.pop("content-length", None)

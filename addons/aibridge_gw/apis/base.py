@@ -110,6 +110,11 @@ class Provider(Protocol):
     def error_body(self, status: int, message: str) -> dict:
         """An error in the provider's own JSON shape, so SDKs raise the right exception."""
 
+    def stream_framing(self, api: str, headers: Mapping[str, str]) -> "Framing | None":
+        """How a response with these headers streams when not as server-sent events (Bedrock's binary event
+        stream): the framing the tap decodes. None: server-sent events, or not a stream. A property of the
+        provider, not of an instance: a saved flow is re-read without any instance's config."""
+
 
 class Transport(Protocol):
     """How one instance reaches a provider that needs more than a swapped key header (Bedrock: a new path and body,
@@ -141,15 +146,25 @@ class Transport(Protocol):
     def sign(self, url: str, host: str, content: bytes, stream: bool) -> list[tuple[bytes, bytes]]:
         """Header fields that authenticate POST `url` carrying exactly `content`."""
 
-    def framing(self, api: str):
-        """The stream framing between the provider and the tap (see apis/bedrock/eventstream.py)."""
-
-    def is_stream(self, content_type: str) -> bool:
-        """The provider streams with this content type."""
-
     def client_error(self, api: str, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes] | None:
         """The provider's error response (status, headers, body) as the client's API shapes it; None: relay it
         unchanged."""
+
+
+class Framing(Protocol):
+    """A provider's own stream framing between it and the tap (see apis/bedrock/eventstream.py)."""
+
+    converts: bool  # the client reads server-sent events, not the provider's frames
+    content_type: str  # the client's content type when converting
+
+    def decode(self, chunk: bytes) -> list: ...
+
+    def error_tail(self, sse: bytes, message: str) -> bytes: ...
+
+
+def sse_only(api: str, headers: Mapping[str, str]) -> None:
+    """`Provider.stream_framing` for providers that stream server-sent events only."""
+    return None
 
 
 @dataclass(frozen=True)

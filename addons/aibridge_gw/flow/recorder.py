@@ -137,10 +137,9 @@ def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None
         error = summary.error
         tap = None
     elif tap is None and resp is not None and 200 <= resp.status_code < 300 and resp.raw_content:
-        transport = PROVIDERS[ic.provider_type].transport
-        framed = transport is not None and transport.is_stream(resp.headers.get("content-type", ""))
-        if framed or is_sse(resp):  # a saved flow: parse the stored stream as the live tap did
-            tap = StreamTap(ic.codec, transport.framing(ic.api) if framed else None)
+        framing = PROVIDERS[ic.provider_type].stream_framing(ic.api, resp.headers)
+        if framing is not None or is_sse(resp):  # a saved flow: parse the stored stream as the live tap did
+            tap = StreamTap(ic.codec, framing)
             tap(resp.content)
             tap(b"")
     if loop is not None:

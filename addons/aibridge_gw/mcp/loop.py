@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from ..apis import PROVIDERS
 from ..flow.errors import error_body
 from ..flow.exchange import ResponseSummary, summary_to_dict
 from ..flow.keypool import Exhausted
@@ -198,8 +199,8 @@ class LoopServer:
                 url, headers, content = await _round_request(job)
                 async with self._upstream(job, url, headers, content) as resp:
                     ctype = resp.headers.get("content-type", "")
-                    framing = job.transport.framing(job.api) if job.transport is not None else None
-                    streamed = "text/event-stream" in ctype or (framing is not None and job.transport.is_stream(ctype))
+                    framing = PROVIDERS[job.provider_type].stream_framing(job.api, resp.headers)
+                    streamed = "text/event-stream" in ctype or framing is not None
                     if resp.status_code >= 400 or (adapter.stream and not streamed):
                         body = await resp.aread()
                         if not started:  # the provider's own error, as without the loop

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ..base import endpoint
+from ..base import endpoint, sse_only
 from ..wire import anthropic_messages as messages
 from ..wire.results import ResultsCodec, anthropic_line, anthropic_usage
 from ..wire.spend import SpendCodec
@@ -30,6 +30,7 @@ class Anthropic:
     own_credentials_only = False
     subscription_prefixes = ("sk-ant-oat",)  # Claude Code signed in with a Claude account
     transport = None
+    stream_framing = staticmethod(sse_only)  # streams are server-sent events
     query_credential = None
     version_in_base_url = False
     apis = MappingProxyType({a.name: a for a in (

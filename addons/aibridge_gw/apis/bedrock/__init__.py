@@ -17,7 +17,7 @@ from ..anthropic import Anthropic
 from ..base import WireFunctions, endpoint
 from ..wire import anthropic_messages as messages
 from .settings import BedrockSettings
-from .transport import BedrockTransport, invoke_target
+from .transport import BedrockTransport, invoke_target, stream_framing
 
 
 def parse_invoke(body: dict, path: str = "") -> RequestInfo:
@@ -50,6 +50,7 @@ class Bedrock:
     own_credentials_only = False
     subscription_prefixes = ()
     transport = BedrockTransport
+    stream_framing = staticmethod(stream_framing)  # the binary event stream, decoded for the tap
     settings_model = BedrockSettings  # its own config keys (region, model, credentials)
     apis = MappingProxyType({a.name: a for a in (messages.API, INVOKE)})
     endpoints = (

@@ -184,15 +184,6 @@ class BedrockTransport:
     # --- the response -----------------------------------------------------------------------------
 
     @staticmethod
-    def framing(api: str):
-        """How a streamed answer reaches the client: Messages API clients get server-sent events."""
-        return ToSSE() if api == "anthropic.messages" else Native()
-
-    @staticmethod
-    def is_stream(content_type: str) -> bool:
-        return CONTENT_TYPE in content_type
-
-    @staticmethod
     def client_error(api: str, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes] | None:
         """A Bedrock error as the Messages API client expects it (proxy-mode AWS SDK clients get it unchanged)."""
         if api != "anthropic.messages":
@@ -203,3 +194,11 @@ class BedrockTransport:
             message = body[:500].decode("utf-8", "replace")
         error_type = headers.get("x-amzn-errortype")
         return status, json.dumps(anthropic_error(exception_name(error_type), str(message))).encode()
+
+
+def stream_framing(api: str, headers: Mapping[str, str]):
+    """A response in Bedrock's binary event stream: Messages API clients get it as server-sent events, native
+    InvokeModel clients as it came (both read by the tap); None: not an event stream."""
+    if CONTENT_TYPE not in headers.get("content-type", ""):
+        return None
+    return ToSSE() if api == "anthropic.messages" else Native()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ..base import endpoint
+from ..base import endpoint, sse_only
 from ..openai import OpenAI
 from ..wire import openai_responses as responses
 
@@ -22,6 +22,7 @@ class ChatGPT:
     own_credentials_only = True  # a ChatGPT login, never an API key
     subscription_prefixes = ("",)
     transport = None
+    stream_framing = staticmethod(sse_only)  # streams are server-sent events
     apis = MappingProxyType({responses.API.name: responses.API})
     endpoints = (
         endpoint("POST", "/backend-api/codex/responses", "openai.responses"),

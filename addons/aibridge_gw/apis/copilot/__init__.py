@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ..base import endpoint
+from ..base import endpoint, sse_only
 from ..openai import OpenAI
 from ..wire import anthropic_messages as messages
 from ..wire import openai_chat as chat
@@ -25,6 +25,7 @@ class Copilot:
     own_credentials_only = True  # there is no central Copilot key: every call carries the user's GitHub token
     subscription_prefixes = ()
     transport = None
+    stream_framing = staticmethod(sse_only)  # streams are server-sent events
     apis = MappingProxyType({a.name: a for a in (chat.API, responses.API, messages.API)})
     endpoints = (
         endpoint("POST", "/chat/completions", "openai.chat"),

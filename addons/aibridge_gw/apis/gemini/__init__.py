@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ..base import endpoint
+from ..base import endpoint, sse_only
 from ..wire import gemini as generate
 
 
@@ -17,6 +17,7 @@ class Gemini:
     own_credentials_only = False
     subscription_prefixes = ()
     transport = None
+    stream_framing = staticmethod(sse_only)  # streams are server-sent events
     query_credential = "key"
     version_in_base_url = False
     apis = MappingProxyType({generate.API.name: generate.API})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ..base import endpoint
+from ..base import endpoint, sse_only
 from ..wire import openai_chat as chat
 from ..wire import openai_responses as responses
 from ..wire.results import ResultsCodec, RetrieveCodec, openai_line
@@ -30,6 +30,7 @@ class OpenAI:
     own_credentials_only = False
     subscription_prefixes = ()
     transport = None
+    stream_framing = staticmethod(sse_only)  # streams are server-sent events
     query_credential = None
     version_in_base_url = True
     apis = MappingProxyType({a.name: a for a in (
