@@ -305,7 +305,6 @@ def test_a_quiet_tunnel_is_not_an_idle_connection(own_gateway, tmp_path, tls):
     gateway could see; silent longer than the request head timeout, it stays open."""
     import base64
     import socket
-    import ssl
     import threading
     import time
 

@@ -12,8 +12,7 @@ import uuid
 
 import duckdb
 import pytest
-
-from aibridge_gw.store import deadletters, writer
+from aibridge_gw.store import codec, deadletters, writer
 from aibridge_gw.store.process import WriterProcess
 from aibridge_gw.store.rows import INTERCEPTIONS, USERS, interception_end
 from aibridge_gw.store.writer import Store
@@ -301,8 +300,8 @@ def test_an_end_whose_start_never_arrived_is_dead_lettered_not_dropped_and_repla
 
 
 def test_text_postgresql_cannot_hold_is_stored_escaped():
-    assert writer.clean_text("gpt-4o\x00") == "gpt-4o\\x00"
-    assert writer.clean_text("a\udcffb") == "a\\xffb" and writer.clean_text("plain") == "plain"
+    assert codec.clean_text("gpt-4o\x00") == "gpt-4o\\x00"
+    assert codec.clean_text("a\udcffb") == "a\\xffb" and codec.clean_text("plain") == "plain"
 
 
 def test_a_spool_deleted_under_the_writer_is_written_again_from_what_is_held(tmp_path, monkeypatch, fast_retry):

@@ -209,7 +209,7 @@ def test_metrics_add_up_every_workers_counts_whichever_worker_is_scraped(workers
     mock.default = Reply.json(anthropic_message("ok", (11, 5)))
     _known_everywhere(gw, token)  # 8 calls with the prompt "probe"
     assert [_call(gw, token, f"m{n}") for n in range(12)] == [200] * 12
-    rows = gw.wait_for("SELECT * FROM aibridge_interceptions WHERE status = 'completed'", lambda rows: len(rows) >= 20)
+    gw.wait_for("SELECT * FROM aibridge_interceptions WHERE status = 'completed'", lambda rows: len(rows) >= 20)
     time.sleep(0.5)
     completed = len(gw.sql("SELECT id FROM aibridge_interceptions WHERE status = 'completed'"))
     import re

@@ -17,7 +17,7 @@ from pathlib import Path
 from mitmproxy import ctx, http, io
 
 from ..files import private_file
-from ..flow.state import STATE_KEY, state_of
+from ..flow.state import LIVE_KEYS, state_of
 from ..policy.auth import SECRET_HEADERS, mask
 from .runtime import Runtime
 
@@ -40,7 +40,8 @@ def _redact(value: bytes) -> bytes:
 def redacted_copy(flow: http.HTTPFlow) -> http.HTTPFlow:
     """A copy of the flow whose credential headers are replaced by masked hints (one pass over the headers)."""
     copy = flow.copy()
-    copy.metadata.pop(STATE_KEY, None)  # live handles, never saved
+    for key in LIVE_KEYS:  # live handles, never saved
+        copy.metadata.pop(key, None)
     fields = copy.request.headers.fields
     if any(name.lower() in REDACTED_HEADERS for name, _ in fields):
         copy.request.headers.fields = tuple(

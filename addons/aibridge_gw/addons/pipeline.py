@@ -32,7 +32,7 @@ from ..flow.exchange import BadRequest, ResponseSummary, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
-from ..flow.routing import BadPath, Route
+from ..flow.routing import Route
 from ..flow.state import STATE_KEY, FlowState, Outcome, state_of
 from ..flow.tap import StreamTap
 from ..flow.upstream_faults import ClientEnding
@@ -183,20 +183,15 @@ class Pipeline:
     def _route(self, flow: http.HTTPFlow) -> Route | None:
         """The provider endpoint this request is for; None (with an answer on the flow, unless it is not the
         pipeline's: the gateway's own endpoints, or proxied traffic to other hosts) when there is none."""
-        req, router = flow.request, self.rt.router
-        try:
-            if self.proxy.is_ours(flow):
-                route = router.match_prefix(req.path, req.method)
-                if route is None:
-                    flow.response = error_response(
-                        None, 404, f"no provider is served at {printable(req.path.split('?')[0])!r}; use "
-                        f"/<provider>/… (configured: {', '.join('/' + p.name for p in self.rt.config.providers)})")
-                return route
-            ai_host = self.proxy.ai_host(flow)
-            return router.match_host(ai_host, req.path, req.method) if ai_host else None
-        except BadPath as e:
-            flow.response = error_response(self.proxy.provider_type(flow), 400, f"aibridge: bad request path: {e}")
+        target = self.proxy.target(flow)
+        if target.bad_path is not None:
+            flow.response = error_response(target.provider_type, 400, f"aibridge: bad request path: {target.bad_path}")
             return None
+        if target.route is None and target.ours:
+            flow.response = error_response(
+                None, 404, f"no provider is served at {printable(flow.request.path.split('?')[0])!r}; use "
+                f"/<provider>/… (configured: {', '.join('/' + p.name for p in self.rt.config.providers)})")
+        return target.route
 
     def _identify(self, flow: http.HTTPFlow, route: Route, hv: dict[str, str]) -> Identity | None:
         proxy_actor = self.proxy.actor(flow)

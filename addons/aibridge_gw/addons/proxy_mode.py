@@ -13,7 +13,7 @@ from mitmproxy.proxy import commands, events, layer, layers
 
 from ..flow.errors import error_response
 from ..flow.routing import BadPath
-from ..flow.state import state_of
+from ..flow.state import TARGET_KEY, Target, state_of, target_of
 from ..logsafe import printable
 from ..policy.auth import Actor, hash_token, proxy_token
 from .patches import ABSOLUTE, ORIGIN, request_form
@@ -167,7 +167,48 @@ class ProxyMode:
 
     # --- questions the pipeline asks -----------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self.rt.router is not None:
+            self.target(flow)  # classified on the head as the client sent it, before any addon changes the flow
+
+    def target(self, flow: http.HTTPFlow) -> Target:
+        """What this request is (the gateway's own, an AI endpoint's, or egress) and its route: decided on first
+        asking, then kept on the flow."""
+        got = target_of(flow)
+        if got is None:
+            got = self._classify(flow)
+            if self.rt.router is not None:  # no config yet: asked again once there is one
+                flow.metadata[TARGET_KEY] = got
+        return got
+
     def is_ours(self, flow: http.HTTPFlow) -> bool:
+        return self.target(flow).ours
+
+    def ai_host(self, flow: http.HTTPFlow) -> str | None:
+        return self.target(flow).ai_host
+
+    def provider_type(self, flow: http.HTTPFlow) -> str | None:
+        """The provider type whose error format answers this request (None: the gateway's own)."""
+        return self.target(flow).provider_type
+
+    def _classify(self, flow: http.HTTPFlow) -> Target:
+        router, req = self.rt.router, flow.request
+        if router is None:
+            return Target(False, None, None)
+        ours = self._ours(flow)
+        host = None if ours else self._ai_host(flow)
+        try:
+            if ours:
+                route = router.match_prefix(req.path, req.method)
+            else:
+                route = router.match_host(host, req.path, req.method) if host else None
+        except BadPath as e:
+            prov = router.by_prefix.get(req.path.lstrip("/").split("/")[0]) if ours else router.by_host.get(
+                (host or req.host or "").lower().rstrip("."))
+            return Target(ours, host, None, str(e), prov.type if prov else None)
+        return Target(ours, host, route, None, route.provider.type if route else None)
+
+    def _ours(self, flow: http.HTTPFlow) -> bool:
         """Requests for the gateway itself (base-URL mode and its own endpoints), whatever their Host header says.
         An origin-form request on the listener always is; an absolute-form one (a plain-HTTP proxy request) only
         when it names the listener's port and one of the gateway's paths. Never a request inside a CONNECT tunnel."""
@@ -183,7 +224,7 @@ class ProxyMode:
             return to_listener and self.rt.router.is_prefixed(req.path)
         return self.rt.router.is_prefixed(req.path) or to_listener  # HTTP/2: no request line to tell by
 
-    def ai_host(self, flow: http.HTTPFlow) -> str | None:
+    def _ai_host(self, flow: http.HTTPFlow) -> str | None:
         """The AI host a proxied request is for: its target when that is an AI endpoint, or, inside a tunnel opened
         to a bare IP address, the TLS server name the client asked for on a provider port (the gateway decrypted
         the tunnel because of that name)."""
@@ -194,21 +235,6 @@ class ProxyMode:
         if sni and flow.client_conn.id in self.tunnels and router.is_ai_endpoint(sni, req.port):
             return sni
         return None
-
-    def provider_type(self, flow: http.HTTPFlow) -> str | None:
-        """The provider type whose error format answers this request (None: the gateway's own)."""
-        router, req = self.rt.router, flow.request
-        try:
-            if self.is_ours(flow):
-                route = router.match_prefix(req.path, req.method)
-            else:
-                host = self.ai_host(flow)
-                route = router.match_host(host, req.path, req.method) if host else None
-        except BadPath:
-            prov = router.by_prefix.get(req.path.lstrip("/").split("/")[0]) or router.by_host.get(
-                (req.host or "").lower())
-            return prov.type if prov else None
-        return route.provider.type if route else None
 
     def actor(self, flow: http.HTTPFlow) -> Actor | None:
         """The user named by proxy credentials (at CONNECT, or on this plain-HTTP request), looked up now: a token

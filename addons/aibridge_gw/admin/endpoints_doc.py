@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..apis import PROVIDERS, WIRE_APIS
-from ..flow.objects import CREATED, WATCHED
+from ..flow.objects import WATCHED
 
 BEGIN, END = "<!-- endpoints:begin (generated: python -m aibridge_gw.admin.endpoints_doc --write docs/endpoints.md) -->", \
     "<!-- endpoints:end -->"

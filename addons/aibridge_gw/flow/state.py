@@ -20,6 +20,23 @@ from .routing import Route
 from .tap import StreamTap
 
 STATE_KEY = "aibridge.state"
+TARGET_KEY = "aibridge.target"
+LIVE_KEYS = (STATE_KEY, TARGET_KEY)  # never saved with a flow (see capture.redacted_copy)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request is, decided once per flow when its head arrives (`ProxyMode.target`) and never again, so
+    every addon answers the same way about it, before and after the pipeline rewrites its path for upstream."""
+
+    ours: bool  # addressed to the gateway itself: base-URL mode and /aibridge (never inside a CONNECT tunnel)
+    ai_host: str | None  # proxied to this AI endpoint (None: ours, or egress to another host)
+    route: Route | None  # the provider endpoint it maps to (None: none, or the path is not canonical)
+    bad_path: str | None = None  # why the path could not be made canonical
+    provider_type: str | None = None  # whose error format answers it (None: the gateway's own)
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # routing handles stay with the live flow, like FlowState
 
 
 @dataclass(slots=True)
@@ -60,6 +77,10 @@ class FlowState:
     def __deepcopy__(self, memo) -> None:
         """Live handles stay with the live flow: a copy (capture, `-w`) carries only the recorded facts."""
         return None
+
+
+def target_of(flow: http.HTTPFlow) -> Target | None:
+    return flow.metadata.get(TARGET_KEY)
 
 
 def state_of(flow: http.HTTPFlow) -> FlowState | None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import duckdb
 
 from ..logsafe import install_log_redaction
-from .ops import ALL_OPS
 from .codec import decode_records
+from .ops import ALL_OPS
 from .writer import Store
 
 CONNECTION_FLUSH_TIMEOUT = 30.0

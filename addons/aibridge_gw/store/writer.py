@@ -48,12 +48,8 @@ from .codec import (
     _clean_values,
     _datetime,
     _encode,
-    clean_json,
-    clean_text,
     decode_batch,
-    decode_records,
     encode_batch,
-    scrub,
 )
 from .lockdown import lock_down
 from .rows import COLUMNS, END_COLUMNS, KEPT_UNLESS_SET, EndInterception, Insert
