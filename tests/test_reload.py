@@ -117,6 +117,40 @@ def test_a_bad_file_is_refused_and_the_running_configuration_stays(own_gateway, 
     assert 'aibridge_config_reloads_total{result="refused"} 3.0' in metrics
 
 
+def wait_for_log(gw: Gateway, expect: str, count: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while gw.log().count(expect) < count:
+        assert gw.proc.poll() is None, "the gateway exited"
+        assert time.monotonic() < deadline, f"fewer than {count} {expect!r} in the log:\n{gw.log()[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_reload_watch_applies_a_changed_file_and_refuses_a_bad_one_without_a_signal(own_gateway, mock):
+    gw = own_gateway("watch", providers=providers(mock.url, "anthropic"),
+                     extra={"reload": {"watch": True, "watch_interval_seconds": 0.2}})
+    token = gw.new_user("watcher")
+    mock.check = by_model({"gpt-4o-mini": Reply.json(chat_completion("ok", (4, 2), model="gpt-4o-mini"))})
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        assert raw_call(s, gw.port, token, "/openai/v1/chat/completions", CHAT).split()[1] == b"404"
+    rewrite(gw, providers=providers(mock.url, "anthropic", "openai"))
+    wait_for_log(gw, "configuration reloaded (file changed)", 1)
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        assert raw_call(s, gw.port, token, "/openai/v1/chat/completions", CHAT).split()[1] == b"200"
+    good = gw.config_path.read_text()
+    gw.config_path.write_text(good + "retention_day: 3\n")
+    wait_for_log(gw, "configuration reload (file changed) refused", 1)
+    time.sleep(1)  # the same bad file is refused once, not on every check
+    assert gw.log().count("configuration reload (file changed) refused") == 1
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:  # the running configuration stays
+        assert raw_call(s, gw.port, token, "/openai/v1/chat/completions", CHAT).split()[1] == b"200"
+    fixed = yaml.safe_load(good)
+    fixed["providers"] = providers(mock.url, "anthropic")
+    gw.config_path.write_text(yaml.safe_dump(fixed))  # the next change is read again
+    wait_for_log(gw, "configuration reloaded (file changed)", 2)
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        assert raw_call(s, gw.port, token, "/openai/v1/chat/completions", CHAT).split()[1] == b"404"
+
+
 def test_the_workers_supervisor_forwards_sighup_to_every_worker(tmp_path, mock):
     gw = Gateway(tmp_path / "w", mock.url, providers=providers(mock.url, "anthropic"), workers=2).start()
     try:

@@ -164,6 +164,12 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class ReloadSettings:
+    watch: bool = False  # reload when a watched file changes (SIGHUP always reloads)
+    watch_interval_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
 class BreakerSettings:
     failures: int = 5
     open_seconds: float = 30.0
@@ -206,11 +212,17 @@ class Config:
     limits: LimitSettings = LimitSettings()
     timeouts: Timeouts = Timeouts()
     budgets: BudgetSettings = BudgetSettings()
+    reload: ReloadSettings = ReloadSettings()
     public_host_notes: tuple[str, ...] = ()  # start-up log lines: which instance takes each public host
 
     @property
     def duckdb_path(self) -> Path:
         return self.storage.duckdb
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The files a reload reads: the config file and the files it names (watched with `reload.watch`)."""
+        return tuple(p for p in (self.path, self.pricing) if p is not None)
 
 
 def expand_env(value):
@@ -363,6 +375,7 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
                           shutdown_grace=t.shutdown_grace_seconds,
                           drain_after_disconnect=t.drain_after_disconnect_seconds,
                           request_head=t.request_head_seconds),
+        reload=ReloadSettings(f.reload.watch, f.reload.watch_interval_seconds),
         public_host_notes=tuple(notes),
     )
 

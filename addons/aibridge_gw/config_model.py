@@ -141,6 +141,11 @@ class LoggingFile(Section):
     interceptions_json: str | None = Field(None, description="one JSON line per interception: a path, or - for stdout")
 
 
+class ReloadFile(Section):
+    watch: bool = Field(False, description="reload when the config file (or a file it names) changes, as on SIGHUP")
+    watch_interval_seconds: float = Field(2.0, ge=0.1, le=3600, description="how often watched files are checked")
+
+
 class BreakerFile(Section):
     failures: int = Field(5, ge=1, description="consecutive provider failures that open the circuit")
     open_seconds: Seconds = Field(30.0, description="how long an open circuit refuses")
@@ -198,6 +203,7 @@ class ConfigFile(Section):
     limits: LimitsFile = Field(default_factory=LimitsFile)
     timeouts: TimeoutsFile = Field(default_factory=TimeoutsFile)
     budgets: BudgetsFile = Field(default_factory=BudgetsFile)
+    reload: ReloadFile = Field(default_factory=ReloadFile)
 
 
 def validate(raw: dict) -> ConfigFile:

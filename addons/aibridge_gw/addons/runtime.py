@@ -159,6 +159,7 @@ class Runtime:
         self.on_reload: list = []  # addons whose settings come from the config: called after a reload
         self._reload_lock = asyncio.Lock()
         self._reloads: set = set()
+        self._watcher: asyncio.Task | None = None  # reload.watch: reloads when a file the config reads changes
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -224,6 +225,7 @@ class Runtime:
             except Exception:
                 log.exception("aibridge: applying the reloaded configuration failed in part")
         self.metrics.reloads.labels("applied").inc()
+        self._watch_if_asked()  # `reload.watch` turned on by this reload
         log.info("aibridge: configuration reloaded (%s) from %s: %d provider(s) [%s]", why, config.path,
                  len(config.providers), ", ".join(p.name for p in config.providers))
         return True
@@ -525,6 +527,29 @@ class Runtime:
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests): no signal
             pass
 
+    async def _watch_files(self) -> None:
+        """`reload.watch`: a changed config file (or a file it names: the price table) is reloaded as on SIGHUP,
+        once the change has held still for one interval (an editor's partial write is not read). A file that
+        changes to something unusable is refused like a bad SIGHUP, once: the next change is tried again. The
+        files and the interval follow the running config, so turning `watch` off in the file stops the watch."""
+        seen = await asyncio.to_thread(_file_marks, self.config.files)
+        while self.config.reload.watch:
+            await asyncio.sleep(self.config.reload.watch_interval_seconds)
+            now = await asyncio.to_thread(_file_marks, self.config.files)
+            if now == seen:
+                continue
+            await asyncio.sleep(self.config.reload.watch_interval_seconds)
+            settled = await asyncio.to_thread(_file_marks, self.config.files)
+            if settled != now:
+                continue  # still being written: looked at again next round
+            await self._reload_once("file changed")
+            seen = await asyncio.to_thread(_file_marks, self.config.files)
+        self._watcher = None
+
+    def _watch_if_asked(self) -> None:
+        if self.config is not None and self.config.reload.watch and self._watcher is None and ctx.options.server:
+            self._watcher = asyncio.create_task(self._watch_files())
+
     async def _reload_once(self, why: str) -> None:
         """One reload at a time: a second SIGHUP while one runs reloads again after it (the file may have changed
         since the first read)."""
@@ -552,6 +577,7 @@ class Runtime:
         if (self.mcp is not None or self.pools) and self.loop is None:
             await self._start_loop()
         self._listen_for_reload()
+        self._watch_if_asked()
         addrs = []
         try:
             addrs = ctx.master.addons.get("proxyserver").listen_addrs()
@@ -584,6 +610,9 @@ class Runtime:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self.store is not None:
             if self.worker is None:
                 remove_runtime_file(self.store.path, self.control_secret)
@@ -613,3 +642,15 @@ class Runtime:
             provider_type, 429, f"aibridge: too many failed token checks from {address}; retry in {wait} s",
             {"retry-after": str(wait)})
         return True
+
+
+def _file_marks(paths) -> tuple:
+    """What tells a file changed: its inode (an editor's rename), size and modification time; None if absent."""
+    marks = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            marks.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            marks.append(None)
+    return tuple(marks)
