@@ -1,0 +1,1 @@
+"""Policy layer: rules, detectors, redaction and guardrails that decide what a call may do (issue #24)."""
