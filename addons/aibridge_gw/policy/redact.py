@@ -35,12 +35,13 @@ def mask(text: str, findings: Iterable[Finding]) -> str:
 
 
 def merge(findings: Iterable[Finding]) -> list[tuple[int, int, str]]:
-    """Overlapping findings as one span, typed by its first finding (earliest, longest, a named format first)."""
+    """Overlapping findings as one span, typed by its earliest finding of a named format (a keyword-assigned
+    `high-entropy` value only when nothing more specific overlaps it)."""
     spans: list[tuple[int, int, str]] = []
-    for f in sorted(findings, key=lambda f: (f.start, -f.end, f.type == "high-entropy")):
+    for f in sorted(findings, key=lambda f: (f.start, -f.end)):
         if spans and f.start < spans[-1][1]:
             start, end, kind = spans[-1]
-            spans[-1] = (start, max(end, f.end), kind)
+            spans[-1] = (start, max(end, f.end), f.type if kind == "high-entropy" else kind)
         else:
             spans.append((f.start, f.end, f.type))
     return spans
