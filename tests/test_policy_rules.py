@@ -1,8 +1,11 @@
 """Policy rules: config refusals that name the rule and the key, each action and the order they combine in,
-monitor mode, failing open or closed, safe defaults for unknown facts, and a stable policy version."""
+monitor mode, failing open or closed, safe defaults for unknown facts, and a stable policy version; guardrails
+against a loopback stand-in, including one that hangs."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import statistics
 import time
 
@@ -11,7 +14,8 @@ import yaml
 
 from aibridge_gw import config_model
 from aibridge_gw.policy.detectors import Scan
-from aibridge_gw.policy.rules import Policy, load_policies_file, policy_version
+from aibridge_gw.policy.guardrails import Guardrails
+from aibridge_gw.policy.rules import Policy, Verdict, load_policies_file, policy_version
 
 AWS_KEY_ID = "AKIA" + "IOSFODNN7EXAMPLE"
 
@@ -254,3 +258,128 @@ def test_ten_rules_evaluate_well_within_a_loose_bound():
         p.evaluate("request", facts, scan)
         times.append(time.perf_counter() - started)
     assert statistics.median(times) < 0.005  # loose, never flaky: measured numbers are in the commit report
+
+
+class GuardrailStandIn:
+    """A guardrail service on 127.0.0.1: the path chooses the answer (/hang never answers); it keeps what it got."""
+
+    ANSWERS = {
+        "/allow": (200, {"action": "allow"}),
+        "/deny": (200, {"action": "deny", "message": "DLP: customer data"}),
+        "/tag": (200, {"action": "tag", "tags": {"dlp": "checked"}}),
+        "/redact": (200, {"action": "redact", "detectors": ["pii"]}),
+        "/garbage": (200, "not a decision"),
+        "/bad-action": (200, {"action": "explode"}),
+        "/error": (500, {"action": "allow"}),
+    }
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict, dict]] = []
+        self.handlers: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handlers.add(asyncio.current_task())
+        try:
+            await self._answer(reader, writer)
+        finally:
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+        path = head[0].split(" ")[1]
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+        self.received.append((path, json.loads(await reader.readexactly(int(headers["content-length"]))), headers))
+        if path == "/hang":
+            await asyncio.sleep(60)
+        status, answer = self.ANSWERS[path]
+        body = json.dumps(answer).encode()
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+
+
+def guardrails_of(base: str, *entries: dict, **section) -> Guardrails:
+    items = [{"hook": "request", "timeout_ms": 2000, **e, "url": base + e["url"]} for e in entries]
+    return Guardrails(config_model.validate({"policies": {"guardrails": items, **section}}).policies)
+
+
+@pytest.mark.integration  # a loopback HTTP stand-in
+def test_guardrails_are_posted_the_facts_and_their_answers_combine_like_rules():
+    async def main():
+        stand_in = GuardrailStandIn()
+        async with stand_in as base:
+            g = guardrails_of(base, {"name": "label", "url": "/tag"}, {"name": "dlp", "url": "/deny",
+                                                                        "headers": {"authorization": "Bearer t"}},
+                              {"name": "second-deny", "url": "/deny"}, {"name": "mask", "url": "/redact"})
+            rules_verdict = policy(rule("mask-secrets", "true", "redact")).evaluate("request", {})
+            v = await g.evaluate("request", {"user": {"name": "bob"}, "model": "m", "prompt": "hi",
+                                             "messages": [{"role": "user", "content": "hi"}]}, rules_verdict)
+            await g.aclose()
+        assert v.denied.rule == "dlp" and v.denied.message == "DLP: customer data"
+        assert v.tags == {"dlp": "checked"} and v.redact == ("secrets", "pii")
+        assert [(d.rule, d.action, d.enforced) for d in v.decisions] == [
+            ("mask-secrets", "redact", True), ("label", "tag", True), ("dlp", "deny", True),
+            ("second-deny", "deny", True), ("mask", "redact", True)]
+        sent = {doc["guardrail"]: (doc, headers) for _, doc, headers in stand_in.received}
+        assert set(sent) == {"label", "dlp", "second-deny", "mask"}  # all asked, concurrently
+        doc, headers = sent["dlp"]
+        assert headers["authorization"] == "Bearer t" and "authorization" not in sent["label"][1]
+        assert doc["hook"] == "request" and doc["model"] == "m"
+        assert doc["user"] == {"name": "bob", "id": "", "role": "", "groups": []} and doc["prompt"] == "hi"
+        assert "messages" not in doc and "headers" not in doc
+
+    asyncio.run(main())
+
+
+@pytest.mark.integration  # a loopback HTTP stand-in
+@pytest.mark.parametrize(("path", "reason"), [
+    ("/hang", "no answer within 200 ms"), ("/garbage", "an answer without an action"),
+    ("/bad-action", "an answer without an action"), ("/error", "status 500"),
+])
+def test_a_guardrail_that_hangs_errs_or_answers_nonsense_follows_its_fail(path, reason):
+    async def main():
+        async with GuardrailStandIn() as base:
+            g = guardrails_of(base, {"name": "closed", "url": path, "timeout_ms": 200},
+                              {"name": "open", "url": path, "timeout_ms": 200, "fail": "open"})
+            started = time.perf_counter()
+            v = await g.evaluate("request", {})
+            elapsed = time.perf_counter() - started
+            await g.aclose()
+        assert elapsed < 5  # the hang costs its timeout, not the stand-in's minute
+        assert v.denied.rule == "closed" and v.denied.action == "error"
+        assert v.denied.message.startswith(f"guardrail closed failed ({reason}")
+        assert v.denied.message.endswith("; refused because it fails closed")
+        assert [(d.rule, d.action, d.enforced) for d in v.decisions] == [("closed", "error", True),
+                                                                          ("open", "error", False)]
+
+    asyncio.run(main())
+
+
+@pytest.mark.integration  # a loopback HTTP stand-in
+def test_an_unreachable_or_monitored_guardrail_changes_nothing_when_it_may_not():
+    async def main():
+        async with GuardrailStandIn() as base:
+            port = base.rsplit(":", 1)[1]
+        g = guardrails_of(f"http://127.0.0.1:{port}", {"name": "gone", "url": "/deny", "fail": "open"})
+        v = await g.evaluate("request", {})
+        await g.aclose()
+        assert v.allowed and v.decisions[0].action == "error" and "ConnectError" in v.decisions[0].message
+        async with GuardrailStandIn() as base:
+            g = guardrails_of(base, {"name": "dlp", "url": "/deny"}, mode="monitor")
+            v = await g.evaluate("request", {})
+            assert await g.evaluate("tool", {}) == Verdict("tool", g.version)  # no guardrail on that hook
+            await g.aclose()
+        assert v.allowed and [(d.rule, d.action, d.enforced) for d in v.decisions] == [("dlp", "deny", False)]
+
+    asyncio.run(main())

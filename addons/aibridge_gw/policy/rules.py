@@ -153,7 +153,7 @@ class _HookContext:
     def load(self, variables: dict[str, Any], scan: Scan) -> None:
         self.scan = scan
         for name in self.variables:
-            value = _value(name, variables.get(name))
+            value = variable_value(name, variables.get(name))
             seen = _fingerprint(value)
             if seen is None or self._seen.get(name, _UNSEEN) != seen:
                 self.context.add_variable(name, value)
@@ -282,7 +282,7 @@ class Policy:
         return spec.action in ("allow", "deny")
 
 
-def _value(name: str, given: Any) -> Any:
+def variable_value(name: str, given: Any) -> Any:
     """A variable as CEL sees it: the default when unknown; a map's missing or null fields filled in; headers
     with lower-case names; a tool's input as the JSON object it holds when it parses, else the raw string."""
     default = VARIABLES[name]
