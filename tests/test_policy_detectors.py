@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from aibridge_gw.policy.detectors import Finding, Scan, pii, secrets
+from aibridge_gw import config_model
+from aibridge_gw.policy.detectors import DETECTORS, Finding, Scan, pii, secrets
 from aibridge_gw.policy.redact import mask, redact_body, redact_text
 
 # Secret-shaped values are assembled here so the file itself holds no literal credential.
@@ -191,3 +192,7 @@ def test_an_openai_body_keeps_valid_json_tool_arguments_once_masked():
     assert sorted(types) == ["card", "email", "jwt"]
     only_secrets, types = redact_body(body, ["secrets"])
     assert "4111 1111 1111 1111" in only_secrets["messages"][0]["content"] and types == ["jwt"]
+
+
+def test_the_detector_functions_conditions_may_call_are_the_detectors_there_are():
+    assert tuple(DETECTORS) == config_model.DETECTOR_FUNCTIONS

@@ -50,7 +50,8 @@ def problems(raw: dict) -> list[str]:
 
 
 @pytest.mark.parametrize(("rules", "message"), [
-    ([{**rule("a"), "mesage": "x"}], "policies.rules[0].mesage: unknown key; did you mean `policies.rules[0].message`?"),
+    ([{**rule("a"), "mesage": "x"}],
+     "policies.rules[0].mesage: unknown key; did you mean `policies.rules[0].message`?"),
     ([rule("a"), rule("broken", when='model == "x" &&')],
      "policies.rules[1].when: rule `broken`: CEL does not compile: 1:16: Syntax error"),
     ([rule("typo", when='usr.name == "bob"')],

@@ -11,8 +11,11 @@ for instances of that type.
 from __future__ import annotations
 
 import difflib
+import re
+from functools import lru_cache
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import cel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .apis import PROVIDERS
@@ -181,6 +184,73 @@ class BudgetsFile(Section):
     users: dict[str, LimitValues] = Field(default_factory=dict, description="limits of named users")
 
 
+# Policy rule conditions (CEL): the vocabulary is declared here, with the keys, so `config check` refuses a rule
+# that names a variable or function the engine (policy.rules) does not provide.
+
+CONDITION_VARIABLES: dict[str, Any] = {
+    "user": {"name": "", "id": "", "role": "", "groups": []},
+    "client": "",
+    "session": "",
+    "provider": "",
+    "api": "",
+    "model": "",
+    "prompt": "",  # the last user text
+    "messages": [],
+    "tools": [],  # names of the tools the request offers
+    "headers": {},  # lower-case names
+    "tool": {"name": "", "input": {}, "injected": False},
+    "usage": {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_write_input_tokens": 0},
+}
+"""Every variable a condition may use, with the value it has when the caller does not know it (a map's missing
+fields too), so a condition never meets an undefined variable."""
+
+CEL_FUNCTIONS = frozenset({
+    "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bytes", "type",
+    "dyn", "timestamp", "duration", "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate",
+    "getDayOfWeek", "getHours", "getMinutes", "getSeconds", "getMilliseconds", "of", "none", "hasValue", "value",
+    "orValue", "or",
+})
+"""The standard functions of the cel library's runtime (its operators and macros aside)."""
+CEL_NAMES = frozenset({"int", "uint", "double", "string", "bytes", "bool", "list", "map", "null_type", "type",
+                       "optional"})
+DETECTOR_FUNCTIONS = ("secrets", "pii")
+"""Functions a condition may call that return the finding types of a text (policy.detectors implements them)."""
+_BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+
+
+@lru_cache(maxsize=4096)
+def compile_condition(source: str) -> cel.Program:
+    return cel.compile(source)
+
+
+def check_condition(source: str) -> str | None:
+    """Why a condition cannot be used (it does not compile, or names an unknown variable or function), or None."""
+    try:
+        program = compile_condition(source)
+    except ValueError as e:
+        return f"CEL does not compile: {_syntax_error(str(e))}"
+    bound = set(_BOUND.findall(source))
+    for name in program.variables():
+        if name not in CONDITION_VARIABLES and name not in bound and name not in CEL_NAMES:
+            return f"unknown variable `{name}`{_hint(name, CONDITION_VARIABLES)}"
+    for name in program.functions():
+        if name[0] not in "_@!-" and name not in CEL_FUNCTIONS and name not in DETECTOR_FUNCTIONS:
+            return f"unknown function `{name}`{_hint(name, [*DETECTOR_FUNCTIONS, *CEL_FUNCTIONS])}"
+    return None
+
+
+def _syntax_error(text: str) -> str:
+    """The cel library's parse error without its echo of the source: `1:14: Syntax error: …`."""
+    first = text.split("\n", 1)[0]
+    first = first.split("ERROR: <input>:", 1)[-1]
+    return first.split(" expecting ", 1)[0].strip()
+
+
+def _hint(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(sorted(known))})"
+
+
 Hook = Literal["request", "tool", "response"]
 Mode = Literal["enforce", "monitor"]
 Fail = Literal["open", "closed"]
@@ -211,8 +281,6 @@ class PolicyRuleFile(Section):
     @field_validator("when")
     @classmethod
     def _compiles(cls, v: str, info) -> str:
-        from .policy.rules import check_condition  # the engine owns the condition's vocabulary
-
         problem = check_condition(v)
         if problem:
             raise ValueError(f"rule `{info.data.get('name', '?')}`: {problem}")

@@ -175,7 +175,8 @@ SECRET_PLUGINS: tuple[_Plugin, ...] = (
     _Plugin("ibm-cloud-key", ibm_cloud_iam.IbmCloudIamDetector(), Gate(_KEY_WORDS, assigned=True)),
     _Plugin("ibm-cos-key", ibm_cos_hmac.IbmCosHmacDetector(), Gate(("secret",), assigned=True)),
     _Plugin("softlayer-key", softlayer.SoftlayerDetector(), Gate((*_KEY_WORDS, "softlayer"), assigned=True)),
-    _Keyword("high-entropy", keyword.KeywordDetector(), Gate((*_KEY_WORDS, "contrase"), assigned=True), patterns=_KEYWORD_PATTERNS),
+    _Keyword("high-entropy", keyword.KeywordDetector(), Gate((*_KEY_WORDS, "contrase"), assigned=True),
+             patterns=_KEYWORD_PATTERNS),
 )
 """Every detect-secrets plugin but two: the public-IP one (an address is not a secret) and the bare high-entropy
 string ones (hashes, ids and base64 data in code and prompts would all match; their entropy measure is used for

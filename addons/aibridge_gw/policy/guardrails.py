@@ -2,9 +2,9 @@
 
 The gateway POSTs a JSON document of the call's facts to each guardrail of the hook (all at once, each bounded by
 its `timeout_ms`) and expects `{"action": "allow" | "deny" | "redact" | "tag", "message": …, "tags": {…},
-"detectors": ["secrets" | "pii", …]}` (tags for tag; detectors, default both, for redact). A timeout, a connection error, a non-2xx status or an answer of another shape is the
-guardrail's failure and follows its `fail`: closed refuses the call like a deny, open lets it through; both are
-recorded as an `error` decision. The document leaves out `messages` and `headers`: the whole conversation is
+"detectors": ["secrets" | "pii", …]}` (tags for tag; for redact, the detectors to mask with, default both). A
+timeout, a connection error, a non-2xx status or an answer of another shape is the guardrail's failure and follows
+its `fail`: closed refuses the call like a deny, open lets it through; both are recorded as an `error` decision. The document leaves out `messages` and `headers`: the whole conversation is
 large, and headers carry credentials.
 """
 

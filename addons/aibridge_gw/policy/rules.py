@@ -1,9 +1,9 @@
 """Policy rules: CEL conditions over a call's facts, evaluated per hook into a `Verdict` of decisions.
 
-A condition is compiled once per distinct source (when the config is validated; the compiled program is reused
-across reloads) and refused then if it uses a variable or function the engine does not provide. Handing a value to
-CEL is the cost of an evaluation (about 1 µs per string or map key; running ten typical programs costs less than
-converting one user), so each hook keeps one `cel.Context` holding only the variables its rules reference, and a
+A condition is compiled once per distinct source (when the config is validated, by `config_model`, which owns the
+conditions' vocabulary; the compiled program is reused across reloads). Handing a value to CEL is the cost of an
+evaluation (about 1 µs per string or map key; running ten typical programs costs less than converting one user),
+so each hook keeps one `cel.Context` holding only the variables its rules reference, and a
 variable is converted again only when its value differs from the previous call's (the same user, model or tool
 list in a row costs a comparison). `secrets()` and `pii()` answer from the request's `Scan`, so each text is
 scanned once however many rules (and the redaction that follows) ask.
@@ -11,85 +11,22 @@ scanned once however many rules (and the redaction that follows) ask.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import re
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import cel
 import yaml
 
-from ..config_model import PoliciesFile, PolicyRuleFile, validate_policies
+from ..config_model import (
+    CONDITION_VARIABLES, PoliciesFile, PolicyRuleFile, compile_condition, validate_policies,
+)
 from .detectors import DETECTORS, Scan, types_of
 
 HOOKS = ("request", "tool", "response")
-
-VARIABLES: dict[str, Any] = {
-    "user": {"name": "", "id": "", "role": "", "groups": []},
-    "client": "",
-    "session": "",
-    "provider": "",
-    "api": "",
-    "model": "",
-    "prompt": "",  # the last user text
-    "messages": [],
-    "tools": [],  # names of the tools the request offers
-    "headers": {},  # lower-case names
-    "tool": {"name": "", "input": {}, "injected": False},
-    "usage": {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_write_input_tokens": 0},
-}
-"""Every variable a condition may use, with the value it has when the caller does not know it (a map's missing
-fields too), so a condition never meets an undefined variable."""
-
-CEL_FUNCTIONS = frozenset({
-    "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bytes", "type",
-    "dyn", "timestamp", "duration", "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate",
-    "getDayOfWeek", "getHours", "getMinutes", "getSeconds", "getMilliseconds", "of", "none", "hasValue", "value",
-    "orValue", "or",
-})
-"""The standard functions of the cel library's runtime (its operators and macros aside)."""
-CEL_NAMES = frozenset({"int", "uint", "double", "string", "bytes", "bool", "list", "map", "null_type", "type",
-                       "optional"})
-_BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
-
-
-@lru_cache(maxsize=4096)
-def compile_condition(source: str) -> cel.Program:
-    return cel.compile(source)
-
-
-def check_condition(source: str) -> str | None:
-    """Why a condition cannot be used (it does not compile, or names an unknown variable or function), or None."""
-    try:
-        program = compile_condition(source)
-    except ValueError as e:
-        return f"CEL does not compile: {_syntax_error(str(e))}"
-    bound = set(_BOUND.findall(source))
-    for name in program.variables():
-        if name not in VARIABLES and name not in bound and name not in CEL_NAMES:
-            return f"unknown variable `{name}`{_hint(name, VARIABLES)}"
-    for name in program.functions():
-        if name[0] not in "_@!-" and name not in CEL_FUNCTIONS and name not in DETECTORS:
-            return f"unknown function `{name}`{_hint(name, [*DETECTORS, *CEL_FUNCTIONS])}"
-    return None
-
-
-def _syntax_error(text: str) -> str:
-    """The cel library's parse error without its echo of the source: `1:14: Syntax error: …`."""
-    first = text.split("\n", 1)[0]
-    first = first.split("ERROR: <input>:", 1)[-1]
-    return first.split(" expecting ", 1)[0].strip()
-
-
-def _hint(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(sorted(known))})"
-
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -214,10 +151,10 @@ class Policy:
             called = tuple(d for d in DETECTORS if d in program.functions())
             self._rules[spec.hook].append(
                 _Rule(spec, program, (spec.mode or policies.mode) == "enforce", called or tuple(DETECTORS)))
-        self._contexts = {
-            hook: _HookContext(sorted({v for r in rules for v in r.program.variables() if v in VARIABLES}),
-                               sorted({f for r in rules for f in r.program.functions() if f in DETECTORS}))
-            for hook, rules in self._rules.items()}
+        self._contexts = {hook: _HookContext(
+            sorted({v for r in rules for v in r.program.variables() if v in CONDITION_VARIABLES}),
+            sorted({f for r in rules for f in r.program.functions() if f in DETECTORS}),
+        ) for hook, rules in self._rules.items()}
         self._lock = threading.Lock()  # a hook's context is shared state between calls
 
     def evaluate(self, hook: str, variables: dict[str, Any], scan: Scan | None = None) -> Verdict:
@@ -285,7 +222,7 @@ class Policy:
 def variable_value(name: str, given: Any) -> Any:
     """A variable as CEL sees it: the default when unknown; a map's missing or null fields filled in; headers
     with lower-case names; a tool's input as the JSON object it holds when it parses, else the raw string."""
-    default = VARIABLES[name]
+    default = CONDITION_VARIABLES[name]
     if given is None:
         return default
     if name == "headers":
