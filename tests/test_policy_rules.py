@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from aibridge_gw import config_model
+from aibridge_gw.config_model import compile_condition
 from aibridge_gw.policy.detectors import Scan
 from aibridge_gw.policy.guardrails import Guardrails
 from aibridge_gw.policy.rules import Policy, Verdict, load_policies_file, policy_version
@@ -384,3 +385,23 @@ def test_an_unreachable_or_monitored_guardrail_changes_nothing_when_it_may_not()
         assert v.allowed and [(d.rule, d.action, d.enforced) for d in v.decisions] == [("dlp", "deny", False)]
 
     asyncio.run(main())
+
+
+def test_every_function_a_condition_may_name_exists_in_the_cel_runtime():
+    at = 'timestamp("2024-03-05T06:07:08.009Z")'
+    conditions = [
+        'size("ab") == 2 && "ab".contains("a") && "ab".startsWith("a") && "ab".endsWith("b") && "ab".matches("^a")',
+        'int("3") == 3 && uint(3) == 3u && double(1) == 1.0 && string(1) == "1" && bytes("a") == b"a"',
+        'type(1) == int && dyn(1) == 1 && duration("1s") == duration("1000ms")',
+        f"{at}.getFullYear() == 2024 && {at}.getMonth() == 2 && {at}.getDayOfYear() == 64 "
+        f"&& {at}.getDayOfMonth() == 4 && {at}.getDate() == 5 && {at}.getDayOfWeek() == 2 && {at}.getHours() == 6 "
+        f"&& {at}.getMinutes() == 7 && {at}.getSeconds() == 8 && {at}.getMilliseconds() == 9",
+        "optional.of(1).hasValue() && optional.of(1).value() == 1 && optional.none().orValue(2) == 2 "
+        "&& optional.none().or(optional.of(3)).value() == 3",
+        'messages.exists(m, m.role == "user") && tools.all(t, t != "")',
+    ]
+    named = {f for c in conditions for f in compile_condition(c).functions()}
+    assert config_model.CEL_FUNCTIONS <= named
+    p = policy(*(rule(f"c{n}", c, "tag", tags={f"c{n}": "ok"}) for n, c in enumerate(conditions)))
+    v = p.evaluate("request", {"messages": [{"role": "user"}], "tools": ["Bash"]})
+    assert v.tags == {f"c{n}": "ok" for n in range(len(conditions))}, v.decisions

@@ -66,9 +66,9 @@ class _Plugin:
             group = next((g for g in range(1, (m.re.groups or 0) + 1)
                           if m.group(g) and len(m.group(g)) >= 8), 0)
         start, end = m.span(group)
-        while start < end and text_delimiter(m.string[start]):
+        while start < end and _delimiter(m.string[start]):
             start += 1
-        while end > start and text_delimiter(m.string[end - 1]):
+        while end > start and _delimiter(m.string[end - 1]):
             end -= 1
         return (start, end) if end > start else None
 
@@ -84,7 +84,7 @@ class _Plugin:
         return start, end
 
 
-def text_delimiter(ch: str) -> bool:
+def _delimiter(ch: str) -> bool:
     return ch.isspace() or ch in "\"'`=:"
 
 
