@@ -6,7 +6,7 @@ and their false-positive heuristics, but not their `analyze_line`, which consult
 data are a few patterns of our own, each confirmed by its checksum (Luhn for cards, mod-97 for IBANs).
 
 Work is bounded: a text is scanned up to `SCAN_LIMIT` characters, and the library's slow case-insensitive
-patterns (keyword assignments and the like) only run on lines near one of their necessary words (`gate`), at most
+patterns (keyword assignments and the like) only run on lines near one of their necessary words (`Gate`), at most
 `GATED_LIMIT` characters of such lines per text.
 """
 
