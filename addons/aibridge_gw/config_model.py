@@ -11,9 +11,12 @@ for instances of that type.
 from __future__ import annotations
 
 import difflib
+import re
+from functools import lru_cache
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+import cel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .apis import PROVIDERS
 
@@ -186,6 +189,159 @@ class BudgetsFile(Section):
     users: dict[str, LimitValues] = Field(default_factory=dict, description="limits of named users")
 
 
+# Policy rule conditions (CEL): the vocabulary is declared here, with the keys, so `config check` refuses a rule
+# that names a variable or function the engine (policy.rules) does not provide.
+
+CONDITION_VARIABLES: dict[str, Any] = {
+    "user": {"name": "", "id": "", "role": "", "groups": []},
+    "client": "",
+    "session": "",
+    "provider": "",
+    "api": "",
+    "model": "",
+    "prompt": "",  # the last user text
+    "messages": [],
+    "tools": [],  # names of the tools the request offers
+    "headers": {},  # lower-case names
+    "tool": {"name": "", "input": {}, "injected": False},
+    "usage": {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_write_input_tokens": 0},
+}
+"""Every variable a condition may use, with the value it has when the caller does not know it (a map's missing
+fields too), so a condition never meets an undefined variable."""
+
+CEL_FUNCTIONS = frozenset({
+    "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bytes", "type",
+    "dyn", "timestamp", "duration", "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate",
+    "getDayOfWeek", "getHours", "getMinutes", "getSeconds", "getMilliseconds", "of", "none", "hasValue", "value",
+    "orValue", "or",
+})
+"""The standard functions of the cel library's runtime (its operators and macros aside)."""
+CEL_NAMES = frozenset({"int", "uint", "double", "string", "bytes", "bool", "list", "map", "null_type", "type",
+                       "optional"})
+DETECTOR_FUNCTIONS = ("secrets", "pii")
+"""Functions a condition may call that return the finding types of a text (policy.detectors implements them)."""
+_BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+
+
+@lru_cache(maxsize=4096)
+def compile_condition(source: str) -> cel.Program:
+    return cel.compile(source)
+
+
+def check_condition(source: str) -> str | None:
+    """Why a condition cannot be used (it does not compile, or names an unknown variable or function), or None."""
+    try:
+        program = compile_condition(source)
+    except ValueError as e:
+        return f"CEL does not compile: {_syntax_error(str(e))}"
+    bound = set(_BOUND.findall(source))
+    for name in program.variables():
+        if name not in CONDITION_VARIABLES and name not in bound and name not in CEL_NAMES:
+            return f"unknown variable `{name}`{_hint(name, CONDITION_VARIABLES)}"
+    for name in program.functions():
+        if name[0] not in "_@!-" and name not in CEL_FUNCTIONS and name not in DETECTOR_FUNCTIONS:
+            return f"unknown function `{name}`{_hint(name, [*DETECTOR_FUNCTIONS, *CEL_FUNCTIONS])}"
+    return None
+
+
+def _syntax_error(text: str) -> str:
+    """The cel library's parse error without its echo of the source: `1:14: Syntax error: …`."""
+    first = text.split("\n", 1)[0]
+    first = first.split("ERROR: <input>:", 1)[-1]
+    return first.split(" expecting ", 1)[0].strip()
+
+
+def _hint(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(sorted(known))})"
+
+
+Hook = Literal["request", "tool", "response"]
+Mode = Literal["enforce", "monitor"]
+Fail = Literal["open", "closed"]
+
+
+class PolicyRuleFile(Section):
+    """One policy rule. `fail` defaults to closed: a rule is a security control, and a condition that cannot be
+    evaluated (a missing field, a wrong type) must not let through what it was written to stop; write `fail: open`
+    for rules whose failure should cost nothing, like tagging."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="rule name, unique; decisions are recorded under it")
+    hook: Hook = Field(description="when it is evaluated: request (before the call), tool (each tool call), "
+                                   "response (after the answer)")
+    when: str = Field(description="CEL condition over the request (user, model, prompt, tool, usage, …; "
+                                  "secrets(text) and pii(text) list finding types); compiled when the config loads")
+    action: Literal["allow", "deny", "route", "redact", "tag"] = Field(
+        description="allow: stop evaluating; deny: refuse (first deny wins; not on response); route: rewrite the "
+                    "model or provider (request only; first route wins); redact: mask what the condition's "
+                    "detectors find, upstream and in the record; tag: label the record")
+    message: str | None = Field(None, description="shown to the client on deny, recorded with the decision")
+    model: str | None = Field(None, description="route: the model to use instead")
+    provider: str | None = Field(None, pattern=NAME_PATTERN, description="route: the provider instance to use instead")
+    tags: dict[str, str] = Field(default_factory=dict, description="tag: labels recorded with the interception "
+                                                                   "(name: value; the first rule to set a name wins)")
+    mode: Mode | None = Field(None, description="this rule's mode (unset: the policies' mode)")
+    fail: Fail = Field("closed", description="a condition that errors: closed acts as a deny, open as no match")
+
+    @field_validator("when")
+    @classmethod
+    def _compiles(cls, v: str, info) -> str:
+        problem = check_condition(v)
+        if problem:
+            raise ValueError(f"rule `{info.data.get('name', '?')}`: {problem}")
+        return v
+
+    @model_validator(mode="after")
+    def _action_keys(self) -> PolicyRuleFile:
+        if self.action == "route" and not (self.model or self.provider):
+            raise ValueError(f"rule `{self.name}`: route needs a model or a provider")
+        if self.action != "route" and (self.model or self.provider):
+            raise ValueError(f"rule `{self.name}`: model and provider are route targets (action is {self.action})")
+        if self.action == "tag" and not self.tags:
+            raise ValueError(f"rule `{self.name}`: tag needs tags (a mapping of name: value)")
+        if self.action != "tag" and self.tags:
+            raise ValueError(f"rule `{self.name}`: tags belong to action tag (action is {self.action})")
+        if self.hook == "response" and self.action in ("deny", "route"):
+            raise ValueError(f"rule `{self.name}`: {self.action} cannot act on a response (the answer exists, and "
+                             "may have been streamed); use it on hook request or tool")
+        if self.hook == "tool" and self.action == "route":
+            raise ValueError(f"rule `{self.name}`: route rewrites a request; use it on hook request")
+        return self
+
+
+class GuardrailFile(Section):
+    """An external check: the gateway POSTs the hook's facts as JSON and applies the decision it answers."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="guardrail name, unique among rules and guardrails")
+    hook: Hook = Field(description="when it is called: request, tool or response")
+    url: str = Field(pattern=r"^https?://", description="where the JSON document is POSTed")
+    timeout_ms: int = Field(500, ge=1, le=60_000, description="the whole call, at most")
+    headers: dict[str, str] = Field(default_factory=dict, description="headers sent with the call (e.g. a token)")
+    mode: Mode | None = Field(None, description="this guardrail's mode (unset: the policies' mode)")
+    fail: Fail = Field("closed", description="a timeout, error or malformed answer: closed acts as a deny, open as "
+                                             "allow")
+
+
+class PoliciesFile(Section):
+    """Policy rules and guardrails (issue #24)."""
+
+    mode: Mode = Field("enforce", description="enforce: apply decisions; monitor: record them and change nothing")
+    redact_stored: bool = Field(False, description="mask secrets in what is stored even when no rule redacts")
+    rules: list[PolicyRuleFile] = Field(default_factory=list, description="evaluated in order, per hook")
+    guardrails: list[GuardrailFile] = Field(default_factory=list, description="external checks")
+
+    @field_validator("rules", "guardrails")
+    @classmethod
+    def _unique_names(cls, v: list, info) -> list:
+        taken = {r.name: f"rules[{n}]" for n, r in enumerate(info.data.get("rules", []))} \
+            if info.field_name == "guardrails" else {}
+        for n, item in enumerate(v):
+            if item.name in taken:
+                raise ValueError(f"[{n}] name `{item.name}` is already used by {taken[item.name]}")
+            taken[item.name] = f"{info.field_name}[{n}]"
+        return v
+
+
 class ConfigFile(Section):
     """aibridge's configuration file (config/aibridge.yaml)."""
 
@@ -204,6 +360,16 @@ class ConfigFile(Section):
     timeouts: TimeoutsFile = Field(default_factory=TimeoutsFile)
     budgets: BudgetsFile = Field(default_factory=BudgetsFile)
     reload: ReloadFile = Field(default_factory=ReloadFile)
+    policies: PoliciesFile = Field(default_factory=PoliciesFile)
+    policies_file: str | None = Field(
+        None, description="a YAML file holding the policies mapping instead (relative to the config file)")
+
+    @field_validator("policies_file")
+    @classmethod
+    def _one_policy_source(cls, v: str | None, info) -> str | None:
+        if v is not None and info.data.get("policies", PoliciesFile()) != PoliciesFile():
+            raise ValueError("set policies or policies_file, not both")
+        return v
 
 
 def validate(raw: dict) -> ConfigFile:
@@ -212,6 +378,11 @@ def validate(raw: dict) -> ConfigFile:
         return ConfigFile.model_validate(_drop_null_sections(raw))
     except ValidationError as e:
         raise ConfigProblems([describe(err, raw) for err in e.errors()]) from None
+
+
+def validate_policies(raw: Any) -> PoliciesFile:
+    """A policies_file's content, checked as the `policies` section would be (errors name `policies.…`)."""
+    return validate({"policies": raw if raw is not None else {}}).policies
 
 
 def _drop_null_sections(raw: dict) -> dict:

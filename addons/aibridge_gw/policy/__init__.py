@@ -1,1 +1,2 @@
-"""Who may do what: gateway tokens, budgets, circuit breakers, throttles and egress rules."""
+"""Who may do what: gateway tokens, budgets, circuit breakers, throttles, egress rules, and the admin's policies
+(CEL rules, secret and PII detectors, redaction, external guardrails)."""
