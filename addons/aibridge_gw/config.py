@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import logging
@@ -213,6 +214,10 @@ class Config:
     timeouts: Timeouts = Timeouts()
     budgets: BudgetSettings = BudgetSettings()
     reload: ReloadSettings = ReloadSettings()
+    # The admin's policy rules and guardrails (the typed model: policy/rules.py compiles it), from `policies:` or
+    # the file `policies_file` names.
+    policies: config_model.PoliciesFile = field(default_factory=config_model.PoliciesFile)
+    policies_file: Path | None = None
     public_host_notes: tuple[str, ...] = ()  # start-up log lines: which instance takes each public host
 
     @property
@@ -222,7 +227,7 @@ class Config:
     @property
     def files(self) -> tuple[Path, ...]:
         """The files a reload reads: the config file and the files it names (watched with `reload.watch`)."""
-        return tuple(p for p in (self.path, self.pricing) if p is not None)
+        return tuple(p for p in (self.path, self.pricing, self.policies_file) if p is not None)
 
 
 def expand_env(value):
@@ -330,6 +335,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         return p if p.is_absolute() else (base / p)
 
     providers, notes = _providers(f.providers, raw.get("providers") or [])
+    policies, policies_file = _policies(f, local)
+    _check_route_targets(policies, providers)
     st = f.storage
     if st.postgres is not None:
         try:
@@ -376,8 +383,40 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
                           drain_after_disconnect=t.drain_after_disconnect_seconds,
                           request_head=t.request_head_seconds),
         reload=ReloadSettings(f.reload.watch, f.reload.watch_interval_seconds),
+        policies=policies,
+        policies_file=policies_file,
         public_host_notes=tuple(notes),
     )
+
+
+def _policies(f: config_model.ConfigFile, local) -> tuple[config_model.PoliciesFile, Path | None]:
+    """`policies:` or the file `policies_file` names (its problems reported under its own name)."""
+    if f.policies_file is None:
+        return f.policies, None
+    path = local(f.policies_file)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"policies_file: {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"policies_file: {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"policies_file: {path} must hold a mapping (the keys of `policies:`)")
+    try:
+        return config_model.validate_policies(expand_env(raw)), path
+    except config_model.ConfigProblems as e:
+        raise ConfigError(f"policies_file {path}: " + "; ".join(e.problems)) from None
+
+
+def _check_route_targets(policies: config_model.PoliciesFile, providers) -> None:
+    """A route rule's provider must be an instance of this config."""
+    names = {p.name for p in providers}
+    for n, rule in enumerate(policies.rules):
+        if rule.provider is not None and rule.provider not in names:
+            near = difflib.get_close_matches(rule.provider, names, 1)
+            hint = f" (did you mean `{near[0]}`?)" if near else f" (instances: {', '.join(sorted(names)) or 'none'})"
+            raise ConfigError(f"policies.rules[{n}].provider: rule `{rule.name}` routes to `{rule.provider}`, which is "
+                              f"not a provider instance here{hint}")
 
 
 def _limits(v: config_model.LimitValues) -> Limits:

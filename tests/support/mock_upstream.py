@@ -151,7 +151,7 @@ class MockUpstream:
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Listener(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.scheme = "http"
         if ssl_context is not None:
@@ -183,3 +183,10 @@ class MockUpstream:
             self.replies.clear()
             self.seen.clear()
             self.aborted = 0
+
+
+class _Listener(ThreadingHTTPServer):
+    """A provider takes every connection a burst opens: socketserver's default backlog (5) would drop SYNs when
+    the gateway opens dozens of upstream connections at once, and a test about the gateway would fail on that."""
+
+    request_queue_size = 256

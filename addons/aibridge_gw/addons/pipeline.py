@@ -28,7 +28,7 @@ from ..apis.wire.results import ResultsTap
 from ..flow import bodies
 from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
-from ..flow.exchange import BadRequest, ResponseSummary, summary_to_dict
+from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
@@ -48,6 +48,8 @@ from ..policy.auth import (
     mask,
 )
 from ..policy.breaker import is_failure
+from ..policy.policing import CallFacts, CallPolicing, conversation, offered_tools, variable_headers
+from ..policy.redact import Redactor
 from . import patches
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .runtime import Runtime
@@ -58,6 +60,13 @@ MAX_HEADER_FIELDS = 256  # real clients send 10-40; more is refused 431 before a
 MAX_HEADER_BYTES = 64 * 1024
 DRAIN_SETTLE = 5.0  # seconds past a drain's deadline for its ending to be recorded before mitmproxy closes it
 REALTIME_API = "openai.realtime"  # refused unless the instance sets allow_realtime
+
+
+class _Refused:
+    """The call was answered and recorded here (see Pipeline._police)."""
+
+
+REFUSED = _Refused()
 
 
 class Pipeline:
@@ -160,6 +169,11 @@ class Pipeline:
                 return
             ic, body = begun
             state.interception = ic
+            if self.rt.policing is not None and self.rt.policing.active:
+                policed = await self._police(flow, state, ident, body, hv)
+                if policed is REFUSED:
+                    return
+                body, route = policed, state.route
             if not await self._admit(flow, state):
                 return
             if body is not None and ic.api in MODEL_APIS:
@@ -285,6 +299,88 @@ class Pipeline:
             )
             return False
         return True
+
+    async def _police(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, body: dict | None,
+                      hv: dict[str, str]) -> dict | None | _Refused:
+        """The admin's request rules and guardrails: deny (answered 403 in the provider's format, recorded
+        `rejected` with the rule), route (another model or provider instance), redact (the body sent upstream and
+        the prompt stored are masked), tag. Returns the body to go on with; `REFUSED` when the call stops here."""
+        rt, route, ic = self.rt, state.route, state.interception
+        policing = rt.policing
+        actor = ident.actor
+        facts = CallFacts(
+            ic.id, {"name": actor.user_name, "id": actor.user_id, "role": actor.role,
+                    "groups": list(getattr(actor, "groups", ()))},
+            ic.client or "", ic.session_id or "", route.provider.name, ic.api, ic.info.model or "",
+            ic.info.prompt or "", conversation(body), offered_tools(body), variable_headers(hv))
+        state.police = CallPolicing(policing, facts)
+        outcome = await policing.request(facts, body, len(flow.request.raw_content or b""))
+        verdict = outcome.verdict
+        if verdict.decisions:
+            ic.facts["policy_version"] = verdict.policy_version
+        if verdict.denied is not None:
+            message = f"aibridge policy {verdict.denied.rule}: {verdict.denied.message or 'denied'}"
+            if facts.tags:
+                ic.facts["tags"] = dict(facts.tags)
+            rt.recorder.rejected(ic, 403, message)
+            flow.response = error_response(route.provider.type, 403, message)
+            log.info("interception %s user=%s denied by policy rule %s", ic.id, ic.user_name, verdict.denied.rule)
+            return REFUSED
+        state.police.stored = verdict.redact
+        changed = outcome.body
+        if outcome.redacted:
+            ic.facts["redacted"] = list(outcome.redacted)
+        if verdict.model or verdict.provider:
+            changed = self._reroute(flow, state, ident, changed if changed is not None else body, verdict)
+            if changed is REFUSED:
+                return REFUSED
+        if changed is not None and changed is not body:
+            flow.request.content = json.dumps(changed, ensure_ascii=False).encode()
+            body = changed
+            try:
+                ic.info = ic.codec.parse_request(body, state.route.upstream_path.split("?")[0])
+            except BadRequest:  # what the gateway made of a valid request stays valid; keep the first reading
+                pass
+        redactor = policing.stored_redactor(facts, verdict.redact)
+        if redactor is not None and ic.info.prompt:
+            size = len(ic.info.prompt)
+            ic.info.prompt = await asyncio.to_thread(redactor.text, ic.info.prompt) if size > OFF_LOOP_BYTES \
+                else redactor.text(ic.info.prompt)
+        return body
+
+    def _reroute(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, body: dict | None, verdict
+                 ) -> dict | None | _Refused:
+        """A route decision: the model the request names (in its body, or its path for Gemini) and/or the provider
+        instance it goes to (one that serves the same API, on the central key)."""
+        rt, route, ic = self.rt, state.route, state.interception
+        if verdict.provider and verdict.provider != route.provider.name:
+            source = route.provider.name
+            target = next((p for p in rt.config.providers if p.name == verdict.provider), None)
+            moved = rt.router.reroute(route, target, flow.request.method) if target is not None else None
+            why = ("it is no longer configured" if target is None
+                   else f"it does not serve this {ic.api} endpoint" if moved is None
+                   else "the call uses the user's own credential" if ident.byok_credential is not None else None)
+            if why is not None:
+                rule = next(d.rule for d in verdict.decisions if d.action == "route" and d.enforced)
+                message = f"aibridge policy {rule}: cannot route to provider {verdict.provider}: {why}"
+                rt.recorder.rejected(ic, 403, message)
+                flow.response = error_response(route.provider.type, 403, message)
+                return REFUSED
+            route = state.route = moved
+            ic.provider_type, ic.provider_name = target.type, target.name
+            ic.upstream_path = moved.upstream_path.split("?")[0]
+            ic.credential_hint = mask(target.transport.hint() if target.transport else target.key)
+            ic.facts["routed_from"] = source
+        if verdict.model and body is not None and verdict.model != ic.info.model:
+            with_model = getattr(ic.codec, "with_model", None)
+            if with_model is not None:
+                ic.requested_model = ic.requested_model or ic.info.model
+                body, path = with_model(body, route.upstream_path, verdict.model)
+                ic.info.model = verdict.model
+                if path != route.upstream_path:
+                    state.route = dataclasses.replace(route, upstream_path=path)
+                    ic.upstream_path = path.split("?")[0]
+        return body
 
     async def _admit(self, flow: http.HTTPFlow, state: FlowState) -> bool:
         """The circuit breaker and the user's budget; a refusal is answered (and a budget refusal recorded)."""
@@ -628,6 +724,9 @@ class Pipeline:
             if getattr(ic.codec, "retrieval", None):
                 settling = True  # the awaitable releases a drain itself, once settled
                 return self._settle(state, summary, status_code, error, ended_at)
+            if state.police is not None and _policed_at_end(state.police):
+                settling = True
+                return self._police_end(state, summary, status_code, error, ended_at)
             return self._record(state, summary, status_code, error, ended_at)
         finally:
             if not settling:
@@ -644,6 +743,34 @@ class Pipeline:
         """A retrieval: whose usage this is (the object's creator), and whether it was metered before."""
         try:
             return await self._attribute(state, summary, status_code, error, ended_at)
+        finally:
+            self._release(state)
+
+    async def _police_end(self, state: FlowState, summary: ResponseSummary, status_code: int | None,
+                          error: str | None, ended_at) -> FlowState:
+        """The response hook (tags, monitored rules, response guardrails) and the masking of what the call stores
+        (tool inputs, thoughts), before the record is written."""
+        try:
+            call = state.police
+            verdict = None
+            if call.policing.hooks["response"]:
+                totals = TokenTotals.of(summary.usages)
+                usage = {"input_tokens": totals.input, "output_tokens": totals.output,
+                         "cache_read_input_tokens": totals.cache_read, "cache_write_input_tokens": totals.cache_write}
+                try:
+                    verdict = await call.policing.response(call.facts, usage, summary.model)
+                except Exception:  # the call has happened: its record must not be lost to a policy failure
+                    log.exception("aibridge: the response policy of %s failed", state.interception.id)
+            redactor = call.policing.stored_redactor(call.facts, call.stored, verdict.redact if verdict else ())
+            if redactor is not None:
+                size = sum(len(c.input) for c in summary.tool_calls) + sum(len(t.content) for t in summary.thoughts)
+                if size > OFF_LOOP_BYTES:
+                    await asyncio.to_thread(_mask_stored, redactor, summary)
+                else:
+                    _mask_stored(redactor, summary)
+            if call.facts.tags:
+                state.interception.facts["tags"] = dict(call.facts.tags)
+            return self._record(state, summary, status_code, error, ended_at)
         finally:
             self._release(state)
 
@@ -837,3 +964,16 @@ def _client_gone(flow: http.HTTPFlow) -> bool:
     load generator stopping) or during it; counting it would let any one client open the circuit for everyone."""
     msg = (flow.error.msg if flow.error else "").lower()
     return "client disconnected" in msg or (flow.response is not None and ("client" in msg or "killed" in msg))
+
+
+def _policed_at_end(call: CallPolicing) -> bool:
+    """The call's record waits for the response hook or for masking what it stores (or carries tags)."""
+    p = call.policing
+    return p.hooks["response"] or p.redact_stored or bool(call.stored) or bool(call.facts.tags)
+
+
+def _mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
+    for c in summary.tool_calls:
+        c.input = redactor.text(c.input)
+    for th in summary.thoughts:
+        th.content = redactor.text(th.content)

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.log import LegacyLogEvents
 
@@ -36,6 +37,8 @@ from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
 from ..policy.breaker import CircuitBreakers
 from ..policy.budgets import Budgets
 from ..policy.egress import EgressPolicy, local_addresses
+from ..policy.policing import Policing
+from ..policy.rules import Decision, policy_version
 from ..policy.throttle import AuthThrottle
 from ..pricing import PriceTable
 from ..store.process import WriterProcess
@@ -160,6 +163,8 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self._reloads: set = set()
         self._watcher: asyncio.Task | None = None  # reload.watch: reloads when a file the config reads changes
+        self.policing: Policing | None = None  # the admin's policies and guardrails (None: there are none)
+        self._guardrail_client: httpx.AsyncClient | None = None  # shared by every configuration's guardrails
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -264,8 +269,9 @@ class Runtime:
             config.circuit_breaker.half_open_requests, self._breaker_changed)
         if self.metrics is None:
             self.metrics = Metrics(config.metrics.prefix)
-        self.config, self.router, self.throttle, self.egress, self.mcp, self.breakers = (
-            config, router, throttle, egress, mcp, breakers)
+        policing = self._policing_for(config)
+        self.config, self.router, self.throttle, self.egress, self.mcp, self.breakers, self.policing = (
+            config, router, throttle, egress, mcp, breakers, policing)
         for note in config.public_host_notes:
             log.info("aibridge: %s", note)
         if config.proxy.open_relay:
@@ -283,6 +289,27 @@ class Runtime:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         self._build_pools(config)
+
+    def _policing_for(self, config: Config) -> Policing | None:
+        """The config's policies, compiled; the running ones kept when a reload leaves them unchanged (their
+        version is their content's hash), so rule contexts stay warm."""
+        policies = config.policies
+        if not (policies.rules or policies.guardrails or policies.redact_stored):
+            return None
+        if self.policing is not None and self.policing.version == policy_version(policies):
+            return self.policing
+        if self._guardrail_client is None:
+            self._guardrail_client = httpx.AsyncClient(trust_env=False)
+        return Policing(policies, self._policy_decision, self._guardrail_client)
+
+    def _policy_decision(self, decision: Decision, version: str, interception_id: str, user_id: str | None,
+                         tool: str | None, tool_call_id: str | None) -> None:
+        """A policy decision: its audit row and its count."""
+        self.recorder.policy_decision(
+            interception_id, rule=decision.rule, policy_version=version, hook=decision.hook, action=decision.action,
+            enforced=decision.enforced, detectors=list(decision.detectors), message=decision.message,
+            user_id=user_id, tool=tool, tool_call_id=tool_call_id)
+        self.metrics.policy_decision(decision.rule, decision.action)
 
     def _needs_budget_rows(self, config: Config) -> bool:
         return self.budgets is None and Budgets.any_limits(config.budgets.default, config.budgets.users)

@@ -167,6 +167,11 @@ def sse_only(api: str, headers: Mapping[str, str]) -> None:
     return None
 
 
+def model_in_body(body: dict, path: str, model: str) -> tuple[dict, str]:
+    """`WireFunctions.with_model` for APIs whose body names the model."""
+    return {**body, "model": model}, path
+
+
 @dataclass(frozen=True)
 class WireFunctions:
     """A WireApi made of a module's functions (the chat API modules)."""
@@ -182,6 +187,8 @@ class WireFunctions:
     adapter: type[Adapter] | None = None
     ends_at_eof: bool = False
     array_responses: bool = False
+    # A policy's route to another model: the body and endpoint path that name it (where this API names it).
+    with_model: Callable[[dict, str, str], tuple[dict, str]] = model_in_body
 
     def __post_init__(self) -> None:
         if self.adapter is not None:
@@ -189,6 +196,7 @@ class WireFunctions:
 
 
 # --- helpers the API modules share -----------------------------------------------------------------
+
 
 
 def require_model(body: dict) -> str:

@@ -110,6 +110,15 @@ class Router:
         segments, query = canonical_path(target)
         return self._route(prov, segments, query, method)
 
+    def reroute(self, route: Route, to: ProviderInstance, method: str) -> Route | None:
+        """The same endpoint on another instance (a policy's route); None when that instance does not serve it
+        with the same wire API."""
+        path, sep, query = route.upstream_path.partition("?")
+        base = route.provider.base_path
+        endpoint = path[len(base):] if base and path.startswith(base) else path
+        new = self._route(to, [unquote(s) for s in endpoint.split("/") if s], sep + query, method)
+        return new if new.api is not None and new.api == route.api else None
+
     def _route(self, prov: ProviderInstance, segments: list[str], query: str, method: str) -> Route:
         provider = PROVIDERS[prov.type]
         if provider.version_in_base_url and segments[:1] == ["v1"]:

@@ -73,6 +73,7 @@ class FlowState:
     loop_job: object | None = None  # the injected-tool loop's job (LoopJob), told when the client goes
     watch: str | None = None  # a passthrough response read on the way (objects.WATCHED: a batch's status)
     client_base: str | None = None  # the gateway's URL for this instance as the client reached it (base-URL mode)
+    police: object | None = None  # the admin's policies at work on this call (policy.policing.CallPolicing)
 
     def __deepcopy__(self, memo) -> None:
         """Live handles stay with the live flow: a copy (capture, `-w`) carries only the recorded facts."""

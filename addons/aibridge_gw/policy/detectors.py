@@ -18,9 +18,30 @@ from dataclasses import dataclass
 
 from detect_secrets.filters import heuristic
 from detect_secrets.plugins import (
-    artifactory, aws, azure_storage_key, basic_auth, cloudant, discord, github_token, gitlab_token, ibm_cloud_iam,
-    ibm_cos_hmac, jwt, keyword, mailchimp, npm, openai, private_key, pypi_token, sendgrid, slack, softlayer,
-    square_oauth, stripe, telegram_token, twilio,
+    artifactory,
+    aws,
+    azure_storage_key,
+    basic_auth,
+    cloudant,
+    discord,
+    github_token,
+    gitlab_token,
+    ibm_cloud_iam,
+    ibm_cos_hmac,
+    jwt,
+    keyword,
+    mailchimp,
+    npm,
+    openai,
+    private_key,
+    pypi_token,
+    sendgrid,
+    slack,
+    softlayer,
+    square_oauth,
+    stripe,
+    telegram_token,
+    twilio,
 )
 from detect_secrets.plugins.base import BasePlugin
 from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString

@@ -22,7 +22,11 @@ import cel
 import yaml
 
 from ..config_model import (
-    CONDITION_VARIABLES, PoliciesFile, PolicyRuleFile, compile_condition, validate_policies,
+    CONDITION_VARIABLES,
+    PoliciesFile,
+    PolicyRuleFile,
+    compile_condition,
+    validate_policies,
 )
 from .detectors import DETECTORS, Scan, types_of
 
@@ -81,6 +85,7 @@ class _HookContext:
     def __init__(self, variables: list[str], functions: list[str]) -> None:
         self.context = cel.Context()
         self.variables = variables
+        self.functions = functions
         self._seen: dict[str, Any] = {}
         self.scan = Scan()
         self.fired: dict[str, None] = {}
@@ -156,6 +161,13 @@ class Policy:
             sorted({f for r in rules for f in r.program.functions() if f in DETECTORS}),
         ) for hook, rules in self._rules.items()}
         self._lock = threading.Lock()  # a hook's context is shared state between calls
+
+    def has_rules(self, hook: str) -> bool:
+        return bool(self._rules[hook])
+
+    def uses_detectors(self, hook: str) -> bool:
+        """A rule of this hook calls secrets() or pii() (scanning text may cost milliseconds)."""
+        return bool(self._contexts[hook].functions)
 
     def evaluate(self, hook: str, variables: dict[str, Any], scan: Scan | None = None) -> Verdict:
         """The hook's rules in order: allow stops, the first deny wins and stops, routes (the first), redactions
