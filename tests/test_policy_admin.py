@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from typing import ClassVar
 
 import duckdb
 import httpx
@@ -32,7 +33,7 @@ class ViaGateway:
     path `aibridge store replay-deadletters` takes): rows built by the recorder itself, written by the gateway that
     owns the database."""
 
-    state: dict = {}
+    state: ClassVar[dict] = {}  # the store is up (what Recorder asks before a lookup)
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -190,7 +191,7 @@ def test_the_api_lists_and_counts_decisions_for_admins_and_members_see_their_own
         "tool", "bash", "toolu_01", pgw.calls["ben"])
     assert every[2]["detectors"] == ["aws-key"] and every[2]["policy_version"] == "9c1e"
 
-    rules = lambda token, **f: [d["rule"] for d in api(pgw, "policy/decisions", token, **f).json()["data"]]  # noqa: E731
+    rules = lambda token, **f: [d["rule"] for d in api(pgw, "policy/decisions", token, **f).json()["data"]]
     assert rules(root, action="deny") == ["no-shell", "no-cloud-keys"]
     assert rules(root, rule="cost-centre") == ["cost-centre"]
     assert rules(root, user="ben") == ["no-shell"]
@@ -225,7 +226,7 @@ def test_aibridge_policy_decisions_lists_filters_and_counts(pgw):
     r = pgw.cli("policy", "decisions", "--since", "7d", "--json")
     assert r.returncode == 0, r.stderr
     assert [d["rule"] for d in json.loads(r.stdout)] == ["no-shell", "cost-centre", "no-cloud-keys"]
-    only = lambda *args: [d["rule"] for d in json.loads(pgw.cli("policy", "decisions", "--json", *args).stdout)]  # noqa: E731
+    only = lambda *args: [d["rule"] for d in json.loads(pgw.cli("policy", "decisions", "--json", *args).stdout)]
     assert only("--rule", "no-cloud-keys") == ["no-cloud-keys"]
     assert only("--action", "deny", "--user", "ann") == ["no-cloud-keys"]
     assert only("--monitored") == ["no-shell"] and only("--enforced") == ["cost-centre", "no-cloud-keys"]

@@ -244,12 +244,12 @@ def _q(store, route, viewer=None, filters=None, **params):
 
 
 def test_decisions_are_listed_newest_first_and_filtered(seeded):
-    store, ids, calls = seeded
+    store, _, calls = seeded
     listed = _q(store, "policy/decisions", limit=50)["data"]
     assert [(d["rule"], d["user"]) for d in listed] == [("no-shell", "bob"), ("cost-tags", "alice"),
                                                         ("no-secrets", "alice"), ("no-secrets", "bob")]
     assert listed[2]["detectors"] == ["aws-key"] and listed[2]["model"] == "claude-sonnet-4-0"
-    rules = lambda **f: [d["rule"] for d in _q(store, "policy/decisions", filters=f, limit=50)["data"]]  # noqa: E731
+    rules = lambda **f: [d["rule"] for d in _q(store, "policy/decisions", filters=f, limit=50)["data"]]
     assert rules(rule="no-secrets") == ["no-secrets", "no-secrets"]
     assert rules(action="deny") == ["no-shell", "no-secrets"]
     assert rules(user="alice") == ["cost-tags", "no-secrets"]
@@ -266,7 +266,7 @@ def test_decisions_are_listed_newest_first_and_filtered(seeded):
 
 
 def test_decision_counts_per_rule_action_and_user(seeded):
-    store, ids, calls = seeded
+    store, _, _ = seeded
     s = _q(store, "policy/decisions/summary", filters={"since": "7d"})
     assert [(r["rule"], r["action"], r["decisions"], r["enforced"], r["monitored"], r["users"]) for r in s["data"]] == [
         ("cost-tags", "tag", 1, 1, 0, 1), ("no-secrets", "deny", 1, 1, 0, 1), ("no-secrets", "redact", 1, 1, 0, 1),
@@ -297,7 +297,7 @@ def test_members_see_only_decisions_on_their_own_calls(seeded):
 
 
 def test_users_and_groups_as_the_api_shows_them(seeded):
-    store, ids, calls = seeded
+    store, ids, _ = seeded
     run(store, "users.groups_set", True, name="alice", groups="ml,staff")
     run(store, "users.groups_set", True, name="bob", groups="ml")
     every = _q(store, "users")["data"]

@@ -430,8 +430,9 @@ def policy_summary(conn, viewer: Viewer, filters: dict) -> dict:
         r["monitored"] = r["decisions"] - r["enforced"]
     by_user: dict[Any, dict] = {}
     for r in _rows(conn.execute(
-            'SELECT usr.name AS "user", d.action, count(*) AS decisions, count(*) FILTER (WHERE d.enforced) AS enforced '
-            f"{_DECISIONS_FROM}{where} GROUP BY usr.name, d.action", params)):
+            'SELECT usr.name AS "user", d.action, count(*) AS decisions, '
+            f"count(*) FILTER (WHERE d.enforced) AS enforced {_DECISIONS_FROM}{where} GROUP BY usr.name, d.action",
+            params)):
         u = by_user.setdefault(r["user"], {"user": r["user"], "decisions": 0, "enforced": 0, "actions": {}})
         u["decisions"] += r["decisions"]
         u["enforced"] += r["enforced"]
