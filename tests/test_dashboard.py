@@ -1,5 +1,6 @@
 """The dashboard in a real headless Chromium (Debian's package, driven by Playwright): numbers shown equal
-the database's, and an admin can drill from a session down to its prompts and tool calls."""
+the database's, an admin can drill from a session down to its prompts and tool calls, and policy decisions and
+groups are shown (as text)."""
 
 from __future__ import annotations
 
@@ -110,3 +111,62 @@ def test_malformed_hash_shows_an_error_and_the_token_stays_out_of_local_storage(
     assert page.evaluate("localStorage.getItem('aibridge_token')") is None
     assert page.evaluate("sessionStorage.getItem('aibridge_token')") == agw.tokens["root"]
     assert not [e for e in errors if "Content Security Policy" in e]  # the CSP blocks nothing the page needs
+
+
+def test_policy_decisions_and_groups_are_shown_and_escaped(browser, agw):  # noqa: F811
+    """The policy view counts decisions per rule and action and lists the recent ones (a message is text, never
+    markup); a decision leads to its interception, whose detail lists it; the users view shows groups."""
+    import datetime as dt
+
+    from aibridge_gw.flow.recorder import Recorder
+
+    from tests.test_policy_admin import ViaGateway
+
+    assert agw.cli("users", "groups", "set", "ann", "staff,ml").returncode == 0
+    ann = agw.sql("SELECT CAST(i.id AS VARCHAR) AS id, CAST(u.id AS VARCHAR) AS uid FROM aibridge_interceptions i "
+                  "JOIN aibridge_users u ON u.id = i.initiator_id WHERE u.name = 'ann' ORDER BY i.started_at")[0]
+    now = dt.datetime.now(dt.UTC)
+    rec = Recorder(ViaGateway(agw))
+    rec.policy_decision(ann["id"], rule="no-cloud-keys", policy_version="9c1e", hook="request", action="deny",
+                        enforced=True, detectors=["aws-key"], message='<img src=x onerror="window.pwned=1">blocked',
+                        user_id=ann["uid"], at=now - dt.timedelta(seconds=2))
+    rec.policy_decision(ann["id"], rule="no-shell", policy_version="9c1e", hook="tool", action="deny", enforced=False,
+                        detectors=[], message=None, user_id=ann["uid"], tool="bash", tool_call_id="toolu_7", at=now)
+
+    page = signed_in(browser, agw)
+    page.click("text=Policy")
+    ready(page)
+    cells = page.locator("#policy-summary tr[data-rule='no-cloud-keys'][data-action='deny'] td").all_inner_texts()
+    assert cells[:6] == ["no-cloud-keys", "deny", "1", "1", "0", "1"]
+    assert page.locator("#policy-summary tr[data-rule='no-shell'] td").all_inner_texts()[2:5] == ["1", "0", "1"]
+    assert page.locator("#policy-users tr[data-user='ann'] td").all_inner_texts()[:3] == ["ann", "2", "1"]
+    recent = page.locator("#recent-decisions tr[data-decision]")
+    assert recent.count() == 2
+    assert recent.nth(0).locator("td.rule").inner_text() == "no-shell"
+    assert recent.nth(0).locator("td.mode").inner_text() == "monitor"
+    first = recent.nth(1)
+    assert first.locator("td.message").inner_text() == '<img src=x onerror="window.pwned=1">blocked'
+    assert first.locator("td.detectors").inner_text() == "aws-key"
+    assert page.locator("#recent-decisions img").count() == 0 and page.evaluate("window.pwned") is None
+    page.screenshot(path=str(SHOTS / "policy.png"), full_page=True)
+
+    first.locator("a").click()
+    ready(page)
+    assert page.locator(".decisions td.rule").all_inner_texts() == ["no-cloud-keys", "no-shell"]
+    assert page.locator(".decisions td.mode").all_inner_texts() == ["enforced", "monitor"]
+
+    page.click("text=Users")
+    ready(page)
+    assert page.locator("#users tr[data-user='ann'] td.groups").inner_text() == "ml, staff"
+    assert page.locator("#users tr[data-user='ben'] td.groups").inner_text() == ""
+    assert page.locator("#groups tr[data-group='ml'] td.members").inner_text() == "ann"
+    page.screenshot(path=str(SHOTS / "users.png"), full_page=True)
+
+    member = signed_in(browser, agw, "ben")  # ben sees neither ann's decisions nor her groups
+    member.click("text=Policy")
+    ready(member)
+    assert member.locator("#recent-decisions tr[data-decision]").count() == 0
+    member.click("text=Users")
+    ready(member)
+    assert member.locator("#users tr[data-user] td:first-child").all_inner_texts() == ["ben"]
+    assert member.locator("#groups tr[data-group]").count() == 0

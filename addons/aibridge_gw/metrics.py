@@ -33,6 +33,8 @@ class Metrics:
         self._children: dict[tuple, object] = {}
         self._models: set[str] = set()
         self._tools: set[str] = set()
+        self._rules: set[str] = set()
+        self._actions: set[str] = set()
         p = prefix
         self.interceptions = Counter(f"{p}interceptions_total", "Intercepted requests by outcome.",
                                      ["provider", "model", "status", "route", "method", "initiator_id", "client"],
@@ -72,6 +74,10 @@ class Metrics:
                                ["result"], registry=r)
         self.client_tools = Counter(f"{p}non_injected_tool_selections_total", "Client-defined tools the model selected.",
                                     ["provider", "model", "name"], registry=r)
+        # Enforced and monitored decisions alike (a monitored deny counts as action="deny"): the audit table says
+        # which were enforced. Rule names come from the config, so the label set is bounded by it.
+        self.policy_decisions = Counter(f"{p}policy_decisions_total", "Policy decisions recorded, by rule and action.",
+                                        ["rule", "action"], registry=r)
 
     def model_label(self, model: str | None) -> str:
         """Client-chosen model strings as a bounded label set: the first MAX_LABELS well-formed names, else other."""
@@ -79,6 +85,12 @@ class Metrics:
 
     def tool_label(self, name: str | None) -> str:
         return self._bounded(self._tools, name)
+
+    def policy_decision(self, rule: str, action: str, n: int = 1) -> None:
+        """Count a policy decision: aibridge_policy_decisions_total{rule, action} (with the configured prefix).
+        Called once per decision recorded, enforced or monitored."""
+        self.child(self.policy_decisions, self._bounded(self._rules, rule) or "other",
+                   self._bounded(self._actions, action) or "other").inc(n)
 
     @staticmethod
     def _bounded(seen: set[str], value: str | None) -> str:

@@ -15,7 +15,7 @@ from mitmproxy import http
 
 from ..policy.auth import TokenDirectory, credential_from_headers
 from ..pricing import PriceTable
-from ..store.reports import BadParameter, Viewer, parse_limit
+from ..store.reports import DECISION_FILTERS, BadParameter, Viewer, parse_limit
 from ..store.writer import StoreApi
 
 PREFIX = "/aibridge/api/v1/"
@@ -51,8 +51,15 @@ class AdminApi:
         route = parts.path[len(PREFIX):].strip("/")
         q = dict(parse_qsl(parts.query))
         try:
-            if route == "me":
-                return json_response(200, {"user": actor.user_name, "id": actor.user_id, "role": actor.role})
+            if route == "me":  # as the gateway's directory knows the caller now
+                return json_response(200, {"user": actor.user_name, "id": actor.user_id, "role": actor.role,
+                                           "groups": list(actor.groups)})
+            if route in ("policy/decisions", "policy/decisions/summary"):
+                return json_response(200, await self._decisions(route, viewer, q))
+            if route in ("users", "groups"):
+                if q:
+                    raise BadParameter(sorted(q)[0], "unknown parameter")
+                return json_response(200, await self._query(route, viewer, {}))
             unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "prefix", "stack"}
             if unknown:
                 name = sorted(unknown)[0]
@@ -81,6 +88,18 @@ class AdminApi:
         except BadParameter as e:
             return error(400, str(e), e.name)
         return json_response(200, result)
+
+    async def _decisions(self, route: str, viewer: Viewer, q: dict):
+        """Policy decisions (newest first) or their counts per rule and action and per user; `since` defaults to
+        seven days for the counts."""
+        unknown = set(q) - set(DECISION_FILTERS) - ({"limit"} if route == "policy/decisions" else set())
+        if unknown:
+            raise BadParameter(sorted(unknown)[0], "unknown parameter")
+        filters = {k: q[k] for k in DECISION_FILTERS if q.get(k)}
+        if route == "policy/decisions":
+            return await self._query(route, viewer, filters, limit=parse_limit(q.get("limit")))
+        filters.setdefault("since", "7d")
+        return await self._query(route, viewer, filters)
 
     async def _query(self, route: str, viewer: Viewer, filters: dict, **params):
         """One report, run where the store is (in the writer process) with plain-value arguments."""

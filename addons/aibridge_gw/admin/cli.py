@@ -58,12 +58,56 @@ def _users_add(args, cx: Context) -> None:
 
 
 def _users_list(args, cx: Context) -> None:
-    _out(cx.op("users.list"), args.json, "users")
+    _out(cx.op("users.list"), args.json, "users", lists=", ")
 
 
 def _users_set_role(args, cx: Context) -> None:
     r = cx.op("users.set_role", name=args.name, role=args.role)
     print(f"{r['name']} is now {r['role']}")
+
+
+def _users_groups_set(args, cx: Context) -> None:
+    r = cx.op("users.groups_set", name=args.name, groups=args.groups)
+    print(f"{r['name']} is in {', '.join(r['groups'])}" if r["groups"] else f"{r['name']} is in no group")
+
+
+def _groups_list(args, cx: Context) -> None:
+    _out(cx.op("groups.list"), args.json, "groups", lists=", ")
+
+
+_DECISION_COLUMNS = ["created_at", "user", "rule", "action", "enforced", "hook", "tool", "detectors", "message",
+                     "interception_id"]
+_SUMMARY_COLUMNS = ["rule", "action", "decisions", "enforced", "monitored", "users", "last_at"]
+
+
+def _policy_decisions(args, cx: Context) -> None:
+    """Recent policy decisions (newest first), or with --summary their counts per rule and action and per user."""
+    filters = {k: v for k, v in (("since", args.since), ("rule", args.rule), ("action", args.action),
+                                 ("user", args.user), ("interception", args.interception), ("hook", args.hook))
+               if v}
+    if args.enforced is not None:
+        filters["enforced"] = "true" if args.enforced else "false"
+    if args.summary:
+        filters.setdefault("since", "7d")
+        r = cx.op("report", kind="policy_summary", filters=filters)
+        if args.json:
+            print(json.dumps({"data": r["data"], "by_user": r["by_user"]}, indent=2))
+            return
+        title = f"policy decisions per rule and action since {filters['since']}"
+        _table({"columns": _SUMMARY_COLUMNS, "rows": [[d.get(c) for c in _SUMMARY_COLUMNS] for d in r["data"]]}, title)
+        actions = sorted({a for u in r["by_user"] for a in u["actions"]})
+        cols = ["user", "decisions", "enforced", *actions]
+        _table({"columns": cols, "rows": [[u["user"], u["decisions"], u["enforced"],
+                                            *(u["actions"].get(a, 0) for a in actions)] for u in r["by_user"]]},
+               "per user")
+        return
+    r = cx.op("report", kind="policy_decisions", filters=filters, limit=args.limit)
+    if args.json:
+        print(json.dumps(r["data"], indent=2))
+        return
+    rows = [[", ".join(d[c]) if c == "detectors" else d.get(c) for c in _DECISION_COLUMNS] for d in r["data"]]
+    _table({"columns": _DECISION_COLUMNS, "rows": rows},
+           "policy decisions" + (f" since {args.since}" if args.since else ""))
 
 
 def _report(args, cx: Context) -> None:
@@ -267,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("name")
     sr.add_argument("role", choices=("admin", "member"))
     sr.set_defaults(run=_users_set_role)
+    ug = users.add_parser("groups", help="a user's groups (policies test user.groups)").add_subparsers(
+        dest="groups_cmd", required=True)
+    gs = ug.add_parser("set", help="replace the user's groups: aibridge users groups set alice staff,ml "
+                                   "('' clears them)")
+    gs.add_argument("name")
+    gs.add_argument("groups", help="comma-separated group names (lower-case letters, digits, '_', '.', '-'); "
+                                   "an empty string clears them")
+    gs.set_defaults(run=_users_groups_set)
+
+    gr = sub.add_parser("groups", help="user groups").add_subparsers(dest="sub", required=True)
+    gl = gr.add_parser("list", help="each group with its members")
+    gl.add_argument("--json", action="store_true")
+    gl.set_defaults(run=_groups_list)
+
+    _policy_commands(sub)
 
     us = sub.add_parser("usage", help="tokens and cost, grouped")
     us.add_argument("--by", choices=("user", "person", "on_behalf_of", "model", "client", "provider", "day"),
@@ -383,6 +442,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _policy_commands(sub) -> argparse._SubParsersAction:
+    """`aibridge policy …`: the policies' commands, one subcommand each (`decisions` reads the audit; checking and
+    replaying rules add theirs here). Returns the subcommands' group."""
+    policy = sub.add_parser("policy", help="policies: what their rules decided").add_subparsers(
+        dest="sub", required=True)
+    pd = policy.add_parser("decisions", help="recent policy decisions, newest first (--summary: counts per rule "
+                                             "and action, and per user)")
+    pd.add_argument("--since", help="an age (7d, 24h) or an ISO date (default: all; --summary: 7d)")
+    pd.add_argument("--rule")
+    pd.add_argument("--action", help="deny, route, redact, tag, allow, … as recorded (monitored decisions too)")
+    pd.add_argument("--user", help="a user's name")
+    pd.add_argument("--interception", help="one interception's id")
+    pd.add_argument("--hook", choices=("request", "tool", "response"))
+    mode = pd.add_mutually_exclusive_group()
+    mode.add_argument("--enforced", dest="enforced", action="store_true", default=None, help="only enforced ones")
+    mode.add_argument("--monitored", dest="enforced", action="store_false", help="only monitored (not enforced) ones")
+    pd.add_argument("--limit", type=int, default=50)
+    pd.add_argument("--summary", action="store_true")
+    pd.add_argument("--json", action="store_true")
+    pd.set_defaults(run=_policy_decisions, enforced=None)
+    return policy
+
+
 def _config_check(args, config_path: str | None) -> None:
     """Validate a config file as the gateway would load it (no database, no running gateway needed)."""
     path = resolve_config_path(args.file or config_path)
@@ -475,11 +557,15 @@ def replay_files(files: list[str], db: Path) -> tuple[int, int]:
     return flows, recorded
 
 
-def _out(result: dict, as_json: bool, title: str | None) -> None:
+def _out(result: dict, as_json: bool, title: str | None, lists: str | None = None) -> None:
+    """Rows as JSON objects, or a table (`lists`: how a list value is joined in the table, else shown as JSON)."""
     if as_json:
         cols = result["columns"]
         print(json.dumps([dict(zip(cols, r)) for r in result["rows"]], indent=2))
     else:
+        if lists is not None:
+            result = {**result, "rows": [[lists.join(map(str, v)) if isinstance(v, list) else v for v in row]
+                                         for row in result["rows"]]}
         _table(result, title)
 
 

@@ -32,7 +32,7 @@ function loginView(msg) {
 }
 
 function shell(active) {
-  const tabs = [["overview","Overview"],["interceptions","Interceptions"],["sessions","Sessions"]];
+  const tabs = [["overview","Overview"],["interceptions","Interceptions"],["sessions","Sessions"],["policy","Policy"],["users","Users"]];
   $("#app").innerHTML = `<header><b>aibridge</b><nav>${tabs.map(([k, t]) =>
       `<a href="#/${k}" class="${k === active ? "on" : ""}">${t}</a>`).join("")}</nav>
     <span class="who">${esc(me.user)} (${esc(me.role)}) · <a href="#" id="out">sign out</a></span></header><main id="main">Loading…</main>`;
@@ -141,8 +141,61 @@ async function detail(main, id) {
     <div class="panel"><h2>Tool calls</h2><table id="tools"><tr><th>tool</th><th>injected</th><th>input</th><th>error</th></tr>
       ${d.tool_usages.map(t => `<tr><td class="tool">${esc(t.tool)}</td><td>${t.injected ? "yes (" + esc(t.server_url) + ")" : "no"}</td>
         <td><pre>${esc(t.input)}</pre></td><td class="failed">${esc(t.invocation_error)}</td></tr>`).join("")}</table></div>
+    <div class="panel"><h2>Policy decisions</h2>${d.policy_decisions && d.policy_decisions.length
+      ? decisionRows(d.policy_decisions, false) : '<p class="muted">none</p>'}</div>
     <div class="panel"><h2>Thoughts</h2>${d.thoughts.map(t => `<p class="muted">${esc(t.source)}</p><pre>${esc(t.content)}</pre>`).join("") || '<p class="muted">none</p>'}</div>
     <div class="panel"><h2>Token usage</h2><table><tr><th>response</th><th class="n">input</th><th class="n">output</th><th class="n">cache read</th><th class="n">cache write</th></tr>${usage}</table></div>`;
+}
+
+// Policy decisions: enforced ones as recorded, monitored ones (enforced false) marked as such.
+function decisionRows(rows, withCall = true) {
+  return `<table class="decisions"><tr><th>when</th>${withCall ? "<th>user</th>" : ""}<th>rule</th><th>action</th><th>mode</th><th>hook</th>
+      <th>tool</th><th>detectors</th><th>message</th>${withCall ? "<th>call</th>" : ""}</tr>
+    ${rows.map(x => `<tr data-decision="${esc(x.id)}"><td>${when(x.created_at)}</td>${withCall ? `<td>${esc(x.user)}</td>` : ""}
+      <td class="rule">${esc(x.rule)}</td><td class="action ${x.action === "deny" && x.enforced ? "failed" : ""}">${esc(x.action)}</td>
+      <td class="mode">${x.enforced ? "enforced" : '<span class="muted">monitor</span>'}</td><td>${esc(x.hook)}</td>
+      <td>${esc(x.tool)}</td><td class="detectors">${(x.detectors || []).map(esc).join(", ")}</td><td class="message">${esc(x.message)}</td>
+      ${withCall ? `<td>${x.interception_id ? `<a href="#/interceptions/${encodeURIComponent(x.interception_id)}">${esc(String(x.interception_id).slice(0, 8))}</a>` : ""}</td>` : ""}</tr>`).join("")}</table>`;
+}
+
+async function policyView(main) {
+  const f = JSON.parse(sessionStorage.getItem("policy_filters") || '{"since":"7d"}');
+  const [summary, recent] = await Promise.all([api("policy/decisions/summary", f), api("policy/decisions", {...f, limit: 200})]);
+  const actions = [...new Set(summary.by_user.flatMap(u => Object.keys(u.actions)))].sort();
+  main.innerHTML = `<div class="filters">
+      <input id="p-since" placeholder="since (7d or 2026-01-01)" value="${esc(f.since || "")}">
+      <input id="p-rule" placeholder="rule" value="${esc(f.rule || "")}">
+      <input id="p-action" placeholder="action" value="${esc(f.action || "")}">
+      ${me.role === "admin" ? `<input id="p-user" placeholder="user" value="${esc(f.user || "")}">` : ""}
+      <button id="p-apply">Filter</button></div>
+    <div class="grid2"><div class="panel"><h2>Decisions per rule and action</h2><table id="policy-summary">
+        <tr><th>rule</th><th>action</th><th class="n">decisions</th><th class="n">enforced</th><th class="n">monitor</th><th class="n">users</th><th>latest</th></tr>
+        ${summary.data.map(r => `<tr data-rule="${esc(r.rule)}" data-action="${esc(r.action)}"><td>${esc(r.rule)}</td><td>${esc(r.action)}</td>
+          <td class="n">${num(r.decisions)}</td><td class="n">${num(r.enforced)}</td><td class="n">${num(r.monitored)}</td>
+          <td class="n">${num(r.users)}</td><td>${when(r.last_at)}</td></tr>`).join("")}</table>
+        ${summary.data.length ? "" : '<p class="muted">no decisions</p>'}</div>
+      <div class="panel"><h2>Decisions per user</h2><table id="policy-users">
+        <tr><th>user</th><th class="n">decisions</th><th class="n">enforced</th>${actions.map(a => `<th class="n">${esc(a)}</th>`).join("")}</tr>
+        ${summary.by_user.map(u => `<tr data-user="${esc(u.user)}"><td>${esc(u.user)}</td><td class="n">${num(u.decisions)}</td><td class="n">${num(u.enforced)}</td>
+          ${actions.map(a => `<td class="n">${num(u.actions[a])}</td>`).join("")}</tr>`).join("")}</table></div></div>
+    <div class="panel"><h2>Recent decisions</h2><div id="recent-decisions">${recent.data.length ? decisionRows(recent.data) : '<p class="muted">none</p>'}</div></div>`;
+  $("#p-apply").onclick = () => {
+    for (const k of ["since", "rule", "action", "user"]) { const el = $("#p-" + k); if (el) f[k] = el.value.trim(); }
+    sessionStorage.setItem("policy_filters", JSON.stringify(f)); render();
+  };
+}
+
+async function usersView(main) {
+  const [users, groups] = await Promise.all([api("users"), api("groups")]);
+  main.innerHTML = `<div class="grid2"><div class="panel"><h2>Users</h2><table id="users">
+      <tr><th>user</th><th>role</th><th>groups</th><th class="n">active tokens</th><th>since</th></tr>
+      ${users.data.map(u => `<tr data-user="${esc(u.name)}"><td>${esc(u.name)}${u.service_account ? ' <span class="muted">service account</span>' : ""}</td>
+        <td>${esc(u.role)}</td><td class="groups">${u.groups.map(esc).join(", ")}</td><td class="n">${num(u.active_tokens)}</td>
+        <td>${when(u.created_at)}</td></tr>`).join("")}</table></div>
+    <div class="panel"><h2>Groups</h2><table id="groups"><tr><th>group</th><th class="n">users</th><th>members</th></tr>
+      ${groups.data.map(g => `<tr data-group="${esc(g.group)}"><td>${esc(g.group)}</td><td class="n">${num(g.users)}</td>
+        <td class="members">${g.members.map(esc).join(", ")}</td></tr>`).join("")}</table>
+      ${groups.data.length ? "" : '<p class="muted">no groups (aibridge users groups set NAME a,b)</p>'}</div></div>`;
 }
 
 async function sessionsView(main, session) {
@@ -185,6 +238,8 @@ async function render() {
     if (view === "interceptions" && arg) await detail(main, arg);
     else if (view === "interceptions") await interceptions(main);
     else if (view === "sessions") await sessionsView(main, arg);
+    else if (view === "policy") await policyView(main);
+    else if (view === "users") await usersView(main);
     else if (!view || view === "overview") await overview(main);
     else throw new Error(`There is no page "${view}". Go to the overview.`);
     document.body.dataset.ready = "1";

@@ -12,6 +12,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -20,7 +22,16 @@ from mitmproxy import http
 from ..apis import PROVIDERS, WIRE_APIS
 from ..apis.base import WireApi
 from ..logsafe import redact
-from ..store.rows import INTERCEPTIONS, MODEL_THOUGHTS, TOKEN_USAGES, TOOL_USAGES, USER_PROMPTS, USERS, interception_end
+from ..store.rows import (
+    INTERCEPTIONS,
+    MODEL_THOUGHTS,
+    POLICY_DECISIONS,
+    TOKEN_USAGES,
+    TOOL_USAGES,
+    USER_PROMPTS,
+    USERS,
+    interception_end,
+)
 from ..store.writer import StoreApi
 from .exchange import BIGINT_MAX, CLAMPED, RequestInfo, ResponseSummary, summary_from_dict
 from .tap import StreamTap
@@ -51,6 +62,19 @@ def child_id(parent: str, kind: str, n: int) -> str:
 
 
 _VARIANT = "89ab"  # RFC 4122 variant bits over the hash's own two low bits
+
+
+def decision_id(interception_id: str, rule: str, hook: str, tool_call_id: str | None = None,
+                tool: str | None = None) -> str:
+    """A policy decision's id: uuid5 under the interception's id of what makes the decision one (its hook, rule,
+    and for a tool call the call's id and tool), so recording it again (a replayed flow, a retried hook) rewrites
+    the same row. Two calls of one tool without call ids in one interception share an id: the first is kept."""
+    key = json.dumps(["policy", hook, rule, tool_call_id or "", tool or ""], separators=(",", ":"))
+    return str(uuid.uuid5(uuid.UUID(interception_id), key))
+
+
+DETECTOR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+MESSAGE_MAX = 2000
 
 
 @dataclass(eq=False)
@@ -270,6 +294,27 @@ class Recorder:
                                 error=redact(error) if error else error, metadata=redact(json.dumps(meta)),
                                 credential_hint=ic.credential_hint))
         return status
+
+    def policy_decision(self, interception_id: str, *, rule: str, policy_version: str, hook: str, action: str,
+                        enforced: bool, detectors: list[str], message: str | None, user_id: str | None,
+                        tool: str | None = None, tool_call_id: str | None = None, at: dt.datetime | None = None
+                        ) -> None:
+        """Record what policy `rule` decided for the interception's request (hook `request`/`response`) or one of
+        its tool calls (hook `tool`, with the tool's name and call id): queued like every record, never waited on.
+        `enforced` is false for a decision only monitored. `detectors` are the detector types that fired
+        (["aws-key"]); anything that is not a short type name (text a detector found) is left out. `at` defaults
+        to now; pass the flow's own time to have a replay rewrite the same row."""
+        kept = list(dict.fromkeys(d for d in detectors or () if isinstance(d, str) and DETECTOR_TYPE.match(d)))
+        if len(kept) != len(detectors or ()):
+            log.warning("interception %s: policy rule %s: %d detector value(s) that are not detector types were "
+                        "not recorded", interception_id, rule, len(detectors or ()) - len(kept))
+        if message is not None:
+            message = redact(message)[:MESSAGE_MAX]
+        self.store.submit(POLICY_DECISIONS.row(
+            id=decision_id(interception_id, rule, hook, tool_call_id, tool), interception_id=interception_id,
+            created_at=at or utcnow(), user_id=user_id, rule=rule, policy_version=policy_version, hook=hook,
+            action=action, enforced=bool(enforced), detectors=json.dumps(kept), message=message, tool=tool,
+            tool_call_id=tool_call_id))
 
     def forget(self, ic: Interception) -> None:
         """A deferred interception that is not to be recorded after all (a poll of a response not finished yet)."""

@@ -35,6 +35,14 @@ class Actor:
     token_id: str
     token_hint: str
     service_account: bool = False  # may act for another user (X-Coder-Owner-Id, X-AIBridge-On-Behalf-Of)
+    # The user's groups (`aibridge users groups set`), sorted; what policies test as `user.groups`.
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Rows from the store carry a list (plain values cross the writer's pipe); the directory holds a sorted
+        # tuple, so an Actor stays hashable and two snapshots of the same memberships compare equal.
+        if type(self.groups) is not tuple or list(self.groups) != sorted(set(self.groups)):
+            object.__setattr__(self, "groups", tuple(sorted(set(self.groups or ()))))
 
 
 def new_token() -> str:

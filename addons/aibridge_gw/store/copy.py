@@ -1,6 +1,7 @@
 """Moving the store between engines, in column-wise chunks (the writer's own batch statements):
 
-- `aibridge migrate-store --to postgresql://…` copies a DuckDB audit, users and tokens into PostgreSQL.
+- `aibridge migrate-store --to postgresql://…` copies a DuckDB audit, users (with their groups) and tokens into
+  PostgreSQL.
   Idempotent: run it again (after more traffic, or after an interruption) and it adds only what is missing.
 - `aibridge export` on PostgreSQL copies the tables into a temporary DuckDB file that DuckDB writes as parquet or
   csv, so both engines export the same files with the same types.
@@ -20,6 +21,7 @@ class CopyRefused(Exception):
 # aibridge_request_counts is not copied: per-minute counters mean nothing an hour later.
 COPIED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aibridge_users", ("id",)),
+    ("aibridge_user_groups", ("user_id", "group_name")),
     ("aibridge_tokens", ("id",)),
     ("aibridge_mcp_tokens", ("user_id", "server")),
     ("aibridge_interceptions", ("id",)),
@@ -28,6 +30,7 @@ COPIED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aibridge_tool_usages", ("id",)),
     ("aibridge_model_thoughts", ("id",)),
     ("aibridge_provider_objects", ("id",)),
+    ("aibridge_policy_decisions", ("id",)),
 )
 CHUNK = 5000
 

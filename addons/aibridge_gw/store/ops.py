@@ -4,6 +4,7 @@ gateway on behalf of the CLI. Each takes a DuckDB connection and returns JSON-ab
 from __future__ import annotations
 
 import datetime as dt
+import re
 import secrets
 import uuid
 from collections.abc import Callable
@@ -53,13 +54,82 @@ def users_add(conn, name: str, role: str = "member", service_account: bool = Fal
 
 
 def users_list(conn) -> dict:
-    return query(
+    result = query(
         conn,
         "SELECT u.name, u.role, u.service_account, u.id, u.created_at, "
         "count(t.id) FILTER (WHERE t.revoked_at IS NULL) AS active_tokens "
         "FROM aibridge_users u LEFT JOIN aibridge_tokens t ON t.user_id = u.id "
         "GROUP BY 1, 2, 3, 4, 5 ORDER BY u.name",
     )
+    groups = groups_by_user(conn) if reports.table_exists(conn, "aibridge_user_groups") else {}
+    result["columns"].append("groups")
+    for row in result["rows"]:
+        row.append(groups.get(str(row[3]), []))
+    return result
+
+
+# --- groups: a user may be in several; names are lower-case, validated and deduplicated -------------------
+
+GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+MAX_GROUPS = 64  # per user: each travels with every request's identity (policies test user.groups)
+
+
+def group_names(groups) -> list[str]:
+    """Group names as stored: stripped, lower-case, deduplicated, sorted; a name that is not one is refused.
+    Takes a list, or the CLI's comma-separated text (empty: no groups)."""
+    if groups is None:
+        return []
+    if isinstance(groups, str):
+        groups = groups.split(",")
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, str) for g in groups):
+        raise OpError("groups must be a list of names")
+    names = sorted({g.strip().lower() for g in groups if g.strip()})
+    bad = [g for g in names if not GROUP_NAME.match(g)]
+    if bad:
+        raise OpError(f"bad group name {bad[0]!r}: 1-64 characters, letters, digits, '_', '.', '-', starting "
+                      "with a letter or digit")
+    if len(names) > MAX_GROUPS:
+        raise OpError(f"a user may be in {MAX_GROUPS} groups at most ({len(names)} given)")
+    return names
+
+
+def groups_by_user(conn) -> dict[str, list[str]]:
+    """User id -> the user's groups, sorted."""
+    out: dict[str, list[str]] = {}
+    for uid, name in conn.execute(
+            "SELECT user_id, group_name FROM aibridge_user_groups ORDER BY user_id, group_name").fetchall():
+        out.setdefault(str(uid), []).append(name)
+    return out
+
+
+def users_groups_set(conn, name: str, groups) -> dict:
+    """Replace the user's groups with `groups` (none clears them)."""
+    names = group_names(groups)
+    uid, uname, _ = _user(conn, name)
+    had = [r[0] for r in conn.execute("SELECT group_name FROM aibridge_user_groups WHERE user_id = ? "
+                                      "ORDER BY group_name", [uid]).fetchall()]
+    gone = [g for g in had if g not in names]
+    for g in gone:
+        conn.execute("DELETE FROM aibridge_user_groups WHERE user_id = ? AND group_name = ?", [uid, g])
+    now = _now()
+    for g in names:
+        if g not in had:
+            conn.execute("INSERT INTO aibridge_user_groups (user_id, group_name, created_at) VALUES (?, ?, ?)",
+                         [uid, g, now])
+    return {"name": uname, "groups": names, "added": [g for g in names if g not in had], "removed": gone}
+
+
+def groups_list(conn) -> dict:
+    """Every group with its members (users by name, sorted)."""
+    members: dict[str, list[str]] = {}
+    if not reports.table_exists(conn, "aibridge_user_groups"):  # a file no gateway of this version opened yet
+        return {"columns": ["group", "members", "users"], "rows": []}
+    for group, user in conn.execute(
+            "SELECT g.group_name, u.name FROM aibridge_user_groups g JOIN aibridge_users u ON u.id = g.user_id "
+            "ORDER BY g.group_name, u.name").fetchall():
+        members.setdefault(group, []).append(user)
+    return {"columns": ["group", "members", "users"],
+            "rows": [[g, m, len(m)] for g, m in members.items()]}
 
 
 def tokens_create(conn, user: str, name: str | None = None) -> dict:
@@ -208,12 +278,13 @@ def query(conn, text: str, params: list | None = None, limit: int | None = None)
 
 
 def load_directory(conn) -> dict[str, Actor]:
-    """Active tokens by hash, for the gateway's in-memory TokenDirectory."""
+    """Active tokens by hash, for the gateway's in-memory TokenDirectory (each with its user's groups)."""
     rows = conn.execute(
         "SELECT t.token_hash, u.id, u.name, u.role, t.id, t.hint, coalesce(u.service_account, false) "
         "FROM aibridge_tokens t JOIN aibridge_users u ON u.id = t.user_id WHERE t.revoked_at IS NULL"
     ).fetchall()
-    return {r[0]: Actor(str(r[1]), r[2], r[3], r[4], r[5], bool(r[6])) for r in rows}
+    groups = {uid: tuple(g) for uid, g in groups_by_user(conn).items()}
+    return {r[0]: Actor(str(r[1]), r[2], r[3], r[4], r[5], bool(r[6]), groups.get(str(r[1]), ())) for r in rows}
 
 
 SECRET_KEY_ENV = "AIBRIDGE_SECRET_KEY"
@@ -299,7 +370,7 @@ def load_mcp_tokens(conn) -> dict[tuple[str, str], str]:
 
 
 AUDIT_CHILD_TABLES = ("aibridge_token_usages", "aibridge_user_prompts", "aibridge_tool_usages",
-                      "aibridge_model_thoughts")
+                      "aibridge_model_thoughts", "aibridge_policy_decisions")
 
 
 def prune(conn, days: int) -> dict:
@@ -310,6 +381,8 @@ def prune(conn, days: int) -> dict:
     old = "SELECT id FROM aibridge_interceptions WHERE started_at < ?"
     for table in AUDIT_CHILD_TABLES:
         conn.execute(f"DELETE FROM {table} WHERE interception_id IN ({old})", [cutoff])
+    # A decision whose interception never reached the store (its start lost) goes by its own age.
+    conn.execute("DELETE FROM aibridge_policy_decisions WHERE created_at < ?", [cutoff])
     n = conn.execute("DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
     # Batches and background responses older than the audit kept (providers keep results for 29 days at most).
     conn.execute("DELETE FROM aibridge_provider_objects WHERE created_at < ?", [cutoff])
@@ -338,6 +411,16 @@ def report(conn, kind: str, **kw) -> dict:
                                     kw.get("limit", 50))
         if kind == "prompts":
             return reports.prompts(conn, viewer, kw.get("user"), kw.get("search"), kw.get("limit", 50))
+        if kind in ("policy_decisions", "policy_summary") and not reports.table_exists(
+                conn, "aibridge_policy_decisions"):  # read-only, on a file no gateway of this version opened yet
+            return {"since": (kw.get("filters") or {}).get("since"), "data": [], "by_user": []}
+        if kind == "policy_decisions":
+            limit = kw.get("limit", 50)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise OpError("limit must be a positive number")
+            return reports.policy_decisions(conn, viewer, kw.get("filters") or {}, limit)
+        if kind == "policy_summary":
+            return reports.policy_summary(conn, viewer, kw.get("filters") or {})
         if kind == "budgets":
             spec = kw.get("budgets") or {}
             b = Budgets(Limits(**spec.get("default", {})),
@@ -359,7 +442,8 @@ def export(conn, fmt: str, out: str) -> dict:
     target = pathlib.Path(out).expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
     # Provider objects (batches, their files, background responses) say whom paid work metered later belongs to.
-    tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users", "aibridge_provider_objects")
+    tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users", "aibridge_user_groups",
+                                                                  "aibridge_provider_objects")
     if postgres(conn):  # through a DuckDB file of the same schema: the same files, types and formats
         import tempfile
 
@@ -441,6 +525,8 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "mcp_token.delete": (mcp_token_delete, True),
     "mcp_token.list": (mcp_token_list, False),
     "users.set_role": (users_set_role, True),
+    "users.groups_set": (users_groups_set, True),
+    "groups.list": (groups_list, False),
     "prune": (prune, True),
     "report": (report, False),
     "export": (export, False),
@@ -452,8 +538,9 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
 
 
 def directory_rows(conn) -> list[list]:
-    """load_directory as plain values: [token hash, user id, name, role, token id, hint, service account]."""
-    return [[h, a.user_id, a.user_name, a.role, a.token_id, a.token_hint, a.service_account]
+    """load_directory as plain values: [token hash, user id, name, role, token id, hint, service account, groups]
+    (the rest of the row is Actor's fields in order: Actor(*row[1:]))."""
+    return [[h, a.user_id, a.user_name, a.role, a.token_id, a.token_hint, a.service_account, list(a.groups)]
             for h, a in load_directory(conn).items()]
 
 
@@ -537,6 +624,14 @@ def admin_query(conn, route: str, viewer: str | None, filters: dict, pricing: st
         return reports.timeseries(conn, v, params["stack"], prices, params.get("since"))
     if route in ("client", "model"):
         return reports.distinct(conn, v, route, params.get("prefix"))
+    if route == "users":
+        return reports.users(conn, v)
+    if route == "groups":
+        return reports.groups(conn, v)
+    if route == "policy/decisions":
+        return reports.policy_decisions(conn, v, filters, params["limit"])
+    if route == "policy/decisions/summary":
+        return reports.policy_summary(conn, v, filters)
     raise OpError(f"unknown admin query {route!r}")
 
 

@@ -174,6 +174,9 @@ def interception_detail(conn, viewer: Viewer, iid: str, prices: PriceTable) -> d
         ("thoughts", "aibridge_model_thoughts", "created_at, id"),
     ):
         out[key] = _rows(conn.execute(f"SELECT * FROM {table} WHERE CAST(interception_id AS VARCHAR) = ? ORDER BY {order}", [iid]))
+    out["policy_decisions"] = [_decision(r) for r in _rows(conn.execute(
+        f"SELECT {_DECISION_COLUMNS} FROM aibridge_policy_decisions d WHERE CAST(d.interception_id AS VARCHAR) = ? "
+        "ORDER BY d.created_at, CAST(d.id AS VARCHAR)", [iid]))]
     return out
 
 
@@ -314,6 +317,128 @@ def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str 
     data = [{"day": k[0], stack: k[1], **_finish_cost(g)} for k, g in groups.items()]
     data.sort(key=lambda d: (str(d["day"]), str(d[stack])))
     return {"stack": stack, "since": since, "data": data}
+
+
+def table_exists(conn, name: str) -> bool:
+    """Whether the store has the table (a file read-only, never migrated by this version, may lack newer ones)."""
+    return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0] > 0
+
+
+# --- users and groups ----------------------------------------------------------------------------------
+
+
+def users(conn, viewer: Viewer) -> dict:
+    """Users with their role, groups and active tokens: every user for an admin, a member's own entry otherwise."""
+    where, params = ("", []) if viewer.user_id is None else (" WHERE CAST(u.id AS VARCHAR) = ?", [viewer.user_id])
+    rows = _rows(conn.execute(
+        "SELECT u.id, u.name, u.role, coalesce(u.service_account, false) AS service_account, u.created_at, "
+        "(SELECT count(*) FROM aibridge_tokens t WHERE t.user_id = u.id AND t.revoked_at IS NULL) AS active_tokens "
+        f"FROM aibridge_users u{where} ORDER BY u.name", params))
+    memberships: dict[str, list[str]] = {}
+    for group, uid in _memberships(conn, viewer):
+        memberships.setdefault(uid, []).append(group)
+    for r in rows:
+        r["groups"] = sorted(memberships.get(r["id"], []))
+    return {"data": rows}
+
+
+def groups(conn, viewer: Viewer) -> dict:
+    """Each group with its members: every group for an admin; a member sees the groups they are in (and no other
+    member's name)."""
+    members: dict[str, list[str]] = {}
+    where, params = ("", []) if viewer.user_id is None else (" WHERE CAST(g.user_id AS VARCHAR) = ?", [viewer.user_id])
+    for group, name in conn.execute(
+            "SELECT g.group_name, u.name FROM aibridge_user_groups g JOIN aibridge_users u ON u.id = g.user_id"
+            f"{where} ORDER BY g.group_name, u.name", params).fetchall():
+        members.setdefault(group, []).append(name)
+    return {"data": [{"group": g, "members": m, "users": len(m)} for g, m in members.items()]}
+
+
+def _memberships(conn, viewer: Viewer) -> list[tuple[str, str]]:
+    where, params = ("", []) if viewer.user_id is None else (" WHERE CAST(user_id AS VARCHAR) = ?", [viewer.user_id])
+    return [(g, str(uid)) for g, uid in conn.execute(
+        f"SELECT group_name, user_id FROM aibridge_user_groups{where}", params).fetchall()]
+
+
+# --- policy decisions ---------------------------------------------------------------------------------------
+
+_DECISION_COLUMNS = ("d.id, d.created_at, d.interception_id, d.user_id, d.rule, d.policy_version, d.hook, d.action, "
+                     "d.enforced, d.detectors, d.message, d.tool, d.tool_call_id")
+_DECISIONS_FROM = ("FROM aibridge_policy_decisions d LEFT JOIN aibridge_interceptions i ON i.id = d.interception_id "
+                   "LEFT JOIN aibridge_users usr ON usr.id = coalesce(d.user_id, i.initiator_id)")
+DECISION_FILTERS = ("since", "until", "rule", "action", "user", "interception", "hook", "enforced")
+
+
+def _decision(row: dict) -> dict:
+    """detectors as a list on both engines (DuckDB hands JSON over as its text, PostgreSQL parsed)."""
+    d = row.get("detectors")
+    if isinstance(d, str):
+        try:
+            d = json.loads(d)
+        except ValueError:
+            d = [d]
+    row["detectors"] = d if isinstance(d, list) else []
+    return row
+
+
+def _decision_where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
+    clauses, params = [], []
+    if viewer.user_id is not None:  # a member sees the decisions on their own calls (and those made for them)
+        clauses.append("(CAST(d.user_id AS VARCHAR) = ? OR CAST(i.initiator_id AS VARCHAR) = ? "
+                       "OR CAST(i.on_behalf_of_id AS VARCHAR) = ?)")
+        params += [viewer.user_id] * 3
+    for key, col in (("rule", "d.rule"), ("action", "d.action"), ("hook", "d.hook"), ("user", "usr.name"),
+                     ("interception", "CAST(d.interception_id AS VARCHAR)")):
+        value = filters.get(key)
+        if value:
+            clauses.append(f"{col} = ?")
+            params.append(str(value).strip().lower() if key == "interception" else str(value))
+    enforced = filters.get("enforced")
+    if enforced not in (None, ""):
+        flag = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+            str(enforced).strip().lower())
+        if flag is None:
+            raise BadParameter("enforced", "true or false")
+        clauses.append("d.enforced" if flag else "NOT d.enforced")
+    for key, op in (("since", ">="), ("until", "<")):
+        t = parse_time(key, filters.get(key))
+        if t is not None:
+            clauses.append(f"d.created_at {op} ?")
+            params.append(t)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def policy_decisions(conn, viewer: Viewer, filters: dict, limit: int = 50) -> dict:
+    """Decisions newest first (filters: since, until, rule, action, user, interception, hook, enforced), with the
+    user's name and the interception's model and client."""
+    where, params = _decision_where(viewer, filters)
+    rows = _rows(conn.execute(
+        f'SELECT {_DECISION_COLUMNS}, usr.name AS "user", i.model, i.client, i.provider_name {_DECISIONS_FROM}'
+        f"{where} ORDER BY d.created_at DESC, CAST(d.id AS VARCHAR) DESC LIMIT ?", params + [limit]))
+    return {"data": [_decision(r) for r in rows]}
+
+
+def policy_summary(conn, viewer: Viewer, filters: dict) -> dict:
+    """Counts of decisions per rule and action (`data`: how many, how many enforced, by how many users, the latest)
+    and per user (`by_user`: how many, how many enforced, and how many of each action)."""
+    where, params = _decision_where(viewer, filters)
+    per_rule = _rows(conn.execute(
+        "SELECT d.rule, d.action, count(*) AS decisions, count(*) FILTER (WHERE d.enforced) AS enforced, "
+        "count(DISTINCT coalesce(d.user_id, i.initiator_id)) AS users, max(d.created_at) AS last_at "
+        f"{_DECISIONS_FROM}{where} GROUP BY d.rule, d.action ORDER BY count(*) DESC, d.rule, d.action", params))
+    for r in per_rule:
+        r["monitored"] = r["decisions"] - r["enforced"]
+    by_user: dict[Any, dict] = {}
+    for r in _rows(conn.execute(
+            'SELECT usr.name AS "user", d.action, count(*) AS decisions, '
+            f"count(*) FILTER (WHERE d.enforced) AS enforced {_DECISIONS_FROM}{where} GROUP BY usr.name, d.action",
+            params)):
+        u = by_user.setdefault(r["user"], {"user": r["user"], "decisions": 0, "enforced": 0, "actions": {}})
+        u["decisions"] += r["decisions"]
+        u["enforced"] += r["enforced"]
+        u["actions"][r["action"]] = r["decisions"]
+    users_ = sorted(by_user.values(), key=lambda u: (-u["decisions"], str(u["user"])))
+    return {"since": filters.get("since"), "data": per_rule, "by_user": users_}
 
 
 def jsonable(v: Any) -> Any:

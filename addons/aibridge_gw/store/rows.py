@@ -58,9 +58,17 @@ PROVIDER_OBJECTS = Table("aibridge_provider_objects", (
     "on_behalf_of_name", "interception_id", "created_at", "metered_at", "metered_by",
 ))
 
-TABLES = (USERS, INTERCEPTIONS, TOKEN_USAGES, USER_PROMPTS, TOOL_USAGES, MODEL_THOUGHTS, PROVIDER_OBJECTS)
+# What a policy rule decided for one request or tool call (see Recorder.policy_decision): `detectors` is a JSON
+# array of the detector types that fired (["aws-key"]), never the text they found.
+POLICY_DECISIONS = Table("aibridge_policy_decisions", (
+    "id", "interception_id", "created_at", "user_id", "rule", "policy_version", "hook", "action", "enforced",
+    "detectors", "message", "tool", "tool_call_id",
+))
+
+TABLES = (USERS, INTERCEPTIONS, TOKEN_USAGES, USER_PROMPTS, TOOL_USAGES, MODEL_THOUGHTS, PROVIDER_OBJECTS,
+          POLICY_DECISIONS)
 COLUMNS: dict[str, tuple[str, ...]] = {t.name: t.columns for t in TABLES}
-JSON_COLUMNS = frozenset({"metadata"})
+JSON_COLUMNS = frozenset({"metadata", "detectors"})
 
 # Columns an interception's end sets; the row was inserted when the request arrived.
 # credential_hint: the key a failover pool actually used (None keeps the hint recorded at the start).
