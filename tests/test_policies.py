@@ -90,7 +90,7 @@ def test_deny_answers_403_in_anthropic_format_and_records_the_rule(pgw, upstream
         client.messages.create(model="forbidden-model", max_tokens=5, stream=stream,
                                messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["error"]["type"] == "permission_error"
-    assert e.value.message == "aibridge policy no-forbidden: that model is not allowed here"
+    assert e.value.body["error"]["message"] == "aibridge policy no-forbidden: that model is not allowed here"
     assert upstream.seen == []  # nothing reached the provider
     ic, = pgw.wait_for("SELECT * FROM aibridge_interceptions WHERE status = 'rejected'")
     assert ic["http_status"] == 403 and "no-forbidden" in ic["error"]
@@ -262,7 +262,7 @@ def test_guardrails_deny_and_a_hung_one_follows_its_fail_setting(own_gateway, up
     guardrail.answer = {"action": "deny", "message": "looks like customer data"}
     with pytest.raises(openai.PermissionDeniedError) as e:
         oc.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "the list"}])
-    assert e.value.message == "aibridge policy dlp: looks like customer data"
+    assert e.value.body["message"] == "aibridge policy dlp: looks like customer data"
     assert guardrail.seen[-1]["prompt"] == "the list" and guardrail.seen[-1]["user"]["name"] == "g"
     assert "authorization" not in json.dumps(guardrail.seen[-1]).lower()
     guardrail.answer = None  # hangs: closed refuses within the timeout
@@ -295,3 +295,48 @@ def test_a_bad_rule_refuses_the_config_with_the_rules_name(own_gateway, upstream
     with pytest.raises(ConfigError) as e:
         parse_config(bad)
     assert "rule `typo`" in str(e.value) and "did you mean `user`" in str(e.value)
+
+
+def test_a_rule_sees_the_users_groups_as_they_change(pgw, upstream):
+    upstream.default = Reply.json(anthropic_message("ok"))
+    client = anthropic_client(pgw, pgw.token)
+    ask = {"model": "claude-opus-4-1", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    client.messages.create(**ask)
+    assert upstream.seen[-1].json()["model"] == "claude-sonnet-4-5"  # not staff: routed
+    assert pgw.cli("users", "groups", "set", "pol", "staff,ml").returncode == 0
+    client.messages.create(**ask)
+    assert upstream.seen[-1].json()["model"] == "claude-opus-4-1"  # staff now, at once
+
+
+def test_policy_check_and_replay_rehearse_a_candidate_on_the_recorded_audit(pgw, upstream, tmp_path):
+    tool_use = {"id": "msg_t", "type": "message", "role": "assistant", "model": "claude-x", "stop_reason": "tool_use",
+                "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                             "input": {"command": "rm -rf ./victim"}}],
+                "usage": {"input_tokens": 10, "output_tokens": 4}}
+    upstream.script(Reply.json(anthropic_message("ok")), Reply.json(tool_use), Reply.json(anthropic_message("ok")))
+    client = anthropic_client(pgw, pgw.token)
+    for prompt in ("hello", "clean up please", "hello again"):
+        client.messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": prompt}])
+    pgw.interceptions("pol", 3)
+    pgw.wait_for("SELECT * FROM aibridge_tool_usages")
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(yaml.safe_dump({"rules": [
+        {"name": "no-hello", "hook": "request", "when": 'prompt.startsWith("hello")', "action": "deny"},
+        {"name": "no-rm", "hook": "tool", "action": "deny",
+         "when": 'tool.name == "Bash" && has(tool.input.command) && tool.input.command.contains("rm -rf")'},
+    ], "guardrails": [{"name": "dlp", "hook": "request", "url": "http://127.0.0.1:9/x"}]}))
+    checked = pgw.cli("policy", "check", str(candidate))
+    assert checked.returncode == 0 and "2 rule(s), 1 guardrail(s)" in checked.stdout
+    out = pgw.cli("policy", "replay", str(candidate), "--since", "1d", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    counts = {(o["rule"], o["action"], o["user"]): o["calls"] for o in report["outcomes"]}
+    assert counts == {("no-hello", "deny", "pol"): 2, ("no-rm", "deny", "pol"): 1}
+    assert report["calls"] == 3 and report["tool_calls"] == 1 and report["guardrails_not_called"] == ["dlp"]
+    assert len(upstream.seen) == 3  # nothing was sent anywhere
+    text = pgw.cli("policy", "replay", str(candidate)).stdout
+    assert "no-hello [request] would deny: 2 call(s) of pol" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [{name: a, hook: request, when: 'modl == 1', action: deny}]")
+    refused = pgw.cli("policy", "check", str(bad))
+    assert refused.returncode == 1 and "rule `a`: unknown variable `modl` (did you mean `model`?)" in refused.stderr

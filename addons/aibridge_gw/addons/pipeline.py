@@ -310,7 +310,7 @@ class Pipeline:
         actor = ident.actor
         facts = CallFacts(
             ic.id, {"name": actor.user_name, "id": actor.user_id, "role": actor.role,
-                    "groups": list(getattr(actor, "groups", ()))},
+                    "groups": list(actor.groups)},
             ic.client or "", ic.session_id or "", route.provider.name, ic.api, ic.info.model or "",
             ic.info.prompt or "", conversation(body), offered_tools(body), variable_headers(hv))
         state.police = CallPolicing(policing, facts)

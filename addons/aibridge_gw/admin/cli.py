@@ -462,7 +462,47 @@ def _policy_commands(sub) -> argparse._SubParsersAction:
     pd.add_argument("--summary", action="store_true")
     pd.add_argument("--json", action="store_true")
     pd.set_defaults(run=_policy_decisions, enforced=None)
+    pc = policy.add_parser("check", help="compile a policies file (or a config's policies:) and list its rules; "
+                                         "no database needed")
+    pc.add_argument("file")
+    pc.add_argument("--json", action="store_true")
+    pc.set_defaults(run=_policy_check, standalone=True)
+    pr = policy.add_parser("replay", help="what a candidate policy would have decided on the recorded audit, per "
+                                          "rule and user (no traffic, no provider or guardrail call)")
+    pr.add_argument("file")
+    pr.add_argument("--since", default="7d", help="an age (7d, 24h) or an ISO date; default 7d")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(run=_policy_replay)
     return policy
+
+
+def _policy_check(args, config_path: str | None) -> None:
+    from ..policy.replay import describe, load_candidate
+    from ..policy.rules import policy_version
+
+    policies = load_candidate(args.file)
+    listed = describe(policies)
+    if args.json:
+        print(json.dumps({"policy_version": policy_version(policies), "rules": listed}, indent=2))
+        return
+    print(f"{args.file}: ok; policy {policy_version(policies)}, mode {policies.mode}, "
+          f"{len(policies.rules)} rule(s), {len(policies.guardrails)} guardrail(s)"
+          + ("; redact_stored" if policies.redact_stored else ""))
+    for r in listed:
+        print(f"  {r['kind']} {r['name']}: hook {r['hook']}, {r['action']} ({r['mode']}, fails {r['fail']}): "
+              f"{r['when']}")
+
+
+def _policy_replay(args, cx: "Context") -> None:
+    from ..policy.replay import CALLS_SQL, TOOLS_SQL, as_json, load_candidate, render, replay
+    from ..store.reports import parse_time
+
+    policies = load_candidate(args.file)
+    since = parse_time("since", args.since).isoformat()
+    calls, tools = (cx.op("sql", query_text=q.format(since=since)) for q in (CALLS_SQL, TOOLS_SQL))
+    rows = [[dict(zip(r["columns"], row)) for row in r["rows"]] for r in (calls, tools)]
+    report = replay(policies, *rows)
+    print(as_json(report) if args.json else render(report, args.since))
 
 
 def _config_check(args, config_path: str | None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import ConfigError, expand_env
 from ..config_model import ConfigProblems, PoliciesFile, validate_policies
 from .rules import Policy
 
@@ -45,18 +46,21 @@ WHERE i.started_at >= TIMESTAMPTZ '{since}'
 
 def load_candidate(path: str | Path) -> PoliciesFile:
     """A candidate policy: a policies file (the mapping `policies:` holds), or a config file with `policies:`.
-    Raises ConfigProblems naming what is wrong."""
+    Raises ConfigError naming what is wrong (a rule's condition that does not compile: its name and the error)."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
-        raise ConfigProblems([f"{path}: {e.strerror or e}"]) from None
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigProblems([f"{path} is not valid YAML: {e}"]) from None
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigProblems([f"{path} must hold a mapping"])
+        raise ConfigError(f"{path} must hold a mapping")
     if "policies" in raw and isinstance(raw["policies"], dict):
         raw = raw["policies"]
-    return validate_policies(raw)
+    try:
+        return validate_policies(expand_env(raw))
+    except ConfigProblems as e:
+        raise ConfigError(f"{path}: " + "\n  ".join(e.problems)) from None
 
 
 def describe(policies: PoliciesFile) -> list[dict]:
