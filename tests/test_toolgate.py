@@ -866,3 +866,22 @@ def test_native_bedrock_exceptions_keep_their_frame_when_re_framed():
     assert msgs[-1].headers[":exception-type"] == "throttlingException"
     assert json.loads(msgs[-1].payload) == {"message": "slow down"}
     assert tap.summary.error
+
+
+def test_chat_long_arguments_are_decided_once_and_pass_unchanged():
+    """Code with many `}`: completeness is checked at doubling lengths (linear in all), the call is decided once."""
+    args = json.dumps({"path": "a.js", "content": "function f(x) { if (x) { return {a: 1}; } }\n" * 900})
+
+    def chunk(delta, finish=None):
+        return sse({**CHAT_BASE, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    stream = [chunk({"role": "assistant", "content": None, "tool_calls": [
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "write_file", "arguments": ""}}]})]
+    stream += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i:i + 8]}}]})
+               for i in range(0, len(args), 8)]
+    stream += [chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    policy = Policy()
+    assert gated(CHAT, stream, policy) == b"".join(stream)
+    assert [c.input for c in policy.seen] == [args]
+    refused = gated(CHAT, stream, Policy("write_file"))
+    assert b"c1" not in refused and b'"finish_reason": "stop"' in refused

@@ -317,7 +317,9 @@ class ChatAdapter(Adapter):
 
 # --- the tool gate --------------------------------------------------------------------------------
 
-_EARLY_LIMIT = 1 << 20  # arguments up to this long are checked for completeness as they arrive
+# Arguments are checked for completeness (a whole JSON object) when a delta ends with "}": always while they are
+# short, then at doubling lengths, so a long argument costs O(n) parsing in all (its finish_reason completes it).
+_EARLY_ALWAYS = 4096
 
 
 def _call_parts(tc: dict) -> tuple[str, str]:
@@ -335,13 +337,15 @@ def _trivial(delta: dict, choice: dict) -> bool:
 
 
 class _Call:
-    __slots__ = ("index", "id", "name", "args", "custom", "held", "verdict", "role")
+    __slots__ = ("index", "id", "name", "args", "size", "next_try", "custom", "held", "verdict", "role")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.id: str | None = None
         self.name = ""
         self.args: list[str] = []
+        self.size = 0  # len("".join(args))
+        self.next_try = 0  # the length from which completeness is checked again
         self.custom = False
         self.held: Held | None = None
         self.verdict: bool | None = None  # True: released, False: refused, None: held
@@ -457,10 +461,13 @@ class ChatGate(StreamGate):
             return
         if args:
             call.args.append(args)
+            call.size += len(args)
         call.held.parts.append(part)
-        if (not call.custom and args.rstrip().endswith("}") and sum(map(len, call.args)) <= _EARLY_LIMIT
-                and _whole_object("".join(call.args))):
-            self._decide(cidx, call)
+        if not call.custom and call.size >= call.next_try and args.rstrip().endswith("}"):
+            if _whole_object("".join(call.args)):
+                self._decide(cidx, call)
+            elif call.size > _EARLY_ALWAYS:
+                call.next_try = 2 * call.size
 
     def _decide(self, cidx: int, call: _Call) -> None:
         ch = self._choice(cidx)
