@@ -545,7 +545,7 @@ def test_any_chunking_gives_the_same_output(which, cuts, deny):
 @pytest.mark.parametrize("which", sorted(GATED_STREAMS))
 def test_text_goes_out_in_the_call_that_brought_it_and_a_call_in_the_call_that_completed_it(which):
     """Fed event by event: every event before the first tool call is returned by the feed that received it."""
-    api, build, name = GATED_STREAMS[which]
+    api, build, _ = GATED_STREAMS[which]
     data = b"".join(build())
     p = SSEParser(keep_raw=True)
     evs = [e for e in p.feed(data) + p.feed(b"")]

@@ -290,7 +290,9 @@ class GeminiGate(StreamGate):
 def gate_body(body, api: str, decide):
     """A whole response, or streamGenerateContent's JSON array of them (the pipeline reads that whole). None: nothing
     refused."""
-    ask = lambda call: check(decide, call)  # noqa: E731
+    def ask(call: GateCall):
+        return check(decide, call)
+
     if isinstance(body, dict):
         return _gate_response(body, api, ask, False)[0]
     if not isinstance(body, list):

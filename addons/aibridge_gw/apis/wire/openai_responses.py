@@ -444,7 +444,7 @@ class ResponsesGate(StreamGate):
     def _final(self, entry):
         """The terminal event's `response.output`, with each refused call's message in its place (a call the stream
         never showed is decided here)."""
-        raw, obj, event = entry
+        _, obj, event = entry
         resp = obj.get("response")
         if not isinstance(resp, dict) or not isinstance(resp.get("output"), list):
             return entry
