@@ -108,7 +108,8 @@ class StreamGate:
         self.api = api
         self.decide = decide
         self._queue: list[Any] = []  # bytes or Held, in stream order; starts with a Held whenever it is non-empty
-        self.decided: list[tuple[GateCall, Refusal | None]] = []  # every decision, in order (diagnostics, tests)
+        # Every decision, in order: the refused calls of a response (what a stored Responses response still owes).
+        self.decided: list[tuple[GateCall, Refusal | None]] = []
 
     # --- the interface ---------------------------------------------------------------------------------------
 
