@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from ..flow.exchange import BadRequest, RequestInfo, ResponseSummary
 from ..flow.sse import SSEEvent
+from ..flow.toolgate import ToolGate
 from ..mcp.tools import Adapter
 
 
@@ -31,6 +32,8 @@ class WireApi(Protocol):
     ends_at_eof: bool  # a stream without a final event: complete when it ends normally
     adapter: type[Adapter] | None  # the injected-tool loop's adapter for this API
     array_responses: bool  # a body may be a JSON array of responses (Gemini's streamGenerateContent without SSE)
+    # Optional `gate: flow.toolgate.ToolGate`: how the tool gate reads and rewrites this API's responses (absent or
+    # None: nothing to gate).
 
     def parse_request(self, body: dict, path: str = "") -> RequestInfo:
         """Facts for the record (model, stream, prompt, tool results); raises BadRequest. `path` is the endpoint
@@ -187,8 +190,12 @@ class WireFunctions:
     adapter: type[Adapter] | None = None
     ends_at_eof: bool = False
     array_responses: bool = False
+<<<<<<< HEAD
     # A policy's route to another model: the body and endpoint path that name it (where this API names it).
     with_model: Callable[[dict, str, str], tuple[dict, str]] = model_in_body
+=======
+    gate: ToolGate | None = None  # the tool gate (flow/toolgate.py): APIs whose responses carry client tool calls
+>>>>>>> toolgate
 
     def __post_init__(self) -> None:
         if self.adapter is not None:

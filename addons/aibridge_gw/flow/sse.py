@@ -3,6 +3,13 @@
 Chunks may split an event, a line or a CRLF pair anywhere; the parser keeps only the unfinished tail. A line longer
 than MAX_PENDING is not buffered: it is skipped (its event with it, up to the blank line that ends the event) and
 parsing resumes with the next event, so a provider's final usage after a huge event is still read.
+
+A parser made with `keep_raw=True` (the tool gate's: it relays events one by one, so it needs each one's bytes) also
+gives every event the exact bytes it came in (`SSEEvent.raw`), and returns what carries no event (comments,
+keep-alives, stray blank lines) as an event named "" holding only those bytes: the concatenation of every returned
+`raw` is the input, byte for byte, in order. Keeping the bytes rather than re-serialising keeps what the client gets
+identical to what the provider sent (CRLF or LF, `data:` spacing, comments, field order). An event skipped for its
+length has no bytes to give: `skipped` counts it (the gate fails closed on it).
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ class SSEEvent:
     event: str
     data: str
     id: str | None = None
+    raw: bytes | None = None  # the event's bytes as they came (a parser made with keep_raw)
 
 
 class SSEParser:
-    __slots__ = ("_buf", "_event", "_data", "_id", "_saw_cr", "_skipping", "_drop", "skipped")
+    __slots__ = ("_buf", "_event", "_data", "_id", "_saw_cr", "_skipping", "_drop", "skipped", "keep_raw", "_raw")
 
-    def __init__(self) -> None:
+    def __init__(self, keep_raw: bool = False) -> None:
         self._buf = bytearray()
         self._event = ""
         self._data: list[str] = []
@@ -34,6 +42,8 @@ class SSEParser:
         self._skipping = False  # inside a line too long to keep: its bytes are dropped until it ends
         self._drop = False  # the event being read lost a line: it is dropped at its blank line
         self.skipped = 0  # lines skipped for their length
+        self.keep_raw = keep_raw
+        self._raw = bytearray()  # keep_raw: the bytes of the event being read that left the line buffer
 
     @property
     def pending_line(self) -> bool:
@@ -52,13 +62,19 @@ class SSEParser:
             if self._skipping:
                 self._skipping = False
                 self._buf.clear()
+            if self.keep_raw:
+                self._raw += self._buf
             if self._buf:
                 self._line(bytes(self._buf), out)
                 self._buf.clear()
             self._dispatch(out)
+            if self.keep_raw:
+                self._segment(out, 0)
             return out
         if self._saw_cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
+            if self.keep_raw:
+                self._raw += b"\n"  # the LF of a CRLF split across chunks: still the client's byte
         self._saw_cr = chunk[-1:] == b"\r"
         if self._skipping:  # drop the rest of the long line, up to its end
             lf, cr = chunk.find(b"\n"), chunk.find(b"\r")
@@ -77,6 +93,8 @@ class SSEParser:
         out = []
         start = 0
         n = len(buf)
+        keep_raw = self.keep_raw
+        seg = 0  # keep_raw: where the event being read starts in buf (earlier bytes of it are in _raw)
         while start < n:
             lf = buf.find(b"\n", start)
             cr = buf.find(b"\r", start, lf if lf >= 0 else n)
@@ -88,16 +106,40 @@ class SSEParser:
                 break
             if end - start > MAX_PENDING:  # whole in this chunk, but as long as one that is skipped across chunks
                 self._skip()
+                if keep_raw:
+                    self._raw.clear()
+                    seg = nxt
+            elif keep_raw and end == start:  # a blank line: the event ends with it
+                before = len(out)
+                self._dispatch(out)
+                self._raw += buf[seg:nxt]
+                seg = nxt
+                self._segment(out, before)
             else:
                 self._line(bytes(buf[start:end]), out)
             start = nxt
+        if keep_raw:
+            self._raw += buf[seg:start]
         del buf[:start]
         self._check_length()
         return out
 
+    def _segment(self, out: list[SSEEvent], before: int) -> None:
+        """keep_raw: give the bytes read since the last event to the event just dispatched, or as an event of its
+        own ("") when they carried none."""
+        if not self._raw:
+            return
+        raw = bytes(self._raw)
+        self._raw.clear()
+        if len(out) > before:
+            out[-1].raw = raw
+        else:
+            out.append(SSEEvent("", "", None, raw))
+
     def _check_length(self) -> None:
         if len(self._buf) > MAX_PENDING:
             self._buf.clear()
+            self._raw.clear()
             self._skipping = True
             self._skip()
 

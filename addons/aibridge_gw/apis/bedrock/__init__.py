@@ -35,7 +35,7 @@ def parse_invoke(body: dict, path: str = "") -> RequestInfo:
 INVOKE = WireFunctions(
     name="bedrock.invoke", model_api=True, parse_request=parse_invoke, prepare_request=messages.prepare_request,
     on_event=messages.on_event, finish_stream=messages.finish_stream, summarize=messages.summarize,
-    stream_error_event=messages.stream_error_event,
+    stream_error_event=messages.stream_error_event, gate=messages.GATE,
 )
 
 

@@ -4,7 +4,8 @@ Frames are parsed with botocore's own parser. Each `chunk` event carries one Ant
 base64-encoded in `{"bytes": …}`; an `exception` frame is Bedrock's mid-stream error. Two framings sit between
 the provider and the stream tap: `ToSSE` hands the client Anthropic server-sent events (base-URL mode: the client
 speaks the Messages API), `Native` hands it the frames unchanged (proxy mode: the client is an AWS SDK) while the
-tap reads the same events.
+tap reads the same events. A gated stream (flow/toolgate.py) relays the gate's events, so `Native.encode` frames them
+again: the same events, in frames of the gateway's own (not the provider's bytes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import zlib
 
 from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserError
 
+from ...flow.sse import SSEParser
 from ..base import sse_bytes
 
 CONTENT_TYPE = "application/vnd.amazon.eventstream"
@@ -127,11 +129,42 @@ class ToSSE:
         return sse
 
 
+# An Anthropic error type → the Bedrock exception an AWS SDK raises for it (a gated stream's error events, re-framed).
+_EXCEPTION_OF = {"rate_limit_error": "ThrottlingException", "overloaded_error": "ServiceUnavailableException",
+                 "timeout_error": "ModelTimeoutException", "invalid_request_error": "ValidationException",
+                 "permission_error": "AccessDeniedException", "not_found_error": "ResourceNotFoundException"}
+
+
 class Native(ToSSE):
     """Proxy mode: the client (an AWS SDK) gets Bedrock's frames unchanged; only the tap reads the events."""
 
     converts = False
     content_type = CONTENT_TYPE
+
+    @staticmethod
+    def encode(sse: bytes) -> bytes:
+        """Whole server-sent events (a gated stream's) as Bedrock frames: each event in a `chunk` frame, an error event
+        as the exception frame it came as."""
+        parser = SSEParser()
+        out = []
+        for ev in parser.feed(sse) + parser.feed(b""):
+            try:
+                event = json.loads(ev.data)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if event.get("type") == "error":
+                err = event.get("error") if isinstance(event.get("error"), dict) else {}
+                message = str(err.get("message") or "")
+                name, sep, rest = message.partition(": ")
+                if sep and exception_name(name) in EXCEPTIONS:
+                    out.append(exception_frame(name, rest))
+                else:
+                    out.append(exception_frame(_EXCEPTION_OF.get(err.get("type"), "InternalServerException"), message))
+            else:
+                out.append(chunk_frame(event))
+        return b"".join(out)
 
     @staticmethod
     def error_tail(sse: bytes, message: str) -> bytes:

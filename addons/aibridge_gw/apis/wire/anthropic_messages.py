@@ -7,6 +7,7 @@ import re
 
 from ...flow.exchange import RequestInfo, ResponseSummary, Thought, TokenTotals, TokenUsage, ToolCall, as_int, json_text
 from ...flow.sse import SSEEvent
+from ...flow.toolgate import GateCall, Held, StreamGate, ToolGate, check
 from ...mcp.tools import Adapter, ToolResult
 from ..base import (
     WireFunctions,
@@ -341,8 +342,125 @@ class AnthropicAdapter(Adapter):
         return json.dumps(msg).encode()
 
 
+# --- the tool gate --------------------------------------------------------------------------------
+# Only `tool_use` blocks are the client's to run. A `server_tool_use` block (web search, code execution, …) has already
+# run at Anthropic when the client sees it, and its result block follows: refusing it would stop nothing and would
+# leave the result block without its call (the client's next request would be rejected). It is recorded, not gated.
+
+_GATE_PASS = frozenset({"content_block_delta", "content_block_stop", "ping"})  # never start a tool block
+
+
+class MessagesGate(StreamGate):
+    """Holds a `tool_use` block from its `content_block_start` through its `input_json_delta`s to its
+    `content_block_stop`, then releases it byte for byte, or puts a text block in its place (same index: start,
+    one text_delta, stop). `message_delta`'s stop_reason `tool_use` becomes `end_turn` when the message released no
+    tool_use block (an allowed call keeps `tool_use`: the client owes its result)."""
+
+    def __init__(self, api: str, decide) -> None:
+        super().__init__(api, decide)
+        self.open: dict = {}  # index → the Held tool_use block
+        self.released = 0
+        self.refused = 0
+
+    def on_event(self, ev: SSEEvent) -> None:
+        raw = self.raw_of(ev)
+        if not self.open and ev.event in _GATE_PASS and '"content_block_start"' not in ev.data:
+            self.emit(raw)  # text and thinking: as they came, unparsed
+            return
+        obj = load_json_event(ev.data)
+        if obj is None:
+            self.emit(raw)
+            return
+        kind = obj.get("type") or ev.event
+        if kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                idx = obj.get("index")
+                h = self.hold({"index": idx, "id": block.get("id"), "name": block.get("name") or "",
+                               "initial": block.get("input"), "args": []})
+                h.parts.append(raw)
+                self.open[idx] = h
+                return
+        elif kind == "content_block_delta":
+            h = self.open.get(obj.get("index"))
+            if h is not None:
+                delta = obj.get("delta") or {}
+                if delta.get("type") == "input_json_delta":
+                    h.info["args"].append(delta.get("partial_json") or "")
+                h.parts.append(raw)
+                return
+        elif kind == "content_block_stop":
+            h = self.open.pop(obj.get("index"), None)
+            if h is not None:
+                h.parts.append(raw)
+                self._decide(h)
+                return
+        elif kind == "message_start":
+            self.released = self.refused = 0
+        elif kind in ("message_delta", "message_stop", "error"):
+            self.on_end()  # a block still open here never got its stop: decided as it came
+            if kind == "message_delta":
+                raw = self._stop_reason(obj, raw, ev.event)
+        self.emit(raw)
+
+    def on_end(self) -> None:
+        for idx in list(self.open):
+            self._decide(self.open.pop(idx))
+
+    def _decide(self, h: Held) -> None:
+        b = h.info
+        raw_input = "".join(b["args"]) or json_text(b["initial"] if b["initial"] is not None else {})
+        refusal = self.ask(GateCall(b["name"], raw_input, b["id"], self.api))
+        if refusal is None:
+            self.released += 1
+            h.release()
+            return
+        self.refused += 1
+        i = b["index"]
+        h.replace([sse_bytes({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                           "content_block_start"),
+                 sse_bytes({"type": "content_block_delta", "index": i,
+                            "delta": {"type": "text_delta", "text": refusal.text}}, "content_block_delta"),
+                 sse_bytes({"type": "content_block_stop", "index": i}, "content_block_stop")])
+
+    def _stop_reason(self, obj: dict, raw: bytes, event: str) -> bytes:
+        delta = obj.get("delta")
+        if (self.refused and not self.released and isinstance(delta, dict)
+                and delta.get("stop_reason") == "tool_use"):
+            return sse_bytes({**obj, "delta": {**delta, "stop_reason": "end_turn"}},
+                             event if event and event != "message" else "message_delta")
+        return raw
+
+
+def gate_body(body, api: str, decide):
+    """A whole message: each refused `tool_use` block becomes a text block in its place; stop_reason `tool_use`
+    becomes `end_turn` when none was let through. None: nothing refused."""
+    if not isinstance(body, dict) or not isinstance(body.get("content"), list) or body.get("type") == "error":
+        return None
+    content, released, refused = [], 0, 0
+    for block in body["content"]:
+        if isinstance(block, dict) and block.get("type") == "tool_use":
+            refusal = check(decide, GateCall(block.get("name") or "", json_text(block.get("input", {})),
+                                             block.get("id"), api))
+            if refusal is not None:
+                refused += 1
+                content.append({"type": "text", "text": refusal.text})
+                continue
+            released += 1
+        content.append(block)
+    if not refused:
+        return None
+    out = {**body, "content": content}
+    if not released and body.get("stop_reason") == "tool_use":
+        out["stop_reason"] = "end_turn"
+    return out
+
+
+GATE = ToolGate(stream=MessagesGate, body=gate_body)
+
+
 API = WireFunctions(
     name="anthropic.messages", model_api=True, parse_request=parse_request, prepare_request=prepare_request,
     on_event=on_event, finish_stream=finish_stream, summarize=summarize, stream_error_event=stream_error_event,
-    adapter=AnthropicAdapter,
+    adapter=AnthropicAdapter, gate=GATE,
 )

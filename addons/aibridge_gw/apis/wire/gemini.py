@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from ...flow.exchange import BadRequest, RequestInfo, ResponseSummary, Thought, TokenUsage, ToolCall, as_int, json_text
 from ...flow.sse import SSEEvent
+from ...flow.toolgate import GateCall, StreamGate, ToolGate, check
 from ...mcp.tools import Adapter, ToolResult
 from ..base import WireFunctions, load_json_event, require_objects, sse_bytes
 
@@ -240,8 +241,87 @@ class GeminiAdapter(Adapter):
         return json.dumps(self._final(self.client_parts, note)).encode()
 
 
+# --- the tool gate --------------------------------------------------------------------------------
+
+
+def _gate_response(obj: dict, api: str, ask, text_before: bool) -> tuple[dict | None, bool]:
+    """One response (or stream chunk) with each refused `functionCall` part replaced by a text part in its place
+    (the other parts, the finishReason and the usage as they were); (None, …) when nothing was refused. Also says
+    whether text has been given by now (a refusal after text starts a paragraph of its own)."""
+    candidates = obj.get("candidates")
+    if not isinstance(candidates, list):
+        return None, text_before
+    new_candidates, refused = [], False
+    for cand in candidates:
+        parts = (cand.get("content") or {}).get("parts") if isinstance(cand, dict) else None
+        if not isinstance(parts, list):
+            new_candidates.append(cand)
+            continue
+        new_parts = []
+        for part in parts:
+            call = part.get("functionCall") if isinstance(part, dict) else None
+            if isinstance(call, dict):
+                refusal = ask(GateCall(call.get("name") or "", json_text(call.get("args") or {}), call.get("id"), api))
+                if refusal is not None:
+                    refused = True
+                    new_parts.append({"text": ("\n\n" if text_before else "") + refusal.text})
+                    text_before = True
+                    continue
+            elif isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"] and not part.get("thought"):
+                text_before = True
+            new_parts.append(part)
+        new_candidates.append({**cand, "content": {**cand["content"], "parts": new_parts}})
+    return ({**obj, "candidates": new_candidates} if refused else None), text_before
+
+
+class GeminiGate(StreamGate):
+    """`functionCall` parts come whole within a chunk: nothing is held. A chunk with a refused call is sent with a
+    `{"text": …}` part in the call's place (everything else in it unchanged, `finishReason` stays `STOP`); every
+    other chunk passes as it came."""
+
+    def __init__(self, api: str, decide) -> None:
+        super().__init__(api, decide)
+        self.text = False  # text was given: a refusal starts a paragraph of its own
+
+    def on_event(self, ev: SSEEvent) -> None:
+        raw = self.raw_of(ev)
+        if '"functionCall"' not in ev.data:
+            self.text = self.text or '"text"' in ev.data
+            self.emit(raw)
+            return
+        obj = load_json_event(ev.data)
+        if obj is None:
+            self.emit(raw)
+            return
+        new, self.text = _gate_response(obj, self.api, self.ask, self.text)
+        self.emit(raw if new is None else sse_bytes(new))
+
+
+def gate_body(body, api: str, decide):
+    """A whole response, or streamGenerateContent's JSON array of them (the pipeline reads that whole). None: nothing
+    refused."""
+    def ask(call: GateCall):
+        return check(decide, call)
+
+    if isinstance(body, dict):
+        return _gate_response(body, api, ask, False)[0]
+    if not isinstance(body, list):
+        return None
+    out, text, refused = [], False, False
+    for obj in body:
+        new = None
+        if isinstance(obj, dict):
+            new, text = _gate_response(obj, api, ask, text)
+        refused = refused or new is not None
+        out.append(obj if new is None else new)
+    return out if refused else None
+
+
+GATE = ToolGate(stream=GeminiGate, body=gate_body)
+
+
 API = WireFunctions(
     name="gemini.generate_content", model_api=True, parse_request=parse_request, prepare_request=prepare_request,
     on_event=on_event, finish_stream=finish_stream, summarize=summarize, stream_error_event=stream_error_event,
-    array_responses=True, adapter=GeminiAdapter, with_model=with_model,
+    array_responses=True, adapter=GeminiAdapter, with_model=with_model, gate=GATE,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 from ...flow.exchange import (
     BadRequest,
@@ -16,6 +17,7 @@ from ...flow.exchange import (
     as_int,
 )
 from ...flow.sse import SSEEvent
+from ...flow.toolgate import GateCall, Held, StreamGate, ToolGate, check
 from ...mcp.tools import Adapter, ToolResult
 from ..base import (
     WireFunctions,
@@ -27,6 +29,7 @@ from ..base import (
     text_of,
 )
 
+log = logging.getLogger(__name__)
 
 def parse_request(body: dict, path: str = "") -> RequestInfo:
     model = require_model(body)
@@ -312,8 +315,248 @@ class ChatAdapter(Adapter):
         return json.dumps(obj).encode()
 
 
+# --- the tool gate --------------------------------------------------------------------------------
+
+# Arguments are checked for completeness (a whole JSON object) when a delta ends with "}": always while they are
+# short, then at doubling lengths, so a long argument costs O(n) parsing in all (its finish_reason completes it).
+_EARLY_ALWAYS = 4096
+
+
+def _call_parts(tc: dict) -> tuple[str, str]:
+    """(name, arguments) of a tool call or its delta: a function call, or a custom tool's raw input."""
+    fn = tc.get("function") if isinstance(tc.get("function"), dict) else tc.get("custom")
+    fn = fn if isinstance(fn, dict) else {}
+    args = fn.get("arguments") if "arguments" in fn else fn.get("input")
+    return fn.get("name") or "", args if isinstance(args, str) else ""
+
+
+def _trivial(delta: dict, choice: dict) -> bool:
+    """A choice that carries nothing but tool calls (a role, nulls): its chunk can be held whole."""
+    return (choice.get("finish_reason") is None and choice.get("logprobs") is None
+            and all(k == "tool_calls" or k == "role" or v is None or v == "" for k, v in delta.items()))
+
+
+class _Call:
+    __slots__ = ("index", "id", "name", "args", "size", "next_try", "custom", "held", "verdict", "role")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.id: str | None = None
+        self.name = ""
+        self.args: list[str] = []
+        self.size = 0  # len("".join(args))
+        self.next_try = 0  # the length from which completeness is checked again
+        self.custom = False
+        self.held: Held | None = None
+        self.verdict: bool | None = None  # True: released, False: refused, None: held
+        self.role: str | None = None  # a held chunk carried the message's role: a refusal keeps it
+
+
+class _Choice:
+    __slots__ = ("calls", "open", "released", "refused", "text")
+
+    def __init__(self) -> None:
+        self.calls: dict[int, _Call] = {}
+        self.open: list[_Call] = []
+        self.released = 0
+        self.refused: list[int] = []  # the refused calls' indices
+        self.text = False  # content came before: a refusal starts a paragraph of its own
+
+
+class ChatGate(StreamGate):
+    """Holds each tool call's deltas (by choice and `index`) until the call is complete: its arguments are a whole
+    JSON object (no valid continuation exists), another index starts, the choice's `finish_reason` comes, or the
+    stream ends. An allowed call is released byte for byte (renumbered only after a refused one of the same choice,
+    so indices stay dense as SDKs index them); a refused one becomes a content delta with the refusal. A chunk that
+    carries a held call's delta and anything else (text, a finish, usage) is split: the rest goes at once. Usage
+    chunks pass unchanged; `finish_reason` `tool_calls` becomes `stop` when the choice released no call."""
+
+    def __init__(self, api: str, decide) -> None:
+        super().__init__(api, decide)
+        self.choices: dict[int, _Choice] = {}
+        self.env: dict = {}  # the last chunk's envelope (id, object, created, model, …) for chunks the gate writes
+
+    def _choice(self, cidx: int) -> _Choice:
+        ch = self.choices.get(cidx)
+        if ch is None:
+            ch = self.choices[cidx] = _Choice()
+        return ch
+
+    def on_event(self, ev: SSEEvent) -> None:
+        raw = self.raw_of(ev)
+        obj = load_json_event(ev.data)
+        if obj is None or not isinstance(obj.get("choices"), list):  # [DONE], an error, junk: the calls are done
+            if obj is None and ev.data.strip() == "[DONE]" or obj is not None and "error" in obj:
+                self.on_end()
+            self.emit(raw)
+            return
+        self.env = {k: v for k, v in obj.items() if k not in ("choices", "usage", "obfuscation")}
+        choices = [c for c in obj["choices"] if isinstance(c, dict)]
+        calls = [(as_int(c.get("index")), c, [tc for tc in (c.get("delta") or {}).get("tool_calls") or []
+                                              if isinstance(tc, dict)]) for c in choices]
+        if not any(tcs for _, _, tcs in calls):
+            self._rest(obj, raw, calls)
+            return
+        if (len(choices) == 1 and len(calls[0][2]) == 1 and obj.get("usage") is None
+                and _trivial(calls[0][1].get("delta") or {}, calls[0][1])):
+            cidx, choice, (tc,) = calls[0]
+            self._fragment(cidx, tc, raw, (choice.get("delta") or {}).get("role"))
+            return
+        # Tool call deltas beside other things: the other things go now, each call's delta with its call.
+        rest = {**obj, "choices": []}
+        for cidx, choice, tcs in calls:
+            delta = {k: v for k, v in (choice.get("delta") or {}).items() if k != "tool_calls"}
+            if tcs and _trivial(delta, choice):
+                continue  # nothing but the calls (and maybe a role, which the first call's delta carries)
+            rest["choices"].append({**choice, "delta": delta})
+        finishing = any(c.get("finish_reason") for c in rest["choices"])
+        if not finishing and (rest["choices"] or rest.get("usage") is not None):
+            self._rest(rest, None, [(as_int(c.get("index")), c, []) for c in rest["choices"]])
+        for cidx, choice, tcs in calls:
+            delta = choice.get("delta") or {}
+            role = delta.get("role") if not any(c.get("index") == choice.get("index") for c in rest["choices"]) else None
+            for tc in tcs:
+                self._fragment(cidx, tc, None, role)
+                role = None
+        if finishing:
+            self._rest(rest, None, [(as_int(c.get("index")), c, []) for c in rest["choices"]])
+
+    def _rest(self, obj: dict, raw: bytes | None, calls) -> None:
+        """A chunk without tool call deltas: a finish decides its choice's calls first (and may become `stop`)."""
+        changed = raw is None
+        for cidx, choice, _ in calls:
+            ch = self._choice(cidx)
+            content = (choice.get("delta") or {}).get("content")
+            if isinstance(content, str) and content:
+                ch.text = True
+            if choice.get("finish_reason"):
+                for call in list(ch.open):
+                    self._decide(cidx, call)
+                if choice["finish_reason"] == "tool_calls" and ch.refused and not ch.released:
+                    choice["finish_reason"] = "stop"  # `calls` holds the chunk's own choice objects
+                    changed = True
+        self.emit(sse_bytes(obj) if changed else raw)
+
+    def _fragment(self, cidx: int, tc: dict, raw: bytes | None, role: str | None) -> None:
+        ch = self._choice(cidx)
+        i = as_int(tc.get("index"))
+        call = ch.calls.get(i)
+        if call is None:
+            for other in list(ch.open):  # a new index: the calls before it are complete
+                self._decide(cidx, other)
+            call = ch.calls[i] = _Call(i)
+            call.held = self.hold()
+            ch.open.append(call)
+        name, args = _call_parts(tc)
+        call.id = tc.get("id") or call.id
+        call.name = name or call.name
+        call.custom = call.custom or tc.get("type") == "custom" or "custom" in tc
+        call.role = call.role or role
+        part = (raw, cidx, tc, role)
+        if call.verdict is not None:  # decided early (its arguments were whole JSON): only blanks may follow
+            if args.strip():
+                log.warning("aibridge: tool call %s got arguments after they were complete; dropped", call.name)
+            elif call.verdict:
+                self.emit(self._render(part, ch, call))
+            return
+        if args:
+            call.args.append(args)
+            call.size += len(args)
+        call.held.parts.append(part)
+        if not call.custom and call.size >= call.next_try and args.rstrip().endswith("}"):
+            if _whole_object("".join(call.args)):
+                self._decide(cidx, call)
+            elif call.size > _EARLY_ALWAYS:
+                call.next_try = 2 * call.size
+
+    def _decide(self, cidx: int, call: _Call) -> None:
+        ch = self._choice(cidx)
+        ch.open.remove(call)
+        refusal = self.ask(GateCall(call.name, "".join(call.args), call.id, self.api))
+        if refusal is None:
+            call.verdict = True
+            ch.released += 1
+            # The call's own parts are tuples (rendered now, renumbered if need be); others are bytes, kept as they are.
+            call.held.out = [self._render(p, ch, call) if isinstance(p, tuple) else p for p in call.held.parts]
+            return
+        call.verdict = False
+        ch.refused.append(call.index)
+        delta = {"content": ("\n\n" if ch.text else "") + refusal.text}
+        if call.role:
+            delta = {"role": call.role, **delta}
+        ch.text = True
+        call.held.replace([sse_bytes({**self.env, "choices": [{"index": cidx, "delta": delta, "finish_reason": None}]})])
+
+    def _render(self, part, ch: _Choice, call: _Call) -> bytes:
+        raw, cidx, tc, role = part
+        shift = sum(1 for i in ch.refused if i < call.index)
+        if raw is not None and not shift:
+            return raw
+        delta = {"tool_calls": [{**tc, "index": as_int(tc.get("index")) - shift}]}
+        if role:
+            delta = {"role": role, **delta}
+        return sse_bytes({**self.env, "choices": [{"index": cidx, "delta": delta, "finish_reason": None}]})
+
+    def on_end(self) -> None:
+        for cidx, ch in self.choices.items():
+            for call in list(ch.open):
+                self._decide(cidx, call)
+
+
+def _whole_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def gate_body(body, api: str, decide):
+    """A whole completion: refused calls leave `message.tool_calls` and their refusals join `message.content`;
+    `finish_reason` `tool_calls` becomes `stop` when a choice keeps no call. None: nothing refused."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return None
+    choices, refused_any = [], False
+    for choice in body["choices"]:
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        if not isinstance(calls, list) or not calls:
+            choices.append(choice)
+            continue
+        kept, refusals = [], []
+        for tc in calls:
+            if not isinstance(tc, dict):
+                kept.append(tc)
+                continue
+            name, args = _call_parts(tc)
+            refusal = check(decide, GateCall(name, args, tc.get("id"), api))
+            if refusal is None:
+                kept.append(tc)
+            else:
+                refusals.append(refusal.text)
+        if not refusals:
+            choices.append(choice)
+            continue
+        refused_any = True
+        msg = dict(msg)
+        content = msg.get("content")
+        text = "\n\n".join(refusals)
+        msg["content"] = f"{content}\n\n{text}" if isinstance(content, str) and content else text
+        if kept:
+            msg["tool_calls"] = kept
+        else:
+            msg.pop("tool_calls", None)
+        choice = {**choice, "message": msg}
+        if not kept and choice.get("finish_reason") == "tool_calls":
+            choice["finish_reason"] = "stop"
+        choices.append(choice)
+    return {**body, "choices": choices} if refused_any else None
+
+
+GATE = ToolGate(stream=ChatGate, body=gate_body)
+
+
 API = WireFunctions(
     name="openai.chat", model_api=True, parse_request=parse_request, prepare_request=prepare_request,
     on_event=on_event, finish_stream=finish_stream, summarize=summarize, stream_error_event=stream_error_event,
-    adapter=ChatAdapter,
+    adapter=ChatAdapter, gate=GATE,
 )

@@ -6,7 +6,8 @@ import copy
 import json
 
 from ...flow.exchange import BadRequest, RequestInfo, ResponseSummary, Thought, TokenUsage, ToolCall, as_int, json_text
-from ...flow.sse import SSEEvent
+from ...flow.sse import SSEEvent, SSEParser
+from ...flow.toolgate import GateCall, Held, StreamGate, ToolGate, check
 from ...mcp.tools import Adapter, ToolResult
 from ..base import WireFunctions, load_json_event, require_model, require_stream_flag, sse_bytes, text_of
 
@@ -70,19 +71,27 @@ def _usage(u: dict, response_id: str | None) -> TokenUsage:
                                     as_int(u.get("output_tokens")), meta)
 
 
+def _call_of(item: dict) -> tuple[str, str, str | None] | None:
+    """(name, input, call id) of an output item that is a tool call; None for any other item."""
+    t = item.get("type")
+    if t == "function_call":
+        return item.get("name") or "", item.get("arguments") or "", item.get("call_id")
+    if t == "custom_tool_call":
+        return item.get("name") or "", item.get("input") or "", item.get("call_id")
+    if t == "mcp_call":
+        name = f"{item.get('server_label', '')}.{item.get('name', '')}".strip(".")
+        return name, item.get("arguments") or "", item.get("id")
+    if t in _BUILTIN_CALLS:
+        args = {k: v for k, v in item.items() if k in ("action", "query", "queries", "code", "input", "operation")}
+        return t, json_text(args), item.get("call_id") or item.get("id")
+    return None
+
+
 def _output_item(item: dict, s: ResponseSummary) -> None:
     t = item.get("type")
-    rid = s.response_id
-    if t == "function_call":
-        s.tool_calls.append(ToolCall(rid, item.get("call_id"), item.get("name") or "", item.get("arguments") or ""))
-    elif t == "custom_tool_call":
-        s.tool_calls.append(ToolCall(rid, item.get("call_id"), item.get("name") or "", item.get("input") or ""))
-    elif t == "mcp_call":
-        name = f"{item.get('server_label', '')}.{item.get('name', '')}".strip(".")
-        s.tool_calls.append(ToolCall(rid, item.get("id"), name, item.get("arguments") or ""))
-    elif t in _BUILTIN_CALLS:
-        args = {k: v for k, v in item.items() if k in ("action", "query", "queries", "code", "input", "operation")}
-        s.tool_calls.append(ToolCall(rid, item.get("call_id") or item.get("id"), t, json_text(args)))
+    call = _call_of(item)
+    if call is not None:
+        s.tool_calls.append(ToolCall(s.response_id, call[2], call[0], call[1]))
     elif t == "reasoning":
         for part in item.get("summary") or []:
             if isinstance(part, dict) and part.get("text"):
@@ -315,8 +324,207 @@ class ResponsesAdapter(Adapter):
         return self.codec.stream_error_event(message, s)
 
 
+# --- the tool gate --------------------------------------------------------------------------------
+# The calls the client runs: functions, custom tools, and the built-in tools whose calls come back to the client
+# (its shell, its patches, its computer). Calls OpenAI runs itself (web and file search, code interpreter, image
+# generation, hosted MCP) have run by the time they stream: they are recorded, not gated.
+_CLIENT_CALLS = frozenset({"function_call", "custom_tool_call", "computer_call", "local_shell_call", "shell_call",
+                           "apply_patch_call"})
+
+
+def _refusal_item(item: dict, oi, text: str) -> dict:
+    """The message output item that takes a refused call's place."""
+    ref = item.get("id") or item.get("call_id") or oi
+    return {"id": f"msg_aibridge_{ref}", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+class ResponsesGate(StreamGate):
+    """Holds a client tool call's output item from `response.output_item.added` through its argument (or input)
+    deltas to `response.output_item.done`, and decides it on the done item (what SDKs and Codex run). An allowed
+    item is released byte for byte; a refused one becomes a `message` item at the same `output_index`, with the events
+    an SDK expects (output_item.added, content_part.added, output_text.delta, output_text.done, content_part.done,
+    output_item.done). The terminal event's `response.output` lists the message instead of the call. Sequence numbers
+    stay consecutive: after a refusal, later events are renumbered (and re-serialised) to continue the count."""
+
+    def __init__(self, api: str, decide) -> None:
+        super().__init__(api, decide)
+        self.items: dict = {}  # output_index → the Held call item
+        self.replaced: dict[str, dict] = {}  # a refused call's item id and call id → the message item in its place
+        self.passed: set = set()  # allowed calls' item ids and call ids
+        self.next_seq: int | None = None  # the number the next event the client gets carries
+        self.renumber = False  # events were dropped or added: every later number is the gate's
+        self.named = True  # the stream's events have `event:` lines (OpenAI's do)
+
+    def on_event(self, ev: SSEEvent) -> None:
+        raw = self.raw_of(ev)
+        obj = load_json_event(ev.data)
+        if obj is None:
+            self.emit((raw, None, ev.event))
+            return
+        kind = obj.get("type") or ev.event
+        if ev.event == "message":
+            self.named = False  # the stream names no events: neither do the events the gate writes
+        entry = (raw, obj, ev.event if self.named else None)
+        oi = obj.get("output_index")
+        if kind == "response.output_item.added":
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") in _CLIENT_CALLS:
+                h = self.hold({"oi": oi, "item": item, "args": [], "final": None, "done": False})
+                h.parts.append(entry)
+                self.items[oi] = h
+                return
+        elif oi is not None and oi in self.items:
+            h = self.items[oi]
+            h.parts.append(entry)
+            info = h.info
+            if kind in ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta"):
+                info["args"].append(obj.get("delta") if isinstance(obj.get("delta"), str) else "")
+            elif kind == "response.function_call_arguments.done":
+                info["final"] = obj.get("arguments")
+            elif kind == "response.custom_tool_call_input.done":
+                info["final"] = obj.get("input")
+            elif kind == "response.output_item.done":
+                if isinstance(obj.get("item"), dict):
+                    info["item"], info["done"] = obj["item"], True
+                del self.items[oi]
+                self._decide(h)
+            return
+        elif kind == "response.output_item.done" and isinstance(obj.get("item"), dict) \
+                and obj["item"].get("type") in _CLIENT_CALLS:
+            # A call whose start this stream did not show (a retrieval resumed after it): decided on its done item.
+            h = self.hold({"oi": oi, "item": obj["item"], "args": [], "final": None, "done": True})
+            h.parts.append(entry)
+            self._decide(h)
+            return
+        elif kind in _TERMINAL:
+            self.on_end()
+            entry = self._final(entry)
+        elif kind == "error":
+            self.on_end()
+        self.emit(entry)
+
+    def on_end(self) -> None:
+        for oi in list(self.items):
+            self._decide(self.items.pop(oi))
+
+    def _decide(self, h: Held) -> None:
+        info = h.info
+        item = info["item"]
+        name, given, call_id = _call_of(item)
+        if not info["done"] and item.get("type") in ("function_call", "custom_tool_call"):
+            # The stream ended before the item was done: the arguments as far as they came.
+            final = info["final"]
+            given = final if isinstance(final, str) else "".join(info["args"]) or given
+        refusal = self.ask(GateCall(name, given, call_id, self.api))
+        keys = [k for k in (item.get("id"), call_id) if k]
+        if refusal is None:
+            self.passed.update(keys)
+            h.release()
+            return
+        oi = info["oi"]
+        done = _refusal_item(item, oi, refusal.text)
+        for k in keys:
+            self.replaced[k] = done
+        self.renumber = True
+        mid, text = done["id"], refusal.text
+        where = {"item_id": mid, "output_index": oi, "content_index": 0}
+        events = [
+            {"type": "response.output_item.added", "output_index": oi,
+             "item": {**done, "status": "in_progress", "content": []}},
+            {"type": "response.content_part.added", **where,
+             "part": {"type": "output_text", "text": "", "annotations": []}},
+            {"type": "response.output_text.delta", **where, "delta": text, "logprobs": []},
+            {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", **where, "part": done["content"][0]},
+            {"type": "response.output_item.done", "output_index": oi, "item": done},
+        ]
+        h.replace([(None, e, e["type"] if self.named else None) for e in events])
+
+    def _final(self, entry):
+        """The terminal event's `response.output`, with each refused call's message in its place (a call the stream
+        never showed is decided here)."""
+        _, obj, event = entry
+        resp = obj.get("response")
+        if not isinstance(resp, dict) or not isinstance(resp.get("output"), list):
+            return entry
+        output, changed = [], False
+        for n, item in enumerate(resp["output"]):
+            if isinstance(item, dict) and item.get("type") in _CLIENT_CALLS:
+                name, given, call_id = _call_of(item)
+                keys = [k for k in (item.get("id"), call_id) if k]
+                rep = next((self.replaced[k] for k in keys if k in self.replaced), None)
+                if rep is None and not any(k in self.passed for k in keys):
+                    refusal = self.ask(GateCall(name, given, call_id, self.api))
+                    if refusal is None:
+                        self.passed.update(keys)
+                    else:
+                        rep = _refusal_item(item, n, refusal.text)
+                if rep is not None:
+                    output.append(rep)
+                    changed = True
+                    continue
+            output.append(item)
+        if not changed:
+            return entry
+        return None, {**obj, "response": {**resp, "output": output}}, event
+
+    def render(self, entry) -> bytes:
+        raw, obj, event = entry
+        if obj is None:
+            return raw
+        seq = obj.get("sequence_number")
+        numbered = isinstance(seq, int)
+        if raw is not None and not self.renumber:
+            if numbered:
+                self.next_seq = seq + 1
+            return raw
+        if numbered or (raw is None and self.next_seq is not None):
+            n = self.next_seq if self.next_seq is not None else seq
+            self.next_seq = n + 1
+            if raw is not None and seq == n:
+                return raw
+            obj = {**obj, "sequence_number": n}
+        elif raw is not None:
+            return raw
+        return sse_bytes(obj, event)
+
+    def tail(self, sse: bytes) -> bytes:
+        """The gateway's error events, numbered after what the client got."""
+        if not self.renumber:
+            return sse
+        parser = SSEParser()
+        events = parser.feed(sse) + parser.feed(b"")
+        out = []
+        for ev in events:
+            obj = load_json_event(ev.data)
+            out.append(self.raw_of(ev) if obj is None else self.render((None, obj, ev.event)))
+        return b"".join(out)
+
+
+def gate_body(body, api: str, decide):
+    """A whole response: each refused client tool call in `output` becomes a message item in its place. None: nothing
+    refused."""
+    if not isinstance(body, dict) or not isinstance(body.get("output"), list):
+        return None
+    output, refused = [], False
+    for n, item in enumerate(body["output"]):
+        if isinstance(item, dict) and item.get("type") in _CLIENT_CALLS:
+            name, given, call_id = _call_of(item)
+            refusal = check(decide, GateCall(name, given, call_id, api))
+            if refusal is not None:
+                refused = True
+                output.append(_refusal_item(item, n, refusal.text))
+                continue
+        output.append(item)
+    return {**body, "output": output} if refused else None
+
+
+GATE = ToolGate(stream=ResponsesGate, body=gate_body)
+
+
 API = WireFunctions(
     name="openai.responses", model_api=True, parse_request=parse_request, prepare_request=prepare_request,
     on_event=on_event, finish_stream=finish_stream, summarize=summarize, stream_error_event=stream_error_event,
-    adapter=ResponsesAdapter,
+    adapter=ResponsesAdapter, gate=GATE,
 )

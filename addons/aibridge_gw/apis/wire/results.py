@@ -310,6 +310,7 @@ class RetrieveCodec:
 
     def __init__(self, name: str, base) -> None:
         self.name, self.base = name, base
+        self.gate = getattr(base, "gate", None)  # a retrieved response's tool calls are the client's to run too
 
     def parse_request(self, body: dict, path: str = "") -> RequestInfo:
         return RequestInfo("", False, None, [])
