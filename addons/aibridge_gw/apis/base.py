@@ -190,12 +190,9 @@ class WireFunctions:
     adapter: type[Adapter] | None = None
     ends_at_eof: bool = False
     array_responses: bool = False
-<<<<<<< HEAD
     # A policy's route to another model: the body and endpoint path that name it (where this API names it).
     with_model: Callable[[dict, str, str], tuple[dict, str]] = model_in_body
-=======
     gate: ToolGate | None = None  # the tool gate (flow/toolgate.py): APIs whose responses carry client tool calls
->>>>>>> toolgate
 
     def __post_init__(self) -> None:
         if self.adapter is not None:
