@@ -35,6 +35,7 @@ from ..flow.relay import RelayJob
 from ..flow.routing import Route
 from ..flow.state import STATE_KEY, FlowState, Outcome, state_of
 from ..flow.tap import StreamTap
+from ..flow.toolgate import Decide, GateCall, Refusal, gate_body, stream_gate
 from ..flow.upstream_faults import ClientEnding
 from ..logsafe import printable
 from ..mcp.loop import LoopJob, upstream_headers
@@ -645,7 +646,8 @@ class Pipeline:
         if framing is not None and framing.converts:  # the client reads server-sent events, not the provider's frames
             resp.headers["content-type"] = framing.content_type
             resp.headers.pop("content-length", None)
-        state.tap = StreamTap(ic.codec, framing)
+        decide = _tool_decider(state)
+        state.tap = StreamTap(ic.codec, framing, gate=stream_gate(ic.codec, decide) if decide else None)
         resp.stream = state.tap
 
     def response(self, flow: http.HTTPFlow):
@@ -678,6 +680,16 @@ class Pipeline:
             # An SDK cannot parse this; say what happened in the provider's format (the record keeps the truth).
             flow.response = error_response(state.interception.provider_type, 502,
                                            f"aibridge: the provider's {error}")
+        decide = _tool_decider(state)
+        if (decide is not None and resp is not None and not resp.stream and not state.via_loop
+                and 200 <= resp.status_code < 300 and is_json(resp)):
+            # The tool gate on a whole answer: recorded as the provider gave it, relayed with refused calls replaced.
+            try:
+                gated = gate_body(state.interception.codec, json.loads(resp.content or b""), decide)
+            except (ValueError, RecursionError):
+                gated = None
+            if gated is not None:
+                resp.content = json.dumps(gated, ensure_ascii=False).encode()
         transport = state.route.provider.transport
         if (transport is not None and resp is not None and resp.status_code >= 400 and not state.via_loop
                 and "x-aibridge-error" not in resp.headers and not resp.stream):
@@ -977,3 +989,17 @@ def _mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
         c.input = redactor.text(c.input)
     for th in summary.thoughts:
         th.content = redactor.text(th.content)
+
+
+def _tool_decider(state: FlowState) -> Decide | None:
+    """The tool hook for the gate (flow/toolgate.py): each complete tool call the model emits is put to the rules
+    before the client sees it; None when no rule looks at tool calls."""
+    call = state.police
+    if call is None or not call.policing.policy.has_rules("tool"):
+        return None
+
+    def decide(c: GateCall) -> Refusal | None:
+        denied = call.policing.tool(call.facts, c.name, c.input, c.call_id, injected=False)
+        return Refusal(denied.rule, denied.message or "denied") if denied is not None else None
+
+    return decide
