@@ -340,3 +340,27 @@ def test_policy_check_and_replay_rehearse_a_candidate_on_the_recorded_audit(pgw,
     bad.write_text("rules: [{name: a, hook: request, when: 'modl == 1', action: deny}]")
     refused = pgw.cli("policy", "check", str(bad))
     assert refused.returncode == 1 and "rule `a`: unknown variable `modl` (did you mean `model`?)" in refused.stderr
+
+
+def test_redact_stored_masks_prompts_tool_inputs_and_capture_but_not_what_goes_upstream(own_gateway, upstream,
+                                                                                        tmp_path):
+    flows = tmp_path / "flows"
+    gw = own_gateway("stored", extra={"policies": {"redact_stored": True}, "capture": {"directory": str(flows)}})
+    token = gw.new_user("st")
+    answer = {"id": "msg_s", "type": "message", "role": "assistant", "model": "claude-x", "stop_reason": "tool_use",
+              "usage": {"input_tokens": 9, "output_tokens": 3},
+              "content": [{"type": "tool_use", "id": "toolu_s", "name": "Bash",
+                           "input": {"command": f"export AWS_ACCESS_KEY_ID={AWS_KEY}"}}]}
+    upstream.script(Reply.json(answer))
+    client = anthropic_client(gw, token)
+    out = client.messages.create(model="claude-x", max_tokens=5,
+                                 messages=[{"role": "user", "content": f"use {AWS_KEY} for this"}])
+    assert out.content[0].input["command"].endswith(AWS_KEY)  # the client's answer is the provider's
+    assert AWS_KEY in upstream.seen[-1].body.decode()  # no rule masks the request itself
+    ic, = gw.interceptions("st")
+    tool, = gw.sql(f"SELECT input FROM aibridge_tool_usages WHERE interception_id = '{ic['id']}'")
+    assert "[REDACTED:aws-key]" in tool["input"]
+    assert AWS_KEY not in every_text(gw)
+    gw.stop()  # the archive is flushed and closed
+    archived = b"".join(p.read_bytes() for p in flows.glob("*.flows"))
+    assert b"[REDACTED:aws-key]" in archived and AWS_KEY.encode() not in archived

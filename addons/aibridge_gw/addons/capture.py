@@ -19,6 +19,7 @@ from mitmproxy import ctx, http, io
 from ..files import private_file
 from ..flow.state import LIVE_KEYS, state_of
 from ..policy.auth import SECRET_HEADERS, mask
+from ..policy.redact import Redactor
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class FlowArchive:
         self._thread.start()
         return self
 
-    def add(self, flow: http.HTTPFlow) -> None:
-        self._q.put(redacted_copy(flow))
+    def add(self, flow: http.HTTPFlow, masking: Redactor | None = None) -> None:
+        """Queue a redacted copy; `masking` (a call whose policies mask what is stored) also masks its bodies'
+        findings, on the writer thread (scanning a body may take milliseconds)."""
+        self._q.put((redacted_copy(flow), masking))
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -84,8 +87,11 @@ class FlowArchive:
             if item is _STOP:
                 return
             try:
+                flow, masking = item
+                if masking is not None:
+                    _mask_bodies(flow, masking)
                 f = self._current()
-                io.FlowWriter(f).add(item)
+                io.FlowWriter(f).add(flow)
                 f.flush()
                 self.written += 1
             except Exception:
@@ -107,6 +113,21 @@ class FlowArchive:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _mask_bodies(flow: http.HTTPFlow, masking: Redactor) -> None:
+    """Mask what the detectors find in the request and response bodies (as text: JSON and SSE alike)."""
+    for message in (flow.request, flow.response):
+        if message is None or not message.raw_content:
+            continue
+        try:
+            text = message.get_text(strict=True)
+        except ValueError:  # not text (audio, images): nothing a detector reads
+            continue
+        if text:
+            masked = masking.text(text)
+            if masked != text:
+                message.text = masked
 
 
 def _close_off_loop(archive: FlowArchive) -> None:
@@ -165,7 +186,12 @@ class Capture:
             return
         if not state.captured:
             state.captured = True
-            self.archive.add(flow)
+            call = state.police
+            masking = None
+            if call is not None:  # a fresh scan: the call's own belongs to the event loop
+                found = call.policing.stored_redactor(call.facts, call.stored)
+                masking = Redactor(found.detectors) if found is not None else None
+            self.archive.add(flow, masking)
 
     def done(self) -> None:
         if self.archive is not None:
