@@ -196,3 +196,14 @@ def test_an_openai_body_keeps_valid_json_tool_arguments_once_masked():
 
 def test_the_detector_functions_conditions_may_call_are_the_detectors_there_are():
     assert tuple(DETECTORS) == config_model.DETECTOR_FUNCTIONS
+
+
+def test_anthropic_and_google_api_keys_are_found_where_the_library_has_no_plugin():
+    from aibridge_gw.policy.detectors import secrets
+
+    key = "sk-ant-api03-" + "Ab3_x-9" * 14
+    found = secrets(f"use {key} here")
+    assert [(f.type, f.start, f.end) for f in found] == [("anthropic-key", 4, 4 + len(key))]
+    google = "AIzaSyDk2-Xq9vL3mN8pQ1rT5uW7yZ0aB4cE6gH"
+    assert [f.type for f in secrets(f"key={google}")] == ["google-api-key"]
+    assert secrets("sk-ant- is how Anthropic keys start; AIza is Google's prefix") == []

@@ -43,7 +43,7 @@ from detect_secrets.plugins import (
     telegram_token,
     twilio,
 )
-from detect_secrets.plugins.base import BasePlugin
+from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
 from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString
 
 SCAN_LIMIT = 4_000_000  # characters of one text that are scanned; the rest is not
@@ -172,8 +172,26 @@ _KEY_WORDS = ("key", "pw", "pass", "secret", "token")  # the keyword families' n
 _KEYWORD_PATTERNS = list({**keyword.QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP,
                           **keyword.CONFIG_DENYLIST_REGEX_TO_GROUP}.items())
 
+
+class AnthropicKeyDetector(RegexBasedDetector):
+    """Anthropic API and admin keys, which detect-secrets has no plugin for (an AI gateway's users paste them more
+    than any other), written as the library's own extension point: a regex-based plugin."""
+
+    secret_type = "Anthropic API Key"
+    denylist = [re.compile(r"sk-ant-(?:api|admin|oat)\d{2}-[A-Za-z0-9_\-]{32,}")]
+
+
+class GoogleApiKeyDetector(RegexBasedDetector):
+    """Google API keys (Gemini, Maps, …): `AIza` and 35 characters; likewise missing from detect-secrets."""
+
+    secret_type = "Google API Key"
+    denylist = [re.compile(r"\bAIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])")]
+
+
 SECRET_PLUGINS: tuple[_Plugin, ...] = (
     _Plugin("aws-key", aws.AWSKeyDetector()),
+    _Plugin("anthropic-key", AnthropicKeyDetector(), Gate(("sk-ant-",))),
+    _Plugin("google-api-key", GoogleApiKeyDetector(), Gate(("aiza",))),
     _Plugin("github-token", github_token.GitHubTokenDetector()),
     _Plugin("gitlab-token", gitlab_token.GitLabTokenDetector()),
     _Plugin("slack-token", slack.SlackDetector(), Gate(("xox", "hooks.slack.com"))),
