@@ -313,7 +313,9 @@ class GuardrailFile(Section):
     """An external check: the gateway POSTs the hook's facts as JSON and applies the decision it answers."""
 
     name: str = Field(pattern=NAME_PATTERN, description="guardrail name, unique among rules and guardrails")
-    hook: Hook = Field(description="when it is called: request, tool or response")
+    hook: Literal["request", "response"] = Field(
+        description="when it is called: request (before the call) or response (after it); tool calls are decided "
+                    "by rules only, since a held stream cannot wait on an external service")
     url: str = Field(pattern=r"^https?://", description="where the JSON document is POSTed")
     timeout_ms: int = Field(500, ge=1, le=60_000, description="the whole call, at most")
     headers: dict[str, str] = Field(default_factory=dict, description="headers sent with the call (e.g. a token)")
