@@ -116,7 +116,7 @@ def start_mitmdump(work: Path, name: str, extra: list[str], env: dict | None = N
 
 
 def start_gateway(work: Path, mock_port: int, name: str = "gateway", workers: int = 1,
-                  postgres: str | None = None) -> tuple[subprocess.Popen, int, str, Path]:
+                  postgres: str | None = None, extra: dict | None = None) -> tuple[subprocess.Popen, int, str, Path]:
     """The gateway as scripts/run starts it: one mitmdump, or with `workers` the supervisor and N workers."""
     db = work / f"{name}.duckdb"
     cfg = work / f"{name}.yaml"
@@ -124,7 +124,7 @@ def start_gateway(work: Path, mock_port: int, name: str = "gateway", workers: in
     cfg.write_text(json.dumps({
         "providers": [{"name": "openai", "type": "openai", "base_url": f"http://127.0.0.1:{mock_port}/v1/",
                        "key": "sk-bench-upstream"}],
-        "storage": storage, "retention_days": 0,
+        "storage": storage, "retention_days": 0, **(extra or {}),
     }))
     env = {"AIBRIDGE_CONFIG": str(cfg)}
     run = lambda *a: subprocess.run([str(BIN / "aibridge"), *a], env={**os.environ, **env}, check=True,
@@ -599,9 +599,10 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as markdown to this file")
     ap.add_argument("--peer", choices=["litellm"], help="also run the 500 req/s scenario through this peer gateway "
                     "(LiteLLM's proxy, installed into .bench/litellm on first use)")
-    ap.add_argument("--section", choices=["all", "single", "workers"], default="all",
+    ap.add_argument("--section", choices=["all", "single", "workers", "policy"], default="all",
                     help="single: one gateway process against bare mitmdump; workers: scripts/run --workers N, "
-                         "the 500 req/s scenario on DuckDB and PostgreSQL, PostgreSQL's write rate")
+                         "the 500 req/s scenario on DuckDB and PostgreSQL, PostgreSQL's write rate; policy: the "
+                         "cost of ten policy rules per request and of the tool gate")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "addons"))
     dur = 2.0 if args.quick else 5.0
@@ -609,10 +610,12 @@ def main() -> None:
     burst_n = 2000 if args.quick else 10_000
     work = Path(tempfile.mkdtemp(prefix="aibridge-bench-"))
     parts: dict[str, list[tuple[str, str, str, str]]] = {}  # part -> rows of (section, metric, value, target)
-    if args.section != "workers":
+    if args.section in ("all", "single"):
         single_section(work, args, parts.setdefault("single", []), dur, big_seconds, burst_n)
-    if args.section != "single":
+    if args.section in ("all", "workers"):
         workers_section(work, args.quick, parts.setdefault("workers", []))
+    if args.section in ("all", "policy"):
+        policy_section(work, args.quick, parts.setdefault("policy", []), dur)
     for part, rows in parts.items():
         report(part, rows, args)
 
@@ -762,6 +765,132 @@ def single_section(work: Path, args, rows: list, dur: float, big_seconds: float,
     finally:
         for p in procs:
             stop(p)
+
+
+TEN_RULES = [  # what an admin writes: model and group checks, a header, a prompt test, tool rules
+    {"name": "no-forbidden", "hook": "request", "when": 'model == "forbidden"', "action": "deny"},
+    {"name": "opus-for-staff", "hook": "request", "when": 'model.startsWith("claude-opus") && !("staff" in user.groups)',
+     "action": "route", "model": "claude-sonnet-4-5"},
+    {"name": "admins-only-o3", "hook": "request", "when": 'model == "o3" && user.role != "admin"', "action": "deny"},
+    {"name": "ci-tag", "hook": "request", "when": '"x-ci" in headers', "action": "tag", "tags": {"origin": "ci"},
+     "fail": "open"},
+    {"name": "no-big-prompts", "hook": "request", "when": "size(prompt) > 200000", "action": "deny"},
+    {"name": "client-allowlist", "hook": "request", "when": 'client == "curl"', "action": "deny"},
+    {"name": "interns-mini", "hook": "request", "when": '"interns" in user.groups && model != "gpt-4.1-mini"',
+     "action": "route", "model": "gpt-4.1-mini"},
+    {"name": "provider-check", "hook": "request", "when": 'provider == "nowhere"', "action": "deny"},
+    {"name": "session-tag", "hook": "request", "when": 'session.startsWith("ci-")', "action": "tag",
+     "tags": {"ci": "yes"}, "fail": "open"},
+    {"name": "no-destructive-shell", "hook": "tool",
+     "when": 'tool.name == "Bash" && has(tool.input.command) && tool.input.command.contains("rm -rf")',
+     "action": "deny"},
+]
+
+
+def policy_section(work: Path, quick: bool, rows: list, dur: float) -> None:
+    """Ten rules: their cost per request in-process (CEL) and end to end (the gateway with and without them); the
+    tool gate: how soon a held call is released after its last argument chunk, and what it adds per text chunk."""
+    from aibridge_gw.config_model import validate_policies
+    from aibridge_gw.policy.rules import Policy
+
+    policy = Policy(validate_policies({"rules": TEN_RULES}))
+    users = [{"name": f"u{i}", "id": f"id{i}", "role": "member", "groups": ["ml"] if i % 2 else []} for i in range(8)]
+    models = ["gpt-4.1", "claude-sonnet-4-5", "gpt-4.1-mini", "claude-opus-4-1"]
+    samples = []
+    n = 5_000 if quick else 50_000
+    for i in range(n):
+        variables = {"user": users[i % 8], "client": "Claude Code", "session": f"s{i % 16}", "provider": "openai",
+                     "api": "openai.chat", "model": models[i % 4], "prompt": f"write a test for case {i}",
+                     "headers": {"user-agent": "claude-cli/2.0", "content-type": "application/json"}}
+        t0 = time.perf_counter_ns()
+        policy.evaluate("request", variables)
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    samples.sort()
+    rows.append(("policy", "10 rules (9 request, 1 tool): CEL evaluation per request, facts changing each call",
+                 f"p50 {pct(samples, 0.5):.1f} µs, p99 {pct(samples, 0.99):.1f} µs", "<= 50 µs p50"))
+
+    release, per_event = tool_gate_timings(2_000 if quick else 20_000)
+    rows.append(("policy", "tool gate: a held call released after the event that completes its arguments",
+                 f"p50 {pct(release, 0.5):.0f} µs, p99 {pct(release, 0.99):.0f} µs", "<= 1 ms"))
+    rows.append(("policy", "tool gate: text event through the tap, gated / ungated",
+                 f"{per_event[0]:.1f} / {per_event[1]:.1f} µs (relayed in the read that brought it)", "not delayed"))
+
+    procs: list[subprocess.Popen] = []
+    try:
+        mock, mport = start_mock(work)
+        procs.append(mock)
+        plain, pport, ptoken, _ = start_gateway(work, mport, "nopolicy")
+        procs.append(plain)
+        ruled, rport, rtoken, _ = start_gateway(work, mport, "policy", extra={"policies": {"rules": TEN_RULES}})
+        procs.append(ruled)
+        targets = [Target("no rules", f"http://127.0.0.1:{pport}/openai/v1/chat/completions", token=ptoken),
+                   Target("10 rules", f"http://127.0.0.1:{rport}/openai/v1/chat/completions", token=rtoken)]
+        pids = {"no rules": plain.pid, "10 rules": ruled.pid}
+        for t in targets:
+            asyncio.run(closed_loop(t, 4, 1.0))
+        got = {}
+        for _ in range(2):  # alternate, so a noisy moment does not land on one side only
+            for t in targets:
+                before = cpu_seconds(pids[t.name])
+                r = asyncio.run(closed_loop(t, 1, dur))
+                r["cpu_us"] = (cpu_seconds(pids[t.name]) - before) * 1e6 / max(1, r["rps"] * dur)
+                prev = got.get(t.name)
+                got[t.name] = r if prev is None or r["p50"] < prev["p50"] else prev
+                print(f"  policy c=1 {t.name:<9} p50 {r['p50']:.3f} ms  cpu/request {r['cpu_us']:.0f} µs", flush=True)
+        a, b = got["no rules"], got["10 rules"]
+        rows.append(("policy", "c=1: added p50 latency, 10 rules vs none (end to end, same machine)",
+                     f"{(b['p50'] - a['p50']) * 1000:+.0f} µs ({b['p50']:.3f} / {a['p50']:.3f} ms)", "<= 50 µs"))
+        rows.append(("policy", "c=1: gateway CPU per request, 10 rules / none",
+                     f"{b['cpu_us']:.0f} / {a['cpu_us']:.0f} µs ({b['cpu_us'] - a['cpu_us']:+.0f} µs)", "<= +50 µs"))
+    finally:
+        for p in procs:
+            stop(p)
+
+
+def tool_gate_timings(n: int) -> tuple[list[float], tuple[float, float]]:
+    """An Anthropic stream through the stream tap: a text block, then a Bash call in two argument chunks."""
+    from aibridge_gw.apis import WIRE_APIS
+    from aibridge_gw.flow.tap import StreamTap
+    from aibridge_gw.flow.toolgate import Refusal, stream_gate
+
+    codec = WIRE_APIS["anthropic.messages"]
+
+    def ev(kind: str, body: dict) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **body})}\n\n".encode()
+
+    head = [ev("message_start", {"message": {"id": "m", "type": "message", "role": "assistant", "model": "c",
+                                             "content": [], "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+            ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})]
+    text = ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "some words "}})
+    call = [ev("content_block_stop", {"index": 0}),
+            ev("content_block_start", {"index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "Bash",
+                                                                     "input": {}}}),
+            ev("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta",
+                                                             "partial_json": '{"command": "ls'}})]
+    last = ev("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": ' -la"}'}})
+    stop_ev = ev("content_block_stop", {"index": 1})
+    decide = lambda c: Refusal("r", "no") if "rm -rf" in c.input else None  # noqa: E731
+    release, gated_text, plain_text = [], [], []
+    for _ in range(n):
+        for gated, sink in ((True, gated_text), (False, plain_text)):
+            tap = StreamTap(codec, None, gate=stream_gate(codec, decide) if gated else None)
+            for chunk in head:
+                tap(chunk)
+            t0 = time.perf_counter_ns()
+            tap(text)
+            sink.append((time.perf_counter_ns() - t0) / 1000)
+            if gated:
+                for chunk in call:
+                    tap(chunk)
+                tap(last)
+                t0 = time.perf_counter_ns()
+                out = tap(stop_ev)
+                release.append((time.perf_counter_ns() - t0) / 1000)
+                assert b"tool_use" in (out if isinstance(out, bytes) else b"".join(out))
+    release.sort()
+    gated_text.sort()
+    plain_text.sort()
+    return release, (pct(gated_text, 0.5), pct(plain_text, 0.5))
 
 
 def report(part: str, rows: list, args) -> None:
