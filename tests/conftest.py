@@ -21,7 +21,7 @@ collect_ignore = [] if TRAFFIC.exists() else ["test_conformance.py"]
 # Everything else is the `integration` tier. A test of a fast module that starts processes marks itself
 # `integration`.
 FAST_MODULES = frozenset({"test_units", "test_codecs", "test_routing", "test_properties", "test_sse", "test_patches",
-                          "test_structure", "test_config"})
+                          "test_structure", "test_config", "test_loopback"})
 
 
 def pytest_collection_modifyitems(config, items):
