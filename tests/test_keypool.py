@@ -267,3 +267,70 @@ def test_pooled_stream_is_complete_when_the_client_hangs_up_after_the_final_even
     assert keys_used(upstream) == [K1, K2] and upstream.seen[-1].json()["messages"][0]["content"] == "hi"
     ic, = pgw.interceptions("pool")
     assert (ic["status"], ic["error"], ic["credential_hint"]) == ("completed", None, "sk-a…BBBB")
+
+
+AUDIT_TABLES = ("aibridge_interceptions", "aibridge_token_usages", "aibridge_user_prompts", "aibridge_tool_usages",
+                "aibridge_model_thoughts")
+
+
+def dump_audit(db) -> dict[str, list]:
+    import duckdb
+
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in AUDIT_TABLES}
+    finally:
+        conn.close()
+
+
+def test_a_saved_pooled_tool_loop_flow_carries_the_loop_and_the_key_and_replays_to_the_live_rows(
+        own_gateway, upstream, tmp_path):
+    """Live, the loop's summary and the key that answered are read from the flow's state; a saved flow carries
+    their plain-value copy (written once, as the exchange is recorded), so `aibridge replay` rebuilds exactly the
+    rows the live run wrote: every round's usage, the injected call, the key that answered."""
+    import os
+    import subprocess
+
+    from mitmproxy import io
+
+    from tests.support.gateway import BIN
+
+    cap = capture("anthropic/single_injected_tool.txtar")
+    flows_dir = tmp_path / "flows"
+    server = McpTestServer().start()
+    try:
+        gw = own_gateway("pool-replay", providers=[
+            {"name": "anthropic", "type": "anthropic", "base_url": upstream.url + "/", "keys": [K1, K2]}],
+            extra={"mcp_servers": [{"name": "coder", "url": server.url}], "mcp": {"tool_timeout_seconds": 5}},
+            args=["--set", f"aibridge_flows={flows_dir}"])
+        upstream.check = by_key({K1: rate_limited()})
+        upstream.script(Reply.from_capture(cap, True), Reply.from_capture(cap, True, "/tool-call"))
+        gw.token = gw.new_user("preplay")
+        result = anthropic_call(anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=gw.token, max_retries=0),
+                                cap.request, True)
+        assert result[-1].type == "message_stop"
+        looped, = gw.interceptions("preplay")
+        assert len(gw.sql(f"SELECT * FROM aibridge_token_usages WHERE interception_id = '{looped['id']}'")) == 2
+    finally:
+        server.stop()
+    gw.stop()
+    assert keys_used(upstream) == [K1, K2, K2]
+    assert looped["status"] == "completed" and looped["credential_hint"] == "sk-a…BBBB"
+
+    files = sorted(flows_dir.glob("*.flows"))
+    saved = {}
+    for name in files:
+        with open(name, "rb") as f:
+            saved.update({m["id"]: m for m in (flow.metadata["aibridge"] for flow in io.FlowReader(f).stream())})
+    meta = saved[looped["id"]]
+    assert meta["key_hint"] == "sk-a…BBBB" and meta["credential_hint"] != meta["key_hint"]  # the first chosen
+    assert meta["loop_rounds"] == 2 and len(meta["loop"]["usages"]) == 2
+    assert meta["loop"]["complete"] is True and any(t["injected"] for t in meta["loop"]["tool_calls"])
+
+    live = dump_audit(gw.db)
+    rebuilt = tmp_path / "rebuilt.duckdb"
+    r = subprocess.run([str(BIN / "aibridge"), "replay", *map(str, files), "--db", str(rebuilt)], capture_output=True,
+                       text=True, env={**os.environ, "AIBRIDGE_CONFIG": str(gw.config_path)}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 interception(s)" in r.stdout
+    assert dump_audit(rebuilt) == live

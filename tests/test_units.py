@@ -19,7 +19,8 @@ from aibridge_gw.addons.pipeline import Pipeline
 from aibridge_gw.addons.proxy_mode import ProxyMode
 from aibridge_gw.addons.runtime import Runtime
 from aibridge_gw.config import Limits
-from aibridge_gw.flow.exchange import TokenUsage
+from aibridge_gw.flow.exchange import ResponseSummary, TokenUsage, summary_to_dict
+from aibridge_gw.flow.recorder import META_KEY, conclude
 from aibridge_gw.flow.state import state_of
 from aibridge_gw.policy import breaker as breaker_module
 from aibridge_gw.policy.auth import Actor, AuthRefused, TokenDirectory, hash_token, identify, proxy_token
@@ -324,6 +325,39 @@ async def test_the_response_is_recorded_once_with_its_usage_and_observed(chain):
                and line.endswith(" 1.0") for line in metrics.splitlines())
     assert any(line.startswith("aibridge_interceptions_inflight{") and line.endswith(" 0.0")
                for line in metrics.splitlines())
+
+
+@chain_test
+async def test_the_loop_summary_and_the_key_hint_are_read_from_the_flows_state_and_copied_to_its_metadata_once(chain):
+    """What the tool loop and a pool's relay learned lives on the FlowState: recorded from there (a stale copy in
+    the flow's metadata is never read back live), and written into the metadata as plain values once, as the
+    exchange is recorded, which is what a saved flow is concluded from."""
+    flow = await chain.request(anthropic_flow(chain))
+    state = state_of(flow)
+    stale = ResponseSummary(usages=[TokenUsage("stale", 999, 999)], complete=True)
+    flow.metadata[META_KEY]["loop"] = summary_to_dict(stale)
+    flow.metadata[META_KEY]["key_hint"] = "sk-stale"
+    state.via_loop = True
+    state.loop_summary = ResponseSummary(response_id="msg_l", model="claude-sonnet-4-5", complete=True,
+                                         usages=[TokenUsage("msg_l", 7, 2), TokenUsage("msg_l", 9, 4)])
+    state.loop_rounds, state.key_hint = 2, "sk-a…BBBB"
+    chain.respond(flow, body=b"{}")
+    assert chain.rows("SELECT status, credential_hint FROM aibridge_interceptions") == [("completed", "sk-a…BBBB")]
+    assert sorted(chain.rows("SELECT input_tokens, output_tokens FROM aibridge_token_usages")) == [(7, 2), (9, 4)]
+    meta = flow.metadata[META_KEY]
+    assert meta["loop"] == summary_to_dict(state.loop_summary) and meta["loop"]["usages"][1]["input_tokens"] == 9
+    assert (meta["loop_rounds"], meta["key_hint"]) == (2, "sk-a…BBBB")
+    json.dumps(meta)  # plain values: a saved flow carries them
+
+    saved = flow.copy()  # as capture saves it: the FlowState stays with the live flow
+    saved.live = False
+    assert state_of(saved) is None
+    summary, status, error, _ = conclude(state.interception, saved)
+    assert [(u.input_tokens, u.output_tokens) for u in summary.usages] == [(7, 2), (9, 4)]
+    assert (summary.response_id, status, error) == ("msg_l", 200, None)
+    flow.metadata[META_KEY]["loop"] = summary_to_dict(stale)
+    live_summary, *_ = conclude(state.interception, flow)  # a live flow's loop summary is its state's, never this
+    assert live_summary.usages == []
 
 
 @chain_test

@@ -139,8 +139,8 @@ class Drain:
             if left:
                 log.warning("aibridge: %sending %d call(s) still in flight",
                             "" if self._hurry else f"shutdown grace of {grace:g} s ran out; ", len(left))
-                if self.rt.loop is not None:
-                    self.rt.loop.end_all(SHUT_DOWN)  # calls the injected-tool loop runs: it ends them itself
+                if self.rt.tool_loop is not None:
+                    self.rt.tool_loop.end_all(SHUT_DOWN)  # calls the injected-tool loop runs: it ends them itself
                 for flow in left:
                     self._end(flow)
             until = loop.time() + ENDING
@@ -148,7 +148,8 @@ class Drain:
                 await asyncio.sleep(POLL)
             self._close_idle(everything=True)
             until = loop.time() + CLOSED_WAIT
-            while (self._connections() or (self.rt.loop is not None and self.rt.loop.active)) and loop.time() < until:
+            loopback = self.rt.loopback
+            while (self._connections() or (loopback is not None and loopback.active)) and loop.time() < until:
                 await asyncio.sleep(POLL)
             log.info("aibridge: drained in %.1f s; shutting down", loop.time() - started)
         except Exception:
@@ -202,7 +203,7 @@ class Drain:
             return
         state = state_of(flow)
         if state is not None and state.via_loop and flow.response is not None:
-            return  # the tool loop is sending its ending (LoopServer.end_all)
+            return  # the tool loop is sending its ending (ToolLoop.end_all)
         if state is not None and state.abort_reason is None:
             state.abort_reason = SHUT_DOWN
             state.abort_status = 503

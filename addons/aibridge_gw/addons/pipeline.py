@@ -28,7 +28,7 @@ from ..apis.wire.results import ResultsTap
 from ..flow import bodies
 from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
-from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, summary_to_dict
+from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
@@ -187,7 +187,7 @@ class Pipeline:
         elif not route.known:
             log.info("aibridge: relaying %s %s unrecorded with the user's own credential (user %s)",
                      req.method, printable(route.upstream_path.split("?")[0]), ident.actor.user_name)
-        pool = self.rt.pools.get(route.provider.name) if ident.byok_credential is None and self.rt.loop else None
+        pool = self.rt.pools.get(route.provider.name) if ident.byok_credential is None and self.rt.loopback else None
         self._to_upstream(flow, state, ident, key_in_query, pool is not None)
         if adapter is not None:
             self._to_loop(flow, state, ident, adapter, hv, pool)
@@ -513,7 +513,7 @@ class Pipeline:
     async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
         """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
         rt = self.rt
-        if rt.mcp is None or rt.loop is None:
+        if rt.mcp is None or rt.tool_loop is None:
             return None
         if ic.codec.adapter is None:
             return None  # this API has no tool loop (yet): the request goes out as the client sent it
@@ -581,34 +581,35 @@ class Pipeline:
 
     def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str],
                  pool=None) -> None:
-        """Hand the flow to the in-process loop endpoint; mitmproxy relays what it produces."""
-        req, loop, prov = flow.request, self.rt.loop, state.route.provider
+        """Hand the flow to the injected-tool loop, through the loopback server; mitmproxy relays what it produces."""
+        req, prov = flow.request, state.route.provider
         job = LoopJob(
             url=req.url, headers=upstream_headers(req.headers), adapter=adapter,
             provider_type=prov.type, user_id=ident.actor.user_id,
-            max_rounds=self.rt.config.mcp.max_rounds, metadata=flow.metadata[META_KEY],
+            max_rounds=self.rt.config.mcp.max_rounds, state=state,
             transport=prov.transport, api=state.interception.api, base_path=prov.base_path,
             request_headers=hv, pool=pool, auth_header=PROVIDERS[prov.type].auth_header,
         )
-        path = loop.register(flow.id, job)
-        req.scheme, req.host, req.port = "http", "127.0.0.1", loop.port
-        req.host_header = f"127.0.0.1:{loop.port}"
-        req.path = path
+        self._to_loopback(flow, job)
         state.via_loop = True
         state.loop_job = job
 
     def _to_relay(self, flow: http.HTTPFlow, state: FlowState, pool) -> None:
         """Send the request through the gateway's own client, which tries the pool's keys in turn."""
-        req, loop, prov = flow.request, self.rt.loop, state.route.provider
+        req, prov = flow.request, state.route.provider
         job = RelayJob(
             method=req.method, url=req.url, content=req.raw_content or b"", pool=pool,
             headers=[f for f in req.headers.fields if f[0].lower() not in _RELAY_DROP],
-            auth_header=PROVIDERS[prov.type].auth_header, provider_type=prov.type,
-            metadata=flow.metadata[META_KEY] if state.interception is not None else {},
+            auth_header=PROVIDERS[prov.type].auth_header, provider_type=prov.type, state=state,
         )
-        path = loop.register(flow.id, job)
-        req.scheme, req.host, req.port = "http", "127.0.0.1", loop.port
-        req.host_header = f"127.0.0.1:{loop.port}"
+        self._to_loopback(flow, job)
+
+    def _to_loopback(self, flow: http.HTTPFlow, job) -> None:
+        """Point the request at the loopback server, where `job` answers it (once)."""
+        req, loopback = flow.request, self.rt.loopback
+        path = loopback.register(flow.id, job)
+        req.scheme, req.host, req.port = "http", "127.0.0.1", loopback.port
+        req.host_header = f"127.0.0.1:{loopback.port}"
         req.path = path
 
     # --- response ----------------------------------------------------------------------------------
@@ -712,6 +713,8 @@ class Pipeline:
                 rt.recorder.replay(flow)
             return None
         state = state_of(flow)
+        if state is not None and rt.loopback is not None:  # a job its flow never came for (it ended first)
+            rt.loopback.forget(flow.id)
         if state is None or state not in rt.inflight:
             if state is not None and state.drained is not None:  # ended elsewhere (abandoned): nothing to wait for
                 self.draining.discard(state)
@@ -723,14 +726,15 @@ class Pipeline:
             ic.client_gone = True
             flow.metadata[META_KEY]["client_gone"] = True
             job = state.loop_job
-            if job is not None and "loop" not in flow.metadata[META_KEY]:  # the loop was cut before it said
-                flow.metadata[META_KEY]["loop"] = summary_to_dict(job.summary)
+            if job is not None and state.loop_summary is None:  # the loop was cut before it said: what it had
+                state.loop_summary = summary_from_dict(summary_to_dict(job.summary))
+                state.loop_rounds = job.rounds
         settling = False
         try:
-            summary, status_code, error, ended_at = conclude(ic, flow, state.tap)
-            used = flow.metadata[META_KEY].get("key_hint")
-            if used:  # a failover pool: the key that answered, not the one first chosen
-                ic.credential_hint = used
+            summary, status_code, error, ended_at = conclude(ic, flow, state.tap, state.loop_summary)
+            if state.key_hint:  # a failover pool: the key that answered, not the one first chosen
+                ic.credential_hint = state.key_hint
+            _keep_for_replay(flow, state)
             if state.breaker_key is not None and not _client_gone(flow) and state.client_gone is None:
                 rt.breakers.record(state.breaker_key, not is_failure(status_code, flow.response is None))
             if getattr(ic.codec, "retrieval", None):
@@ -832,12 +836,10 @@ class Pipeline:
         seconds = rt.config.timeouts.drain_after_disconnect
         if seconds <= 0 or (state.tap is not None and state.tap.closed):
             return False
-        state.client_gone = message or "client disconnected"
+        state.client_gone = message or "client disconnected"  # a tool loop ends after its round: no new spend
         state.drain_until = time.time() + seconds
         state.drain_bytes = state.tap.bytes_seen if state.tap is not None else 0
         state.drained = asyncio.Event()
-        if state.loop_job is not None:
-            state.loop_job.client_gone = True  # the loop ends after the round in progress: no new spend
         self.draining.add(state)
         log.info("interception %s: the client went away mid-stream; reading the provider's answer to its end "
                  "(at most %g s)", state.interception.id, seconds)
@@ -879,6 +881,17 @@ class Pipeline:
             return ClientEnding(text, stream_tail=state.tap.upstream_failed(text))
         status = (state.abort_status or 504) if reason else 502
         return ClientEnding(text, response=error_response(state.route.provider.type, status, f"aibridge: {text}"))
+
+
+def _keep_for_replay(flow: http.HTTPFlow, state: FlowState) -> None:
+    """What the gateway's own upstream client learned (the tool loop's summary, a pool's key), as plain values on
+    the flow, once, as the exchange is recorded: a saved flow is recorded again from them (`recorder.replay`)."""
+    meta = flow.metadata[META_KEY]
+    if state.loop_summary is not None:
+        meta["loop"] = summary_to_dict(state.loop_summary)
+        meta["loop_rounds"] = state.loop_rounds
+    if state.key_hint:
+        meta["key_hint"] = state.key_hint
 
 
 _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",

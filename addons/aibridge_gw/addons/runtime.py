@@ -26,11 +26,13 @@ from ..flow.errors import error_response
 from ..flow.exchange import ResponseSummary
 from ..flow.keypool import KeyPool
 from ..flow.recorder import STORE_WAIT, Recorder, at
+from ..flow.relay import Relay, RelayJob, upstream_client
 from ..flow.routing import Router
 from ..flow.state import FlowState
 from ..flow.upstream_faults import UpstreamWatch
 from ..logsafe import RedactingStream, install_log_redaction
-from ..mcp.loop import LoopServer
+from ..loopback import LoopbackServer
+from ..mcp.loop import LoopJob, ToolLoop
 from ..mcp.registry import McpRegistry
 from ..metrics import Metrics
 from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
@@ -140,7 +142,8 @@ class Runtime:
         self.tokens = TokenDirectory()
         self.mcp_tokens: dict[tuple[str, str], str] = {}
         self.mcp: McpRegistry | None = None
-        self.loop: LoopServer | None = None
+        self.loopback: LoopbackServer | None = None  # where the tool loop's and the key pools' flows are answered
+        self.tool_loop: ToolLoop | None = None
         self.metrics: Metrics | None = None
         self.api: AdminApi | None = None
         self.budgets: Budgets | None = None
@@ -222,8 +225,8 @@ class Runtime:
             return False
         self._apply_config(config)
         self._apply_budgets(config, prices, rows)
-        if (self.mcp is not None or self.pools) and self.loop is None and ctx.options.server:
-            await self._start_loop()
+        if (self.mcp is not None or self.pools) and self.loopback is None and ctx.options.server:
+            await self._start_loopback()
         for listener in self.on_reload:
             try:
                 listener()
@@ -277,8 +280,8 @@ class Runtime:
         if config.proxy.open_relay:
             log.warning("aibridge: running as an OPEN RELAY (proxy.require_auth: false, proxy.egress: all): anyone "
                         "who can reach this listener can use it as a proxy to any non-AI host")
-        if self.loop is not None:
-            self.loop.registry = self.mcp
+        if self.tool_loop is not None:
+            self.tool_loop.registry = self.mcp
         if self.watch is None:
             self.watch = UpstreamWatch(config.timeouts)
         else:
@@ -534,17 +537,21 @@ class Runtime:
 
     def chosen_upstream(self, host: str, port: int) -> bool:
         """A provider's base_url or the injected-tool loop: addresses the gateway itself sends requests to."""
-        if self.loop is not None and (host, port) == ("127.0.0.1", self.loop.port):
+        if self.loopback is not None and (host, port) == ("127.0.0.1", self.loopback.port):
             return True
         return any((p.host, p.port) == (host, port) for p in self.config.providers)
 
-    async def _start_loop(self) -> None:
-        """The in-process endpoint the injected-tool loop and the key-pool relay send requests through."""
+    async def _start_loopback(self) -> None:
+        """The in-process endpoint the injected-tool loop and the key-pool relay answer their flows from, with the
+        gateway's own upstream client."""
         verify: bool | str = ctx.options.ssl_verify_upstream_trusted_ca or True
         if ctx.options.ssl_insecure:
             verify = False
-        self.loop = LoopServer(self.mcp, verify)
-        await self.loop.start()
+        client = upstream_client(verify)
+        tool_loop = ToolLoop(self.mcp, client)
+        loopback = LoopbackServer({LoopJob: tool_loop, RelayJob: Relay(client)})
+        await loopback.start()
+        self.loopback, self.tool_loop = loopback, tool_loop
 
     def _listen_for_reload(self) -> None:
         """SIGHUP reloads the configuration (systemd's ExecReload; the --workers supervisor forwards it)."""
@@ -601,8 +608,8 @@ class Runtime:
             interception_log.handlers, interception_log.propagate = direct, False
         if self.shared_store and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_directory())
-        if (self.mcp is not None or self.pools) and self.loop is None:
-            await self._start_loop()
+        if (self.mcp is not None or self.pools) and self.loopback is None:
+            await self._start_loopback()
         self._listen_for_reload()
         self._watch_if_asked()
         addrs = []
@@ -631,9 +638,9 @@ class Runtime:
             summary = state.tap.summary if state.tap else ResponseSummary()
             self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
         self.inflight.clear()
-        if self.loop is not None:
-            self.loop.close()
-            self.loop = None
+        if self.loopback is not None:
+            self.loopback.close()
+            self.loopback = self.tool_loop = None
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None

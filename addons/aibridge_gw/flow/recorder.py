@@ -1,8 +1,10 @@
 """Turns one intercepted exchange into audit rows and hands them to the store's writer queue.
 
 Live traffic and replayed flow files take the same path: the interception's facts travel with the flow
-(`flow.metadata["aibridge"]`), its outcome is derived from the flow by `conclude`, and every id and timestamp
-comes from the flow, so replaying a saved flow rebuilds exactly the rows the live run wrote.
+(`flow.metadata["aibridge"]`: written as the request starts, completed as the exchange is recorded with what the
+gateway's own upstream client learned — the tool loop's summary, a pool's key), its outcome is derived from the
+flow by `conclude`, and every id and timestamp comes from the flow, so replaying a saved flow rebuilds exactly the
+rows the live run wrote.
 """
 
 from __future__ import annotations
@@ -149,15 +151,19 @@ def is_json(resp: http.Response | None) -> bool:
     return resp is not None and "json" in resp.headers.get("content-type", "").lower()
 
 
-def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None
-             ) -> tuple[ResponseSummary, int | None, str | None, dt.datetime]:
+def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None,
+             loop: ResponseSummary | None = None) -> tuple[ResponseSummary, int | None, str | None, dt.datetime]:
     """What the provider said and how the exchange ended: (summary, http status, error or None, ended at).
-    `tap` is the live stream tap, if one read the response as it passed."""
+    `tap` is the live stream tap, if one read the response as it passed; `loop` the injected-tool loop's summary
+    of every round (`FlowState.loop_summary`), if the loop answered the flow. A saved flow has neither: its loop
+    summary comes from the plain-value copy kept in its metadata."""
     resp = flow.response
-    loop = (flow.metadata.get(META_KEY) or {}).get("loop")
+    if loop is None and not flow.live:
+        saved = (flow.metadata.get(META_KEY) or {}).get("loop")
+        loop = summary_from_dict(saved) if saved is not None else None
     error: str | None = None
     if loop is not None:  # the injected-tool loop recorded every round itself
-        summary = summary_from_dict(loop)
+        summary = loop
         error = summary.error
         tap = None
     elif tap is None and resp is not None and 200 <= resp.status_code < 300 and resp.raw_content:
@@ -343,6 +349,8 @@ class Recorder:
             log.warning("flow %s: request not replayable: %s", flow.id, e)
             return None
         ic = Interception.from_metadata(meta, info)
+        if meta.get("key_hint"):  # a failover pool: the key that answered, as the live record has it
+            ic.credential_hint = meta["key_hint"]
         self.store.submit(USERS.row(id=ic.user_id, name=ic.user_name, role="member", created_at=ic.started_at))
         self.started(ic)
         self.ended(ic, *conclude(ic, flow))

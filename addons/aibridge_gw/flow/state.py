@@ -1,9 +1,12 @@
 """The gateway's state for one flow, carried in `flow.metadata[STATE_KEY]` from routing to the record.
 
-Audit facts (the `Interception`: who, which provider, model and client, what the request said) are what gets
-recorded, and their plain-value form also travels with the flow under `recorder.META_KEY` so a saved flow can
-be recorded again. Everything else here is a live handle (stream tap, loop, breaker key, timers) and never
-travels with a copied or saved flow.
+Audit facts are what gets recorded: the `Interception` (who, which provider, model and client, what the request
+said) and what the gateway's own upstream client learned while answering the flow (`key_hint`, `loop_summary`,
+`loop_rounds`: the relay and the tool loop write them here, the pipeline reads them here). Their plain-value form
+also travels with the flow under `recorder.META_KEY` so a saved flow can be recorded again: the interception's as
+the request starts, the rest once, as the exchange is recorded (`Pipeline._finish`). Everything else here is a
+live handle (stream tap, loop job, breaker key, timers) and never travels with a copied or saved flow; nor does
+this object itself: the live path reads the facts from it, never back from `flow.metadata`.
 """
 
 from __future__ import annotations
@@ -70,7 +73,12 @@ class FlowState:
     drain_until: float = 0.0
     drain_bytes: int = 0
     drained: asyncio.Event | None = None
-    loop_job: object | None = None  # the injected-tool loop's job (LoopJob), told when the client goes
+    loop_job: object | None = None  # the injected-tool loop's job (LoopJob): what it had, if the client goes first
+    # Facts from the gateway's own upstream client (loopback.py's jobs): the hint of the pool's key that answered,
+    # and the injected-tool loop's summary of every round (None: the loop did not answer, or has not said yet).
+    key_hint: str | None = None
+    loop_summary: ResponseSummary | None = None
+    loop_rounds: int = 0
     watch: str | None = None  # a passthrough response read on the way (objects.WATCHED: a batch's status)
     client_base: str | None = None  # the gateway's URL for this instance as the client reached it (base-URL mode)
     police: object | None = None  # the admin's policies at work on this call (policy.policing.CallPolicing)
