@@ -475,3 +475,58 @@ def test_a_tool_loop_still_running_when_the_shutdown_grace_runs_out_ends_with_th
     (row,) = gw.sql("SELECT status, error FROM aibridge_interceptions")
     assert row == {"status": "failed", "error": "gateway shut down"}
     assert "Traceback" not in gw.log()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_a_tool_rule_refuses_an_injected_call_before_it_runs_and_gates_the_clients(tmp_path, upstream, mcp_server,
+                                                                                  stream):
+    """Injected MCP calls are put to the tool rules before the gateway runs them: a refused one is not run and the
+    model reads the refusal as the tool's (error) result; the decision is recorded with `injected` facts."""
+    rules = [{"name": "no-workspace-listing", "hook": "tool", "action": "deny", "message": "not today",
+              "when": 'tool.injected && tool.name.endsWith("list_workspaces")'}]
+    gw = Gateway(tmp_path / "mcp-policy", upstream.url, extra={
+        "mcp_servers": [{"name": "coder", "url": mcp_server.url}], "mcp": {"tool_timeout_seconds": 5},
+        "policies": {"rules": rules}}).start()
+    try:
+        upstream.reset()
+        mcp_server.calls.clear()
+        token = gw.new_user("pol")
+        cap = capture("anthropic/single_injected_tool.txtar")
+        upstream.script(Reply.from_capture(cap, stream), Reply.from_capture(cap, stream, "/tool-call"))
+        anthropic_call(anthropic_client(gw, token), cap.request, stream)
+        assert mcp_server.calls == []  # never run
+        second = upstream.seen[1].json()
+        result_block = second["messages"][-1]["content"][0]
+        assert result_block["type"] == "tool_result" and result_block.get("is_error") is True
+        assert "aibridge policy no-workspace-listing: not today" in json.dumps(result_block["content"])
+        (ic,) = gw.interceptions("pol")
+        d, = gw.wait_for(f"SELECT * FROM aibridge_policy_decisions WHERE interception_id = '{ic['id']}'")
+        assert (d["hook"], d["action"], d["tool"]) == ("tool", "deny", "bmcp_coder_coder_list_workspaces")
+    finally:
+        gw.stop()
+        upstream.reset()
+
+
+def test_a_tool_rule_gates_the_clients_calls_in_an_injected_tool_loop(tmp_path, upstream, mcp_server):
+    rules = [{"name": "no-hosts", "hook": "tool", "action": "deny", "message": "not that file",
+              "when": 'tool.name == "Read" && has(tool.input.file_path) && tool.input.file_path == "/etc/hosts"'}]
+    gw = Gateway(tmp_path / "mcp-gate", upstream.url, extra={
+        "mcp_servers": [{"name": "coder", "url": mcp_server.url}], "policies": {"rules": rules}}).start()
+    try:
+        upstream.reset()
+        token = gw.new_user("gate")
+        upstream.script(Reply.json({
+            "id": "msg_c", "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514",
+            "content": [{"type": "text", "text": "Reading."},
+                        {"type": "tool_use", "id": "toolu_cli", "name": "Read", "input": {"file_path": "/etc/hosts"}}],
+            "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 8}}))
+        msg = anthropic_call(anthropic_client(gw, token), {
+            "model": "claude-sonnet-4-0", "max_tokens": 50, "messages": [{"role": "user", "content": "read"}],
+            "tools": [{"name": "Read", "description": "read", "input_schema": {"type": "object"}}]}, False)
+        assert [b.type for b in msg.content] == ["text", "text"] and msg.stop_reason == "end_turn"
+        assert msg.content[1].text == "aibridge policy no-hosts: not that file"
+        (ic,) = gw.interceptions("gate")
+        assert [t["tool"] for t in db_rows(gw, "aibridge_tool_usages", ic["id"])] == ["Read"]  # as the model said
+    finally:
+        gw.stop()
+        upstream.reset()

@@ -589,6 +589,7 @@ class Pipeline:
             max_rounds=self.rt.config.mcp.max_rounds, state=state,
             transport=prov.transport, api=state.interception.api, base_path=prov.base_path,
             request_headers=hv, pool=pool, auth_header=PROVIDERS[prov.type].auth_header,
+            gate=_tool_decider(state), vet=_injected_vetter(state),
         )
         self._to_loopback(flow, job)
         state.via_loop = True
@@ -1016,3 +1017,16 @@ def _tool_decider(state: FlowState) -> Decide | None:
         return Refusal(denied.rule, denied.message or "denied") if denied is not None else None
 
     return decide
+
+
+def _injected_vetter(state: FlowState):
+    """The tool hook for injected MCP calls, which the gateway runs itself: asked before each runs."""
+    call = state.police
+    if call is None or not call.policing.policy.has_rules("tool"):
+        return None
+
+    def vet(name: str, arguments: str, call_id: str | None) -> Refusal | None:
+        denied = call.policing.tool(call.facts, name, arguments, call_id, injected=True)
+        return Refusal(denied.rule, denied.message or "denied") if denied is not None else None
+
+    return vet

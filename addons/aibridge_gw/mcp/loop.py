@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -25,6 +25,7 @@ from ..flow.keypool import Exhausted
 from ..flow.relay import send_with_failover
 from ..flow.sse import SSEParser
 from ..flow.state import FlowState
+from ..flow.toolgate import Decide, Refusal, SSEGate, gate_body, stream_gate
 from ..loopback import ClientGone, Responder
 from .registry import McpRegistry
 from .tools import Adapter, ToolResult, injected_call_record
@@ -54,6 +55,10 @@ class LoopJob:
     auth_header: Any = None  # the provider's key header for a key (with a pool)
     rounds: int = 0
     summary: ResponseSummary = field(default_factory=ResponseSummary)
+    # The tool hook (flow/toolgate.py): `gate` decides each tool call the client would see, `vet` each injected
+    # call before it runs (name, arguments, call id → a refusal or None). None: no tool rules.
+    gate: Decide | None = None
+    vet: Callable[[str, str, str | None], Refusal | None] | None = None
 
     @property
     def client_gone(self) -> bool:
@@ -110,9 +115,13 @@ class ToolLoop:
         adapter = job.adapter
         merged = job.summary
         note: str | None = None
+        gated = stream_gate(adapter.codec, job.gate) if job.gate is not None and adapter.stream else None
+        sse_gate = SSEGate(gated) if gated is not None else None
 
-        async def send(chunks: list[bytes]) -> None:
+        async def send(chunks: list[bytes], last: bool = False) -> None:
             data = b"".join(chunks)
+            if sse_gate is not None:  # the client's tool calls are held until decided
+                data = sse_gate.feed(data) + (sse_gate.finish() if last else b"")
             if data:
                 await out.send(data)
 
@@ -178,7 +187,7 @@ class ToolLoop:
                     if not end.client_calls and not job.client_gone:
                         note = f"\n\n[aibridge: stopped after {job.max_rounds} tool rounds]"
                     break
-                results = await asyncio.gather(*(self._invoke(c, adapter, job) for c in end.injected))
+                results = await asyncio.gather(*(self._vetted(c, adapter, job) for c in end.injected))
                 merged.tool_calls += [
                     injected_call_record(r.call, adapter.tools[r.call.name], rid, r.text if r.is_error else None)
                     for r in results
@@ -188,11 +197,16 @@ class ToolLoop:
             if adapter.stream:
                 if not out.started:
                     await out.start(200, _STREAM_HEADERS)
-                await send(adapter.finish_stream(note))
+                await send(adapter.finish_stream(note), last=True)
                 with contextlib.suppress(ClientGone):
                     await out.end()  # the client has the final event if it hung up now: only the last chunk is lost
             elif merged.error is None or not out.started:
-                await out.respond(200, [("content-type", "application/json")], adapter.finish_body(note))
+                body = adapter.finish_body(note)
+                if job.gate is not None:  # a whole answer: refused client calls replaced before it leaves
+                    refused = gate_body(adapter.codec, json.loads(body), job.gate)
+                    if refused is not None:
+                        body = json.dumps(refused, ensure_ascii=False).encode()
+                await out.respond(200, [("content-type", "application/json")], body)
         except ClientGone:
             merged.error = merged.error or "client disconnected"
             raise
@@ -210,7 +224,10 @@ class ToolLoop:
             if out.ended:  # cut off as its last bytes went out: nothing more can be said
                 pass
             elif out.started:
-                await send([adapter.error_event(message)])
+                tail = adapter.error_event(message)
+                if sse_gate is not None:  # what is held is decided first; the error follows what was sent
+                    tail = sse_gate.finish() + gated.tail(tail)
+                await out.send(tail)
                 with contextlib.suppress(ClientGone):
                     await out.end()
             else:
@@ -219,6 +236,15 @@ class ToolLoop:
         finally:
             job.state.loop_summary = merged
             job.state.loop_rounds = job.rounds
+
+    async def _vetted(self, call, adapter: Adapter, job: LoopJob) -> ToolResult:
+        """An injected call, run unless a tool rule refuses it: a refused one is not run, and the model is told
+        why (its result is the refusal, marked as an error), so it can go on without it."""
+        refusal = job.vet(call.name, call.arguments, call.call_id) if job.vet is not None else None
+        if refusal is not None:
+            log.info("injected tool %s refused by policy rule %s", call.name, refusal.rule)
+            return ToolResult(call, refusal.text, True)
+        return await self._invoke(call, adapter, job)
 
     async def _invoke(self, call, adapter: Adapter, job: LoopJob) -> ToolResult:
         tool = adapter.tools[call.name]
