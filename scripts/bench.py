@@ -815,36 +815,74 @@ def policy_section(work: Path, quick: bool, rows: list, dur: float) -> None:
     rows.append(("policy", "tool gate: text event through the tap, gated / ungated",
                  f"{per_event[0]:.1f} / {per_event[1]:.1f} µs (relayed in the read that brought it)", "not delayed"))
 
+    per_call = policing_per_call(2_000 if quick else 20_000)
+    rows.append(("policy", "what the 10 rules add to a call in the gateway (facts, request hook, gate on the answer)",
+                 f"p50 {pct(per_call, 0.5):.1f} µs, p99 {pct(per_call, 0.99):.1f} µs", "<= 50 µs p50"))
+
     procs: list[subprocess.Popen] = []
     try:
         mock, mport = start_mock(work)
         procs.append(mock)
-        plain, pport, ptoken, _ = start_gateway(work, mport, "nopolicy")
-        procs.append(plain)
-        ruled, rport, rtoken, _ = start_gateway(work, mport, "policy", extra={"policies": {"rules": TEN_RULES}})
-        procs.append(ruled)
-        targets = [Target("no rules", f"http://127.0.0.1:{pport}/openai/v1/chat/completions", token=ptoken),
-                   Target("10 rules", f"http://127.0.0.1:{rport}/openai/v1/chat/completions", token=rtoken)]
-        pids = {"no rules": plain.pid, "10 rules": ruled.pid}
+        names = ("no rules", "no rules (twin)", "10 rules")
+        targets, pids = [], {}
+        for i, name in enumerate(names):
+            extra = {"policies": {"rules": TEN_RULES}} if name == "10 rules" else None
+            p, port, token, _ = start_gateway(work, mport, f"policy{i}", extra=extra)
+            procs.append(p)
+            pids[name] = p.pid
+            targets.append(Target(name, f"http://127.0.0.1:{port}/openai/v1/chat/completions", token=token))
         for t in targets:
             asyncio.run(closed_loop(t, 4, 1.0))
-        got = {}
-        for _ in range(2):  # alternate, so a noisy moment does not land on one side only
+        got: dict[str, dict] = {}
+        for _ in range(3):  # alternate, so a noisy moment does not land on one side only; keep each one's best
             for t in targets:
                 before = cpu_seconds(pids[t.name])
                 r = asyncio.run(closed_loop(t, 1, dur))
                 r["cpu_us"] = (cpu_seconds(pids[t.name]) - before) * 1e6 / max(1, r["rps"] * dur)
                 prev = got.get(t.name)
-                got[t.name] = r if prev is None or r["p50"] < prev["p50"] else prev
-                print(f"  policy c=1 {t.name:<9} p50 {r['p50']:.3f} ms  cpu/request {r['cpu_us']:.0f} µs", flush=True)
-        a, b = got["no rules"], got["10 rules"]
-        rows.append(("policy", "c=1: added p50 latency, 10 rules vs none (end to end, same machine)",
-                     f"{(b['p50'] - a['p50']) * 1000:+.0f} µs ({b['p50']:.3f} / {a['p50']:.3f} ms)", "<= 50 µs"))
-        rows.append(("policy", "c=1: gateway CPU per request, 10 rules / none",
-                     f"{b['cpu_us']:.0f} / {a['cpu_us']:.0f} µs ({b['cpu_us'] - a['cpu_us']:+.0f} µs)", "<= +50 µs"))
+                got[t.name] = r if prev is None or r["cpu_us"] < prev["cpu_us"] else prev
+                print(f"  policy c=1 {t.name:<16} p50 {r['p50']:.3f} ms  cpu/request {r['cpu_us']:.0f} µs", flush=True)
+        a, twin, b = (got[n] for n in names)
+        rows.append(("policy", "c=1 end to end: gateway CPU per request, 10 rules / none (twin: a second gateway "
+                     "without rules, the noise floor)",
+                     f"{b['cpu_us']:.0f} / {a['cpu_us']:.0f} µs ({b['cpu_us'] - a['cpu_us']:+.0f} µs; twin "
+                     f"{twin['cpu_us'] - a['cpu_us']:+.0f} µs)", "within the noise floor"))
+        rows.append(("policy", "c=1 end to end: p50 latency, 10 rules / none",
+                     f"{b['p50']:.3f} / {a['p50']:.3f} ms (twin {twin['p50']:.3f})", "within the noise floor"))
     finally:
         for p in procs:
             stop(p)
+
+
+def policing_per_call(n: int) -> list[float]:
+    """The pipeline's policy work for one blocking call, in-process: the call's facts, the request hook (rules,
+    no guardrails) and the tool gate over the answer."""
+    import httpx
+
+    from aibridge_gw.apis import WIRE_APIS
+    from aibridge_gw.config_model import validate_policies
+    from aibridge_gw.flow.toolgate import gate_body
+    from aibridge_gw.policy.policing import CallFacts, Policing, conversation, offered_tools, variable_headers
+
+    policing = Policing(validate_policies({"rules": TEN_RULES}), lambda *a: None, httpx.AsyncClient())
+    codec = WIRE_APIS["openai.chat"]
+    headers = {"host": "127.0.0.1", "user-agent": "claude-cli/2.0.1", "accept": "application/json",
+               "content-type": "application/json", "authorization": "Bearer aib_x", "content-length": "120"}
+
+    async def run() -> list[float]:
+        out = []
+        for i in range(n):
+            body = {"model": ("gpt-4.1", "claude-opus-4-1")[i % 2], "messages": [{"role": "user", "content": f"q{i}"}]}
+            t0 = time.perf_counter_ns()
+            facts = CallFacts(f"id{i}", {"name": f"u{i % 8}", "id": f"uid{i % 8}", "role": "member", "groups": []},
+                              "Claude Code", f"s{i % 16}", "openai", "openai.chat", body["model"], f"q{i}",
+                              conversation(body), offered_tools(body), variable_headers(headers))
+            await policing.request(facts, body, 120)
+            gate_body(codec, json.loads(CHAT), lambda c: None)
+            out.append((time.perf_counter_ns() - t0) / 1000)
+        return sorted(out)
+
+    return asyncio.run(run())
 
 
 def tool_gate_timings(n: int) -> tuple[list[float], tuple[float, float]]:
