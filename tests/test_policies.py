@@ -364,3 +364,22 @@ def test_redact_stored_masks_prompts_tool_inputs_and_capture_but_not_what_goes_u
     gw.stop()  # the archive is flushed and closed
     archived = b"".join(p.read_bytes() for p in flows.glob("*.flows"))
     assert b"[REDACTED:aws-key]" in archived and AWS_KEY.encode() not in archived
+
+
+@pytest.mark.parametrize("fail", ["closed", "open"])
+def test_a_rule_that_errors_on_a_call_follows_its_fail_setting(own_gateway, upstream, fail):
+    rules = [{"name": "needs-team", "hook": "request", "action": "deny", "fail": fail,
+              "when": 'headers["x-team"] == "blocked"'}]  # no such header: the condition errors
+    gw = own_gateway(f"fail-{fail}", extra={"policies": {"rules": rules}})
+    token = gw.new_user("f")
+    upstream.script(Reply.json(chat_completion("went through")))
+    oc = openai_client(gw, token)
+    ask = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "x"}]}
+    if fail == "closed":
+        with pytest.raises(openai.PermissionDeniedError) as e:
+            oc.chat.completions.create(**ask)
+        assert "policy rule needs-team failed" in e.value.body["message"] and upstream.seen == []
+    else:
+        assert oc.chat.completions.create(**ask).choices[0].message.content == "went through"
+    d, = decisions(gw, 1)
+    assert (d["rule"], d["action"], d["enforced"]) == ("needs-team", "error", fail == "closed")
