@@ -19,12 +19,11 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY
+from tests.support.gateway import wire_api_providers as providers
 from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_client, openai_client
 from tests.support.wire import anthropic_message, anthropic_stream, chat_completion, chat_stream, responses_stream
 
-UPSTREAM_GEMINI_KEY = "AIzaSy-upstream-0123456789abcdefSECRET"
 AWS_KEY = "AKIA4HKQ2MZP7XW3RN5T"  # shaped like an AWS access key id (detect-secrets' AWS plugin finds it)
 RULES = [
     {"name": "no-forbidden", "hook": "request", "when": 'model == "forbidden-model"', "action": "deny",
@@ -40,14 +39,6 @@ RULES = [
     {"name": "watch-only", "hook": "request", "when": 'prompt.contains("monitor-me")', "action": "deny",
      "mode": "monitor", "message": "would be denied"},
 ]
-
-
-def providers(url: str) -> list[dict]:
-    return [
-        {"name": "anthropic", "type": "anthropic", "base_url": url + "/", "key": UPSTREAM_ANTHROPIC_KEY},
-        {"name": "openai", "type": "openai", "base_url": url + "/v1/", "key": UPSTREAM_OPENAI_KEY},
-        {"name": "gemini", "type": "gemini", "base_url": url + "/", "key": UPSTREAM_GEMINI_KEY},
-    ]
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import yaml
-
 from aibridge_gw import config_model
+from aibridge_gw.config import ConfigError, load_policies
 from aibridge_gw.config_model import compile_condition
 from aibridge_gw.policy.detectors import Scan
 from aibridge_gw.policy.guardrails import Guardrails
-from aibridge_gw.policy.rules import Policy, Verdict, load_policies_file, policy_version
+from aibridge_gw.policy.rules import Policy, Verdict, policy_version
 
 AWS_KEY_ID = "AKIA" + "IOSFODNN7EXAMPLE"
 
@@ -85,10 +85,10 @@ def test_the_issue_example_loads_inline_and_from_a_policies_file_as_the_same_ver
     path = tmp_path / "policies.yaml"
     path.write_text(yaml.safe_dump(SPEC_EXAMPLE))
     assert config_model.validate({"policies_file": str(path)}).policies_file == str(path)
-    assert Policy(load_policies_file(path)).version == Policy(inline.policies).version
+    assert Policy(load_policies(path)).version == Policy(inline.policies).version
     path.write_text("rules:\n  - {name: x, hook: request, when: 'true', action: dney}\n")
-    with pytest.raises(config_model.ConfigProblems, match=r"policies\.rules\[0\]\.action: Input should be"):
-        load_policies_file(path)
+    with pytest.raises(ConfigError, match=r"policies\.rules\[0\]\.action: Input should be"):
+        load_policies(path)
 
 
 def test_the_version_is_a_content_hash_stable_across_key_order_and_spelled_defaults():

@@ -10,25 +10,16 @@ import pytest
 from google import genai
 from google.genai import types
 
-from tests.support.gateway import UPSTREAM_ANTHROPIC_KEY, UPSTREAM_OPENAI_KEY
+from tests.support.gateway import wire_api_providers as providers
 from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_client, openai_client
 from tests.test_toolgate import chat_parallel, gemini_stream, responses_parallel, sse
 
-UPSTREAM_GEMINI_KEY = "AIzaSy-upstream-0123456789abcdefSECRET"
 RULE = {"name": "no-destructive-shell", "hook": "tool", "action": "deny",
         "message": "destructive shell commands are not allowed here",
         "when": 'tool.name in ["Bash", "run_shell"] && ((has(tool.input.command) && '
                 'tool.input.command.contains("rm -rf")) || (has(tool.input.cmd) && tool.input.cmd.contains("rm -rf")))'}
 REFUSAL = "aibridge policy no-destructive-shell: destructive shell commands are not allowed here"
-
-
-def providers(url: str) -> list[dict]:
-    return [
-        {"name": "anthropic", "type": "anthropic", "base_url": url + "/", "key": UPSTREAM_ANTHROPIC_KEY},
-        {"name": "openai", "type": "openai", "base_url": url + "/v1/", "key": UPSTREAM_OPENAI_KEY},
-        {"name": "gemini", "type": "gemini", "base_url": url + "/", "key": UPSTREAM_GEMINI_KEY},
-    ]
 
 
 @pytest.fixture

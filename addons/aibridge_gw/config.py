@@ -390,22 +390,30 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
 
 
 def _policies(f: config_model.ConfigFile, local) -> tuple[config_model.PoliciesFile, Path | None]:
-    """`policies:` or the file `policies_file` names (its problems reported under its own name)."""
+    """`policies:` or the file `policies_file` names."""
     if f.policies_file is None:
         return f.policies, None
     path = local(f.policies_file)
+    return load_policies(path, "policies_file: "), path
+
+
+def load_policies(path: Path, where: str = "") -> config_model.PoliciesFile:
+    """A policies file: YAML holding what `policies:` holds (a config file's `policies:` is taken too, so a whole
+    config can be checked or replayed). Problems are reported under the file's name."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
-        raise ConfigError(f"policies_file: {path}: {e.strerror or e}") from None
+        raise ConfigError(f"{where}{path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"policies_file: {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{where}{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"policies_file: {path} must hold a mapping (the keys of `policies:`)")
+        raise ConfigError(f"{where}{path} must hold a mapping (the keys of `policies:`)")
+    if isinstance(raw.get("policies"), dict):
+        raw = raw["policies"]
     try:
-        return config_model.validate_policies(expand_env(raw)), path
+        return config_model.validate_policies(expand_env(raw))
     except config_model.ConfigProblems as e:
-        raise ConfigError(f"policies_file {path}: " + "; ".join(e.problems)) from None
+        raise ConfigError(f"{where}{path}: " + "\n  ".join(e.problems)) from None
 
 
 def _check_route_targets(policies: config_model.PoliciesFile, providers) -> None:

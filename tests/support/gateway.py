@@ -17,6 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 UPSTREAM_ANTHROPIC_KEY = "sk-ant-upstream-0123456789abcdefSECRET"
 UPSTREAM_OPENAI_KEY = "sk-proj-upstream-0123456789abcdefSECRET"
+UPSTREAM_GEMINI_KEY = "AIzaSy-upstream-0123456789abcdefSECRET"
+
+
+def wire_api_providers(upstream_url: str) -> list[dict]:
+    """One instance of each wire API's provider (Anthropic, OpenAI, Gemini) on the stand-in."""
+    return [
+        {"name": "anthropic", "type": "anthropic", "base_url": upstream_url + "/", "key": UPSTREAM_ANTHROPIC_KEY},
+        {"name": "openai", "type": "openai", "base_url": upstream_url + "/v1/", "key": UPSTREAM_OPENAI_KEY},
+        {"name": "gemini", "type": "gemini", "base_url": upstream_url + "/", "key": UPSTREAM_GEMINI_KEY},
+    ]
 
 sys.path.insert(0, str(ROOT / "addons"))
 from aibridge_gw.admin.gateway_client import run_op  # noqa: E402

@@ -16,10 +16,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..config import ConfigError, expand_env
-from ..config_model import ConfigProblems, PoliciesFile, validate_policies
+from ..config import load_policies
+from ..config_model import PoliciesFile
 from .rules import Policy
 
 CALLS_SQL = """
@@ -45,22 +43,9 @@ WHERE i.started_at >= TIMESTAMPTZ '{since}'
 
 
 def load_candidate(path: str | Path) -> PoliciesFile:
-    """A candidate policy: a policies file (the mapping `policies:` holds), or a config file with `policies:`.
-    Raises ConfigError naming what is wrong (a rule's condition that does not compile: its name and the error)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping")
-    if "policies" in raw and isinstance(raw["policies"], dict):
-        raw = raw["policies"]
-    try:
-        return validate_policies(expand_env(raw))
-    except ConfigProblems as e:
-        raise ConfigError(f"{path}: " + "\n  ".join(e.problems)) from None
+    """A candidate policy: a policies file, or a config file with `policies:`; raises ConfigError naming what is
+    wrong (a rule's condition that does not compile: its name and the error)."""
+    return load_policies(Path(path))
 
 
 def describe(policies: PoliciesFile) -> list[dict]:

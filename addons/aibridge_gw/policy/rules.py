@@ -15,18 +15,15 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import cel
-import yaml
 
 from ..config_model import (
     CONDITION_VARIABLES,
     PoliciesFile,
     PolicyRuleFile,
     compile_condition,
-    validate_policies,
 )
 from .detectors import DETECTORS, Scan, types_of
 
@@ -267,8 +264,3 @@ def policy_version(policies: PoliciesFile) -> str:
     """A content hash of the policies (defaults included, key order irrelevant): which rules a decision ran under."""
     canonical = json.dumps(policies.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
-def load_policies_file(path: str | Path) -> PoliciesFile:
-    """A policies_file: YAML holding what `policies:` would; raises config_model.ConfigProblems."""
-    return validate_policies(yaml.safe_load(Path(path).read_text()))

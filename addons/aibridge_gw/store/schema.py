@@ -12,6 +12,24 @@ from contextlib import contextmanager
 
 import duckdb
 
+_POLICY_DECISIONS = """
+    CREATE TABLE aibridge_policy_decisions (
+        id UUID PRIMARY KEY,
+        interception_id UUID NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        user_id UUID,
+        rule VARCHAR NOT NULL,
+        policy_version VARCHAR,
+        hook VARCHAR NOT NULL,
+        action VARCHAR NOT NULL,
+        enforced BOOLEAN NOT NULL,
+        detectors JSON,
+        message VARCHAR,
+        tool VARCHAR,
+        tool_call_id VARCHAR
+    );
+"""
+
 MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
     (
         1,
@@ -174,44 +192,10 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         # Reports read decisions by time and by interception. PostgreSQL gets an index for each; DuckDB reads them
         # from its zone maps (min/max per row group, rows arrive in time order) and an index there would only slow
         # the writer's batches and prune's deletes.
-        {
-            "duckdb": """
-            CREATE TABLE aibridge_policy_decisions (
-                id UUID PRIMARY KEY,
-                interception_id UUID NOT NULL,
-                created_at TIMESTAMPTZ NOT NULL,
-                user_id UUID,
-                rule VARCHAR NOT NULL,
-                policy_version VARCHAR,
-                hook VARCHAR NOT NULL,
-                action VARCHAR NOT NULL,
-                enforced BOOLEAN NOT NULL,
-                detectors JSON,
-                message VARCHAR,
-                tool VARCHAR,
-                tool_call_id VARCHAR
-            );
-            """,
-            "postgres": """
-            CREATE TABLE aibridge_policy_decisions (
-                id UUID PRIMARY KEY,
-                interception_id UUID NOT NULL,
-                created_at TIMESTAMPTZ NOT NULL,
-                user_id UUID,
-                rule VARCHAR NOT NULL,
-                policy_version VARCHAR,
-                hook VARCHAR NOT NULL,
-                action VARCHAR NOT NULL,
-                enforced BOOLEAN NOT NULL,
-                detectors JSON,
-                message VARCHAR,
-                tool VARCHAR,
-                tool_call_id VARCHAR
-            );
+        {"duckdb": _POLICY_DECISIONS, "postgres": _POLICY_DECISIONS + """
             CREATE INDEX aibridge_policy_decisions_created_at ON aibridge_policy_decisions (created_at);
             CREATE INDEX aibridge_policy_decisions_interception ON aibridge_policy_decisions (interception_id);
-            """,
-        },
+            """},
     ),
 ]
 
