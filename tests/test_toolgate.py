@@ -802,7 +802,6 @@ def sdk_view(api: str, url: str, stream: bool):
     return resp.output_text, [i.type for i in resp.output if i.type in client_calls], resp.status
 
 
-@pytest.mark.skipif(not CAPTURED, reason="../shared's captured provider traffic is not available")
 @pytest.mark.parametrize("api,rel,section", CAPTURED, ids=[f"{r}:{s}" for _, r, s in CAPTURED] or None)
 def test_captured_traffic_allowed_is_unchanged_and_refused_is_read_by_the_sdk(server, api, rel, section):
     text = capture(rel).sections[section]

@@ -53,8 +53,8 @@ def capture(rel: str) -> Capture:
 
 
 def captures(folder: str) -> list[str]:
-    base = TRAFFIC / folder
-    return sorted(str(p.relative_to(TRAFFIC)) for p in base.glob("*.txtar")) if base.exists() else []
+    """The fixtures of a folder: the project's own, and ../shared's when it is there."""
+    return sorted({str(p.relative_to(root)) for root in (OWN, TRAFFIC) for p in (root / folder).glob("*.txtar")})
 
 
 def sse_events(section: str) -> list[bytes]:
