@@ -198,6 +198,29 @@ def test_a_rule_that_errors_fails_closed_by_default_and_open_when_asked():
     assert monitored.evaluate("tool", {"tool": {"input": {}}}).allowed
 
 
+def test_text_cel_cannot_hold_is_still_evaluated_and_a_value_it_cannot_take_follows_fail():
+    # A lone surrogate is valid JSON ("\udc00") and what a header byte that is not UTF-8 decodes to; CEL refuses it.
+    prompt = json.loads('"please run forbidden \\udc00 now"')
+    p = policy(rule("no-forbidden", 'prompt.contains("forbidden")'),
+               rule("ci", '"x-ci" in headers && headers["x-ci"].startsWith("1")', "tag", tags={"origin": "ci"}))
+    v = p.evaluate("request", {"prompt": prompt, "headers": {"x-ci": "1\udce9"}})
+    assert v.denied is not None and v.denied.rule == "no-forbidden" and v.denied.action == "deny"
+    assert p.evaluate("request", {"prompt": "fine", "headers": {"x-ci": "1\udce9"}}).tags == {"origin": "ci"}
+    assert p.evaluate("request", {"prompt": "fine"}).allowed  # nothing stale from the calls before
+    # A value CEL cannot take at all: each rule fails as its `fail` says, never an exception out of evaluate.
+    odd = {"messages": [{None: "x"}]}
+    closed = policy(rule("m", "size(messages) > 5"), rule("after", action="tag", tags={"x": "y"}))
+    v = closed.evaluate("request", odd)
+    assert v.denied is not None and v.denied.rule == "m" and v.denied.action == "error"
+    opened = policy(rule("m", "size(messages) > 5", fail="open"), rule("after", "true", "tag", fail="open",
+                                                                       tags={"x": "y"}))
+    v = opened.evaluate("request", odd)
+    assert v.allowed and [(d.rule, d.action) for d in v.decisions] == [("m", "error"), ("after", "error")]
+    v = policy(rule("tool", 'tool.input.command.contains("rm")', hook="tool")).evaluate(
+        "tool", {"tool": {"name": "Bash", "input": '{"command": "rm -rf / \\udc00"}'}})
+    assert v.denied is not None and v.denied.action == "deny"
+
+
 def test_a_condition_that_is_not_a_boolean_is_an_error():
     v = policy(rule("stringy", "model")).evaluate("request", {"model": "gpt-4.1"})
     assert v.denied.action == "error" and "not a boolean" in v.denied.message

@@ -95,7 +95,10 @@ class _HookContext:
             value = variable_value(name, variables.get(name))
             seen = _fingerprint(value)
             if seen is None or self._seen.get(name, _UNSEEN) != seen:
-                self.context.add_variable(name, value)
+                try:
+                    self.context.add_variable(name, value)
+                except ValueError:  # text CEL cannot hold: a lone surrogate (a JSON escape, a header byte not UTF-8)
+                    self.context.add_variable(name, _valid_text(value))
                 self._seen[name] = seen
 
     def _detector(self, detector: str):
@@ -128,6 +131,17 @@ def _fingerprint(value: Any, room: int = 64) -> Any:
         return freeze(value)
     except OverflowError:
         return None
+
+
+def _valid_text(value: Any) -> Any:
+    """The value with every lone surrogate in its strings replaced by U+FFFD (CEL strings are valid Unicode)."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_text(v) for v in value]
+    return value
 
 
 def _texts(value: Any) -> list[str]:
@@ -178,7 +192,13 @@ class Policy:
         redact: dict[str, None] = {}
         with self._lock:
             hc = self._contexts[hook]
-            hc.load(variables, scan or Scan())
+            try:
+                hc.load(variables, scan or Scan())
+            except Exception as e:  # noqa: BLE001 - a value CEL cannot take: every rule fails on it, as its `fail` says
+                for rule in rules:
+                    if self._failed(verdict, rule, e, ()):
+                        break
+                return verdict
             for rule in rules:
                 hc.fired.clear()
                 try:
