@@ -410,6 +410,23 @@ def test_an_unreachable_or_monitored_guardrail_changes_nothing_when_it_may_not()
     asyncio.run(main())
 
 
+@pytest.mark.integration  # a loopback HTTP stand-in
+def test_a_prompt_with_a_lone_surrogate_still_reaches_the_guardrail():
+    # "\udc00" is valid JSON a client may send; the provider gets it as sent, so the guardrail must see it too
+    # (an encoding failure would follow the guardrail's fail: with fail open, a way around it).
+    async def main():
+        stand_in = GuardrailStandIn()
+        async with stand_in as base:
+            g = guardrails_of(base, {"name": "dlp", "url": "/deny", "fail": "open"})
+            v = await g.evaluate("request", {"prompt": json.loads('"customer data \\udc00"')})
+            await g.aclose()
+        assert v.denied is not None and v.denied.rule == "dlp" and v.denied.action == "deny"
+        (_, doc, _), = stand_in.received
+        assert doc["prompt"] == "customer data \udc00"
+
+    asyncio.run(main())
+
+
 def test_every_function_a_condition_may_name_exists_in_the_cel_runtime():
     at = 'timestamp("2024-03-05T06:07:08.009Z")'
     conditions = [
