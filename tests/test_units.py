@@ -194,7 +194,7 @@ UPSTREAM_KEY = "sk-ant-central-key-123456"
 class Chain:
     """The addons of addons/aibridge.py (without capture), loaded into a taddons context."""
 
-    def __init__(self, tctx, tmp_path):
+    def __init__(self, tctx, tmp_path, extra=None):
         self.tctx = tctx
         self.rt = Runtime()
         self.proxy = ProxyMode(self.rt)
@@ -214,6 +214,7 @@ class Chain:
             ],
             "storage": {"duckdb": str(tmp_path / "audit.duckdb")},
             "circuit_breaker": {"failures": 1, "open_seconds": 60},
+            **(extra or {}),
         }))
         tctx.configure(self.rt, aibridge_config=str(config))
         for a in self.addons[1:]:
@@ -251,8 +252,10 @@ class Chain:
         self.rt.done()
 
 
-def chain_test(fn):
-    """Run an async test body with a loaded chain; the store closes whatever happens."""
+def chain_test(fn=None, *, extra=None):
+    """Run an async test body with a loaded chain; the store closes whatever happens. `extra`: more config keys."""
+    if fn is None:
+        return lambda f: chain_test(f, extra=extra)
 
     def run(tmp_path, monkeypatch):
         # The writer's own code in a thread of this process: a writer process per test would cost more than it.
@@ -260,7 +263,7 @@ def chain_test(fn):
 
         async def main():
             with taddons.context() as tctx:
-                chain = Chain(tctx, tmp_path)
+                chain = Chain(tctx, tmp_path, extra)
                 try:
                     await fn(chain)
                 finally:
@@ -563,3 +566,20 @@ async def test_a_reload_that_fails_unexpectedly_is_logged_and_leaves_no_task_beh
         logging.getLogger("aibridge").removeHandler(handler)
     assert chain.rt._reloads == set()
     assert any("reload (test) failed" in r.getMessage() for r in records)
+
+
+# --- policies in the chain --------------------------------------------------------------------------
+
+TAG_ALL = {"policies": {"rules": [{"name": "label", "hook": "request", "when": "size(tools) >= 0",
+                                   "action": "tag", "tags": {"seen": "yes"}}]}}
+
+
+@chain_test(extra=TAG_ALL)
+async def test_a_request_whose_tools_have_an_odd_shape_is_policed_not_a_500(chain):
+    """The rules' `tools` are read from any API's shape; a value of the wrong type there is the provider's to refuse
+    (the call goes on, recorded), never an internal error."""
+    body = {**MESSAGES, "tools": [{"functionDeclarations": 5}, {"name": "Bash", "input_schema": {}}]}
+    flow = await chain.request(anthropic_flow(chain, body=body))
+    assert flow.response is None  # forwarded
+    assert state_of(flow).police.facts.tools == ["Bash"]
+    assert chain.rows("SELECT status FROM aibridge_interceptions") == [("in_progress",)]

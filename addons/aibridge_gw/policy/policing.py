@@ -169,7 +169,8 @@ def offered_tools(body: dict | None) -> list[str]:
             names.append(t["name"])
         elif isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str):
             names.append(t["function"]["name"])
-        for decl in t.get("functionDeclarations") or t.get("function_declarations") or ():
+        decls = t.get("functionDeclarations") or t.get("function_declarations")
+        for decl in decls if isinstance(decls, list) else ():
             if isinstance(decl, dict) and isinstance(decl.get("name"), str):
                 names.append(decl["name"])
     return names
