@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import threading
 import time
 
+import httpx
 import pytest
 import yaml
 from aibridge_gw import config_model
 from aibridge_gw.config import ConfigError, load_policies
 from aibridge_gw.config_model import compile_condition
-from aibridge_gw.policy.detectors import Scan
+from aibridge_gw.policy.detectors import DETECTORS, Scan
 from aibridge_gw.policy.guardrails import Guardrails
+from aibridge_gw.policy.policing import CallFacts, Policing
 from aibridge_gw.policy.rules import Policy, Verdict, policy_version
 
 AWS_KEY_ID = "AKIA" + "IOSFODNN7EXAMPLE"
@@ -283,6 +286,70 @@ def test_ten_rules_evaluate_well_within_a_loose_bound():
         p.evaluate("request", facts, scan)
         times.append(time.perf_counter() - started)
     assert statistics.median(times) < 0.005  # loose, never flaky: measured numbers are in the commit report
+
+
+def policing_of(*rules: dict) -> Policing:
+    return Policing(config_model.validate({"policies": {"rules": list(rules)}}).policies, lambda *a: None,
+                    httpx.AsyncClient())
+
+
+def facts_of(**more) -> CallFacts:
+    return CallFacts("0e1a6f4e-5d3c-4b2a-9f8e-7d6c5b4a3f21", {"name": "bob", "id": "u1"}, "", "", "anthropic",
+                     "anthropic.messages", "claude-sonnet-4-5", "hi", [{"role": "user", "content": "hi"}], [], {},
+                     **more)
+
+
+def test_a_large_requests_scan_on_a_thread_never_holds_up_rules_on_the_event_loop(monkeypatch):
+    """Detectors over a large request run on a worker thread; the tool gate's rules (and small requests') run on
+    the event loop meanwhile, and must not wait for that scan."""
+    policing = policing_of(rule("no-secrets", "size(secrets(messages)) > 0", "redact"),
+                           rule("no-rm", 'tool.input.command.contains("rm -rf")', hook="tool"))
+    scanning = threading.Event()
+
+    def slow(text):
+        scanning.set()
+        time.sleep(1.0)
+        return []
+
+    monkeypatch.setitem(DETECTORS, "secrets", slow)
+
+    async def main():
+        task = asyncio.create_task(policing.request(facts_of(), {"messages": []}, 10**6))
+        while not scanning.is_set():
+            await asyncio.sleep(0.005)
+        started = time.perf_counter()
+        denied = policing.tool(facts_of(), "Bash", '{"command": "rm -rf /"}', "c1", injected=False)
+        elapsed = time.perf_counter() - started
+        await task
+        return denied, elapsed
+
+    denied, elapsed = asyncio.run(main())
+    assert denied is not None and denied.rule == "no-rm"
+    assert elapsed < 0.5  # not the scan's second
+
+
+def test_rules_reading_a_large_conversation_run_off_the_event_loop_at_request_and_response(monkeypatch):
+    """Converting a whole conversation into CEL costs milliseconds per MB: with a large request, the request and
+    response hooks evaluate on a worker thread (a small one stays on the loop)."""
+    policing = policing_of(rule("long", "size(messages) > 1000", "tag", tags={"long": "yes"}),
+                           rule("late", "size(messages) > 1000", "tag", hook="response", tags={"late": "yes"}))
+    where = []
+    evaluate = policing.policy.evaluate
+
+    def spy(*args, **kwargs):
+        where.append(threading.current_thread() is threading.main_thread())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(policing.policy, "evaluate", spy)
+
+    async def main():
+        await policing.request(facts_of(), {"messages": []}, 10)
+        await policing.response(facts_of(), {}, None)
+        await policing.request(facts_of(size=10**6), {"messages": []}, 10**6)
+        await policing.response(facts_of(size=10**6), {}, None)
+
+    asyncio.run(main())
+    assert where == [True, True, False, False]
 
 
 class GuardrailStandIn:

@@ -313,9 +313,10 @@ class Pipeline:
             ic.id, {"name": actor.user_name, "id": actor.user_id, "role": actor.role,
                     "groups": list(actor.groups)},
             ic.client or "", ic.session_id or "", route.provider.name, ic.api, ic.info.model or "",
-            ic.info.prompt or "", conversation(body), offered_tools(body), variable_headers(hv))
+            ic.info.prompt or "", conversation(body), offered_tools(body), variable_headers(hv),
+            size=len(flow.request.raw_content or b""))
         state.police = CallPolicing(policing, facts)
-        outcome = await policing.request(facts, body, len(flow.request.raw_content or b""))
+        outcome = await policing.request(facts, body, facts.size)
         verdict = outcome.verdict
         if verdict.decisions:
             ic.facts["policy_version"] = verdict.policy_version

@@ -47,6 +47,7 @@ class CallFacts:
     tools: list[str]
     headers: dict[str, str]
     scan: Scan = field(default_factory=Scan)  # detector results, shared by every hook and redaction of the call
+    size: int = 0  # the request body's bytes: over OFF_LOOP_TEXT, the costly work of a hook runs on a thread
     tags: dict[str, str] = field(default_factory=dict)  # labels the call's rules gave it
 
     def variables(self, **more: Any) -> dict[str, Any]:
@@ -93,10 +94,7 @@ class Policing:
         if not self.hooks["request"]:
             return RequestOutcome(Verdict("request", self.version))
         variables = facts.variables()
-        if size > OFF_LOOP_TEXT and self.policy.uses_detectors("request"):
-            verdict = await asyncio.to_thread(self.policy.evaluate, "request", variables, facts.scan)
-        else:
-            verdict = self.policy.evaluate("request", variables, facts.scan)
+        verdict = await self._evaluate("request", variables, facts.scan, size)
         if verdict.denied is None:
             verdict = await self.guardrails.evaluate("request", variables, verdict)
         self._record(facts, verdict)
@@ -131,11 +129,18 @@ class Policing:
         if not self.hooks["response"]:
             return verdict
         variables = facts.variables(usage=usage, model=model or facts.model)
-        verdict = self.policy.evaluate("response", variables, facts.scan)
+        verdict = await self._evaluate("response", variables, facts.scan, facts.size)
         verdict = await self.guardrails.evaluate("response", variables, verdict)
         self._record(facts, verdict)
         facts.tags.update(verdict.tags)
         return verdict
+
+    async def _evaluate(self, hook: str, variables: dict, scan: Scan, size: int) -> Verdict:
+        """The hook's rules: on a worker thread, apart from the event loop's evaluations, when the request is large
+        and a rule scans text or reads the whole conversation; on the event loop otherwise (microseconds)."""
+        if size > OFF_LOOP_TEXT and self.policy.heavy(hook):
+            return await asyncio.to_thread(self.policy.evaluate, hook, variables, scan, True)
+        return self.policy.evaluate(hook, variables, scan)
 
     def stored_redactor(self, facts: CallFacts, *decided: tuple[str, ...]) -> Redactor | None:
         """What masks the texts a call stores (prompt, tool inputs, thoughts): the detectors its redact decisions

@@ -11,6 +11,7 @@ scanned once however many rules (and the redaction that follows) ask.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -180,18 +181,26 @@ class Policy:
         """A rule of this hook calls secrets() or pii() (scanning text may cost milliseconds)."""
         return bool(self._contexts[hook].functions)
 
-    def evaluate(self, hook: str, variables: dict[str, Any], scan: Scan | None = None) -> Verdict:
+    def heavy(self, hook: str) -> bool:
+        """A rule of this hook scans text or reads the whole conversation (`messages`, converted into CEL at about
+        a microsecond per value): milliseconds on a large request."""
+        return self.uses_detectors(hook) or "messages" in self._contexts[hook].variables
+
+    def evaluate(self, hook: str, variables: dict[str, Any], scan: Scan | None = None, apart: bool = False
+                 ) -> Verdict:
         """The hook's rules in order: allow stops, the first deny wins and stops, routes (the first), redactions
         and tags accumulate; a monitored rule is recorded and changes nothing; a rule whose condition errors
         yields an `error` decision and, failing closed, refuses like a deny. Pass the request's `Scan` to share
-        detector results with other hooks and with redaction."""
+        detector results with other hooks and with redaction. `apart`: on a context of its own, without the
+        shared one's lock (a worker thread's evaluation: the event loop's never wait for it)."""
         verdict = Verdict(hook, self.version)
         rules = self._rules[hook]
         if not rules:
             return verdict
         redact: dict[str, None] = {}
-        with self._lock:
-            hc = self._contexts[hook]
+        shared = self._contexts[hook]
+        with self._lock if not apart else contextlib.nullcontext():
+            hc = shared if not apart else _HookContext(shared.variables, shared.functions)
             try:
                 hc.load(variables, scan or Scan())
             except Exception as e:  # noqa: BLE001 - a value CEL cannot take: every rule fails on it, as its `fail` says
