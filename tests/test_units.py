@@ -583,3 +583,53 @@ async def test_a_request_whose_tools_have_an_odd_shape_is_policed_not_a_500(chai
     assert flow.response is None  # forwarded
     assert state_of(flow).police.facts.tools == ["Bash"]
     assert chain.rows("SELECT status FROM aibridge_interceptions") == [("in_progress",)]
+
+
+AWS_KEY_ID = "AKIA" + "4HKQ2MZP7XW3RN5T"  # shaped like an AWS access key id, assembled: no literal credential here
+
+
+async def respond_awaited(chain, flow, body: dict, status: int = 200):
+    """`Chain.respond`, awaiting what a hook returns to await (mitmproxy does)."""
+    flow.response = tutils.tresp(status_code=status, content=json.dumps(body).encode(),
+                                 headers=http.Headers(content_type="application/json"))
+    for a in chain.addons:
+        if hasattr(a, "responseheaders"):
+            a.responseheaders(flow)
+    for a in chain.addons:
+        if hasattr(a, "response"):
+            r = a.response(flow)
+            if asyncio.iscoroutine(r):
+                await r
+
+
+class ArchiveStub:
+    def __init__(self):
+        self.added = []
+
+    def add(self, flow, masking=None):
+        self.added.append((flow, masking))
+
+
+REDACT_AT_RESPONSE = {"policies": {"rules": [{"name": "mask-late", "hook": "response", "action": "redact",
+                                              "when": "size(secrets(prompt)) > 0"}]}}
+
+
+@chain_test(extra=REDACT_AT_RESPONSE)
+async def test_a_response_rules_redaction_masks_the_flow_capture_too(chain):
+    """A redact decision of the response hook masks what the call stores: its rows and its captured flow."""
+    from aibridge_gw.addons.capture import Capture
+
+    capture = Capture(chain.rt)
+    capture.archive = ArchiveStub()
+    body = {**MESSAGES, "messages": [{"role": "user", "content": f"deploy with {AWS_KEY_ID}"}]}
+    flow = await chain.request(anthropic_flow(chain, body=body))
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+              "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                           "input": {"command": f"aws configure set key {AWS_KEY_ID}"}}],
+              "stop_reason": "tool_use", "usage": {"input_tokens": 12, "output_tokens": 3}}
+    await respond_awaited(chain, flow, answer)
+    capture.response(flow)
+    assert chain.rows("SELECT input FROM aibridge_tool_usages") == [
+        ('{"command":"aws configure set key [REDACTED:aws-key]"}',)]
+    (_, masking), = capture.archive.added
+    assert masking is not None and masking.text(f"key {AWS_KEY_ID}") == "key [REDACTED:aws-key]"

@@ -779,7 +779,9 @@ class Pipeline:
                     verdict = await call.policing.response(call.facts, usage, summary.model)
                 except Exception:  # the call has happened: its record must not be lost to a policy failure
                     log.exception("aibridge: the response policy of %s failed", state.interception.id)
-            redactor = call.policing.stored_redactor(call.facts, call.stored, verdict.redact if verdict else ())
+            if verdict is not None and verdict.redact:  # what the call stores is masked: its flow capture too
+                call.stored = tuple(dict.fromkeys(call.stored + verdict.redact))
+            redactor = call.policing.stored_redactor(call.facts, call.stored)
             if redactor is not None:
                 size = sum(len(c.input) for c in summary.tool_calls) + sum(len(t.content) for t in summary.thoughts)
                 if size > OFF_LOOP_BYTES:
