@@ -633,3 +633,33 @@ async def test_a_response_rules_redaction_masks_the_flow_capture_too(chain):
         ('{"command":"aws configure set key [REDACTED:aws-key]"}',)]
     (_, masking), = capture.archive.added
     assert masking is not None and masking.text(f"key {AWS_KEY_ID}") == "key [REDACTED:aws-key]"
+
+
+def openai_flow(chain, path: str, body: dict | None = None, method: str = "POST"):
+    h = {"content_type": "application/json", "authorization": f"Bearer {chain.token}"}
+    req = tutils.treq(method=method.encode(), host="127.0.0.1", port=8080, path=path.encode(),
+                      headers=http.Headers(**h), content=json.dumps(body).encode() if body is not None else b"")
+    req.aibridge_form = ORIGIN
+    return tflow.tflow(req=req)
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_a_retrieved_background_response_stores_its_tool_inputs_masked(chain):
+    """`redact_stored` masks everything stored, a retrieval's rows (a background response fetched by id) too."""
+    rid = "resp_bg1"
+    create = await chain.request(openai_flow(chain, "/openai/v1/responses",
+                                             {"model": "gpt-5", "input": "set it up", "background": True}))
+    await respond_awaited(chain, create, {"id": rid, "object": "response", "status": "queued", "background": True,
+                                          "model": "gpt-5", "output": [], "usage": None})
+    fetch = await chain.request(openai_flow(chain, f"/openai/v1/responses/{rid}", method="GET"))
+    assert fetch.response is None
+    done = {"id": rid, "object": "response", "status": "completed", "background": True, "model": "gpt-5",
+            "output": [{"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "shell",
+                        "arguments": json.dumps({"cmd": f"export AWS_ACCESS_KEY_ID={AWS_KEY_ID}"}),
+                        "status": "completed"}],
+            "usage": {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 12,
+                      "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 42}}
+    await respond_awaited(chain, fetch, done)
+    assert chain.rows("SELECT count(*) FROM aibridge_token_usages") == [(1,)]  # the retrieval was recorded
+    assert chain.rows("SELECT input FROM aibridge_tool_usages") == [
+        ('{"cmd": "export AWS_ACCESS_KEY_ID=[REDACTED:aws-key]"}',)]

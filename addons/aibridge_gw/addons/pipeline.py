@@ -807,6 +807,8 @@ class Pipeline:
             state.outcome = Outcome(COMPLETED if not error else "failed", summary, status_code, error, ended_at)
             return state
         ic.info.model = summary.model or ic.info.model
+        if state.police is not None and _policed_at_end(state.police):  # masked, tagged, its response rules
+            return await self._police_end(state, summary, status_code, error, ended_at)
         return self._record(state, summary, status_code, error, ended_at)
 
     def _record(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
