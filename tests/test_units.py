@@ -663,3 +663,24 @@ async def test_a_retrieved_background_response_stores_its_tool_inputs_masked(cha
     assert chain.rows("SELECT count(*) FROM aibridge_token_usages") == [(1,)]  # the retrieval was recorded
     assert chain.rows("SELECT input FROM aibridge_tool_usages") == [
         ('{"cmd": "export AWS_ACCESS_KEY_ID=[REDACTED:aws-key]"}',)]
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_a_tool_call_whose_arguments_are_not_text_is_still_recorded_masked(chain):
+    """A provider that sends a tool call's arguments as an object (not the JSON text the API specifies): the call
+    happened, so it is recorded, and masked like any other."""
+    flow = await chain.request(openai_flow(chain, "/openai/v1/chat/completions",
+                                           {"model": "gpt-4.1", "messages": [{"role": "user", "content": "go"}]}))
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4.1",
+              "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                  "role": "assistant", "content": None, "tool_calls": [{
+                      "id": "call_1", "type": "function",
+                      "function": {"name": "shell", "arguments": {"cmd": f"use {AWS_KEY_ID}"}}}, {
+                      "id": "call_2", "type": "function", "function": {"name": "count", "arguments": 5}}]}}],
+              "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}
+    await respond_awaited(chain, flow, answer)
+    assert chain.rows("SELECT status FROM aibridge_interceptions") == [("completed",)]
+    assert chain.rows("SELECT input_tokens, output_tokens FROM aibridge_token_usages") == [(9, 4)]
+    assert chain.rows("SELECT input FROM aibridge_tool_usages ORDER BY tool DESC") == [
+        ('{"cmd":"use [REDACTED:aws-key]"}',), ("5",)]
+    assert not chain.pipeline.draining and not chain.rt.inflight

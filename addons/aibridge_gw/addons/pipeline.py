@@ -28,7 +28,7 @@ from ..apis.wire.results import ResultsTap
 from ..flow import bodies
 from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
-from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, summary_from_dict, summary_to_dict
+from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, json_text, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
@@ -783,7 +783,8 @@ class Pipeline:
                 call.stored = tuple(dict.fromkeys(call.stored + verdict.redact))
             redactor = call.policing.stored_redactor(call.facts, call.stored)
             if redactor is not None:
-                size = sum(len(c.input) for c in summary.tool_calls) + sum(len(t.content) for t in summary.thoughts)
+                size = sum(len(json_text(c.input)) for c in summary.tool_calls) + sum(
+                    len(json_text(t.content)) for t in summary.thoughts)
                 if size > OFF_LOOP_BYTES:
                     await asyncio.to_thread(_mask_stored, redactor, summary)
                 else:
@@ -1004,10 +1005,11 @@ def _policed_at_end(call: CallPolicing) -> bool:
 
 
 def _mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
+    """Tool inputs and thoughts masked; one a provider sent as an object rather than text is masked as JSON text."""
     for c in summary.tool_calls:
-        c.input = redactor.text(c.input)
+        c.input = redactor.text(json_text(c.input))
     for th in summary.thoughts:
-        th.content = redactor.text(th.content)
+        th.content = redactor.text(json_text(th.content))
 
 
 def _tool_decider(state: FlowState) -> Decide | None:
