@@ -684,3 +684,33 @@ async def test_a_tool_call_whose_arguments_are_not_text_is_still_recorded_masked
     assert chain.rows("SELECT input FROM aibridge_tool_usages ORDER BY tool DESC") == [
         ('{"cmd":"use [REDACTED:aws-key]"}',), ("5",)]
     assert not chain.pipeline.draining and not chain.rt.inflight
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_a_stream_still_in_flight_at_shutdown_is_recorded_masked(chain):
+    """Shutdown records every call still in flight with what its stream gave: masked like any record of it."""
+    flow = await chain.request(anthropic_flow(chain, body={**MESSAGES, "stream": True}))
+    flow.response = tutils.tresp(status_code=200, content=b"", headers=http.Headers(content_type="text/event-stream"))
+    chain.pipeline.responseheaders(flow)
+    tap = state_of(flow).tap
+    tap(sse("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "claude-sonnet-4-5",
+                                                                   "usage": {"input_tokens": 5}}}))
+    tap(sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}}))
+    tap(sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "input_json_delta", "partial_json": json.dumps({"command": f"export KEY={AWS_KEY_ID}"})}}))
+    tap(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    ended = []
+    record = chain.rt.recorder.ended
+
+    def spy(ic, summary, *rest):
+        ended.append([c.input for c in summary.tool_calls])
+        return record(ic, summary, *rest)
+
+    chain.rt.recorder.ended = spy
+    chain.rt.done()
+    assert ended == [['{"command": "export KEY=[REDACTED:aws-key]"}']]

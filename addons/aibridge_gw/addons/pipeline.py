@@ -49,8 +49,7 @@ from ..policy.auth import (
     mask,
 )
 from ..policy.breaker import is_failure
-from ..policy.policing import CallFacts, CallPolicing, conversation, offered_tools, variable_headers
-from ..policy.redact import Redactor
+from ..policy.policing import CallFacts, CallPolicing, conversation, mask_stored, offered_tools, variable_headers
 from . import patches
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .runtime import Runtime
@@ -786,9 +785,9 @@ class Pipeline:
                 size = sum(len(json_text(c.input)) for c in summary.tool_calls) + sum(
                     len(json_text(t.content)) for t in summary.thoughts)
                 if size > OFF_LOOP_BYTES:
-                    await asyncio.to_thread(_mask_stored, redactor, summary)
+                    await asyncio.to_thread(mask_stored, redactor, summary)
                 else:
-                    _mask_stored(redactor, summary)
+                    mask_stored(redactor, summary)
             if call.facts.tags:
                 state.interception.facts["tags"] = dict(call.facts.tags)
             return self._record(state, summary, status_code, error, ended_at)
@@ -1002,14 +1001,6 @@ def _policed_at_end(call: CallPolicing) -> bool:
     """The call's record waits for the response hook or for masking what it stores (or carries tags)."""
     p = call.policing
     return p.hooks["response"] or p.redact_stored or bool(call.stored) or bool(call.facts.tags)
-
-
-def _mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
-    """Tool inputs and thoughts masked; one a provider sent as an object rather than text is masked as JSON text."""
-    for c in summary.tool_calls:
-        c.input = redactor.text(json_text(c.input))
-    for th in summary.thoughts:
-        th.content = redactor.text(json_text(th.content))
 
 
 def _tool_decider(state: FlowState) -> Decide | None:

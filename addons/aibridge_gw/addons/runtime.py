@@ -39,7 +39,7 @@ from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
 from ..policy.breaker import CircuitBreakers
 from ..policy.budgets import Budgets
 from ..policy.egress import EgressPolicy, local_addresses
-from ..policy.policing import Policing
+from ..policy.policing import Policing, mask_stored
 from ..policy.rules import Decision, policy_version
 from ..policy.throttle import AuthThrottle
 from ..pricing import PriceTable
@@ -636,6 +636,10 @@ class Runtime:
         for state in list(self.inflight):
             ic = state.interception
             summary = state.tap.summary if state.tap else ResponseSummary()
+            call = state.police
+            redactor = call.policing.stored_redactor(call.facts, call.stored) if call is not None else None
+            if redactor is not None:  # what the call stores is masked, as on any other ending
+                mask_stored(redactor, summary)
             self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
         self.inflight.clear()
         if self.loopback is not None:

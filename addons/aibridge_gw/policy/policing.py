@@ -17,6 +17,7 @@ from typing import Any, Callable
 import httpx
 
 from ..config_model import PoliciesFile
+from ..flow.exchange import ResponseSummary, json_text
 from .auth import SECRET_HEADERS
 from .detectors import Scan
 from .guardrails import Guardrails
@@ -158,6 +159,14 @@ class Policing:
                           tool, call_id)
             except Exception:  # a record that cannot be queued must not turn into a refusal of the call
                 log.exception("aibridge: recording a policy decision failed")
+
+
+def mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
+    """Tool inputs and thoughts masked; one a provider sent as an object rather than text is masked as JSON text."""
+    for c in summary.tool_calls:
+        c.input = redactor.text(json_text(c.input))
+    for th in summary.thoughts:
+        th.content = redactor.text(json_text(th.content))
 
 
 def offered_tools(body: dict | None) -> list[str]:
