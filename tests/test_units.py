@@ -714,3 +714,33 @@ async def test_a_stream_still_in_flight_at_shutdown_is_recorded_masked(chain):
     chain.rt.recorder.ended = spy
     chain.rt.done()
     assert ended == [['{"command": "export KEY=[REDACTED:aws-key]"}']]
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_masking_a_large_prompt_or_tool_input_runs_off_the_event_loop(chain):
+    """Detectors cost about 1 ms per 10 KB of prose, more on code: over 32 KB of text, the masking of what a call
+    stores runs on a thread, as the detectors over a large request do (docs/policies.md, Bounds)."""
+    import threading
+
+    from aibridge_gw.policy.redact import Redactor
+
+    where = []
+    text = Redactor.text
+
+    def spy(self, value):
+        where.append(threading.current_thread() is threading.main_thread())
+        return text(self, value)
+
+    Redactor.text = spy
+    try:
+        big = "def handler(event):\n    return event['body']\n" * 2500  # about 110 KB
+        flow = await chain.request(anthropic_flow(chain, body={**MESSAGES, "messages": [
+            {"role": "user", "content": big}]}))
+        answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                  "content": [{"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {"content": big}}],
+                  "stop_reason": "tool_use", "usage": {"input_tokens": 12, "output_tokens": 3}}
+        await respond_awaited(chain, flow, answer)
+    finally:
+        Redactor.text = text
+    assert where and not any(where)
+    assert chain.rows("SELECT status FROM aibridge_interceptions") == [("completed",)]

@@ -49,7 +49,15 @@ from ..policy.auth import (
     mask,
 )
 from ..policy.breaker import is_failure
-from ..policy.policing import CallFacts, CallPolicing, conversation, mask_stored, offered_tools, variable_headers
+from ..policy.policing import (
+    OFF_LOOP_TEXT,
+    CallFacts,
+    CallPolicing,
+    conversation,
+    mask_stored,
+    offered_tools,
+    variable_headers,
+)
 from . import patches
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .runtime import Runtime
@@ -345,7 +353,7 @@ class Pipeline:
         redactor = policing.stored_redactor(facts, verdict.redact)
         if redactor is not None and ic.info.prompt:
             size = len(ic.info.prompt)
-            ic.info.prompt = await asyncio.to_thread(redactor.text, ic.info.prompt) if size > OFF_LOOP_BYTES \
+            ic.info.prompt = await asyncio.to_thread(redactor.text, ic.info.prompt) if size > OFF_LOOP_TEXT \
                 else redactor.text(ic.info.prompt)
         return body
 
@@ -784,7 +792,7 @@ class Pipeline:
             if redactor is not None:
                 size = sum(len(json_text(c.input)) for c in summary.tool_calls) + sum(
                     len(json_text(t.content)) for t in summary.thoughts)
-                if size > OFF_LOOP_BYTES:
+                if size > OFF_LOOP_TEXT:
                     await asyncio.to_thread(mask_stored, redactor, summary)
                 else:
                     mask_stored(redactor, summary)
