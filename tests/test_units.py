@@ -744,3 +744,18 @@ async def test_masking_a_large_prompt_or_tool_input_runs_off_the_event_loop(chai
         Redactor.text = text
     assert where and not any(where)
     assert chain.rows("SELECT status FROM aibridge_interceptions") == [("completed",)]
+
+
+@chain_test(extra={"policies": {"rules": [{"name": "no-bash", "hook": "tool", "when": 'tool.name == "Bash"',
+                                           "action": "deny", "message": "no shell"}]}})
+async def test_each_tool_call_without_a_call_id_gets_its_own_decision_row(chain):
+    """Gemini's function calls (and some providers' tool calls) carry no id: two refused calls of one tool in one
+    answer are two decisions, two rows."""
+    flow = await chain.request(anthropic_flow(chain))
+    calls = [{"type": "tool_use", "name": "Bash", "input": {"command": c}} for c in ("ls", "rm -rf /")]
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+              "content": calls, "stop_reason": "tool_use", "usage": {"input_tokens": 12, "output_tokens": 3}}
+    await respond_awaited(chain, flow, answer)
+    assert [b["type"] for b in json.loads(flow.response.content)["content"]] == ["text", "text"]
+    assert chain.rows("SELECT rule, action, tool, tool_call_id FROM aibridge_policy_decisions") == [
+        ("no-bash", "deny", "Bash", None), ("no-bash", "deny", "Bash", None)]

@@ -306,12 +306,12 @@ class Runtime:
         return Policing(policies, self._policy_decision, self._guardrail_client)
 
     def _policy_decision(self, decision: Decision, version: str, interception_id: str, user_id: str | None,
-                         tool: str | None, tool_call_id: str | None) -> None:
+                         tool: str | None, tool_call_id: str | None, ordinal: int = 0) -> None:
         """A policy decision: its audit row and its count."""
         self.recorder.policy_decision(
             interception_id, rule=decision.rule, policy_version=version, hook=decision.hook, action=decision.action,
             enforced=decision.enforced, detectors=list(decision.detectors), message=decision.message,
-            user_id=user_id, tool=tool, tool_call_id=tool_call_id)
+            user_id=user_id, tool=tool, tool_call_id=tool_call_id, ordinal=ordinal)
         self.metrics.policy_decision(decision.rule, decision.action)
 
     def _needs_budget_rows(self, config: Config) -> bool:

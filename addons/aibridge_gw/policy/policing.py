@@ -28,8 +28,9 @@ log = logging.getLogger("aibridge")
 
 OFF_LOOP_TEXT = 32 * 1024  # detectors over more text than this (bytes of the request body) run on a thread
 
-# Records one decision: (decision, policy version, interception id, user id, tool name, tool call id).
-DecisionSink = Callable[[Decision, str, str, "str | None", "str | None", "str | None"], None]
+# Records one decision: (decision, policy version, interception id, user id, tool name, tool call id, and for a
+# tool call without an id its number among the call's such tool calls, from 1; else 0).
+DecisionSink = Callable[[Decision, str, str, "str | None", "str | None", "str | None", int], None]
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class CallFacts:
     scan: Scan = field(default_factory=Scan)  # detector results, shared by every hook and redaction of the call
     size: int = 0  # the request body's bytes: over OFF_LOOP_TEXT, the costly work of a hook runs on a thread
     tags: dict[str, str] = field(default_factory=dict)  # labels the call's rules gave it
+    unnamed_tool_calls: int = 0  # tool calls decided without a call id (Gemini's): each gets decisions of its own
 
     def variables(self, **more: Any) -> dict[str, Any]:
         return {"user": self.user, "client": self.client, "session": self.session, "provider": self.provider,
@@ -118,7 +120,11 @@ class Policing:
             return None
         tool = {"name": name, "input": arguments, "injected": injected}
         verdict = self.policy.evaluate("tool", facts.variables(tool=tool), facts.scan)
-        self._record(facts, verdict, name, call_id)
+        ordinal = 0
+        if not call_id:
+            facts.unnamed_tool_calls += 1
+            ordinal = facts.unnamed_tool_calls
+        self._record(facts, verdict, name, call_id, ordinal)
         facts.tags.update(verdict.tags)
         return verdict.denied
 
@@ -151,12 +157,12 @@ class Policing:
             detectors += DEFAULT_DETECTORS
         return Redactor(tuple(dict.fromkeys(detectors)), facts.scan) if detectors else None
 
-    def _record(self, facts: CallFacts, verdict: Verdict, tool: str | None = None, call_id: str | None = None
-                ) -> None:
+    def _record(self, facts: CallFacts, verdict: Verdict, tool: str | None = None, call_id: str | None = None,
+                ordinal: int = 0) -> None:
         for decision in verdict.decisions:
             try:
                 self.sink(decision, verdict.policy_version, facts.interception_id, facts.user.get("id") or None,
-                          tool, call_id)
+                          tool, call_id, ordinal)
             except Exception:  # a record that cannot be queued must not turn into a refusal of the call
                 log.exception("aibridge: recording a policy decision failed")
 
