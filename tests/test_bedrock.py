@@ -131,6 +131,24 @@ def test_haiku_goes_to_the_small_fast_model_and_betas_are_filtered(bgw, upstream
     assert ic["model"] == FAST and json.loads(ic["metadata"])["requested_model"] == "claude-haiku-4-5"
 
 
+def test_a_routed_call_records_the_model_the_client_asked_for(own_gateway, upstream):
+    """A route rule's model is mapped to its Bedrock id like any; the record keeps the client's own choice."""
+    route = {"name": "to-haiku", "hook": "request", "when": 'model == "claude-sonnet-4-5"', "action": "route",
+             "model": "claude-haiku-4-5"}
+    gw = own_gateway("bedrock-route", providers=[bedrock_instance(upstream)], extra={"policies": {"rules": [route]}})
+    upstream.check = signature_check
+    upstream.script(Reply.json({"id": "msg_bdrk_01", "type": "message", "role": "assistant", "model": "claude",
+                                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                                "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}}))
+    token = gw.new_user("bed")
+    out = anthropic.Anthropic(base_url=f"{gw.url}/bedrock", api_key=token, max_retries=0).messages.create(
+        model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert out.content[0].text == "ok"
+    assert upstream.seen[-1].path == "/model/us.anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"
+    ic, = gw.interceptions("bed")
+    assert ic["model"] == FAST and json.loads(ic["metadata"])["requested_model"] == "claude-sonnet-4-5"
+
+
 def test_stream_reaches_the_client_frame_by_frame(bgw, upstream):
     events = sse_events(capture("anthropic/simple.txtar").sections["streaming"])
     upstream.script(event_stream(events, delay=0.08))

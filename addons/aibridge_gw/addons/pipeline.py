@@ -515,7 +515,7 @@ class Pipeline:
             req.content = out.content
         state.route = dataclasses.replace(route, upstream_path=out.path)
         ic.upstream_path = out.path.split("?")[0]
-        ic.info.model, ic.requested_model = out.model, out.requested
+        ic.info.model, ic.requested_model = out.model, ic.requested_model or out.requested  # a route's: the client's
         return True
 
     async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
