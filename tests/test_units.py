@@ -759,3 +759,15 @@ async def test_each_tool_call_without_a_call_id_gets_its_own_decision_row(chain)
     assert [b["type"] for b in json.loads(flow.response.content)["content"]] == ["text", "text"]
     assert chain.rows("SELECT rule, action, tool, tool_call_id FROM aibridge_policy_decisions") == [
         ("no-bash", "deny", "Bash", None), ("no-bash", "deny", "Bash", None)]
+
+
+def test_what_a_call_stores_of_an_injected_tools_failure_is_masked_too():
+    """An injected MCP tool's error result is stored (invocation_error): masked like its input."""
+    from aibridge_gw.flow.exchange import ToolCall
+    from aibridge_gw.policy.policing import mask_stored
+    from aibridge_gw.policy.redact import Redactor
+
+    summary = ResponseSummary(tool_calls=[ToolCall("r", "c1", "db.query", '{"q": "select 1"}', injected=True,
+                                                   error=f"connection refused for key {AWS_KEY_ID}")])
+    mask_stored(Redactor(), summary)
+    assert summary.tool_calls[0].error == "connection refused for key [REDACTED:aws-key]"

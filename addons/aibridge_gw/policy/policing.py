@@ -168,9 +168,12 @@ class Policing:
 
 
 def mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
-    """Tool inputs and thoughts masked; one a provider sent as an object rather than text is masked as JSON text."""
+    """Tool inputs, injected tools' errors and thoughts masked; an input a provider sent as an object rather than
+    text is masked as JSON text."""
     for c in summary.tool_calls:
         c.input = redactor.text(json_text(c.input))
+        if c.error:
+            c.error = redactor.text(c.error)
     for th in summary.thoughts:
         th.content = redactor.text(json_text(th.content))
 
