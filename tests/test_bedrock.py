@@ -131,6 +131,24 @@ def test_haiku_goes_to_the_small_fast_model_and_betas_are_filtered(bgw, upstream
     assert ic["model"] == FAST and json.loads(ic["metadata"])["requested_model"] == "claude-haiku-4-5"
 
 
+def test_a_routed_call_records_the_model_the_client_asked_for(own_gateway, upstream):
+    """A route rule's model is mapped to its Bedrock id like any; the record keeps the client's own choice."""
+    route = {"name": "to-haiku", "hook": "request", "when": 'model == "claude-sonnet-4-5"', "action": "route",
+             "model": "claude-haiku-4-5"}
+    gw = own_gateway("bedrock-route", providers=[bedrock_instance(upstream)], extra={"policies": {"rules": [route]}})
+    upstream.check = signature_check
+    upstream.script(Reply.json({"id": "msg_bdrk_01", "type": "message", "role": "assistant", "model": "claude",
+                                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                                "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}}))
+    token = gw.new_user("bed")
+    out = anthropic.Anthropic(base_url=f"{gw.url}/bedrock", api_key=token, max_retries=0).messages.create(
+        model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert out.content[0].text == "ok"
+    assert upstream.seen[-1].path == "/model/us.anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"
+    ic, = gw.interceptions("bed")
+    assert ic["model"] == FAST and json.loads(ic["metadata"])["requested_model"] == "claude-sonnet-4-5"
+
+
 def test_stream_reaches_the_client_frame_by_frame(bgw, upstream):
     events = sse_events(capture("anthropic/simple.txtar").sections["streaming"])
     upstream.script(event_stream(events, delay=0.08))
@@ -308,9 +326,9 @@ def tls_bedrock(tmp_path_factory):
     mock.stop()
 
 
-def proxy_bedrock_gateway(workdir, tls_bedrock, **over) -> Gateway:
+def proxy_bedrock_gateway(workdir, tls_bedrock, extra: dict | None = None, **over) -> Gateway:
     inst = {**bedrock_instance(tls_bedrock), "hosts": [f"bedrock-runtime.{REGION}.amazonaws.com"], **over}
-    return Gateway(workdir, tls_bedrock.url, providers=[inst],
+    return Gateway(workdir, tls_bedrock.url, extra=extra, providers=[inst],
                    args=["--set", f"ssl_verify_upstream_trusted_ca={tls_bedrock.ca}"]).start()
 
 
@@ -353,6 +371,35 @@ def test_aws_sdk_in_proxy_mode_is_recorded_and_resigned_or_kept(tmp_path, tls_be
         assert usages(gw, ic["id"]) == [(21, 187, 0, 0)]
         prompt, = gw.sql(f"SELECT prompt FROM aibridge_user_prompts WHERE interception_id = '{ic['id']}'")
         assert prompt["prompt"] == "say hello"
+    finally:
+        gw.stop()
+        tls_bedrock.reset()
+
+
+def test_a_policy_route_moves_an_invoke_model_call_to_the_model_in_its_path(tmp_path, tls_bedrock):
+    """InvokeModel names its model in the path (its body has no `model`): a route rule rewrites the path, and the
+    request, signed again over it, reaches the model routed to with the body as the client sent it."""
+    tls_bedrock.reset()
+    route = {"name": "sonnet-to-haiku", "hook": "request", "when": 'model.contains("sonnet")', "action": "route",
+             "model": FAST}
+    gw = proxy_bedrock_gateway(tmp_path / "route", tls_bedrock, extra={"policies": {"rules": [route]}})
+    try:
+        token = gw.new_user("aws")
+        sdk = aws_sdk_client(gw, token, "AKIAUSERSDUMMYKEY000", "users-dummy-secret")
+        tls_bedrock.check = signature_check
+        tls_bedrock.script(Reply.json({"id": "msg_1", "type": "message", "role": "assistant", "model": FAST,
+                                       "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                                       "usage": {"input_tokens": 5, "output_tokens": 2}}))
+        body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50,
+                "messages": [{"role": "user", "content": "say hello"}]}
+        out = sdk.invoke_model(modelId=MODEL, body=json.dumps(body))
+        assert json.loads(out["body"].read())["content"][0]["text"] == "hi"
+        seen = tls_bedrock.seen[-1]
+        assert seen.path == "/model/us.anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"
+        assert json.loads(seen.body) == body and signature_problem(seen) is None
+        ic, = gw.interceptions("aws")
+        assert (ic["model"], ic["status"]) == (FAST, "completed")
+        assert json.loads(ic["metadata"])["requested_model"] == MODEL
     finally:
         gw.stop()
         tls_bedrock.reset()

@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import threading
 import time
 
+import httpx
 import pytest
 import yaml
 from aibridge_gw import config_model
 from aibridge_gw.config import ConfigError, load_policies
 from aibridge_gw.config_model import compile_condition
-from aibridge_gw.policy.detectors import Scan
+from aibridge_gw.policy.detectors import DETECTORS, Scan
 from aibridge_gw.policy.guardrails import Guardrails
+from aibridge_gw.policy.policing import CallFacts, Policing
 from aibridge_gw.policy.rules import Policy, Verdict, policy_version
 
 AWS_KEY_ID = "AKIA" + "IOSFODNN7EXAMPLE"
@@ -198,6 +201,29 @@ def test_a_rule_that_errors_fails_closed_by_default_and_open_when_asked():
     assert monitored.evaluate("tool", {"tool": {"input": {}}}).allowed
 
 
+def test_text_cel_cannot_hold_is_still_evaluated_and_a_value_it_cannot_take_follows_fail():
+    # A lone surrogate is valid JSON ("\udc00") and what a header byte that is not UTF-8 decodes to; CEL refuses it.
+    prompt = json.loads('"please run forbidden \\udc00 now"')
+    p = policy(rule("no-forbidden", 'prompt.contains("forbidden")'),
+               rule("ci", '"x-ci" in headers && headers["x-ci"].startsWith("1")', "tag", tags={"origin": "ci"}))
+    v = p.evaluate("request", {"prompt": prompt, "headers": {"x-ci": "1\udce9"}})
+    assert v.denied is not None and v.denied.rule == "no-forbidden" and v.denied.action == "deny"
+    assert p.evaluate("request", {"prompt": "fine", "headers": {"x-ci": "1\udce9"}}).tags == {"origin": "ci"}
+    assert p.evaluate("request", {"prompt": "fine"}).allowed  # nothing stale from the calls before
+    # A value CEL cannot take at all: each rule fails as its `fail` says, never an exception out of evaluate.
+    odd = {"messages": [{None: "x"}]}
+    closed = policy(rule("m", "size(messages) > 5"), rule("after", action="tag", tags={"x": "y"}))
+    v = closed.evaluate("request", odd)
+    assert v.denied is not None and v.denied.rule == "m" and v.denied.action == "error"
+    opened = policy(rule("m", "size(messages) > 5", fail="open"), rule("after", "true", "tag", fail="open",
+                                                                       tags={"x": "y"}))
+    v = opened.evaluate("request", odd)
+    assert v.allowed and [(d.rule, d.action) for d in v.decisions] == [("m", "error"), ("after", "error")]
+    v = policy(rule("tool", 'tool.input.command.contains("rm")', hook="tool")).evaluate(
+        "tool", {"tool": {"name": "Bash", "input": '{"command": "rm -rf / \\udc00"}'}})
+    assert v.denied is not None and v.denied.action == "deny"
+
+
 def test_a_condition_that_is_not_a_boolean_is_an_error():
     v = policy(rule("stringy", "model")).evaluate("request", {"model": "gpt-4.1"})
     assert v.denied.action == "error" and "not a boolean" in v.denied.message
@@ -260,6 +286,70 @@ def test_ten_rules_evaluate_well_within_a_loose_bound():
         p.evaluate("request", facts, scan)
         times.append(time.perf_counter() - started)
     assert statistics.median(times) < 0.005  # loose, never flaky: measured numbers are in the commit report
+
+
+def policing_of(*rules: dict) -> Policing:
+    return Policing(config_model.validate({"policies": {"rules": list(rules)}}).policies, lambda *a: None,
+                    httpx.AsyncClient())
+
+
+def facts_of(**more) -> CallFacts:
+    return CallFacts("0e1a6f4e-5d3c-4b2a-9f8e-7d6c5b4a3f21", {"name": "bob", "id": "u1"}, "", "", "anthropic",
+                     "anthropic.messages", "claude-sonnet-4-5", "hi", [{"role": "user", "content": "hi"}], [], {},
+                     **more)
+
+
+def test_a_large_requests_scan_on_a_thread_never_holds_up_rules_on_the_event_loop(monkeypatch):
+    """Detectors over a large request run on a worker thread; the tool gate's rules (and small requests') run on
+    the event loop meanwhile, and must not wait for that scan."""
+    policing = policing_of(rule("no-secrets", "size(secrets(messages)) > 0", "redact"),
+                           rule("no-rm", 'tool.input.command.contains("rm -rf")', hook="tool"))
+    scanning = threading.Event()
+
+    def slow(text):
+        scanning.set()
+        time.sleep(1.0)
+        return []
+
+    monkeypatch.setitem(DETECTORS, "secrets", slow)
+
+    async def main():
+        task = asyncio.create_task(policing.request(facts_of(), {"messages": []}, 10**6))
+        while not scanning.is_set():
+            await asyncio.sleep(0.005)
+        started = time.perf_counter()
+        denied = policing.tool(facts_of(), "Bash", '{"command": "rm -rf /"}', "c1", injected=False)
+        elapsed = time.perf_counter() - started
+        await task
+        return denied, elapsed
+
+    denied, elapsed = asyncio.run(main())
+    assert denied is not None and denied.rule == "no-rm"
+    assert elapsed < 0.5  # not the scan's second
+
+
+def test_rules_reading_a_large_conversation_run_off_the_event_loop_at_request_and_response(monkeypatch):
+    """Converting a whole conversation into CEL costs milliseconds per MB: with a large request, the request and
+    response hooks evaluate on a worker thread (a small one stays on the loop)."""
+    policing = policing_of(rule("long", "size(messages) > 1000", "tag", tags={"long": "yes"}),
+                           rule("late", "size(messages) > 1000", "tag", hook="response", tags={"late": "yes"}))
+    where = []
+    evaluate = policing.policy.evaluate
+
+    def spy(*args, **kwargs):
+        where.append(threading.current_thread() is threading.main_thread())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(policing.policy, "evaluate", spy)
+
+    async def main():
+        await policing.request(facts_of(), {"messages": []}, 10)
+        await policing.response(facts_of(), {}, None)
+        await policing.request(facts_of(size=10**6), {"messages": []}, 10**6)
+        await policing.response(facts_of(size=10**6), {}, None)
+
+    asyncio.run(main())
+    assert where == [True, True, False, False]
 
 
 class GuardrailStandIn:
@@ -383,6 +473,23 @@ def test_an_unreachable_or_monitored_guardrail_changes_nothing_when_it_may_not()
             assert await g.evaluate("tool", {}) == Verdict("tool", g.version)  # no guardrail on that hook
             await g.aclose()
         assert v.allowed and [(d.rule, d.action, d.enforced) for d in v.decisions] == [("dlp", "deny", False)]
+
+    asyncio.run(main())
+
+
+@pytest.mark.integration  # a loopback HTTP stand-in
+def test_a_prompt_with_a_lone_surrogate_still_reaches_the_guardrail():
+    # "\udc00" is valid JSON a client may send; the provider gets it as sent, so the guardrail must see it too
+    # (an encoding failure would follow the guardrail's fail: with fail open, a way around it).
+    async def main():
+        stand_in = GuardrailStandIn()
+        async with stand_in as base:
+            g = guardrails_of(base, {"name": "dlp", "url": "/deny", "fail": "open"})
+            v = await g.evaluate("request", {"prompt": json.loads('"customer data \\udc00"')})
+            await g.aclose()
+        assert v.denied is not None and v.denied.rule == "dlp" and v.denied.action == "deny"
+        (_, doc, _), = stand_in.received
+        assert doc["prompt"] == "customer data \udc00"
 
     asyncio.run(main())
 

@@ -194,7 +194,7 @@ UPSTREAM_KEY = "sk-ant-central-key-123456"
 class Chain:
     """The addons of addons/aibridge.py (without capture), loaded into a taddons context."""
 
-    def __init__(self, tctx, tmp_path):
+    def __init__(self, tctx, tmp_path, extra=None):
         self.tctx = tctx
         self.rt = Runtime()
         self.proxy = ProxyMode(self.rt)
@@ -214,6 +214,7 @@ class Chain:
             ],
             "storage": {"duckdb": str(tmp_path / "audit.duckdb")},
             "circuit_breaker": {"failures": 1, "open_seconds": 60},
+            **(extra or {}),
         }))
         tctx.configure(self.rt, aibridge_config=str(config))
         for a in self.addons[1:]:
@@ -251,8 +252,10 @@ class Chain:
         self.rt.done()
 
 
-def chain_test(fn):
-    """Run an async test body with a loaded chain; the store closes whatever happens."""
+def chain_test(fn=None, *, extra=None):
+    """Run an async test body with a loaded chain; the store closes whatever happens. `extra`: more config keys."""
+    if fn is None:
+        return lambda f: chain_test(f, extra=extra)
 
     def run(tmp_path, monkeypatch):
         # The writer's own code in a thread of this process: a writer process per test would cost more than it.
@@ -260,7 +263,7 @@ def chain_test(fn):
 
         async def main():
             with taddons.context() as tctx:
-                chain = Chain(tctx, tmp_path)
+                chain = Chain(tctx, tmp_path, extra)
                 try:
                     await fn(chain)
                 finally:
@@ -563,3 +566,208 @@ async def test_a_reload_that_fails_unexpectedly_is_logged_and_leaves_no_task_beh
         logging.getLogger("aibridge").removeHandler(handler)
     assert chain.rt._reloads == set()
     assert any("reload (test) failed" in r.getMessage() for r in records)
+
+
+# --- policies in the chain --------------------------------------------------------------------------
+
+TAG_ALL = {"policies": {"rules": [{"name": "label", "hook": "request", "when": "size(tools) >= 0",
+                                   "action": "tag", "tags": {"seen": "yes"}}]}}
+
+
+@chain_test(extra=TAG_ALL)
+async def test_a_request_whose_tools_have_an_odd_shape_is_policed_not_a_500(chain):
+    """The rules' `tools` are read from any API's shape; a value of the wrong type there is the provider's to refuse
+    (the call goes on, recorded), never an internal error."""
+    body = {**MESSAGES, "tools": [{"functionDeclarations": 5}, {"name": "Bash", "input_schema": {}}]}
+    flow = await chain.request(anthropic_flow(chain, body=body))
+    assert flow.response is None  # forwarded
+    assert state_of(flow).police.facts.tools == ["Bash"]
+    assert chain.rows("SELECT status FROM aibridge_interceptions") == [("in_progress",)]
+
+
+AWS_KEY_ID = "AKIA" + "4HKQ2MZP7XW3RN5T"  # shaped like an AWS access key id, assembled: no literal credential here
+
+
+async def respond_awaited(chain, flow, body: dict, status: int = 200):
+    """`Chain.respond`, awaiting what a hook returns to await (mitmproxy does)."""
+    flow.response = tutils.tresp(status_code=status, content=json.dumps(body).encode(),
+                                 headers=http.Headers(content_type="application/json"))
+    for a in chain.addons:
+        if hasattr(a, "responseheaders"):
+            a.responseheaders(flow)
+    for a in chain.addons:
+        if hasattr(a, "response"):
+            r = a.response(flow)
+            if asyncio.iscoroutine(r):
+                await r
+
+
+class ArchiveStub:
+    def __init__(self):
+        self.added = []
+
+    def add(self, flow, masking=None):
+        self.added.append((flow, masking))
+
+
+REDACT_AT_RESPONSE = {"policies": {"rules": [{"name": "mask-late", "hook": "response", "action": "redact",
+                                              "when": "size(secrets(prompt)) > 0"}]}}
+
+
+@chain_test(extra=REDACT_AT_RESPONSE)
+async def test_a_response_rules_redaction_masks_the_flow_capture_too(chain):
+    """A redact decision of the response hook masks what the call stores: its rows and its captured flow."""
+    from aibridge_gw.addons.capture import Capture
+
+    capture = Capture(chain.rt)
+    capture.archive = ArchiveStub()
+    body = {**MESSAGES, "messages": [{"role": "user", "content": f"deploy with {AWS_KEY_ID}"}]}
+    flow = await chain.request(anthropic_flow(chain, body=body))
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+              "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                           "input": {"command": f"aws configure set key {AWS_KEY_ID}"}}],
+              "stop_reason": "tool_use", "usage": {"input_tokens": 12, "output_tokens": 3}}
+    await respond_awaited(chain, flow, answer)
+    capture.response(flow)
+    assert chain.rows("SELECT input FROM aibridge_tool_usages") == [
+        ('{"command":"aws configure set key [REDACTED:aws-key]"}',)]
+    (_, masking), = capture.archive.added
+    assert masking is not None and masking.text(f"key {AWS_KEY_ID}") == "key [REDACTED:aws-key]"
+
+
+def openai_flow(chain, path: str, body: dict | None = None, method: str = "POST"):
+    h = {"content_type": "application/json", "authorization": f"Bearer {chain.token}"}
+    req = tutils.treq(method=method.encode(), host="127.0.0.1", port=8080, path=path.encode(),
+                      headers=http.Headers(**h), content=json.dumps(body).encode() if body is not None else b"")
+    req.aibridge_form = ORIGIN
+    return tflow.tflow(req=req)
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_a_retrieved_background_response_stores_its_tool_inputs_masked(chain):
+    """`redact_stored` masks everything stored, a retrieval's rows (a background response fetched by id) too."""
+    rid = "resp_bg1"
+    create = await chain.request(openai_flow(chain, "/openai/v1/responses",
+                                             {"model": "gpt-5", "input": "set it up", "background": True}))
+    await respond_awaited(chain, create, {"id": rid, "object": "response", "status": "queued", "background": True,
+                                          "model": "gpt-5", "output": [], "usage": None})
+    fetch = await chain.request(openai_flow(chain, f"/openai/v1/responses/{rid}", method="GET"))
+    assert fetch.response is None
+    done = {"id": rid, "object": "response", "status": "completed", "background": True, "model": "gpt-5",
+            "output": [{"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "shell",
+                        "arguments": json.dumps({"cmd": f"export AWS_ACCESS_KEY_ID={AWS_KEY_ID}"}),
+                        "status": "completed"}],
+            "usage": {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 12,
+                      "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 42}}
+    await respond_awaited(chain, fetch, done)
+    assert chain.rows("SELECT count(*) FROM aibridge_token_usages") == [(1,)]  # the retrieval was recorded
+    assert chain.rows("SELECT input FROM aibridge_tool_usages") == [
+        ('{"cmd": "export AWS_ACCESS_KEY_ID=[REDACTED:aws-key]"}',)]
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_a_tool_call_whose_arguments_are_not_text_is_still_recorded_masked(chain):
+    """A provider that sends a tool call's arguments as an object (not the JSON text the API specifies): the call
+    happened, so it is recorded, and masked like any other."""
+    flow = await chain.request(openai_flow(chain, "/openai/v1/chat/completions",
+                                           {"model": "gpt-4.1", "messages": [{"role": "user", "content": "go"}]}))
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4.1",
+              "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                  "role": "assistant", "content": None, "tool_calls": [{
+                      "id": "call_1", "type": "function",
+                      "function": {"name": "shell", "arguments": {"cmd": f"use {AWS_KEY_ID}"}}}, {
+                      "id": "call_2", "type": "function", "function": {"name": "count", "arguments": 5}}]}}],
+              "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}
+    await respond_awaited(chain, flow, answer)
+    assert chain.rows("SELECT status FROM aibridge_interceptions") == [("completed",)]
+    assert chain.rows("SELECT input_tokens, output_tokens FROM aibridge_token_usages") == [(9, 4)]
+    assert chain.rows("SELECT input FROM aibridge_tool_usages ORDER BY tool DESC") == [
+        ('{"cmd":"use [REDACTED:aws-key]"}',), ("5",)]
+    assert not chain.pipeline.draining and not chain.rt.inflight
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_a_stream_still_in_flight_at_shutdown_is_recorded_masked(chain):
+    """Shutdown records every call still in flight with what its stream gave: masked like any record of it."""
+    flow = await chain.request(anthropic_flow(chain, body={**MESSAGES, "stream": True}))
+    flow.response = tutils.tresp(status_code=200, content=b"", headers=http.Headers(content_type="text/event-stream"))
+    chain.pipeline.responseheaders(flow)
+    tap = state_of(flow).tap
+    tap(sse("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "claude-sonnet-4-5",
+                                                                   "usage": {"input_tokens": 5}}}))
+    tap(sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}}))
+    tap(sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "input_json_delta", "partial_json": json.dumps({"command": f"export KEY={AWS_KEY_ID}"})}}))
+    tap(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    ended = []
+    record = chain.rt.recorder.ended
+
+    def spy(ic, summary, *rest):
+        ended.append([c.input for c in summary.tool_calls])
+        return record(ic, summary, *rest)
+
+    chain.rt.recorder.ended = spy
+    chain.rt.done()
+    assert ended == [['{"command": "export KEY=[REDACTED:aws-key]"}']]
+
+
+@chain_test(extra={"policies": {"redact_stored": True}})
+async def test_masking_a_large_prompt_or_tool_input_runs_off_the_event_loop(chain):
+    """Detectors cost about 1 ms per 10 KB of prose, more on code: over 32 KB of text, the masking of what a call
+    stores runs on a thread, as the detectors over a large request do (docs/policies.md, Bounds)."""
+    import threading
+
+    from aibridge_gw.policy.redact import Redactor
+
+    where = []
+    text = Redactor.text
+
+    def spy(self, value):
+        where.append(threading.current_thread() is threading.main_thread())
+        return text(self, value)
+
+    Redactor.text = spy
+    try:
+        big = "def handler(event):\n    return event['body']\n" * 2500  # about 110 KB
+        flow = await chain.request(anthropic_flow(chain, body={**MESSAGES, "messages": [
+            {"role": "user", "content": big}]}))
+        answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                  "content": [{"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {"content": big}}],
+                  "stop_reason": "tool_use", "usage": {"input_tokens": 12, "output_tokens": 3}}
+        await respond_awaited(chain, flow, answer)
+    finally:
+        Redactor.text = text
+    assert where and not any(where)
+    assert chain.rows("SELECT status FROM aibridge_interceptions") == [("completed",)]
+
+
+@chain_test(extra={"policies": {"rules": [{"name": "no-bash", "hook": "tool", "when": 'tool.name == "Bash"',
+                                           "action": "deny", "message": "no shell"}]}})
+async def test_each_tool_call_without_a_call_id_gets_its_own_decision_row(chain):
+    """Gemini's function calls (and some providers' tool calls) carry no id: two refused calls of one tool in one
+    answer are two decisions, two rows."""
+    flow = await chain.request(anthropic_flow(chain))
+    calls = [{"type": "tool_use", "name": "Bash", "input": {"command": c}} for c in ("ls", "rm -rf /")]
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+              "content": calls, "stop_reason": "tool_use", "usage": {"input_tokens": 12, "output_tokens": 3}}
+    await respond_awaited(chain, flow, answer)
+    assert [b["type"] for b in json.loads(flow.response.content)["content"]] == ["text", "text"]
+    assert chain.rows("SELECT rule, action, tool, tool_call_id FROM aibridge_policy_decisions") == [
+        ("no-bash", "deny", "Bash", None), ("no-bash", "deny", "Bash", None)]
+
+
+def test_what_a_call_stores_of_an_injected_tools_failure_is_masked_too():
+    """An injected MCP tool's error result is stored (invocation_error): masked like its input."""
+    from aibridge_gw.flow.exchange import ToolCall
+    from aibridge_gw.policy.policing import mask_stored
+    from aibridge_gw.policy.redact import Redactor
+
+    summary = ResponseSummary(tool_calls=[ToolCall("r", "c1", "db.query", '{"q": "select 1"}', injected=True,
+                                                   error=f"connection refused for key {AWS_KEY_ID}")])
+    mask_stored(Redactor(), summary)
+    assert summary.tool_calls[0].error == "connection refused for key [REDACTED:aws-key]"

@@ -28,7 +28,7 @@ from ..apis.wire.results import ResultsTap
 from ..flow import bodies
 from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
-from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, summary_from_dict, summary_to_dict
+from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, json_text, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
@@ -49,8 +49,15 @@ from ..policy.auth import (
     mask,
 )
 from ..policy.breaker import is_failure
-from ..policy.policing import CallFacts, CallPolicing, conversation, offered_tools, variable_headers
-from ..policy.redact import Redactor
+from ..policy.policing import (
+    OFF_LOOP_TEXT,
+    CallFacts,
+    CallPolicing,
+    conversation,
+    mask_stored,
+    offered_tools,
+    variable_headers,
+)
 from . import patches
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .runtime import Runtime
@@ -313,9 +320,10 @@ class Pipeline:
             ic.id, {"name": actor.user_name, "id": actor.user_id, "role": actor.role,
                     "groups": list(actor.groups)},
             ic.client or "", ic.session_id or "", route.provider.name, ic.api, ic.info.model or "",
-            ic.info.prompt or "", conversation(body), offered_tools(body), variable_headers(hv))
+            ic.info.prompt or "", conversation(body), offered_tools(body), variable_headers(hv),
+            size=len(flow.request.raw_content or b""))
         state.police = CallPolicing(policing, facts)
-        outcome = await policing.request(facts, body, len(flow.request.raw_content or b""))
+        outcome = await policing.request(facts, body, facts.size)
         verdict = outcome.verdict
         if verdict.decisions:
             ic.facts["policy_version"] = verdict.policy_version
@@ -345,7 +353,7 @@ class Pipeline:
         redactor = policing.stored_redactor(facts, verdict.redact)
         if redactor is not None and ic.info.prompt:
             size = len(ic.info.prompt)
-            ic.info.prompt = await asyncio.to_thread(redactor.text, ic.info.prompt) if size > OFF_LOOP_BYTES \
+            ic.info.prompt = await asyncio.to_thread(redactor.text, ic.info.prompt) if size > OFF_LOOP_TEXT \
                 else redactor.text(ic.info.prompt)
         return body
 
@@ -507,7 +515,7 @@ class Pipeline:
             req.content = out.content
         state.route = dataclasses.replace(route, upstream_path=out.path)
         ic.upstream_path = out.path.split("?")[0]
-        ic.info.model, ic.requested_model = out.model, out.requested
+        ic.info.model, ic.requested_model = out.model, ic.requested_model or out.requested  # a route's: the client's
         return True
 
     async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
@@ -778,13 +786,16 @@ class Pipeline:
                     verdict = await call.policing.response(call.facts, usage, summary.model)
                 except Exception:  # the call has happened: its record must not be lost to a policy failure
                     log.exception("aibridge: the response policy of %s failed", state.interception.id)
-            redactor = call.policing.stored_redactor(call.facts, call.stored, verdict.redact if verdict else ())
+            if verdict is not None and verdict.redact:  # what the call stores is masked: its flow capture too
+                call.stored = tuple(dict.fromkeys(call.stored + verdict.redact))
+            redactor = call.policing.stored_redactor(call.facts, call.stored)
             if redactor is not None:
-                size = sum(len(c.input) for c in summary.tool_calls) + sum(len(t.content) for t in summary.thoughts)
-                if size > OFF_LOOP_BYTES:
-                    await asyncio.to_thread(_mask_stored, redactor, summary)
+                size = sum(len(json_text(c.input)) for c in summary.tool_calls) + sum(
+                    len(json_text(t.content)) for t in summary.thoughts)
+                if size > OFF_LOOP_TEXT:
+                    await asyncio.to_thread(mask_stored, redactor, summary)
                 else:
-                    _mask_stored(redactor, summary)
+                    mask_stored(redactor, summary)
             if call.facts.tags:
                 state.interception.facts["tags"] = dict(call.facts.tags)
             return self._record(state, summary, status_code, error, ended_at)
@@ -804,6 +815,8 @@ class Pipeline:
             state.outcome = Outcome(COMPLETED if not error else "failed", summary, status_code, error, ended_at)
             return state
         ic.info.model = summary.model or ic.info.model
+        if state.police is not None and _policed_at_end(state.police):  # masked, tagged, its response rules
+            return await self._police_end(state, summary, status_code, error, ended_at)
         return self._record(state, summary, status_code, error, ended_at)
 
     def _record(self, state: FlowState, summary: ResponseSummary, status_code: int | None, error: str | None,
@@ -996,13 +1009,6 @@ def _policed_at_end(call: CallPolicing) -> bool:
     """The call's record waits for the response hook or for masking what it stores (or carries tags)."""
     p = call.policing
     return p.hooks["response"] or p.redact_stored or bool(call.stored) or bool(call.facts.tags)
-
-
-def _mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
-    for c in summary.tool_calls:
-        c.input = redactor.text(c.input)
-    for th in summary.thoughts:
-        th.content = redactor.text(th.content)
 
 
 def _tool_decider(state: FlowState) -> Decide | None:

@@ -39,7 +39,7 @@ from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
 from ..policy.breaker import CircuitBreakers
 from ..policy.budgets import Budgets
 from ..policy.egress import EgressPolicy, local_addresses
-from ..policy.policing import Policing
+from ..policy.policing import Policing, mask_stored
 from ..policy.rules import Decision, policy_version
 from ..policy.throttle import AuthThrottle
 from ..pricing import PriceTable
@@ -306,12 +306,12 @@ class Runtime:
         return Policing(policies, self._policy_decision, self._guardrail_client)
 
     def _policy_decision(self, decision: Decision, version: str, interception_id: str, user_id: str | None,
-                         tool: str | None, tool_call_id: str | None) -> None:
+                         tool: str | None, tool_call_id: str | None, ordinal: int = 0) -> None:
         """A policy decision: its audit row and its count."""
         self.recorder.policy_decision(
             interception_id, rule=decision.rule, policy_version=version, hook=decision.hook, action=decision.action,
             enforced=decision.enforced, detectors=list(decision.detectors), message=decision.message,
-            user_id=user_id, tool=tool, tool_call_id=tool_call_id)
+            user_id=user_id, tool=tool, tool_call_id=tool_call_id, ordinal=ordinal)
         self.metrics.policy_decision(decision.rule, decision.action)
 
     def _needs_budget_rows(self, config: Config) -> bool:
@@ -636,6 +636,10 @@ class Runtime:
         for state in list(self.inflight):
             ic = state.interception
             summary = state.tap.summary if state.tap else ResponseSummary()
+            call = state.police
+            redactor = call.policing.stored_redactor(call.facts, call.stored) if call is not None else None
+            if redactor is not None:  # what the call stores is masked, as on any other ending
+                mask_stored(redactor, summary)
             self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
         self.inflight.clear()
         if self.loopback is not None:

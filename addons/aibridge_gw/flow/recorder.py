@@ -67,11 +67,12 @@ _VARIANT = "89ab"  # RFC 4122 variant bits over the hash's own two low bits
 
 
 def decision_id(interception_id: str, rule: str, hook: str, tool_call_id: str | None = None,
-                tool: str | None = None) -> str:
+                tool: str | None = None, ordinal: int = 0) -> str:
     """A policy decision's id: uuid5 under the interception's id of what makes the decision one (its hook, rule,
-    and for a tool call the call's id and tool), so recording it again (a replayed flow, a retried hook) rewrites
-    the same row. Two calls of one tool without call ids in one interception share an id: the first is kept."""
-    key = json.dumps(["policy", hook, rule, tool_call_id or "", tool or ""], separators=(",", ":"))
+    and for a tool call the call's id and tool, or, without an id, its number among the interception's tool calls
+    without one), so recording it again (a replayed flow, a retried hook) rewrites the same row."""
+    key = json.dumps(["policy", hook, rule, tool_call_id or "", tool or ""] + ([ordinal] if ordinal else []),
+                     separators=(",", ":"))
     return str(uuid.uuid5(uuid.UUID(interception_id), key))
 
 
@@ -303,10 +304,11 @@ class Recorder:
 
     def policy_decision(self, interception_id: str, *, rule: str, policy_version: str, hook: str, action: str,
                         enforced: bool, detectors: list[str], message: str | None, user_id: str | None,
-                        tool: str | None = None, tool_call_id: str | None = None, at: dt.datetime | None = None
-                        ) -> None:
+                        tool: str | None = None, tool_call_id: str | None = None, at: dt.datetime | None = None,
+                        ordinal: int = 0) -> None:
         """Record what policy `rule` decided for the interception's request (hook `request`/`response`) or one of
-        its tool calls (hook `tool`, with the tool's name and call id): queued like every record, never waited on.
+        its tool calls (hook `tool`, with the tool's name and call id; `ordinal` numbers the calls without an id):
+        queued like every record, never waited on.
         `enforced` is false for a decision only monitored. `detectors` are the detector types that fired
         (["aws-key"]); anything that is not a short type name (text a detector found) is left out. `at` defaults
         to now; pass the flow's own time to have a replay rewrite the same row."""
@@ -317,7 +319,7 @@ class Recorder:
         if message is not None:
             message = redact(message)[:MESSAGE_MAX]
         self.store.submit(POLICY_DECISIONS.row(
-            id=decision_id(interception_id, rule, hook, tool_call_id, tool), interception_id=interception_id,
+            id=decision_id(interception_id, rule, hook, tool_call_id, tool, ordinal), interception_id=interception_id,
             created_at=at or utcnow(), user_id=user_id, rule=rule, policy_version=policy_version, hook=hook,
             action=action, enforced=bool(enforced), detectors=json.dumps(kept), message=message, tool=tool,
             tool_call_id=tool_call_id))

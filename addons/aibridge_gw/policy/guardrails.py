@@ -11,6 +11,7 @@ large, and headers carry credentials.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -57,7 +58,11 @@ class Guardrails:
     async def _ask(self, g: GuardrailFile, document: dict) -> dict:
         try:
             async with asyncio.timeout(g.timeout_ms / 1000):
-                response = await self.client.post(g.url, json={**document, "guardrail": g.name}, headers=g.headers)
+                # Encoded here, ASCII-escaped: httpx's own encoding fails on a lone surrogate, which is valid JSON a
+                # client may send (the guardrail then sees the text as the provider does, "\udc00").
+                body = json.dumps({**document, "guardrail": g.name}).encode()
+                response = await self.client.post(g.url, content=body,
+                                                  headers={"content-type": "application/json", **g.headers})
                 response.raise_for_status()
                 answer = response.json()
         except TimeoutError:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import httpx
 
 from ..config_model import PoliciesFile
+from ..flow.exchange import ResponseSummary, json_text
 from .auth import SECRET_HEADERS
 from .detectors import Scan
 from .guardrails import Guardrails
@@ -27,8 +28,9 @@ log = logging.getLogger("aibridge")
 
 OFF_LOOP_TEXT = 32 * 1024  # detectors over more text than this (bytes of the request body) run on a thread
 
-# Records one decision: (decision, policy version, interception id, user id, tool name, tool call id).
-DecisionSink = Callable[[Decision, str, str, "str | None", "str | None", "str | None"], None]
+# Records one decision: (decision, policy version, interception id, user id, tool name, tool call id, and for a
+# tool call without an id its number among the call's such tool calls, from 1; else 0).
+DecisionSink = Callable[[Decision, str, str, "str | None", "str | None", "str | None", int], None]
 
 
 @dataclass(slots=True)
@@ -47,7 +49,9 @@ class CallFacts:
     tools: list[str]
     headers: dict[str, str]
     scan: Scan = field(default_factory=Scan)  # detector results, shared by every hook and redaction of the call
+    size: int = 0  # the request body's bytes: over OFF_LOOP_TEXT, the costly work of a hook runs on a thread
     tags: dict[str, str] = field(default_factory=dict)  # labels the call's rules gave it
+    unnamed_tool_calls: int = 0  # tool calls decided without a call id (Gemini's): each gets decisions of its own
 
     def variables(self, **more: Any) -> dict[str, Any]:
         return {"user": self.user, "client": self.client, "session": self.session, "provider": self.provider,
@@ -93,10 +97,7 @@ class Policing:
         if not self.hooks["request"]:
             return RequestOutcome(Verdict("request", self.version))
         variables = facts.variables()
-        if size > OFF_LOOP_TEXT and self.policy.uses_detectors("request"):
-            verdict = await asyncio.to_thread(self.policy.evaluate, "request", variables, facts.scan)
-        else:
-            verdict = self.policy.evaluate("request", variables, facts.scan)
+        verdict = await self._evaluate("request", variables, facts.scan, size)
         if verdict.denied is None:
             verdict = await self.guardrails.evaluate("request", variables, verdict)
         self._record(facts, verdict)
@@ -119,7 +120,11 @@ class Policing:
             return None
         tool = {"name": name, "input": arguments, "injected": injected}
         verdict = self.policy.evaluate("tool", facts.variables(tool=tool), facts.scan)
-        self._record(facts, verdict, name, call_id)
+        ordinal = 0
+        if not call_id:
+            facts.unnamed_tool_calls += 1
+            ordinal = facts.unnamed_tool_calls
+        self._record(facts, verdict, name, call_id, ordinal)
         facts.tags.update(verdict.tags)
         return verdict.denied
 
@@ -131,11 +136,18 @@ class Policing:
         if not self.hooks["response"]:
             return verdict
         variables = facts.variables(usage=usage, model=model or facts.model)
-        verdict = self.policy.evaluate("response", variables, facts.scan)
+        verdict = await self._evaluate("response", variables, facts.scan, facts.size)
         verdict = await self.guardrails.evaluate("response", variables, verdict)
         self._record(facts, verdict)
         facts.tags.update(verdict.tags)
         return verdict
+
+    async def _evaluate(self, hook: str, variables: dict, scan: Scan, size: int) -> Verdict:
+        """The hook's rules: on a worker thread, apart from the event loop's evaluations, when the request is large
+        and a rule scans text or reads the whole conversation; on the event loop otherwise (microseconds)."""
+        if size > OFF_LOOP_TEXT and self.policy.heavy(hook):
+            return await asyncio.to_thread(self.policy.evaluate, hook, variables, scan, True)
+        return self.policy.evaluate(hook, variables, scan)
 
     def stored_redactor(self, facts: CallFacts, *decided: tuple[str, ...]) -> Redactor | None:
         """What masks the texts a call stores (prompt, tool inputs, thoughts): the detectors its redact decisions
@@ -145,14 +157,25 @@ class Policing:
             detectors += DEFAULT_DETECTORS
         return Redactor(tuple(dict.fromkeys(detectors)), facts.scan) if detectors else None
 
-    def _record(self, facts: CallFacts, verdict: Verdict, tool: str | None = None, call_id: str | None = None
-                ) -> None:
+    def _record(self, facts: CallFacts, verdict: Verdict, tool: str | None = None, call_id: str | None = None,
+                ordinal: int = 0) -> None:
         for decision in verdict.decisions:
             try:
                 self.sink(decision, verdict.policy_version, facts.interception_id, facts.user.get("id") or None,
-                          tool, call_id)
+                          tool, call_id, ordinal)
             except Exception:  # a record that cannot be queued must not turn into a refusal of the call
                 log.exception("aibridge: recording a policy decision failed")
+
+
+def mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
+    """Tool inputs, injected tools' errors and thoughts masked; an input a provider sent as an object rather than
+    text is masked as JSON text."""
+    for c in summary.tool_calls:
+        c.input = redactor.text(json_text(c.input))
+        if c.error:
+            c.error = redactor.text(c.error)
+    for th in summary.thoughts:
+        th.content = redactor.text(json_text(th.content))
 
 
 def offered_tools(body: dict | None) -> list[str]:
@@ -169,7 +192,8 @@ def offered_tools(body: dict | None) -> list[str]:
             names.append(t["name"])
         elif isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str):
             names.append(t["function"]["name"])
-        for decl in t.get("functionDeclarations") or t.get("function_declarations") or ():
+        decls = t.get("functionDeclarations") or t.get("function_declarations")
+        for decl in decls if isinstance(decls, list) else ():
             if isinstance(decl, dict) and isinstance(decl.get("name"), str):
                 names.append(decl["name"])
     return names

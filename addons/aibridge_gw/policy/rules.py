@@ -11,6 +11,7 @@ scanned once however many rules (and the redaction that follows) ask.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -95,7 +96,10 @@ class _HookContext:
             value = variable_value(name, variables.get(name))
             seen = _fingerprint(value)
             if seen is None or self._seen.get(name, _UNSEEN) != seen:
-                self.context.add_variable(name, value)
+                try:
+                    self.context.add_variable(name, value)
+                except ValueError:  # text CEL cannot hold: a lone surrogate (a JSON escape, a header byte not UTF-8)
+                    self.context.add_variable(name, _valid_text(value))
                 self._seen[name] = seen
 
     def _detector(self, detector: str):
@@ -128,6 +132,17 @@ def _fingerprint(value: Any, room: int = 64) -> Any:
         return freeze(value)
     except OverflowError:
         return None
+
+
+def _valid_text(value: Any) -> Any:
+    """The value with every lone surrogate in its strings replaced by U+FFFD (CEL strings are valid Unicode)."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_text(v) for v in value]
+    return value
 
 
 def _texts(value: Any) -> list[str]:
@@ -166,19 +181,33 @@ class Policy:
         """A rule of this hook calls secrets() or pii() (scanning text may cost milliseconds)."""
         return bool(self._contexts[hook].functions)
 
-    def evaluate(self, hook: str, variables: dict[str, Any], scan: Scan | None = None) -> Verdict:
+    def heavy(self, hook: str) -> bool:
+        """A rule of this hook scans text or reads the whole conversation (`messages`, converted into CEL at about
+        a microsecond per value): milliseconds on a large request."""
+        return self.uses_detectors(hook) or "messages" in self._contexts[hook].variables
+
+    def evaluate(self, hook: str, variables: dict[str, Any], scan: Scan | None = None, apart: bool = False
+                 ) -> Verdict:
         """The hook's rules in order: allow stops, the first deny wins and stops, routes (the first), redactions
         and tags accumulate; a monitored rule is recorded and changes nothing; a rule whose condition errors
         yields an `error` decision and, failing closed, refuses like a deny. Pass the request's `Scan` to share
-        detector results with other hooks and with redaction."""
+        detector results with other hooks and with redaction. `apart`: on a context of its own, without the
+        shared one's lock (a worker thread's evaluation: the event loop's never wait for it)."""
         verdict = Verdict(hook, self.version)
         rules = self._rules[hook]
         if not rules:
             return verdict
         redact: dict[str, None] = {}
-        with self._lock:
-            hc = self._contexts[hook]
-            hc.load(variables, scan or Scan())
+        shared = self._contexts[hook]
+        with self._lock if not apart else contextlib.nullcontext():
+            hc = shared if not apart else _HookContext(shared.variables, shared.functions)
+            try:
+                hc.load(variables, scan or Scan())
+            except Exception as e:  # noqa: BLE001 - a value CEL cannot take: every rule fails on it, as its `fail` says
+                for rule in rules:
+                    if self._failed(verdict, rule, e, ()):
+                        break
+                return verdict
             for rule in rules:
                 hc.fired.clear()
                 try:

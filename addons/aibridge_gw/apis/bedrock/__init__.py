@@ -17,7 +17,7 @@ from ..anthropic import Anthropic
 from ..base import WireFunctions, endpoint
 from ..wire import anthropic_messages as messages
 from .settings import BedrockSettings
-from .transport import BedrockTransport, invoke_target, stream_framing
+from .transport import BedrockTransport, invoke_target, stream_framing, with_invoke_model
 
 
 def parse_invoke(body: dict, path: str = "") -> RequestInfo:
@@ -35,7 +35,7 @@ def parse_invoke(body: dict, path: str = "") -> RequestInfo:
 INVOKE = WireFunctions(
     name="bedrock.invoke", model_api=True, parse_request=parse_invoke, prepare_request=messages.prepare_request,
     on_event=messages.on_event, finish_stream=messages.finish_stream, summarize=messages.summarize,
-    stream_error_event=messages.stream_error_event, gate=messages.GATE,
+    stream_error_event=messages.stream_error_event, gate=messages.GATE, with_model=with_invoke_model,
 )
 
 

@@ -57,6 +57,15 @@ def invoke_target(path: str) -> tuple[str, bool] | None:
     return (unquote(m.group(1)), m.group(2) != "invoke") if m else None
 
 
+def with_invoke_model(body: dict, path: str, model: str) -> tuple[dict, str]:
+    """`WireFunctions.with_model` for InvokeModel: the model is named in the path, never in the body."""
+    bare, sep, query = path.partition("?")
+    m = _INVOKE.search(bare)
+    if m is None:
+        return body, path
+    return body, bare[:m.start(1)] + quote(model, safe="") + bare[m.end(1):] + sep + query
+
+
 def client_access_key(headers: dict[str, str]) -> str | None:
     """The access key id a client's own SigV4 signature names (BYOK in proxy mode)."""
     auth = headers.get("authorization", "")
