@@ -374,3 +374,15 @@ def test_a_rule_that_errors_on_a_call_follows_its_fail_setting(own_gateway, upst
         assert oc.chat.completions.create(**ask).choices[0].message.content == "went through"
     d, = decisions(gw, 1)
     assert (d["rule"], d["action"], d["enforced"]) == ("needs-team", "error", fail == "closed")
+
+
+def test_a_route_to_an_instance_without_a_key_is_refused_cleanly(own_gateway, upstream):
+    keyless = providers(upstream.url) + [
+        {"name": "openai-spare", "type": "openai", "base_url": upstream.url + "/spare/v1/", "key": ""}]
+    rules = [{"name": "to-spare", "hook": "request", "when": "true", "action": "route", "provider": "openai-spare"}]
+    gw = own_gateway("route-keyless", providers=keyless, extra={"policies": {"rules": rules}})
+    token = gw.new_user("k")
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        openai_client(gw, token).chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "x"}])
+    assert "cannot route to provider openai-spare: it has no upstream key" in e.value.body["message"]
+    assert upstream.seen == []

@@ -368,7 +368,9 @@ class Pipeline:
             moved = rt.router.reroute(route, target, flow.request.method) if target is not None else None
             why = ("it is no longer configured" if target is None
                    else f"it does not serve this {ic.api} endpoint" if moved is None
-                   else "the call uses the user's own credential" if ident.byok_credential is not None else None)
+                   else "the call uses the user's own credential" if ident.byok_credential is not None
+                   else "it takes only users' own credentials" if PROVIDERS[target.type].own_credentials_only
+                   else "it has no upstream key" if target.transport is None and not target.key else None)
             if why is not None:
                 rule = next(d.rule for d in verdict.decisions if d.action == "route" and d.enforced)
                 message = f"aibridge policy {rule}: cannot route to provider {verdict.provider}: {why}"
