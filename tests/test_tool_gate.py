@@ -167,3 +167,34 @@ def test_a_monitored_tool_rule_records_and_refuses_nothing(own_gateway, upstream
     assert message.stop_reason == "tool_use" and message.content[1].name == "Bash"
     _, _, _, decided = audit(gw, "w2")
     assert [(d["action"], d["enforced"]) for d in decided] == [("deny", False)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_captured_gated_flow_replays_to_what_the_provider_said(own_gateway, upstream, tmp_path, stream):
+    """The flow archive holds what the client got (the refusal); the provider's answer as recorded goes with it,
+    so `aibridge replay` rebuilds the same tool call and usage rows as the live run."""
+    flows = tmp_path / "flows"
+    gw = own_gateway("gate-replay", providers=providers(upstream.url),
+                     extra={"policies": {"rules": [RULE]}, "capture": {"directory": str(flows)}})
+    token = gw.new_user("agent")
+    upstream.script(Reply.sse(anthropic_tool_stream("rm -rf ./victim")) if stream
+                    else Reply.json(anthropic_tool_message("rm -rf ./victim")))
+    client = anthropic_client(gw, token)
+    ask = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "clean up"}]}
+    if stream:
+        with client.messages.stream(**ask) as s:
+            s.get_final_message()
+    else:
+        client.messages.create(**ask)
+    ic, tools, usage, _ = audit(gw)
+    gw.stop()
+    rebuilt = tmp_path / "rebuilt.duckdb"
+    r = gw.cli("replay", *map(str, sorted(flows.glob("*.flows"))), "--db", str(rebuilt))
+    assert r.returncode == 0, r.stderr
+    import duckdb
+
+    with duckdb.connect(str(rebuilt), read_only=True) as db:
+        again = db.execute("SELECT tool, input FROM aibridge_tool_usages WHERE interception_id = ?", [ic["id"]]).fetchall()
+        tokens = db.execute("SELECT input_tokens, output_tokens FROM aibridge_token_usages WHERE interception_id = ?",
+                            [ic["id"]]).fetchall()
+    assert again == [(t["tool"], t["input"]) for t in tools] and tokens == [(30, 25)]

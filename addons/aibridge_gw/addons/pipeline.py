@@ -702,6 +702,9 @@ class Pipeline:
                 gated = None
             if gated is not None:
                 resp.content = json.dumps(gated, ensure_ascii=False).encode()
+                _keep_provider_answer(flow, state)
+        elif state.tap is not None and state.tap.gate is not None and any(r for _, r in state.tap.gate.decided):
+            _keep_provider_answer(flow, state)
         transport = state.route.provider.transport
         if (transport is not None and resp is not None and resp.status_code >= 400 and not state.via_loop
                 and "x-aibridge-error" not in resp.headers and not resp.stream):
@@ -908,6 +911,13 @@ def _keep_for_replay(flow: http.HTTPFlow, state: FlowState) -> None:
         meta["loop_rounds"] = state.loop_rounds
     if state.key_hint:
         meta["key_hint"] = state.key_hint
+
+
+def _keep_provider_answer(flow: http.HTTPFlow, state: FlowState) -> None:
+    """The client got a gated answer (a refused tool call replaced): a saved flow holds that, so what the provider
+    said, as recorded (masked where policies mask), goes with it for `recorder.replay`."""
+    if state.outcome is not None and flow.live:
+        flow.metadata[META_KEY]["provider_summary"] = summary_to_dict(state.outcome.summary)
 
 
 _RELAY_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",

@@ -159,8 +159,9 @@ def conclude(ic: Interception, flow: http.HTTPFlow, tap: StreamTap | None = None
     of every round (`FlowState.loop_summary`), if the loop answered the flow. A saved flow has neither: its loop
     summary comes from the plain-value copy kept in its metadata."""
     resp = flow.response
-    if loop is None and not flow.live:
-        saved = (flow.metadata.get(META_KEY) or {}).get("loop")
+    if loop is None and not flow.live:  # the loop's rounds, or the provider's answer before the tool gate changed it
+        meta = flow.metadata.get(META_KEY) or {}
+        saved = meta.get("loop") or meta.get("provider_summary")
         loop = summary_from_dict(saved) if saved is not None else None
     error: str | None = None
     if loop is not None:  # the injected-tool loop recorded every round itself
