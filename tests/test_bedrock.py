@@ -513,3 +513,25 @@ def test_hostile_bedrock_requests_get_anthropic_format_errors_and_reach_nothing(
     raw = api_request(bgw.port, "/bedrock/model/x%2F..%2F..%2Fother/converse", bgw.token, b"{}")
     assert status_of(raw) == 404
     assert upstream.seen == []
+
+
+def test_a_policy_that_would_change_a_client_signed_request_refuses_it(tmp_path, tls_bedrock):
+    """With `client_signature: keep` the user's own signature goes upstream: a redact (or route) would break it at
+    AWS, so the gateway refuses the call, and the secret never leaves."""
+    tls_bedrock.reset()
+    rules = [{"name": "no-secrets-out", "hook": "request", "when": "size(secrets(prompt)) > 0", "action": "redact"}]
+    gw = proxy_bedrock_gateway(tmp_path / "signed", tls_bedrock, extra={"policies": {"rules": rules}},
+                               client_signature="keep")
+    try:
+        token = gw.new_user("aws")
+        sdk = aws_sdk_client(gw, token, ACCESS_KEY, SECRET_KEY)
+        body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50,
+                "messages": [{"role": "user", "content": "key AKIA4HKQ2MZP7XW3RN5T here"}]}
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            sdk.invoke_model(modelId=MODEL, body=json.dumps(body))
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+        assert "signed by the client" in str(e.value)
+        assert tls_bedrock.seen == []
+    finally:
+        gw.stop()
+        tls_bedrock.reset()

@@ -344,6 +344,14 @@ class Pipeline:
             if changed is REFUSED:
                 return REFUSED
         if changed is not None and changed is not body:
+            if route.provider.transport is not None and ident.byok_credential is not None:
+                # Signed by the client itself (Bedrock, client_signature: keep): a changed body would fail its
+                # signature at the provider. The call is refused here, and what was to be masked never leaves.
+                message = ("aibridge policy: this request is signed by the client, so the gateway cannot change it "
+                           "as a policy requires (redact or route)")
+                rt.recorder.rejected(ic, 403, message)
+                flow.response = error_response(route.provider.type, 403, message)
+                return REFUSED
             flow.request.content = json.dumps(changed, ensure_ascii=False).encode()
             body = changed
             try:
