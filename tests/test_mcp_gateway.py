@@ -354,6 +354,40 @@ def admin(gw: Gateway) -> str:
     return _admin[gw]
 
 
+def test_a_reload_applies_new_access_rules_to_the_next_request(tmp_path, upstream, servers):
+    """SIGHUP with other mcp_access rules: the next tools/list and tools/call follow them (stateless: nothing to
+    end or re-open), and a config whose rule names an unknown server is refused whole."""
+    import yaml
+
+    from tests.test_reload import reload
+
+    config = {**gateway_config(servers), "policies": {}}
+    g = Gateway(tmp_path / "reloaded", upstream.url, extra=config).start()
+    try:
+        _, token = new_user(g, "reloaded")
+
+        async def docs_tools():
+            async with session(g.url, token) as s:
+                listed = {t.name for t in (await s.list_tools()).tools if t.name.startswith("docs__")}
+                return listed, await s.call_tool("docs__search_issues", {"project": "R", "query": "q"})
+
+        listed, result = run(docs_tools())
+        assert "docs__search_issues" in listed and not result.isError
+        raw = yaml.safe_load(g.config_path.read_text())
+        raw["mcp_access"].append({"servers": ["docs"], "tools": ["search_*"], "deny": True})
+        g.config_path.write_text(yaml.safe_dump(raw))
+        reload(g, "configuration reloaded")
+        listed, result = run(docs_tools())
+        assert listed == {"docs__delete_issue"} and result.isError and "denied by mcp_access[4]" in text(result)
+        raw["mcp_access"].append({"servers": ["nowhere"]})
+        g.config_path.write_text(yaml.safe_dump(raw))
+        reload(g, "configuration reload (SIGHUP) refused")
+        assert "`nowhere` is not an MCP server here" in g.log()
+        assert run(docs_tools())[0] == {"docs__delete_issue"}  # it kept serving with the rules it had
+    finally:
+        g.stop()
+
+
 # --- authentication, the metadata document, hostile requests ----------------------------------------------
 
 
