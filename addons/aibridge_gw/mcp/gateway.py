@@ -291,13 +291,14 @@ class McpGateway:
         from mcp import types
 
         caller = self._caller()
+        registry, access = self.registry, self.access  # a reload meanwhile changes neither for this call
         call = _Call(self, caller, "tools/call", req.params.name, req.params.arguments or {})
         resolved = self.resolve(req.params.name)
         if resolved is None:
             return call.refuse("unknown", f"aibridge: no tool {req.params.name!r} here (tools/list names them)")
         server, tool = resolved
         call.server, call.tool = server, tool
-        verdict = self.access.decide(server, tool, caller.access)
+        verdict = access.decide(server, tool, caller.access)
         if not verdict.allowed:
             return call.refuse("denied", f"aibridge: {req.params.name} is not allowed for {caller.user_name}: "
                                          f"{verdict.why}")
@@ -309,7 +310,7 @@ class McpGateway:
         if denied is not None:
             return call.refuse("refused", f"aibridge policy {denied.rule}: {denied.message or 'denied'}")
         try:
-            result = await self.registry.call_tool(server, tool, call.arguments, caller.user_id)
+            result = await registry.call_tool(server, tool, call.arguments, caller.user_id)
         except Unavailable as e:
             return call.refuse(e.outcome, str(e))
         size = len(result.model_dump_json(by_alias=True, exclude_none=True))
