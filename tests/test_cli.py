@@ -102,11 +102,16 @@ def test_ca_path_and_export(tmp_path, gateway):
 @pytest.mark.parametrize(
     "client,mode,expected",
     [
-        ("claude-code", "base-url", ["ANTHROPIC_BASE_URL={gw}/anthropic", "ANTHROPIC_API_KEY=aib_T"]),
+        ("claude-code", "base-url", ["ANTHROPIC_BASE_URL={gw}/anthropic", "ANTHROPIC_API_KEY=aib_T",
+                                     "claude mcp add --transport http --scope user aibridge {gw}/aibridge/mcp "
+                                     "--header 'Authorization: Bearer aib_T'"]),
         ("python", "base-url", ["OPENAI_BASE_URL={gw}/openai/v1", "ANTHROPIC_BASE_URL={gw}/anthropic"]),
-        ("codex", "base-url", ['base_url = "{gw}/openai/v1"', 'wire_api = "responses"']),
+        ("codex", "base-url", ['base_url = "{gw}/openai/v1"', 'wire_api = "responses"',
+                               '[mcp_servers.aibridge]\nurl = "{gw}/aibridge/mcp"\nbearer_token_env_var = '
+                               '"AIBRIDGE_TOKEN"']),
         ("claude-code", "proxy", ["HTTPS_PROXY=http://bob:aib_T@{host}", "NODE_EXTRA_CA_CERTS={certs}/mitmproxy-ca-cert.pem"]),
-        ("codex", "proxy", ["HTTPS_PROXY=http://bob:aib_T@{host}", "SSL_CERT_FILE={certs}/aibridge-ca-bundle.pem"]),
+        ("codex", "proxy", ["HTTPS_PROXY=http://bob:aib_T@{host}", "SSL_CERT_FILE={certs}/aibridge-ca-bundle.pem",
+                            "AIBRIDGE_TOKEN=aib_T", 'url = "{gw}/aibridge/mcp"']),
         ("opencode", "base-url", ['"baseURL": "{gw}/anthropic/v1"', '"baseURL": "{gw}/openai/v1"']),
         ("kilo", "base-url", ['"baseURL": "{gw}/anthropic/v1"']),
         ("gemini-cli", "base-url", ["GOOGLE_GEMINI_BASE_URL={gw}/gemini", "GEMINI_API_KEY=aib_T"]),

@@ -1,6 +1,6 @@
 """The dashboard in a real headless Chromium (Debian's package, driven by Playwright): numbers shown equal
-the database's, an admin can drill from a session down to its prompts and tool calls, and policy decisions and
-groups are shown (as text)."""
+the database's, an admin can drill from a session down to its prompts and tool calls, policy decisions and
+groups are shown (as text), and so are the MCP gateway's servers and calls."""
 
 from __future__ import annotations
 
@@ -170,3 +170,62 @@ def test_policy_decisions_and_groups_are_shown_and_escaped(browser, agw):  # noq
     ready(member)
     assert member.locator("#users tr[data-user] td:first-child").all_inner_texts() == ["ben"]
     assert member.locator("#groups tr[data-group]").count() == 0
+
+
+def test_the_tools_view_shows_mcp_servers_and_calls(browser, tmp_path, upstream):
+    """The MCP gateway's calls per server and tool, per user, the slowest and the recent ones (an error text is text,
+    never markup), and each server's state: a down one shown unavailable with why; a member sees their own calls."""
+    import asyncio
+    import concurrent.futures
+
+    from tests.support.gateway import Gateway
+    from tests.support.mcp_server import McpTestServer
+    from tests.test_mcp_gateway import session
+
+    coder = McpTestServer().start()
+    gw = Gateway(tmp_path / "tools-gw", upstream.url, extra={"mcp_servers": [
+        {"name": "coder", "url": coder.url}, {"name": "down", "url": "http://127.0.0.1:9/mcp"}]}).start()
+    try:
+        gw.tokens = {name: gw.new_user(name) for name in ("root", "ann", "ben")}
+        assert gw.cli("users", "set-role", "root", "admin").returncode == 0
+
+        async def calls(token: str, *tools: str):
+            async with session(gw.url, token) as s:
+                await s.list_tools()
+                for name in tools:
+                    await s.call_tool(name, {})
+
+        def run(coro):  # Playwright's loop runs in this thread: the MCP client gets one of its own
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                return pool.submit(asyncio.run, coro).result()
+
+        run(calls(gw.tokens["ann"], "coder__coder_list_templates", "coder__<img src=x onerror=window.pwned=1>"))
+        run(calls(gw.tokens["ben"], "coder__coder_list_templates"))
+        gw.wait_for("SELECT * FROM aibridge_mcp_calls", lambda rows: len(rows) == 3)
+
+        page = signed_in(browser, gw)
+        page.click("text=Tools")
+        ready(page)
+        assert page.locator("#mcp-servers tr[data-server='coder'] td.state").inner_text() == "available"
+        assert page.locator("#mcp-servers tr[data-server='down'] td.state").inner_text() == "unavailable"
+        assert "ConnectError" in page.locator("#mcp-servers tr[data-server='down'] td.error").inner_text()
+        cells = page.locator("#mcp-tools tr[data-tool='coder/coder_list_templates'] td").all_inner_texts()
+        assert cells[:5] == ["coder", "coder_list_templates", "2", "0", "2"]
+        assert page.locator("#mcp-users tr[data-user='ann'] td").all_inner_texts()[:3] == ["ann", "2", "1"]
+        recent = page.locator("#mcp-recent tr[data-call]")
+        assert recent.count() == 3
+        failed = page.locator("#mcp-recent tr[data-call] td.outcome.failed")
+        assert failed.count() == 1 and failed.inner_text() == "error"
+        assert "<img src=x" in page.locator("#mcp-recent td.error").all_inner_texts()[0] + \
+            "".join(page.locator("#mcp-recent td.tool").all_inner_texts())
+        assert page.locator("#main img").count() == 0 and page.evaluate("window.pwned") is None
+        page.screenshot(path=str(SHOTS / "tools.png"), full_page=True)
+
+        member = signed_in(browser, gw, "ben")
+        member.click("text=Tools")
+        ready(member)
+        assert member.locator("#mcp-recent tr[data-call]").count() == 1
+        assert member.locator("#mcp-users tr[data-user] td:first-child").all_inner_texts() == ["ben"]
+    finally:
+        gw.stop()
+        coder.stop()

@@ -108,6 +108,19 @@ class McpServer:
 
 
 @dataclass(frozen=True)
+class McpAccessRule:
+    """One `mcp_access` rule as written (mcp/access.py applies them): glob patterns on server and tool names
+    (None: all), whom it applies to (neither users nor groups: everyone), and whether it denies."""
+
+    index: int  # its place in the file, to name it: mcp_access[index]
+    servers: tuple[str, ...] | None = None
+    tools: tuple[str, ...] | None = None
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()  # lower-case, as groups are stored
+    deny: bool = False
+
+
+@dataclass(frozen=True)
 class McpSettings:
     max_rounds: int = 10
     tool_timeout_seconds: float = 30.0
@@ -182,9 +195,11 @@ class Limits:
     requests_per_minute: int | None = None
     tokens_per_day: int | None = None
     usd_per_month: float | None = None
+    mcp_calls_per_minute: int | None = None  # MCP gateway tool calls (policy/budgets.McpCallLimit): not in `any`
 
     @property
     def any(self) -> bool:
+        """Whether any model-call limit is set."""
         return any(v is not None for v in (self.requests_per_minute, self.tokens_per_day, self.usd_per_month))
 
 
@@ -204,6 +219,7 @@ class Config:
     proxy: ProxyPolicy = ProxyPolicy()
     capture: CaptureSettings = CaptureSettings()
     mcp_servers: tuple[McpServer, ...] = ()
+    mcp_access: tuple[McpAccessRule, ...] = ()
     mcp: McpSettings = McpSettings()
     retention_days: int = 60  # 0 keeps records forever
     pricing: Path | None = None  # a price table replacing the shipped one
@@ -351,6 +367,10 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
                 ipaddress.ip_network(a, strict=False)
             except ValueError:
                 raise ConfigError(f"proxy.allow_addresses: {a!r} is not a valid CIDR range") from None
+    mcp_servers = tuple(_mcp_server(s, f"mcp_servers[{i}]") for i, s in enumerate(f.mcp_servers))
+    for i, m in enumerate(mcp_servers):
+        if any(o.name == m.name for o in mcp_servers[:i]):
+            raise ConfigError(f"mcp_servers[{i}].name: duplicate MCP server name {m.name!r}")
     json_log = f.logging.interceptions_json or None
     t = f.timeouts
     return Config(
@@ -364,7 +384,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         capture=CaptureSettings(directory=local(f.capture.directory) if f.capture.directory else None,
                                 max_bytes=int(f.capture.max_mb * 1024 * 1024),
                                 max_age_seconds=int(f.capture.max_age_minutes * 60)),
-        mcp_servers=tuple(_mcp_server(s, f"mcp_servers[{i}]") for i, s in enumerate(f.mcp_servers)),
+        mcp_servers=mcp_servers,
+        mcp_access=_mcp_access(f.mcp_access, mcp_servers),
         mcp=McpSettings(max_rounds=f.mcp.max_rounds, tool_timeout_seconds=f.mcp.tool_timeout_seconds,
                         list_timeout_seconds=f.mcp.list_timeout_seconds, refresh_seconds=f.mcp.refresh_seconds,
                         max_tools=f.mcp.max_tools),
@@ -428,7 +449,27 @@ def _check_route_targets(policies: config_model.PoliciesFile, providers) -> None
 
 
 def _limits(v: config_model.LimitValues) -> Limits:
-    return Limits(v.requests_per_minute, v.tokens_per_day, v.usd_per_month)
+    return Limits(v.requests_per_minute, v.tokens_per_day, v.usd_per_month, v.mcp_calls_per_minute)
+
+
+_GLOB = frozenset("*?[")
+
+
+def _mcp_access(rules: list, servers: tuple[McpServer, ...]) -> tuple[McpAccessRule, ...]:
+    """The access rules; a server named literally (no glob) must be one of `mcp_servers` (a typo would otherwise
+    silently allow or deny nothing)."""
+    names = [s.name for s in servers]
+    out = []
+    for n, r in enumerate(rules):
+        for name in r.servers or ():
+            if not _GLOB & set(name) and name not in names:
+                near = difflib.get_close_matches(name, names, 1)
+                hint = f" (did you mean `{near[0]}`?)" if near else f" (servers: {', '.join(names) or 'none'})"
+                raise ConfigError(f"mcp_access[{n}].servers: `{name}` is not an MCP server here{hint}")
+        out.append(McpAccessRule(n, tuple(r.servers) if r.servers is not None else None,
+                                 tuple(r.tools) if r.tools is not None else None, tuple(r.users),
+                                 tuple(g.strip().lower() for g in r.groups), r.deny))
+    return tuple(out)
 
 
 def _providers(items: list, raw_items: list) -> tuple[list[ProviderInstance], list[str]]:

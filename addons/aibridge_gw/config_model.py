@@ -119,12 +119,31 @@ class CaptureFile(Section):
 
 
 class McpServerFile(Section):
-    name: str = Field(pattern=SERVER_NAME_PATTERN, description="server id; tools appear as bmcp_<name>_<tool>")
+    name: str = Field(pattern=SERVER_NAME_PATTERN, description="server id; tools appear as bmcp_<name>_<tool> in "
+                                                                "model calls and <name>__<tool> at /aibridge/mcp")
     url: str = Field(pattern=r"^https?://", description="the MCP server's streamable-HTTP URL")
     headers: dict[str, str] = Field(default_factory=dict, description="headers sent to the server")
     per_user_token: bool = Field(False, description="each user's own token (aibridge mcp-token set)")
-    tool_allow_regex: str | None = Field(None, description="only tools matching this are injected")
-    tool_deny_regex: str | None = Field(None, description="tools matching this are never injected")
+    tool_allow_regex: str | None = Field(None, description="only tools matching this are offered (injected, or at "
+                                                           "/aibridge/mcp)")
+    tool_deny_regex: str | None = Field(None, description="tools matching this are never offered")
+
+
+class McpAccessRuleFile(Section):
+    """One access rule of the MCP gateway (issue #25): who may see and call which servers' tools. With no rules at
+    all every user may call every tool (as before); with rules, a tool is allowed when an allow rule matches the user,
+    server and tool and no deny rule does (deny wins, whatever the order)."""
+
+    servers: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="server names or glob patterns (unset: every server)")
+    tools: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="glob patterns on the server's own tool names (unset: every tool)")
+    users: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="user names it applies to")
+    groups: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="groups it applies to (aibridge users groups set); neither users nor "
+                                          "groups: every user")
+    deny: bool = Field(False, description="true: refuse what it matches (a deny wins over every allow)")
 
 
 class McpFile(Section):
@@ -182,6 +201,8 @@ class LimitValues(Section):
     tokens_per_day: int | None = Field(None, ge=0, description="tokens per UTC day, all kinds summed (unset: no limit)")
     usd_per_month: float | None = Field(None, ge=0, description="spend per calendar month at list prices (unset: "
                                                                  "no limit)")
+    mcp_calls_per_minute: int | None = Field(None, ge=0, description="MCP gateway tool calls per minute (unset: no "
+                                                                      "limit)")
 
 
 class BudgetsFile(Section):
@@ -352,6 +373,8 @@ class ConfigFile(Section):
     proxy: ProxyFile = Field(default_factory=ProxyFile)
     capture: CaptureFile = Field(default_factory=CaptureFile)
     mcp_servers: list[McpServerFile] = Field(default_factory=list, description="admin-approved MCP servers")
+    mcp_access: list[McpAccessRuleFile] = Field(
+        default_factory=list, description="who may see and call which MCP tools ([]: everyone, everything)")
     mcp: McpFile = Field(default_factory=McpFile)
     retention_days: int = Field(60, ge=0, description="records older than this are pruned (0: kept forever)")
     pricing: str | None = Field(None, description="a price table replacing the shipped one")

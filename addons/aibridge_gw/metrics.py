@@ -35,6 +35,8 @@ class Metrics:
         self._tools: set[str] = set()
         self._rules: set[str] = set()
         self._actions: set[str] = set()
+        self._mcp_tools: set[str] = set()
+        self._mcp_servers: set[str] = set()
         p = prefix
         self.interceptions = Counter(f"{p}interceptions_total", "Intercepted requests by outcome.",
                                      ["provider", "model", "status", "route", "method", "initiator_id", "client"],
@@ -78,6 +80,21 @@ class Metrics:
         # which were enforced. Rule names come from the config, so the label set is bounded by it.
         self.policy_decisions = Counter(f"{p}policy_decisions_total", "Policy decisions recorded, by rule and action.",
                                         ["rule", "action"], registry=r)
+
+        # MCP gateway calls (/aibridge/mcp): servers come from the config, tools are the servers' own names (bounded
+        # like model names), outcomes a fixed set (see mcp/gateway.OUTCOMES).
+        self.mcp_calls = Counter(f"{p}mcp_calls_total", "MCP gateway tool calls, by server, tool and outcome.",
+                                 ["server", "tool", "outcome"], registry=r)
+        self.mcp_duration = Histogram(f"{p}mcp_call_duration_seconds", "MCP gateway tool calls: time from the "
+                                      "call to its answer.", ["server"], registry=r,
+                                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+    def mcp_call(self, server: str | None, tool: str | None, outcome: str, seconds: float | None) -> None:
+        """Count one MCP gateway tool call and its duration (labels bounded: unknown names become `other`)."""
+        server_label = self._bounded(self._mcp_servers, server) or "none"
+        self.child(self.mcp_calls, server_label, self._bounded(self._mcp_tools, tool) or "none", outcome).inc()
+        if seconds is not None:
+            self.child(self.mcp_duration, server_label).observe(seconds)
 
     def model_label(self, model: str | None) -> str:
         """Client-chosen model strings as a bounded label set: the first MAX_LABELS well-formed names, else other."""

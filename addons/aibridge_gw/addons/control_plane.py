@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -19,6 +20,9 @@ from ..admin.gateway_client import CONTROL_PATH
 from ..flow.errors import error_response
 from ..policy.auth import credential_from_headers
 from ..store import ops
+from ..mcp.access import ACCESS_COLUMNS, Caller, access_rows
+from ..mcp.gateway import LIST_BOUND, MCP_PATH
+from .mcp_front import METADATA_PATHS, McpFront
 from .proxy_mode import ProxyMode
 from .runtime import Runtime
 
@@ -42,13 +46,16 @@ class ControlPlane:
         self.rt = runtime
         self.proxy = proxy
         self.health = health  # Housekeeping: event-loop and GC stall counters
+        self.mcp = McpFront(runtime, proxy)  # /aibridge/mcp: the MCP gateway's front door
 
     def request(self, flow: http.HTTPFlow):
         """Sync, returning a coroutine only for /aibridge requests: this hook runs for every request."""
         if flow.response is not None or self.rt.router is None or not flow.live:
             return None
         path = flow.request.path
-        if not (path.startswith("/aibridge/") or path.split("?")[0] == "/aibridge") or not self.proxy.is_ours(flow):
+        bare = path.split("?")[0]
+        if not (path.startswith("/aibridge/") or bare == "/aibridge" or bare in METADATA_PATHS) \
+                or not self.proxy.is_ours(flow):
             return None
         return self._request(flow)
 
@@ -72,6 +79,10 @@ class ControlPlane:
         elif path == "/aibridge/dashboard.js":
             flow.response = http.Response.make(200, DASHBOARD_JS.read_bytes(), {
                 "content-type": "text/javascript; charset=utf-8", **DASHBOARD_HEADERS})
+        elif path == MCP_PATH:
+            await self.mcp.answer(flow)
+        elif path in METADATA_PATHS:
+            self.mcp.metadata(flow)
         elif path == "/aibridge/metrics":
             if rt.config.metrics.token is not None:
                 given = credential_from_headers(req.headers) or ""
@@ -167,7 +178,10 @@ class ControlPlane:
             if not isinstance(args, dict):
                 raise TypeError("args must be an object")
             if name in self.memory_ops:
-                flow.response = _json(200, {"result": self.memory_ops[name](**args)})
+                result = self.memory_ops[name](**args)
+                if inspect.isawaitable(result):
+                    result = await result
+                flow.response = _json(200, {"result": result})
                 return
             _, writes = ops.OPS[name]  # the CLI's operations only, never the gateway's own
         except (ValueError, KeyError, TypeError) as e:
@@ -191,7 +205,29 @@ class ControlPlane:
     @property
     def memory_ops(self) -> dict:
         """Operations on the gateway's memory rather than the store (the CLI's `aibridge keys`)."""
-        return {"keys.list": self._keys_list, "keys.reset": self._keys_reset}
+        return {"keys.list": self._keys_list, "keys.reset": self._keys_reset, "mcp.access": self._mcp_access,
+                "mcp.servers": self._mcp_servers}
+
+    async def _mcp_access(self, user: str) -> dict:
+        """What `user` may call through the MCP gateway and why (`aibridge mcp access`), with the tools every
+        server lists for them now (waited for LIST_BOUND seconds at most)."""
+        rt = self.rt
+        users = await asyncio.wrap_future(rt.store.run("users.list"))
+        cols = users["columns"]
+        row = next((dict(zip(cols, r)) for r in users["rows"] if r[cols.index("name")] == user), None)
+        if row is None:
+            raise TypeError(f"no user {user!r}")
+        caller = Caller(row["name"], tuple(row.get("groups") or ()))
+        servers = rt.mcp.servers if rt.mcp is not None else ()
+        found = await asyncio.gather(*(rt.mcp.listing(s, str(row["id"]), LIST_BOUND) for s in servers))
+        listings = {s.name: found[n] for n, s in enumerate(servers)}
+        return {"user": row["name"], "groups": list(caller.groups), "rules": len(rt.config.mcp_access),
+                "columns": ACCESS_COLUMNS, "rows": access_rows(servers, listings, rt.mcp_access, caller)}
+
+    def _mcp_servers(self) -> dict:
+        rows = self.rt.mcp.status() if self.rt.mcp is not None else []
+        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "error", "url"]
+        return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
 
     def _keys_list(self) -> dict:
         rows = [k for pool in self.rt.pools.values() for k in pool.status()]

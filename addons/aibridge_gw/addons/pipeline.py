@@ -33,18 +33,20 @@ from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
 from ..flow.routing import Route
-from ..flow.state import STATE_KEY, FlowState, Outcome, state_of
+from ..flow.state import HANDED_OFF, STATE_KEY, FlowState, Outcome, state_of
 from ..flow.tap import StreamTap
 from ..flow.toolgate import Decide, GateCall, Refusal, gate_body, stream_gate
 from ..flow.upstream_faults import ClientEnding
 from ..logsafe import printable
+from ..mcp.access import Caller
+from ..mcp.gateway import offers_gateway_tools
 from ..mcp.loop import LoopJob, upstream_headers
 from ..policy.auth import (
     CREDENTIAL_HEADERS,
     GATEWAY_TOKEN_HEADERS,
-    ON_BEHALF_HEADERS,
     AuthRefused,
     Identity,
+    acting_for,
     identify,
     mask,
 )
@@ -110,7 +112,7 @@ class Pipeline:
                 f"aibridge: request body of {int(length)} bytes exceeds the {limit} byte limit")
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or self.rt.router is None or not flow.live:
+        if flow.response is not None or self.rt.router is None or not flow.live or HANDED_OFF in flow.metadata:
             return
         try:
             await self._request(flow)
@@ -185,7 +187,7 @@ class Pipeline:
             if not await self._admit(flow, state):
                 return
             if body is not None and ic.api in MODEL_APIS:
-                adapter = await self._injection(flow, ic, body)
+                adapter = await self._injection(flow, ic, body, ident.actor)
             if route.provider.transport is not None and not await self._transport(flow, state, ident, body, adapter, hv):
                 return
             self.rt.recorder.started(ic)
@@ -236,15 +238,14 @@ class Pipeline:
 
     def _acting_for(self, ident: Identity, hv: dict[str, str]) -> Identity:
         """A service account may name the person it acts for; from anyone else the claim is ignored (and logged)."""
-        named = next(((h, hv[h].strip()) for h in ON_BEHALF_HEADERS if hv.get(h, "").strip()), None)
+        actor = ident.actor
+        person, named = acting_for(actor, hv, self.rt.users)
         if named is None:
             return ident
-        actor = ident.actor
         if not actor.service_account:
             self._note_once((actor.user_id, named[0]), "aibridge: %s from user %s ignored: not a service account",
                             named[0], actor.user_name)
             return ident
-        person = self.rt.users.get(named[1])
         if person is None:
             self._note_once((actor.user_id, named[1]), "aibridge: service account %s acts for unknown user %s (%s); "
                             "recorded as its own call", actor.user_name, printable(named[1][:80]), named[0])
@@ -528,14 +529,18 @@ class Pipeline:
         ic.info.model, ic.requested_model = out.model, ic.requested_model or out.requested  # a route's: the client's
         return True
 
-    async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict):
-        """Add the admin's MCP tools to the request; returns the loop adapter, or None if none apply."""
+    async def _injection(self, flow: http.HTTPFlow, ic: Interception, body: dict, actor):
+        """Add the admin's MCP tools the caller may use (mcp_access) to the request; returns the loop adapter, or
+        None if none apply."""
         rt = self.rt
         if rt.mcp is None or rt.tool_loop is None:
             return None
         if ic.codec.adapter is None:
             return None  # this API has no tool loop (yet): the request goes out as the client sent it
-        tools = await rt.mcp.tools_for(ic.user_id)
+        if offers_gateway_tools(offered_tools(body), rt.mcp.servers):
+            return None  # the client uses the MCP gateway: its tools are offered already
+        access, caller = rt.mcp_access, Caller(actor.user_name, actor.groups)
+        tools = await rt.mcp.tools_for(ic.user_id, lambda server, tool: access.decide(server, tool, caller).allowed)
         if not tools:
             return None
         client_usage = bool((ic.info.raw_stream_options or {}).get("include_usage"))

@@ -32,12 +32,14 @@ from ..flow.state import FlowState
 from ..flow.upstream_faults import UpstreamWatch
 from ..logsafe import RedactingStream, install_log_redaction
 from ..loopback import LoopbackServer
+from ..mcp.access import McpAccess
+from ..mcp.gateway import McpCaller, McpGateway, McpJob
 from ..mcp.loop import LoopJob, ToolLoop
 from ..mcp.registry import McpRegistry
 from ..metrics import Metrics
 from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
 from ..policy.breaker import CircuitBreakers
-from ..policy.budgets import Budgets
+from ..policy.budgets import Budgets, McpCallLimit, Refusal
 from ..policy.egress import EgressPolicy, local_addresses
 from ..policy.policing import Policing, mask_stored
 from ..policy.rules import Decision, policy_version
@@ -144,6 +146,9 @@ class Runtime:
         self.mcp: McpRegistry | None = None
         self.loopback: LoopbackServer | None = None  # where the tool loop's and the key pools' flows are answered
         self.tool_loop: ToolLoop | None = None
+        self.mcp_gateway: McpGateway | None = None  # /aibridge/mcp's server side (at the loopback server)
+        self.mcp_access = McpAccess(())  # who may use which central MCP tools (mcp_access)
+        self.mcp_limit: McpCallLimit | None = None  # budgets.*.mcp_calls_per_minute
         self.metrics: Metrics | None = None
         self.api: AdminApi | None = None
         self.budgets: Budgets | None = None
@@ -273,8 +278,17 @@ class Runtime:
         if self.metrics is None:
             self.metrics = Metrics(config.metrics.prefix)
         policing = self._policing_for(config)
+        access = self.mcp_access if old is not None and old.mcp_access == config.mcp_access else McpAccess(
+            config.mcp_access)
         self.config, self.router, self.throttle, self.egress, self.mcp, self.breakers, self.policing = (
             config, router, throttle, egress, mcp, breakers, policing)
+        self.mcp_access = access
+        if self.mcp_limit is None:
+            self.mcp_limit = McpCallLimit(config.budgets.default, config.budgets.users)
+        else:  # a reload: the counts so far stay, the limits change
+            self.mcp_limit.default, self.mcp_limit.per_user = config.budgets.default, config.budgets.users
+        if self.mcp_gateway is not None:
+            self._configure_gateway(self.mcp_gateway)
         for note in config.public_host_notes:
             log.info("aibridge: %s", note)
         if config.proxy.open_relay:
@@ -325,6 +339,7 @@ class Runtime:
 
     def _apply_budgets(self, config: Config, prices: PriceTable, rows) -> None:
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
+        self.api.mcp_status = lambda: self.mcp.status() if self.mcp is not None else []
         default, users = config.budgets.default, config.budgets.users
         if not Budgets.any_limits(default, users):
             self.budgets = None
@@ -549,9 +564,35 @@ class Runtime:
             verify = False
         client = upstream_client(verify)
         tool_loop = ToolLoop(self.mcp, client)
-        loopback = LoopbackServer({LoopJob: tool_loop, RelayJob: Relay(client)})
+        gateway = McpGateway(self.recorder, self.metrics)
+        self._configure_gateway(gateway)
+        await gateway.start()
+        loopback = LoopbackServer({LoopJob: tool_loop, RelayJob: Relay(client), McpJob: gateway})
         await loopback.start()
-        self.loopback, self.tool_loop = loopback, tool_loop
+        self.loopback, self.tool_loop, self.mcp_gateway = loopback, tool_loop, gateway
+
+    def _configure_gateway(self, gateway: McpGateway) -> None:
+        """The MCP gateway follows the configuration: servers, access rules, policies, rate limits."""
+        gateway.registry, gateway.access, gateway.policing = self.mcp, self.mcp_access, self.policing
+        gateway.rate = self.mcp_rate_refusal
+
+    async def mcp_rate_refusal(self, caller: McpCaller) -> Refusal | None:
+        """`mcp_calls_per_minute` for the person a call is for (acted-for, else the caller): counted in the
+        shared store when processes share one (waited on for STORE_WAIT at most), else in this process."""
+        person_id, person_name = caller.on_behalf_of or (caller.user_id, caller.user_name)
+        limit = self.mcp_limit.limit_for(person_name) if self.mcp_limit is not None else None
+        if limit is None:
+            return None
+        if self.shared_store and self.store is not None and self.store.state.get("up", True):
+            window = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+            try:
+                count = await asyncio.wait_for(asyncio.wrap_future(self.store.run(
+                    "count_request", user_id=McpCallLimit.counter_id(person_id), window_start=window.isoformat())),
+                    STORE_WAIT)
+                return McpCallLimit.fleet(count, limit)
+            except Exception:  # slow or away: this process counts alone (budgets log when that happens)
+                pass
+        return self.mcp_limit.local(person_id, limit)
 
     def _listen_for_reload(self) -> None:
         """SIGHUP reloads the configuration (systemd's ExecReload; the --workers supervisor forwards it)."""
@@ -645,6 +686,9 @@ class Runtime:
         if self.loopback is not None:
             self.loopback.close()
             self.loopback = self.tool_loop = None
+        if self.mcp_gateway is not None:
+            self.mcp_gateway.stop()
+            self.mcp_gateway = None
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None

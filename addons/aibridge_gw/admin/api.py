@@ -15,7 +15,7 @@ from mitmproxy import http
 
 from ..policy.auth import TokenDirectory, credential_from_headers
 from ..pricing import PriceTable
-from ..store.reports import DECISION_FILTERS, BadParameter, Viewer, parse_limit
+from ..store.reports import DECISION_FILTERS, MCP_CALL_FILTERS, BadParameter, Viewer, parse_limit
 from ..store.writer import StoreApi
 
 PREFIX = "/aibridge/api/v1/"
@@ -38,6 +38,7 @@ class AdminApi:
     def __init__(self, store: StoreApi, tokens: TokenDirectory, prices: PriceTable, pricing: Path | None = None) -> None:
         self.store, self.tokens, self.prices = store, tokens, prices
         self.pricing = str(pricing) if pricing else None  # the writer process loads the same price table
+        self.mcp_status = None  # () -> each MCP server's state (registry.status), set by the runtime
 
     async def handle(self, flow: http.HTTPFlow) -> http.Response:
         req = flow.request
@@ -56,6 +57,15 @@ class AdminApi:
                                            "groups": list(actor.groups)})
             if route in ("policy/decisions", "policy/decisions/summary"):
                 return json_response(200, await self._decisions(route, viewer, q))
+            if route in ("mcp/calls", "mcp/calls/summary"):
+                return json_response(200, await self._mcp_calls(route, viewer, q))
+            if route == "mcp/servers":
+                if q:
+                    raise BadParameter(sorted(q)[0], "unknown parameter")
+                servers = self.mcp_status() if self.mcp_status is not None else []
+                if not viewer.admin:  # members see which servers work, not where they are
+                    servers = [{k: v for k, v in s.items() if k != "url"} for s in servers]
+                return json_response(200, {"data": servers})
             if route in ("users", "groups"):
                 if q:
                     raise BadParameter(sorted(q)[0], "unknown parameter")
@@ -97,6 +107,18 @@ class AdminApi:
             raise BadParameter(sorted(unknown)[0], "unknown parameter")
         filters = {k: q[k] for k in DECISION_FILTERS if q.get(k)}
         if route == "policy/decisions":
+            return await self._query(route, viewer, filters, limit=parse_limit(q.get("limit")))
+        filters.setdefault("since", "7d")
+        return await self._query(route, viewer, filters)
+
+    async def _mcp_calls(self, route: str, viewer: Viewer, q: dict):
+        """MCP gateway calls (newest first), or their counts per server and tool, per user and the slowest;
+        `since` defaults to seven days for the counts."""
+        unknown = set(q) - set(MCP_CALL_FILTERS) - ({"limit"} if route == "mcp/calls" else set())
+        if unknown:
+            raise BadParameter(sorted(unknown)[0], "unknown parameter")
+        filters = {k: q[k] for k in MCP_CALL_FILTERS if q.get(k)}
+        if route == "mcp/calls":
             return await self._query(route, viewer, filters, limit=parse_limit(q.get("limit")))
         filters.setdefault("since", "7d")
         return await self._query(route, viewer, filters)

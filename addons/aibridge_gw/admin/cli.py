@@ -251,6 +251,89 @@ def _mcp_token_list(args, cx: Context) -> None:
     _out(cx.op("mcp_token.list", user=args.user), args.json, "MCP tokens")
 
 
+def _mcp_access(args, cx: Context) -> None:
+    """What a user may call through the MCP gateway, tool by tool, and why (the running gateway lists the servers
+    as that user; without one, the CLI lists those that need no per-user token itself)."""
+    r = run_gateway_op(cx.db, "mcp.access", {"user": args.user}, offline=lambda: _mcp_access_offline(cx, args.user))
+    if args.json:
+        print(json.dumps({k: r[k] for k in ("user", "groups", "rules")} | {"tools": [
+            dict(zip(r["columns"], row)) for row in r["rows"]]}, indent=2))
+        return
+    rows = [[{True: "yes", False: "no", None: "?"}.get(v, v) if c == "allowed" else v
+             for c, v in zip(r["columns"], row)] for row in r["rows"]]
+    groups = ", ".join(r["groups"]) or "no group"
+    rules = f"{r['rules']} mcp_access rule(s)" if r["rules"] else "no mcp_access rules: everything is everyone's"
+    _table({"columns": r["columns"], "rows": rows}, f"MCP tools for {r['user']} ({groups}; {rules})")
+
+
+def _mcp_access_offline(cx: Context, user: str) -> dict:
+    import asyncio
+
+    from ..mcp.access import ACCESS_COLUMNS, Caller, McpAccess, access_rows
+    from ..mcp.gateway import LIST_BOUND
+    from ..mcp.registry import McpRegistry
+
+    users = cx.op("users.list")
+    cols = users["columns"]
+    row = next((dict(zip(cols, r)) for r in users["rows"] if r[cols.index("name")] == user), None)
+    if row is None:
+        raise OpError(f"no user {user!r}")
+    caller = Caller(row["name"], tuple(row.get("groups") or ()))
+    servers = cx.config.mcp_servers
+    registry = McpRegistry(servers, cx.config.mcp, lambda uid, server: None)
+
+    async def listings() -> dict:
+        shared = [s for s in servers if not s.per_user_token]
+        found = await asyncio.gather(*(registry.listing(s, str(row["id"]), LIST_BOUND) for s in shared))
+        out = {s.name: found[n] for n, s in enumerate(shared)}
+        out.update({s.name: "per_user_token: listed with the user's own token by a running gateway only"
+                    for s in servers if s.per_user_token})
+        return out
+
+    rows = access_rows(servers, asyncio.run(listings()), McpAccess(cx.config.mcp_access), caller)
+    return {"user": row["name"], "groups": list(caller.groups), "rules": len(cx.config.mcp_access),
+            "columns": ACCESS_COLUMNS, "rows": rows}
+
+
+_MCP_CALL_COLUMNS = ["created_at", "user", "client", "method", "server", "tool", "outcome", "duration_ms",
+                     "result_bytes", "error", "session_id"]
+_MCP_SUMMARY_COLUMNS = ["server", "tool", "method", "calls", "errors", "users", "avg_ms", "max_ms", "last_at"]
+
+
+def _mcp_calls(args, cx: Context) -> None:
+    """Recent MCP gateway calls (newest first), or with --summary the calls per server and tool, per user and the
+    slowest."""
+    filters = {k: v for k, v in (("since", args.since), ("user", args.user), ("server", args.server),
+                                 ("tool", args.tool), ("outcome", args.outcome), ("client", args.client)) if v}
+    if args.errors:
+        filters["errors"] = "true"
+    if args.summary:
+        filters.setdefault("since", "7d")
+        r = cx.op("report", kind="mcp_summary", filters=filters)
+        if args.json:
+            print(json.dumps({k: r[k] for k in ("data", "by_user", "slowest")}, indent=2, default=str))
+            return
+        _table({"columns": _MCP_SUMMARY_COLUMNS, "rows": [[d.get(c) for c in _MCP_SUMMARY_COLUMNS]
+                                                          for d in r["data"]]},
+               f"MCP calls per server and tool since {filters['since']}")
+        ucols = ["user", "calls", "errors", "tools", "last_at"]
+        _table({"columns": ucols, "rows": [[u.get(c) for c in ucols] for u in r["by_user"]]}, "per user")
+        _table({"columns": _MCP_CALL_COLUMNS, "rows": [[d.get(c) for c in _MCP_CALL_COLUMNS] for d in r["slowest"]]},
+               "slowest")
+        return
+    r = cx.op("report", kind="mcp_calls", filters=filters, limit=args.limit)
+    if args.json:
+        print(json.dumps(r["data"], indent=2, default=str))
+        return
+    _table({"columns": _MCP_CALL_COLUMNS, "rows": [[d.get(c) for c in _MCP_CALL_COLUMNS] for d in r["data"]]},
+           "MCP calls" + (f" since {args.since}" if args.since else ""))
+
+
+def _mcp_servers(args, cx: Context) -> None:
+    _out(run_gateway_op(cx.db, "mcp.servers", {}, missing="what each MCP server offers is listed by the gateway"),
+         args.json, "MCP servers")
+
+
 def _replay(args, cx: Context) -> None:
     flows, recorded = replay_files(args.files, Path(args.db) if args.db else cx.db)
     print(f"replayed {flows} flow(s): {recorded} interception(s) recorded into {args.db or cx.db}")
@@ -393,6 +476,32 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--user")
     ml.add_argument("--json", action="store_true")
     ml.set_defaults(run=_mcp_token_list)
+
+    mg = sub.add_parser("mcp", help="the MCP gateway (/aibridge/mcp): who may call what, and every call made"
+                        ).add_subparsers(dest="sub", required=True)
+    ma = mg.add_parser("access", help="what a user may call, tool by tool, and why (mcp_access rules, server "
+                                      "regexes, per-user tokens)")
+    ma.add_argument("--user", required=True)
+    ma.add_argument("--json", action="store_true")
+    ma.set_defaults(run=_mcp_access)
+    mc = mg.add_parser("calls", help="recent MCP gateway calls, newest first (--summary: per server and tool, per "
+                                     "user, the slowest)")
+    mc.add_argument("--since", help="an age (7d, 24h) or an ISO date (default: all; --summary: 7d)")
+    mc.add_argument("--user", help="a user's name")
+    mc.add_argument("--server")
+    mc.add_argument("--tool", help="the server's own tool name")
+    mc.add_argument("--outcome", choices=("ok", "error", "denied", "refused", "rate_limited", "unknown",
+                                          "unavailable", "timeout"))
+    mc.add_argument("--client", help="the MCP client's name, as it said in initialize")
+    mc.add_argument("--errors", action="store_true", help="only calls that ended in an error")
+    mc.add_argument("--limit", type=int, default=50)
+    mc.add_argument("--summary", action="store_true")
+    mc.add_argument("--json", action="store_true")
+    mc.set_defaults(run=_mcp_calls)
+    mv = mg.add_parser("servers", help="each MCP server as the running gateway last listed it (available or why "
+                                       "not, what it offers)")
+    mv.add_argument("--json", action="store_true")
+    mv.set_defaults(run=_mcp_servers)
 
     rp = sub.add_parser("replay", help="rebuild audit rows from captured flow files (idempotent)")
     rp.add_argument("files", nargs="+", help="mitmproxy flow files written by the capture option")

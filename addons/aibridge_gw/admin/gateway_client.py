@@ -61,13 +61,17 @@ def run_op(db_path: Path, name: str, args: dict[str, Any], postgres: str | None 
         return _local(db_path, name, args)
 
 
-def run_gateway_op(db_path: Path, name: str, args: dict[str, Any]) -> Any:
-    """An operation on the running gateway's own memory (key pools); there is nothing to do without one."""
+def run_gateway_op(db_path: Path, name: str, args: dict[str, Any], offline=None,
+                   missing: str = "upstream key state lives in the gateway's memory (a restart starts every key "
+                                  "afresh)") -> Any:
+    """An operation on the running gateway's own memory (key pools, MCP servers); without one, `offline()` answers
+    when given, else there is nothing to do (`missing` says why)."""
     try:
         return _remote(db_path, name, args)
     except GatewayUnreachable:
-        raise ops.OpError(f"no gateway is running with {db_path}; upstream key state lives in the gateway's memory "
-                          "(a restart starts every key afresh)") from None
+        if offline is not None:
+            return offline()
+        raise ops.OpError(f"no gateway is running with {db_path}; {missing}") from None
 
 
 def _remote(db_path: Path, name: str, args: dict) -> Any:

@@ -79,10 +79,27 @@ def _json_merge(path: str, obj: dict, why: str) -> list[str]:
 # --- terminal clients: (base-URL lines, proxy lines) ------------------------------------------------
 
 
+MCP_PATH = "/aibridge/mcp"  # the MCP gateway: every central tool, behind the gateway token
+
+
+def claude_code_mcp(w: Where) -> list[str]:
+    """The MCP gateway as one Claude Code server named aibridge (its tools: mcp__aibridge__<server>__<tool>)."""
+    return _comment("the central MCP tools (the MCP gateway), for every project of this user:") + [
+        f"claude mcp add --transport http --scope user aibridge {q(w.url(MCP_PATH))} "
+        f"--header {q('Authorization: Bearer ' + w.token)}"]
+
+
+def codex_mcp(w: Where) -> str:
+    """config.toml's MCP gateway entry: streamable HTTP with the gateway token read from AIBRIDGE_TOKEN."""
+    return (f'[mcp_servers.aibridge]\nurl = "{w.url(MCP_PATH)}"\nbearer_token_env_var = "AIBRIDGE_TOKEN"\n'
+            "# the gateway's access rules decide who may call what; to let `codex exec` run them without asking:\n"
+            '# default_tools_approval_mode = "approve"')
+
+
 def claude_code(w: Where, mode: str) -> list[str]:
     if mode == "base-url":
-        return _exports(ANTHROPIC_BASE_URL=w.url("/anthropic"), ANTHROPIC_API_KEY=w.token)
-    return _proxy_env(w, "node") + _exports(ANTHROPIC_API_KEY=w.token)
+        return _exports(ANTHROPIC_BASE_URL=w.url("/anthropic"), ANTHROPIC_API_KEY=w.token) + claude_code_mcp(w)
+    return _proxy_env(w, "node") + _exports(ANTHROPIC_API_KEY=w.token) + claude_code_mcp(w)
 
 
 def codex(w: Where, mode: str) -> list[str]:
@@ -90,9 +107,11 @@ def codex(w: Where, mode: str) -> list[str]:
         return _exports(AIBRIDGE_TOKEN=w.token) + _file(
             "${CODEX_HOME:-$HOME/.codex}/config.toml",
             'model_provider = "aibridge"\n\n[model_providers.aibridge]\nname = "aibridge"\n'
-            f'base_url = "{w.url("/openai/v1")}"\nenv_key = "AIBRIDGE_TOKEN"\nwire_api = "responses"')
-    return _proxy_env(w, "rust") + _exports(OPENAI_API_KEY=w.token) + _comment(
-        "signed in with ChatGPT instead: the gateway needs a `type: chatgpt` provider (recorded as subscription)")
+            f'base_url = "{w.url("/openai/v1")}"\nenv_key = "AIBRIDGE_TOKEN"\nwire_api = "responses"\n\n'
+            + codex_mcp(w), " (the model through the gateway, and its MCP tools)")
+    return _proxy_env(w, "rust") + _exports(OPENAI_API_KEY=w.token, AIBRIDGE_TOKEN=w.token) + _comment(
+        "signed in with ChatGPT instead: the gateway needs a `type: chatgpt` provider (recorded as subscription)"
+    ) + _file("${CODEX_HOME:-$HOME/.codex}/config.toml", codex_mcp(w), " (the central MCP tools)")
 
 
 def _ai_sdk_config(w: Where, env_name: str) -> dict:

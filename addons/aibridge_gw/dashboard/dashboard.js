@@ -32,7 +32,7 @@ function loginView(msg) {
 }
 
 function shell(active) {
-  const tabs = [["overview","Overview"],["interceptions","Interceptions"],["sessions","Sessions"],["policy","Policy"],["users","Users"]];
+  const tabs = [["overview","Overview"],["interceptions","Interceptions"],["sessions","Sessions"],["policy","Policy"],["tools","Tools"],["users","Users"]];
   $("#app").innerHTML = `<header><b>aibridge</b><nav>${tabs.map(([k, t]) =>
       `<a href="#/${k}" class="${k === active ? "on" : ""}">${t}</a>`).join("")}</nav>
     <span class="who">${esc(me.user)} (${esc(me.role)}) · <a href="#" id="out">sign out</a></span></header><main id="main">Loading…</main>`;
@@ -185,6 +185,54 @@ async function policyView(main) {
   };
 }
 
+// MCP gateway calls (/aibridge/mcp): what agents called, through which server, how it went.
+function callRows(rows) {
+  return `<table class="calls"><tr><th>when</th><th>user</th><th>client</th><th>server</th><th>tool</th><th>outcome</th>
+      <th class="n">ms</th><th class="n">bytes</th><th>error</th></tr>
+    ${rows.map(c => `<tr data-call="${esc(c.id)}"><td>${when(c.created_at)}</td><td>${esc(c.user)}</td>
+      <td>${esc(c.client)}${c.client_version ? ' <span class="muted">' + esc(c.client_version) + "</span>" : ""}</td>
+      <td>${esc(c.server)}</td><td class="tool">${esc(c.tool)}${c.method !== "tools/call" ? ' <span class="muted">' + esc(c.method) + "</span>" : ""}</td>
+      <td class="outcome ${c.is_error ? "failed" : ""}">${esc(c.outcome)}</td><td class="n">${num(c.duration_ms)}</td>
+      <td class="n">${num(c.result_bytes)}</td><td class="error">${esc(c.error)}</td></tr>`).join("")}</table>`;
+}
+
+async function toolsView(main) {
+  const f = JSON.parse(sessionStorage.getItem("tools_filters") || '{"since":"7d"}');
+  const [servers, summary, recent] = await Promise.all([api("mcp/servers"), api("mcp/calls/summary", f),
+                                                        api("mcp/calls", {...f, limit: 200})]);
+  const state = s => s.available === true ? "available" : s.available === false ? "unavailable" : "not listed yet";
+  main.innerHTML = `<div class="filters">
+      <input id="t-since" placeholder="since (7d or 2026-01-01)" value="${esc(f.since || "")}">
+      <input id="t-server" placeholder="server" value="${esc(f.server || "")}">
+      <input id="t-tool" placeholder="tool" value="${esc(f.tool || "")}">
+      ${me.role === "admin" ? `<input id="t-user" placeholder="user" value="${esc(f.user || "")}">` : ""}
+      <label><input id="t-errors" type="checkbox" ${f.errors ? "checked" : ""}> failures only</label>
+      <button id="t-apply">Filter</button></div>
+    <div class="panel"><h2>MCP servers</h2><table id="mcp-servers">
+      <tr><th>server</th><th>state</th><th class="n">tools</th><th class="n">resources</th><th class="n">prompts</th><th>why</th></tr>
+      ${servers.data.map(s => `<tr data-server="${esc(s.server)}"><td>${esc(s.server)}${s.per_user_token ? ' <span class="muted">per-user token</span>' : ""}</td>
+        <td class="state ${s.available === false ? "failed" : ""}">${state(s)}</td><td class="n">${num(s.tools)}</td>
+        <td class="n">${num(s.resources)}</td><td class="n">${num(s.prompts)}</td><td class="error">${esc(s.error)}</td></tr>`).join("")}</table>
+      ${servers.data.length ? "" : '<p class="muted">no MCP servers configured (mcp_servers)</p>'}</div>
+    <div class="grid2"><div class="panel"><h2>Calls per server and tool</h2><table id="mcp-tools">
+        <tr><th>server</th><th>tool</th><th class="n">calls</th><th class="n">failures</th><th class="n">users</th><th class="n">avg ms</th><th class="n">slowest ms</th><th>latest</th></tr>
+        ${summary.data.map(t => `<tr data-tool="${esc(t.server)}/${esc(t.tool)}"><td>${esc(t.server)}</td><td>${esc(t.tool)}</td>
+          <td class="n">${num(t.calls)}</td><td class="n ${t.errors ? "failed" : ""}">${num(t.errors)}</td><td class="n">${num(t.users)}</td>
+          <td class="n">${num(t.avg_ms)}</td><td class="n">${num(t.max_ms)}</td><td>${when(t.last_at)}</td></tr>`).join("")}</table>
+        ${summary.data.length ? "" : '<p class="muted">no calls</p>'}</div>
+      <div class="panel"><h2>Calls per user</h2><table id="mcp-users">
+        <tr><th>user</th><th class="n">calls</th><th class="n">failures</th><th class="n">tools</th><th>latest</th></tr>
+        ${summary.by_user.map(u => `<tr data-user="${esc(u.user)}"><td>${esc(u.user)}</td><td class="n">${num(u.calls)}</td>
+          <td class="n">${num(u.errors)}</td><td class="n">${num(u.tools)}</td><td>${when(u.last_at)}</td></tr>`).join("")}</table></div></div>
+    <div class="panel"><h2>Slowest calls</h2><div id="mcp-slowest">${summary.slowest.length ? callRows(summary.slowest) : '<p class="muted">none</p>'}</div></div>
+    <div class="panel"><h2>Recent calls</h2><div id="mcp-recent">${recent.data.length ? callRows(recent.data) : '<p class="muted">none</p>'}</div></div>`;
+  $("#t-apply").onclick = () => {
+    for (const k of ["since", "server", "tool", "user"]) { const el = $("#t-" + k); if (el) f[k] = el.value.trim(); }
+    f.errors = $("#t-errors").checked ? "true" : "";
+    sessionStorage.setItem("tools_filters", JSON.stringify(f)); render();
+  };
+}
+
 async function usersView(main) {
   const [users, groups] = await Promise.all([api("users"), api("groups")]);
   main.innerHTML = `<div class="grid2"><div class="panel"><h2>Users</h2><table id="users">
@@ -239,6 +287,7 @@ async function render() {
     else if (view === "interceptions") await interceptions(main);
     else if (view === "sessions") await sessionsView(main, arg);
     else if (view === "policy") await policyView(main);
+    else if (view === "tools") await toolsView(main);
     else if (view === "users") await usersView(main);
     else if (!view || view === "overview") await overview(main);
     else throw new Error(`There is no page "${view}". Go to the overview.`);

@@ -26,6 +26,7 @@ from ..apis.base import WireApi
 from ..logsafe import redact
 from ..store.rows import (
     INTERCEPTIONS,
+    MCP_CALLS,
     MODEL_THOUGHTS,
     POLICY_DECISIONS,
     TOKEN_USAGES,
@@ -78,6 +79,8 @@ def decision_id(interception_id: str, rule: str, hook: str, tool_call_id: str | 
 
 DETECTOR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 MESSAGE_MAX = 2000
+MCP_ARGUMENTS_MAX = 64 * 1024  # a tool call's arguments as stored, at most (JSON text); beyond it, a marker
+MCP_NAME_MAX = 512  # server, tool (or resource URI), client, version and session as stored, at most
 
 
 @dataclass(eq=False)
@@ -324,6 +327,31 @@ class Recorder:
             created_at=at or utcnow(), user_id=user_id, rule=rule, policy_version=policy_version, hook=hook,
             action=action, enforced=bool(enforced), detectors=json.dumps(kept), message=message, tool=tool,
             tool_call_id=tool_call_id))
+
+    def mcp_call(self, id: str, *, created_at: dt.datetime, user_id: str | None, user_name: str | None,
+                 method: str, server: str | None, tool: str, arguments, is_error: bool, outcome: str,
+                 error: str | None = None, result_bytes: int | None = None, duration_ms: int | None = None,
+                 client: str | None = None, client_version: str | None = None, session_id: str | None = None,
+                 on_behalf_of_id: str | None = None, on_behalf_of_name: str | None = None) -> None:
+        """Record one call an agent made through the MCP gateway (`tools/call`, `resources/read`, `prompts/get`):
+        queued like every record, never waited on. `arguments` (a JSON value, already masked when policies mask
+        what is stored) are kept without anything shaped like a credential and cut at MCP_ARGUMENTS_MAX; the
+        error text likewise."""
+        text = None
+        if arguments is not None:
+            text = redact(json.dumps(arguments, ensure_ascii=False, default=str))
+            if len(text) > MCP_ARGUMENTS_MAX:
+                text = json.dumps({"aibridge_truncated": True, "bytes": len(text.encode())})
+
+        def cut(v: str | None) -> str | None:
+            return v[:MCP_NAME_MAX] if isinstance(v, str) else v
+
+        self.store.submit(MCP_CALLS.row(
+            id=id, created_at=created_at, user_id=user_id, user_name=cut(user_name), on_behalf_of_id=on_behalf_of_id,
+            on_behalf_of_name=cut(on_behalf_of_name), client=cut(client), client_version=cut(client_version),
+            session_id=cut(session_id), method=method, server=cut(server), tool=cut(tool) or "", arguments=text,
+            is_error=bool(is_error), outcome=outcome, error=redact(error)[:MESSAGE_MAX] if error else None,
+            result_bytes=result_bytes, duration_ms=duration_ms))
 
     def forget(self, ic: Interception) -> None:
         """A deferred interception that is not to be recorded after all (a poll of a response not finished yet)."""

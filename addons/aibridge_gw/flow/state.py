@@ -24,6 +24,9 @@ from .tap import StreamTap
 
 STATE_KEY = "aibridge.state"
 TARGET_KEY = "aibridge.target"
+# A flow the gateway answers elsewhere than the pipeline (the MCP gateway's, at the loopback server): set by the
+# addon that handed it off, so the pipeline leaves it alone.
+HANDED_OFF = "aibridge.handed_off"
 LIVE_KEYS = (STATE_KEY, TARGET_KEY)  # never saved with a flow (see capture.redacted_copy)
 
 

@@ -1,16 +1,20 @@
-"""Approved MCP servers' tools, listed with the official MCP client (Streamable HTTP) and cached.
+"""Approved MCP servers, reached with the official MCP client (Streamable HTTP): what each offers, cached, and the
+calls forwarded to them. One registry serves both users of central tools: the injected-tool loop (tools injected
+into model calls) and the MCP gateway at /aibridge/mcp (tools, resources and prompts for agents).
 
-A server that is down or slow never fails or delays a request beyond `list_timeout_seconds`: its tools are
-left out (or the last good list is used) and a warning is logged; the listing keeps going in the background.
+A server that is down or slow never fails or delays a request beyond the wait its caller gives (`list_timeout_seconds`
+for injection, at most 5 s for the gateway's tools/list): what it offered last is used (nothing, the first time)
+and the listing keeps going in the background. A call is bounded by `tool_timeout_seconds`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -20,12 +24,31 @@ from .tools import InjectedTool
 log = logging.getLogger("aibridge.mcp")
 
 PREFIX = "bmcp_"
+MAX_PAGES = 20  # pages of one list a server may hand out (a cursor that never ends is cut here)
+
+
+class Unavailable(Exception):
+    """A server could not be reached, refused, failed or answered too late; the message says which and is safe to
+    show the caller (never a header or a token)."""
+
+    def __init__(self, message: str, outcome: str = "unavailable") -> None:
+        super().__init__(message)
+        self.outcome = outcome  # unavailable, timeout, error (the server answered with a JSON-RPC error)
 
 
 @dataclass
-class _Listing:
-    tools: list[InjectedTool]
-    fetched_at: float
+class Listing:
+    """What one server offers (to one user, for a per_user_token server), as the server describes it, and how the
+    last attempt to list it went."""
+
+    tools: list = field(default_factory=list)  # mcp.types.Tool
+    resources: list = field(default_factory=list)  # mcp.types.Resource
+    templates: list = field(default_factory=list)  # mcp.types.ResourceTemplate
+    prompts: list = field(default_factory=list)  # mcp.types.Prompt
+    injected: list[InjectedTool] = field(default_factory=list)  # the tools as the injected-tool loop offers them
+    fetched_at: float = 0.0
+    ok_at: float | None = None  # the last listing that worked (monotonic)
+    error: str | None = None  # why the last one failed
     task: asyncio.Task | None = None
 
 
@@ -41,7 +64,10 @@ class McpRegistry:
         self.servers = servers
         self.settings = settings
         self.user_token = user_token  # (user id, server name) -> that user's token for the server
-        self._listings: dict[tuple[str, str | None], _Listing] = {}
+        self._listings: dict[tuple[str, str | None], Listing] = {}
+
+    def server(self, name: str) -> McpServer | None:
+        return next((s for s in self.servers if s.name == name), None)
 
     def _headers(self, server: McpServer, user_id: str) -> dict[str, str] | None:
         headers = dict(server.headers)
@@ -52,83 +78,183 @@ class McpRegistry:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    async def tools_for(self, user_id: str) -> dict[str, InjectedTool]:
-        """Injected tools available to this user, by injected name."""
+    # --- what servers offer -------------------------------------------------------------------------------
+
+    async def tools_for(self, user_id: str, allowed: Callable[[McpServer, str], bool] | None = None
+                        ) -> dict[str, InjectedTool]:
+        """Injected tools available to this user, by injected name (`allowed`: the access rules' say on each)."""
         if not self.servers:
             return {}
-        results = await asyncio.gather(*(self._server_tools(s, user_id) for s in self.servers))
-        tools = [t for r in results for t in r]
+        wait = self.settings.list_timeout_seconds
+        results = await asyncio.gather(*(self.listing(s, user_id, wait) for s in self.servers))
+        tools = [t for r in results if r is not None for t in r.injected
+                 if allowed is None or allowed(t.server, t.tool)]
         if len(tools) > self.settings.max_tools:
             log.warning("%d MCP tools exceed mcp.max_tools=%d; injecting the first %d",
                         len(tools), self.settings.max_tools, self.settings.max_tools)
             tools = tools[: self.settings.max_tools]
         return {t.name: t for t in tools}
 
-    async def _server_tools(self, server: McpServer, user_id: str) -> list[InjectedTool]:
+    async def listing(self, server: McpServer, user_id: str, wait: float) -> Listing | None:
+        """What the server offers this user, waiting at most `wait` seconds for a listing under way (none at all when
+        the last one failed); None when the server takes each user's own token and this user has none."""
         headers = self._headers(server, user_id)
         if headers is None:
-            return []
+            return None
         key = (server.name, user_id if server.per_user_token else None)
         listing = self._listings.get(key)
         now = time.monotonic()
         if listing is not None and now - listing.fetched_at < self.settings.refresh_seconds:
-            return listing.tools
+            return listing
         if listing is None:
-            listing = self._listings[key] = _Listing([], 0.0)
+            listing = self._listings[key] = Listing()
         if listing.task is None or listing.task.done():
             listing.task = asyncio.create_task(self._refresh(server, headers, listing))
+        if listing.error is not None:
+            wait = 0  # it failed last time: its retry goes on in the background, nobody waits for it
         try:
-            await asyncio.wait_for(asyncio.shield(listing.task), self.settings.list_timeout_seconds)
+            await asyncio.wait_for(asyncio.shield(listing.task), wait)
         except (asyncio.TimeoutError, Exception):
-            if not listing.tools:
+            if listing.ok_at is None:
                 log.warning("MCP server %s: tools not available yet (listing is slow or failing)", server.name)
-        return listing.tools
+        return listing
 
-    async def _refresh(self, server: McpServer, headers: dict[str, str], listing: _Listing) -> None:
+    async def _refresh(self, server: McpServer, headers: dict[str, str], listing: Listing) -> None:
         from mcp import ClientSession
 
         try:
             async with _session(server, headers, max(self.settings.list_timeout_seconds * 5, 10)) as (r, w, _):
                 async with ClientSession(r, w) as session:
-                    await session.initialize()
-                    result = await session.list_tools()
-            tools = [
+                    init = await session.initialize()
+                    caps = init.capabilities
+                    tools = await _pages(session.list_tools, "tools") if caps.tools is not None else []
+                    resources, templates, prompts = [], [], []
+                    if caps.resources is not None:
+                        resources = await _pages(session.list_resources, "resources")
+                        templates = await _pages(session.list_resource_templates, "resourceTemplates")
+                    if caps.prompts is not None:
+                        prompts = await _pages(session.list_prompts, "prompts")
+            # Every tool as listed (the access rules say which are offered, the server's regexes first); the
+            # injected ones are those its regexes permit.
+            listing.tools = tools
+            listing.resources, listing.templates, listing.prompts = resources, templates, prompts
+            listing.injected = [
                 InjectedTool(f"{PREFIX}{server.name}_{t.name}", server, t.name, t.description or "",
                              t.inputSchema or {"type": "object", "properties": {}})
-                for t in result.tools
-                if server.permits(t.name)
+                for t in tools if server.permits(t.name)
             ]
-            listing.tools, listing.fetched_at = tools, time.monotonic()
-            log.info("MCP server %s: %d tool(s) injected", server.name, len(tools))
+            listing.fetched_at = listing.ok_at = time.monotonic()
+            listing.error = None
+            log.info("MCP server %s: %d tool(s), %d resource(s), %d prompt(s)", server.name, len(listing.tools),
+                     len(resources) + len(templates), len(prompts))
         except BaseException as e:  # keep the last good list; retry after a short pause, not every request
             listing.fetched_at = time.monotonic() - self.settings.refresh_seconds + 10
-            log.warning("MCP server %s: listing tools failed: %s", server.name, _describe(e))
+            listing.error = _describe(e)
+            log.warning("MCP server %s: listing failed: %s", server.name, listing.error)
             if isinstance(e, asyncio.CancelledError):
                 raise
 
-    async def call(self, tool: InjectedTool, arguments: Any, user_id: str) -> tuple[str, bool]:
-        """Run the tool; returns (result text, is_error). Failures are results, never exceptions."""
-        from mcp import ClientSession
+    def status(self) -> list[dict]:
+        """Each server as the dashboard shows it: reachable at its last listing or not (and why), what it offers.
+        Per-user listings count once per server (the best of them)."""
+        out = []
+        now = time.monotonic()
+        for s in self.servers:
+            mine = [v for (name, _), v in self._listings.items() if name == s.name]
+            ok = [v for v in mine if v.ok_at is not None and v.error is None]
+            best = max(ok, key=lambda v: v.ok_at) if ok else (mine[0] if mine else None)
+            out.append({
+                "server": s.name, "url": s.url, "per_user_token": s.per_user_token,
+                "available": bool(ok) if mine else None,  # None: not listed yet
+                "error": None if ok or best is None else best.error,
+                "tools": len(best.tools) if best else 0,
+                "resources": len(best.resources) + len(best.templates) if best else 0,
+                "prompts": len(best.prompts) if best else 0,
+                "listed_seconds_ago": round(now - best.ok_at, 1) if best and best.ok_at else None,
+            })
+        return out
 
-        if not isinstance(arguments, dict):
-            return f"invalid arguments for {tool.name}: expected a JSON object", True
-        headers = self._headers(tool.server, user_id) or {}
-        timeout = self.settings.tool_timeout_seconds
+    # --- calls ----------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connected(self, server: McpServer, user_id: str, timeout: float):
+        """An initialized client session with the server, as this user (their own token where the server takes
+        one); every failure, the timeout included, becomes `Unavailable`."""
+        from mcp import ClientSession
+        from mcp.shared.exceptions import McpError
+
+        headers = self._headers(server, user_id)
+        if headers is None:
+            raise Unavailable(f"MCP server {server.name} takes each user's own token, and this user has none "
+                              f"(aibridge mcp-token set --server {server.name})")
         try:
             async with asyncio.timeout(timeout):
-                async with _session(tool.server, headers, timeout) as (r, w, _):
+                async with _session(server, headers, timeout) as (r, w, _):
                     async with ClientSession(r, w) as session:
                         await session.initialize()
-                        result = await session.call_tool(tool.tool, arguments,
-                                                         read_timeout_seconds=timedelta(seconds=timeout))
-        except TimeoutError:
-            return f"MCP tool {tool.tool} on {tool.server.name} timed out after {timeout:g}s", True
+                        yield session
         except Exception as e:
-            return f"MCP tool {tool.tool} on {tool.server.name} failed: {_describe(e)}", True
-        return _result_text(result), bool(result.isError)
+            inner = _innermost(e)
+            if isinstance(inner, Unavailable):
+                raise inner from None
+            if isinstance(inner, TimeoutError):
+                raise Unavailable(f"MCP server {server.name} did not answer within {timeout:g}s", "timeout") from None
+            if isinstance(inner, McpError):
+                raise Unavailable(f"MCP server {server.name} answered with an error: {inner.error.message}",
+                                  "error") from None
+            raise Unavailable(f"MCP server {server.name} failed: {_describe(inner)}") from None
+
+    async def call_tool(self, server: McpServer, tool: str, arguments: dict, user_id: str):
+        """The server's `CallToolResult` for the call, as it answered (not validated again: the agent does); raises
+        `Unavailable` when there is none."""
+        from mcp import types
+
+        timeout = self.settings.tool_timeout_seconds
+        async with self._connected(server, user_id, timeout) as session:
+            return await session.send_request(
+                types.ClientRequest(types.CallToolRequest(
+                    params=types.CallToolRequestParams(name=tool, arguments=arguments))),
+                types.CallToolResult, request_read_timeout_seconds=timedelta(seconds=timeout))
+
+    async def read_resource(self, server: McpServer, uri: str, user_id: str):
+        from pydantic import AnyUrl
+
+        async with self._connected(server, user_id, self.settings.tool_timeout_seconds) as session:
+            return await session.read_resource(AnyUrl(uri))
+
+    async def get_prompt(self, server: McpServer, name: str, arguments: dict | None, user_id: str):
+        async with self._connected(server, user_id, self.settings.tool_timeout_seconds) as session:
+            return await session.get_prompt(name, arguments)
+
+    async def call(self, tool: InjectedTool, arguments: Any, user_id: str) -> tuple[str, bool]:
+        """The injected-tool loop's call: (result text, is_error). Failures are results, never exceptions."""
+        if not isinstance(arguments, dict):
+            return f"invalid arguments for {tool.name}: expected a JSON object", True
+        try:
+            result = await self.call_tool(tool.server, tool.tool, arguments, user_id)
+        except Unavailable as e:
+            if e.outcome == "timeout":
+                return (f"MCP tool {tool.tool} on {tool.server.name} timed out after "
+                        f"{self.settings.tool_timeout_seconds:g}s"), True
+            return f"MCP tool {tool.tool} on {tool.server.name} failed: {e}", True
+        return result_text(result), bool(result.isError)
 
 
-def _result_text(result) -> str:
+async def _pages(fetch, attribute: str) -> list:
+    """Every page of a paginated list (at most MAX_PAGES)."""
+    from mcp import types
+
+    items, cursor = [], None
+    for _ in range(MAX_PAGES):
+        page = await fetch(params=types.PaginatedRequestParams(cursor=cursor) if cursor else None)
+        items += getattr(page, attribute) or []
+        cursor = page.nextCursor
+        if not cursor:
+            break
+    return items
+
+
+def result_text(result) -> str:
     parts = []
     for c in result.content or []:
         if getattr(c, "type", None) == "text":
@@ -140,8 +266,13 @@ def _result_text(result) -> str:
     return "\n".join(parts)
 
 
-def _describe(e: BaseException) -> str:
-    # anyio wraps failures in exception groups; show the innermost cause.
+def _innermost(e: BaseException) -> BaseException:
+    """anyio wraps failures in exception groups: the first real one."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
         e = e.exceptions[0]
+    return e
+
+
+def _describe(e: BaseException) -> str:
+    e = _innermost(e)
     return f"{type(e).__name__}: {e}"

@@ -132,6 +132,17 @@ class Identity:
     on_behalf_of: tuple[str, str] | None = None  # (id, name) of the person a service account acts for
 
 
+def acting_for(actor: Actor, headers: Mapping[str, str], users: Mapping[str, tuple[str, str]]
+               ) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """Whom a service account acts for: (the person's (id, name), or None; the claim as sent, (header, value), or
+    None). A claim from anyone but a service account, or one naming nobody known (`users`: by id or name), names
+    no person."""
+    named = next(((h, headers[h].strip()) for h in ON_BEHALF_HEADERS if headers.get(h, "").strip()), None)
+    if named is None or not actor.service_account:
+        return None, named
+    return users.get(named[1]), named
+
+
 class AuthRefused(Exception):
     """No usable identity; the message is safe to show the client."""
 

@@ -215,3 +215,42 @@ def _beyond(u: TokenUsage) -> bool:
     """A count no store holds (not yet clamped by the recorder): charged to no budget either."""
     return any(not isinstance(v, int) or v < 0 or v > BIGINT_MAX
                for v in (u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens))
+
+
+class McpCallLimit:
+    """`budgets.*.mcp_calls_per_minute`: MCP gateway tool calls per person and minute, apart from model calls.
+    Counted like `requests_per_minute`: in this process, or, when several processes share the store, in its
+    per-minute counter (under an id of its own per person, so the two limits never share a count)."""
+
+    def __init__(self, default: Limits, per_user: dict[str, Limits]) -> None:
+        self.default, self.per_user = default, per_user
+        self._calls: dict[str, deque] = defaultdict(deque)  # person id -> monotonic times, last minute
+
+    def limit_for(self, user_name: str) -> int | None:
+        return self.per_user.get(user_name, self.default).mcp_calls_per_minute
+
+    @staticmethod
+    def counter_id(user_id: str) -> str:
+        """The id the shared per-minute counter keeps this person's MCP calls under."""
+        import uuid
+
+        return str(uuid.uuid5(uuid.UUID(user_id), "mcp_calls_per_minute"))
+
+    def local(self, user_id: str, limit: int) -> Refusal | None:
+        q = self._calls[user_id]
+        t = time.monotonic()
+        while q and q[0] <= t - 60:
+            q.popleft()
+        if len(q) >= limit:
+            return Refusal(f"aibridge: rate limit of {limit} MCP calls per minute reached",
+                           max(1, math.ceil(q[0] + 60 - t)))
+        q.append(t)
+        return None
+
+    @staticmethod
+    def fleet(count: int, limit: int) -> Refusal | None:
+        """The limit against the shared count for this minute (this call already counted)."""
+        if count <= limit:
+            return None
+        return Refusal(f"aibridge: rate limit of {limit} MCP calls per minute reached",
+                       max(1, 60 - dt.datetime.now(dt.UTC).second))

@@ -180,7 +180,7 @@ def mask_stored(redactor: Redactor, summary: ResponseSummary) -> None:
 
 def offered_tools(body: dict | None) -> list[str]:
     """Names of the tools a request offers, in any wire API's shape (Anthropic and Responses `name`, Chat
-    `function.name`, Gemini `functionDeclarations[].name`)."""
+    `function.name`, Gemini `functionDeclarations[].name`, the tools of a Responses `namespace`)."""
     names: list[str] = []
     tools = body.get("tools") if isinstance(body, dict) else None
     if not isinstance(tools, list):
@@ -196,6 +196,8 @@ def offered_tools(body: dict | None) -> list[str]:
         for decl in decls if isinstance(decls, list) else ():
             if isinstance(decl, dict) and isinstance(decl.get("name"), str):
                 names.append(decl["name"])
+        if t.get("type") == "namespace" and isinstance(t.get("tools"), list):  # Responses: a namespace's tools
+            names += [sub["name"] for sub in t["tools"] if isinstance(sub, dict) and isinstance(sub.get("name"), str)]
     return names
 
 

@@ -31,6 +31,7 @@ COPIED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aibridge_model_thoughts", ("id",)),
     ("aibridge_provider_objects", ("id",)),
     ("aibridge_policy_decisions", ("id",)),
+    ("aibridge_mcp_calls", ("id",)),
 )
 CHUNK = 5000
 

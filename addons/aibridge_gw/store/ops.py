@@ -381,8 +381,11 @@ def prune(conn, days: int) -> dict:
     old = "SELECT id FROM aibridge_interceptions WHERE started_at < ?"
     for table in AUDIT_CHILD_TABLES:
         conn.execute(f"DELETE FROM {table} WHERE interception_id IN ({old})", [cutoff])
-    # A decision whose interception never reached the store (its start lost) goes by its own age.
+    # A decision whose interception never reached the store (its start lost) goes by its own age, and so do MCP
+    # gateway calls (and the decisions taken on them), which have no interception.
     conn.execute("DELETE FROM aibridge_policy_decisions WHERE created_at < ?", [cutoff])
+    if reports.table_exists(conn, "aibridge_mcp_calls"):
+        conn.execute("DELETE FROM aibridge_mcp_calls WHERE created_at < ?", [cutoff])
     n = conn.execute("DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
     # Batches and background responses older than the audit kept (providers keep results for 29 days at most).
     conn.execute("DELETE FROM aibridge_provider_objects WHERE created_at < ?", [cutoff])
@@ -414,11 +417,14 @@ def report(conn, kind: str, **kw) -> dict:
         if kind in ("policy_decisions", "policy_summary") and not reports.table_exists(
                 conn, "aibridge_policy_decisions"):  # read-only, on a file no gateway of this version opened yet
             return {"since": (kw.get("filters") or {}).get("since"), "data": [], "by_user": []}
+        if kind in ("mcp_calls", "mcp_summary") and not reports.table_exists(conn, "aibridge_mcp_calls"):
+            return {"since": (kw.get("filters") or {}).get("since"), "data": [], "by_user": [], "slowest": []}
+        if kind == "mcp_calls":
+            return reports.mcp_calls(conn, viewer, kw.get("filters") or {}, _limit(kw.get("limit", 50)))
+        if kind == "mcp_summary":
+            return reports.mcp_summary(conn, viewer, kw.get("filters") or {})
         if kind == "policy_decisions":
-            limit = kw.get("limit", 50)
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-                raise OpError("limit must be a positive number")
-            return reports.policy_decisions(conn, viewer, kw.get("filters") or {}, limit)
+            return reports.policy_decisions(conn, viewer, kw.get("filters") or {}, _limit(kw.get("limit", 50)))
         if kind == "policy_summary":
             return reports.policy_summary(conn, viewer, kw.get("filters") or {})
         if kind == "budgets":
@@ -433,6 +439,12 @@ def report(conn, kind: str, **kw) -> dict:
     raise OpError(f"unknown report {kind!r}")
 
 
+def _limit(limit) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise OpError("limit must be a positive number")
+    return limit
+
+
 def export(conn, fmt: str, out: str) -> dict:
     """Write every aibridge table to OUT as parquet or csv files (never token hashes or MCP secrets)."""
     import pathlib
@@ -443,7 +455,9 @@ def export(conn, fmt: str, out: str) -> dict:
     target.mkdir(parents=True, exist_ok=True)
     # Provider objects (batches, their files, background responses) say whom paid work metered later belongs to.
     tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users", "aibridge_user_groups",
-                                                                  "aibridge_provider_objects")
+                                                                  "aibridge_provider_objects", "aibridge_mcp_calls")
+    if not postgres(conn):  # a file no gateway of this version opened yet lacks the newer tables
+        tables = tuple(t for t in tables if reports.table_exists(conn, t))
     if postgres(conn):  # through a DuckDB file of the same schema: the same files, types and formats
         import tempfile
 
@@ -632,6 +646,10 @@ def admin_query(conn, route: str, viewer: str | None, filters: dict, pricing: st
         return reports.policy_decisions(conn, v, filters, params["limit"])
     if route == "policy/decisions/summary":
         return reports.policy_summary(conn, v, filters)
+    if route == "mcp/calls":
+        return reports.mcp_calls(conn, v, filters, params["limit"])
+    if route == "mcp/calls/summary":
+        return reports.mcp_summary(conn, v, filters)
     raise OpError(f"unknown admin query {route!r}")
 
 

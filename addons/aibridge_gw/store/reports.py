@@ -441,6 +441,81 @@ def policy_summary(conn, viewer: Viewer, filters: dict) -> dict:
     return {"since": filters.get("since"), "data": per_rule, "by_user": users_}
 
 
+# --- MCP gateway calls -------------------------------------------------------------------------------------
+
+MCP_CALL_FILTERS = ("since", "until", "user", "server", "tool", "outcome", "client", "session", "method", "errors")
+_MCP_COLUMNS = ("c.id, c.created_at, c.user_id, c.user_name AS \"user\", c.on_behalf_of_id, "
+                "c.on_behalf_of_name AS on_behalf_of, c.client, c.client_version, c.session_id, c.method, c.server, "
+                "c.tool, c.arguments, c.is_error, c.outcome, c.error, c.result_bytes, c.duration_ms")
+
+
+def _mcp_where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
+    clauses, params = [], []
+    if viewer.user_id is not None:  # a member sees the calls they made (and those made for them)
+        clauses.append("(CAST(c.user_id AS VARCHAR) = ? OR CAST(c.on_behalf_of_id AS VARCHAR) = ?)")
+        params += [viewer.user_id] * 2
+    for key, col in (("user", "c.user_name"), ("server", "c.server"), ("tool", "c.tool"), ("outcome", "c.outcome"),
+                     ("client", "c.client"), ("session", "c.session_id"), ("method", "c.method")):
+        value = filters.get(key)
+        if value:
+            clauses.append(f"{col} = ?")
+            params.append(str(value))
+    errors = filters.get("errors")
+    if errors not in (None, ""):
+        flag = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+            str(errors).strip().lower())
+        if flag is None:
+            raise BadParameter("errors", "true or false")
+        clauses.append("c.is_error" if flag else "NOT c.is_error")
+    for key, op in (("since", ">="), ("until", "<")):
+        t = parse_time(key, filters.get(key))
+        if t is not None:
+            clauses.append(f"c.created_at {op} ?")
+            params.append(t)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _mcp_call(row: dict) -> dict:
+    """arguments as an object on both engines (DuckDB hands JSON over as its text, PostgreSQL parsed)."""
+    a = row.get("arguments")
+    if isinstance(a, str):
+        try:
+            row["arguments"] = json.loads(a)
+        except ValueError:
+            pass
+    return row
+
+
+def mcp_calls(conn, viewer: Viewer, filters: dict, limit: int = 50) -> dict:
+    """MCP gateway calls newest first (filters: since, until, user, server, tool, outcome, client, session, method,
+    errors)."""
+    where, params = _mcp_where(viewer, filters)
+    rows = _rows(conn.execute(f"SELECT {_MCP_COLUMNS} FROM aibridge_mcp_calls c{where} "
+                              "ORDER BY c.created_at DESC, CAST(c.id AS VARCHAR) DESC LIMIT ?", params + [limit]))
+    return {"data": [_mcp_call(r) for r in rows]}
+
+
+def mcp_summary(conn, viewer: Viewer, filters: dict) -> dict:
+    """Calls per server and tool (`data`: calls, errors, users, average and slowest duration, the latest), per user
+    (`by_user`) and the slowest calls (`slowest`)."""
+    where, params = _mcp_where(viewer, filters)
+    per_tool = _rows(conn.execute(
+        "SELECT c.server, c.tool, c.method, count(*) AS calls, count(*) FILTER (WHERE c.is_error) AS errors, "
+        "count(DISTINCT c.user_id) AS users, CAST(round(avg(c.duration_ms)) AS BIGINT) AS avg_ms, "
+        "max(c.duration_ms) AS max_ms, max(c.created_at) AS last_at "
+        f"FROM aibridge_mcp_calls c{where} GROUP BY c.server, c.tool, c.method "
+        "ORDER BY count(*) DESC, c.server, c.tool", params))
+    by_user = _rows(conn.execute(
+        'SELECT c.user_name AS "user", count(*) AS calls, count(*) FILTER (WHERE c.is_error) AS errors, '
+        "count(DISTINCT c.server || '/' || c.tool) AS tools, max(c.created_at) AS last_at "
+        f"FROM aibridge_mcp_calls c{where} GROUP BY c.user_name ORDER BY count(*) DESC, c.user_name", params))
+    slowest = _rows(conn.execute(
+        f"SELECT {_MCP_COLUMNS} FROM aibridge_mcp_calls c{where} ORDER BY c.duration_ms DESC NULLS LAST, "
+        "c.created_at DESC LIMIT 10", params))
+    return {"since": filters.get("since"), "data": per_tool, "by_user": by_user,
+            "slowest": [_mcp_call(r) for r in slowest]}
+
+
 def jsonable(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v

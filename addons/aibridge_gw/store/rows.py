@@ -65,10 +65,19 @@ POLICY_DECISIONS = Table("aibridge_policy_decisions", (
     "detectors", "message", "tool", "tool_call_id",
 ))
 
+# One call an agent made through the MCP gateway (/aibridge/mcp; see Recorder.mcp_call): `tool` is the server's own
+# name for it (the resource URI for resources/read, the prompt's name for prompts/get), `arguments` a JSON object
+# as stored (masked when policies mask what is stored, never a credential).
+MCP_CALLS = Table("aibridge_mcp_calls", (
+    "id", "created_at", "user_id", "user_name", "on_behalf_of_id", "on_behalf_of_name", "client", "client_version",
+    "session_id", "method", "server", "tool", "arguments", "is_error", "outcome", "error", "result_bytes",
+    "duration_ms",
+))
+
 TABLES = (USERS, INTERCEPTIONS, TOKEN_USAGES, USER_PROMPTS, TOOL_USAGES, MODEL_THOUGHTS, PROVIDER_OBJECTS,
-          POLICY_DECISIONS)
+          POLICY_DECISIONS, MCP_CALLS)
 COLUMNS: dict[str, tuple[str, ...]] = {t.name: t.columns for t in TABLES}
-JSON_COLUMNS = frozenset({"metadata", "detectors"})
+JSON_COLUMNS = frozenset({"metadata", "detectors", "arguments"})
 
 # Columns an interception's end sets; the row was inserted when the request arrived.
 # credential_hint: the key a failover pool actually used (None keeps the hint recorded at the start).

@@ -30,6 +30,29 @@ _POLICY_DECISIONS = """
     );
 """
 
+_MCP_CALLS = """
+    CREATE TABLE aibridge_mcp_calls (
+        id UUID PRIMARY KEY,
+        created_at TIMESTAMPTZ NOT NULL,
+        user_id UUID,
+        user_name VARCHAR,
+        on_behalf_of_id UUID,
+        on_behalf_of_name VARCHAR,
+        client VARCHAR,
+        client_version VARCHAR,
+        session_id VARCHAR,
+        method VARCHAR NOT NULL,
+        server VARCHAR,
+        tool VARCHAR NOT NULL,
+        arguments JSON,
+        is_error BOOLEAN NOT NULL,
+        outcome VARCHAR NOT NULL,
+        error VARCHAR,
+        result_bytes BIGINT,
+        duration_ms BIGINT
+    );
+"""
+
 MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
     (
         1,
@@ -195,6 +218,14 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         {"duckdb": _POLICY_DECISIONS, "postgres": _POLICY_DECISIONS + """
             CREATE INDEX aibridge_policy_decisions_created_at ON aibridge_policy_decisions (created_at);
             CREATE INDEX aibridge_policy_decisions_interception ON aibridge_policy_decisions (interception_id);
+            """},
+    ),
+    (
+        9,
+        "MCP gateway calls: one row per tools/call (resources/read, prompts/get) at /aibridge/mcp",
+        # Read by time (reports, retention); PostgreSQL indexes it, DuckDB reads its zone maps (see 8).
+        {"duckdb": _MCP_CALLS, "postgres": _MCP_CALLS + """
+            CREATE INDEX aibridge_mcp_calls_created_at ON aibridge_mcp_calls (created_at);
             """},
     ),
 ]

@@ -1,0 +1,146 @@
+"""The MCP gateway's front door, for `ControlPlane`: `/aibridge/mcp` and its protected-resource metadata.
+
+It authenticates the gateway token (Authorization: Bearer, X-AIBridge-Token, or proxy credentials), then points the
+flow at the loopback server with an `McpJob` that holds who called (mcp/gateway.py serves it there); mitmproxy
+relays the answer. A caller without a valid token gets 401 with a `WWW-Authenticate` naming the metadata document
+(RFC 9728), which clients read to tell their user what the server wants. Nothing here waits on an MCP server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from mitmproxy import http
+
+from ..flow.state import HANDED_OFF
+from ..mcp.gateway import MCP_PATH, TRANSPORT_HEADERS, McpCaller, McpJob, SessionId, jsonrpc_error
+from ..policy.auth import GATEWAY_TOKEN_HEADERS, SECRET_HEADERS, acting_for, credential_from_headers
+from ..policy.policing import variable_headers
+from .proxy_mode import ProxyMode
+from .runtime import Runtime
+
+log = logging.getLogger("aibridge")
+
+METADATA_PATH = "/.well-known/oauth-protected-resource" + MCP_PATH
+METADATA_PATHS = (METADATA_PATH, "/.well-known/oauth-protected-resource")  # the root one too: clients try it
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+JSON = {"content-type": "application/json", "cache-control": "no-store"}
+
+
+def base_url(flow: http.HTTPFlow) -> str:
+    """The gateway as this client reached it (scheme and Host), for the URLs it is told; a Host that is not a plain
+    host[:port] is replaced by the listener's address."""
+    req = flow.request
+    host = req.host_header or ""
+    if not _HOST.match(host):
+        sock = flow.client_conn.sockname or ("127.0.0.1", 0)
+        host = f"{sock[0]}:{sock[1]}" if ":" not in sock[0] else f"[{sock[0]}]:{sock[1]}"
+    scheme = "https" if req.scheme == "https" else "http"
+    return f"{scheme}://{host}"
+
+
+class McpFront:
+    def __init__(self, runtime: Runtime, proxy: ProxyMode) -> None:
+        self.rt = runtime
+        self.proxy = proxy
+
+    def metadata(self, flow: http.HTTPFlow) -> None:
+        """The protected resource's metadata (RFC 9728): what it is and how to present a token. The gateway issues
+        its tokens itself (`aibridge tokens create`), so it names no authorization server."""
+        base = base_url(flow)
+        flow.response = http.Response.make(200, json.dumps({
+            "resource": base + MCP_PATH,
+            "resource_name": "aibridge MCP gateway",
+            "bearer_methods_supported": ["header"],
+            "authorization_servers": [],
+            "aibridge_token_help": "send your aibridge gateway token as Authorization: Bearer <token> (an admin "
+                                   "creates one with: aibridge tokens create --user <you>)",
+        }).encode(), JSON)
+
+    async def answer(self, flow: http.HTTPFlow) -> None:
+        rt, req = self.rt, flow.request
+        if rt.mcp is None or rt.mcp_gateway is None or rt.loopback is None:
+            flow.response = http.Response.make(404, jsonrpc_error(-32601, "aibridge: no MCP servers are configured "
+                                                                  "on this gateway (mcp_servers)"), JSON)
+            return
+        hv = {k.lower(): v for k, v in req.headers.items()}
+        origin = hv.get("origin")
+        if origin and origin.split("://", 1)[-1].rstrip("/") != (req.host_header or ""):
+            # A browser page of another site (DNS rebinding): never served, token or not.
+            flow.response = http.Response.make(403, jsonrpc_error(-32600, "aibridge: cross-origin requests to the "
+                                                                  "MCP gateway are refused"), JSON)
+            return
+        caller = self._authenticate(flow, hv)
+        if caller is None:
+            return
+        if req.method == "GET":  # stateless: no stream the server could speak on first
+            flow.response = http.Response.make(405, jsonrpc_error(-32600, "aibridge: this MCP endpoint offers no "
+                                                                  "server-sent event stream; POST requests"),
+                                               {**JSON, "allow": "POST, DELETE"})
+            return
+        if req.method == "DELETE":  # stateless: there is nothing to end
+            flow.response = http.Response.make(200, b"", {"cache-control": "no-store"})
+            return
+        if req.method != "POST":
+            flow.response = http.Response.make(405, jsonrpc_error(-32600, f"aibridge: {req.method} is not "
+                                                                  "supported here"), {**JSON, "allow": "POST, DELETE"})
+            return
+        body = req.raw_content or b""
+        try:
+            message = json.loads(body) if body else None
+        except (ValueError, RecursionError):
+            flow.response = http.Response.make(400, jsonrpc_error(-32700, "aibridge: the body is not JSON"), JSON)
+            return
+        session_out = None
+        if isinstance(message, dict) and message.get("method") == "initialize":
+            info = (message.get("params") or {}).get("clientInfo") if isinstance(message.get("params"), dict) else None
+            info = info if isinstance(info, dict) else {}
+            name, version = info.get("name"), info.get("version")
+            session_out = SessionId.mint(name if isinstance(name, str) else None,
+                                         version if isinstance(version, str) else None)
+            caller = _with_session(caller, SessionId.read(session_out))
+        headers = [(k.encode(), v.encode("latin-1", "replace")) for k, v in hv.items() if k in TRANSPORT_HEADERS]
+        job = McpJob(caller, req.method, headers, body, session_out)
+        for name in SECRET_HEADERS:  # the gateway token goes no further (nor into a capture of this flow)
+            req.headers.pop(name, None)
+        flow.metadata[HANDED_OFF] = "mcp"
+        path = rt.loopback.register(flow.id, job)
+        req.scheme, req.host, req.port = "http", "127.0.0.1", rt.loopback.port
+        req.host_header = f"127.0.0.1:{rt.loopback.port}"
+        req.path = path
+
+    def _authenticate(self, flow: http.HTTPFlow, hv: dict[str, str]) -> McpCaller | None:
+        """The caller, or None with the flow answered: 401 (with where to read what is wanted), 407 or 429."""
+        rt = self.rt
+        proxy_actor = self.proxy.actor(flow)
+        if flow.response is not None:
+            return None
+        token = next((hv[h].strip() for h in GATEWAY_TOKEN_HEADERS if hv.get(h, "").strip()), None) \
+            or credential_from_headers(hv)
+        actor = proxy_actor or rt.tokens.lookup(token)
+        if actor is None:
+            if rt.auth_failed(flow, None):
+                return None
+            given = token is not None
+            challenge = f'Bearer resource_metadata="{base_url(flow)}{METADATA_PATH}"'
+            if given:
+                challenge += ', error="invalid_token", error_description="invalid or revoked aibridge token"'
+            flow.response = http.Response.make(401, jsonrpc_error(-32001, (
+                "aibridge: invalid or revoked gateway token" if given else
+                "aibridge: a gateway token is required (Authorization: Bearer <your aibridge token>)")),
+                {**JSON, "www-authenticate": challenge})
+            return None
+        person, _ = acting_for(actor, hv, rt.users)
+        caller = McpCaller(actor.user_id, actor.user_name, actor.role, actor.groups, person,
+                           headers=variable_headers(hv))
+        return _with_session(caller, SessionId.read(hv.get("mcp-session-id")))
+
+
+def _with_session(caller: McpCaller, session: tuple | None) -> McpCaller:
+    if session is None:
+        return caller
+    client, version, sid = session
+    return McpCaller(caller.user_id, caller.user_name, caller.role, caller.groups, caller.on_behalf_of, client,
+                     version, sid, caller.headers)

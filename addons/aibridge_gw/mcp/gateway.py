@@ -1,0 +1,466 @@
+"""The MCP gateway's server side: one MCP server at /aibridge/mcp that aggregates every approved server, for agents.
+
+Built on the official `mcp` package: a low-level `Server` whose handlers list and forward tools
+(`<server>__<tool>`, with the server's own schemas and annotations), resources (by their URIs, mapped back to their
+server) and prompts (`<server>__<prompt>`), served by `StreamableHTTPSessionManager` in **stateless** mode with JSON
+answers. Stateless: every POST is served on its own, by whichever process (`--workers N`, several machines) gets it;
+nothing a later request needs is held here. What an MCP session carries across requests — the client's name and
+version from `initialize` — travels in the session id the gateway hands out (see `SessionId`), which the client
+sends back with every request. JSON rather than SSE: in stateless mode the server never speaks first (no server
+requests, no list-changed notifications), so each call has exactly one message to answer with; a whole body is
+what every client takes, mitmproxy relays it as is, and its size is the result size recorded.
+
+How a request gets here: the `ControlPlane` addon authenticates the gateway token, then hands the flow to the
+loopback server (loopback.py) as an `McpJob` holding who called; the loopback server gives the job to
+`McpGateway.serve`, which runs the session manager's ASGI app on it (request in, answer out through the
+`Responder`). The caller's identity never travels in a header: it is in the job, in this process, and reaches the
+handlers through the ASGI scope. Everything runs on mitmproxy's event loop; every wait is an await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from .. import __version__
+from ..config import McpServer
+from ..logsafe import printable
+from ..loopback import Responder
+from ..policy.policing import CallFacts
+from ..policy.redact import DEFAULT_DETECTORS, Redactor
+from .access import Caller, McpAccess
+from .registry import Listing, McpRegistry, Unavailable
+
+log = logging.getLogger("aibridge.mcp")
+
+MCP_PATH = "/aibridge/mcp"
+SEPARATOR = "__"  # <server>__<tool>, <server>__<prompt>
+LIST_BOUND = 5.0  # seconds tools/list (resources, prompts) waits for servers, at most
+SCOPE_KEY = "aibridge.mcp"  # the job, in the ASGI scope the handlers see
+# What an MCP call can come to (the metric's `outcome` label and the row's): the server answered (ok, or error: a
+# tool error result or a JSON-RPC error), the gateway refused (denied by mcp_access, refused by a policy rule,
+# rate_limited, unknown: no such tool here), or the server was not usable (unavailable, timeout).
+OUTCOMES = ("ok", "error", "denied", "refused", "rate_limited", "unknown", "unavailable", "timeout")
+# Request headers the MCP transport reads; nothing else (no credential) reaches the server side.
+TRANSPORT_HEADERS = ("content-type", "accept", "mcp-protocol-version", "mcp-session-id", "last-event-id",
+                     "user-agent")
+INSTRUCTIONS = ("aibridge MCP gateway: the tools, resources and prompts of the MCP servers your administrator "
+                "approved, named <server>__<name>. Every call is checked against the access rules and recorded.")
+
+
+@dataclass(frozen=True, slots=True)
+class McpCaller:
+    """Who is calling, as the front authenticated them, and from where."""
+
+    user_id: str
+    user_name: str
+    role: str = "member"
+    groups: tuple[str, ...] = ()
+    on_behalf_of: tuple[str, str] | None = None  # (id, name) of the person a service account acts for
+    client: str | None = None  # from `initialize`'s clientInfo, carried in the session id
+    client_version: str | None = None
+    session: str | None = None
+    headers: dict = field(default_factory=dict, hash=False, compare=False)  # as policies see them (no credentials)
+
+    @property
+    def access(self) -> Caller:
+        return Caller(self.user_name, self.groups)
+
+
+@dataclass(slots=True)
+class McpJob:
+    """One HTTP request to /aibridge/mcp, for the loopback server to hand to `McpGateway.serve`."""
+
+    caller: McpCaller
+    method: str
+    headers: list[tuple[bytes, bytes]]  # TRANSPORT_HEADERS only
+    body: bytes
+    session_out: str | None = None  # an initialize's answer carries this as Mcp-Session-Id
+
+
+class SessionId:
+    """The session id the gateway hands out at `initialize`: `aib1.` and the base64url of {client name, version,
+    random}. Any process can read it (nothing is kept anywhere), and it is no credential: the client could say any
+    name in `initialize` anyway. Whatever a client sends that is not one of these is ignored."""
+
+    PREFIX = "aib1."
+    MAX = 600
+
+    @classmethod
+    def mint(cls, client: str | None, version: str | None) -> str:
+        payload = {"c": (client or "")[:100], "v": (version or "")[:50], "r": secrets.token_hex(8)}
+        raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode()
+        return cls.PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    @classmethod
+    def read(cls, value: str | None) -> tuple[str | None, str | None, str] | None:
+        """(client, version, session) from one of ours; None for anything else."""
+        if not value or len(value) > cls.MAX or not value.startswith(cls.PREFIX):
+            return None
+        data = value[len(cls.PREFIX):]
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
+        except (ValueError, binascii.Error, RecursionError):
+            return None
+        if not isinstance(payload, dict) or not all(isinstance(payload.get(k), str) for k in ("c", "v", "r")):
+            return None
+        if not re.fullmatch(r"[0-9a-f]{16}", payload["r"]):
+            return None
+        return payload["c"] or None, payload["v"] or None, payload["r"]
+
+
+RateCheck = Callable[[McpCaller], Awaitable[Any]]  # a refusal (budgets.Refusal) or None
+
+
+class McpGateway:
+    """The server side. Its collaborators follow the configuration (set by the runtime on every reload): the
+    registry, the access rules, the policies, the rate check; a call keeps the ones it started with."""
+
+    def __init__(self, recorder, metrics) -> None:
+        from mcp.server.lowlevel import Server
+        from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+        self.recorder = recorder
+        self.metrics = metrics
+        self.registry: McpRegistry | None = None
+        self.access = McpAccess(())
+        self.policing = None  # policy.policing.Policing, or None
+        self.rate: RateCheck | None = None
+        self.server = Server("aibridge", version=__version__, instructions=INSTRUCTIONS)
+        self._handlers()
+        self.manager = StreamableHTTPSessionManager(self.server, stateless=True, json_response=True)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """The session manager's task group, running until `stop` (stateless: it holds only calls in flight)."""
+        ready = asyncio.Event()
+
+        async def run() -> None:
+            async with self.manager.run():
+                ready.set()
+                await asyncio.Event().wait()
+
+        self._task = asyncio.create_task(run())
+        await ready.wait()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    # --- HTTP: the loopback server's handler --------------------------------------------------------------
+
+    async def serve(self, job: McpJob, out: Responder) -> None:
+        """Run the MCP transport's ASGI app on the job: the request body in, the answer out through `out`."""
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": job.method, "scheme": "http", "path": MCP_PATH, "raw_path": MCP_PATH.encode(),
+            "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1"), *job.headers],
+            "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), SCOPE_KEY: job,
+        }
+        given = False
+        finished = asyncio.Event()
+        head: list = []
+
+        async def receive() -> dict:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": job.body, "more_body": False}
+            await finished.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if job.session_out and message["status"] == 200:
+                    headers.append((b"mcp-session-id", job.session_out.encode()))
+                head[:] = [message["status"], headers]
+            elif message["type"] == "http.response.body":
+                body, more = message.get("body", b""), message.get("more_body", False)
+                if not out.started and not more:
+                    await out.respond(head[0], head[1], body)
+                    return
+                if not out.started:
+                    await out.start(head[0], head[1])
+                await out.send(body)
+                if not more:
+                    await out.end()
+
+        try:
+            await self.manager.handle_request(scope, receive, send)
+        finally:
+            finished.set()
+        if not out.started:
+            await out.respond(500, [("content-type", "application/json")], _jsonrpc_error(
+                -32603, "aibridge: the MCP gateway did not answer"))
+
+    # --- MCP: the handlers -------------------------------------------------------------------------------
+
+    def _handlers(self) -> None:
+        """Registered directly (the decorators' own table): the decorators' tool cache would be one list shared by
+        every user, and their call wrapper would list tools again on every miss."""
+        from mcp import types
+
+        h = self.server.request_handlers
+        h[types.ListToolsRequest] = self._list_tools
+        h[types.CallToolRequest] = self._call_tool
+        h[types.ListResourcesRequest] = self._list_resources
+        h[types.ListResourceTemplatesRequest] = self._list_templates
+        h[types.ReadResourceRequest] = self._read_resource
+        h[types.ListPromptsRequest] = self._list_prompts
+        h[types.GetPromptRequest] = self._get_prompt
+
+    def _caller(self) -> McpCaller:
+        request = self.server.request_context.request
+        return request.scope[SCOPE_KEY].caller
+
+    async def _offers(self, caller: McpCaller) -> list[tuple[McpServer, Listing]]:
+        """What every server the caller may use offers them, each waited for at most LIST_BOUND seconds (a silent
+        server is left out, never waited for longer)."""
+        registry = self.registry
+        if registry is None:
+            return []
+        servers = [s for s in registry.servers if self.access.server_visible(s, caller.access)]
+        wait = min(registry.settings.list_timeout_seconds, LIST_BOUND)
+        listings = await asyncio.gather(*(registry.listing(s, caller.user_id, wait) for s in servers))
+        return [(s, lst) for s, lst in zip(servers, listings) if lst is not None]
+
+    async def _list_tools(self, req) -> Any:
+        from mcp import types
+
+        caller = self._caller()
+        tools = []
+        for server, listing in await self._offers(caller):
+            for t in listing.tools:
+                if self.access.decide(server, t.name, caller.access).allowed:
+                    tools.append(t.model_copy(update={"name": f"{server.name}{SEPARATOR}{t.name}"}))
+        return types.ServerResult(types.ListToolsResult(tools=tools))
+
+    async def _list_resources(self, req) -> Any:
+        from mcp import types
+
+        caller = self._caller()
+        seen, resources = set(), []
+        for _, listing in await self._offers(caller):
+            for r in listing.resources:
+                if str(r.uri) not in seen:
+                    seen.add(str(r.uri))
+                    resources.append(r)
+        return types.ServerResult(types.ListResourcesResult(resources=resources))
+
+    async def _list_templates(self, req) -> Any:
+        from mcp import types
+
+        caller = self._caller()
+        templates = [t for _, listing in await self._offers(caller) for t in listing.templates]
+        return types.ServerResult(types.ListResourceTemplatesResult(resourceTemplates=templates))
+
+    async def _list_prompts(self, req) -> Any:
+        from mcp import types
+
+        caller = self._caller()
+        prompts = [p.model_copy(update={"name": f"{s.name}{SEPARATOR}{p.name}"})
+                   for s, listing in await self._offers(caller) for p in listing.prompts]
+        return types.ServerResult(types.ListPromptsResult(prompts=prompts))
+
+    def resolve(self, name: str) -> tuple[McpServer, str] | None:
+        """`<server>__<name>` back to the server and its own name (server names may hold `__` themselves: the
+        longest configured name that prefixes it wins)."""
+        registry = self.registry
+        if registry is None or not isinstance(name, str):
+            return None
+        best = None
+        for s in registry.servers:
+            prefix = s.name + SEPARATOR
+            if name.startswith(prefix) and len(name) > len(prefix) and (best is None or len(s.name) > len(best.name)):
+                best = s
+        return (best, name[len(best.name) + len(SEPARATOR):]) if best is not None else None
+
+    async def _call_tool(self, req) -> Any:
+        from mcp import types
+
+        caller = self._caller()
+        registry, access = self.registry, self.access  # a reload meanwhile changes neither for this call
+        call = _Call(self, caller, "tools/call", req.params.name, req.params.arguments or {})
+        resolved = self.resolve(req.params.name)
+        if resolved is None:
+            return call.refuse("unknown", f"aibridge: no tool {req.params.name!r} here (tools/list names them)")
+        server, tool = resolved
+        call.server, call.tool = server, tool
+        verdict = access.decide(server, tool, caller.access)
+        if not verdict.allowed:
+            return call.refuse("denied", f"aibridge: {req.params.name} is not allowed for {caller.user_name}: "
+                                         f"{verdict.why}")
+        if self.rate is not None:
+            refusal = await self.rate(caller)
+            if refusal is not None:
+                return call.refuse("rate_limited", f"{refusal.message} (MCP calls; retry in {refusal.retry_after} s)")
+        denied = call.police()
+        if denied is not None:
+            return call.refuse("refused", f"aibridge policy {denied.rule}: {denied.message or 'denied'}")
+        try:
+            result = await registry.call_tool(server, tool, call.arguments, caller.user_id)
+        except Unavailable as e:
+            return call.refuse(e.outcome, str(e))
+        size = len(result.model_dump_json(by_alias=True, exclude_none=True))
+        call.done("error" if result.isError else "ok", bool(result.isError), _error_text(result), size)
+        return types.ServerResult(result)
+
+    async def _read_resource(self, req) -> Any:
+        from mcp import types
+        from mcp.shared.exceptions import McpError
+
+        caller = self._caller()
+        uri = str(req.params.uri)
+        call = _Call(self, caller, "resources/read", uri, None)
+        server = self._resource_server(await self._offers(caller), uri)
+        if server is None:
+            call.done("unknown", True, "no server here offers this resource", None)
+            raise McpError(types.ErrorData(code=-32002, message=f"aibridge: no resource {uri!r} here"))
+        call.server = server
+        try:
+            result = await self.registry.read_resource(server, uri, caller.user_id)
+        except Unavailable as e:
+            call.done(e.outcome, True, str(e), None)
+            raise McpError(types.ErrorData(code=types.INTERNAL_ERROR, message=str(e))) from None
+        call.done("ok", False, None, len(result.model_dump_json(by_alias=True, exclude_none=True)))
+        return types.ServerResult(result)
+
+    @staticmethod
+    def _resource_server(offers: list[tuple[McpServer, Listing]], uri: str) -> McpServer | None:
+        for server, listing in offers:
+            if any(str(r.uri) == uri for r in listing.resources):
+                return server
+        for server, listing in offers:
+            if any(_template_matches(t.uriTemplate, uri) for t in listing.templates):
+                return server
+        return None
+
+    async def _get_prompt(self, req) -> Any:
+        from mcp import types
+        from mcp.shared.exceptions import McpError
+
+        caller = self._caller()
+        call = _Call(self, caller, "prompts/get", req.params.name, req.params.arguments)
+        resolved = self.resolve(req.params.name)
+        if resolved is None or not self.access.server_visible(resolved[0], caller.access):
+            call.done("unknown", True, "no such prompt here", None)
+            raise McpError(types.ErrorData(code=types.INVALID_PARAMS,
+                                           message=f"aibridge: no prompt {req.params.name!r} here"))
+        server, name = resolved
+        call.server, call.tool = server, name
+        try:
+            result = await self.registry.get_prompt(server, name, req.params.arguments, caller.user_id)
+        except Unavailable as e:
+            call.done(e.outcome, True, str(e), None)
+            raise McpError(types.ErrorData(code=types.INTERNAL_ERROR, message=str(e))) from None
+        call.done("ok", False, None, len(result.model_dump_json(by_alias=True, exclude_none=True)))
+        return types.ServerResult(result)
+
+
+class _Call:
+    """One tools/call (resources/read, prompts/get) from its arrival to its record: every one is recorded once,
+    whatever it came to, and counted."""
+
+    def __init__(self, gateway: McpGateway, caller: McpCaller, method: str, name: str, arguments) -> None:
+        self.gateway, self.caller, self.method = gateway, caller, method
+        self.id = str(uuid.uuid4())
+        self.at = dt.datetime.now(dt.UTC)
+        self.t0 = time.monotonic()
+        self.server: McpServer | None = None
+        self.tool = name
+        self.name = name
+        self.arguments = arguments
+        self.policing = gateway.policing  # the policies this call started under
+        self.facts: CallFacts | None = None
+
+    def police(self):
+        """The `hook: tool` rules on this call (recorded as decisions on it); the enforced refusal or None."""
+        policing = self.policing
+        if policing is None or not policing.policy.has_rules("tool"):
+            return None
+        c = self.caller
+        self.facts = CallFacts(
+            self.id, {"name": c.user_name, "id": c.user_id, "role": c.role, "groups": list(c.groups)},
+            c.client or "", c.session or "", self.server.name, "mcp", "", "", [], [], dict(c.headers))
+        text = json.dumps(self.arguments, ensure_ascii=False)
+        return policing.tool(self.facts, self.name, text, self.id, injected=True)
+
+    def refuse(self, outcome: str, message: str):
+        from mcp import types
+
+        self.done(outcome, True, message, None)
+        return types.ServerResult(types.CallToolResult(
+            content=[types.TextContent(type="text", text=message)], isError=True))
+
+    def done(self, outcome: str, is_error: bool, error: str | None, size: int | None) -> None:
+        seconds = time.monotonic() - self.t0
+        gw, c = self.gateway, self.caller
+        try:
+            gw.recorder.mcp_call(
+                self.id, created_at=self.at, user_id=c.user_id, user_name=c.user_name, method=self.method,
+                server=self.server.name if self.server else None, tool=self.tool, arguments=self._stored(),
+                is_error=is_error, outcome=outcome, error=error, result_bytes=size, duration_ms=round(seconds * 1000),
+                client=c.client, client_version=c.client_version, session_id=c.session,
+                on_behalf_of_id=c.on_behalf_of[0] if c.on_behalf_of else None,
+                on_behalf_of_name=c.on_behalf_of[1] if c.on_behalf_of else None)
+        except Exception:  # a record that cannot be queued must not fail the call
+            log.exception("aibridge: recording an MCP call failed")
+        if self.method == "tools/call":
+            gw.metrics.mcp_call(self.server.name if self.server else None, self.tool if self.server else None,
+                                outcome, seconds)
+        log.info("mcp call %s user=%s %s %s/%s: %s (%d ms)", self.id, c.user_name, self.method,
+                 self.server.name if self.server else "-", printable(self.tool), outcome, round(seconds * 1000))
+
+    def _stored(self):
+        """The arguments as stored: masked with every detector when the policies mask what is stored."""
+        policing = self.policing
+        if self.arguments is None or policing is None or not policing.redact_stored:
+            return self.arguments
+        scan = self.facts.scan if self.facts is not None else None
+        return Redactor(DEFAULT_DETECTORS, scan).value(self.arguments)
+
+
+def offers_gateway_tools(names: list[str], servers) -> bool:
+    """Whether a model request already offers the MCP gateway's tools (its client is connected to /aibridge/mcp):
+    a name that is `<server>__<tool>`, or holds `__<server>__` (Claude Code's `mcp__<its name>__<server>__<tool>`),
+    for an approved server. Such a request gets no tools injected: the model would see each one twice."""
+    marks = [(f"{s.name}{SEPARATOR}", f"{SEPARATOR}{s.name}{SEPARATOR}") for s in servers]
+    return any(n.startswith(start) or inner in n for n in names for start, inner in marks)
+
+
+def _error_text(result) -> str | None:
+    if not result.isError:
+        return None
+    texts = [c.text for c in result.content or [] if getattr(c, "type", None) == "text"]
+    return "\n".join(texts)[:2000] or "the tool answered with an error"
+
+
+def _template_matches(template: str, uri: str) -> bool:
+    """Whether `uri` is one the URI template (RFC 6570, simple expressions) makes."""
+    pattern, pos = "", 0
+    for m in re.finditer(r"\{([+#]?)[^}]*\}", template):
+        pattern += re.escape(template[pos:m.start()]) + (".+" if m.group(1) else "[^/?#]+")
+        pos = m.end()
+    pattern += re.escape(template[pos:])
+    return re.fullmatch(pattern, uri) is not None
+
+
+def _jsonrpc_error(code: int, message: str) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}).encode()
+
+
+def jsonrpc_error(code: int, message: str) -> bytes:
+    """A JSON-RPC error with no request id, as an HTTP answer's body (the front's 401, 400, 404)."""
+    return _jsonrpc_error(code, message)
