@@ -18,10 +18,10 @@ from ..admin.api import PREFIX as API_PREFIX
 from ..admin.api import error as api_error
 from ..admin.gateway_client import CONTROL_PATH
 from ..flow.errors import error_response
-from ..policy.auth import credential_from_headers
-from ..store import ops
 from ..mcp.access import ACCESS_COLUMNS, Caller, access_rows
 from ..mcp.gateway import LIST_BOUND, MCP_PATH
+from ..policy.auth import credential_from_headers
+from ..store import ops
 from .mcp_front import METADATA_PATHS, McpFront
 from .proxy_mode import ProxyMode
 from .runtime import Runtime
