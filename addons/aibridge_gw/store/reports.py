@@ -387,25 +387,34 @@ def _decision_where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]
         clauses.append("(CAST(d.user_id AS VARCHAR) = ? OR CAST(i.initiator_id AS VARCHAR) = ? "
                        "OR CAST(i.on_behalf_of_id AS VARCHAR) = ?)")
         params += [viewer.user_id] * 3
-    for key, col in (("rule", "d.rule"), ("action", "d.action"), ("hook", "d.hook"), ("user", "usr.name"),
-                     ("interception", "CAST(d.interception_id AS VARCHAR)")):
+    _column_filters(filters, clauses, params, "d", {
+        "rule": "d.rule", "action": "d.action", "hook": "d.hook", "user": "usr.name",
+        "interception": "CAST(d.interception_id AS VARCHAR)"}, ("enforced", "d.enforced"))
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _column_filters(filters: dict[str, Any], clauses: list, params: list, table: str, columns: dict[str, str],
+                    flag: tuple[str, str]) -> None:
+    """The filters every audit listing shares: equality on `columns` (an id compared lower-case), one yes/no flag
+    on a boolean column, and `since`/`until` on the table's created_at."""
+    for key, col in columns.items():
         value = filters.get(key)
         if value:
             clauses.append(f"{col} = ?")
             params.append(str(value).strip().lower() if key == "interception" else str(value))
-    enforced = filters.get("enforced")
-    if enforced not in (None, ""):
-        flag = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
-            str(enforced).strip().lower())
-        if flag is None:
-            raise BadParameter("enforced", "true or false")
-        clauses.append("d.enforced" if flag else "NOT d.enforced")
+    name, column = flag
+    given = filters.get(name)
+    if given not in (None, ""):
+        on = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+            str(given).strip().lower())
+        if on is None:
+            raise BadParameter(name, "true or false")
+        clauses.append(column if on else f"NOT {column}")
     for key, op in (("since", ">="), ("until", "<")):
         t = parse_time(key, filters.get(key))
         if t is not None:
-            clauses.append(f"d.created_at {op} ?")
+            clauses.append(f"{table}.created_at {op} ?")
             params.append(t)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
 def policy_decisions(conn, viewer: Viewer, filters: dict, limit: int = 50) -> dict:
@@ -454,24 +463,9 @@ def _mcp_where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
     if viewer.user_id is not None:  # a member sees the calls they made (and those made for them)
         clauses.append("(CAST(c.user_id AS VARCHAR) = ? OR CAST(c.on_behalf_of_id AS VARCHAR) = ?)")
         params += [viewer.user_id] * 2
-    for key, col in (("user", "c.user_name"), ("server", "c.server"), ("tool", "c.tool"), ("outcome", "c.outcome"),
-                     ("client", "c.client"), ("session", "c.session_id"), ("method", "c.method")):
-        value = filters.get(key)
-        if value:
-            clauses.append(f"{col} = ?")
-            params.append(str(value))
-    errors = filters.get("errors")
-    if errors not in (None, ""):
-        flag = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
-            str(errors).strip().lower())
-        if flag is None:
-            raise BadParameter("errors", "true or false")
-        clauses.append("c.is_error" if flag else "NOT c.is_error")
-    for key, op in (("since", ">="), ("until", "<")):
-        t = parse_time(key, filters.get(key))
-        if t is not None:
-            clauses.append(f"c.created_at {op} ?")
-            params.append(t)
+    _column_filters(filters, clauses, params, "c", {
+        "user": "c.user_name", "server": "c.server", "tool": "c.tool", "outcome": "c.outcome", "client": "c.client",
+        "session": "c.session_id", "method": "c.method"}, ("errors", "c.is_error"))
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
