@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
+from urllib.parse import quote
 
 from ..flow.exchange import BadRequest, RequestInfo, ResponseSummary
 from ..flow.sse import SSEEvent
@@ -173,6 +174,18 @@ def sse_only(api: str, headers: Mapping[str, str]) -> None:
 def model_in_body(body: dict, path: str, model: str) -> tuple[dict, str]:
     """`WireFunctions.with_model` for APIs whose body names the model."""
     return {**body, "model": model}, path
+
+
+def model_in_path(pattern: re.Pattern) -> Callable[[dict, str, str], tuple[dict, str]]:
+    """`WireFunctions.with_model` for APIs that name the model in the path (Gemini, Bedrock's InvokeModel): the
+    pattern's first group is replaced, the body left as it is."""
+    def with_model(body: dict, path: str, model: str) -> tuple[dict, str]:
+        bare, sep, query = path.partition("?")
+        m = pattern.search(bare)
+        if m is None:
+            return body, path
+        return body, bare[:m.start(1)] + quote(model, safe="") + bare[m.end(1):] + sep + query
+    return with_model
 
 
 @dataclass(frozen=True)

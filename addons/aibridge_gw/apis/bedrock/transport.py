@@ -21,7 +21,7 @@ from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import BotoCoreError
 from botocore.session import Session
 
-from ..base import BadSettings
+from ..base import BadSettings, model_in_path
 from .eventstream import CONTENT_TYPE, Native, ToSSE, anthropic_error, exception_name
 
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
@@ -57,13 +57,7 @@ def invoke_target(path: str) -> tuple[str, bool] | None:
     return (unquote(m.group(1)), m.group(2) != "invoke") if m else None
 
 
-def with_invoke_model(body: dict, path: str, model: str) -> tuple[dict, str]:
-    """`WireFunctions.with_model` for InvokeModel: the model is named in the path, never in the body."""
-    bare, sep, query = path.partition("?")
-    m = _INVOKE.search(bare)
-    if m is None:
-        return body, path
-    return body, bare[:m.start(1)] + quote(model, safe="") + bare[m.end(1):] + sep + query
+with_invoke_model = model_in_path(_INVOKE)  # `WireFunctions.with_model` for InvokeModel: the model is in the path
 
 
 def client_access_key(headers: dict[str, str]) -> str | None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import quote
 
 from ...flow.exchange import BadRequest, RequestInfo, ResponseSummary, Thought, TokenUsage, ToolCall, as_int, json_text
 from ...flow.sse import SSEEvent
 from ...flow.toolgate import GateCall, StreamGate, ToolGate, check
 from ...mcp.tools import Adapter, ToolResult
-from ..base import WireFunctions, load_json_event, require_objects, sse_bytes
+from ..base import WireFunctions, load_json_event, model_in_path, require_objects, sse_bytes
 
 _PATH = re.compile(r"/models/([^/:]+):(stream)?[gG]enerateContent$")
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -45,15 +44,6 @@ def parse_request(body: dict, path: str = "") -> RequestInfo:
             prompt = "\n".join(texts) or None
         break
     return RequestInfo(model, bool(m and m.group(2)), prompt, tool_results)
-
-
-def with_model(body: dict, path: str, model: str) -> tuple[dict, str]:
-    """Gemini names the model in the path (`/models/<model>:generateContent`)."""
-    bare, sep, query = path.partition("?")
-    m = _PATH.search(bare)
-    if m is None:
-        return body, path
-    return body, bare[:m.start(1)] + quote(model, safe="") + bare[m.end(1):] + sep + query
 
 
 def prepare_request(body: dict) -> dict | None:
@@ -323,5 +313,5 @@ GATE = ToolGate(stream=GeminiGate, body=gate_body)
 API = WireFunctions(
     name="gemini.generate_content", model_api=True, parse_request=parse_request, prepare_request=prepare_request,
     on_event=on_event, finish_stream=finish_stream, summarize=summarize, stream_error_event=stream_error_event,
-    array_responses=True, adapter=GeminiAdapter, with_model=with_model, gate=GATE,
+    array_responses=True, adapter=GeminiAdapter, with_model=model_in_path(_PATH), gate=GATE,
 )
