@@ -69,7 +69,9 @@ class McpRegistry:
     def server(self, name: str) -> McpServer | None:
         return next((s for s in self.servers if s.name == name), None)
 
-    def _headers(self, server: McpServer, user_id: str) -> dict[str, str] | None:
+    async def _headers(self, server: McpServer, user_id: str) -> dict[str, str] | None:
+        """The headers this user's requests to the server carry (the credential included); None when the server
+        takes each user's own credential and this user has none."""
         headers = dict(server.headers)
         if server.per_user_token:
             token = self.user_token(user_id, server.name)
@@ -98,7 +100,7 @@ class McpRegistry:
     async def listing(self, server: McpServer, user_id: str, wait: float) -> Listing | None:
         """What the server offers this user, waiting at most `wait` seconds for a listing under way (none at all when
         the last one failed); None when the server takes each user's own token and this user has none."""
-        headers = self._headers(server, user_id)
+        headers = await self._headers(server, user_id)
         if headers is None:
             return None
         key = (server.name, user_id if server.per_user_token else None)
@@ -183,7 +185,7 @@ class McpRegistry:
         from mcp import ClientSession
         from mcp.shared.exceptions import McpError
 
-        headers = self._headers(server, user_id)
+        headers = await self._headers(server, user_id)
         if headers is None:
             raise Unavailable(f"MCP server {server.name} takes each user's own token, and this user has none "
                               f"(aibridge mcp-token set --server {server.name})")
