@@ -100,16 +100,22 @@ def wait_for_groups(gw: Gateway, token: str, groups: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def session(url: str, token: str | None, client=("gateway-test", "1.2.3")):
-    """The official MCP client, initialized, as an agent would be (`sid()`: the session id the gateway gave)."""
+async def session(url: str, token: str | None, client=("gateway-test", "1.2.3"), notices: list | None = None):
+    """The official MCP client, initialized, as an agent would be (`sid()`: the session id the gateway gave).
+    `notices`: the notifications the gateway sends on the stream the client opens, collected by method."""
     from mcp import ClientSession, types
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
 
+    async def on_message(message) -> None:
+        if notices is not None and isinstance(message, types.ServerNotification):
+            notices.append(message.root.method)
+
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with create_mcp_http_client(headers=headers) as http:
         async with streamable_http_client(url + "/aibridge/mcp", http_client=http) as (r, w, sid):
-            async with ClientSession(r, w, client_info=types.Implementation(name=client[0], version=client[1])) as s:
+            async with ClientSession(r, w, client_info=types.Implementation(name=client[0], version=client[1]),
+                                     message_handler=on_message) as s:
                 s.init = await s.initialize()
                 s.sid = sid
                 yield s
@@ -354,9 +360,12 @@ def admin(gw: Gateway) -> str:
     return _admin[gw]
 
 
-def test_a_reload_applies_new_access_rules_to_the_next_request(tmp_path, upstream, servers):
+def test_a_reload_applies_new_access_rules_to_the_next_request_and_notifies_listening_clients(
+        tmp_path, upstream, servers):
     """SIGHUP with other mcp_access rules: the next tools/list and tools/call follow them (stateless: nothing to
-    end or re-open), and a config whose rule names an unknown server is refused whole."""
+    end or re-open); a client listening on the notification stream is told its tool list changed (and not the
+    resources or prompts it sees, which did not); a config whose rule names an unknown server is refused whole;
+    revoking the token ends the stream within seconds."""
     import yaml
 
     from tests.test_reload import reload
@@ -364,7 +373,7 @@ def test_a_reload_applies_new_access_rules_to_the_next_request(tmp_path, upstrea
     config = {**gateway_config(servers), "policies": {}}
     g = Gateway(tmp_path / "reloaded", upstream.url, extra=config).start()
     try:
-        _, token = new_user(g, "reloaded")
+        name, token = new_user(g, "reloaded")
 
         async def docs_tools():
             async with session(g.url, token) as s:
@@ -374,9 +383,24 @@ def test_a_reload_applies_new_access_rules_to_the_next_request(tmp_path, upstrea
         listed, result = run(docs_tools())
         assert "docs__search_issues" in listed and not result.isError
         raw = yaml.safe_load(g.config_path.read_text())
-        raw["mcp_access"].append({"servers": ["docs"], "tools": ["search_*"], "deny": True})
-        g.config_path.write_text(yaml.safe_dump(raw))
-        reload(g, "configuration reloaded")
+
+        async def listen_across_reload() -> list[str]:
+            notices: list[str] = []
+            async with session(g.url, token, notices=notices) as s:
+                assert s.init.capabilities.tools.listChanged is True
+                await s.list_tools()
+                await asyncio.sleep(1.5)  # the client's GET stream is open and has seen the lists as they were
+                raw["mcp_access"].append({"servers": ["docs"], "tools": ["search_*"], "deny": True})
+                g.config_path.write_text(yaml.safe_dump(raw))
+                await asyncio.to_thread(reload, g, "configuration reloaded")
+                deadline = time.monotonic() + 8
+                while "notifications/tools/list_changed" not in notices and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)
+            return notices
+
+        notices = run(listen_across_reload())
+        assert notices == ["notifications/tools/list_changed"]
         listed, result = run(docs_tools())
         assert listed == {"docs__delete_issue"} and result.isError and "denied by mcp_access[4]" in text(result)
         raw["mcp_access"].append({"servers": ["nowhere"]})
@@ -384,6 +408,17 @@ def test_a_reload_applies_new_access_rules_to_the_next_request(tmp_path, upstrea
         reload(g, "configuration reload (SIGHUP) refused")
         assert "`nowhere` is not an MCP server here" in g.log()
         assert run(docs_tools())[0] == {"docs__delete_issue"}  # it kept serving with the rules it had
+
+        with httpx.stream("GET", g.url + "/aibridge/mcp", trust_env=False, timeout=10,
+                          headers={"authorization": f"Bearer {token}", "accept": "text/event-stream"}) as stream:
+            assert stream.status_code == 200
+            tokens = g.op("tokens.list", user=name)
+            (tid,) = [r[tokens["columns"].index("id")] for r in tokens["rows"]]
+            g.op("tokens.revoke", id=tid)
+            started = time.monotonic()
+            for _ in stream.iter_lines():
+                pass  # ends when the gateway ends the stream
+            assert time.monotonic() - started < 6
     finally:
         g.stop()
 
@@ -441,11 +476,14 @@ def test_through_the_proxy_with_proxy_credentials(gw, servers):
     assert calls(gw, name)[0]["outcome"] == "ok"
 
 
-def test_get_and_delete_are_answered_as_for_a_stateless_server(gw):
+def test_get_opens_the_notification_stream_and_delete_ends_nothing(gw):
     _, token = new_user(gw, "methods")
     auth = {"authorization": f"Bearer {token}"}
-    get = httpx.get(gw.url + "/aibridge/mcp", headers={**auth, "accept": "text/event-stream"}, trust_env=False)
-    assert get.status_code == 405 and "POST" in get.headers["allow"]
+    assert httpx.get(gw.url + "/aibridge/mcp", headers=auth, trust_env=False).status_code == 406
+    with httpx.stream("GET", gw.url + "/aibridge/mcp", headers={**auth, "accept": "text/event-stream"},
+                      trust_env=False, timeout=5) as get:
+        assert get.status_code == 200 and get.headers["content-type"].startswith("text/event-stream")
+        assert next(get.iter_lines()).startswith(":")  # its opening comment arrives at once (not buffered)
     delete = httpx.delete(gw.url + "/aibridge/mcp", headers={**auth, "mcp-session-id": "aib1.x"}, trust_env=False)
     assert delete.status_code == 200
 

@@ -18,6 +18,7 @@ from ..admin.api import PREFIX as API_PREFIX
 from ..admin.api import error as api_error
 from ..admin.gateway_client import CONTROL_PATH
 from ..flow.errors import error_response
+from ..flow.state import HANDED_OFF
 from ..mcp.access import ACCESS_COLUMNS, Caller, access_rows
 from ..mcp.gateway import LIST_BOUND, MCP_PATH
 from ..policy.auth import credential_from_headers
@@ -58,6 +59,12 @@ class ControlPlane:
                 or not self.proxy.is_ours(flow):
             return None
         return self._request(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The MCP gateway's notification stream is relayed as it comes (it never ends by itself)."""
+        if flow.metadata.get(HANDED_OFF) == "mcp" and flow.response is not None \
+                and flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+            flow.response.stream = True
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         try:

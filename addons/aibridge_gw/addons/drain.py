@@ -129,6 +129,8 @@ class Drain:
             self.draining = True
             grace = self.rt.config.timeouts.shutdown_grace if self.rt.config is not None else 60.0
             await self._stop_listening()
+            if self.rt.mcp_gateway is not None:
+                self.rt.mcp_gateway.end_streams()  # MCP notification streams never end by themselves
             calls = sum(len(f) for f in self.live.values())
             log.info("aibridge: %s: stopped listening; %s", name,
                      f"{calls} call(s) in flight may finish within {grace:g} s" if calls else "nothing in flight")

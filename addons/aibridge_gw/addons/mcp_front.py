@@ -16,7 +16,7 @@ from mitmproxy import http
 
 from ..flow.state import HANDED_OFF
 from ..mcp.gateway import MCP_PATH, TRANSPORT_HEADERS, McpCaller, McpJob, SessionId, jsonrpc_error
-from ..policy.auth import GATEWAY_TOKEN_HEADERS, SECRET_HEADERS, acting_for, credential_from_headers
+from ..policy.auth import GATEWAY_TOKEN_HEADERS, SECRET_HEADERS, acting_for, credential_from_headers, proxy_token
 from ..policy.policing import variable_headers
 from .proxy_mode import ProxyMode
 from .runtime import Runtime
@@ -75,25 +75,29 @@ class McpFront:
         caller = self._authenticate(flow, hv)
         if caller is None:
             return
-        if req.method == "GET":  # stateless: no stream the server could speak on first
-            flow.response = http.Response.make(405, jsonrpc_error(-32600, "aibridge: this MCP endpoint offers no "
-                                                                  "server-sent event stream; POST requests"),
-                                               {**JSON, "allow": "POST, DELETE"})
-            return
+        if req.method == "GET":  # the notification stream (list_changed), for clients that listen
+            if "text/event-stream" not in hv.get("accept", ""):
+                flow.response = http.Response.make(406, jsonrpc_error(-32600, "aibridge: GET opens the notification "
+                                                                      "stream: send Accept: text/event-stream"),
+                                                   JSON)
+                return
         if req.method == "DELETE":  # stateless: there is nothing to end
             flow.response = http.Response.make(200, b"", {"cache-control": "no-store"})
             return
-        if req.method != "POST":
+        if req.method not in ("POST", "GET"):
             flow.response = http.Response.make(405, jsonrpc_error(-32600, f"aibridge: {req.method} is not "
-                                                                  "supported here"), {**JSON, "allow": "POST, DELETE"})
+                                                                  "supported here"),
+                                               {**JSON, "allow": "GET, POST, DELETE"})
             return
-        body = req.raw_content or b""
+        body = (req.raw_content or b"") if req.method == "POST" else b""
         try:
             message = json.loads(body) if body else None
         except (ValueError, RecursionError):
             flow.response = http.Response.make(400, jsonrpc_error(-32700, "aibridge: the body is not JSON"), JSON)
             return
         session_out = None
+        if req.method == "GET":
+            message = None
         if isinstance(message, dict) and message.get("method") == "initialize":
             info = (message.get("params") or {}).get("clientInfo") if isinstance(message.get("params"), dict) else None
             info = info if isinstance(info, dict) else {}
@@ -102,7 +106,7 @@ class McpFront:
                                          version if isinstance(version, str) else None)
             caller = _with_session(caller, SessionId.read(session_out))
         headers = [(k.encode(), v.encode("latin-1", "replace")) for k, v in hv.items() if k in TRANSPORT_HEADERS]
-        job = McpJob(caller, req.method, headers, body, session_out)
+        job = McpJob(caller, req.method, headers, body, session_out, self._recheck(flow, hv, caller))
         for name in SECRET_HEADERS:  # the gateway token goes no further (nor into a capture of this flow)
             req.headers.pop(name, None)
         flow.metadata[HANDED_OFF] = "mcp"
@@ -110,6 +114,22 @@ class McpFront:
         req.scheme, req.host, req.port = "http", "127.0.0.1", rt.loopback.port
         req.host_header = f"127.0.0.1:{rt.loopback.port}"
         req.path = path
+
+    def _recheck(self, flow: http.HTTPFlow, hv: dict[str, str], caller: McpCaller):
+        """The caller as the same credential names them now, for a long notification stream (None: revoked)."""
+        rt = self.rt
+        digest = self.proxy.proxy_tokens.get(flow.client_conn.id)
+        token = proxy_token(hv.get("proxy-authorization")) \
+            or next((hv[h].strip() for h in GATEWAY_TOKEN_HEADERS if hv.get(h, "").strip()), None) \
+            or credential_from_headers(hv)
+
+        def again() -> McpCaller | None:
+            actor = rt.tokens.lookup_hash(digest) if digest is not None else rt.tokens.lookup(token)
+            if actor is None or actor.user_id != caller.user_id:
+                return None
+            return McpCaller(actor.user_id, actor.user_name, actor.role, actor.groups, caller.on_behalf_of,
+                             headers=caller.headers)
+        return again
 
     def _authenticate(self, flow: http.HTTPFlow, hv: dict[str, str]) -> McpCaller | None:
         """The caller, or None with the flow answered: 401 (with where to read what is wanted), 407 or 429."""

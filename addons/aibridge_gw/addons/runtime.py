@@ -575,6 +575,7 @@ class Runtime:
         """The MCP gateway follows the configuration: servers, access rules, policies, rate limits."""
         gateway.registry, gateway.access, gateway.policing = self.mcp, self.mcp_access, self.policing
         gateway.rate = self.mcp_rate_refusal
+        gateway.changed()  # notification streams look again (rules or servers may differ)
 
     async def mcp_rate_refusal(self, caller: McpCaller) -> Refusal | None:
         """`mcp_calls_per_minute` for the person a call is for (acted-for, else the caller): counted in the

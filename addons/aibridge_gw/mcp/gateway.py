@@ -6,9 +6,15 @@ server) and prompts (`<server>__<prompt>`), served by `StreamableHTTPSessionMana
 answers. Stateless: every POST is served on its own, by whichever process (`--workers N`, several machines) gets it;
 nothing a later request needs is held here. What an MCP session carries across requests — the client's name and
 version from `initialize` — travels in the session id the gateway hands out (see `SessionId`), which the client
-sends back with every request. JSON rather than SSE: in stateless mode the server never speaks first (no server
-requests, no list-changed notifications), so each call has exactly one message to answer with; a whole body is
-what every client takes, mitmproxy relays it as is, and its size is the result size recorded.
+sends back with every request. JSON rather than SSE: each call has exactly one message to answer with; a whole body
+is what every client takes, mitmproxy relays it as is, and its size is the result size recorded.
+
+The one thing the gateway says unasked — that what a user may list changed (`notifications/tools/list_changed`,
+resources, prompts) — goes on the standalone stream a client opens with `GET /aibridge/mcp` (`_notices`). Whichever
+process serves that stream watches what its user may see there: its own listings of the servers (refreshed when a
+server says its list changed), the access rules and policies it runs under (a reload), the user's groups and token
+(looked up again every second: a revoked token ends the stream). Nothing is shared between processes: each
+computes the same answer from the same configuration and servers.
 
 How a request gets here: the `ControlPlane` addon authenticates the gateway token, then hands the flow to the
 loopback server (loopback.py) as an `McpJob` holding who called; the loopback server gives the job to
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -86,6 +93,8 @@ class McpJob:
     headers: list[tuple[bytes, bytes]]  # TRANSPORT_HEADERS only
     body: bytes
     session_out: str | None = None  # an initialize's answer carries this as Mcp-Session-Id
+    # The caller as their credential names them now (None: revoked): a notification stream asks every second.
+    recheck: Callable[[], McpCaller | None] | None = None
 
 
 class SessionId:
@@ -120,6 +129,11 @@ class SessionId:
 
 
 RateCheck = Callable[[McpCaller], Awaitable[Any]]  # a refusal (budgets.Refusal) or None
+RECHECK_SECONDS = 1.0  # a notification stream looks up its caller's token (and groups) again this often
+KEEPALIVE_SECONDS = 15.0  # an SSE comment on a quiet notification stream (finds clients that went away)
+WATCH_SECONDS = 30.0  # a notification stream looks at its servers' listings at least this often
+NOTICES = (("tools", "notifications/tools/list_changed"), ("resources", "notifications/resources/list_changed"),
+           ("prompts", "notifications/prompts/list_changed"))
 
 
 class McpGateway:
@@ -138,8 +152,28 @@ class McpGateway:
         self.rate: RateCheck | None = None
         self.server = Server("aibridge", version=__version__, instructions=INSTRUCTIONS)
         self._handlers()
+        self.server.create_initialization_options = self._initialization_options
         self.manager = StreamableHTTPSessionManager(self.server, stateless=True, json_response=True)
         self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()  # set (and replaced) when what anyone may list may have changed
+        self._streams: set[asyncio.Task] = set()  # notification streams open here
+
+    def _initialization_options(self, *_a, **_k):
+        """`initialize` says the lists may change (clients then open the notification stream and listen)."""
+        from mcp.server.lowlevel import NotificationOptions, Server
+
+        return Server.create_initialization_options(self.server, NotificationOptions(
+            prompts_changed=True, resources_changed=True, tools_changed=True))
+
+    def changed(self) -> None:
+        """What users may list may have changed (a reload, a server's list): every notification stream looks."""
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    def end_streams(self) -> None:
+        """End every notification stream (the gateway drains: clients reconnect elsewhere)."""
+        for task in list(self._streams):
+            task.cancel()
 
     async def start(self) -> None:
         """The session manager's task group, running until `stop` (stateless: it holds only calls in flight)."""
@@ -154,6 +188,7 @@ class McpGateway:
         await ready.wait()
 
     def stop(self) -> None:
+        self.end_streams()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -161,7 +196,20 @@ class McpGateway:
     # --- HTTP: the loopback server's handler --------------------------------------------------------------
 
     async def serve(self, job: McpJob, out: Responder) -> None:
-        """Run the MCP transport's ASGI app on the job: the request body in, the answer out through `out`."""
+        """Run the MCP transport's ASGI app on the job: the request body in, the answer out through `out` (a GET:
+        the notification stream, served here)."""
+        if job.method == "GET":
+            task = asyncio.current_task()
+            self._streams.add(task)
+            try:
+                await self._notices(job, out)
+            except asyncio.CancelledError:
+                if not out.ended:
+                    with contextlib.suppress(Exception):
+                        await out.end()
+            finally:
+                self._streams.discard(task)
+            return
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
             "method": job.method, "scheme": "http", "path": MCP_PATH, "raw_path": MCP_PATH.encode(),
@@ -204,6 +252,81 @@ class McpGateway:
         if not out.started:
             await out.respond(500, [("content-type", "application/json")], _jsonrpc_error(
                 -32603, "aibridge: the MCP gateway did not answer"))
+
+    async def _notices(self, job: McpJob, out: Responder) -> None:
+        """The standalone SSE stream: a `list_changed` notification whenever what this caller may list changes
+        (tools, resources, prompts each on its own), an SSE comment every KEEPALIVE_SECONDS when quiet. It ends when
+        the client goes, its token is revoked, or the gateway drains."""
+        caller = job.caller
+        await out.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache, no-store"),
+                              ("x-accel-buffering", "no")])
+        await out.send(b": aibridge MCP gateway notifications\n\n")
+        loop = asyncio.get_running_loop()
+        marks = await self._marks(caller)
+        seen = {kind: self._digest(marks, kind, caller) for kind, _ in NOTICES}
+        quiet_since = looked_at = loop.time()
+        while True:
+            changed = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), RECHECK_SECONDS)
+            now = loop.time()
+            if job.recheck is not None:
+                again = job.recheck()
+                if again is None:
+                    log.info("mcp notification stream of %s ends: its token is no longer valid", caller.user_name)
+                    await out.end()
+                    return
+                caller = _same_session(again, caller)
+            new_marks = await self._marks(caller, listing_wait=0.0) \
+                if changed.is_set() or now - looked_at >= WATCH_SECONDS or marks[2] != caller.groups else marks
+            if new_marks is not marks:
+                looked_at = now
+            if new_marks != marks:
+                marks = new_marks
+                for kind, method in NOTICES:
+                    digest = self._digest(marks, kind, caller)
+                    if digest != seen[kind]:
+                        seen[kind] = digest
+                        await out.send(_sse({"jsonrpc": "2.0", "method": method}))
+                        quiet_since = now
+            if now - quiet_since >= KEEPALIVE_SECONDS:
+                await out.send(b": keep-alive\n\n")
+                quiet_since = now
+
+    async def _marks(self, caller: McpCaller, listing_wait: float | None = None) -> tuple:
+        """What identifies this caller's view cheaply: the rules, policies and listings it comes from (their
+        objects; a refresh or a reload makes new ones) and the caller's groups. Equal marks: nothing to look at."""
+        registry = self.registry
+        if registry is None:
+            return (None, self.access, caller.groups)
+        servers = [s for s in registry.servers if self.access.server_visible(s, caller.access)]
+        wait = listing_wait if listing_wait is not None else min(registry.settings.list_timeout_seconds, LIST_BOUND)
+        listings = await asyncio.gather(*(registry.listing(s, caller.user_id, wait) for s in servers))
+        return (registry, self.access, caller.groups,
+                tuple((s.name, None if lst is None else (id(lst.tools), id(lst.resources), id(lst.templates),
+                                                         id(lst.prompts)), lst) for s, lst in zip(servers, listings)))
+
+    def _digest(self, marks: tuple, kind: str, caller: McpCaller) -> str:
+        """What the caller may list of one kind, as a digest: names with their schemas and descriptions."""
+        import hashlib
+
+        registry, access = marks[0], marks[1]
+        h = hashlib.sha256()
+        if registry is None:
+            return h.hexdigest()
+        for name, _, listing in marks[3]:
+            if listing is None:
+                continue
+            server = registry.server(name)
+            if kind == "tools":
+                items = [t for t in listing.tools if access.decide(server, t.name, caller.access).allowed]
+            elif kind == "resources":
+                items = [*listing.resources, *listing.templates]
+            else:
+                items = listing.prompts
+            for item in items:
+                h.update(name.encode() + b"\0" + item.model_dump_json(exclude_none=True).encode() + b"\0")
+        return h.hexdigest()
 
     # --- MCP: the handlers -------------------------------------------------------------------------------
 
@@ -430,6 +553,16 @@ class _Call:
             return self.arguments
         scan = self.facts.scan if self.facts is not None else None
         return Redactor(DEFAULT_DETECTORS, scan).value(self.arguments)
+
+
+def _same_session(caller: McpCaller, was: McpCaller) -> McpCaller:
+    """The caller looked up again (groups may have changed), in the session it was in."""
+    return McpCaller(caller.user_id, caller.user_name, caller.role, caller.groups, caller.on_behalf_of, was.client,
+                     was.client_version, was.session, was.headers)
+
+
+def _sse(message: dict) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
 
 
 def offers_gateway_tools(names: list[str], servers) -> bool:
