@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import re
 import time
 
 import httpx
 import pytest
 
 from tests.support.gateway import Gateway
-from tests.support.mcp_server import DocsTestServer, HangingServer, McpTestServer
+from tests.support.mcp_server import LONG_TOOL, DocsTestServer, HangingServer, McpTestServer
 from tests.support.mock_upstream import Reply
 from tests.support.sdk import anthropic_client
 from tests.support.wire import anthropic_message
@@ -164,10 +166,13 @@ def test_tools_are_listed_as_server__tool_with_their_own_schemas_and_annotations
     coder, docs = run(direct_tools(servers["coder"].url)), run(direct_tools(servers["docs"].url))
     expected = {f"coder__{n}" for n in coder if n not in ("create_gist", "coder_delete_template",
                                                            "coder_create_workspace_build")}
-    expected |= {f"docs__{n}" for n in docs}
-    assert set(tools) == expected  # no vault (no token), hang (silent) or down tools; regexes and denies applied
+    expected |= {f"docs__{n}" for n in docs if n != LONG_TOOL}
+    long_name = "docs__pages_read_page_by_title_and_revis_" + hashlib.sha256(
+        f"docs__{LONG_TOOL}".encode()).hexdigest()[:8]  # fits mcp.tool_name_max_length (49) and model APIs
+    assert set(tools) == expected | {long_name}  # no vault (no token), hang (silent) or down tools; regexes, denies
+    assert all(len(n) <= 49 for n in tools)
     for n, t in tools.items():
-        server, own = n.split("__", 1)
+        server, own = ("docs", LONG_TOOL) if n == long_name else n.split("__", 1)
         original = (coder if server == "coder" else docs)[own]
         assert t.model_dump(exclude={"name"}) == original.model_dump(exclude={"name"})
     search = tools["docs__search_issues"]
@@ -201,6 +206,24 @@ def _decoded(sid: str) -> str:
 
     data = sid.split(".", 1)[1]
     return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)).decode()
+
+
+def test_a_tool_whose_name_model_apis_refuse_is_listed_shortened_and_called_by_that_name(gw, servers):
+    """`docs__pages.read_page_by_title_and_revision_from_the_archive` has a dot and is longer than
+    `mcp.tool_name_max_length`: it is listed as a name model APIs take, and a call by that name reaches the tool."""
+    name, token = new_user(gw, "longnames")
+
+    async def go():
+        async with session(gw.url, token) as s:
+            listed = [t.name for t in (await s.list_tools()).tools if t.name.startswith("docs__pages")]
+            return listed, await s.call_tool(listed[0], {"title": "Q3 plan"})
+
+    listed, result = run(go())
+    assert len(listed) == 1 and len(listed[0]) <= 49 and re.fullmatch(r"[A-Za-z0-9_-]+", listed[0]), listed
+    assert not result.isError and text(result) == "the archived page Q3 plan"
+    assert (LONG_TOOL, {"title": "Q3 plan"}) in servers["docs"].calls
+    (row,) = calls(gw, name)
+    assert (row["server"], row["tool"], row["outcome"]) == ("docs", LONG_TOOL, "ok")
 
 
 def test_a_tool_error_is_passed_on_as_the_server_said_it(gw, servers):
@@ -377,7 +400,8 @@ def test_a_reload_applies_new_access_rules_to_the_next_request_and_notifies_list
 
         async def docs_tools():
             async with session(g.url, token) as s:
-                listed = {t.name for t in (await s.list_tools()).tools if t.name.startswith("docs__")}
+                listed = {t.name for t in (await s.list_tools()).tools
+                          if t.name.startswith("docs__") and "pages" not in t.name}
                 return listed, await s.call_tool("docs__search_issues", {"project": "R", "query": "q"})
 
         listed, result = run(docs_tools())

@@ -4,6 +4,7 @@ pruned, exported, on a store of the previous version) and the rate limit."""
 
 from __future__ import annotations
 
+import re
 import datetime as dt
 import json
 import uuid
@@ -179,3 +180,17 @@ def test_the_rate_limit_counts_per_person_apart_from_model_calls():
     assert limit.local(str(uuid.uuid4()), 2) is None
     assert McpCallLimit.counter_id(uid) != uid and McpCallLimit.counter_id(uid) == McpCallLimit.counter_id(uid)
     assert McpCallLimit.fleet(2, 2) is None and McpCallLimit.fleet(3, 2).retry_after >= 1
+
+
+def test_tool_names_model_apis_refuse_are_shortened_stably_and_apart():
+    from aibridge_gw.mcp.tools import model_tool_name
+
+    assert model_tool_name("docs__search_issues", 49) == "docs__search_issues"  # fits: unchanged
+    dotted = model_tool_name("docs__pages.read", 49)
+    assert dotted.startswith("docs__pages_read_") and re.fullmatch(r"[A-Za-z0-9_-]+", dotted)
+    a = model_tool_name("github__" + "a" * 60 + "_one", 49)
+    b = model_tool_name("github__" + "a" * 60 + "_two", 49)
+    assert len(a) == len(b) == 49 and a != b and a[:40] == b[:40] == ("github__" + "a" * 32)
+    assert model_tool_name("github__" + "a" * 60 + "_one", 49) == a  # the same name always becomes the same
+    assert len(model_tool_name("x" * 100)) == 64  # model APIs' own limit by default
+    assert model_tool_name("ünïcode__tøøl", 49).isascii()

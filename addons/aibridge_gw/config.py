@@ -127,6 +127,7 @@ class McpSettings:
     list_timeout_seconds: float = 2.0
     refresh_seconds: float = 300.0
     max_tools: int = 128  # providers cap tools per request (OpenAI: 128); injected tools are trimmed to fit
+    tool_name_max_length: int = 49  # /aibridge/mcp's tool names, at most (64 less Claude Code's `mcp__aibridge__`)
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         mcp_access=_mcp_access(f.mcp_access, mcp_servers),
         mcp=McpSettings(max_rounds=f.mcp.max_rounds, tool_timeout_seconds=f.mcp.tool_timeout_seconds,
                         list_timeout_seconds=f.mcp.list_timeout_seconds, refresh_seconds=f.mcp.refresh_seconds,
-                        max_tools=f.mcp.max_tools),
+                        max_tools=f.mcp.max_tools, tool_name_max_length=f.mcp.tool_name_max_length),
         retention_days=f.retention_days,
         pricing=local(f.pricing) if f.pricing else None,
         metrics=MetricsSettings(f.metrics.prefix, f.metrics.token or None),

@@ -152,6 +152,10 @@ class McpFile(Section):
     list_timeout_seconds: Seconds = Field(2.0, description="listing a server's tools")
     refresh_seconds: Seconds = Field(300.0, description="how often tool lists are refreshed")
     max_tools: int = Field(128, ge=1, description="tools per request, at most (injected tools are trimmed to fit)")
+    tool_name_max_length: int = Field(
+        49, ge=24, le=64, description="tool names at /aibridge/mcp, at most: longer ones are shortened with a hash; "
+                                      "model APIs take 64 characters and clients prefix the server's (Claude Code: "
+                                      "mcp__aibridge__, 15)")
 
 
 class MetricsFile(Section):

@@ -90,6 +90,9 @@ class McpTestServer(_Served):
         self._serve()
 
 
+LONG_TOOL = "pages.read_page_by_title_and_revision_from_the_archive"  # a dot, and long with its server's name
+
+
 class DocsTestServer(_Served):
     """A second kind of server: tools with annotations, resources (one fixed, one template) and a prompt; it notes
     the Authorization header each call came with (per-user tokens), never echoing it."""
@@ -116,6 +119,12 @@ class DocsTestServer(_Served):
             seen(ctx)
             calls.append(("delete_issue", {"project": project, "key": key}))
             return f"deleted {key}"
+
+        @mcp.tool(name=LONG_TOOL, description="Read an archived page (a name model APIs would refuse as it is).")
+        def read_archived(title: str, ctx: Context) -> str:
+            seen(ctx)
+            calls.append((LONG_TOOL, {"title": title}))
+            return f"the archived page {title}"
 
         @mcp.resource("docs://guide", name="guide", description="The team guide.", mime_type="text/markdown")
         def guide() -> str:

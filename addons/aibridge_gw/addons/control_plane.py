@@ -229,7 +229,8 @@ class ControlPlane:
         found = await asyncio.gather(*(rt.mcp.listing(s, str(row["id"]), LIST_BOUND) for s in servers))
         listings = {s.name: found[n] for n, s in enumerate(servers)}
         return {"user": row["name"], "groups": list(caller.groups), "rules": len(rt.config.mcp_access),
-                "columns": ACCESS_COLUMNS, "rows": access_rows(servers, listings, rt.mcp_access, caller)}
+                "columns": ACCESS_COLUMNS, "rows": access_rows(servers, listings, rt.mcp_access, caller,
+                                                                 rt.config.mcp.tool_name_max_length)}
 
     def _mcp_servers(self) -> dict:
         rows = self.rt.mcp.status() if self.rt.mcp is not None else []

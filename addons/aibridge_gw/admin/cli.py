@@ -290,7 +290,8 @@ def _mcp_access_offline(cx: Context, user: str) -> dict:
                     for s in servers if s.per_user_token})
         return out
 
-    rows = access_rows(servers, asyncio.run(listings()), McpAccess(cx.config.mcp_access), caller)
+    rows = access_rows(servers, asyncio.run(listings()), McpAccess(cx.config.mcp_access), caller,
+                       cx.config.mcp.tool_name_max_length)
     return {"user": row["name"], "groups": list(caller.groups), "rules": len(cx.config.mcp_access),
             "columns": ACCESS_COLUMNS, "rows": rows}
 

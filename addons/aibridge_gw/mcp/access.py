@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from ..config import McpAccessRule, McpServer
+from .tools import MAX_TOOL_NAME, model_tool_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,8 @@ class McpAccess:
 ACCESS_COLUMNS = ["server", "tool", "name", "allowed", "why"]
 
 
-def access_rows(servers, listings: dict, access: McpAccess, caller: Caller) -> list[list]:
+def access_rows(servers, listings: dict, access: McpAccess, caller: Caller, name_limit: int = MAX_TOOL_NAME
+                ) -> list[list]:
     """What `caller` may call and why, one row per tool of every server (`aibridge mcp access`). `listings`: server
     name -> its listing for this user (mcp/registry.Listing), or None when it takes each user's own token and the
     user has none, or a text saying why it could not be listed."""
@@ -119,5 +121,6 @@ def access_rows(servers, listings: dict, access: McpAccess, caller: Caller) -> l
             continue
         for tool in listing.tools:
             verdict = access.decide(server, tool.name, caller)
-            rows.append([server.name, tool.name, f"{server.name}__{tool.name}", verdict.allowed, verdict.why])
+            rows.append([server.name, tool.name, model_tool_name(f"{server.name}__{tool.name}", name_limit), verdict.allowed,
+                         verdict.why])
     return rows

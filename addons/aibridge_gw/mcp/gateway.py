@@ -47,6 +47,7 @@ from ..policy.policing import CallFacts
 from ..policy.redact import DEFAULT_DETECTORS, Redactor
 from .access import Caller, McpAccess
 from .registry import Listing, McpRegistry, Unavailable
+from .tools import MAX_TOOL_NAME, model_tool_name
 
 log = logging.getLogger("aibridge.mcp")
 
@@ -367,7 +368,7 @@ class McpGateway:
         for server, listing in await self._offers(caller):
             for t in listing.tools:
                 if self.access.decide(server, t.name, caller.access).allowed:
-                    tools.append(t.model_copy(update={"name": f"{server.name}{SEPARATOR}{t.name}"}))
+                    tools.append(t.model_copy(update={"name": self.exposed(server, t.name)}))
         return types.ServerResult(types.ListToolsResult(tools=tools))
 
     async def _list_resources(self, req) -> Any:
@@ -416,7 +417,7 @@ class McpGateway:
         caller = self._caller()
         registry, access = self.registry, self.access  # a reload meanwhile changes neither for this call
         call = _Call(self, caller, "tools/call", req.params.name, req.params.arguments or {})
-        resolved = self.resolve(req.params.name)
+        resolved = await self._tool(caller, req.params.name)
         if resolved is None:
             return call.refuse("unknown", f"aibridge: no tool {req.params.name!r} here (tools/list names them)")
         server, tool = resolved
@@ -439,6 +440,28 @@ class McpGateway:
         size = len(result.model_dump_json(by_alias=True, exclude_none=True))
         call.done("error" if result.isError else "ok", bool(result.isError), _error_text(result), size)
         return types.ServerResult(result)
+
+    def exposed(self, server: McpServer, tool: str) -> str:
+        """A tool's name here: `<server>__<tool>`, shortened to `mcp.tool_name_max_length` when longer (or when it
+        holds characters model APIs refuse in tool names)."""
+        limit = self.registry.settings.tool_name_max_length if self.registry is not None else MAX_TOOL_NAME
+        return model_tool_name(f"{server.name}{SEPARATOR}{tool}", limit)
+
+    async def _tool(self, caller: McpCaller, name: str) -> tuple[McpServer, str] | None:
+        """A listed tool name back to its server and the server's own name: `<server>__<tool>`, or a name shortened
+        to fit model APIs (`model_tool_name`), found among what the caller's servers list (the named server's
+        listing first); a name no listing gave is taken as `<server>__<the server's own spelling>`."""
+        resolved = self.resolve(name)
+        if resolved is not None and self.registry is not None:
+            listing = await self.registry.listing(resolved[0], caller.user_id, 0.0)
+            if listing is not None and any(t.name == resolved[1] for t in listing.tools) \
+                    and self.exposed(*resolved) == name:
+                return resolved
+        for server, listing in await self._offers(caller):
+            for t in listing.tools:
+                if self.exposed(server, t.name) == name:
+                    return server, t.name
+        return resolved
 
     async def _read_resource(self, req) -> Any:
         from mcp import types

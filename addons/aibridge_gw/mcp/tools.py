@@ -8,11 +8,27 @@ a ResponseSummary by the API's codec, so recording sees every round.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..flow.exchange import ResponseSummary, ToolCall
 from ..flow.sse import SSEEvent
+
+MAX_TOOL_NAME = 64  # what model APIs accept in a tool name (Anthropic, OpenAI, Gemini): ^[a-zA-Z0-9_-]{1,64}$
+_TOOL_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def model_tool_name(name: str, limit: int = MAX_TOOL_NAME) -> str:
+    """`name` as model APIs accept it, in at most `limit` characters: unchanged when it fits; otherwise its other
+    characters made `_` and cut to fit, ending in `_` and 8 hex digits of the whole name's hash (two long names
+    sharing a beginning stay apart, and the same name always becomes the same)."""
+    if len(name) <= limit and _TOOL_CHARS.fullmatch(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return _BAD_CHARS.sub("_", name)[: limit - 9] + "_" + digest
 
 
 @dataclass(frozen=True)
