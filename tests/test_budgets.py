@@ -79,3 +79,63 @@ def test_monthly_usd_budget_uses_the_price_table(bgw, upstream):
     other = bgw.new_user("unlimited-today")  # default limits: only requests per minute
     upstream.script(Reply.from_capture(cap, False))
     anthropic_call(anthropic_client(bgw, other), cap.request, False)
+
+
+GROUP_BUDGETS = {"budgets": {
+    "default": {"requests_per_minute": 60, "usd_per_month": 200},
+    "groups": {"staff": {"tokens_per_day": 1000}, "interns": {"tokens_per_day": 300},
+               "ml": {"usd_per_day": 0.005}},
+    "users": {"boss": {"tokens_per_day": 250}},
+}}
+
+
+def test_group_budgets_apply_per_member_the_highest_of_several_and_an_own_entry_replaces_them(tmp_path, upstream):
+    """interns: 300 tokens a day each (two calls of 224 tokens: the third is refused); a member of staff and interns
+    gets staff's 1000 (the highest); `boss`, an intern with an own entry, gets 250 and nothing of the groups; ml's
+    usd_per_day stops its member; `aibridge budgets explain` and `status` say which entry applies and why."""
+    upstream.reset()
+    gw = Gateway(tmp_path / "group-budgets", upstream.url, extra=GROUP_BUDGETS).start()
+    try:
+        cap = capture("anthropic/simple.txtar")  # 21 + 203 tokens, $0.003108 a call (claude-sonnet-4)
+        people = {}
+        for name, groups in (("ivy", "interns"), ("sam", "interns,staff"), ("boss", "interns"), ("mia", "ml")):
+            people[name] = gw.new_user(name)
+            gw.op("users.groups_set", name=name, groups=groups)
+
+        def calls_until_refused(name: str, most: int = 6) -> tuple[int, str]:
+            client = anthropic_client(gw, people[name])
+            for n in range(most):
+                upstream.script(Reply.from_capture(cap, False))
+                try:
+                    anthropic_call(client, cap.request, False)
+                except anthropic.RateLimitError as e:
+                    upstream.reset()
+                    return n, e.message
+                gw.interceptions(name, n + 1)
+            return most, ""
+
+        assert calls_until_refused("ivy")[0] == 2  # 224, 448 >= 300
+        n, message = calls_until_refused("boss")
+        assert n == 2 and "daily token budget of 250" in message  # its own entry, not the interns' 300
+        assert calls_until_refused("sam", 4) == (4, "")  # staff's 1000 is the highest of its groups
+        n, message = calls_until_refused("mia")
+        assert n == 2 and "daily budget of $0.01" in message  # $0.006216 >= $0.005 after two
+
+        explain = json.loads(gw.cli("budgets", "explain", "sam", "--json").stdout)
+        by = {lim["limit"]: lim for lim in explain["limits"]}
+        assert explain["groups"] == ["interns", "staff"]
+        assert by["tokens_per_day"]["value"] == 1000 and by["tokens_per_day"]["from"].startswith("groups.staff")
+        assert "the highest of interns, staff" in by["tokens_per_day"]["from"]
+        assert by["usd_per_month"] == {"limit": "usd_per_month", "value": 200, "from": "default", "used": 0.012432}
+        assert by["requests_per_minute"]["from"] == "default"
+        boss = {lim["limit"]: lim for lim in json.loads(gw.cli("budgets", "explain", "boss", "--json").stdout)["limits"]}
+        assert boss["tokens_per_day"]["from"] == "users.boss" and boss["usd_per_month"]["value"] is None
+        text = gw.cli("budgets", "explain", "ivy").stdout
+        assert "groups.interns" in text and "tokens_per_day" in text
+        status = {d["user"]: d for d in json.loads(gw.cli("budgets", "status", "--json").stdout)}
+        assert status["ivy"]["tokens_today"] == 448 and status["ivy"]["tokens_per_day"] == 300
+        assert status["mia"]["usd_per_day"] == 0.005 and status["mia"]["usd_today"] == pytest.approx(0.006216)
+        assert status["sam"]["groups"] == ["interns", "staff"]
+    finally:
+        gw.stop()
+        upstream.reset()

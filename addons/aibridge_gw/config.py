@@ -197,17 +197,50 @@ class Limits:
     tokens_per_day: int | None = None
     usd_per_month: float | None = None
     mcp_calls_per_minute: int | None = None  # MCP gateway tool calls (policy/budgets.McpCallLimit): not in `any`
+    usd_per_day: float | None = None
+    usd_per_week: float | None = None
 
     @property
     def any(self) -> bool:
         """Whether any model-call limit is set."""
-        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_day, self.usd_per_month))
+        return any(getattr(self, k) is not None for k in MODEL_LIMITS)
+
+
+MODEL_LIMITS = ("requests_per_minute", "tokens_per_day", "usd_per_day", "usd_per_week", "usd_per_month")
+LIMIT_KEYS = (*MODEL_LIMITS, "mcp_calls_per_minute")
 
 
 @dataclass(frozen=True)
 class BudgetSettings:
     default: Limits = Limits()
     users: dict[str, Limits] = field(default_factory=dict, hash=False, compare=False)
+    groups: dict[str, Limits] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def any(self) -> bool:
+        return any(lim.any for lim in (self.default, *self.users.values(), *self.groups.values()))
+
+    def limits_for(self, user_name: str, groups: tuple[str, ...] = ()) -> Limits:
+        return self.explain(user_name, groups)[0]
+
+    def explain(self, user_name: str, groups: tuple[str, ...] = ()) -> tuple[Limits, dict[str, str]]:
+        """The limits that apply to a person, and for each limit where it comes from: their own entry (which
+        replaces everything), else the highest any of their groups sets (a group without the limit has none to
+        give), else `default`."""
+        own = self.users.get(user_name)
+        if own is not None:
+            return own, {k: f"users.{user_name}" for k in LIMIT_KEYS}
+        mine = [(g, self.groups[g]) for g in sorted(groups) if g in self.groups]
+        values, why = {}, {}
+        for k in LIMIT_KEYS:
+            given = [(getattr(lim, k), g) for g, lim in mine if getattr(lim, k) is not None]
+            if given:
+                value, group = max(given, key=lambda vg: vg[0])
+                values[k], why[k] = value, f"groups.{group}" + (
+                    f" (the highest of {', '.join(g for _, g in given)})" if len(given) > 1 else "")
+            else:
+                values[k], why[k] = getattr(self.default, k), "default"
+        return Limits(**values), why
 
 
 @dataclass(frozen=True)
@@ -395,7 +428,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         metrics=MetricsSettings(f.metrics.prefix, f.metrics.token or None),
         logging=LoggingSettings(json_log if json_log in (None, "-") else str(local(json_log))),
         budgets=BudgetSettings(_limits(f.budgets.default),
-                               {str(k): _limits(v) for k, v in f.budgets.users.items()}),
+                               {str(k): _limits(v) for k, v in f.budgets.users.items()},
+                               {str(k): _limits(v) for k, v in f.budgets.groups.items()}),
         circuit_breaker=BreakerSettings(f.circuit_breaker.failures, f.circuit_breaker.open_seconds,
                                         f.circuit_breaker.half_open_requests),
         limits=LimitSettings(int(f.limits.max_request_body_mb * 1024 * 1024), f.limits.auth_failures_per_minute,
@@ -450,7 +484,8 @@ def _check_route_targets(policies: config_model.PoliciesFile, providers) -> None
 
 
 def _limits(v: config_model.LimitValues) -> Limits:
-    return Limits(v.requests_per_minute, v.tokens_per_day, v.usd_per_month, v.mcp_calls_per_minute)
+    return Limits(v.requests_per_minute, v.tokens_per_day, v.usd_per_month, v.mcp_calls_per_minute, v.usd_per_day,
+                  v.usd_per_week)
 
 
 _GLOB = frozenset("*?[")

@@ -203,6 +203,9 @@ class TimeoutsFile(Section):
 class LimitValues(Section):
     requests_per_minute: int | None = Field(None, ge=0, description="model calls per minute (unset: no limit)")
     tokens_per_day: int | None = Field(None, ge=0, description="tokens per UTC day, all kinds summed (unset: no limit)")
+    usd_per_day: float | None = Field(None, ge=0, description="spend per UTC day at list prices (unset: no limit)")
+    usd_per_week: float | None = Field(None, ge=0, description="spend per ISO week (Monday to Sunday, UTC) at list "
+                                                                "prices (unset: no limit)")
     usd_per_month: float | None = Field(None, ge=0, description="spend per calendar month at list prices (unset: "
                                                                  "no limit)")
     mcp_calls_per_minute: int | None = Field(None, ge=0, description="MCP gateway tool calls per minute (unset: no "
@@ -210,7 +213,13 @@ class LimitValues(Section):
 
 
 class BudgetsFile(Section):
+    """Per-person limits. A user's own entry (`users`) replaces everything; else their groups' entries apply in
+    place of `default`, the highest of them per limit (a limit none of their groups sets comes from `default`);
+    `default` covers users in neither (docs/budgets.md)."""
+
     default: LimitValues = Field(default_factory=LimitValues, description="every user's limits")
+    groups: dict[str, LimitValues] = Field(default_factory=dict, description="limits of each member of a group "
+                                                                             "(aibridge users groups set)")
     users: dict[str, LimitValues] = Field(default_factory=dict, description="limits of named users")
 
 

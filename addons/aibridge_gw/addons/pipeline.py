@@ -421,7 +421,7 @@ class Pipeline:
         await rt.recorder.link_thread(ic)
         if rt.budgets is not None and not getattr(ic.codec, "retrieval", None):
             # A retrieval spends nothing more: the work was paid for when it ran (and is charged to its creator).
-            refusal = rt.budgets.check(*ic.charged)
+            refusal = rt.budgets.check(*ic.charged, rt.groups_of(ic.charged[0]))
             if refusal is None and rt.budgets.fleet:
                 refusal = await rt.fleet_rate_refusal(*ic.charged)
             if refusal is not None:

@@ -143,6 +143,7 @@ class Runtime:
         self.recorder: Recorder | None = None
         self.tokens = TokenDirectory()
         self.mcp_tokens: dict[tuple[str, str], str] = {}
+        self.user_groups: dict[str, tuple[str, ...]] = {}
         self.mcp: McpRegistry | None = None
         self.loopback: LoopbackServer | None = None  # where the tool loop's and the key pools' flows are answered
         self.tool_loop: ToolLoop | None = None
@@ -284,9 +285,9 @@ class Runtime:
             config, router, throttle, egress, mcp, breakers, policing)
         self.mcp_access = access
         if self.mcp_limit is None:
-            self.mcp_limit = McpCallLimit(config.budgets.default, config.budgets.users)
+            self.mcp_limit = McpCallLimit(config.budgets.default, config.budgets.users, config.budgets.groups)
         else:  # a reload: the counts so far stay, the limits change
-            self.mcp_limit.default, self.mcp_limit.per_user = config.budgets.default, config.budgets.users
+            self.mcp_limit.settings = config.budgets
         if self.mcp_gateway is not None:
             self._configure_gateway(self.mcp_gateway)
         for note in config.public_host_notes:
@@ -340,13 +341,13 @@ class Runtime:
     def _apply_budgets(self, config: Config, prices: PriceTable, rows) -> None:
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
         self.api.mcp_status = lambda: self.mcp.status() if self.mcp is not None else []
-        default, users = config.budgets.default, config.budgets.users
-        if not Budgets.any_limits(default, users):
+        settings = config.budgets
+        if not settings.any:
             self.budgets = None
         elif self.budgets is not None:  # a reload: the counters stay, the limits and prices change
-            self.budgets.default, self.budgets.per_user, self.budgets.prices = default, users, prices
+            self.budgets.settings, self.budgets.prices = settings, prices
         else:
-            budgets = Budgets(default, users, prices, fleet=self.shared_store)
+            budgets = Budgets(settings.default, settings.users, prices, fleet=self.shared_store, groups=settings.groups)
             if self.shared_store:  # every gateway's usage, refreshed each second (see _refresh_directory)
                 budgets.replace_totals(rows)
             else:
@@ -473,7 +474,7 @@ class Runtime:
         """Fleet mode: count this request in the shared per-minute counter; the refusal if over the limit. A store
         that is slow or away is waited on for STORE_WAIT at most: then this process counts on its own (logged
         once per change), and no request waits for, or fails with, the database."""
-        limits = self.budgets.limits_for(user_name)
+        limits = self.budgets.limits_for(user_name, self.groups_of(user_id))
         if limits.requests_per_minute is None:
             return None
         window = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
@@ -546,9 +547,14 @@ class Runtime:
 
     def _apply_directory(self, directory: list, mcp_tokens: list, users: list) -> None:
         self.tokens.replace({row[0]: Actor(*row[1:]) for row in directory})
-        # Whom a service account may act for, by id or by name.
-        self.users = {key: (uid, name) for uid, name in users for key in (uid, name)}
+        # Whom a service account may act for, by id or by name; each user's groups (budgets follow them).
+        self.users = {key: (uid, name) for uid, name, *_ in users for key in (uid, name)}
+        self.user_groups = {uid: tuple(g[0]) if g else () for uid, _, *g in users}
         self.mcp_tokens = {(uid, server): token for uid, server, token in mcp_tokens}
+
+    def groups_of(self, user_id: str) -> tuple[str, ...]:
+        """A user's groups as the directory last loaded them (budgets per group follow them)."""
+        return self.user_groups.get(user_id, ())
 
     def chosen_upstream(self, host: str, port: int) -> bool:
         """A provider's base_url or the injected-tool loop: addresses the gateway itself sends requests to."""
@@ -581,7 +587,7 @@ class Runtime:
         """`mcp_calls_per_minute` for the person a call is for (acted-for, else the caller): counted in the
         shared store when processes share one (waited on for STORE_WAIT at most), else in this process."""
         person_id, person_name = caller.on_behalf_of or (caller.user_id, caller.user_name)
-        limit = self.mcp_limit.limit_for(person_name) if self.mcp_limit is not None else None
+        limit = self.mcp_limit.limit_for(person_name, self.groups_of(person_id)) if self.mcp_limit is not None else None
         if limit is None:
             return None
         if self.shared_store and self.store is not None and self.store.state.get("up", True):

@@ -75,6 +75,59 @@ def _groups_list(args, cx: Context) -> None:
     _out(cx.op("groups.list"), args.json, "groups", lists=", ")
 
 
+_BUDGET_COLUMNS = ["user", "groups", "tokens_today", "tokens_per_day", "usd_today", "usd_per_day", "usd_week",
+                   "usd_per_week", "usd_month", "usd_per_month", "requests_per_minute"]
+
+
+def _budget_report(cx: Context) -> list[dict]:
+    spec = _budgets_spec(cx.config)
+    if spec is None:
+        return []
+    pricing = str(cx.config.pricing) if cx.config.pricing else None
+    return cx.op("report", kind="budgets", budgets=spec, pricing_file=pricing)["data"]
+
+
+def _budgets_status(args, cx: Context) -> None:
+    """Each user's use of every budget in its current period (UTC day, ISO week, month) against the limit that
+    applies to them."""
+    data = _budget_report(cx)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    if not data:
+        print("no budgets are configured (budgets: in the config)")
+        return
+    rows = [[", ".join(d["groups"]) if c == "groups" else d.get(c) for c in _BUDGET_COLUMNS] for d in data]
+    _table({"columns": _BUDGET_COLUMNS, "rows": rows}, "budgets (UTC day, ISO week, month; USD at list prices)")
+
+
+def _budgets_explain(args, cx: Context) -> None:
+    """Which budget entry applies to a user, limit by limit, and why (own entry, a group's, the highest of
+    several groups', or default), with what they used so far."""
+    from ..config import LIMIT_KEYS
+
+    users = cx.op("users.list")
+    cols = users["columns"]
+    row = next((dict(zip(cols, r)) for r in users["rows"] if r[cols.index("name")] == args.user), None)
+    if row is None:
+        raise OpError(f"no user {args.user!r}")
+    groups = tuple(row.get("groups") or ())
+    limits, why = cx.config.budgets.explain(args.user, groups)
+    status = next((d for d in _budget_report(cx) if d["user"] == args.user), {})
+    used = {"tokens_per_day": status.get("tokens_today"), "usd_per_day": status.get("usd_today"),
+            "usd_per_week": status.get("usd_week"), "usd_per_month": status.get("usd_month")}
+    out = [{"limit": k, "value": getattr(limits, k), "from": why[k] if getattr(limits, k) is not None or
+            why[k] != "default" else "no limit", "used": used.get(k)} for k in LIMIT_KEYS]
+    if args.json:
+        print(json.dumps({"user": args.user, "groups": list(groups), "limits": out}, indent=2))
+        return
+    own = "its own entry (users." + args.user + ") replaces everything" if args.user in cx.config.budgets.users \
+        else "groups " + ", ".join(groups) if groups else "no group"
+    _table({"columns": ["limit", "value", "from", "used"], "rows": [[o[c] for c in ("limit", "value", "from", "used")]
+                                                                     for o in out]},
+           f"budgets of {args.user} ({own})")
+
+
 _DECISION_COLUMNS = ["created_at", "user", "rule", "action", "enforced", "hook", "tool", "detectors", "message",
                      "interception_id"]
 _SUMMARY_COLUMNS = ["rule", "action", "decisions", "enforced", "monitored", "users", "last_at"]
@@ -409,6 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--json", action="store_true")
     gl.set_defaults(run=_groups_list)
 
+    bu = sub.add_parser("budgets", help="who may spend what (docs/budgets.md)").add_subparsers(dest="sub",
+                                                                                                 required=True)
+    bs = bu.add_parser("status", help="every user's use of their budgets in the current periods")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(run=_budgets_status)
+    be = bu.add_parser("explain", help="which budget entry applies to a user, limit by limit, and why")
+    be.add_argument("user")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(run=_budgets_explain)
+
     _policy_commands(sub)
 
     us = sub.add_parser("usage", help="tokens and cost, grouped")
@@ -651,10 +714,11 @@ def _budgets_spec(config) -> dict | None:
     """The configured budgets as plain data (they travel to a running gateway with the report request)."""
     from dataclasses import asdict
 
-    default, users = config.budgets.default, config.budgets.users
-    if not default.any and not any(l.any for l in users.values()):
+    b = config.budgets
+    if not b.any:
         return None
-    return {"default": asdict(default), "users": {k: asdict(v) for k, v in users.items()}}
+    return {"default": asdict(b.default), "users": {k: asdict(v) for k, v in b.users.items()},
+            "groups": {k: asdict(v) for k, v in b.groups.items()}}
 
 
 def _export_ca(confdir: Path, fmt: str, out: str | None) -> None:

@@ -1,4 +1,5 @@
-"""Per-user budgets and rate limits: requests per minute, tokens per day (UTC), USD per month (UTC).
+"""Per-person budgets and rate limits: requests per minute, tokens per day, USD per day, ISO week or month (UTC);
+which limits apply to whom (own entry, groups, default) is `config.BudgetSettings.explain`.
 
 Counters live in memory for the hot path and are rebuilt from the audit database at start-up, so a restart
 does not reset anyone's budget. Over a limit a request gets a 429 in the provider's format with retry-after.
@@ -13,7 +14,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
-from ..config import Limits
+from ..config import BudgetSettings, Limits
 from ..flow.exchange import BIGINT_MAX, CLAMPED, TokenTotals, TokenUsage
 from ..pricing import PriceTable
 
@@ -31,6 +32,24 @@ def _day(t: dt.datetime) -> dt.date:
 def _month(t: dt.datetime) -> tuple[int, int]:
     t = t.astimezone(dt.UTC)
     return (t.year, t.month)
+
+
+def _week(t: dt.datetime) -> tuple[int, int]:
+    iso = t.astimezone(dt.UTC).isocalendar()
+    return (iso.year, iso.week)
+
+
+def _week_start(now: dt.datetime) -> dt.datetime:
+    day = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day - dt.timedelta(days=day.weekday())
+
+
+def period_ends(now: dt.datetime) -> dict[str, dt.datetime]:
+    """When each period of the budgets ends (UTC): the day, the ISO week, the month."""
+    tomorrow = dt.datetime.combine(_day(now) + dt.timedelta(days=1), dt.time(), dt.UTC)
+    y, m = _month(now)
+    return {"day": tomorrow, "week": _week_start(now) + dt.timedelta(days=7),
+            "month": dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)}
 
 
 def _spent(conn, started: str, since: dt.datetime) -> list[list]:
@@ -56,16 +75,21 @@ def _month_start(now: dt.datetime) -> dt.datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
+def _counted_since(now: dt.datetime) -> dt.datetime:
+    """The oldest usage a budget looks at: this month's, this ISO week's (it may have begun last month)."""
+    return min(_month_start(now), _week_start(now))
+
+
 def usage_rows(conn) -> list[list]:
-    """What each user spent this month (and, for the rate limit, this minute): one row per interception."""
+    """What each user spent this month and week (and, for the rate limit, this minute): one row per interception."""
     now = dt.datetime.now(dt.UTC)
-    return _spent(conn, "i.started_at", min(_month_start(now), now - dt.timedelta(minutes=1)))
+    return _spent(conn, "i.started_at", min(_counted_since(now), now - dt.timedelta(minutes=1)))
 
 
 def usage_totals(conn) -> list[list]:
-    """This month's usage per user, day and billed model: the fleet's counters (every gateway's calls), in
-    `usage_rows`' shape with the day standing for the start time."""
-    return _spent(conn, "date_trunc('day', i.started_at)", _month_start(dt.datetime.now(dt.UTC)))
+    """This month's and week's usage per user, day and billed model: the fleet's counters (every gateway's
+    calls), in `usage_rows`' shape with the day standing for the start time."""
+    return _spent(conn, "date_trunc('day', i.started_at)", _counted_since(dt.datetime.now(dt.UTC)))
 
 
 # DuckDB's optimistic concurrency turns two concurrent upserts of one row into a conflict error; within the one
@@ -90,27 +114,29 @@ def prune_request_counts(conn) -> None:
 
 
 class Budgets:
-    def __init__(self, default: Limits, per_user: dict[str, Limits], prices: PriceTable, fleet: bool = False) -> None:
-        self.default = default
+    def __init__(self, default: Limits, per_user: dict[str, Limits], prices: PriceTable, fleet: bool = False,
+                 groups: dict[str, Limits] | None = None) -> None:
+        self.settings = BudgetSettings(default, per_user, groups or {})
         # Fleet mode: requests per minute are counted in the shared database (see `count_request`), tokens and
         # spend replaced each second by what every gateway recorded (see `replace_totals`).
         self.fleet = fleet
-        self.per_user = per_user
         self.prices = prices
         self._requests: dict[str, deque] = defaultdict(deque)  # user id -> monotonic times, last minute
         self._tokens: dict[tuple[str, dt.date], int] = defaultdict(int)
+        self._usd_day: dict[tuple[str, dt.date], float] = defaultdict(float)
+        self._usd_week: dict[tuple[str, tuple[int, int]], float] = defaultdict(float)
         self._usd: dict[tuple[str, tuple[int, int]], float] = defaultdict(float)
 
     @property
     def active(self) -> bool:
-        return self.any_limits(self.default, self.per_user)
+        return self.settings.any
 
     @staticmethod
-    def any_limits(default: Limits, per_user: dict[str, Limits]) -> bool:
-        return default.any or any(l.any for l in per_user.values())
+    def any_limits(default: Limits, per_user: dict[str, Limits], groups: dict[str, Limits] | None = None) -> bool:
+        return BudgetSettings(default, per_user, groups or {}).any
 
-    def limits_for(self, user_name: str) -> Limits:
-        return self.per_user.get(user_name, self.default)
+    def limits_for(self, user_name: str, groups: tuple[str, ...] = ()) -> Limits:
+        return self.settings.limits_for(user_name, groups)
 
     def load(self, conn) -> None:
         """Rebuild counters from what the database recorded (this minute, today, this month)."""
@@ -130,25 +156,25 @@ class Budgets:
             q.clear()
             q.extend(q_sorted)
 
-    def check(self, user_id: str, user_name: str) -> Refusal | None:
+    def check(self, user_id: str, user_name: str, groups: tuple[str, ...] = ()) -> Refusal | None:
         """Called before a request is forwarded; counts it against the per-minute limit when admitted."""
-        limits = self.limits_for(user_name)
+        limits = self.limits_for(user_name, groups)
         if not limits.any:
             return None
         now = dt.datetime.now(dt.UTC)
+        ends = period_ends(now)
         if limits.tokens_per_day is not None:
             used = self._tokens[(user_id, _day(now))]
             if used >= limits.tokens_per_day:
-                tomorrow = dt.datetime.combine(_day(now) + dt.timedelta(days=1), dt.time(), dt.UTC)
                 return Refusal(f"aibridge: daily token budget of {limits.tokens_per_day} used ({used})",
-                               math.ceil((tomorrow - now).total_seconds()))
-        if limits.usd_per_month is not None:
-            spent = self._usd[(user_id, _month(now))]
-            if spent >= limits.usd_per_month:
-                y, m = _month(now)
-                nxt = dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)
-                return Refusal(f"aibridge: monthly budget of ${limits.usd_per_month:.2f} used (${spent:.2f})",
-                               math.ceil((nxt - now).total_seconds()))
+                               math.ceil((ends["day"] - now).total_seconds()))
+        for limit, spent, period, word in (
+                (limits.usd_per_day, self._usd_day[(user_id, _day(now))], "day", "daily"),
+                (limits.usd_per_week, self._usd_week[(user_id, _week(now))], "week", "weekly"),
+                (limits.usd_per_month, self._usd[(user_id, _month(now))], "month", "monthly")):
+            if limit is not None and spent >= limit:
+                return Refusal(f"aibridge: {word} budget of ${limit:.2f} used (${spent:.2f})",
+                               math.ceil((ends[period] - now).total_seconds()))
         if not self.fleet:
             return self.local_rate_refusal(user_id, limits)
         return None
@@ -170,6 +196,8 @@ class Budgets:
     def replace_totals(self, rows: list) -> None:
         """Fleet mode: the token and spend counters become what the shared database holds (`usage_totals`)."""
         self._tokens.clear()
+        self._usd_day.clear()
+        self._usd_week.clear()
         self._usd.clear()
         for uid, started, model, inp, out, cr, cw in rows:
             self._add(uid, dt.datetime.fromisoformat(started), model, [TokenUsage(None, inp, out, cr, cw)])
@@ -195,16 +223,27 @@ class Budgets:
         self._tokens[(user_id, _day(started))] += t.all
         cost = self.prices.cost(model, t.input, t.output, t.cache_read, t.cache_write)
         if cost:
+            self._usd_day[(user_id, _day(started))] += cost
+            self._usd_week[(user_id, _week(started))] += cost
             self._usd[(user_id, _month(started))] += cost
 
-    def status(self, user_id: str, user_name: str) -> dict:
-        now = dt.datetime.now(dt.UTC)
-        limits = self.limits_for(user_name)
-        tokens = self._tokens[(user_id, _day(now))]
-        usd = self._usd[(user_id, _month(now))]
+    def used(self, user_id: str, now: dt.datetime | None = None) -> dict[str, float]:
+        """What a person used in each budget's current period, by limit name."""
+        now = now or dt.datetime.now(dt.UTC)
+        return {"tokens_per_day": self._tokens.get((user_id, _day(now)), 0),
+                "usd_per_day": self._usd_day.get((user_id, _day(now)), 0.0),
+                "usd_per_week": self._usd_week.get((user_id, _week(now)), 0.0),
+                "usd_per_month": self._usd.get((user_id, _month(now)), 0.0)}
+
+    def status(self, user_id: str, user_name: str, groups: tuple[str, ...] = ()) -> dict:
+        limits = self.limits_for(user_name, groups)
+        used = self.used(user_id)
+        tokens, usd = used["tokens_per_day"], used["usd_per_month"]
         return {
             "tokens_today": tokens, "tokens_per_day": limits.tokens_per_day,
             "tokens_remaining": None if limits.tokens_per_day is None else max(limits.tokens_per_day - tokens, 0),
+            "usd_today": round(used["usd_per_day"], 6), "usd_per_day": limits.usd_per_day,
+            "usd_week": round(used["usd_per_week"], 6), "usd_per_week": limits.usd_per_week,
             "usd_month": round(usd, 6), "usd_per_month": limits.usd_per_month,
             "usd_remaining": None if limits.usd_per_month is None else round(max(limits.usd_per_month - usd, 0), 6),
             "requests_per_minute": limits.requests_per_minute,
@@ -222,12 +261,12 @@ class McpCallLimit:
     Counted like `requests_per_minute`: in this process, or, when several processes share the store, in its
     per-minute counter (under an id of its own per person, so the two limits never share a count)."""
 
-    def __init__(self, default: Limits, per_user: dict[str, Limits]) -> None:
-        self.default, self.per_user = default, per_user
+    def __init__(self, default: Limits, per_user: dict[str, Limits], groups: dict[str, Limits] | None = None) -> None:
+        self.settings = BudgetSettings(default, per_user, groups or {})
         self._calls: dict[str, deque] = defaultdict(deque)  # person id -> monotonic times, last minute
 
-    def limit_for(self, user_name: str) -> int | None:
-        return self.per_user.get(user_name, self.default).mcp_calls_per_minute
+    def limit_for(self, user_name: str, groups: tuple[str, ...] = ()) -> int | None:
+        return self.settings.limits_for(user_name, groups).mcp_calls_per_minute
 
     @staticmethod
     def counter_id(user_id: str) -> str:

@@ -430,10 +430,11 @@ def report(conn, kind: str, **kw) -> dict:
         if kind == "budgets":
             spec = kw.get("budgets") or {}
             b = Budgets(Limits(**spec.get("default", {})),
-                        {k: Limits(**v) for k, v in (spec.get("users") or {}).items()}, prices)
+                        {k: Limits(**v) for k, v in (spec.get("users") or {}).items()}, prices,
+                        groups={k: Limits(**v) for k, v in (spec.get("groups") or {}).items()})
             b.load(conn)
-            users = conn.execute("SELECT CAST(id AS VARCHAR), name FROM aibridge_users ORDER BY name").fetchall()
-            return {"data": [{"user": name, **b.status(uid, name)} for uid, name in users]}
+            return {"data": [{"user": name, "groups": groups, **b.status(uid, name, tuple(groups))}
+                             for uid, name, groups in sorted(user_rows(conn), key=lambda r: r[1])]}
     except reports.BadParameter as e:
         raise OpError(str(e)) from None
     raise OpError(f"unknown report {kind!r}")
@@ -559,8 +560,10 @@ def directory_rows(conn) -> list[list]:
 
 
 def user_rows(conn) -> list[list]:
-    """Every user as [id, name]: whom a service account may act for."""
-    return [[str(i), n] for i, n in conn.execute("SELECT id, name FROM aibridge_users").fetchall()]
+    """Every user as [id, name, groups]: whom a service account may act for, and whose groups budgets follow."""
+    groups = groups_by_user(conn) if reports.table_exists(conn, "aibridge_user_groups") else {}
+    return [[str(i), n, list(groups.get(str(i), ()))] for i, n in conn.execute("SELECT id, name FROM aibridge_users")
+            .fetchall()]
 
 
 def mcp_token_rows(conn) -> list[list]:
