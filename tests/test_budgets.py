@@ -139,3 +139,87 @@ def test_group_budgets_apply_per_member_the_highest_of_several_and_an_own_entry_
     finally:
         gw.stop()
         upstream.reset()
+
+
+class _Webhook:
+    """A webhook receiver on 127.0.0.1: the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        bodies = self.bodies = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/aibridge-secret-path"
+
+    def wait(self, n: int, timeout: float = 10) -> list[dict]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.bodies) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.bodies)
+
+
+def test_budget_thresholds_are_notified_once_per_period_by_webhook_and_log_even_across_a_restart(tmp_path,
+                                                                                                 upstream):
+    """interns: 300 tokens a day, thresholds 50 % and 100 %: the first call (224 tokens) crosses 50 %, the second
+    100 %: one webhook POST each, with a `text` naming the user, the group and the threshold, and a log line; the
+    refused third call says nothing more. After a restart with the limit raised to 1000, a call that crosses 50 %
+    again in the same day says nothing: the store remembers what was said (once per period across the fleet)."""
+    import yaml
+
+    hook = _Webhook()
+    upstream.reset()
+    config = {"budgets": {"groups": {"interns": {"tokens_per_day": 300}}},
+              "notifications": {"webhook": hook.url, "thresholds": [0.5, 1.0]}}
+    gw = Gateway(tmp_path / "notices", upstream.url, extra=config).start()
+    try:
+        cap = capture("anthropic/simple.txtar")
+        token = gw.new_user("nia")
+        gw.op("users.groups_set", name="nia", groups="interns")
+        client = anthropic_client(gw, token)
+        upstream.script(Reply.from_capture(cap, False))
+        anthropic_call(client, cap.request, False)
+        first = hook.wait(1)
+        assert [b["threshold"] for b in first] == [0.5]
+        assert first[0]["text"].startswith("aibridge: nia has used 50 % of their daily token budget (224 tokens "
+                                           "of 300 tokens") and "group interns" in first[0]["text"]
+        assert (first[0]["user"], first[0]["group"], first[0]["limit"], first[0]["used"]) == (
+            "nia", "interns", "tokens_per_day", 224)
+        upstream.script(Reply.from_capture(cap, False))
+        anthropic_call(client, cap.request, False)
+        both = hook.wait(2)
+        assert [b["threshold"] for b in both] == [0.5, 1.0] and "100 %" in both[1]["text"]
+        with pytest.raises(anthropic.RateLimitError):
+            anthropic_call(client, cap.request, False)
+        assert "nia has used 100 % of their daily token budget" in gw.log()
+        assert "aibridge-secret-path" not in gw.log()  # a webhook's URL is a secret of its own
+
+        gw.stop()
+        raw = yaml.safe_load(gw.config_path.read_text())
+        raw["budgets"]["groups"]["interns"]["tokens_per_day"] = 1000
+        gw.config_path.write_text(yaml.safe_dump(raw))
+        gw.start()
+        upstream.script(Reply.from_capture(cap, False))
+        anthropic_call(anthropic_client(gw, token), cap.request, False)  # 672 of 1000: past 50 % again, same day
+        gw.interceptions("nia", 3)
+        assert len(hook.wait(3, timeout=3)) == 2
+        rows = gw.wait_for("SELECT limit_name, threshold FROM aibridge_budget_notices ORDER BY threshold",
+                           lambda r: len(r) == 2)
+        assert [(r["limit_name"], r["threshold"]) for r in rows] == [("tokens_per_day", 0.5), ("tokens_per_day", 1.0)]
+    finally:
+        gw.stop()
+        hook.server.shutdown()
+        upstream.reset()

@@ -211,6 +211,13 @@ LIMIT_KEYS = (*MODEL_LIMITS, "mcp_calls_per_minute")
 
 
 @dataclass(frozen=True)
+class NotificationSettings:
+    webhook: str | None = None
+    thresholds: tuple[float, ...] = (0.85, 1.0)
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class BudgetSettings:
     default: Limits = Limits()
     users: dict[str, Limits] = field(default_factory=dict, hash=False, compare=False)
@@ -263,6 +270,7 @@ class Config:
     limits: LimitSettings = LimitSettings()
     timeouts: Timeouts = Timeouts()
     budgets: BudgetSettings = BudgetSettings()
+    notifications: NotificationSettings = NotificationSettings()
     reload: ReloadSettings = ReloadSettings()
     # The admin's policy rules and guardrails (the typed model: policy/rules.py compiles it), from `policies:` or
     # the file `policies_file` names.
@@ -430,6 +438,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         budgets=BudgetSettings(_limits(f.budgets.default),
                                {str(k): _limits(v) for k, v in f.budgets.users.items()},
                                {str(k): _limits(v) for k, v in f.budgets.groups.items()}),
+        notifications=NotificationSettings(f.notifications.webhook, tuple(sorted(set(f.notifications.thresholds))),
+                                           f.notifications.timeout_seconds),
         circuit_breaker=BreakerSettings(f.circuit_breaker.failures, f.circuit_breaker.open_seconds,
                                         f.circuit_breaker.half_open_requests),
         limits=LimitSettings(int(f.limits.max_request_body_mb * 1024 * 1024), f.limits.auth_failures_per_minute,

@@ -223,6 +223,15 @@ class BudgetsFile(Section):
     users: dict[str, LimitValues] = Field(default_factory=dict, description="limits of named users")
 
 
+class NotificationsFile(Section):
+    webhook: str | None = Field(None, pattern=r"^https?://", description="POSTed a JSON body with a `text` field "
+                                                                         "when a budget threshold is crossed")
+    thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.85, 1.0], description="shares of a budget that are noticed, once per person, "
+                                                         "limit and period")
+    timeout_seconds: Seconds = Field(5.0, description="one webhook POST")
+
+
 # Policy rule conditions (CEL): the vocabulary is declared here, with the keys, so `config check` refuses a rule
 # that names a variable or function the engine (policy.rules) does not provide.
 
@@ -397,6 +406,7 @@ class ConfigFile(Section):
     limits: LimitsFile = Field(default_factory=LimitsFile)
     timeouts: TimeoutsFile = Field(default_factory=TimeoutsFile)
     budgets: BudgetsFile = Field(default_factory=BudgetsFile)
+    notifications: NotificationsFile = Field(default_factory=NotificationsFile)
     reload: ReloadFile = Field(default_factory=ReloadFile)
     policies: PoliciesFile = Field(default_factory=PoliciesFile)
     policies_file: str | None = Field(

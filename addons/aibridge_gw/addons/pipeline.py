@@ -851,6 +851,8 @@ class Pipeline:
                     rt.budgets.record(ic.charged[0], ic.started_at, u.metadata.get("model") or summary.model, [u])
             else:
                 rt.budgets.record(ic.charged[0], ic.started_at, summary.model or ic.info.model, summary.usages)
+            if rt.notices is not None and summary.usages:
+                rt.notices.after_charge(rt.budgets, *ic.charged, rt.groups_of(ic.charged[0]))
         return state
 
     def _client_left(self, flow: http.HTTPFlow, message: str) -> bool:

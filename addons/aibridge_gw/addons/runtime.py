@@ -41,6 +41,7 @@ from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
 from ..policy.breaker import CircuitBreakers
 from ..policy.budgets import Budgets, McpCallLimit, Refusal
 from ..policy.egress import EgressPolicy, local_addresses
+from ..policy.notices import BudgetNotices
 from ..policy.policing import Policing, mask_stored
 from ..policy.rules import Decision, policy_version
 from ..policy.throttle import AuthThrottle
@@ -153,6 +154,7 @@ class Runtime:
         self.metrics: Metrics | None = None
         self.api: AdminApi | None = None
         self.budgets: Budgets | None = None
+        self.notices: BudgetNotices | None = None  # budget thresholds crossed: said once (log, webhook)
         self.breakers: CircuitBreakers | None = None
         self.egress: EgressPolicy | None = None
         self.throttle: AuthThrottle | None = None
@@ -330,7 +332,7 @@ class Runtime:
         self.metrics.policy_decision(decision.rule, decision.action)
 
     def _needs_budget_rows(self, config: Config) -> bool:
-        return self.budgets is None and Budgets.any_limits(config.budgets.default, config.budgets.users)
+        return self.budgets is None and config.budgets.any
 
     def _budget_rows(self, config: Config):
         """The store's answer (a future) of what new budget counters start from; None when none are needed."""
@@ -353,6 +355,12 @@ class Runtime:
             else:
                 budgets.load_rows(rows)  # counters survive restarts
             self.budgets = budgets
+        if self.budgets is None:
+            self.notices = None
+        elif self.notices is None:
+            self.notices = BudgetNotices(config.notifications, self.store)
+        else:
+            self.notices.settings = config.notifications
 
     @property
     def shared_store(self) -> bool:

@@ -131,10 +131,6 @@ class Budgets:
     def active(self) -> bool:
         return self.settings.any
 
-    @staticmethod
-    def any_limits(default: Limits, per_user: dict[str, Limits], groups: dict[str, Limits] | None = None) -> bool:
-        return BudgetSettings(default, per_user, groups or {}).any
-
     def limits_for(self, user_name: str, groups: tuple[str, ...] = ()) -> Limits:
         return self.settings.limits_for(user_name, groups)
 

@@ -389,6 +389,8 @@ def prune(conn, days: int) -> dict:
     n = conn.execute("DELETE FROM aibridge_interceptions WHERE started_at < ? RETURNING 1", [cutoff]).fetchall()
     # Batches and background responses older than the audit kept (providers keep results for 29 days at most).
     conn.execute("DELETE FROM aibridge_provider_objects WHERE created_at < ?", [cutoff])
+    if reports.table_exists(conn, "aibridge_budget_notices"):  # once their period is long over (a month at most)
+        conn.execute("DELETE FROM aibridge_budget_notices WHERE sent_at < ?", [_now() - dt.timedelta(days=62)])
     return {"deleted": len(n), "days": days, "cutoff": cutoff.isoformat()}
 
 
@@ -664,6 +666,14 @@ def flush(conn) -> None:
 ABANDONED_AFTER = dt.timedelta(hours=6)
 
 
+def claim_budget_notice(conn, user_id: str, limit_name: str, period: str, threshold: float) -> bool:
+    """True for the first process to notice this crossing (policy/notices.py); False for every later one."""
+    row = conn.execute(
+        "INSERT INTO aibridge_budget_notices (user_id, limit_name, period, threshold, sent_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT DO NOTHING RETURNING 1", [user_id, limit_name, period, threshold, _now()]).fetchone()
+    return row is not None
+
+
 def close_abandoned(conn) -> int:
     """Shared stores: interceptions still in progress long after any call could last were left by a gateway that
     died (`kill -9`, a lost machine); a restart cannot close them, because other gateways' rows are live. End them
@@ -686,6 +696,7 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "count_request": (count_request, False),  # an upsert on the reader path: shared stores only
     "prune_request_counts": (prune_request_counts, False),
     "close_abandoned": (close_abandoned, True),
+    "claim_budget_notice": (claim_budget_notice, True),
     "tool_call_thread": (tool_call_thread, False),
     "claim_object": (claim_object, True),
     "admin_query": (admin_query, False),

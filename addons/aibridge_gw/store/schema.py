@@ -228,6 +228,20 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
             CREATE INDEX aibridge_mcp_calls_created_at ON aibridge_mcp_calls (created_at);
             """},
     ),
+    (
+        10,
+        "budget notices: which threshold of which budget was noticed for whom, once per period across the fleet",
+        """
+        CREATE TABLE aibridge_budget_notices (
+            user_id UUID NOT NULL,
+            limit_name VARCHAR NOT NULL,
+            period VARCHAR NOT NULL,
+            threshold DOUBLE PRECISION NOT NULL,
+            sent_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (user_id, limit_name, period, threshold)
+        );
+        """,
+    ),
 ]
 
 
