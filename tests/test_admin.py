@@ -3,6 +3,8 @@ retention."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 
@@ -38,8 +40,11 @@ def _seed(gw, upstream):
     simple = capture("anthropic/simple.txtar")
     chat = capture("openai/chatcompletions/simple.txtar")
     gpt54 = capture("openai/responses/blocking/summary_and_commentary_builtin_tool.txtar")
+    # The Responses call answers as a model no price book knows (a private deployment): shown "unpriced".
+    private = Reply.from_capture(gpt54, False)
+    private = dataclasses.replace(private, body=private.body.replace(b'"gpt-5.4-2026-03-05"', b'"gpt-5.4-internal"'))
     upstream.script(Reply.from_capture(simple, True), Reply.from_capture(simple, False),
-                    Reply.from_capture(chat, False), Reply.from_capture(gpt54, False))
+                    Reply.from_capture(chat, False), private)
     ann = anthropic_client(gw, gw.tokens["ann"], default_headers=CLAUDE)
     anthropic_call(ann, simple.request, True)
     anthropic_call(ann, simple.request, False)
@@ -114,7 +119,7 @@ def test_detail_has_usage_prompt_tools_and_thoughts(agw):
     assert d["prompts"][0]["prompt"].startswith("Is 4 + 9 a prime number?")
     assert [t["tool"] for t in d["tool_usages"]] == ["add"]
     assert {t["source"] for t in d["thoughts"]} == {"reasoning_summary", "commentary"}
-    assert d["cost_usd"] is None and d["priced"] is False  # gpt-5.4 is not in the price table
+    assert d["cost_usd"] is None and d["priced"] is False  # gpt-5.4-internal is in no price book
 
 
 def test_usage_and_cost_per_user_and_model(agw):
@@ -125,9 +130,9 @@ def test_usage_and_cost_per_user_and_model(agw):
     by_user = {d["user"]: d for d in api(agw, "usage", root, group_by="user").json()["data"]}
     assert by_user["ann"]["cost_usd"] == pytest.approx(expected_ann)
     assert (by_user["ann"]["input_tokens"], by_user["ann"]["output_tokens"]) == (42, 390)
-    assert by_user["ben"]["unpriced_models"] == ["gpt-5.4-2026-03-05"]
+    assert by_user["ben"]["unpriced_models"] == ["gpt-5.4-internal"]
     by_model = {d["model"]: d for d in api(agw, "usage", root, group_by="model").json()["data"]}
-    assert by_model["gpt-5.4-2026-03-05"]["cost"] == "unpriced"
+    assert by_model["gpt-5.4-internal"]["cost"] == "unpriced"
     assert by_model["claude-sonnet-4-20250514"]["cost_usd"] == pytest.approx(expected_ann)
     days = api(agw, "usage", root, group_by="day", since="1d").json()["data"]
     assert days[-1]["active_users"] == 2
@@ -216,8 +221,10 @@ def test_prune_deletes_old_records_and_their_rows(tmp_path, upstream):
     ("anthropic/claude-haiku-4-5", "claude-haiku-4-5"),
 ])
 def test_price_resolution(model, family):
+    """Dated, aliased and provider-qualified names get their family's price from the package's data."""
     prices = PriceTable.load()
-    assert prices.resolve(model) is prices.models[family]
+    assert prices.resolve(model) == prices.resolve(family) is not None
+    assert prices.resolve(model).source.startswith("genai-prices ")
 
 
 def test_unknown_model_is_unpriced_not_free():

@@ -111,6 +111,11 @@ def test_same_answers_and_usage_as_through_anthropic_and_signed_over_the_exact_b
     assert via_ic["credential_kind"] == "centralized" and via_ic["credential_hint"] == "AKIA…MPLE"
     assert json.loads(via_ic["metadata"])["requested_model"] == cap.request["model"]
     assert usages(bgw, via_ic["id"]) == usages(bgw, direct_ic["id"]) != []
+    # Priced as the Bedrock model it ran on (the package's data knows Bedrock's model ids): the same rates.
+    (via_cost,) = bgw.sql(f"SELECT cost_usd, price FROM aibridge_token_usages WHERE interception_id = '{via_ic['id']}'")
+    (direct_cost,) = bgw.sql(f"SELECT cost_usd FROM aibridge_token_usages WHERE interception_id = '{direct_ic['id']}'")
+    assert via_cost["cost_usd"] is not None and via_cost["cost_usd"] == pytest.approx(direct_cost["cost_usd"])
+    assert json.loads(via_cost["price"])["source"].startswith("genai-prices ")
     tools = bgw.sql(f"SELECT tool FROM aibridge_tool_usages WHERE interception_id = '{via_ic['id']}'")
     assert [t["tool"] for t in tools] == ["Read"]
 

@@ -58,8 +58,10 @@ def test_overview_shows_the_databases_spend_per_user_and_model(browser, agw):  #
     cost = sum(price.cost(21, out, 0, 0) for out in (187, 203))
     cells = page.locator("#leaderboard tr[data-key='ann'] td").all_inner_texts()
     assert cells == ["ann", str(ann["n"]), str(ann["inp"]), str(ann["outp"]), "0", f"${cost:.4f}"]
-    unpriced = page.locator("#by-model tr[data-key='gpt-5.4-2026-03-05'] td.cost").inner_text()
+    unpriced = page.locator("#by-model tr[data-key='gpt-5.4-internal'] td.cost").inner_text()
     assert unpriced == "unpriced"
+    warning = page.locator("#unpriced-warning").inner_text()
+    assert "gpt-5.4-internal" in warning and "aibridge prices set" in warning
     assert page.locator("svg[aria-label^='Tokens per day'] rect").count() >= 1
     assert page.locator("svg[aria-label^='Adoption'] rect").count() >= 1
     page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)
@@ -79,7 +81,7 @@ def test_drill_from_session_to_prompt_and_tool_calls(browser, agw):  # noqa: F81
     # An interception with a tool call and thoughts, reached through the filters.
     page.goto(agw.url + "/aibridge/#/interceptions")
     ready(page)
-    page.select_option("#f-model", "gpt-5.4-2026-03-05")
+    page.select_option("#f-model", "gpt-5.4-internal")
     page.click("#apply")
     ready(page)
     page.locator("#interceptions tr.click").first.click()

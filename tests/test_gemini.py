@@ -54,6 +54,11 @@ def test_blocking_call_is_relayed_with_the_upstream_key_and_recorded_exactly(ggw
     usage, = ggw.sql(f"SELECT * FROM aibridge_token_usages WHERE interception_id = '{ic['id']}'")
     assert (usage["input_tokens"], usage["output_tokens"], usage["cache_read_input_tokens"]) == (9, 14 + 21, 0)
     assert json.loads(usage["metadata"])["thoughtsTokenCount"] == 21
+    # Priced from the package's data (gemini-2.5-flash: $0.30 in, $2.50 out per 1M; thoughts bill as output).
+    assert usage["cost_usd"] == pytest.approx((9 * 0.30 + 35 * 2.50) / 1e6)
+    price = json.loads(usage["price"])
+    assert (price["model"], price["input"], price["output"]) == (MODEL, 0.30, 2.50)
+    assert price["source"].startswith("genai-prices ")
     prompt, = ggw.sql(f"SELECT prompt FROM aibridge_user_prompts WHERE interception_id = '{ic['id']}'")
     assert prompt["prompt"] == "explain what an AI gateway does"
     thought, = ggw.sql(f"SELECT content FROM aibridge_model_thoughts WHERE interception_id = '{ic['id']}'")

@@ -391,7 +391,7 @@ def test_postgresql_of_the_previous_version_gains_groups_and_decisions(cluster, 
         conn.execute("INSERT INTO aibridge_users (id, name, role, created_at) VALUES (gen_random_uuid(), 'old', "
                      "'member', now())")
         conn.commit()
-        assert schema.migrate_postgres(conn) == [7, 8, 9]
+        assert schema.migrate_postgres(conn) == [v for v, *_ in schema.MIGRATIONS if v >= 7]
         assert schema.migrate_postgres(conn) == []
         assert conn.execute("SELECT name FROM aibridge_users").fetchall() == [("old",)]
         indexes = {r[0] for r in conn.execute(

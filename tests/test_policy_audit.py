@@ -139,7 +139,7 @@ def test_the_new_migrations_apply_to_a_database_of_the_previous_version(tmp_path
         "old-timers"]
     conn = duckdb.connect(str(db))
     assert [r[0] for r in conn.execute("SELECT version FROM aibridge_schema_migrations ORDER BY 1").fetchall()] == [
-        1, 2, 3, 4, 5, 6, 7, 8, 9]
+        v for v, *_ in schema.MIGRATIONS]
     assert conn.execute("SELECT count(*) FROM aibridge_interceptions").fetchone()[0] == 1
     assert schema.migrate(conn) == []
     cols = [r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = "

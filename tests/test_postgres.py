@@ -44,7 +44,8 @@ def test_migrations_build_the_same_tables_and_columns_as_duckdb(cluster, tmp_pat
     assert {t: [c for c, _ in cols] for t, cols in pg.items()} == {t: [c for c, _ in cols] for t, cols in dd.items()}
     # The types are the same, spelled each engine's way.
     spelled = {"character varying": "VARCHAR", "timestamp with time zone": "TIMESTAMP WITH TIME ZONE",
-               "uuid": "UUID", "json": "JSON", "boolean": "BOOLEAN", "bigint": "BIGINT", "integer": "INTEGER"}
+               "uuid": "UUID", "json": "JSON", "boolean": "BOOLEAN", "bigint": "BIGINT", "integer": "INTEGER",
+               "double precision": "DOUBLE"}
     assert {t: [(c, spelled[d]) for c, d in cols] for t, cols in pg.items()} == dd
 
 
@@ -136,7 +137,7 @@ def test_the_operations_run_on_postgresql(cluster, tmp_path):
         store.close()
     (row,) = directory
     assert row[0] == hash_token(token) and row[2] == "alice" and row[6] is False
-    assert sorted(name for _, name in users) == ["agents", "alice"]
+    assert sorted(name for _, name, _groups in users) == ["agents", "alice"]
 
 
 def test_two_gateways_on_one_postgresql_keep_one_audit_and_honour_one_revocation(cluster, tmp_path, mock):

@@ -771,3 +771,21 @@ def test_what_a_call_stores_of_an_injected_tools_failure_is_masked_too():
                                                    error=f"connection refused for key {AWS_KEY_ID}")])
     mask_stored(Redactor(), summary)
     assert summary.tool_calls[0].error == "connection refused for key [REDACTED:aws-key]"
+
+
+def test_price_book_layers_database_over_file_over_package_and_applies_tiers(tmp_path):
+    from aibridge_gw.pricing import Price
+
+    f = tmp_path / "p.yaml"
+    f.write_text("models:\n  claude-sonnet-4: {input: 9, output: 9}\n  acme: {input: 1, output: 1}\n")
+    book = PriceTable.load(f)
+    assert book.resolve("claude-sonnet-4-20250514").source == "file"  # the file's family over the package
+    assert book.resolve("gpt-4o-mini").source.startswith("genai-prices ")
+    book.set_overrides({"acme": Price(5, 5, 5, 5, "database")})
+    assert book.resolve("acme").source == "database"  # the database over the file, the cache renewed
+    # Gemini 2.5 Pro: past 200k input tokens every token of the call pays the higher rate (the package's rule).
+    pro = PriceTable.load().resolve("gemini-2.5-pro", "gemini")
+    assert pro.cost(200_000, 1000, 0, 0) == pytest.approx((200_000 * 1.25 + 1000 * 10) / 1e6)
+    assert pro.cost(200_001, 1000, 0, 0) == pytest.approx((200_001 * 2.5 + 1000 * 15) / 1e6)
+    assert PriceTable.load().resolve("anthropic.claude-3-5-sonnet-20241022-v2:0", "bedrock").input == 3.0
+    assert PriceTable.load().cost("no-such-model-anywhere", 10, 10, 0, 0) is None

@@ -88,6 +88,8 @@ class Metrics:
         self.mcp_duration = Histogram(f"{p}mcp_call_duration_seconds", "MCP gateway tool calls: time from the "
                                       "call to its answer.", ["server"], registry=r,
                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.unpriced = Counter(f"{p}unpriced_usage_total", "Usage records of models no price book knows (their "
+                                "cost is unknown): set a price with aibridge prices set.", ["model"], registry=r)
 
     def mcp_call(self, server: str | None, tool: str | None, outcome: str, seconds: float | None) -> None:
         """Count one MCP gateway tool call and its duration (labels bounded: unknown names become `other`)."""
@@ -95,6 +97,10 @@ class Metrics:
         self.child(self.mcp_calls, server_label, self._bounded(self._mcp_tools, tool) or "none", outcome).inc()
         if seconds is not None:
             self.child(self.mcp_duration, server_label).observe(seconds)
+
+    def unpriced_usage(self, model: str | None) -> None:
+        """One usage record whose model has no price (`aibridge_unpriced_usage_total{model}`)."""
+        self.child(self.unpriced, self.model_label(model) or "none").inc()
 
     def model_label(self, model: str | None) -> str:
         """Client-chosen model strings as a bounded label set: the first MAX_LABELS well-formed names, else other."""

@@ -45,7 +45,7 @@ from ..policy.notices import BudgetNotices
 from ..policy.policing import Policing, mask_stored
 from ..policy.rules import Decision, policy_version
 from ..policy.throttle import AuthThrottle
-from ..pricing import PriceTable
+from ..pricing import Price, PriceTable
 from ..store.process import WriterProcess
 from ..workers import KeyBoard, control_secret, store_socket, worker_number, workers_dir
 
@@ -145,6 +145,8 @@ class Runtime:
         self.tokens = TokenDirectory()
         self.mcp_tokens: dict[tuple[str, str], str] = {}
         self.user_groups: dict[str, tuple[str, ...]] = {}
+        self.prices: PriceTable | None = None  # the price book (budgets, the recorder's costs, the admin API)
+        self.price_overrides: dict = {}  # the database's prices (aibridge prices set)
         self.mcp: McpRegistry | None = None
         self.loopback: LoopbackServer | None = None  # where the tool loop's and the key pools' flows are answered
         self.tool_loop: ToolLoop | None = None
@@ -341,6 +343,10 @@ class Runtime:
         return self.store.run("budget_totals" if self.shared_store else "budget_usage")
 
     def _apply_budgets(self, config: Config, prices: PriceTable, rows) -> None:
+        prices.set_overrides(self.price_overrides)
+        self.prices = prices
+        if self.recorder is not None:
+            self.recorder.prices = prices
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
         self.api.mcp_status = lambda: self.mcp.status() if self.mcp is not None else []
         settings = config.budgets
@@ -421,8 +427,9 @@ class Runtime:
         if self.worker in (None, 1) or config.storage.postgres:  # PostgreSQL: each worker has a writer of its own
             self.metrics.before_render(self._count_dead_letters)
         self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result(),
-                              store.run("users").result())
+                              store.run("users").result(), store.run("prices").result())
         self.recorder = Recorder(store)
+        self.recorder.unpriced = self.metrics.unpriced_usage
         log.info(
             "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
             len(config.providers), ", ".join(p.name for p in config.providers),
@@ -548,17 +555,21 @@ class Runtime:
 
     async def reload_directory(self) -> None:
         """After an admin operation: new or revoked tokens take effect for the next request."""
-        directory, mcp_tokens, users = await asyncio.gather(
+        directory, mcp_tokens, users, prices = await asyncio.gather(
             asyncio.wrap_future(self.store.run("directory")), asyncio.wrap_future(self.store.run("mcp_tokens")),
-            asyncio.wrap_future(self.store.run("users")))
-        self._apply_directory(directory, mcp_tokens, users)
+            asyncio.wrap_future(self.store.run("users")), asyncio.wrap_future(self.store.run("prices")))
+        self._apply_directory(directory, mcp_tokens, users, prices)
 
-    def _apply_directory(self, directory: list, mcp_tokens: list, users: list) -> None:
+    def _apply_directory(self, directory: list, mcp_tokens: list, users: list, prices: list | None = None) -> None:
         self.tokens.replace({row[0]: Actor(*row[1:]) for row in directory})
         # Whom a service account may act for, by id or by name; each user's groups (budgets follow them).
         self.users = {key: (uid, name) for uid, name, *_ in users for key in (uid, name)}
         self.user_groups = {uid: tuple(g[0]) if g else () for uid, _, *g in users}
         self.mcp_tokens = {(uid, server): token for uid, server, token in mcp_tokens}
+        if prices is not None:  # the database's prices (aibridge prices set), over the file's and the package's
+            self.price_overrides = {m: Price(i, o, r, w, "database") for m, i, o, r, w in prices}
+            if self.prices is not None:
+                self.prices.set_overrides(self.price_overrides)
 
     def groups_of(self, user_id: str) -> tuple[str, ...]:
         """A user's groups as the directory last loaded them (budgets per group follow them)."""

@@ -128,6 +128,41 @@ def _budgets_explain(args, cx: Context) -> None:
            f"budgets of {args.user} ({own})")
 
 
+def _prices_set(args, cx: Context) -> None:
+    r = cx.op("prices.set", model=args.model, input=args.input, output=args.output, cache_read=args.cache_read,
+              cache_write=args.cache_write, note=args.note)
+    print(f"{r['model']}: ${r['input']:g} input, ${r['output']:g} output, ${r['cache_read']:g} cache read, "
+          f"${r['cache_write']:g} cache write per 1M tokens (the database's price: it wins over the pricing file "
+          "and the package's data; costs already recorded keep the price they were charged at)")
+
+
+def _prices_delete(args, cx: Context) -> None:
+    cx.op("prices.delete", model=args.model)
+    print(f"{args.model}: the database's price removed (the pricing file's or the package's applies again)")
+
+
+def _prices_list(args, cx: Context) -> None:
+    _out(cx.op("prices.list"), args.json, "prices set in the database (USD per 1M tokens)")
+
+
+def _prices_show(args, cx: Context) -> None:
+    """Which price a model gets, and from where: the database, the pricing file, the package's data, or none."""
+    from ..pricing import Price, PriceTable
+
+    rows = cx.op("prices.list")
+    overrides = {r[0]: Price(*r[1:5], "database") for r in rows["rows"]}
+    price = PriceTable.load(cx.config.pricing, overrides).resolve(args.model, args.provider)
+    out = {"model": args.model, "provider": args.provider,
+           **(price.rates() if price else {"source": None, "unpriced": True})}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif price is None:
+        print(f"{args.model}: unpriced (no price in the database, the pricing file or the package's data); "
+              f"set one with: aibridge prices set {args.model} --input … --output …")
+    else:
+        print(json.dumps(out))
+
+
 _DECISION_COLUMNS = ["created_at", "user", "rule", "action", "enforced", "hook", "tool", "detectors", "message",
                      "interception_id"]
 _SUMMARY_COLUMNS = ["rule", "action", "decisions", "enforced", "monitored", "users", "last_at"]
@@ -461,6 +496,30 @@ def build_parser() -> argparse.ArgumentParser:
     gl = gr.add_parser("list", help="each group with its members")
     gl.add_argument("--json", action="store_true")
     gl.set_defaults(run=_groups_list)
+
+    pr = sub.add_parser("prices", help="the price book: the database's prices over the pricing file's and "
+                                       "the genai-prices package's (docs/prices.md)").add_subparsers(dest="sub",
+                                                                                                   required=True)
+    pset = pr.add_parser("set", help="set a model's price (USD per 1M tokens), winning over every other source")
+    pset.add_argument("model")
+    pset.add_argument("--input", type=float, required=True, help="USD per 1M input tokens (uncached)")
+    pset.add_argument("--output", type=float, required=True, help="USD per 1M output tokens")
+    pset.add_argument("--cache-read", type=float, help="USD per 1M cache-read tokens (default: --input)")
+    pset.add_argument("--cache-write", type=float, help="USD per 1M cache-write tokens (default: --input)")
+    pset.add_argument("--note", help="why (a negotiated rate, a fine-tune)")
+    pset.set_defaults(run=_prices_set)
+    pdel = pr.add_parser("delete", help="remove the database's price of a model")
+    pdel.add_argument("model")
+    pdel.set_defaults(run=_prices_delete)
+    pls = pr.add_parser("list", help="the prices set in the database")
+    pls.add_argument("--json", action="store_true")
+    pls.set_defaults(run=_prices_list)
+    psh = pr.add_parser("show", help="which price a model gets and where it comes from")
+    psh.add_argument("model")
+    psh.add_argument("--provider", help="provider type (anthropic, openai, gemini, bedrock…) when the name is "
+                                        "ambiguous")
+    psh.add_argument("--json", action="store_true")
+    psh.set_defaults(run=_prices_show)
 
     bu = sub.add_parser("budgets", help="who may spend what (docs/budgets.md)").add_subparsers(dest="sub",
                                                                                                  required=True)

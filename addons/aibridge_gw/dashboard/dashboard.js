@@ -76,7 +76,11 @@ async function overview(main) {
   const table = (rows, key) => `<table><tr><th>${key}</th><th class="n">calls</th><th class="n">input</th><th class="n">output</th><th class="n">cache read</th><th class="n">cost</th></tr>
     ${rows.map(d => `<tr data-key="${esc(d[key])}"><td>${esc(d[key])}</td><td class="n">${num(d.interceptions)}</td><td class="n">${num(d.input_tokens)}</td>
       <td class="n">${num(d.output_tokens)}</td><td class="n">${num(d.cache_read_input_tokens)}</td><td class="n cost">${usd(d)}</td></tr>`).join("")}</table>`;
-  main.innerHTML = `<div class="cards">
+  const unpriced = models.data.filter(d => d.unpriced_models && d.unpriced_models.length).map(d => d.model);
+  const warning = unpriced.length ? `<div class="panel warn" id="unpriced-warning" role="alert"><strong>Unpriced models:</strong>
+      ${unpriced.map(m => `<code>${esc(m)}</code>`).join(", ")} — their calls are not in the spend shown. Set a price with
+      <code>aibridge prices set MODEL --input … --output …</code> (docs/prices.md).</div>` : "";
+  main.innerHTML = warning + `<div class="cards">
       <div class="card"><div class="k">Spend, 30 days</div><div class="v" id="total-cost">$${tot.c.toFixed(2)}</div></div>
       <div class="card"><div class="k">Interceptions</div><div class="v">${num(tot.i)}</div></div>
       <div class="card"><div class="k">Input tokens</div><div class="v">${num(tot.inp)}</div></div>

@@ -18,6 +18,7 @@ import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from mitmproxy import http
 
@@ -226,6 +227,10 @@ class Recorder:
 
     def __init__(self, store: StoreApi) -> None:
         self.store = store
+        # The price book (set by the runtime, replaced on reload): each usage row keeps the cost and the rates it
+        # was charged at, so a later price change never rewrites what a call cost.
+        self.prices = None
+        self.unpriced: Callable[[str | None], None] | None = None  # told of usage no price book knows (metric)
         # provider tool call id -> (interception id, thread root id), newest last
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -257,6 +262,21 @@ class Recorder:
                                                provider_response_id=None, prompt=ic.info.prompt,
                                                created_at=ic.started_at))
 
+    def _priced(self, ic: Interception, summary: ResponseSummary, u) -> tuple[float | None, str | None]:
+        """The usage's cost at today's price of the model it is billed at, and those rates (JSON); (None, None) when
+        no price book knows the model (or the usage is clamped: no figure to charge)."""
+        prices = self.prices
+        if prices is None or u.clamped:
+            return None, None
+        model = u.metadata.get("model") or summary.model or ic.info.model
+        price = prices.resolve(model, ic.provider_type)
+        if price is None:
+            if (u.input_tokens or u.output_tokens) and self.unpriced is not None:
+                self.unpriced(model)
+            return None, None
+        cost = price.cost(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens)
+        return cost, json.dumps({"model": model, **price.rates()}, separators=(",", ":"))
+
     def ended(
         self, ic: Interception, summary: ResponseSummary, http_status: int | None, error: str | None,
         ended_at: dt.datetime,
@@ -274,11 +294,13 @@ class Recorder:
             if u.bound():  # beyond the column type: recorded clamped and flagged, charged to no budget
                 log.warning("interception %s: usage beyond %d clamped (%s)", ic.id, BIGINT_MAX,
                             ", ".join(u.metadata[CLAMPED]))
+            cost, rates = self._priced(ic, summary, u)
             submit(TOKEN_USAGES.row(
                 id=child_id(ic.id, "usage", n), interception_id=ic.id, provider_response_id=u.provider_response_id or rid,
                 input_tokens=u.input_tokens, output_tokens=u.output_tokens,
                 cache_read_input_tokens=u.cache_read_input_tokens, cache_write_input_tokens=u.cache_write_input_tokens,
-                metadata=_usage_metadata(u.metadata), created_at=ended_at, usage_estimated=u.estimated))
+                metadata=_usage_metadata(u.metadata), created_at=ended_at, usage_estimated=u.estimated,
+                cost_usd=cost, price=rates))
         root = ic.root_id or ic.id
         for n, call in enumerate(summary.tool_calls):
             submit(TOOL_USAGES.row(

@@ -23,6 +23,7 @@ COPIED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aibridge_users", ("id",)),
     ("aibridge_user_groups", ("user_id", "group_name")),
     ("aibridge_budget_notices", ("user_id", "limit_name", "period", "threshold")),
+    ("aibridge_prices", ("model",)),
     ("aibridge_tokens", ("id",)),
     ("aibridge_mcp_tokens", ("user_id", "server")),
     ("aibridge_interceptions", ("id",)),

@@ -404,9 +404,7 @@ def users_set_role(conn, name: str, role: str) -> dict:
 
 def report(conn, kind: str, **kw) -> dict:
     """CLI reports: the same queries the admin API serves, seen by an administrator."""
-    from ..pricing import PriceTable
-
-    prices = PriceTable.load(kw.pop("pricing_file", None))
+    prices = price_book(conn, kw.pop("pricing_file", None))
     viewer = reports.Viewer.everyone()
     try:
         if kind == "usage":
@@ -624,12 +622,21 @@ def claim_object(conn, id: str, interception_id: str, at: str, adopt: dict | Non
 _PRICES: dict[str | None, PriceTable] = {}
 
 
-def admin_query(conn, route: str, viewer: str | None, filters: dict, pricing: str | None = None, **params) -> Any:
-    """One admin API read (`route` as in /aibridge/api/v1/<route>); `viewer` is the user whose rows may be seen,
-    None for everything (an admin)."""
+def price_book(conn, pricing: str | None) -> PriceTable:
+    """The price book reports use: the database's prices over the file's (`pricing`) over the package's."""
+    from ..pricing import Price
+
     prices = _PRICES.get(pricing)
     if prices is None:
         prices = _PRICES[pricing] = PriceTable.load(Path(pricing) if pricing else None)
+    prices.set_overrides({m: Price(i, o, r, w, "database") for m, i, o, r, w in price_rows(conn)})
+    return prices
+
+
+def admin_query(conn, route: str, viewer: str | None, filters: dict, pricing: str | None = None, **params) -> Any:
+    """One admin API read (`route` as in /aibridge/api/v1/<route>); `viewer` is the user whose rows may be seen,
+    None for everything (an admin)."""
+    prices = price_book(conn, pricing)
     v = reports.Viewer.everyone() if viewer is None else reports.Viewer(viewer)
     if route == "interceptions":
         return reports.list_interceptions(conn, v, filters, prices, params["limit"], params.get("cursor"))
@@ -666,6 +673,56 @@ def flush(conn) -> None:
 ABANDONED_AFTER = dt.timedelta(hours=6)
 
 
+PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
+
+
+def prices_set(conn, model: str, input: float, output: float, cache_read: float | None = None,
+               cache_write: float | None = None, note: str | None = None) -> dict:
+    """The deployment's price of a model (USD per 1M tokens), winning over the `pricing:` file and the package's
+    data. Cache reads default to the input price, cache writes to it too (say them when they differ)."""
+    model = (model or "").strip().lower()
+    if not model or len(model) > 200:
+        raise OpError("a model name is required (at most 200 characters)")
+    values = {"input": input, "output": output, "cache_read": input if cache_read is None else cache_read,
+              "cache_write": input if cache_write is None else cache_write}
+    for k, v in values.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 <= v < 1e6):
+            raise OpError(f"{k} must be a price in USD per 1M tokens (0 or more)")
+    conn.execute("INSERT INTO aibridge_prices (model, input, output, cache_read, cache_write, note, updated_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET input = excluded.input, "
+                 "output = excluded.output, cache_read = excluded.cache_read, cache_write = excluded.cache_write, "
+                 "note = excluded.note, updated_at = excluded.updated_at",
+                 [model, *map(float, values.values()), note, _now()])
+    return {"model": model, **values, "note": note}
+
+
+def prices_delete(conn, model: str) -> dict:
+    model = (model or "").strip().lower()
+    n = conn.execute("DELETE FROM aibridge_prices WHERE model = ? RETURNING 1", [model]).fetchall()
+    if not n:
+        raise OpError(f"no price set for {model!r} (aibridge prices list)")
+    return {"model": model, "deleted": True}
+
+
+def prices_list(conn) -> dict:
+    if not reports.table_exists(conn, "aibridge_prices"):
+        return {"columns": ["model", *PRICE_FIELDS, "note", "updated_at"], "rows": []}
+    return query(conn, "SELECT model, input, output, cache_read, cache_write, note, updated_at FROM aibridge_prices "
+                       "ORDER BY model", [])
+
+
+def price_rows(conn) -> list[list]:
+    """The database's prices as plain values, for the gateway's price book: [model, input, output, read, write]."""
+    if not reports.table_exists(conn, "aibridge_prices"):
+        return []
+    return [list(r) for r in conn.execute(
+        "SELECT model, input, output, cache_read, cache_write FROM aibridge_prices").fetchall()]
+
+
+OPS.update({"prices.set": (prices_set, True), "prices.delete": (prices_delete, True),
+            "prices.list": (prices_list, False)})
+
+
 def claim_budget_notice(conn, user_id: str, limit_name: str, period: str, threshold: float) -> bool:
     """True for the first process to notice this crossing (policy/notices.py); False for every later one."""
     row = conn.execute(
@@ -697,6 +754,7 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "prune_request_counts": (prune_request_counts, False),
     "close_abandoned": (close_abandoned, True),
     "claim_budget_notice": (claim_budget_notice, True),
+    "prices": (price_rows, False),
     "tool_call_thread": (tool_call_thread, False),
     "claim_object": (claim_object, True),
     "admin_query": (admin_query, False),

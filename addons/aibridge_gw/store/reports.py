@@ -35,13 +35,11 @@ class Viewer:
 
 
 BILLED_MODEL = "coalesce(i.metadata->>'response_model', i.model)"
+OPEN_COLUMNS = ", ".join(f"coalesce(u.open_{k}, 0) AS open_{k}" for k in (
+    "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens"))
 SESSION_KEY = "coalesce(i.client_session_id, CAST(coalesce(i.thread_root_id, i.id) AS VARCHAR))"
 _BASE = f"""
-    WITH u AS (
-        SELECT interception_id, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-               sum(cache_read_input_tokens) AS cache_read_input_tokens,
-               sum(cache_write_input_tokens) AS cache_write_input_tokens
-        FROM aibridge_token_usages GROUP BY interception_id),
+    WITH u AS ({{usage}}),
     t AS (SELECT interception_id, count(*) AS tool_calls,
                  count(*) FILTER (WHERE injected) AS injected_tool_calls
           FROM aibridge_tool_usages GROUP BY interception_id),
@@ -55,7 +53,7 @@ _BASE = f"""
            coalesce(u.cache_read_input_tokens, 0) AS cache_read_input_tokens,
            coalesce(u.cache_write_input_tokens, 0) AS cache_write_input_tokens,
            coalesce(t.tool_calls, 0) AS tool_calls, coalesce(t.injected_tool_calls, 0) AS injected_tool_calls,
-           coalesce(p.prompts, 0) AS prompts
+           coalesce(p.prompts, 0) AS prompts, u.stored_cost, {OPEN_COLUMNS}
     FROM aibridge_interceptions i
     LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id
     LEFT JOIN u ON u.interception_id = i.id
@@ -63,6 +61,25 @@ _BASE = f"""
     LEFT JOIN p ON p.interception_id = i.id
 """
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens")
+# Usage rows keep the cost they were charged at (`cost_usd`, with the rates in `price`): reports sum those, and
+# price at today's rates only the tokens of rows without one (recorded before prices were stored, or unpriced then).
+OPEN_FIELDS = tuple(f"open_{k}" for k in TOKEN_FIELDS)
+
+
+def usage_sums(conn) -> str:
+    """Per interception: its tokens, the stored cost, and the tokens that have none (`open_…`)."""
+    tokens = ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
+    if has_column(conn, "aibridge_token_usages", "cost_usd"):
+        stored = "sum(cost_usd) AS stored_cost, " + ", ".join(
+            f"sum(CASE WHEN cost_usd IS NULL THEN {k} ELSE 0 END) AS open_{k}" for k in TOKEN_FIELDS)
+    else:  # a store of an older version, read as it is
+        stored = "CAST(NULL AS DOUBLE PRECISION) AS stored_cost, " + ", ".join(f"sum({k}) AS open_{k}" for k in TOKEN_FIELDS)
+    return f"SELECT interception_id, {tokens}, {stored} FROM aibridge_token_usages GROUP BY interception_id"
+
+
+def has_column(conn, table: str, column: str) -> bool:
+    return conn.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
+                        [table, column]).fetchone()[0] > 0
 
 
 def parse_time(name: str, value: str | None) -> dt.datetime | None:
@@ -121,15 +138,34 @@ def _where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+def base(conn) -> str:
+    """The interception listing's query, with this store's usage sums."""
+    return _BASE.replace("{usage}", usage_sums(conn))
+
+
 def _rows(cur) -> list[dict]:
     cols = [d[0] for d in cur.description]
     return [{c: jsonable(v) for c, v in zip(cols, r)} for r in cur.fetchall()]
 
 
+def _cost(row: dict, prices: PriceTable) -> float | None:
+    """What the row's usage cost: what was stored with it, plus today's price of the tokens that have no stored
+    cost (None when those have no price either)."""
+    stored = row.get("stored_cost") or 0.0
+    open_tokens = [int(row.get(f"open_{k}") or 0) for k in TOKEN_FIELDS]
+    if not any(open_tokens):
+        return stored if row.get("stored_cost") is not None or not any(int(row.get(k) or 0) for k in TOKEN_FIELDS) \
+            else None
+    cost = prices.cost(row.get("billed_model"), *open_tokens, provider=row.get("provider"))
+    return None if cost is None else stored + cost
+
+
 def _with_cost(row: dict, prices: PriceTable) -> dict:
-    cost = prices.cost(row.get("billed_model"), *(int(row.get(k) or 0) for k in TOKEN_FIELDS))
+    cost = _cost(row, prices)
     row["cost_usd"] = None if cost is None else round(cost, 6)
     row["priced"] = cost is not None
+    for k in ("stored_cost", *OPEN_FIELDS):
+        row.pop(k, None)
     return row
 
 
@@ -153,7 +189,7 @@ def list_interceptions(conn, viewer: Viewer, filters: dict, prices: PriceTable, 
         ts, iid = _decode_cursor(cursor)
         where += (" AND " if where else " WHERE ") + "(i.started_at < ? OR (i.started_at = ? AND CAST(i.id AS VARCHAR) < ?))"
         params += [ts, ts, iid]
-    cur = conn.execute(f"{_BASE}{where} ORDER BY i.started_at DESC, CAST(i.id AS VARCHAR) DESC LIMIT ?", params + [limit + 1])
+    cur = conn.execute(f"{base(conn)}{where} ORDER BY i.started_at DESC, CAST(i.id AS VARCHAR) DESC LIMIT ?", params + [limit + 1])
     rows = [_with_cost(r, prices) for r in _rows(cur)]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -163,7 +199,7 @@ def list_interceptions(conn, viewer: Viewer, filters: dict, prices: PriceTable, 
 def interception_detail(conn, viewer: Viewer, iid: str, prices: PriceTable) -> dict | None:
     where, params = _where(viewer, {})
     where += (" AND " if where else " WHERE ") + "CAST(i.id AS VARCHAR) = ?"
-    rows = _rows(conn.execute(f"{_BASE}{where}", params + [iid]))
+    rows = _rows(conn.execute(f"{base(conn)}{where}", params + [iid]))
     if not rows:
         return None
     out = _with_cost(rows[0], prices)
@@ -184,7 +220,7 @@ def _fold_costs(groups: dict[Any, dict], key: Any, row: dict, prices: PriceTable
     g = groups.setdefault(key, {**{k: 0 for k in TOKEN_FIELDS + extra}, "cost_usd": 0.0, "unpriced_models": []})
     for k in TOKEN_FIELDS + extra:
         g[k] += int(row.get(k) or 0)
-    cost = prices.cost(row.get("billed_model"), *(int(row.get(k) or 0) for k in TOKEN_FIELDS))
+    cost = _cost(row, prices)
     if cost is None:
         if row.get("billed_model") not in g["unpriced_models"] and any(int(row.get(k) or 0) for k in TOKEN_FIELDS):
             g["unpriced_models"].append(row.get("billed_model"))
@@ -221,11 +257,11 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
     cur = conn.execute(
         f"SELECT {GROUPS[group_by]} AS key, {BILLED_MODEL} AS billed_model, count(*) AS interceptions, "
         "count(DISTINCT i.initiator_id) AS users, "
-        + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS)
+        + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS + OPEN_FIELDS)
+        + ", sum(u.stored_cost) AS stored_cost, i.provider"
         + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
-        "LEFT JOIN (SELECT interception_id, " + ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
-        + " FROM aibridge_token_usages GROUP BY 1) u ON u.interception_id = i.id"
-        f"{where} GROUP BY 1, 2",
+        f"LEFT JOIN ({usage_sums(conn)}) u ON u.interception_id = i.id"
+        f"{where} GROUP BY 1, 2, i.provider",
         params,
     )
     groups: dict[Any, dict] = {}
@@ -247,7 +283,7 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
 def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = None, limit: int = 50) -> dict:
     """Interceptions grouped by the client's session id, else by thread root."""
     where, params = _where(viewer, filters or {})
-    rows = _rows(conn.execute(f"SELECT * FROM ({_BASE}{where}) AS base ORDER BY started_at", params))
+    rows = _rows(conn.execute(f"SELECT * FROM ({base(conn)}{where}) AS base ORDER BY started_at", params))
     groups: dict[str, dict] = {}
     for r in rows:
         g = groups.get(r["session"])
@@ -304,11 +340,11 @@ def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str 
     cur = conn.execute(
         f"SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, {GROUPS[stack]} AS key, "
         f"{BILLED_MODEL} AS billed_model, count(*) AS interceptions, "
-        + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS)
+        + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS + OPEN_FIELDS)
+        + ", sum(u.stored_cost) AS stored_cost, i.provider"
         + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
-        "LEFT JOIN (SELECT interception_id, " + ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
-        + " FROM aibridge_token_usages GROUP BY 1) u ON u.interception_id = i.id"
-        f"{where} GROUP BY 1, 2, 3",
+        f"LEFT JOIN ({usage_sums(conn)}) u ON u.interception_id = i.id"
+        f"{where} GROUP BY 1, 2, 3, i.provider",
         params,
     )
     groups: dict[Any, dict] = {}

@@ -44,6 +44,7 @@ INTERCEPTIONS = Table("aibridge_interceptions", (
 TOKEN_USAGES = Table("aibridge_token_usages", (
     "id", "interception_id", "provider_response_id", "input_tokens", "output_tokens",
     "cache_read_input_tokens", "cache_write_input_tokens", "metadata", "created_at", "usage_estimated",
+    "cost_usd", "price",
 ))
 USER_PROMPTS = Table("aibridge_user_prompts", ("id", "interception_id", "provider_response_id", "prompt", "created_at"))
 TOOL_USAGES = Table("aibridge_tool_usages", (

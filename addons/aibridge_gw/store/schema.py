@@ -242,6 +242,23 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         );
         """,
     ),
+    (
+        11,
+        "prices: the deployment's own (aibridge prices set), and the cost and rates each usage row was charged at",
+        """
+        CREATE TABLE aibridge_prices (
+            model VARCHAR PRIMARY KEY,
+            input DOUBLE PRECISION NOT NULL,
+            output DOUBLE PRECISION NOT NULL,
+            cache_read DOUBLE PRECISION NOT NULL,
+            cache_write DOUBLE PRECISION NOT NULL,
+            note VARCHAR,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        ALTER TABLE aibridge_token_usages ADD COLUMN cost_usd DOUBLE PRECISION;
+        ALTER TABLE aibridge_token_usages ADD COLUMN price JSON;
+        """,
+    ),
 ]
 
 

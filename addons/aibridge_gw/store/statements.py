@@ -7,7 +7,8 @@ from .rows import COLUMNS
 
 # DuckDB's information_schema spellings of the column types -> PostgreSQL array casts.
 PG_TYPES = {"uuid": "uuid", "character varying": "varchar", "timestamp with time zone": "timestamptz", "json": "json",
-            "boolean": "boolean", "bigint": "bigint", "integer": "integer"}
+            "boolean": "boolean", "bigint": "bigint", "integer": "integer", "double precision": "float8",
+            "real": "float4"}
 
 
 def _types(conn, spelled=lambda t: t) -> dict[str, dict[str, str]]:
