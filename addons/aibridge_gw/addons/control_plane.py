@@ -20,6 +20,8 @@ from ..admin.gateway_client import CONTROL_PATH
 from ..flow.errors import error_response
 from ..mcp.access import ACCESS_COLUMNS, Caller, access_rows
 from ..mcp.gateway import LIST_BOUND, MCP_PATH
+from ..mcp.oauth import CALLBACK_PATH as OAUTH_CALLBACK_PATH
+from ..mcp.oauth import OAuthError
 from ..policy.auth import credential_from_headers
 from ..store import ops
 from .mcp_front import METADATA_PATHS, McpFront
@@ -81,6 +83,8 @@ class ControlPlane:
                 "content-type": "text/javascript; charset=utf-8", **DASHBOARD_HEADERS})
         elif path == MCP_PATH:
             await self.mcp.answer(flow)
+        elif path == OAUTH_CALLBACK_PATH:
+            await self.mcp.oauth_callback(flow)
         elif path in METADATA_PATHS:
             self.mcp.metadata(flow)
         elif path == "/aibridge/metrics":
@@ -206,7 +210,18 @@ class ControlPlane:
     def memory_ops(self) -> dict:
         """Operations on the gateway's memory rather than the store (the CLI's `aibridge keys`)."""
         return {"keys.list": self._keys_list, "keys.reset": self._keys_reset, "mcp.access": self._mcp_access,
-                "mcp.servers": self._mcp_servers}
+                "mcp.servers": self._mcp_servers, "mcp.login": self._mcp_login,
+                "mcp.login_status": self._mcp_login_status}
+
+    async def _mcp_login(self, server: str, user: str) -> dict:
+        """Start a user's OAuth sign-in to an oauth MCP server (`aibridge mcp login`): the address to open."""
+        return await start_login(self.rt, server, user)
+
+    async def _mcp_login_status(self, id: str) -> dict:
+        try:
+            return await self.rt.mcp_oauth.status(id)
+        except OAuthError as e:
+            raise TypeError(str(e)) from None
 
     async def _mcp_access(self, user: str) -> dict:
         """What `user` may call through the MCP gateway and why (`aibridge mcp access`), with the tools every
@@ -226,7 +241,7 @@ class ControlPlane:
 
     def _mcp_servers(self) -> dict:
         rows = self.rt.mcp.status() if self.rt.mcp is not None else []
-        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "error", "url"]
+        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "oauth", "error", "url"]
         return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
 
     def _keys_list(self) -> dict:
@@ -251,6 +266,24 @@ class ControlPlane:
             await asyncio.wait_for(asyncio.wrap_future(self.rt.store.flush()), timeout)
         except (asyncio.TimeoutError, Exception) as e:
             log.warning("aibridge: records not flushed before a query (%s); it may miss the newest", type(e).__name__)
+
+
+async def start_login(rt: Runtime, server: str, user: str) -> dict:
+    """A new OAuth sign-in of `user` (a name) to the oauth server `server`: {id, url, server, user, expires_at}.
+    Failures raise TypeError with a message safe to show (the control endpoint and the admin API answer 400)."""
+    found = rt.mcp.server(server) if rt.mcp is not None else None
+    if found is None or not found.oauth:
+        raise TypeError(f"{server!r} is not an oauth MCP server here")
+    users = await asyncio.wrap_future(rt.store.run("users.list"))
+    cols = users["columns"]
+    row = next((dict(zip(cols, r)) for r in users["rows"] if r[cols.index("name")] == user), None)
+    if row is None:
+        raise TypeError(f"no user {user!r}")
+    try:
+        login = await rt.mcp_oauth.start(found, str(row["id"]))
+    except OAuthError as e:
+        raise TypeError(str(e)) from None
+    return {**login, "server": server, "user": row["name"]}
 
 
 def _json(status: int, obj) -> http.Response:

@@ -17,7 +17,7 @@ from ..config import Limits
 from ..policy.auth import Actor, hash_token, mask, new_token
 from ..policy.budgets import Budgets, count_request, prune_request_counts, usage_rows, usage_totals
 from ..pricing import PriceTable
-from . import reports
+from . import mcp_oauth, reports
 from .lockdown import locked, staging_directory
 from .reports import jsonable
 
@@ -545,6 +545,8 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "report": (report, False),
     "export": (export, False),
     "store.apply_record": (apply_record, True),
+    "mcp_oauth.list": (mcp_oauth.signed_in, False),
+    "mcp_oauth.logout": (mcp_oauth.logout, True),
 }
 
 
@@ -687,5 +689,17 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "claim_object": (claim_object, True),
     "admin_query": (admin_query, False),
     "flush": (flush, True),
+    # OAuth sign-in to MCP servers (store/mcp_oauth.py): ciphertext only, never reachable from the CLI.
+    "mcp_oauth.client_get": (mcp_oauth.client_get, False),
+    "mcp_oauth.client_put": (mcp_oauth.client_put, True),
+    "mcp_oauth.client_forget": (mcp_oauth.client_forget, True),
+    "mcp_oauth.login_put": (mcp_oauth.login_put, True),
+    "mcp_oauth.login_pending": (mcp_oauth.login_pending, False),
+    "mcp_oauth.login_take": (mcp_oauth.login_take, True),
+    "mcp_oauth.login_finish": (mcp_oauth.login_finish, True),
+    "mcp_oauth.login_status": (mcp_oauth.login_status, False),
+    "mcp_oauth.token_get": (mcp_oauth.token_get, False),
+    "mcp_oauth.token_put": (mcp_oauth.token_put, True),
+    "mcp_oauth.token_drop": (mcp_oauth.token_drop, True),
 }
 ALL_OPS = {**OPS, **GATEWAY_OPS}
