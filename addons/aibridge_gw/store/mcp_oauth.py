@@ -140,32 +140,3 @@ def token_drop(conn, user_id: str, server: str, version: int | None = None) -> b
     if version is not None:
         sql, params = sql + " AND version = ?", params + [version]
     return bool(conn.execute(sql + " RETURNING 1", params).fetchall())
-
-
-# --- the CLI's and the admin API's ------------------------------------------------------------------------------
-
-def signed_in(conn, user: str | None = None, server: str | None = None) -> dict:
-    """Who is signed in to which OAuth server (no secret: when the access token expires, the scope, when)."""
-    from .ops import _user, query
-
-    where, params = [], []
-    if user:
-        _user(conn, user)
-        where.append("u.name = ?")
-        params.append(user)
-    if server:
-        where.append("t.server = ?")
-        params.append(server)
-    clause = f"WHERE {' AND '.join(where)} " if where else ""
-    return query(conn, "SELECT u.name AS user, t.server, t.scope, t.expires_at AS access_expires_at, "
-                       "t.created_at AS signed_in_at, t.updated_at FROM aibridge_mcp_oauth_tokens t "
-                       f"JOIN aibridge_users u ON u.id = t.user_id {clause}ORDER BY u.name, t.server", params)
-
-
-def logout(conn, user: str, server: str) -> dict:
-    from .ops import OpError, _user
-
-    uid, uname, _ = _user(conn, user)
-    if not token_drop(conn, str(uid), server):
-        raise OpError(f"user {uname!r} is not signed in to MCP server {server!r}")
-    return {"user": uname, "server": server, "signed_out": True}

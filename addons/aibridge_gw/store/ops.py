@@ -369,6 +369,31 @@ def load_mcp_tokens(conn) -> dict[tuple[str, str], str]:
     return out
 
 
+# --- OAuth sign-ins to MCP servers (store/mcp_oauth.py has the gateway's side) ------------------------------
+
+def mcp_oauth_list(conn, user: str | None = None, server: str | None = None) -> dict:
+    """Who is signed in to which OAuth server (no secret: when the access token expires, the scope, when)."""
+    where, params = [], []
+    if user:
+        _user(conn, user)
+        where.append("u.name = ?")
+        params.append(user)
+    if server:
+        where.append("t.server = ?")
+        params.append(server)
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    return query(conn, "SELECT u.name AS user, t.server, t.scope, t.expires_at AS access_expires_at, "
+                       "t.created_at AS signed_in_at, t.updated_at FROM aibridge_mcp_oauth_tokens t "
+                       f"JOIN aibridge_users u ON u.id = t.user_id {clause}ORDER BY u.name, t.server", params)
+
+
+def mcp_oauth_logout(conn, user: str, server: str) -> dict:
+    uid, uname, _ = _user(conn, user)
+    if not mcp_oauth.token_drop(conn, str(uid), server):
+        raise OpError(f"user {uname!r} is not signed in to MCP server {server!r}")
+    return {"user": uname, "server": server, "signed_out": True}
+
+
 AUDIT_CHILD_TABLES = ("aibridge_token_usages", "aibridge_user_prompts", "aibridge_tool_usages",
                       "aibridge_model_thoughts", "aibridge_policy_decisions")
 
@@ -545,8 +570,8 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "report": (report, False),
     "export": (export, False),
     "store.apply_record": (apply_record, True),
-    "mcp_oauth.list": (mcp_oauth.signed_in, False),
-    "mcp_oauth.logout": (mcp_oauth.logout, True),
+    "mcp_oauth.list": (mcp_oauth_list, False),
+    "mcp_oauth.logout": (mcp_oauth_logout, True),
 }
 
 
