@@ -218,3 +218,26 @@ def test_two_workers_share_the_sign_in(tmp_path, upstream, secure, key):
             assert text(asyncio.run(call(gw2, token))) == "subject=dave-account"
     finally:
         gw2.stop()
+
+
+def test_admin_api_sign_in_for_oneself(gw, secure):
+    erin, token = new_user(gw, "erin")
+    api = gw.url + "/aibridge/api/v1/mcp/oauth/"
+    auth = {"authorization": f"Bearer {token}"}
+    r = httpx.post(api + "login", json={"server": "secure", "user": "someone-else"}, headers=auth, trust_env=False)
+    assert r.status_code == 403
+    r = httpx.post(api + "login", json={"server": "secure"}, headers=auth, trust_env=False)
+    assert r.status_code == 200, r.text
+    login = r.json()
+    assert login["user"] == erin and login["url"].startswith(secure.url.rsplit("/", 1)[0])
+    secure.subject = "erin-account"
+    assert browse(login["url"]).status_code == 200
+    status = httpx.get(api + "login/" + login["id"], headers=auth, trust_env=False).json()
+    assert status["status"] == "done"
+    signed = httpx.get(api + "signins", headers=auth, trust_env=False).json()
+    assert [(r[0], r[1]) for r in signed["rows"]] == [(erin, "secure")]
+    assert text(asyncio.run(call(gw, token))) == "subject=erin-account"
+    r = httpx.post(api + "logout", json={"server": "secure"}, headers=auth, trust_env=False)
+    assert r.status_code == 200 and r.json()["signed_out"]
+    r = httpx.post(api + "logout", json={"server": "secure"}, headers=auth, trust_env=False)
+    assert r.status_code == 400 and "not signed in" in r.json()["error"]["message"]

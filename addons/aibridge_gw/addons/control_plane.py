@@ -215,7 +215,10 @@ class ControlPlane:
 
     async def _mcp_login(self, server: str, user: str) -> dict:
         """Start a user's OAuth sign-in to an oauth MCP server (`aibridge mcp login`): the address to open."""
-        return await start_login(self.rt, server, user)
+        try:
+            return await self.rt.mcp_oauth.start_named(self.rt.mcp, server, user)
+        except OAuthError as e:
+            raise TypeError(str(e)) from None
 
     async def _mcp_login_status(self, id: str) -> dict:
         try:
@@ -266,24 +269,6 @@ class ControlPlane:
             await asyncio.wait_for(asyncio.wrap_future(self.rt.store.flush()), timeout)
         except (asyncio.TimeoutError, Exception) as e:
             log.warning("aibridge: records not flushed before a query (%s); it may miss the newest", type(e).__name__)
-
-
-async def start_login(rt: Runtime, server: str, user: str) -> dict:
-    """A new OAuth sign-in of `user` (a name) to the oauth server `server`: {id, url, server, user, expires_at}.
-    Failures raise TypeError with a message safe to show (the control endpoint and the admin API answer 400)."""
-    found = rt.mcp.server(server) if rt.mcp is not None else None
-    if found is None or not found.oauth:
-        raise TypeError(f"{server!r} is not an oauth MCP server here")
-    users = await asyncio.wrap_future(rt.store.run("users.list"))
-    cols = users["columns"]
-    row = next((dict(zip(cols, r)) for r in users["rows"] if r[cols.index("name")] == user), None)
-    if row is None:
-        raise TypeError(f"no user {user!r}")
-    try:
-        login = await rt.mcp_oauth.start(found, str(row["id"]))
-    except OAuthError as e:
-        raise TypeError(str(e)) from None
-    return {**login, "server": server, "user": row["name"]}
 
 
 def _json(status: int, obj) -> http.Response:

@@ -347,6 +347,8 @@ class Runtime:
     def _apply_budgets(self, config: Config, prices: PriceTable, rows) -> None:
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
         self.api.mcp_status = lambda: self.mcp.status() if self.mcp is not None else []
+        self.api.mcp_oauth = self.mcp_oauth
+        self.api.mcp_registry = lambda: self.mcp
         default, users = config.budgets.default, config.budgets.users
         if not Budgets.any_limits(default, users):
             self.budgets = None

@@ -172,6 +172,19 @@ class McpOAuth:
                  self.user_name(user_id) or user_id, login_id)
         return {"id": login_id, "url": url, "expires_at": expires}
 
+    async def start_named(self, registry, server: str, user: str, reuse: bool = False) -> dict:
+        """`start` by names (the CLI's and the admin API's): {id, url, expires_at, server, user}."""
+        found = registry.server(server) if registry is not None else None
+        if found is None or not found.oauth:
+            raise OAuthError(f"{server!r} is not an oauth MCP server here")
+        users = await self._op("users.list")
+        cols = users["columns"]
+        row = next((dict(zip(cols, r)) for r in users["rows"] if r[cols.index("name")] == user), None)
+        if row is None:
+            raise OAuthError(f"no user {user!r}")
+        login = await self.start(found, str(row["id"]), reuse)
+        return {**login, "server": server, "user": row["name"]}
+
     async def _discover(self, http, server: McpServer) -> dict:
         """The server's protected-resource metadata (RFC 9728) and its authorization server's metadata (RFC 8414),
         found as the MCP spec says: the 401's WWW-Authenticate first, then the well-known URLs."""
