@@ -331,11 +331,13 @@ def _mcp_access_offline(cx: Context, user: str) -> dict:
     registry = McpRegistry(servers, cx.config.mcp, lambda uid, server: None)
 
     async def listings() -> dict:
-        shared = [s for s in servers if not s.per_user_token]
+        shared = [s for s in servers if not s.per_user]
         found = await asyncio.gather(*(registry.listing(s, str(row["id"]), LIST_BOUND) for s in shared))
         out = {s.name: found[n] for n, s in enumerate(shared)}
         out.update({s.name: "per_user_token: listed with the user's own token by a running gateway only"
                     for s in servers if s.per_user_token})
+        out.update({s.name: "oauth: listed with the user's sign-in by a running gateway only"
+                    for s in servers if s.oauth})
         return out
 
     rows = access_rows(servers, asyncio.run(listings()), McpAccess(cx.config.mcp_access), caller)
