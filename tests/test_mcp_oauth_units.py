@@ -114,3 +114,79 @@ def test_config_keys(tmp_path):
 def test_the_callbacks_query_is_redacted_in_log_lines():
     line = "127.0.0.1:5000: GET /aibridge/mcp/oauth/callback?code=abc&state=def HTTP/1.1"
     assert redact(line) == "127.0.0.1:5000: GET /aibridge/mcp/oauth/callback?code=<redacted>&state=<redacted> HTTP/1.1"
+
+
+class _Store:
+    """The writer's interface (`run(op, writes, **args)` -> a future) over one DuckDB connection, run at once."""
+
+    def __init__(self, path) -> None:
+        import threading
+
+        self.conn = duckdb.connect(str(path))
+        migrate(self.conn)
+        self.lock = threading.Lock()
+
+    def run(self, _op: str, writes: bool = False, **args):
+        import concurrent.futures as cf
+
+        fut: cf.Future = cf.Future()
+        try:
+            with self.lock, transaction(self.conn) as c:
+                fut.set_result(ops.ALL_OPS[_op][0](c, **args))
+        except Exception as e:
+            fut.set_exception(e)
+        return fut
+
+
+def test_processes_refreshing_together_keep_the_rotated_token(tmp_path, monkeypatch):
+    """Two processes (two McpOAuth over one store) refresh the same user's expired token at once, against a server
+    that rotates refresh tokens (each works once): one wins, the other reads its token; nothing is lost."""
+    import asyncio
+    from urllib.parse import parse_qs, urlparse
+
+    import httpx
+    from aibridge_gw.config import McpServer
+    from aibridge_gw.mcp.oauth import McpOAuth
+    from cryptography.fernet import Fernet
+
+    from tests.support.mcp_server import OAuthTestServer
+
+    monkeypatch.setenv("AIBRIDGE_SECRET_KEY", Fernet.generate_key().decode())
+    server = OAuthTestServer("rotating", lifetime=1).start()
+    try:
+        store = _Store(tmp_path / "shared.duckdb")
+        uid = store.run("users.add", True, name="alice").result()["id"]
+        mcp = McpServer(name="rotating", url=server.url, oauth=True)
+        callback = "http://127.0.0.1:9/aibridge/mcp/oauth/callback"  # never reached: the test reads the redirect
+        a, b = (McpOAuth(lambda: store, lambda: callback) for _ in range(2))
+
+        async def scenario():
+            login = await a.start(mcp, uid)
+            async with httpx.AsyncClient(trust_env=False) as http:
+                back = (await http.get(login["url"])).headers["location"]
+            query = {k: v[0] for k, v in parse_qs(urlparse(back).query).items()}
+            status, page = await b.callback(query, {"rotating": mcp})  # the callback lands on the other process
+            assert status == 200, page
+            first = await a.token(mcp, uid)
+            assert first and first == await b.token(mcp, uid)
+            await asyncio.sleep(1.2)  # expired for both
+            got = await asyncio.gather(a.token(mcp, uid), b.token(mcp, uid))
+            assert all(got) and first not in got and got[0] == got[1]
+            return got
+
+        got = asyncio.run(scenario())
+        refreshes = [g for g, _ in server.provider.issued if g == "refresh_token"]
+        assert len(refreshes) == 1  # one refresh reached the server, or the loser re-read the winner's token
+        stored = store.run("mcp_oauth.token_get", user_id=uid, server="rotating").result()
+        assert stored[1] == 2
+        live = set(server.provider.refresh)  # the one refresh token that still works is the stored one
+        c = McpOAuth(lambda: store, lambda: callback)
+
+        async def again():
+            await asyncio.sleep(1.2)
+            return await c.token(mcp, uid)
+
+        assert asyncio.run(again()) not in got
+        assert len(live) == 1
+    finally:
+        server.stop()

@@ -116,7 +116,7 @@ class McpOAuth:
         self.user_name = user_name
         self._tokens: dict[tuple[str, str], _Tokens | None] = {}
         self._read_at: dict[tuple[str, str], float] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._refreshing: dict[tuple[str, str], asyncio.Task] = {}
 
     @property
     def callback_url(self) -> str:
@@ -403,19 +403,18 @@ class McpOAuth:
             return None
         if not tokens.stale and (tokens.expires_at is None or tokens.expires_at - time.time() > _margin(tokens.blob)):
             return tokens.access
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:  # one refresh per process; other processes are ordered by the stored version
-            current = self._tokens.get(key)
-            if current is not None and current is not tokens and not current.stale and (
-                    current.expires_at is None or current.expires_at - time.time() > _margin(current.blob)):
-                return current.access  # refreshed by another call while this one waited
-            try:
-                async with asyncio.timeout(REFRESH_TIMEOUT):
-                    return await self._refresh(server, user_id, tokens)
-            except TimeoutError:
-                raise Unavailable(f"MCP server {server.name}: refreshing the sign-in of "
-                                  f"{self.user_name(user_id) or user_id} took longer than {REFRESH_TIMEOUT:g}s",
-                                  "timeout") from None
+        # One refresh per (user, server) in this process, as a task of its own: a caller that stops waiting (its
+        # bound, a cancelled call) never cancels it halfway, when the server may have rotated the refresh token
+        # already and the new one must still be stored. Other processes are ordered by the stored version.
+        task = self._refreshing.get(key)
+        if task is None or task.done():
+            task = self._refreshing[key] = asyncio.create_task(self._refresh(server, user_id, tokens))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), REFRESH_TIMEOUT)
+        except TimeoutError:
+            raise Unavailable(f"MCP server {server.name}: refreshing the sign-in of "
+                              f"{self.user_name(user_id) or user_id} took longer than {REFRESH_TIMEOUT:g}s",
+                              "timeout") from None
 
     async def _refresh(self, server: McpServer, user_id: str, tokens: _Tokens) -> str | None:
         key = (user_id, server.name)

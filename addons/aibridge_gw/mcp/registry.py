@@ -108,13 +108,14 @@ class McpRegistry:
         the last one failed); None when the server takes each user's own token and this user has none. A user who
         must sign in to an oauth server first gets what another user's listing of it found (so the agent sees its
         tools, and calling one tells them to sign in), None when there is none."""
-        try:
-            headers = await self._headers(server, user_id)
-        except Unavailable:
-            headers = None
+        key = (server.name, user_id if server.per_user else None)
+        try:  # an oauth token being refreshed holds a listing no longer than its wait
+            headers = await (asyncio.wait_for(self._headers(server, user_id), max(wait, 1.0)) if server.oauth
+                             else self._headers(server, user_id))
+        except (Unavailable, TimeoutError):
+            return self._listings.get(key) or self._known(server)
         if headers is None:
             return self._known(server) if server.oauth else None
-        key = (server.name, user_id if server.per_user else None)
         listing = self._listings.get(key)
         now = time.monotonic()
         if listing is not None and now - listing.fetched_at < self.settings.refresh_seconds:
