@@ -209,15 +209,24 @@ def test_refused_sign_in_and_bad_state(gw, secure):
 
 
 def test_two_workers_share_the_sign_in(tmp_path, upstream, secure, key):
+    """The callback and the CLI's polls land on either worker. mitmproxy prints every flow here (`flow_detail=2`:
+    request lines and headers): the callback's code and state never appear."""
     gw2 = Gateway(tmp_path / "workers", upstream.url, env={"AIBRIDGE_SECRET_KEY": key}, workers=2,
-                  extra=config(secure)).start()
+                  extra=config(secure), flow_detail=2).start()
     try:
         name, token = new_user(gw2, "dave")
-        sign_in(gw2, secure, name, "dave-account")
+        url = sign_in(gw2, secure, name, "dave-account")
         for _ in range(4):  # fresh connections land on either worker; each reads the tokens from the store
             assert text(asyncio.run(call(gw2, token))) == "subject=dave-account"
+        state = parse_qs(urlparse(url).query)["state"][0]
+        bad = httpx.get(gw2.url + "/aibridge/mcp/oauth/callback", params={"code": "code-guessed-0123", "state": state},
+                        trust_env=False)
+        assert bad.status_code == 400
     finally:
         gw2.stop()
+    log = gw2.log()
+    assert "/aibridge/mcp/oauth/callback" in log  # the flows were printed
+    assert not [s for s in secure.provider.secrets + [state, "code-guessed-0123"] if s in log]
 
 
 def test_admin_api_sign_in_for_oneself(gw, secure):
