@@ -317,6 +317,10 @@ class McpOAuth:
         try:
             token = await self._token_request(blob, data)
         except OAuthError as e:
+            if not server.oauth_client_id and ("invalid_client" in str(e) or "unauthorized_client" in str(e)):
+                # the authorization server forgot the gateway's registration: the next sign-in registers again
+                await self._op("mcp_oauth.client_forget", True, server=server_name, issuer=blob["issuer"],
+                               redirect_uri=blob["redirect_uri"])
             return await failed(str(e))
         stored = self._stored(blob, token, None)
         await self._op("mcp_oauth.token_put", True, user_id=user_id, server=server_name, ciphertext=seal(stored),
