@@ -22,6 +22,7 @@ from ..mcp.access import ACCESS_COLUMNS, Caller, access_rows
 from ..mcp.gateway import LIST_BOUND, MCP_PATH
 from ..mcp.oauth import CALLBACK_PATH as OAUTH_CALLBACK_PATH
 from ..mcp.oauth import OAuthError
+from ..mcp.registry import Unavailable
 from ..policy.auth import credential_from_headers
 from ..store import ops
 from .mcp_front import METADATA_PATHS, McpFront
@@ -217,13 +218,13 @@ class ControlPlane:
         """Start a user's OAuth sign-in to an oauth MCP server (`aibridge mcp login`): the address to open."""
         try:
             return await self.rt.mcp_oauth.start_named(self.rt.mcp, server, user)
-        except OAuthError as e:
+        except (OAuthError, Unavailable) as e:
             raise TypeError(str(e)) from None
 
     async def _mcp_login_status(self, id: str) -> dict:
         try:
             return await self.rt.mcp_oauth.status(id)
-        except OAuthError as e:
+        except (OAuthError, Unavailable) as e:
             raise TypeError(str(e)) from None
 
     async def _mcp_access(self, user: str) -> dict:

@@ -109,6 +109,7 @@ class AdminApi:
         `GET mcp/oauth/login/<id>` says how it went, `GET mcp/oauth/signins` lists who is signed in, `POST
         mcp/oauth/logout` {server, user} signs out. Members act for themselves only (`user` unset or their own)."""
         from ..mcp.oauth import OAuthError
+        from ..mcp.registry import Unavailable
 
         admin = actor.role == "admin"
         if route in ("mcp/oauth/login", "mcp/oauth/logout"):
@@ -135,6 +136,8 @@ class AdminApi:
                     "mcp_oauth.logout", True, user=user, server=body["server"])))
             except (OAuthError, OpError) as e:
                 return error(400, str(e))
+            except Unavailable as e:
+                return error(503, str(e))
         if req.method != "GET":
             return error(405, f"{req.method} is not supported")
         if route.startswith("mcp/oauth/login/") and self.mcp_oauth is not None:

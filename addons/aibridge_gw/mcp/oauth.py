@@ -125,8 +125,12 @@ class McpOAuth:
     async def _op(self, name: str, writes: bool = False, **args) -> Any:
         store = self._store()
         if store is None:
-            raise Unavailable("the gateway's store is not open")
-        return await asyncio.wrap_future(store.run(name, writes, **args))
+            raise Unavailable("aibridge: the gateway's store is not open")
+        try:
+            return await asyncio.wrap_future(store.run(name, writes, **args))
+        except Exception as e:  # the store away: a call is answered that it cannot be signed in now, never hangs
+            raise Unavailable(f"aibridge: the gateway's store cannot be used for sign-ins now ({type(e).__name__})"
+                              ) from None
 
     # --- 1. starting a sign-in ------------------------------------------------------------------------------
 
