@@ -145,7 +145,9 @@ def test_sign_in_call_refresh_and_sign_in_needed(gw, secure):
     assert [(r["user"], r["server"]) for r in signed] == [(alice, "secure")]
     assert not [s for s in secure.provider.secrets if s in listed.stdout]
     servers = gw.cli("mcp", "servers", "--json")
-    assert servers.returncode == 0 and "oauth" in servers.stdout
+    assert servers.returncode == 0, servers.stderr
+    row = next(s for s in json.loads(servers.stdout) if s["server"] == "secure")
+    assert row["oauth"] is True and row["signed_in"] == 1 and row["available"] is True
 
     # the refresh token revoked at the authorization server: sign-in needed (and the tokens are forgotten)
     secure.provider.revoke_refresh_tokens("alice-account")
@@ -235,6 +237,11 @@ def test_admin_api_sign_in_for_oneself(gw, secure):
     auth = {"authorization": f"Bearer {token}"}
     r = httpx.post(api + "login", json={"server": "secure", "user": "someone-else"}, headers=auth, trust_env=False)
     assert r.status_code == 403
+    def mine() -> dict:
+        servers = httpx.get(gw.url + "/aibridge/api/v1/mcp/servers", headers=auth, trust_env=False).json()["data"]
+        return next(s for s in servers if s["server"] == "secure")
+
+    assert mine()["oauth"] and mine()["signed_in"] is False
     r = httpx.post(api + "login", json={"server": "secure"}, headers=auth, trust_env=False)
     assert r.status_code == 200, r.text
     login = r.json()
@@ -243,6 +250,7 @@ def test_admin_api_sign_in_for_oneself(gw, secure):
     assert browse(login["url"]).status_code == 200
     status = httpx.get(api + "login/" + login["id"], headers=auth, trust_env=False).json()
     assert status["status"] == "done"
+    assert mine()["signed_in"] is True
     signed = httpx.get(api + "signins", headers=auth, trust_env=False).json()
     assert [(r[0], r[1]) for r in signed["rows"]] == [(erin, "secure")]
     assert text(asyncio.run(call(gw, token))) == "subject=erin-account"

@@ -243,10 +243,15 @@ class ControlPlane:
         return {"user": row["name"], "groups": list(caller.groups), "rules": len(rt.config.mcp_access),
                 "columns": ACCESS_COLUMNS, "rows": access_rows(servers, listings, rt.mcp_access, caller)}
 
-    def _mcp_servers(self) -> dict:
+    async def _mcp_servers(self) -> dict:
         rows = self.rt.mcp.status() if self.rt.mcp is not None else []
-        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "oauth", "error", "url"]
-        return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
+        if any(r["oauth"] for r in rows):  # how many users are signed in to each oauth server
+            signed = await asyncio.wrap_future(self.rt.store.run("mcp_oauth.list"))
+            for r in rows:
+                r["signed_in"] = sum(1 for s in signed["rows"] if s[1] == r["server"]) if r["oauth"] else None
+        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "oauth", "signed_in",
+                "error", "url"]
+        return {"columns": cols, "rows": [[r.get(c) for c in cols] for r in rows]}
 
     def _keys_list(self) -> dict:
         rows = [k for pool in self.rt.pools.values() for k in pool.status()]

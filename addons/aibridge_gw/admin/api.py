@@ -70,6 +70,15 @@ class AdminApi:
                 servers = self.mcp_status() if self.mcp_status is not None else []
                 if not viewer.admin:  # members see which servers work, not where they are
                     servers = [{k: v for k, v in s.items() if k != "url"} for s in servers]
+                if any(s.get("oauth") for s in servers):  # who is signed in: admins a count, members themselves
+                    signed = await asyncio.wrap_future(self.store.run(
+                        "mcp_oauth.list", user=None if viewer.admin else actor.user_name))
+                    per_server: dict[str, int] = {}
+                    for row in signed["rows"]:
+                        per_server[row[1]] = per_server.get(row[1], 0) + 1
+                    servers = [{**s, "signed_in": (per_server.get(s["server"], 0) if viewer.admin else
+                                                   bool(per_server.get(s["server"])))} if s.get("oauth") else s
+                               for s in servers]
                 return json_response(200, {"data": servers})
             if route in ("users", "groups"):
                 if q:
