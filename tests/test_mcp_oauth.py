@@ -204,6 +204,9 @@ def test_refused_sign_in_and_bad_state(gw, secure):
     # --no-wait prints and returns
     r = gw.cli("mcp", "login", "--server", "secure", "--user", carol, "--no-wait")
     assert r.returncode == 0 and "http" in r.stdout, r.stderr
+    # nobody opens the address: the CLI gives up at its timeout, non-zero
+    r = gw.cli("mcp", "login", "--server", "secure", "--user", carol, "--timeout", "1")
+    assert r.returncode == 1 and "not completed in time" in r.stderr, (r.stdout, r.stderr)
     # a server that takes no sign-in, an unknown user
     assert gw.cli("mcp", "login", "--server", "nope", "--user", carol).returncode == 1
     r = gw.cli("mcp", "login", "--server", "secure", "--user", "nobody")
