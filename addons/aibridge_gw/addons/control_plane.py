@@ -196,6 +196,8 @@ class ControlPlane:
             await self._flushed()
         try:
             result = await asyncio.wrap_future(rt.store.run(name, writes, **args))
+            if name == "mcp_oauth.logout":  # this process stops using the tokens at once (others within seconds)
+                rt.mcp_oauth.forget_all()
             if writes:
                 await rt.reload_directory()
         except (ops.OpError, TypeError) as e:

@@ -141,8 +141,11 @@ class AdminApi:
                         return error(404, "no MCP servers are configured")
                     login = await self.mcp_oauth.start_named(self.mcp_registry(), body["server"], user)
                     return json_response(200, {k: login[k] for k in ("id", "url", "server", "user", "expires_at")})
-                return json_response(200, await asyncio.wrap_future(self.store.run(
-                    "mcp_oauth.logout", True, user=user, server=body["server"])))
+                out = await asyncio.wrap_future(self.store.run("mcp_oauth.logout", True, user=user,
+                                                               server=body["server"]))
+                if self.mcp_oauth is not None:  # this process stops using the tokens at once
+                    self.mcp_oauth.forget_all()
+                return json_response(200, out)
             except (OAuthError, OpError) as e:
                 return error(400, str(e))
             except Unavailable as e:

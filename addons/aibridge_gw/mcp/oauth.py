@@ -377,6 +377,11 @@ class McpOAuth:
 
     # --- 3. using and refreshing ----------------------------------------------------------------------------
 
+    def forget_all(self) -> None:
+        """Read every user's tokens from the store again at their next use (after a logout here)."""
+        self._tokens.clear()
+        self._read_at.clear()
+
     def _forget(self, user_id: str, server: str) -> None:
         self._tokens.pop((user_id, server), None)
         self._read_at.pop((user_id, server), None)
