@@ -99,6 +99,15 @@ class McpServer:
     per_user_token: bool = False
     allow: re.Pattern | None = None
     deny: re.Pattern | None = None
+    oauth: bool = False  # each user signs in with OAuth 2.1 (mcp/oauth.py)
+    oauth_client_id: str | None = None
+    oauth_client_secret: str | None = field(default=None, repr=False)
+    oauth_scopes: tuple[str, ...] | None = None
+
+    @property
+    def per_user(self) -> bool:
+        """Each user reaches it with a credential of their own (a stored token or an OAuth sign-in)."""
+        return self.per_user_token or self.oauth
 
     def permits(self, tool: str) -> bool:
         """Neither regex: all; deny wins; only deny: all but denied."""
@@ -128,6 +137,7 @@ class McpSettings:
     refresh_seconds: float = 300.0
     max_tools: int = 128  # providers cap tools per request (OpenAI: 128); injected tools are trimmed to fit
     tool_name_max_length: int = 49  # /aibridge/mcp's tool names, at most (64 less Claude Code's `mcp__aibridge__`)
+    oauth_callback_url: str | None = None  # None: <gateway URL>/aibridge/mcp/oauth/callback
 
 
 @dataclass(frozen=True)
@@ -430,7 +440,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         mcp_access=_mcp_access(f.mcp_access, mcp_servers),
         mcp=McpSettings(max_rounds=f.mcp.max_rounds, tool_timeout_seconds=f.mcp.tool_timeout_seconds,
                         list_timeout_seconds=f.mcp.list_timeout_seconds, refresh_seconds=f.mcp.refresh_seconds,
-                        max_tools=f.mcp.max_tools, tool_name_max_length=f.mcp.tool_name_max_length),
+                        max_tools=f.mcp.max_tools, tool_name_max_length=f.mcp.tool_name_max_length,
+                        oauth_callback_url=f.mcp.oauth_callback_url),
         retention_days=f.retention_days,
         pricing=local(f.pricing) if f.pricing else None,
         metrics=MetricsSettings(f.metrics.prefix, f.metrics.token or None),
@@ -562,7 +573,9 @@ def _providers(items: list, raw_items: list) -> tuple[list[ProviderInstance], li
 def _mcp_server(d: config_model.McpServerFile, where: str) -> McpServer:
     return McpServer(name=d.name, url=d.url, headers=dict(d.headers), per_user_token=d.per_user_token,
                      allow=_regex(d.tool_allow_regex, "tool_allow_regex", where),
-                     deny=_regex(d.tool_deny_regex, "tool_deny_regex", where))
+                     deny=_regex(d.tool_deny_regex, "tool_deny_regex", where), oauth=d.oauth,
+                     oauth_client_id=d.oauth_client_id, oauth_client_secret=d.oauth_client_secret,
+                     oauth_scopes=tuple(d.oauth_scopes) if d.oauth_scopes is not None else None)
 
 
 def _regex(v: str | None, key: str, where: str) -> re.Pattern | None:

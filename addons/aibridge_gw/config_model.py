@@ -127,6 +127,24 @@ class McpServerFile(Section):
     tool_allow_regex: str | None = Field(None, description="only tools matching this are offered (injected, or at "
                                                            "/aibridge/mcp)")
     tool_deny_regex: str | None = Field(None, description="tools matching this are never offered")
+    oauth: bool = Field(False, description="each user signs in to the server with OAuth 2.1 (aibridge mcp login); "
+                                           "the gateway keeps and refreshes their tokens, encrypted")
+    oauth_client_id: str | None = Field(None, description="the gateway's client id at the server's authorization "
+                                                          "server, for one without dynamic client registration")
+    oauth_client_secret: str | None = Field(None, description="that client's secret (none: a public client)")
+    oauth_scopes: list[str] | None = Field(None, description="scopes to ask for (unset: what the server's metadata "
+                                                             "lists)")
+
+    @model_validator(mode="after")
+    def _oauth(self):
+        if self.oauth and self.per_user_token:
+            raise ValueError("oauth and per_user_token exclude each other: a server takes one kind of user "
+                             "credential")
+        if not self.oauth and (self.oauth_client_id or self.oauth_client_secret or self.oauth_scopes):
+            raise ValueError("oauth_client_id, oauth_client_secret and oauth_scopes need oauth: true")
+        if self.oauth_client_secret and not self.oauth_client_id:
+            raise ValueError("oauth_client_secret needs oauth_client_id")
+        return self
 
 
 class McpAccessRuleFile(Section):
@@ -156,6 +174,9 @@ class McpFile(Section):
         49, ge=24, le=64, description="tool names at /aibridge/mcp, at most: longer ones are shortened with a hash; "
                                       "model APIs take 64 characters and clients prefix the server's (Claude Code: "
                                       "mcp__aibridge__, 15)")
+    oauth_callback_url: str | None = Field(
+        None, pattern=r"^https?://", description="where a user's browser comes back after signing in to an oauth "
+                                                 "server (unset: <the gateway's URL>/aibridge/mcp/oauth/callback)")
 
 
 class MetricsFile(Section):
@@ -492,7 +513,7 @@ def describe(err: dict, raw: dict) -> str:
     return f"{where}: {msg}" + (f" (got {shown})" if shown is not None and kind != "value_error" else "")
 
 
-_SECRET_KEYS = ("key", "token", "postgres", "headers", "access_key", "access_key_secret", "session_token", "keys")
+_SECRET_KEYS = ("key", "token", "postgres", "headers", "oauth_client_secret", "access_key", "access_key_secret", "session_token", "keys")
 
 
 def _shown(value: Any, loc: tuple) -> str | None:

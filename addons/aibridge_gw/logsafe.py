@@ -37,12 +37,13 @@ _SHAPED = re.compile(r"(?<![A-Za-z0-9])(?:aib_[A-Za-z0-9_-]{6,}|sk-[A-Za-z0-9_-]
                      r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})")
 # user:password@ in URLs (proxy URLs, database DSNs).
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@'\"]*):([^@\s/'\"]+)@")
-# Credentials in query strings (Gemini's `key=`).
-_QUERY = re.compile(r"(?i)([?&](?:key|api[_-]?key|token|access_token|auth)=)[^&\s'\"#]+")
+# Credentials in query strings (Gemini's `key=`; an OAuth callback's `code=` and `state=`).
+_QUERY = re.compile(r"(?i)([?&](?:key|api[_-]?key|token|access_token|refresh_token|auth|code|state|code_verifier"
+                    r"|client_secret)=)[^&\s'\"#]+")
 # What every credential above has in it, somewhere: a line without any of these is passed over in one scan.
 # (Plain substring tests of the lowered text: several times faster than one case-insensitive alternation.)
 _MAYBE = ["aib_", "sk-", "aiza", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "://", "key", "token", "auth",
-          "cookie"]
+          "cookie", "code=", "state=", "secret", "verifier"]
 _SCHEME = re.compile(r"(?i)(?:bearer|basic|token|digest|aws4-hmac-sha256)\s+")
 _header_re: re.Pattern | None = None
 

@@ -43,7 +43,8 @@ def free_port() -> int:
 class Gateway:
     def __init__(self, workdir: Path, upstream_url: str, extra: dict | None = None,
                  args: list[str] | None = None, providers: list[dict] | None = None,
-                 env: dict[str, str] | None = None, workers: int = 1) -> None:
+                 env: dict[str, str] | None = None, workers: int = 1, flow_detail: int = 0) -> None:
+        self.flow_detail = flow_detail  # mitmproxy's own printing of every flow (2: request lines and headers)
         self.env = env or {}
         self.workers = workers  # above 1: `scripts/run --workers N`'s supervisor, as scripts/run starts it
         self.workdir = workdir
@@ -89,7 +90,7 @@ class Gateway:
             str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "aibridge.py"),
             "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
             "--set", f"confdir={self.workdir / 'certs'}", "--set", "connection_strategy=lazy",
-            "--set", "flow_detail=0", "--set", f"aibridge_config={self.config_path}", *self.args,
+            "--set", f"flow_detail={self.flow_detail}", "--set", f"aibridge_config={self.config_path}", *self.args,
         ]
         if self.workers > 1:
             command = [sys.executable, "-m", "aibridge_gw.workers", str(self.workers), *command[1:]]

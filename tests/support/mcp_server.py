@@ -179,3 +179,140 @@ class HangingServer:
         for c in self.conns:
             c.close()
         self.thread.join(5)
+
+
+class OAuthTestServer(_Served):
+    """A server that requires OAuth 2.1 (the SDK's own authorization server: metadata, dynamic client registration,
+    PKCE), with an in-memory provider that approves every /authorize at once for `subject` (the account the
+    "browser" is signed in as), access tokens that live `lifetime` seconds and rotating refresh tokens. Its tool
+    `whoami` answers with the subject of the token it was called with."""
+
+    def __init__(self, name: str = "secure", lifetime: int = 3) -> None:
+        from mcp.server.auth.middleware.auth_context import get_access_token
+        from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions
+
+        from tests.support.gateway import free_port
+
+        self.fixed_port = free_port()
+        self.provider = _AutoApprove(lifetime)
+        base = f"http://127.0.0.1:{self.fixed_port}"
+        mcp = FastMCP(name, stateless_http=True, log_level="WARNING", auth_server_provider=self.provider,
+                      auth=AuthSettings(issuer_url=base, resource_server_url=base + "/mcp",
+                                        client_registration_options=ClientRegistrationOptions(enabled=True),
+                                        validate_token_resource=True))
+        self.calls: list[tuple[str, str | None]] = []
+        calls = self.calls
+
+        @mcp.tool(description="Who called: the subject of the access token.")
+        def whoami() -> str:
+            token = get_access_token()
+            calls.append(("whoami", token.subject if token else None))
+            return f"subject={token.subject if token else None}"
+
+        self.app = mcp.streamable_http_app()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.fixed_port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = 0
+
+    @property
+    def subject(self) -> str:
+        return self.provider.subject
+
+    @subject.setter
+    def subject(self, value: str) -> None:
+        self.provider.subject = value
+
+
+class _AutoApprove:
+    """OAuthAuthorizationServerProvider, in memory."""
+
+    def __init__(self, lifetime: int) -> None:
+        self.lifetime = lifetime
+        self.subject = "nobody"
+        self.clients: dict = {}
+        self.codes: dict = {}
+        self.access: dict = {}
+        self.refresh: dict = {}
+        self.issued: list[tuple[str, str]] = []  # (grant, subject) of every token issued
+        self.registrations = 0
+        self.secrets: list[str] = []  # every code, access and refresh token issued (none may leak)
+
+    async def get_client(self, client_id):
+        return self.clients.get(client_id)
+
+    async def register_client(self, client_info) -> None:
+        self.registrations += 1
+        self.clients[client_info.client_id] = client_info
+        if client_info.client_secret:
+            self.secrets.append(client_info.client_secret)
+
+    async def authorize(self, client, params) -> str:
+        import secrets
+
+        from mcp.server.auth.provider import AuthorizationCode, construct_redirect_uri
+
+        code = "code-" + secrets.token_hex(16)
+        self.secrets.append(code)
+        self.codes[code] = AuthorizationCode(
+            code=code, scopes=params.scopes or [], expires_at=time.time() + 300, client_id=client.client_id,
+            code_challenge=params.code_challenge, redirect_uri=params.redirect_uri,
+            redirect_uri_provided_explicitly=params.redirect_uri_provided_explicitly, resource=params.resource,
+            subject=self.subject)
+        return construct_redirect_uri(str(params.redirect_uri), code=code, state=params.state)
+
+    async def load_authorization_code(self, client, authorization_code):
+        return self.codes.get(authorization_code)
+
+    def _issue(self, client_id: str, scopes: list, resource, subject, grant: str):
+        import secrets
+
+        from mcp.server.auth.provider import AccessToken, RefreshToken
+        from mcp.shared.auth import OAuthToken
+
+        access = "at-" + secrets.token_hex(20)
+        refresh = "rt-" + secrets.token_hex(20)
+        self.secrets += [access, refresh]
+        self.access[access] = AccessToken(token=access, client_id=client_id, scopes=scopes,
+                                          expires_at=int(time.time() + self.lifetime), resource=resource,
+                                          subject=subject)
+        self.refresh[refresh] = RefreshToken(token=refresh, client_id=client_id, scopes=scopes, resource=resource,
+                                             subject=subject)
+        self.issued.append((grant, subject))
+        return OAuthToken(access_token=access, token_type="Bearer", expires_in=self.lifetime, refresh_token=refresh,
+                          scope=" ".join(scopes) or None)
+
+    async def exchange_authorization_code(self, client, authorization_code):
+        self.codes.pop(authorization_code.code, None)
+        return self._issue(client.client_id, authorization_code.scopes, authorization_code.resource,
+                           authorization_code.subject, "authorization_code")
+
+    async def load_refresh_token(self, client, refresh_token):
+        return self.refresh.get(refresh_token)
+
+    async def exchange_refresh_token(self, client, refresh_token, scopes):
+        self.refresh.pop(refresh_token.token, None)  # rotated: each refresh token works once
+        return self._issue(client.client_id, scopes or refresh_token.scopes, refresh_token.resource,
+                           refresh_token.subject, "refresh_token")
+
+    async def load_access_token(self, token):
+        found = self.access.get(token)
+        if found is not None and found.expires_at is not None and found.expires_at < time.time():
+            return None
+        return found
+
+    async def revoke_token(self, token) -> None:
+        self.access.pop(token.token, None)
+        self.refresh.pop(token.token, None)
+
+    def revoke_refresh_tokens(self, subject: str) -> int:
+        """Revoke every refresh token of `subject` (an admin at the authorization server, or a password change)."""
+        gone = [k for k, v in self.refresh.items() if v.subject == subject]
+        for k in gone:
+            del self.refresh[k]
+        return len(gone)
+
+    def expire_access_tokens(self, subject: str) -> None:
+        for v in self.access.values():
+            if v.subject == subject:
+                v.expires_at = int(time.time()) - 10

@@ -21,6 +21,9 @@ from ..flow.errors import error_response
 from ..flow.state import HANDED_OFF
 from ..mcp.access import ACCESS_COLUMNS, Caller, access_rows
 from ..mcp.gateway import LIST_BOUND, MCP_PATH
+from ..mcp.oauth import CALLBACK_PATH as OAUTH_CALLBACK_PATH
+from ..mcp.oauth import OAuthError
+from ..mcp.registry import Unavailable
 from ..policy.auth import credential_from_headers
 from ..store import ops
 from .mcp_front import METADATA_PATHS, McpFront
@@ -88,6 +91,8 @@ class ControlPlane:
                 "content-type": "text/javascript; charset=utf-8", **DASHBOARD_HEADERS})
         elif path == MCP_PATH:
             await self.mcp.answer(flow)
+        elif path == OAUTH_CALLBACK_PATH:
+            await self.mcp.oauth_callback(flow)
         elif path in METADATA_PATHS:
             self.mcp.metadata(flow)
         elif path == "/aibridge/metrics":
@@ -198,6 +203,8 @@ class ControlPlane:
             await self._flushed()
         try:
             result = await asyncio.wrap_future(rt.store.run(name, writes, **args))
+            if name == "mcp_oauth.logout":  # this process stops using the tokens at once (others within seconds)
+                rt.mcp_oauth.forget_all()
             if writes:
                 await rt.reload_directory()
         except (ops.OpError, TypeError) as e:
@@ -213,7 +220,21 @@ class ControlPlane:
     def memory_ops(self) -> dict:
         """Operations on the gateway's memory rather than the store (the CLI's `aibridge keys`)."""
         return {"keys.list": self._keys_list, "keys.reset": self._keys_reset, "mcp.access": self._mcp_access,
-                "mcp.servers": self._mcp_servers}
+                "mcp.servers": self._mcp_servers, "mcp.login": self._mcp_login,
+                "mcp.login_status": self._mcp_login_status}
+
+    async def _mcp_login(self, server: str, user: str) -> dict:
+        """Start a user's OAuth sign-in to an oauth MCP server (`aibridge mcp login`): the address to open."""
+        try:
+            return await self.rt.mcp_oauth.start_named(self.rt.mcp, server, user)
+        except (OAuthError, Unavailable) as e:
+            raise TypeError(str(e)) from None
+
+    async def _mcp_login_status(self, id: str) -> dict:
+        try:
+            return await self.rt.mcp_oauth.status(id)
+        except (OAuthError, Unavailable) as e:
+            raise TypeError(str(e)) from None
 
     async def _mcp_access(self, user: str) -> dict:
         """What `user` may call through the MCP gateway and why (`aibridge mcp access`), with the tools every
@@ -232,10 +253,15 @@ class ControlPlane:
                 "columns": ACCESS_COLUMNS, "rows": access_rows(servers, listings, rt.mcp_access, caller,
                                                                  rt.config.mcp.tool_name_max_length)}
 
-    def _mcp_servers(self) -> dict:
+    async def _mcp_servers(self) -> dict:
         rows = self.rt.mcp.status() if self.rt.mcp is not None else []
-        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "error", "url"]
-        return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
+        if any(r["oauth"] for r in rows):  # how many users are signed in to each oauth server
+            signed = await asyncio.wrap_future(self.rt.store.run("mcp_oauth.list"))
+            for r in rows:
+                r["signed_in"] = sum(1 for s in signed["rows"] if s[1] == r["server"]) if r["oauth"] else None
+        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "oauth", "signed_in",
+                "error", "url"]
+        return {"columns": cols, "rows": [[r.get(c) for c in cols] for r in rows]}
 
     def _keys_list(self) -> dict:
         rows = [k for pool in self.rt.pools.values() for k in pool.status()]

@@ -16,6 +16,8 @@ from mitmproxy import http
 
 from ..flow.state import HANDED_OFF
 from ..mcp.gateway import MCP_PATH, TRANSPORT_HEADERS, McpCaller, McpJob, SessionId, jsonrpc_error
+from ..mcp.oauth import CALLBACK_PATH as OAUTH_CALLBACK_PATH
+from ..mcp.oauth import page as oauth_page
 from ..policy.auth import GATEWAY_TOKEN_HEADERS, SECRET_HEADERS, acting_for, credential_from_headers, proxy_token
 from ..policy.policing import variable_headers
 from .proxy_mode import ProxyMode
@@ -27,6 +29,10 @@ METADATA_PATH = "/.well-known/oauth-protected-resource" + MCP_PATH
 METADATA_PATHS = (METADATA_PATH, "/.well-known/oauth-protected-resource")  # the root one too: clients try it
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 JSON = {"content-type": "application/json", "cache-control": "no-store"}
+OAUTH_PAGE_HEADERS = {"content-type": "text/html; charset=utf-8", "cache-control": "no-store",
+                      "referrer-policy": "no-referrer", "x-content-type-options": "nosniff",
+                      "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                                 "frame-ancestors 'none'"}
 
 
 def base_url(flow: http.HTTPFlow) -> str:
@@ -130,6 +136,26 @@ class McpFront:
             return McpCaller(actor.user_id, actor.user_name, actor.role, actor.groups, caller.on_behalf_of,
                              headers=caller.headers)
         return again
+
+    async def oauth_callback(self, flow: http.HTTPFlow) -> None:
+        """GET /aibridge/mcp/oauth/callback?code&state: a user's browser back from signing in to an oauth MCP server
+        (mcp/oauth.py). No gateway token: the one-time `state` is the credential. The query (code, state) is taken
+        off the flow at once, so no log line or later addon sees it."""
+        req, rt = flow.request, self.rt
+        query = {k: v for k, v in req.query.items()}
+        req.path = OAUTH_CALLBACK_PATH  # the code and state go no further than this handler
+        if req.method != "GET":
+            status, body = 405, oauth_page("Sign-in failed", "The sign-in callback takes GET requests only.")
+        elif rt.mcp is None:
+            status, body = 404, oauth_page("Sign-in failed", "No MCP servers are configured on this gateway.")
+        else:
+            try:
+                status, body = await rt.mcp_oauth.callback(query, {s.name: s for s in rt.mcp.servers})
+            except Exception as e:  # the store away, a broken key: a clean page, never the exception's text
+                log.warning("mcp oauth: a sign-in callback failed (%s)", type(e).__name__)
+                status, body = 503, oauth_page("Sign-in failed", "The gateway could not complete the sign-in; "
+                                                                 "try again in a moment.")
+        flow.response = http.Response.make(status, body.encode(), OAUTH_PAGE_HEADERS)
 
     def _authenticate(self, flow: http.HTTPFlow, hv: dict[str, str]) -> McpCaller | None:
         """The caller, or None with the flow answered: 401 (with where to read what is wanted), 407 or 429."""

@@ -35,6 +35,8 @@ from ..loopback import LoopbackServer
 from ..mcp.access import McpAccess
 from ..mcp.gateway import McpCaller, McpGateway, McpJob
 from ..mcp.loop import LoopJob, ToolLoop
+from ..mcp.oauth import CALLBACK_PATH as OAUTH_CALLBACK_PATH
+from ..mcp.oauth import McpOAuth
 from ..mcp.registry import McpRegistry
 from ..metrics import Metrics
 from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
@@ -148,6 +150,9 @@ class Runtime:
         self.prices: PriceTable | None = None  # the price book (budgets, the recorder's costs, the admin API)
         self.price_overrides: dict = {}  # the database's prices (aibridge prices set)
         self.mcp: McpRegistry | None = None
+        # OAuth sign-in to `oauth: true` MCP servers: the users' tokens, in the shared store (mcp/oauth.py)
+        self.mcp_oauth = McpOAuth(lambda: self.store, self._oauth_callback_url, self._user_name)
+        self.own_url: str | None = None  # http://host:port of the listener, once it listens
         self.loopback: LoopbackServer | None = None  # where the tool loop's and the key pools' flows are answered
         self.tool_loop: ToolLoop | None = None
         self.mcp_gateway: McpGateway | None = None  # /aibridge/mcp's server side (at the loopback server)
@@ -299,6 +304,8 @@ class Runtime:
         if config.proxy.open_relay:
             log.warning("aibridge: running as an OPEN RELAY (proxy.require_auth: false, proxy.egress: all): anyone "
                         "who can reach this listener can use it as a proxy to any non-AI host")
+        if self.mcp is not None:
+            self.mcp.oauth = self.mcp_oauth
         if self.tool_loop is not None:
             self.tool_loop.registry = self.mcp
         if self.watch is None:
@@ -349,6 +356,8 @@ class Runtime:
             self.recorder.prices = prices
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
         self.api.mcp_status = lambda: self.mcp.status() if self.mcp is not None else []
+        self.api.mcp_oauth = self.mcp_oauth
+        self.api.mcp_registry = lambda: self.mcp
         settings = config.budgets
         if not settings.any:
             self.budgets = None
@@ -575,6 +584,16 @@ class Runtime:
         """A user's groups as the directory last loaded them (budgets per group follow them)."""
         return self.user_groups.get(user_id, ())
 
+    def _oauth_callback_url(self) -> str:
+        """Where a user's browser comes back after signing in to an oauth MCP server: `mcp.oauth_callback_url`,
+        else this gateway's own address (the one the CLI reaches it at)."""
+        configured = self.config.mcp.oauth_callback_url if self.config is not None else None
+        return configured or (self.own_url or "http://127.0.0.1:8080") + OAUTH_CALLBACK_PATH
+
+    def _user_name(self, user_id: str) -> str | None:
+        found = self.users.get(user_id)
+        return found[1] if found else None
+
     def chosen_upstream(self, host: str, port: int) -> bool:
         """A provider's base_url or the injected-tool loop: addresses the gateway itself sends requests to."""
         if self.loopback is not None and (host, port) == ("127.0.0.1", self.loopback.port):
@@ -692,6 +711,7 @@ class Runtime:
             host = "::1"
         if ":" in host:
             host = f"[{host}]"
+        self.own_url = f"http://{host}:{port}"
         if self.worker is not None:  # the supervisor wrote the runtime file; every worker takes its secret
             self.control_secret = control_secret()
         else:

@@ -15,6 +15,7 @@ from mitmproxy import http
 
 from ..policy.auth import TokenDirectory, credential_from_headers
 from ..pricing import PriceTable
+from ..store.ops import OpError
 from ..store.reports import DECISION_FILTERS, MCP_CALL_FILTERS, BadParameter, Viewer, parse_limit
 from ..store.writer import StoreApi
 
@@ -39,17 +40,21 @@ class AdminApi:
         self.store, self.tokens, self.prices = store, tokens, prices
         self.pricing = str(pricing) if pricing else None  # the writer process loads the same price table
         self.mcp_status = None  # () -> each MCP server's state (registry.status), set by the runtime
+        self.mcp_oauth = None  # mcp.oauth.McpOAuth (sign-ins to oauth MCP servers), set by the runtime
+        self.mcp_registry = lambda: None  # () -> the MCP registry now
 
     async def handle(self, flow: http.HTTPFlow) -> http.Response:
         req = flow.request
         actor = self.tokens.lookup(credential_from_headers(req.headers))
         if actor is None:
             return error(401, "a valid aibridge token is required (Authorization: Bearer <token>)")
+        parts = urlsplit(req.path)
+        route = parts.path[len(PREFIX):].strip("/")
+        if route.startswith("mcp/oauth/"):
+            return await self._oauth(req, actor, route)
         if req.method != "GET":
             return error(405, f"{req.method} is not supported")
         viewer = Viewer.everyone() if actor.role == "admin" else Viewer(actor.user_id)
-        parts = urlsplit(req.path)
-        route = parts.path[len(PREFIX):].strip("/")
         q = dict(parse_qsl(parts.query))
         try:
             if route == "me":  # as the gateway's directory knows the caller now
@@ -65,6 +70,15 @@ class AdminApi:
                 servers = self.mcp_status() if self.mcp_status is not None else []
                 if not viewer.admin:  # members see which servers work, not where they are
                     servers = [{k: v for k, v in s.items() if k != "url"} for s in servers]
+                if any(s.get("oauth") for s in servers):  # who is signed in: admins a count, members themselves
+                    signed = await asyncio.wrap_future(self.store.run(
+                        "mcp_oauth.list", user=None if viewer.admin else actor.user_name))
+                    per_server: dict[str, int] = {}
+                    for row in signed["rows"]:
+                        per_server[row[1]] = per_server.get(row[1], 0) + 1
+                    servers = [{**s, "signed_in": (per_server.get(s["server"], 0) if viewer.admin else
+                                                   bool(per_server.get(s["server"])))} if s.get("oauth") else s
+                               for s in servers]
                 return json_response(200, {"data": servers})
             if route in ("users", "groups"):
                 if q:
@@ -98,6 +112,58 @@ class AdminApi:
         except BadParameter as e:
             return error(400, str(e), e.name)
         return json_response(200, result)
+
+    async def _oauth(self, req, actor, route: str) -> http.Response:
+        """OAuth sign-ins to MCP servers: `POST mcp/oauth/login` {server, user} starts one (the address to open),
+        `GET mcp/oauth/login/<id>` says how it went, `GET mcp/oauth/signins` lists who is signed in, `POST
+        mcp/oauth/logout` {server, user} signs out. Members act for themselves only (`user` unset or their own)."""
+        from ..mcp.oauth import OAuthError
+        from ..mcp.registry import Unavailable
+
+        admin = actor.role == "admin"
+        if route in ("mcp/oauth/login", "mcp/oauth/logout"):
+            if req.method != "POST":
+                return error(405, f"{req.method} is not supported (POST)")
+            try:
+                body = json.loads(req.content or b"{}")
+            except ValueError:
+                return error(400, "the body is not JSON")
+            if not isinstance(body, dict) or not isinstance(body.get("server"), str):
+                return error(400, "server is required", "server")
+            user = body.get("user") or actor.user_name
+            if not isinstance(user, str):
+                return error(400, "user must be a user's name", "user")
+            if user != actor.user_name and not admin:
+                return error(403, "members sign in and out for themselves only")
+            try:
+                if route == "mcp/oauth/login":
+                    if self.mcp_oauth is None:
+                        return error(404, "no MCP servers are configured")
+                    login = await self.mcp_oauth.start_named(self.mcp_registry(), body["server"], user)
+                    return json_response(200, {k: login[k] for k in ("id", "url", "server", "user", "expires_at")})
+                out = await asyncio.wrap_future(self.store.run("mcp_oauth.logout", True, user=user,
+                                                               server=body["server"]))
+                if self.mcp_oauth is not None:  # this process stops using the tokens at once
+                    self.mcp_oauth.forget_all()
+                return json_response(200, out)
+            except (OAuthError, OpError) as e:
+                return error(400, str(e))
+            except Unavailable as e:
+                return error(503, str(e))
+        if req.method != "GET":
+            return error(405, f"{req.method} is not supported")
+        if route.startswith("mcp/oauth/login/") and self.mcp_oauth is not None:
+            try:
+                status = await self.mcp_oauth.status(route.rsplit("/", 1)[1])
+            except OAuthError as e:
+                return error(404, str(e))
+            if not admin and status.get("user") != actor.user_name:
+                return error(404, "no such sign-in")
+            return json_response(200, status)
+        if route == "mcp/oauth/signins":
+            return json_response(200, await asyncio.wrap_future(self.store.run(
+                "mcp_oauth.list", user=None if admin else actor.user_name)))
+        return error(404, f"unknown endpoint {req.path.split('?')[0]}")
 
     async def _decisions(self, route: str, viewer: Viewer, q: dict):
         """Policy decisions (newest first) or their counts per rule and action and per user; `since` defaults to

@@ -339,6 +339,54 @@ def _mcp_token_list(args, cx: Context) -> None:
     _out(cx.op("mcp_token.list", user=args.user), args.json, "MCP tokens")
 
 
+def _oauth_server(args, cx: Context) -> None:
+    _known_mcp_server(args, cx)
+    if not next(m for m in cx.config.mcp_servers if m.name == args.server).oauth:
+        raise OpError(f"MCP server {args.server!r} is not an oauth server (oauth: true in its mcp_servers entry)")
+
+
+def _mcp_login(args, cx: Context) -> None:
+    """Sign a user in to an oauth MCP server: the running gateway starts the login (its callback receives the
+    browser); this prints the URL to open and waits until the sign-in completes, fails or times out."""
+    import time
+
+    if args.list:
+        _out(cx.op("mcp_oauth.list", user=args.user, server=args.server), args.json, "MCP sign-ins")
+        return
+    if not args.server or not args.user:
+        raise OpError("aibridge mcp login needs --server and --user (or --list)")
+    _oauth_server(args, cx)
+    missing = "a sign-in is started by the running gateway (the browser comes back to it)"
+    r = run_gateway_op(cx.db, "mcp.login", {"server": args.server, "user": args.user}, missing=missing)
+    if args.json and args.no_wait:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"To sign {r['user']} in to {r['server']}, open this address in a browser (valid for 10 minutes):\n\n"
+          f"  {r['url']}\n", flush=True)
+    if args.no_wait:
+        print("not waiting: `aibridge mcp login --list` shows who is signed in")
+        return
+    print("waiting for the sign-in to complete…", flush=True)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status = run_gateway_op(cx.db, "mcp.login_status", {"id": r["id"]}, missing=missing)
+        if status["status"] == "done":
+            print(f"signed in to {r['server']} as {r['user']}")
+            return
+        if status["status"] == "failed":
+            raise OpError(f"the sign-in to {r['server']} as {r['user']} failed: {status.get('error') or 'no reason'}")
+        if status["status"] == "expired" or time.monotonic() > deadline:
+            raise OpError(f"the sign-in to {r['server']} as {r['user']} was not completed in time; run "
+                          f"aibridge mcp login again")
+        time.sleep(1)
+
+
+def _mcp_logout(args, cx: Context) -> None:
+    _oauth_server(args, cx)
+    cx.op("mcp_oauth.logout", user=args.user, server=args.server)
+    print(f"signed {args.user} out of {args.server} (their tokens are deleted)")
+
+
 def _mcp_access(args, cx: Context) -> None:
     """What a user may call through the MCP gateway, tool by tool, and why (the running gateway lists the servers
     as that user; without one, the CLI lists those that need no per-user token itself)."""
@@ -371,11 +419,13 @@ def _mcp_access_offline(cx: Context, user: str) -> dict:
     registry = McpRegistry(servers, cx.config.mcp, lambda uid, server: None)
 
     async def listings() -> dict:
-        shared = [s for s in servers if not s.per_user_token]
+        shared = [s for s in servers if not s.per_user]
         found = await asyncio.gather(*(registry.listing(s, str(row["id"]), LIST_BOUND) for s in shared))
         out = {s.name: found[n] for n, s in enumerate(shared)}
         out.update({s.name: "per_user_token: listed with the user's own token by a running gateway only"
                     for s in servers if s.per_user_token})
+        out.update({s.name: "oauth: listed with the user's sign-in by a running gateway only"
+                    for s in servers if s.oauth})
         return out
 
     rows = access_rows(servers, asyncio.run(listings()), McpAccess(cx.config.mcp_access), caller,
@@ -614,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--server")
     mc.add_argument("--tool", help="the server's own tool name")
     mc.add_argument("--outcome", choices=("ok", "error", "denied", "refused", "rate_limited", "unknown",
-                                          "unavailable", "timeout"))
+                                          "unavailable", "timeout", "sign_in"))
     mc.add_argument("--client", help="the MCP client's name, as it said in initialize")
     mc.add_argument("--errors", action="store_true", help="only calls that ended in an error")
     mc.add_argument("--limit", type=int, default=50)
@@ -625,6 +675,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "not, what it offers)")
     mv.add_argument("--json", action="store_true")
     mv.set_defaults(run=_mcp_servers)
+    mli = mg.add_parser("login", help="sign a user in to an oauth MCP server (OAuth 2.1: prints the address to open "
+                                      "in a browser, waits until done); --list: who is signed in")
+    mli.add_argument("--server")
+    mli.add_argument("--user")
+    mli.add_argument("--no-wait", action="store_true", help="print the address and return")
+    mli.add_argument("--timeout", type=float, default=600, help="seconds to wait for the sign-in (default 600)")
+    mli.add_argument("--list", action="store_true", help="who is signed in to which server (no secrets)")
+    mli.add_argument("--json", action="store_true")
+    mli.set_defaults(run=_mcp_login)
+    mlo = mg.add_parser("logout", help="sign a user out of an oauth MCP server (deletes their tokens)")
+    mlo.add_argument("--server", required=True)
+    mlo.add_argument("--user", required=True)
+    mlo.set_defaults(run=_mcp_logout)
 
     rp = sub.add_parser("replay", help="rebuild audit rows from captured flow files (idempotent)")
     rp.add_argument("files", nargs="+", help="mitmproxy flow files written by the capture option")

@@ -20,6 +20,13 @@ async function api(path, params={}) {
   if (!r.ok) throw new Error(body.error?.message || r.statusText);
   return body;
 }
+async function apiPost(path, body) {
+  const r = await fetch(API + path, {method: "POST", body: JSON.stringify(body),
+                                     headers: {Authorization: "Bearer " + token, "Content-Type": "application/json"}});
+  const out = await r.json();
+  if (!r.ok) throw new Error(out.error?.message || r.statusText);
+  return out;
+}
 function logout() { sessionStorage.removeItem("aibridge_token"); token = ""; me = null; render(); }
 
 function loginView(msg) {
@@ -214,10 +221,12 @@ async function toolsView(main) {
       <button id="t-apply">Filter</button></div>
     <div class="panel"><h2>MCP servers</h2><table id="mcp-servers">
       <tr><th>server</th><th>state</th><th class="n">tools</th><th class="n">resources</th><th class="n">prompts</th><th>why</th></tr>
-      ${servers.data.map(s => `<tr data-server="${esc(s.server)}"><td>${esc(s.server)}${s.per_user_token ? ' <span class="muted">per-user token</span>' : ""}</td>
+      ${servers.data.map(s => `<tr data-server="${esc(s.server)}"><td>${esc(s.server)}${s.per_user_token ? ' <span class="muted">per-user token</span>' : ""}${s.oauth ? ` <span class="muted">OAuth: ${me.role === "admin" ? `${num(s.signed_in)} signed in` : s.signed_in ? "signed in" : "sign-in needed"}</span> <button class="signin" data-server="${esc(s.server)}">Sign in</button>` : ""}</td>
         <td class="state ${s.available === false ? "failed" : ""}">${state(s)}</td><td class="n">${num(s.tools)}</td>
         <td class="n">${num(s.resources)}</td><td class="n">${num(s.prompts)}</td><td class="error">${esc(s.error)}</td></tr>`).join("")}</table>
-      ${servers.data.length ? "" : '<p class="muted">no MCP servers configured (mcp_servers)</p>'}</div>
+      ${servers.data.length ? "" : '<p class="muted">no MCP servers configured (mcp_servers)</p>'}
+      ${servers.data.some(s => s.oauth) ? `<p class="muted">Sign in: opens the server's sign-in page; the gateway keeps the tokens.
+        ${me.role === "admin" ? 'For user <input id="t-signin-user" placeholder="user (default: you)">' : ""}</p><div class="err" id="t-signin-msg"></div>` : ""}</div>
     <div class="grid2"><div class="panel"><h2>Calls per server and tool</h2><table id="mcp-tools">
         <tr><th>server</th><th>tool</th><th class="n">calls</th><th class="n">failures</th><th class="n">users</th><th class="n">avg ms</th><th class="n">slowest ms</th><th>latest</th></tr>
         ${summary.data.map(t => `<tr data-tool="${esc(t.server)}/${esc(t.tool)}"><td>${esc(t.server)}</td><td>${esc(t.tool)}</td>
@@ -230,6 +239,14 @@ async function toolsView(main) {
           <td class="n">${num(u.errors)}</td><td class="n">${num(u.tools)}</td><td>${when(u.last_at)}</td></tr>`).join("")}</table></div></div>
     <div class="panel"><h2>Slowest calls</h2><div id="mcp-slowest">${summary.slowest.length ? callRows(summary.slowest) : '<p class="muted">none</p>'}</div></div>
     <div class="panel"><h2>Recent calls</h2><div id="mcp-recent">${recent.data.length ? callRows(recent.data) : '<p class="muted">none</p>'}</div></div>`;
+  for (const b of main.querySelectorAll("button.signin")) b.onclick = async () => {
+    const user = ($("#t-signin-user")?.value || "").trim();
+    try {
+      const login = await apiPost("mcp/oauth/login", {server: b.dataset.server, ...(user ? {user} : {})});
+      $("#t-signin-msg").textContent = `signing ${login.user} in to ${login.server}: finish in the window that opened`;
+      window.open(login.url, "_blank", "noopener");
+    } catch (e) { $("#t-signin-msg").textContent = e.message; }
+  };
   $("#t-apply").onclick = () => {
     for (const k of ["since", "server", "tool", "user"]) { const el = $("#t-" + k); if (el) f[k] = el.value.trim(); }
     f.errors = $("#t-errors").checked ? "true" : "";

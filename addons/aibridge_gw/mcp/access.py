@@ -108,6 +108,10 @@ def access_rows(servers, listings: dict, access: McpAccess, caller: Caller, name
     rows = []
     for server in servers:
         listing = listings.get(server.name)
+        if listing is None and server.oauth:
+            rows.append([server.name, "*", "", False, f"oauth: {caller.user_name} has not signed in to it (aibridge "
+                                                       f"mcp login --server {server.name} --user {caller.user_name})"])
+            continue
         if listing is None:
             rows.append([server.name, "*", "", False, f"per_user_token: {caller.user_name} has no token for it "
                                                        f"(aibridge mcp-token set --server {server.name})"])

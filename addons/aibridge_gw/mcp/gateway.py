@@ -57,8 +57,9 @@ LIST_BOUND = 5.0  # seconds tools/list (resources, prompts) waits for servers, a
 SCOPE_KEY = "aibridge.mcp"  # the job, in the ASGI scope the handlers see
 # What an MCP call can come to (the metric's `outcome` label and the row's): the server answered (ok, or error: a
 # tool error result or a JSON-RPC error), the gateway refused (denied by mcp_access, refused by a policy rule,
-# rate_limited, unknown: no such tool here), or the server was not usable (unavailable, timeout).
-OUTCOMES = ("ok", "error", "denied", "refused", "rate_limited", "unknown", "unavailable", "timeout")
+# rate_limited, unknown: no such tool here), or the server was not usable (unavailable, timeout; sign_in: the user
+# must sign in to an oauth server first).
+OUTCOMES = ("ok", "error", "denied", "refused", "rate_limited", "unknown", "unavailable", "timeout", "sign_in")
 # Request headers the MCP transport reads; nothing else (no credential) reaches the server side.
 TRANSPORT_HEADERS = ("content-type", "accept", "mcp-protocol-version", "mcp-session-id", "last-event-id",
                      "user-agent")

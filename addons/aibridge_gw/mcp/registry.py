@@ -64,6 +64,7 @@ class McpRegistry:
         self.servers = servers
         self.settings = settings
         self.user_token = user_token  # (user id, server name) -> that user's token for the server
+        self.oauth = None  # mcp.oauth.McpOAuth: each user's tokens for `oauth: true` servers (set by the runtime)
         self._listings: dict[tuple[str, str | None], Listing] = {}
 
     def server(self, name: str) -> McpServer | None:
@@ -71,9 +72,14 @@ class McpRegistry:
 
     async def _headers(self, server: McpServer, user_id: str) -> dict[str, str] | None:
         """The headers this user's requests to the server carry (the credential included); None when the server
-        takes each user's own credential and this user has none."""
+        takes each user's own credential and this user has none (or must sign in to it first)."""
         headers = dict(server.headers)
-        if server.per_user_token:
+        if server.oauth:
+            token = await self.oauth.token(server, user_id) if self.oauth is not None else None
+            if not token:
+                return None
+            headers["Authorization"] = f"Bearer {token}"
+        elif server.per_user_token:
             token = self.user_token(user_id, server.name)
             if not token:
                 return None  # users without their own token get none of this server's tools
@@ -99,11 +105,17 @@ class McpRegistry:
 
     async def listing(self, server: McpServer, user_id: str, wait: float) -> Listing | None:
         """What the server offers this user, waiting at most `wait` seconds for a listing under way (none at all when
-        the last one failed); None when the server takes each user's own token and this user has none."""
-        headers = await self._headers(server, user_id)
+        the last one failed); None when the server takes each user's own token and this user has none. A user who
+        must sign in to an oauth server first gets what another user's listing of it found (so the agent sees its
+        tools, and calling one tells them to sign in), None when there is none."""
+        key = (server.name, user_id if server.per_user else None)
+        try:  # an oauth token being refreshed holds a listing no longer than its wait
+            headers = await (asyncio.wait_for(self._headers(server, user_id), max(wait, 1.0)) if server.oauth
+                             else self._headers(server, user_id))
+        except (Unavailable, TimeoutError):
+            return self._listings.get(key) or self._known(server)
         if headers is None:
-            return None
-        key = (server.name, user_id if server.per_user_token else None)
+            return self._known(server) if server.oauth else None
         listing = self._listings.get(key)
         now = time.monotonic()
         if listing is not None and now - listing.fetched_at < self.settings.refresh_seconds:
@@ -156,6 +168,12 @@ class McpRegistry:
             if isinstance(e, asyncio.CancelledError):
                 raise
 
+    def _known(self, server: McpServer) -> Listing | None:
+        """The newest listing of the server that worked, whoever it was for (an oauth server's tools for a user who
+        has not signed in)."""
+        ok = [v for (name, _), v in self._listings.items() if name == server.name and v.ok_at is not None]
+        return max(ok, key=lambda v: v.ok_at) if ok else None
+
     def status(self) -> list[dict]:
         """Each server as the dashboard shows it: reachable at its last listing or not (and why), what it offers.
         Per-user listings count once per server (the best of them)."""
@@ -166,9 +184,10 @@ class McpRegistry:
             ok = [v for v in mine if v.ok_at is not None and v.error is None]
             best = max(ok, key=lambda v: v.ok_at) if ok else (mine[0] if mine else None)
             out.append({
-                "server": s.name, "url": s.url, "per_user_token": s.per_user_token,
+                "server": s.name, "url": s.url, "per_user_token": s.per_user_token, "oauth": s.oauth,
                 "available": bool(ok) if mine else None,  # None: not listed yet
-                "error": None if ok or best is None else best.error,
+                "error": (None if ok or best is None else best.error) if mine or not s.oauth else
+                "sign-in needed: nobody has signed in to it yet (aibridge mcp login)",
                 "tools": len(best.tools) if best else 0,
                 "resources": len(best.resources) + len(best.templates) if best else 0,
                 "prompts": len(best.prompts) if best else 0,
@@ -183,28 +202,31 @@ class McpRegistry:
         """An initialized client session with the server, as this user (their own token where the server takes
         one); every failure, the timeout included, becomes `Unavailable`."""
         from mcp import ClientSession
-        from mcp.shared.exceptions import McpError
 
-        headers = await self._headers(server, user_id)
-        if headers is None:
-            raise Unavailable(f"MCP server {server.name} takes each user's own token, and this user has none "
-                              f"(aibridge mcp-token set --server {server.name})")
-        try:
-            async with asyncio.timeout(timeout):
-                async with _session(server, headers, timeout) as (r, w, _):
-                    async with ClientSession(r, w) as session:
-                        await session.initialize()
-                        yield session
-        except Exception as e:
-            inner = _innermost(e)
-            if isinstance(inner, Unavailable):
-                raise inner from None
-            if isinstance(inner, TimeoutError):
-                raise Unavailable(f"MCP server {server.name} did not answer within {timeout:g}s", "timeout") from None
-            if isinstance(inner, McpError):
-                raise Unavailable(f"MCP server {server.name} answered with an error: {inner.error.message}",
-                                  "error") from None
-            raise Unavailable(f"MCP server {server.name} failed: {_describe(inner)}") from None
+        for attempt in (1, 2):  # an oauth server that refuses the access token: refreshed once, then sign-in
+            headers = await self._headers(server, user_id)
+            if headers is None and server.oauth:
+                raise Unavailable(self.oauth.sign_in_message(server, user_id) if self.oauth is not None else
+                                  f"MCP server {server.name} needs a sign-in", "sign_in")
+            if headers is None:
+                raise Unavailable(f"MCP server {server.name} takes each user's own token, and this user has none "
+                                  f"(aibridge mcp-token set --server {server.name})")
+            entered = False
+            try:
+                async with asyncio.timeout(timeout):
+                    async with _session(server, headers, timeout) as (r, w, _):
+                        async with ClientSession(r, w) as session:
+                            await session.initialize()
+                            entered = True
+                            yield session
+                return
+            except Exception as e:
+                if not entered and server.oauth and self.oauth is not None and _unauthorized(e):
+                    self.oauth.rejected(server, user_id)
+                    if attempt == 1:
+                        continue
+                    raise Unavailable(self.oauth.sign_in_message(server, user_id), "sign_in") from None
+                _unavailable(server, e, timeout)
 
     async def call_tool(self, server: McpServer, tool: str, arguments: dict, user_id: str):
         """The server's `CallToolResult` for the call, as it answered (not validated again: the agent does); raises
@@ -266,6 +288,29 @@ def result_text(result) -> str:
     if not parts and getattr(result, "structuredContent", None) is not None:
         parts.append(json.dumps(result.structuredContent))
     return "\n".join(parts)
+
+
+def _unavailable(server: McpServer, e: BaseException, timeout: float):
+    """Any failure of a session with the server, as the `Unavailable` it is."""
+    from mcp.shared.exceptions import McpError
+
+    inner = _innermost(e)
+    if isinstance(inner, Unavailable):
+        raise inner from None
+    if isinstance(inner, TimeoutError):
+        raise Unavailable(f"MCP server {server.name} did not answer within {timeout:g}s", "timeout") from None
+    if isinstance(inner, McpError):
+        raise Unavailable(f"MCP server {server.name} answered with an error: {inner.error.message}",
+                          "error") from None
+    raise Unavailable(f"MCP server {server.name} failed: {_describe(inner)}") from None
+
+
+def _unauthorized(e: BaseException) -> bool:
+    """Whether the server answered 401 (somewhere in anyio's exception groups)."""
+    if isinstance(e, BaseExceptionGroup):
+        return any(_unauthorized(x) for x in e.exceptions)
+    response = getattr(e, "response", None)
+    return getattr(response, "status_code", None) == 401
 
 
 def _innermost(e: BaseException) -> BaseException:

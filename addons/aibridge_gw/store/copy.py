@@ -18,7 +18,8 @@ class CopyRefused(Exception):
 
 
 # Every table a store holds, in an order that keeps references valid; key columns for ON CONFLICT.
-# aibridge_request_counts is not copied: per-minute counters mean nothing an hour later.
+# aibridge_request_counts is not copied: per-minute counters mean nothing an hour later; nor are
+# aibridge_mcp_oauth_logins: sign-ins under way last ten minutes.
 COPIED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aibridge_users", ("id",)),
     ("aibridge_user_groups", ("user_id", "group_name")),
@@ -26,6 +27,8 @@ COPIED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aibridge_prices", ("model",)),
     ("aibridge_tokens", ("id",)),
     ("aibridge_mcp_tokens", ("user_id", "server")),
+    ("aibridge_mcp_oauth_clients", ("server", "issuer", "redirect_uri")),
+    ("aibridge_mcp_oauth_tokens", ("user_id", "server")),
     ("aibridge_interceptions", ("id",)),
     ("aibridge_token_usages", ("id",)),
     ("aibridge_user_prompts", ("id",)),

@@ -17,7 +17,7 @@ from ..config import Limits
 from ..policy.auth import Actor, hash_token, mask, new_token
 from ..policy.budgets import Budgets, count_request, prune_request_counts, usage_rows, usage_totals
 from ..pricing import PriceTable
-from . import reports
+from . import mcp_oauth, reports
 from .lockdown import locked, staging_directory
 from .reports import jsonable
 
@@ -369,6 +369,31 @@ def load_mcp_tokens(conn) -> dict[tuple[str, str], str]:
     return out
 
 
+# --- OAuth sign-ins to MCP servers (store/mcp_oauth.py has the gateway's side) ------------------------------
+
+def mcp_oauth_list(conn, user: str | None = None, server: str | None = None) -> dict:
+    """Who is signed in to which OAuth server (no secret: when the access token expires, the scope, when)."""
+    where, params = [], []
+    if user:
+        _user(conn, user)
+        where.append("u.name = ?")
+        params.append(user)
+    if server:
+        where.append("t.server = ?")
+        params.append(server)
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    return query(conn, "SELECT u.name AS user, t.server, t.scope, t.expires_at AS access_expires_at, "
+                       "t.created_at AS signed_in_at, t.updated_at FROM aibridge_mcp_oauth_tokens t "
+                       f"JOIN aibridge_users u ON u.id = t.user_id {clause}ORDER BY u.name, t.server", params)
+
+
+def mcp_oauth_logout(conn, user: str, server: str) -> dict:
+    uid, uname, _ = _user(conn, user)
+    if not mcp_oauth.token_drop(conn, str(uid), server):
+        raise OpError(f"user {uname!r} is not signed in to MCP server {server!r}")
+    return {"user": uname, "server": server, "signed_out": True}
+
+
 AUDIT_CHILD_TABLES = ("aibridge_token_usages", "aibridge_user_prompts", "aibridge_tool_usages",
                       "aibridge_model_thoughts", "aibridge_policy_decisions")
 
@@ -546,6 +571,8 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "report": (report, False),
     "export": (export, False),
     "store.apply_record": (apply_record, True),
+    "mcp_oauth.list": (mcp_oauth_list, False),
+    "mcp_oauth.logout": (mcp_oauth_logout, True),
 }
 
 
@@ -759,5 +786,17 @@ GATEWAY_OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "claim_object": (claim_object, True),
     "admin_query": (admin_query, False),
     "flush": (flush, True),
+    # OAuth sign-in to MCP servers (store/mcp_oauth.py): ciphertext only, never reachable from the CLI.
+    "mcp_oauth.client_get": (mcp_oauth.client_get, False),
+    "mcp_oauth.client_put": (mcp_oauth.client_put, True),
+    "mcp_oauth.client_forget": (mcp_oauth.client_forget, True),
+    "mcp_oauth.login_put": (mcp_oauth.login_put, True),
+    "mcp_oauth.login_pending": (mcp_oauth.login_pending, False),
+    "mcp_oauth.login_take": (mcp_oauth.login_take, True),
+    "mcp_oauth.login_finish": (mcp_oauth.login_finish, True),
+    "mcp_oauth.login_status": (mcp_oauth.login_status, False),
+    "mcp_oauth.token_get": (mcp_oauth.token_get, False),
+    "mcp_oauth.token_put": (mcp_oauth.token_put, True),
+    "mcp_oauth.token_drop": (mcp_oauth.token_drop, True),
 }
 ALL_OPS = {**OPS, **GATEWAY_OPS}

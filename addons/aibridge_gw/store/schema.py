@@ -259,6 +259,46 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         ALTER TABLE aibridge_token_usages ADD COLUMN price JSON;
         """,
     ),
+    (
+        12,
+        "OAuth 2.1 sign-in to MCP servers: the gateway's client registrations, logins under way, users' tokens",
+        # Every secret (client secret, PKCE verifier, access and refresh tokens) is in a `ciphertext` column,
+        # Fernet-encrypted by the gateway with AIBRIDGE_SECRET_KEY; the rest is what listings and lookups need.
+        """
+        CREATE TABLE aibridge_mcp_oauth_clients (
+            server VARCHAR NOT NULL,
+            issuer VARCHAR NOT NULL,
+            redirect_uri VARCHAR NOT NULL,
+            client_id VARCHAR NOT NULL,
+            ciphertext VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (server, issuer, redirect_uri)
+        );
+        CREATE TABLE aibridge_mcp_oauth_logins (
+            id VARCHAR PRIMARY KEY,
+            state_hash VARCHAR NOT NULL,
+            user_id UUID NOT NULL,
+            server VARCHAR NOT NULL,
+            ciphertext VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,
+            error VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL,
+            completed_at TIMESTAMPTZ
+        );
+        CREATE TABLE aibridge_mcp_oauth_tokens (
+            user_id UUID NOT NULL,
+            server VARCHAR NOT NULL,
+            ciphertext VARCHAR NOT NULL,
+            expires_at TIMESTAMPTZ,
+            scope VARCHAR,
+            version BIGINT NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (user_id, server)
+        );
+        """,
+    ),
 ]
 
 
