@@ -91,14 +91,31 @@ class CaptureSettings:
 
 @dataclass(frozen=True)
 class McpServer:
-    """An admin-approved MCP server whose tools are injected as bmcp_<name>_<tool>."""
+    """An admin-approved MCP server whose tools are injected as bmcp_<name>_<tool>: reached by `url` (Streamable
+    HTTP or SSE, `transport`) or a stdio child process started with `command`."""
 
     name: str
-    url: str
+    url: str | None = None
     headers: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
     per_user_token: bool = False
     allow: re.Pattern | None = None
     deny: re.Pattern | None = None
+    transport: str = "auto"  # url servers: auto, streamable_http, sse; "stdio" for command servers
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # values may be secrets: never shown
+    cwd: str | None = None
+
+    @property
+    def stdio(self) -> bool:
+        return self.command is not None
+
+    @property
+    def where(self) -> str:
+        """What the server is, safe to show (no header or env value): its URL, or its command line."""
+        if self.command is not None:
+            return " ".join([self.command, *self.args])
+        return self.url or ""
 
     def permits(self, tool: str) -> bool:
         """Neither regex: all; deny wins; only deny: all but denied."""
@@ -126,6 +143,9 @@ class McpSettings:
     tool_timeout_seconds: float = 30.0
     list_timeout_seconds: float = 2.0
     refresh_seconds: float = 300.0
+    idle_seconds: float = 300.0  # a pooled session unused this long is closed
+    max_sessions: int = 64  # pooled sessions kept, at most (LRU)
+    watch_seconds: float = 30.0  # re-listing period while someone waits for list changes
     max_tools: int = 128  # providers cap tools per request (OpenAI: 128); injected tools are trimmed to fit
 
 
@@ -388,7 +408,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         mcp_access=_mcp_access(f.mcp_access, mcp_servers),
         mcp=McpSettings(max_rounds=f.mcp.max_rounds, tool_timeout_seconds=f.mcp.tool_timeout_seconds,
                         list_timeout_seconds=f.mcp.list_timeout_seconds, refresh_seconds=f.mcp.refresh_seconds,
-                        max_tools=f.mcp.max_tools),
+                        idle_seconds=f.mcp.idle_seconds, max_sessions=f.mcp.max_sessions,
+                        watch_seconds=f.mcp.watch_seconds, max_tools=f.mcp.max_tools),
         retention_days=f.retention_days,
         pricing=local(f.pricing) if f.pricing else None,
         metrics=MetricsSettings(f.metrics.prefix, f.metrics.token or None),
@@ -516,7 +537,9 @@ def _providers(items: list, raw_items: list) -> tuple[list[ProviderInstance], li
 def _mcp_server(d: config_model.McpServerFile, where: str) -> McpServer:
     return McpServer(name=d.name, url=d.url, headers=dict(d.headers), per_user_token=d.per_user_token,
                      allow=_regex(d.tool_allow_regex, "tool_allow_regex", where),
-                     deny=_regex(d.tool_deny_regex, "tool_deny_regex", where))
+                     deny=_regex(d.tool_deny_regex, "tool_deny_regex", where),
+                     transport="stdio" if d.command is not None else d.transport, command=d.command,
+                     args=tuple(d.args), env=tuple(sorted(d.env.items())), cwd=d.cwd)
 
 
 def _regex(v: str | None, key: str, where: str) -> re.Pattern | None:

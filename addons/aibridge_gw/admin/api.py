@@ -64,7 +64,7 @@ class AdminApi:
                     raise BadParameter(sorted(q)[0], "unknown parameter")
                 servers = self.mcp_status() if self.mcp_status is not None else []
                 if not viewer.admin:  # members see which servers work, not where they are
-                    servers = [{k: v for k, v in s.items() if k != "url"} for s in servers]
+                    servers = [{k: v for k, v in s.items() if k not in ("url", "command")} for s in servers]
                 return json_response(200, {"data": servers})
             if route in ("users", "groups"):
                 if q:
