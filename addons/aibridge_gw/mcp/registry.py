@@ -119,6 +119,7 @@ class _Pooled:
         self.last_used = time.monotonic()
         self.started_at = 0.0
         self.retiring = False  # out of the pool (evicted): ends once no request uses it
+        self.errlog: _Stderr | None = None  # a stdio server's stderr
         self.task: asyncio.Task | None = None
 
     def finish(self, cause: BaseException | None) -> None:
@@ -456,48 +457,24 @@ class McpRegistry:
 
     async def _own(self, pooled: _Pooled, headers: dict[str, str]) -> None:
         """The pooled session's life: open, initialize, serve until idle, asked to stop or broken, close."""
-        from mcp import ClientSession
-
         server = pooled.server
-        errlog: _Stderr | None = None
         cause: BaseException | None = None
         try:
             kinds = [self._kind(server)]
             if server.transport == "auto" and kinds[0] == "streamable_http" and server.name not in self._kinds:
                 kinds.append("sse")
             for n, kind in enumerate(kinds):
-                async with contextlib.AsyncExitStack() as stack:
-                    if kind == "stdio":
-                        errlog = _Stderr(server)
-                        stack.callback(errlog.close)
-                    streams = await stack.enter_async_context(self._transport(server, kind, headers, stack, errlog))
-                    if errlog is not None:
-                        errlog.close()  # the child holds its own end now: EOF once it exits
-                    session = await stack.enter_async_context(ClientSession(
-                        streams[0], streams[1], message_handler=lambda m: self._on_message(pooled, m)))
-                    pooled.kind, pooled.started_at = kind, time.monotonic()
-                    try:
-                        init = await self._race(pooled, session.initialize(),
-                                                max(self.settings.list_timeout_seconds * 5, 10))
-                    except _Broken as e:
-                        inner = _innermost(e.__cause__) if e.__cause__ is not None else None
-                        status = getattr(getattr(inner, "response", None), "status_code", None)
-                        if n + 1 < len(kinds) and status in FALLBACK_STATUS:
-                            log.info("MCP server %s: initialize answered %s over Streamable HTTP: using SSE",
-                                     server.name, status)
-                            pooled.end = asyncio.get_running_loop().create_future()
-                            pooled.end.add_done_callback(_retrieved)
-                            continue
-                        raise
-                    if server.transport == "auto" and not server.stdio:
-                        self._kinds[server.name] = kind
-                    pooled.session, pooled.init = session, init
-                    self.initializes += 1
-                    self._failures.pop(server.name, None)
-                    log.info("MCP server %s: session open (%s)", server.name, kind)
-                    pooled.ready.set_result(session)
-                    cause = await self._serve(pooled)
+                try:
+                    cause = await self._open(pooled, kind, headers)
                     break
+                except BaseException as e:
+                    status = _http_status(e)
+                    if pooled.ready.done() or n + 1 == len(kinds) or status not in FALLBACK_STATUS:
+                        raise
+                    log.info("MCP server %s: its initialize over Streamable HTTP was answered %s: using SSE",
+                             server.name, status)
+                    pooled.end = asyncio.get_running_loop().create_future()
+                    pooled.end.add_done_callback(_retrieved)
         except BaseException as e:
             cause = e
             if isinstance(e, asyncio.CancelledError):
@@ -506,9 +483,36 @@ class McpRegistry:
             pooled.finish(cause)
             if self._pool.get(pooled.key) is pooled:
                 del self._pool[pooled.key]
+            if pooled.errlog is not None:
+                pooled.errlog.close()
+            self._ended(pooled, cause, pooled.errlog)
+
+    async def _open(self, pooled: _Pooled, kind: str, headers: dict[str, str]) -> BaseException | None:
+        """Open the transport and the session, initialize, serve (`_serve`); what broke it, if anything. A transport
+        failure surfaces here too: the SDK's transports end their task group (and so this) when a request fails."""
+        from mcp import ClientSession
+
+        server = pooled.server
+        async with contextlib.AsyncExitStack() as stack:
+            errlog = None
+            if kind == "stdio":
+                errlog = pooled.errlog = _Stderr(server)
+                stack.callback(errlog.close)
+            streams = await stack.enter_async_context(self._transport(server, kind, headers, stack, errlog))
             if errlog is not None:
-                errlog.close()
-            self._ended(pooled, cause, errlog)
+                errlog.close()  # the child holds its own end now: EOF once it exits
+            session = await stack.enter_async_context(ClientSession(
+                streams[0], streams[1], message_handler=lambda m: self._on_message(pooled, m)))
+            pooled.kind, pooled.started_at = kind, time.monotonic()
+            init = await self._race(pooled, session.initialize(), max(self.settings.list_timeout_seconds * 5, 10))
+            if server.transport == "auto" and not server.stdio:
+                self._kinds[server.name] = kind
+            pooled.session, pooled.init = session, init
+            self.initializes += 1
+            self._failures.pop(server.name, None)
+            log.info("MCP server %s: session open (%s)", server.name, kind)
+            pooled.ready.set_result(session)
+            return await self._serve(pooled)
 
     async def _serve(self, pooled: _Pooled) -> BaseException | None:
         """Wait until the session is idle, asked to stop, evicted or broken; what broke it, if anything."""
@@ -762,6 +766,14 @@ def result_text(result) -> str:
     if not parts and getattr(result, "structuredContent", None) is not None:
         parts.append(json.dumps(result.structuredContent))
     return "\n".join(parts)
+
+
+def _http_status(e: BaseException | None) -> int | None:
+    """The HTTP status an exception (or what it wraps) carries, if any."""
+    e = _innermost(e) if e is not None else None
+    if isinstance(e, _Broken):
+        e = _innermost(e.__cause__) if e.__cause__ is not None else None
+    return getattr(getattr(e, "response", None), "status_code", None)
 
 
 def _innermost(e: BaseException) -> BaseException:
