@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.support.gateway import Gateway
 from tests.support.mcp_kinds import STDIO_SCRIPT, LiveTestServer, SseTestServer
@@ -269,22 +270,37 @@ def test_the_registry_version_and_waiters_follow_changes(tmp_path, servers):
     assert not alive(child[0])
 
 
-def test_no_child_process_is_left_when_the_gateway_stops(tmp_path, upstream):
+def test_a_reload_that_drops_a_server_ends_its_child_and_none_is_left_when_the_gateway_stops(tmp_path, upstream):
     g = Gateway(tmp_path / "gw", upstream.url, env={"AIBRIDGE_TEST_STDIO_SECRET": SECRET},
-                extra={"mcp_servers": [stdio_server(tmp_path, "a"), stdio_server(tmp_path, "b")]}).start()
+                extra={"mcp_servers": [stdio_server(tmp_path, "a"), stdio_server(tmp_path, "b")],
+                       "mcp": {"tool_timeout_seconds": 1}})
+    g.start()
     try:
         _, token = new_user(g, "stopper")
 
-        async def go():
+        async def tools():
             async with session(g.url, token) as s:
                 return {t.name for t in (await s.list_tools()).tools}
 
-        assert {"a__echo", "b__echo"} <= run(go())
-        children = pids(tmp_path, "a") + pids(tmp_path, "b")
-        assert len(children) == 2 and all(alive(p) for p in children)
+        deadline = time.monotonic() + 15  # the first listing waits for a python child's start (slow on a busy box)
+        while not {"a__echo", "b__echo"} <= run(tools()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        (a,), (b,) = pids(tmp_path, "a"), pids(tmp_path, "b")
+        assert alive(a) and alive(b)
+        cfg = yaml.safe_load(g.config_path.read_text())
+        cfg["mcp_servers"] = cfg["mcp_servers"][:1]
+        g.config_path.write_text(yaml.safe_dump(cfg))
+        g.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while alive(b) and time.monotonic() < deadline:  # the old registry closes once its calls had their time
+            time.sleep(0.1)
+        assert not alive(b)
+        assert {"a__echo"} <= run(tools()) and not any(n.startswith("b__") for n in run(tools()))
+        children = pids(tmp_path, "a")
     finally:
         assert g.stop() == 0
-    assert not any(alive(p) for p in children)
+    assert children and not any(alive(p) for p in children)
 
 
 def _tool_use(tool: str, args: dict, msg_id: str) -> dict:

@@ -168,6 +168,43 @@ class _Stderr:
             self.writer.close()
 
 
+class _Watched:
+    """A transport's read stream that says when it ends (a stdio server's stdout closed: its process died; an SSE
+    stream ended), so the session is known broken at once, not at the next request."""
+
+    def __init__(self, stream, on_end: Callable[[], None]) -> None:
+        self.stream, self.on_end = stream, on_end
+
+    async def __aenter__(self):
+        await self.stream.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self.stream.__aexit__(*exc)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.stream.__anext__()
+        except StopAsyncIteration:
+            self.on_end()
+            raise
+
+    async def receive(self):
+        import anyio
+
+        try:
+            return await self.stream.receive()
+        except anyio.EndOfStream:
+            self.on_end()
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def _credential_key(headers: dict[str, str]) -> str:
     """Which pooled session a request may use: the same server and the same headers (no secret kept in the key)."""
     return hashlib.sha256(json.dumps(sorted(headers.items())).encode()).hexdigest()[:32]
@@ -501,8 +538,9 @@ class McpRegistry:
             streams = await stack.enter_async_context(self._transport(server, kind, headers, stack, errlog))
             if errlog is not None:
                 errlog.close()  # the child holds its own end now: EOF once it exits
+            read = _Watched(streams[0], lambda: pooled.finish(ConnectionError("the server closed the connection")))
             session = await stack.enter_async_context(ClientSession(
-                streams[0], streams[1], message_handler=lambda m: self._on_message(pooled, m)))
+                read, streams[1], message_handler=lambda m: self._on_message(pooled, m)))
             pooled.kind, pooled.started_at = kind, time.monotonic()
             init = await self._race(pooled, session.initialize(), max(self.settings.list_timeout_seconds * 5, 10))
             if server.transport == "auto" and not server.stdio:
@@ -544,12 +582,12 @@ class McpRegistry:
         log.warning("MCP server %s: session broke (%s)%s", server.name, _describe(cause), tail)
         if not server.stdio or self.server(server.name) is not server:
             return  # an HTTP session is opened again by the next request
-        # A stdio server's process died: started again (its listing made again), at once after a long life, with a
-        # growing pause after a short one.
+        # A stdio server's process died: started again (its listing made again) at once; when it keeps dying soon
+        # after starting, after a pause that doubles each time (1, 2, 4 … 30 s).
         delay = 0.0
         if time.monotonic() - pooled.started_at < SHORT_LIFE:
             failures = self._failures.get(server.name, (0, 0.0, ""))[0] + 1
-            delay = min(MAX_BACKOFF, 0.5 * 2 ** failures)
+            delay = 0.0 if failures == 1 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
             self._failures[server.name] = (failures, time.monotonic() + delay,
                                            f"MCP server {server.name} failed: its process exited{tail}")
         loop = asyncio.get_running_loop()
