@@ -228,7 +228,7 @@ class McpRegistry:
         self._pool: collections.OrderedDict[tuple, _Pooled] = collections.OrderedDict()  # least recently used first
         self._owners: set[asyncio.Task] = set()  # every session's task, pooled or ending
         self._kinds: dict[str, str] = {}  # url servers: the transport found to work (auto)
-        self._failures: dict[str, tuple[int, float, str]] = {}  # server -> (failures in a row, retry at, why)
+        self._failures: dict[tuple, tuple[int, float, str]] = {}  # session key -> (failures in a row, retry at, why)
         self._timers: set[asyncio.TimerHandle] = set()
         self._changed: asyncio.Event | None = None
         self._watchers = 0
@@ -282,6 +282,8 @@ class McpRegistry:
         if listing is None:
             listing = self._listings[key] = Listing(user_id=key[1])
         self._relist(server, listing)
+        if listing.task is None:  # closed (a reload replaced this registry): what it had
+            return listing
         if listing.error is not None:
             wait = 0  # it failed last time: its retry goes on in the background, nobody waits for it
         try:
@@ -476,7 +478,7 @@ class McpRegistry:
             self._pool.pop(key, None)
             pooled = None
         if pooled is None:
-            failures, retry_at, why = self._failures.get(server.name, (0, 0.0, ""))
+            failures, retry_at, why = self._failures.get(key, (0, 0.0, ""))
             wait = retry_at - time.monotonic()
             if wait > 0:
                 raise Unavailable(f"{why} (tried again in {wait:.0f}s)")
@@ -547,7 +549,7 @@ class McpRegistry:
                 self._kinds[server.name] = kind
             pooled.session, pooled.init = session, init
             self.initializes += 1
-            self._failures.pop(server.name, None)
+            self._failures.pop(pooled.key, None)
             log.info("MCP server %s: session open (%s)", server.name, kind)
             pooled.ready.set_result(session)
             return await self._serve(pooled)
@@ -567,12 +569,12 @@ class McpRegistry:
     def _ended(self, pooled: _Pooled, cause: BaseException | None, errlog: _Stderr | None) -> None:
         server = pooled.server
         if not pooled.ready.done():  # it never worked: say why, and wait a while before the next try
-            failures = self._failures.get(server.name, (0, 0.0, ""))[0] + 1
+            failures = self._failures.get(pooled.key, (0, 0.0, ""))[0] + 1
             why = self._unavailable(server, cause).args[0] if cause is not None else \
                 f"MCP server {server.name}: the session ended before it was ready"
             if errlog is not None and errlog.tail:
                 why += f" (stderr: {errlog.tail[-1][:200]})"
-            self._failures[server.name] = (failures, time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** failures), why)
+            self._failures[pooled.key] = (failures, time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** failures), why)
             pooled.ready.set_exception(Unavailable(why))
             return
         if cause is None or self.closed or isinstance(cause, asyncio.CancelledError):
@@ -586,9 +588,9 @@ class McpRegistry:
         # after starting, after a pause that doubles each time (1, 2, 4 … 30 s).
         delay = 0.0
         if time.monotonic() - pooled.started_at < SHORT_LIFE:
-            failures = self._failures.get(server.name, (0, 0.0, ""))[0] + 1
+            failures = self._failures.get(pooled.key, (0, 0.0, ""))[0] + 1
             delay = 0.0 if failures == 1 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
-            self._failures[server.name] = (failures, time.monotonic() + delay,
+            self._failures[pooled.key] = (failures, time.monotonic() + delay,
                                            f"MCP server {server.name} failed: its process exited{tail}")
         loop = asyncio.get_running_loop()
         handle = loop.call_later(delay + 0.01, self._restart, server)
