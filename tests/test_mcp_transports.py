@@ -181,6 +181,24 @@ def test_a_stdio_child_killed_with_9_is_restarted_and_no_call_runs_twice(gw, tmp
     assert len(ran) == len(rows) == sum(r["outcome"] == "ok" for r in rows) == 6
 
 
+def test_a_call_that_may_have_run_when_its_server_died_is_failed_never_run_twice(gw, tmp):
+    name, token = new_user(gw, "crash")
+
+    async def go():
+        async with session(gw.url, token) as s:
+            crashed = await s.call_tool("local__crash", {"text": f"{name}-crash"})
+            after = await s.call_tool("local__echo", {"text": f"{name}-after"})
+            return crashed, after
+
+    crashed, after = run(go())
+    assert crashed.isError and "it may have run, so it was not run again" in text(crashed)
+    assert not after.isError
+    ran = [line for line in (tmp / "local.calls").read_text().split() if line.startswith(f"{name}-")]
+    assert ran == [f"{name}-crash", f"{name}-after"]
+    rows = calls(gw, name, 2)
+    assert [(r["tool"], r["outcome"]) for r in rows] == [("crash", "unavailable"), ("echo", "ok")]
+
+
 def test_a_restarted_streamable_server_gets_a_new_pooled_session(gw, servers):
     _, token = new_user(gw, "restart")
     old = servers["live"]
@@ -270,6 +288,46 @@ def test_the_registry_version_and_waiters_follow_changes(tmp_path, servers):
     assert not alive(child[0])
 
 
+def test_idle_sessions_close_the_pool_is_bounded_and_watching_relists(tmp_path, servers):
+    """In this process: an idle stdio session ends its child; over `max_sessions` the least recently used session
+    is closed; while someone waits for changes, a server that changed without a notice is found by re-listing."""
+    from aibridge_gw.config import McpServer, McpSettings
+    from aibridge_gw.mcp.registry import McpRegistry
+
+    stdio = stdio_server(tmp_path, "idle")
+    registry = McpRegistry((
+        McpServer("idle", command=stdio["command"], args=tuple(stdio["args"]),
+                  env=tuple(stdio["env"].items()), transport="stdio"),
+        McpServer("live", url=servers["live"].url)),
+        McpSettings(tool_timeout_seconds=10, list_timeout_seconds=3, refresh_seconds=3600, idle_seconds=1,
+                    max_sessions=1, watch_seconds=0.5),
+        lambda u, s: None)
+    idle, live = registry.servers
+
+    async def go():
+        await registry.call_tool(idle, "echo", {"text": "x"}, "u")
+        child = pids(tmp_path, "idle")[-1]
+        await registry.call_tool(live, "count", {}, "u")  # the pool holds one: the stdio session is closed
+        evicted = await until(lambda: not alive(child))
+        await registry.call_tool(idle, "echo", {"text": "y"}, "u")
+        child = pids(tmp_path, "idle")[-1]
+        started = time.monotonic()
+        idled = await until(lambda: not alive(child) and registry.status()[0]["sessions"] == 0)  # idle_seconds: 1
+        assert time.monotonic() - started > 0.8
+        await registry.listing(live, "u", 5)
+        version = registry.version
+        waiting = asyncio.ensure_future(registry.wait_changed(version, timeout=5))
+        await registry.call_tool(live, "add_tool_quietly", {"name": "quiet_tool"}, "u")
+        changed = await waiting
+        listing = await registry.listing(live, "u", 5)
+        await registry.aclose()
+        return evicted, idled, version, changed, listing
+
+    evicted, idled, version, changed, listing = run(go())
+    assert evicted and idled and changed == version + 1
+    assert "quiet_tool" in {t.name for t in listing.tools}
+
+
 def test_a_reload_that_drops_a_server_ends_its_child_and_none_is_left_when_the_gateway_stops(tmp_path, upstream):
     g = Gateway(tmp_path / "gw", upstream.url, env={"AIBRIDGE_TEST_STDIO_SECRET": SECRET},
                 extra={"mcp_servers": [stdio_server(tmp_path, "a"), stdio_server(tmp_path, "b")],
@@ -301,6 +359,15 @@ def test_a_reload_that_drops_a_server_ends_its_child_and_none_is_left_when_the_g
     finally:
         assert g.stop() == 0
     assert children and not any(alive(p) for p in children)
+
+
+async def until(predicate, timeout: float = 8) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _tool_use(tool: str, args: dict, msg_id: str) -> dict:

@@ -86,6 +86,14 @@ class LiveTestServer(_Served):
             await ctx.session.send_tool_list_changed()
             return f"added {name}"
 
+        @mcp.tool(description="Add a tool without telling anyone (found by listing again).")
+        def add_tool_quietly(name: str) -> str:
+            def added() -> str:
+                return f"{name} here"
+
+            mcp.add_tool(added, name=name, description="added at run time, quietly")
+            return f"added {name}"
+
         inner = mcp.streamable_http_app()
 
         async def app(scope, receive, send):

@@ -25,6 +25,12 @@ def echo(text: str) -> str:
     return f"{text} (pid {os.getpid()})"
 
 
+@mcp.tool(description="Note the call, then die mid-call (a tool that may have run when its answer is lost).")
+def crash(text: str) -> str:
+    _note("MCP_CALLS_FILE", text)
+    os._exit(3)
+
+
 @mcp.tool(description="Whether a variable is in this process's environment.")
 def has_env(name: str) -> str:
     return "yes" if name in os.environ else "no"

@@ -330,6 +330,8 @@ class McpRegistry:
                          len(listing.tools), len(resources) + len(templates), len(prompts),
                          "" if first else " (changed)")
         except BaseException as e:  # keep the last good list; retry after a short pause, not every request
+            if isinstance(e, asyncio.CancelledError) and self.closed:
+                raise
             listing.fetched_at = time.monotonic() - self.settings.refresh_seconds + 10
             listing.error = str(e) if isinstance(e, Unavailable) else _describe(e)
             if isinstance(e, TimeoutError):
