@@ -187,8 +187,13 @@ def test_a_call_that_may_have_run_when_its_server_died_is_failed_never_run_twice
     async def go():
         async with session(gw.url, token) as s:
             crashed = await s.call_tool("local__crash", {"text": f"{name}-crash"})
-            after = await s.call_tool("local__echo", {"text": f"{name}-after"})
-            return crashed, after
+            deadline = time.monotonic() + 8
+            while True:  # a child that keeps dying soon after it starts is started again after a pause
+                after = await s.call_tool("local__echo", {"text": f"{name}-after"})
+                if not after.isError or time.monotonic() > deadline:
+                    return crashed, after
+                assert "tried again in" in text(after), text(after)
+                await asyncio.sleep(0.2)
 
     crashed, after = run(go())
     assert crashed.isError and "it may have run, so it was not run again" in text(crashed)
@@ -196,7 +201,8 @@ def test_a_call_that_may_have_run_when_its_server_died_is_failed_never_run_twice
     ran = [line for line in (tmp / "local.calls").read_text().split() if line.startswith(f"{name}-")]
     assert ran == [f"{name}-crash", f"{name}-after"]
     rows = calls(gw, name, 2)
-    assert [(r["tool"], r["outcome"]) for r in rows] == [("crash", "unavailable"), ("echo", "ok")]
+    assert (rows[0]["tool"], rows[0]["outcome"]) == ("crash", "unavailable")
+    assert (rows[-1]["tool"], rows[-1]["outcome"]) == ("echo", "ok")
 
 
 def test_a_restarted_streamable_server_gets_a_new_pooled_session(gw, servers):

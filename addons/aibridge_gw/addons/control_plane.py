@@ -226,8 +226,9 @@ class ControlPlane:
 
     def _mcp_servers(self) -> dict:
         rows = self.rt.mcp.status() if self.rt.mcp is not None else []
-        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "error", "url"]
-        return {"columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
+        cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "error", "transport", "url"]
+        return {"columns": cols, "rows": [[r[c] if c != "url" else r["url"] or r.get("command") for c in cols]
+                                          for r in rows]}
 
     def _keys_list(self) -> dict:
         rows = [k for pool in self.rt.pools.values() for k in pool.status()]

@@ -428,7 +428,8 @@ class McpRegistry:
                 "transport": self._kinds.get(s.name) or s.transport,
                 "command": s.where if s.stdio else None,
                 "available": bool(ok) if mine else None,  # None: not listed yet
-                "error": None if ok or best is None else best.error,
+                "error": None if ok or best is None else best.error or (
+                    "no answer yet" if best.task is not None and not best.task.done() else None),
                 "tools": len(best.tools) if best else 0,
                 "resources": len(best.resources) + len(best.templates) if best else 0,
                 "prompts": len(best.prompts) if best else 0,
@@ -551,7 +552,6 @@ class McpRegistry:
                 self._kinds[server.name] = kind
             pooled.session, pooled.init = session, init
             self.initializes += 1
-            self._failures.pop(pooled.key, None)
             log.info("MCP server %s: session open (%s)", server.name, kind)
             pooled.ready.set_result(session)
             return await self._serve(pooled)
@@ -579,6 +579,9 @@ class McpRegistry:
             self._failures[pooled.key] = (failures, time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** failures), why)
             pooled.ready.set_exception(Unavailable(why))
             return
+        lived = time.monotonic() - pooled.started_at
+        if cause is None or lived >= SHORT_LIFE:
+            self._failures.pop(pooled.key, None)  # it worked a while: a failure now is not a crash loop
         if cause is None or self.closed or isinstance(cause, asyncio.CancelledError):
             log.info("MCP server %s: session closed", server.name)
             return
@@ -589,7 +592,7 @@ class McpRegistry:
         # A stdio server's process died: started again (its listing made again) at once; when it keeps dying soon
         # after starting, after a pause that doubles each time (1, 2, 4 … 30 s).
         delay = 0.0
-        if time.monotonic() - pooled.started_at < SHORT_LIFE:
+        if lived < SHORT_LIFE:
             failures = self._failures.get(pooled.key, (0, 0.0, ""))[0] + 1
             delay = 0.0 if failures == 1 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
             self._failures[pooled.key] = (failures, time.monotonic() + delay,
