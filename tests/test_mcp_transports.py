@@ -192,7 +192,7 @@ def test_a_call_that_may_have_run_when_its_server_died_is_failed_never_run_twice
                 after = await s.call_tool("local__echo", {"text": f"{name}-after"})
                 if not after.isError or time.monotonic() > deadline:
                     return crashed, after
-                assert "tried again in" in text(after), text(after)
+                assert "next try in" in text(after), text(after)
                 await asyncio.sleep(0.2)
 
     crashed, after = run(go())
@@ -365,6 +365,44 @@ def test_a_reload_that_drops_a_server_ends_its_child_and_none_is_left_when_the_g
     finally:
         assert g.stop() == 0
     assert children and not any(alive(p) for p in children)
+
+
+def test_behind_two_workers_each_runs_its_own_child_and_every_call_is_answered(tmp_path, upstream):
+    g = Gateway(tmp_path / "workers", upstream.url, workers=2, env={"AIBRIDGE_TEST_STDIO_SECRET": SECRET},
+                extra={"mcp_servers": [stdio_server(tmp_path)], "mcp": {"list_timeout_seconds": 5}})
+    g.start()
+    try:
+        assert len(set(g.workers_answering().values())) == 2
+        name, token = new_user(g, "workers")
+        deadline = time.monotonic() + 10
+        while 401 in {httpx.post(g.url + "/aibridge/mcp", json={}, headers={"authorization": f"Bearer {token}"},
+                                 trust_env=False).status_code for _ in range(8)}:
+            assert time.monotonic() < deadline  # a token made through one worker reaches the other within a second
+            time.sleep(0.2)
+
+        async def go():
+            async with session(g.url, token) as s:
+                sid = s.sid()
+            answers = []
+            for n in range(10):  # fresh connections: the kernel spreads them over the workers
+                body = {"jsonrpc": "2.0", "id": n, "method": "tools/call",
+                        "params": {"name": "local__echo", "arguments": {"text": f"w{n}"}}}
+                async with httpx.AsyncClient(trust_env=False, timeout=15) as http:
+                    r = await http.post(g.url + "/aibridge/mcp", json=body, headers={
+                        "authorization": f"Bearer {token}", "mcp-session-id": sid,
+                        "mcp-protocol-version": "2025-06-18", "accept": "application/json, text/event-stream"})
+                answers.append(r.json()["result"])
+            return answers
+
+        answers = run(go())
+        assert not any(a["isError"] for a in answers), answers
+        served = {a["content"][0]["text"].split("(pid ")[1].rstrip(")") for a in answers}
+        children = pids(tmp_path)
+        assert {str(p) for p in children} == served and 1 <= len(children) <= 2  # one per worker that was asked
+        assert len(calls(g, name, 10)) == 10
+    finally:
+        assert g.stop() == 0
+    assert not any(alive(p) for p in children)
 
 
 async def until(predicate, timeout: float = 8) -> bool:

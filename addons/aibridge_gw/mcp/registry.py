@@ -484,7 +484,7 @@ class McpRegistry:
             failures, retry_at, why = self._failures.get(key, (0, 0.0, ""))
             wait = retry_at - time.monotonic()
             if wait > 0:
-                raise Unavailable(f"{why} (tried again in {wait:.0f}s)")
+                raise Unavailable(f"{why} (next try in {wait:.0f}s)")
             while len(self._pool) >= self.settings.max_sessions:
                 _, oldest = self._pool.popitem(last=False)
                 oldest.retiring = True  # its requests finish; then it ends
