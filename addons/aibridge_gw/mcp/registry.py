@@ -98,6 +98,7 @@ class Listing:
     error: str | None = None  # why the last one failed
     task: asyncio.Task | None = None
     user_id: str | None = None  # whose listing (per_user_token servers); None: everyone's
+    asked_by: str = ""  # the user who last asked for it: whose credential a re-list in the background uses
     fingerprint: str | None = None  # of what it offers (names and schemas), to tell a change
     again: bool = False  # a change notice came while a listing was under way: list once more after it
 
@@ -281,6 +282,7 @@ class McpRegistry:
             return listing
         if listing is None:
             listing = self._listings[key] = Listing(user_id=key[1])
+        listing.asked_by = user_id
         self._relist(server, listing)
         if listing.task is None:  # closed (a reload replaced this registry): what it had
             return listing
@@ -304,7 +306,7 @@ class McpRegistry:
 
     async def _refresh(self, server: McpServer, listing: Listing) -> None:
         try:
-            headers = await self._headers(server, listing.user_id or "")
+            headers = await self._headers(server, listing.asked_by)
             if headers is None:
                 raise Unavailable(f"MCP server {server.name}: no token for this user any more")
             async with asyncio.timeout(max(self.settings.list_timeout_seconds * 5, 10)):
