@@ -387,7 +387,7 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
                 ipaddress.ip_network(a, strict=False)
             except ValueError:
                 raise ConfigError(f"proxy.allow_addresses: {a!r} is not a valid CIDR range") from None
-    mcp_servers = tuple(_mcp_server(s, f"mcp_servers[{i}]") for i, s in enumerate(f.mcp_servers))
+    mcp_servers = tuple(_mcp_server(s, f"mcp_servers[{i}]", local) for i, s in enumerate(f.mcp_servers))
     for i, m in enumerate(mcp_servers):
         if any(o.name == m.name for o in mcp_servers[:i]):
             raise ConfigError(f"mcp_servers[{i}].name: duplicate MCP server name {m.name!r}")
@@ -534,12 +534,13 @@ def _providers(items: list, raw_items: list) -> tuple[list[ProviderInstance], li
     return providers, notes
 
 
-def _mcp_server(d: config_model.McpServerFile, where: str) -> McpServer:
+def _mcp_server(d: config_model.McpServerFile, where: str, local=lambda p: p) -> McpServer:
     return McpServer(name=d.name, url=d.url, headers=dict(d.headers), per_user_token=d.per_user_token,
                      allow=_regex(d.tool_allow_regex, "tool_allow_regex", where),
                      deny=_regex(d.tool_deny_regex, "tool_deny_regex", where),
                      transport="stdio" if d.command is not None else d.transport, command=d.command,
-                     args=tuple(d.args), env=tuple(sorted(d.env.items())), cwd=d.cwd)
+                     args=tuple(d.args), env=tuple(sorted(d.env.items())),
+                     cwd=str(local(d.cwd)) if d.cwd is not None else None)
 
 
 def _regex(v: str | None, key: str, where: str) -> re.Pattern | None:

@@ -133,7 +133,8 @@ class McpServerFile(Section):
     args: list[str] = Field(default_factory=list, description="its arguments (stdio servers)")
     env: dict[str, str] = Field(default_factory=dict, description="its environment (stdio servers), on top of PATH, "
                                                                   "HOME, USER, LOGNAME, SHELL and TERM only")
-    cwd: str | None = Field(None, description="its working directory (stdio servers; unset: the gateway's)")
+    cwd: str | None = Field(None, description="its working directory (stdio servers; relative to the config file; "
+                                             "unset: the gateway's)")
     headers: dict[str, str] = Field(default_factory=dict, description="headers sent to the server (url servers)")
     per_user_token: bool = Field(False, description="each user's own token (aibridge mcp-token set; url servers)")
     tool_allow_regex: str | None = Field(None, description="only tools matching this are offered (injected, or at "

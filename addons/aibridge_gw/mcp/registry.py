@@ -31,6 +31,10 @@ are woken:
         ...
 
 While anyone waits (`wait_changed` or `subscribe`), servers are also listed again every `mcp.watch_seconds`.
+Versions are this registry's own, counted from 0 in this process (each `--workers` worker has its own): a reload
+that changes `mcp_servers` or `mcp` replaces the runtime's registry, and the old one, once closed (`closed`),
+ends its waiters at once; a watcher then takes the runtime's new registry (and tells its clients the lists
+changed: they may have).
 """
 
 from __future__ import annotations
