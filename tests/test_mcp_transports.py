@@ -405,6 +405,41 @@ def test_behind_two_workers_each_runs_its_own_child_and_every_call_is_answered(t
     assert not any(alive(p) for p in children)
 
 
+@pytest.mark.parametrize("server, problem", [
+    ({"url": "http://x/mcp", "command": "x"}, "set url (an HTTP server) or command (a stdio server), not both"),
+    ({}, "set url (an HTTP server) or command (a stdio server)"),
+    ({"command": "x", "headers": {"Authorization": "Bearer t"}}, "headers and per_user_token are for url servers"),
+    ({"command": "x", "per_user_token": True}, "its one process serves every user"),
+    ({"command": "x", "transport": "sse"}, "transport is for url servers"),
+    ({"url": "http://x/mcp", "env": {"A": "b"}}, "args, env and cwd are for command (stdio) servers"),
+    ({"url": "http://x/mcp", "transport": "websocket"}, "transport"),
+])
+def test_the_config_check_refuses_what_cannot_work(server, problem):
+    from aibridge_gw import config_model
+
+    with pytest.raises(config_model.ConfigProblems) as e:
+        config_model.validate({"mcp_servers": [{"name": "s", **server}]})
+    assert e.value.problems[0].startswith("mcp_servers[0]") and problem in e.value.problems[0], e.value.problems
+
+
+def test_the_schema_and_the_runtime_config_know_every_kind(tmp_path, monkeypatch):
+    from aibridge_gw import config, config_model
+
+    props = config_model.schema()["$defs"]["McpServerFile"]["properties"]
+    assert {"url", "transport", "command", "args", "env", "cwd"} <= set(props)
+    assert props["transport"]["enum"] == ["auto", "streamable_http", "sse"]
+    monkeypatch.setenv("AIBRIDGE_TEST_STDIO_SECRET", SECRET)
+    path = tmp_path / "aibridge.yaml"
+    path.write_text(yaml.safe_dump({"mcp_servers": [
+        {"name": "files", "command": "npx", "args": ["-y", "server"], "env": {"TOKEN": "${AIBRIDGE_TEST_STDIO_SECRET}"},
+         "cwd": "srv"},
+        {"name": "old", "url": "http://x/sse"}]}))
+    files, old = config.load_config(path).mcp_servers
+    assert files.stdio and files.transport == "stdio" and files.env == (("TOKEN", SECRET),)
+    assert files.cwd == str(tmp_path / "srv") and files.where == "npx -y server" and SECRET not in repr(files)
+    assert not old.stdio and old.transport == "auto" and old.where == "http://x/sse"
+
+
 async def until(predicate, timeout: float = 8) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
