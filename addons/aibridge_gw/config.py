@@ -91,10 +91,11 @@ class CaptureSettings:
 
 @dataclass(frozen=True)
 class McpServer:
-    """An admin-approved MCP server whose tools are injected as bmcp_<name>_<tool>."""
+    """An admin-approved MCP server whose tools are injected as bmcp_<name>_<tool>: reached by `url` (Streamable
+    HTTP or SSE, `transport`) or a stdio child process started with `command`."""
 
     name: str
-    url: str
+    url: str | None = None
     headers: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
     per_user_token: bool = False
     allow: re.Pattern | None = None
@@ -108,6 +109,22 @@ class McpServer:
     def per_user(self) -> bool:
         """Each user reaches it with a credential of their own (a stored token or an OAuth sign-in)."""
         return self.per_user_token or self.oauth
+    transport: str = "auto"  # url servers: auto, streamable_http, sse; "stdio" for command servers
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # values may be secrets: never shown
+    cwd: str | None = None
+
+    @property
+    def stdio(self) -> bool:
+        return self.command is not None
+
+    @property
+    def where(self) -> str:
+        """What the server is, safe to show (no header or env value): its URL, or its command line."""
+        if self.command is not None:
+            return " ".join([self.command, *self.args])
+        return self.url or ""
 
     def permits(self, tool: str) -> bool:
         """Neither regex: all; deny wins; only deny: all but denied."""
@@ -135,6 +152,9 @@ class McpSettings:
     tool_timeout_seconds: float = 30.0
     list_timeout_seconds: float = 2.0
     refresh_seconds: float = 300.0
+    idle_seconds: float = 300.0  # a pooled session unused this long is closed
+    max_sessions: int = 64  # pooled sessions kept, at most (LRU)
+    watch_seconds: float = 30.0  # re-listing period while someone waits for list changes
     max_tools: int = 128  # providers cap tools per request (OpenAI: 128); injected tools are trimmed to fit
     tool_name_max_length: int = 49  # /aibridge/mcp's tool names, at most (64 less Claude Code's `mcp__aibridge__`)
     oauth_callback_url: str | None = None  # None: <gateway URL>/aibridge/mcp/oauth/callback
@@ -419,7 +439,7 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
                 ipaddress.ip_network(a, strict=False)
             except ValueError:
                 raise ConfigError(f"proxy.allow_addresses: {a!r} is not a valid CIDR range") from None
-    mcp_servers = tuple(_mcp_server(s, f"mcp_servers[{i}]") for i, s in enumerate(f.mcp_servers))
+    mcp_servers = tuple(_mcp_server(s, f"mcp_servers[{i}]", local) for i, s in enumerate(f.mcp_servers))
     for i, m in enumerate(mcp_servers):
         if any(o.name == m.name for o in mcp_servers[:i]):
             raise ConfigError(f"mcp_servers[{i}].name: duplicate MCP server name {m.name!r}")
@@ -441,7 +461,8 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         mcp=McpSettings(max_rounds=f.mcp.max_rounds, tool_timeout_seconds=f.mcp.tool_timeout_seconds,
                         list_timeout_seconds=f.mcp.list_timeout_seconds, refresh_seconds=f.mcp.refresh_seconds,
                         max_tools=f.mcp.max_tools, tool_name_max_length=f.mcp.tool_name_max_length,
-                        oauth_callback_url=f.mcp.oauth_callback_url),
+                        oauth_callback_url=f.mcp.oauth_callback_url, idle_seconds=f.mcp.idle_seconds,
+                        max_sessions=f.mcp.max_sessions, watch_seconds=f.mcp.watch_seconds),
         retention_days=f.retention_days,
         pricing=local(f.pricing) if f.pricing else None,
         metrics=MetricsSettings(f.metrics.prefix, f.metrics.token or None),
@@ -570,12 +591,15 @@ def _providers(items: list, raw_items: list) -> tuple[list[ProviderInstance], li
     return providers, notes
 
 
-def _mcp_server(d: config_model.McpServerFile, where: str) -> McpServer:
+def _mcp_server(d: config_model.McpServerFile, where: str, local=lambda p: p) -> McpServer:
     return McpServer(name=d.name, url=d.url, headers=dict(d.headers), per_user_token=d.per_user_token,
                      allow=_regex(d.tool_allow_regex, "tool_allow_regex", where),
                      deny=_regex(d.tool_deny_regex, "tool_deny_regex", where), oauth=d.oauth,
                      oauth_client_id=d.oauth_client_id, oauth_client_secret=d.oauth_client_secret,
-                     oauth_scopes=tuple(d.oauth_scopes) if d.oauth_scopes is not None else None)
+                     oauth_scopes=tuple(d.oauth_scopes) if d.oauth_scopes is not None else None,
+                     transport="stdio" if d.command is not None else d.transport, command=d.command,
+                     args=tuple(d.args), env=tuple(sorted(d.env.items())),
+                     cwd=str(local(d.cwd)) if d.cwd is not None else None)
 
 
 def _regex(v: str | None, key: str, where: str) -> re.Pattern | None:

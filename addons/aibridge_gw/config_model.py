@@ -119,11 +119,24 @@ class CaptureFile(Section):
 
 
 class McpServerFile(Section):
+    """One MCP server: reached over HTTP by `url` (Streamable HTTP or the older HTTP+SSE transport) or started as a
+    child process by `command` (stdio; one process per gateway process, restarted when it dies)."""
+
     name: str = Field(pattern=SERVER_NAME_PATTERN, description="server id; tools appear as bmcp_<name>_<tool> in "
                                                                 "model calls and <name>__<tool> at /aibridge/mcp")
-    url: str = Field(pattern=r"^https?://", description="the MCP server's streamable-HTTP URL")
-    headers: dict[str, str] = Field(default_factory=dict, description="headers sent to the server")
-    per_user_token: bool = Field(False, description="each user's own token (aibridge mcp-token set)")
+    url: str | None = Field(None, pattern=r"^https?://", description="the MCP server's HTTP URL (or set command)")
+    transport: Literal["auto", "streamable_http", "sse"] = Field(
+        "auto", description="for url servers: streamable_http, sse (the 2024-11-05 HTTP+SSE transport), or auto: "
+                            "sse when the path ends in /sse, else Streamable HTTP, falling back to SSE when the "
+                            "server answers its initialize POST with 400, 404 or 405 (remembered)")
+    command: str | None = Field(None, min_length=1, description="a stdio server: the program to start (or set url)")
+    args: list[str] = Field(default_factory=list, description="its arguments (stdio servers)")
+    env: dict[str, str] = Field(default_factory=dict, description="its environment (stdio servers), on top of PATH, "
+                                                                  "HOME, USER, LOGNAME, SHELL and TERM only")
+    cwd: str | None = Field(None, description="its working directory (stdio servers; relative to the config file; "
+                                             "unset: the gateway's)")
+    headers: dict[str, str] = Field(default_factory=dict, description="headers sent to the server (url servers)")
+    per_user_token: bool = Field(False, description="each user's own token (aibridge mcp-token set; url servers)")
     tool_allow_regex: str | None = Field(None, description="only tools matching this are offered (injected, or at "
                                                            "/aibridge/mcp)")
     tool_deny_regex: str | None = Field(None, description="tools matching this are never offered")
@@ -144,6 +157,23 @@ class McpServerFile(Section):
             raise ValueError("oauth_client_id, oauth_client_secret and oauth_scopes need oauth: true")
         if self.oauth_client_secret and not self.oauth_client_id:
             raise ValueError("oauth_client_secret needs oauth_client_id")
+        return self
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "McpServerFile":
+        if self.url is not None and self.command is not None:
+            raise ValueError("set url (an HTTP server) or command (a stdio server), not both")
+        if self.url is None and self.command is None:
+            raise ValueError("set url (an HTTP server) or command (a stdio server)")
+        if self.command is not None:
+            if self.headers or self.per_user_token:
+                raise ValueError("headers and per_user_token are for url servers: a stdio server has no HTTP "
+                                 "requests to carry them, and its one process serves every user (put what it "
+                                 "needs in env)")
+            if self.transport != "auto":
+                raise ValueError("transport is for url servers (a command server speaks stdio)")
+        elif self.args or self.env or self.cwd is not None:
+            raise ValueError("args, env and cwd are for command (stdio) servers")
         return self
 
 
@@ -169,6 +199,12 @@ class McpFile(Section):
     tool_timeout_seconds: Seconds = Field(30.0, description="one tool call")
     list_timeout_seconds: Seconds = Field(2.0, description="listing a server's tools")
     refresh_seconds: Seconds = Field(300.0, description="how often tool lists are refreshed")
+    idle_seconds: Seconds = Field(300.0, description="a pooled session to a server unused this long is closed (a "
+                                                     "stdio server's process stops; started again when needed)")
+    max_sessions: int = Field(64, ge=1, description="pooled sessions (per server and credential) kept open, at most; "
+                                                    "the least recently used is closed first")
+    watch_seconds: Seconds = Field(30.0, description="while a client waits for list changes, servers are listed "
+                                                     "again this often (besides their own list_changed notices)")
     max_tools: int = Field(128, ge=1, description="tools per request, at most (injected tools are trimmed to fit)")
     tool_name_max_length: int = Field(
         49, ge=24, le=64, description="tool names at /aibridge/mcp, at most: longer ones are shortened with a hash; "

@@ -4,6 +4,7 @@ accepts connections and never answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -175,6 +176,8 @@ class HangingServer:
 
     def stop(self) -> None:
         self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in its thread (close alone does not)
         self.sock.close()
         for c in self.conns:
             c.close()

@@ -260,8 +260,9 @@ class ControlPlane:
             for r in rows:
                 r["signed_in"] = sum(1 for s in signed["rows"] if s[1] == r["server"]) if r["oauth"] else None
         cols = ["server", "available", "tools", "resources", "prompts", "per_user_token", "oauth", "signed_in",
-                "error", "url"]
-        return {"columns": cols, "rows": [[r.get(c) for c in cols] for r in rows]}
+                "error", "transport", "url"]
+        return {"columns": cols, "rows": [[r.get(c) if c != "url" else r.get("url") or r.get("command") for c in cols]
+                                          for r in rows]}
 
     def _keys_list(self) -> dict:
         rows = [k for pool in self.rt.pools.values() for k in pool.status()]

@@ -153,6 +153,7 @@ class Runtime:
         # OAuth sign-in to `oauth: true` MCP servers: the users' tokens, in the shared store (mcp/oauth.py)
         self.mcp_oauth = McpOAuth(lambda: self.store, self._oauth_callback_url, self._user_name)
         self.own_url: str | None = None  # http://host:port of the listener, once it listens
+        self._retiring: set[asyncio.Task] = set()  # registries a reload replaced, closing
         self.loopback: LoopbackServer | None = None  # where the tool loop's and the key pools' flows are answered
         self.tool_loop: ToolLoop | None = None
         self.mcp_gateway: McpGateway | None = None  # /aibridge/mcp's server side (at the loopback server)
@@ -290,6 +291,8 @@ class Runtime:
         policing = self._policing_for(config)
         access = self.mcp_access if old is not None and old.mcp_access == config.mcp_access else McpAccess(
             config.mcp_access)
+        if self.mcp is not None and mcp is not self.mcp:  # its sessions and stdio processes end
+            self._retire_registry(self.mcp)
         self.config, self.router, self.throttle, self.egress, self.mcp, self.breakers, self.policing = (
             config, router, throttle, egress, mcp, breakers, policing)
         self.mcp_access = access
@@ -318,6 +321,24 @@ class Runtime:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         self._build_pools(config)
+
+    def _retire_registry(self, registry: McpRegistry) -> None:
+        """A registry a reload replaced: closed (its sessions, its stdio servers' processes) once the calls it may
+        be serving had their time (`tool_timeout_seconds`, at most 30 s)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # start-up, no loop yet: nothing was opened
+            return
+
+        async def close() -> None:
+            try:
+                await asyncio.sleep(min(registry.settings.tool_timeout_seconds, 30))
+            finally:
+                await registry.aclose()
+
+        task = loop.create_task(close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _policing_for(self, config: Config) -> Policing | None:
         """The config's policies, compiled; the running ones kept when a reload leaves them unchanged (their
@@ -717,9 +738,9 @@ class Runtime:
         else:
             self.control_secret = write_runtime_file(self.store.path, f"http://{host}:{port}")
 
-    def done(self) -> None:
+    async def done(self) -> None:
         """Graceful shutdown: every exchange in flight is recorded as ended and every queued record reaches
-        DuckDB before the file closes."""
+        DuckDB before the file closes; MCP sessions are closed and stdio servers' processes stopped."""
         for state in list(self.inflight):
             ic = state.interception
             summary = state.tap.summary if state.tap else ResponseSummary()
@@ -735,6 +756,14 @@ class Runtime:
         if self.mcp_gateway is not None:
             self.mcp_gateway.stop()
             self.mcp_gateway = None
+        registries = [self.mcp] if self.mcp is not None else []
+        for task in list(self._retiring):  # replaced by reloads, not closed yet: now
+            task.cancel()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(r.aclose() for r in registries), *self._retiring,
+                                                  return_exceptions=True), 10)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            log.warning("aibridge: MCP sessions did not all close in time")
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None

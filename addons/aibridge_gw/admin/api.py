@@ -69,7 +69,7 @@ class AdminApi:
                     raise BadParameter(sorted(q)[0], "unknown parameter")
                 servers = self.mcp_status() if self.mcp_status is not None else []
                 if not viewer.admin:  # members see which servers work, not where they are
-                    servers = [{k: v for k, v in s.items() if k != "url"} for s in servers]
+                    servers = [{k: v for k, v in s.items() if k not in ("url", "command")} for s in servers]
                 if any(s.get("oauth") for s in servers):  # who is signed in: admins a count, members themselves
                     signed = await asyncio.wrap_future(self.store.run(
                         "mcp_oauth.list", user=None if viewer.admin else actor.user_name))

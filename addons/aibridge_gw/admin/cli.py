@@ -420,7 +420,10 @@ def _mcp_access_offline(cx: Context, user: str) -> dict:
 
     async def listings() -> dict:
         shared = [s for s in servers if not s.per_user]
-        found = await asyncio.gather(*(registry.listing(s, str(row["id"]), LIST_BOUND) for s in shared))
+        try:
+            found = await asyncio.gather(*(registry.listing(s, str(row["id"]), LIST_BOUND) for s in shared))
+        finally:
+            await registry.aclose()  # its sessions, and stdio servers' processes
         out = {s.name: found[n] for n, s in enumerate(shared)}
         out.update({s.name: "per_user_token: listed with the user's own token by a running gateway only"
                     for s in servers if s.per_user_token})

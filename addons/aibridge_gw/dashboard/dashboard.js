@@ -221,7 +221,7 @@ async function toolsView(main) {
       <button id="t-apply">Filter</button></div>
     <div class="panel"><h2>MCP servers</h2><table id="mcp-servers">
       <tr><th>server</th><th>state</th><th class="n">tools</th><th class="n">resources</th><th class="n">prompts</th><th>why</th></tr>
-      ${servers.data.map(s => `<tr data-server="${esc(s.server)}"><td>${esc(s.server)}${s.per_user_token ? ' <span class="muted">per-user token</span>' : ""}${s.oauth ? ` <span class="muted">OAuth: ${me.role === "admin" ? `${num(s.signed_in)} signed in` : s.signed_in ? "signed in" : "sign-in needed"}</span> <button class="signin" data-server="${esc(s.server)}">Sign in</button>` : ""}</td>
+      ${servers.data.map(s => `<tr data-server="${esc(s.server)}"><td>${esc(s.server)}${s.per_user_token ? ' <span class="muted">per-user token</span>' : ""}${s.transport && s.transport !== "auto" ? ` <span class="muted">${esc(s.transport)}</span>` : ""}${s.oauth ? ` <span class="muted">OAuth: ${me.role === "admin" ? `${num(s.signed_in)} signed in` : s.signed_in ? "signed in" : "sign-in needed"}</span> <button class="signin" data-server="${esc(s.server)}">Sign in</button>` : ""}</td>
         <td class="state ${s.available === false ? "failed" : ""}">${state(s)}</td><td class="n">${num(s.tools)}</td>
         <td class="n">${num(s.resources)}</td><td class="n">${num(s.prompts)}</td><td class="error">${esc(s.error)}</td></tr>`).join("")}</table>
       ${servers.data.length ? "" : '<p class="muted">no MCP servers configured (mcp_servers)</p>'}

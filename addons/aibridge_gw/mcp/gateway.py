@@ -267,10 +267,21 @@ class McpGateway:
         marks = await self._marks(caller)
         seen = {kind: self._digest(marks, kind, caller) for kind, _ in NOTICES}
         quiet_since = looked_at = loop.time()
+        registry = self.registry
+        version = registry.version if registry is not None else 0
         while True:
-            changed = self._changed
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), RECHECK_SECONDS)
+            changed, registry = self._changed, self.registry
+            waits = [asyncio.ensure_future(changed.wait())]
+            if registry is not None:  # a server said its lists changed, or a watch found it (mcp.watch_seconds)
+                waits.append(asyncio.ensure_future(registry.wait_changed(version, RECHECK_SECONDS)))
+            try:
+                await asyncio.wait(waits, timeout=RECHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            servers_changed = registry is not None and registry.version != version
+            if registry is not None:
+                version = registry.version
             now = loop.time()
             if job.recheck is not None:
                 again = job.recheck()
@@ -279,8 +290,8 @@ class McpGateway:
                     await out.end()
                     return
                 caller = _same_session(again, caller)
-            new_marks = await self._marks(caller, listing_wait=0.0) \
-                if changed.is_set() or now - looked_at >= WATCH_SECONDS or marks[2] != caller.groups else marks
+            new_marks = await self._marks(caller, listing_wait=0.0) if changed.is_set() or servers_changed \
+                or now - looked_at >= WATCH_SECONDS or marks[2] != caller.groups else marks
             if new_marks is not marks:
                 looked_at = now
             if new_marks != marks:

@@ -114,4 +114,4 @@ class Adapter:
 def injected_call_record(call: PendingCall, tool: InjectedTool, response_id: str | None,
                          error: str | None) -> ToolCall:
     return ToolCall(response_id, call.call_id, call.name, call.arguments, injected=True,
-                    server_url=tool.server.url, error=error)
+                    server_url=tool.server.url or f"stdio:{tool.server.command}", error=error)
