@@ -226,23 +226,28 @@ def test_a_restarted_streamable_server_gets_a_new_pooled_session(gw, servers):
 
 
 def test_a_servers_list_changed_shows_its_new_tool_without_waiting_for_the_refresh(gw, servers):
+    """The live server adds a tool and says so (list_changed on its pooled session's stream): the new tool is listed
+    at once (refresh_seconds is an hour), and an agent listening on /aibridge/mcp's notification stream is told its
+    tool list changed."""
     _, token = new_user(gw, "changes")
 
     async def go():
-        async with session(gw.url, token) as s:
+        notices: list[str] = []
+        async with session(gw.url, token, notices=notices) as s:
             before = {t.name for t in (await s.list_tools()).tools}
+            await asyncio.sleep(1.5)  # the agent's GET stream is open and has seen the lists as they were
             added = await s.call_tool("live__add_tool", {"name": "fresh_tool"})
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                now = {t.name for t in (await s.list_tools()).tools}
-                if "live__fresh_tool" in now:
-                    return before, added, now, await s.call_tool("live__fresh_tool", {})
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "notifications/tools/list_changed" not in notices:
                 await asyncio.sleep(0.1)
-            return before, added, now, None
+            now = {t.name for t in (await s.list_tools()).tools}
+            fresh = await s.call_tool("live__fresh_tool", {}) if "live__fresh_tool" in now else None
+            return before, added, now, fresh, notices
 
-    before, added, now, fresh = run(go())
+    before, added, now, fresh, notices = run(go())
     assert "live__fresh_tool" not in before and not added.isError
-    assert "live__fresh_tool" in now and text(fresh) == "fresh_tool here"  # refresh_seconds is an hour
+    assert "live__fresh_tool" in now and text(fresh) == "fresh_tool here"
+    assert "notifications/tools/list_changed" in notices
 
 
 def test_the_registry_version_and_waiters_follow_changes(tmp_path, servers):
