@@ -47,6 +47,7 @@ from ..policy.rules import Decision, policy_version
 from ..policy.throttle import AuthThrottle
 from ..pricing import PriceTable
 from ..store.process import WriterProcess
+from ..telemetry import Telemetry
 from ..workers import KeyBoard, control_secret, store_socket, worker_number, workers_dir
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
@@ -176,6 +177,7 @@ class Runtime:
         self._watcher: asyncio.Task | None = None  # reload.watch: reloads when a file the config reads changes
         self.policing: Policing | None = None  # the admin's policies and guardrails (None: there are none)
         self._guardrail_client: httpx.AsyncClient | None = None  # shared by every configuration's guardrails
+        self.telemetry = Telemetry()  # OpenTelemetry export (`telemetry:`; off unless an endpoint is set)
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -309,6 +311,7 @@ class Runtime:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         self._build_pools(config)
+        self.telemetry.configure(config.telemetry, config.providers)
 
     def _policing_for(self, config: Config) -> Policing | None:
         """The config's policies, compiled; the running ones kept when a reload leaves them unchanged (their
@@ -423,6 +426,7 @@ class Runtime:
         self._apply_directory(store.run("directory").result(), store.run("mcp_tokens").result(),
                               store.run("users").result())
         self.recorder = Recorder(store)
+        self.recorder.telemetry = self.telemetry
         log.info(
             "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
             len(config.providers), ", ".join(p.name for p in config.providers),
@@ -578,6 +582,7 @@ class Runtime:
             verify = False
         client = upstream_client(verify)
         tool_loop = ToolLoop(self.mcp, client)
+        tool_loop.telemetry = self.telemetry
         gateway = McpGateway(self.recorder, self.metrics)
         self._configure_gateway(gateway)
         await gateway.start()
@@ -698,6 +703,7 @@ class Runtime:
                 mask_stored(redactor, summary)
             self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
         self.inflight.clear()
+        self.telemetry.shutdown()  # what is queued is sent (bounded by telemetry.timeout_seconds)
         if self.loopback is not None:
             self.loopback.close()
             self.loopback = self.tool_loop = None

@@ -119,6 +119,8 @@ class ResponseSummary:
     thoughts: list[Thought] = field(default_factory=list)
     error: str | None = None  # provider-reported failure (error event, failed status)
     complete: bool = False  # saw the API's terminal event / a whole body
+    finish_reasons: list[str] = field(default_factory=list)  # why the model stopped (per choice), as the API says
+    output_text: list[str] = field(default_factory=list)  # the model's text, in pieces (telemetry's content)
     state: Any = field(default=None, repr=False)  # a codec's private streaming state
 
 
@@ -151,7 +153,7 @@ def summary_to_dict(s: ResponseSummary) -> dict:
     """A summary as plain data, kept on the flow so replay can rebuild what the live run recorded."""
     from dataclasses import asdict
 
-    d = {k: v for k, v in asdict(s).items() if k != "state"}
+    d = {k: v for k, v in asdict(s).items() if k not in ("state", "output_text")}
     return d
 
 
@@ -164,4 +166,5 @@ def summary_from_dict(d: dict) -> ResponseSummary:
         thoughts=[Thought(**t) for t in d.get("thoughts", [])],
         error=d.get("error"),
         complete=d.get("complete", False),
+        finish_reasons=list(d.get("finish_reasons") or ()),
     )
