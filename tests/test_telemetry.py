@@ -5,6 +5,7 @@ and MCP gateway calls as `execute_tool` spans, the token metric, a collector tha
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 
@@ -48,7 +49,7 @@ def tgw(tmp_path_factory, upstream, otlp, mcp_server):
                       "headers": {"authorization": "Bearer collector-secret-token"}},
         "policies": {"rules": [DENY]},
         "mcp_servers": [{"name": "coder", "url": mcp_server.url, "tool_deny_regex": "^create_gist$"}],
-        "mcp_access": [{"servers": ["coder"], "users": ["tooluser"]}],  # the others' calls get no injected tools
+        "mcp_access": [{"servers": ["coder"], "users": ["tooluser", "agent"]}],  # the others' calls get no injected tools
         "mcp": {"tool_timeout_seconds": 5, "list_timeout_seconds": 3},
     }).start()
     yield gw
@@ -95,7 +96,9 @@ def test_an_anthropic_call_is_one_span_with_the_recorded_usage(tgw, mock, otlp, 
     assert span.resource["service.name"] == "aibridge"
     # The span covers the interception: from its start to its end as recorded.
     assert span.end_ns >= span.start_ns
-    assert abs(span.start_ns / 1e9 - ic["started_at"].timestamp()) < 0.01
+    started = ic["started_at"]
+    started = dt.datetime.fromisoformat(started) if isinstance(started, str) else started
+    assert abs(span.start_ns / 1e9 - started.timestamp()) < 0.01
     # The collector's headers went with the export; no credential is an attribute.
     assert any(h.get("authorization") == "Bearer collector-secret-token" for h in otlp.headers)
     assert not any("SECRET" in str(v) or "collector-secret" in str(v) for v in a.values())

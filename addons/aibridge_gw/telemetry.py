@@ -23,8 +23,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 from .apis import PROVIDERS
+from .logsafe import redact
 
 log = logging.getLogger("aibridge.telemetry")
 
@@ -62,6 +64,13 @@ def reasoning_tokens(metadata: Mapping[str, Any]) -> int:
     return n
 
 
+def shown_endpoint(url: str) -> str:
+    """The collector's URL as logged: without a password it may carry."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
 def _ns(t: dt.datetime | float | None) -> int:
     if t is None:
         return time.time_ns()
@@ -94,11 +103,11 @@ class _SdkLogs(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self._last: dict[tuple[str, str], float] = {}
+        self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        key = (record.name, str(record.msg)[:80])
+        key = record.name  # one line per exporter (traces, metrics) and per minute, whatever it says
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(key, -LOG_EVERY) < LOG_EVERY:
@@ -114,7 +123,7 @@ class _SdkLogs(logging.Handler):
             e = record.exc_info[1]
             text += f": {type(e).__name__}: {e}"
         log.log(min(record.levelno, logging.WARNING), "aibridge: telemetry export: %s (said at most once a minute)",
-                text.splitlines()[0][:300] if text else record.name)
+                redact(text.splitlines()[0][:240]) if text else record.name)
 
 
 _sdk_logs = _SdkLogs()
@@ -197,7 +206,8 @@ class Telemetry:
             try:
                 self._sdk = _Sdk(settings)
                 log.info("aibridge: telemetry: exporting spans and metrics over OTLP/HTTP to %s%s",
-                         settings.otlp_endpoint, " (with prompts and outputs)" if settings.content else "")
+                         shown_endpoint(settings.otlp_endpoint),
+                         " (with prompts and outputs)" if settings.content else "")
             except Exception as e:  # an SDK that cannot start must not stop the gateway
                 log.error("aibridge: telemetry could not start: %s", e)
         if old is not None:  # a reload: what the old one holds is flushed off the event loop

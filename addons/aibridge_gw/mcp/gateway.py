@@ -569,7 +569,7 @@ class _Call:
                                 outcome, seconds)
         telemetry = getattr(gw.recorder, "telemetry", None)
         if telemetry is not None and self.method == "tools/call":
-            telemetry.mcp_call(ToolRun(self.tool, None, self.server.name if self.server else None,
+            telemetry.mcp_call(ToolRun(self.name, None, self.server.name if self.server else None,
                                        int(self.at.timestamp() * 1e9), time.time_ns(), error if is_error else None),
                                headers=c.headers, method=self.method, outcome=outcome, user_name=c.user_name,
                                client=c.client, session=c.session, call_id=self.id)
