@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import time
 
 import httpx
 import pytest
+import yaml
 
 from aibridge_gw.apis import PROVIDERS
 from tests.support.fixtures import capture
@@ -225,10 +227,11 @@ def test_content_is_exported_only_when_asked_and_spans_are_flushed_at_shutdown(t
                             and p.attributes.get("gen_ai.request.model") == "claude-sonnet-4-0", timeout=5)
 
 
-def test_a_collector_that_is_down_costs_the_calls_nothing(tmp_path, upstream, mock):
-    gw = Gateway(tmp_path / "down", upstream.url, extra={
-        "telemetry": {"otlp_endpoint": f"http://127.0.0.1:{free_port()}", "export_interval_seconds": 0.2,
-                      "timeout_seconds": 1}}).start()
+def test_a_collector_that_is_down_costs_the_calls_nothing_and_a_reload_points_elsewhere(tmp_path, upstream, mock,
+                                                                                        otlp):
+    telemetry = {"otlp_endpoint": f"http://127.0.0.1:{free_port()}", "export_interval_seconds": 0.2,
+                 "timeout_seconds": 1}
+    gw = Gateway(tmp_path / "down", upstream.url, extra={"telemetry": telemetry}).start()
     try:
         token = gw.new_user("unbothered")
         cap = capture("anthropic/simple.txtar")
@@ -239,13 +242,28 @@ def test_a_collector_that_is_down_costs_the_calls_nothing(tmp_path, upstream, mo
         assert time.monotonic() - t0 < 5
         assert [i["status"] for i in gw.interceptions("unbothered", 4)] == ["completed"] * 4
         time.sleep(1.5)  # several failed exports
+        # A reload with another `telemetry:` section: exported there from the next call on.
+        cfg = yaml.safe_load(gw.config_path.read_text())
+        cfg["telemetry"] = {**telemetry, "otlp_endpoint": otlp.url, "service_name": "aibridge-reloaded"}
+        gw.config_path.write_text(yaml.safe_dump(cfg))
+        before = gw.log().count("configuration reloaded")
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while gw.log().count("configuration reloaded") <= before:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        mock.script(Reply.from_capture(cap, False))
+        anthropic_call(anthropic_client(gw, token), cap.request, False)
+        last = gw.interceptions("unbothered", 5)[-1]
+        (span,) = spans_of(otlp, last["id"])
+        assert span.resource["service.name"] == "aibridge-reloaded"
     finally:
         t1 = time.monotonic()
         assert gw.stop() == 0
         assert time.monotonic() - t1 < 15  # the flush at shutdown gives up within its timeout
     log = gw.log()
-    said = [line for line in log.splitlines() if "telemetry export" in line]
-    assert 1 <= len(said) <= 4, said  # said, once a minute per kind: no spam
+    said = {line for line in log.splitlines() if "telemetry export" in line}
+    assert 1 <= len(said) <= 4, said  # once a minute per exporter: no spam
     assert "Traceback" not in log
 
 
@@ -269,3 +287,23 @@ def test_telemetry_is_off_by_default_and_the_collectors_headers_are_a_secret():
         validate({"telemetry": {"headers": {"authorization": 5}}})
     assert "5" not in str(e.value).split("(got")[-1] or "not shown" in str(e.value)
     assert "collector-secret" not in repr(TelemetrySettings(headers=(("authorization", "collector-secret"),)))
+
+
+def test_sdk_log_lines_are_said_once_a_minute_per_exporter_without_credentials(caplog):
+    import logging
+
+    from aibridge_gw.telemetry import Telemetry, _SdkLogs
+
+    handler = _SdkLogs()
+    record = logging.LogRecord("opentelemetry.exporter.otlp.proto.http.trace_exporter", logging.ERROR, "", 0,
+                               "Failed to export to %s", ("http://otel:hunter2secret@collector:4318",), None)
+    with caplog.at_level(logging.INFO, logger="aibridge.telemetry"):
+        for _ in range(50):
+            handler.emit(record)
+    said = [r for r in caplog.records if r.name == "aibridge.telemetry"]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert "hunter2secret" not in said[0].getMessage()
+    off = Telemetry()  # no endpoint: every entry point does nothing
+    assert not off.enabled
+    off.interception(object(), status="completed")
+    off.shutdown()

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -34,6 +35,7 @@ TRACES_PATH, METRICS_PATH = "/v1/traces", "/v1/metrics"
 MAX_QUEUE = 2048  # spans waiting for export; beyond it new ones are dropped (the SDK counts and says so)
 PENDING_MAX = 10_000  # interceptions with tool calls waiting for their span
 CONTENT_MAX = 64 * 1024  # one content attribute, at most (characters)
+INSTANCE = str(uuid.uuid4())  # service.instance.id: this process (each --workers worker exports its own series)
 LOG_EVERY = 60.0  # seconds: one SDK log line of a kind per this
 # The semantic conventions' advised bucket boundaries.
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
@@ -152,7 +154,7 @@ class _Sdk:
         _route_sdk_logs()
         base = settings.otlp_endpoint
         headers = dict(settings.headers)
-        resource = Resource.create({"service.name": settings.service_name})
+        resource = Resource.create({"service.name": settings.service_name, "service.instance.id": INSTANCE})
         self.tracer_provider = TracerProvider(resource=resource)
         self.tracer_provider.add_span_processor(BatchSpanProcessor(
             OTLPSpanExporter(endpoint=base + TRACES_PATH, headers=headers, timeout=settings.timeout_seconds),
@@ -236,9 +238,9 @@ class Telemetry:
                      error: str | None = None, ended_at: dt.datetime | None = None) -> None:
         """The span (and metrics) of one interception that ended: completed, failed or rejected."""
         sdk = self._sdk
-        runs = self._pending.pop(ic.id, None)
         if sdk is None:
             return
+        runs = self._pending.pop(ic.id, None)
         try:
             self._interception(sdk, ic, status, summary, http_status, error, ended_at, runs or ())
         except Exception:
