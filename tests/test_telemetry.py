@@ -307,3 +307,37 @@ def test_sdk_log_lines_are_said_once_a_minute_per_exporter_without_credentials(c
     assert not off.enabled
     off.interception(object(), status="completed")
     off.shutdown()
+
+
+def test_a_gemini_span_in_process_with_reasoning_tokens_and_a_tool_child(otlp):
+    """The Telemetry object alone (no gateway): a Gemini interception with thoughts tokens and an injected call."""
+    from aibridge_gw.config import TelemetrySettings
+    from aibridge_gw.flow.exchange import RequestInfo, ResponseSummary, TokenUsage
+    from aibridge_gw.flow.recorder import Interception
+    from aibridge_gw.telemetry import Telemetry, ToolRun
+
+    t = Telemetry()
+    t.configure(TelemetrySettings(otlp_endpoint=otlp.url, export_interval_seconds=0.2, content=True))
+    try:
+        started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2)
+        ic = Interception(id="5f0c6a52-1f0e-4b39-9a51-000000000001", user_id="u", user_name="gem", provider_type="gemini",
+                          provider_name="gemini", api="gemini.generate_content", client="", user_agent=None,
+                          session_id="s-1", credential_kind="central", credential_hint=None, upstream_path="/x",
+                          started_at=started, info=RequestInfo("gemini-2.5-pro", False, "hi", []),
+                          traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01")
+        now = time.time_ns()
+        t.tool_call(ic.id, ToolRun("bmcp_coder_x", "call-1", "coder", now - 10**9, now - 5 * 10**8, None, "{}", "ok"))
+        summary = ResponseSummary(model="gemini-2.5-pro-001", finish_reasons=["STOP"], output_text=["hello"],
+                                  usages=[TokenUsage(None, 10, 7, 5, 0, {"thoughtsTokenCount": 3})])
+        t.interception(ic, status="completed", summary=summary, http_status=200, ended_at=dt.datetime.now(dt.UTC))
+    finally:
+        t.shutdown()
+    (span,) = spans_of(otlp, ic.id, timeout=5)
+    a = span.attributes
+    assert span.name == "generate_content gemini-2.5-pro" and span.trace_id == TRACE_ID
+    assert a["gen_ai.provider.name"] == "gcp.gemini" and a["gen_ai.conversation.id"] == "s-1"
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.cache_read.input_tokens"]) == (15, 5)
+    assert a["gen_ai.usage.reasoning.output_tokens"] == 3 and a["gen_ai.response.finish_reasons"] == ["STOP"]
+    assert json.loads(a["gen_ai.output.messages"])[0]["parts"] == [{"type": "text", "content": "hello"}]
+    (tool,) = otlp.wait_spans(lambda s: s.parent_span_id == span.span_id)
+    assert tool.attributes["gen_ai.tool.call.id"] == "call-1" and tool.attributes["gen_ai.tool.call.result"] == "ok"
