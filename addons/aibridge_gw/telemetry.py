@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from .apis import PROVIDERS
+from .flow.exchange import ResponseSummary
 from .logsafe import redact
 
 log = logging.getLogger("aibridge.telemetry")
@@ -204,9 +205,11 @@ class Telemetry:
             return
         old, self._sdk = self._sdk, None
         self.settings = settings
+        ResponseSummary.keep_text = False
         if settings is not None and settings.otlp_endpoint:
             try:
                 self._sdk = _Sdk(settings)
+                ResponseSummary.keep_text = settings.content  # the codecs gather the model's text for spans
                 log.info("aibridge: telemetry: exporting spans and metrics over OTLP/HTTP to %s%s",
                          shown_endpoint(settings.otlp_endpoint),
                          " (with prompts and outputs)" if settings.content else "")
@@ -217,6 +220,7 @@ class Telemetry:
 
     def shutdown(self) -> None:
         sdk, self._sdk, self.settings = self._sdk, None, None
+        ResponseSummary.keep_text = False
         self._pending.clear()
         if sdk is not None:
             sdk.shutdown()
@@ -227,6 +231,8 @@ class Telemetry:
         """A tool the injected-tool loop ran: a child of the interception's span, made with it."""
         if self._sdk is None:
             return
+        if not self._sdk.content:  # what the tool was given and said are kept only for content
+            run.arguments = run.result = None
         runs = self._pending.get(interception_id)
         if runs is None:
             runs = self._pending[interception_id] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 BIGINT_MAX = 2**63 - 1  # the token columns' type (BIGINT in DuckDB and PostgreSQL)
 TOKEN_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens")
@@ -120,7 +120,10 @@ class ResponseSummary:
     error: str | None = None  # provider-reported failure (error event, failed status)
     complete: bool = False  # saw the API's terminal event / a whole body
     finish_reasons: list[str] = field(default_factory=list)  # why the model stopped (per choice), as the API says
-    output_text: list[str] = field(default_factory=list)  # the model's text, in pieces (telemetry's content)
+    output_text: list[str] = field(default_factory=list)  # the model's text, in pieces, when `keep_text`
+    # Whether codecs gather the model's text into `output_text`: only telemetry's content needs it (set by
+    # telemetry.Telemetry.configure), so without it no stream's text is held.
+    keep_text: ClassVar[bool] = False
     state: Any = field(default=None, repr=False)  # a codec's private streaming state
 
 

@@ -121,13 +121,13 @@ def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
                               "initial": block.get("input"), "parts": []}
         elif btype == "thinking":
             st.blocks[idx] = {"type": "thinking", "parts": [block.get("thinking") or ""]}
-        elif btype == "text" and block.get("text"):
+        elif btype == "text" and s.keep_text and block.get("text"):
             s.output_text.append(block["text"])
     elif kind == "content_block_delta":
         b = st.blocks.get(obj.get("index"))
         delta = obj.get("delta") or {}
         if b is None:
-            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+            if s.keep_text and delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                 s.output_text.append(delta["text"])
             return
         if b["type"] == "tool" and delta.get("type") == "input_json_delta":
@@ -189,7 +189,7 @@ def summarize(body: dict) -> ResponseSummary:
             )
         elif block.get("type") == "thinking" and block.get("thinking"):
             s.thoughts.append(Thought("thinking", block["thinking"]))
-        elif block.get("type") == "text" and isinstance(block.get("text"), str):
+        elif block.get("type") == "text" and s.keep_text and isinstance(block.get("text"), str):
             s.output_text.append(block["text"])
     if isinstance(body.get("stop_reason"), str):
         s.finish_reasons.append(body["stop_reason"])

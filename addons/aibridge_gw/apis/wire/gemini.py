@@ -86,7 +86,7 @@ def _fold(obj: dict, s: ResponseSummary) -> None:
                     s.thoughts.append(Thought("reasoning_summary", part["text"]))
                 s.state = "thinking"
                 continue
-            elif isinstance(part.get("text"), str) and part["text"]:
+            elif s.keep_text and isinstance(part.get("text"), str) and part["text"]:
                 s.output_text.append(part["text"])
             s.state = None
         if cand.get("finishReason"):

@@ -109,7 +109,7 @@ def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
         for r in (delta.get("reasoning_content"), delta.get("reasoning")):
             if isinstance(r, str) and r:
                 st.reasoning.append(r)
-        if isinstance(delta.get("content"), str) and delta["content"]:
+        if s.keep_text and isinstance(delta.get("content"), str) and delta["content"]:
             s.output_text.append(delta["content"])
         if isinstance(choice.get("finish_reason"), str):
             s.finish_reasons.append(choice["finish_reason"])
@@ -158,7 +158,7 @@ def summarize(body: dict) -> ResponseSummary:
         for r in (msg.get("reasoning_content"), msg.get("reasoning")):
             if isinstance(r, str) and r:
                 s.thoughts.append(Thought("thinking", r))
-        if isinstance(msg.get("content"), str) and msg["content"]:
+        if s.keep_text and isinstance(msg.get("content"), str) and msg["content"]:
             s.output_text.append(msg["content"])
         if isinstance(choice.get("finish_reason"), str):
             s.finish_reasons.append(choice["finish_reason"])

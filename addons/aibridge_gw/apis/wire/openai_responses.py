@@ -103,7 +103,7 @@ def _output_item(item: dict, s: ResponseSummary) -> None:
         text = text_of(item.get("content"), ("output_text",))
         if text:
             s.thoughts.append(Thought("commentary", text))
-    elif t == "message":
+    elif t == "message" and s.keep_text:
         text = text_of(item.get("content"), ("output_text",))
         if text:
             s.output_text.append(text)
