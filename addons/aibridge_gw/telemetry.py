@@ -176,13 +176,23 @@ class _Sdk:
             explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
         self.propagator = TraceContextTextMapPropagator()
         self.content = settings.content
+        self.timeout = settings.timeout_seconds
 
     def shutdown(self) -> None:
-        for p in (self.tracer_provider, self.meter_provider):
+        """Flush and stop both providers at once (each gives up after the export timeout), never longer."""
+        def close(provider) -> None:
             try:
-                p.shutdown()  # flushes what is queued (bounded by the export timeout)
+                provider.shutdown()
             except Exception as e:
                 log.warning("aibridge: telemetry shutdown: %s", e)
+
+        threads = [threading.Thread(target=close, args=(p,), name="aibridge-telemetry-flush", daemon=True)
+                   for p in (self.tracer_provider, self.meter_provider)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + self.timeout + 1
+        for t in threads:
+            t.join(max(deadline - time.monotonic(), 0))
 
 
 class Telemetry:
@@ -217,6 +227,19 @@ class Telemetry:
                 log.error("aibridge: telemetry could not start: %s", e)
         if old is not None:  # a reload: what the old one holds is flushed off the event loop
             threading.Thread(target=old.shutdown, name="aibridge-telemetry-shutdown", daemon=True).start()
+
+    @staticmethod
+    def prepare(settings) -> None:
+        """Import the SDK ahead of `configure` (a reload calls this on a worker thread, so the event loop does not
+        wait for the first import)."""
+        if settings is not None and settings.otlp_endpoint:
+            try:
+                import opentelemetry.exporter.otlp.proto.http.metric_exporter  # noqa: F401
+                import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+                import opentelemetry.sdk.metrics  # noqa: F401
+                import opentelemetry.sdk.trace  # noqa: F401
+            except Exception:
+                pass  # said by configure
 
     def shutdown(self) -> None:
         sdk, self._sdk, self.settings = self._sdk, None, None

@@ -226,6 +226,7 @@ class Runtime:
             self._check_reloadable(config)
             await asyncio.to_thread(self._start_transports, config)
             prices = await asyncio.to_thread(PriceTable.load, config.pricing)
+            await asyncio.to_thread(Telemetry.prepare, config.telemetry)
             pending = self._budget_rows(config)
             rows = await asyncio.wait_for(asyncio.wrap_future(pending), 10) if pending is not None else None
         except Exception as e:  # an unusable file, credentials not found, the store's budget rows: refused whole
