@@ -307,6 +307,11 @@ def test_sdk_log_lines_are_said_once_a_minute_per_exporter_without_credentials(c
     assert not off.enabled
     off.interception(object(), status="completed")
     off.shutdown()
+    # Client-chosen model names are a bounded set of metric attributes.
+    assert off._model_attribute("gpt-4o") == "gpt-4o" and off._model_attribute("no\nway") == "_OTHER"
+    for n in range(300):
+        off._model_attribute(f"made-up-{n}")
+    assert off._model_attribute("made-up-299") == "_OTHER" and off._model_attribute("gpt-4o") == "gpt-4o"
 
 
 def test_a_gemini_span_in_process_with_reasoning_tokens_and_a_tool_child(otlp):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ MAX_QUEUE = 2048  # spans waiting for export; beyond it new ones are dropped (th
 PENDING_MAX = 10_000  # interceptions with tool calls waiting for their span
 CONTENT_MAX = 64 * 1024  # one content attribute, at most (characters)
 INSTANCE = str(uuid.uuid4())  # service.instance.id: this process (each --workers worker exports its own series)
+METRIC_MODELS = 200  # distinct model names as metric attributes; the rest are `_OTHER` (clients choose them)
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 LOG_EVERY = 60.0  # seconds: one SDK log line of a kind per this
 # The semantic conventions' advised bucket boundaries.
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
@@ -204,6 +207,7 @@ class Telemetry:
         self._sdk: _Sdk | None = None
         self._pending: OrderedDict[str, list[ToolRun]] = OrderedDict()
         self.hosts: dict[str, str] = {}  # provider instance name -> its upstream host (server.address)
+        self._models: set[str] = set()  # model names the metrics carry (bounded: METRIC_MODELS)
 
     @property
     def enabled(self) -> bool:
@@ -357,8 +361,11 @@ class Telemetry:
         for run in runs:
             self._tool_span(sdk, run, inside, provider=attrs["gen_ai.provider.name"])
         span.end(end_time=end)
-        metric_attrs = {k: attrs[k] for k in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model",
-                                              "gen_ai.response.model", "server.address") if k in attrs}
+        metric_attrs = {k: attrs[k] for k in ("gen_ai.operation.name", "gen_ai.provider.name", "server.address")
+                        if k in attrs}
+        for k in ("gen_ai.request.model", "gen_ai.response.model"):
+            if k in attrs:
+                metric_attrs[k] = self._model_attribute(attrs[k])
         if error_type is not None:
             sdk.duration.record((end - start) / 1e9, {**metric_attrs, "error.type": error_type})
         else:
@@ -366,6 +373,16 @@ class Telemetry:
         if totals is not None:
             sdk.token_usage.record(totals[0], {**metric_attrs, "gen_ai.token.type": "input"})
             sdk.token_usage.record(totals[1], {**metric_attrs, "gen_ai.token.type": "output"})
+
+    def _model_attribute(self, model: str) -> str:
+        """A model name as a metric attribute: the first METRIC_MODELS well-formed names, else `_OTHER`, so a client
+        that makes up model names cannot make up metric series."""
+        if model in self._models:
+            return model
+        if len(self._models) >= METRIC_MODELS or not _MODEL_RE.match(model):
+            return "_OTHER"
+        self._models.add(model)
+        return model
 
     @staticmethod
     def _content(attrs: dict, info, summary) -> None:
