@@ -20,7 +20,7 @@ from tests.support.gateway import Gateway, free_port
 from tests.support.mcp_server import McpTestServer
 from tests.support.mock_upstream import Reply
 from tests.support.otlp import OtlpReceiver
-from tests.support.sdk import anthropic_call, anthropic_client, chat_call, openai_client
+from tests.support.sdk import anthropic_call, anthropic_client, chat_call, openai_client, responses_call
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -125,6 +125,22 @@ def test_an_openai_chat_call_continues_the_clients_trace(tgw, mock, otlp, stream
     assert a["gen_ai.usage.cache_read.input_tokens"] == cache_read
     assert a["gen_ai.response.finish_reasons"] == ["stop"]
     assert "gen_ai.input.messages" not in a
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+def test_a_responses_call_counts_its_cached_tokens_in_the_input(tgw, mock, otlp, stream):
+    name = f"resp-{'s' if stream else 'b'}"
+    token = tgw.new_user(name)
+    cap = capture(f"openai/responses/{'streaming' if stream else 'blocking'}/cached_input_tokens.txtar")
+    mock.script(Reply.from_capture(cap, stream))
+    responses_call(openai_client(tgw, token), cap.request, stream)
+    (ic,) = tgw.interceptions(name)
+    (span,) = spans_of(otlp, ic["id"])
+    a = span.attributes
+    total_in, out, cache_read, _ = recorded_tokens(tgw, ic["id"])
+    assert cache_read > 0 and a["gen_ai.usage.cache_read.input_tokens"] == cache_read
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (total_in, out)
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.response.finish_reasons"] == ["completed"]
 
 
 def test_a_bad_traceparent_starts_a_trace_of_its_own(tgw, mock, otlp):
