@@ -209,6 +209,18 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """`telemetry:` OpenTelemetry export over OTLP/HTTP (telemetry.py); off while `otlp_endpoint` is unset."""
+
+    otlp_endpoint: str | None = None  # the collector's base URL: /v1/traces and /v1/metrics are appended
+    content: bool = False  # prompts and outputs on spans
+    service_name: str = "aibridge"
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # the collector's auth: a secret
+    export_interval_seconds: float = 30.0
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class ReloadSettings:
     watch: bool = False  # reload when a watched file changes (SIGHUP always reloads)
     watch_interval_seconds: float = 2.0
@@ -296,6 +308,7 @@ class Config:
     pricing: Path | None = None  # a price table replacing the shipped one
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     circuit_breaker: BreakerSettings = BreakerSettings()
     limits: LimitSettings = LimitSettings()
     timeouts: Timeouts = Timeouts()
@@ -467,6 +480,10 @@ def parse_config(raw: dict, path: Path | None = None) -> Config:
         pricing=local(f.pricing) if f.pricing else None,
         metrics=MetricsSettings(f.metrics.prefix, f.metrics.token or None),
         logging=LoggingSettings(json_log if json_log in (None, "-") else str(local(json_log))),
+        telemetry=TelemetrySettings(f.telemetry.otlp_endpoint.rstrip("/") if f.telemetry.otlp_endpoint else None,
+                                    f.telemetry.content, f.telemetry.service_name,
+                                    tuple(sorted(f.telemetry.headers.items())),
+                                    f.telemetry.export_interval_seconds, f.telemetry.timeout_seconds),
         budgets=BudgetSettings(_limits(f.budgets.default),
                                {str(k): _limits(v) for k, v in f.budgets.users.items()},
                                {str(k): _limits(v) for k, v in f.budgets.groups.items()}),

@@ -220,6 +220,20 @@ class MetricsFile(Section):
     token: str | None = Field(None, description="bearer token /aibridge/metrics requires")
 
 
+class TelemetryFile(Section):
+    otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="an OTLP/HTTP collector's base URL (http://collector:4318): spans go to /v1/traces, metrics to "
+                    "/v1/metrics (unset: nothing is exported)")
+    content: bool = Field(False, description="spans carry the prompt and the model's output (off: counts and names "
+                                             "only)")
+    service_name: str = Field("aibridge", min_length=1, description="the service.name resource attribute")
+    headers: dict[str, str] = Field(default_factory=dict, description="headers sent to the collector (its "
+                                                                      "authorization: kept out of logs)")
+    export_interval_seconds: float = Field(30.0, ge=0.1, le=3600, description="how often metrics are exported")
+    timeout_seconds: float = Field(10.0, gt=0, le=300, description="one export to the collector, at most")
+
+
 class LoggingFile(Section):
     interceptions_json: str | None = Field(None, description="one JSON line per interception: a path, or - for stdout")
 
@@ -459,6 +473,7 @@ class ConfigFile(Section):
     pricing: str | None = Field(None, description="a price table replacing the shipped one")
     metrics: MetricsFile = Field(default_factory=MetricsFile)
     logging: LoggingFile = Field(default_factory=LoggingFile)
+    telemetry: TelemetryFile = Field(default_factory=TelemetryFile)
     circuit_breaker: BreakerFile = Field(default_factory=BreakerFile)
     limits: LimitsFile = Field(default_factory=LimitsFile)
     timeouts: TimeoutsFile = Field(default_factory=TimeoutsFile)

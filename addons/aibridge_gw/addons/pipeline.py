@@ -503,6 +503,8 @@ class Pipeline:
             info=info,
             facts=dict(info.facts or {}),
             deferred=bool(getattr(codec, "retrieval", None)),
+            traceparent=hv.get("traceparent"),
+            tracestate=hv.get("tracestate"),
         )
         return ic, body
 

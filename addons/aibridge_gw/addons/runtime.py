@@ -49,6 +49,7 @@ from ..policy.rules import Decision, policy_version
 from ..policy.throttle import AuthThrottle
 from ..pricing import Price, PriceTable
 from ..store.process import WriterProcess
+from ..telemetry import Telemetry
 from ..workers import KeyBoard, control_secret, store_socket, worker_number, workers_dir
 
 KEY_STATES = {"ready": 0, "cooling": 1, "disabled": 2}
@@ -184,6 +185,7 @@ class Runtime:
         self._watcher: asyncio.Task | None = None  # reload.watch: reloads when a file the config reads changes
         self.policing: Policing | None = None  # the admin's policies and guardrails (None: there are none)
         self._guardrail_client: httpx.AsyncClient | None = None  # shared by every configuration's guardrails
+        self.telemetry = Telemetry()  # OpenTelemetry export (`telemetry:`; off unless an endpoint is set)
 
     def load(self, loader) -> None:
         # Everything the gateway writes (DuckDB, WAL, spool, dead letters, flow captures, JSON log) is private.
@@ -232,6 +234,7 @@ class Runtime:
             self._check_reloadable(config)
             await asyncio.to_thread(self._start_transports, config)
             prices = await asyncio.to_thread(PriceTable.load, config.pricing)
+            await asyncio.to_thread(Telemetry.prepare, config.telemetry)
             pending = self._budget_rows(config)
             rows = await asyncio.wait_for(asyncio.wrap_future(pending), 10) if pending is not None else None
         except Exception as e:  # an unusable file, credentials not found, the store's budget rows: refused whole
@@ -321,6 +324,7 @@ class Runtime:
                 log.warning("provider %s has no upstream key (%s is empty); only BYOK calls can succeed",
                             p.name, p.key_source)
         self._build_pools(config)
+        self.telemetry.configure(config.telemetry, config.providers)
 
     def _retire_registry(self, registry: McpRegistry) -> None:
         """A registry a reload replaced: closed (its sessions, its stdio servers' processes) once the calls it may
@@ -460,6 +464,7 @@ class Runtime:
                               store.run("users").result(), store.run("prices").result())
         self.recorder = Recorder(store)
         self.recorder.unpriced = self.metrics.unpriced_usage
+        self.recorder.telemetry = self.telemetry
         log.info(
             "aibridge: %d provider(s) [%s], database %s, %d active token(s)",
             len(config.providers), ", ".join(p.name for p in config.providers),
@@ -629,6 +634,7 @@ class Runtime:
             verify = False
         client = upstream_client(verify)
         tool_loop = ToolLoop(self.mcp, client)
+        tool_loop.telemetry = self.telemetry
         gateway = McpGateway(self.recorder, self.metrics)
         self._configure_gateway(gateway)
         await gateway.start()
@@ -750,6 +756,9 @@ class Runtime:
                 mask_stored(redactor, summary)
             self.recorder.ended(ic, summary, None, "gateway shut down", at(None))
         self.inflight.clear()
+        if self.notices is not None:  # budget notices under way are said (bounded by their timeouts)
+            await self.notices.aclose()
+        self.telemetry.shutdown()  # what is queued is sent (bounded by telemetry.timeout_seconds)
         if self.loopback is not None:
             self.loopback.close()
             self.loopback = self.tool_loop = None

@@ -107,6 +107,11 @@ class Provider(Protocol):
     # Builds an instance's Transport from its config entry (raises BadSettings); None: requests go upstream
     # with the key header swapped and nothing else changed.
     transport: Callable[[dict, str], "Transport"] | None
+    # OpenTelemetry GenAI semantic conventions (telemetry.py): the `gen_ai.provider.name` of its calls (a well-known
+    # value where one exists: anthropic, openai, gcp.gemini, aws.bedrock), and the `gen_ai.operation.name` of each
+    # wire API it records (chat, text_completion, embeddings, generate_content; an API not named: its own name).
+    gen_ai_provider: str
+    gen_ai_operations: Mapping[str, str]
 
     def auth_header(self, key: str) -> tuple[bytes, bytes]:
         """The upstream credential as a raw header field."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 BIGINT_MAX = 2**63 - 1  # the token columns' type (BIGINT in DuckDB and PostgreSQL)
 TOKEN_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens")
@@ -119,6 +119,11 @@ class ResponseSummary:
     thoughts: list[Thought] = field(default_factory=list)
     error: str | None = None  # provider-reported failure (error event, failed status)
     complete: bool = False  # saw the API's terminal event / a whole body
+    finish_reasons: list[str] = field(default_factory=list)  # why the model stopped (per choice), as the API says
+    output_text: list[str] = field(default_factory=list)  # the model's text, in pieces, when `keep_text`
+    # Whether codecs gather the model's text into `output_text`: only telemetry's content needs it (set by
+    # telemetry.Telemetry.configure), so without it no stream's text is held.
+    keep_text: ClassVar[bool] = False
     state: Any = field(default=None, repr=False)  # a codec's private streaming state
 
 
@@ -151,7 +156,7 @@ def summary_to_dict(s: ResponseSummary) -> dict:
     """A summary as plain data, kept on the flow so replay can rebuild what the live run recorded."""
     from dataclasses import asdict
 
-    d = {k: v for k, v in asdict(s).items() if k != "state"}
+    d = {k: v for k, v in asdict(s).items() if k not in ("state", "output_text")}
     return d
 
 
@@ -164,4 +169,5 @@ def summary_from_dict(d: dict) -> ResponseSummary:
         thoughts=[Thought(**t) for t in d.get("thoughts", [])],
         error=d.get("error"),
         complete=d.get("complete", False),
+        finish_reasons=list(d.get("finish_reasons") or ()),
     )

@@ -116,6 +116,9 @@ class Interception:
     deferred: bool = False
     ended: bool = False
     client_gone: bool = False  # the client went away before the end of the stream (the provider's answer was read on)
+    # The client's W3C trace context (its span is continued by telemetry.py); live only, never recorded.
+    traceparent: str | None = field(default=None, repr=False)
+    tracestate: str | None = field(default=None, repr=False)
 
     @property
     def charged(self) -> tuple[str, str]:
@@ -143,8 +146,9 @@ class Interception:
         return cls(**fields, info=info)
 
 
+_REPLAYED = "replayed"  # Interception.traceparent of a saved flow recorded again
 _METADATA_FIELDS = tuple(f for f in Interception.__dataclass_fields__
-                        if f not in ("info", "ended"))
+                        if f not in ("info", "ended", "traceparent", "tracestate"))
 NOT_JSON, NOT_OBJECT = "response body is not JSON", "response body is not a JSON object"
 
 
@@ -233,6 +237,7 @@ class Recorder:
         self.unpriced: Callable[[str | None], None] | None = None  # told of usage no price book knows (metric)
         # provider tool call id -> (interception id, thread root id), newest last
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.telemetry = None  # telemetry.Telemetry: told of every interception's end (not of a replayed flow's)
 
     async def link_thread(self, ic: Interception) -> None:
         """A request answering a tool call recorded earlier continues that interception's thread (looked up in the
@@ -326,6 +331,9 @@ class Recorder:
         submit(interception_end(ic.id, status=status, ended_at=ended_at, http_status=http_status,
                                 error=redact(error) if error else error, metadata=redact(json.dumps(meta)),
                                 credential_hint=ic.credential_hint))
+        if self.telemetry is not None and ic.traceparent != _REPLAYED:
+            self.telemetry.interception(ic, status=status, summary=summary, http_status=http_status,
+                                        error=redact(error) if error else error, ended_at=ended_at)
         return status
 
     def policy_decision(self, interception_id: str, *, rule: str, policy_version: str, hook: str, action: str,
@@ -382,8 +390,12 @@ class Recorder:
     def rejected(self, ic: Interception, http_status: int, message: str) -> None:
         """A request refused by the gateway (budget, rate limit): one row, never forwarded."""
         ic.ended = True
-        self.store.submit(_interception_row(ic, "rejected", ended_at=utcnow(), http_status=http_status,
+        ended_at = utcnow()
+        self.store.submit(_interception_row(ic, "rejected", ended_at=ended_at, http_status=http_status,
                                             error=redact(message)))
+        if self.telemetry is not None:
+            self.telemetry.interception(ic, status="rejected", http_status=http_status, error=redact(message),
+                                        ended_at=ended_at)
 
     def replay(self, flow: http.HTTPFlow) -> Interception | None:
         """Re-run recording for a saved flow; a flow that was not an interception is skipped."""
@@ -402,6 +414,7 @@ class Recorder:
             log.warning("flow %s: request not replayable: %s", flow.id, e)
             return None
         ic = Interception.from_metadata(meta, info)
+        ic.traceparent = _REPLAYED  # recorded again, not exported again
         if meta.get("key_hint"):  # a failover pool: the key that answered, as the live record has it
             ic.credential_hint = meta["key_hint"]
         self.store.submit(USERS.row(id=ic.user_id, name=ic.user_name, role="member", created_at=ic.started_at))

@@ -45,6 +45,7 @@ from ..logsafe import printable
 from ..loopback import Responder
 from ..policy.policing import CallFacts
 from ..policy.redact import DEFAULT_DETECTORS, Redactor
+from ..telemetry import ToolRun
 from .access import Caller, McpAccess
 from .registry import Listing, McpRegistry, Unavailable
 from .tools import MAX_TOOL_NAME, model_tool_name
@@ -578,6 +579,12 @@ class _Call:
         if self.method == "tools/call":
             gw.metrics.mcp_call(self.server.name if self.server else None, self.tool if self.server else None,
                                 outcome, seconds)
+        telemetry = getattr(gw.recorder, "telemetry", None)
+        if telemetry is not None and self.method == "tools/call":
+            telemetry.mcp_call(ToolRun(self.name, None, self.server.name if self.server else None,
+                                       int(self.at.timestamp() * 1e9), time.time_ns(), error if is_error else None),
+                               headers=c.headers, method=self.method, outcome=outcome, user_name=c.user_name,
+                               client=c.client, session=c.session, call_id=self.id)
         log.info("mcp call %s user=%s %s %s/%s: %s (%d ms)", self.id, c.user_name, self.method,
                  self.server.name if self.server else "-", printable(self.tool), outcome, round(seconds * 1000))
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ from ..flow.sse import SSEParser
 from ..flow.state import FlowState
 from ..flow.toolgate import Decide, Refusal, SSEGate, gate_body, stream_gate
 from ..loopback import ClientGone, Responder
+from ..telemetry import ToolRun
 from .registry import McpRegistry
 from .tools import Adapter, ToolResult, injected_call_record
 
@@ -75,6 +77,7 @@ class ToolLoop:
         self.client = client
         self._loops: set[asyncio.Task] = set()  # the tasks running tool loops
         self._ending: str | None = None  # shutdown: why every loop still running was ended
+        self.telemetry = None  # telemetry.Telemetry: each injected call becomes a span of its interception's
 
     def end_all(self, reason: str) -> int:
         """Shutdown (drain.py): end every tool loop still running; each ends its client's answer the API's way
@@ -170,6 +173,8 @@ class ToolLoop:
                 end = adapter.round_end()
                 merged.usages += end.summary.usages
                 merged.thoughts += end.summary.thoughts
+                merged.output_text += end.summary.output_text
+                merged.finish_reasons = end.summary.finish_reasons or merged.finish_reasons
                 merged.response_id = merged.response_id or end.summary.response_id
                 merged.model = merged.model or end.summary.model
                 merged.tool_calls += [t for t in end.summary.tool_calls if t.name not in adapter.tools]
@@ -240,11 +245,19 @@ class ToolLoop:
     async def _vetted(self, call, adapter: Adapter, job: LoopJob) -> ToolResult:
         """An injected call, run unless a tool rule refuses it: a refused one is not run, and the model is told
         why (its result is the refusal, marked as an error), so it can go on without it."""
+        started = time.time_ns()
         refusal = job.vet(call.name, call.arguments, call.call_id) if job.vet is not None else None
         if refusal is not None:
             log.info("injected tool %s refused by policy rule %s", call.name, refusal.rule)
-            return ToolResult(call, refusal.text, True)
-        return await self._invoke(call, adapter, job)
+            result = ToolResult(call, refusal.text, True)
+        else:
+            result = await self._invoke(call, adapter, job)
+        if self.telemetry is not None and job.state.interception is not None:
+            tool = adapter.tools[call.name]
+            self.telemetry.tool_call(job.state.interception.id, ToolRun(
+                call.name, call.call_id, tool.server.name, started, time.time_ns(),
+                result.text[:500] if result.is_error else None, call.arguments, result.text))
+        return result
 
     async def _invoke(self, call, adapter: Adapter, job: LoopJob) -> ToolResult:
         tool = adapter.tools[call.name]

@@ -24,6 +24,10 @@ _ERROR_TYPES = {
 
 class Anthropic:
     type = "anthropic"
+    # OpenTelemetry GenAI semantic conventions (telemetry.py): `gen_ai.provider.name`, and each recorded API's
+    # `gen_ai.operation.name` (an API not named here: its own name)
+    gen_ai_provider = "anthropic"
+    gen_ai_operations = MappingProxyType({"anthropic.messages": "chat", "anthropic.complete": "text_completion"})
     public_hosts = ("api.anthropic.com",)
     default_base_url = None
     credential_headers = ()

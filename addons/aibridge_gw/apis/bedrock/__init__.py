@@ -41,6 +41,10 @@ INVOKE = WireFunctions(
 
 class Bedrock:
     type = "bedrock"
+    # OpenTelemetry GenAI semantic conventions (telemetry.py): `gen_ai.provider.name`, and each recorded API's
+    # `gen_ai.operation.name` (an API not named here: its own name)
+    gen_ai_provider = "aws.bedrock"
+    gen_ai_operations = MappingProxyType({"anthropic.messages": "chat", "bedrock.invoke": "chat"})
     public_hosts = ()  # per region: an instance intercepts its own base_url host
     default_base_url = None  # from the region (see BedrockTransport)
     credential_headers = ()

@@ -14,6 +14,10 @@ from ..wire import openai_responses as responses
 
 class ChatGPT:
     type = "chatgpt"
+    # OpenTelemetry GenAI semantic conventions (telemetry.py): `gen_ai.provider.name`, and each recorded API's
+    # `gen_ai.operation.name` (an API not named here: its own name)
+    gen_ai_provider = "openai"
+    gen_ai_operations = MappingProxyType({"openai.responses": "chat"})
     public_hosts = ("chatgpt.com",)
     default_base_url = "https://chatgpt.com"
     credential_headers = ()

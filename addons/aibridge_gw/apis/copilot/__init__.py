@@ -16,6 +16,10 @@ from ..wire import openai_responses as responses
 
 class Copilot:
     type = "copilot"
+    # OpenTelemetry GenAI semantic conventions (telemetry.py): `gen_ai.provider.name`, and each recorded API's
+    # `gen_ai.operation.name` (an API not named here: its own name)
+    gen_ai_provider = "github_copilot"
+    gen_ai_operations = MappingProxyType({"openai.chat": "chat", "openai.responses": "chat", "anthropic.messages": "chat"})
     public_hosts = ("api.githubcopilot.com", "api.individual.githubcopilot.com", "api.business.githubcopilot.com",
                     "api.enterprise.githubcopilot.com")
     default_base_url = "https://api.individual.githubcopilot.com"

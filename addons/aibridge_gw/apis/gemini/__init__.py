@@ -11,6 +11,10 @@ from ..wire import gemini as generate
 
 class Gemini:
     type = "gemini"
+    # OpenTelemetry GenAI semantic conventions (telemetry.py): `gen_ai.provider.name`, and each recorded API's
+    # `gen_ai.operation.name` (an API not named here: its own name)
+    gen_ai_provider = "gcp.gemini"
+    gen_ai_operations = MappingProxyType({"gemini.generate_content": "generate_content"})
     public_hosts = ("generativelanguage.googleapis.com",)
     default_base_url = "https://generativelanguage.googleapis.com/"
     credential_headers = ("x-goog-api-key",)

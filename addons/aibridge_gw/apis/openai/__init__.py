@@ -24,6 +24,11 @@ _ERROR_TYPES = {
 
 class OpenAI:
     type = "openai"
+    # OpenTelemetry GenAI semantic conventions (telemetry.py): `gen_ai.provider.name`, and each recorded API's
+    # `gen_ai.operation.name` (an API not named here: its own name)
+    gen_ai_provider = "openai"
+    gen_ai_operations = MappingProxyType({"openai.chat": "chat", "openai.responses": "chat", "openai.completions": "text_completion",
+        "openai.embeddings": "embeddings"})
     public_hosts = ("api.openai.com",)
     default_base_url = None
     credential_headers = ("api-key",)  # Azure OpenAI's key header

@@ -121,10 +121,14 @@ def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
                               "initial": block.get("input"), "parts": []}
         elif btype == "thinking":
             st.blocks[idx] = {"type": "thinking", "parts": [block.get("thinking") or ""]}
+        elif btype == "text" and s.keep_text and block.get("text"):
+            s.output_text.append(block["text"])
     elif kind == "content_block_delta":
         b = st.blocks.get(obj.get("index"))
         delta = obj.get("delta") or {}
         if b is None:
+            if s.keep_text and delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                s.output_text.append(delta["text"])
             return
         if b["type"] == "tool" and delta.get("type") == "input_json_delta":
             b["parts"].append(delta.get("partial_json") or "")
@@ -135,6 +139,9 @@ def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
         if b is not None:
             _close_block(b, s)
     elif kind == "message_delta":
+        reason = (obj.get("delta") or {}).get("stop_reason")
+        if isinstance(reason, str):
+            s.finish_reasons[:] = [reason]
         u = obj.get("usage")
         if isinstance(u, dict):
             if st.usage is None:
@@ -182,6 +189,10 @@ def summarize(body: dict) -> ResponseSummary:
             )
         elif block.get("type") == "thinking" and block.get("thinking"):
             s.thoughts.append(Thought("thinking", block["thinking"]))
+        elif block.get("type") == "text" and s.keep_text and isinstance(block.get("text"), str):
+            s.output_text.append(block["text"])
+    if isinstance(body.get("stop_reason"), str):
+        s.finish_reasons.append(body["stop_reason"])
     return s
 
 

@@ -86,9 +86,13 @@ def _fold(obj: dict, s: ResponseSummary) -> None:
                     s.thoughts.append(Thought("reasoning_summary", part["text"]))
                 s.state = "thinking"
                 continue
+            elif s.keep_text and isinstance(part.get("text"), str) and part["text"]:
+                s.output_text.append(part["text"])
             s.state = None
         if cand.get("finishReason"):
             s.complete = True
+            if isinstance(cand["finishReason"], str):
+                s.finish_reasons.append(cand["finishReason"])
     usage = obj.get("usageMetadata")
     if isinstance(usage, dict):
         s.usages[:] = [_usage(usage, s.response_id)]

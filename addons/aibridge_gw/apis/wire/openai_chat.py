@@ -109,6 +109,10 @@ def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
         for r in (delta.get("reasoning_content"), delta.get("reasoning")):
             if isinstance(r, str) and r:
                 st.reasoning.append(r)
+        if s.keep_text and isinstance(delta.get("content"), str) and delta["content"]:
+            s.output_text.append(delta["content"])
+        if isinstance(choice.get("finish_reason"), str):
+            s.finish_reasons.append(choice["finish_reason"])
         for tc in delta.get("tool_calls") or []:
             key = (cidx, as_int(tc.get("index")))
             call = st.calls.get(key)
@@ -154,6 +158,10 @@ def summarize(body: dict) -> ResponseSummary:
         for r in (msg.get("reasoning_content"), msg.get("reasoning")):
             if isinstance(r, str) and r:
                 s.thoughts.append(Thought("thinking", r))
+        if s.keep_text and isinstance(msg.get("content"), str) and msg["content"]:
+            s.output_text.append(msg["content"])
+        if isinstance(choice.get("finish_reason"), str):
+            s.finish_reasons.append(choice["finish_reason"])
         for tc in msg.get("tool_calls") or []:
             fn = tc.get("function") or {}
             s.tool_calls.append(ToolCall(s.response_id, tc.get("id"), fn.get("name") or "", fn.get("arguments") or ""))

@@ -103,6 +103,10 @@ def _output_item(item: dict, s: ResponseSummary) -> None:
         text = text_of(item.get("content"), ("output_text",))
         if text:
             s.thoughts.append(Thought("commentary", text))
+    elif t == "message" and s.keep_text:
+        text = text_of(item.get("content"), ("output_text",))
+        if text:
+            s.output_text.append(text)
 
 
 def _response_status(resp: dict, s: ResponseSummary) -> None:
@@ -113,6 +117,10 @@ def _response_status(resp: dict, s: ResponseSummary) -> None:
         s.error = f"{err.get('code') or 'failed'}: {err.get('message', '')}"
     if isinstance(resp.get("usage"), dict):
         s.usages.append(_usage(resp["usage"], s.response_id))
+    status = resp.get("status")
+    if isinstance(status, str) and status != "in_progress":  # incomplete: why (max_output_tokens, content_filter)
+        reason = (resp.get("incomplete_details") or {}).get("reason") if status == "incomplete" else None
+        s.finish_reasons[:] = [reason if isinstance(reason, str) else status]
 
 
 def on_event(ev: SSEEvent, s: ResponseSummary) -> None:
