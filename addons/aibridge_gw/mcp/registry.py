@@ -54,7 +54,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..config import McpServer, McpSettings
 from ..logsafe import redact
-from .tools import InjectedTool
+from .tools import InjectedTool, model_tool_name
 
 log = logging.getLogger("aibridge.mcp")
 stderr_log = logging.getLogger("aibridge.mcp.stderr")
@@ -333,8 +333,8 @@ class McpRegistry:
             listing.tools = tools
             listing.resources, listing.templates, listing.prompts = resources, templates, prompts
             listing.injected = [
-                InjectedTool(f"{PREFIX}{server.name}_{t.name}", server, t.name, t.description or "",
-                             t.inputSchema or {"type": "object", "properties": {}})
+                InjectedTool(model_tool_name(f"{PREFIX}{server.name}_{t.name}"), server, t.name,
+                             t.description or "", t.inputSchema or {"type": "object", "properties": {}})
                 for t in tools if server.permits(t.name)
             ]
             listing.fetched_at = listing.ok_at = time.monotonic()
