@@ -41,7 +41,7 @@ from ..mcp.registry import McpRegistry
 from ..metrics import Metrics
 from ..policy.auth import SECRET_HEADERS, Actor, TokenDirectory, mask
 from ..policy.breaker import CircuitBreakers
-from ..policy.budgets import Budgets, McpCallLimit, Refusal
+from ..policy.budgets import Budgets, McpCallLimit, Refusal, budget_report
 from ..policy.egress import EgressPolicy, local_addresses
 from ..policy.notices import BudgetNotices
 from ..policy.policing import Policing, mask_stored
@@ -381,6 +381,7 @@ class Runtime:
             self.recorder.prices = prices
         self.api = AdminApi(self.store, self.tokens, prices, config.pricing)
         self.api.mcp_status = lambda: self.mcp.status() if self.mcp is not None else []
+        self.api.budget_report = self.budget_report
         self.api.mcp_oauth = self.mcp_oauth
         self.api.mcp_registry = lambda: self.mcp
         settings = config.budgets
@@ -605,6 +606,16 @@ class Runtime:
             self.price_overrides = {m: Price(i, o, r, w, "database") for m, i, o, r, w in prices}
             if self.prices is not None:
                 self.prices.set_overrides(self.price_overrides)
+
+    def budget_report(self, user_id: str | None = None) -> dict:
+        """Budget use in the current periods (admin API `budgets`): everyone's, or one user's (their groups' rows
+        then cover only them)."""
+        if self.budgets is None:
+            return {"users": [], "groups": []}
+        people = {uid: name for uid, name in self.users.values()}
+        chosen = [(uid, name, self.groups_of(uid)) for uid, name in sorted(people.items(), key=lambda p: p[1])
+                  if user_id is None or uid == user_id]
+        return budget_report(self.budgets, chosen)
 
     def groups_of(self, user_id: str) -> tuple[str, ...]:
         """A user's groups as the directory last loaded them (budgets per group follow them)."""

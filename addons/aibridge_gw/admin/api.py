@@ -28,6 +28,38 @@ def json_response(status: int, obj) -> http.Response:
                                                                   "cache-control": "no-store"})
 
 
+def csv_response(route: str, result) -> http.Response:
+    """A report's rows (`data`) as CSV: one column per field, lists joined with commas."""
+    import csv
+    import io
+
+    rows = result.get("data", []) if isinstance(result, dict) else []
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(v) for k, v in r.items()})
+    name = route.replace("/", "-") or "report"
+    return http.Response.make(200, buf.getvalue().encode(), {
+        "content-type": "text/csv; charset=utf-8", "cache-control": "no-store",
+        "content-disposition": f'attachment; filename="aibridge-{name}.csv"'})
+
+
+def _cell(v):
+    """A CSV cell; text a spreadsheet would run as a formula (=, +, -, @ first: a client or model name is chosen by
+    whoever calls) is quoted with a leading apostrophe."""
+    if isinstance(v, list):
+        v = ",".join(map(str, v))
+    elif isinstance(v, dict):
+        v = json.dumps(v)
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
+
+
 def error(status: int, message: str, parameter: str | None = None) -> http.Response:
     body = {"error": {"message": message}}
     if parameter:
@@ -40,6 +72,7 @@ class AdminApi:
         self.store, self.tokens, self.prices = store, tokens, prices
         self.pricing = str(pricing) if pricing else None  # the writer process loads the same price table
         self.mcp_status = None  # () -> each MCP server's state (registry.status), set by the runtime
+        self.budget_report = None  # (user id or None) -> budget use of users and groups (policy/budgets.py)
         self.mcp_oauth = None  # mcp.oauth.McpOAuth (sign-ins to oauth MCP servers), set by the runtime
         self.mcp_registry = lambda: None  # () -> the MCP registry now
 
@@ -64,6 +97,14 @@ class AdminApi:
                 return json_response(200, await self._decisions(route, viewer, q))
             if route in ("mcp/calls", "mcp/calls/summary"):
                 return json_response(200, await self._mcp_calls(route, viewer, q))
+            if route == "budgets":  # budget use in the current periods: an admin everyone's, a member their own
+                if set(q) - {"format"}:
+                    raise BadParameter(sorted(set(q) - {"format"})[0], "unknown parameter")
+                report = self.budget_report(viewer.user_id) if self.budget_report is not None else \
+                    {"users": [], "groups": []}
+                if q.get("format") == "csv":
+                    return csv_response("budgets", {"data": report["users"]})
+                return json_response(200, report)
             if route == "mcp/servers":
                 if q:
                     raise BadParameter(sorted(q)[0], "unknown parameter")
@@ -84,7 +125,8 @@ class AdminApi:
                 if q:
                     raise BadParameter(sorted(q)[0], "unknown parameter")
                 return json_response(200, await self._query(route, viewer, {}))
-            unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "prefix", "stack"}
+            unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "until", "prefix", "stack",
+                                               "bucket", "format"}
             if unknown:
                 name = sorted(unknown)[0]
                 raise BadParameter(name, "unknown parameter")
@@ -101,16 +143,21 @@ class AdminApi:
                 result = await self._query("sessions", viewer, filters, limit=parse_limit(q.get("limit")))
             elif route == "usage":
                 result = await self._query("usage", viewer, filters, group_by=q.get("group_by", "user"),
-                                           since=q.get("since"))
+                                           since=q.get("since"), until=q.get("until"))
             elif route == "usage/timeseries":
                 result = await self._query("usage/timeseries", viewer, filters, stack=q.get("stack", "model"),
-                                           since=q.get("since", "30d"))
+                                           since=q.get("since", "30d"), until=q.get("until"),
+                                           bucket=q.get("bucket", "day"))
             elif route in ("clients", "models"):
                 result = await self._query(route[:-1], viewer, filters, prefix=q.get("prefix"))
             else:
                 return error(404, f"unknown endpoint {parts.path}")
         except BadParameter as e:
             return error(400, str(e), e.name)
+        if q.get("format") == "csv":  # every table as CSV, for spreadsheets (the dashboard's download buttons)
+            return csv_response(route, result)
+        if q.get("format") not in (None, "", "json"):
+            return error(400, "format must be json or csv", "format")
         return json_response(200, result)
 
     async def _oauth(self, req, actor, route: str) -> http.Response:

@@ -79,12 +79,14 @@ _BUDGET_COLUMNS = ["user", "groups", "tokens_today", "tokens_per_day", "usd_toda
                    "usd_per_week", "usd_month", "usd_per_month", "requests_per_minute"]
 
 
-def _budget_report(cx: Context) -> list[dict]:
+def _budget_report(cx: Context, whole: bool = False):
+    """Each user's budget status (`data`), or with `whole` the report with `users` and `groups` use and forecast."""
     spec = _budgets_spec(cx.config)
     if spec is None:
-        return []
+        return {} if whole else []
     pricing = str(cx.config.pricing) if cx.config.pricing else None
-    return cx.op("report", kind="budgets", budgets=spec, pricing_file=pricing)["data"]
+    r = cx.op("report", kind="budgets", budgets=spec, pricing_file=pricing)
+    return r if whole else r["data"]
 
 
 def _budgets_status(args, cx: Context) -> None:
@@ -92,13 +94,22 @@ def _budgets_status(args, cx: Context) -> None:
     applies to them."""
     data = _budget_report(cx)
     if args.json:
-        print(json.dumps(data, indent=2))
+        report = _budget_report(cx, whole=True)
+        print(json.dumps({"data": data, "users": report.get("users", []), "groups": report.get("groups", [])}
+                         if args.detail else data, indent=2))
         return
     if not data:
         print("no budgets are configured (budgets: in the config)")
         return
     rows = [[", ".join(d["groups"]) if c == "groups" else d.get(c) for c in _BUDGET_COLUMNS] for d in data]
     _table({"columns": _BUDGET_COLUMNS, "rows": rows}, "budgets (UTC day, ISO week, month; USD at list prices)")
+    report = _budget_report(cx, whole=True)
+    cols = ["user", "limit", "value", "from", "used", "share", "forecast"]
+    _table({"columns": cols, "rows": [[u[c] for c in cols] for u in report.get("users", [])]},
+           "use of each limit, with the forecast to the period's end at the pace so far")
+    gcols = ["group", "limit", "value_per_member", "members", "used", "forecast", "near", "at_limit"]
+    if report.get("groups"):
+        _table({"columns": gcols, "rows": [[g[c] for c in gcols] for g in report["groups"]]}, "groups")
 
 
 def _budgets_explain(args, cx: Context) -> None:
@@ -203,10 +214,11 @@ def _report(args, cx: Context) -> None:
     config = cx.config
     pricing = str(config.pricing) if config.pricing else None
     if args.cmd == "usage":
-        r = cx.op("report", kind="usage", group_by=args.by, since=args.since, pricing_file=pricing)
+        r = cx.op("report", kind="usage", group_by=args.by, since=args.since, until=args.until, pricing_file=pricing)
         cols = [args.by, "interceptions", "input_tokens", "output_tokens", "cache_read_input_tokens",
                 "cache_write_input_tokens", "cost"] + (["active_users"] if args.by == "day" else [])
-        title = f"usage by {args.by} since {args.since} (prices of {r.get('prices_taken') or 'n/a'}, USD)"
+        title = f"usage by {args.by} since {args.since}" + (f" until {args.until}" if args.until else "") + \
+            f" (prices of {r.get('prices_taken') or 'n/a'}, USD)"
     elif args.cmd == "sessions":
         r = cx.op("report", kind="sessions", user=args.user, limit=args.limit, pricing_file=pricing)
         cols = ["session", "user", "client", "first_at", "last_at", "interceptions", "prompts",
@@ -228,6 +240,15 @@ def _report(args, cx: Context) -> None:
     if args.json:
         print(json.dumps(r["data"], indent=2))
         return
+    if getattr(args, "csv", False):
+        import csv
+
+        fields = list(dict.fromkeys(k for d in r["data"] for k in d))
+        w = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for d in r["data"]:
+            w.writerow({k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in d.items()})
+        return
     _table({"columns": cols, "rows": [[d.get(c) for c in cols] for d in r["data"]]}, title)
     if budgets:
         bcols = ["user", "tokens_today", "tokens_per_day", "tokens_remaining", "usd_month", "usd_per_month",
@@ -237,7 +258,14 @@ def _report(args, cx: Context) -> None:
 
 
 def _export(args, cx: Context) -> None:
-    r = cx.op("export", fmt=args.format, out=args.out)
+    if args.focus:
+        pricing = str(cx.config.pricing) if cx.config.pricing else None
+        r = cx.op("export", fmt=args.format, out=args.out, focus=True, since=args.since, until=args.until,
+                  pricing_file=pricing)
+    elif args.since or args.until:
+        raise OpError("--since and --until go with --focus (the tables are written whole)")
+    else:
+        r = cx.op("export", fmt=args.format, out=args.out)
     print("\n".join(r["files"]))
 
 
@@ -578,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                                  required=True)
     bs = bu.add_parser("status", help="every user's use of their budgets in the current periods")
     bs.add_argument("--json", action="store_true")
+    bs.add_argument("--detail", action="store_true", help="with --json: also each limit's use and forecast, and "
+                                                          "the groups'")
     bs.set_defaults(run=_budgets_status)
     be = bu.add_parser("explain", help="which budget entry applies to a user, limit by limit, and why")
     be.add_argument("user")
@@ -587,9 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_commands(sub)
 
     us = sub.add_parser("usage", help="tokens and cost, grouped")
-    us.add_argument("--by", choices=("user", "person", "on_behalf_of", "model", "client", "provider", "day"),
-                    default="user", help="user: who called; person: whom it was for (acted-for, else the caller)")
+    us.add_argument("--by", choices=("user", "person", "on_behalf_of", "group", "model", "client", "provider", "day",
+                                     "week", "month"),
+                    default="user", help="user: who called; person: whom it was for (acted-for, else the caller); "
+                                         "group: the person's groups (a person in two counts in both)")
     us.add_argument("--since", default="30d", help="an age (7d, 24h) or an ISO date; default 30d")
+    us.add_argument("--until", help="calls started before this ISO date (default: now)")
+    us.add_argument("--csv", action="store_true", help="every row as CSV")
     us.add_argument("--json", action="store_true")
     us.set_defaults(run=_report)
     se = sub.add_parser("sessions", help="recent sessions: interceptions grouped by client session or thread")
@@ -603,9 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--limit", type=int, default=50)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(run=_report)
-    ex = sub.add_parser("export", help="write the audit tables to parquet or csv files")
+    ex = sub.add_parser("export", help="write the audit tables (or, with --focus, the spend as FOCUS 1.2) to parquet "
+                                       "or csv files")
     ex.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     ex.add_argument("--out", required=True, help="directory to write into")
+    ex.add_argument("--focus", action="store_true", help="the FinOps FOCUS 1.2 cost and usage format: one row per "
+                                                         "day, person, model and provider (docs/spend.md)")
+    ex.add_argument("--since", help="with --focus: calls started at or after (an age such as 30d, or an ISO date)")
+    ex.add_argument("--until", help="with --focus: calls started before (an ISO date)")
     ex.set_defaults(run=_export)
     ms = sub.add_parser("migrate-store", help="copy the DuckDB audit, users and tokens into PostgreSQL (idempotent)")
     ms.add_argument("--to", help="postgresql://user@host:5432/db (default: storage.postgres)")

@@ -246,6 +246,56 @@ class Budgets:
         }
 
 
+PERIOD_OF = {"tokens_per_day": "day", "usd_per_day": "day", "usd_per_week": "week", "usd_per_month": "month"}
+
+
+def period_starts(now: dt.datetime) -> dict[str, dt.datetime]:
+    day = dt.datetime.combine(_day(now), dt.time(), dt.UTC)
+    return {"day": day, "week": _week_start(now), "month": _month_start(now.astimezone(dt.UTC))}
+
+
+def forecast(used: float, period: str, now: dt.datetime) -> float:
+    """What a person will have used by the period's end at the pace so far (linear; the period's first hour is
+    too little to tell: what was used)."""
+    start, end = period_starts(now)[period], period_ends(now)[period]
+    elapsed = (now - start).total_seconds()
+    if elapsed < 3600:
+        return used
+    return used * (end - start).total_seconds() / elapsed
+
+
+def budget_report(budgets: "Budgets", people: list, now: dt.datetime | None = None, notice: float = 0.85) -> dict:
+    """Budget use of each person (id, name, groups) and each group, in the current periods: per limit the value,
+    where it comes from, what was used, the share and the forecast to the period's end. A group's limits are each
+    member's: its row says how many members it covers, their use together, and how many are near (`notice`) or at
+    their limit."""
+    now = now or dt.datetime.now(dt.UTC)
+    users, groups = [], {}
+    for uid, name, member_of in people:
+        limits, why = budgets.settings.explain(name, tuple(member_of))
+        used = budgets.used(uid, now)
+        for limit, period in PERIOD_OF.items():
+            value = getattr(limits, limit)
+            if value is None:
+                continue
+            share = used[limit] / value if value else (1.0 if used[limit] else 0.0)
+            users.append({"user": name, "groups": list(member_of), "limit": limit, "period": period, "value": value,
+                          "from": why[limit], "used": round(used[limit], 6), "share": round(share, 4),
+                          "forecast": round(forecast(used[limit], period, now), 6)})
+            if why[limit].startswith("groups."):
+                group = why[limit].split(" ", 1)[0].removeprefix("groups.")
+                g = groups.setdefault((group, limit), {"group": group, "limit": limit, "period": period,
+                                                      "value_per_member": value, "members": 0, "used": 0.0,
+                                                      "forecast": 0.0, "near": 0, "at_limit": 0})
+                g["members"] += 1
+                g["used"] += used[limit]
+                g["forecast"] += forecast(used[limit], period, now)
+                g["near"] += notice <= share < 1
+                g["at_limit"] += share >= 1
+    group_rows = [{**g, "used": round(g["used"], 6), "forecast": round(g["forecast"], 6)} for g in groups.values()]
+    return {"users": users, "groups": sorted(group_rows, key=lambda g: (g["group"], g["limit"]))}
+
+
 def _beyond(u: TokenUsage) -> bool:
     """A count no store holds (not yet clamped by the recorder): charged to no budget either."""
     return any(not isinstance(v, int) or v < 0 or v > BIGINT_MAX

@@ -15,7 +15,7 @@ import duckdb
 
 from ..config import Limits
 from ..policy.auth import Actor, hash_token, mask, new_token
-from ..policy.budgets import Budgets, count_request, prune_request_counts, usage_rows, usage_totals
+from ..policy.budgets import Budgets, budget_report, count_request, prune_request_counts, usage_rows, usage_totals
 from ..pricing import PriceTable
 from . import mcp_oauth, reports
 from .lockdown import locked, staging_directory
@@ -433,7 +433,8 @@ def report(conn, kind: str, **kw) -> dict:
     viewer = reports.Viewer.everyone()
     try:
         if kind == "usage":
-            return reports.usage(conn, viewer, kw.get("group_by", "user"), prices, kw.get("since"))
+            return reports.usage(conn, viewer, kw.get("group_by", "user"), prices, kw.get("since"),
+                                 until=kw.get("until"))
         if kind == "sessions":
             return reports.sessions(conn, viewer, prices, {"initiator": kw.get("user")} if kw.get("user") else {},
                                     kw.get("limit", 50))
@@ -458,8 +459,9 @@ def report(conn, kind: str, **kw) -> dict:
                         {k: Limits(**v) for k, v in (spec.get("users") or {}).items()}, prices,
                         groups={k: Limits(**v) for k, v in (spec.get("groups") or {}).items()})
             b.load(conn)
+            people = sorted(user_rows(conn), key=lambda r: r[1])
             return {"data": [{"user": name, "groups": groups, **b.status(uid, name, tuple(groups))}
-                             for uid, name, groups in sorted(user_rows(conn), key=lambda r: r[1])]}
+                             for uid, name, groups in people], **budget_report(b, people)}
     except reports.BadParameter as e:
         raise OpError(str(e)) from None
     raise OpError(f"unknown report {kind!r}")
@@ -471,14 +473,28 @@ def _limit(limit) -> int:
     return limit
 
 
-def export(conn, fmt: str, out: str) -> dict:
-    """Write every aibridge table to OUT as parquet or csv files (never token hashes or MCP secrets)."""
+def export(conn, fmt: str, out: str, focus: bool = False, since: str | None = None, until: str | None = None,
+           pricing_file: str | None = None) -> dict:
+    """Write every aibridge table to OUT as parquet or csv files (never token hashes or MCP secrets); with `focus`,
+    the spend as one FOCUS 1.2 file instead (store/focus.py), of the calls started in [since, until)."""
+    import os
     import pathlib
 
     if fmt not in ("parquet", "csv"):
         raise OpError("format must be parquet or csv")
     target = pathlib.Path(out).expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
+    if focus:
+        from . import focus as focus_export
+
+        try:
+            rows = focus_export.rows(conn, price_book(conn, pricing_file), since, until)
+        except reports.BadParameter as e:
+            raise OpError(str(e)) from None
+        path = target / f"focus.{fmt}"
+        focus_export.write(rows, fmt, path)
+        os.chmod(path, 0o600)
+        return {"files": [str(path)], "rows": len(rows), "focus_version": focus_export.FOCUS_VERSION}
     # Provider objects (batches, their files, background responses) say whom paid work metered later belongs to.
     tables = ("aibridge_interceptions",) + AUDIT_CHILD_TABLES + ("aibridge_users", "aibridge_user_groups",
                                                                   "aibridge_provider_objects", "aibridge_mcp_calls")
@@ -672,9 +688,10 @@ def admin_query(conn, route: str, viewer: str | None, filters: dict, pricing: st
     if route == "sessions":
         return reports.sessions(conn, v, prices, filters, params["limit"])
     if route == "usage":
-        return reports.usage(conn, v, params["group_by"], prices, params.get("since"), filters)
+        return reports.usage(conn, v, params["group_by"], prices, params.get("since"), filters, params.get("until"))
     if route == "usage/timeseries":
-        return reports.timeseries(conn, v, params["stack"], prices, params.get("since"))
+        return reports.timeseries(conn, v, params["stack"], prices, params.get("since"), params.get("until"),
+                                  params.get("bucket") or "day")
     if route in ("client", "model"):
         return reports.distinct(conn, v, route, params.get("prefix"))
     if route == "users":

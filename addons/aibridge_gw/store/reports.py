@@ -243,16 +243,35 @@ GROUPS = {
     "client": "i.client",
     "provider": "i.provider_name",
     "day": "CAST(date_trunc('day', i.started_at) AS DATE)",
+    "week": "CAST(date_trunc('week', i.started_at) AS DATE)",  # ISO weeks: the Monday they begin
+    "month": "CAST(date_trunc('month', i.started_at) AS DATE)",
+    # The groups of the person a call was for (aibridge users groups set): a person in two groups counts in both,
+    # so group totals may add up to more than the whole; people in none are "(no group)".
+    "group": "coalesce(ug.group_name, '(no group)')",
 }
+BUCKETS = ("day", "week", "month")
+_GROUP_JOIN = (" LEFT JOIN aibridge_user_groups ug ON ug.user_id = coalesce(i.on_behalf_of_id, i.initiator_id)")
+
+
+def _group_join(conn, keys: tuple[str, ...]) -> str:
+    if "group" not in keys:
+        return ""
+    if not table_exists(conn, "aibridge_user_groups"):
+        return " LEFT JOIN (SELECT NULL AS user_id, CAST(NULL AS VARCHAR) AS group_name) ug ON false"
+    return _GROUP_JOIN
 
 
 def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | None = None,
-          filters: dict | None = None) -> dict:
+          filters: dict | None = None, until: str | None = None) -> dict:
+    """Tokens and cost per user (person, model, client, provider, group, day, week or month) of the calls started
+    in [since, until)."""
     if group_by not in GROUPS:
         raise BadParameter("group_by", f"one of {', '.join(GROUPS)}")
     filters = dict(filters or {})
     if since:
         filters["started_after"] = since
+    if until:
+        filters["started_before"] = until
     where, params = _where(viewer, filters)
     cur = conn.execute(
         f"SELECT {GROUPS[group_by]} AS key, {BILLED_MODEL} AS billed_model, count(*) AS interceptions, "
@@ -260,8 +279,8 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
         + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS + OPEN_FIELDS)
         + ", sum(u.stored_cost) AS stored_cost, i.provider"
         + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
-        f"LEFT JOIN ({usage_sums(conn)}) u ON u.interception_id = i.id"
-        f"{where} GROUP BY 1, 2, i.provider",
+        f"LEFT JOIN ({usage_sums(conn)}) u ON u.interception_id = i.id" + _group_join(conn, (group_by,))
+        + f"{where} GROUP BY 1, 2, i.provider",
         params,
     )
     groups: dict[Any, dict] = {}
@@ -269,15 +288,16 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
         _fold_costs(groups, row["key"], row, prices, ("interceptions",))
     data = [{group_by: k, **_finish_cost(g)} for k, g in groups.items()]
     data.sort(key=lambda d: (-d["cost_usd"], -(d["input_tokens"] + d["output_tokens"]), str(d[group_by])))
+    if group_by in BUCKETS:
+        data.sort(key=lambda d: str(d[group_by]))
     if group_by == "day":
-        data.sort(key=lambda d: str(d["day"]))
         active = _rows(conn.execute(
             "SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, count(DISTINCT i.initiator_id) AS active_users "
             f"FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id{where} GROUP BY 1", params))
         by_day = {a["day"]: a["active_users"] for a in active}
         for d in data:
             d["active_users"] = by_day.get(d["day"], 0)
-    return {"group_by": group_by, "since": since, "prices_taken": prices.taken, "data": data}
+    return {"group_by": group_by, "since": since, "until": until, "prices_taken": prices.taken, "data": data}
 
 
 def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = None, limit: int = 50) -> dict:
@@ -332,27 +352,32 @@ def prompts(conn, viewer: Viewer, user: str | None = None, search: str | None = 
     return {"data": _rows(cur)}
 
 
-def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str | None = "30d") -> dict:
-    """Per day and per model (or client): tokens and cost, for stacked charts."""
-    if stack not in ("model", "client", "user", "person", "provider"):
-        raise BadParameter("stack", "one of model, client, user, person, provider")
-    where, params = _where(viewer, {"started_after": since} if since else {})
+def timeseries(conn, viewer: Viewer, stack: str, prices: PriceTable, since: str | None = "30d",
+               until: str | None = None, bucket: str = "day") -> dict:
+    """Per day (ISO week, month) and per model (or client, user, person, provider, group): tokens and cost, for
+    stacked charts. Each entry's bucket start is in `day` (and in the bucket's own name)."""
+    if stack not in ("model", "client", "user", "person", "provider", "group"):
+        raise BadParameter("stack", "one of model, client, user, person, provider, group")
+    if bucket not in BUCKETS:
+        raise BadParameter("bucket", "one of day, week, month")
+    filters = {k: v for k, v in (("started_after", since), ("started_before", until)) if v}
+    where, params = _where(viewer, filters)
     cur = conn.execute(
-        f"SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, {GROUPS[stack]} AS key, "
+        f"SELECT {GROUPS[bucket]} AS day, {GROUPS[stack]} AS key, "
         f"{BILLED_MODEL} AS billed_model, count(*) AS interceptions, "
         + ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in TOKEN_FIELDS + OPEN_FIELDS)
         + ", sum(u.stored_cost) AS stored_cost, i.provider"
         + " FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id "
-        f"LEFT JOIN ({usage_sums(conn)}) u ON u.interception_id = i.id"
-        f"{where} GROUP BY 1, 2, 3, i.provider",
+        f"LEFT JOIN ({usage_sums(conn)}) u ON u.interception_id = i.id" + _group_join(conn, (stack,))
+        + f"{where} GROUP BY 1, 2, 3, i.provider",
         params,
     )
     groups: dict[Any, dict] = {}
     for row in _rows(cur):
         _fold_costs(groups, (row["day"], row["key"]), row, prices, ("interceptions",))
-    data = [{"day": k[0], stack: k[1], **_finish_cost(g)} for k, g in groups.items()]
+    data = [{"day": k[0], bucket: k[0], stack: k[1], **_finish_cost(g)} for k, g in groups.items()]
     data.sort(key=lambda d: (str(d["day"]), str(d[stack])))
-    return {"stack": stack, "since": since, "data": data}
+    return {"stack": stack, "bucket": bucket, "since": since, "until": until, "data": data}
 
 
 def table_exists(conn, name: str) -> bool:
