@@ -231,3 +231,23 @@ def test_the_tools_view_shows_mcp_servers_and_calls(browser, tmp_path, upstream)
     finally:
         gw.stop()
         coder.stop()
+
+
+def test_the_spend_view_has_a_range_buckets_groups_budgets_and_csv_downloads(browser, agw):  # noqa: F811
+    page = signed_in(browser, agw)
+    assert page.locator("#by-group tr[data-key='(no group)']").count() == 1
+    assert page.locator("#by-client tr").count() >= 2 and page.locator("#by-provider tr").count() >= 2
+    assert "No budgets apply" in page.locator("#budgets").inner_text()
+    with page.expect_download() as got:
+        page.click("button.csv[data-csv='model']")
+    text = open(got.value.path()).read()
+    assert text.splitlines()[0].startswith("model,") and "claude-sonnet-4-20250514" in text
+    page.select_option("#bucket", "week")
+    ready(page)
+    assert page.locator("svg[aria-label^='Tokens per week']").count() == 1
+    page.fill("#from", "2001-01-01")
+    page.fill("#to", "2001-01-31")
+    page.dispatch_event("#to", "change")
+    ready(page)
+    assert page.locator("#total-cost").inner_text() == "$0.00"  # nothing in January 2001
+    page.evaluate("sessionStorage.clear()")

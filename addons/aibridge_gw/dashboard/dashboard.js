@@ -72,38 +72,87 @@ function stackedBars(rows, title, fmt) {
     <div class="legend">${keys.map((k, j) => `<span><i style="background:${COLORS[j % COLORS.length]}"></i>${esc(k)}</span>`).join("")}</div></div>`;
 }
 
+async function downloadCsv(path, params, name) {
+  // The token travels in a header, never in a link: fetched, then saved from a blob.
+  const q = new URLSearchParams(Object.entries({...params, format: "csv"}).filter(([, v]) => v !== "" && v != null));
+  const r = await fetch(API + path + "?" + q, {headers: {Authorization: "Bearer " + token}});
+  if (!r.ok) { alert("download failed: " + r.statusText); return; }
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await r.blob()); a.download = name; a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+
+function isoDay(offsetDays = 0) { return new Date(Date.now() + offsetDays * 86400000).toISOString().slice(0, 10); }
+
 async function overview(main) {
   const stack = sessionStorage.getItem("stack") || "model";
   const lead = sessionStorage.getItem("lead") || "user";  // who called, or whom it was for (service accounts)
-  const [users, models, days, ts] = await Promise.all([
-    api("usage", {group_by: lead, since: "30d"}), api("usage", {group_by: "model", since: "30d"}),
-    api("usage", {group_by: "day", since: "30d"}), api("usage/timeseries", {stack, since: "30d"})]);
+  const bucket = sessionStorage.getItem("bucket") || "day";
+  const from = sessionStorage.getItem("from") || isoDay(-30);
+  const to = sessionStorage.getItem("to") || "";  // empty: up to now
+  // `until` is exclusive: the day after the last day chosen.
+  const until = to ? new Date(Date.parse(to) + 86400000).toISOString().slice(0, 10) : "";
+  const range = {since: from, until};
+  const [users, models, groups, clients, providers, days, ts, budgets] = await Promise.all([
+    api("usage", {group_by: lead, ...range}), api("usage", {group_by: "model", ...range}),
+    api("usage", {group_by: "group", ...range}), api("usage", {group_by: "client", ...range}),
+    api("usage", {group_by: "provider", ...range}), api("usage", {group_by: "day", ...range}),
+    api("usage/timeseries", {stack, bucket, ...range}), api("budgets")]);
   const tot = users.data.reduce((a, d) => ({i: a.i + d.interceptions, inp: a.inp + d.input_tokens + d.cache_read_input_tokens + d.cache_write_input_tokens,
                                            out: a.out + d.output_tokens, c: a.c + d.cost_usd}), {i: 0, inp: 0, out: 0, c: 0});
   const table = (rows, key) => `<table><tr><th>${key}</th><th class="n">calls</th><th class="n">input</th><th class="n">output</th><th class="n">cache read</th><th class="n">cost</th></tr>
     ${rows.map(d => `<tr data-key="${esc(d[key])}"><td>${esc(d[key])}</td><td class="n">${num(d.interceptions)}</td><td class="n">${num(d.input_tokens)}</td>
       <td class="n">${num(d.output_tokens)}</td><td class="n">${num(d.cache_read_input_tokens)}</td><td class="n cost">${usd(d)}</td></tr>`).join("")}</table>`;
+  const csvButton = (id) => `<button class="csv" data-csv="${id}" title="download as CSV">CSV</button>`;
+  const amount = (limit, v) => limit.startsWith("usd") ? "$" + Number(v ?? 0).toFixed(2) : num(Math.round(v ?? 0));
+  const share = u => `<span class="bar"><span style="width:${Math.min(100, Math.round(100 * u.share))}%" class="${u.share >= 1 ? "over" : u.share >= 0.85 ? "near" : ""}"></span></span> ${Math.round(100 * u.share)} %`;
+  const budgetUsers = budgets.users.length ? `<table id="budget-users"><tr><th>user</th><th>limit</th><th>from</th><th class="n">used</th><th class="n">limit</th><th>use</th><th class="n">forecast</th></tr>
+    ${budgets.users.map(u => `<tr data-key="${esc(u.user)}:${esc(u.limit)}"><td>${esc(u.user)}</td><td>${esc(u.limit)}</td><td class="muted">${esc(u.from)}</td>
+      <td class="n">${amount(u.limit, u.used)}</td><td class="n">${amount(u.limit, u.value)}</td><td>${share(u)}</td><td class="n">${amount(u.limit, u.forecast)}</td></tr>`).join("")}</table>`
+    : `<p class="muted">No budgets apply (budgets: in the config).</p>`;
+  const budgetGroups = budgets.groups.length ? `<table id="budget-groups"><tr><th>group</th><th>limit</th><th class="n">per member</th><th class="n">members</th><th class="n">used</th><th class="n">forecast</th><th class="n">near</th><th class="n">at limit</th></tr>
+    ${budgets.groups.map(g => `<tr data-key="${esc(g.group)}:${esc(g.limit)}"><td>${esc(g.group)}</td><td>${esc(g.limit)}</td><td class="n">${amount(g.limit, g.value_per_member)}</td>
+      <td class="n">${num(g.members)}</td><td class="n">${amount(g.limit, g.used)}</td><td class="n">${amount(g.limit, g.forecast)}</td><td class="n">${num(g.near)}</td><td class="n">${num(g.at_limit)}</td></tr>`).join("")}</table>` : "";
   const unpriced = models.data.filter(d => d.unpriced_models && d.unpriced_models.length).map(d => d.model);
   const warning = unpriced.length ? `<div class="panel warn" id="unpriced-warning" role="alert"><strong>Unpriced models:</strong>
       ${unpriced.map(m => `<code>${esc(m)}</code>`).join(", ")} — their calls are not in the spend shown. Set a price with
       <code>aibridge prices set MODEL --input … --output …</code> (docs/prices.md).</div>` : "";
-  main.innerHTML = warning + `<div class="cards">
-      <div class="card"><div class="k">Spend, 30 days</div><div class="v" id="total-cost">$${tot.c.toFixed(2)}</div></div>
+  const per = {day: "day", week: "week", month: "month"}[bucket];
+  main.innerHTML = warning + `<div class="filters" id="range">From <input type="date" id="from" value="${esc(from)}"> to <input type="date" id="to" value="${esc(to)}">
+      per <select id="bucket">${["day", "week", "month"].map(b => `<option ${b === bucket ? "selected" : ""}>${b}</option>`).join("")}</select>
+      Stack charts by <select id="stack">${["model","client","user","person","provider","group"].map(s => `<option ${s === stack ? "selected" : ""}>${s}</option>`).join("")}</select>
+      <span class="muted">prices of ${esc(users.prices_taken || "n/a")}; unpriced models are marked, never counted as $0</span></div>
+    <div class="cards">
+      <div class="card"><div class="k">Spend in range</div><div class="v" id="total-cost">$${tot.c.toFixed(2)}</div></div>
       <div class="card"><div class="k">Interceptions</div><div class="v">${num(tot.i)}</div></div>
       <div class="card"><div class="k">Input tokens</div><div class="v">${num(tot.inp)}</div></div>
       <div class="card"><div class="k">Output tokens</div><div class="v">${num(tot.out)}</div></div>
-      <div class="card"><div class="k">Active users today</div><div class="v">${num(days.data.at(-1)?.active_users)}</div></div></div>
-    <div class="filters">Stack charts by <select id="stack">${["model","client","user","person","provider"].map(s => `<option ${s === stack ? "selected" : ""}>${s}</option>`).join("")}</select>
-      <span class="muted">prices of ${esc(users.prices_taken || "n/a")}; unpriced models are marked, never counted as $0</span></div>
-    <div class="grid2">${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.input_tokens + d.output_tokens + d.cache_read_input_tokens + d.cache_write_input_tokens})), "Tokens per day by " + stack, num)}
-      ${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.cost_usd})), "Cost per day by " + stack, v => "$" + v.toFixed(2))}</div>
+      <div class="card"><div class="k">Active users, last day</div><div class="v">${num(days.data.at(-1)?.active_users)}</div></div></div>
+    <div class="grid2">${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.input_tokens + d.output_tokens + d.cache_read_input_tokens + d.cache_write_input_tokens})), `Tokens per ${per} by ` + stack, num)}
+      ${stackedBars(ts.data.map(d => ({x: d.day, key: d[stack] ?? "?", value: d.cost_usd})), `Cost per ${per} by ` + stack, v => "$" + v.toFixed(2))}</div>
     <div class="grid2">${stackedBars(days.data.map(d => ({x: d.day, key: "active users", value: d.active_users})), "Adoption: active users per day", num)}
       <div class="panel"><h2>Top users <select id="lead">${[["user", "by caller"], ["person", "by person acted for"]].map(([v, t]) =>
-        `<option value="${v}" ${v === lead ? "selected" : ""}>${t}</option>`).join("")}</select></h2>
+        `<option value="${v}" ${v === lead ? "selected" : ""}>${t}</option>`).join("")}</select> ${csvButton("lead")}</h2>
         <div id="leaderboard">${table(users.data, lead)}</div></div></div>
-    <div class="panel"><h2>Spend by model</h2><div id="by-model">${table(models.data, "model")}</div></div>`;
-  $("#stack").onchange = e => { sessionStorage.setItem("stack", e.target.value); render(); };
-  $("#lead").onchange = e => { sessionStorage.setItem("lead", e.target.value); render(); };
+    <div class="grid2"><div class="panel"><h2>Spend by model ${csvButton("model")}</h2><div id="by-model">${table(models.data, "model")}</div></div>
+      <div class="panel"><h2>Spend by group ${csvButton("group")}</h2><div id="by-group">${table(groups.data, "group")}</div>
+        <p class="muted">A person in two groups counts in both.</p></div></div>
+    <div class="grid2"><div class="panel"><h2>Spend by client ${csvButton("client")}</h2><div id="by-client">${table(clients.data, "client")}</div></div>
+      <div class="panel"><h2>Spend by provider ${csvButton("provider")}</h2><div id="by-provider">${table(providers.data, "provider")}</div></div></div>
+    <div class="panel" id="budgets"><h2>Budget use (current day, ISO week, month; forecast to the period's end) ${csvButton("budgets")}</h2>
+      ${budgetUsers}${budgetGroups}</div>`;
+  const keep = (key, value) => { sessionStorage.setItem(key, value); render(); };
+  $("#stack").onchange = e => keep("stack", e.target.value);
+  $("#lead").onchange = e => keep("lead", e.target.value);
+  $("#bucket").onchange = e => keep("bucket", e.target.value);
+  $("#from").onchange = e => keep("from", e.target.value || isoDay(-30));
+  $("#to").onchange = e => keep("to", e.target.value);
+  main.querySelectorAll("button.csv").forEach(b => b.onclick = () => {
+    const what = b.dataset.csv;
+    if (what === "budgets") return downloadCsv("budgets", {}, "aibridge-budgets.csv");
+    const by = what === "lead" ? lead : what;
+    return downloadCsv("usage", {group_by: by, ...range}, `aibridge-usage-by-${by}.csv`);
+  });
 }
 
 function interceptionRows(rows) {
