@@ -248,8 +248,9 @@ class Chain:
         self.rt.store.flush().result()
         return [tuple(r) for r in self.rt.store.run("sql", query_text=query).result()["rows"]]
 
-    def close(self):
-        self.rt.done()
+    async def close(self):
+        if self.rt.store is not None:  # a test may have shut the runtime down itself
+            await self.rt.done()
 
 
 def chain_test(fn=None, *, extra=None):
@@ -267,7 +268,7 @@ def chain_test(fn=None, *, extra=None):
                 try:
                     await fn(chain)
                 finally:
-                    chain.close()
+                    await chain.close()
 
         asyncio.run(main())
 
@@ -439,7 +440,7 @@ async def test_shutdown_ends_what_is_in_flight(chain):
     await chain.request(anthropic_flow(chain))
     chain.rt.store.flush().result()
     store = chain.rt.store
-    chain.rt.done()
+    await chain.rt.done()
     import duckdb
     con = duckdb.connect(str(store.path), read_only=True)
     assert con.execute("SELECT status, error FROM aibridge_interceptions").fetchall() == [
@@ -712,7 +713,7 @@ async def test_a_stream_still_in_flight_at_shutdown_is_recorded_masked(chain):
         return record(ic, summary, *rest)
 
     chain.rt.recorder.ended = spy
-    chain.rt.done()
+    await chain.rt.done()
     assert ended == [['{"command": "export KEY=[REDACTED:aws-key]"}']]
 
 

@@ -497,6 +497,8 @@ class Runtime:
                 await self.reload_directory()
                 if self.budgets is not None and rounds % 2 == 1:
                     self.budgets.replace_totals(await asyncio.wrap_future(self.store.run("budget_totals")))
+                    if self.notices is not None:  # crossings by other processes' calls are noticed here too
+                        self.notices.sweep(self.budgets, self._people_with_usage())
                 if rounds % 1200 == 1:  # at start, then every ten minutes
                     await asyncio.wrap_future(self.store.run("prune_request_counts"))  # older than an hour
                     closed = await asyncio.wrap_future(self.store.run("close_abandoned", True))
@@ -616,6 +618,11 @@ class Runtime:
         chosen = [(uid, name, self.groups_of(uid)) for uid, name in sorted(people.items(), key=lambda p: p[1])
                   if user_id is None or uid == user_id]
         return budget_report(self.budgets, chosen)
+
+    def _people_with_usage(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(id, name, groups) of everyone the budgets counted usage for in the current periods."""
+        names = {uid: name for uid, name in self.users.values()}
+        return [(uid, names[uid], self.groups_of(uid)) for uid in self.budgets.people() if uid in names]
 
     def groups_of(self, user_id: str) -> tuple[str, ...]:
         """A user's groups as the directory last loaded them (budgets per group follow them)."""

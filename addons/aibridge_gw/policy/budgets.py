@@ -126,6 +126,7 @@ class Budgets:
         self._usd_day: dict[tuple[str, dt.date], float] = defaultdict(float)
         self._usd_week: dict[tuple[str, tuple[int, int]], float] = defaultdict(float)
         self._usd: dict[tuple[str, tuple[int, int]], float] = defaultdict(float)
+        self._pruned_on: dt.date | None = None  # counters of periods that ended are dropped once a day
 
     @property
     def active(self) -> bool:
@@ -215,6 +216,7 @@ class Budgets:
         usages = [u for u in usages if not (u.clamped or _beyond(u))]
         if not usages:
             return
+        self._prune()
         t = TokenTotals.of(usages)
         self._tokens[(user_id, _day(started))] += t.all
         cost = self.prices.cost(model, t.input, t.output, t.cache_read, t.cache_write)
@@ -222,6 +224,26 @@ class Budgets:
             self._usd_day[(user_id, _day(started))] += cost
             self._usd_week[(user_id, _week(started))] += cost
             self._usd[(user_id, _month(started))] += cost
+
+    def _prune(self) -> None:
+        """Drop the counters of days, weeks and months that are over (a long-running gateway's memory stays flat)."""
+        now = dt.datetime.now(dt.UTC)
+        today = _day(now)
+        if self._pruned_on == today:
+            return
+        self._pruned_on = today
+        week, month = _week(now), _month(now)
+        for counters, current in ((self._tokens, lambda d: d >= today), (self._usd_day, lambda d: d >= today),
+                                  (self._usd_week, lambda w: w >= week), (self._usd, lambda m: m >= month)):
+            for key in [k for k in counters if not current(k[1])]:
+                del counters[key]
+
+    def people(self) -> set[str]:
+        """The ids of everyone with usage counted in the current periods."""
+        now = dt.datetime.now(dt.UTC)
+        day, week, month = _day(now), _week(now), _month(now)
+        return ({u for u, d in self._tokens if d == day} | {u for u, w in self._usd_week if w == week}
+                | {u for u, m in self._usd if m == month})
 
     def used(self, user_id: str, now: dt.datetime | None = None) -> dict[str, float]:
         """What a person used in each budget's current period, by limit name."""

@@ -80,6 +80,12 @@ class BudgetNotices:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
 
+    def sweep(self, budgets, people: list) -> None:
+        """Fleet mode, after the counters became the fleet's totals: crossings by calls other processes charged
+        (this one may never charge that person again: over the limit, their calls are refused)."""
+        for uid, name, groups in people:
+            self.after_charge(budgets, uid, name, groups)
+
     def _remember(self, key: tuple, pid: str) -> None:
         if pid not in self._periods:
             self._periods.add(pid)
