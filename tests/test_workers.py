@@ -328,3 +328,36 @@ def test_aibridge_keys_lists_and_resets_every_workers_key_pool(workers, mock):
     while set(states().values()) != {"ready"}:
         assert time.monotonic() < deadline, states()
         time.sleep(0.3)
+
+
+def test_a_group_budget_stops_a_member_across_workers_and_notifies_once(workers, mock):
+    """budgets.groups.team: 100 tokens a day per member (5 tokens a call); thresholds 85 % and 100 %. The member's
+    calls, spread over both workers, are refused once the fleet's total reaches the limit (within a refresh of the
+    shared counters), and each threshold's webhook POST is sent exactly once, whichever worker saw it."""
+    from tests.test_budgets import _Webhook
+
+    hook = _Webhook()
+    try:
+        gw = workers(extra={"budgets": {"groups": {"team": {"tokens_per_day": 100}}},
+                            "notifications": {"webhook": hook.url}})
+        probe, member = gw.new_user("probe"), gw.new_user("member")
+        gw.op("users.groups_set", name="member", groups="team")
+        mock.default = Reply.json(anthropic_message("ok", (3, 2)))
+        _known_everywhere(gw, probe)
+        time.sleep(1.5)  # every worker's directory has `member` and its group
+        answers = []
+        deadline = time.monotonic() + 40
+        while 429 not in answers[-1:]:
+            assert time.monotonic() < deadline, "the group budget never stopped the member"
+            answers.append(_call(gw, member))
+            time.sleep(0.25)
+        served = answers.count(200)
+        assert 20 <= served <= 20 + 12  # 100 tokens at 5 a call; at most a couple of refreshes' worth over
+        time.sleep(2.5)  # both workers have the fleet's totals now
+        assert [_call(gw, member) for _ in range(8)] == [429] * 8
+        time.sleep(3)
+        notices = sorted((b["threshold"], b["group"], b["user"]) for b in hook.bodies)
+        assert notices == [(0.85, "team", "member"), (1.0, "team", "member")]
+        assert all("group team" in b["text"] for b in hook.bodies)
+    finally:
+        hook.server.shutdown()
