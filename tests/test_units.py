@@ -790,3 +790,40 @@ def test_price_book_layers_database_over_file_over_package_and_applies_tiers(tmp
     assert pro.cost(200_001, 1000, 0, 0) == pytest.approx((200_001 * 2.5 + 1000 * 15) / 1e6)
     assert PriceTable.load().resolve("anthropic.claude-3-5-sonnet-20241022-v2:0", "bedrock").input == 3.0
     assert PriceTable.load().cost("no-such-model-anywhere", 10, 10, 0, 0) is None
+
+
+def test_budgets_price_each_call_at_its_own_tier():
+    """Two Gemini 2.5 Pro rounds of 150k input each cost what each costs (under the 200k tier), not what one
+    300k call would; a fleet's totals take the costs stored per usage row."""
+    b = Budgets(Limits(usd_per_day=100), {}, PriceTable.load(None))
+    now = dt.datetime.now(dt.UTC)
+    b.record("u", now, "gemini-2.5-pro", [TokenUsage(None, 150_000, 0), TokenUsage(None, 150_000, 0)])
+    assert b.used("u")["usd_per_day"] == pytest.approx(2 * 150_000 * 1.25 / 1e6)
+    stored = [["u", now.isoformat(), None, 300_000, 0, 0, 0, 0.375]]  # a fleet row: the stored cost summed
+    b.replace_totals(stored)
+    assert b.used("u")["usd_per_day"] == pytest.approx(0.375) and b.used("u")["tokens_per_day"] == 300_000
+
+
+def test_budget_days_and_report_buckets_are_utc_whatever_the_sessions_time_zone(tmp_path):
+    import duckdb
+
+    from aibridge_gw.policy.budgets import usage_totals
+    from aibridge_gw.store import reports, schema
+
+    conn = duckdb.connect(str(tmp_path / "tz.duckdb"))
+    schema.migrate(conn)
+    conn.execute("SET TimeZone = 'Asia/Tokyo'")  # a session east of UTC: its day starts 9 hours earlier
+    today = dt.datetime.now(dt.UTC).replace(hour=0, minute=30, second=0, microsecond=0)
+    uid = "00000000-0000-4000-8000-000000000009"
+    conn.execute("INSERT INTO aibridge_interceptions (id, initiator_id, provider, provider_name, model, "
+                 "credential_kind, status, started_at) VALUES ('00000000-0000-4000-8000-000000000001', ?, "
+                 "'anthropic', 'anthropic', 'claude-sonnet-4-0', 'centralized', 'completed', ?)", [uid, today])
+    conn.execute("INSERT INTO aibridge_token_usages (id, interception_id, input_tokens, output_tokens, "
+                 "cache_read_input_tokens, cache_write_input_tokens, created_at, cost_usd) VALUES "
+                 "('00000000-0000-4000-8000-000000000002', '00000000-0000-4000-8000-000000000001', 10, 5, 0, 0, ?, "
+                 "0.5)", [today])
+    (row,) = usage_totals(conn)
+    assert dt.datetime.fromisoformat(row[1]).date() == today.date() and row[7] == 0.5
+    (day,) = reports.usage(conn, reports.Viewer.everyone(), "day", PriceTable({}))["data"]
+    assert str(day["day"]) == today.date().isoformat()
+    conn.close()

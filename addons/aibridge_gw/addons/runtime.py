@@ -496,7 +496,10 @@ class Runtime:
                     self._share_keys()
                 await self.reload_directory()
                 if self.budgets is not None and rounds % 2 == 1:
-                    self.budgets.replace_totals(await asyncio.wrap_future(self.store.run("budget_totals")))
+                    rows = await asyncio.wrap_future(self.store.run("budget_totals"))
+                    budgets = self.budgets
+                    totals = await asyncio.to_thread(budgets.totals_from, rows)  # off the event loop
+                    budgets.install_totals(totals)
                     if self.notices is not None:  # crossings by other processes' calls are noticed here too
                         self.notices.sweep(self.budgets, self._people_with_usage())
                 if rounds % 1200 == 1:  # at start, then every ten minutes

@@ -52,23 +52,39 @@ def period_ends(now: dt.datetime) -> dict[str, dt.datetime]:
             "month": dt.datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=dt.UTC)}
 
 
-def _spent(conn, started: str, since: dt.datetime) -> list[list]:
-    """Recorded usage since `since` per charged user, `started` (an expression of i.started_at) and billed model,
-    as plain values [user id, started at (ISO), billed model, input, output, cache read, cache write]. A usage row
-    that names its own model (a batch's results, summed per model) is billed at that model."""
+def _spent(conn, started: str, since: dt.datetime, by_model: bool = True) -> list[list]:
+    """Recorded usage since `since` per charged user and `started` (an expression of the UTC start), as plain
+    values [user id, started at (ISO, UTC), billed model, input, output, cache read, cache write, stored cost].
+
+    Spend is what each usage row was charged at when recorded (`cost_usd`, priced per call: a tier applies to a
+    call's own input, never to a day's): rows that have it are summed in SQL, across models unless `by_model`.
+    Rows without one (recorded before costs were stored) come per billed model with a null cost, to be priced
+    now. A usage row that names its own model (a batch's results, summed per model) is billed at that model."""
+    from ..store.reports import has_column
+
+    costed = has_column(conn, "aibridge_token_usages", "cost_usd")
+    billed = "coalesce(t.metadata->>'model', i.metadata->>'response_model', i.model)"
+    model = billed if by_model or not costed else f"CASE WHEN t.cost_usd IS NULL THEN {billed} END"
+    cost = "sum(t.cost_usd)" if costed else "CAST(NULL AS DOUBLE PRECISION)"
+    split = ", t.cost_usd IS NULL" if costed else ""
     rows = conn.execute(
-        f"SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), {started}, "
-        "coalesce(t.metadata->>'model', i.metadata->>'response_model', i.model), "
+        f"SELECT CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR), {started}, {model}, "
         "coalesce(sum(t.input_tokens), 0), coalesce(sum(t.output_tokens), 0), "
-        "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0) "
+        "coalesce(sum(t.cache_read_input_tokens), 0), coalesce(sum(t.cache_write_input_tokens), 0), "
+        f"{cost} "
         "FROM aibridge_interceptions i LEFT JOIN aibridge_token_usages t ON t.interception_id = i.id "
         # A usage clamped to the column type (the provider sent more than it holds) is charged to no budget.
         f"AND (t.metadata IS NULL OR t.metadata->>'{CLAMPED}' IS NULL) "
-        "WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY 1, 2, 3",
+        f"WHERE i.started_at >= ? AND i.initiator_id IS NOT NULL AND i.status <> 'rejected' GROUP BY 1, 2, 3{split}",
         [since],
     ).fetchall()
-    return [[uid, at.isoformat(), model, int(inp), int(out), int(cr), int(cw)]
-            for uid, at, model, inp, out, cr, cw in rows]
+    out = []
+    for uid, at, model, inp, out_, cr, cw, stored in rows:
+        if at.tzinfo is None:  # the UTC wall time (AT TIME ZONE 'UTC' gives a naive timestamp)
+            at = at.replace(tzinfo=dt.UTC)
+        out.append([uid, at.isoformat(), model, int(inp), int(out_), int(cr), int(cw),
+                    None if stored is None else float(stored)])
+    return out
 
 
 def _month_start(now: dt.datetime) -> dt.datetime:
@@ -89,7 +105,8 @@ def usage_rows(conn) -> list[list]:
 def usage_totals(conn) -> list[list]:
     """This month's and week's usage per user, day and billed model: the fleet's counters (every gateway's
     calls), in `usage_rows`' shape with the day standing for the start time."""
-    return _spent(conn, "date_trunc('day', i.started_at)", _counted_since(dt.datetime.now(dt.UTC)))
+    return _spent(conn, "date_trunc('day', i.started_at AT TIME ZONE 'UTC')", _counted_since(dt.datetime.now(dt.UTC)),
+                  by_model=False)
 
 
 # DuckDB's optimistic concurrency turns two concurrent upserts of one row into a conflict error; within the one
@@ -143,15 +160,38 @@ class Budgets:
         """Counters from `usage_rows` (which may come from the writer process, as plain values)."""
         now = dt.datetime.now(dt.UTC)
         mono_now, wall_now = time.monotonic(), now.timestamp()
-        for uid, started, model, inp, out, cr, cw in rows:
+        totals = self.totals_from(rows)
+        for uid, started, *_ in rows:
             started = dt.datetime.fromisoformat(started) if isinstance(started, str) else started
             if started >= now - dt.timedelta(minutes=1):
                 self._requests[uid].append(mono_now - (wall_now - started.timestamp()))
-            self._add(uid, started, model, [TokenUsage(None, inp, out, cr, cw)])
+        self.install_totals(totals)
         for q in self._requests.values():
             q_sorted = sorted(q)
             q.clear()
             q.extend(q_sorted)
+
+    def totals_from(self, rows: list) -> tuple[dict, dict, dict, dict]:
+        """The token and spend counters `rows` (`usage_rows`/`usage_totals`) make: plain work on plain values, so a
+        fleet's refresh runs it on a thread; `install_totals` puts them in place."""
+        tokens: dict = defaultdict(int)
+        usd_day: dict = defaultdict(float)
+        usd_week: dict = defaultdict(float)
+        usd: dict = defaultdict(float)
+        for uid, started, model, inp, out, cr, cw, *stored in rows:
+            started = dt.datetime.fromisoformat(started) if isinstance(started, str) else started
+            day = _day(started)
+            tokens[(uid, day)] += inp + out + cr + cw
+            cost = stored[0] if stored and stored[0] is not None else \
+                self.prices.cost(model, inp, out, cr, cw)  # recorded before costs were stored: today's price
+            if cost:
+                usd_day[(uid, day)] += cost
+                usd_week[(uid, _week(started))] += cost
+                usd[(uid, _month(started))] += cost
+        return tokens, usd_day, usd_week, usd
+
+    def install_totals(self, totals: tuple[dict, dict, dict, dict]) -> None:
+        self._tokens, self._usd_day, self._usd_week, self._usd = totals
 
     def check(self, user_id: str, user_name: str, groups: tuple[str, ...] = ()) -> Refusal | None:
         """Called before a request is forwarded; counts it against the per-minute limit when admitted."""
@@ -192,12 +232,7 @@ class Budgets:
 
     def replace_totals(self, rows: list) -> None:
         """Fleet mode: the token and spend counters become what the shared database holds (`usage_totals`)."""
-        self._tokens.clear()
-        self._usd_day.clear()
-        self._usd_week.clear()
-        self._usd.clear()
-        for uid, started, model, inp, out, cr, cw in rows:
-            self._add(uid, dt.datetime.fromisoformat(started), model, [TokenUsage(None, inp, out, cr, cw)])
+        self.install_totals(self.totals_from(rows))
 
     def fleet_refusal(self, count: int, limits: Limits) -> Refusal | None:
         """The per-minute limit against the fleet's count for this minute (the request already counted)."""
@@ -219,7 +254,10 @@ class Budgets:
         self._prune()
         t = TokenTotals.of(usages)
         self._tokens[(user_id, _day(started))] += t.all
-        cost = self.prices.cost(model, t.input, t.output, t.cache_read, t.cache_write)
+        # Each usage at its own price (a tier applies to one call's input, never to several rounds' sum).
+        costs = [self.prices.cost(u.metadata.get("model") or model, u.input_tokens, u.output_tokens,
+                                  u.cache_read_input_tokens, u.cache_write_input_tokens) for u in usages]
+        cost = sum(c for c in costs if c)
         if cost:
             self._usd_day[(user_id, _day(started))] += cost
             self._usd_week[(user_id, _week(started))] += cost

@@ -42,7 +42,7 @@ PROVIDERS = {"anthropic": ("Anthropic", "Claude API"), "openai": ("OpenAI", "Ope
              "bedrock": ("AWS", "Amazon Bedrock"), "copilot": ("GitHub", "GitHub Copilot")}
 
 _QUERY = """
-    SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day,
+    SELECT CAST(date_trunc('day', i.started_at AT TIME ZONE 'UTC') AS DATE) AS day,
            CAST(coalesce(i.on_behalf_of_id, i.initiator_id) AS VARCHAR) AS person_id,
            coalesce(i.on_behalf_of_name, usr.name) AS person, {billed} AS billed_model,
            i.provider_name, i.provider, count(*) AS interceptions, {sums}, sum(u.stored_cost) AS stored_cost

@@ -71,7 +71,8 @@ def usage_sums(conn) -> str:
     tokens = ", ".join(f"sum({k}) AS {k}" for k in TOKEN_FIELDS)
     if has_column(conn, "aibridge_token_usages", "cost_usd"):
         stored = "sum(cost_usd) AS stored_cost, " + ", ".join(
-            f"sum(CASE WHEN cost_usd IS NULL THEN {k} ELSE 0 END) AS open_{k}" for k in TOKEN_FIELDS)
+            f"sum(CASE WHEN cost_usd IS NULL AND (metadata IS NULL OR metadata->>'usage_clamped' IS NULL) "
+            f"THEN {k} ELSE 0 END) AS open_{k}" for k in TOKEN_FIELDS)  # clamped: no figure to charge
     else:  # a store of an older version, read as it is
         stored = "CAST(NULL AS DOUBLE PRECISION) AS stored_cost, " + ", ".join(f"sum({k}) AS open_{k}" for k in TOKEN_FIELDS)
     return f"SELECT interception_id, {tokens}, {stored} FROM aibridge_token_usages GROUP BY interception_id"
@@ -242,9 +243,9 @@ GROUPS = {
     "model": BILLED_MODEL,
     "client": "i.client",
     "provider": "i.provider_name",
-    "day": "CAST(date_trunc('day', i.started_at) AS DATE)",
-    "week": "CAST(date_trunc('week', i.started_at) AS DATE)",  # ISO weeks: the Monday they begin
-    "month": "CAST(date_trunc('month', i.started_at) AS DATE)",
+    "day": "CAST(date_trunc('day', i.started_at AT TIME ZONE 'UTC') AS DATE)",
+    "week": "CAST(date_trunc('week', i.started_at AT TIME ZONE 'UTC') AS DATE)",  # ISO weeks: the Monday they begin
+    "month": "CAST(date_trunc('month', i.started_at AT TIME ZONE 'UTC') AS DATE)",
     # The groups of the person a call was for (aibridge users groups set): a person in two groups counts in both,
     # so group totals may add up to more than the whole; people in none are "(no group)".
     "group": "coalesce(ug.group_name, '(no group)')",
@@ -292,7 +293,7 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
         data.sort(key=lambda d: str(d[group_by]))
     if group_by == "day":
         active = _rows(conn.execute(
-            "SELECT CAST(date_trunc('day', i.started_at) AS DATE) AS day, count(DISTINCT i.initiator_id) AS active_users "
+            "SELECT CAST(date_trunc('day', i.started_at AT TIME ZONE 'UTC') AS DATE) AS day, count(DISTINCT i.initiator_id) AS active_users "
             f"FROM aibridge_interceptions i LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id{where} GROUP BY 1", params))
         by_day = {a["day"]: a["active_users"] for a in active}
         for d in data:
