@@ -272,13 +272,24 @@ class BudgetSettings:
     def limits_for(self, user_name: str, groups: tuple[str, ...] = ()) -> Limits:
         return self.explain(user_name, groups)[0]
 
+    def dropped_by_own_entries(self) -> list[str]:
+        """Users whose own entry leaves unset a limit `default` sets (an own entry replaces everything: often not
+        what was meant), as `name: limit, …` for a warning at load."""
+        out = []
+        for name, own in self.users.items():
+            lost = [k for k in LIMIT_KEYS if getattr(own, k) is None and getattr(self.default, k) is not None]
+            if lost:
+                out.append(f"{name}: {', '.join(lost)}")
+        return out
+
     def explain(self, user_name: str, groups: tuple[str, ...] = ()) -> tuple[Limits, dict[str, str]]:
         """The limits that apply to a person, and for each limit where it comes from: their own entry (which
         replaces everything), else the highest any of their groups sets (a group without the limit has none to
         give), else `default`."""
         own = self.users.get(user_name)
         if own is not None:
-            return own, {k: f"users.{user_name}" for k in LIMIT_KEYS}
+            return own, {k: f"users.{user_name}" if getattr(own, k) is not None else f"no limit (users.{user_name} "
+                         "sets none: an own entry replaces the default and the groups)" for k in LIMIT_KEYS}
         mine = [(g, self.groups[g]) for g in sorted(groups) if g in self.groups]
         values, why = {}, {}
         for k in LIMIT_KEYS:

@@ -122,8 +122,9 @@ class McpServerFile(Section):
     """One MCP server: reached over HTTP by `url` (Streamable HTTP or the older HTTP+SSE transport) or started as a
     child process by `command` (stdio; one process per gateway process, restarted when it dies)."""
 
-    name: str = Field(pattern=SERVER_NAME_PATTERN, description="server id; tools appear as bmcp_<name>_<tool> in "
-                                                                "model calls and <name>__<tool> at /aibridge/mcp")
+    name: str = Field(pattern=SERVER_NAME_PATTERN, max_length=32,
+                      description="server id (at most 32 characters: tool names keep it whole); tools appear as "
+                                  "bmcp_<name>_<tool> in model calls and <name>__<tool> at /aibridge/mcp")
     url: str | None = Field(None, pattern=r"^https?://", description="the MCP server's HTTP URL (or set command)")
     transport: Literal["auto", "streamable_http", "sse"] = Field(
         "auto", description="for url servers: streamable_http, sse (the 2024-11-05 HTTP+SSE transport), or auto: "

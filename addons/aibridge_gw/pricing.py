@@ -88,6 +88,11 @@ class PackagePrices:
         self.version = _package_version()
         self.source = f"genai-prices {self.version}"
 
+    def warm(self) -> None:
+        from genai_prices import data_snapshot
+
+        data_snapshot.get_snapshot()
+
     def lookup(self, model: str, provider: str | None) -> Price | None:
         import datetime as dt
 
@@ -143,6 +148,7 @@ class PriceTable:
                     models[str(alias).lower()] = price
             taken = f"{Path(path).name} ({raw['taken']})" if raw.get("taken") else None
         table = cls(models, None, overrides=overrides, package=True)
+        table.package.warm()  # the package's data is loaded here (a thread at reload), not at a first call
         if taken:
             table.taken = f"{taken} over {table.package.source}"
         return table

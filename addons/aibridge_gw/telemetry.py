@@ -432,7 +432,9 @@ class Telemetry:
         span = sdk.tracer.start_span(f"execute_tool {run.name}", context=context, kind=SpanKind.INTERNAL,
                                      attributes=attrs, start_time=run.started)
         if run.error:
-            span.set_status(Status(StatusCode.ERROR, run.error[:500]))
+            # A tool's error text is what the tool said (file contents, rows, secrets): content, sent only with
+            # telemetry.content, and then masked like any logged text.
+            span.set_status(Status(StatusCode.ERROR, redact(run.error)[:500] if sdk.content else "tool_error"))
         span.end(end_time=max(run.ended, run.started))
 
     def mcp_call(self, run: ToolRun, *, headers: Mapping[str, str] | None, method: str, outcome: str,

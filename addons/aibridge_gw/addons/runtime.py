@@ -385,6 +385,10 @@ class Runtime:
         self.api.mcp_oauth = self.mcp_oauth
         self.api.mcp_registry = lambda: self.mcp
         settings = config.budgets
+        dropped = settings.dropped_by_own_entries()
+        if dropped:
+            log.warning("aibridge: budgets.users entries replace the default's limits: these have none of them now "
+                        "(set them in the entry to keep them): %s", "; ".join(dropped))
         if not settings.any:
             self.budgets = None
         elif self.budgets is not None:  # a reload: the counters stay, the limits and prices change
@@ -779,7 +783,6 @@ class Runtime:
         self.inflight.clear()
         if self.notices is not None:  # budget notices under way are said (bounded by their timeouts)
             await self.notices.aclose()
-        self.telemetry.shutdown()  # what is queued is sent (bounded by telemetry.timeout_seconds)
         if self.loopback is not None:
             self.loopback.close()
             self.loopback = self.tool_loop = None
@@ -794,6 +797,8 @@ class Runtime:
                                                   return_exceptions=True), 10)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             log.warning("aibridge: MCP sessions did not all close in time")
+        # What telemetry queued is sent (bounded by telemetry.timeout_seconds), on a thread: the event loop goes on.
+        await asyncio.to_thread(self.telemetry.shutdown)
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None

@@ -132,6 +132,8 @@ class SessionId:
 
 
 RateCheck = Callable[[McpCaller], Awaitable[Any]]  # a refusal (budgets.Refusal) or None
+STREAMS_PER_USER = 8  # notification streams one user may hold open on one process (an agent opens one a session)
+STREAMS_MAX = 2000  # and everyone's together
 RECHECK_SECONDS = 1.0  # a notification stream looks up its caller's token (and groups) again this often
 KEEPALIVE_SECONDS = 15.0  # an SSE comment on a quiet notification stream (finds clients that went away)
 WATCH_SECONDS = 30.0  # a notification stream looks at its servers' listings at least this often
@@ -159,7 +161,9 @@ class McpGateway:
         self.manager = StreamableHTTPSessionManager(self.server, stateless=True, json_response=True)
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()  # set (and replaced) when what anyone may list may have changed
-        self._streams: set[asyncio.Task] = set()  # notification streams open here
+        self._generation = 0  # counts those changes (a stream busy when one came still sees it)
+        self._streams: dict[asyncio.Task, str] = {}  # notification streams open here -> whose
+        self.closing = False  # draining: no new notification stream
 
     def _initialization_options(self, *_a, **_k):
         """`initialize` says the lists may change (clients then open the notification stream and listen)."""
@@ -170,13 +174,25 @@ class McpGateway:
 
     def changed(self) -> None:
         """What users may list may have changed (a reload, a server's list): every notification stream looks."""
+        self._generation += 1
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
     def end_streams(self) -> None:
-        """End every notification stream (the gateway drains: clients reconnect elsewhere)."""
+        """End every notification stream (the gateway drains: clients reconnect elsewhere); none starts after."""
+        self.closing = True
         for task in list(self._streams):
             task.cancel()
+
+    def stream_refusal(self, user_id: str) -> str | None:
+        """Why a new notification stream is refused (too many of this user's, or of everyone's, are open here)."""
+        if self.closing:
+            return "the gateway is shutting down"
+        if sum(1 for who in self._streams.values() if who == user_id) >= STREAMS_PER_USER:
+            return f"at most {STREAMS_PER_USER} notification streams per user"
+        if len(self._streams) >= STREAMS_MAX:
+            return f"at most {STREAMS_MAX} notification streams on this gateway process"
+        return None
 
     async def start(self) -> None:
         """The session manager's task group, running until `stop` (stateless: it holds only calls in flight)."""
@@ -202,8 +218,14 @@ class McpGateway:
         """Run the MCP transport's ASGI app on the job: the request body in, the answer out through `out` (a GET:
         the notification stream, served here)."""
         if job.method == "GET":
+            refusal = self.stream_refusal(job.caller.user_id)
+            if refusal is not None:
+                await out.respond(429 if not self.closing else 503, [("content-type", "application/json"),
+                                                                   ("retry-after", "5")],
+                                  _jsonrpc_error(-32000, f"aibridge: {refusal}"))
+                return
             task = asyncio.current_task()
-            self._streams.add(task)
+            self._streams[task] = job.caller.user_id
             try:
                 await self._notices(job, out)
             except asyncio.CancelledError:
@@ -211,7 +233,7 @@ class McpGateway:
                     with contextlib.suppress(Exception):
                         await out.end()
             finally:
-                self._streams.discard(task)
+                self._streams.pop(task, None)
             return
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
@@ -265,11 +287,13 @@ class McpGateway:
                               ("x-accel-buffering", "no")])
         await out.send(b": aibridge MCP gateway notifications\n\n")
         loop = asyncio.get_running_loop()
+        registry = self.registry
+        # What was seen is taken before the first look: a change during that look is looked at again.
+        version = registry.version if registry is not None else 0
+        generation = self._generation
         marks = await self._marks(caller)
         seen = {kind: self._digest(marks, kind, caller) for kind, _ in NOTICES}
         quiet_since = looked_at = loop.time()
-        registry = self.registry
-        version = registry.version if registry is not None else 0
         while True:
             changed, registry = self._changed, self.registry
             waits = [asyncio.ensure_future(changed.wait())]
@@ -283,6 +307,8 @@ class McpGateway:
             servers_changed = registry is not None and registry.version != version
             if registry is not None:
                 version = registry.version
+            reconfigured = self._generation != generation  # never missed: a counter, not the event it woke on
+            generation = self._generation
             now = loop.time()
             if job.recheck is not None:
                 again = job.recheck()
@@ -291,7 +317,7 @@ class McpGateway:
                     await out.end()
                     return
                 caller = _same_session(again, caller)
-            new_marks = await self._marks(caller, listing_wait=0.0) if changed.is_set() or servers_changed \
+            new_marks = await self._marks(caller, listing_wait=0.0) if reconfigured or servers_changed \
                 or now - looked_at >= WATCH_SECONDS or marks[2] != caller.groups else marks
             if new_marks is not marks:
                 looked_at = now
@@ -317,8 +343,7 @@ class McpGateway:
         wait = listing_wait if listing_wait is not None else min(registry.settings.list_timeout_seconds, LIST_BOUND)
         listings = await asyncio.gather(*(registry.listing(s, caller.user_id, wait) for s in servers))
         return (registry, self.access, caller.groups,
-                tuple((s.name, None if lst is None else (id(lst.tools), id(lst.resources), id(lst.templates),
-                                                         id(lst.prompts)), lst) for s, lst in zip(servers, listings)))
+                tuple((s.name, None if lst is None else lst.fingerprint, lst) for s, lst in zip(servers, listings)))
 
     def _digest(self, marks: tuple, kind: str, caller: McpCaller) -> str:
         """What the caller may list of one kind, as a digest: names with their schemas and descriptions."""

@@ -283,7 +283,7 @@ class McpOAuth:
 
     async def callback(self, query: dict[str, str], servers: dict[str, McpServer]) -> tuple[int, str]:
         """The callback's answer: (status, HTML page). Every outcome is reported to the login (the CLI waits)."""
-        state, code, error = query.get("state"), query.get("code"), query.get("error")
+        state = query.get("state")
         if not state:
             return 400, page("Sign-in failed", "This address lacks the sign-in's state. Start the sign-in again.")
         taken = await self._op("mcp_oauth.login_take", True, state_hash=state_hash(state))
@@ -299,6 +299,20 @@ class McpOAuth:
             log.warning("mcp oauth: sign-in of %s to %s failed: %s", who, server_name, message)
             return status, page("Sign-in failed", f"Signing in to {server_name} as {who} failed: {message}")
 
+        try:
+            return await self._complete(taken, query, servers, failed, who)
+        except Exception as e:  # the login never stays half done: the waiting CLI hears of it
+            log.warning("mcp oauth: completing a sign-in failed (%s)", type(e).__name__)
+            try:
+                await failed("the gateway could not complete the sign-in; try again in a moment", 503)
+            except Exception:
+                pass
+            raise
+
+    async def _complete(self, taken: dict, query: dict[str, str], servers: dict[str, McpServer], failed,
+                        who: str) -> tuple[int, str]:
+        code, error = query.get("code"), query.get("error")
+        login_id, user_id, server_name = taken["id"], taken["user_id"], taken["server"]
         if taken["expires_at"] is not None and taken["expires_at"] < time.time():
             return await failed("the sign-in expired (it lasts ten minutes); start it again")
         blob = unseal(taken["ciphertext"])

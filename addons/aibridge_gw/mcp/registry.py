@@ -104,6 +104,7 @@ class Listing:
     task: asyncio.Task | None = None
     user_id: str | None = None  # whose listing (per_user_token servers); None: everyone's
     asked_by: str = ""  # the user who last asked for it: whose credential a re-list in the background uses
+    asked_at: float = 0.0  # when (monotonic): listings nobody asked for lately are not re-listed, then forgotten
     fingerprint: str | None = None  # of what it offers (names and schemas), to tell a change
     again: bool = False  # a change notice came while a listing was under way: list once more after it
 
@@ -241,6 +242,7 @@ class McpRegistry:
         self._watchers = 0
         self._watch_task: asyncio.Task | None = None
         self.version = 0  # goes up each time what some server offers changes
+        self._evicted_at = 0.0
         self.closed = False
         self.initializes = 0  # sessions initialized, for tests and status
 
@@ -299,7 +301,8 @@ class McpRegistry:
             return listing
         if listing is None:
             listing = self._listings[key] = Listing(user_id=key[1])
-        listing.asked_by = user_id
+        listing.asked_by, listing.asked_at = user_id, now
+        self._evict(now)
         self._relist(server, listing)
         if listing.task is None:  # closed (a reload replaced this registry): what it had
             return listing
@@ -323,11 +326,19 @@ class McpRegistry:
 
     async def _refresh(self, server: McpServer, listing: Listing) -> None:
         try:
-            headers = await self._headers(server, listing.asked_by)
-            if headers is None:
-                raise Unavailable(f"MCP server {server.name}: no token for this user any more")
-            async with asyncio.timeout(max(self.settings.list_timeout_seconds * 5, 10)):
-                tools, resources, templates, prompts = await self._use(server, headers, self._list_all, True)
+            for attempt in (1, 2):  # an oauth server that refuses the access token: refreshed once
+                headers = await self._headers(server, listing.asked_by)
+                if headers is None:
+                    raise Unavailable(f"MCP server {server.name}: no token for this user any more")
+                try:
+                    async with asyncio.timeout(max(self.settings.list_timeout_seconds * 5, 10)):
+                        tools, resources, templates, prompts = await self._use(server, headers, self._list_all,
+                                                                               True)
+                    break
+                except Unavailable as e:
+                    if e.status != 401 or not server.oauth or self.oauth is None or attempt == 2:
+                        raise
+                    self.oauth.rejected(server, listing.asked_by)
             # Every tool as listed (the access rules say which are offered, the server's regexes first); the
             # injected ones are those its regexes permit.
             listing.tools = tools
@@ -424,12 +435,26 @@ class McpRegistry:
             self._watch_task = asyncio.create_task(self._watching())
 
     async def _watching(self) -> None:
+        """While anyone waits for changes: the listings someone asked for lately (within `refresh_seconds`) are
+        made again every `watch_seconds` — never every user's ever listed (each with their own credential)."""
         while self._watchers > 0 and not self.closed:
             await asyncio.sleep(self.settings.watch_seconds)
+            recent = time.monotonic() - self.settings.refresh_seconds
             for (name, _), listing in list(self._listings.items()):
                 server = self.server(name)
-                if server is not None and self._watchers > 0:
+                if server is not None and self._watchers > 0 and listing.asked_at >= recent:
                     self._relist(server, listing)
+
+    def _evict(self, now: float) -> None:
+        """Forget per-user listings nobody asked for in four refresh periods (checked at most once a minute): a
+        gateway that saw thousands of users once keeps none of their listings."""
+        if now - self._evicted_at < 60:
+            return
+        self._evicted_at = now
+        stale = now - 4 * self.settings.refresh_seconds
+        for key, listing in list(self._listings.items()):
+            if key[1] is not None and listing.asked_at < stale and (listing.task is None or listing.task.done()):
+                del self._listings[key]
 
     def _known(self, server: McpServer) -> Listing | None:
         """The newest listing of the server that worked, whoever it was for (an oauth server's tools for a user who
