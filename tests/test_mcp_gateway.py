@@ -504,10 +504,16 @@ def test_get_opens_the_notification_stream_and_delete_ends_nothing(gw):
     _, token = new_user(gw, "methods")
     auth = {"authorization": f"Bearer {token}"}
     assert httpx.get(gw.url + "/aibridge/mcp", headers=auth, trust_env=False).status_code == 406
-    with httpx.stream("GET", gw.url + "/aibridge/mcp", headers={**auth, "accept": "text/event-stream"},
-                      trust_env=False, timeout=5) as get:
-        assert get.status_code == 200 and get.headers["content-type"].startswith("text/event-stream")
-        assert next(get.iter_lines()).startswith(":")  # its opening comment arrives at once (not buffered)
+    with contextlib.ExitStack() as streams:
+        for n in range(8):  # a user may hold eight open (an agent opens one a session)
+            get = streams.enter_context(httpx.stream(
+                "GET", gw.url + "/aibridge/mcp", headers={**auth, "accept": "text/event-stream"}, trust_env=False,
+                timeout=5))
+            assert get.status_code == 200 and get.headers["content-type"].startswith("text/event-stream")
+            assert next(get.iter_lines()).startswith(":")  # its opening comment arrives at once (not buffered)
+        ninth = httpx.get(gw.url + "/aibridge/mcp", headers={**auth, "accept": "text/event-stream"},
+                          trust_env=False, timeout=5)
+        assert ninth.status_code == 429 and "at most 8 notification streams" in ninth.text
     delete = httpx.delete(gw.url + "/aibridge/mcp", headers={**auth, "mcp-session-id": "aib1.x"}, trust_env=False)
     assert delete.status_code == 200
 

@@ -135,7 +135,7 @@ RateCheck = Callable[[McpCaller], Awaitable[Any]]  # a refusal (budgets.Refusal)
 STREAMS_PER_USER = 8  # notification streams one user may hold open on one process (an agent opens one a session)
 STREAMS_MAX = 2000  # and everyone's together
 RECHECK_SECONDS = 1.0  # a notification stream looks up its caller's token (and groups) again this often
-KEEPALIVE_SECONDS = 15.0  # an SSE comment on a quiet notification stream (finds clients that went away)
+KEEPALIVE_SECONDS = 5.0  # an SSE comment on a quiet notification stream (finds clients that went away)
 WATCH_SECONDS = 30.0  # a notification stream looks at its servers' listings at least this often
 NOTICES = (("tools", "notifications/tools/list_changed"), ("resources", "notifications/resources/list_changed"),
            ("prompts", "notifications/prompts/list_changed"))
