@@ -6,44 +6,13 @@ stdio script's path."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
-import uvicorn
 from mcp.server.fastmcp import Context, FastMCP
 
+from tests.support.mcp_server import _Served
+
 STDIO_SCRIPT = Path(__file__).with_name("mcp_stdio_server.py")
-
-
-class _Served:
-    """An ASGI app served by uvicorn on 127.0.0.1 (`port`, or a free one) in a daemon thread."""
-
-    path = "/mcp"
-
-    def _serve(self, app, port: int = 0) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
-
-    def start(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("MCP test server did not start")
-            time.sleep(0.05)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class SseTestServer(_Served):
@@ -59,7 +28,7 @@ class SseTestServer(_Served):
             calls.append(("search", {"query": query}))
             return json.dumps([{"title": f"about {query}"}])
 
-        self._serve(mcp.sse_app())
+        self._serve(mcp.sse_app(), timeout_graceful_shutdown=1)
 
 
 class LiveTestServer(_Served):
@@ -102,4 +71,4 @@ class LiveTestServer(_Served):
                 self.initializes += 1  # in a stateful server only initialize comes without a session
             await inner(scope, receive, send)
 
-        self._serve(app, port)
+        self._serve(app, port, timeout_graceful_shutdown=1)

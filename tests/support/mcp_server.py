@@ -16,25 +16,27 @@ from mcp.types import ToolAnnotations
 
 
 class _Served:
-    """A FastMCP app served by uvicorn on 127.0.0.1:<free port> in a daemon thread."""
+    """An ASGI app (a FastMCP server's) served by uvicorn on 127.0.0.1 (`port`, or a free one) in a daemon thread,
+    at `path`."""
 
-    app = None
+    path = "/mcp"
 
-    def _serve(self) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
+    def _serve(self, app, port: int = 0, **config) -> None:
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.port = 0
+        self.port = port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"http://127.0.0.1:{self.port}{self.path}"
 
     def start(self):
         self.thread.start()
         deadline = time.time() + 20
         while not self.server.started:
-            if time.time() > deadline:
+            if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("MCP test server did not start")
             time.sleep(0.05)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
@@ -87,8 +89,7 @@ class McpTestServer(_Served):
             await asyncio.sleep(seconds)
             return f"waited {seconds}s"
 
-        self.app = mcp.streamable_http_app()
-        self._serve()
+        self._serve(mcp.streamable_http_app())
 
 
 LONG_TOOL = "pages.read_page_by_title_and_revision_from_the_archive"  # a dot, and long with its server's name
@@ -142,8 +143,7 @@ class DocsTestServer(_Served):
             calls.append(("prompt", {"text": text}))
             return f"Summarize this: {text}"
 
-        self.app = mcp.streamable_http_app()
-        self._serve()
+        self._serve(mcp.streamable_http_app())
 
 
 class HangingServer:
@@ -212,11 +212,7 @@ class OAuthTestServer(_Served):
             calls.append(("whoami", token.subject if token else None))
             return f"subject={token.subject if token else None}"
 
-        self.app = mcp.streamable_http_app()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.fixed_port,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.port = 0
+        self._serve(mcp.streamable_http_app(), self.fixed_port)
 
     @property
     def subject(self) -> str:
