@@ -85,6 +85,9 @@ class FlowState:
     watch: str | None = None  # a passthrough response read on the way (objects.WATCHED: a batch's status)
     client_base: str | None = None  # the gateway's URL for this instance as the client reached it (base-URL mode)
     police: object | None = None  # the admin's policies at work on this call (policy.policing.CallPolicing)
+    # A turn of a Responses WebSocket (addons/sockets.py): its flow is the gateway's own, carried by the socket's
+    # connection; the upstream watch leaves it alone (aborting its connection would end the whole socket).
+    on_socket: bool = False
 
     def __deepcopy__(self, memo) -> None:
         """Live handles stay with the live flow: a copy (capture, `-w`) carries only the recorded facts."""

@@ -1,0 +1,360 @@
+"""The Responses API over a WebSocket (issue #26, docs/responses-websocket.md): the pipeline's part.
+
+Codex CLI opens `GET …/responses` with `Upgrade: websocket` and sends one `response.create` message per turn; the
+server answers with the same JSON events an HTTP stream carries as `data:` payloads. The pipeline serves it:
+
+- the upgrade: identified like an HTTP call (a refusal is its HTTP status, before any upgrade), then pointed at the
+  provider's WebSocket (relay mode, `websocket: true`) or at the loopback server's translator (`websocket: false`,
+  flow/ws_translate.py), which sends each turn upstream as an HTTP streaming request. mitmproxy carries the
+  WebSocket either way, frame by frame as they arrive (pings and close codes included).
+- each `response.create` (`websocket_message`, from the client) is one interception: a request flow is made of the
+  message (the upgrade's headers, the message's body) and goes through the pipeline's own steps: the token checked
+  again, body limits, policies, circuit breaker, budget, the start record. A refusal drops the message (never
+  forwarded) and answers the client with the API's `error` event; the socket stays open.
+- each server event (`websocket_message`, from the server) is read by the turn's stream tap, as the SSE stream of an
+  HTTP call would be; the turn's final event (`response.completed`, `.failed`, `.incomplete`, `error`) records it
+  through the pipeline's own end (`Pipeline._finish`: usage, tool calls, thoughts, budgets, breaker, response
+  policies) and observation. Then the turn's state is dropped, and mitmproxy's list of the socket's messages is kept
+  at the last one, so a socket open for hours holds no more than one turn.
+- `generate: false` warm-ups are checked (token, limits) and relayed (relay) or answered by the translator, and are
+  not recorded: they generate nothing and spend nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from mitmproxy import ctx, http
+from mitmproxy.websocket import WebSocketMessage
+
+from ..flow.errors import error_body
+from ..flow.recorder import META_KEY
+from ..flow.routing import BadPath, Route
+from ..flow.state import STATE_KEY, TARGET_KEY, FlowState, Target
+from ..flow.tap import StreamTap
+from ..flow.ws_translate import SocketJob, TurnSpec
+from ..logsafe import printable
+
+log = logging.getLogger("aibridge")
+
+SOCKET_KEY = "aibridge.socket"
+RESPONSES_API = "openai.responses"
+TERMINAL = frozenset(("response.completed", "response.failed", "response.incomplete", "error"))
+# Never part of a turn's request: the handshake's own headers.
+_HANDSHAKE = frozenset(("upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+                        "sec-websocket-extensions", "sec-websocket-protocol", "content-length", "transfer-encoding"))
+
+
+@dataclass(eq=False, slots=True)
+class Turn:
+    """One `response.create` in flight: its request flow (the interception's) and its state."""
+
+    flow: http.HTTPFlow
+    state: FlowState
+
+
+@dataclass(eq=False)
+class Socket:
+    """One client WebSocket to the Responses API (in the upgrade flow's metadata, live only)."""
+
+    route: Route  # the POST endpoint every turn is routed to
+    target: Target
+    headers: http.Headers  # the upgrade request's headers as the client sent them (credentials included)
+    url: str
+    job: SocketJob | None = None  # translation mode: the loopback translator's job
+    turn: Turn | None = None
+    turns: int = 0
+    warming: int = 0  # warm-ups relayed whose final event has not come back yet
+    late_turns: deque = field(default_factory=deque)  # translation: turns read on after the client left
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+
+def socket_of(flow: http.HTTPFlow) -> Socket | None:
+    return flow.metadata.get(SOCKET_KEY)
+
+
+class ResponsesSockets:
+    """Called by the `Pipeline` addon for WebSocket upgrades and their messages."""
+
+    def __init__(self, pipeline) -> None:
+        self.p = pipeline
+        self.rt = pipeline.rt
+
+    # --- the upgrade ---------------------------------------------------------------------------------
+
+    def post_route(self, flow: http.HTTPFlow) -> tuple[Target, Route] | None:
+        """The Responses endpoint this upgrade is for, as a POST would route (None: not the Responses API)."""
+        target = self.p.proxy.target(flow)
+        router = self.rt.router
+        try:
+            if target.ours:
+                route = router.match_prefix(flow.request.path, "POST")
+            elif target.ai_host:
+                route = router.match_host(target.ai_host, flow.request.path, "POST")
+            else:
+                route = None
+        except BadPath:
+            route = None
+        if route is None or route.api != RESPONSES_API:
+            return None
+        return Target(target.ours, target.ai_host, route, None, route.provider.type), route
+
+    async def upgrade(self, flow: http.HTTPFlow, route: Route, hv: dict[str, str]) -> bool:
+        """Serve a WebSocket upgrade to the Responses API; False when this endpoint serves none (the caller
+        refuses it). A refusal is left on the flow as an HTTP answer."""
+        found = self.post_route(flow)
+        if found is None:
+            return False
+        target, route = found
+        ident = self.p._identify(flow, route, hv)
+        if ident is None:
+            return True
+        if not self.p._admissible(flow, route, ident):
+            return True
+        req = flow.request
+        sock = Socket(route=route, target=target, headers=req.headers.copy(), url=req.url)
+        scratch = FlowState(flow, route)  # routing only: the upgrade itself is no interception and spends nothing
+        if route.provider.websocket:
+            self.p._to_upstream(flow, scratch, ident)
+            req.headers["upgrade"] = "websocket"  # the upstream path drops protocol switches; this one is wanted
+        else:
+            if self.rt.loopback is None:
+                flow.response = self._refusal(route, 503, "aibridge: the WebSocket translator is not running")
+                return True
+            key = hv.get("sec-websocket-key", "")
+            job = SocketJob(ws_key=key, drain_seconds=self.rt.config.timeouts.drain_after_disconnect or 0.0)
+            job.late = lambda data, sock=sock: self._late(sock, data)
+            sock.job = job
+            self.p._to_loopback(flow, job)
+            # mitmproxy's handshake with the translator: no compression (the translator speaks none).
+            req.headers.pop("sec-websocket-extensions", None)
+        flow.metadata[SOCKET_KEY] = sock
+        log.info("aibridge: WebSocket to %s %s opened by user %s (%s)", route.provider.name,
+                 printable(route.upstream_path.split("?")[0]), ident.actor.user_name,
+                 "relayed" if sock.job is None else "translated to HTTP")
+        return True
+
+    @staticmethod
+    def _refusal(route: Route, status: int, message: str) -> http.Response:
+        from ..flow.errors import error_response
+        return error_response(route.provider.type, status, message)
+
+    # --- messages ------------------------------------------------------------------------------------
+
+    async def message(self, flow: http.HTTPFlow) -> None:
+        sock = socket_of(flow)
+        ws = flow.websocket
+        if sock is None or ws is None or not ws.messages:
+            return
+        msg = ws.messages[-1]
+        del ws.messages[:-1]  # mitmproxy keeps every message of a socket: only the one at hand is kept
+        if msg.injected:
+            return  # the gateway's own (a refusal's error event)
+        if msg.from_client:
+            try:
+                await self._from_client(flow, sock, msg)
+            except Exception:  # fail closed: a turn the gateway could not govern never reaches the provider
+                log.exception("aibridge: handling a WebSocket turn failed")
+                if not msg.dropped:
+                    self._refuse(flow, sock, msg, 500, "aibridge: internal error")
+        else:
+            await self._from_server(sock, msg.content)
+
+    async def _from_client(self, flow: http.HTTPFlow, sock: Socket, msg: WebSocketMessage) -> None:
+        try:
+            obj = json.loads(msg.content) if msg.is_text else None
+        except (ValueError, RecursionError):
+            obj = None
+        if not isinstance(obj, dict) or obj.get("type") != "response.create":
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            self._refuse(flow, sock, msg, 400, f"aibridge: only response.create messages are relayed here "
+                                               f"(got {printable(str(kind))[:80] if kind else 'something else'})")
+            return
+        if sock.turn is not None:  # the provider would refuse it too: one response at a time per socket
+            self._refuse(flow, sock, msg, 409, "aibridge: a response is already in progress on this WebSocket")
+            return
+        body = {k: v for k, v in obj.items() if k != "type"}
+        warmup = body.get("generate") is False
+        had_stream = "stream" in body
+        body["stream"] = True  # the transport streams: recorded as a streamed call
+        turn_flow = self._turn_flow(flow, sock, body)
+        got = await self.p._socket_turn(turn_flow, sock.route, warmup,
+                                        None if sock.job is not None else sock.route.provider.name)
+        if got is None or turn_flow.response is not None:  # refused: the API's error event, never forwarded
+            state = turn_flow.metadata.get(STATE_KEY)
+            if state is not None:
+                self.rt.inflight.discard(state)
+            if turn_flow.response is None:
+                self._refuse(flow, sock, msg, 500, "aibridge: internal error")
+                return
+            resp = turn_flow.response
+            try:
+                err = json.loads(resp.content or b"{}").get("error")
+            except (ValueError, AttributeError):
+                err = None
+            self._refuse(flow, sock, msg, resp.status_code, None, err)
+            return
+        state, ident = got
+        sent = json.loads(turn_flow.request.content) if state.interception is not None else body
+        if not had_stream:
+            sent.pop("stream", None)
+        changed = sent != {k: v for k, v in obj.items() if k != "type"}
+        if changed:  # a policy redacted or rerouted it: the provider gets what was recorded
+            msg.content = json.dumps({"type": "response.create", **sent}, ensure_ascii=False).encode()
+        if sock.job is not None:
+            self.p._to_upstream(turn_flow, state, ident)
+            headers = [(k, v) for k, v in turn_flow.request.headers.items(multi=True)
+                       if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")]
+            headers.append(("accept-encoding", "identity"))
+            sock.job.pending.append(TurnSpec(turn_flow.request.url, headers, None if warmup else sent))
+        if warmup:
+            sock.warming += 1
+            return
+        sock.turns += 1
+        sock.turn = Turn(turn_flow, state)
+        state.tap = StreamTap(state.interception.codec)
+        state.on_socket = True
+        state.forwarded_at = time.time()
+        obs = ctx.master.addons.get("observation") if ctx.master is not None else None
+        if obs is not None:
+            obs.request(turn_flow)
+
+    def _turn_flow(self, flow: http.HTTPFlow, sock: Socket, body: dict) -> http.HTTPFlow:
+        """The request flow one turn is governed and recorded as: the upgrade's client and headers, the message's
+        body, routed like the upgrade."""
+        content = json.dumps(body, ensure_ascii=False).encode()
+        headers = http.Headers([(k, v) for k, v in sock.headers.fields if k.decode("latin-1").lower() not in _HANDSHAKE])
+        headers["content-type"] = "application/json"
+        headers["content-length"] = str(len(content))
+        req = http.Request.make("POST", sock.url, content, headers)
+        req.method = "POST"
+        req.timestamp_start = time.time()
+        turn = http.HTTPFlow(flow.client_conn, flow.server_conn, live=True)
+        turn.request = req
+        turn.metadata[TARGET_KEY] = sock.target
+        return turn
+
+    def _refuse(self, flow: http.HTTPFlow, sock: Socket, msg: WebSocketMessage, status: int, message: str | None,
+                err: dict | None = None) -> None:
+        """Drop the client's message and answer it with the API's `error` event; the socket stays usable."""
+        msg.drop()
+        if err is None:
+            err = error_body(sock.route.provider.type, status, message or "refused").get("error") or {"message": message}
+        event = {"type": "error", "status": status, "error": err}
+        ctx.master.commands.call("inject.websocket", flow, True, json.dumps(event).encode(), True)
+
+    async def _from_server(self, sock: Socket, content: bytes | str) -> None:
+        turn = sock.turn
+        if turn is None:
+            if sock.warming and _event_type(content) in TERMINAL:
+                sock.warming -= 1
+            return
+        tap = turn.state.tap
+        if tap.broken is None:
+            data = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+            try:
+                tap.bytes_seen += len(data)
+                tap.last_activity = time.time()
+                _feed(tap, data)
+            except Exception as e:  # malformed provider output: the turn is recorded with what was read
+                tap.broken = f"{type(e).__name__}: {e}"
+        s = tap.summary
+        if s.complete or s.error:
+            sock.turn = None
+            await self._end_turn(turn, None)
+
+    async def _end_turn(self, turn: Turn, error: str | None) -> None:
+        """Record the turn through the pipeline's own end, then let go of it."""
+        flow, state = turn.flow, turn.state
+        tap = state.tap
+        if tap is not None:
+            tap.closed = True
+        resp = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+        resp.timestamp_start = state.forwarded_at or time.time()
+        resp.timestamp_end = time.time()
+        flow.response = resp
+        if error is not None:
+            from mitmproxy.flow import Error
+            flow.error = Error(error)
+        try:
+            done = self.p._finish(flow)
+            if done is not None and hasattr(done, "__await__"):
+                await done
+        except Exception:
+            log.exception("aibridge: recording a WebSocket turn failed")
+        obs = ctx.master.addons.get("observation") if ctx.master is not None else None
+        if obs is not None:
+            obs.response(flow)
+        flow.metadata.pop(STATE_KEY, None)
+        flow.metadata.pop(META_KEY, None)
+
+    # --- the end -------------------------------------------------------------------------------------
+
+    async def end(self, flow: http.HTTPFlow) -> None:
+        """The socket closed: a turn still open is recorded now (relay mode: with what came; translation mode:
+        the translator reads the provider's answer on and records it with its final usage)."""
+        sock = flow.metadata.pop(SOCKET_KEY, None)
+        if sock is None:
+            return
+        if flow.websocket is not None:
+            flow.websocket.messages.clear()
+        turn, sock.turn = sock.turn, None
+        if turn is None:
+            return
+        by_client = flow.websocket is not None and flow.websocket.closed_by_client
+        if by_client:
+            turn.state.client_gone = "client disconnected"
+            turn.state.interception.client_gone = True
+            turn.flow.metadata[META_KEY]["client_gone"] = True
+        if sock.job is not None and sock.job.turning and by_client:
+            sock.late_turns.append(turn)  # recorded when the translator has read the provider's answer to its end
+            return
+        why = "client disconnected" if by_client else "the WebSocket closed before the response completed"
+        await self._end_turn(turn, why)
+
+    def _late(self, sock: Socket, data: str | None) -> None:
+        """Translation mode, after the client left mid-turn: the provider's events, then None at their end."""
+        if not sock.late_turns:
+            return
+        turn = sock.late_turns[0]
+        if data is not None:
+            tap = turn.state.tap
+            if tap.broken is None:
+                try:
+                    _feed(tap, data)
+                except Exception as e:
+                    tap.broken = f"{type(e).__name__}: {e}"
+            return
+        sock.late_turns.popleft()
+        s = turn.state.tap.summary
+        error = None if s.complete and not s.error else "client disconnected"
+        import asyncio
+        task = asyncio.ensure_future(self._end_turn(turn, error))
+        _LATE_TASKS.add(task)
+        task.add_done_callback(_LATE_TASKS.discard)
+
+
+_LATE_TASKS: set = set()
+
+
+def _feed(tap: StreamTap, data: str) -> None:
+    """One server event, read as the SSE event it is over HTTP."""
+    from ..flow.sse import SSEEvent
+    tap.codec.on_event(SSEEvent(_event_type(data) or "", data), tap.summary)
+
+
+def _event_type(content: bytes | str) -> str | None:
+    """The event's `type`, read cheaply (the events are JSON objects whose first key is `type`)."""
+    head = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
+    i = head.find('"type"')
+    if i < 0:
+        return None
+    j = head.find('"', head.find(":", i) + 1)
+    k = head.find('"', j + 1)
+    return head[j + 1:k] if j >= 0 and k > j else None

@@ -1,0 +1,106 @@
+"""A provider stand-in serving the Responses API over a WebSocket (OpenAI's `wss://…/v1/responses`), speaking the
+documented event sequence: `response.created`, `response.output_text.delta`…, `response.output_item.done`,
+`response.completed` with usage; a `generate: false` warm-up gets `response.created` and `response.completed` with
+no output and no usage. Runs the `websockets` package's server in a thread of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+from websockets.asyncio.server import serve
+
+
+class WsUpstream:
+    def __init__(self) -> None:
+        self.port = 0
+        self.handshakes: list[dict] = []  # the upgrade requests' headers (lower-case names)
+        self.messages: list[dict] = []  # every message received, in order
+        self.closes: list[int | None] = []  # the close code each connection ended with
+        self.usage = (21, 5)
+        self.deltas = ["Hello ", "over ", "a socket."]
+        self.delay = 0.0  # seconds between events
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._n = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "WsUpstream":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        self._thread.join(5)
+
+    def reset(self) -> None:
+        self.handshakes.clear()
+        self.messages.clear()
+        self.closes.clear()
+        self.delay = 0.0
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        async with serve(self._handler, "127.0.0.1", 0, process_request=self._head) as server:
+            self._server = server
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await server.wait_closed()
+
+    def _head(self, connection, request):
+        self.handshakes.append({k.lower(): v for k, v in request.headers.raw_items()})
+        return None
+
+    async def _handler(self, ws) -> None:
+        try:
+            async for raw in ws:
+                msg = json.loads(raw)
+                self.messages.append(msg)
+                if msg.get("type") != "response.create":
+                    await ws.send(json.dumps({"type": "error", "status": 400,
+                                              "error": {"type": "invalid_request_error", "message": "unknown"}}))
+                    continue
+                for event in self.events(msg):
+                    await ws.send(json.dumps(event))
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+        except Exception:
+            pass
+        finally:
+            self.closes.append(ws.close_code)
+
+    def events(self, msg: dict) -> list[dict]:
+        self._n += 1
+        rid = f"resp_ws_{self._n}"
+        resp = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+                "model": msg.get("model"), "output": [], "usage": None}
+        if msg.get("generate") is False:
+            return [{"type": "response.created", "sequence_number": 0, "response": resp},
+                    {"type": "response.completed", "sequence_number": 1, "response": {**resp, "status": "completed"}}]
+        text = "".join(self.deltas)
+        item = {"id": f"msg_{self._n}", "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        out = [{"type": "response.created", "sequence_number": 0, "response": resp}]
+        for n, d in enumerate(self.deltas):
+            out.append({"type": "response.output_text.delta", "sequence_number": n + 1, "item_id": item["id"],
+                        "output_index": 0, "content_index": 0, "delta": d})
+        done = {**resp, "status": "completed", "output": [item],
+                "usage": {"input_tokens": self.usage[0], "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": self.usage[1], "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": sum(self.usage)}}
+        out.append({"type": "response.output_item.done", "sequence_number": len(out), "output_index": 0,
+                    "item": item})
+        out.append({"type": "response.completed", "sequence_number": len(out), "response": done})
+        return out

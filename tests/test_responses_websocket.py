@@ -1,0 +1,283 @@
+"""The Responses API over a WebSocket (issue #26): relayed to a provider's WebSocket (`websocket: true`) or
+translated to HTTP streaming requests (`websocket: false`), each `response.create` one interception, governed and
+recorded like an HTTP call. A real gateway, a real WebSocket client (`websockets`), a WebSocket stand-in and the
+HTTP stand-in."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.support.gateway import UPSTREAM_OPENAI_KEY, Gateway
+from tests.support.mock_upstream import Reply
+from tests.support.wire import responses_stream
+from tests.support.ws_upstream import WsUpstream
+
+pytestmark = pytest.mark.timeout(120)
+BETA = {"OpenAI-Beta": "responses_websockets=2026-02-06"}
+WS_KEY = "sk-proj-ws-upstream-0123456789abcdefSECRET"
+
+
+@pytest.fixture(scope="module")
+def wsup():
+    up = WsUpstream().start()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def wgw(tmp_path_factory, upstream, wsup):
+    """`relay` (a WebSocket provider) and `translate` (the HTTP stand-in): both serve the Responses WebSocket."""
+    gw = Gateway(tmp_path_factory.mktemp("ws-gw"), upstream.url, providers=[
+        {"name": "relay", "type": "openai", "base_url": wsup.url + "/v1/", "key": WS_KEY, "websocket": True},
+        {"name": "translate", "type": "openai", "base_url": upstream.url + "/v1/", "key": UPSTREAM_OPENAI_KEY},
+    ], extra={
+        "budgets": {"users": {"capped-relay": {"requests_per_minute": 1}, "capped-translate": {"requests_per_minute": 1}}},
+        "policies": {"rules": [{"name": "no-forbidden", "hook": "request", "when": 'model == "forbidden-model"',
+                                "action": "deny", "message": "that model is not allowed here"}]},
+    }).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def env(wgw, upstream, wsup):
+    upstream.reset()
+    wsup.reset()
+    yield wgw
+    upstream.reset()
+    wsup.reset()
+
+
+_n = iter(range(1, 10_000))
+
+
+def new_user(gw, name: str | None = None) -> tuple[str, str]:
+    name = name or f"wsuser{next(_n)}-{int(time.time() * 1000) % 100000}"
+    return name, gw.new_user(name)
+
+
+def ws_url(gw, mode: str) -> str:
+    return gw.url.replace("http://", "ws://") + f"/{mode}/v1/responses"
+
+
+def open_ws(gw, mode: str, token: str):
+    return connect(ws_url(gw, mode), additional_headers={"Authorization": f"Bearer {token}", **BETA,
+                                                           "User-Agent": "codex_exec/0.171.0 (test)",
+                                                           "session_id": "sess-ws-1"},
+                   open_timeout=10, max_size=None)
+
+
+def create(prompt: str, model: str = "gpt-5", **extra) -> str:
+    return json.dumps({"type": "response.create", "model": model, "instructions": "be brief",
+                       "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": prompt}]}],
+                       "tools": [], "store": False, **extra})
+
+
+def turn(ws, message: str, timeout: float = 15) -> list[dict]:
+    """Send one message; the events up to the turn's final one."""
+    ws.send(message)
+    out = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ev = json.loads(ws.recv(timeout=deadline - time.time()))
+        out.append(ev)
+        if ev.get("type") in ("response.completed", "response.failed", "response.incomplete", "error"):
+            return out
+    raise AssertionError(f"no final event: {out}")
+
+
+def rows(gw, user: str, n: int) -> list[dict]:
+    got = gw.wait_for(
+        "SELECT i.*, p.prompt FROM aibridge_interceptions i JOIN aibridge_users u ON u.id = i.initiator_id "
+        "LEFT JOIN aibridge_user_prompts p ON p.interception_id = i.id "
+        f"WHERE u.name = '{user}' AND i.status <> 'in_progress' ORDER BY i.started_at",
+        lambda r: len(r) >= n)
+    return got
+
+
+def usage(gw, interception_id: str) -> list[tuple]:
+    return [(u["input_tokens"], u["output_tokens"]) for u in gw.sql(
+        f"SELECT input_tokens, output_tokens FROM aibridge_token_usages WHERE interception_id = '{interception_id}'")]
+
+
+def script_http(upstream, n: int, usage_=(12, 7)) -> None:
+    upstream.script(*[Reply.sse(responses_stream(f"Answer {i}", usage_)) for i in range(n)])
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_turns_on_one_socket_are_each_recorded_exactly(env, upstream, wsup, mode):
+    gw = env
+    user, token = new_user(gw)
+    script_http(upstream, 3)
+    expected = wsup.usage if mode == "relay" else (12, 7)
+    with open_ws(gw, mode, token) as ws:
+        for i in range(3):
+            events = turn(ws, create(f"question {i} from {user}"))
+            assert [e["type"] for e in events][0] == "response.created"
+            assert events[-1]["type"] == "response.completed", events
+    got = rows(gw, user, 3)
+    assert [r["prompt"] for r in got] == [f"question {i} from {user}" for i in range(3)]
+    for r in got:
+        assert (r["status"], r["model"], r["api"], r["provider_name"], r["stream"]) == \
+            ("completed", "gpt-5", "openai.responses", mode, True), r
+        assert r["client"] == "Codex" and r["credential_kind"] == "centralized", r
+        assert usage(gw, r["id"]) == [expected]
+    assert len({r["id"] for r in got}) == 3
+    if mode == "relay":  # the central key went upstream, never the gateway token
+        assert wsup.handshakes[-1]["authorization"] == f"Bearer {WS_KEY}"
+        assert [m["type"] for m in wsup.messages] == ["response.create"] * 3
+    else:
+        sent = [s for s in upstream.seen if s.path.endswith("/responses")]
+        assert len(sent) == 3 and all(s.headers.get("authorization") == f"Bearer {UPSTREAM_OPENAI_KEY}" for s in sent)
+        body = sent[0].json()
+        assert body["stream"] is True and "type" not in body and body["model"] == "gpt-5"
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_a_bad_token_is_refused_before_the_upgrade(env, mode):
+    with pytest.raises(InvalidStatus) as e:
+        open_ws(env, mode, "not-a-gateway-token").close()
+    assert e.value.response.status_code == 401
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_warm_ups_are_answered_and_not_recorded(env, upstream, wsup, mode):
+    gw = env
+    user, token = new_user(gw)
+    script_http(upstream, 1)
+    with open_ws(gw, mode, token) as ws:
+        warm = turn(ws, create("warm", generate=False))
+        assert [e["type"] for e in warm] == ["response.created", "response.completed"]
+        prev = warm[-1]["response"]["id"]
+        events = turn(ws, create(f"real question {user}", previous_response_id=prev))
+        assert events[-1]["type"] == "response.completed"
+    got = rows(gw, user, 1)
+    time.sleep(0.3)
+    assert len(rows(gw, user, 1)) == 1 and got[0]["prompt"] == f"real question {user}"
+    if mode == "translate":  # the HTTP upstream got the whole conversation: the warm-up's input, then the new turn
+        sent = [s.json() for s in upstream.seen if s.path.endswith("/responses")]
+        assert len(sent) == 1 and "previous_response_id" not in sent[0]
+        assert [i["content"][0]["text"] for i in sent[0]["input"]] == ["warm", f"real question {user}"]
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_policy_and_budget_refusals_keep_the_socket_usable(env, upstream, wsup, mode):
+    gw = env
+    user, token = new_user(gw, f"capped-{mode}")
+    script_http(upstream, 2)
+    with open_ws(gw, mode, token) as ws:
+        denied = turn(ws, create("hello", model="forbidden-model"))
+        assert [e["type"] for e in denied] == ["error"]
+        assert denied[0]["status"] == 403 and "no-forbidden" in denied[0]["error"]["message"]
+        ok = turn(ws, create("first"))
+        assert ok[-1]["type"] == "response.completed"
+        over = turn(ws, create("second"))
+        assert [e["type"] for e in over] == ["error"] and over[0]["status"] == 429, over
+    got = rows(gw, user, 3)
+    assert sorted(r["status"] for r in got) == ["completed", "rejected", "rejected"]
+    if mode == "relay":  # refused turns never reached the provider
+        assert [m["model"] for m in wsup.messages] == ["gpt-5"]
+    else:
+        assert len([s for s in upstream.seen if s.path.endswith("/responses")]) == 1
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_a_revoked_token_stops_the_next_turn(env, upstream, wsup, mode):
+    gw = env
+    user, token = new_user(gw)
+    script_http(upstream, 2)
+    with open_ws(gw, mode, token) as ws:
+        assert turn(ws, create("before"))[-1]["type"] == "response.completed"
+        tid = next(row[0] for row in gw.op("tokens.list", user=user)["rows"])
+        gw.op("tokens.revoke", id=tid)
+        deadline = time.time() + 5
+        while True:  # the gateway learns of the revocation within about a second
+            events = turn(ws, create("after"))
+            if events[-1]["type"] == "error" or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        assert [e["type"] for e in events] == ["error"] and events[0]["status"] == 401, events
+    if mode == "relay":
+        assert [m["input"][0]["content"][0]["text"] for m in wsup.messages].count("after") <= 1
+
+
+def test_relay_passes_frames_as_they_come_and_a_client_closing_mid_turn_is_recorded(env, wsup):
+    gw = env
+    user, token = new_user(gw)
+    wsup.delay = 0.3
+    with open_ws(gw, "relay", token) as ws:
+        ws.send(create("slow"))
+        first = json.loads(ws.recv(timeout=5))
+        t0 = time.time()
+        second = json.loads(ws.recv(timeout=5))
+        assert (first["type"], second["type"]) == ("response.created", "response.output_text.delta")
+        assert 0.15 < time.time() - t0 < 1.5  # one frame per event, as the provider sent it
+    got = rows(gw, user, 1)
+    assert got[0]["status"] == "failed" and "client" in (got[0]["error"] or "")
+    meta = json.loads(got[0]["metadata"] or "{}")
+    assert meta.get("client_disconnected") is True
+
+
+def test_translate_client_closing_mid_turn_gets_the_providers_final_usage(env, upstream):
+    gw = env
+    user, token = new_user(gw)
+    upstream.script(Reply.sse(responses_stream("late answer", (40, 4)), delay=0.4))
+    with open_ws(gw, "translate", token) as ws:
+        ws.send(create("close early"))
+        assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+    got = rows(gw, user, 1)
+    assert got[0]["status"] == "completed", got[0]
+    assert usage(gw, got[0]["id"]) == [(40, 4)]
+    assert json.loads(got[0]["metadata"])["client_disconnected"] is True
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_many_turns_on_one_socket_hold_no_memory(env, upstream, wsup, mode):
+    """A long socket compressed: 60 turns, each recorded; the gateway keeps no per-turn state between them."""
+    gw = env
+    user, token = new_user(gw)
+    n = 60
+    upstream.default = Reply.sse(responses_stream("again", (3, 2)))
+    with open_ws(gw, mode, token) as ws:
+        for i in range(n):
+            assert turn(ws, create(f"turn {i}"))[-1]["type"] == "response.completed"
+        health = json.loads(__import__("httpx").get(gw.url + "/aibridge/healthz", trust_env=False).text)
+        assert health["inflight"] == 0
+    got = rows(gw, user, n)
+    assert len(got) == n and {r["status"] for r in got} == {"completed"}
+
+
+def test_proxy_mode_websocket_to_api_openai_com(tmp_path, upstream, wsup):
+    """Proxy mode: `wss://api.openai.com/v1/responses` through the gateway as an HTTPS proxy (CONNECT), relayed."""
+    pytest.importorskip("websockets")
+    gw = Gateway(tmp_path / "proxy", upstream.url, providers=[
+        {"name": "openai", "type": "openai", "base_url": wsup.url + "/v1/", "key": WS_KEY, "websocket": True,
+         "hosts": ["api.openai.com"]}]).start()
+    try:
+        wsup.reset()
+        user, token = new_user(gw)
+        import socket
+        import ssl
+
+        from websockets.sync.client import ClientConnection  # noqa: F401
+        sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        sock.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        ctx = ssl.create_default_context(cafile=str(gw.ca))
+        with connect("wss://api.openai.com/v1/responses", sock=sock, ssl=ctx, server_hostname="api.openai.com",
+                     additional_headers={"Authorization": f"Bearer {token}", **BETA}, open_timeout=10) as ws:
+            events = turn(ws, create(f"proxied {user}"))
+            assert events[-1]["type"] == "response.completed"
+        got = rows(gw, user, 1)
+        assert got[0]["prompt"] == f"proxied {user}" and usage(gw, got[0]["id"]) == [wsup.usage]
+        assert wsup.handshakes[-1]["authorization"] == f"Bearer {WS_KEY}"
+    finally:
+        gw.stop()
