@@ -281,3 +281,58 @@ def test_proxy_mode_websocket_to_api_openai_com(tmp_path, upstream, wsup):
         assert wsup.handshakes[-1]["authorization"] == f"Bearer {WS_KEY}"
     finally:
         gw.stop()
+
+
+# --- Codex CLI, unmodified ------------------------------------------------------------------------------------
+
+def _codex(tmp_path, gw, token: str, base: str, proxy: str | None = None):
+    import subprocess
+
+    from aibridge_gw.certs import bundle
+
+    from tests.support.clients import clean_env, npm_bin
+    exe = npm_bin("@openai/codex", "codex")
+    home = tmp_path / "home"
+    codex_home = home / ".codex"
+    codex_home.mkdir(parents=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    # A custom provider uses the Responses WebSocket when its config says it supports one.
+    (codex_home / "config.toml").write_text(
+        'model_provider = "aibridge"\nmodel = "gpt-5"\n\n[model_providers.aibridge]\nname = "aibridge"\n'
+        f'base_url = "{base}"\nenv_key = "AIBRIDGE_TOKEN"\nwire_api = "responses"\nsupports_websockets = true\n')
+    env = clean_env(home, AIBRIDGE_TOKEN=token, CODEX_HOME=str(codex_home), RUST_LOG="warn", PWD=str(work))
+    if proxy:
+        env.update(HTTPS_PROXY=proxy, https_proxy=proxy, SSL_CERT_FILE=str(bundle(gw.workdir / "certs")))
+    return subprocess.run([str(exe), "exec", "--skip-git-repo-check", f"Say hello over a socket to {token[-6:]}"],
+                          env=env, cwd=work, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["translate", "relay"])
+def test_codex_cli_uses_the_websocket_in_base_url_mode(env, tmp_path, upstream, wsup, mode):
+    from tests.support.clients import ANSWER, USAGE, answer
+    gw = env
+    user, token = new_user(gw)
+    upstream.check = answer
+    upstream.default = Reply.json({"object": "list", "data": []})
+    wsup.deltas, wsup.usage = [ANSWER], USAGE
+    try:
+        r = _codex(tmp_path, gw, token, f"{gw.url}/{mode}/v1")
+    finally:
+        wsup.deltas, wsup.usage = ["Hello ", "over ", "a socket."], (21, 5)
+    out = r.stdout + r.stderr
+    assert ANSWER in r.stdout, out
+    assert "failed to connect to Responses WebSocket" not in out and "falling back to HTTP" not in out, out
+    recorded = rows(gw, user, 1)
+    time.sleep(0.5)
+    assert len(rows(gw, user, 1)) == 1, "the warm-up (generate: false) is not recorded"
+    got = recorded[0]
+    assert token[-6:] in got["prompt"]
+    assert (got["status"], got["client"], got["api"], got["stream"]) == ("completed", "Codex", "openai.responses", True)
+    assert got["client_session_id"] and json.loads(got["metadata"])["transport"] == "websocket"
+    assert usage(gw, got["id"]) == [USAGE]
+    if mode == "translate":  # the turn went upstream as an HTTP streaming request
+        assert any(s.path.endswith("/v1/responses") and s.method == "POST" for s in upstream.seen)
+    else:
+        assert any(m.get("type") == "response.create" for m in wsup.messages)

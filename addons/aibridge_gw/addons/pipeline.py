@@ -240,6 +240,7 @@ class Pipeline:
             return state, ident
         if await self._open(flow, state, ident, hv, inject=False) is REFUSED:
             return None
+        state.interception.facts["transport"] = "websocket"  # in the record's metadata
         if relayed_to is not None and state.route.provider.name != relayed_to:
             message = (f"aibridge policy: this WebSocket is relayed to provider {relayed_to!r}; a turn cannot be "
                        f"routed to {state.route.provider.name!r}")
