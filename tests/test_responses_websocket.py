@@ -336,3 +336,32 @@ def test_codex_cli_uses_the_websocket_in_base_url_mode(env, tmp_path, upstream, 
         assert any(s.path.endswith("/v1/responses") and s.method == "POST" for s in upstream.seen)
     else:
         assert any(m.get("type") == "response.create" for m in wsup.messages)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_codex_cli_uses_the_websocket_in_proxy_mode(tmp_path, upstream, wsup, mode):
+    """HTTPS_PROXY: Codex opens wss://api.openai.com/v1/responses through the gateway's CONNECT tunnel."""
+    from tests.support.clients import ANSWER, USAGE, answer
+    base = wsup.url if mode == "relay" else upstream.url
+    gw = Gateway(tmp_path / "gw", upstream.url, providers=[
+        {"name": "openai", "type": "openai", "base_url": base + "/v1/", "key": WS_KEY, "hosts": ["api.openai.com"],
+         "websocket": mode == "relay"}]).start()
+    upstream.reset()
+    wsup.reset()
+    upstream.check = answer
+    upstream.default = Reply.json({"object": "list", "data": []})
+    wsup.deltas, wsup.usage = [ANSWER], USAGE
+    try:
+        user, token = new_user(gw)
+        r = _codex(tmp_path, gw, token, "https://api.openai.com/v1", proxy=f"http://{user}:{token}@127.0.0.1:{gw.port}")
+        out = r.stdout + r.stderr
+        assert ANSWER in r.stdout, out
+        assert "failed to connect to Responses WebSocket" not in out and "falling back to HTTP" not in out, out
+        got = rows(gw, user, 1)[0]
+        assert token[-6:] in got["prompt"] and got["status"] == "completed" and got["client"] == "Codex"
+        assert json.loads(got["metadata"])["transport"] == "websocket" and usage(gw, got["id"]) == [USAGE]
+    finally:
+        wsup.deltas, wsup.usage = ["Hello ", "over ", "a socket."], (21, 5)
+        upstream.reset()
+        gw.stop()
