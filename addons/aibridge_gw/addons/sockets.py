@@ -22,6 +22,7 @@ server answers with the same JSON events an HTTP stream carries as `data:` paylo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -319,10 +320,11 @@ class ResponsesSockets:
         await self._end_turn(turn, why)
 
     def _late(self, sock: Socket, data: str | None) -> None:
-        """Translation mode, after the client left mid-turn: the provider's events, then None at their end."""
-        if not sock.late_turns:
+        """Translation mode, after the client left mid-turn: the provider's events, then None at their end. Until
+        mitmproxy's `websocket_end` has run, the turn is still the socket's own (`end` records it then)."""
+        turn = sock.late_turns[0] if sock.late_turns else sock.turn
+        if turn is None:
             return
-        turn = sock.late_turns[0]
         if data is not None:
             tap = turn.state.tap
             if tap.broken is None:
@@ -331,10 +333,11 @@ class ResponsesSockets:
                 except Exception as e:
                     tap.broken = f"{type(e).__name__}: {e}"
             return
+        if not sock.late_turns:
+            return
         sock.late_turns.popleft()
         s = turn.state.tap.summary
         error = None if s.complete and not s.error else "client disconnected"
-        import asyncio
         task = asyncio.ensure_future(self._end_turn(turn, error))
         _LATE_TASKS.add(task)
         task.add_done_callback(_LATE_TASKS.discard)
