@@ -365,3 +365,39 @@ def test_codex_cli_uses_the_websocket_in_proxy_mode(tmp_path, upstream, wsup, mo
         wsup.deltas, wsup.usage = ["Hello ", "over ", "a socket."], (21, 5)
         upstream.reset()
         gw.stop()
+
+
+def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_translated_socket(tmp_path, upstream):
+    """An injected tool's loop runs as on HTTP: the gateway calls the tool and continues; the client sees one
+    response over its socket, without the injected tool; every round recorded in one interception."""
+    from tests.support.fixtures import capture
+    from tests.support.mcp_server import McpTestServer
+
+    mcp = McpTestServer().start()
+    gw = Gateway(tmp_path / "mcp", upstream.url, extra={
+        "mcp_servers": [{"name": "coder", "url": mcp.url, "tool_deny_regex": "^create_gist$"}],
+        "mcp": {"tool_timeout_seconds": 5, "list_timeout_seconds": 3}}).start()
+    try:
+        upstream.reset()
+        user, token = new_user(gw)
+        cap = capture("openai/responses/streaming/single_injected_tool.txtar")
+        upstream.script(Reply.from_capture(cap, True), Reply.from_capture(cap, True, "/tool-call"))
+        body = dict(cap.request)
+        body.pop("stream", None)
+        with open_ws(gw, "openai", token) as ws:
+            events = turn(ws, json.dumps({"type": "response.create", **body}), timeout=30)
+        assert events[-1]["type"] == "response.completed", events[-3:]
+        assert [e["type"] for e in events].count("response.created") == 1
+        assert all("bmcp_" not in json.dumps(e) for e in events)
+        assert [c[0] for c in mcp.calls] == ["coder_list_templates"]
+        second = upstream.seen[1].json()
+        assert [i for i in second["input"] if i.get("type") == "function_call_output"]
+        (ic,) = gw.interceptions(user)
+        assert ic["status"] == "completed" and json.loads(ic["metadata"])["transport"] == "websocket"
+        assert len(usage(gw, ic["id"])) == 2
+        tools = gw.sql(f"SELECT tool, injected FROM aibridge_tool_usages WHERE interception_id = '{ic['id']}'")
+        assert [t["tool"] for t in tools if t["injected"]] == ["bmcp_coder_coder_list_templates"]
+    finally:
+        gw.stop()
+        mcp.stop()
+        upstream.reset()

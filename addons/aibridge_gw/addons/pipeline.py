@@ -221,11 +221,11 @@ class Pipeline:
         return adapter
 
     async def _socket_turn(self, flow: http.HTTPFlow, route: Route, warmup: bool, relayed_to: str | None
-                           ) -> tuple[FlowState, Identity] | None:
+                           ) -> tuple[FlowState, Identity, object] | None:
         """One `response.create` on a Responses WebSocket (addons/sockets.py), made a request flow and governed as
         its HTTP call is, up to the upstream: the token checked again, limits, policies, breaker, budget, the start
-        record. A refusal is left on the flow (the HTTP answer it would be); None then. A warm-up (`generate:
-        false`) is checked and not recorded. `relayed_to`: the provider instance a relayed socket is connected to
+        record, central MCP tools (the tool loop's adapter, or None). A refusal is left on the flow (the HTTP answer
+        it would be); None then. A warm-up (`generate: false`) is checked and not recorded. `relayed_to`: the provider instance a relayed socket is connected to
         (a policy cannot route its turns elsewhere)."""
         hv = header_view(flow.request.headers)
         ident = self._identify(flow, route, hv)
@@ -237,8 +237,9 @@ class Pipeline:
             return None
         state = flow.metadata[STATE_KEY] = FlowState(flow, route)
         if warmup:
-            return state, ident
-        if await self._open(flow, state, ident, hv, inject=False) is REFUSED:
+            return state, ident, None
+        adapter = await self._open(flow, state, ident, hv)
+        if adapter is REFUSED:
             return None
         state.interception.facts["transport"] = "websocket"  # in the record's metadata
         if relayed_to is not None and state.route.provider.name != relayed_to:
@@ -248,7 +249,7 @@ class Pipeline:
             self.rt.recorder.rejected(state.interception, 403, message)
             flow.response = error_response(route.provider.type, 403, message)
             return None
-        return state, ident
+        return state, ident, adapter
 
     def _route(self, flow: http.HTTPFlow) -> Route | None:
         """The provider endpoint this request is for; None (with an answer on the flow, unless it is not the
@@ -651,8 +652,16 @@ class Pipeline:
     def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str],
                  pool=None) -> None:
         """Hand the flow to the injected-tool loop, through the loopback server; mitmproxy relays what it produces."""
+        job = self._loop_job(flow, state, ident, adapter, hv, pool)
+        self._to_loopback(flow, job)
+        state.via_loop = True
+        state.loop_job = job
+
+    def _loop_job(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str],
+                  pool=None) -> LoopJob:
+        """The injected-tool loop's job for a flow pointed upstream (`_to_upstream`)."""
         req, prov = flow.request, state.route.provider
-        job = LoopJob(
+        return LoopJob(
             url=req.url, headers=upstream_headers(req.headers), adapter=adapter,
             provider_type=prov.type, user_id=ident.actor.user_id,
             max_rounds=self.rt.config.mcp.max_rounds, state=state,
@@ -660,9 +669,6 @@ class Pipeline:
             request_headers=hv, pool=pool, auth_header=PROVIDERS[prov.type].auth_header,
             gate=_tool_decider(state), vet=_injected_vetter(state),
         )
-        self._to_loopback(flow, job)
-        state.via_loop = True
-        state.loop_job = job
 
     def _to_relay(self, flow: http.HTTPFlow, state: FlowState, pool) -> None:
         """Send the request through the gateway's own client, which tries the pool's keys in turn."""

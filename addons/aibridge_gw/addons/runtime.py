@@ -573,7 +573,7 @@ class Runtime:
         self._configure_gateway(gateway)
         await gateway.start()
         loopback = LoopbackServer({LoopJob: tool_loop, RelayJob: Relay(client), McpJob: gateway,
-                                   SocketJob: Translator(client)})
+                                   SocketJob: Translator(client, tool_loop)})
         await loopback.start()
         self.loopback, self.tool_loop, self.mcp_gateway = loopback, tool_loop, gateway
 

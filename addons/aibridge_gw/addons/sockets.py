@@ -56,6 +56,7 @@ class Turn:
 
     flow: http.HTTPFlow
     state: FlowState
+    socket: "Socket | None" = None
 
 
 @dataclass(eq=False)
@@ -177,6 +178,8 @@ class ResponsesSockets:
             self._refuse(flow, sock, msg, 400, f"aibridge: only response.create messages are relayed here "
                                                f"(got {printable(str(kind))[:80] if kind else 'something else'})")
             return
+        if sock.turn is not None and sock.turn.state.via_loop and sock.turn.state.loop_summary is not None:
+            await asyncio.sleep(0)  # the loop has ended; its record is being written
         if sock.turn is not None:  # the provider would refuse it too: one response at a time per socket
             self._refuse(flow, sock, msg, 409, "aibridge: a response is already in progress on this WebSocket")
             return
@@ -201,30 +204,73 @@ class ResponsesSockets:
                 err = None
             self._refuse(flow, sock, msg, resp.status_code, None, err)
             return
-        state, ident = got
+        state, ident, adapter = got
         sent = json.loads(turn_flow.request.content) if state.interception is not None else body
         if not had_stream:
             sent.pop("stream", None)
         changed = sent != {k: v for k, v in obj.items() if k != "type"}
         if changed:  # a policy redacted or rerouted it: the provider gets what was recorded
             msg.content = json.dumps({"type": "response.create", **sent}, ensure_ascii=False).encode()
+        loop = None
+        if adapter is not None or sock.job is not None:  # sent over HTTP by the gateway: pointed upstream here
+            pool = self.rt.pools.get(state.route.provider.name) if ident.byok_credential is None else None
+            self.p._to_upstream(turn_flow, state, ident, pooled=adapter is not None and pool is not None)
+            if adapter is not None:
+                from .pipeline import header_view  # (pipeline imports this module)
+                loop = self.p._loop_job(turn_flow, state, ident, adapter, header_view(sock.headers), pool)
+                state.via_loop, state.loop_job = True, loop
+        turn = None if warmup else Turn(turn_flow, state, sock)
         if sock.job is not None:
-            self.p._to_upstream(turn_flow, state, ident)
             headers = [(k, v) for k, v in turn_flow.request.headers.items(multi=True)
                        if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")]
             headers.append(("accept-encoding", "identity"))
-            sock.job.pending.append(TurnSpec(turn_flow.request.url, headers, None if warmup else sent))
+            done = (lambda turn=turn: self._loop_done(turn)) if loop is not None else None
+            sock.job.pending.append(TurnSpec(turn_flow.request.url, headers, None if warmup else sent, loop, done))
         if warmup:
             sock.warming += 1
             return
         sock.turns += 1
-        sock.turn = Turn(turn_flow, state)
+        sock.turn = turn
         state.tap = StreamTap(state.interception.codec)
         state.on_socket = True
         state.forwarded_at = time.time()
         obs = ctx.master.addons.get("observation") if ctx.master is not None else None
         if obs is not None:
             obs.request(turn_flow)
+        if loop is not None and sock.job is None:
+            # Relayed socket: the provider's WebSocket cannot run the gateway's tool loop. The turn is answered here
+            # (its rounds over HTTP), its events injected into the client's socket; the provider never sees it.
+            msg.drop()
+            task = asyncio.ensure_future(self._relay_loop(flow, sock, turn, loop))
+            _LATE_TASKS.add(task)
+            task.add_done_callback(_LATE_TASKS.discard)
+
+    async def _relay_loop(self, flow: http.HTTPFlow, sock: Socket, turn: Turn, loop) -> None:
+        from ..flow.ws_translate import WsResponder
+        from ..loopback import ClientGone
+
+        async def deliver(data: str) -> None:
+            if not flow.live or flow.websocket is None or flow.websocket.timestamp_end is not None:
+                raise ClientGone()
+            ctx.master.commands.call("inject.websocket", flow, True, data.encode(), True)
+
+        try:
+            await self.rt.tool_loop.serve(loop, WsResponder(deliver))
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("aibridge: the tool loop of a WebSocket turn failed")
+        finally:
+            self._loop_done(turn)
+
+    def _loop_done(self, turn: Turn) -> None:
+        """A turn the injected-tool loop answered has ended: recorded from the loop's summary."""
+        for sock in (turn.socket,) if turn.socket is not None else ():
+            if sock.turn is turn:
+                sock.turn = None
+        task = asyncio.ensure_future(self._end_turn(turn, None))
+        _LATE_TASKS.add(task)
+        task.add_done_callback(_LATE_TASKS.discard)
 
     def _turn_flow(self, flow: http.HTTPFlow, sock: Socket, body: dict) -> http.HTTPFlow:
         """The request flow one turn is governed and recorded as: the upgrade's client and headers, the message's
@@ -256,6 +302,8 @@ class ResponsesSockets:
             if sock.warming and _event_type(content) in TERMINAL:
                 sock.warming -= 1
             return
+        if turn.state.via_loop:
+            return  # the loop's own events (translation mode): recorded from its summary when it ends
         tap = turn.state.tap
         if tap.broken is None:
             data = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
@@ -313,6 +361,8 @@ class ResponsesSockets:
             turn.state.client_gone = "client disconnected"
             turn.state.interception.client_gone = True
             turn.flow.metadata[META_KEY]["client_gone"] = True
+        if turn.state.via_loop:
+            return  # the loop reads its round to its end and stops; its end records the turn (_loop_done)
         if sock.job is not None and sock.job.turning and by_client:
             sock.late_turns.append(turn)  # recorded when the translator has read the provider's answer to its end
             return

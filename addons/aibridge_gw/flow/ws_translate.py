@@ -50,11 +50,45 @@ def accept_key(key: str) -> str:
 
 @dataclass(slots=True)
 class TurnSpec:
-    """One `response.create` as the pipeline admitted it: where and how it goes upstream (None body: a warm-up)."""
+    """One `response.create` as the pipeline admitted it: where and how it goes upstream (None body: a warm-up).
+    With central MCP tools, `loop` is the injected-tool loop's job (mcp/loop.py), run here in place of one request;
+    `done` is called once it has ended (the pipeline records the turn from the loop's summary then)."""
 
     url: str
     headers: list[tuple[str, str]]
     body: dict | None
+    loop: Any = None
+    done: Callable[[], None] | None = None
+
+
+class WsResponder:
+    """The loopback `Responder`'s interface (loopback.py) over a WebSocket, for the injected-tool loop: its SSE answer
+    goes out one text frame per event (each event's JSON), as produced; an error answered whole becomes the API's
+    `error` event. `deliver` sends one frame (raises `ClientGone` when the client left)."""
+
+    def __init__(self, deliver) -> None:
+        self.deliver = deliver
+        self.parser = SSEParser()
+        self.started = False
+        self.ended = False
+
+    async def start(self, status: int, headers=(), reason=None) -> None:
+        self.started = True
+
+    async def send(self, data: bytes) -> None:
+        for ev in self.parser.feed(data) if data else ():
+            if ev.data and ev.data.strip() != "[DONE]":
+                await self.deliver(ev.data)
+
+    async def end(self) -> None:
+        for ev in self.parser.feed(b""):
+            if ev.data and ev.data.strip() != "[DONE]":
+                await self.deliver(ev.data)
+        self.ended = True
+
+    async def respond(self, status: int, headers, body: bytes, reason=None) -> None:
+        self.started = self.ended = True
+        await self.deliver(_error_event(status if status >= 300 else 502, body.decode("utf-8", "replace")))
 
 
 @dataclass(eq=False)
@@ -76,8 +110,10 @@ class SocketJob:
 class Translator:
     """The loopback handler for `SocketJob`s."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, tool_loop=None) -> None:
         self.client = client
+        self.tool_loop = tool_loop  # mcp/loop.py's ToolLoop: turns with central MCP tools
+        self._tasks: set[asyncio.Task] = set()  # turns still running (a turn outlives a client that left)
 
     async def serve(self, job: SocketJob, out: Responder) -> None:
         reader, writer, rest = await out.switch([
@@ -113,6 +149,8 @@ class Translator:
                         if ev.message_finished:
                             text, parts, size = "".join(parts), [], 0
                             turns = asyncio.create_task(self._after(turns, job, text, send))
+                            self._tasks.add(turns)
+                            turns.add_done_callback(self._tasks.discard)
                     elif isinstance(ev, Message):  # binary: not this API's
                         if ev.message_finished:
                             await send(TextMessage(data=_error_event(400, "aibridge: binary frames are not part of "
@@ -176,9 +214,35 @@ class Translator:
         job.last = None
         job.turning = True
         try:
-            await self._stream(job, spec, body, conversation, send)
+            if spec.loop is not None:
+                await self._loop(job, spec, body, conversation, send)
+            else:
+                await self._stream(job, spec, body, conversation, send)
         finally:
             job.turning = False
+            if spec.done is not None:
+                spec.done()
+
+    async def _loop(self, job: SocketJob, spec: TurnSpec, body: dict, conversation: list, send) -> None:
+        """A turn with central MCP tools: the injected-tool loop runs it (rounds over HTTP, tools run here), and
+        the client gets its events (its own tools only) as frames. The conversation it continues is expanded as for
+        one request."""
+        adapter = spec.loop.adapter
+        adapter.body = {**{k: v for k, v in adapter.body.items() if k not in ("type", "generate",
+                                                                              "previous_response_id")},
+                        "input": body.get("input", adapter.body.get("input")), "stream": True}
+        if "previous_response_id" in body:
+            adapter.body["previous_response_id"] = body["previous_response_id"]
+        deliver = _Deliver(job, send)
+
+        async def tracked(data: str) -> None:
+            _keep(job, data, conversation)
+            await deliver(data)
+
+        try:
+            await self.tool_loop.serve(spec.loop, WsResponder(tracked))
+        except ClientGone:
+            pass
 
     async def _stream(self, job: SocketJob, spec: TurnSpec, body: dict, conversation: list, send) -> None:
         deliver = _Deliver(job, send)
