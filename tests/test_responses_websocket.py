@@ -401,3 +401,42 @@ def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_translated_sock
         gw.stop()
         mcp.stop()
         upstream.reset()
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_pings_are_answered_and_the_close_code_passes_through(env, upstream, wsup, mode):
+    gw = env
+    user, token = new_user(gw)
+    script_http(upstream, 1)
+    ws = open_ws(gw, mode, token)
+    assert ws.ping(b"are you there").wait(5)  # answered by the provider (relay) or the translator
+    assert turn(ws, create("after a ping"))[-1]["type"] == "response.completed"
+    ws.close(code=4001, reason="done here")
+    assert ws.close_code == 4001
+    if mode == "relay":  # the provider saw the client's own close code
+        deadline = time.time() + 5
+        while not wsup.closes and time.time() < deadline:
+            time.sleep(0.05)
+        assert wsup.closes == [4001]
+
+
+def test_chatgpt_subscription_login_over_the_websocket(tmp_path, upstream, wsup):
+    """The `chatgpt` provider (Codex signed in with a ChatGPT account): the user's own login goes upstream, the
+    gateway token names the user, the turn is recorded as a subscription call."""
+    gw = Gateway(tmp_path / "chatgpt", upstream.url, providers=[
+        {"name": "chatgpt", "type": "chatgpt", "base_url": wsup.url, "websocket": True}]).start()
+    try:
+        wsup.reset()
+        user, token = new_user(gw)
+        login = "eyJhbGciOiJSUzI1NiJ9.users-own-chatgpt-login.sig0123456789"
+        with connect(gw.url.replace("http://", "ws://") + "/chatgpt/backend-api/codex/responses",
+                     additional_headers={"Authorization": f"Bearer {login}", "X-AIBridge-Token": token, **BETA},
+                     open_timeout=10) as ws:
+            assert turn(ws, create(f"subscribed {user}"))[-1]["type"] == "response.completed"
+        got = rows(gw, user, 1)[0]
+        assert (got["credential_kind"], got["provider"], got["status"]) == ("subscription", "chatgpt", "completed")
+        assert wsup.handshakes[-1]["authorization"] == f"Bearer {login}"
+        assert "x-aibridge-token" not in wsup.handshakes[-1]
+        assert usage(gw, got["id"]) == [wsup.usage]
+    finally:
+        gw.stop()
