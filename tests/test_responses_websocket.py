@@ -38,7 +38,9 @@ def wgw(tmp_path_factory, upstream, wsup):
     ], extra={
         "budgets": {"users": {"capped-relay": {"requests_per_minute": 1}, "capped-translate": {"requests_per_minute": 1}}},
         "policies": {"rules": [{"name": "no-forbidden", "hook": "request", "when": 'model == "forbidden-model"',
-                                "action": "deny", "message": "that model is not allowed here"}]},
+                                "action": "deny", "message": "that model is not allowed here"},
+                               {"name": "no-rm", "hook": "tool", "when": '"rm -rf /" in tool.input.command',
+                                "action": "deny", "message": "not on this machine"}]},
     }).start()
     yield gw
     gw.stop()
@@ -440,3 +442,28 @@ def test_chatgpt_subscription_login_over_the_websocket(tmp_path, upstream, wsup)
         assert usage(gw, got["id"]) == [wsup.usage]
     finally:
         gw.stop()
+
+
+def test_tool_rules_gate_the_tool_calls_of_a_relayed_turn(env, wsup):
+    """A tool rule refuses a tool call before the client sees it: the call becomes the API's text, the turn still
+    ends cleanly; an allowed call passes untouched, frame for frame."""
+    gw = env
+    user, token = new_user(gw)
+    with open_ws(gw, "relay", token) as ws:
+        wsup.tool_call = ("shell", json.dumps({"command": ["ls", "-la"]}))
+        allowed = turn(ws, create("list files"))
+        wsup.tool_call = ("shell", json.dumps({"command": ["bash", "-lc", "rm -rf /"]}))
+        refused = turn(ws, create("wipe it"))
+    calls = [e for e in allowed if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"]
+    assert len(calls) == 1, json.dumps([e.get("delta") for e in allowed])
+    assert [e["sequence_number"] for e in allowed] == list(range(len(allowed)))
+    assert not any(e.get("item", {}).get("type") == "function_call" for e in refused), refused
+    text = "".join(e["delta"] for e in refused if e["type"] == "response.output_text.delta")
+    assert "no-rm" in text and "not on this machine" in text
+    final = refused[-1]
+    assert final["type"] == "response.completed"
+    assert all(i["type"] != "function_call" for i in final["response"]["output"])
+    got = rows(gw, user, 2)
+    assert [r["status"] for r in got] == ["completed", "completed"]
+    decisions = gw.sql(f"SELECT rule, tool FROM aibridge_policy_decisions WHERE interception_id = '{got[1]['id']}'")
+    assert decisions == [{"rule": "no-rm", "tool": "shell"}]

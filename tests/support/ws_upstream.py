@@ -22,6 +22,7 @@ class WsUpstream:
         self.usage = (21, 5)
         self.deltas = ["Hello ", "over ", "a socket."]
         self.delay = 0.0  # seconds between events
+        self.tool_call: tuple[str, str] | None = None  # (name, arguments): the response calls this client tool
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._ready = threading.Event()
@@ -47,6 +48,7 @@ class WsUpstream:
         self.messages.clear()
         self.closes.clear()
         self.delay = 0.0
+        self.tool_call = None
 
     def _run(self) -> None:
         asyncio.run(self._main())
@@ -102,5 +104,18 @@ class WsUpstream:
                           "total_tokens": sum(self.usage)}}
         out.append({"type": "response.output_item.done", "sequence_number": len(out), "output_index": 0,
                     "item": item})
+        if self.tool_call is not None:
+            name, args = self.tool_call
+            call = {"id": f"fc_{self._n}", "type": "function_call", "status": "completed", "name": name,
+                    "call_id": f"call_{self._n}", "arguments": args}
+            out.append({"type": "response.output_item.added", "sequence_number": len(out), "output_index": 1,
+                        "item": {**call, "status": "in_progress", "arguments": ""}})
+            out.append({"type": "response.function_call_arguments.delta", "sequence_number": len(out),
+                        "item_id": call["id"], "output_index": 1, "delta": args})
+            out.append({"type": "response.function_call_arguments.done", "sequence_number": len(out),
+                        "item_id": call["id"], "output_index": 1, "arguments": args})
+            out.append({"type": "response.output_item.done", "sequence_number": len(out), "output_index": 1,
+                        "item": call})
+            done["output"] = [item, call]
         out.append({"type": "response.completed", "sequence_number": len(out), "response": done})
         return out

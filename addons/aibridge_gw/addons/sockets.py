@@ -35,8 +35,10 @@ from mitmproxy.websocket import WebSocketMessage
 from ..flow.errors import error_body
 from ..flow.recorder import META_KEY
 from ..flow.routing import BadPath, Route
+from ..flow.sse import SSEEvent, SSEParser
 from ..flow.state import STATE_KEY, TARGET_KEY, FlowState, Target
 from ..flow.tap import StreamTap
+from ..flow.toolgate import StreamGate, stream_gate
 from ..flow.ws_translate import SocketJob, TurnSpec
 from ..logsafe import printable
 
@@ -57,6 +59,8 @@ class Turn:
     flow: http.HTTPFlow
     state: FlowState
     socket: "Socket | None" = None
+    gate: StreamGate | None = None  # tool rules (`hook: tool`): the client's tool calls are held until decided
+    injecting: bool = False  # the gate held or changed an event: from then on the client gets the gate's output
 
 
 @dataclass(eq=False)
@@ -166,7 +170,7 @@ class ResponsesSockets:
                 if not msg.dropped:
                     self._refuse(flow, sock, msg, 500, "aibridge: internal error")
         else:
-            await self._from_server(sock, msg.content)
+            await self._from_server(flow, sock, msg)
 
     async def _from_client(self, flow: http.HTTPFlow, sock: Socket, msg: WebSocketMessage) -> None:
         try:
@@ -232,6 +236,10 @@ class ResponsesSockets:
         sock.turns += 1
         sock.turn = turn
         state.tap = StreamTap(state.interception.codec)
+        if loop is None:
+            from .pipeline import _tool_decider  # (pipeline imports this module)
+            decide = _tool_decider(state)
+            turn.gate = stream_gate(state.interception.codec, decide) if decide is not None else None
         state.on_socket = True
         state.forwarded_at = time.time()
         obs = ctx.master.addons.get("observation") if ctx.master is not None else None
@@ -296,7 +304,8 @@ class ResponsesSockets:
         event = {"type": "error", "status": status, "error": err}
         ctx.master.commands.call("inject.websocket", flow, True, json.dumps(event).encode(), True)
 
-    async def _from_server(self, sock: Socket, content: bytes | str) -> None:
+    async def _from_server(self, flow: http.HTTPFlow, sock: Socket, msg: WebSocketMessage) -> None:
+        content = msg.content
         turn = sock.turn
         if turn is None:
             if sock.warming and _event_type(content) in TERMINAL:
@@ -305,18 +314,59 @@ class ResponsesSockets:
         if turn.state.via_loop:
             return  # the loop's own events (translation mode): recorded from its summary when it ends
         tap = turn.state.tap
+        data = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
         if tap.broken is None:
-            data = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
             try:
                 tap.bytes_seen += len(data)
                 tap.last_activity = time.time()
                 _feed(tap, data)
             except Exception as e:  # malformed provider output: the turn is recorded with what was read
                 tap.broken = f"{type(e).__name__}: {e}"
+        if turn.gate is not None:
+            self._gated(flow, turn, msg, data)
+        elif turn.injecting:  # the gate failed closed: nothing more of this turn reaches the client
+            msg.drop()
         s = tap.summary
         if s.complete or s.error:
             sock.turn = None
+            if turn.gate is not None:
+                try:
+                    self._inject_sse(flow, turn.gate.finish())
+                except Exception:
+                    log.exception("aibridge: the tool gate of a WebSocket turn failed at its end")
             await self._end_turn(turn, None)
+
+    def _gated(self, flow: http.HTTPFlow, turn: Turn, msg: WebSocketMessage, data: str) -> None:
+        """The tool gate over server events: an event it passes unchanged goes on as it came; once it holds or
+        changes one, the client gets only what it releases (injected in order; the provider's frames dropped). An
+        event it cannot read ends the client's turn with the API's error (fail closed)."""
+        ev = SSEEvent(_event_type(data) or "message", data)
+        ev.raw = StreamGate.raw_of(ev)
+        try:
+            out = turn.gate.feed(ev)
+        except Exception as e:
+            log.warning("gated WebSocket turn: parse stopped: %s", e)
+            msg.drop()
+            turn.gate = None
+            turn.injecting = True
+            self._inject_sse(flow, turn.state.interception.codec.stream_error_event(
+                "aibridge: unparseable event from the provider", turn.state.tap.summary))
+            return
+        if not turn.injecting and out == ev.raw:
+            return
+        turn.injecting = True
+        msg.drop()
+        self._inject_sse(flow, out)
+
+    @staticmethod
+    def _inject_sse(flow: http.HTTPFlow, sse: bytes) -> None:
+        """Server-sent events (the gate's output) to the client, one text frame per event, in order."""
+        if not sse:
+            return
+        parser = SSEParser()
+        for ev in parser.feed(sse) + parser.feed(b""):
+            if ev.data:
+                ctx.master.commands.call("inject.websocket", flow, True, ev.data.encode(), True)
 
     async def _end_turn(self, turn: Turn, error: str | None) -> None:
         """Record the turn through the pipeline's own end, then let go of it."""
@@ -398,7 +448,6 @@ _LATE_TASKS: set = set()
 
 def _feed(tap: StreamTap, data: str) -> None:
     """One server event, read as the SSE event it is over HTTP."""
-    from ..flow.sse import SSEEvent
     tap.codec.on_event(SSEEvent(_event_type(data) or "", data), tap.summary)
 
 
