@@ -369,24 +369,32 @@ def test_codex_cli_uses_the_websocket_in_proxy_mode(tmp_path, upstream, wsup, mo
         gw.stop()
 
 
-def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_translated_socket(tmp_path, upstream):
+@pytest.mark.parametrize("mode", ["translate", "relay"])
+def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_socket(tmp_path, upstream, wsup, mode):
     """An injected tool's loop runs as on HTTP: the gateway calls the tool and continues; the client sees one
-    response over its socket, without the injected tool; every round recorded in one interception."""
+    response over its socket, without the injected tool; every round recorded in one interception. A relayed
+    socket's turn with injected tools is answered by the gateway (its rounds over HTTP), never by the provider's
+    WebSocket."""
     from tests.support.fixtures import capture
     from tests.support.mcp_server import McpTestServer
+    from tests.support.ws_upstream import Split
 
     mcp = McpTestServer().start()
-    gw = Gateway(tmp_path / "mcp", upstream.url, extra={
+    split = Split(wsup.port, int(upstream.url.rsplit(":", 1)[1])).start()
+    gw = Gateway(tmp_path / "mcp", upstream.url, providers=[
+        {"name": mode, "type": "openai", "base_url": (split.url if mode == "relay" else upstream.url) + "/v1/",
+         "key": WS_KEY, "websocket": mode == "relay"}], extra={
         "mcp_servers": [{"name": "coder", "url": mcp.url, "tool_deny_regex": "^create_gist$"}],
         "mcp": {"tool_timeout_seconds": 5, "list_timeout_seconds": 3}}).start()
     try:
         upstream.reset()
+        wsup.reset()
         user, token = new_user(gw)
         cap = capture("openai/responses/streaming/single_injected_tool.txtar")
         upstream.script(Reply.from_capture(cap, True), Reply.from_capture(cap, True, "/tool-call"))
         body = dict(cap.request)
         body.pop("stream", None)
-        with open_ws(gw, "openai", token) as ws:
+        with open_ws(gw, mode, token) as ws:
             events = turn(ws, json.dumps({"type": "response.create", **body}), timeout=30)
         assert events[-1]["type"] == "response.completed", events[-3:]
         assert [e["type"] for e in events].count("response.created") == 1
@@ -399,8 +407,11 @@ def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_translated_sock
         assert len(usage(gw, ic["id"])) == 2
         tools = gw.sql(f"SELECT tool, injected FROM aibridge_tool_usages WHERE interception_id = '{ic['id']}'")
         assert [t["tool"] for t in tools if t["injected"]] == ["bmcp_coder_coder_list_templates"]
+        assert wsup.messages == []  # the provider's WebSocket never saw the turn
+        assert all(s.headers.get("authorization") == f"Bearer {WS_KEY}" for s in upstream.seen)
     finally:
         gw.stop()
+        split.stop()
         mcp.stop()
         upstream.reset()
 

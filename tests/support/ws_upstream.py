@@ -119,3 +119,63 @@ class WsUpstream:
             done["output"] = [item, call]
         out.append({"type": "response.completed", "sequence_number": len(out), "response": done})
         return out
+
+
+class Split:
+    """One address for a provider that serves both the WebSocket and HTTP (like api.openai.com): each connection
+    is piped to the WebSocket stand-in when its request upgrades, else to the HTTP stand-in."""
+
+    def __init__(self, ws_port: int, http_port: int) -> None:
+        self.ws_port, self.http_port = ws_port, http_port
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Split":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except Exception:
+            writer.close()
+            return
+        port = self.ws_port if b"\nupgrade: websocket" in head.lower() else self.http_port
+        ur, uw = await asyncio.open_connection("127.0.0.1", port)
+        uw.write(head)
+
+        async def pipe(r, w) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except Exception:
+                pass
+            finally:
+                try:
+                    w.close()
+                except Exception:
+                    pass
+
+        await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
