@@ -208,7 +208,10 @@ def test_a_revoked_token_stops_the_next_turn(env, upstream, wsup, mode):
         assert [m["input"][0]["content"][0]["text"] for m in wsup.messages].count("after") <= 1
 
 
-def test_relay_passes_frames_as_they_come_and_a_client_closing_mid_turn_is_recorded(env, wsup):
+def test_relay_passes_frames_as_they_come_and_a_client_closing_mid_turn_gets_the_providers_final_usage(env, wsup):
+    """Frames one by one as the provider sends them; a client that closes mid-turn has its close answered at once,
+    while the provider's answer is read to its end and recorded with its final usage, then the provider gets the
+    client's close."""
     gw = env
     user, token = new_user(gw)
     wsup.delay = 0.3
@@ -219,10 +222,16 @@ def test_relay_passes_frames_as_they_come_and_a_client_closing_mid_turn_is_recor
         second = json.loads(ws.recv(timeout=5))
         assert (first["type"], second["type"]) == ("response.created", "response.output_text.delta")
         assert 0.15 < time.time() - t0 < 1.5  # one frame per event, as the provider sent it
+        closed_at = time.time()
+    assert time.time() - closed_at < 1.0  # the client's close is answered at once
     got = rows(gw, user, 1)
-    assert got[0]["status"] == "failed" and "client" in (got[0]["error"] or "")
-    meta = json.loads(got[0]["metadata"] or "{}")
-    assert meta.get("client_disconnected") is True
+    assert got[0]["status"] == "completed", got[0]
+    assert usage(gw, got[0]["id"]) == [wsup.usage]
+    assert json.loads(got[0]["metadata"]).get("client_disconnected") is True
+    deadline = time.time() + 15
+    while not wsup.closes and time.time() < deadline:
+        time.sleep(0.05)
+    assert wsup.closes == [1000]  # the provider got the client's close once the turn was read
 
 
 def test_translate_client_closing_mid_turn_gets_the_providers_final_usage(env, upstream):

@@ -90,7 +90,7 @@ class Pipeline:
         self.sockets = ResponsesSockets(self)  # the Responses API over a WebSocket
 
     def load(self, loader) -> None:
-        patches.install(self._client_ending, self._client_left)
+        patches.install(self._client_ending, self._client_left, self.sockets.hold)
 
     # --- request -----------------------------------------------------------------------------------
 
@@ -947,6 +947,7 @@ class Pipeline:
         """mitmproxy closes a connection's provider connections once this hook returns: wait (without blocking the
         event loop) for the streams read on after this client left to end and be recorded. The upstream watch
         ends each at its deadline (housekeeping); should it not have, they are ended here."""
+        await self.sockets.client_disconnected(client)
         mine = [s for s in self.draining if s.flow.client_conn.id == client.id]
         if not mine:
             return

@@ -41,6 +41,7 @@ from ..flow.tap import StreamTap
 from ..flow.toolgate import StreamGate, stream_gate
 from ..flow.ws_translate import SocketJob, TurnSpec
 from ..logsafe import printable
+from .patches import release_websocket
 
 log = logging.getLogger("aibridge")
 
@@ -76,6 +77,10 @@ class Socket:
     turns: int = 0
     warming: int = 0  # warm-ups relayed whose final event has not come back yet
     late_turns: deque = field(default_factory=deque)  # translation: turns read on after the client left
+    # Relay: the client closed mid-turn and the provider's side is kept open to read the turn to its end
+    # (patches.install_websocket_holds); set once the turn is recorded.
+    held: asyncio.Event | None = None
+    released: bool = False
 
     def __deepcopy__(self, memo) -> None:
         return None
@@ -91,6 +96,7 @@ class ResponsesSockets:
     def __init__(self, pipeline) -> None:
         self.p = pipeline
         self.rt = pipeline.rt
+        self.held: dict[str, list[Socket]] = {}  # client connection id -> relayed sockets read on after it left
 
     # --- the upgrade ---------------------------------------------------------------------------------
 
@@ -162,6 +168,15 @@ class ResponsesSockets:
         del ws.messages[:-1]  # mitmproxy keeps every message of a socket: only the one at hand is kept
         if msg.injected:
             return  # the gateway's own (a refusal's error event)
+        if not msg.from_client and sock.held is not None:
+            msg.drop()  # the client has gone: the provider's events are read for the record only
+            if sock.turn is not None:
+                sock.turn.gate = None  # nothing goes to the client any more
+            await self._from_server(flow, sock, msg)
+            if sock.turn is None and not sock.released:
+                sock.released = True
+                release_websocket(flow)  # recorded: the provider's side may close now (then `end` runs)
+            return
         if msg.from_client:
             try:
                 await self._from_client(flow, sock, msg)
@@ -395,6 +410,35 @@ class ResponsesSockets:
 
     # --- the end -------------------------------------------------------------------------------------
 
+    def hold(self, flow: http.HTTPFlow) -> bool:
+        """The client closed a relayed socket: keep the provider's side open while a turn is in flight, so its final
+        event (the provider's usage) is read and recorded (patches.install_websocket_holds)."""
+        sock = socket_of(flow)
+        seconds = self.rt.config.timeouts.drain_after_disconnect if self.rt.config is not None else 0
+        if (sock is None or sock.job is not None or sock.turn is None or sock.turn.state.via_loop or seconds <= 0
+                or sock.held is not None):
+            return False
+        turn = sock.turn
+        turn.state.client_gone = "client disconnected"
+        turn.state.interception.client_gone = True
+        sock.held = asyncio.Event()
+        self.held.setdefault(flow.client_conn.id, []).append(sock)
+        log.info("interception %s: the client closed its WebSocket mid-turn; reading the provider's answer to its "
+                 "end (at most %g s)", turn.state.interception.id, seconds)
+        return True
+
+    async def client_disconnected(self, client) -> None:
+        """mitmproxy closes the provider's side once this returns: wait (bounded) for held turns to be recorded."""
+        socks = self.held.pop(client.id, None)
+        if not socks:
+            return
+        seconds = self.rt.config.timeouts.drain_after_disconnect if self.rt.config is not None else 0
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.held.wait() for s in socks)), max(seconds, 0.1))
+        except TimeoutError:
+            log.warning("aibridge: %d WebSocket turn(s) whose client left did not end in time; closing them",
+                        sum(not s.held.is_set() for s in socks))
+
     async def end(self, flow: http.HTTPFlow) -> None:
         """The socket closed: a turn still open is recorded now (relay mode: with what came; translation mode:
         the translator reads the provider's answer on and records it with its final usage)."""
@@ -404,6 +448,8 @@ class ResponsesSockets:
         if flow.websocket is not None:
             flow.websocket.messages.clear()
         turn, sock.turn = sock.turn, None
+        if sock.held is not None:
+            sock.held.set()
         if turn is None:
             return
         by_client = flow.websocket is not None and flow.websocket.closed_by_client
