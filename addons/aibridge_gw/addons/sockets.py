@@ -46,6 +46,7 @@ from .patches import release_websocket
 log = logging.getLogger("aibridge")
 
 SOCKET_KEY = "aibridge.socket"
+OFF_LOOP_BYTES = 256 * 1024  # a message larger than this is parsed on a worker thread (as pipeline.OFF_LOOP_BYTES)
 RESPONSES_API = "openai.responses"
 TERMINAL = frozenset(("response.completed", "response.failed", "response.incomplete", "error"))
 # Never part of a turn's request: the handshake's own headers.
@@ -188,8 +189,10 @@ class ResponsesSockets:
             await self._from_server(flow, sock, msg)
 
     async def _from_client(self, flow: http.HTTPFlow, sock: Socket, msg: WebSocketMessage) -> None:
+        large = len(msg.content) > OFF_LOOP_BYTES  # parsed (and written) on a worker thread, as HTTP bodies are
         try:
-            obj = json.loads(msg.content) if msg.is_text else None
+            obj = (await asyncio.to_thread(json.loads, msg.content) if large else json.loads(msg.content)) \
+                if msg.is_text else None
         except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict) or obj.get("type") != "response.create":
@@ -206,7 +209,8 @@ class ResponsesSockets:
         warmup = body.get("generate") is False
         had_stream = "stream" in body
         body["stream"] = True  # the transport streams: recorded as a streamed call
-        turn_flow = self._turn_flow(flow, sock, body)
+        content = await asyncio.to_thread(_dumps, body) if large else _dumps(body)
+        turn_flow = self._turn_flow(flow, sock, content)
         got = await self.p._socket_turn(turn_flow, sock.route, warmup,
                                         None if sock.job is not None else sock.route.provider.name)
         if got is None or turn_flow.response is not None:  # refused: the API's error event, never forwarded
@@ -224,12 +228,14 @@ class ResponsesSockets:
             self._refuse(flow, sock, msg, resp.status_code, None, err)
             return
         state, ident, adapter = got
-        sent = json.loads(turn_flow.request.content) if state.interception is not None else body
+        sent = body
+        if state.interception is not None and turn_flow.request.content != content:  # a policy or injection changed it
+            sent = await asyncio.to_thread(json.loads, turn_flow.request.content) if large \
+                else json.loads(turn_flow.request.content)
         if not had_stream:
             sent.pop("stream", None)
-        changed = sent != {k: v for k, v in obj.items() if k != "type"}
-        if changed:  # a policy redacted or rerouted it: the provider gets what was recorded
-            msg.content = json.dumps({"type": "response.create", **sent}, ensure_ascii=False).encode()
+        if sent is not body:  # a policy redacted or rerouted it: the provider gets what was recorded
+            msg.content = _dumps({"type": "response.create", **sent})
         loop = None
         if adapter is not None or sock.job is not None:  # sent over HTTP by the gateway: pointed upstream here
             pool = self.rt.pools.get(state.route.provider.name) if ident.byok_credential is None else None
@@ -295,10 +301,9 @@ class ResponsesSockets:
         _LATE_TASKS.add(task)
         task.add_done_callback(_LATE_TASKS.discard)
 
-    def _turn_flow(self, flow: http.HTTPFlow, sock: Socket, body: dict) -> http.HTTPFlow:
+    def _turn_flow(self, flow: http.HTTPFlow, sock: Socket, content: bytes) -> http.HTTPFlow:
         """The request flow one turn is governed and recorded as: the upgrade's client and headers, the message's
         body, routed like the upgrade."""
-        content = json.dumps(body, ensure_ascii=False).encode()
         headers = http.Headers([(k, v) for k, v in sock.headers.fields if k.decode("latin-1").lower() not in _HANDSHAKE])
         headers["content-type"] = "application/json"
         headers["content-length"] = str(len(content))
@@ -490,6 +495,10 @@ class ResponsesSockets:
 
 
 _LATE_TASKS: set = set()
+
+
+def _dumps(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
 
 
 def _feed(tap: StreamTap, data: str) -> None:
