@@ -36,7 +36,7 @@ from ..flow.errors import error_body
 from ..flow.recorder import META_KEY
 from ..flow.routing import BadPath, Route
 from ..flow.sse import SSEEvent, SSEParser
-from ..flow.state import STATE_KEY, TARGET_KEY, FlowState, Target
+from ..flow.state import SOCKET_KEY, STATE_KEY, TARGET_KEY, FlowState, Target
 from ..flow.tap import StreamTap
 from ..flow.toolgate import StreamGate, stream_gate
 from ..flow.ws_translate import SocketJob, TurnSpec
@@ -45,7 +45,6 @@ from .patches import release_websocket
 
 log = logging.getLogger("aibridge")
 
-SOCKET_KEY = "aibridge.socket"
 OFF_LOOP_BYTES = 256 * 1024  # a message larger than this is parsed on a worker thread (as pipeline.OFF_LOOP_BYTES)
 RESPONSES_API = "openai.responses"
 TERMINAL = frozenset(("response.completed", "response.failed", "response.incomplete", "error"))

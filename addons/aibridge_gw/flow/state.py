@@ -27,7 +27,8 @@ TARGET_KEY = "aibridge.target"
 # A flow the gateway answers elsewhere than the pipeline (the MCP gateway's, at the loopback server): set by the
 # addon that handed it off, so the pipeline leaves it alone.
 HANDED_OFF = "aibridge.handed_off"
-LIVE_KEYS = (STATE_KEY, TARGET_KEY)  # never saved with a flow (see capture.redacted_copy)
+SOCKET_KEY = "aibridge.socket"  # a Responses WebSocket's state, on its upgrade flow (addons/sockets.py)
+LIVE_KEYS = (STATE_KEY, TARGET_KEY, SOCKET_KEY)  # never saved with a flow (see capture.redacted_copy)
 
 
 @dataclass(frozen=True, slots=True)
