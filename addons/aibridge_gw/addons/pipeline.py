@@ -87,7 +87,7 @@ class Pipeline:
         self._noted: set[tuple] = set()  # warnings already logged (see _note_once)
         self.draining: set[FlowState] = set()  # streams read on after their client went away
         self.objects = Objects(runtime)  # batches, their output files, background responses: who created them
-        self.sockets = ResponsesSockets(self)  # the Responses API over a WebSocket
+        self.sockets = ResponsesSockets(self, header_view, _tool_decider)  # the Responses API over a WebSocket
 
     def load(self, loader) -> None:
         patches.install(self._client_ending, self._client_left, self.sockets.hold)

@@ -93,9 +93,12 @@ def socket_of(flow: http.HTTPFlow) -> Socket | None:
 class ResponsesSockets:
     """Called by the `Pipeline` addon for WebSocket upgrades and their messages."""
 
-    def __init__(self, pipeline) -> None:
+    def __init__(self, pipeline, header_view, tool_decider) -> None:
         self.p = pipeline
         self.rt = pipeline.rt
+        # The pipeline's own helpers (its module imports this one): the request's header view, the tool hook.
+        self.header_view = header_view
+        self.tool_decider = tool_decider
         self.held: dict[str, list[Socket]] = {}  # client connection id -> relayed sockets read on after it left
 
     # --- the upgrade ---------------------------------------------------------------------------------
@@ -240,31 +243,34 @@ class ResponsesSockets:
             pool = self.rt.pools.get(state.route.provider.name) if ident.byok_credential is None else None
             self.p._to_upstream(turn_flow, state, ident, pooled=adapter is not None and pool is not None)
             if adapter is not None:
-                from .pipeline import header_view  # (pipeline imports this module)
-                loop = self.p._loop_job(turn_flow, state, ident, adapter, header_view(sock.headers), pool)
+                loop = self.p._loop_job(turn_flow, state, ident, adapter, self.header_view(sock.headers), pool)
                 state.via_loop, state.loop_job = True, loop
         turn = None if warmup else Turn(turn_flow, state, sock)
-        if sock.job is not None:
+        spec = None
+        if sock.job is not None:  # what the translator sends upstream for this message (queued last, once all is set)
             headers = [(k, v) for k, v in turn_flow.request.headers.items(multi=True)
                        if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")]
             headers.append(("accept-encoding", "identity"))
             done = (lambda turn=turn: self._loop_done(turn)) if loop is not None else None
-            sock.job.pending.append(TurnSpec(turn_flow.request.url, headers, None if warmup else sent, loop, done))
+            spec = TurnSpec(turn_flow.request.url, headers, None if warmup else sent, loop, done)
         if warmup:
             sock.warming += 1
+            if spec is not None:
+                sock.job.pending.append(spec)
             return
         sock.turns += 1
         sock.turn = turn
         state.tap = StreamTap(state.interception.codec)
         if loop is None:
-            from .pipeline import _tool_decider  # (pipeline imports this module)
-            decide = _tool_decider(state)
+            decide = self.tool_decider(state)
             turn.gate = stream_gate(state.interception.codec, decide) if decide is not None else None
         state.on_socket = True
         state.forwarded_at = time.time()
         obs = ctx.master.addons.get("observation") if ctx.master is not None else None
         if obs is not None:
             obs.request(turn_flow)
+        if spec is not None:
+            sock.job.pending.append(spec)
         if loop is not None and sock.job is None:
             # Relayed socket: the provider's WebSocket cannot run the gateway's tool loop. The turn is answered here
             # (its rounds over HTTP), its events injected into the client's socket; the provider never sees it.
