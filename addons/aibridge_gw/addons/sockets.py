@@ -61,6 +61,11 @@ class Turn:
     state: FlowState
     socket: "Socket | None" = None
     gate: StreamGate | None = None  # tool rules (`hook: tool`): the client's tool calls are held until decided
+    warmup: bool = False  # `generate: false`: a turn too (one at a time), never recorded
+    # A turn the tool loop answers at the translator: its record is written when the loop ends, and the socket's
+    # turn is over once the final event has also passed on to the client (either may come first).
+    loop_ended: bool = False
+    final_seen: bool = False
     injecting: bool = False  # the gate held or changed an event: from then on the client gets the gate's output
 
 
@@ -75,7 +80,6 @@ class Socket:
     job: SocketJob | None = None  # translation mode: the loopback translator's job
     turn: Turn | None = None
     turns: int = 0
-    warming: int = 0  # warm-ups relayed whose final event has not come back yet
     late_turns: deque = field(default_factory=deque)  # translation: turns read on after the client left
     # Relay: the client closed mid-turn and the provider's side is kept open to read the turn to its end
     # (patches.install_websocket_holds); set once the turn is recorded.
@@ -202,8 +206,12 @@ class ResponsesSockets:
             self._refuse(flow, sock, msg, 400, f"aibridge: only response.create messages are relayed here "
                                                f"(got {printable(str(kind))[:80] if kind else 'something else'})")
             return
-        if sock.turn is not None and sock.turn.state.via_loop and sock.turn.state.loop_summary is not None:
-            await asyncio.sleep(0)  # the loop has ended; its record is being written
+        ending = sock.turn
+        if ending is not None and ending.final_seen:  # its final event went out: the tool loop is finishing
+            for _ in range(200):
+                if sock.turn is not ending:
+                    break
+                await asyncio.sleep(0.01)
         if sock.turn is not None:  # the provider would refuse it too: one response at a time per socket
             self._refuse(flow, sock, msg, 409, "aibridge: a response is already in progress on this WebSocket")
             return
@@ -254,7 +262,7 @@ class ResponsesSockets:
             done = (lambda turn=turn: self._loop_done(turn)) if loop is not None else None
             spec = TurnSpec(turn_flow.request.url, headers, None if warmup else sent, loop, done)
         if warmup:
-            sock.warming += 1
+            sock.turn = Turn(turn_flow, state, sock, warmup=True)
             if spec is not None:
                 sock.job.pending.append(spec)
             return
@@ -299,9 +307,10 @@ class ResponsesSockets:
 
     def _loop_done(self, turn: Turn) -> None:
         """A turn the injected-tool loop answered has ended: recorded from the loop's summary."""
-        for sock in (turn.socket,) if turn.socket is not None else ():
-            if sock.turn is turn:
-                sock.turn = None
+        turn.loop_ended = True
+        sock = turn.socket
+        if sock is not None and sock.turn is turn and (sock.job is None or turn.final_seen):
+            sock.turn = None  # (translation: else once its final event has passed on, in _from_server)
         task = asyncio.ensure_future(self._end_turn(turn, None))
         _LATE_TASKS.add(task)
         task.add_done_callback(_LATE_TASKS.discard)
@@ -333,11 +342,23 @@ class ResponsesSockets:
         content = msg.content
         turn = sock.turn
         if turn is None:
-            if sock.warming and _event_type(content) in TERMINAL:
-                sock.warming -= 1
+            kind = _event_type(content)
+            if kind and kind.startswith("response.") and msg.from_client is False:
+                # A response event outside any turn would reach the client unrecorded: not relayed.
+                msg.drop()
+                log.warning("aibridge: dropped a %s event outside any turn of a Responses WebSocket",
+                            printable(kind[:80]))
+            return  # the provider's own notices (an `error` before it closes the socket) pass
+        if turn.warmup:
+            if _event_type(content) in TERMINAL:
+                sock.turn = None
             return
-        if turn.state.via_loop:
-            return  # the loop's own events (translation mode): recorded from its summary when it ends
+        if turn.state.via_loop:  # the loop's own events (translation mode): recorded from its summary when it ends
+            if _event_type(content) in TERMINAL:
+                turn.final_seen = True
+                if turn.loop_ended:
+                    sock.turn = None
+            return
         tap = turn.state.tap
         data = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
         if tap.broken is None:
@@ -425,8 +446,8 @@ class ResponsesSockets:
         event (the provider's usage) is read and recorded (patches.install_websocket_holds)."""
         sock = socket_of(flow)
         seconds = self.rt.config.timeouts.drain_after_disconnect if self.rt.config is not None else 0
-        if (sock is None or sock.job is not None or sock.turn is None or sock.turn.state.via_loop or seconds <= 0
-                or sock.held is not None):
+        if (sock is None or sock.job is not None or sock.turn is None or sock.turn.warmup or sock.turn.state.via_loop
+                or seconds <= 0 or sock.held is not None):
             return False
         turn = sock.turn
         turn.state.client_gone = "client disconnected"
@@ -460,7 +481,7 @@ class ResponsesSockets:
         turn, sock.turn = sock.turn, None
         if sock.held is not None:
             sock.held.set()
-        if turn is None:
+        if turn is None or turn.warmup:
             return
         by_client = flow.websocket is not None and flow.websocket.closed_by_client
         if by_client:
@@ -479,7 +500,7 @@ class ResponsesSockets:
         """Translation mode, after the client left mid-turn: the provider's events, then None at their end. Until
         mitmproxy's `websocket_end` has run, the turn is still the socket's own (`end` records it then)."""
         turn = sock.late_turns[0] if sock.late_turns else sock.turn
-        if turn is None:
+        if turn is None or turn.warmup:
             return
         if data is not None:
             tap = turn.state.tap
