@@ -499,3 +499,20 @@ def test_tool_rules_gate_the_tool_calls_of_a_relayed_turn(env, wsup):
     assert [r["status"] for r in got] == ["completed", "completed"]
     decisions = gw.sql(f"SELECT rule, tool FROM aibridge_policy_decisions WHERE interception_id = '{got[1]['id']}'")
     assert decisions == [{"rule": "no-rm", "tool": "shell"}]
+
+
+def test_one_response_at_a_time_a_warm_up_included(env, wsup):
+    """A response.create while a warm-up (or another response) is in progress is refused (409), never forwarded:
+    the provider's events are never taken for another turn's."""
+    gw = env
+    user, token = new_user(gw)
+    wsup.delay = 0.3
+    with open_ws(gw, "relay", token) as ws:
+        ws.send(create("warm", generate=False))
+        ws.send(create("too early"))
+        seen = [json.loads(ws.recv(timeout=5)) for _ in range(3)]
+        assert sorted(e["type"] for e in seen) == ["error", "response.completed", "response.created"], seen
+        assert next(e for e in seen if e["type"] == "error")["status"] == 409
+        assert turn(ws, create("in turn"))[-1]["type"] == "response.completed"
+    assert [m.get("generate") for m in wsup.messages] == [False, None]
+    assert [r["prompt"] for r in rows(gw, user, 1)] == ["in turn"]
