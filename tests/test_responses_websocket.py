@@ -516,3 +516,39 @@ def test_one_response_at_a_time_a_warm_up_included(env, wsup):
         assert turn(ws, create("in turn"))[-1]["type"] == "response.completed"
     assert [m.get("generate") for m in wsup.messages] == [False, None]
     assert [r["prompt"] for r in rows(gw, user, 1)] == ["in turn"]
+
+
+def test_a_provider_silent_past_the_stream_idle_timeout_ends_the_turn_not_the_socket(tmp_path, upstream, wsup):
+    """timeouts.stream_idle_seconds per turn: the client gets the API's error events, the turn is recorded failed.
+    Translated: the HTTP stream is dropped and the socket takes the next turn; relayed: the provider's socket could
+    still be sending that response, so the socket refuses further turns (the client opens a new one)."""
+    gw = Gateway(tmp_path / "idle", upstream.url, providers=[
+        {"name": "relay", "type": "openai", "base_url": wsup.url + "/v1/", "key": WS_KEY, "websocket": True},
+        {"name": "translate", "type": "openai", "base_url": upstream.url + "/v1/", "key": UPSTREAM_OPENAI_KEY}],
+        extra={"timeouts": {"stream_idle_seconds": 1}}).start()
+    try:
+        upstream.reset()
+        wsup.reset()
+        user, token = new_user(gw)
+        upstream.script(Reply(200, {"content-type": "text/event-stream"}, events=responses_stream("x", (5, 1)),
+                              stall_after=1), Reply.sse(responses_stream("after", (6, 2))))
+        with open_ws(gw, "translate", token) as ws:
+            stalled = turn(ws, create("stall"), timeout=10)
+            assert stalled[-1]["type"] == "error" and "silent" in stalled[-1]["message"], stalled
+            assert json.loads(ws.recv(timeout=5))["type"] == "response.failed"  # the turn's end, as on HTTP
+            assert turn(ws, create("next"))[-1]["type"] == "response.completed"
+        wsup.delay = 2.5
+        with open_ws(gw, "relay", token) as ws:
+            stalled = turn(ws, create("stall relayed"), timeout=10)
+            assert stalled[-1]["type"] == "error" and "silent" in stalled[-1]["message"], stalled
+            assert json.loads(ws.recv(timeout=5))["type"] == "response.failed"
+            refused = turn(ws, create("next relayed"))
+            assert refused[-1]["type"] == "error" and refused[-1]["status"] == 503
+        got = {r["prompt"]: r for r in rows(gw, user, 3)}
+        assert got["stall"]["status"] == "failed" and "silent" in got["stall"]["error"]
+        assert got["next"]["status"] == "completed"
+        assert got["stall relayed"]["status"] == "failed"
+    finally:
+        wsup.delay = 0.0
+        gw.stop()
+        upstream.reset()

@@ -77,10 +77,12 @@ class Socket:
     target: Target
     headers: http.Headers  # the upgrade request's headers as the client sent them (credentials included)
     url: str
+    flow: http.HTTPFlow | None = None  # the upgrade's flow (the socket's)
     job: SocketJob | None = None  # translation mode: the loopback translator's job
     turn: Turn | None = None
     turns: int = 0
     late_turns: deque = field(default_factory=deque)  # translation: turns read on after the client left
+    stale: str | None = None  # relay: a turn timed out at the provider; the socket takes no more turns (why)
     # Relay: the client closed mid-turn and the provider's side is kept open to read the turn to its end
     # (patches.install_websocket_holds); set once the turn is recorded.
     held: asyncio.Event | None = None
@@ -104,6 +106,8 @@ class ResponsesSockets:
         self.header_view = header_view
         self.tool_decider = tool_decider
         self.held: dict[str, list[Socket]] = {}  # client connection id -> relayed sockets read on after it left
+        self.open: set[Socket] = set()  # sockets open now (their turns are watched for provider timeouts)
+        self._watch: asyncio.Task | None = None
 
     # --- the upgrade ---------------------------------------------------------------------------------
 
@@ -137,7 +141,7 @@ class ResponsesSockets:
         if not self.p._admissible(flow, route, ident):
             return True
         req = flow.request
-        sock = Socket(route=route, target=target, headers=req.headers.copy(), url=req.url)
+        sock = Socket(route=route, target=target, headers=req.headers.copy(), url=req.url, flow=flow)
         scratch = FlowState(flow, route)  # routing only: the upgrade itself is no interception and spends nothing
         if route.provider.websocket:
             self.p._to_upstream(flow, scratch, ident)
@@ -154,6 +158,9 @@ class ResponsesSockets:
             # mitmproxy's handshake with the translator: no compression (the translator speaks none).
             req.headers.pop("sec-websocket-extensions", None)
         flow.metadata[SOCKET_KEY] = sock
+        self.open.add(sock)
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.ensure_future(self._watch_turns())
         log.info("aibridge: WebSocket to %s %s opened by user %s (%s)", route.provider.name,
                  printable(route.upstream_path.split("?")[0]), ident.actor.user_name,
                  "relayed" if sock.job is None else "translated to HTTP")
@@ -212,6 +219,10 @@ class ResponsesSockets:
                 if sock.turn is not ending:
                     break
                 await asyncio.sleep(0.01)
+        if sock.stale is not None:
+            self._refuse(flow, sock, msg, 503, f"aibridge: this WebSocket's provider stopped answering ({sock.stale}); "
+                                               "open a new WebSocket")
+            return
         if sock.turn is not None:  # the provider would refuse it too: one response at a time per socket
             self._refuse(flow, sock, msg, 409, "aibridge: a response is already in progress on this WebSocket")
             return
@@ -439,6 +450,52 @@ class ResponsesSockets:
         flow.metadata.pop(STATE_KEY, None)
         flow.metadata.pop(META_KEY, None)
 
+    # --- provider timeouts ---------------------------------------------------------------------------
+
+    async def _watch_turns(self) -> None:
+        """The upstream timeouts of HTTP calls, per turn (`timeouts.response`: no event yet; `timeouts.stream_idle`:
+        silence between events). A turn past one ends for the client with the API's error events and is recorded
+        failed; the socket stays open (a late event of that response is not relayed: it is outside any turn)."""
+        while self.open:
+            await asyncio.sleep(1.0)
+            t = self.rt.config.timeouts if self.rt.config is not None else None
+            if t is None:
+                continue
+            now = time.time()
+            for sock in list(self.open):
+                turn = sock.turn
+                if turn is None or turn.warmup or turn.state.via_loop or sock.held is not None or sock.flow is None:
+                    continue
+                tap = turn.state.tap
+                if tap is None:
+                    continue
+                if not tap.bytes_seen:
+                    why = (f"the provider did not answer within {t.response:g} s"
+                           if now - turn.state.forwarded_at > t.response else None)
+                else:
+                    why = (f"the provider's stream was silent for more than {t.stream_idle:g} s"
+                           if now - tap.last_activity > t.stream_idle else None)
+                if why is not None:
+                    await self._time_out(sock, turn, why)
+
+    async def _time_out(self, sock: Socket, turn: Turn, why: str) -> None:
+        log.warning("aibridge: ending WebSocket turn %s: %s", turn.state.interception.id, why)
+        sock.turn = None
+        if sock.job is None:
+            # Relayed: what the provider's socket sends next could still be that response's; this socket takes no
+            # more turns (the client opens a new one).
+            sock.stale = why
+        if sock.job is not None and sock.job.current is not None:
+            sock.job.current.cancel()  # the translator stops reading that HTTP stream; the next turn goes on
+        tail = turn.state.interception.codec.stream_error_event(f"aibridge: {why}", turn.state.tap.summary)
+        if turn.gate is not None:
+            tail = turn.gate.finish() + turn.gate.tail(tail)
+        try:
+            self._inject_sse(sock.flow, tail)
+        except Exception:
+            pass
+        await self._end_turn(turn, why)
+
     # --- the end -------------------------------------------------------------------------------------
 
     def hold(self, flow: http.HTTPFlow) -> bool:
@@ -476,6 +533,7 @@ class ResponsesSockets:
         sock = flow.metadata.pop(SOCKET_KEY, None)
         if sock is None:
             return
+        self.open.discard(sock)
         if flow.websocket is not None:
             flow.websocket.messages.clear()
         turn, sock.turn = sock.turn, None

@@ -104,6 +104,7 @@ class SocketJob:
     drain_seconds: float = 60.0
     last: tuple[str, list] | None = None  # the last response's id and its whole conversation (input + output)
     closed: bool = False  # the client side of this socket is gone
+    current: asyncio.Task | None = None  # the turn being streamed (the pipeline cancels it when the provider times out)
     turning: bool = False  # a turn's upstream stream is being read
 
 
@@ -180,16 +181,20 @@ class Translator:
     async def _after(self, previous: asyncio.Task | None, job: SocketJob, text: str, send) -> None:
         """Turns run one after another, in the order their messages came."""
         if previous is not None:
-            try:
-                await previous
-            except Exception:
-                pass
+            await asyncio.wait([previous])  # however it ended (a turn timed out is cancelled)
+        job.current = asyncio.current_task()
         try:
             await self._turn(job, text, send)
         except ClientGone:
             pass
+        except asyncio.CancelledError:
+            if job.current is not asyncio.current_task():
+                raise
         except Exception:
             log.exception("aibridge: a translated WebSocket turn failed")
+        finally:
+            if job.current is asyncio.current_task():
+                job.current = None
 
     async def _turn(self, job: SocketJob, text: str, send) -> None:
         if not job.pending:  # the pipeline forwards only what it admitted, one spec each
