@@ -552,3 +552,26 @@ def test_a_provider_silent_past_the_stream_idle_timeout_ends_the_turn_not_the_so
         wsup.delay = 0.0
         gw.stop()
         upstream.reset()
+
+
+def test_a_translated_turn_fails_over_across_the_instances_key_pool(tmp_path, upstream):
+    """keys: a key the provider rate-limits is skipped for the next, as for HTTP calls; the record names the key
+    that answered."""
+    k1, k2 = "sk-proj-pool-one-0123456789abcdefONE1", "sk-proj-pool-two-0123456789abcdefTWO2"
+    gw = Gateway(tmp_path / "pool", upstream.url, providers=[
+        {"name": "openai", "type": "openai", "base_url": upstream.url + "/v1/", "keys": [k1, k2]}]).start()
+    try:
+        upstream.reset()
+        upstream.check = lambda seen: Reply.json({"error": {"message": "slow down", "type": "rate_limit_error"}},
+                                                 429) if seen.headers.get("authorization") == f"Bearer {k1}" else None
+        upstream.default = Reply.sse(responses_stream("pooled", (8, 3)))
+        user, token = new_user(gw)
+        with open_ws(gw, "openai", token) as ws:
+            assert turn(ws, create("pooled turn"))[-1]["type"] == "response.completed"
+        (r,) = rows(gw, user, 1)
+        assert r["status"] == "completed" and usage(gw, r["id"]) == [(8, 3)]
+        assert r["credential_hint"].endswith("TWO2")
+        assert [s.headers.get("authorization") for s in upstream.seen] == [f"Bearer {k1}", f"Bearer {k2}"]
+    finally:
+        gw.stop()
+        upstream.reset()

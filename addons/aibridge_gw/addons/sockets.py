@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from mitmproxy import ctx, http
 from mitmproxy.websocket import WebSocketMessage
 
+from ..apis import PROVIDERS
 from ..flow.errors import error_body
 from ..flow.recorder import META_KEY
 from ..flow.routing import BadPath, Route
@@ -257,10 +258,10 @@ class ResponsesSockets:
             sent.pop("stream", None)
         if sent is not body:  # a policy redacted or rerouted it: the provider gets what was recorded
             msg.content = _dumps({"type": "response.create", **sent})
-        loop = None
+        loop = pool = None
         if adapter is not None or sock.job is not None:  # sent over HTTP by the gateway: pointed upstream here
             pool = self.rt.pools.get(state.route.provider.name) if ident.byok_credential is None else None
-            self.p._to_upstream(turn_flow, state, ident, pooled=adapter is not None and pool is not None)
+            self.p._to_upstream(turn_flow, state, ident, pooled=pool is not None)
             if adapter is not None:
                 loop = self.p._loop_job(turn_flow, state, ident, adapter, self.header_view(sock.headers), pool)
                 state.via_loop, state.loop_job = True, loop
@@ -272,6 +273,8 @@ class ResponsesSockets:
             headers.append(("accept-encoding", "identity"))
             done = (lambda turn=turn: self._loop_done(turn)) if loop is not None else None
             spec = TurnSpec(turn_flow.request.url, headers, None if warmup else sent, loop, done)
+            if pool is not None and loop is None:  # the loop fails over itself
+                spec.pool, spec.auth_header, spec.state = pool, PROVIDERS[state.route.provider.type].auth_header, state
         if warmup:
             sock.turn = Turn(turn_flow, state, sock, warmup=True)
             if spec is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,8 @@ from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
 from ..loopback import ClientGone, Responder
+from .keypool import Exhausted
+from .relay import send_with_failover
 from .sse import SSEParser
 
 log = logging.getLogger("aibridge.ws")
@@ -59,6 +62,11 @@ class TurnSpec:
     body: dict | None
     loop: Any = None
     done: Callable[[], None] | None = None
+    # An instance with a key pool (flow/keypool.py): sent with each usable key in turn, as the relay does; `state`
+    # (the turn's FlowState) notes the key that answered.
+    pool: Any = None
+    auth_header: Any = None
+    state: Any = None
 
 
 class WsResponder:
@@ -254,7 +262,10 @@ class Translator:
         content = json.dumps(body, ensure_ascii=False).encode()
         try:
             async with asyncio.timeout(None) as deadline:
-                async with self.client.stream("POST", spec.url, headers=spec.headers, content=content) as resp:
+                async with self._send(spec, content) as resp:
+                    if isinstance(resp, Exhausted):
+                        await deliver(_error_event(resp.status, resp.message))
+                        return
                     if resp.status_code >= 300:
                         raw = b""
                         async for chunk in resp.aiter_raw():
@@ -279,6 +290,21 @@ class Translator:
             await deliver(_error_event(502, f"aibridge: the provider's connection failed: {type(e).__name__}"))
         finally:
             deliver.finish()
+
+    @contextlib.asynccontextmanager
+    async def _send(self, spec: TurnSpec, content: bytes):
+        """The turn's upstream response (streamed), with the pool's next usable key when the instance has a pool."""
+        if spec.pool is None:
+            async with self.client.stream("POST", spec.url, headers=spec.headers, content=content) as resp:
+                yield resp
+            return
+        got = await send_with_failover(self.client, spec.pool, spec.auth_header, "POST", spec.url, spec.headers,
+                                       content, spec.state)
+        try:
+            yield got
+        finally:
+            if not isinstance(got, Exhausted):
+                await got.aclose()
 
     async def _warm_up(self, job: SocketJob, sent: dict, send) -> None:
         """`generate: false`: nothing is generated and nothing goes upstream; the response primes the connection's
