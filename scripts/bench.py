@@ -34,6 +34,34 @@ CHAT = json.dumps({
 
 # --- the mock provider ------------------------------------------------------------------------------
 
+def responses_events(deltas: int) -> list[bytes]:
+    """A Responses stream's events (JSON), as the SSE `data:` payloads and the WebSocket messages carry them."""
+    resp = {"id": "resp_bench", "object": "response", "status": "in_progress", "model": "gpt-5", "output": [],
+            "usage": None}
+    out = [{"type": "response.created", "sequence_number": 0, "response": resp}]
+    out += [{"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "m", "output_index": 0,
+             "content_index": 0, "delta": f"t{i} "} for i in range(deltas)]
+    out.append({"type": "response.completed", "sequence_number": deltas + 1, "response": {
+        **resp, "status": "completed", "usage": {"input_tokens": 5, "output_tokens": deltas, "total_tokens": 5 + deltas,
+                                                 "input_tokens_details": {"cached_tokens": 0}}}})
+    return [json.dumps(e).encode() for e in out]
+
+
+async def ws_mock_main(port_file: str, deltas: int, gap: float) -> None:
+    """The Responses API over a WebSocket (the provider's, relay mode): one stream of events per response.create."""
+    from websockets.asyncio.server import serve
+
+    async def handle(ws) -> None:
+        async for _ in ws:
+            for ev in responses_events(deltas):
+                await ws.send(ev.decode())
+                await asyncio.sleep(gap)
+
+    async with serve(handle, "127.0.0.1", 0, compression=None) as server:
+        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
+        await server.serve_forever()
+
+
 async def mock_main(port_file: str, delay: float, chunks: int, gap: float) -> None:
     """HTTP/1.1 keep-alive server: /v1/chat/completions answers JSON, or SSE when "stream": true."""
 
@@ -48,7 +76,15 @@ async def mock_main(port_file: str, delay: float, chunks: int, gap: float) -> No
                 body = await reader.readexactly(length) if length else b""
                 if delay:
                     await asyncio.sleep(delay)
-                if b'"stream": true' in body or b'"stream":true' in body:
+                if b"/responses" in head.split(b"\r\n", 1)[0]:  # the Responses API, streamed (the WebSocket section)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for ev in responses_events(chunks):
+                        data = b"data: " + ev + b"\n\n"
+                        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        await writer.drain()
+                        await asyncio.sleep(gap)
+                    writer.write(b"0\r\n\r\n")
+                elif b'"stream": true' in body or b'"stream":true' in body:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
                     for i in range(chunks):
                         ev = ('data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4.1","choices":[{"index":0,'
@@ -599,10 +635,11 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as markdown to this file")
     ap.add_argument("--peer", choices=["litellm"], help="also run the 500 req/s scenario through this peer gateway "
                     "(LiteLLM's proxy, installed into .bench/litellm on first use)")
-    ap.add_argument("--section", choices=["all", "single", "workers", "policy"], default="all",
+    ap.add_argument("--section", choices=["all", "single", "workers", "policy", "websocket"], default="all",
                     help="single: one gateway process against bare mitmdump; workers: scripts/run --workers N, "
                          "the 500 req/s scenario on DuckDB and PostgreSQL, PostgreSQL's write rate; policy: the "
-                         "cost of ten policy rules per request and of the tool gate")
+                         "cost of ten policy rules per request and of the tool gate; websocket: a Responses turn over "
+                         "Codex's WebSocket (relayed, translated) against the same turn over HTTP SSE")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "addons"))
     dur = 2.0 if args.quick else 5.0
@@ -616,6 +653,8 @@ def main() -> None:
         workers_section(work, args.quick, parts.setdefault("workers", []))
     if args.section in ("all", "policy"):
         policy_section(work, args.quick, parts.setdefault("policy", []), dur)
+    if args.section in ("all", "websocket"):
+        websocket_section(work, args.quick, parts.setdefault("websocket", []))
     for part, rows in parts.items():
         report(part, rows, args)
 
@@ -931,6 +970,92 @@ def tool_gate_timings(n: int) -> tuple[list[float], tuple[float, float]]:
     return release, (pct(gated_text, 0.5), pct(plain_text, 0.5))
 
 
+WS_DELTAS, WS_GAP = 20, 0.01  # the provider's stream: 20 text deltas 10 ms apart (plus created and completed)
+
+
+def websocket_section(work: Path, quick: bool, rows: list) -> None:
+    """A Responses turn (22 events, 10 ms apart at the provider) through the gateway: over HTTP SSE, over the
+    WebSocket translated to HTTP (`websocket: false`) and relayed to a provider WebSocket (`websocket: true`). Turn
+    latency is from sending the request to the final event; frame gaps are the client's gaps between successive
+    events minus the provider's 10 ms (no coalescing: each event arrives on its own, on time)."""
+    import httpx
+    from websockets.asyncio.client import connect
+
+    procs: list[subprocess.Popen] = []
+    turns = 30 if quick else 200
+    try:
+        mock, mport = start_mock(work, chunks=WS_DELTAS, gap=WS_GAP)
+        procs.append(mock)
+        port_file = work / "wsmock.port"
+        wsmock = subprocess.Popen([sys.executable, __file__, "wsmock", str(port_file), str(WS_DELTAS), str(WS_GAP)])
+        procs.append(wsmock)
+        deadline = time.time() + 20
+        while not port_file.exists() or not port_file.read_text():
+            if time.time() > deadline:
+                raise RuntimeError("the WebSocket mock did not start")
+            time.sleep(0.05)
+        wsport = int(port_file.read_text())
+        gw, gport, token, _ = start_gateway(work, mport, name="ws-gateway", extra={"providers": [
+            {"name": "openai", "type": "openai", "base_url": f"http://127.0.0.1:{mport}/v1/", "key": "sk-bench"},
+            {"name": "relay", "type": "openai", "base_url": f"http://127.0.0.1:{wsport}/v1/", "key": "sk-bench",
+             "websocket": True}]})
+        procs.append(gw)
+        body = {"model": "gpt-5", "input": "ping", "stream": True}
+        create = json.dumps({"type": "response.create", **{k: v for k, v in body.items() if k != "stream"}})
+
+        async def http_turns() -> tuple[list[float], list[float]]:
+            lat, gaps = [], []
+            async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
+                for _ in range(turns):
+                    t0 = time.perf_counter()
+                    last = None
+                    async with c.stream("POST", f"http://127.0.0.1:{gport}/openai/v1/responses", json=body,
+                                        headers={"authorization": f"Bearer {token}"}) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: "):
+                                now = time.perf_counter()
+                                if last is not None:
+                                    gaps.append((now - last - WS_GAP) * 1000)
+                                last = now
+                    lat.append((time.perf_counter() - t0) * 1000)
+            return lat, gaps
+
+        async def ws_turns(instance: str) -> tuple[list[float], list[float]]:
+            lat, gaps = [], []
+            async with connect(f"ws://127.0.0.1:{gport}/{instance}/v1/responses", compression=None,
+                               additional_headers={"authorization": f"Bearer {token}"}) as ws:
+                for _ in range(turns):
+                    t0 = time.perf_counter()
+                    await ws.send(create)
+                    last = None
+                    while True:
+                        ev = json.loads(await ws.recv())
+                        now = time.perf_counter()
+                        if last is not None:
+                            gaps.append((now - last - WS_GAP) * 1000)
+                        last = now
+                        if ev["type"] in ("response.completed", "error"):
+                            break
+                    lat.append((time.perf_counter() - t0) * 1000)
+            return lat, gaps
+
+        provider_ms = (WS_DELTAS + 2) * WS_GAP * 1000
+        for name, run in (("HTTP SSE", http_turns), ("WebSocket, translated", lambda: ws_turns("openai")),
+                          ("WebSocket, relayed", lambda: ws_turns("relay"))):
+            lat, gaps = asyncio.run(run())
+            lat.sort()
+            gaps.sort()
+            print(f"websocket: {name}: turn p50 {pct(lat, .5):.1f} ms p95 {pct(lat, .95):.1f} ms", flush=True)
+            rows.append(("websocket", f"turn latency, {name} (p50 / p95; provider streams {provider_ms:.0f} ms)",
+                         f"{pct(lat, .5):.1f} / {pct(lat, .95):.1f} ms", "within a few ms of HTTP SSE"))
+            rows.append(("websocket", f"frame gap beyond the provider's 10 ms, {name} (p50 / p99 / max)",
+                         f"{pct(gaps, .5):+.2f} / {pct(gaps, .99):+.2f} / {gaps[-1]:+.2f} ms",
+                         "each event as it arrives (no coalescing)"))
+    finally:
+        for p in procs:
+            stop(p)
+
+
 def report(part: str, rows: list, args) -> None:
     """Print the part's table; with --out, replace that part's table in the file (between its markers), keeping
     the hand-written analysis around it."""
@@ -943,6 +1068,8 @@ def report(part: str, rows: list, args) -> None:
     cmd = "scripts/bench" + (" --quick" if args.quick else "") + (f" --peer {args.peer}" if args.peer else "") \
         + (f" --section {args.section}" if args.section != "all" else "")
     who = ("the load generator, the mock provider, bare mitmdump and the gateway share the machine" if part == "single"
+           else "the load generator, the mock providers (HTTP and WebSocket) and the gateway share the machine"
+           if part == "websocket"
            else "the load generator, the mock provider, the gateway's workers, its writer and PostgreSQL share the "
                 "machine")
     table = (f"Measured with `{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores "
@@ -961,7 +1088,12 @@ def report(part: str, rows: list, args) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "mock":
+    if len(sys.argv) > 1 and sys.argv[1] == "wsmock":
+        try:
+            asyncio.run(ws_mock_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        except KeyboardInterrupt:
+            pass
+    elif len(sys.argv) > 1 and sys.argv[1] == "mock":
         try:
             asyncio.run(mock_main(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
         except KeyboardInterrupt:

@@ -133,3 +133,17 @@ def test_a_client_gone_mid_stream_keeps_the_stream_when_the_gateway_says_so():
     assert any(isinstance(c, SendHttp) and c.connection is cut.context.server for c in commands)
     assert not cut.flow.live and cut.flow.error.msg == "Client disconnected."
     patches.install(lambda flow, message: None)
+
+
+def test_the_websocket_hold_patch_takes_and_its_target_has_the_assumed_shape():
+    """patches.install_websocket_holds wraps WebsocketLayer.relay_messages (a relayed Responses socket whose client
+    closed mid-turn is read to the turn's end: tests/test_responses_websocket.py)."""
+    from mitmproxy.proxy.layers import websocket
+
+    target = _original(websocket.WebsocketLayer.relay_messages)
+    assert list(inspect.signature(target).parameters) == ["self", "event"]
+    assert hasattr(websocket, "WebsocketEndHook") and hasattr(websocket, "WebSocketMessageInjected")
+    patches.install(lambda flow, message: None, hold=lambda flow: False)
+    first = websocket.WebsocketLayer.relay_messages
+    patches.install(lambda flow, message: None, hold=lambda flow: False)
+    assert websocket.WebsocketLayer.relay_messages is first and first.aibridge

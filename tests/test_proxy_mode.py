@@ -163,10 +163,12 @@ def test_no_identity_is_refused_before_the_upstream(pgw, up):
 
 
 @pytest.mark.parametrize("mode", ["base-url", "proxy"])
-def test_responses_over_websocket_is_refused_with_426_so_clients_fall_back_to_http(pgw, up, puser, mode):
-    """Codex CLI tries Responses over a WebSocket first; relayed, those calls would bypass the audit record."""
-    import websockets.exceptions
+def test_responses_over_websocket_is_served_and_recorded(pgw, up, puser, mode):
+    """Codex CLI opens Responses over a WebSocket first: served in both modes (this instance serves no WebSocket, so
+    the turn goes upstream as an HTTP stream), each response.create recorded (tests/test_responses_websocket.py)."""
     from websockets.sync.client import connect
+
+    from tests.support.wire import responses_stream
 
     name, token = puser
     host = pgw.url.split("://")[1]
@@ -176,12 +178,16 @@ def test_responses_over_websocket_is_refused_with_426_so_clients_fall_back_to_ht
     else:
         kw = dict(uri="wss://api.openai.com/v1/responses", proxy=f"http://{name}:{token}@{host}",
                   ssl=client_context(pgw.ca))
-    with pytest.raises(websockets.exceptions.InvalidStatus) as e:
-        connect(additional_headers=headers, open_timeout=10, **kw)
-    refusal = e.value.response
-    assert refusal.status_code == 426
-    assert json.loads(refusal.body)["error"]["code"] == "websocket_not_supported"
-    assert up.seen == []  # never relayed
+    up.script(Reply.sse(responses_stream("over a socket", (12, 7))))
+    with connect(additional_headers=headers, open_timeout=10, **kw) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": "gpt-5", "input": "hi over a socket"}))
+        events = []
+        while not events or events[-1]["type"] not in ("response.completed", "error"):
+            events.append(json.loads(ws.recv(timeout=10)))
+    assert events[-1]["type"] == "response.completed", events
+    (ic,) = pgw.interceptions(name)
+    assert (ic["api"], ic["status"], ic["model"]) == ("openai.responses", "completed", "gpt-5")
+    assert up.seen[-1].headers["authorization"] == f"Bearer {UPSTREAM_OPENAI_KEY}"
 
 
 def test_non_ai_host_is_tunnelled_without_interception(pgw, origin, puser):

@@ -26,6 +26,8 @@ DEFAULT_CONFIG = Path("config") / "aibridge.yaml"
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # The gateway serves these itself; no provider instance may take the prefix.
 RESERVED_PREFIXES = frozenset({"aibridge"})
+# Providers that serve the Responses API over a WebSocket themselves: `websocket` defaults to true there.
+WEBSOCKET_HOSTS = frozenset({"api.openai.com", "chatgpt.com"})
 
 
 class ConfigError(Exception):
@@ -51,6 +53,9 @@ class ProviderInstance:
     # OpenAI's realtime session endpoints hand the client a provider credential billed to the central key that then
     # bypasses the gateway: refused (403) unless the admin allows them here (then recorded like other spend).
     allow_realtime: bool = False
+    # The Responses API over a WebSocket (docs/responses-websocket.md): relayed to the provider over a WebSocket
+    # (True) or answered by the gateway, each `response.create` sent upstream as an HTTP streaming request (False).
+    websocket: bool = False
 
     @functools.cached_property
     def auth_header(self) -> tuple[bytes, bytes]:
@@ -687,6 +692,7 @@ def _parse_provider(item, raw: dict, where: str) -> ProviderInstance:
         transport=transport,
         keys=keys,
         allow_realtime=item.allow_realtime,
+        websocket=item.websocket if item.websocket is not None else parts.hostname in WEBSOCKET_HOSTS,
     )
 
 

@@ -51,6 +51,10 @@ class ProviderBase(Section):
     allow_realtime: bool = Field(
         False, description="permit OpenAI's realtime session endpoints (they hand the client a credential billed to "
                            "the central key that bypasses the gateway; recorded when permitted)")
+    websocket: bool | None = Field(
+        None, description="relay the Responses API's WebSocket transport to the provider over a WebSocket (true) or "
+                          "answer it in the gateway, each turn sent as an HTTP streaming request (false); default true "
+                          "for api.openai.com and chatgpt.com, false elsewhere (see responses-websocket.md)")
 
     @field_validator("keys")
     @classmethod

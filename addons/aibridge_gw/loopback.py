@@ -47,9 +47,11 @@ class Responder:
     streamed answer unterminated: the connection closes without its last chunk, which tells mitmproxy the
     answer broke off."""
 
-    def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter, method: bytes = b"") -> None:
+    def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter, method: bytes = b"",
+                 reader: asyncio.StreamReader | None = None) -> None:
         self._conn = conn
         self._writer = writer
+        self._reader = reader
         self._head_only = method == b"HEAD"
         self.started = False  # the response head was sent
         self.ended = False  # the whole answer was sent
@@ -79,6 +81,16 @@ class Responder:
         out += self._conn.send(h11.EndOfMessage())
         self.started = self.ended = True
         await self._write(out)
+
+    async def switch(self, headers: Headers) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """Answer an upgrade request `101 Switching Protocols` (the Responses WebSocket's translator): the
+        connection is the handler's from then on. Returns its reader, writer and the bytes already read past the
+        request."""
+        fields = [(_latin1(k), _latin1(v)) for k, v in headers]
+        out = self._conn.send(h11.InformationalResponse(status_code=101, headers=fields))
+        self.started = self.ended = True
+        await self._write(out)
+        return self._reader, self._writer, self._conn.trailing_data[0]
 
     def _head(self, status: int, headers: Headers, reason: str | bytes | None, length: int | None) -> bytes:
         fields = []
@@ -145,7 +157,7 @@ class LoopbackServer:
             request = await _read_request(conn, reader, writer)
             if request is None:
                 return
-            out = Responder(conn, writer, request.method)
+            out = Responder(conn, writer, request.method, reader)
             target = request.target.decode("latin-1")
             job = self.jobs.pop(target[len(PATH):], None) if target.startswith(PATH) else None
             if job is None:

@@ -81,4 +81,5 @@ class Housekeeping:
         while True:
             await asyncio.sleep(self.rt.watch.interval())
             if self.rt.inflight:
-                self.rt.watch.check([s for s in self.rt.inflight if not s.via_loop or s.client_gone is not None])
+                self.rt.watch.check([s for s in self.rt.inflight
+                                     if (not s.via_loop or s.client_gone is not None) and not s.on_socket])

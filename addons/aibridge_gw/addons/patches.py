@@ -14,6 +14,11 @@ that each patch took, so a mitmproxy upgrade that moves them fails loudly instea
   says so), the error is neither sent upstream nor made the flow's, and the stream stays alive; what it sends to
   the gone client mitmproxy drops (the connection is no longer among its transports; an HTTP/2 stream that is
   closed takes no data).
+- WebSocket closes (`WebsocketLayer.relay_messages`): a client that closes a relayed Responses WebSocket mid-turn
+  (sockets.py) has its close answered at once, but the provider's side is kept open (`hold` says so) and its
+  events still read (the gateway drops them), until the turn's final event has been recorded (the gateway injects
+  `RELEASE_MARK`): then the client's close goes to the provider, as mitmproxy would have sent it at once. The
+  provider's final usage is recorded, as for an HTTP stream whose client left.
 - Listening (`ServerInstance.listen` of TCP modes): a deep listen backlog, so a burst of connections does not make
   the kernel drop new ones, and a front door every accepted connection passes before mitmproxy's handler is made
   (idle.py: an address flooding the gateway waits its turn behind the others); in `scripts/run --workers N`'s
@@ -44,12 +49,83 @@ log = logging.getLogger(__name__)
 ORIGIN, ABSOLUTE = "origin", "absolute"
 
 
-def install(decide: "Decide", keep: "Keep | None" = None) -> None:
+def install(decide: "Decide", keep: "Keep | None" = None, hold: "Hold | None" = None) -> None:
     """All of them (idempotent)."""
     install_request_form_marker()
     install_json_error_pages()
     install_client_endings(decide, keep)
+    install_websocket_holds(hold)
     install_listener()
+
+
+Hold = Callable[[http.HTTPFlow], bool]
+_hold: list[Hold] = []
+RELEASE_MARK = b"\x00aibridge:release"  # injected into a held WebSocket: its provider side may close now
+
+
+def release_websocket(flow: http.HTTPFlow) -> None:
+    """A held WebSocket's turn is recorded: close its provider side now (install_websocket_holds)."""
+    from mitmproxy import ctx
+
+    ctx.master.commands.call("inject.websocket", flow, False, RELEASE_MARK, False)
+
+
+def install_websocket_holds(hold: Hold | None) -> None:
+    """Keep a relayed WebSocket's provider side open after its client closed, while `hold(flow)` says a turn is
+    still to be read (idempotent; the last gateway wins)."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers import websocket as ws_layer
+
+    _hold[:] = [hold] if hold is not None else []
+    original = ws_layer.WebsocketLayer.relay_messages
+    if getattr(original, "aibridge", False):
+        return
+
+    def relay_messages(self, event):
+        server = self.context.server
+        deferred = getattr(self, "aibridge_deferred", None)
+        if deferred is not None and getattr(event, "connection", None) is self.context.client:
+            return  # the client's side has closed (its connection's end, stray bytes): the provider's is being read
+        if deferred is not None and isinstance(event, ws_layer.WebSocketMessageInjected) \
+                and event.message.content == RELEASE_MARK:
+            # The turn is recorded (the gateway injected this, so the close runs in a task of its own, not in the
+            # provider connection's handler): the client's close goes to the provider, and the socket ends.
+            self.aibridge_deferred = None
+            for cmd in deferred:
+                yield cmd
+            self._handle_event = self.done
+            return
+        held: list | None = None
+        gen = original(self, event)
+        result = None
+        while True:
+            try:
+                cmd = gen.send(result)
+            except StopIteration:
+                break
+            result = None
+            ws = self.flow.websocket
+            if deferred is None and held is None and _hold and ws is not None and ws.closed_by_client \
+                    and ws.timestamp_end is not None and getattr(cmd, "connection", None) is server:
+                try:
+                    held = [] if _hold[0](self.flow) else None
+                except Exception:
+                    log.exception("aibridge: deciding whether to read a WebSocket turn whose client left failed")
+            if held is not None and (getattr(cmd, "connection", None) is server
+                                     or isinstance(cmd, ws_layer.WebsocketEndHook)):
+                held.append(cmd)  # the close for the provider, and the end of the socket: when the turn is read
+                continue
+            if deferred is not None and isinstance(cmd, ws_layer.WebsocketEndHook):
+                self.aibridge_deferred = deferred = None  # the provider closed first: ended as mitmproxy ends it
+            result = yield cmd
+        if held is not None:
+            self.aibridge_deferred = held
+            self._handle_event = self.relay_messages  # the provider's events are still read
+
+    relay_messages.aibridge = True
+    relay_messages.aibridge_original = original
+    ws_layer.WebsocketLayer.relay_messages = relay_messages
+    del commands
 
 
 def install_request_form_marker() -> None:

@@ -63,6 +63,7 @@ from ..policy.policing import (
 from . import patches
 from .proxy_mode import PROXY_AUTH_REQUIRED, ProxyMode
 from .runtime import Runtime
+from .sockets import ResponsesSockets
 
 log = logging.getLogger("aibridge")
 OFF_LOOP_BYTES = 256 * 1024  # request bodies larger than this are decoded and parsed on a worker thread
@@ -86,9 +87,10 @@ class Pipeline:
         self._noted: set[tuple] = set()  # warnings already logged (see _note_once)
         self.draining: set[FlowState] = set()  # streams read on after their client went away
         self.objects = Objects(runtime)  # batches, their output files, background responses: who created them
+        self.sockets = ResponsesSockets(self, header_view, _tool_decider)  # the Responses API over a WebSocket
 
     def load(self, loader) -> None:
-        patches.install(self._client_ending, self._client_left)
+        patches.install(self._client_ending, self._client_left, self.sockets.hold)
 
     # --- request -----------------------------------------------------------------------------------
 
@@ -146,12 +148,13 @@ class Pipeline:
         req = flow.request
         hv = header_view(req.headers)
         if hv.get("upgrade", "").lower() == "websocket":
-            # Codex CLI tries the Responses API over a WebSocket first, and the Realtime API speaks nothing else.
-            # Relayed, those model calls would bypass recording, budgets and MCP injection; 426 is the one answer
-            # Codex takes as "use HTTP" at once (any other refusal costs five retries first).
-            flow.response = error_response(
-                route.provider.type, 426,
-                "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
+            # Codex CLI opens the Responses API over a WebSocket first: served turn by turn (addons/sockets.py).
+            # Any other WebSocket (the Realtime API speaks nothing else) would bypass recording, budgets and MCP
+            # injection; 426 is the one answer Codex takes as "use HTTP" at once.
+            if not await self.sockets.upgrade(flow, route, hv):
+                flow.response = error_response(
+                    route.provider.type, 426,
+                    "aibridge: the WebSocket transport is not supported here; send the request over HTTP (SSE)")
             return
         if route.local is not None and route.local.anyone:  # a connectivity check: no key, nothing upstream
             flow.response = _local_answer(route.local)
@@ -174,25 +177,10 @@ class Pipeline:
                 state.client_base = client_base(flow, route.provider.name)
         adapter = None
         if route.api:
-            begun = await self._begin(flow, route, ident, hv)
-            if begun is None:
+            adapter = await self._open(flow, state, ident, hv)
+            if adapter is REFUSED:
                 return
-            ic, body = begun
-            state.interception = ic
-            if self.rt.policing is not None and self.rt.policing.active:
-                policed = await self._police(flow, state, ident, body, hv)
-                if policed is REFUSED:
-                    return
-                body, route = policed, state.route
-            if not await self._admit(flow, state):
-                return
-            if body is not None and ic.api in MODEL_APIS:
-                adapter = await self._injection(flow, ic, body, ident.actor)
-            if route.provider.transport is not None and not await self._transport(flow, state, ident, body, adapter, hv):
-                return
-            self.rt.recorder.started(ic)
-            self.rt.inflight.add(state)
-            flow.metadata[META_KEY] = ic.to_metadata()
+            route = state.route
         elif not route.known:
             log.info("aibridge: relaying %s %s unrecorded with the user's own credential (user %s)",
                      req.method, printable(route.upstream_path.split("?")[0]), ident.actor.user_name)
@@ -203,6 +191,65 @@ class Pipeline:
         elif pool is not None:
             self._to_relay(flow, state, pool)
         state.forwarded_at = time.time()
+
+    async def _open(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, hv: dict[str, str],
+                    inject: bool = True):
+        """Open a recorded call's interception: read the request, police, admit (breaker, budget), inject central
+        MCP tools (`inject`), and queue its start record. Returns the tool loop's adapter (None: no injected tools);
+        `REFUSED` when the call was answered here (the answer is on the flow)."""
+        route = state.route
+        begun = await self._begin(flow, route, ident, hv)
+        if begun is None:
+            return REFUSED
+        ic, body = begun
+        state.interception = ic
+        if self.rt.policing is not None and self.rt.policing.active:
+            policed = await self._police(flow, state, ident, body, hv)
+            if policed is REFUSED:
+                return REFUSED
+            body, route = policed, state.route
+        if not await self._admit(flow, state):
+            return REFUSED
+        adapter = None
+        if inject and body is not None and ic.api in MODEL_APIS:
+            adapter = await self._injection(flow, ic, body, ident.actor)
+        if route.provider.transport is not None and not await self._transport(flow, state, ident, body, adapter, hv):
+            return REFUSED
+        self.rt.recorder.started(ic)
+        self.rt.inflight.add(state)
+        flow.metadata[META_KEY] = ic.to_metadata()
+        return adapter
+
+    async def _socket_turn(self, flow: http.HTTPFlow, route: Route, warmup: bool, relayed_to: str | None
+                           ) -> tuple[FlowState, Identity, object] | None:
+        """One `response.create` on a Responses WebSocket (addons/sockets.py), made a request flow and governed as
+        its HTTP call is, up to the upstream: the token checked again, limits, policies, breaker, budget, the start
+        record, central MCP tools (the tool loop's adapter, or None). A refusal is left on the flow (the HTTP answer
+        it would be); None then. A warm-up (`generate: false`) is checked and not recorded. `relayed_to`: the provider instance a relayed socket is connected to
+        (a policy cannot route its turns elsewhere)."""
+        hv = header_view(flow.request.headers)
+        ident = self._identify(flow, route, hv)
+        if ident is None:
+            if flow.response is None:
+                flow.response = error_response(route.provider.type, 401, "aibridge: not authorized")
+            return None
+        if not self._admissible(flow, route, ident):
+            return None
+        state = flow.metadata[STATE_KEY] = FlowState(flow, route)
+        if warmup:
+            return state, ident, None
+        adapter = await self._open(flow, state, ident, hv)
+        if adapter is REFUSED:
+            return None
+        state.interception.facts["transport"] = "websocket"  # in the record's metadata
+        if relayed_to is not None and state.route.provider.name != relayed_to:
+            message = (f"aibridge policy: this WebSocket is relayed to provider {relayed_to!r}; a turn cannot be "
+                       f"routed to {state.route.provider.name!r}")
+            self.rt.inflight.discard(state)
+            self.rt.recorder.rejected(state.interception, 403, message)
+            flow.response = error_response(route.provider.type, 403, message)
+            return None
+        return state, ident, adapter
 
     def _route(self, flow: http.HTTPFlow) -> Route | None:
         """The provider endpoint this request is for; None (with an answer on the flow, unless it is not the
@@ -607,8 +654,16 @@ class Pipeline:
     def _to_loop(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str],
                  pool=None) -> None:
         """Hand the flow to the injected-tool loop, through the loopback server; mitmproxy relays what it produces."""
+        job = self._loop_job(flow, state, ident, adapter, hv, pool)
+        self._to_loopback(flow, job)
+        state.via_loop = True
+        state.loop_job = job
+
+    def _loop_job(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, adapter, hv: dict[str, str],
+                  pool=None) -> LoopJob:
+        """The injected-tool loop's job for a flow pointed upstream (`_to_upstream`)."""
         req, prov = flow.request, state.route.provider
-        job = LoopJob(
+        return LoopJob(
             url=req.url, headers=upstream_headers(req.headers), adapter=adapter,
             provider_type=prov.type, user_id=ident.actor.user_id,
             max_rounds=self.rt.config.mcp.max_rounds, state=state,
@@ -616,9 +671,6 @@ class Pipeline:
             request_headers=hv, pool=pool, auth_header=PROVIDERS[prov.type].auth_header,
             gate=_tool_decider(state), vet=_injected_vetter(state),
         )
-        self._to_loopback(flow, job)
-        state.via_loop = True
-        state.loop_job = job
 
     def _to_relay(self, flow: http.HTTPFlow, state: FlowState, pool) -> None:
         """Send the request through the gateway's own client, which tries the pool's keys in turn."""
@@ -637,6 +689,20 @@ class Pipeline:
         req.scheme, req.host, req.port = "http", "127.0.0.1", loopback.port
         req.host_header = f"127.0.0.1:{loopback.port}"
         req.path = path
+
+    # --- WebSocket (the Responses API's; addons/sockets.py) ------------------------------------------
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self.sockets.message(flow)
+        except Exception:  # the message is relayed as it came rather than the socket broken by a hook's failure
+            log.exception("aibridge: handling a WebSocket message failed")
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self.sockets.end(flow)
+        except Exception:
+            log.exception("aibridge: ending a WebSocket failed")
 
     # --- response ----------------------------------------------------------------------------------
 
@@ -885,6 +951,7 @@ class Pipeline:
         """mitmproxy closes a connection's provider connections once this hook returns: wait (without blocking the
         event loop) for the streams read on after this client left to end and be recorded. The upstream watch
         ends each at its deadline (housekeeping); should it not have, they are ended here."""
+        await self.sockets.client_disconnected(client)
         mine = [s for s in self.draining if s.flow.client_conn.id == client.id]
         if not mine:
             return

@@ -30,6 +30,7 @@ from ..flow.relay import Relay, RelayJob, upstream_client
 from ..flow.routing import Router
 from ..flow.state import FlowState
 from ..flow.upstream_faults import UpstreamWatch
+from ..flow.ws_translate import SocketJob, Translator
 from ..logsafe import RedactingStream, install_log_redaction
 from ..loopback import LoopbackServer
 from ..mcp.access import McpAccess
@@ -244,7 +245,7 @@ class Runtime:
             return False
         self._apply_config(config)
         self._apply_budgets(config, prices, rows)
-        if (self.mcp is not None or self.pools) and self.loopback is None and ctx.options.server:
+        if (self.mcp is not None or self.pools or self._translates()) and self.loopback is None and ctx.options.server:
             await self._start_loopback()
         for listener in self.on_reload:
             try:
@@ -651,6 +652,10 @@ class Runtime:
             return True
         return any((p.host, p.port) == (host, port) for p in self.config.providers)
 
+    def _translates(self) -> bool:
+        """An instance answers the Responses WebSocket in the gateway (flow/ws_translate.py): the loopback serves it."""
+        return any(not p.websocket and "openai.responses" in PROVIDERS[p.type].apis for p in self.config.providers)
+
     async def _start_loopback(self) -> None:
         """The in-process endpoint the injected-tool loop and the key-pool relay answer their flows from, with the
         gateway's own upstream client."""
@@ -663,7 +668,8 @@ class Runtime:
         gateway = McpGateway(self.recorder, self.metrics)
         self._configure_gateway(gateway)
         await gateway.start()
-        loopback = LoopbackServer({LoopJob: tool_loop, RelayJob: Relay(client), McpJob: gateway})
+        loopback = LoopbackServer({LoopJob: tool_loop, RelayJob: Relay(client), McpJob: gateway,
+                                   SocketJob: Translator(client, tool_loop)})
         await loopback.start()
         self.loopback, self.tool_loop, self.mcp_gateway = loopback, tool_loop, gateway
 
@@ -746,7 +752,7 @@ class Runtime:
             interception_log.handlers, interception_log.propagate = direct, False
         if self.shared_store and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_directory())
-        if (self.mcp is not None or self.pools) and self.loopback is None:
+        if (self.mcp is not None or self.pools or self._translates()) and self.loopback is None:
             await self._start_loopback()
         self._listen_for_reload()
         self._watch_if_asked()

@@ -107,7 +107,9 @@ def codex(w: Where, mode: str) -> list[str]:
         return _exports(AIBRIDGE_TOKEN=w.token) + _file(
             "${CODEX_HOME:-$HOME/.codex}/config.toml",
             'model_provider = "aibridge"\n\n[model_providers.aibridge]\nname = "aibridge"\n'
-            f'base_url = "{w.url("/openai/v1")}"\nenv_key = "AIBRIDGE_TOKEN"\nwire_api = "responses"\n\n'
+            f'base_url = "{w.url("/openai/v1")}"\nenv_key = "AIBRIDGE_TOKEN"\nwire_api = "responses"\n'
+            # The Responses API over a WebSocket (docs/responses-websocket.md), as Codex speaks it to OpenAI.
+            'supports_websockets = true\n\n'
             + codex_mcp(w), " (the model through the gateway, and its MCP tools)")
     return _proxy_env(w, "rust") + _exports(OPENAI_API_KEY=w.token, AIBRIDGE_TOKEN=w.token) + _comment(
         "signed in with ChatGPT instead: the gateway needs a `type: chatgpt` provider (recorded as subscription)"

@@ -27,7 +27,8 @@ TARGET_KEY = "aibridge.target"
 # A flow the gateway answers elsewhere than the pipeline (the MCP gateway's, at the loopback server): set by the
 # addon that handed it off, so the pipeline leaves it alone.
 HANDED_OFF = "aibridge.handed_off"
-LIVE_KEYS = (STATE_KEY, TARGET_KEY)  # never saved with a flow (see capture.redacted_copy)
+SOCKET_KEY = "aibridge.socket"  # a Responses WebSocket's state, on its upgrade flow (addons/sockets.py)
+LIVE_KEYS = (STATE_KEY, TARGET_KEY, SOCKET_KEY)  # never saved with a flow (see capture.redacted_copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,9 @@ class FlowState:
     watch: str | None = None  # a passthrough response read on the way (objects.WATCHED: a batch's status)
     client_base: str | None = None  # the gateway's URL for this instance as the client reached it (base-URL mode)
     police: object | None = None  # the admin's policies at work on this call (policy.policing.CallPolicing)
+    # A turn of a Responses WebSocket (addons/sockets.py): its flow is the gateway's own, carried by the socket's
+    # connection; the upstream watch leaves it alone (aborting its connection would end the whole socket).
+    on_socket: bool = False
 
     def __deepcopy__(self, memo) -> None:
         """Live handles stay with the live flow: a copy (capture, `-w`) carries only the recorded facts."""
