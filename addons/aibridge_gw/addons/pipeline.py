@@ -30,6 +30,7 @@ from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
 from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, json_text, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
+from ..flow.purpose import classify as classify_purpose
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
 from ..flow.routing import Route
@@ -491,6 +492,7 @@ class Pipeline:
             client=client,
             user_agent=hv.get("user-agent"),
             session_id=detect_session(client, hv, info.session_hint),
+            purpose=classify_purpose(client, route.api, body),
             client_metadata=client_metadata(hv),
             on_behalf_of_id=ident.on_behalf_of[0] if ident.on_behalf_of else None,
             on_behalf_of_name=ident.on_behalf_of[1] if ident.on_behalf_of else None,

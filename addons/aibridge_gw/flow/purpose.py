@@ -1,0 +1,229 @@
+"""What a model call was for, and which words of its prompt the person typed.
+
+A coding client makes calls of its own beside the person's turns: a conversation title (opencode, Kilo), a router
+that picks the model (Gemini CLI), a memory extraction after each turn (Qwen Code), a history summary, a
+next-speaker check. Each is recognised by that client's own markers — the opening of its system prompt or of its
+instruction, read from the client's source and seen in its real traffic (`tests/fixtures/clients/`) — never by
+guesswork over arbitrary text: a call no marker names is `chat` (a human turn, or its continuation when it carries
+tool results). `purpose` is recorded on the interception; auxiliary calls stay in the audit and are left out of
+the prompts and their counts by default (docs/sessions.md).
+
+The person's words: clients wrap them in text of their own (Gemini CLI's `<session_context>` part, Kilo's
+`<environment_details>`, aider's rules, Claude Code's `<system-reminder>` blocks and command wrappers). The raw
+prompt is kept as recorded; `typed_text` gives what the person typed, by the client's own wrappers only.
+
+Both run once per request on the body already parsed, reading a bounded head of at most a few strings: no second
+parse, no scan of a large body.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+CHAT = "chat"
+TITLE = "title"
+ROUTER = "router"
+MEMORY = "memory"
+SUMMARY = "summary"
+SUGGESTION = "suggestion"
+OTHER = "other_auxiliary"
+AUXILIARY = frozenset({TITLE, ROUTER, MEMORY, SUMMARY, SUGGESTION, OTHER})
+PURPOSES = (CHAT, *sorted(AUXILIARY))
+
+HEAD = 400  # characters of a system prompt or instruction a marker is looked for in
+
+# Per client: (purpose, where, marker). `where`: "system" (the opening of the system prompt / instruction),
+# "user" (the opening of the last user text). A marker is a prefix of that opening after leading whitespace,
+# unless it starts with "…", then it is looked for anywhere in the opening HEAD characters.
+MARKERS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    # packages/core: routing (classifier strategies), chat compression, next-speaker check, session summary.
+    "Gemini CLI": (
+        (ROUTER, "system", "You are a specialized Task Routing AI"),
+        (SUMMARY, "system", "You are the component that summarizes internal chat history"),
+        (SUMMARY, "system", "You are an expert context compressor"),
+        (SUMMARY, "user", "…Summarize the user's primary intent or goal in this conversation in ONE sentence"),
+        (OTHER, "user", "Analyze *only* the content and structure of your immediately preceding response"),
+        (OTHER, "system", "You are an expert code-editing assistant"),
+        (OTHER, "system", "You are a sophisticated AI assistant that specializes in loop detection"),
+        (MEMORY, "system", "You are an expert Context Memory Manager"),
+    ),
+    "Qwen Code": (
+        (MEMORY, "system", "You are now acting as the managed memory extraction subagent"),
+        (MEMORY, "system", "You are now acting as the managed memory"),
+        (SUMMARY, "system", "You are the component that summarizes internal chat history"),
+        (ROUTER, "system", "You are a specialized Task Routing AI"),
+        (OTHER, "user", "Analyze *only* the content and structure of your immediately preceding response"),
+    ),
+    "OpenCode": (
+        (TITLE, "system", "You are a title generator"),
+        (TITLE, "system", "…Generate a title for this conversation"),
+        (SUMMARY, "system", "You are a helpful AI assistant tasked with summarizing conversations"),
+        (SUMMARY, "system", "…summarizing conversations"),
+    ),
+    "Kilo Code": (
+        (TITLE, "system", "You are a title generator"),
+        (TITLE, "system", "…Generate a title for this conversation"),
+        (SUMMARY, "system", "You are a helpful AI assistant tasked with summarizing conversations"),
+        (SUMMARY, "system", "…summarizing conversations"),
+    ),
+    "Claude Code": (
+        (TITLE, "system", "…Generate a concise, sentence-case title"),
+        (TITLE, "system", "…Analyze if this message indicates a new conversation topic"),
+        (SUMMARY, "system", "You are a helpful AI assistant tasked with summarizing conversations"),
+        (SUGGESTION, "user", "[SUGGESTION MODE"),
+        (OTHER, "user", "quota"),
+    ),
+    "aider": (
+        (SUMMARY, "system", "*Briefly* summarize this partial conversation"),
+        (SUMMARY, "user", "*Briefly* summarize this partial conversation"),
+        (OTHER, "system", "…Generate a one-line commit message"),
+    ),
+}
+
+
+BLOCKS = 4  # text blocks of a system prompt looked at, at most (Claude Code's first is its billing header)
+
+
+def _heads(value: Any, limit: int = HEAD) -> tuple[str, ...]:
+    """The openings of a system prompt's or a content's first text blocks: a string, or up to BLOCKS text blocks
+    of a list (Gemini's `{"parts": [...]}` too), each stripped of leading whitespace and cut at `limit`."""
+    if isinstance(value, str):
+        return (value[:limit + 64].lstrip()[:limit],)
+    if isinstance(value, dict):
+        return _heads(value.get("parts") if "parts" in value else value.get("text"), limit)
+    out: list[str] = []
+    if isinstance(value, list):
+        for n, b in enumerate(value):
+            if n >= 2 * BLOCKS or len(out) >= BLOCKS:
+                break
+            t = b if isinstance(b, str) else b.get("text") if isinstance(b, dict) else None
+            if isinstance(t, str) and t.strip():
+                out.append(t[:limit + 64].lstrip()[:limit])
+    return tuple(out)
+
+
+def _openings(api: str, body: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(system openings, last user text openings) of a model request."""
+    system: tuple[str, ...] = ()
+    user: tuple[str, ...] = ()
+    if api == "anthropic.messages":
+        system = _heads(body.get("system"))
+        msgs = body.get("messages")
+        if isinstance(msgs, list):
+            for m in reversed(msgs[-3:]):  # the last user message (Claude Code may append a system message)
+                if isinstance(m, dict) and m.get("role") == "user":
+                    user = _heads(m.get("content"))
+                    break
+    elif api == "openai.chat":
+        msgs = body.get("messages")
+        if isinstance(msgs, list) and msgs:
+            first, last = msgs[0], msgs[-1]
+            if isinstance(first, dict) and first.get("role") in ("system", "developer"):
+                system = _heads(first.get("content"))
+            if isinstance(last, dict) and last.get("role") == "user":
+                user = _heads(last.get("content"))
+    elif api == "openai.responses":
+        system = _heads(body.get("instructions"))
+        inp = body.get("input")
+        if isinstance(inp, str):
+            user = _heads(inp)
+        elif isinstance(inp, list) and inp:
+            first, last = inp[0], inp[-1]
+            if not system and isinstance(first, dict) and first.get("role") in ("system", "developer"):
+                system = _heads(first.get("content"))
+            if isinstance(last, dict) and last.get("role") == "user":
+                user = _heads(last.get("content"))
+    elif api == "gemini.generate_content":
+        system = _heads(body.get("systemInstruction") or body.get("system_instruction"))
+        contents = body.get("contents")
+        if isinstance(contents, list) and contents:
+            last = contents[-1]
+            if isinstance(last, dict) and last.get("role", "user") == "user":
+                user = _heads(last.get("parts"))
+    return system, user
+
+
+MODEL_CALL_APIS = frozenset({"anthropic.messages", "openai.chat", "openai.responses", "gemini.generate_content"})
+
+
+def classify(client: str, api: str, body: dict | None) -> str | None:
+    """The call's purpose (None: not a conversation API, or no body to read)."""
+    if api not in MODEL_CALL_APIS or not isinstance(body, dict):
+        return None
+    markers = MARKERS.get(client)
+    if not markers:
+        return CHAT
+    system, user = _openings(api, body)
+    for purpose, where, marker in markers:
+        for text in (system if where == "system" else user):
+            if (marker[1:] in text) if marker.startswith("…") else text.startswith(marker):
+                return purpose
+    return CHAT
+
+
+# --- the person's words ------------------------------------------------------------------------------------------
+
+_REMINDER = re.compile(r"<system-reminder>.*?</system-reminder>\s*", re.S)
+_SESSION_CONTEXT = re.compile(r"<session_context>.*?</session_context>\s*", re.S)
+_ENVIRONMENT = re.compile(r"\s*<environment_details>.*?</environment_details>\s*", re.S)
+# Claude Code's slash commands: <command-message>…</command-message><command-name>/x</command-name><command-args>…
+_COMMAND_ARGS = re.compile(r"<command-args>(.*?)</command-args>", re.S)
+_COMMAND_NAME = re.compile(r"<command-name>(.*?)</command-name>", re.S)
+_CLAUDE_WRAPPERS = re.compile(r"<(local-command-stdout|local-command-stderr|command-message|command-name|"
+                              r"command-args|local-command-caveat)>.*?</\1>\s*", re.S)
+_QWEN_CONTEXT = "This is the Qwen Code. We are setting up the context for our chat."
+_GEMINI_CONTEXT = "This is the Gemini CLI. We are setting up the context for our chat."
+
+
+def _aider(prompt: str) -> str:
+    """aider puts its rules before (and reminders after) the request in the same user message; what it adds is
+    fixed text of its prompts (aider/coders/*_prompts.py), the request is what follows its last marker."""
+    for marker in _AIDER_MARKERS:
+        at = prompt.rfind(marker)
+        if at >= 0:
+            return prompt[at + len(marker):].strip()
+    return prompt
+
+
+_AIDER_MARKERS: tuple[str, ...] = ()
+
+
+def _unquoted(text: str) -> str:
+    """`opencode run` (and Kilo's) passes a message word with spaces in double quotes: one such word is the text."""
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
+        return text[1:-1]
+    return text
+
+
+def typed_text(client: str, prompt: str | None) -> str | None:
+    """What the person typed, from the recorded prompt by the client's own wrappers (the prompt itself when the
+    client adds nothing known)."""
+    if not prompt:
+        return prompt
+    text = prompt
+    if client == "Claude Code":
+        text = _REMINDER.sub("", text)
+        if "<command-name>" in text:
+            name = _COMMAND_NAME.search(text)
+            args = _COMMAND_ARGS.search(text)
+            text = " ".join(x for x in ((name.group(1).strip() if name else ""),
+                                        (args.group(1).strip() if args else "")) if x)
+        else:
+            text = _CLAUDE_WRAPPERS.sub("", text)
+    elif client == "Gemini CLI":
+        text = _SESSION_CONTEXT.sub("", text)
+        if text.lstrip().startswith(_GEMINI_CONTEXT):
+            return ""
+    elif client in ("Kilo Code", "OpenCode", "Roo Code", "Cline"):
+        text = _ENVIRONMENT.sub("\n", text)
+        text = _REMINDER.sub("", text)
+        if client in ("Kilo Code", "OpenCode"):
+            text = _unquoted(text.strip())
+    elif client == "Qwen Code":
+        if text.lstrip().startswith(_QWEN_CONTEXT):
+            return ""
+        text = _REMINDER.sub("", text)
+    elif client == "aider":
+        text = _aider(text)
+    return text.strip()

@@ -1,0 +1,102 @@
+"""What each call of a real client was for, and what the person typed, over the traffic captured from the clients
+themselves (tests/fixtures/clients: two human turns each, through a gateway): each human turn is one `chat` call
+whose prompt is exactly the typed words; the client's own calls (a title, a router, memory extraction) are marked
+with their purpose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from aibridge_gw.apis import WIRE_APIS
+from aibridge_gw.flow.clients import detect_client
+from aibridge_gw.flow.purpose import AUXILIARY, CHAT, MEMORY, ROUTER, TITLE, classify, typed_text
+
+FIXTURES = Path(__file__).parent / "fixtures" / "clients"
+TURNS = ("Say hello to the capture user", "Now say goodbye, briefly")  # what the person typed (capture_clients.py)
+
+
+def api_of(path: str) -> str:
+    if path.endswith("/messages"):
+        return "anthropic.messages"
+    if path.endswith("/chat/completions"):
+        return "openai.chat"
+    if path.endswith("/responses"):
+        return "openai.responses"
+    if "generatecontent" in path.lower():
+        return "gemini.generate_content"
+    raise AssertionError(path)
+
+
+def calls(client_dir: str) -> list[dict]:
+    """Each captured call as the gateway reads it: client, purpose, the recorded prompt and the typed words."""
+    out = []
+    for c in json.loads((FIXTURES / client_dir / "two-turns.json").read_text()):
+        api = api_of(c["path"])
+        client = detect_client({k.lower(): v for k, v in c["headers"].items()})
+        info = WIRE_APIS[api].parse_request(c["body"], c["path"])
+        out.append({"turn": c["turn"], "client": client, "purpose": classify(client, api, c["body"]),
+                    "prompt": info.prompt, "typed": typed_text(client, info.prompt)})
+    return out
+
+
+# Per client directory: its name, and per captured call (purpose, typed words; None: no prompt recorded).
+EXPECTED = {
+    # Gemini CLI (model auto): its router classifier before each turn, retried five times when the stand-in's answer
+    # is not the JSON it wants; the first turn's user text follows a <session_context> part.
+    "gemini-cli": ("Gemini CLI", [(ROUTER, TURNS[0])] * 5 + [(CHAT, TURNS[0])]
+                   + [(ROUTER, TURNS[1])] * 5 + [(CHAT, TURNS[1])]),
+    # Qwen Code: a managed-memory extraction call after each turn; its context is a message of its own.
+    "qwen-code": ("Qwen Code", [(CHAT, TURNS[0]), (MEMORY, None), (CHAT, TURNS[1]), (MEMORY, None)]),
+    # opencode: a title for the conversation (on claude-haiku) before the first turn; `opencode run` quotes a message
+    # with spaces.
+    "opencode": ("OpenCode", [(TITLE, None), (CHAT, TURNS[0]), (CHAT, TURNS[1])]),
+    # Claude Code (-p, then -p --continue): <system-reminder> blocks before the typed words.
+    "claude-code": ("Claude Code", [(CHAT, TURNS[0]), (CHAT, TURNS[1])]),
+}
+
+
+@pytest.mark.parametrize("client_dir", sorted(EXPECTED))
+def test_each_call_of_a_real_client_has_its_purpose_and_the_typed_words(client_dir):
+    name, expected = EXPECTED[client_dir]
+    got = calls(client_dir)
+    assert {c["client"] for c in got} == {name}
+    assert [c["purpose"] for c in got] == [p for p, _ in expected], got
+    for c, (purpose, typed) in zip(got, expected):
+        if typed is not None:
+            assert c["typed"] == typed, c
+            assert typed in c["prompt"]  # the raw prompt, as recorded, holds them
+    # One prompt per human turn once the client's own calls are left out.
+    human = [c["typed"] for c in got if c["purpose"] not in AUXILIARY and c["prompt"]]
+    assert human == list(TURNS)
+
+
+def test_gemini_cli_first_turn_raw_prompt_keeps_the_session_context():
+    first = next(c for c in calls("gemini-cli") if c["purpose"] == CHAT)
+    assert first["prompt"].startswith("<session_context>") and first["prompt"].endswith(TURNS[0])
+    assert first["typed"] == TURNS[0]
+
+
+@pytest.mark.parametrize("client, raw, typed", [
+    ("Claude Code", "<system-reminder>\nctx\n</system-reminder>\nfix the bug", "fix the bug"),
+    ("Claude Code", "<command-message>review</command-message>\n<command-name>/review</command-name>\n"
+                    "<command-args>the parser</command-args>", "/review the parser"),
+    ("Kilo Code", "fix the bug\n\n<environment_details>\n# VSCode Visible Files\nx.py\n</environment_details>",
+     "fix the bug"),
+    ("Gemini CLI", "<session_context>\ncwd listing\n</session_context>\nfix the bug", "fix the bug"),
+    ("OpenCode", '"fix the bug"', "fix the bug"),
+    ("Unknown", "<session_context>kept</session_context> as is", "<session_context>kept</session_context> as is"),
+    ("Gemini CLI", None, None),
+])
+def test_boilerplate_is_stripped_by_the_clients_own_wrappers(client, raw, typed):
+    assert typed_text(client, raw) == typed
+
+
+def test_unknown_clients_and_other_apis():
+    body = {"model": "m", "messages": [{"role": "system", "content": "You are a title generator"},
+                                       {"role": "user", "content": "x"}]}
+    assert classify("Unknown", "openai.chat", body) == CHAT  # another client's marker names nothing
+    assert classify("OpenCode", "openai.chat", body) == TITLE
+    assert classify("OpenCode", "openai.embeddings", body) is None
+    assert classify("OpenCode", "openai.chat", None) is None
