@@ -31,6 +31,7 @@ from ..flow.errors import error_response
 from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, json_text, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
 from ..flow.purpose import classify as classify_purpose
+from ..flow.purpose import conversation_key
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
 from ..flow.routing import Route
@@ -508,6 +509,8 @@ class Pipeline:
             traceparent=hv.get("traceparent"),
             tracestate=hv.get("tracestate"),
         )
+        if ic.session_id is None and (conversation := conversation_key(client, route.api, body, ic.user_id)):
+            ic.facts["conversation"] = conversation  # a client that names no session: its conversation's opening
         return ic, body
 
     async def _transport(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, body: dict | None,

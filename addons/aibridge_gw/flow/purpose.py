@@ -18,6 +18,7 @@ parse, no scan of a large body.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -227,3 +228,44 @@ def typed_text(client: str, prompt: str | None) -> str | None:
     elif client == "aider":
         text = _aider(text)
     return text.strip()
+
+
+# --- a conversation for clients that name none ---------------------------------------------------------------------
+
+# Clients that send no session id (docs/clients.md): their calls are grouped by the conversation's opening instead.
+UNNAMED_SESSIONS = frozenset({"Gemini CLI", "Qwen Code", "aider"})
+OPENING_MAX = 4096  # characters of the conversation's first typed words that key it
+
+
+def _user_texts(api: str, body: dict):
+    """The text of the request's first few user messages, oldest first (bounded: 6 messages, 8 blocks each)."""
+    if api == "gemini.generate_content":
+        items, role, key = body.get("contents"), "user", "parts"
+    elif api == "openai.responses":
+        items, role, key = body.get("input"), "user", "content"
+    else:
+        items, role, key = body.get("messages"), "user", "content"
+    if not isinstance(items, list):
+        return
+    seen = 0
+    for m in items[:12]:
+        if not isinstance(m, dict) or m.get("role", "user" if api == "gemini.generate_content" else None) != role:
+            continue
+        seen += 1
+        if seen > 6:
+            return
+        yield "\n".join(_heads(m.get(key), OPENING_MAX))
+
+
+def conversation_key(client: str, api: str, body: dict | None, user_id: str) -> str | None:
+    """For a client that names no session: its conversation, as the hash of the first words the person typed in it
+    (each call resends the conversation from its start, so every call of one conversation has the same). Two
+    conversations of one user opening with the same words share a key."""
+    if client not in UNNAMED_SESSIONS or api not in MODEL_CALL_APIS or not isinstance(body, dict):
+        return None
+    for text in _user_texts(api, body):
+        typed = typed_text(client, text)
+        if typed:
+            digest = hashlib.sha256(f"{user_id}\0{client}\0{typed[:OPENING_MAX]}".encode()).hexdigest()
+            return f"conv_{digest[:24]}"
+    return None

@@ -37,7 +37,9 @@ class Viewer:
 BILLED_MODEL = "coalesce(i.metadata->>'response_model', i.model)"
 OPEN_COLUMNS = ", ".join(f"coalesce(u.open_{k}, 0) AS open_{k}" for k in (
     "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens"))
-SESSION_KEY = "coalesce(i.client_session_id, CAST(coalesce(i.thread_root_id, i.id) AS VARCHAR))"
+# The client's session id, else (a client that names none: flow/purpose.py) its conversation, else the thread.
+SESSION_KEY = ("coalesce(i.client_session_id, i.metadata->>'conversation', "
+               "CAST(coalesce(i.thread_root_id, i.id) AS VARCHAR))")
 _BASE = f"""
     WITH u AS ({{usage}}),
     t AS (SELECT interception_id, count(*) AS tool_calls,
