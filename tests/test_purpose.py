@@ -29,10 +29,12 @@ def api_of(path: str) -> str:
     raise AssertionError(path)
 
 
-def calls(client_dir: str) -> list[dict]:
+def calls(fixture: str) -> list[dict]:
     """Each captured call as the gateway reads it: client, purpose, the recorded prompt and the typed words."""
     out = []
-    for c in json.loads((FIXTURES / client_dir / "two-turns.json").read_text()):
+    if "/" not in fixture:
+        fixture += "/two-turns.json"
+    for c in json.loads((FIXTURES / fixture).read_text()):
         api = api_of(c["path"])
         client = detect_client({k.lower(): v for k, v in c["headers"].items()})
         info = WIRE_APIS[api].parse_request(c["body"], c["path"])
@@ -54,7 +56,18 @@ EXPECTED = {
     "opencode": ("OpenCode", [(TITLE, None), (CHAT, TURNS[0]), (CHAT, TURNS[1])]),
     # Claude Code (-p, then -p --continue): <system-reminder> blocks before the typed words.
     "claude-code": ("Claude Code", [(CHAT, TURNS[0]), (CHAT, TURNS[1])]),
+    # Kilo CLI: <environment_details> after the (quoted) words; its title call comes after the second turn.
+    "kilo": ("Kilo Code", [(CHAT, TURNS[0]), (CHAT, TURNS[1]), (TITLE, None)]),
+    # aider (--message, then --restore-chat-history): its rules in system messages, its examples before the turn.
+    "aider": ("aider", [(CHAT, TURNS[0]), (CHAT, TURNS[1])]),
+    # aider with `reminder: user` (its settings for many models): its 3 000-character rules follow the words.
+    "aider/rules-in-user-message.json": ("aider", [(CHAT, TURNS[0]), (CHAT, TURNS[1])]),
 }
+
+
+def test_every_fixture_is_checked():
+    files = {str(p.relative_to(FIXTURES)) for p in FIXTURES.glob("*/*.json")}
+    assert files == {k if "/" in k else k + "/two-turns.json" for k in EXPECTED}
 
 
 @pytest.mark.parametrize("client_dir", sorted(EXPECTED))
@@ -86,6 +99,10 @@ def test_gemini_cli_first_turn_raw_prompt_keeps_the_session_context():
      "fix the bug"),
     ("Gemini CLI", "<session_context>\ncwd listing\n</session_context>\nfix the bug", "fix the bug"),
     ("OpenCode", '"fix the bug"', "fix the bug"),
+    ("OpenCode", 'say "hi" twice', 'say "hi" twice'),
+    ("aider", "fix the bug\n\n# *SEARCH/REPLACE block* Rules:\n\nEvery *SEARCH/REPLACE block* must…", "fix the bug"),
+    ("aider", "fix the bug\n\n\n# File editing rules:\n\nReturn edits similar to unified diffs", "fix the bug"),
+    ("aider", "explain # File editing rules: in one line", "explain # File editing rules: in one line"),
     ("Unknown", "<session_context>kept</session_context> as is", "<session_context>kept</session_context> as is"),
     ("Gemini CLI", None, None),
 ])
@@ -100,3 +117,18 @@ def test_unknown_clients_and_other_apis():
     assert classify("OpenCode", "openai.chat", body) == TITLE
     assert classify("OpenCode", "openai.embeddings", body) is None
     assert classify("OpenCode", "openai.chat", None) is None
+
+
+@pytest.mark.parametrize("client_dir", ["gemini-cli", "qwen-code", "aider"])
+def test_clients_without_a_session_id_keep_one_conversation_across_their_calls(client_dir):
+    from aibridge_gw.flow.purpose import conversation_key
+
+    keys = set()
+    for c in json.loads((FIXTURES / client_dir / "two-turns.json").read_text()):
+        client = detect_client({k.lower(): v for k, v in c["headers"].items()})
+        keys.add(conversation_key(client, api_of(c["path"]), c["body"], "user-1"))
+    assert len(keys) == 1 and None not in keys
+    (key,) = keys
+    assert conversation_key("Gemini CLI", "gemini.generate_content",
+                            {"contents": [{"role": "user", "parts": [{"text": "another opening"}]}]}, "user-1") != key
+    assert conversation_key("OpenCode", "anthropic.messages", {"messages": []}, "u") is None  # it names its session

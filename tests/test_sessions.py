@@ -124,7 +124,7 @@ def test_captured_client_traffic_through_a_gateway_records_purpose_and_typed_wor
     user = "replayed-clients"
     token = sgw.new_user(user)
     sent = 0
-    for path in sorted(FIXTURES.glob("*/two-turns.json")):
+    for path in sorted(FIXTURES.glob("*/*.json")):
         for c in json.loads(path.read_text()):
             prefix = "/gemini" if "generateContent" in c["path"] or "GenerateContent" in c["path"] else \
                 "/anthropic" if c["path"].endswith("/messages") else "/openai"
@@ -136,6 +136,6 @@ def test_captured_client_traffic_through_a_gateway_records_purpose_and_typed_wor
             sent += 1
     rows = sgw.interceptions(user, sent)
     prompts = [p["prompt"] for p in cli_json(sgw, "prompts", "--limit", "500") if p["user"] == user]
-    clients = len(list(FIXTURES.glob("*/two-turns.json")))
+    clients = len(list(FIXTURES.glob("*/*.json")))
     assert sorted(prompts) == sorted(["Say hello to the capture user", "Now say goodbye, briefly"] * clients), prompts
     assert {r["purpose"] for r in rows} >= {"chat", "router", "title", "memory"}

@@ -15,12 +15,12 @@ import time
 import uuid
 from pathlib import Path
 
+from aibridge_gw.admin.guides import AIDER_SETTINGS
+
 from tests.support.clients import CACHE, answer, clean_env, npm_bin, pip_bin
 from tests.support.gateway import Gateway
 from tests.support.mock_upstream import Reply
 from tests.support.tls import tls_stand_in
-
-from aibridge_gw.admin.guides import AIDER_SETTINGS
 
 KEY = "sk-upstream-capture-0123456789"
 TURNS = ("Say hello to the capture user", "Now say goodbye, briefly")
@@ -102,6 +102,13 @@ def _aider_setup(gw, home, work):
     (work / ".aider.model.settings.yml").write_text(AIDER_SETTINGS)
 
 
+def _aider_rules_setup(gw, home, work):
+    """aider with a model whose settings put its rules into the user message (`reminder: user`, as aider's own
+    settings have for many models)."""
+    (work / ".aider.model.settings.yml").write_text(
+        AIDER_SETTINGS + "\n- name: openai/gpt-4.1\n  edit_format: diff\n  reminder: user\n")
+
+
 def _gemini_setup(gw, home, work):
     s = home / ".gemini" / "settings.json"
     s.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +118,10 @@ def _gemini_setup(gw, home, work):
 
 def _opencode_setup(config_name):
     def setup(gw, home, work):
-        (work / config_name).write_text(json.dumps({"provider": {"anthropic": {"options": {
-            "baseURL": gw.url + "/anthropic/v1", "apiKey": "{env:AIBRIDGE_TOKEN}"}}}}))
+        options = {"baseURL": gw.url + "/anthropic/v1"}
+        if config_name == "opencode.json":  # Kilo takes the key from ANTHROPIC_API_KEY (as test_real_clients does)
+            options["apiKey"] = "{env:AIBRIDGE_TOKEN}"
+        (work / config_name).write_text(json.dumps({"provider": {"anthropic": {"options": options}}}))
     return setup
 
 
@@ -146,6 +155,15 @@ CLIENTS = {
         "env": lambda gw, t: {"OPENAI_API_KEY": t, "OPENAI_API_BASE": gw.url + "/openai/v1",
                               "AIDER_CHECK_UPDATE": "false", "AIDER_ANALYTICS": "false"},
         "setup": _aider_setup,
+        "argv": lambda p, turn: ["--model", "openai/gpt-4.1", "--message", p, "--no-git", "--yes-always",
+                                 "--no-show-model-warnings", "--no-pretty", "--stream",
+                                 *(["--restore-chat-history"] if turn > 1 else [])],
+    },
+    "aider-rules": {
+        "install": lambda: pip_bin(("aider-chat",), "aider"),
+        "env": lambda gw, t: {"OPENAI_API_KEY": t, "OPENAI_API_BASE": gw.url + "/openai/v1",
+                              "AIDER_CHECK_UPDATE": "false", "AIDER_ANALYTICS": "false"},
+        "setup": _aider_rules_setup,
         "argv": lambda p, turn: ["--model", "openai/gpt-4.1", "--message", p, "--no-git", "--yes-always",
                                  "--no-show-model-warnings", "--no-pretty", "--stream",
                                  *(["--restore-chat-history"] if turn > 1 else [])],

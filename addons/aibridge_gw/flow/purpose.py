@@ -177,17 +177,23 @@ _QWEN_CONTEXT = "This is the Qwen Code. We are setting up the context for our ch
 _GEMINI_CONTEXT = "This is the Gemini CLI. We are setting up the context for our chat."
 
 
+# aider's rules (its edit format's `system_reminder`, aider/coders/*_prompts.py): for a model whose settings say
+# `reminder: user` it appends them to the person's message after a blank line.
+_AIDER_RULES = ("# *SEARCH/REPLACE block* Rules:", "# V4A Diff Format Rules:", "# File editing rules:",
+                "To suggest changes to a file you MUST return the entire content of the updated file.",
+                "ONLY return code using the `", "NEVER RETURN CODE!")
+
+
 def _aider(prompt: str) -> str:
-    """aider puts its rules before (and reminders after) the request in the same user message; what it adds is
-    fixed text of its prompts (aider/coders/*_prompts.py), the request is what follows its last marker."""
-    for marker in _AIDER_MARKERS:
-        at = prompt.rfind(marker)
-        if at >= 0:
-            return prompt[at + len(marker):].strip()
-    return prompt
-
-
-_AIDER_MARKERS: tuple[str, ...] = ()
+    """The person's message before aider's rules (the earliest of its rule headings after a blank line)."""
+    cut = len(prompt)
+    for head in _AIDER_RULES:
+        at = prompt.find("\n\n" + head)
+        if at < 0:
+            at = prompt.find("\n\n\n" + head)
+        if 0 <= at < cut:
+            cut = at
+    return prompt[:cut]
 
 
 def _unquoted(text: str) -> str:
