@@ -267,3 +267,7 @@ def test_a_session_shows_the_persons_turns_apart_from_the_clients_own_calls(brow
     assert page.locator("tr.click[data-kind='auxiliary']").count() == 1
     assert page.locator("tr.click[data-kind='turn']").count() == 1
     page.screenshot(path=str(SHOTS / "session-turns.png"), full_page=True)
+    page.locator("tr.click[data-kind='turn']").click()
+    ready(page)
+    assert page.locator("pre.prompt").inner_text() == "rename the parser module"
+    assert page.locator("pre.raw-prompt").inner_text() == '"rename the parser module"'  # as sent, kept

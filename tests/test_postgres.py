@@ -71,7 +71,7 @@ def _interception(iid: str, now, status: str = "in_progress"):
     return Insert("aibridge_interceptions", (iid, None, "anthropic", "anthropic", "claude-sonnet-4-0", "Claude Code",
                                              "claude-cli/2.1", "sess-1", None, None, "centralized", "sk-a…CRET",
                                              status, now, None, None, "anthropic.messages", True, None, None, None,
-                                             None))
+                                             None, "chat"))
 
 
 def test_the_writer_records_into_postgresql_once_even_when_a_spool_is_replayed(cluster, tmp_path):

@@ -148,7 +148,9 @@ async function detail(main, id) {
     <div class="panel"><h2>${esc(d.model)} · ${esc(d.user)} · ${esc(d.client)} · <span class="${d.status === "failed" ? "failed" : ""}">${esc(d.status)}</span></h2>
       <p class="muted">${when(d.started_at)} → ${when(d.ended_at)} · ${esc(d.provider_name)} (${esc(d.api)}${d.stream ? ", streaming" : ""}) ·
         ${esc(d.credential_kind)} ${esc(d.credential_hint)} · cost <span id="detail-cost">${usd(d)}</span>${d.error ? ` · <span class="failed">${esc(d.error)}</span>` : ""}</p></div>
-    <div class="panel"><h2>Prompt</h2>${d.prompts.map(p => `<pre class="prompt">${esc(p.prompt)}</pre>`).join("") || '<p class="muted">none (tool results only)</p>'}</div>
+    <div class="panel"><h2>Prompt${d.purpose && d.purpose !== "chat" ? ` <span class="muted">(the client's own call: ${esc(d.purpose)})</span>` : ""}</h2>${d.prompts.map(p =>
+      `<pre class="prompt">${esc(p.typed ?? p.prompt)}</pre>${p.typed != null && p.typed !== p.prompt
+        ? `<details><summary class="muted">as sent</summary><pre class="raw-prompt">${esc(p.prompt)}</pre></details>` : ""}`).join("") || '<p class="muted">none (tool results only)</p>'}</div>
     <div class="panel"><h2>Tool calls</h2><table id="tools"><tr><th>tool</th><th>injected</th><th>input</th><th>error</th></tr>
       ${d.tool_usages.map(t => `<tr><td class="tool">${esc(t.tool)}</td><td>${t.injected ? "yes (" + esc(t.server_url) + ")" : "no"}</td>
         <td><pre>${esc(t.input)}</pre></td><td class="failed">${esc(t.invocation_error)}</td></tr>`).join("")}</table></div>
