@@ -270,4 +270,4 @@ def test_a_session_shows_the_persons_turns_apart_from_the_clients_own_calls(brow
     page.locator("tr.click[data-kind='turn']").click()
     ready(page)
     assert page.locator("pre.prompt").inner_text() == "rename the parser module"
-    assert page.locator("pre.raw-prompt").inner_text() == '"rename the parser module"'  # as sent, kept
+    assert page.locator("pre.raw-prompt").text_content() == '"rename the parser module"'  # as sent, kept
