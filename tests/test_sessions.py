@@ -96,6 +96,7 @@ def test_a_gemini_cli_session_shows_one_prompt_per_human_turn(sgw, tmp_path):
     raw = sgw.sql("SELECT p.prompt, p.typed FROM aibridge_user_prompts p JOIN aibridge_interceptions i "
                   f"ON i.id = p.interception_id JOIN aibridge_users u ON u.id = i.initiator_id WHERE u.name = '{user}'")
     assert len(raw) == 4 and any("<session_context>" in r["prompt"] for r in raw)  # the audit keeps the raw text
+    assert sorted(r["typed"] or r["prompt"] for r in raw) == sorted(TURNS * 2)
 
     (session,) = [s for s in cli_json(sgw, "sessions") if s["user"] == user]
     assert (session["interceptions"], session["human_turns"], session["prompts"], session["auxiliary"]) == (4, 2, 2, 2)

@@ -265,9 +265,11 @@ class Recorder:
             return
         self.store.submit(_interception_row(ic, IN_PROGRESS))
         if ic.info.prompt:
+            typed = typed_text(ic.client, ic.info.prompt)  # the person's words; NULL: the prompt is just those
             self.store.submit(USER_PROMPTS.row(id=child_id(ic.id, "prompt", 0), interception_id=ic.id,
                                                provider_response_id=None, prompt=ic.info.prompt,
-                                               typed=typed_text(ic.client, ic.info.prompt), created_at=ic.started_at))
+                                               typed=None if typed == ic.info.prompt else typed,
+                                               created_at=ic.started_at))
 
     def _priced(self, ic: Interception, summary: ResponseSummary, u) -> tuple[float | None, str | None]:
         """The usage's cost at today's price of the model it is billed at, and those rates (JSON); (None, None) when
