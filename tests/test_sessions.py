@@ -22,7 +22,10 @@ ROUTED = {"complexity_reasoning": "a greeting", "complexity_score": 5}
 
 
 def routed(seen):
-    """The stand-in: Gemini CLI's router gets the JSON it asks for (else it retries five times per turn)."""
+    """The stand-in: Gemini CLI's router gets the JSON it asks for (else it retries five times per turn); a model
+    named claude-test-tools gets the reply scripted for it."""
+    if b'"claude-test-tools"' in (seen.body or b"") and b"tool_result" not in (seen.body or b""):
+        return None
     if b"Task Routing AI" in (seen.body or b"") and "generateContent" in seen.path:
         r = gemini_response()
         r["candidates"][0]["content"]["parts"] = [{"text": json.dumps(ROUTED)}]
@@ -140,3 +143,41 @@ def test_captured_client_traffic_through_a_gateway_records_purpose_and_typed_wor
     clients = len(list(FIXTURES.glob("*/*.json")))
     assert sorted(prompts) == sorted(["Say hello to the capture user", "Now say goodbye, briefly"] * clients), prompts
     assert {r["purpose"] for r in rows} >= {"chat", "router", "title", "memory"}
+
+
+def test_a_turn_and_its_tool_rounds_are_one_thread_of_the_session_view(sgw):
+    """Claude Code's turn, the model's tool call, the call carrying its result (linked by the tool call id), and a
+    title call of its own: one session, two threads; the turn's thread holds both of its calls."""
+    user = "threads-person"
+    token = sgw.new_user(user)
+    headers = {"user-agent": "claude-cli/2.1.197 (external, sdk-cli)", "x-claude-code-session-id": "sess-threads-1",
+               "x-api-key": token, "anthropic-version": "2023-06-01"}
+    tool_use = {"id": "msg_tool_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                "content": [{"type": "tool_use", "id": "toolu_thread_1", "name": "Bash", "input": {"command": "ls"}}],
+                "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 3}}
+    sys = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197;"},
+           {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."}]
+    typed = "list the files here"
+    first = {"model": "claude-test-tools", "max_tokens": 100, "system": sys, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>\nToday's date is 2026-12-05.\n</system-reminder>"},
+        {"type": "text", "text": typed}]}]}
+    second = {**first, "messages": first["messages"] + [
+        {"role": "assistant", "content": tool_use["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_thread_1", "content": "a.txt"}]}]}
+    title = {"model": "claude-haiku-4-5", "max_tokens": 50, "system": sys[:1] + [{"type": "text", "text":
+             "Analyze if this message indicates a new conversation topic. If it does, extract a 2-3 word title."}],
+             "messages": [{"role": "user", "content": typed}]}
+    sgw.mock.script(Reply.json(tool_use))
+    for body in (first, second, title):
+        r = httpx.post(sgw.url + "/anthropic/v1/messages", json=body, headers=headers, trust_env=False, timeout=30)
+        assert r.status_code == 200, r.text
+    sgw.interceptions(user, 3)
+    view = api(sgw, "sessions/sess-threads-1")
+    assert [t["prompt"] for t in view["turns"]] == [typed]
+    assert [(t["kind"], [c["kind"] for c in t["calls"]]) for t in view["threads"]] == [
+        ("chat", ["turn", "continuation"]), ("auxiliary", ["auxiliary"])]
+    turn_thread = view["threads"][0]
+    assert turn_thread["calls"][1]["thread_parent_id"] == turn_thread["calls"][0]["id"]
+    assert view["threads"][1]["purpose"] == "title"
+    (s,) = [s for s in cli_json(sgw, "sessions") if s["session"] == "sess-threads-1"]
+    assert (s["interceptions"], s["human_turns"], s["auxiliary"], s["prompts"]) == (3, 1, 1, 1)
