@@ -132,3 +132,15 @@ def test_clients_without_a_session_id_keep_one_conversation_across_their_calls(c
     assert conversation_key("Gemini CLI", "gemini.generate_content",
                             {"contents": [{"role": "user", "parts": [{"text": "another opening"}]}]}, "user-1") != key
     assert conversation_key("OpenCode", "anthropic.messages", {"messages": []}, "u") is None  # it names its session
+
+
+def test_a_long_session_context_does_not_split_a_gemini_cli_conversation():
+    from aibridge_gw.flow.purpose import conversation_key
+
+    keys = set()
+    for c in json.loads((FIXTURES / "gemini-cli" / "two-turns.json").read_text()):
+        body = json.loads(json.dumps(c["body"]))
+        part = body["contents"][0]["parts"][0]
+        part["text"] = part["text"].replace("</session_context>", "x" * 20_000 + "\n</session_context>")
+        keys.add(conversation_key("Gemini CLI", "gemini.generate_content", body, "user-1"))
+    assert len(keys) == 1 and None not in keys

@@ -220,6 +220,8 @@ def typed_text(client: str, prompt: str | None) -> str | None:
             text = _CLAUDE_WRAPPERS.sub("", text)
     elif client == "Gemini CLI":
         text = _SESSION_CONTEXT.sub("", text)
+        if text.lstrip().startswith("<session_context>"):  # cut before its end (a bounded opening)
+            return ""
         if text.lstrip().startswith(_GEMINI_CONTEXT):
             return ""
     elif client in ("Kilo Code", "OpenCode", "Roo Code", "Cline"):
@@ -260,7 +262,7 @@ def _user_texts(api: str, body: dict):
         seen += 1
         if seen > 6:
             return
-        yield "\n".join(_heads(m.get(key), OPENING_MAX))
+        yield _heads(m.get(key), OPENING_MAX)
 
 
 def conversation_key(client: str, api: str, body: dict | None, user_id: str) -> str | None:
@@ -269,8 +271,9 @@ def conversation_key(client: str, api: str, body: dict | None, user_id: str) -> 
     conversations of one user opening with the same words share a key."""
     if client not in UNNAMED_SESSIONS or api not in MODEL_CALL_APIS or not isinstance(body, dict):
         return None
-    for text in _user_texts(api, body):
-        typed = typed_text(client, text)
+    for blocks in _user_texts(api, body):
+        # Block by block: a block cut at OPENING_MAX (a long cwd listing) is still known as the client's own.
+        typed = "\n".join(t for b in blocks if (t := typed_text(client, b)))
         if typed:
             digest = hashlib.sha256(f"{user_id}\0{client}\0{typed[:OPENING_MAX]}".encode()).hexdigest()
             return f"conv_{digest[:24]}"
