@@ -110,6 +110,31 @@ def test_boilerplate_is_stripped_by_the_clients_own_wrappers(client, raw, typed)
     assert typed_text(client, raw) == typed
 
 
+@pytest.mark.parametrize("client, api, body, purpose", [
+    ("Claude Code", "anthropic.messages", {"messages": [{"role": "user", "content": "quota"}]}, "other_auxiliary"),
+    ("Claude Code", "anthropic.messages", {"messages": [{"role": "user", "content": "quota is low, why?"}]}, CHAT),
+    ("Claude Code", "anthropic.messages", {"system": [{"type": "text", "text": "x-anthropic-billing-header: x"},
+                                                      {"type": "text", "text": "You are Claude Code."}],
+                                           "messages": [{"role": "user", "content": [{"type": "text", "text":
+                                               "[SUGGESTION MODE: Suggest what the user might naturally type next"}]}]},
+     "suggestion"),
+    ("Claude Code", "anthropic.messages", {"messages": [{"role": "user", "content":
+        "Generate a concise, sentence-case title (3-7 words) that captures the main topic"}]}, TITLE),
+    ("aider", "openai.chat", {"messages": [{"role": "system", "content": "*Briefly* summarize this partial "
+                                            "conversation about programming."}, {"role": "user", "content": "x"}]},
+     "summary"),
+    ("aider", "openai.chat", {"messages": [{"role": "system", "content": "You are an expert software engineer that "
+                                            "generates concise, one-line Git commit messages based on the provided "
+                                            "diffs."}, {"role": "user", "content": "diff"}]}, "other_auxiliary"),
+    ("OpenCode", "anthropic.messages", {"system": "You are a context summarization agent. You are given",
+                                        "messages": [{"role": "user", "content": "x"}]}, "summary"),
+    ("Gemini CLI", "gemini.generate_content", {"contents": [{"role": "user", "parts": [{"text":
+        "Analyze *only* the content and structure of your immediately preceding response"}]}]}, "other_auxiliary"),
+])
+def test_markers_from_the_clients_own_code(client, api, body, purpose):
+    assert classify(client, api, body) == purpose
+
+
 def test_unknown_clients_and_other_apis():
     body = {"model": "m", "messages": [{"role": "system", "content": "You are a title generator"},
                                        {"role": "user", "content": "x"}]}

@@ -165,7 +165,8 @@ def test_a_turn_and_its_tool_rounds_are_one_thread_of_the_session_view(sgw):
         {"role": "assistant", "content": tool_use["content"]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_thread_1", "content": "a.txt"}]}]}
     title = {"model": "claude-haiku-4-5", "max_tokens": 50, "system": sys[:1] + [{"type": "text", "text":
-             "Analyze if this message indicates a new conversation topic. If it does, extract a 2-3 word title."}],
+             "Generate a concise, sentence-case title (3-7 words) that captures the main topic or goal of this coding "
+             "session."}],
              "messages": [{"role": "user", "content": typed}]}
     sgw.mock.script(Reply.json(tool_use))
     for body in (first, second, title):

@@ -34,51 +34,53 @@ PURPOSES = (CHAT, *sorted(AUXILIARY))
 
 HEAD = 400  # characters of a system prompt or instruction a marker is looked for in
 
-# Per client: (purpose, where, marker). `where`: "system" (the opening of the system prompt / instruction),
-# "user" (the opening of the last user text). A marker is a prefix of that opening after leading whitespace,
-# unless it starts with "…", then it is looked for anywhere in the opening HEAD characters.
+# Per client: (purpose, where, marker), each found in that client's own code (its installed package here).
+# `where`: "system" (the openings of the system prompt's first blocks / instruction), "user" (the openings of the
+# last user message's first blocks), "any" (either). A marker is a prefix of an opening (after leading
+# whitespace); one starting with "…" is looked for anywhere in the opening's HEAD characters; one starting with
+# "=" must be the whole text.
 MARKERS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    # packages/core: routing (classifier strategies), chat compression, next-speaker check, session summary.
+    # Gemini CLI 0.61 (packages/core): its model router, chat compression and state snapshots, the session summary,
+    # the next-speaker check, the edit corrector, its context memory manager.
     "Gemini CLI": (
         (ROUTER, "system", "You are a specialized Task Routing AI"),
         (SUMMARY, "system", "You are the component that summarizes internal chat history"),
         (SUMMARY, "system", "You are an expert context compressor"),
+        (SUMMARY, "system", "You are a specialized context summarizer"),
+        (SUMMARY, "system", "You are generating a highly factual state summary"),
         (SUMMARY, "user", "…Summarize the user's primary intent or goal in this conversation in ONE sentence"),
         (OTHER, "user", "Analyze *only* the content and structure of your immediately preceding response"),
         (OTHER, "system", "You are an expert code-editing assistant"),
-        (OTHER, "system", "You are a sophisticated AI assistant that specializes in loop detection"),
         (MEMORY, "system", "You are an expert Context Memory Manager"),
     ),
+    # Qwen Code 0.15 (a fork of Gemini CLI): managed memory extraction after each turn, chat compression, the
+    # next-speaker check.
     "Qwen Code": (
         (MEMORY, "system", "You are now acting as the managed memory extraction subagent"),
-        (MEMORY, "system", "You are now acting as the managed memory"),
         (SUMMARY, "system", "You are the component that summarizes internal chat history"),
-        (ROUTER, "system", "You are a specialized Task Routing AI"),
         (OTHER, "user", "Analyze *only* the content and structure of your immediately preceding response"),
     ),
+    # opencode 1.18 and Kilo CLI 7.7 (its fork): the title agent and the compaction agent.
     "OpenCode": (
         (TITLE, "system", "You are a title generator"),
-        (TITLE, "system", "…Generate a title for this conversation"),
-        (SUMMARY, "system", "You are a helpful AI assistant tasked with summarizing conversations"),
-        (SUMMARY, "system", "…summarizing conversations"),
+        (SUMMARY, "system", "You are a context summarization agent"),
     ),
     "Kilo Code": (
         (TITLE, "system", "You are a title generator"),
-        (TITLE, "system", "…Generate a title for this conversation"),
-        (SUMMARY, "system", "You are a helpful AI assistant tasked with summarizing conversations"),
-        (SUMMARY, "system", "…summarizing conversations"),
+        (SUMMARY, "system", "You are a context summarization agent"),
     ),
+    # Claude Code 2.1: the session title, conversation summaries (compaction), the next-prompt suggestion, and the
+    # one-token `quota` probe.
     "Claude Code": (
-        (TITLE, "system", "…Generate a concise, sentence-case title"),
-        (TITLE, "system", "…Analyze if this message indicates a new conversation topic"),
+        (TITLE, "any", "Generate a concise, sentence-case title"),
         (SUMMARY, "system", "You are a helpful AI assistant tasked with summarizing conversations"),
         (SUGGESTION, "user", "[SUGGESTION MODE"),
-        (OTHER, "user", "quota"),
+        (OTHER, "user", "=quota"),
     ),
+    # aider 0.86: chat history summaries (ChatSummary) and commit messages.
     "aider": (
-        (SUMMARY, "system", "*Briefly* summarize this partial conversation"),
-        (SUMMARY, "user", "*Briefly* summarize this partial conversation"),
-        (OTHER, "system", "…Generate a one-line commit message"),
+        (SUMMARY, "any", "*Briefly* summarize this partial conversation"),
+        (OTHER, "system", "…one-line Git commit message"),
     ),
 }
 
@@ -157,8 +159,14 @@ def classify(client: str, api: str, body: dict | None) -> str | None:
         return CHAT
     system, user = _openings(api, body)
     for purpose, where, marker in markers:
-        for text in (system if where == "system" else user):
-            if (marker[1:] in text) if marker.startswith("…") else text.startswith(marker):
+        for text in (system if where == "system" else user if where == "user" else system + user):
+            if marker[0] == "…":
+                hit = marker[1:] in text
+            elif marker[0] == "=":
+                hit = text.strip() == marker[1:]
+            else:
+                hit = text.startswith(marker)
+            if hit:
                 return purpose
     return CHAT
 
