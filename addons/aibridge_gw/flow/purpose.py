@@ -175,6 +175,7 @@ def classify(client: str, api: str, body: dict | None) -> str | None:
 
 _REMINDER = re.compile(r"<system-reminder>.*?</system-reminder>\s*", re.S)
 _SESSION_CONTEXT = re.compile(r"<session_context>.*?</session_context>\s*", re.S)
+_TASK = re.compile(r"<task>\s*(.*?)\s*</task>", re.S)
 _ENVIRONMENT = re.compile(r"\s*<environment_details>.*?</environment_details>\s*", re.S)
 # Claude Code's slash commands: <command-message>…</command-message><command-name>/x</command-name><command-args>…
 _COMMAND_ARGS = re.compile(r"<command-args>(.*?)</command-args>", re.S)
@@ -235,6 +236,9 @@ def typed_text(client: str, prompt: str | None) -> str | None:
     elif client in ("Kilo Code", "OpenCode", "Roo Code", "Cline"):
         text = _ENVIRONMENT.sub("\n", text)
         text = _REMINDER.sub("", text)
+        task = _TASK.fullmatch(text.strip())  # the extensions' first message: <task>…</task>
+        if task:
+            text = task.group(1)
         if client in ("Kilo Code", "OpenCode"):
             text = _unquoted(text.strip())
     elif client == "Qwen Code":
