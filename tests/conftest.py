@@ -23,7 +23,7 @@ collect_ignore = [] if TRAFFIC.exists() else ["test_conformance.py"]
 FAST_MODULES = frozenset({"test_units", "test_codecs", "test_routing", "test_properties", "test_sse", "test_patches",
                           "test_structure", "test_config", "test_policy_rules", "test_policy_detectors",
                           "test_policy_audit", "test_toolgate", "test_loopback",
-                          "test_mcp_gateway_units"})
+                          "test_mcp_gateway_units", "test_purpose"})
 
 
 def pytest_collection_modifyitems(config, items):

@@ -204,7 +204,8 @@ def test_prune_deletes_old_records_and_their_rows(tmp_path, upstream):
     for age, iid in ((90, "00000000-0000-0000-0000-0000000000a1"), (1, "00000000-0000-0000-0000-0000000000b2")):
         con.execute("INSERT INTO aibridge_interceptions (id, provider, provider_name, credential_kind, status, started_at) "
                     f"VALUES (?, 'openai', 'openai', 'centralized', 'completed', now() - INTERVAL {age} DAY)", [iid])
-        con.execute("INSERT INTO aibridge_user_prompts VALUES (uuid(), ?, NULL, 'p', now())", [iid])
+        con.execute("INSERT INTO aibridge_user_prompts (id, interception_id, provider_response_id, prompt, created_at) "
+                    "VALUES (uuid(), ?, NULL, 'p', now())", [iid])
     con.close()
     r = subprocess.run([str(BIN / "aibridge"), "prune", "--days", "60"], env={**os.environ, **env},
                        capture_output=True, text=True)

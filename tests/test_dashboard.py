@@ -251,3 +251,43 @@ def test_the_spend_view_has_a_range_buckets_groups_budgets_and_csv_downloads(bro
     ready(page)
     assert page.locator("#total-cost").inner_text() == "$0.00"  # nothing in January 2001
     page.evaluate("sessionStorage.clear()")
+
+
+def test_a_session_shows_the_persons_turns_apart_from_the_clients_own_calls(browser, agw, upstream):  # noqa: F811
+    """An opencode session: its title call is kept and marked, the turn is shown as typed (opencode's quotes off)."""
+    import httpx
+
+    from tests.support.mock_upstream import Reply
+    from tests.support.wire import anthropic_message
+
+    token = agw.new_user("dora")
+    headers = {"user-agent": "opencode/1.18.33 ai-sdk/provider-utils/4.0.46 runtime/bun/1.3.14",
+               "x-session-id": "ses_dashboard_1", "x-api-key": token, "anthropic-version": "2023-06-01"}
+    title = {"model": "claude-haiku-4-5", "max_tokens": 100, "system": [{"type": "text", "text":
+             "You are a title generator. You output ONLY a thread title."}], "messages": [{"role": "user", "content": [
+             {"type": "text", "text": "Generate a title for this conversation:\n"},
+             {"type": "text", "text": '"rename the parser module"'}]}]}
+    turn = {"model": "claude-sonnet-4-5", "max_tokens": 1000, "system": "You are OpenCode, the best coding agent.",
+            "messages": [{"role": "user", "content": '"rename the parser module"'}]}
+    for body in (title, turn):
+        upstream.script(Reply.json(anthropic_message("ok")))
+        r = httpx.post(agw.url + "/anthropic/v1/messages", json=body, headers=headers, trust_env=False)
+        assert r.status_code == 200, r.text
+    agw.interceptions("dora", 2)
+    page = signed_in(browser, agw)
+    page.goto(agw.url + "/aibridge/#/sessions")
+    ready(page)
+    row = page.locator("tr[data-session='ses_dashboard_1'] td").all_inner_texts()
+    assert row[4:7] == ["2", "1", "1"], row  # calls, human turns, the client's own
+    page.click("tr[data-session='ses_dashboard_1']")
+    ready(page)
+    assert page.locator("#turns pre.prompt").all_inner_texts() == ["rename the parser module"]
+    assert (page.locator("#human-turns").inner_text(), page.locator("#auxiliary-calls").inner_text()) == ("1", "1")
+    assert page.locator("tr.thread[data-kind='auxiliary']").inner_text().startswith("client's own call: title")
+    assert page.locator("tr.click[data-kind='auxiliary']").count() == 1
+    assert page.locator("tr.click[data-kind='turn']").count() == 1
+    page.screenshot(path=str(SHOTS / "session-turns.png"), full_page=True)
+    page.locator("tr.click[data-kind='turn']").click()
+    ready(page)
+    assert page.locator("pre.prompt").inner_text() == "rename the parser module"
+    assert page.locator("pre.raw-prompt").text_content() == '"rename the parser module"'  # as sent, kept

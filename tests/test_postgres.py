@@ -71,7 +71,7 @@ def _interception(iid: str, now, status: str = "in_progress"):
     return Insert("aibridge_interceptions", (iid, None, "anthropic", "anthropic", "claude-sonnet-4-0", "Claude Code",
                                              "claude-cli/2.1", "sess-1", None, None, "centralized", "sk-a…CRET",
                                              status, now, None, None, "anthropic.messages", True, None, None, None,
-                                             None))
+                                             None, "chat"))
 
 
 def test_the_writer_records_into_postgresql_once_even_when_a_spool_is_replayed(cluster, tmp_path):
@@ -309,7 +309,8 @@ def test_reports_run_on_postgresql(cluster, tmp_path):
                                       cache_read_input_tokens=0, cache_write_input_tokens=0, metadata=None,
                                       created_at=now))
         store.submit(USER_PROMPTS.row(id="41111111-2222-4333-8444-555555555555", interception_id=iid,
-                                      provider_response_id="msg_1", prompt="audit me", created_at=now))
+                                      provider_response_id="msg_1", typed="audit me", created_at=now,
+                                      prompt="<system-reminder>x</system-reminder>audit me"))
         store.submit(interception_end(iid, status="completed", ended_at=now, http_status=200, error=None,
                                       metadata="{}"))
         store.flush().result(timeout=30)
@@ -317,6 +318,7 @@ def test_reports_run_on_postgresql(cluster, tmp_path):
         by_day = store.run("report", kind="usage", group_by="day", since="7d").result(timeout=30)
         sessions = store.run("report", kind="sessions").result(timeout=30)
         prompts = store.run("report", kind="prompts", user="rita").result(timeout=30)
+        view = store.run("admin_query", route="session", viewer=None, filters={}, id="sess-1").result(timeout=30)
         users = store.run("users.list").result(timeout=30)
     finally:
         store.close()
@@ -324,7 +326,10 @@ def test_reports_run_on_postgresql(cluster, tmp_path):
         ("rita", 1, 1000, 200)]
     assert by_day["data"][0]["active_users"] == 1
     assert sessions["data"][0]["session"] == "sess-1"
-    assert [p["prompt"] for p in prompts["data"]] == ["audit me"]
+    assert [(p["prompt"], p["purpose"]) for p in prompts["data"]] == [("audit me", "chat")]
+    assert prompts["data"][0]["raw_prompt"].startswith("<system-reminder>")
+    assert (sessions["data"][0]["human_turns"], sessions["data"][0]["auxiliary"]) == (1, 0)
+    assert [t["prompt"] for t in view["turns"]] == ["audit me"] and len(view["threads"]) == 1
     assert [r[0] for r in users["rows"]] == ["rita"]
 
 

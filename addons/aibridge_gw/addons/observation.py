@@ -109,5 +109,5 @@ class Observation:
                 "input_tokens": totals.input, "output_tokens": totals.output,
                 "cache_read_input_tokens": totals.cache_read, "cache_write_input_tokens": totals.cache_write,
                 "tool_calls": len(summary.tool_calls) - injected, "injected_tool_calls": injected,
-                "thread_parent_id": ic.parent_id, "thread_root_id": ic.root_id,
+                "thread_parent_id": ic.parent_id, "thread_root_id": ic.root_id, "purpose": ic.purpose,
             })

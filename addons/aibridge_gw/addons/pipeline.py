@@ -30,6 +30,8 @@ from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
 from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, json_text, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
+from ..flow.purpose import classify as classify_purpose
+from ..flow.purpose import conversation_key
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
 from ..flow.routing import Route
@@ -538,6 +540,7 @@ class Pipeline:
             client=client,
             user_agent=hv.get("user-agent"),
             session_id=detect_session(client, hv, info.session_hint),
+            purpose=classify_purpose(client, route.api, body),
             client_metadata=client_metadata(hv),
             on_behalf_of_id=ident.on_behalf_of[0] if ident.on_behalf_of else None,
             on_behalf_of_name=ident.on_behalf_of[1] if ident.on_behalf_of else None,
@@ -553,6 +556,8 @@ class Pipeline:
             traceparent=hv.get("traceparent"),
             tracestate=hv.get("tracestate"),
         )
+        if ic.session_id is None and (conversation := conversation_key(client, route.api, body, ic.user_id)):
+            ic.facts["conversation"] = conversation  # a client that names no session: its conversation's opening
         return ic, body
 
     async def _transport(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, body: dict | None,

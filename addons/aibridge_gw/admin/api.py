@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -21,6 +22,14 @@ from ..store.writer import StoreApi
 
 PREFIX = "/aibridge/api/v1/"
 FILTERS = ("initiator", "on_behalf_of", "provider", "model", "client", "started_after", "started_before", "session")
+
+
+def _flag(name: str, value: str | None) -> bool:
+    if value in (None, "", "false", "0"):
+        return False
+    if value in ("true", "1"):
+        return True
+    raise BadParameter(name, "must be true or false")
 
 
 def json_response(status: int, obj) -> http.Response:
@@ -126,7 +135,7 @@ class AdminApi:
                     raise BadParameter(sorted(q)[0], "unknown parameter")
                 return json_response(200, await self._query(route, viewer, {}))
             unknown = set(q) - set(FILTERS) - {"limit", "cursor", "group_by", "since", "until", "prefix", "stack",
-                                               "bucket", "format"}
+                                               "bucket", "format", "include_auxiliary"}
             if unknown:
                 name = sorted(unknown)[0]
                 raise BadParameter(name, "unknown parameter")
@@ -140,7 +149,13 @@ class AdminApi:
                 if result is None:
                     return error(404, f"no interception {iid!r}")
             elif route == "sessions":
-                result = await self._query("sessions", viewer, filters, limit=parse_limit(q.get("limit")))
+                result = await self._query("sessions", viewer, filters, limit=parse_limit(q.get("limit")),
+                                           include_auxiliary=_flag("include_auxiliary", q.get("include_auxiliary")))
+            elif route.startswith("sessions/"):
+                sid = urllib.parse.unquote(route.split("/", 1)[1])
+                result = await self._query("session", viewer, filters, id=sid)
+                if result is None:
+                    return error(404, f"no session {sid!r}")
             elif route == "usage":
                 result = await self._query("usage", viewer, filters, group_by=q.get("group_by", "user"),
                                            since=q.get("since"), until=q.get("until"))

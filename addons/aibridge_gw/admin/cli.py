@@ -220,13 +220,15 @@ def _report(args, cx: Context) -> None:
         title = f"usage by {args.by} since {args.since}" + (f" until {args.until}" if args.until else "") + \
             f" (prices of {r.get('prices_taken') or 'n/a'}, USD)"
     elif args.cmd == "sessions":
-        r = cx.op("report", kind="sessions", user=args.user, limit=args.limit, pricing_file=pricing)
-        cols = ["session", "user", "client", "first_at", "last_at", "interceptions", "prompts",
-                "tool_calls", "input_tokens", "output_tokens", "cost"]
+        r = cx.op("report", kind="sessions", user=args.user, limit=args.limit, pricing_file=pricing,
+                  include_auxiliary=args.all)
+        cols = ["session", "user", "client", "first_at", "last_at", "interceptions", "human_turns", "auxiliary",
+                "prompts", "tool_calls", "input_tokens", "output_tokens", "cost"]
         title = "sessions"
     else:
-        r = cx.op("report", kind="prompts", user=args.user, search=args.search, limit=args.limit)
-        cols = ["created_at", "user", "client", "model", "prompt"]
+        r = cx.op("report", kind="prompts", user=args.user, search=args.search, limit=args.limit,
+                  include_auxiliary=args.all)
+        cols = ["created_at", "user", "client", "model", "prompt"] + (["purpose"] if args.all else [])
         title = "prompts"
     budgets = None
     if args.cmd == "usage" and args.by == "user" and _budgets_spec(config):
@@ -629,10 +631,14 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("sessions", help="recent sessions: interceptions grouped by client session or thread")
     se.add_argument("--user")
     se.add_argument("--limit", type=int, default=50)
+    se.add_argument("--all", action="store_true", help="count the prompts of the client's own calls too "
+                    "(titles, routers, memory extraction)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(run=_report)
-    pr = sub.add_parser("prompts", help="recent user prompts")
+    pr = sub.add_parser("prompts", help="recent user prompts, as the person typed them (raw text: --json's raw_prompt)")
     pr.add_argument("--user")
+    pr.add_argument("--all", action="store_true", help="also the prompts of the client's own calls (titles, "
+                    "routers, memory extraction), with their purpose")
     pr.add_argument("--search", help="case-insensitive text to look for")
     pr.add_argument("--limit", type=int, default=50)
     pr.add_argument("--json", action="store_true")

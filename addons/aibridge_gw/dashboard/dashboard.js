@@ -197,7 +197,9 @@ async function detail(main, id) {
     <div class="panel"><h2>${esc(d.model)} · ${esc(d.user)} · ${esc(d.client)} · <span class="${d.status === "failed" ? "failed" : ""}">${esc(d.status)}</span></h2>
       <p class="muted">${when(d.started_at)} → ${when(d.ended_at)} · ${esc(d.provider_name)} (${esc(d.api)}${d.stream ? ", streaming" : ""}) ·
         ${esc(d.credential_kind)} ${esc(d.credential_hint)} · cost <span id="detail-cost">${usd(d)}</span>${d.error ? ` · <span class="failed">${esc(d.error)}</span>` : ""}</p></div>
-    <div class="panel"><h2>Prompt</h2>${d.prompts.map(p => `<pre class="prompt">${esc(p.prompt)}</pre>`).join("") || '<p class="muted">none (tool results only)</p>'}</div>
+    <div class="panel"><h2>Prompt${d.purpose && d.purpose !== "chat" ? ` <span class="muted">(the client's own call: ${esc(d.purpose)})</span>` : ""}</h2>${d.prompts.map(p =>
+      `<pre class="prompt">${esc(p.typed ?? p.prompt)}</pre>${p.typed != null && p.typed !== p.prompt
+        ? `<details><summary class="muted">as sent</summary><pre class="raw-prompt">${esc(p.prompt)}</pre></details>` : ""}`).join("") || '<p class="muted">none (tool results only)</p>'}</div>
     <div class="panel"><h2>Tool calls</h2><table id="tools"><tr><th>tool</th><th>injected</th><th>input</th><th>error</th></tr>
       ${d.tool_usages.map(t => `<tr><td class="tool">${esc(t.tool)}</td><td>${t.injected ? "yes (" + esc(t.server_url) + ")" : "no"}</td>
         <td><pre>${esc(t.input)}</pre></td><td class="failed">${esc(t.invocation_error)}</td></tr>`).join("")}</table></div>
@@ -316,18 +318,35 @@ async function usersView(main) {
       ${groups.data.length ? "" : '<p class="muted">no groups (aibridge users groups set NAME a,b)</p>'}</div></div>`;
 }
 
+// One session as people read it: the person's turns (as typed), then its threads (a call and the calls answering
+// its tool calls) with their calls; the client's own calls (titles, routers, memory: `purpose`) marked apart.
+function sessionThreads(d) {
+  const call = c => `<tr class="click${c.kind === "auxiliary" ? " aux" : ""}" data-id="${c.id}" data-kind="${c.kind}"><td>${when(c.started_at)}</td>
+      <td>${esc(c.kind === "auxiliary" ? c.purpose : c.kind)}</td><td>${esc(c.model)}</td><td class="${c.status === "failed" ? "failed" : ""}">${esc(c.status)}</td>
+      <td class="n">${num(c.input_tokens)}</td><td class="n">${num(c.output_tokens)}</td><td class="n">${num(c.tool_calls)}</td></tr>`;
+  return `<table id="interceptions"><tr><th>started</th><th>call</th><th>model</th><th>status</th><th class="n">input</th><th class="n">output</th><th class="n">tools</th></tr>
+    ${d.threads.map(t => `<tr class="thread" data-root="${t.root}" data-kind="${t.kind}"><td colspan="7"><b>${t.kind === "auxiliary"
+        ? `client's own call: ${esc(t.purpose)}` : (t.prompt != null ? "turn: " + esc(t.prompt.slice(0, 200)) : "thread")}</b>
+        <span class="muted">${t.calls.length} call${t.calls.length === 1 ? "" : "s"}</span></td></tr>${t.calls.map(call).join("")}`).join("")}</table>`;
+}
+
 async function sessionsView(main, session) {
   if (session) {
-    const page = await api("interceptions", {session, limit: 500});
-    main.innerHTML = `<p><a href="#/sessions">← sessions</a></p><div class="panel"><h2>Session ${esc(session)}</h2>${interceptionRows(page.data.slice().reverse())}</div>`;
+    const d = await api("sessions/" + encodeURIComponent(session));
+    main.innerHTML = `<p><a href="#/sessions">← sessions</a></p><div class="panel"><h2>Session ${esc(session)}</h2>
+      <p class="muted">${esc(d.user)} · ${esc(d.client)} · ${when(d.first_at)} → ${when(d.last_at)} · ${d.interceptions} calls ·
+        <span id="human-turns">${d.human_turns}</span> human turns · <span id="auxiliary-calls">${d.auxiliary}</span> calls of the client's own · ${usd(d)}</p></div>
+      <div class="panel"><h2>Turns</h2><ol id="turns">${d.turns.map(t => `<li data-id="${t.id}"><pre class="prompt">${esc(t.prompt)}</pre></li>`).join("")}</ol>
+        ${d.turns.length ? "" : '<p class="muted">none</p>'}</div>
+      <div class="panel"><h2>Threads</h2>${sessionThreads(d)}</div>`;
     wireRows(main);
     return;
   }
   const s = await api("sessions", {limit: 200});
-  main.innerHTML = `<table id="sessions"><tr><th>last activity</th><th>user</th><th>client</th><th>session</th><th class="n">calls</th><th class="n">prompts</th>
-      <th class="n">tool calls</th><th class="n">input</th><th class="n">output</th><th class="n">cost</th></tr>
+  main.innerHTML = `<table id="sessions"><tr><th>last activity</th><th>user</th><th>client</th><th>session</th><th class="n">calls</th><th class="n">human turns</th>
+      <th class="n">client's own</th><th class="n">tool calls</th><th class="n">input</th><th class="n">output</th><th class="n">cost</th></tr>
     ${s.data.map(x => `<tr class="click" data-session="${esc(x.session)}"><td>${when(x.last_at)}</td><td>${esc(x.user)}</td><td>${esc(x.client)}</td>
-      <td class="muted">${esc(x.session.slice(0, 36))}</td><td class="n">${x.interceptions}</td><td class="n">${x.prompts}</td><td class="n">${x.tool_calls}</td>
+      <td class="muted">${esc(x.session.slice(0, 36))}</td><td class="n">${x.interceptions}</td><td class="n turns">${x.human_turns}</td><td class="n">${x.auxiliary}</td><td class="n">${x.tool_calls}</td>
       <td class="n">${num(x.input_tokens)}</td><td class="n">${num(x.output_tokens)}</td><td class="n">${usd(x)}</td></tr>`).join("")}</table>`;
   main.querySelectorAll("tr.click").forEach(tr => tr.onclick = () => go("#/sessions/" + encodeURIComponent(tr.dataset.session)));
 }

@@ -38,6 +38,7 @@ from ..store.rows import (
 )
 from ..store.writer import StoreApi
 from .exchange import BIGINT_MAX, CLAMPED, RequestInfo, ResponseSummary, summary_from_dict
+from .purpose import classify, typed_text
 from .tap import StreamTap
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Interception:
     on_behalf_of_name: str | None = None
     parent_id: str | None = None
     root_id: str | None = None
+    purpose: str | None = None  # what the call was for: chat, or one of the client's own calls (flow/purpose.py)
     info: RequestInfo | None = field(default=None, repr=False)
     # Recorded in the interception's metadata: what the request said beyond the columns (a batch's request count,
     # `background`), and how a retrieval was attributed (objects.py).
@@ -263,8 +265,10 @@ class Recorder:
             return
         self.store.submit(_interception_row(ic, IN_PROGRESS))
         if ic.info.prompt:
+            typed = typed_text(ic.client, ic.info.prompt)  # the person's words; NULL: the prompt is just those
             self.store.submit(USER_PROMPTS.row(id=child_id(ic.id, "prompt", 0), interception_id=ic.id,
                                                provider_response_id=None, prompt=ic.info.prompt,
+                                               typed=None if typed == ic.info.prompt else typed,
                                                created_at=ic.started_at))
 
     def _priced(self, ic: Interception, summary: ResponseSummary, u) -> tuple[float | None, str | None]:
@@ -414,6 +418,8 @@ class Recorder:
             log.warning("flow %s: request not replayable: %s", flow.id, e)
             return None
         ic = Interception.from_metadata(meta, info)
+        if ic.purpose is None and "purpose" not in meta:  # a flow saved before purposes were recorded
+            ic.purpose = classify(ic.client, ic.api, body)
         ic.traceparent = _REPLAYED  # recorded again, not exported again
         if meta.get("key_hint"):  # a failover pool: the key that answered, as the live record has it
             ic.credential_hint = meta["key_hint"]
@@ -448,4 +454,5 @@ def _interception_row(ic: Interception, status: str, **end):
         client_session_id=ic.session_id,
         thread_parent_id=ic.parent_id, thread_root_id=ic.root_id, credential_kind=ic.credential_kind,
         credential_hint=ic.credential_hint, status=status, started_at=ic.started_at, api=ic.api,
-        stream=ic.info.stream, on_behalf_of_id=ic.on_behalf_of_id, on_behalf_of_name=ic.on_behalf_of_name, **end)
+        stream=ic.info.stream, on_behalf_of_id=ic.on_behalf_of_id, on_behalf_of_name=ic.on_behalf_of_name,
+        purpose=ic.purpose, **end)

@@ -437,9 +437,10 @@ def report(conn, kind: str, **kw) -> dict:
                                  until=kw.get("until"))
         if kind == "sessions":
             return reports.sessions(conn, viewer, prices, {"initiator": kw.get("user")} if kw.get("user") else {},
-                                    kw.get("limit", 50))
+                                    kw.get("limit", 50), include_auxiliary=bool(kw.get("include_auxiliary")))
         if kind == "prompts":
-            return reports.prompts(conn, viewer, kw.get("user"), kw.get("search"), kw.get("limit", 50))
+            return reports.prompts(conn, viewer, kw.get("user"), kw.get("search"), kw.get("limit", 50),
+                                   include_auxiliary=bool(kw.get("include_auxiliary")))
         if kind in ("policy_decisions", "policy_summary") and not reports.table_exists(
                 conn, "aibridge_policy_decisions"):  # read-only, on a file no gateway of this version opened yet
             return {"since": (kw.get("filters") or {}).get("since"), "data": [], "by_user": []}
@@ -686,7 +687,10 @@ def admin_query(conn, route: str, viewer: str | None, filters: dict, pricing: st
     if route == "interception":
         return reports.interception_detail(conn, v, params["id"], prices)
     if route == "sessions":
-        return reports.sessions(conn, v, prices, filters, params["limit"])
+        return reports.sessions(conn, v, prices, filters, params["limit"],
+                                include_auxiliary=params.get("include_auxiliary", False))
+    if route == "session":
+        return reports.session_detail(conn, v, params["id"], prices)
     if route == "usage":
         return reports.usage(conn, v, params["group_by"], prices, params.get("since"), filters, params.get("until"))
     if route == "usage/timeseries":

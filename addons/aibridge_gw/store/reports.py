@@ -37,14 +37,17 @@ class Viewer:
 BILLED_MODEL = "coalesce(i.metadata->>'response_model', i.model)"
 OPEN_COLUMNS = ", ".join(f"coalesce(u.open_{k}, 0) AS open_{k}" for k in (
     "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens"))
-SESSION_KEY = "coalesce(i.client_session_id, CAST(coalesce(i.thread_root_id, i.id) AS VARCHAR))"
+# The client's session id, else (a client that names none: flow/purpose.py) its conversation, else the thread.
+SESSION_KEY = ("coalesce(i.client_session_id, i.metadata->>'conversation', "
+               "CAST(coalesce(i.thread_root_id, i.id) AS VARCHAR))")
 _BASE = f"""
     WITH u AS ({{usage}}),
     t AS (SELECT interception_id, count(*) AS tool_calls,
                  count(*) FILTER (WHERE injected) AS injected_tool_calls
           FROM aibridge_tool_usages GROUP BY interception_id),
     p AS (SELECT interception_id, count(*) AS prompts FROM aibridge_user_prompts GROUP BY interception_id)
-    SELECT i.id, i.started_at, i.ended_at, usr.name AS "user", i.initiator_id, i.on_behalf_of_id,
+    SELECT i.id, {{purpose}} AS purpose, i.started_at, i.ended_at, usr.name AS "user", i.initiator_id,
+           i.on_behalf_of_id,
            i.on_behalf_of_name AS on_behalf_of, i.provider, i.provider_name,
            i.model, {BILLED_MODEL} AS billed_model, i.client, i.user_agent, i.client_session_id,
            i.thread_parent_id, i.thread_root_id, {SESSION_KEY} AS session, i.credential_kind,
@@ -141,7 +144,28 @@ def _where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
 
 def base(conn) -> str:
     """The interception listing's query, with this store's usage sums."""
-    return _BASE.replace("{usage}", usage_sums(conn))
+    return _BASE.replace("{usage}", usage_sums(conn)).replace("{purpose}", _purpose_column(conn))
+
+
+def _purpose_column(conn) -> str:
+    """What each call was for (NULL on a store of an older version, read as it is)."""
+    return "i.purpose" if has_column(conn, "aibridge_interceptions", "purpose") else "CAST(NULL AS VARCHAR)"
+
+
+def _typed_column(conn) -> str:
+    """The prompt as the person typed it: the recorded `typed`, else (older rows, older stores) the raw prompt."""
+    if has_column(conn, "aibridge_user_prompts", "typed"):
+        return "CASE WHEN p.typed IS NULL THEN p.prompt ELSE p.typed END"
+    return "p.prompt"
+
+
+# Auxiliary calls (a title, a router, memory extraction: flow/purpose.py) are not the person's turns: left out of
+# prompts and prompt counts unless asked for. Rows recorded before purposes were (NULL) count as the person's.
+AUXILIARY_SQL = "coalesce({col}, 'chat') <> 'chat'"
+
+
+def _is_auxiliary(purpose: str | None) -> bool:
+    return purpose is not None and purpose != "chat"
 
 
 def _rows(cur) -> list[dict]:
@@ -301,8 +325,11 @@ def usage(conn, viewer: Viewer, group_by: str, prices: PriceTable, since: str | 
     return {"group_by": group_by, "since": since, "until": until, "prices_taken": prices.taken, "data": data}
 
 
-def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = None, limit: int = 50) -> dict:
-    """Interceptions grouped by the client's session id, else by thread root."""
+def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = None, limit: int = 50,
+             include_auxiliary: bool = False) -> dict:
+    """Interceptions grouped by the client's session id, else by thread root. `prompts` counts the person's turns
+    (`human_turns`: calls made for a prompt the person typed); the client's own calls (`auxiliary`) are counted
+    apart, and their prompts only with `include_auxiliary`."""
     where, params = _where(viewer, filters or {})
     rows = _rows(conn.execute(f"SELECT * FROM ({base(conn)}{where}) AS base ORDER BY started_at", params))
     groups: dict[str, dict] = {}
@@ -311,10 +338,16 @@ def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = No
         if g is None:
             g = groups[r["session"]] = {"session": r["session"], "user": r["user"], "client": r["client"],
                                         "first_at": r["started_at"], "last_at": r["ended_at"] or r["started_at"],
-                                        "interceptions": 0, "prompts": 0, "tool_calls": 0, "models": [],
-                                        "_cost": {}}
+                                        "interceptions": 0, "prompts": 0, "human_turns": 0, "auxiliary": 0,
+                                        "tool_calls": 0, "models": [], "_cost": {}}
         g["interceptions"] += 1
-        g["prompts"] += r["prompts"]
+        aux = _is_auxiliary(r["purpose"])
+        if aux:
+            g["auxiliary"] += 1
+        elif r["prompts"]:
+            g["human_turns"] += 1
+        if include_auxiliary or not aux:
+            g["prompts"] += r["prompts"]
         g["tool_calls"] += r["tool_calls"]
         g["last_at"] = max(g["last_at"], r["ended_at"] or r["started_at"])
         if r["billed_model"] not in g["models"]:
@@ -326,6 +359,58 @@ def sessions(conn, viewer: Viewer, prices: PriceTable, filters: dict | None = No
         out.append({**g, **cost})
     out.sort(key=lambda g: g["last_at"], reverse=True)
     return {"data": out[:limit]}
+
+
+SESSION_CALLS_MAX = 2000  # calls a session view lists, at most (newest kept)
+
+
+def session_detail(conn, viewer: Viewer, session: str, prices: PriceTable) -> dict | None:
+    """One session as people read it: its threads (a call and the calls that answered its tool calls, linked by
+    tool call ids: `thread_root_id`), oldest first, each with its calls; the person's turns (`turns`: a chat
+    call with a prompt, shown as typed) apart from the client's own calls (`auxiliary`: titles, routers, memory)."""
+    where, params = _where(viewer, {"session": session})
+    rows = _rows(conn.execute(f"SELECT * FROM ({base(conn)}{where}) AS base ORDER BY started_at DESC, "
+                              f"CAST(id AS VARCHAR) DESC LIMIT ?", params + [SESSION_CALLS_MAX]))
+    if not rows:
+        return None
+    rows.reverse()
+    ids = [r["id"] for r in rows]
+    typed = _typed_column(conn)
+    prompts: dict[str, tuple[str | None, str | None]] = {}
+    for n in range(0, len(ids), 500):
+        chunk = ids[n:n + 500]
+        marks = ", ".join("?" * len(chunk))
+        for iid, text, raw in conn.execute(
+                f"SELECT CAST(p.interception_id AS VARCHAR), {typed}, p.prompt FROM aibridge_user_prompts p "
+                f"WHERE CAST(p.interception_id AS VARCHAR) IN ({marks}) ORDER BY p.created_at", chunk).fetchall():
+            prompts.setdefault(iid, (text, raw))
+    threads: dict[str, dict] = {}
+    turns, auxiliary = [], []
+    cost = {}
+    for r in rows:
+        _fold_costs(cost, 0, r, prices)
+        text, raw = prompts.get(r["id"], (None, None))
+        call = {k: r[k] for k in ("id", "started_at", "ended_at", "purpose", "model", "billed_model", "status",
+                                  "api", "thread_parent_id", "tool_calls", "input_tokens", "output_tokens")}
+        call["prompt"], call["raw_prompt"] = text, raw
+        aux = _is_auxiliary(r["purpose"])
+        call["kind"] = "auxiliary" if aux else ("turn" if raw is not None else "continuation")
+        root = r["thread_root_id"] or r["id"]
+        t = threads.get(root)
+        if t is None:
+            t = threads[root] = {"root": root, "kind": "auxiliary" if aux else "chat", "purpose": r["purpose"],
+                                 "prompt": text, "started_at": r["started_at"], "calls": []}
+        t["calls"].append(call)
+        if aux:
+            auxiliary.append(call)
+        elif raw is not None:
+            turns.append({"id": r["id"], "started_at": r["started_at"], "prompt": text, "raw_prompt": raw,
+                          "thread": root})
+    first = rows[0]
+    return {"session": session, "user": first["user"], "client": first["client"], "first_at": first["started_at"],
+            "last_at": max(r["ended_at"] or r["started_at"] for r in rows), "interceptions": len(rows),
+            "human_turns": len(turns), "auxiliary": len(auxiliary), **_finish_cost(cost[0]),
+            "turns": turns, "threads": list(threads.values())}
 
 
 def distinct(conn, viewer: Viewer, column: str, prefix: str | None = None) -> dict:
@@ -340,13 +425,20 @@ def distinct(conn, viewer: Viewer, column: str, prefix: str | None = None) -> di
     return {"data": [r for r in _rows(cur) if r["value"] is not None]}
 
 
-def prompts(conn, viewer: Viewer, user: str | None = None, search: str | None = None, limit: int = 50) -> dict:
+def prompts(conn, viewer: Viewer, user: str | None = None, search: str | None = None, limit: int = 50,
+            include_auxiliary: bool = False) -> dict:
+    """Prompts newest first: `prompt` is what the person typed (the client's own wrappers left out), `raw_prompt`
+    what was recorded; the client's own calls (`purpose` other than chat) only with `include_auxiliary`."""
     where, params = _where(viewer, {"initiator": user} if user else {})
+    purpose = _purpose_column(conn)
+    if not include_auxiliary:
+        where += (" AND " if where else " WHERE ") + "NOT (" + AUXILIARY_SQL.format(col=purpose) + ")"
     if search:
         where += (" AND " if where else " WHERE ") + "p.prompt ILIKE ?"
         params.append(f"%{search}%")
     cur = conn.execute(
-        "SELECT p.created_at, usr.name AS \"user\", i.client, i.model, p.prompt, i.id AS interception_id "
+        f"SELECT p.created_at, usr.name AS \"user\", i.client, i.model, {_typed_column(conn)} AS prompt, "
+        f"p.prompt AS raw_prompt, {purpose} AS purpose, {SESSION_KEY} AS session, i.id AS interception_id "
         "FROM aibridge_user_prompts p JOIN aibridge_interceptions i ON i.id = p.interception_id "
         f"LEFT JOIN aibridge_users usr ON usr.id = i.initiator_id{where} ORDER BY p.created_at DESC LIMIT ?",
         params + [limit])

@@ -39,14 +39,15 @@ INTERCEPTIONS = Table("aibridge_interceptions", (
     "id", "initiator_id", "provider", "provider_name", "model", "client", "user_agent",
     "client_session_id", "thread_parent_id", "thread_root_id", "credential_kind", "credential_hint",
     "status", "started_at", "ended_at", "metadata", "api", "stream", "http_status", "error",
-    "on_behalf_of_id", "on_behalf_of_name",
+    "on_behalf_of_id", "on_behalf_of_name", "purpose",
 ))
 TOKEN_USAGES = Table("aibridge_token_usages", (
     "id", "interception_id", "provider_response_id", "input_tokens", "output_tokens",
     "cache_read_input_tokens", "cache_write_input_tokens", "metadata", "created_at", "usage_estimated",
     "cost_usd", "price",
 ))
-USER_PROMPTS = Table("aibridge_user_prompts", ("id", "interception_id", "provider_response_id", "prompt", "created_at"))
+USER_PROMPTS = Table("aibridge_user_prompts", ("id", "interception_id", "provider_response_id", "prompt", "created_at",
+                                               "typed"))
 TOOL_USAGES = Table("aibridge_tool_usages", (
     "id", "interception_id", "provider_response_id", "provider_tool_call_id", "tool", "server_url",
     "input", "injected", "invocation_error", "created_at",

@@ -299,6 +299,18 @@ MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
         );
         """,
     ),
+    (
+        13,
+        "sessions as people read them: what each call was for, and the words the person typed",
+        # purpose: chat (a human turn or its continuation), title, router, memory, summary, suggestion,
+        # other_auxiliary (flow/purpose.py); NULL for rows recorded before, and for calls that are not a
+        # conversation. typed: the person's words of the prompt, without the client's own wrappers (the raw
+        # prompt stays in `prompt`; NULL when the prompt is exactly those words).
+        """
+        ALTER TABLE aibridge_interceptions ADD COLUMN purpose VARCHAR;
+        ALTER TABLE aibridge_user_prompts ADD COLUMN typed VARCHAR;
+        """,
+    ),
 ]
 
 
