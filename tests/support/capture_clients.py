@@ -125,6 +125,16 @@ def _opencode_setup(config_name):
     return setup
 
 
+_AIDER = {
+    "install": lambda: pip_bin(("aider-chat",), "aider"),
+    "env": lambda gw, t: {"OPENAI_API_KEY": t, "OPENAI_API_BASE": gw.url + "/openai/v1",
+                          "AIDER_CHECK_UPDATE": "false", "AIDER_ANALYTICS": "false"},
+    "argv": lambda p, turn: ["--model", "openai/gpt-4.1", "--message", p, "--no-git", "--yes-always",
+                             "--no-show-model-warnings", "--no-pretty", "--stream",
+                             *(["--restore-chat-history"] if turn > 1 else [])],
+}
+
+
 CLIENTS = {
     "claude-code": {
         "install": lambda: npm_bin("@anthropic-ai/claude-code", "claude", postinstall="install.cjs"),
@@ -150,24 +160,8 @@ CLIENTS = {
         "setup": _opencode_setup("kilo.json"),
         "argv": lambda p, turn: ["run", "-m", "anthropic/claude-sonnet-4-5", *(["-c"] if turn > 1 else []), p],
     },
-    "aider": {
-        "install": lambda: pip_bin(("aider-chat",), "aider"),
-        "env": lambda gw, t: {"OPENAI_API_KEY": t, "OPENAI_API_BASE": gw.url + "/openai/v1",
-                              "AIDER_CHECK_UPDATE": "false", "AIDER_ANALYTICS": "false"},
-        "setup": _aider_setup,
-        "argv": lambda p, turn: ["--model", "openai/gpt-4.1", "--message", p, "--no-git", "--yes-always",
-                                 "--no-show-model-warnings", "--no-pretty", "--stream",
-                                 *(["--restore-chat-history"] if turn > 1 else [])],
-    },
-    "aider-rules": {
-        "install": lambda: pip_bin(("aider-chat",), "aider"),
-        "env": lambda gw, t: {"OPENAI_API_KEY": t, "OPENAI_API_BASE": gw.url + "/openai/v1",
-                              "AIDER_CHECK_UPDATE": "false", "AIDER_ANALYTICS": "false"},
-        "setup": _aider_rules_setup,
-        "argv": lambda p, turn: ["--model", "openai/gpt-4.1", "--message", p, "--no-git", "--yes-always",
-                                 "--no-show-model-warnings", "--no-pretty", "--stream",
-                                 *(["--restore-chat-history"] if turn > 1 else [])],
-    },
+    "aider": {**_AIDER, "setup": _aider_setup},
+    "aider-rules": {**_AIDER, "setup": _aider_rules_setup},  # a rules file appended to every message
     "qwen-code": {
         "install": lambda: npm_bin("@qwen-code/qwen-code", "qwen"),
         "env": lambda gw, t: {"OPENAI_API_KEY": t, "OPENAI_BASE_URL": gw.url + "/openai/v1",
