@@ -507,7 +507,7 @@ def _mcp_servers(args, cx: Context) -> None:
 
 
 def _replay(args, cx: Context) -> None:
-    flows, recorded = replay_files(args.files, Path(args.db) if args.db else cx.db)
+    flows, recorded = replay_files(args.files, Path(args.db) if args.db else cx.db, cx.config.pricing)
     print(f"replayed {flows} flow(s): {recorded} interception(s) recorded into {args.db or cx.db}")
 
 
@@ -910,8 +910,9 @@ def _export_ca(confdir: Path, fmt: str, out: str | None) -> None:
         sys.stdout.write(data.decode())
 
 
-def replay_files(files: list[str], db: Path) -> tuple[int, int]:
-    """Re-run recording over saved flows into db. Ids come from the flows, so a second run adds nothing."""
+def replay_files(files: list[str], db: Path, pricing: Path | None = None) -> tuple[int, int]:
+    """Re-run recording over saved flows into db. Ids come from the flows, so a second run adds nothing. Costs come
+    from the price book the gateway uses (the database's prices, `pricing`, the package's data), as when live."""
     import duckdb
     from mitmproxy import http, io
     from mitmproxy.exceptions import FlowReadException
@@ -924,7 +925,11 @@ def replay_files(files: list[str], db: Path) -> tuple[int, int]:
         store.open()
     except duckdb.IOException as e:
         raise OpError(f"cannot open {db}: {str(e).splitlines()[0]} (replay into a database no gateway is using)") from None
+    from ..pricing import Price, PriceTable
+
     recorder = Recorder(store)
+    overrides = {m: Price(i, o, r, w, "database") for m, i, o, r, w in store.run("prices").result()}
+    recorder.prices = PriceTable.load(pricing, overrides)
     flows = recorded = 0
     try:
         for name in files:
