@@ -143,6 +143,12 @@ def test_captured_client_traffic_through_a_gateway_records_purpose_and_typed_wor
     clients = len(list(FIXTURES.glob("*/*.json")))
     assert sorted(prompts) == sorted(["Say hello to the capture user", "Now say goodbye, briefly"] * clients), prompts
     assert {r["purpose"] for r in rows} >= {"chat", "router", "title", "memory"}
+    # The prompt count in the metrics is the person's turns too (a counter per user id: this user's alone).
+    uid = rows[0]["initiator_id"]
+    metrics = httpx.get(sgw.url + "/aibridge/metrics", trust_env=False).text
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("aibridge_prompts_total{") and f'initiator_id="{uid}"' in line)
+    assert counted == 2 * clients
 
 
 def test_a_turn_and_its_tool_rounds_are_one_thread_of_the_session_view(sgw):

@@ -76,7 +76,7 @@ class Observation:
         m.child(m.interceptions, ic.provider_name, model, out.status, ic.route, "POST", ic.user_id, ic.client).inc()
         duration = (out.ended_at - ic.started_at).total_seconds()
         m.child(m.duration, ic.provider_name, model).observe(max(duration, 0.0))
-        if ic.info.prompt:
+        if ic.info.prompt and ic.purpose in (None, "chat"):  # a person's turns: the client's own calls are not
             m.child(m.prompts, ic.provider_name, model, ic.user_id, ic.client).inc()
         for kind, n in (("input", totals.input), ("output", totals.output), ("cache_read", totals.cache_read),
                         ("cache_write", totals.cache_write)):
