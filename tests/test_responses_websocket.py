@@ -689,7 +689,8 @@ def test_a_refused_upgrade_keeps_nothing(env, upstream):
 
 def test_provider_failures_on_a_socket_open_the_circuit_and_a_message_too_big_closes_it(tmp_path, upstream, wsup):
     """A turn the provider fails is recorded with its status and counts for the circuit breaker as an HTTP call does;
-    a client message past `limits.max_request_body_mb` closes the socket 1009 before it is buffered whole."""
+    a client message past `limits.max_request_body_mb` closes the socket 1009 before it is buffered whole; a reload
+    that changes the socket's provider refuses its next turn (503, open a new WebSocket)."""
     from websockets.exceptions import ConnectionClosed
     gw = Gateway(tmp_path / "brk", upstream.url, providers=[
         {"name": "relay", "type": "openai", "base_url": wsup.url + "/v1/", "key": WS_KEY, "websocket": True},
@@ -715,6 +716,28 @@ def test_provider_failures_on_a_socket_open_the_circuit_and_a_message_too_big_cl
                     ws.recv(timeout=10)
             assert e.value.rcvd is not None and e.value.rcvd.code == 1009, (mode, e.value)
         assert wsup.messages == []
+        # A configuration reload that changes the socket's provider instance: an open socket refuses its next turn
+        # (it would go by the old key), a new one follows the new configuration.
+        import signal
+
+        import yaml
+        with open_ws(gw, "relay", token) as ws:
+            assert turn(ws, create("before the reload"))[-1]["type"] == "response.completed"
+            cfg = yaml.safe_load(gw.config_path.read_text())
+            next(p for p in cfg["providers"] if p["name"] == "relay")["key"] = WS_KEY + "NEW"
+            gw.config_path.write_text(yaml.safe_dump(cfg))
+            before = gw.log().count("configuration reloaded")
+            gw.proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 10
+            while gw.log().count("configuration reloaded") <= before and time.time() < deadline:
+                time.sleep(0.05)
+            refused = turn(ws, create("after the reload"))
+            assert [e["type"] for e in refused] == ["error"] and refused[0]["status"] == 503, refused
+            assert "open a new WebSocket" in refused[0]["error"]["message"]
+        with open_ws(gw, "relay", token) as ws:
+            assert turn(ws, create("on a new socket"))[-1]["type"] == "response.completed"
+        assert wsup.handshakes[-1]["authorization"] == f"Bearer {WS_KEY}NEW"
+        assert [m["input"][0]["content"][0]["text"] for m in wsup.messages] == ["before the reload", "on a new socket"]
     finally:
         gw.stop()
         upstream.reset()

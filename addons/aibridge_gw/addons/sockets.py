@@ -258,6 +258,15 @@ class ResponsesSockets:
         if sock.turn is not None:  # the provider would refuse it too: one response at a time per socket
             self._refuse(flow, sock, msg, 409, "aibridge: a response is already in progress on this WebSocket")
             return
+        config = self.rt.config
+        current = next((p for p in config.providers if p.name == sock.route.provider.name), None) \
+            if config is not None else None
+        if current is None or current != sock.route.provider:
+            # A configuration reload changed (or removed) this socket's provider instance since it opened: its turns
+            # would go by the old settings (key, base URL, transport).
+            self._refuse(flow, sock, msg, 503, f"aibridge: provider {sock.route.provider.name!r} was reconfigured "
+                                               "since this WebSocket opened; open a new WebSocket")
+            return
         body = {k: v for k, v in obj.items() if k != "type"}
         warmup = body.get("generate") is False
         had_stream = "stream" in body
@@ -281,6 +290,19 @@ class ResponsesSockets:
             self._refuse(flow, sock, msg, resp.status_code, None, err)
             return
         state, ident, adapter = got
+        try:
+            await self._forward(flow, sock, msg, turn_flow, state, ident, adapter, body, content, large, had_stream,
+                                warmup)
+        except BaseException:
+            # The turn's row was started: never left in progress (as an HTTP call the pipeline gave up on).
+            if sock.turn is None or sock.turn.flow is not turn_flow:
+                self.p._abandon(turn_flow)
+            raise
+
+    async def _forward(self, flow, sock: Socket, msg: WebSocketMessage, turn_flow: http.HTTPFlow, state: FlowState,
+                       ident, adapter, body: dict, content: bytes, large: bool, had_stream: bool, warmup: bool
+                       ) -> None:
+        """The admitted turn: what goes upstream (the policed message), its Turn, and the translator's spec."""
         sent = body
         if turn_flow.request.content != content:  # a policy or injection changed it
             sent = await asyncio.to_thread(json.loads, turn_flow.request.content) if large \

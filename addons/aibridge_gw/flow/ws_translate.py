@@ -285,9 +285,8 @@ class Translator:
 
     async def _stream(self, job: SocketJob, spec: TurnSpec, body: dict, conversation: list, send) -> None:
         deliver = _Deliver(job, send, spec)
-        content = json.dumps(body, ensure_ascii=False).encode()
-        if len(content) > 256 * 1024:
-            content = await asyncio.to_thread(lambda: json.dumps(body, ensure_ascii=False).encode())
+        # (a conversation expanded from the socket's cache can be large: serialised off the event loop)
+        content = await asyncio.to_thread(lambda: json.dumps(body, ensure_ascii=False).encode())
         try:
             async with asyncio.timeout(None) as deadline:
                 async with self._send(spec, content) as resp:
@@ -306,13 +305,13 @@ class Translator:
                     async for chunk in resp.aiter_raw():
                         for ev in parser.feed(chunk):
                             if ev.data and ev.data.strip() != "[DONE]":
-                                _keep(job, ev.data, conversation)
+                                await _keep_async(job, ev.data, conversation)
                                 await deliver(ev.data)
                         if deliver.late and deadline.when() is None:  # the client left: read on, bounded
                             deadline.reschedule(asyncio.get_running_loop().time() + job.drain_seconds)
                     for ev in parser.feed(b""):
                         if ev.data and ev.data.strip() != "[DONE]":
-                            _keep(job, ev.data, conversation)
+                            await _keep_async(job, ev.data, conversation)
                             await deliver(ev.data)
         except (httpx.HTTPError, TimeoutError) as e:
             await deliver(_error_event(502, f"aibridge: the provider's connection failed: {type(e).__name__}"))
@@ -371,6 +370,16 @@ def _items(value: Any) -> list:
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
     return list(value) if isinstance(value, list) else []
+
+
+OFF_LOOP_CHARS = 256 * 1024  # a final event larger than this is parsed on a worker thread
+
+
+async def _keep_async(job: SocketJob, data: str, conversation: list) -> None:
+    if '"response.completed"' in data[:200] and len(data) > OFF_LOOP_CHARS:
+        await asyncio.to_thread(_keep, job, data, conversation)
+    else:
+        _keep(job, data, conversation)
 
 
 def _keep(job: SocketJob, data: str, conversation: list) -> None:
