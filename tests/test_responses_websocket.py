@@ -598,7 +598,12 @@ def test_a_provider_silent_past_the_stream_idle_timeout_ends_the_turn_not_the_so
             assert json.loads(ws.recv(timeout=5))["type"] == "response.failed"
             refused = turn(ws, create("next relayed"))
             assert refused[-1]["type"] == "error" and refused[-1]["status"] == 503
-        got = {r["prompt"]: r for r in rows(gw, user, 3)}
+        with open_ws(gw, "relay", token) as ws:  # a warm-up the provider never ends does not wedge the socket
+            stalled = turn(ws, create("warm stall", generate=False), timeout=10)
+            assert stalled[-1]["type"] == "error" and "silent" in stalled[-1]["message"], stalled
+        got = {r["prompt"]: r for r in rows(gw, user, 4)}
+        assert got["warm stall"]["status"] == "failed" and got["warm stall"]["purpose"] == "warmup"
+        assert got["warm stall"]["http_status"] == 502 and got["stall relayed"]["http_status"] == 502
         assert got["stall"]["status"] == "failed" and "silent" in got["stall"]["error"]
         assert got["next"]["status"] == "completed"
         assert got["stall relayed"]["status"] == "failed"
