@@ -30,8 +30,8 @@ from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
 from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, json_text, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
+from ..flow.purpose import WARMUP, conversation_key
 from ..flow.purpose import classify as classify_purpose
-from ..flow.purpose import conversation_key
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
 from ..flow.routing import Route
@@ -207,7 +207,7 @@ class Pipeline:
         ic, body = begun
         state.interception = ic
         if warmup:
-            ic.purpose = "warmup"
+            ic.purpose = WARMUP
             ic.facts["warmup"] = True
         if self.rt.policing is not None and self.rt.policing.active:
             policed = await self._police(flow, state, ident, body, hv)
