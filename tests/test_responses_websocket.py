@@ -35,10 +35,16 @@ def wgw(tmp_path_factory, upstream, wsup):
     gw = Gateway(tmp_path_factory.mktemp("ws-gw"), upstream.url, providers=[
         {"name": "relay", "type": "openai", "base_url": wsup.url + "/v1/", "key": WS_KEY, "websocket": True},
         {"name": "translate", "type": "openai", "base_url": upstream.url + "/v1/", "key": UPSTREAM_OPENAI_KEY},
+        # A "WebSocket" provider that is an HTTP server: every upgrade to it is answered 404.
+        {"name": "broken", "type": "openai", "base_url": upstream.url + "/v1/", "key": WS_KEY, "websocket": True},
     ], extra={
         "budgets": {"users": {"capped-relay": {"requests_per_minute": 1}, "capped-translate": {"requests_per_minute": 1}}},
         "policies": {"rules": [{"name": "no-forbidden", "hook": "request", "when": 'model == "forbidden-model"',
                                 "action": "deny", "message": "that model is not allowed here"},
+                               {"name": "no-topsecret", "hook": "request", "when": 'prompt.contains("TOPSECRET")',
+                                "action": "deny", "message": "no secrets upstream"},
+                               {"name": "no-secrets-out", "hook": "request", "when": "size(secrets(prompt)) > 0",
+                                "action": "redact"},
                                {"name": "no-rm", "hook": "tool", "when": '"rm -rf /" in tool.input.command',
                                 "action": "deny", "message": "not on this machine"}]},
     }).start()
@@ -147,24 +153,57 @@ def test_a_bad_token_is_refused_before_the_upgrade(env, mode):
     assert e.value.response.status_code == 401
 
 
+AWS_KEY = "AKIA4HKQ2MZP7XW3RN5T"  # shaped like an AWS access key id (the secrets detector finds it)
+
+
+def provider_saw(upstream, wsup, mode: str) -> str:
+    """Everything the provider was sent (relay: the WebSocket messages; translate: the HTTP bodies)."""
+    if mode == "relay":
+        return json.dumps(wsup.messages)
+    return "".join(s.body.decode() for s in upstream.seen if s.path.endswith("/responses"))
+
+
 @pytest.mark.parametrize("mode", ["relay", "translate"])
-def test_warm_ups_are_answered_and_not_recorded(env, upstream, wsup, mode):
+def test_warm_ups_are_policed_and_recorded(env, upstream, wsup, mode):
+    """A warm-up (`generate: false`) reaches the provider (relay: its socket; translate: as the next turn's input):
+    it goes through the same request policies (deny, redact) and gets an audit row of its own (purpose `warmup`)."""
     gw = env
     user, token = new_user(gw)
     script_http(upstream, 1)
     with open_ws(gw, mode, token) as ws:
-        warm = turn(ws, create("warm", generate=False))
+        denied = turn(ws, create("TOPSECRET launch codes", generate=False))
+        assert [e["type"] for e in denied] == ["error"] and denied[0]["status"] == 403, denied
+        warm = turn(ws, create(f"warm with {AWS_KEY}", generate=False))
         assert [e["type"] for e in warm] == ["response.created", "response.completed"]
         prev = warm[-1]["response"]["id"]
         events = turn(ws, create(f"real question {user}", previous_response_id=prev))
         assert events[-1]["type"] == "response.completed"
-    got = rows(gw, user, 1)
-    time.sleep(0.3)
-    assert len(rows(gw, user, 1)) == 1 and got[0]["prompt"] == f"real question {user}"
-    if mode == "translate":  # the HTTP upstream got the whole conversation: the warm-up's input, then the new turn
+    got = rows(gw, user, 3)
+    assert [r["status"] for r in got] == ["rejected", "completed", "completed"], got
+    warm_row = got[1]
+    assert warm_row["purpose"] == "warmup" and json.loads(warm_row["metadata"])["warmup"] is True, warm_row
+    assert warm_row["prompt"] == "warm with [REDACTED:aws-key]" and usage(gw, warm_row["id"]) == []
+    assert got[2]["prompt"] == f"real question {user}" and got[2]["purpose"] != "warmup"
+    seen = provider_saw(upstream, wsup, mode)
+    assert "TOPSECRET" not in seen and AWS_KEY not in seen and "[REDACTED:aws-key]" in seen
+    if mode == "translate":  # the HTTP upstream got the whole conversation: the policed warm-up's input, then the turn
         sent = [s.json() for s in upstream.seen if s.path.endswith("/responses")]
         assert len(sent) == 1 and "previous_response_id" not in sent[0]
-        assert [i["content"][0]["text"] for i in sent[0]["input"]] == ["warm", f"real question {user}"]
+        assert [i["content"][0]["text"] for i in sent[0]["input"]] == ["warm with [REDACTED:aws-key]",
+                                                                        f"real question {user}"]
+    else:
+        assert [m.get("generate") for m in wsup.messages] == [False, None]
+
+
+def test_a_relayed_message_is_the_gateways_reading_never_the_raw_frame(env, wsup):
+    """A frame with a duplicated key: the provider gets the message as the gateway parsed (and policed) it."""
+    gw = env
+    user, token = new_user(gw)
+    raw = create("placeholder")[:-1] + ', "input": "TOPSECRET wins at the provider", "input": "harmless"}'
+    with open_ws(gw, "relay", token) as ws:
+        assert turn(ws, raw)[-1]["type"] == "response.completed"
+    assert wsup.messages[-1]["input"] == "harmless" and "TOPSECRET" not in wsup.raw[-1]
+    assert rows(gw, user, 1)[0]["prompt"] == "harmless"
 
 
 @pytest.mark.parametrize("mode", ["relay", "translate"])
@@ -349,8 +388,13 @@ def test_codex_cli_uses_the_websocket_in_base_url_mode(env, tmp_path, upstream, 
     assert "failed to connect to Responses WebSocket" not in out and "falling back to HTTP" not in out, out
     recorded = rows(gw, user, 1)
     time.sleep(0.5)
-    assert len(rows(gw, user, 1)) == 1, "the warm-up (generate: false) is not recorded"
-    got = recorded[0]
+    recorded = rows(gw, user, 1)
+    # Codex's warm-up (generate: false), if it sent one, has its own row (purpose `warmup`, no usage)
+    warm = [r for r in recorded if r["purpose"] == "warmup"]
+    assert all(usage(gw, r["id"]) == [] and r["status"] == "completed" for r in warm), warm
+    turns = [r for r in recorded if r["purpose"] != "warmup"]
+    assert len(turns) == 1, [(r["purpose"], r["prompt"]) for r in recorded]
+    got = turns[0]
     assert token[-6:] in got["prompt"]
     assert (got["status"], got["client"], got["api"], got["stream"]) == ("completed", "Codex", "openai.responses", True)
     assert got["client_session_id"] and json.loads(got["metadata"])["transport"] == "websocket"
@@ -381,7 +425,7 @@ def test_codex_cli_uses_the_websocket_in_proxy_mode(tmp_path, upstream, wsup, mo
         out = r.stdout + r.stderr
         assert ANSWER in r.stdout, out
         assert "failed to connect to Responses WebSocket" not in out and "falling back to HTTP" not in out, out
-        got = rows(gw, user, 1)[0]
+        got = next(r for r in rows(gw, user, 1) if r["purpose"] != "warmup")
         assert token[-6:] in got["prompt"] and got["status"] == "completed" and got["client"] == "Codex"
         assert json.loads(got["metadata"])["transport"] == "websocket" and usage(gw, got["id"]) == [USAGE]
     finally:
@@ -390,12 +434,12 @@ def test_codex_cli_uses_the_websocket_in_proxy_mode(tmp_path, upstream, wsup, mo
         gw.stop()
 
 
-@pytest.mark.parametrize("mode", ["translate", "relay"])
-def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_socket(tmp_path, upstream, wsup, mode):
+@pytest.mark.parametrize("mode,leave", [("translate", False), ("relay", False), ("relay", True)])
+def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_socket(tmp_path, upstream, wsup, mode, leave):
     """An injected tool's loop runs as on HTTP: the gateway calls the tool and continues; the client sees one
     response over its socket, without the injected tool; every round recorded in one interception. A relayed
     socket's turn with injected tools is answered by the gateway (its rounds over HTTP), never by the provider's
-    WebSocket."""
+    WebSocket. `leave`: the client closes mid-round: the round is read to its end and its usage recorded."""
     from tests.support.fixtures import capture
     from tests.support.mcp_server import McpTestServer
     from tests.support.ws_upstream import Split
@@ -412,9 +456,19 @@ def test_central_mcp_tools_are_injected_and_their_loop_runs_on_a_socket(tmp_path
         wsup.reset()
         user, token = new_user(gw)
         cap = capture("openai/responses/streaming/single_injected_tool.txtar")
-        upstream.script(Reply.from_capture(cap, True), Reply.from_capture(cap, True, "/tool-call"))
+        upstream.script(Reply.from_capture(cap, True, delay=0.1 if leave else 0.0),
+                        Reply.from_capture(cap, True, "/tool-call"))
         body = dict(cap.request)
         body.pop("stream", None)
+        if leave:
+            with open_ws(gw, mode, token) as ws:
+                ws.send(json.dumps({"type": "response.create", **body}))
+                assert json.loads(ws.recv(timeout=10))["type"] == "response.created"
+            (ic,) = rows(gw, user, 1)
+            rounds = len([s for s in upstream.seen if s.path.endswith("/responses")])
+            assert rounds >= 1 and len(usage(gw, ic["id"])) == rounds, (ic["status"], ic["error"], rounds)
+            assert json.loads(ic["metadata"]).get("client_disconnected") is True
+            return
         with open_ws(gw, mode, token) as ws:
             events = turn(ws, json.dumps({"type": "response.create", **body}), timeout=30)
         assert events[-1]["type"] == "response.completed", events[-3:]
@@ -515,7 +569,7 @@ def test_one_response_at_a_time_a_warm_up_included(env, wsup):
         assert next(e for e in seen if e["type"] == "error")["status"] == 409
         assert turn(ws, create("in turn"))[-1]["type"] == "response.completed"
     assert [m.get("generate") for m in wsup.messages] == [False, None]
-    assert [r["prompt"] for r in rows(gw, user, 1)] == ["in turn"]
+    assert [(r["prompt"], r["purpose"]) for r in rows(gw, user, 2)] == [("warm", "warmup"), ("in turn", "chat")]
 
 
 def test_a_provider_silent_past_the_stream_idle_timeout_ends_the_turn_not_the_socket(tmp_path, upstream, wsup):
@@ -544,7 +598,12 @@ def test_a_provider_silent_past_the_stream_idle_timeout_ends_the_turn_not_the_so
             assert json.loads(ws.recv(timeout=5))["type"] == "response.failed"
             refused = turn(ws, create("next relayed"))
             assert refused[-1]["type"] == "error" and refused[-1]["status"] == 503
-        got = {r["prompt"]: r for r in rows(gw, user, 3)}
+        with open_ws(gw, "relay", token) as ws:  # a warm-up the provider never ends does not wedge the socket
+            stalled = turn(ws, create("warm stall", generate=False), timeout=10)
+            assert stalled[-1]["type"] == "error" and "silent" in stalled[-1]["message"], stalled
+        got = {r["prompt"]: r for r in rows(gw, user, 4)}
+        assert got["warm stall"]["status"] == "failed" and got["warm stall"]["purpose"] == "warmup"
+        assert got["warm stall"]["http_status"] == 502 and got["stall relayed"]["http_status"] == 502
         assert got["stall"]["status"] == "failed" and "silent" in got["stall"]["error"]
         assert got["next"]["status"] == "completed"
         assert got["stall relayed"]["status"] == "failed"
@@ -575,3 +634,148 @@ def test_a_translated_turn_fails_over_across_the_instances_key_pool(tmp_path, up
     finally:
         gw.stop()
         upstream.reset()
+
+
+# --- review findings: every call that reaches the provider has its exact row ---------------------------------------
+
+def health(gw) -> dict:
+    import httpx
+    return httpx.get(gw.url + "/aibridge/healthz", trust_env=False, timeout=5).json()
+
+
+@pytest.mark.parametrize("mode", ["relay", "translate"])
+def test_a_turn_whose_client_closes_at_once_is_recorded_exactly(env, upstream, wsup, mode):
+    """The client sends a turn and closes at once: whichever the gateway handles first (the close, the provider's
+    events), every turn the provider got is recorded with its final usage; one the client left before it was sent
+    upstream is recorded failed, with none. Nothing stays in flight."""
+    gw = env
+    user, token = new_user(gw)
+    n = 6
+    for i in range(n):
+        upstream.default = Reply.sse(responses_stream("late answer", (40, 4)), delay=0.2 if i % 2 else 0)
+        wsup.delay = 0.05 if i % 2 else 0
+        ws = open_ws(gw, mode, token)
+        ws.send(create(f"q{i}"))
+        ws.close()
+    got = rows(gw, user, n)
+    sent = (len([m for m in wsup.messages if m.get("type") == "response.create"]) if mode == "relay"
+            else len([s for s in upstream.seen if s.path.endswith("/responses")]))
+    expected = wsup.usage if mode == "relay" else (40, 4)
+    billed = []
+    for r in got:
+        u = usage(gw, r["id"])
+        if u:
+            assert u == [expected] and r["status"] == "completed", (r, u)
+            billed.append(r)
+        else:
+            assert r["status"] == "failed" and "client disconnected" in r["error"], r
+    assert len(got) == n and len(billed) == sent, (len(billed), sent, [(r["status"], r["error"]) for r in got])
+    deadline = time.time() + 5
+    while health(gw)["inflight"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert health(gw)["inflight"] == 0
+
+
+def test_a_refused_upgrade_keeps_nothing(env, upstream):
+    """An upgrade the provider answers other than 101 opens no socket: nothing of it is kept."""
+    import httpx
+    gw = env
+    _, token = new_user(gw)
+    upstream.default = Reply.json({"error": {"message": "no websockets here"}}, status=404)
+    before = health(gw)
+    hdr = {"Authorization": f"Bearer {token}", "Upgrade": "websocket", "Connection": "Upgrade",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13", **BETA}
+    with httpx.Client(trust_env=False) as c:
+        codes = {c.get(gw.url + "/broken/v1/responses", headers=hdr).status_code for _ in range(20)}
+    assert codes == {404}
+    after = health(gw)
+    assert after["websockets"] == before["websockets"] == 0 and after["loopback_jobs"] == 0, (before, after)
+
+
+def test_provider_failures_on_a_socket_open_the_circuit_and_a_message_too_big_closes_it(tmp_path, upstream, wsup):
+    """A turn the provider fails is recorded with its status and counts for the circuit breaker as an HTTP call does;
+    a client message past `limits.max_request_body_mb` closes the socket 1009 before it is buffered whole; a reload
+    that changes the socket's provider refuses its next turn (503, open a new WebSocket)."""
+    from websockets.exceptions import ConnectionClosed
+    gw = Gateway(tmp_path / "brk", upstream.url, providers=[
+        {"name": "relay", "type": "openai", "base_url": wsup.url + "/v1/", "key": WS_KEY, "websocket": True},
+        {"name": "translate", "type": "openai", "base_url": upstream.url + "/v1/", "key": UPSTREAM_OPENAI_KEY}],
+        extra={"circuit_breaker": {"failures": 2, "open_seconds": 60}, "limits": {"max_request_body_mb": 1}}).start()
+    try:
+        upstream.reset()
+        wsup.reset()
+        upstream.default = Reply.json({"error": {"type": "server_error", "message": "boom"}}, status=500)
+        user, token = new_user(gw)
+        with open_ws(gw, "translate", token) as ws:
+            statuses = [turn(ws, create(f"q{i}"))[-1]["status"] for i in range(3)]
+        assert statuses == [500, 500, 503], statuses
+        assert len([s for s in upstream.seen if s.path.endswith("/responses")]) == 2
+        got = rows(gw, user, 2)
+        assert [(r["status"], r["http_status"]) for r in got] == [("failed", 500), ("failed", 500)]
+        # Compressed (the client's default): the message arrives whole in one read; uncompressed: cut while buffered.
+        for mode, compression in (("relay", "deflate"), ("translate", "deflate"), ("relay", None)):
+            with connect(ws_url(gw, mode), additional_headers={"Authorization": f"Bearer {token}", **BETA},
+                         open_timeout=10, max_size=None, compression=compression) as ws:
+                ws.send(create("x" * int(1.05 * 1024 * 1024)))
+                with pytest.raises(ConnectionClosed) as e:
+                    ws.recv(timeout=10)
+            assert e.value.rcvd is not None and e.value.rcvd.code == 1009, (mode, e.value)
+        assert wsup.messages == []
+        # A configuration reload that changes the socket's provider instance: an open socket refuses its next turn
+        # (it would go by the old key), a new one follows the new configuration.
+        import signal
+
+        import yaml
+        with open_ws(gw, "relay", token) as ws:
+            assert turn(ws, create("before the reload"))[-1]["type"] == "response.completed"
+            cfg = yaml.safe_load(gw.config_path.read_text())
+            next(p for p in cfg["providers"] if p["name"] == "relay")["key"] = WS_KEY + "NEW"
+            gw.config_path.write_text(yaml.safe_dump(cfg))
+            before = gw.log().count("configuration reloaded")
+            gw.proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 10
+            while gw.log().count("configuration reloaded") <= before and time.time() < deadline:
+                time.sleep(0.05)
+            refused = turn(ws, create("after the reload"))
+            assert [e["type"] for e in refused] == ["error"] and refused[0]["status"] == 503, refused
+            assert "open a new WebSocket" in refused[0]["error"]["message"]
+        with open_ws(gw, "relay", token) as ws:
+            assert turn(ws, create("on a new socket"))[-1]["type"] == "response.completed"
+        assert wsup.handshakes[-1]["authorization"] == f"Bearer {WS_KEY}NEW"
+        assert [m["input"][0]["content"][0]["text"] for m in wsup.messages] == ["before the reload", "on a new socket"]
+    finally:
+        gw.stop()
+        upstream.reset()
+
+
+def test_sigterm_lets_a_quiet_socket_turn_finish_then_closes_1001(tmp_path, upstream, wsup):
+    """A turn whose provider is quiet for longer than the drain's idle wait (a reasoning model) is in flight like an
+    HTTP call: it finishes within the grace, is recorded, and then the socket is closed 1001 (going away)."""
+    from websockets.exceptions import ConnectionClosed
+    gw = Gateway(tmp_path / "drain", upstream.url, providers=[
+        {"name": "relay", "type": "openai", "base_url": wsup.url + "/v1/", "key": WS_KEY, "websocket": True}],
+        extra={"timeouts": {"shutdown_grace_seconds": 30}}).start()
+    try:
+        wsup.reset()
+        wsup.deltas = ["slow"]
+        wsup.delay = 2.4  # longer than drain.QUIET between events
+        user, token = new_user(gw)
+        ws = open_ws(gw, "relay", token)
+        ws.send(create("think hard"))
+        got = [json.loads(ws.recv(timeout=10))["type"]]
+        gw.proc.send_signal(__import__("signal").SIGTERM)
+        code = None
+        try:
+            while True:
+                got.append(json.loads(ws.recv(timeout=20))["type"])
+        except ConnectionClosed as e:
+            code = e.rcvd.code if e.rcvd is not None else None
+        assert got[-1] == "response.completed" and code == 1001, (got, code)
+        gw.proc.wait(30)
+        (r,) = gw.sql("SELECT i.id, i.status FROM aibridge_interceptions i JOIN aibridge_users u "
+                      f"ON u.id = i.initiator_id WHERE u.name = '{user}'")
+        assert r["status"] == "completed" and usage(gw, r["id"]) == [wsup.usage]
+    finally:
+        wsup.delay = 0.0
+        wsup.deltas = ["Hello ", "over ", "a socket."]
+        gw.stop()

@@ -18,6 +18,7 @@ class WsUpstream:
         self.port = 0
         self.handshakes: list[dict] = []  # the upgrade requests' headers (lower-case names)
         self.messages: list[dict] = []  # every message received, in order
+        self.raw: list[str] = []  # the same, as the frames came
         self.closes: list[int | None] = []  # the close code each connection ended with
         self.usage = (21, 5)
         self.deltas = ["Hello ", "over ", "a socket."]
@@ -46,6 +47,7 @@ class WsUpstream:
     def reset(self) -> None:
         self.handshakes.clear()
         self.messages.clear()
+        self.raw.clear()
         self.closes.clear()
         self.delay = 0.0
         self.tool_call = None
@@ -68,6 +70,7 @@ class WsUpstream:
     async def _handler(self, ws) -> None:
         try:
             async for raw in ws:
+                self.raw.append(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"))
                 msg = json.loads(raw)
                 self.messages.append(msg)
                 if msg.get("type") != "response.create":

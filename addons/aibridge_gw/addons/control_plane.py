@@ -140,6 +140,8 @@ class ControlPlane:
             "event_loop_lag_max_ms": round(self.health.loop_lag_max * 1000, 2),
             "gc_pause_max_ms": round(self.health.gc_pause_max * 1000, 2),
             "connections": len(getattr(ctx.master.addons.get("proxyserver"), "connections", ())),
+            "websockets": len(getattr(getattr(ctx.master.addons.get("pipeline"), "sockets", None), "open", ())),
+            "loopback_jobs": len(rt.loopback.jobs) if rt.loopback is not None else 0,
             "tasks": len(asyncio.all_tasks()),
             "worker": rt.worker, "pid": os.getpid(),  # which process answered (`scripts/run --workers N`)
         })

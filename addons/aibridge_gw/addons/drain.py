@@ -6,7 +6,7 @@ event, open connections' tasks are cancelled (tracebacks in the log), and system
 
 1. Stop listening: new connections are refused (with workers, once every worker has closed its socket).
    Connections with nothing in flight are closed.
-2. Calls in flight (every live HTTP flow, recorded or relayed) finish, for up to `timeouts.shutdown_grace_seconds`.
+2. Calls in flight (every live HTTP flow, recorded or relayed, and every open turn of a Responses WebSocket) finish, for up to `timeouts.shutdown_grace_seconds`.
    Responses sent meanwhile carry `Connection: close` (HTTP/1), and a connection is closed as soon as it has
    nothing in flight. A new request on a kept-alive connection is answered 503 in its provider's format, with
    `Retry-After` and `Connection: close`, rather than served: nothing new starts after the signal, so the drain
@@ -30,6 +30,7 @@ from mitmproxy import connection, ctx, http
 
 from ..flow.errors import error_response
 from ..flow.state import state_of
+from . import patches
 from .proxy_mode import ProxyMode
 from .runtime import Runtime
 
@@ -177,11 +178,22 @@ class Drain:
         busy = 0
         for handler in list(self._connections().values()):
             cid = handler.client.id
-            if not everything and (self.live.get(cid) or self._recent(handler, cid, now)):
+            if not everything and (self.live.get(cid) or self._socket_turn(cid) or self._recent(handler, cid, now)):
                 busy += 1
             elif cid not in self._closed:
                 self._close(handler)
         return busy
+
+    @staticmethod
+    def _socket_turn(cid: str) -> bool:
+        """A Responses WebSocket of this connection has a turn open (its provider may be quiet for long stretches,
+        a reasoning model's): it is in flight like an HTTP call, and the socket is closed once the turn ended."""
+        pipeline = ctx.master.addons.get("pipeline")
+        sockets = getattr(pipeline, "sockets", None)
+        try:
+            return sockets is not None and sockets.busy(cid)
+        except Exception:
+            return False
 
     def _recent(self, handler, cid: str, now: float) -> bool:
         watchdog = handler.timeout_watchdog  # every event on the connection counts as activity
@@ -193,6 +205,16 @@ class Drain:
         """What mitmproxy does to an inactive connection (ConnectionHandler.on_timeout): cancel its reader, which
         ends the connection's layers and closes the socket once what is queued is written."""
         self._closed.add(handler.client.id)
+        sockets = getattr(ctx.master.addons.get("pipeline"), "sockets", None)
+        flows = [s.flow for s in list(getattr(sockets, "open", ())) if s.flow is not None
+                 and s.flow.client_conn.id == handler.client.id and s.flow.live]
+        if flows:  # a Responses WebSocket: closed the WebSocket way (1001, going away), its turn already ended
+            for flow in flows:
+                try:
+                    patches.close_websocket(flow)
+                except Exception:
+                    log.exception("aibridge: closing a WebSocket at shutdown failed")
+            return
         io = handler.transports.get(handler.client)
         if io is not None and io.handler is not None and not io.handler.done() and not io.handler.cancelling():
             io.handler.cancel(SHUT_DOWN)

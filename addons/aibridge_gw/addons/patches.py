@@ -18,7 +18,11 @@ that each patch took, so a mitmproxy upgrade that moves them fails loudly instea
   (sockets.py) has its close answered at once, but the provider's side is kept open (`hold` says so) and its
   events still read (the gateway drops them), until the turn's final event has been recorded (the gateway injects
   `RELEASE_MARK`): then the client's close goes to the provider, as mitmproxy would have sent it at once. The
-  provider's final usage is recorded, as for an HTTP stream whose client left.
+  provider's final usage is recorded, as for an HTTP stream whose client left. The same patch bounds what a message
+  may buffer before it is complete (mitmproxy concatenates its frames without limit, and the hook sees it only
+  whole): past `limit(flow, from_client)` bytes the socket is closed `1009` (message too big); the message's data
+  is appended in place (a bytearray), not copied anew for every chunk. And a gateway's `CLOSE_MARK` (drain.py, at
+  shutdown) closes the socket `1001` (going away) on both sides.
 - Listening (`ServerInstance.listen` of TCP modes): a deep listen backlog, so a burst of connections does not make
   the kernel drop new ones, and a front door every accepted connection passes before mitmproxy's handler is made
   (idle.py: an address flooding the gateway waits its turn behind the others); in `scripts/run --workers N`'s
@@ -49,18 +53,30 @@ log = logging.getLogger(__name__)
 ORIGIN, ABSOLUTE = "origin", "absolute"
 
 
-def install(decide: "Decide", keep: "Keep | None" = None, hold: "Hold | None" = None) -> None:
+def install(decide: "Decide", keep: "Keep | None" = None, hold: "Hold | None" = None,
+            limit: "Limit | None" = None) -> None:
     """All of them (idempotent)."""
     install_request_form_marker()
     install_json_error_pages()
     install_client_endings(decide, keep)
-    install_websocket_holds(hold)
+    install_websocket_holds(hold, limit)
     install_listener()
 
 
 Hold = Callable[[http.HTTPFlow], bool]
 _hold: list[Hold] = []
 RELEASE_MARK = b"\x00aibridge:release"  # injected into a held WebSocket: its provider side may close now
+CLOSE_MARK = b"\x00aibridge:close"  # injected into a WebSocket: close it (1001, going away) on both sides
+# The most a message of this WebSocket may buffer (bytes) from the client (True) or the server (False); None: no cap.
+Limit = Callable[[http.HTTPFlow, bool], "int | None"]
+_limit: list[Limit] = []
+
+
+def close_websocket(flow: http.HTTPFlow) -> None:
+    """Close a WebSocket on both sides with 1001 (going away): the gateway shuts down."""
+    from mitmproxy import ctx
+
+    ctx.master.commands.call("inject.websocket", flow, False, CLOSE_MARK, False)
 
 
 def release_websocket(flow: http.HTTPFlow) -> None:
@@ -70,18 +86,108 @@ def release_websocket(flow: http.HTTPFlow) -> None:
     ctx.master.commands.call("inject.websocket", flow, False, RELEASE_MARK, False)
 
 
-def install_websocket_holds(hold: Hold | None) -> None:
+def install_websocket_holds(hold: Hold | None, limit: Limit | None = None) -> None:
     """Keep a relayed WebSocket's provider side open after its client closed, while `hold(flow)` says a turn is
-    still to be read (idempotent; the last gateway wins)."""
-    from mitmproxy.proxy import commands
+    still to be read; close a socket whose message being received outgrows `limit` (idempotent; the last gateway
+    wins)."""
+    import time
+
+    import wsproto
+    from mitmproxy.proxy import commands, events
     from mitmproxy.proxy.layers import websocket as ws_layer
+    from wsproto.connection import ConnectionState
 
     _hold[:] = [hold] if hold is not None else []
+    _limit[:] = [limit] if limit is not None else []
     original = ws_layer.WebsocketLayer.relay_messages
     if getattr(original, "aibridge", False):
         return
 
+    def close(self, code: int, reason: str, linger: bool = False):
+        """Both sides closed with `code`, and the socket ended (as mitmproxy ends it on a close). `linger`: the
+        client may still be sending (a message too big): its connection is closed once it answered the close (what
+        it sends meanwhile is read and dropped), so its kernel does not discard the close frame with a reset."""
+        ws = self.flow.websocket
+        ws.timestamp_end = time.time()
+        ws.closed_by_client = False
+        ws.close_code, ws.close_reason = code, reason
+        for side in (self.server_ws, self.client_ws):
+            if side.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                yield side.send2(wsproto.events.CloseConnection(code=code, reason=reason))
+            if not (linger and side is self.client_ws):
+                yield commands.CloseConnection(side.conn)
+        yield ws_layer.WebsocketEndHook(self.flow)
+        self.flow.live = False
+        self._handle_event = (lambda event: lingering(self, event)) if linger else self.done
+
+    def lingering(self, event):
+        client = self.context.client
+        if getattr(event, "connection", None) is not client:
+            return
+        if isinstance(event, events.DataReceived):
+            try:
+                self.client_ws.receive_data(event.data)
+                closed = any(isinstance(e, wsproto.events.CloseConnection) for e in self.client_ws.events())
+            except Exception:
+                closed = True
+            if not closed:
+                return
+        elif not isinstance(event, events.ConnectionClosed):
+            return
+        yield commands.CloseConnection(client)
+        self._handle_event = self.done
+
     def relay_messages(self, event):
+        if isinstance(event, ws_layer.WebSocketMessageInjected) and event.message.content == CLOSE_MARK:
+            if self.flow.websocket is not None and self.flow.websocket.timestamp_end is None:
+                yield from close(self, 1001, "going away")
+            return
+        src = cap = None
+        if _limit and isinstance(event, events.DataReceived):
+            from_client = event.connection == self.context.client
+            try:
+                cap = _limit[0](self.flow, from_client)
+            except Exception:
+                log.exception("aibridge: the WebSocket message limit failed")
+            if cap is not None:
+                src = self.client_ws if from_client else self.server_ws
+        too_big = False
+        gen = _relay(self, event)
+        result = None
+        while True:
+            try:
+                cmd = gen.send(result)
+            except StopIteration:
+                break
+            result = None
+            if cap is not None and isinstance(cmd, ws_layer.WebsocketMessageHook) and self.flow.websocket.messages \
+                    and len(self.flow.websocket.messages[-1].content) > cap:
+                # A message that arrived whole within one read (compressed): never handed on.
+                self.flow.websocket.messages[-1].drop()
+                too_big = True
+                continue
+            result = yield cmd
+        if too_big and self._handle_event == self.relay_messages:
+            yield from close(self, 1009, "message too big", linger=True)
+            return
+        if src is not None and self._handle_event == self.relay_messages:
+            # What the message being received has buffered (decompressed, as mitmproxy holds it), counted over the
+            # fragments this event added only; a completed message (a new list) starts the count anew.
+            buf = src.frame_buf
+            seen = getattr(src, "aibridge_seen", None)
+            if seen is None or seen[0] is not buf:
+                seen = [buf, 0, 0]
+            frozen = seen[1] + sum(map(len, buf[seen[2]:-1]))
+            seen[1], seen[2] = frozen, len(buf) - 1
+            src.aibridge_seen = seen
+            if type(buf[-1]) is bytes:  # appended in place from now on, not copied anew for every chunk
+                buf[-1] = bytearray(buf[-1])
+            if frozen + len(buf[-1]) > cap:
+                log.warning("aibridge: a WebSocket message from the %s passed %d bytes: closing the socket (1009)",
+                            "client" if src is self.client_ws else "server", cap)
+                yield from close(self, 1009, "message too big", linger=True)
+
+    def _relay(self, event):
         server = self.context.server
         deferred = getattr(self, "aibridge_deferred", None)
         if deferred is not None and getattr(event, "connection", None) is self.context.client:
@@ -125,7 +231,6 @@ def install_websocket_holds(hold: Hold | None) -> None:
     relay_messages.aibridge = True
     relay_messages.aibridge_original = original
     ws_layer.WebsocketLayer.relay_messages = relay_messages
-    del commands
 
 
 def install_request_form_marker() -> None:

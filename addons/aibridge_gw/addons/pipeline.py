@@ -30,8 +30,8 @@ from ..flow.clients import client_metadata, detect_client, detect_session
 from ..flow.errors import error_response
 from ..flow.exchange import BadRequest, ResponseSummary, TokenTotals, json_text, summary_from_dict, summary_to_dict
 from ..flow.objects import CREATED, WATCH_LIMIT, WATCHED, Objects, client_base
+from ..flow.purpose import WARMUP, conversation_key
 from ..flow.purpose import classify as classify_purpose
-from ..flow.purpose import conversation_key
 from ..flow.recorder import COMPLETED, META_KEY, NOT_JSON, NOT_OBJECT, Interception, at, conclude, is_json, is_sse
 from ..flow.relay import RelayJob
 from ..flow.routing import Route
@@ -92,7 +92,7 @@ class Pipeline:
         self.sockets = ResponsesSockets(self, header_view, _tool_decider)  # the Responses API over a WebSocket
 
     def load(self, loader) -> None:
-        patches.install(self._client_ending, self._client_left, self.sockets.hold)
+        patches.install(self._client_ending, self._client_left, self.sockets.hold, self.sockets.message_limit)
 
     # --- request -----------------------------------------------------------------------------------
 
@@ -195,9 +195,10 @@ class Pipeline:
         state.forwarded_at = time.time()
 
     async def _open(self, flow: http.HTTPFlow, state: FlowState, ident: Identity, hv: dict[str, str],
-                    inject: bool = True):
+                    inject: bool = True, warmup: bool = False):
         """Open a recorded call's interception: read the request, police, admit (breaker, budget), inject central
-        MCP tools (`inject`), and queue its start record. Returns the tool loop's adapter (None: no injected tools);
+        MCP tools (`inject`), and queue its start record. A Responses WebSocket warm-up (`warmup`) is policed and
+        recorded like any call, but counts toward no request budget (it generates nothing; Codex sends one per turn). Returns the tool loop's adapter (None: no injected tools);
         `REFUSED` when the call was answered here (the answer is on the flow)."""
         route = state.route
         begun = await self._begin(flow, route, ident, hv)
@@ -205,12 +206,15 @@ class Pipeline:
             return REFUSED
         ic, body = begun
         state.interception = ic
+        if warmup:
+            ic.purpose = WARMUP
+            ic.facts["warmup"] = True
         if self.rt.policing is not None and self.rt.policing.active:
             policed = await self._police(flow, state, ident, body, hv)
             if policed is REFUSED:
                 return REFUSED
             body, route = policed, state.route
-        if not await self._admit(flow, state):
+        if not await self._admit(flow, state, budget=not warmup):
             return REFUSED
         adapter = None
         if inject and body is not None and ic.api in MODEL_APIS:
@@ -227,8 +231,9 @@ class Pipeline:
         """One `response.create` on a Responses WebSocket (addons/sockets.py), made a request flow and governed as
         its HTTP call is, up to the upstream: the token checked again, limits, policies, breaker, budget, the start
         record, central MCP tools (the tool loop's adapter, or None). A refusal is left on the flow (the HTTP answer
-        it would be); None then. A warm-up (`generate: false`) is checked and not recorded. `relayed_to`: the provider instance a relayed socket is connected to
-        (a policy cannot route its turns elsewhere)."""
+        it would be); None then. A warm-up (`generate: false`) goes through the same steps (no MCP tools injected) and is
+        recorded with purpose `warmup`: its content reaches the provider too. `relayed_to`: the provider instance a
+        relayed socket is connected to (a policy cannot route its turns elsewhere)."""
         hv = header_view(flow.request.headers)
         ident = self._identify(flow, route, hv)
         if ident is None:
@@ -238,9 +243,7 @@ class Pipeline:
         if not self._admissible(flow, route, ident):
             return None
         state = flow.metadata[STATE_KEY] = FlowState(flow, route)
-        if warmup:
-            return state, ident, None
-        adapter = await self._open(flow, state, ident, hv)
+        adapter = await self._open(flow, state, ident, hv, inject=not warmup, warmup=warmup)
         if adapter is REFUSED:
             return None
         state.interception.facts["transport"] = "websocket"  # in the record's metadata
@@ -451,7 +454,7 @@ class Pipeline:
                     ic.upstream_path = path.split("?")[0]
         return body
 
-    async def _admit(self, flow: http.HTTPFlow, state: FlowState) -> bool:
+    async def _admit(self, flow: http.HTTPFlow, state: FlowState, budget: bool = True) -> bool:
         """The circuit breaker and the user's budget; a refusal is answered (and a budget refusal recorded)."""
         rt, route, ic = self.rt, state.route, state.interception
         if rt.config.storage.on_failure == "refuse" and rt.store_health()["refusing"]:
@@ -468,7 +471,7 @@ class Pipeline:
             return False
         state.breaker_key = key
         await rt.recorder.link_thread(ic)
-        if rt.budgets is not None and not getattr(ic.codec, "retrieval", None):
+        if budget and rt.budgets is not None and not getattr(ic.codec, "retrieval", None):
             # A retrieval spends nothing more: the work was paid for when it ran (and is charged to its creator).
             refusal = rt.budgets.check(*ic.charged, rt.groups_of(ic.charged[0]))
             if refusal is None and rt.budgets.fleet:
@@ -749,6 +752,7 @@ class Pipeline:
         resp.stream = state.tap
 
     def response(self, flow: http.HTTPFlow):
+        self.sockets.upgrade_ended(flow)
         watched = state_of(flow)
         if (watched is not None and watched.watch is not None and watched.interception is None and flow.live
                 and flow.response is not None and not flow.response.stream and 200 <= flow.response.status_code < 300):
@@ -802,6 +806,8 @@ class Pipeline:
                 resp.headers["content-type"] = "application/json"
 
     def error(self, flow: http.HTTPFlow):
+        if flow.websocket is None:
+            self.sockets.upgrade_ended(flow)
         return self._finish(flow)  # an awaitable for a retrieval (mitmproxy awaits it)
 
     def _finish(self, flow: http.HTTPFlow):

@@ -16,8 +16,9 @@ server answers with the same JSON events an HTTP stream carries as `data:` paylo
   through the pipeline's own end (`Pipeline._finish`: usage, tool calls, thoughts, budgets, breaker, response
   policies) and observation. Then the turn's state is dropped, and mitmproxy's list of the socket's messages is kept
   at the last one, so a socket open for hours holds no more than one turn.
-- `generate: false` warm-ups are checked (token, limits) and relayed (relay) or answered by the translator, and are
-  not recorded: they generate nothing and spend nothing.
+- `generate: false` warm-ups are turns like the others: the same admission (token, limits, policies) and a record
+  of their own (purpose `warmup`, with whatever usage the provider reports). What goes upstream is always the
+  re-serialised, policed message, never the client's raw frame.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mitmproxy import ctx, http
 from mitmproxy.websocket import WebSocketMessage
@@ -47,6 +47,7 @@ from .patches import release_websocket
 log = logging.getLogger("aibridge")
 
 OFF_LOOP_BYTES = 256 * 1024  # a message larger than this is parsed on a worker thread (as pipeline.OFF_LOOP_BYTES)
+SERVER_MESSAGE_MAX = 256 * 1024 * 1024  # one provider event (a response.completed with a long output) at most
 RESPONSES_API = "openai.responses"
 TERMINAL = frozenset(("response.completed", "response.failed", "response.incomplete", "error"))
 # Never part of a turn's request: the handshake's own headers.
@@ -62,12 +63,18 @@ class Turn:
     state: FlowState
     socket: "Socket | None" = None
     gate: StreamGate | None = None  # tool rules (`hook: tool`): the client's tool calls are held until decided
-    warmup: bool = False  # `generate: false`: a turn too (one at a time), never recorded
+    warmup: bool = False  # `generate: false`: a turn too (one at a time), recorded with purpose `warmup`
     # A turn the tool loop answers at the translator: its record is written when the loop ends, and the socket's
     # turn is over once the final event has also passed on to the client (either may come first).
     loop_ended: bool = False
     final_seen: bool = False
     injecting: bool = False  # the gate held or changed an event: from then on the client gets the gate's output
+    # Translation mode: the translator feeds the turn's tap itself (its TurnSpec's sink) and says when the spec is
+    # over (`spec_done`); the turn is recorded once that and the final event's passing (or the socket's end) are seen.
+    spec_done: bool = False
+    orphan: bool = False  # the socket ended before the turn did: recorded when the translator is done with it
+    recorded: bool = False
+    status: int | None = None  # the provider's failure status (its `error` event's, else 502): the record's and breaker's
 
 
 @dataclass(eq=False)
@@ -82,7 +89,6 @@ class Socket:
     job: SocketJob | None = None  # translation mode: the loopback translator's job
     turn: Turn | None = None
     turns: int = 0
-    late_turns: deque = field(default_factory=deque)  # translation: turns read on after the client left
     stale: str | None = None  # relay: a turn timed out at the provider; the socket takes no more turns (why)
     # Relay: the client closed mid-turn and the provider's side is kept open to read the turn to its end
     # (patches.install_websocket_holds); set once the turn is recorded.
@@ -153,7 +159,6 @@ class ResponsesSockets:
                 return True
             key = hv.get("sec-websocket-key", "")
             job = SocketJob(ws_key=key, drain_seconds=self.rt.config.timeouts.drain_after_disconnect or 0.0)
-            job.late = lambda data, sock=sock: self._late(sock, data)
             sock.job = job
             self.p._to_loopback(flow, job)
             # mitmproxy's handshake with the translator: no compression (the translator speaks none).
@@ -166,6 +171,32 @@ class ResponsesSockets:
                  printable(route.upstream_path.split("?")[0]), ident.actor.user_name,
                  "relayed" if sock.job is None else "translated to HTTP")
         return True
+
+    def upgrade_ended(self, flow: http.HTTPFlow) -> None:
+        """The upgrade was answered other than `101` (the provider serves no WebSocket there, an error) or failed
+        before any answer: no socket was opened, so nothing of it is kept (its translator job included)."""
+        if flow.websocket is not None and flow.response is not None and flow.response.status_code == 101:
+            return
+        sock = flow.metadata.pop(SOCKET_KEY, None)
+        if sock is None:
+            return
+        self.open.discard(sock)
+        sock.flow = None
+        if self.rt.loopback is not None:
+            self.rt.loopback.forget(flow.id)
+
+    def message_limit(self, flow: http.HTTPFlow, from_client: bool) -> int | None:
+        """The most one message of a Responses WebSocket may buffer (patches.install_websocket_holds closes the socket
+        1009 past it): the request body limit from the client, a generous cap from the provider."""
+        if socket_of(flow) is None or self.rt.config is None:
+            return None
+        limit = self.rt.config.limits.max_request_body_bytes
+        return limit if from_client else max(SERVER_MESSAGE_MAX, limit)
+
+    def busy(self, client_conn_id: str) -> bool:
+        """A turn is open on a socket of this client connection (drain.py waits for it at shutdown)."""
+        return any(s.flow is not None and s.flow.client_conn.id == client_conn_id
+                   and (s.turn is not None or s.held is not None) for s in self.open)
 
     @staticmethod
     def _refusal(route: Route, status: int, message: str) -> http.Response:
@@ -227,6 +258,15 @@ class ResponsesSockets:
         if sock.turn is not None:  # the provider would refuse it too: one response at a time per socket
             self._refuse(flow, sock, msg, 409, "aibridge: a response is already in progress on this WebSocket")
             return
+        config = self.rt.config
+        current = next((p for p in config.providers if p.name == sock.route.provider.name), None) \
+            if config is not None else None
+        if current is None or current != sock.route.provider:
+            # A configuration reload changed (or removed) this socket's provider instance since it opened: its turns
+            # would go by the old settings (key, base URL, transport).
+            self._refuse(flow, sock, msg, 503, f"aibridge: provider {sock.route.provider.name!r} was reconfigured "
+                                               "since this WebSocket opened; open a new WebSocket")
+            return
         body = {k: v for k, v in obj.items() if k != "type"}
         warmup = body.get("generate") is False
         had_stream = "stream" in body
@@ -250,14 +290,29 @@ class ResponsesSockets:
             self._refuse(flow, sock, msg, resp.status_code, None, err)
             return
         state, ident, adapter = got
+        try:
+            await self._forward(flow, sock, msg, turn_flow, state, ident, adapter, body, content, large, had_stream,
+                                warmup)
+        except BaseException:
+            # The turn's row was started: never left in progress (as an HTTP call the pipeline gave up on).
+            if sock.turn is None or sock.turn.flow is not turn_flow:
+                self.p._abandon(turn_flow)
+            raise
+
+    async def _forward(self, flow, sock: Socket, msg: WebSocketMessage, turn_flow: http.HTTPFlow, state: FlowState,
+                       ident, adapter, body: dict, content: bytes, large: bool, had_stream: bool, warmup: bool
+                       ) -> None:
+        """The admitted turn: what goes upstream (the policed message), its Turn, and the translator's spec."""
         sent = body
-        if state.interception is not None and turn_flow.request.content != content:  # a policy or injection changed it
+        if turn_flow.request.content != content:  # a policy or injection changed it
             sent = await asyncio.to_thread(json.loads, turn_flow.request.content) if large \
                 else json.loads(turn_flow.request.content)
         if not had_stream:
             sent.pop("stream", None)
-        if sent is not body:  # a policy redacted or rerouted it: the provider gets what was recorded
-            msg.content = _dumps({"type": "response.create", **sent})
+        # The provider gets what the gateway parsed, policed and recorded, re-serialised: never the client's raw frame
+        # (a duplicated key could mean one thing to the gateway and another to the provider).
+        out = {"type": "response.create", **sent}
+        msg.content = await asyncio.to_thread(_dumps, out) if large else _dumps(out)
         loop = pool = None
         if adapter is not None or sock.job is not None:  # sent over HTTP by the gateway: pointed upstream here
             pool = self.rt.pools.get(state.route.provider.name) if ident.byok_credential is None else None
@@ -265,21 +320,17 @@ class ResponsesSockets:
             if adapter is not None:
                 loop = self.p._loop_job(turn_flow, state, ident, adapter, self.header_view(sock.headers), pool)
                 state.via_loop, state.loop_job = True, loop
-        turn = None if warmup else Turn(turn_flow, state, sock)
+        turn = Turn(turn_flow, state, sock, warmup=warmup)
         spec = None
         if sock.job is not None:  # what the translator sends upstream for this message (queued last, once all is set)
             headers = [(k, v) for k, v in turn_flow.request.headers.items(multi=True)
                        if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")]
             headers.append(("accept-encoding", "identity"))
             done = (lambda turn=turn: self._loop_done(turn)) if loop is not None else None
-            spec = TurnSpec(turn_flow.request.url, headers, None if warmup else sent, loop, done)
+            sink = (lambda data, turn=turn: self._spec_event(turn, data)) if loop is None else None
+            spec = TurnSpec(turn_flow.request.url, headers, sent, loop, done, warmup=warmup, sink=sink)
             if pool is not None and loop is None:  # the loop fails over itself
                 spec.pool, spec.auth_header, spec.state = pool, PROVIDERS[state.route.provider.type].auth_header, state
-        if warmup:
-            sock.turn = Turn(turn_flow, state, sock, warmup=True)
-            if spec is not None:
-                sock.job.pending.append(spec)
-            return
         sock.turns += 1
         sock.turn = turn
         state.tap = StreamTap(state.interception.codec)
@@ -305,9 +356,17 @@ class ResponsesSockets:
         from ..flow.ws_translate import WsResponder
         from ..loopback import ClientGone
 
+        gone = False
+
         async def deliver(data: str) -> None:
-            if not flow.live or flow.websocket is None or flow.websocket.timestamp_end is not None:
-                raise ClientGone()
+            # A client that left never aborts the round: its events are dropped and the loop reads on to the
+            # provider's final usage (as translation's _Deliver does).
+            nonlocal gone
+            if gone or not flow.live or flow.websocket is None or flow.websocket.timestamp_end is not None:
+                if not gone:
+                    gone = True
+                    turn.state.client_gone = turn.state.client_gone or "client disconnected"
+                return
             ctx.master.commands.call("inject.websocket", flow, True, data.encode(), True)
 
         try:
@@ -363,10 +422,6 @@ class ResponsesSockets:
                 log.warning("aibridge: dropped a %s event outside any turn of a Responses WebSocket",
                             printable(kind[:80]))
             return  # the provider's own notices (an `error` before it closes the socket) pass
-        if turn.warmup:
-            if _event_type(content) in TERMINAL:
-                sock.turn = None
-            return
         if turn.state.via_loop:  # the loop's own events (translation mode): recorded from its summary when it ends
             if _event_type(content) in TERMINAL:
                 turn.final_seen = True
@@ -375,26 +430,63 @@ class ResponsesSockets:
             return
         tap = turn.state.tap
         data = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
-        if tap.broken is None:
-            try:
-                tap.bytes_seen += len(data)
-                tap.last_activity = time.time()
-                _feed(tap, data)
-            except Exception as e:  # malformed provider output: the turn is recorded with what was read
-                tap.broken = f"{type(e).__name__}: {e}"
+        if sock.job is None:
+            self._tapped(turn, data)
+        elif _event_type(data) in TERMINAL:
+            # Translation: the translator fed the tap (the TurnSpec's sink); the final event has reached the client.
+            turn.final_seen = True
         if turn.gate is not None:
             self._gated(flow, turn, msg, data)
         elif turn.injecting:  # the gate failed closed: nothing more of this turn reaches the client
             msg.drop()
         s = tap.summary
-        if s.complete or s.error:
+        if (s.complete or s.error) if sock.job is None else (turn.final_seen and turn.spec_done):
+            await self._close_turn(turn)
+
+    def _tapped(self, turn: Turn, data: str) -> None:
+        """One provider event read into the turn's tap (and its failure status, if it is an `error` event)."""
+        tap = turn.state.tap
+        tap.bytes_seen += len(data)
+        tap.last_activity = time.time()
+        if _event_type(data) == "error":
+            turn.status = _error_status(data)
+        if tap.broken is None:
+            try:
+                _feed(tap, data)
+            except Exception as e:  # malformed provider output: the turn is recorded with what was read
+                tap.broken = f"{type(e).__name__}: {e}"
+
+    async def _close_turn(self, turn: Turn, error: str | None = None) -> None:
+        """The turn's final event has passed (and, translated, the translator is done with it): record it."""
+        if turn.recorded:
+            return
+        sock = turn.socket
+        if sock is not None and sock.turn is turn:
             sock.turn = None
-            if turn.gate is not None:
-                try:
-                    self._inject_sse(flow, turn.gate.finish())
-                except Exception:
-                    log.exception("aibridge: the tool gate of a WebSocket turn failed at its end")
-            await self._end_turn(turn, None)
+        if turn.gate is not None and not turn.orphan and sock is not None and sock.flow is not None:
+            try:
+                self._inject_sse(sock.flow, turn.gate.finish())
+            except Exception:
+                log.exception("aibridge: the tool gate of a WebSocket turn failed at its end")
+        await self._end_turn(turn, error)
+
+    def _spec_event(self, turn: Turn, data: str | None) -> None:
+        """Translation mode: what the translator got from the provider for this turn's TurnSpec (each event's JSON,
+        whether or not the client could still be sent it), then None once the translator is done with the spec
+        (always: sent, failed, or never sent because the client had left)."""
+        if turn.recorded:
+            return
+        if data is not None:
+            self._tapped(turn, data)
+            return
+        turn.spec_done = True
+        sock = turn.socket
+        if turn.orphan or sock is None or sock.turn is not turn or turn.final_seen:
+            s = turn.state.tap.summary
+            error = None if (s.complete or s.error or not turn.orphan) else "client disconnected"
+            if sock is not None and sock.turn is turn:
+                sock.turn = None  # the client may send its next turn now
+            _spawn(self._close_turn(turn, error))
 
     def _gated(self, flow: http.HTTPFlow, turn: Turn, msg: WebSocketMessage, data: str) -> None:
         """The tool gate over server events: an event it passes unchanged goes on as it came; once it holds or
@@ -429,12 +521,23 @@ class ResponsesSockets:
                 ctx.master.commands.call("inject.websocket", flow, True, ev.data.encode(), True)
 
     async def _end_turn(self, turn: Turn, error: str | None) -> None:
-        """Record the turn through the pipeline's own end, then let go of it."""
+        """Record the turn through the pipeline's own end, then let go of it. A turn the provider failed (its
+        `error` event's status; `response.failed`, a timeout: 502) is recorded with that status, which the circuit
+        breaker counts as for an HTTP call; a client that left says nothing about the provider."""
+        if turn.recorded:
+            return
+        turn.recorded = True
         flow, state = turn.flow, turn.state
         tap = state.tap
         if tap is not None:
             tap.closed = True
-        resp = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+        status = turn.status
+        if status is None and not state.via_loop and tap is not None:
+            s = tap.summary
+            if s.error or (error is not None and state.client_gone is None) or (
+                    not s.complete and state.client_gone is None):
+                status = 502
+        resp = http.Response.make(status or 200, b"", {"content-type": "text/event-stream"})
         resp.timestamp_start = state.forwarded_at or time.time()
         resp.timestamp_end = time.time()
         flow.response = resp
@@ -467,7 +570,7 @@ class ResponsesSockets:
             now = time.time()
             for sock in list(self.open):
                 turn = sock.turn
-                if turn is None or turn.warmup or turn.state.via_loop or sock.held is not None or sock.flow is None:
+                if turn is None or turn.state.via_loop or sock.held is not None or sock.flow is None:
                     continue
                 tap = turn.state.tap
                 if tap is None:
@@ -484,6 +587,7 @@ class ResponsesSockets:
     async def _time_out(self, sock: Socket, turn: Turn, why: str) -> None:
         log.warning("aibridge: ending WebSocket turn %s: %s", turn.state.interception.id, why)
         sock.turn = None
+        turn.status = 502
         if sock.job is None:
             # Relayed: what the provider's socket sends next could still be that response's; this socket takes no
             # more turns (the client opens a new one).
@@ -506,7 +610,7 @@ class ResponsesSockets:
         event (the provider's usage) is read and recorded (patches.install_websocket_holds)."""
         sock = socket_of(flow)
         seconds = self.rt.config.timeouts.drain_after_disconnect if self.rt.config is not None else 0
-        if (sock is None or sock.job is not None or sock.turn is None or sock.turn.warmup or sock.turn.state.via_loop
+        if (sock is None or sock.job is not None or sock.turn is None or sock.turn.state.via_loop
                 or seconds <= 0 or sock.held is not None):
             return False
         turn = sock.turn
@@ -542,7 +646,7 @@ class ResponsesSockets:
         turn, sock.turn = sock.turn, None
         if sock.held is not None:
             sock.held.set()
-        if turn is None or turn.warmup:
+        if turn is None or turn.recorded:
             return
         by_client = flow.websocket is not None and flow.websocket.closed_by_client
         if by_client:
@@ -551,37 +655,35 @@ class ResponsesSockets:
             turn.flow.metadata[META_KEY]["client_gone"] = True
         if turn.state.via_loop:
             return  # the loop reads its round to its end and stops; its end records the turn (_loop_done)
-        if sock.job is not None and sock.job.turning and by_client:
-            sock.late_turns.append(turn)  # recorded when the translator has read the provider's answer to its end
-            return
         why = "client disconnected" if by_client else "the WebSocket closed before the response completed"
+        if sock.job is not None:
+            # Translation: the translator feeds the turn's tap itself; while its TurnSpec is queued or running, the
+            # turn is recorded when the translator says the spec is over (the provider's final usage, or: never
+            # sent upstream). Once over, the tap already holds everything the provider said.
+            turn.orphan = True
+            if not turn.spec_done:
+                return
+            s = turn.state.tap.summary
+            await self._close_turn(turn, None if (s.complete or s.error) else why)
+            return
         await self._end_turn(turn, why)
 
-    def _late(self, sock: Socket, data: str | None) -> None:
-        """Translation mode, after the client left mid-turn: the provider's events, then None at their end. Until
-        mitmproxy's `websocket_end` has run, the turn is still the socket's own (`end` records it then)."""
-        turn = sock.late_turns[0] if sock.late_turns else sock.turn
-        if turn is None or turn.warmup:
-            return
-        if data is not None:
-            tap = turn.state.tap
-            if tap.broken is None:
-                try:
-                    _feed(tap, data)
-                except Exception as e:
-                    tap.broken = f"{type(e).__name__}: {e}"
-            return
-        if not sock.late_turns:
-            return
-        sock.late_turns.popleft()
-        s = turn.state.tap.summary
-        error = None if s.complete and not s.error else "client disconnected"
-        task = asyncio.ensure_future(self._end_turn(turn, error))
-        _LATE_TASKS.add(task)
-        task.add_done_callback(_LATE_TASKS.discard)
-
-
 _LATE_TASKS: set = set()
+
+
+def _spawn(coro) -> None:
+    task = asyncio.ensure_future(coro)
+    _LATE_TASKS.add(task)
+    task.add_done_callback(_LATE_TASKS.discard)
+
+
+def _error_status(data: str) -> int:
+    """The status of the provider's `error` event (502 when it names none)."""
+    try:
+        status = json.loads(data).get("status")
+    except (ValueError, AttributeError, RecursionError):
+        status = None
+    return status if isinstance(status, int) and 400 <= status <= 599 else 502
 
 
 def _dumps(obj: dict) -> bytes:

@@ -29,7 +29,8 @@ MEMORY = "memory"
 SUMMARY = "summary"
 SUGGESTION = "suggestion"
 OTHER = "other_auxiliary"
-AUXILIARY = frozenset({TITLE, ROUTER, MEMORY, SUMMARY, SUGGESTION, OTHER})
+WARMUP = "warmup"  # a Responses WebSocket warm-up (`generate: false`, addons/sockets.py): set there, never classified
+AUXILIARY = frozenset({TITLE, ROUTER, MEMORY, SUMMARY, SUGGESTION, OTHER, WARMUP})
 PURPOSES = (CHAT, *sorted(AUXILIARY))
 
 HEAD = 400  # characters of a system prompt or instruction a marker is looked for in

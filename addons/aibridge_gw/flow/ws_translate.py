@@ -11,7 +11,12 @@ left it) is handed over by the hook (`SocketJob.pending`), never read from the c
 The Responses WebSocket keeps the last response of the connection for the next `response.create` to continue with
 `previous_response_id` (so clients send only the new items); HTTP upstreams hold no such cache, so the translator
 keeps the last response's whole input and output and sends the expanded input instead (one conversation per socket,
-replaced at each turn). A `generate: false` warm-up is answered here (no upstream call) and only primes that cache.
+replaced at each turn). A `generate: false` warm-up is answered here (no upstream call) and only primes that cache,
+with the input the pipeline admitted (policed), never the client's frame.
+
+Each turn's events also go to its `TurnSpec.sink` as the translator gets them (whether or not the client can still
+be sent them), and the sink is told once when the spec is over: the pipeline records the turn from that, however
+the client's close and the events race through mitmproxy.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def accept_key(key: str) -> str:
 
 @dataclass(slots=True)
 class TurnSpec:
-    """One `response.create` as the pipeline admitted it: where and how it goes upstream (None body: a warm-up).
+    """One `response.create` as the pipeline admitted it: where and how it goes upstream (`warmup`: answered here).
     With central MCP tools, `loop` is the injected-tool loop's job (mcp/loop.py), run here in place of one request;
     `done` is called once it has ended (the pipeline records the turn from the loop's summary then)."""
 
@@ -67,6 +72,16 @@ class TurnSpec:
     pool: Any = None
     auth_header: Any = None
     state: Any = None
+    warmup: bool = False
+    # Each event's JSON the provider (or the translator) gave for this turn, then None once when the spec is over.
+    sink: Callable[[str | None], None] | None = None
+    ended: bool = False
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.sink is not None:
+                self.sink(None)
 
 
 class WsResponder:
@@ -106,9 +121,6 @@ class SocketJob:
     ws_key: str
     client: httpx.AsyncClient | None = None
     pending: deque = field(default_factory=deque)  # TurnSpec per forwarded response.create, in order
-    # Called with each server event's JSON text the client can no longer be sent (it left mid-turn), and once with
-    # None when that turn's upstream stream is over: the pipeline records the turn with the provider's final usage.
-    late: Callable[[str | None], None] | None = None
     drain_seconds: float = 60.0
     last: tuple[str, list] | None = None  # the last response's id and its whole conversation (input + output)
     closed: bool = False  # the client side of this socket is gone
@@ -185,6 +197,16 @@ class Translator:
             except Exception:
                 pass
             # A turn being streamed goes on without the client (to its end, bounded): its usage is still recorded.
+            # Specs whose message never arrived are over too (after the turns before them).
+            task = asyncio.ensure_future(self._flush(turns, job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, previous: asyncio.Task | None, job: SocketJob) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        while job.pending:
+            job.pending.popleft().end()
 
     async def _after(self, previous: asyncio.Task | None, job: SocketJob, text: str, send) -> None:
         """Turns run one after another, in the order their messages came."""
@@ -210,12 +232,18 @@ class Translator:
             return
         spec: TurnSpec = job.pending.popleft()
         try:
-            sent = json.loads(text)
-        except ValueError:
-            sent = {}
-        if spec.body is None:
-            await self._warm_up(job, sent if isinstance(sent, dict) else {}, send)
+            await self._spec_turn(job, spec, send)
+        finally:
+            if spec.done is not None:
+                spec.done()
+            spec.end()
+
+    async def _spec_turn(self, job: SocketJob, spec: TurnSpec, send) -> None:
+        if spec.warmup:
+            await self._warm_up(job, spec, send)
             return
+        if job.closed and spec.loop is None:
+            return  # the client left before its turn was sent: nothing goes upstream (recorded as such)
         body = {k: v for k, v in spec.body.items() if k not in ("type", "generate")}
         body["stream"] = True
         conversation = _items(body.get("input"))
@@ -233,8 +261,6 @@ class Translator:
                 await self._stream(job, spec, body, conversation, send)
         finally:
             job.turning = False
-            if spec.done is not None:
-                spec.done()
 
     async def _loop(self, job: SocketJob, spec: TurnSpec, body: dict, conversation: list, send) -> None:
         """A turn with central MCP tools: the injected-tool loop runs it (rounds over HTTP, tools run here), and
@@ -246,7 +272,7 @@ class Translator:
                         "input": body.get("input", adapter.body.get("input")), "stream": True}
         if "previous_response_id" in body:
             adapter.body["previous_response_id"] = body["previous_response_id"]
-        deliver = _Deliver(job, send)
+        deliver = _Deliver(job, send, spec)
 
         async def tracked(data: str) -> None:
             _keep(job, data, conversation)
@@ -258,8 +284,9 @@ class Translator:
             pass
 
     async def _stream(self, job: SocketJob, spec: TurnSpec, body: dict, conversation: list, send) -> None:
-        deliver = _Deliver(job, send)
-        content = json.dumps(body, ensure_ascii=False).encode()
+        deliver = _Deliver(job, send, spec)
+        # (a conversation expanded from the socket's cache can be large: serialised off the event loop)
+        content = await asyncio.to_thread(lambda: json.dumps(body, ensure_ascii=False).encode())
         try:
             async with asyncio.timeout(None) as deadline:
                 async with self._send(spec, content) as resp:
@@ -278,18 +305,16 @@ class Translator:
                     async for chunk in resp.aiter_raw():
                         for ev in parser.feed(chunk):
                             if ev.data and ev.data.strip() != "[DONE]":
-                                _keep(job, ev.data, conversation)
+                                await _keep_async(job, ev.data, conversation)
                                 await deliver(ev.data)
                         if deliver.late and deadline.when() is None:  # the client left: read on, bounded
                             deadline.reschedule(asyncio.get_running_loop().time() + job.drain_seconds)
                     for ev in parser.feed(b""):
                         if ev.data and ev.data.strip() != "[DONE]":
-                            _keep(job, ev.data, conversation)
+                            await _keep_async(job, ev.data, conversation)
                             await deliver(ev.data)
         except (httpx.HTTPError, TimeoutError) as e:
             await deliver(_error_event(502, f"aibridge: the provider's connection failed: {type(e).__name__}"))
-        finally:
-            deliver.finish()
 
     @contextlib.asynccontextmanager
     async def _send(self, spec: TurnSpec, content: bytes):
@@ -306,9 +331,11 @@ class Translator:
             if not isinstance(got, Exhausted):
                 await got.aclose()
 
-    async def _warm_up(self, job: SocketJob, sent: dict, send) -> None:
+    async def _warm_up(self, job: SocketJob, spec: TurnSpec, send) -> None:
         """`generate: false`: nothing is generated and nothing goes upstream; the response primes the connection's
-        cache for the next turn's `previous_response_id`."""
+        cache for the next turn's `previous_response_id` with the input as the pipeline admitted it (policed)."""
+        sent = spec.body if isinstance(spec.body, dict) else {}
+        deliver = _Deliver(job, send, spec)
         rid = f"resp_aibridge_{uuid.uuid4().hex}"
         conversation = _items(sent.get("input"))
         if job.last is not None and sent.get("previous_response_id") == job.last[0]:
@@ -316,40 +343,43 @@ class Translator:
         job.last = (rid, conversation)
         resp = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
                 "model": sent.get("model"), "output": [], "usage": None}
-        await send(TextMessage(data=json.dumps({"type": "response.created", "sequence_number": 0,
-                                                 "response": resp})))
+        await deliver(json.dumps({"type": "response.created", "sequence_number": 0, "response": resp}))
         resp = {**resp, "status": "completed"}
-        await send(TextMessage(data=json.dumps({"type": "response.completed", "sequence_number": 1,
-                                                 "response": resp})))
+        await deliver(json.dumps({"type": "response.completed", "sequence_number": 1, "response": resp}))
 
 
 class _Deliver:
-    """Each event to the client while it is there; after it left, to the pipeline (`SocketJob.late`)."""
+    """Each event to the turn's sink (the pipeline's record of it), and to the client while it is there."""
 
-    __slots__ = ("job", "send", "late")
+    __slots__ = ("job", "send", "spec", "late")
 
-    def __init__(self, job: SocketJob, send) -> None:
-        self.job, self.send, self.late = job, send, False
+    def __init__(self, job: SocketJob, send, spec: TurnSpec) -> None:
+        self.job, self.send, self.spec, self.late = job, send, spec, job.closed
 
     async def __call__(self, data: str) -> None:
+        if self.spec.sink is not None and not self.spec.ended:
+            self.spec.sink(data)
         if not self.late:
             try:
                 await self.send(TextMessage(data=data))
-                return
             except ClientGone:
                 self.late = True
-        if self.job.late is not None:
-            self.job.late(data)
-
-    def finish(self) -> None:
-        if self.late and self.job.late is not None:
-            self.job.late(None)
 
 
 def _items(value: Any) -> list:
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
     return list(value) if isinstance(value, list) else []
+
+
+OFF_LOOP_CHARS = 256 * 1024  # a final event larger than this is parsed on a worker thread
+
+
+async def _keep_async(job: SocketJob, data: str, conversation: list) -> None:
+    if '"response.completed"' in data[:200] and len(data) > OFF_LOOP_CHARS:
+        await asyncio.to_thread(_keep, job, data, conversation)
+    else:
+        _keep(job, data, conversation)
 
 
 def _keep(job: SocketJob, data: str, conversation: list) -> None:
