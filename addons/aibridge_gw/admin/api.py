@@ -17,7 +17,7 @@ from mitmproxy import http
 from ..policy.auth import TokenDirectory, credential_from_headers
 from ..pricing import PriceTable
 from ..store.ops import OpError
-from ..store.reports import DECISION_FILTERS, MCP_CALL_FILTERS, BadParameter, Viewer, parse_limit
+from ..store.reports import DECISION_FILTERS, MCP_CALL_FILTERS, BadParameter, Viewer, parse_limit, rows_csv
 from ..store.writer import StoreApi
 
 PREFIX = "/aibridge/api/v1/"
@@ -38,35 +38,12 @@ def json_response(status: int, obj) -> http.Response:
 
 
 def csv_response(route: str, result) -> http.Response:
-    """A report's rows (`data`) as CSV: one column per field, lists joined with commas."""
-    import csv
-    import io
-
+    """A report's rows (`data`) as a CSV download (store/reports.py `rows_csv`)."""
     rows = result.get("data", []) if isinstance(result, dict) else []
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _cell(v) for k, v in r.items()})
     name = route.replace("/", "-") or "report"
-    return http.Response.make(200, buf.getvalue().encode(), {
+    return http.Response.make(200, rows_csv(rows).encode(), {
         "content-type": "text/csv; charset=utf-8", "cache-control": "no-store",
         "content-disposition": f'attachment; filename="aibridge-{name}.csv"'})
-
-
-def _cell(v):
-    """A CSV cell; text a spreadsheet would run as a formula (=, +, -, @ first: a client or model name is chosen by
-    whoever calls) is quoted with a leading apostrophe."""
-    if isinstance(v, list):
-        v = ",".join(map(str, v))
-    elif isinstance(v, dict):
-        v = json.dumps(v)
-    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + v
-    return v
 
 
 def error(status: int, message: str, parameter: str | None = None) -> http.Response:

@@ -243,13 +243,9 @@ def _report(args, cx: Context) -> None:
         print(json.dumps(r["data"], indent=2))
         return
     if getattr(args, "csv", False):
-        import csv
+        from ..store.reports import rows_csv
 
-        fields = list(dict.fromkeys(k for d in r["data"] for k in d))
-        w = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-        w.writeheader()
-        for d in r["data"]:
-            w.writerow({k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in d.items()})
+        sys.stdout.write(rows_csv(r["data"]))
         return
     _table({"columns": cols, "rows": [[d.get(c) for c in cols] for d in r["data"]]}, title)
     if budgets:

@@ -60,7 +60,9 @@ def rows(conn, prices: PriceTable, since: str | None = None, until: str | None =
     where, params = reports._where(reports.Viewer.everyone(), filters)
     sums = ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in reports.TOKEN_FIELDS + reports.OPEN_FIELDS)
     sql = _QUERY.format(billed=reports.BILLED_MODEL, sums=sums, usage=reports.usage_sums(conn), where=where)
-    groups = groups_by_user(conn)
+    from .ops import groups_by_user  # ops imports this module lazily (export)
+
+    groups = groups_by_user(conn) if reports.table_exists(conn, "aibridge_user_groups") else {}
     out = []
     for r in reports._rows(conn.execute(sql, params)):
         tokens = [int(r[k] or 0) for k in reports.TOKEN_FIELDS]
@@ -111,16 +113,6 @@ def _row(r: dict, tokens: list[int], cost: float | None, groups: list[str]) -> d
 
 def _iso(t: dt.datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def groups_by_user(conn) -> dict[str, list[str]]:
-    if not reports.table_exists(conn, "aibridge_user_groups"):
-        return {}
-    out: dict[str, list[str]] = {}
-    for uid, name in conn.execute("SELECT CAST(user_id AS VARCHAR), group_name FROM aibridge_user_groups "
-                                  "ORDER BY group_name").fetchall():
-        out.setdefault(str(uid), []).append(name)
-    return out
 
 
 def write(rows: list[dict], fmt: str, path) -> None:

@@ -142,6 +142,33 @@ def _where(viewer: Viewer, filters: dict[str, Any]) -> tuple[str, list]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+def rows_csv(rows: list[dict]) -> str:
+    """Report rows as CSV (the admin API's `format=csv`, `aibridge usage --csv`): one column per field, in the order
+    they first appear; lists joined with commas, objects as JSON."""
+    import csv
+    import io
+
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _cell(v):
+    """A CSV cell; text a spreadsheet would run as a formula (=, +, -, @ first: a client or model name is chosen by
+    whoever calls) is quoted with a leading apostrophe."""
+    if isinstance(v, list):
+        v = ",".join(map(str, v))
+    elif isinstance(v, dict):
+        v = json.dumps(v)
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
+
+
 def base(conn) -> str:
     """The interception listing's query, with this store's usage sums."""
     return _BASE.replace("{usage}", usage_sums(conn)).replace("{purpose}", _purpose_column(conn))
