@@ -16,12 +16,15 @@ import logging
 from typing import Any
 
 from ..config import NotificationSettings
+from .budgets import PERIOD_OF
 
 log = logging.getLogger("aibridge")
 
 # The budgets a notice is about (requests per minute is a rate, not a budget that fills up), with their period.
-WATCHED = (("tokens_per_day", "day", "daily token budget"), ("usd_per_day", "day", "daily budget"),
-           ("usd_per_week", "week", "weekly budget"), ("usd_per_month", "month", "monthly budget"))
+# The budgets a notice is about (requests per minute is a rate, not a budget that fills up): their period is the
+# budgets' own (`PERIOD_OF`); how a notice names them.
+WORDS = {"tokens_per_day": "daily token budget", "usd_per_day": "daily budget", "usd_per_week": "weekly budget",
+         "usd_per_month": "monthly budget"}
 STORE_WAIT = 5.0
 
 
@@ -59,7 +62,8 @@ class BudgetNotices:
         now = dt.datetime.now(dt.UTC)
         limits, why = budgets.settings.explain(user_name, groups)
         used = budgets.used(user_id, now)
-        for limit, period, words in WATCHED:
+        for limit, period in PERIOD_OF.items():
+            words = WORDS[limit]
             value = getattr(limits, limit)
             if not value:
                 continue
