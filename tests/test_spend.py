@@ -116,6 +116,7 @@ def test_the_focus_export_agrees_with_aibridge_usage(sgw, tmp_path, fmt):
     ann = [row for row in rows if row["SubAccountName"] == "ann"]
     assert len(ann) == 1 and ann[0]["ChargeCategory"] == "Usage" and ann[0]["BillingCurrency"] == "USD"
     assert ann[0]["ServiceName"] == "Claude API" and ann[0]["ProviderName"] == "Anthropic"
+    assert json.loads(ann[0]["Tags"]) == {"aibridge_user": "ann", "aibridge_groups": "ml,staff"}
     assert str(ann[0]["ChargePeriodStart"]).startswith(str(ann[0]["ChargePeriodEnd"])[:8])
     assert float(ann[0]["BilledCost"]) == pytest.approx(2 * (21 * 3 + 203 * 15) / 1e6, rel=1e-12)  # unrounded
     cid = [row for row in rows if row["SubAccountName"] == "cid"]

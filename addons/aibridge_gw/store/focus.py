@@ -54,15 +54,15 @@ _QUERY = """
 """
 
 
-def rows(conn, prices: PriceTable, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
-    """The FOCUS rows of every interception with usage that started in [since, until)."""
+def rows(conn, prices: PriceTable, since: str | None = None, until: str | None = None,
+         groups: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """The FOCUS rows of every interception with usage that started in [since, until); `groups`: user id -> the
+    user's groups (for Tags)."""
     filters = {k: v for k, v in (("started_after", since), ("started_before", until)) if v}
     where, params = reports._where(reports.Viewer.everyone(), filters)
     sums = ", ".join(f"coalesce(sum(u.{k}), 0) AS {k}" for k in reports.TOKEN_FIELDS + reports.OPEN_FIELDS)
     sql = _QUERY.format(billed=reports.BILLED_MODEL, sums=sums, usage=reports.usage_sums(conn), where=where)
-    from .ops import groups_by_user  # ops imports this module lazily (export)
-
-    groups = groups_by_user(conn) if reports.table_exists(conn, "aibridge_user_groups") else {}
+    groups = groups or {}
     out = []
     for r in reports._rows(conn.execute(sql, params)):
         tokens = [int(r[k] or 0) for k in reports.TOKEN_FIELDS]

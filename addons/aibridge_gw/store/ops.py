@@ -489,7 +489,8 @@ def export(conn, fmt: str, out: str, focus: bool = False, since: str | None = No
         from . import focus as focus_export
 
         try:
-            rows = focus_export.rows(conn, price_book(conn, pricing_file), since, until)
+            groups = groups_by_user(conn) if reports.table_exists(conn, "aibridge_user_groups") else {}
+            rows = focus_export.rows(conn, price_book(conn, pricing_file), since, until, groups)
         except reports.BadParameter as e:
             raise OpError(str(e)) from None
         path = target / f"focus.{fmt}"
